@@ -1,0 +1,93 @@
+"""The ``infergate`` command: ``serve``, ``demo-repository`` and ``--version``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, ServerConfig, load_server_config
+from .server import InferGateServer, run_until_signalled
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infergate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"infergate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model repository over gRPC")
+    serve.add_argument("--model-repository", type=Path, help="DIR holding <model>/<version>/model.onnx")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
+    serve.add_argument("--config", type=Path, help="server configuration file (YAML)")
+    serve.add_argument("--shutdown-grace-seconds", type=float, help="time in-flight requests get on SIGTERM")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    demo = commands.add_parser("demo-repository", help="write the demo models (built locally) to DIR")
+    demo.add_argument("directory", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo-repository":
+        return _demo_repository(args.directory)
+    return _serve(args)
+
+
+def _demo_repository(directory: Path) -> int:
+    from .demo import write_demo_repository  # onnx.helper is needed only here
+
+    names = write_demo_repository(directory)
+    print(f"wrote {len(names)} demo models to {directory}: {', '.join(names)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_server_config(
+            args.config,
+            {
+                "model_repository": args.model_repository,
+                "host": args.host,
+                "port": args.port,
+                "shutdown_grace_seconds": args.shutdown_grace_seconds,
+                "log_level": args.log_level,
+            },
+        )
+    except ConfigError as exc:
+        print(f"infergate: {exc}", file=sys.stderr)
+        return 2
+    if config.model_repository is None:
+        print("infergate: --model-repository (or model_repository in --config) is required", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(_serve_async(config))
+    except OSError as exc:
+        print(f"infergate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_async(config: ServerConfig) -> None:
+    server = InferGateServer(config)  # grpc.aio objects belong to the running loop
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_until_signalled(server, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Open Inference Protocol messages to numpy and back, with the request checks.
+
+``decode_request`` turns a ModelInferRequest into validated numpy arrays for a
+model spec: inputs come from ``raw_input_contents`` (read in place with
+``np.frombuffer``) or typed ``contents``; every refusal is an InvalidArgument
+whose message names the model and the tensor. ``encode_response`` always
+answers with ``raw_output_contents``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._proto import grpc_service_pb2 as pb
+from .datatypes import BYTES, Datatype, bytes_elements_to_array, decode_bytes_tensor, encode_bytes_tensor
+from .errors import InvalidArgument
+from .runner import Tensors
+from .spec import ModelSpec, TensorSpec
+
+__all__ = ["DecodedRequest", "decode_request", "encode_response", "request_timeout_us"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRequest:
+    inputs: Tensors
+    rows: int  # the batch dimension (1 for a model that does not batch)
+    group: Hashable  # requests with equal groups may share a batch
+    outputs: tuple[str, ...]  # requested output names; empty: all
+
+
+def decode_request(request: pb.ModelInferRequest, spec: ModelSpec, max_elements: int) -> DecodedRequest:
+    """Validate ``request`` against ``spec`` and decode its tensors.
+
+    ``max_elements`` bounds the elements of any one tensor.
+    """
+    tensors = request.inputs
+    raw = request.raw_input_contents
+    label = f"model {spec.name}"
+    if raw and len(raw) != len(tensors):
+        raise InvalidArgument(
+            f"{label}: {len(raw)} raw_input_contents for {len(tensors)} inputs; send raw data "
+            "for every input or for none"
+        )
+    inputs: Tensors = {}
+    rows = -1
+    for index, tensor in enumerate(tensors):
+        ts = spec.input_by_name.get(tensor.name)
+        where = f"{label} input {tensor.name!r}"
+        if ts is None:
+            raise InvalidArgument(f"{label}: unknown input {tensor.name!r} (inputs: {_names(spec.inputs)})")
+        if tensor.name in inputs:
+            raise InvalidArgument(f"{where} appears twice")
+        if tensor.datatype != ts.datatype.name:
+            raise InvalidArgument(f"{where}: datatype {tensor.datatype!r}, expected {ts.datatype.name}")
+        shape = tuple(tensor.shape)
+        count = _check_shape(shape, ts, spec, where, max_elements)
+        if spec.batches:
+            if rows == -1:
+                rows = shape[0]
+            elif shape[0] != rows:
+                raise InvalidArgument(f"{where}: batch dimension {shape[0]} differs from the other inputs' {rows}")
+        if raw:
+            array = _from_raw(raw[index], ts.datatype, shape, count, where)
+        else:
+            array = _from_contents(tensor, ts.datatype, shape, count, where)
+        inputs[tensor.name] = array
+    if len(inputs) != len(spec.inputs):
+        missing = [t.name for t in spec.inputs if t.name not in inputs]
+        raise InvalidArgument(f"{label}: missing inputs {missing}")
+    outputs = tuple(o.name for o in request.outputs)
+    for name in outputs:
+        if name not in spec.output_by_name:
+            raise InvalidArgument(f"{label}: unknown output {name!r} requested (outputs: {_names(spec.outputs)})")
+    group = tuple(a.shape[1:] for a in inputs.values()) if spec.variable_inner_dims else None
+    return DecodedRequest(inputs, rows if spec.batches else 1, group, outputs)
+
+
+def _names(tensors: Sequence[TensorSpec]) -> list[str]:
+    return [t.name for t in tensors]
+
+
+def _check_shape(
+    shape: tuple[int, ...], ts: TensorSpec, spec: ModelSpec, where: str, max_elements: int
+) -> int:
+    """Check rank and dims against the spec; return the element count."""
+    expected = ts.shape
+    if len(shape) != len(expected) or any(
+        d < 0 or (e >= 0 and d != e) for d, e in zip(shape, expected, strict=True)
+    ):
+        raise InvalidArgument(f"{where}: shape {list(shape)}, expected {_pretty(expected)}")
+    if spec.batches and not 1 <= shape[0] <= spec.max_batch_size:
+        raise InvalidArgument(
+            f"{where}: batch of {shape[0]} rows; this model takes 1 to {spec.max_batch_size}"
+        )
+    count = math.prod(shape)
+    if count > max_elements:
+        raise InvalidArgument(f"{where}: {count} elements, more than the limit of {max_elements}")
+    return count
+
+
+def _pretty(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join("-1" if d < 0 else str(d) for d in shape) + "]"
+
+
+def _from_raw(data: bytes, datatype: Datatype, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
+    if datatype.name == BYTES:
+        return decode_bytes_tensor(data, count, where).reshape(shape)
+    expected = count * datatype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"{where}: {len(data)} raw bytes, expected {expected} for shape {list(shape)} of {datatype.name}"
+        )
+    return np.frombuffer(data, dtype=datatype.numpy).reshape(shape)
+
+
+def _from_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    datatype: Datatype,
+    shape: tuple[int, ...],
+    count: int,
+    where: str,
+) -> npt.NDArray[Any]:
+    field = datatype.contents_field
+    if field is None:
+        raise InvalidArgument(f"{where}: {datatype.name} has no typed contents field; send it raw")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"{where}: {len(values)} values in contents.{field}, expected {count} for shape {list(shape)}"
+        )
+    if datatype.name == BYTES:
+        return bytes_elements_to_array(values, where).reshape(shape)
+    try:
+        # Typed fields are wider than small ints (int_contents is int32 for INT8); refuse what overflows.
+        wide = np.asarray(values)
+        array = wide.astype(datatype.numpy)
+        if datatype.numpy.kind in "iu" and not np.array_equal(wide, array):
+            raise OverflowError
+    except OverflowError:
+        raise InvalidArgument(f"{where}: contents.{field} holds values outside {datatype.name}") from None
+    return array.reshape(shape)
+
+
+def request_timeout_us(request: pb.ModelInferRequest) -> int | None:
+    """The ``timeout`` request parameter (microseconds), if any."""
+    if "timeout" not in request.parameters:
+        return None
+    param = request.parameters["timeout"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param") or (value := getattr(param, kind)) < 0:
+        raise InvalidArgument("parameter 'timeout' must be a non-negative integer of microseconds")
+    return int(value)
+
+
+def encode_response(
+    request: pb.ModelInferRequest, spec: ModelSpec, outputs: Tensors, requested: tuple[str, ...]
+) -> pb.ModelInferResponse:
+    """Build the response: the requested outputs (all when none named), raw little-endian."""
+    names = requested or tuple(outputs)
+    tensors = []
+    raw = []
+    Output = pb.ModelInferResponse.InferOutputTensor
+    for name in names:
+        array = outputs[name]
+        datatype = spec.output_by_name[name].datatype
+        tensors.append(Output(name=name, datatype=datatype.name, shape=array.shape))
+        raw.append(encode_bytes_tensor(array) if datatype.name == BYTES else _raw_bytes(array, datatype))
+    return pb.ModelInferResponse(
+        model_name=spec.name,
+        model_version=str(spec.version),
+        id=request.id,
+        outputs=tensors,
+        raw_output_contents=raw,
+    )
+
+
+def _raw_bytes(array: npt.NDArray[Any], datatype: Datatype) -> bytes:
+    if array.dtype != datatype.numpy:  # e.g. a big-endian machine; onnxruntime types match otherwise
+        array = array.astype(datatype.numpy)
+    return array.tobytes()

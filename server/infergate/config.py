@@ -1,0 +1,182 @@
+"""Configuration: the server's options and each model's ``config.yaml``.
+
+Both are frozen pydantic models that refuse unknown keys, validated once at
+load. :func:`load_model_config` and :func:`load_server_config` raise
+:class:`ConfigError` whose message names the file and the field path, e.g.
+``models/mlp/config.yaml: dynamic_batching.max_queue_size: Input should be
+greater than or equal to 1``. Model keys follow Triton's model configuration
+names wherever the concept exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "PROVIDERS",
+    "ConfigError",
+    "DynamicBatching",
+    "ExecutionProvider",
+    "InstanceGroup",
+    "ModelConfig",
+    "ServerConfig",
+    "SessionOptions",
+    "Warmup",
+    "load_model_config",
+    "load_server_config",
+]
+
+# Our short provider names and onnxruntime's.
+PROVIDERS: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dnnl": "DnnlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid; the message names file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DynamicBatching(_Strict):
+    """Triton's ``dynamic_batching`` block."""
+
+    max_queue_delay_microseconds: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    preferred_batch_size: list[Annotated[int, Field(ge=1)]] = []
+    # Bounded by default: a full queue refuses fast (UNAVAILABLE) instead of growing.
+    max_queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    default_timeout_microseconds: Annotated[int, Field(ge=0)] = 0  # 0: no server-side timeout
+
+
+class InstanceGroup(_Strict):
+    """How many sessions run batches of this model in parallel."""
+
+    count: Annotated[int, Field(ge=1, le=64)] = 1
+
+
+class ExecutionProvider(_Strict):
+    """One onnxruntime execution provider; the list is tried in order."""
+
+    name: Literal["cpu", "cuda", "tensorrt", "rocm", "openvino", "dnnl", "coreml"]
+    options: dict[str, str | int | float | bool] = {}
+
+
+class SessionOptions(_Strict):
+    """onnxruntime session options."""
+
+    intra_op_num_threads: Annotated[int, Field(ge=0, le=1024)] = 0  # 0: onnxruntime decides
+    inter_op_num_threads: Annotated[int, Field(ge=0, le=1024)] = 0
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    # Spinning intra-op threads burn cores that the event loop and the network need.
+    allow_spinning: bool = False
+
+
+class Warmup(_Strict):
+    """Runs the model on zero inputs at load, so the first request pays no warm-up."""
+
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = [1]
+    iterations: Annotated[int, Field(ge=0, le=1000)] = 1
+
+
+class ModelConfig(_Strict):
+    """A model's ``config.yaml``. Everything is optional; the ONNX graph supplies the rest."""
+
+    # None: 64 when every input and output has a symbolic first dimension, else 0.
+    # 0: the model does not batch and requests carry its full shape.
+    max_batch_size: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    dynamic_batching: DynamicBatching = DynamicBatching()
+    instance_group: InstanceGroup = InstanceGroup()
+    execution_providers: list[ExecutionProvider] = Field(
+        default_factory=lambda: [ExecutionProvider(name="cpu")], min_length=1
+    )
+    session_options: SessionOptions = SessionOptions()
+    warmup: Warmup = Warmup()
+    default_model_filename: str = "model.onnx"
+
+    @model_validator(mode="after")
+    def _preferred_within_max(self) -> ModelConfig:
+        mbs = self.max_batch_size
+        too_big = [p for p in self.dynamic_batching.preferred_batch_size if mbs and p > mbs]
+        if too_big:
+            raise ValueError(f"preferred_batch_size {too_big} exceeds max_batch_size {mbs}")
+        return self
+
+
+class ServerConfig(_Strict):
+    """Server options, from ``--config FILE`` (YAML) and command-line flags."""
+
+    model_repository: Path | None = None
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8001
+    # Queued and running requests get this long to finish after SIGTERM.
+    shutdown_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # Health is SERVING only when every model loaded (Triton's --strict-readiness).
+    strict_readiness: bool = True
+    max_receive_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    max_send_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def _explain(path: Path, error: ValidationError) -> ConfigError:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{path}: {where}: {item['msg']}")
+    return ConfigError("\n".join(lines))
+
+
+def _validate(kind: type[M], data: Any, path: Path) -> M:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(path, exc) from None
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """Read and validate a model's config.yaml; a missing file means all defaults."""
+    if not path.exists():
+        return ModelConfig()
+    return _validate(ModelConfig, _read_yaml(path), path)
+
+
+def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
+    """Read ``path`` (if given) and apply command-line ``overrides`` (None values ignored)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = _read_yaml(path)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data.update(loaded or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _validate(ServerConfig, data, path or Path("<command line>"))

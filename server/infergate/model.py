@@ -1,0 +1,97 @@
+"""A loaded model version: its spec, runner, batcher and statistics.
+
+``ModelVersion.infer`` is the batcher → runner leg of the data path. The
+batcher sees payloads of numpy inputs; the runner executes a batch on a free
+instance; statistics are recorded on the event loop with the runner's timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Hashable
+from pathlib import Path
+
+from .batcher import Batch, BatchPolicy, DynamicBatcher
+from .config import ModelConfig
+from .runner import ModelLoadError, OnnxRunner, Tensors
+from .spec import ModelSpec
+from .stats import ModelStats
+
+__all__ = ["ModelVersion", "load_model_version"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelVersion:
+    """One version of one model, ready to serve."""
+
+    def __init__(self, runner: OnnxRunner, config: ModelConfig):
+        self.runner = runner
+        self.config = config
+        self.spec: ModelSpec = runner.spec
+        self.stats = ModelStats()
+        batching = config.dynamic_batching
+        policy = BatchPolicy(
+            max_batch_size=max(self.spec.max_batch_size, 1),
+            max_queue_delay=batching.max_queue_delay_microseconds / 1e6,
+            preferred_batch_sizes=tuple(batching.preferred_batch_size),
+            max_queue_size=batching.max_queue_size,
+        )
+        self.default_timeout_s = batching.default_timeout_microseconds / 1e6 or None
+        self.batcher: DynamicBatcher[Tensors, Tensors] = DynamicBatcher(
+            self._execute,
+            policy,
+            workers=config.instance_group.count,
+            name=f"{self.spec.name}:{self.spec.version}",
+        )
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> int:
+        return self.spec.version
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def infer(self, inputs: Tensors, rows: int, group: Hashable, deadline: float | None) -> Tensors:
+        """Queue validated inputs and return this request's outputs (all of them)."""
+        return await self.batcher.submit(inputs, rows=rows, group=group, deadline=deadline)
+
+    async def _execute(self, batch: Batch[Tensors]) -> list[Tensors | Exception]:
+        rows = [_rows(p, self.spec) for p in batch.payloads]
+        results, timings = await self.runner.run(batch.payloads, rows)
+        queue_ns = int(sum(batch.started - t for t in batch.enqueued) * 1e9)
+        self.stats.record_batch(batch.rows, len(batch.payloads), queue_ns, timings)
+        return results
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Drain the queue (up to ``timeout``), then release threads and sessions."""
+        await self.batcher.aclose(timeout)
+        await asyncio.to_thread(self.runner.close)
+
+
+def _rows(payload: Tensors, spec: ModelSpec) -> int:
+    if not spec.batches:
+        return 1
+    return len(next(iter(payload.values())))
+
+
+def load_model_version(directory: Path, name: str, version: int, config: ModelConfig) -> ModelVersion:
+    """Load ``directory/<default_model_filename>`` (blocking: call from a thread)."""
+    path = directory / config.default_model_filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} does not exist")
+    runner = OnnxRunner.load(path, config, name, version)
+    log.info(
+        "loaded model %s version %d (max_batch_size %d, %d instance(s) on %s)",
+        name,
+        version,
+        runner.spec.max_batch_size,
+        config.instance_group.count,
+        runner.providers[0],
+    )
+    return ModelVersion(runner, config)

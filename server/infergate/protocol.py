@@ -1,0 +1,104 @@
+"""Protocol messages that describe models: metadata, configuration, statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ._proto import grpc_service_pb2 as pb
+from ._proto import model_config_pb2 as mc
+from .model import ModelVersion
+from .spec import ModelSpec, TensorSpec
+from .stats import Duration
+
+__all__ = ["model_config_message", "model_metadata_message", "model_statistics_message"]
+
+
+def model_metadata_message(spec: ModelSpec, versions: Iterable[int]) -> pb.ModelMetadataResponse:
+    Tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=spec.name,
+        versions=[str(v) for v in versions],
+        platform=spec.platform,
+        inputs=[Tensor(name=t.name, datatype=t.datatype.name, shape=t.shape) for t in spec.inputs],
+        outputs=[Tensor(name=t.name, datatype=t.datatype.name, shape=t.shape) for t in spec.outputs],
+    )
+
+
+def _dims(t: TensorSpec, spec: ModelSpec) -> tuple[int, ...]:
+    """Triton's config dims leave out the batch dimension."""
+    return t.shape[1:] if spec.batches else t.shape
+
+
+def model_config_message(model: ModelVersion) -> mc.ModelConfig:
+    """The model's configuration in Triton's ModelConfig form (what perf_analyzer reads)."""
+    spec, config = model.spec, model.config
+    gpu = config.execution_providers[0].name != "cpu" and model.runner.providers[0] != "CPUExecutionProvider"
+    message = mc.ModelConfig(
+        name=spec.name,
+        platform=spec.platform,
+        backend="onnxruntime",
+        max_batch_size=spec.max_batch_size,
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        input=[
+            mc.ModelInput(name=t.name, data_type=mc.DataType.Value(t.datatype.triton), dims=_dims(t, spec))
+            for t in spec.inputs
+        ],
+        output=[
+            mc.ModelOutput(name=t.name, data_type=mc.DataType.Value(t.datatype.triton), dims=_dims(t, spec))
+            for t in spec.outputs
+        ],
+        instance_group=[
+            mc.ModelInstanceGroup(
+                name=f"{spec.name}_0",
+                kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
+                count=config.instance_group.count,
+            )
+        ],
+        default_model_filename=config.default_model_filename,
+    )
+    if spec.batches:
+        batching = config.dynamic_batching
+        message.dynamic_batching.CopyFrom(
+            mc.ModelDynamicBatching(
+                preferred_batch_size=batching.preferred_batch_size,
+                max_queue_delay_microseconds=batching.max_queue_delay_microseconds,
+                default_queue_policy=mc.ModelQueuePolicy(
+                    max_queue_size=batching.max_queue_size,
+                    default_timeout_microseconds=batching.default_timeout_microseconds,
+                    allow_timeout_override=True,
+                ),
+            )
+        )
+    return message
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def model_statistics_message(model: ModelVersion) -> pb.ModelStatistics:
+    s = model.stats
+    return pb.ModelStatistics(
+        name=model.name,
+        version=str(model.version),
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(s.by_batch_size.items())
+        ],
+    )

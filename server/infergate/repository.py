@@ -1,0 +1,128 @@
+"""The model repository: ``ROOT/<model>/<version>/model.onnx`` plus ``ROOT/<model>/config.yaml``.
+
+At start every model directory is read and its newest version directory (the
+largest integer name) is loaded, in parallel threads. A model that fails to
+load is kept with its reason (ModelReady false, the reason logged) and never
+stops the others. Lookups by name and version happen on every request and are
+plain dictionary reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from .config import ConfigError, load_model_config
+from .errors import NotFound, Unavailable
+from .model import ModelVersion, load_model_version
+from .runner import ModelLoadError
+
+__all__ = ["ModelEntry", "ModelRepository", "ModelState"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ModelEntry:
+    """A model directory and what became of it."""
+
+    name: str
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    default: ModelVersion | None = None  # the version served when a request names none
+
+
+class ModelRepository:
+    """Finds, loads, looks up and closes the models under ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._entries: dict[str, ModelEntry] = {}
+
+    @property
+    def entries(self) -> dict[str, ModelEntry]:
+        return self._entries
+
+    def all_ready(self) -> bool:
+        return all(e.state is ModelState.READY for e in self._entries.values())
+
+    def discover(self) -> list[str]:
+        """Model directory names under root (hidden ones skipped)."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.root} is not a directory")
+        names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for name in names:
+            self._entries.setdefault(name, ModelEntry(name))
+        return names
+
+    async def load_all(self, parallel: int = 4) -> None:
+        """Load every discovered model, ``parallel`` at a time, off the event loop."""
+        limit = asyncio.Semaphore(parallel)
+
+        async def load(entry: ModelEntry) -> None:
+            async with limit:
+                await self._load(entry)
+
+        await asyncio.gather(*(load(e) for e in self._entries.values()))
+
+    async def _load(self, entry: ModelEntry) -> None:
+        directory = self.root / entry.name
+        try:
+            config = load_model_config(directory / "config.yaml")
+            version = _latest_version(directory)
+            model = await asyncio.to_thread(load_model_version, directory / str(version), entry.name, version, config)
+        except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
+            entry.state, entry.reason = ModelState.UNAVAILABLE, str(exc)
+            log.error("model %s failed to load: %s", entry.name, exc)
+            return
+        except Exception as exc:  # a bug or an unexpected runtime error: keep serving the rest
+            entry.state, entry.reason = ModelState.UNAVAILABLE, f"unexpected error: {exc}"
+            log.exception("model %s failed to load", entry.name)
+            return
+        model.start()
+        entry.versions[version] = model
+        entry.default = model
+        entry.state, entry.reason = ModelState.READY, ""
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The model version a request asks for. Raises NotFound or Unavailable."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model {name!r}")
+        if entry.state is not ModelState.READY or entry.default is None:
+            detail = f": {entry.reason}" if entry.reason else ""
+            raise Unavailable(f"model {name!r} is not ready ({entry.state.value}){detail}")
+        if not version:
+            return entry.default
+        model = entry.versions.get(int(version)) if version.isdigit() else None
+        if model is None:
+            loaded = ", ".join(str(v) for v in sorted(entry.versions))
+            raise NotFound(f"model {name!r} has no version {version!r} (loaded: {loaded})")
+        return model
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Drain and close every loaded version."""
+        models = [m for e in self._entries.values() for m in e.versions.values()]
+        await asyncio.gather(*(m.aclose(timeout) for m in models))
+        for entry in self._entries.values():
+            entry.versions.clear()
+            entry.default = None
+            entry.state = ModelState.UNAVAILABLE
+            entry.reason = "server stopped"
+
+
+def _latest_version(directory: Path) -> int:
+    versions = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions:
+        raise ModelLoadError(f"{directory} has no version directory (expected {directory}/1/model.onnx)")
+    return max(versions)

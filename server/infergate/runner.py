@@ -1,0 +1,226 @@
+"""onnxruntime execution: sessions, providers, warm-up, and running one batch.
+
+``session.run`` never runs on the event loop: each model version owns a thread
+pool with one thread per instance (``instance_group.count``) and as many
+sessions, so instances run batches in parallel while the loop keeps serving.
+Collating inputs and splitting outputs happen on that thread too, so a batch
+costs the loop a single hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from .config import PROVIDERS, ModelConfig
+from .errors import ModelExecutionError
+from .spec import ModelSpec, spec_from_graph
+from .stats import BatchTimings
+
+__all__ = ["ModelLoadError", "OnnxRunner", "Tensors", "collate", "split"]
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, npt.NDArray[Any]]
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class ModelLoadError(Exception):
+    """A model version could not be loaded; the message says why."""
+
+
+def collate(payloads: Sequence[Tensors]) -> Tensors:
+    """Stack the requests of a batch along the first dimension (one request: no copy)."""
+    if len(payloads) == 1:
+        return payloads[0]
+    return {name: np.concatenate([p[name] for p in payloads]) for name in payloads[0]}
+
+
+def split(names: Sequence[str], outputs: Sequence[npt.NDArray[Any]], rows: Sequence[int]) -> list[Tensors]:
+    """Cut batched outputs back into one dict per request (views, no copy)."""
+    if len(rows) == 1:
+        return [dict(zip(names, outputs, strict=True))]
+    results: list[Tensors] = []
+    start = 0
+    for count in rows:
+        stop = start + count
+        results.append({n: o[start:stop] for n, o in zip(names, outputs, strict=True)})
+        start = stop
+    return results
+
+
+def _session_options(config: ModelConfig) -> ort.SessionOptions:
+    opts = config.session_options
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = opts.intra_op_num_threads
+    so.inter_op_num_threads = opts.inter_op_num_threads
+    so.graph_optimization_level = _OPT_LEVELS[opts.graph_optimization_level]
+    so.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL if opts.execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    spin = "1" if opts.allow_spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    so.log_severity_level = 3  # errors only; infergate logs what matters
+    return so
+
+
+def _providers(config: ModelConfig, name: str) -> list[tuple[str, dict[str, str]]]:
+    """The configured providers this onnxruntime has, in order; fails if none is."""
+    available = set(ort.get_available_providers())
+    chosen = []
+    missing = []
+    for provider in config.execution_providers:
+        ort_name = PROVIDERS[provider.name]
+        if ort_name in available:
+            chosen.append((ort_name, {k: str(v) for k, v in provider.options.items()}))
+        else:
+            missing.append(provider.name)
+    if not chosen:
+        raise ModelLoadError(
+            f"execution providers {missing} are not available in this onnxruntime "
+            f"(it has {sorted(available)}); install the matching onnxruntime build "
+            "(e.g. the `gpu` extra) or list a fallback such as `cpu`"
+        )
+    if missing:
+        log.warning("model %s: providers %s unavailable, using %s", name, missing, chosen[0][0])
+    return chosen
+
+
+class OnnxRunner:
+    """``instance_count`` onnxruntime sessions of one model file and the threads that run them."""
+
+    def __init__(self, sessions: list[ort.InferenceSession], spec: ModelSpec):
+        self.spec = spec
+        self._output_names = [o.name for o in sessions[0].get_outputs()]
+        self._sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for session in sessions:
+            self._sessions.put(session)
+        self._executor = ThreadPoolExecutor(len(sessions), thread_name_prefix=f"ort-{spec.name}")
+        self.providers: list[str] = sessions[0].get_providers()
+
+    @classmethod
+    def load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
+        """Create the sessions (blocking: call from a thread) and warm them up."""
+        providers = _providers(config, name)
+        options = _session_options(config)
+        try:
+            sessions = [
+                ort.InferenceSession(str(path), sess_options=options, providers=providers)
+                for _ in range(config.instance_group.count)
+            ]
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+        actual = sessions[0].get_providers()[0]
+        if actual not in [p for p, _ in providers]:
+            raise ModelLoadError(f"onnxruntime fell back to {actual}, which the config does not list")
+        try:
+            spec = spec_from_graph(
+                name, version, sessions[0].get_inputs(), sessions[0].get_outputs(), config.max_batch_size
+            )
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        runner = cls(sessions, spec)
+        runner._warm_up(sessions, config)
+        return runner
+
+    def _warm_up(self, sessions: list[ort.InferenceSession], config: ModelConfig) -> None:
+        sizes = config.warmup.batch_sizes if self.spec.batches else [1]
+        for size in sizes:
+            feeds = self.zero_inputs(min(size, self.spec.max_batch_size or 1))
+            for session in sessions:
+                for _ in range(config.warmup.iterations):
+                    try:
+                        session.run(None, feeds)
+                    except Exception as exc:
+                        raise ModelLoadError(f"warm-up at batch {size} failed: {_first_line(exc)}") from exc
+
+    def zero_inputs(self, rows: int) -> Tensors:
+        """Zero (empty-string) inputs with ``rows`` rows and 1 for every other variable dim."""
+        feeds: Tensors = {}
+        for t in self.spec.inputs:
+            dims = list(t.shape)
+            if self.spec.batches:
+                dims[0] = rows
+            shape = tuple(1 if d < 0 else d for d in dims)
+            if t.datatype.name == "BYTES":
+                feeds[t.name] = np.full(shape, "", dtype=object)
+            else:
+                feeds[t.name] = np.zeros(shape, dtype=t.datatype.numpy)
+        return feeds
+
+    async def run(self, payloads: list[Tensors], rows: list[int]) -> tuple[list[Tensors | Exception], BatchTimings]:
+        """Run one batch on a free instance, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run_sync, payloads, rows)
+
+    def _run_sync(self, payloads: list[Tensors], rows: list[int]) -> tuple[list[Tensors | Exception], BatchTimings]:
+        t0 = time.perf_counter_ns()
+        feeds = collate(payloads)
+        t1 = time.perf_counter_ns()
+        session = self._sessions.get()
+        try:
+            try:
+                outputs = session.run(self._output_names, feeds)
+            except Exception as exc:
+                results = self._isolate(session, payloads, exc)
+                t2 = time.perf_counter_ns()
+                return results, BatchTimings(t1 - t0, t2 - t1, 0)
+        finally:
+            self._sessions.put(session)
+        t2 = time.perf_counter_ns()
+        results_ok: list[Tensors | Exception] = list(split(self._output_names, outputs, rows))
+        t3 = time.perf_counter_ns()
+        return results_ok, BatchTimings(t1 - t0, t2 - t1, t3 - t2)
+
+    def _isolate(
+        self, session: ort.InferenceSession, payloads: list[Tensors], error: Exception
+    ) -> list[Tensors | Exception]:
+        """After a failed batch, run each request alone so only the ones that fail get an error."""
+        if len(payloads) == 1:
+            return [self._execution_error(error)]
+        log.warning("model %s: a batch of %d failed; retrying one by one", self.spec.name, len(payloads))
+        results: list[Tensors | Exception] = []
+        for payload in payloads:
+            try:
+                outputs = session.run(self._output_names, payload)
+                results.append(dict(zip(self._output_names, outputs, strict=True)))
+            except Exception as exc:
+                results.append(self._execution_error(exc))
+        return results
+
+    def _execution_error(self, cause: Exception) -> ModelExecutionError:
+        log.error("model %s version %d failed to execute: %s", self.spec.name, self.spec.version, cause)
+        error = ModelExecutionError(
+            f"model {self.spec.name} version {self.spec.version} failed to execute the request "
+            "(the server log has the cause)"
+        )
+        error.__cause__ = cause
+        return error
+
+    def close(self) -> None:
+        """Stop the threads (after the batcher drained) and drop the sessions."""
+        self._executor.shutdown(wait=True)
+        while not self._sessions.empty():
+            self._sessions.get()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,244 @@
+"""The GRPCInferenceService servicer: protobuf in, protobuf out.
+
+Each method converts its request, calls the repository, codec and model, and
+converts back. This module is the one place where infergate's errors become
+gRPC status codes (``_abort``); an unexpected exception is logged with its
+traceback and the client gets INTERNAL with a safe message.
+
+Data path of ModelInfer: repository lookup → decode/validate → model.infer
+(batcher → runner) → encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import NoReturn
+
+import grpc
+
+from . import __version__
+from ._proto import grpc_service_pb2 as pb
+from ._proto import grpc_service_pb2_grpc as pb_grpc
+from .codec import decode_request, encode_response, request_timeout_us
+from .errors import InferGateError, Unimplemented
+from .model import ModelVersion
+from .protocol import model_config_message, model_metadata_message, model_statistics_message
+from .repository import ModelRepository
+
+__all__ = ["EXTENSIONS", "InferenceServicer", "ServerState"]
+
+log = logging.getLogger(__name__)
+
+# Exactly the protocol extensions that work (ServerMetadata.extensions).
+EXTENSIONS = ("model_configuration", "statistics")
+
+# How many requests of one stream may be in progress at once; more wait (flow control).
+STREAM_CONCURRENCY = 256
+
+
+@dataclass
+class ServerState:
+    """Readiness as the protocol and health checks report it."""
+
+    ready: bool = False
+    draining: bool = False
+    max_elements: int = 64 * 1024 * 1024
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: InferGateError) -> NoReturn:
+    await context.abort(grpc.StatusCode[error.status.name], error.message)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
+    log.exception("%s failed", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error (the server log has the cause)")
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """inference.GRPCInferenceService on top of a model repository."""
+
+    def __init__(self, repository: ModelRepository, state: ServerState):
+        self._repository = repository
+        self._state = state
+
+    # --- health and metadata -------------------------------------------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._state.ready and not self._state.draining)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            self._repository.get(request.name, request.version)
+        except InferGateError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=not self._state.draining)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="infergate", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            model = self._repository.get(request.name, request.version)
+            versions = sorted(self._repository.entries[request.name].versions)
+        except InferGateError as exc:
+            await _abort(context, exc)
+        return model_metadata_message(model.spec, versions)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        try:
+            model = self._repository.get(request.name, request.version)
+        except InferGateError as exc:
+            await _abort(context, exc)
+        return pb.ModelConfigResponse(config=model_config_message(model))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        try:
+            models = self._models_for_statistics(request.name, request.version)
+        except InferGateError as exc:
+            await _abort(context, exc)
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics_message(m) for m in models])
+
+    def _models_for_statistics(self, name: str, version: str) -> list[ModelVersion]:
+        if name:
+            if version:
+                return [self._repository.get(name, version)]
+            self._repository.get(name)  # raises for unknown or unready models
+            entry = self._repository.entries[name]
+            return [entry.versions[v] for v in sorted(entry.versions)]
+        return [m for e in self._repository.entries.values() for _, m in sorted(e.versions.items())]
+
+    # --- inference -----------------------------------------------------------------------
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        started = time.perf_counter_ns()
+        model: ModelVersion | None = None
+        ok = False
+        try:
+            model = self._repository.get(request.model_name, request.model_version)
+            response = await self._infer(model, request, context.time_remaining())
+            ok = True
+            return response
+        except InferGateError as exc:
+            await _abort(context, exc)
+        except Exception:
+            await _abort_internal(context, "ModelInfer")
+        finally:
+            if model is not None:
+                model.stats.record_request(ok, time.perf_counter_ns() - started)
+
+    async def _infer(
+        self, model: ModelVersion, request: pb.ModelInferRequest, remaining: float | None
+    ) -> pb.ModelInferResponse:
+        decoded = decode_request(request, model.spec, self._state.max_elements)
+        deadline = _deadline(remaining, request, model)
+        outputs = await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline)
+        return encode_response(request, model.spec, outputs, decoded.outputs)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests of a stream run concurrently (so they batch); each answer carries its id."""
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_stream(request_iterator, responses))
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            await reader  # re-raises a failure of the reader
+        finally:
+            reader.cancel()
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[pb.ModelInferRequest],
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
+    ) -> None:
+        slots = asyncio.Semaphore(STREAM_CONCURRENCY)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                await responses.put(await self._stream_one(request))
+            finally:
+                slots.release()
+
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await responses.put(None)
+
+    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        started = time.perf_counter_ns()
+        model: ModelVersion | None = None
+        ok = False
+        try:
+            model = self._repository.get(request.model_name, request.model_version)
+            response = await self._infer(model, request, None)
+            ok = True
+            return pb.ModelStreamInferResponse(infer_response=response)
+        except InferGateError as exc:
+            message = exc.message
+        except Exception:
+            log.exception("ModelStreamInfer request failed")
+            message = "internal error (the server log has the cause)"
+        finally:
+            if model is not None:
+                model.stats.record_request(ok, time.perf_counter_ns() - started)
+        echo = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+
+    # --- repository extension: comes with model control ----------------------------------
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        await _abort(context, _no_model_control("RepositoryIndex"))
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        await _abort(context, _no_model_control("RepositoryModelLoad"))
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await _abort(context, _no_model_control("RepositoryModelUnload"))
+
+
+def _no_model_control(method: str) -> Unimplemented:
+    return Unimplemented(f"{method}: the model_repository extension is not implemented yet")
+
+
+def _deadline(remaining: float | None, request: pb.ModelInferRequest, model: ModelVersion) -> float | None:
+    """Absolute loop time by which the request must have run: the tightest of the gRPC
+    deadline, the ``timeout`` parameter and the model's default timeout."""
+    limits = [remaining] if remaining is not None else []
+    timeout_us = request_timeout_us(request)
+    if timeout_us:
+        limits.append(timeout_us / 1e6)
+    elif model.default_timeout_s is not None:
+        limits.append(model.default_timeout_s)
+    if not limits:
+        return None
+    return asyncio.get_running_loop().time() + min(limits)

@@ -1,0 +1,77 @@
+"""Per model-version statistics, in the shape of Triton's ModelStatistics.
+
+Updated only from the event loop thread (the runner hands its timings back to
+the loop), so plain integers suffice: no locks on the hot path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["BatchTimings", "Duration", "ModelStats"]
+
+
+@dataclass(slots=True)
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTimings:
+    """Nanoseconds one batch spent gathering inputs, in the runtime, and splitting outputs."""
+
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+@dataclass(slots=True)
+class BatchSizeStats:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
+class ModelStats:
+    """Counters for one model version; field names follow Triton's statistics extension."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0  # rows
+    execution_count: int = 0  # batches
+    last_inference_ms: int = 0
+    by_batch_size: dict[int, BatchSizeStats] = field(default_factory=dict)
+
+    def record_batch(self, rows: int, requests: int, queue_ns: int, timings: BatchTimings) -> None:
+        """One executed batch of ``requests`` requests holding ``rows`` rows.
+
+        Each request is charged the whole batch's compute time, as Triton does.
+        """
+        self.execution_count += 1
+        self.inference_count += rows
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.queue.add(queue_ns, requests)
+        self.compute_input.add(timings.input_ns * requests, requests)
+        self.compute_infer.add(timings.infer_ns * requests, requests)
+        self.compute_output.add(timings.output_ns * requests, requests)
+        per_size = self.by_batch_size.get(rows)
+        if per_size is None:
+            per_size = self.by_batch_size[rows] = BatchSizeStats()
+        per_size.compute_input.add(timings.input_ns)
+        per_size.compute_infer.add(timings.infer_ns)
+        per_size.compute_output.add(timings.output_ns)
+
+    def record_request(self, ok: bool, ns: int) -> None:
+        """One finished request and its end-to-end time inside the server."""
+        (self.success if ok else self.fail).add(ns)
