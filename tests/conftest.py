@@ -1,0 +1,129 @@
+"""Shared fixtures: real infergate servers in their own processes, on 127.0.0.1.
+
+``start_server`` runs ``python -m infergate serve`` on port 0, reads the port
+it printed, and waits for grpc.health.v1 to report SERVING (a Watch stream, no
+polling). Servers are stopped with SIGTERM and must exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infergate.demo import write_demo_repository
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+STARTUP_TIMEOUT = 60.0
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then wait for the drain; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+
+
+def _wait_serving(url: str, process: subprocess.Popen[str], log_path: Path) -> None:
+    with grpc.insecure_channel(url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=STARTUP_TIMEOUT)
+        try:
+            for update in watch:
+                if update.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as exc:
+            raise RuntimeError(
+                f"server never became SERVING ({exc.code()}); exit={process.poll()}\n{log_path.read_text()}"
+            ) from None
+        finally:
+            watch.cancel()
+
+
+def launch_server(
+    repository: Path,
+    log_dir: Path,
+    *args: str,
+    wait: bool = True,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start a server process on a free port; with ``wait``, block until SERVING."""
+    log_path = log_dir / f"server-{os.getpid()}-{len(list(log_dir.glob('server-*')))}.log"
+    with log_path.open("w") as log_file:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repository), "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("infergate listening on "):
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
+    server = ServerProcess(process, int(line.rsplit(":", 1)[1]), log_path)
+    if wait:
+        _wait_serving(server.url, process, log_path)
+    return server
+
+
+@contextlib.contextmanager
+def running_server(repository: Path, log_dir: Path, *args: str, wait: bool = True) -> Iterator[ServerProcess]:
+    server = launch_server(repository, log_dir, *args, wait=wait)
+    try:
+        yield server
+    finally:
+        code = server.terminate()
+        assert code == 0, f"server exited {code}\n{server.log()}"
+
+
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo-models")
+    write_demo_repository(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_repository: Path, log_dir: Path) -> Iterator[ServerProcess]:
+    """One server over the demo repository, shared by the contract tests."""
+    with running_server(demo_repository, log_dir) as server:
+        yield server
