@@ -54,8 +54,7 @@ def generate(out_dir: Path = OUT_DIR) -> None:
         if "_POOL" in fixed:
             fixed = fixed.replace(
                 "from google.protobuf import descriptor_pool as _descriptor_pool\n",
-                "from google.protobuf import descriptor_pool as _descriptor_pool\n"
-                "from . import POOL as _POOL\n",
+                "from google.protobuf import descriptor_pool as _descriptor_pool\nfrom . import POOL as _POOL\n",
             )
         path.write_text(fixed)
     (out_dir / "__init__.py").write_text(INIT)

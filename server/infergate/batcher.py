@@ -131,13 +131,10 @@ class DynamicBatcher(Generic[T, R]):
         if self._workers:
             raise RuntimeError(f"batcher {self._name} already started")
         self._workers = [
-            asyncio.create_task(self._work(), name=f"batcher-{self._name}-{i}")
-            for i in range(self._worker_count)
+            asyncio.create_task(self._work(), name=f"batcher-{self._name}-{i}") for i in range(self._worker_count)
         ]
 
-    async def submit(
-        self, payload: T, *, rows: int, group: Hashable = None, deadline: float | None = None
-    ) -> R:
+    async def submit(self, payload: T, *, rows: int, group: Hashable = None, deadline: float | None = None) -> R:
         """Queue ``payload`` (``rows`` rows) and wait for its result.
 
         ``deadline`` is an absolute ``loop.time()``. Raises QueueFull,
@@ -146,13 +143,9 @@ class DynamicBatcher(Generic[T, R]):
         if self._closing:
             raise Unavailable(f"model {self._name} is shutting down")
         if rows > self._policy.max_batch_size or rows < 1:
-            raise InvalidArgument(
-                f"model {self._name}: {rows} rows, batches hold 1 to {self._policy.max_batch_size}"
-            )
+            raise InvalidArgument(f"model {self._name}: {rows} rows, batches hold 1 to {self._policy.max_batch_size}")
         if len(self._queue) >= self._policy.max_queue_size:
-            raise QueueFull(
-                f"model {self._name}: queue full ({self._policy.max_queue_size} requests waiting)"
-            )
+            raise QueueFull(f"model {self._name}: queue full ({self._policy.max_queue_size} requests waiting)")
         loop = asyncio.get_running_loop()
         now = loop.time()
         if deadline is not None and deadline <= now:
@@ -295,7 +288,7 @@ class DynamicBatcher(Generic[T, R]):
         except asyncio.CancelledError:
             self._resolve_all(entries, Unavailable(f"model {self._name} stopped during the batch"))
             raise
-        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+        except Exception as exc:
             self._resolve_all(entries, exc)
             return
         for entry, result in zip(entries, results, strict=True):

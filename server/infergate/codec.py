@@ -85,19 +85,13 @@ def _names(tensors: Sequence[TensorSpec]) -> list[str]:
     return [t.name for t in tensors]
 
 
-def _check_shape(
-    shape: tuple[int, ...], ts: TensorSpec, spec: ModelSpec, where: str, max_elements: int
-) -> int:
+def _check_shape(shape: tuple[int, ...], ts: TensorSpec, spec: ModelSpec, where: str, max_elements: int) -> int:
     """Check rank and dims against the spec; return the element count."""
     expected = ts.shape
-    if len(shape) != len(expected) or any(
-        d < 0 or (e >= 0 and d != e) for d, e in zip(shape, expected, strict=True)
-    ):
+    if len(shape) != len(expected) or any(d < 0 or (e >= 0 and d != e) for d, e in zip(shape, expected, strict=True)):
         raise InvalidArgument(f"{where}: shape {list(shape)}, expected {_pretty(expected)}")
     if spec.batches and not 1 <= shape[0] <= spec.max_batch_size:
-        raise InvalidArgument(
-            f"{where}: batch of {shape[0]} rows; this model takes 1 to {spec.max_batch_size}"
-        )
+        raise InvalidArgument(f"{where}: batch of {shape[0]} rows; this model takes 1 to {spec.max_batch_size}")
     count = math.prod(shape)
     if count > max_elements:
         raise InvalidArgument(f"{where}: {count} elements, more than the limit of {max_elements}")

@@ -104,9 +104,7 @@ def decode_bytes_tensor(raw: bytes, count: int, where: str) -> npt.NDArray[np.ob
         out[i] = _utf8(bytes(view[offset : offset + length]), where, i)
         offset += length
     if offset != len(view):
-        raise InvalidArgument(
-            f"{where}: {len(view) - offset} bytes left after the {count} BYTES elements of the shape"
-        )
+        raise InvalidArgument(f"{where}: {len(view) - offset} bytes left after the {count} BYTES elements of the shape")
     return out
 
 

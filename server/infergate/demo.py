@@ -166,9 +166,7 @@ def _conv_stage(
         _init(bias, np.zeros(out_ch, dtype=np.float32)),
     ]
     nodes = [
-        helper.make_node(
-            "Conv", [source, weight, bias], [conv], kernel_shape=[3, 3], pads=[1, 1, 1, 1]
-        ),
+        helper.make_node("Conv", [source, weight, bias], [conv], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", [conv], [relu]),
         helper.make_node("MaxPool", [relu], [pool], kernel_shape=[2, 2], strides=[2, 2]),
     ]
@@ -281,37 +279,27 @@ _DEMO_MODELS: tuple[_DemoModel, ...] = (
     _DemoModel(
         "matmul16",
         build_matmul16,
-        _batching_config(
-            "matmul16: y = x @ W (16x16); tiny, so benchmarks measure server overhead.", 64
-        ),
+        _batching_config("matmul16: y = x @ W (16x16); tiny, so benchmarks measure server overhead.", 64),
     ),
     _DemoModel(
         "mlp",
         build_mlp,
-        _batching_config(
-            "mlp: 512 -> 3x2048 -> 512 ReLU perceptron; compute-bound batching benchmark.", 64
-        ),
+        _batching_config("mlp: 512 -> 3x2048 -> 512 ReLU perceptron; compute-bound batching benchmark.", 64),
     ),
     _DemoModel(
         "cnn",
         build_cnn,
-        _batching_config(
-            "cnn: 3x64x64 image -> 10 softmax probabilities; convolutional workload.", 32
-        ),
+        _batching_config("cnn: 3x64x64 image -> 10 softmax probabilities; convolutional workload.", 32),
     ),
     _DemoModel(
         "multi_io",
         build_multi_io,
-        _plain_config(
-            "multi_io: several inputs/outputs of mixed datatypes, for protocol tests.", 16
-        ),
+        _plain_config("multi_io: several inputs/outputs of mixed datatypes, for protocol tests.", 16),
     ),
     _DemoModel(
         "identity_all",
         build_identity_all,
-        _plain_config(
-            "identity_all: out_<DT> = in_<DT> for every datatype, for round-trip tests.", 16
-        ),
+        _plain_config("identity_all: out_<DT> = in_<DT> for every datatype, for round-trip tests.", 16),
     ),
 )
 

@@ -39,14 +39,8 @@ def model_config_message(model: ModelVersion) -> mc.ModelConfig:
         backend="onnxruntime",
         max_batch_size=spec.max_batch_size,
         version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-        input=[
-            mc.ModelInput(name=t.name, data_type=mc.DataType.Value(t.datatype.triton), dims=_dims(t, spec))
-            for t in spec.inputs
-        ],
-        output=[
-            mc.ModelOutput(name=t.name, data_type=mc.DataType.Value(t.datatype.triton), dims=_dims(t, spec))
-            for t in spec.outputs
-        ],
+        input=[mc.ModelInput(name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec)) for t in spec.inputs],
+        output=[mc.ModelOutput(name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec)) for t in spec.outputs],
         instance_group=[
             mc.ModelInstanceGroup(
                 name=f"{spec.name}_0",

@@ -62,7 +62,7 @@ class InferGateServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.repository, self.state), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
