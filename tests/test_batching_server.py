@@ -17,12 +17,11 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc.aio as aioclient
+from conftest import ServerProcess, running_server
+from models import build_gather_model, build_slow_model, save_model
 from onnx import TensorProto, helper
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
-
-from conftest import ServerProcess, running_server
-from models import build_gather_model, build_slow_model, save_model
 
 
 def _identity_variable_model() -> onnx.ModelProto:

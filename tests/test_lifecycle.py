@@ -10,11 +10,10 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tritonclient.grpc import InferInput
-
 from conftest import launch_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from models import build_slow_model, save_model
+from tritonclient.grpc import InferInput
 
 
 @pytest.fixture
@@ -66,5 +65,5 @@ async def test_a_stopped_server_refuses_new_requests(slow_repository: Path, log_
     server = launch_server(slow_repository, log_dir)
     assert server.terminate() == 0
     async with aioclient.InferenceServerClient(server.url) as client:
-        with pytest.raises(Exception, match="UNAVAILABLE|failed to connect|Connection refused"):
+        with pytest.raises(Exception, match=r"UNAVAILABLE|failed to connect|Connection refused"):
             await client.is_server_live()

@@ -1,0 +1,41 @@
+# infergate's two commands:
+#   make demo   set everything up, build the demo models locally, serve them on 127.0.0.1:8001
+#   make test   set everything up (tools included) and run lint, type checks and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_REPOSITORY ?= demo-models
+HOST ?= 127.0.0.1
+PORT ?= 8001
+
+.PHONY: demo test lint protos tools bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("infergate needs Python 3.11+") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/infergate demo-repository $(DEMO_REPOSITORY)
+	$(BIN)/infergate serve --model-repository $(DEMO_REPOSITORY) --host $(HOST) --port $(PORT)
+
+tools: $(BIN)/.installed
+	scripts/install_perf_analyzer.sh
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check server tests load_tests scripts
+	$(BIN)/mypy
+
+test: tools lint
+	$(BIN)/python -m pytest
+
+protos: $(BIN)/.installed
+	$(BIN)/python scripts/gen_protos.py
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m load_tests suite --out results/latest
+
+clean:
+	rm -rf $(VENV) $(DEMO_REPOSITORY) .tools results .pytest_cache .mypy_cache .ruff_cache

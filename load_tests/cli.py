@@ -1,0 +1,419 @@
+"""Command line of the load harness: argument parsing and dispatch only.
+
+Exit codes: 0 done; 1 the run finished but measured nothing (no successful
+request); 2 bad arguments or the run could not be carried out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+from .signature import NUMPY_DTYPES, ModelSignature, TensorSpec
+
+__all__ = ["build_parser", "main"]
+
+_DESCRIPTION = """\
+Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
+
+  closed    closed-loop load against any V2 gRPC server (infergate, Triton, the ceiling)
+  ceiling   the transport ceiling: a bare grpc.aio server with one fixed reply
+  compute   the compute ceiling: in-process onnxruntime, no server
+  suite     ceiling vs infergate vs onnxruntime side by side; writes suite.json/suite.md
+
+Everything runs on loopback. Run from the repository root: python -m load_tests ...
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _batch_list(text: str) -> list[int]:
+    try:
+        return [_positive_int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected e.g. 1,8,64: {exc}") from None
+
+
+def _tensor(text: str) -> TensorSpec:
+    """NAME:DATATYPE:DIMS, e.g. ``x:FP32:-1,16``."""
+    try:
+        name, datatype, dims = text.split(":")
+        return TensorSpec(name, datatype.upper(), tuple(int(d) for d in dims.split(",")))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:DATATYPE:DIMS like x:FP32:-1,16 ({exc})") from None
+
+
+def _add_closed(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "closed",
+        help="closed-loop load: N requests in flight for a fixed time",
+        description="Keep --concurrency ModelInfer requests in flight against --target for "
+        "--duration seconds after --warmup seconds, then report requests/s, samples/s "
+        "(requests x batch), p50/p90/p99 latency, errors by gRPC status code and the "
+        "generator's own CPU. Only requests completing inside the measurement window count. "
+        "Inputs come from ModelMetadata (-1 becomes the batch size in dimension 0, 1 elsewhere) "
+        "and are random (fixed seed).",
+    )
+    p.add_argument("--target", required=True, metavar="HOST:PORT", help="HOST:PORT of the V2 gRPC server")
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--batch", metavar="N", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_positive_int,
+        default=64,
+        help="requests in flight, over all processes (default 64)",
+    )
+    p.add_argument(
+        "--duration",
+        metavar="S",
+        type=_positive_float,
+        default=10.0,
+        help="measured seconds (default 10)",
+    )
+    p.add_argument(
+        "--warmup",
+        metavar="S",
+        type=_non_negative_float,
+        default=2.0,
+        help="unmeasured seconds before the window (default 2)",
+    )
+    p.add_argument(
+        "--processes",
+        metavar="K",
+        type=_positive_int,
+        default=1,
+        help="generator processes sharing the concurrency (default 1)",
+    )
+    p.add_argument(
+        "--client",
+        choices=("raw", "tritonclient"),
+        default="raw",
+        help="raw: one pre-serialised request sent as bytes, replies unparsed "
+        "(cheapest; default). tritonclient: tritonclient.grpc.aio with "
+        "set_data_from_numpy on every call (a realistic client's cost)",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_positive_float,
+        default=10.0,
+        help="per-call deadline in seconds (default 10)",
+    )
+    p.add_argument("--label", default="", help="name shown in the table (default: target)")
+    p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write all figures here")
+
+
+def _add_ceiling(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "ceiling",
+        help="transport-ceiling server: one pre-serialised reply, request unparsed",
+        description="A bare grpc.aio server on 127.0.0.1 answering ModelInfer with a "
+        "pre-serialised ModelInferResponse (zeros, with the model's output names, datatypes "
+        "and the request's batch size) without parsing the request; also ModelMetadata, "
+        "ModelConfig, ModelStatistics, ModelReady, ServerLive/Ready/Metadata. Models come from "
+        "--model-repository (DIR/<name>/<version>/model.onnx) or from --model with --input and "
+        "--output. Runs until SIGINT/SIGTERM; prints one 'listening' line when ready.",
+    )
+    p.add_argument(
+        "--port",
+        metavar="PORT",
+        type=int,
+        default=0,
+        help="port on 127.0.0.1 (default 0: any free)",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--model-repository",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="serve every ONNX model of this repository",
+    )
+    source.add_argument("--model", help="serve one model described by --input/--output")
+    datatypes = ", ".join(NUMPY_DTYPES)
+    p.add_argument(
+        "--input",
+        type=_tensor,
+        action="append",
+        default=[],
+        metavar="NAME:DT:DIMS",
+        help=f"with --model: an input, e.g. x:FP32:-1,16 (DT one of {datatypes})",
+    )
+    p.add_argument(
+        "--output",
+        type=_tensor,
+        action="append",
+        default=[],
+        metavar="NAME:DT:DIMS",
+        help="with --model: an output (its shape is the reply's; -1 in dimension 0 takes the request's batch size)",
+    )
+    p.add_argument(
+        "--processes",
+        metavar="K",
+        type=_positive_int,
+        default=1,
+        help="server processes sharing the port with SO_REUSEPORT (default 1; >1 needs --port)",
+    )
+
+
+def _add_compute(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "compute",
+        help="compute ceiling: in-process onnxruntime session.run",
+        description="Run onnxruntime (CPU) session.run back to back on random inputs at each "
+        "batch size for --duration seconds; report samples/s and per-call latency.",
+    )
+    p.add_argument("--model-file", type=pathlib.Path, required=True, metavar="FILE", help="path to model.onnx")
+    p.add_argument(
+        "--batches",
+        metavar="LIST",
+        type=_batch_list,
+        default=[1, 8, 64],
+        help="comma-separated batch sizes (default 1,8,64)",
+    )
+    p.add_argument(
+        "--duration",
+        metavar="S",
+        type=_positive_float,
+        default=3.0,
+        help="seconds per batch size (default 3)",
+    )
+    p.add_argument(
+        "--intra-op-threads",
+        metavar="N",
+        type=int,
+        default=0,
+        help="onnxruntime intra-op threads (default 0: onnxruntime's choice)",
+    )
+    p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write all figures here")
+
+
+def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "suite",
+        help="ceiling vs infergate vs onnxruntime, with the project's target ratios",
+        description="Write the demo repository to a temp dir, then, one after another: start the "
+        "ceiling server and load it (matmul16 b1 at 1 and 64 in flight, mlp b1 at 64, mlp b8 at "
+        "32); the same against infergate; in-process onnxruntime for mlp and matmul16 at batch "
+        "1, 8, 64. Prints and writes suite.json and suite.md with the target ratios. Servers are "
+        "always stopped. Takes about 8 x (warmup + duration) + 6 x compute-duration seconds.",
+    )
+    p.add_argument(
+        "--duration",
+        metavar="S",
+        type=_positive_float,
+        default=10.0,
+        help="measured seconds per load run (default 10)",
+    )
+    p.add_argument(
+        "--warmup",
+        metavar="S",
+        type=_non_negative_float,
+        default=2.0,
+        help="warm-up seconds per load run (default 2)",
+    )
+    p.add_argument(
+        "--compute-duration",
+        metavar="S",
+        type=_positive_float,
+        default=3.0,
+        help="seconds per in-process batch size (default 3)",
+    )
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        metavar="DIR",
+        help="output folder (default results/suite-<UTC time>)",
+    )
+    p.add_argument(
+        "--processes",
+        metavar="K",
+        type=_positive_int,
+        default=1,
+        help="generator processes per load run (default 1)",
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for infergate, repeatable: --server-arg=--workers=2",
+    )
+    p.add_argument(
+        "--server-command",
+        default=None,
+        metavar="TEMPLATE",
+        help="command that starts the server under test, with {python}, {repo} and "
+        "{port} placeholders (default: '{python} -m infergate serve "
+        "--model-repository {repo} --host 127.0.0.1 --port {port}')",
+    )
+    p.add_argument(
+        "--ceiling-processes",
+        metavar="K",
+        type=_positive_int,
+        default=1,
+        help="processes of the ceiling server (default 1)",
+    )
+    p.add_argument(
+        "--intra-op-threads",
+        metavar="N",
+        type=int,
+        default=0,
+        help="onnxruntime intra-op threads for the in-process runs (default 0)",
+    )
+    p.add_argument(
+        "--model-repository",
+        type=pathlib.Path,
+        default=None,
+        metavar="DIR",
+        help="use this repository instead of writing the demo one (needs models matmul16 and mlp)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        metavar="S",
+        type=_positive_float,
+        default=60.0,
+        help="seconds to wait for each server's ServerReady (default 60)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m load_tests`` parser with its four subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m load_tests",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_closed, _add_ceiling, _add_compute, _add_suite):
+        add(commands)
+    return parser
+
+
+def _cmd_closed(args: argparse.Namespace) -> int:
+    from .generator import LoadConfig, run_closed_loop
+    from .report import format_load_table, write_json
+
+    config = LoadConfig(
+        target=args.target,
+        model=args.model,
+        batch=args.batch,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        warmup=args.warmup,
+        processes=args.processes,
+        client=args.client,
+        timeout=args.timeout,
+        label=args.label,
+    )
+    result = run_closed_loop(config)
+    print(format_load_table([result]))
+    if args.json:
+        write_json(args.json, result)
+    return 0 if result.requests else 1
+
+
+def _ceiling_models(args: argparse.Namespace) -> dict[str, ModelSignature]:
+    if args.model_repository is not None:
+        from .repository import read_repository
+
+        return read_repository(args.model_repository)
+    if not args.input or not args.output:
+        raise ValueError("--model needs at least one --input and one --output")
+    signature = ModelSignature(args.model, tuple(args.input), tuple(args.output))
+    return {signature.name: signature}
+
+
+def _cmd_ceiling(args: argparse.Namespace) -> int:
+    from .ceiling import run_ceiling
+
+    run_ceiling(_ceiling_models(args), args.port, args.processes)
+    return 0
+
+
+def _cmd_compute(args: argparse.Namespace) -> int:
+    from .compute import format_compute_table, run_compute
+    from .report import write_json
+
+    results = run_compute(args.model_file, args.batches, args.duration, args.intra_op_threads)
+    print(format_compute_table(results))
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def _raise_exit(signum: int, frame: object) -> NoReturn:
+    # SystemExit unwinds through `finally`, so server subprocesses still get stopped.
+    raise SystemExit(128 + signum)
+
+
+def _cmd_suite(args: argparse.Namespace) -> int:
+    from .suite import DEFAULT_SERVER_COMMAND, SuiteConfig, print_summary, run_suite
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out = args.out or pathlib.Path("results") / time.strftime("suite-%Y%m%d-%H%M%S", time.gmtime())
+    config = SuiteConfig(
+        out=out,
+        duration=args.duration,
+        warmup=args.warmup,
+        compute_duration=args.compute_duration,
+        processes=args.processes,
+        ceiling_processes=args.ceiling_processes,
+        server_args=tuple(args.server_arg),
+        server_command=args.server_command or DEFAULT_SERVER_COMMAND,
+        intra_op_threads=args.intra_op_threads,
+        model_repository=args.model_repository,
+        ready_timeout=args.ready_timeout,
+    )
+    report = run_suite(config)
+    print_summary(report)
+    print(f"\nwrote {out / 'suite.json'} and {out / 'suite.md'}")
+    return 0 if not report.failures else 1
+
+
+_COMMANDS = {
+    "closed": _cmd_closed,
+    "ceiling": _cmd_ceiling,
+    "compute": _cmd_compute,
+    "suite": _cmd_suite,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the subcommand; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    from .generator import GeneratorError
+    from .servers import ServerFailed
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (GeneratorError, ServerFailed, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,154 @@
+"""The compute ceiling: onnxruntime ``session.run`` in-process, no server, no network.
+
+For each batch size it runs one session back to back on the same random inputs
+(after a short warm-up) for ``duration`` seconds and reports samples/s and the
+per-call latency. What a server reaches against this figure is the share of the
+model's own speed that survives the serving path.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .payloads import random_inputs
+from .report import format_table
+from .signature import ModelSignature, TensorSpec
+
+__all__ = ["ComputeResult", "format_compute_table", "open_session", "run_compute"]
+
+_WARMUP_CALLS = 5
+_ORT_TO_V2 = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+@dataclass(frozen=True)
+class ComputeResult:
+    """One batch size of one model: throughput and per-call latency."""
+
+    model: str
+    batch: int
+    calls: int
+    seconds: float
+    samples_per_s: float
+    calls_per_s: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    intra_op_threads: int
+
+
+def open_session(model_file: pathlib.Path, intra_op_threads: int = 0) -> Any:
+    """A CPU onnxruntime session; ``intra_op_threads`` 0 keeps onnxruntime's default."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    return ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _spec(node: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, _ORT_TO_V2[node.type], shape)
+
+
+def session_signature(session: Any, name: str) -> ModelSignature:
+    """The signature onnxruntime reports for ``session``."""
+    return ModelSignature(
+        name=name,
+        inputs=tuple(_spec(node) for node in session.get_inputs()),
+        outputs=tuple(_spec(node) for node in session.get_outputs()),
+    )
+
+
+def _feeds(signature: ModelSignature, batch: int) -> dict[str, Any]:
+    arrays = random_inputs(signature, batch)
+    # onnxruntime wants text, not bytes, for string tensors.
+    return {
+        spec.name: arrays[spec.name].astype(str) if spec.datatype == "BYTES" else arrays[spec.name]
+        for spec in signature.inputs
+    }
+
+
+def measure_batch(session: Any, signature: ModelSignature, batch: int, duration: float, threads: int) -> ComputeResult:
+    """Run ``session`` at ``batch`` for ``duration`` seconds after a few warm-up calls."""
+    feeds = _feeds(signature, batch)
+    for _ in range(_WARMUP_CALLS):
+        session.run(None, feeds)
+    latencies: list[float] = []
+    clock = time.perf_counter
+    start = clock()
+    end = start + duration
+    while (before := clock()) < end:
+        session.run(None, feeds)
+        latencies.append(clock() - before)
+    seconds = clock() - start
+    values = np.asarray(latencies) * 1000.0
+    p50, p99 = np.percentile(values, [50, 99])
+    return ComputeResult(
+        model=signature.name,
+        batch=batch,
+        calls=len(latencies),
+        seconds=seconds,
+        samples_per_s=len(latencies) * batch / seconds,
+        calls_per_s=len(latencies) / seconds,
+        p50_ms=float(p50),
+        p99_ms=float(p99),
+        mean_ms=float(values.mean()),
+        intra_op_threads=threads,
+    )
+
+
+def run_compute(
+    model_file: pathlib.Path,
+    batches: Sequence[int],
+    duration: float,
+    intra_op_threads: int = 0,
+    name: str | None = None,
+) -> list[ComputeResult]:
+    """Measure ``model_file`` at every batch size, one after another."""
+    if duration <= 0 or not batches or min(batches) < 1:
+        raise ValueError("need duration > 0 and batch sizes >= 1")
+    session = open_session(model_file, intra_op_threads)
+    signature = session_signature(session, name or model_file.parent.parent.name)
+    return [measure_batch(session, signature, batch, duration, intra_op_threads) for batch in batches]
+
+
+_COLUMNS = (
+    ("model", "<", lambda r: r.model),
+    ("batch", ">", lambda r: str(r.batch)),
+    ("threads", ">", lambda r: str(r.intra_op_threads or "default")),
+    ("calls", ">", lambda r: str(r.calls)),
+    ("samples/s", ">", lambda r: f"{r.samples_per_s:,.0f}"),
+    ("calls/s", ">", lambda r: f"{r.calls_per_s:,.0f}"),
+    ("p50 ms", ">", lambda r: f"{r.p50_ms:.3f}"),
+    ("p99 ms", ">", lambda r: f"{r.p99_ms:.3f}"),
+)
+
+
+def compute_rows(results: Sequence[ComputeResult]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the compute table."""
+    return [c[0] for c in _COLUMNS], [[c[2](r) for c in _COLUMNS] for r in results]
+
+
+def format_compute_table(results: Sequence[ComputeResult]) -> str:
+    """One line per (model, batch) under a header line."""
+    return format_table([c[0] for c in _COLUMNS], [c[1] for c in _COLUMNS], compute_rows(results)[1])

@@ -1,0 +1,188 @@
+"""Result records, the fixed-width and markdown tables, and JSON output.
+
+Latencies are milliseconds, rates are per second of the measurement window, and
+generator CPU is summed over the generator's processes (100% = one core busy).
+Figures that cannot be computed (no successful request) are NaN in Python and
+``null`` in JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "LoadResult",
+    "format_load_table",
+    "markdown_table",
+    "summarize_load",
+    "to_jsonable",
+    "write_json",
+]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One closed-loop run. ``requests`` counts successes completed inside the window."""
+
+    target: str
+    model: str
+    client: str
+    batch: int
+    concurrency: int
+    processes: int
+    warmup_s: float
+    duration_s: float
+    requests: int
+    requests_per_s: float
+    samples_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+    generator_cpu_s: float
+    generator_cpu_pct: float
+    errors: dict[str, int] = field(default_factory=dict)
+    response: str = ""
+    label: str = ""
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def _percentiles_ms(latencies_s: Sequence[float]) -> tuple[float, float, float, float, float]:
+    if not latencies_s:
+        return (math.nan,) * 5
+    values = np.asarray(latencies_s, dtype=np.float64) * 1000.0
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return float(p50), float(p90), float(p99), float(values.mean()), float(values.max())
+
+
+def summarize_load(
+    *,
+    target: str,
+    model: str,
+    client: str,
+    batch: int,
+    concurrency: int,
+    processes: int,
+    warmup_s: float,
+    duration_s: float,
+    latencies_s: Sequence[float],
+    errors: dict[str, int],
+    cpu_s: float,
+    cpu_span_s: float,
+    response: str,
+    label: str = "",
+) -> LoadResult:
+    """Turn raw per-request latencies (seconds, in-window successes) into a LoadResult."""
+    p50, p90, p99, mean, worst = _percentiles_ms(latencies_s)
+    rps = len(latencies_s) / duration_s
+    return LoadResult(
+        target=target,
+        model=model,
+        client=client,
+        batch=batch,
+        concurrency=concurrency,
+        processes=processes,
+        warmup_s=warmup_s,
+        duration_s=duration_s,
+        requests=len(latencies_s),
+        requests_per_s=rps,
+        samples_per_s=rps * batch,
+        p50_ms=p50,
+        p90_ms=p90,
+        p99_ms=p99,
+        mean_ms=mean,
+        max_ms=worst,
+        generator_cpu_s=cpu_s,
+        generator_cpu_pct=100.0 * cpu_s / cpu_span_s if cpu_span_s > 0 else math.nan,
+        errors=dict(sorted(errors.items())),
+        response=response,
+        label=label,
+    )
+
+
+def _errors_text(errors: dict[str, int]) -> str:
+    return ",".join(f"{code}={count}" for code, count in errors.items()) or "0"
+
+
+_LOAD_COLUMNS = (
+    ("label", "<", lambda r: r.label or r.target),
+    ("model", "<", lambda r: r.model),
+    ("client", "<", lambda r: r.client),
+    ("batch", ">", lambda r: str(r.batch)),
+    ("conc", ">", lambda r: str(r.concurrency)),
+    ("procs", ">", lambda r: str(r.processes)),
+    ("req/s", ">", lambda r: f"{r.requests_per_s:,.0f}"),
+    ("samples/s", ">", lambda r: f"{r.samples_per_s:,.0f}"),
+    ("p50 ms", ">", lambda r: f"{r.p50_ms:.3f}"),
+    ("p90 ms", ">", lambda r: f"{r.p90_ms:.3f}"),
+    ("p99 ms", ">", lambda r: f"{r.p99_ms:.3f}"),
+    ("errors", ">", lambda r: _errors_text(r.errors)),
+    ("gen cpu s", ">", lambda r: f"{r.generator_cpu_s:.2f}"),
+    ("gen cpu %", ">", lambda r: f"{r.generator_cpu_pct:.0f}"),
+)
+
+
+def format_table(headers: Sequence[str], aligns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A fixed-width text table; ``aligns`` holds '<' or '>' per column."""
+    rows = [list(row) for row in rows]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, aligns, widths, strict=True))
+
+    return "\n".join([line(headers), *(line(row) for row in rows)])
+
+
+def format_load_table(results: Sequence[LoadResult]) -> str:
+    """One line per run under a header line."""
+    return format_table(
+        [c[0] for c in _LOAD_COLUMNS],
+        [c[1] for c in _LOAD_COLUMNS],
+        ([c[2](r) for c in _LOAD_COLUMNS] for r in results),
+    )
+
+
+def load_rows(results: Sequence[LoadResult]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the load table, for markdown."""
+    return [c[0] for c in _LOAD_COLUMNS], [[c[2](r) for c in _LOAD_COLUMNS] for r in results]
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, mappings and sequences as plain JSON values; NaN and inf become None."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    return value
+
+
+def write_json(path: pathlib.Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON, creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(to_jsonable(payload), indent=2, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Tests of the load harness itself: ``pytest load_tests/tests``."""

@@ -1,0 +1,63 @@
+"""Triton's own load tool, perf_analyzer (C++), drives infergate unmodified.
+
+perf_analyzer needs ModelMetadata, ModelConfig and ModelStatistics to agree
+with what Triton would answer, so this is a wire-compatibility test as much as
+a load test. ``make test`` installs it (scripts/install_perf_analyzer.sh).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ServerProcess
+
+PERF_ANALYZER = Path(__file__).resolve().parent.parent / "scripts" / "perf_analyzer"
+
+
+def _perf_analyzer(server: ServerProcess, *args: str) -> str:
+    command = [
+        str(PERF_ANALYZER),
+        "-u",
+        server.url,
+        "-i",
+        "grpc",
+        "--measurement-mode",
+        "count_windows",
+        "--measurement-request-count",
+        "100",
+        "--max-trials",
+        "5",
+        *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode == 127:
+        pytest.fail("perf_analyzer is not installed: run scripts/install_perf_analyzer.sh (make test does)")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param([], id="sync"),
+        pytest.param(["--async"], id="async"),
+        pytest.param(["--streaming"], id="streaming"),
+    ],
+)
+def test_perf_analyzer_measures_infergate(demo_server: ServerProcess, mode: list[str]) -> None:
+    output = _perf_analyzer(demo_server, "-m", "matmul16", "--concurrency-range", "4", *mode)
+    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", output)
+    assert throughput and float(throughput.group(1)) > 0, output
+    # Server-side figures come from our ModelStatistics.
+    served = re.search(r"Inference count: (\d+)", output)
+    assert served and int(served.group(1)) > 0, output
+
+
+def test_perf_analyzer_sends_batches_the_model_config_allows(demo_server: ServerProcess) -> None:
+    output = _perf_analyzer(demo_server, "-m", "mlp", "-b", "8", "--concurrency-range", "2")
+    assert "Batch size: 8" in output
+    assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
