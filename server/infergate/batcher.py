@@ -60,6 +60,8 @@ class BatchPolicy:
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay < 0:
             raise ValueError(f"invalid batch policy {self}")
+        if any(not 1 <= p <= self.max_batch_size for p in self.preferred_batch_sizes):
+            raise ValueError(f"preferred batch sizes {self.preferred_batch_sizes} must lie in 1..{self.max_batch_size}")
 
     @property
     def target_rows(self) -> int:
@@ -123,7 +125,7 @@ class DynamicBatcher(Generic[T, R]):
 
     @property
     def depth(self) -> int:
-        """Requests waiting (including ones cancelled but not yet swept out)."""
+        """Requests waiting (including ones whose callers gave up, until they are swept out)."""
         return len(self._queue)
 
     def start(self) -> None:
@@ -144,7 +146,7 @@ class DynamicBatcher(Generic[T, R]):
             raise Unavailable(f"model {self._name} is shutting down")
         if rows > self._policy.max_batch_size or rows < 1:
             raise InvalidArgument(f"model {self._name}: {rows} rows, batches hold 1 to {self._policy.max_batch_size}")
-        if len(self._queue) >= self._policy.max_queue_size:
+        if len(self._queue) >= self._policy.max_queue_size and not self._make_room():
             raise QueueFull(f"model {self._name}: queue full ({self._policy.max_queue_size} requests waiting)")
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -164,6 +166,18 @@ class DynamicBatcher(Generic[T, R]):
             return await future
         finally:
             timer.cancel()
+
+    def _make_room(self) -> bool:
+        """Drop every entry whose caller gave up; True if that freed a place.
+
+        Runs only when the queue looks full, so the common path stays O(1).
+        """
+        live = [e for e in self._queue if not e.future.done()]
+        if len(live) == len(self._queue):
+            return False
+        self._queue = collections.deque(live)
+        self._queued_rows = sum(e.rows for e in live)
+        return len(live) < self._policy.max_queue_size
 
     def _expire(self, future: asyncio.Future[R]) -> None:
         if not future.done():

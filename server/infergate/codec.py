@@ -77,7 +77,8 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec, max_elements:
     for name in outputs:
         if name not in spec.output_by_name:
             raise InvalidArgument(f"{label}: unknown output {name!r} requested (outputs: {_names(spec.outputs)})")
-    group = tuple(a.shape[1:] for a in inputs.values()) if spec.variable_inner_dims else None
+    # In the spec's input order: the request's own order must not matter.
+    group = tuple(inputs[t.name].shape[1:] for t in spec.inputs) if spec.variable_inner_dims else None
     return DecodedRequest(inputs, rows if spec.batches else 1, group, outputs)
 
 
@@ -88,6 +89,8 @@ def _names(tensors: Sequence[TensorSpec]) -> list[str]:
 def _check_shape(shape: tuple[int, ...], ts: TensorSpec, spec: ModelSpec, where: str, max_elements: int) -> int:
     """Check rank and dims against the spec; return the element count."""
     expected = ts.shape
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension")
     if len(shape) != len(expected) or any(d < 0 or (e >= 0 and d != e) for d, e in zip(shape, expected, strict=True)):
         raise InvalidArgument(f"{where}: shape {list(shape)}, expected {_pretty(expected)}")
     if spec.batches and not 1 <= shape[0] <= spec.max_batch_size:
@@ -132,13 +135,25 @@ def _from_contents(
         return bytes_elements_to_array(values, where).reshape(shape)
     try:
         # Typed fields are wider than small ints (int_contents is int32 for INT8); refuse what overflows.
-        wide = np.asarray(values)
+        wide = np.asarray(values, dtype=_CONTENTS_DTYPES[field])
         array = wide.astype(datatype.numpy)
         if datatype.numpy.kind in "iu" and not np.array_equal(wide, array):
             raise OverflowError
     except OverflowError:
         raise InvalidArgument(f"{where}: contents.{field} holds values outside {datatype.name}") from None
     return array.reshape(shape)
+
+
+# The wire type of each typed contents field (int_contents carries INT8 and INT16 too).
+_CONTENTS_DTYPES: dict[str, Any] = {
+    "bool_contents": np.bool_,
+    "int_contents": np.int32,
+    "int64_contents": np.int64,
+    "uint_contents": np.uint32,
+    "uint64_contents": np.uint64,
+    "fp32_contents": np.float32,
+    "fp64_contents": np.float64,
+}
 
 
 def request_timeout_us(request: pb.ModelInferRequest) -> int | None:

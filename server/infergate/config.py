@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "PROVIDERS",
@@ -109,14 +109,6 @@ class ModelConfig(_Strict):
     warmup: Warmup = Warmup()
     default_model_filename: str = "model.onnx"
 
-    @model_validator(mode="after")
-    def _preferred_within_max(self) -> ModelConfig:
-        mbs = self.max_batch_size
-        too_big = [p for p in self.dynamic_batching.preferred_batch_size if mbs and p > mbs]
-        if too_big:
-            raise ValueError(f"preferred_batch_size {too_big} exceeds max_batch_size {mbs}")
-        return self
-
 
 class ServerConfig(_Strict):
     """Server options, from ``--config FILE`` (YAML) and command-line flags."""
@@ -167,7 +159,23 @@ def load_model_config(path: Path) -> ModelConfig:
     """Read and validate a model's config.yaml; a missing file means all defaults."""
     if not path.exists():
         return ModelConfig()
-    return _validate(ModelConfig, _read_yaml(path), path)
+    config = _validate(ModelConfig, _read_yaml(path), path)
+    _check_preferred_sizes(config, path)
+    return config
+
+
+def _check_preferred_sizes(config: ModelConfig, path: Path) -> None:
+    """Preferred batch sizes must fit max_batch_size (when it is set; else checked at load)."""
+    mbs = config.max_batch_size
+    preferred = config.dynamic_batching.preferred_batch_size
+    if mbs is None or not preferred:
+        return
+    where = f"{path}: dynamic_batching.preferred_batch_size"
+    if mbs == 0:
+        raise ConfigError(f"{where}: set on a model that does not batch (max_batch_size: 0)")
+    too_big = [p for p in preferred if p > mbs]
+    if too_big:
+        raise ConfigError(f"{where}: {too_big} exceed max_batch_size {mbs}")
 
 
 def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:

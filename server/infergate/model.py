@@ -35,7 +35,7 @@ class ModelVersion:
         policy = BatchPolicy(
             max_batch_size=max(self.spec.max_batch_size, 1),
             max_queue_delay=batching.max_queue_delay_microseconds / 1e6,
-            preferred_batch_sizes=tuple(batching.preferred_batch_size),
+            preferred_batch_sizes=tuple(batching.preferred_batch_size) if self.spec.batches else (),
             max_queue_size=batching.max_queue_size,
         )
         self.default_timeout_s = batching.default_timeout_microseconds / 1e6 or None
@@ -86,6 +86,12 @@ def load_model_version(directory: Path, name: str, version: int, config: ModelCo
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
     runner = OnnxRunner.load(path, config, name, version)
+    too_big = [p for p in config.dynamic_batching.preferred_batch_size if p > runner.spec.max_batch_size]
+    if too_big and runner.spec.batches:
+        runner.close()
+        raise ModelLoadError(
+            f"dynamic_batching.preferred_batch_size {too_big} exceed max_batch_size {runner.spec.max_batch_size}"
+        )
     log.info(
         "loaded model %s version %d (max_batch_size %d, %d instance(s) on %s)",
         name,

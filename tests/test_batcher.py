@@ -1,0 +1,498 @@
+"""The dynamic batcher's contract, one test per guarantee.
+
+The model is a fake ``execute`` that records every batch it receives and waits
+at a gate the test controls, so a batch can be held "running" while the test
+queues more work, cancels a caller or closes the batcher. Nothing here waits
+on wall-clock time except the deadline and queue-delay tests, which assert on
+outcomes (who got what, which batch held which payloads), never on durations.
+Every test runs under ``asyncio.timeout`` so a bug shows up as a failure,
+not a hung suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from infergate.batcher import Batch, BatchPolicy, DynamicBatcher
+from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
+
+LIMIT = 5.0  # seconds; generous bound so that a bug fails the test instead of hanging it
+SHORT = 0.1  # seconds; a deadline that passes while the test holds the batch ahead of it
+NAME = "toy:1"
+
+Answer = Callable[[list[str]], Sequence[str | BaseException]]
+
+
+def uppercase(payloads: list[str]) -> list[str | BaseException]:
+    return [p.upper() for p in payloads]
+
+
+class FakeModel:
+    """Stands in for ``execute``: records each batch, then waits at ``gate`` before answering.
+
+    The gate is open unless a test calls ``hold()``; ``started()`` returns the
+    payloads of the next batch to reach ``execute``. ``answer`` maps a batch's
+    payloads to its results (by default each payload upper-cased) and may raise.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[Batch[str]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.answer: Answer = uppercase
+        self._started: asyncio.Queue[list[str]] = asyncio.Queue()
+
+    async def __call__(self, batch: Batch[str]) -> Sequence[str | BaseException]:
+        self.batches.append(batch)
+        self._started.put_nowait(list(batch.payloads))
+        await self.gate.wait()
+        return self.answer(list(batch.payloads))
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    async def started(self) -> list[str]:
+        return await self._started.get()
+
+    @property
+    def payloads(self) -> list[list[str]]:
+        """Each batch's payloads, in the order the batches reached ``execute``."""
+        return [list(b.payloads) for b in self.batches]
+
+    def executed(self) -> set[str]:
+        return {p for b in self.batches for p in b.payloads}
+
+
+@pytest.fixture
+def model() -> FakeModel:
+    return FakeModel()
+
+
+MakeBatcher = Callable[..., DynamicBatcher[str, str]]
+
+
+@pytest.fixture
+async def make_batcher(model: FakeModel) -> AsyncIterator[MakeBatcher]:
+    """Build and start batchers over ``model``; they are closed after the test."""
+    made: list[DynamicBatcher[str, str]] = []
+
+    def make(*, workers: int = 1, **policy: Any) -> DynamicBatcher[str, str]:
+        policy.setdefault("max_batch_size", 8)
+        batcher: DynamicBatcher[str, str] = DynamicBatcher(model, BatchPolicy(**policy), workers=workers, name=NAME)
+        batcher.start()
+        made.append(batcher)
+        return batcher
+
+    yield make
+    model.release()
+    for batcher in made:
+        await batcher.aclose(timeout=1.0)
+
+
+def submit(batcher: DynamicBatcher[str, str], payload: str, **kwargs: Any) -> asyncio.Task[str]:
+    kwargs.setdefault("rows", 1)
+    return asyncio.create_task(batcher.submit(payload, **kwargs), name=f"caller-{payload}")
+
+
+async def one_loop_pass() -> None:
+    """Let every task that is ready run one step; no time passes.
+
+    Tasks created before this call run their first step (a submit queues its
+    payload) before the caller resumes: the event loop runs ready callbacks in
+    the order they were scheduled.
+    """
+    await asyncio.sleep(0)
+
+
+async def occupy(batcher: DynamicBatcher[str, str], model: FakeModel, rows: int = 1) -> asyncio.Task[str]:
+    """Hold the model and start a batch of payload "busy", so later requests queue up."""
+    model.hold()
+    busy = submit(batcher, "busy", rows=rows)
+    assert await model.started() == ["busy"]
+    return busy
+
+
+async def results(*tasks: asyncio.Task[str]) -> list[str | BaseException]:
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- forming batches
+
+
+async def test_a_lone_request_runs_at_once_without_a_queue_delay(make_batcher: MakeBatcher, model: FakeModel) -> None:
+    batcher = make_batcher(max_queue_delay=0.0)
+    async with asyncio.timeout(LIMIT):
+        assert await batcher.submit("a", rows=1) == "A"
+    assert model.payloads == [["a"]]
+
+
+async def test_requests_queued_while_the_instance_is_busy_run_together_in_the_next_batch(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        callers = [submit(batcher, p) for p in "abc"]
+        await one_loop_pass()
+        assert batcher.depth == 3
+        model.release()
+        assert await results(busy, *callers) == ["BUSY", "A", "B", "C"]
+    assert model.payloads == [["busy"], ["a", "b", "c"]]
+    assert [b.rows for b in model.batches] == [1, 3]
+
+
+async def test_batches_never_exceed_max_batch_size_and_a_multi_row_request_is_never_split(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(max_batch_size=4)
+    rows = {"a": 2, "b": 3, "c": 1, "d": 1, "e": 4}
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        callers = [submit(batcher, p, rows=n) for p, n in rows.items()]
+        await one_loop_pass()
+        model.release()
+        assert await results(busy, *callers) == ["BUSY", "A", "B", "C", "D", "E"]
+    # "b" (3 rows) does not fit behind "a" (2 rows): it heads the next batch, whole.
+    assert model.payloads == [["busy"], ["a"], ["b", "c"], ["d"], ["e"]]
+    assert [b.rows for b in model.batches] == [1, 2, 4, 1, 4]
+    assert all(b.rows == sum(rows.get(p, 1) for p in b.payloads) for b in model.batches)
+
+
+async def test_different_groups_never_share_a_batch_and_each_group_keeps_its_order(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    arrivals = [("a1", "g1"), ("b1", "g2"), ("a2", "g1"), ("b2", "g2"), ("a3", "g1")]
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        callers = [submit(batcher, p, group=g) for p, g in arrivals]
+        await one_loop_pass()
+        model.release()
+        assert await results(busy, *callers) == ["BUSY", "A1", "B1", "A2", "B2", "A3"]
+    assert model.payloads == [["busy"], ["a1", "a2", "a3"], ["b1", "b2"]]
+
+
+async def test_a_batch_is_full_at_the_largest_preferred_size(make_batcher: MakeBatcher, model: FakeModel) -> None:
+    batcher = make_batcher(max_batch_size=8, preferred_batch_sizes=(2, 4))
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        callers = [submit(batcher, p) for p in "abcdef"]
+        await one_loop_pass()
+        model.release()
+        await results(busy, *callers)
+    assert model.payloads == [["busy"], ["a", "b", "c", "d"], ["e", "f"]]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(dict(max_batch_size=0), id="max_batch_size 0"),
+        pytest.param(dict(max_batch_size=4, max_queue_size=0), id="max_queue_size 0"),
+        pytest.param(dict(max_batch_size=4, max_queue_delay=-0.001), id="negative delay"),
+        pytest.param(
+            dict(max_batch_size=4, preferred_batch_sizes=(8,)),
+            id="preferred size above max_batch_size",
+        ),
+    ],
+)
+def test_a_policy_that_could_break_the_batch_limits_is_refused(policy: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        BatchPolicy(**policy)
+
+
+# --------------------------------------------------------------------------- queue delay
+
+
+async def test_with_a_queue_delay_a_free_worker_waits_for_more_requests_and_runs_a_full_batch_at_once(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    # The delay is far longer than LIMIT: the batch can only run because it filled up.
+    batcher = make_batcher(max_batch_size=4, max_queue_delay=60.0)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model, rows=4)  # a full batch: it does not wait
+        first = submit(batcher, "a")
+        await one_loop_pass()
+        model.release()
+        # When "busy" is answered, the worker has already seen "a" and chosen to wait.
+        assert await busy == "BUSY"
+        assert model.payloads == [["busy"]]
+        later = [submit(batcher, p) for p in "bcd"]
+        assert await results(first, *later) == ["A", "B", "C", "D"]
+    assert model.payloads == [["busy"], ["a", "b", "c", "d"]]
+
+
+async def test_when_the_queue_delay_runs_out_a_partial_batch_runs(make_batcher: MakeBatcher, model: FakeModel) -> None:
+    batcher = make_batcher(max_batch_size=4, max_queue_delay=0.05)
+    async with asyncio.timeout(LIMIT):
+        callers = [submit(batcher, p) for p in "ab"]
+        assert await results(*callers) == ["A", "B"]
+    assert model.payloads == [["a", "b"]]
+
+
+# --------------------------------------------------------------------------- bounded queue
+
+
+async def test_a_full_queue_refuses_at_once_while_the_queued_requests_still_complete(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(max_queue_size=2)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        queued = [submit(batcher, p) for p in "ab"]
+        await one_loop_pass()
+        with pytest.raises(QueueFull, match=NAME):
+            await batcher.submit("c", rows=1)
+        model.release()
+        assert await results(busy, *queued) == ["BUSY", "A", "B"]
+    assert "c" not in model.executed()
+    assert issubclass(QueueFull, Unavailable)
+
+
+async def give_up(task: asyncio.Task[str], how: str) -> None:
+    """Make a queued caller stop waiting: cancel it, or let its deadline pass."""
+    if how == "cancelled":
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        with pytest.raises(DeadlineExceeded):
+            await task
+
+
+@pytest.mark.parametrize("how", ["cancelled", "expired"])
+async def test_callers_that_gave_up_no_longer_count_against_the_queue_bound(
+    make_batcher: MakeBatcher, model: FakeModel, how: str
+) -> None:
+    batcher = make_batcher(max_queue_size=2)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        deadline = loop.time() + SHORT if how == "expired" else None
+        gone = [submit(batcher, p, deadline=deadline) for p in "ab"]
+        await one_loop_pass()
+        assert batcher.depth == 2
+        for task in gone:
+            await give_up(task, how)
+        # Nobody waits any more ("a" and "b" gave up), so there is room for "c".
+        late = submit(batcher, "c")
+        await one_loop_pass()
+        model.release()
+        assert await results(busy, late) == ["BUSY", "C"]
+    assert model.payloads == [["busy"], ["c"]]
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+async def test_a_deadline_that_passes_in_the_queue_fails_the_caller_and_is_never_executed(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        patient = submit(batcher, "b")
+        hasty = submit(batcher, "a", deadline=loop.time() + SHORT)
+        await one_loop_pass()
+        assert batcher.depth == 2
+        with pytest.raises(DeadlineExceeded, match=NAME):
+            await hasty
+        model.release()
+        assert await results(busy, patient) == ["BUSY", "B"]
+    assert model.payloads == [["busy"], ["b"]]
+
+
+@pytest.mark.parametrize("seconds_ago", [0.0, 1.0], ids=["deadline is now", "deadline passed"])
+async def test_a_deadline_already_past_is_refused_at_submit_without_queueing(
+    make_batcher: MakeBatcher, model: FakeModel, seconds_ago: float
+) -> None:
+    batcher = make_batcher()
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        with pytest.raises(DeadlineExceeded, match=NAME):
+            await batcher.submit("a", rows=1, deadline=loop.time() - seconds_ago)
+        assert batcher.depth == 0
+        model.release()
+        assert await busy == "BUSY"
+    assert model.payloads == [["busy"]]
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+async def test_a_caller_cancelled_while_queued_is_dropped_and_never_executed(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        a, b, c = (submit(batcher, p) for p in "abc")
+        await one_loop_pass()
+        b.cancel()
+        model.release()
+        outcome = await results(busy, a, b, c)
+    assert outcome[:2] == ["BUSY", "A"] and outcome[3] == "C"
+    assert isinstance(outcome[2], asyncio.CancelledError)
+    assert model.payloads == [["busy"], ["a", "c"]]
+
+
+async def test_a_caller_cancelled_while_its_batch_runs_leaves_the_others_answered(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        model.hold()
+        a, b, c = (submit(batcher, p) for p in "abc")
+        assert await model.started() == ["a", "b", "c"]
+        b.cancel()
+        await one_loop_pass()
+        model.release()
+        outcome = await results(a, b, c)
+    assert outcome[0] == "A" and outcome[2] == "C"
+    assert isinstance(outcome[1], asyncio.CancelledError)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_an_exception_from_execute_reaches_every_caller_of_that_batch_and_nobody_else(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    def fail_the_batch_with_a(payloads: list[str]) -> list[str | BaseException]:
+        if "a" in payloads:
+            raise Boom("the runtime failed")
+        return uppercase(payloads)
+
+    model.answer = fail_the_batch_with_a
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        a, b = (submit(batcher, p) for p in "ab")
+        await one_loop_pass()
+        model.release()
+        outcome = await results(busy, a, b)
+        after = await batcher.submit("c", rows=1)
+    assert outcome[0] == "BUSY"
+    assert all(isinstance(r, Boom) for r in outcome[1:])
+    assert after == "C"
+    assert model.payloads == [["busy"], ["a", "b"], ["c"]]
+
+
+async def test_an_exception_returned_for_one_item_fails_only_that_caller(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    model.answer = lambda payloads: [Boom(p) if p == "b" else p.upper() for p in payloads]
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        a, b, c = (submit(batcher, p) for p in "abc")
+        await one_loop_pass()
+        model.release()
+        outcome = await results(busy, a, b, c)
+    assert outcome[:2] == ["BUSY", "A"] and outcome[3] == "C"
+    assert isinstance(outcome[2], Boom)
+
+
+@pytest.mark.parametrize(
+    "miscount",
+    [
+        pytest.param(lambda answers: [], id="no results"),
+        pytest.param(lambda answers: answers[:-1], id="one too few"),
+        pytest.param(lambda answers: [*answers, "extra"], id="one too many"),
+    ],
+)
+async def test_a_wrong_number_of_results_fails_the_batch_callers_instead_of_hanging(
+    make_batcher: MakeBatcher,
+    model: FakeModel,
+    miscount: Callable[[list[str | BaseException]], list[str | BaseException]],
+) -> None:
+    model.answer = lambda payloads: miscount(uppercase(payloads)) if "a" in payloads else uppercase(payloads)
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        callers = [submit(batcher, p) for p in "ab"]
+        await one_loop_pass()
+        model.release()
+        outcome = await results(busy, *callers)
+        after = await batcher.submit("c", rows=1)
+    assert outcome[0] == "BUSY"
+    assert all(isinstance(r, Exception) for r in outcome[1:]), outcome
+    assert after == "C"  # the worker survived
+
+
+# --------------------------------------------------------------------------- workers
+
+
+async def test_two_workers_run_two_batches_at_the_same_time(make_batcher: MakeBatcher, model: FakeModel) -> None:
+    batcher = make_batcher(workers=2)
+    async with asyncio.timeout(LIMIT):
+        model.hold()
+        a = submit(batcher, "a")
+        assert await model.started() == ["a"]
+        b = submit(batcher, "b")
+        assert await model.started() == ["b"]  # while "a" is still held in execute
+        model.release()
+        assert await results(a, b) == ["A", "B"]
+
+
+# --------------------------------------------------------------------------- closing
+
+
+async def test_aclose_drains_the_queue_and_then_refuses_new_work(make_batcher: MakeBatcher, model: FakeModel) -> None:
+    batcher = make_batcher(max_queue_delay=60.0, max_batch_size=4)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model, rows=4)
+        queued = [submit(batcher, p) for p in "ab"]
+        await one_loop_pass()
+        closing = asyncio.create_task(batcher.aclose())
+        await one_loop_pass()
+        with pytest.raises(Unavailable, match=NAME):
+            await batcher.submit("during", rows=1)
+        model.release()
+        await closing
+        # Drained at once: closing does not wait out the 60 s queue delay.
+        assert await results(busy, *queued) == ["BUSY", "A", "B"]
+        with pytest.raises(Unavailable, match=NAME):
+            await batcher.submit("after", rows=1)
+    assert model.payloads == [["busy"], ["a", "b"]]
+
+
+async def test_aclose_with_a_timeout_cancels_stuck_work_and_its_callers_get_unavailable(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        stuck = await occupy(batcher, model)  # the gate never opens
+        queued = submit(batcher, "a")
+        await one_loop_pass()
+        await batcher.aclose(timeout=0.05)
+        outcome = await results(stuck, queued)
+    assert all(isinstance(r, Unavailable) for r in outcome), outcome
+    assert model.payloads == [["busy"]]
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("rows", [0, -1, 9])
+async def test_a_request_of_rows_outside_1_to_max_batch_size_is_an_invalid_argument(
+    make_batcher: MakeBatcher, model: FakeModel, rows: int
+) -> None:
+    batcher = make_batcher(max_batch_size=8)
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(InvalidArgument, match=NAME):
+            await batcher.submit("a", rows=rows)
+    assert batcher.depth == 0
+    assert model.batches == []
