@@ -15,9 +15,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import yaml
-from infergate import demo
 from models import build_gather_model, build_slow_model, save_model
 from onnx import TensorProto, numpy_helper
+
+from infergate import demo
 
 DEMO_MODELS = ["matmul16", "mlp", "cnn", "multi_io", "identity_all"]
 

@@ -78,9 +78,7 @@ class ModelRepository:
     async def _load(self, entry: ModelEntry) -> None:
         directory = self.root / entry.name
         try:
-            config = load_model_config(directory / "config.yaml")
-            version = _latest_version(directory)
-            model = await asyncio.to_thread(load_model_version, directory / str(version), entry.name, version, config)
+            model = await asyncio.to_thread(_load_latest, directory, entry.name)
         except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
             entry.state, entry.reason = ModelState.UNAVAILABLE, str(exc)
             log.error("model %s failed to load: %s", entry.name, exc)
@@ -90,7 +88,7 @@ class ModelRepository:
             log.exception("model %s failed to load", entry.name)
             return
         model.start()
-        entry.versions[version] = model
+        entry.versions[model.version] = model
         entry.default = model
         entry.state, entry.reason = ModelState.READY, ""
 
@@ -104,7 +102,7 @@ class ModelRepository:
             raise Unavailable(f"model {name!r} is not ready ({entry.state.value}){detail}")
         if not version:
             return entry.default
-        model = entry.versions.get(int(version)) if version.isdigit() else None
+        model = entry.versions.get(int(version)) if _is_number(version) else None
         if model is None:
             loaded = ", ".join(str(v) for v in sorted(entry.versions))
             raise NotFound(f"model {name!r} has no version {version!r} (loaded: {loaded})")
@@ -121,8 +119,20 @@ class ModelRepository:
             entry.reason = "server stopped"
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts characters int() refuses, such as '²'."""
+    return text.isascii() and text.isdecimal()
+
+
+def _load_latest(directory: Path, name: str) -> ModelVersion:
+    """Read the config, pick the newest version and load it (blocking: file I/O and onnxruntime)."""
+    config = load_model_config(directory / "config.yaml")
+    version = _latest_version(directory)
+    return load_model_version(directory / str(version), name, version, config)
+
+
 def _latest_version(directory: Path) -> int:
-    versions = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    versions = [int(p.name) for p in directory.iterdir() if p.is_dir() and _is_number(p.name)]
     if not versions:
         raise ModelLoadError(f"{directory} has no version directory (expected {directory}/1/model.onnx)")
     return max(versions)

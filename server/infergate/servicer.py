@@ -12,11 +12,12 @@ Data path of ModelInfer: repository lookup → decode/validate → model.infer
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
@@ -60,6 +61,24 @@ async def _abort_internal(context: grpc.aio.ServicerContext, method: str) -> NoR
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _guarded(method: Handler) -> Handler:
+    """Turn infergate errors into their status and anything else into a safe INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except InferGateError as exc:
+            await _abort(context, exc)
+        except Exception:
+            await _abort_internal(context, method.__name__)
+
+    return cast(Handler, wrapper)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService on top of a model repository."""
 
@@ -69,16 +88,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- health and metadata -------------------------------------------------------------
 
+    @_guarded
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
+    @_guarded
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._state.ready and not self._state.draining)
 
+    @_guarded
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
@@ -88,37 +110,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=not self._state.draining)
 
+    @_guarded
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="infergate", version=__version__, extensions=EXTENSIONS)
 
+    @_guarded
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            model = self._repository.get(request.name, request.version)
-            versions = sorted(self._repository.entries[request.name].versions)
-        except InferGateError as exc:
-            await _abort(context, exc)
+        model = self._repository.get(request.name, request.version)
+        versions = sorted(self._repository.entries[request.name].versions)
         return model_metadata_message(model.spec, versions)
 
+    @_guarded
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        try:
-            model = self._repository.get(request.name, request.version)
-        except InferGateError as exc:
-            await _abort(context, exc)
+        model = self._repository.get(request.name, request.version)
         return pb.ModelConfigResponse(config=model_config_message(model))
 
+    @_guarded
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        try:
-            models = self._models_for_statistics(request.name, request.version)
-        except InferGateError as exc:
-            await _abort(context, exc)
+        models = self._models_for_statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[model_statistics_message(m) for m in models])
 
     def _models_for_statistics(self, name: str, version: str) -> list[ModelVersion]:
@@ -220,16 +237,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- repository extension: comes with model control ----------------------------------
 
+    @_guarded
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         await _abort(context, _no_model_control("RepositoryIndex"))
 
+    @_guarded
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         await _abort(context, _no_model_control("RepositoryModelLoad"))
 
+    @_guarded
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
