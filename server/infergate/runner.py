@@ -1,8 +1,8 @@
 """onnxruntime execution: sessions, providers, warm-up, and running one batch.
 
-``session.run`` never runs on the event loop: each model version owns a thread
-pool with one thread per instance (``instance_group.count``) and as many
-sessions, so instances run batches in parallel while the loop keeps serving.
+``session.run`` never runs on the event loop: each model version owns one
+thread per instance (``instance_group.count``), each with its own session, so
+instances run batches in parallel while the loop keeps serving.
 Collating inputs and splitting outputs happen on that thread too, so a batch
 costs the loop a single hop.
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +109,8 @@ class OnnxRunner:
     def __init__(self, sessions: list[ort.InferenceSession], spec: ModelSpec):
         self.spec = spec
         self._output_names = [o.name for o in sessions[0].get_outputs()]
-        self._sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
-        for session in sessions:
-            self._sessions.put(session)
-        self._executor = ThreadPoolExecutor(len(sessions), thread_name_prefix=f"ort-{spec.name}")
         self.providers: list[str] = sessions[0].get_providers()
+        self._instances = _InstanceThreads(sessions, self._run_sync, name=f"ort-{spec.name}")
 
     @classmethod
     def load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
@@ -167,23 +164,21 @@ class OnnxRunner:
 
     async def run(self, payloads: list[Tensors], rows: list[int]) -> tuple[list[Tensors | Exception], BatchTimings]:
         """Run one batch on a free instance, off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_sync, payloads, rows)
+        result: tuple[list[Tensors | Exception], BatchTimings] = await self._instances.submit(payloads, rows)
+        return result
 
-    def _run_sync(self, payloads: list[Tensors], rows: list[int]) -> tuple[list[Tensors | Exception], BatchTimings]:
+    def _run_sync(
+        self, session: ort.InferenceSession, payloads: list[Tensors], rows: list[int]
+    ) -> tuple[list[Tensors | Exception], BatchTimings]:
         t0 = time.perf_counter_ns()
         feeds = collate(payloads)
         t1 = time.perf_counter_ns()
-        session = self._sessions.get()
         try:
-            try:
-                outputs = session.run(self._output_names, feeds)
-            except Exception as exc:
-                results = self._isolate(session, payloads, exc)
-                t2 = time.perf_counter_ns()
-                return results, BatchTimings(t1 - t0, t2 - t1, 0)
-        finally:
-            self._sessions.put(session)
+            outputs = session.run(self._output_names, feeds)
+        except Exception as exc:
+            results = self._isolate(session, payloads, exc)
+            t2 = time.perf_counter_ns()
+            return results, BatchTimings(t1 - t0, t2 - t1, 0)
         t2 = time.perf_counter_ns()
         results_ok: list[Tensors | Exception] = list(split(self._output_names, outputs, rows))
         t3 = time.perf_counter_ns()
@@ -216,9 +211,70 @@ class OnnxRunner:
 
     def close(self) -> None:
         """Stop the threads (after the batcher drained) and drop the sessions."""
-        self._executor.shutdown(wait=True)
-        while not self._sessions.empty():
-            self._sessions.get()
+        self._instances.close()
+
+
+RunBatch = Callable[[ort.InferenceSession, list[Tensors], list[int]], tuple[list[Tensors | Exception], BatchTimings]]
+Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", list[Tensors], list[int]]
+
+
+class _InstanceThreads:
+    """One thread per instance, each owning its session, fed from one job queue.
+
+    Written instead of ``loop.run_in_executor``: for small models the
+    concurrent.futures chain (submit lock, wrapped future, two callbacks) was a
+    measurable share of the event loop's time per batch (see BENCHMARKS.md).
+    Here a job costs the loop one ``SimpleQueue.put`` and one callback.
+    """
+
+    def __init__(self, sessions: list[ort.InferenceSession], run: RunBatch, name: str):
+        self._run = run
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, args=(session,), name=f"{name}-{i}", daemon=True)
+            for i, session in enumerate(sessions)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, payloads: list[Tensors], rows: list[int]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put((loop, future, payloads, rows))
+        return future
+
+    def _serve(self, session: ort.InferenceSession) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, payloads, rows = job
+            try:
+                result = self._run(session, payloads, rows)
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                _deliver(loop, future, exc, failed=True)
+            else:
+                _deliver(loop, future, result, failed=False)
+
+    def close(self) -> None:
+        """Finish queued jobs, then stop the threads."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any, *, failed: bool) -> None:
+    try:
+        loop.call_soon_threadsafe(_resolve, future, value, failed)
+    except RuntimeError:  # the loop closed while the batch ran; nobody waits any more
+        pass
+
+
+def _resolve(future: asyncio.Future[Any], value: Any, failed: bool) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if failed:
+        future.set_exception(value)
+    else:
+        future.set_result(value)
 
 
 def _first_line(exc: BaseException) -> str:
