@@ -279,7 +279,9 @@ _DEMO_MODELS: tuple[_DemoModel, ...] = (
     _DemoModel(
         "matmul16",
         build_matmul16,
-        _batching_config("matmul16: y = x @ W (16x16); tiny, so benchmarks measure server overhead.", 64),
+        _batching_config("matmul16: y = x @ W (16x16); tiny, so benchmarks measure server overhead.", 64)
+        # A 16x16 product gains nothing from a thread pool; waking one costs more than the product.
+        + "session_options:\n  intra_op_num_threads: 1\n",
     ),
     _DemoModel(
         "mlp",
