@@ -12,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, ServerConfig, load_server_config
 from .server import InferGateServer, run_until_signalled
+from .workers import supervise
 
 __all__ = ["main"]
 
@@ -28,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="server configuration file (YAML)")
     serve.add_argument("--shutdown-grace-seconds", type=float, help="time in-flight requests get on SIGTERM")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    serve.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo-repository", help="write the demo models (built locally) to DIR")
     demo.add_argument("directory", type=Path)
@@ -59,6 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "port": args.port,
                 "shutdown_grace_seconds": args.shutdown_grace_seconds,
                 "log_level": args.log_level,
+                "workers": args.workers,
+                "reuse_port": args.reuse_port,
             },
         )
     except ConfigError as exc:
@@ -69,15 +74,34 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
+        if config.workers > 1:
+            return asyncio.run(
+                supervise(
+                    config.host, config.port, config.workers, _worker_args(args), grace=config.shutdown_grace_seconds
+                )
+            )
         asyncio.run(_serve_async(config))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         print(f"infergate: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The serve flags a worker of --workers N gets (port and workers are the supervisor's)."""
+    flags = {
+        "--model-repository": args.model_repository,
+        "--config": args.config,
+        "--host": args.host,
+        "--shutdown-grace-seconds": args.shutdown_grace_seconds,
+        "--log-level": args.log_level,
+    }
+    out = [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
+    return [*out, "--workers", "1"]
 
 
 async def _serve_async(config: ServerConfig) -> None:

@@ -123,6 +123,10 @@ class ServerConfig(_Strict):
     max_receive_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     max_send_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Processes sharing the port (SO_REUSEPORT), each with its own loop and batchers.
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    # Set for the workers of --workers N: share the port instead of refusing to.
+    reuse_port: bool = False
 
 
 def _read_yaml(path: Path) -> Any:

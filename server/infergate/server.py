@@ -58,8 +58,8 @@ class InferGateServer:
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
-                # Refuse to share a port by accident with another server.
-                ("grpc.so_reuseport", 0),
+                # Share the port only among --workers; never by accident with another server.
+                ("grpc.so_reuseport", 1 if config.reuse_port else 0),
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
