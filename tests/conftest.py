@@ -8,15 +8,19 @@ polling). Servers are stopped with SIGTERM and must exit 0.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aiogrpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infergate.demo import write_demo_repository
@@ -127,3 +131,33 @@ def demo_server(demo_repository: Path, log_dir: Path) -> Iterator[ServerProcess]
     """One server over the demo repository, shared by the contract tests."""
     with running_server(demo_repository, log_dir) as server:
         yield server
+
+
+class TritonClient:
+    """A tritonclient client of either flavour; every method is awaited.
+
+    Synchronous methods run inline (blocking the test's loop is harmless here);
+    asyncio ones are awaited. Nothing is re-implemented: calls go straight through.
+    """
+
+    def __init__(self, flavour: str, url: str):
+        self.flavour = flavour
+        self.raw: Any = (grpcclient if flavour == "sync" else aiogrpcclient).InferenceServerClient(url)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.raw, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        return call
+
+
+@pytest.fixture(params=["sync", "aio"])
+async def client(request: pytest.FixtureRequest, demo_server: ServerProcess) -> AsyncIterator[TritonClient]:
+    c = TritonClient(request.param, demo_server.url)
+    try:
+        yield c
+    finally:
+        await c.close()

@@ -28,9 +28,7 @@ _SLOW_ITERATIONS_PER_MS = 3.2
 
 
 def _make_model(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=_IR_VERSION
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=_IR_VERSION)
     onnx.checker.check_model(model)
     return model
 
@@ -87,9 +85,7 @@ def build_slow_model(milliseconds_hint: int = 100) -> onnx.ModelProto:
         helper.make_node("ReduceSum", ["x_shape_f"], ["seed"], keepdims=0),
         helper.make_node("Mul", ["A", "seed"], ["scaled"]),
         helper.make_node("Tanh", ["scaled"], ["state0"]),
-        helper.make_node(
-            "Loop", ["trip_count", "keep_going", "state0"], ["state"], body=_slow_loop_body()
-        ),
+        helper.make_node("Loop", ["trip_count", "keep_going", "state0"], ["state"], body=_slow_loop_body()),
         helper.make_node("ReduceSum", ["state"], ["total"], keepdims=0),
         helper.make_node("IsNaN", ["total"], ["is_nan"]),
         helper.make_node("Where", ["is_nan", "x", "x"], ["y"]),

@@ -12,9 +12,8 @@ compared before and after, so other tests' traffic does not matter.
 
 from __future__ import annotations
 
-import inspect
 import queue
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
+from conftest import TritonClient
 from onnx import numpy_helper
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
@@ -62,36 +62,6 @@ MAX_BATCH_SIZE = {"matmul16": 64, "mlp": 64, "cnn": 32, "multi_io": 16, "identit
 # --------------------------------------------------------------------------- clients
 
 
-class Client:
-    """A tritonclient client of either flavour; every method is awaited.
-
-    Synchronous methods run inline (blocking the test's loop is harmless here);
-    asyncio ones are awaited. Nothing is re-implemented: calls go straight through.
-    """
-
-    def __init__(self, flavour: str, url: str):
-        self.flavour = flavour
-        self.raw: Any = (grpcclient if flavour == "sync" else aiogrpcclient).InferenceServerClient(url)
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.raw, name)
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            result = method(*args, **kwargs)
-            return await result if inspect.isawaitable(result) else result
-
-        return call
-
-
-@pytest.fixture(params=["sync", "aio"])
-async def client(request: pytest.FixtureRequest, demo_server: Any) -> AsyncIterator[Client]:
-    c = Client(request.param, demo_server.url)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 @pytest.fixture
 def stub(demo_server: Any) -> Any:
     with grpc.insecure_channel(demo_server.url) as channel:
@@ -126,12 +96,12 @@ def matmul16_weight(demo_repository: Path) -> npt.NDArray[np.float32]:
 # --------------------------------------------------------------------------- server and model health
 
 
-async def test_server_is_live_and_ready(client: Client) -> None:
+async def test_server_is_live_and_ready(client: TritonClient) -> None:
     assert await client.is_server_live() is True
     assert await client.is_server_ready() is True
 
 
-async def test_server_metadata_names_infergate_and_exactly_its_extensions(client: Client) -> None:
+async def test_server_metadata_names_infergate_and_exactly_its_extensions(client: TritonClient) -> None:
     metadata = await client.get_server_metadata()
     assert metadata.name == "infergate"
     assert metadata.version
@@ -139,12 +109,12 @@ async def test_server_metadata_names_infergate_and_exactly_its_extensions(client
 
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
-async def test_every_demo_model_is_ready(client: Client, model: str) -> None:
+async def test_every_demo_model_is_ready(client: TritonClient, model: str) -> None:
     assert await client.is_model_ready(model) is True
     assert await client.is_model_ready(model, "1") is True
 
 
-async def test_an_unknown_model_is_not_ready(client: Client) -> None:
+async def test_an_unknown_model_is_not_ready(client: TritonClient) -> None:
     assert await client.is_model_ready("no_such_model") is False
     assert await client.is_model_ready("matmul16", "2") is False
 
@@ -153,7 +123,7 @@ async def test_an_unknown_model_is_not_ready(client: Client) -> None:
 
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
-async def test_model_metadata_lists_tensors_with_a_variable_batch_dimension(client: Client, model: str) -> None:
+async def test_model_metadata_lists_tensors_with_a_variable_batch_dimension(client: TritonClient, model: str) -> None:
     metadata = await client.get_model_metadata(model)
     inputs, outputs = METADATA[model]
     assert metadata.name == model
@@ -168,7 +138,7 @@ def _triton_type(datatype: str) -> str:
 
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
-async def test_model_config_is_tritons_model_config(client: Client, model: str) -> None:
+async def test_model_config_is_tritons_model_config(client: TritonClient, model: str) -> None:
     config = (await client.get_model_config(model)).config
     inputs, outputs = METADATA[model]
     assert config.name == model
@@ -185,7 +155,7 @@ async def test_model_config_is_tritons_model_config(client: Client, model: str) 
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 1024
 
 
-async def test_model_config_of_an_explicit_version(client: Client) -> None:
+async def test_model_config_of_an_explicit_version(client: TritonClient) -> None:
     config = (await client.get_model_config("matmul16", "1")).config
     assert config.name == "matmul16"
 
@@ -194,7 +164,7 @@ async def test_model_config_of_an_explicit_version(client: Client) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-async def test_matmul16_computes_x_times_w(client: Client, demo_repository: Path, rows: int) -> None:
+async def test_matmul16_computes_x_times_w(client: TritonClient, demo_repository: Path, rows: int) -> None:
     x = np.random.default_rng(rows).standard_normal((rows, 16)).astype(np.float32)
     result = await client.infer("matmul16", [infer_input("x", x, "FP32")])
     y = result.as_numpy("y")
@@ -203,7 +173,7 @@ async def test_matmul16_computes_x_times_w(client: Client, demo_repository: Path
     np.testing.assert_allclose(y, x @ matmul16_weight(demo_repository), rtol=1e-5, atol=1e-5)
 
 
-async def test_mlp_maps_512_features_to_512(client: Client) -> None:
+async def test_mlp_maps_512_features_to_512(client: TritonClient) -> None:
     x = np.random.default_rng(512).standard_normal((3, 512)).astype(np.float32)
     y = (await client.infer("mlp", [infer_input("x", x, "FP32")])).as_numpy("y")
     assert y.dtype == np.float32
@@ -211,7 +181,7 @@ async def test_mlp_maps_512_features_to_512(client: Client) -> None:
     assert np.isfinite(y).all()
 
 
-async def test_cnn_returns_a_probability_distribution_per_image(client: Client) -> None:
+async def test_cnn_returns_a_probability_distribution_per_image(client: TritonClient) -> None:
     images = np.random.default_rng(64).random((2, 3, 64, 64), dtype=np.float32)
     probabilities = (await client.infer("cnn", [infer_input("image", images, "FP32")])).as_numpy("probabilities")
     assert probabilities.shape == (2, 10)
@@ -219,7 +189,7 @@ async def test_cnn_returns_a_probability_distribution_per_image(client: Client) 
     np.testing.assert_allclose(probabilities.sum(axis=1), [1.0, 1.0], rtol=1e-5)
 
 
-async def test_multi_io_returns_every_output_with_its_datatype(client: Client) -> None:
+async def test_multi_io_returns_every_output_with_its_datatype(client: TritonClient) -> None:
     arrays, inputs = multi_io_inputs(rows=3)
     result = await client.infer("multi_io", inputs)
     response = result.get_response()
@@ -258,7 +228,7 @@ def identity_arrays(rows: int) -> dict[str, npt.NDArray[Any]]:
     return arrays
 
 
-async def test_identity_all_round_trips_every_datatype_exactly(client: Client) -> None:
+async def test_identity_all_round_trips_every_datatype_exactly(client: TritonClient) -> None:
     arrays = identity_arrays(rows=2)
     inputs = [infer_input(f"in_{dt}", array, dt) for dt, array in arrays.items()]
     result = await client.infer("identity_all", inputs)
@@ -273,7 +243,7 @@ async def test_identity_all_round_trips_every_datatype_exactly(client: Client) -
             assert received.tobytes() == sent.tobytes(), datatype
 
 
-async def test_only_requested_outputs_come_back(client: Client) -> None:
+async def test_only_requested_outputs_come_back(client: TritonClient) -> None:
     arrays, inputs = multi_io_inputs()
     requested = [grpcclient.InferRequestedOutput("half"), grpcclient.InferRequestedOutput("text_out")]
     result = await client.infer("multi_io", inputs, outputs=requested)
@@ -282,13 +252,13 @@ async def test_only_requested_outputs_come_back(client: Client) -> None:
     assert result.as_numpy("text_out").tolist() == arrays["text"].tolist()
 
 
-async def test_request_id_model_name_and_version_are_echoed(client: Client) -> None:
+async def test_request_id_model_name_and_version_are_echoed(client: TritonClient) -> None:
     x = np.ones((1, 16), dtype=np.float32)
     response = (await client.infer("matmul16", [infer_input("x", x, "FP32")], request_id="req-42")).get_response()
     assert (response.id, response.model_name, response.model_version) == ("req-42", "matmul16", "1")
 
 
-async def test_an_explicit_model_version_is_served(client: Client, demo_repository: Path) -> None:
+async def test_an_explicit_model_version_is_served(client: TritonClient, demo_repository: Path) -> None:
     x = np.ones((2, 16), dtype=np.float32)
     result = await client.infer("matmul16", [infer_input("x", x, "FP32")], model_version="1")
     assert result.get_response().model_version == "1"
@@ -366,7 +336,7 @@ def _matmul16_stats(response: Any) -> Any:
     return stats
 
 
-async def test_statistics_count_requests_rows_and_executions(client: Client) -> None:
+async def test_statistics_count_requests_rows_and_executions(client: TritonClient) -> None:
     # Requests are sent one after another, so each runs as its own batch.
     before = _matmul16_stats(await client.get_inference_statistics("matmul16"))
     batch_sizes = [1, 1, 5, 1]
@@ -391,7 +361,7 @@ async def test_statistics_count_requests_rows_and_executions(client: Client) -> 
     assert grown[5] == 1
 
 
-async def test_statistics_for_every_model_when_none_is_named(client: Client) -> None:
+async def test_statistics_for_every_model_when_none_is_named(client: TritonClient) -> None:
     response = await client.get_inference_statistics()
     assert sorted((s.name, s.version) for s in response.model_stats) == sorted((m, "1") for m in DEMO_MODELS)
 

@@ -110,9 +110,7 @@ def test_config_yaml_is_commented_and_holds_the_batching_settings(
     assert yaml.safe_load(text) == expected_config
 
 
-@pytest.mark.parametrize(
-    "build", [demo.build_matmul16, demo.build_cnn, demo.build_multi_io, demo.build_identity_all]
-)
+@pytest.mark.parametrize("build", [demo.build_matmul16, demo.build_cnn, demo.build_multi_io, demo.build_identity_all])
 def test_builders_are_deterministic(build: Any) -> None:
     assert build().SerializeToString() == build().SerializeToString()
 
@@ -192,9 +190,7 @@ def test_model_loads_in_onnxruntime(sessions: dict[str, ort.InferenceSession], n
 # --------------------------------------------------------------------------- behaviour
 
 
-def test_matmul16_multiplies_by_its_weight_matrix(
-    repository: Path, sessions: dict[str, ort.InferenceSession]
-) -> None:
+def test_matmul16_multiplies_by_its_weight_matrix(repository: Path, sessions: dict[str, ort.InferenceSession]) -> None:
     (weight_proto,) = _load(repository, "matmul16").graph.initializer
     weight = numpy_helper.to_array(weight_proto)
     assert weight.shape == (16, 16) and weight.dtype == np.float32
@@ -278,10 +274,7 @@ def test_identity_all_round_trips_every_datatype_exactly(
 def test_identity_all_inputs_have_independent_second_dimensions(
     sessions: dict[str, ort.InferenceSession],
 ) -> None:
-    feeds = {
-        f"in_{dt}": _identity_sample(dt, (2, width))
-        for width, dt in enumerate(demo.IDENTITY_DATATYPES, start=1)
-    }
+    feeds = {f"in_{dt}": _identity_sample(dt, (2, width)) for width, dt in enumerate(demo.IDENTITY_DATATYPES, start=1)}
     outputs = _run(sessions["identity_all"], **feeds)
     for dt in demo.IDENTITY_DATATYPES:
         assert outputs[f"out_{dt}"].shape == feeds[f"in_{dt}"].shape

@@ -15,8 +15,7 @@ reads like ``"StatusCode.INVALID_ARGUMENT"``):
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,7 @@ import numpy.typing as npt
 import onnx
 import pytest
 import tritonclient.grpc as grpcclient
-import tritonclient.grpc.aio as aiogrpcclient
-from conftest import ServerProcess, running_server
+from conftest import ServerProcess, TritonClient, running_server
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from infergate._proto import grpc_service_pb2 as pb
@@ -305,31 +303,6 @@ def test_a_bad_request_in_a_stream_gets_an_error_naming_it_and_the_rest_are_answ
 # --------------------------------------------------------------------------- tritonclient
 
 
-class Client:
-    """A tritonclient client of either flavour; every method is awaited."""
-
-    def __init__(self, flavour: str, url: str):
-        self.raw: Any = (grpcclient if flavour == "sync" else aiogrpcclient).InferenceServerClient(url)
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.raw, name)
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            result = method(*args, **kwargs)
-            return await result if inspect.isawaitable(result) else result
-
-        return call
-
-
-@pytest.fixture(params=["sync", "aio"])
-async def client(request: pytest.FixtureRequest, demo_server: ServerProcess) -> AsyncIterator[Client]:
-    c = Client(request.param, demo_server.url)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 def tc_input(name: str, array: npt.NDArray[Any], datatype: str) -> grpcclient.InferInput:
     tensor = grpcclient.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
@@ -424,7 +397,7 @@ TRITONCLIENT_BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("model", "inputs", "kwargs", "status", "fragments"), TRITONCLIENT_BAD_REQUESTS)
 async def test_tritonclient_sees_the_status_and_message(
-    client: Client,
+    client: TritonClient,
     model: str,
     inputs: Callable[[], list[grpcclient.InferInput]],
     kwargs: dict[str, Any],
@@ -454,7 +427,7 @@ async def test_tritonclient_sees_the_status_and_message(
     ],
 )
 async def test_tritonclient_gets_unimplemented_for_what_infergate_does_not_do(
-    client: Client, method: str, args: tuple[str, ...]
+    client: TritonClient, method: str, args: tuple[str, ...]
 ) -> None:
     with pytest.raises(InferenceServerException) as refused:
         await getattr(client, method)(*args)
@@ -543,7 +516,7 @@ def test_the_good_model_still_serves_beside_the_failed_ones(broken_stub: Any) ->
 
 @pytest.mark.parametrize("flavour", ["sync", "aio"])
 async def test_tritonclient_sees_unavailable_for_a_failed_model(broken: BrokenRepository, flavour: str) -> None:
-    client = Client(flavour, broken.server.url)
+    client = TritonClient(flavour, broken.server.url)
     try:
         assert await client.is_model_ready("typo") is False
         with pytest.raises(InferenceServerException) as refused:
