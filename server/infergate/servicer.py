@@ -152,18 +152,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        try:
+            return await self._infer_recorded(request, context.time_remaining())
+        except InferGateError as exc:
+            await _abort(context, exc)
+        except Exception:
+            await _abort_internal(context, "ModelInfer")
+
+    async def _infer_recorded(self, request: pb.ModelInferRequest, remaining: float | None) -> pb.ModelInferResponse:
+        """Look the model up, infer, and count the request in the model's statistics."""
         started = time.perf_counter_ns()
         model: ModelVersion | None = None
         ok = False
         try:
             model = self._repository.get(request.model_name, request.model_version)
-            response = await self._infer(model, request, context.time_remaining())
+            response = await self._infer(model, request, remaining)
             ok = True
             return response
-        except InferGateError as exc:
-            await _abort(context, exc)
-        except Exception:
-            await _abort_internal(context, "ModelInfer")
         finally:
             if model is not None:
                 model.stats.record_request(ok, time.perf_counter_ns() - started)
@@ -216,22 +221,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await responses.put(None)
 
     async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-        started = time.perf_counter_ns()
-        model: ModelVersion | None = None
-        ok = False
         try:
-            model = self._repository.get(request.model_name, request.model_version)
-            response = await self._infer(model, request, None)
-            ok = True
-            return pb.ModelStreamInferResponse(infer_response=response)
+            return pb.ModelStreamInferResponse(infer_response=await self._infer_recorded(request, None))
         except InferGateError as exc:
             message = exc.message
         except Exception:
             log.exception("ModelStreamInfer request failed")
             message = "internal error (the server log has the cause)"
-        finally:
-            if model is not None:
-                model.stats.record_request(ok, time.perf_counter_ns() - started)
         echo = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
         return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
