@@ -196,6 +196,7 @@ async def test_a_batch_is_full_at_the_largest_preferred_size(make_batcher: MakeB
         pytest.param(dict(max_batch_size=0), id="max_batch_size 0"),
         pytest.param(dict(max_batch_size=4, max_queue_size=0), id="max_queue_size 0"),
         pytest.param(dict(max_batch_size=4, max_queue_delay=-0.001), id="negative delay"),
+        pytest.param(dict(max_batch_size=4, min_batch_interval=-0.001), id="negative batch interval"),
         pytest.param(
             dict(max_batch_size=4, preferred_batch_sizes=(8,)),
             id="preferred size above max_batch_size",
@@ -234,6 +235,45 @@ async def test_when_the_queue_delay_runs_out_a_partial_batch_runs(make_batcher: 
         callers = [submit(batcher, p) for p in "ab"]
         assert await results(*callers) == ["A", "B"]
     assert model.payloads == [["a", "b"]]
+
+
+# --------------------------------------------------------------------------- batch pacing
+
+
+async def test_with_a_batch_interval_the_first_request_after_a_quiet_spell_runs_at_once(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    # The interval is far longer than LIMIT: had the lone request waited for it, the test would time out.
+    batcher = make_batcher(max_batch_size=4, min_batch_interval=60.0)
+    async with asyncio.timeout(LIMIT):
+        assert await batcher.submit("a", rows=1) == "A"
+    assert model.payloads == [["a"]]
+
+
+async def test_with_a_batch_interval_a_worker_waits_before_its_next_batch_and_runs_a_full_one_at_once(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(max_batch_size=4, min_batch_interval=60.0)
+    async with asyncio.timeout(LIMIT):
+        assert await batcher.submit("a", rows=1) == "A"
+        # A batch just started: the next ones wait for the interval, unless they fill a batch.
+        callers = [submit(batcher, p) for p in "bcd"]
+        await one_loop_pass()
+        assert model.payloads == [["a"]]
+        callers.append(submit(batcher, "e"))
+        assert await results(*callers) == ["B", "C", "D", "E"]
+    assert model.payloads == [["a"], ["b", "c", "d", "e"]]
+
+
+async def test_when_the_batch_interval_has_passed_a_partial_batch_runs(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(max_batch_size=4, min_batch_interval=0.05)
+    async with asyncio.timeout(LIMIT):
+        assert await batcher.submit("a", rows=1) == "A"
+        callers = [submit(batcher, p) for p in "bc"]
+        assert await results(*callers) == ["B", "C"]
+    assert model.payloads == [["a"], ["b", "c"]]
 
 
 # --------------------------------------------------------------------------- bounded queue

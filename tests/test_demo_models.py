@@ -77,7 +77,11 @@ def test_each_model_has_version_1_and_a_config(repository: Path, name: str) -> N
             "matmul16",
             {
                 "max_batch_size": 64,
-                "dynamic_batching": {"max_queue_delay_microseconds": 0, "max_queue_size": 1024},
+                "dynamic_batching": {
+                    "max_queue_delay_microseconds": 0,
+                    "max_queue_size": 1024,
+                    "min_batch_interval_microseconds": 500,
+                },
                 "instance_group": {"count": 1},
                 "session_options": {"intra_op_num_threads": 1},
             },

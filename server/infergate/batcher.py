@@ -15,6 +15,10 @@ Batching policy (Triton's ``dynamic_batching``):
 * With ``max_queue_delay`` > 0, a worker waits up to that long after the oldest
   request arrived for the batch to fill; with 0 (the default) it runs what is
   there, so batches grow exactly as fast as the instances are busy.
+* With ``min_batch_interval`` > 0, a worker starts batches no more often than
+  that (a full batch always starts at once). Requests spaced further apart
+  than the interval wait for nothing; under load, batches grow, so the fixed
+  cost of running a batch is paid less often.
 
 Guarantees:
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -56,9 +61,15 @@ class BatchPolicy:
     max_queue_delay: float = 0.0  # seconds
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 1024  # waiting requests
+    min_batch_interval: float = 0.0  # seconds between the starts of one worker's batches
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay < 0:
+        if (
+            self.max_batch_size < 1
+            or self.max_queue_size < 1
+            or self.max_queue_delay < 0
+            or self.min_batch_interval < 0
+        ):
             raise ValueError(f"invalid batch policy {self}")
         if any(not 1 <= p <= self.max_batch_size for p in self.preferred_batch_sizes):
             raise ValueError(f"preferred batch sizes {self.preferred_batch_sizes} must lie in 1..{self.max_batch_size}")
@@ -209,14 +220,20 @@ class DynamicBatcher(Generic[T, R]):
         self._queued_rows = 0
 
     async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_start = -math.inf
         while True:
-            entries = await self._next_batch()
+            entries = await self._next_batch(last_start)
             if not entries:
                 return
+            last_start = loop.time()
             await self._run(entries)
 
-    async def _next_batch(self) -> list[_Entry[T, R]]:
-        """Wait for work and form one batch; [] once closing and drained."""
+    async def _next_batch(self, last_start: float) -> list[_Entry[T, R]]:
+        """Wait for work and form one batch; [] once closing and drained.
+
+        ``last_start`` is when this worker started its previous batch.
+        """
         loop = asyncio.get_running_loop()
         while True:
             self._sweep_head(loop.time())
@@ -226,10 +243,11 @@ class DynamicBatcher(Generic[T, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self._should_wait(loop.time()):
+            until = self._wait_until(loop.time(), last_start)
+            if until is not None:
                 self._full.clear()
                 try:
-                    async with asyncio.timeout_at(self._queue[0].enqueued + self._policy.max_queue_delay):
+                    async with asyncio.timeout_at(until):
                         await self._full.wait()
                 except TimeoutError:
                     pass
@@ -238,14 +256,20 @@ class DynamicBatcher(Generic[T, R]):
             if entries:
                 return entries
 
-    def _should_wait(self, now: float) -> bool:
-        delay = self._policy.max_queue_delay
-        return (
-            delay > 0
-            and not self._closing
-            and self._queued_rows < self._policy.target_rows
-            and now < self._queue[0].enqueued + delay
+    def _wait_until(self, now: float, last_start: float) -> float | None:
+        """Until when to let the batch fill; None: run it now.
+
+        A full batch runs at once. Otherwise it waits for ``max_queue_delay``
+        after its oldest request arrived, and for ``min_batch_interval`` after
+        this worker's previous batch started, whichever ends later.
+        """
+        if self._closing or self._queued_rows >= self._policy.target_rows:
+            return None
+        until = max(
+            self._queue[0].enqueued + self._policy.max_queue_delay,
+            last_start + self._policy.min_batch_interval,
         )
+        return until if now < until else None
 
     def _sweep_head(self, now: float) -> None:
         """Drop cancelled and expired entries from the front of the queue."""

@@ -61,6 +61,8 @@ class DynamicBatching(_Strict):
     # Bounded by default: a full queue refuses fast (UNAVAILABLE) instead of growing.
     max_queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
     default_timeout_microseconds: Annotated[int, Field(ge=0)] = 0  # 0: no server-side timeout
+    # infergate's own: start batches no more often than this (full ones at once); see batcher.py.
+    min_batch_interval_microseconds: Annotated[int, Field(ge=0, le=10_000_000)] = 0
 
 
 class InstanceGroup(_Strict):

@@ -37,6 +37,7 @@ class ModelVersion:
             max_queue_delay=batching.max_queue_delay_microseconds / 1e6,
             preferred_batch_sizes=tuple(batching.preferred_batch_size) if self.spec.batches else (),
             max_queue_size=batching.max_queue_size,
+            min_batch_interval=batching.min_batch_interval_microseconds / 1e6,
         )
         self.default_timeout_s = batching.default_timeout_microseconds / 1e6 or None
         self.batcher: DynamicBatcher[Tensors, Tensors] = DynamicBatcher(
