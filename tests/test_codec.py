@@ -454,3 +454,16 @@ def test_a_timeout_parameter_that_is_not_a_non_negative_integer_is_an_invalid_ar
 ) -> None:
     with pytest.raises(InvalidArgument, match="timeout"):
         request_timeout_us(req)
+
+
+def test_a_bytes_shape_larger_than_its_data_could_hold_is_refused_before_allocating() -> None:
+    spec = ModelSpec(
+        name="texts",
+        version=1,
+        inputs=(tensor_spec("value", "BYTES", (-1, -1)),),
+        outputs=(tensor_spec("out", "BYTES", (-1, -1)),),
+        max_batch_size=8,
+    )
+    claim = request(raw_input("value", "BYTES", [1, 50_000_000]), raw=[length_prefixed([b"ab"])])
+    with pytest.raises(InvalidArgument, match=r"texts input 'value': 6 bytes cannot hold 50000000 BYTES elements"):
+        decode_request(claim, spec, max_elements=100_000_000)

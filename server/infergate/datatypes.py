@@ -91,6 +91,8 @@ def decode_bytes_tensor(raw: bytes, count: int, where: str) -> npt.NDArray[np.ob
 
     ``where`` names the model and tensor in error messages.
     """
+    if count * 4 > len(raw):  # checked before allocating: every element needs its 4-byte length
+        raise InvalidArgument(f"{where}: {len(raw)} bytes cannot hold {count} BYTES elements")
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset = 0
