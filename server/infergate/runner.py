@@ -27,7 +27,7 @@ from .errors import ModelExecutionError
 from .spec import ModelSpec, spec_from_graph
 from .stats import BatchTimings
 
-__all__ = ["ModelLoadError", "OnnxRunner", "Tensors", "collate", "split"]
+__all__ = ["ModelLoadError", "OnnxRunner", "Tensors", "collate", "split", "zero_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,33 @@ def split(names: Sequence[str], outputs: Sequence[npt.NDArray[Any]], rows: Seque
         results.append({n: o[start:stop] for n, o in zip(names, outputs, strict=True)})
         start = stop
     return results
+
+
+def zero_inputs(spec: ModelSpec, rows: int) -> Tensors:
+    """Zero (empty-string) inputs with ``rows`` rows and 1 for every other variable dim."""
+    feeds: Tensors = {}
+    for t in spec.inputs:
+        dims = list(t.shape)
+        if spec.batches:
+            dims[0] = rows
+        shape = tuple(1 if d < 0 else d for d in dims)
+        if t.datatype.name == "BYTES":
+            feeds[t.name] = np.full(shape, "", dtype=object)
+        else:
+            feeds[t.name] = np.zeros(shape, dtype=t.datatype.numpy)
+    return feeds
+
+
+def _warm_up(sessions: list[ort.InferenceSession], spec: ModelSpec, config: ModelConfig) -> None:
+    sizes = config.warmup.batch_sizes if spec.batches else [1]
+    for size in sizes:
+        feeds = zero_inputs(spec, min(size, spec.max_batch_size or 1))
+        for session in sessions:
+            for _ in range(config.warmup.iterations):
+                try:
+                    session.run(None, feeds)
+                except Exception as exc:
+                    raise ModelLoadError(f"warm-up at batch {size} failed: {_first_line(exc)}") from exc
 
 
 def _session_options(config: ModelConfig) -> ort.SessionOptions:
@@ -133,34 +160,8 @@ class OnnxRunner:
             )
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
-        runner = cls(sessions, spec)
-        runner._warm_up(sessions, config)
-        return runner
-
-    def _warm_up(self, sessions: list[ort.InferenceSession], config: ModelConfig) -> None:
-        sizes = config.warmup.batch_sizes if self.spec.batches else [1]
-        for size in sizes:
-            feeds = self.zero_inputs(min(size, self.spec.max_batch_size or 1))
-            for session in sessions:
-                for _ in range(config.warmup.iterations):
-                    try:
-                        session.run(None, feeds)
-                    except Exception as exc:
-                        raise ModelLoadError(f"warm-up at batch {size} failed: {_first_line(exc)}") from exc
-
-    def zero_inputs(self, rows: int) -> Tensors:
-        """Zero (empty-string) inputs with ``rows`` rows and 1 for every other variable dim."""
-        feeds: Tensors = {}
-        for t in self.spec.inputs:
-            dims = list(t.shape)
-            if self.spec.batches:
-                dims[0] = rows
-            shape = tuple(1 if d < 0 else d for d in dims)
-            if t.datatype.name == "BYTES":
-                feeds[t.name] = np.full(shape, "", dtype=object)
-            else:
-                feeds[t.name] = np.zeros(shape, dtype=t.datatype.numpy)
-        return feeds
+        _warm_up(sessions, spec, config)  # before any thread starts: a failure leaves nothing behind
+        return cls(sessions, spec)
 
     async def run(self, payloads: list[Tensors], rows: list[int]) -> tuple[list[Tensors | Exception], BatchTimings]:
         """Run one batch on a free instance, off the event loop."""
