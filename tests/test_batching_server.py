@@ -126,6 +126,7 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(
         x = np.ones((1, 4), dtype=np.float32)
         # The first request occupies the only instance for ~200 ms; the others wait behind it.
         first = asyncio.create_task(_infer(client, "slow_serial", "x", x))
+        await asyncio.sleep(0.05)  # let it reach the instance first (it runs for ~200 ms)
         grpc_deadline = _infer(client, "slow_serial", "x", x, client_timeout=0.05)
         timeout_param = _infer(client, "slow_serial", "x", x, timeout=50_000)  # microseconds
         outcomes = await asyncio.gather(grpc_deadline, timeout_param, return_exceptions=True)
