@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from infergate.batcher import Batch, BatchPolicy, DynamicBatcher
+from infergate.batcher import Batch, BatchPolicy, DynamicBatcher, from_coroutine
 from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
 
 LIMIT = 5.0  # seconds; generous bound so that a bug fails the test instead of hanging it
@@ -85,7 +85,9 @@ async def make_batcher(model: FakeModel) -> AsyncIterator[MakeBatcher]:
 
     def make(*, workers: int = 1, **policy: Any) -> DynamicBatcher[str, str]:
         policy.setdefault("max_batch_size", 8)
-        batcher: DynamicBatcher[str, str] = DynamicBatcher(model, BatchPolicy(**policy), workers=workers, name=NAME)
+        batcher: DynamicBatcher[str, str] = DynamicBatcher(
+            from_coroutine(model), BatchPolicy(**policy), workers=workers, name=NAME
+        )
         batcher.start()
         made.append(batcher)
         return batcher
@@ -389,15 +391,18 @@ async def test_a_caller_cancelled_while_its_batch_runs_leaves_the_others_answere
 ) -> None:
     batcher = make_batcher()
     async with asyncio.timeout(LIMIT):
-        model.hold()
+        busy = await occupy(batcher, model)
         a, b, c = (submit(batcher, p) for p in "abc")
+        await one_loop_pass()
+        model.release()
+        model.hold()  # "busy" is answered; the batch of a, b and c starts and is held running
         assert await model.started() == ["a", "b", "c"]
         b.cancel()
         await one_loop_pass()
         model.release()
-        outcome = await results(a, b, c)
-    assert outcome[0] == "A" and outcome[2] == "C"
-    assert isinstance(outcome[1], asyncio.CancelledError)
+        outcome = await results(busy, a, b, c)
+    assert outcome[0] == "BUSY" and outcome[1] == "A" and outcome[3] == "C"
+    assert isinstance(outcome[2], asyncio.CancelledError)
 
 
 # --------------------------------------------------------------------------- failures
@@ -536,3 +541,13 @@ async def test_a_request_of_rows_outside_1_to_max_batch_size_is_an_invalid_argum
             await batcher.submit("a", rows=rows)
     assert batcher.depth == 0
     assert model.batches == []
+
+
+async def test_aclose_of_a_batcher_that_never_started_returns_at_once(model: FakeModel) -> None:
+    batcher: DynamicBatcher[str, str] = DynamicBatcher(
+        from_coroutine(model), BatchPolicy(max_batch_size=4), workers=1, name=NAME
+    )
+    async with asyncio.timeout(LIMIT):
+        await batcher.aclose()
+        with pytest.raises(Unavailable):
+            await batcher.submit("a", rows=1)

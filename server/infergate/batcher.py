@@ -2,20 +2,27 @@
 
 It is generic: it knows nothing of gRPC or onnxruntime. Callers ``submit`` a
 payload with its row count and a *group* key (requests whose non-batch
-dimensions differ must not share a batch); ``workers`` loops form batches and
-hand them to an ``execute`` coroutine, then resolve each caller's future with
-its own result.
+dimensions differ must not share a batch). Whenever one of the ``workers``
+instances is free, a batch is formed and handed to ``execute(batch, done)``,
+which runs it elsewhere (a thread) and calls ``done`` on the event loop with
+the results; each caller's future then gets its own result.
+
+Dispatch is driven by events, not by worker tasks: a batch starts inside the
+``submit`` that makes it ready, inside the ``done`` of the batch before it, or
+from a timer when it waits to fill. This keeps the hand-off to the instance
+and the answer to the caller one event-loop step each, which is most of a
+small model's latency (see BENCHMARKS.md).
 
 Batching policy (Triton's ``dynamic_batching``):
 
-* A free worker takes the oldest waiting request and, behind it, every waiting
+* A free instance takes the oldest waiting request and, behind it, every waiting
   request of the same group while the batch stays within ``max_batch_size``
   rows (``target_rows`` when preferred sizes are set). Multi-row requests take
   that many rows and are never split.
-* With ``max_queue_delay`` > 0, a worker waits up to that long after the oldest
+* With ``max_queue_delay`` > 0, a free instance waits up to that long after the oldest
   request arrived for the batch to fill; with 0 (the default) it runs what is
   there, so batches grow exactly as fast as the instances are busy.
-* With ``min_batch_interval`` > 0, a worker starts batches no more often than
+* With ``min_batch_interval`` > 0, an instance starts batches no more often than
   that (a full batch always starts at once). Requests spaced further apart
   than the interval wait for nothing; under load, batches grow, so the fixed
   cost of running a batch is paid less often.
@@ -28,15 +35,18 @@ Guarantees:
   it passes, and a request whose deadline has passed is never executed.
 * A caller that is cancelled is dropped from the queue; if its batch already
   runs, the others in the batch still get their answers.
-* An exception from ``execute`` reaches every caller of that batch and nobody
-  else; ``execute`` may also return an exception in place of one result.
-* ``aclose`` refuses new work, lets the workers drain what is queued, then stops.
+* An exception from ``execute`` (raised, or passed to ``done``) reaches every
+  caller of that batch and nobody else; ``done`` may also carry an exception in
+  place of one result.
+* ``aclose`` refuses new work and returns once every queued and running batch
+  has finished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -45,7 +55,7 @@ from typing import Generic, TypeVar
 
 from .errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
 
-__all__ = ["Batch", "BatchPolicy", "DynamicBatcher"]
+__all__ = ["Batch", "BatchPolicy", "Done", "DynamicBatcher", "Execute", "from_coroutine"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -110,11 +120,33 @@ class _Entry(Generic[T, R]):
         self.future = future
 
 
-Execute = Callable[[Batch[T]], Awaitable[Sequence[R | BaseException]]]
+Outcome = Sequence[R | BaseException] | BaseException
+# execute(batch, done): start running ``batch``; call ``done`` once, on the event loop.
+Done = Callable[[Outcome[R]], None]
+Execute = Callable[[Batch[T], Done[R]], None]
+
+
+def from_coroutine(run: Callable[[Batch[T]], Awaitable[Sequence[R | BaseException]]]) -> Execute[T, R]:
+    """An ``execute`` for a coroutine function (one task per batch)."""
+
+    def execute(batch: Batch[T], done: Done[R]) -> None:
+        task = asyncio.ensure_future(run(batch))
+
+        def finished(task: asyncio.Future[Sequence[R | BaseException]]) -> None:
+            if task.cancelled():
+                done(Unavailable("the batch was cancelled"))
+            elif (error := task.exception()) is not None:
+                done(error)
+            else:
+                done(task.result())
+
+        task.add_done_callback(finished)
+
+    return execute
 
 
 class DynamicBatcher(Generic[T, R]):
-    """Forms batches from submitted payloads and runs them on ``workers`` parallel loops."""
+    """Forms batches from submitted payloads and runs them on ``workers`` parallel instances."""
 
     def __init__(self, execute: Execute[T, R], policy: BatchPolicy, *, workers: int, name: str):
         if workers < 1:
@@ -122,13 +154,16 @@ class DynamicBatcher(Generic[T, R]):
         self._execute = execute
         self._policy = policy
         self._name = name
-        self._worker_count = workers
         self._queue: collections.deque[_Entry[T, R]] = collections.deque()
         self._queued_rows = 0
-        self._wakeup = asyncio.Event()  # set when the queue may hold work
-        self._full = asyncio.Event()  # set when a batch is full before its delay ran out
-        self._workers: list[asyncio.Task[None]] = []
+        self._free = list(range(workers))  # instances with no batch running
+        self._last_start = [-math.inf] * workers  # loop time each instance last started a batch
+        self._running: dict[int, list[_Entry[T, R]]] = {}  # instance -> its batch's entries
+        self._timer: asyncio.TimerHandle | None = None  # wakes a batch that waits to fill
+        self._dispatching = False
         self._closing = False
+        self._idle = asyncio.Event()  # set when closing and nothing is queued or running
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def policy(self) -> BatchPolicy:
@@ -140,12 +175,10 @@ class DynamicBatcher(Generic[T, R]):
         return len(self._queue)
 
     def start(self) -> None:
-        """Start the worker loops on the running event loop."""
-        if self._workers:
+        """Bind to the running event loop; batches can be dispatched from now on."""
+        if self._loop is not None:
             raise RuntimeError(f"batcher {self._name} already started")
-        self._workers = [
-            asyncio.create_task(self._work(), name=f"batcher-{self._name}-{i}") for i in range(self._worker_count)
-        ]
+        self._loop = asyncio.get_running_loop()
 
     async def submit(self, payload: T, *, rows: int, group: Hashable = None, deadline: float | None = None) -> R:
         """Queue ``payload`` (``rows`` rows) and wait for its result.
@@ -153,23 +186,20 @@ class DynamicBatcher(Generic[T, R]):
         ``deadline`` is an absolute ``loop.time()``. Raises QueueFull,
         DeadlineExceeded, Unavailable (closing) or whatever ``execute`` raised.
         """
-        if self._closing:
+        if self._closing or self._loop is None:
             raise Unavailable(f"model {self._name} is shutting down")
         if rows > self._policy.max_batch_size or rows < 1:
             raise InvalidArgument(f"model {self._name}: {rows} rows, batches hold 1 to {self._policy.max_batch_size}")
         if len(self._queue) >= self._policy.max_queue_size and not self._make_room():
             raise QueueFull(f"model {self._name}: queue full ({self._policy.max_queue_size} requests waiting)")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"model {self._name}: deadline passed before queueing")
         future: asyncio.Future[R] = loop.create_future()
-        entry = _Entry(payload, rows, group, deadline, now, future)
-        self._queue.append(entry)
+        self._queue.append(_Entry(payload, rows, group, deadline, now, future))
         self._queued_rows += rows
-        self._wakeup.set()
-        if self._queued_rows >= self._policy.target_rows:
-            self._full.set()
+        self._dispatch()
         if deadline is None:
             return await future
         timer = loop.call_at(deadline, self._expire, future)
@@ -195,73 +225,72 @@ class DynamicBatcher(Generic[T, R]):
             future.set_exception(DeadlineExceeded(f"model {self._name}: deadline passed in queue"))
 
     async def aclose(self, timeout: float | None = None) -> None:
-        """Refuse new work, run what is queued, stop the workers.
+        """Refuse new work and wait until every queued and running batch finished.
 
-        After ``timeout`` seconds the workers are cancelled and callers still
-        waiting get Unavailable.
+        After ``timeout`` seconds, callers still waiting get Unavailable (a batch
+        already running on an instance finishes there, unobserved).
         """
         self._closing = True
-        self._wakeup.set()
-        self._full.set()
-        if not self._workers:
-            self._fail_all(Unavailable(f"model {self._name} was closed"))
+        if self._loop is None:  # never started: nothing can be queued or running
             return
-        _, pending = await asyncio.wait(self._workers, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        self._fail_all(Unavailable(f"model {self._name} was closed before running the request"))
+        self._dispatch()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            error = Unavailable(f"model {self._name} was closed before the request ran")
+            for entries in self._running.values():
+                self._resolve_all(entries, error)
+            self._resolve_all(list(self._queue), error)
+            self._queue.clear()
+            self._queued_rows = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _fail_all(self, error: Exception) -> None:
-        while self._queue:
-            entry = self._queue.popleft()
-            if not entry.future.done():
-                entry.future.set_exception(error)
-        self._queued_rows = 0
+    def _dispatch(self) -> None:
+        """Start batches on free instances while some are ready."""
+        if self._dispatching or self._loop is None:
+            return  # a done() called from inside execute(): the loop below goes on
+        self._dispatching = True
+        try:
+            self._dispatch_ready(self._loop)
+        finally:
+            self._dispatching = False
+        if self._closing and not self._queue and not self._running:
+            self._idle.set()
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        last_start = -math.inf
-        while True:
-            entries = await self._next_batch(last_start)
-            if not entries:
-                return
-            last_start = loop.time()
-            await self._run(entries)
-
-    async def _next_batch(self, last_start: float) -> list[_Entry[T, R]]:
-        """Wait for work and form one batch; [] once closing and drained.
-
-        ``last_start`` is when this worker started its previous batch.
-        """
-        loop = asyncio.get_running_loop()
-        while True:
-            self._sweep_head(loop.time())
+    def _dispatch_ready(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._free:
+            now = loop.time()
+            self._sweep_head(now)
             if not self._queue:
-                if self._closing:
-                    return []
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            until = self._wait_until(loop.time(), last_start)
+                return
+            instance = min(self._free, key=self._last_start.__getitem__)  # the longest idle
+            until = self._wait_until(now, self._last_start[instance])
             if until is not None:
-                self._full.clear()
-                try:
-                    async with asyncio.timeout_at(until):
-                        await self._full.wait()
-                except TimeoutError:
-                    pass
-                continue  # another worker may have taken the queue meanwhile
-            entries = self._take(loop.time())
+                self._wake_at(loop, until)
+                return
+            entries = self._take(now)
             if entries:
-                return entries
+                self._launch(instance, entries, now)
+
+    def _wake_at(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
 
     def _wait_until(self, now: float, last_start: float) -> float | None:
         """Until when to let the batch fill; None: run it now.
 
         A full batch runs at once. Otherwise it waits for ``max_queue_delay``
         after its oldest request arrived, and for ``min_batch_interval`` after
-        this worker's previous batch started, whichever ends later.
+        this instance's previous batch started, whichever ends later.
         """
         if self._closing or self._queued_rows >= self._policy.target_rows:
             return None
@@ -270,6 +299,42 @@ class DynamicBatcher(Generic[T, R]):
             last_start + self._policy.min_batch_interval,
         )
         return until if now < until else None
+
+    def _launch(self, instance: int, entries: list[_Entry[T, R]], now: float) -> None:
+        self._free.remove(instance)
+        self._last_start[instance] = now
+        self._running[instance] = entries
+        batch = Batch(
+            payloads=[e.payload for e in entries],
+            rows=sum(e.rows for e in entries),
+            enqueued=[e.enqueued for e in entries],
+            started=now,
+        )
+        done = functools.partial(self._finish, instance, entries)
+        try:
+            self._execute(batch, done)
+        except Exception as exc:  # a failure to even start: every caller of the batch gets it
+            done(exc)
+
+    def _finish(self, instance: int, entries: list[_Entry[T, R]], outcome: Outcome[R]) -> None:
+        """``done`` of one batch: free its instance, answer its callers, start what is ready."""
+        if self._running.get(instance) is not entries:
+            return  # called twice, or after aclose gave up on it
+        del self._running[instance]
+        self._free.append(instance)
+        if not isinstance(outcome, BaseException) and len(outcome) != len(entries):
+            outcome = RuntimeError(f"execute returned {len(outcome)} results for {len(entries)} requests")
+        if isinstance(outcome, BaseException):
+            self._resolve_all(entries, outcome)
+        else:
+            for entry, result in zip(entries, outcome, strict=True):
+                if entry.future.done():
+                    continue  # cancelled or expired while the batch ran
+                if isinstance(result, BaseException):
+                    entry.future.set_exception(result)
+                else:
+                    entry.future.set_result(result)
+        self._dispatch()
 
     def _sweep_head(self, now: float) -> None:
         """Drop cancelled and expired entries from the front of the queue."""
@@ -310,32 +375,6 @@ class DynamicBatcher(Generic[T, R]):
                     break
         queue.extendleft(reversed(other_groups))
         return taken
-
-    async def _run(self, entries: list[_Entry[T, R]]) -> None:
-        loop = asyncio.get_running_loop()
-        batch = Batch(
-            payloads=[e.payload for e in entries],
-            rows=sum(e.rows for e in entries),
-            enqueued=[e.enqueued for e in entries],
-            started=loop.time(),
-        )
-        try:
-            results = await self._execute(batch)
-            if len(results) != len(entries):
-                raise RuntimeError(f"execute returned {len(results)} results for {len(entries)} requests")
-        except asyncio.CancelledError:
-            self._resolve_all(entries, Unavailable(f"model {self._name} stopped during the batch"))
-            raise
-        except Exception as exc:
-            self._resolve_all(entries, exc)
-            return
-        for entry, result in zip(entries, results, strict=True):
-            if entry.future.done():
-                continue  # cancelled or expired while the batch ran
-            if isinstance(result, BaseException):
-                entry.future.set_exception(result)
-            else:
-                entry.future.set_result(result)
 
     @staticmethod
     def _resolve_all(entries: list[_Entry[T, R]], error: BaseException) -> None:

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Hashable
 from pathlib import Path
 
-from .batcher import Batch, BatchPolicy, DynamicBatcher
+from .batcher import Batch, BatchPolicy, Done, DynamicBatcher
 from .config import ModelConfig
-from .runner import ModelLoadError, OnnxRunner, Tensors
+from .runner import BatchOutcome, ModelLoadError, OnnxRunner, Tensors
 from .spec import ModelSpec
 from .stats import ModelStats
 
@@ -62,12 +62,20 @@ class ModelVersion:
         """Queue validated inputs and return this request's outputs (all of them)."""
         return await self.batcher.submit(inputs, rows=rows, group=group, deadline=deadline)
 
-    async def _execute(self, batch: Batch[Tensors]) -> list[Tensors | Exception]:
+    def _execute(self, batch: Batch[Tensors], done: Done[Tensors]) -> None:
+        """The batcher's ``execute``: run on an instance, record statistics, answer."""
         rows = [_rows(p, self.spec) for p in batch.payloads]
-        results, timings = await self.runner.run(batch.payloads, rows)
-        queue_ns = int(sum(batch.started - t for t in batch.enqueued) * 1e9)
-        self.stats.record_batch(batch.rows, len(batch.payloads), queue_ns, timings)
-        return results
+
+        def finished(outcome: BatchOutcome | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                done(outcome)
+                return
+            results, timings = outcome
+            queue_ns = int(sum(batch.started - t for t in batch.enqueued) * 1e9)
+            self.stats.record_batch(batch.rows, len(batch.payloads), queue_ns, timings)
+            done(results)
+
+        self.runner.start(batch.payloads, rows, finished)
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Drain the queue (up to ``timeout``), then release threads and sessions."""

@@ -163,10 +163,12 @@ class OnnxRunner:
         _warm_up(sessions, spec, config)  # before any thread starts: a failure leaves nothing behind
         return cls(sessions, spec)
 
-    async def run(self, payloads: list[Tensors], rows: list[int]) -> tuple[list[Tensors | Exception], BatchTimings]:
-        """Run one batch on a free instance, off the event loop."""
-        result: tuple[list[Tensors | Exception], BatchTimings] = await self._instances.submit(payloads, rows)
-        return result
+    def start(self, payloads: list[Tensors], rows: list[int], callback: Callback) -> None:
+        """Run one batch on a free instance, off the event loop.
+
+        ``callback`` gets ``(results, timings)`` or the exception, on the event loop.
+        """
+        self._instances.submit(payloads, rows, callback)
 
     def _run_sync(
         self, session: ort.InferenceSession, payloads: list[Tensors], rows: list[int]
@@ -215,8 +217,10 @@ class OnnxRunner:
         self._instances.close()
 
 
-RunBatch = Callable[[ort.InferenceSession, list[Tensors], list[int]], tuple[list[Tensors | Exception], BatchTimings]]
-Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", list[Tensors], list[int]]
+BatchOutcome = tuple[list[Tensors | Exception], BatchTimings]
+RunBatch = Callable[[ort.InferenceSession, list[Tensors], list[int]], BatchOutcome]
+Callback = Callable[[BatchOutcome | BaseException], None]
+Job = tuple[asyncio.AbstractEventLoop, Callback, list[Tensors], list[int]]
 
 
 class _InstanceThreads:
@@ -238,21 +242,21 @@ class _InstanceThreads:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, payloads: list[Tensors], rows: list[int]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put((loop, future, payloads, rows))
-        return future
+    def submit(self, payloads: list[Tensors], rows: list[int], callback: Callback) -> None:
+        self._jobs.put((asyncio.get_running_loop(), callback, payloads, rows))
 
     def _serve(self, session: ort.InferenceSession) -> None:
         while (job := self._jobs.get()) is not None:
-            loop, future, payloads, rows = job
+            loop, callback, payloads, rows = job
+            outcome: BatchOutcome | BaseException
             try:
-                result = self._run(session, payloads, rows)
-            except BaseException as exc:  # delivered to the awaiting coroutine
-                _deliver(loop, future, exc, failed=True)
-            else:
-                _deliver(loop, future, result, failed=False)
+                outcome = self._run(session, payloads, rows)
+            except BaseException as exc:  # delivered to the event loop, like a result
+                outcome = exc
+            try:
+                loop.call_soon_threadsafe(callback, outcome)
+            except RuntimeError:  # the loop closed while the batch ran; nobody waits any more
+                pass
 
     def close(self) -> None:
         """Finish queued jobs, then stop the threads."""
@@ -260,22 +264,6 @@ class _InstanceThreads:
             self._jobs.put(None)
         for thread in self._threads:
             thread.join()
-
-
-def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any, *, failed: bool) -> None:
-    try:
-        loop.call_soon_threadsafe(_resolve, future, value, failed)
-    except RuntimeError:  # the loop closed while the batch ran; nobody waits any more
-        pass
-
-
-def _resolve(future: asyncio.Future[Any], value: Any, failed: bool) -> None:
-    if future.done():  # the caller was cancelled meanwhile
-        return
-    if failed:
-        future.set_exception(value)
-    else:
-        future.set_result(value)
 
 
 def _first_line(exc: BaseException) -> str:
