@@ -92,12 +92,16 @@ class BatchPolicy:
 
 @dataclass(slots=True)
 class Batch(Generic[T]):
-    """What ``execute`` receives: payloads in queue order, and when each was queued."""
+    """What ``execute`` receives: payloads in queue order, their rows, and when each was queued."""
 
     payloads: list[T]
-    rows: int
+    payload_rows: list[int]  # rows of each payload, as submitted
     enqueued: list[float]  # loop.time() of each submit
     started: float  # loop.time() when the batch was formed
+
+    @property
+    def rows(self) -> int:
+        return sum(self.payload_rows)
 
 
 class _Entry(Generic[T, R]):
@@ -306,7 +310,7 @@ class DynamicBatcher(Generic[T, R]):
         self._running[instance] = entries
         batch = Batch(
             payloads=[e.payload for e in entries],
-            rows=sum(e.rows for e in entries),
+            payload_rows=[e.rows for e in entries],
             enqueued=[e.enqueued for e in entries],
             started=now,
         )

@@ -64,8 +64,6 @@ class ModelVersion:
 
     def _execute(self, batch: Batch[Tensors], done: Done[Tensors]) -> None:
         """The batcher's ``execute``: run on an instance, record statistics, answer."""
-        rows = [_rows(p, self.spec) for p in batch.payloads]
-
         def finished(outcome: BatchOutcome | BaseException) -> None:
             if isinstance(outcome, BaseException):
                 done(outcome)
@@ -75,18 +73,12 @@ class ModelVersion:
             self.stats.record_batch(batch.rows, len(batch.payloads), queue_ns, timings)
             done(results)
 
-        self.runner.start(batch.payloads, rows, finished)
+        self.runner.start(batch.payloads, batch.payload_rows, finished)
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Drain the queue (up to ``timeout``), then release threads and sessions."""
         await self.batcher.aclose(timeout)
         await asyncio.to_thread(self.runner.close)
-
-
-def _rows(payload: Tensors, spec: ModelSpec) -> int:
-    if not spec.batches:
-        return 1
-    return len(next(iter(payload.values())))
 
 
 def load_model_version(directory: Path, name: str, version: int, config: ModelConfig) -> ModelVersion:
