@@ -64,6 +64,7 @@ class ModelVersion:
 
     def _execute(self, batch: Batch[Tensors], done: Done[Tensors]) -> None:
         """The batcher's ``execute``: run on an instance, record statistics, answer."""
+
         def finished(outcome: BatchOutcome | BaseException) -> None:
             if isinstance(outcome, BaseException):
                 done(outcome)

@@ -53,8 +53,9 @@ class ModelRepository:
     def entries(self) -> dict[str, ModelEntry]:
         return self._entries
 
-    def all_ready(self) -> bool:
-        return all(e.state is ModelState.READY for e in self._entries.values())
+    def not_ready(self) -> list[str]:
+        """Names of the models that are not serving (failed, or still loading)."""
+        return [e.name for e in self._entries.values() if e.state is not ModelState.READY]
 
     def discover(self) -> list[str]:
         """Model directory names under root (hidden ones skipped)."""
@@ -107,6 +108,12 @@ class ModelRepository:
             loaded = ", ".join(str(v) for v in sorted(entry.versions))
             raise NotFound(f"model {name!r} has no version {version!r} (loaded: {loaded})")
         return model
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """Every loaded version of a model, oldest first. Raises NotFound or Unavailable."""
+        self.get(name)
+        entry = self._entries[name]
+        return [entry.versions[v] for v in sorted(entry.versions)]
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Drain and close every loaded version."""

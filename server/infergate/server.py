@@ -86,15 +86,14 @@ class InferGateServer:
     async def load_models(self) -> bool:
         """Load every model; report SERVING when all loaded (or, not strict, when done)."""
         await self.repository.load_all()
-        entries = self.repository.entries.values()
-        failed = [e.name for e in entries if e.versions == {}]
+        failed = self.repository.not_ready()
         ready = not failed or not self.config.strict_readiness
         self.state.ready = ready
         if ready:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "%d model(s) ready%s; server %s",
-            len(entries) - len(failed),
+            len(self.repository.entries) - len(failed),
             f", failed: {', '.join(failed)}" if failed else "",
             "ready" if ready else "NOT ready (strict readiness)",
         )
@@ -113,9 +112,6 @@ class InferGateServer:
         await self._server.stop(grace)
         await self.repository.aclose(timeout=grace)
         log.info("stopped")
-
-    async def wait_for_termination(self) -> None:
-        await self._server.wait_for_termination()
 
 
 async def run_until_signalled(server: InferGateServer, stop: asyncio.Event) -> None:

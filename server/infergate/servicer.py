@@ -121,7 +121,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         model = self._repository.get(request.name, request.version)
-        versions = sorted(self._repository.entries[request.name].versions)
+        versions = [m.version for m in self._repository.versions(request.name)]
         return model_metadata_message(model.spec, versions)
 
     @_guarded
@@ -140,11 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _models_for_statistics(self, name: str, version: str) -> list[ModelVersion]:
         if name:
-            if version:
-                return [self._repository.get(name, version)]
-            self._repository.get(name)  # raises for unknown or unready models
-            entry = self._repository.entries[name]
-            return [entry.versions[v] for v in sorted(entry.versions)]
+            return [self._repository.get(name, version)] if version else self._repository.versions(name)
         return [m for e in self._repository.entries.values() for _, m in sorted(e.versions.items())]
 
     # --- inference -----------------------------------------------------------------------
