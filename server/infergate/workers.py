@@ -31,7 +31,6 @@ RESTART_BACKOFF_MAX = 10.0  # seconds between restarts of a worker that keeps dy
 class _Worker:
     index: int
     process: asyncio.subprocess.Process | None = None
-    restarts: int = 0
     backoff: float = field(default=0.5)
 
 
@@ -70,7 +69,6 @@ async def _keep_alive(worker: _Worker, command: list[str], stopping: asyncio.Eve
         except RuntimeError as exc:
             log.error("%s", exc)
             continue
-        worker.restarts += 1
         log.info("worker %d restarted (pid %d)", worker.index, worker.process.pid)
 
 
