@@ -32,9 +32,10 @@ import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import model_config_pb2 as mc
+from infergate.datatypes import DATATYPES
 
 from .payloads import build_infer_response
-from .signature import BYTES, ModelSignature, metadata_from_signature
+from .signature import ModelSignature, metadata_from_signature
 
 __all__ = ["LOOPBACK", "CeilingService", "run_ceiling", "serve"]
 
@@ -59,20 +60,17 @@ def model_config(signature: ModelSignature) -> mc.ModelConfig:
     batched = signature.batched
     max_batch = (signature.max_batch_size or _FALLBACK_MAX_BATCH) if batched else 0
 
-    def data_type(datatype: str) -> int:
-        return int(mc.DataType.Value("TYPE_STRING" if datatype == BYTES else f"TYPE_{datatype}"))
-
     return mc.ModelConfig(
         name=signature.name,
         platform="onnxruntime_onnx",
         backend="onnxruntime",
         max_batch_size=max_batch,
         input=[
-            mc.ModelInput(name=s.name, data_type=data_type(s.datatype), dims=_config_dims(s.shape, batched))
+            mc.ModelInput(name=s.name, data_type=DATATYPES[s.datatype].triton, dims=_config_dims(s.shape, batched))
             for s in signature.inputs
         ],
         output=[
-            mc.ModelOutput(name=s.name, data_type=data_type(s.datatype), dims=_config_dims(s.shape, batched))
+            mc.ModelOutput(name=s.name, data_type=DATATYPES[s.datatype].triton, dims=_config_dims(s.shape, batched))
             for s in signature.outputs
         ],
     )

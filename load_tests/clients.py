@@ -62,7 +62,7 @@ class Client(Protocol):
 async def fetch_signature(target: str, model: str, deadline_s: float) -> ModelSignature:
     """Ask ``target`` for the metadata of ``model``; raises CallFailed on an RPC error."""
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             reply = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=deadline_s)
         except grpc.aio.AioRpcError as exc:

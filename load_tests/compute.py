@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from infergate.datatypes import from_onnx_type
+
 from .payloads import random_inputs
 from .report import format_table
 from .signature import ModelSignature, TensorSpec
@@ -23,21 +25,6 @@ from .signature import ModelSignature, TensorSpec
 __all__ = ["ComputeResult", "format_compute_table", "open_session", "run_compute"]
 
 _WARMUP_CALLS = 5
-_ORT_TO_V2 = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
 
 
 @dataclass(frozen=True)
@@ -67,7 +54,7 @@ def open_session(model_file: pathlib.Path, intra_op_threads: int = 0) -> Any:
 
 def _spec(node: Any) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-    return TensorSpec(node.name, _ORT_TO_V2[node.type], shape)
+    return TensorSpec(node.name, from_onnx_type(node.type).name, shape)
 
 
 def session_signature(session: Any, name: str) -> ModelSignature:

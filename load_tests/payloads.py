@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from infergate._proto import grpc_service_pb2 as pb
+from infergate.datatypes import encode_bytes_tensor
 
 from .signature import BYTES, NUMPY_DTYPES, ModelSignature, TensorSpec
 
@@ -56,8 +57,7 @@ def random_inputs(signature: ModelSignature, batch: int, seed: int = 0) -> dict[
 def tensor_bytes(datatype: str, array: Array) -> bytes:
     """The raw wire contents of ``array`` for ``datatype`` (row-major)."""
     if datatype == BYTES:
-        items = [x if isinstance(x, bytes) else str(x).encode() for x in array.ravel()]
-        return b"".join(struct.pack("<I", len(x)) + x for x in items)
+        return encode_bytes_tensor(array)
     return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 

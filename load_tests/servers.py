@@ -61,7 +61,7 @@ def wait_ready(target: str, process: subprocess.Popen[bytes], timeout: float) ->
     """
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise ServerFailed(f"exited with code {process.returncode} before it was ready")

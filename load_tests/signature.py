@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from infergate._proto import grpc_service_pb2 as pb
+from infergate.datatypes import BYTES, DATATYPES
 
 __all__ = [
     "BYTES",
@@ -22,25 +23,8 @@ __all__ = [
     "signature_from_metadata",
 ]
 
-BYTES = "BYTES"
-
-# V2 datatype -> numpy dtype carrying it on the wire (little-endian); BYTES is
-# length-prefixed and held as numpy objects.
-NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    BYTES: np.dtype(object),
-}
+# V2 datatype -> numpy dtype carrying it on the wire: the server's own table, so the two never drift.
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {name: d.numpy for name, d in DATATYPES.items()}
 
 
 @dataclass(frozen=True, slots=True)
