@@ -14,6 +14,8 @@ import onnx
 import yaml
 from onnx import TensorProto
 
+from infergate.repository import is_version_name
+
 from .signature import ModelSignature, TensorSpec
 
 __all__ = ["find_model_file", "read_repository", "read_signature", "signature_from_onnx"]
@@ -41,7 +43,9 @@ def find_model_file(repository: pathlib.Path, name: str) -> tuple[pathlib.Path, 
     Raises FileNotFoundError when the model has none.
     """
     versions = [
-        child for child in (repository / name).glob("*") if child.name.isdigit() and (child / "model.onnx").is_file()
+        child
+        for child in (repository / name).glob("*")
+        if is_version_name(child.name) and (child / "model.onnx").is_file()
     ]
     if not versions:
         raise FileNotFoundError(f"no {repository / name}/<version>/model.onnx")

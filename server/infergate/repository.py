@@ -20,7 +20,7 @@ from .errors import NotFound, Unavailable
 from .model import ModelVersion, load_model_version
 from .runner import ModelLoadError
 
-__all__ = ["ModelEntry", "ModelRepository", "ModelState"]
+__all__ = ["ModelEntry", "ModelRepository", "ModelState", "is_version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ModelRepository:
             raise Unavailable(f"model {name!r} is not ready ({entry.state.value}){detail}")
         if not version:
             return entry.default
-        model = entry.versions.get(int(version)) if _is_number(version) else None
+        model = entry.versions.get(int(version)) if is_version_name(version) else None
         if model is None:
             loaded = ", ".join(str(v) for v in sorted(entry.versions))
             raise NotFound(f"model {name!r} has no version {version!r} (loaded: {loaded})")
@@ -126,8 +126,8 @@ class ModelRepository:
             entry.reason = "server stopped"
 
 
-def _is_number(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also accepts characters int() refuses, such as '²'."""
+def is_version_name(text: str) -> bool:
+    """A version directory's name: ASCII digits only (str.isdigit() also accepts '²', which int() refuses)."""
     return text.isascii() and text.isdecimal()
 
 
@@ -139,7 +139,7 @@ def _load_latest(directory: Path, name: str) -> ModelVersion:
 
 
 def _latest_version(directory: Path) -> int:
-    versions = [int(p.name) for p in directory.iterdir() if p.is_dir() and _is_number(p.name)]
+    versions = [int(p.name) for p in directory.iterdir() if p.is_dir() and is_version_name(p.name)]
     if not versions:
         raise ModelLoadError(f"{directory} has no version directory (expected {directory}/1/model.onnx)")
     return max(versions)
