@@ -268,17 +268,19 @@ def test_metadata_of_an_unknown_model_is_not_found(channel: grpc.Channel, rpc: s
 @pytest.mark.parametrize(
     ("rpc", "request_message"),
     [
-        ("RepositoryIndex", pb.RepositoryIndexRequest()),
         ("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="matmul16")),
         ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="matmul16")),
     ],
 )
-def test_model_repository_rpcs_are_unimplemented(channel: grpc.Channel, rpc: str, request_message: Any) -> None:
+def test_model_load_and_unload_are_refused_outside_explicit_mode(
+    channel: grpc.Channel, rpc: str, request_message: Any
+) -> None:
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     with pytest.raises(grpc.RpcError) as refused:
         getattr(stub, rpc)(request_message)
-    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert rpc in refused.value.details()
+    assert "--model-control-mode explicit" in refused.value.details()
     assert_valid_request_succeeds(stub)
 
 
@@ -416,9 +418,6 @@ async def test_tritonclient_sees_the_status_and_message(
 @pytest.mark.parametrize(
     ("method", "args"),
     [
-        ("get_model_repository_index", ()),
-        ("load_model", ("matmul16",)),
-        ("unload_model", ("matmul16",)),
         # Triton RPCs that infergate does not define at all.
         ("get_system_shared_memory_status", ()),
         ("get_cuda_shared_memory_status", ()),

@@ -30,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace-seconds", type=float, help="time in-flight requests get on SIGTERM")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    serve.add_argument(
+        "--model-control-mode",
+        choices=["none", "poll", "explicit"],
+        help="none: load at start; poll: also watch the repository; explicit: load/unload only through the API",
+    )
+    serve.add_argument("--repository-poll-secs", type=float, help="poll mode: seconds between scans (default 15)")
+    serve.add_argument(
+        "--load-model", action="append", help="explicit mode: a model to load at start (repeatable; '*' for all)"
+    )
     serve.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo-repository", help="write the demo models (built locally) to DIR")
@@ -64,6 +73,9 @@ def _serve(args: argparse.Namespace) -> int:
                 "log_level": args.log_level,
                 "workers": args.workers,
                 "reuse_port": args.reuse_port,
+                "model_control_mode": args.model_control_mode,
+                "repository_poll_seconds": args.repository_poll_secs,
+                "load_models": args.load_model,
             },
         )
     except ConfigError as exc:
@@ -99,8 +111,11 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         "--host": args.host,
         "--shutdown-grace-seconds": args.shutdown_grace_seconds,
         "--log-level": args.log_level,
+        "--model-control-mode": args.model_control_mode,
+        "--repository-poll-secs": args.repository_poll_secs,
     }
     out = [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
+    out += [item for model in args.load_model or () for item in ("--load-model", model)]
     return [*out, "--workers", "1"]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "PROVIDERS",
@@ -23,8 +23,10 @@ __all__ = [
     "ExecutionProvider",
     "InstanceGroup",
     "ModelConfig",
+    "Routing",
     "ServerConfig",
     "SessionOptions",
+    "VersionPolicy",
     "Warmup",
     "load_model_config",
     "load_server_config",
@@ -96,6 +98,113 @@ class Warmup(_Strict):
     iterations: Annotated[int, Field(ge=0, le=1000)] = 1
 
 
+class LatestPolicy(_Strict):
+    num_versions: Annotated[int, Field(ge=1, le=1000)] = 1
+
+
+class SpecificPolicy(_Strict):
+    versions: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+
+
+class VersionPolicy(_Strict):
+    """Triton's ``version_policy``: exactly one of ``latest``, ``all``, ``specific``."""
+
+    latest: LatestPolicy | None = None
+    all: dict[str, Any] | None = None  # Triton writes it as an empty mapping: ``all: {}``
+    specific: SpecificPolicy | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VersionPolicy:
+        chosen = [name for name in ("latest", "all", "specific") if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one of latest, all, specific (got {', '.join(chosen)})")
+        if self.all:
+            raise ValueError("all takes no options: write `all: {}`")
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of those on disk, oldest first."""
+        ordered = sorted(available)
+        if self.all is not None:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in set(self.specific.versions)]
+        latest = self.latest or LatestPolicy()
+        return ordered[-latest.num_versions :]
+
+
+class StickyRouting(_Strict):
+    """Where the key that pins a caller to one version comes from: a gRPC metadata header or a request parameter."""
+
+    header: Annotated[str, Field(min_length=1, pattern=r"^[a-z0-9_.-]+$")] | None = None
+    parameter: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StickyRouting:
+        if (self.header is None) == (self.parameter is None):
+            raise ValueError("set exactly one of header, parameter")
+        return self
+
+
+class ShadowRouting(_Strict):
+    """Mirror a fraction of routed requests to ``version``; its answers are compared, never returned."""
+
+    version: Annotated[int, Field(ge=0)]
+    fraction: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Shadow calls waiting to run; when full, new ones are dropped (and counted).
+    queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
+class CanaryRouting(_Strict):
+    """Give ``version`` a share of traffic that grows step by step while it stays within limits."""
+
+    version: Annotated[int, Field(ge=0)]
+    steps: list[Annotated[float, Field(gt=0, le=100)]] = Field(min_length=1)  # percent of traffic
+    # Canary requests observed at each step before it is judged.
+    step_requests: Annotated[int, Field(ge=20, le=10_000_000)] = 200
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
+    # Canary p99 latency may be at most this multiple of the primary's over the same step.
+    max_p99_ratio: Annotated[float, Field(ge=1)] = 2.0
+
+    @model_validator(mode="after")
+    def _increasing(self) -> CanaryRouting:
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("steps must increase")
+        return self
+
+
+class Routing(_Strict):
+    """How requests that name no version are spread over the loaded versions."""
+
+    weights: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0)]] = {}
+    sticky: StickyRouting | None = None
+    shadow: ShadowRouting | None = None
+    canary: CanaryRouting | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Routing:
+        if self.weights and sum(self.weights.values()) <= 0:
+            raise ValueError("weights must sum to a positive total")
+        shadow, canary = self.shadow, self.canary
+        if shadow is not None and self.weights.get(shadow.version, 0) > 0:
+            raise ValueError(f"shadow.version {shadow.version} also takes traffic in weights: it would shadow itself")
+        if canary is not None and self.weights.get(canary.version, 0) > 0:
+            raise ValueError(f"canary.version {canary.version} also has a weight; canary traffic comes from its steps")
+        if shadow is not None and canary is not None and shadow.version == canary.version:
+            raise ValueError(f"version {shadow.version} cannot be both the shadow and the canary")
+        return self
+
+    def versions(self) -> dict[str, int]:
+        """Every version the routing names, by the field that names it."""
+        named = {f"weights.{v}": v for v in self.weights}
+        if self.shadow is not None:
+            named["shadow.version"] = self.shadow.version
+        if self.canary is not None:
+            named["canary.version"] = self.canary.version
+        return named
+
+
 class ModelConfig(_Strict):
     """A model's ``config.yaml``. Everything is optional; the ONNX graph supplies the rest."""
 
@@ -110,6 +219,12 @@ class ModelConfig(_Strict):
     session_options: SessionOptions = SessionOptions()
     warmup: Warmup = Warmup()
     default_model_filename: str = "model.onnx"
+    version_policy: VersionPolicy = VersionPolicy()
+    routing: Routing | None = None
+
+    def without_routing(self) -> ModelConfig:
+        """The part of the config that decides how versions load (routing changes need no reload)."""
+        return self.model_copy(update={"routing": None})
 
 
 class ServerConfig(_Strict):
@@ -129,6 +244,11 @@ class ServerConfig(_Strict):
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     # Set for the workers of --workers N: share the port instead of refusing to.
     reuse_port: bool = False
+    # Triton's model control modes: load at start only, also watch the repository, or only through the API.
+    model_control_mode: Literal["none", "poll", "explicit"] = "none"
+    repository_poll_seconds: Annotated[float, Field(gt=0, le=86_400)] = 15.0
+    # explicit mode: models loaded at start (Triton's --load-model); "*" loads every model.
+    load_models: list[str] = []
 
 
 def _read_yaml(path: Path) -> Any:

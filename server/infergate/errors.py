@@ -23,6 +23,7 @@ from enum import Enum
 __all__ = [
     "Cancelled",
     "DeadlineExceeded",
+    "FailedPrecondition",
     "InferGateError",
     "InvalidArgument",
     "ModelExecutionError",
@@ -43,6 +44,7 @@ class Status(Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
     UNIMPLEMENTED = "UNIMPLEMENTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
     INTERNAL = "INTERNAL"
 
 
@@ -86,3 +88,9 @@ class Unimplemented(InferGateError):
 
 class ModelExecutionError(InferGateError):
     """The runtime failed on a batch; ``__cause__`` holds the runtime's own error."""
+
+
+class FailedPrecondition(InferGateError):
+    """The operation cannot run in the server's present state (e.g. model control mode, a broken model)."""
+
+    status = Status.FAILED_PRECONDITION

@@ -1,10 +1,18 @@
 """The model repository: ``ROOT/<model>/<version>/model.onnx`` plus ``ROOT/<model>/config.yaml``.
 
-At start every model directory is read and its newest version directory (the
-largest integer name) is loaded, in parallel threads. A model that fails to
-load is kept with its reason (ModelReady false, the reason logged) and never
-stops the others. Lookups by name and version happen on every request and are
-plain dictionary reads.
+Each model's ``version_policy`` picks the versions to serve out of its version
+directories. :meth:`ModelRepository.reconcile` brings one model in line with
+the disk — at start, on every poll, or when an operator asks — and does it
+**load before unload**: new or changed versions load and warm up in threads
+while the old ones keep serving; then one assignment switches versions and
+router together; replaced versions drain their queue and close in the
+background after their last request. A version that fails to load never
+replaces a good one: the failure shows in :meth:`index` with its reason.
+
+Lookups (``get``, ``route``) happen on every request and are dictionary reads.
+A request looks its version up and queues on its batcher in one synchronous
+step, so a version switched out of ``versions`` cannot receive new work, and
+its batcher's ``aclose`` waits for what it already holds.
 """
 
 from __future__ import annotations
@@ -15,20 +23,32 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .config import ConfigError, load_model_config
-from .errors import NotFound, Unavailable
+from .config import ConfigError, ModelConfig, Routing, load_model_config
+from .errors import FailedPrecondition, NotFound, Unavailable
 from .model import ModelVersion, load_model_version
+from .router import Decision, Router, RoutingError
 from .runner import ModelLoadError
+from .shadow import ShadowStats
 
-__all__ = ["ModelEntry", "ModelRepository", "ModelState", "is_version_name"]
+__all__ = ["IndexRow", "ModelEntry", "ModelRepository", "ModelState", "is_version_name"]
 
 log = logging.getLogger(__name__)
+
+Fingerprint = tuple[int, int]  # (mtime_ns, size) of a version's model file
 
 
 class ModelState(Enum):
     LOADING = "LOADING"
     READY = "READY"
     UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexRow:
+    name: str
+    version: str
+    state: str
+    reason: str
 
 
 @dataclass
@@ -38,16 +58,29 @@ class ModelEntry:
     name: str
     state: ModelState = ModelState.LOADING
     reason: str = ""
-    versions: dict[int, ModelVersion] = field(default_factory=dict)
-    default: ModelVersion | None = None  # the version served when a request names none
+    versions: dict[int, ModelVersion] = field(default_factory=dict)  # serving; replaced, never mutated
+    router: Router | None = None
+    config: ModelConfig | None = None
+    files: dict[int, Fingerprint] = field(default_factory=dict)  # of the serving versions
+    failed: dict[int, tuple[Fingerprint, str]] = field(default_factory=dict)  # not retried until the file changes
+    shadows: dict[int, ShadowStats] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def default(self) -> ModelVersion | None:
+        """The version served when a request names none and there is no routing: the newest."""
+        return self.versions[max(self.versions)] if self.versions else None
 
 
 class ModelRepository:
-    """Finds, loads, looks up and closes the models under ``root``."""
+    """Finds, loads, reloads, looks up and closes the models under ``root``."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, drain_timeout: float | None = 30.0, parallel: int = 4):
         self.root = root
         self._entries: dict[str, ModelEntry] = {}
+        self._drain_timeout = drain_timeout
+        self._parallel = parallel
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @property
     def entries(self) -> dict[str, ModelEntry]:
@@ -58,7 +91,7 @@ class ModelRepository:
         return [e.name for e in self._entries.values() if e.state is not ModelState.READY]
 
     def discover(self) -> list[str]:
-        """Model directory names under root (hidden ones skipped)."""
+        """Model directory names under root (hidden ones skipped); new ones get an entry."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
         names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -66,62 +99,236 @@ class ModelRepository:
             self._entries.setdefault(name, ModelEntry(name))
         return names
 
-    async def load_all(self, parallel: int = 4) -> None:
-        """Load every discovered model, ``parallel`` at a time, off the event loop."""
-        limit = asyncio.Semaphore(parallel)
+    async def load_all(self, names: list[str] | None = None) -> None:
+        """Reconcile ``names`` (default: every discovered model), ``parallel`` at a time."""
+        limit = asyncio.Semaphore(self._parallel)
 
-        async def load(entry: ModelEntry) -> None:
+        async def one(name: str) -> None:
             async with limit:
-                await self._load(entry)
+                await self._reconcile_quietly(name)
 
-        await asyncio.gather(*(load(e) for e in self._entries.values()))
+        await asyncio.gather(*(one(n) for n in (self.discover() if names is None else names)))
 
-    async def _load(self, entry: ModelEntry) -> None:
-        directory = self.root / entry.name
+    async def rescan(self) -> None:
+        """One poll: new model directories load, removed ones unload, changed ones reload."""
+        await self.load_all(sorted(set(self.discover()) | set(self._entries)))
+
+    async def _reconcile_quietly(self, name: str) -> None:
         try:
-            model = await asyncio.to_thread(_load_latest, directory, entry.name)
-        except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
-            entry.state, entry.reason = ModelState.UNAVAILABLE, str(exc)
-            log.error("model %s failed to load: %s", entry.name, exc)
-            return
-        except Exception as exc:  # a bug or an unexpected runtime error: keep serving the rest
-            entry.state, entry.reason = ModelState.UNAVAILABLE, f"unexpected error: {exc}"
-            log.exception("model %s failed to load", entry.name)
-            return
-        model.start()
-        entry.versions[model.version] = model
-        entry.default = model
-        entry.state, entry.reason = ModelState.READY, ""
+            await self.reconcile(name)
+        except (FailedPrecondition, NotFound) as exc:
+            log.error("%s", exc)
 
-    def get(self, name: str, version: str = "") -> ModelVersion:
-        """The model version a request asks for. Raises NotFound or Unavailable."""
+    async def reconcile(self, name: str) -> None:
+        """Bring model ``name`` in line with its directory. Raises FailedPrecondition when
+        something could not be applied (what serves keeps serving) and NotFound when the
+        model has no directory."""
+        entry = self._entries.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            directory = self.root / name
+            if not directory.is_dir():
+                self._unload(entry, "removed from the repository")
+                raise NotFound(f"model {name!r}: no directory {directory}")
+            config = await self._read_config(entry, directory / "config.yaml")
+            await self._apply(entry, directory, config)
+
+    async def _read_config(self, entry: ModelEntry, path: Path) -> ModelConfig:
+        try:
+            return await asyncio.to_thread(load_model_config, path)
+        except ConfigError as exc:
+            self._fail(entry, f"config not applied: {exc}")
+            raise FailedPrecondition(f"model {entry.name!r}: {exc}") from None
+
+    async def _apply(self, entry: ModelEntry, directory: Path, config: ModelConfig) -> None:
+        on_disk = await asyncio.to_thread(_fingerprints, directory, config.default_model_filename)
+        entry.failed = {v: f for v, f in entry.failed.items() if v in on_disk}
+        wanted = config.version_policy.select(list(on_disk))
+        reload_all = entry.config is None or entry.config.without_routing() != config.without_routing()
+        if reload_all:
+            entry.failed.clear()
+        to_load = [v for v in wanted if reload_all or entry.files.get(v) != on_disk[v]]
+        to_load = [v for v in to_load if entry.failed.get(v, (None,))[0] != on_disk[v]]
+        loaded, failures = await self._load_versions(entry, directory, config, to_load, on_disk)
+        serving = {v: entry.versions[v] for v in wanted if v in entry.versions and v not in loaded}
+        serving.update(loaded)
+        if failures or any(v in entry.failed for v in wanted):  # keep the good versions that would have gone
+            serving.update({v: m for v, m in entry.versions.items() if v not in serving and v in on_disk})
+        if not wanted:
+            failures.append(f"no version directory matches the version policy (found: {sorted(on_disk) or 'none'})")
+        router, routing_error = self._router(entry, config, serving, directory)
+        self._switch(entry, serving, router, config, on_disk)
+        problems = failures + ([routing_error] if routing_error else [])
+        entry.reason = "; ".join(problems)
+        if problems:
+            raise FailedPrecondition(f"model {entry.name!r}: {entry.reason}")
+
+    async def _load_versions(
+        self,
+        entry: ModelEntry,
+        directory: Path,
+        config: ModelConfig,
+        versions: list[int],
+        on_disk: dict[int, Fingerprint],
+    ) -> tuple[dict[int, ModelVersion], list[str]]:
+        async def one(version: int) -> ModelVersion | str:
+            try:
+                return await asyncio.to_thread(
+                    load_model_version, directory / str(version), entry.name, version, config
+                )
+            except (ModelLoadError, FileNotFoundError) as exc:
+                return str(exc)
+            except Exception as exc:  # a bug or an unexpected runtime error: keep serving the rest
+                log.exception("model %s version %d failed to load", entry.name, version)
+                return f"unexpected error: {exc}"
+
+        results = await asyncio.gather(*(one(v) for v in versions))
+        loaded: dict[int, ModelVersion] = {}
+        failures: list[str] = []
+        for version, result in zip(versions, results, strict=True):
+            if isinstance(result, ModelVersion):
+                loaded[version] = result
+                entry.failed.pop(version, None)
+            else:
+                entry.failed[version] = (on_disk[version], result)
+                failures.append(f"version {version}: {result}")
+                log.error("model %s version %d failed to load: %s", entry.name, version, result)
+        return loaded, failures
+
+    def _router(
+        self, entry: ModelEntry, config: ModelConfig, serving: dict[int, ModelVersion], directory: Path
+    ) -> tuple[Router | None, str]:
+        """A router for ``serving``; a routing block that does not fit keeps the previous one."""
+        if not serving:
+            return None, ""
+        old = entry.router
+        if old is not None and old.routing == (config.routing or Routing()) and serving == entry.versions:
+            return old, ""  # nothing changed: keep the canary's progress
+        try:
+            return Router(entry.name, config.routing, list(serving)), ""
+        except RoutingError as exc:
+            error = f"{directory / 'config.yaml'}: {exc}"
+            log.error("model %s: routing not applied, keeping the previous one: %s", entry.name, error)
+        previous = old.routing if old is not None else None
+        try:
+            return Router(entry.name, previous, list(serving)), error
+        except RoutingError:
+            return Router(entry.name, None, list(serving)), error
+
+    def _switch(
+        self,
+        entry: ModelEntry,
+        serving: dict[int, ModelVersion],
+        router: Router | None,
+        config: ModelConfig,
+        on_disk: dict[int, Fingerprint],
+    ) -> None:
+        """Start the new versions, swap them in, and retire the ones no longer served."""
+        started = [m for m in serving.values() if entry.versions.get(m.version) is not m]
+        for model in started:
+            model.start()
+        retired = [m for v, m in entry.versions.items() if serving.get(v) is not m]
+        entry.versions, entry.router = serving, router
+        entry.config = config
+        entry.files = {v: on_disk[v] if m in started else entry.files.get(v, on_disk[v]) for v, m in serving.items()}
+        entry.state = ModelState.READY if serving else ModelState.UNAVAILABLE
+        for model in retired:
+            self._retire(model)
+        if started or retired:
+            log.info(
+                "model %s serving version(s): %s", entry.name, ", ".join(str(v) for v in sorted(serving)) or "none"
+            )
+
+    def _fail(self, entry: ModelEntry, reason: str) -> None:
+        entry.reason = reason
+        if not entry.versions:
+            entry.state = ModelState.UNAVAILABLE
+        log.error("model %s: %s%s", entry.name, reason, "; previous versions keep serving" if entry.versions else "")
+
+    def _unload(self, entry: ModelEntry, reason: str) -> None:
+        for model in entry.versions.values():
+            self._retire(model)
+        entry.versions, entry.router, entry.config, entry.files = {}, None, None, {}
+        entry.state, entry.reason = ModelState.UNAVAILABLE, reason
+
+    def _retire(self, model: ModelVersion) -> None:
+        """Close ``model`` in the background once its queue has drained."""
+        task = asyncio.create_task(model.aclose(self._drain_timeout), name=f"retire {model.name}:{model.version}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``; in-flight requests finish. Raises NotFound."""
         entry = self._entries.get(name)
         if entry is None:
             raise NotFound(f"unknown model {name!r}")
-        if entry.state is not ModelState.READY or entry.default is None:
+        async with entry.lock:
+            self._unload(entry, "unloaded")
+
+    # --- lookups, on every request ------------------------------------------------------------
+
+    def _entry(self, name: str) -> ModelEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model {name!r}")
+        if not entry.versions:
             detail = f": {entry.reason}" if entry.reason else ""
             raise Unavailable(f"model {name!r} is not ready ({entry.state.value}){detail}")
+        return entry
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The model version a request asks for. Raises NotFound or Unavailable."""
+        entry = self._entry(name)
         if not version:
-            return entry.default
-        model = entry.versions.get(int(version)) if is_version_name(version) else None
-        if model is None:
-            loaded = ", ".join(str(v) for v in sorted(entry.versions))
-            raise NotFound(f"model {name!r} has no version {version!r} (loaded: {loaded})")
-        return model
+            return entry.versions[max(entry.versions)]
+        return _named_version(entry, version)
+
+    def route(self, name: str, version: str, key: str | None) -> tuple[ModelVersion, Decision]:
+        """The version that serves one inference request, and the router's decision."""
+        entry = self._entry(name)
+        if version:
+            model = _named_version(entry, version)
+            return model, Decision(model.version, "requested")
+        assert entry.router is not None  # set whenever versions are
+        decision = entry.router.route(None, key)
+        return entry.versions[decision.version], decision
+
+    def router(self, name: str) -> Router | None:
+        entry = self._entries.get(name)
+        return entry.router if entry is not None else None
+
+    def shadow(self, name: str, version: int) -> tuple[ModelVersion, ShadowStats] | None:
+        """The shadow version and its statistics (None if it stopped being served)."""
+        entry = self._entries.get(name)
+        model = entry.versions.get(version) if entry is not None else None
+        if entry is None or model is None:
+            return None
+        return model, entry.shadows.setdefault(version, ShadowStats(version))
 
     def versions(self, name: str) -> list[ModelVersion]:
         """Every loaded version of a model, oldest first. Raises NotFound or Unavailable."""
-        self.get(name)
-        entry = self._entries[name]
+        entry = self._entry(name)
         return [entry.versions[v] for v in sorted(entry.versions)]
 
+    def index(self, ready_only: bool = False) -> list[IndexRow]:
+        """Every model and version known, with its state and the reason it is not ready."""
+        rows: list[IndexRow] = []
+        for name in sorted(self._entries):
+            entry = self._entries[name]
+            for version in sorted(set(entry.versions) | set(entry.failed)):
+                if version in entry.versions:
+                    rows.append(IndexRow(name, str(version), ModelState.READY.value, ""))
+                elif not ready_only:
+                    rows.append(IndexRow(name, str(version), ModelState.UNAVAILABLE.value, entry.failed[version][1]))
+            if not entry.versions and not entry.failed and not ready_only:
+                rows.append(IndexRow(name, "", entry.state.value, entry.reason))
+        return rows
+
     async def aclose(self, timeout: float | None = None) -> None:
-        """Drain and close every loaded version."""
+        """Drain and close every loaded version (and wait for the ones being retired)."""
         models = [m for e in self._entries.values() for m in e.versions.values()]
-        await asyncio.gather(*(m.aclose(timeout) for m in models))
+        await asyncio.gather(*(m.aclose(timeout) for m in models), *self._retiring)
         for entry in self._entries.values():
-            entry.versions.clear()
-            entry.default = None
+            entry.versions, entry.router = {}, None
             entry.state = ModelState.UNAVAILABLE
             entry.reason = "server stopped"
 
@@ -131,15 +338,22 @@ def is_version_name(text: str) -> bool:
     return text.isascii() and text.isdecimal()
 
 
-def _load_latest(directory: Path, name: str) -> ModelVersion:
-    """Read the config, pick the newest version and load it (blocking: file I/O and onnxruntime)."""
-    config = load_model_config(directory / "config.yaml")
-    version = _latest_version(directory)
-    return load_model_version(directory / str(version), name, version, config)
+def _named_version(entry: ModelEntry, version: str) -> ModelVersion:
+    model = entry.versions.get(int(version)) if is_version_name(version) else None
+    if model is None:
+        loaded = ", ".join(str(v) for v in sorted(entry.versions))
+        raise NotFound(f"model {entry.name!r} has no version {version!r} (loaded: {loaded})")
+    return model
 
 
-def _latest_version(directory: Path) -> int:
-    versions = [int(p.name) for p in directory.iterdir() if p.is_dir() and is_version_name(p.name)]
-    if not versions:
-        raise ModelLoadError(f"{directory} has no version directory (expected {directory}/1/model.onnx)")
-    return max(versions)
+def _fingerprints(directory: Path, filename: str) -> dict[int, Fingerprint]:
+    """Each version directory's model file identity; a missing file counts (its load will say so)."""
+    out: dict[int, Fingerprint] = {}
+    for path in directory.iterdir():
+        if path.is_dir() and is_version_name(path.name):
+            try:
+                stat = (path / filename).stat()
+                out[int(path.name)] = (stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                out[int(path.name)] = (0, -1)
+    return out

@@ -1,9 +1,11 @@
 """The composition root: builds the gRPC server and owns its lifecycle.
 
-Start: bind the port (liveness answers at once), load every model in the
-background threads, then report SERVING. Stop (SIGTERM, Ctrl-C): health goes
-NOT_SERVING, the port stops accepting, queued and running requests finish
-within the grace period, then batchers drain and sessions close — in that order.
+Start: bind the port (liveness answers at once), load the models in
+background threads, then report SERVING; in poll mode a task owned here
+rescans the repository every ``repository_poll_seconds``. Stop (SIGTERM,
+Ctrl-C): health goes NOT_SERVING, polling stops, the port stops accepting,
+queued and running requests finish within the grace period, shadow calls are
+dropped, then batchers drain and sessions close — in that order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ._proto import model_config_pb2 as mc
 from .config import ServerConfig
 from .repository import ModelRepository
 from .servicer import InferenceServicer, ServerState
+from .shadow import ShadowQueue
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
 
@@ -51,8 +54,10 @@ class InferGateServer:
         if config.model_repository is None:
             raise ValueError("a model repository is required")
         self.config = config
-        self.repository = ModelRepository(Path(config.model_repository))
-        self.state = ServerState()
+        self.repository = ModelRepository(Path(config.model_repository), drain_timeout=config.shutdown_grace_seconds)
+        self.state = ServerState(model_control_mode=config.model_control_mode)
+        self.shadows = ShadowQueue()
+        self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
             options=[
@@ -63,7 +68,7 @@ class InferGateServer:
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.repository, self.state), self._server
+            InferenceServicer(self.repository, self.state, self.shadows), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -79,14 +84,18 @@ class InferGateServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.shadows.start()
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
         return self.port
 
     async def load_models(self) -> bool:
-        """Load every model; report SERVING when all loaded (or, not strict, when done)."""
-        await self.repository.load_all()
-        failed = self.repository.not_ready()
+        """Load the models; report SERVING when all loaded (or, not strict, when done).
+
+        Explicit mode loads only ``load_models`` ("*": all) and is ready without models.
+        """
+        await self.repository.load_all(self._startup_models())
+        failed = self.repository.not_ready() if self.config.model_control_mode != "explicit" else []
         ready = not failed or not self.config.strict_readiness
         self.state.ready = ready
         if ready:
@@ -97,7 +106,23 @@ class InferGateServer:
             f", failed: {', '.join(failed)}" if failed else "",
             "ready" if ready else "NOT ready (strict readiness)",
         )
+        if self.config.model_control_mode == "poll":
+            self._poller = asyncio.create_task(self._poll(), name="repository poll")
         return ready
+
+    def _startup_models(self) -> list[str] | None:
+        if self.config.model_control_mode != "explicit" or "*" in self.config.load_models:
+            return None
+        return self.config.load_models
+
+    async def _poll(self) -> None:
+        """Rescan the repository now and then; a failing scan is logged and retried next time."""
+        while True:
+            await asyncio.sleep(self.config.repository_poll_seconds)
+            try:
+                await self.repository.rescan()
+            except Exception:
+                log.exception("repository poll failed")
 
     async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:
@@ -109,7 +134,11 @@ class InferGateServer:
         log.info("draining (grace %.1fs)", grace)
         self.state.draining = True
         await self._health.enter_graceful_shutdown()
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
         await self._server.stop(grace)
+        await self.shadows.aclose()
         await self.repository.aclose(timeout=grace)
         log.info("stopped")
 

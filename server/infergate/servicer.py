@@ -5,8 +5,9 @@ converts back. This module is the one place where infergate's errors become
 gRPC status codes (``_abort``); an unexpected exception is logged with its
 traceback and the client gets INTERNAL with a safe message.
 
-Data path of ModelInfer: repository lookup → decode/validate → model.infer
-(batcher → runner) → encode.
+Data path of ModelInfer: router (via the repository: which version) →
+decode/validate → model.infer (batcher → runner) → encode → shadow (mirrored
+in the background after the answer is ready, see shadow.py).
 """
 
 from __future__ import annotations
@@ -24,18 +25,36 @@ import grpc
 from . import __version__
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
-from .codec import decode_request, encode_response, request_timeout_us
-from .errors import InferGateError, Unimplemented
+from .codec import DecodedRequest, decode_request, encode_response, request_timeout_us
+from .errors import (
+    Cancelled,
+    FailedPrecondition,
+    InferGateError,
+    InvalidArgument,
+    NotFound,
+    Unimplemented,
+)
 from .model import ModelVersion
 from .protocol import model_config_message, model_metadata_message, model_statistics_message
 from .repository import ModelRepository
+from .router import Decision, Router
+from .shadow import ShadowJob, ShadowQueue
 
 __all__ = ["EXTENSIONS", "InferenceServicer", "ServerState"]
 
 log = logging.getLogger(__name__)
 
 # Exactly the protocol extensions that work (ServerMetadata.extensions).
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+
+# Response parameters that tell the caller how its request was routed.
+ROUTE_PARAMETER = "infergate_route"
+SHADOWED_PARAMETER = "infergate_shadowed"
+
+# Errors that say something about the request, not about the version that served it (canary judgement).
+_CALLER_ERRORS = (InvalidArgument, NotFound, Cancelled)
+
+Metadata = Callable[[], Any]  # context.invocation_metadata
 
 # How many requests of one stream may be in progress at once; more wait (flow control).
 STREAM_CONCURRENCY = 256
@@ -48,6 +67,7 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     max_elements: int = 64 * 1024 * 1024
+    model_control_mode: str = "none"
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: InferGateError) -> NoReturn:
@@ -82,9 +102,10 @@ def _guarded(method: Handler) -> Handler:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService on top of a model repository."""
 
-    def __init__(self, repository: ModelRepository, state: ServerState):
+    def __init__(self, repository: ModelRepository, state: ServerState, shadows: ShadowQueue):
         self._repository = repository
         self._state = state
+        self._shadows = shadows
 
     # --- health and metadata -------------------------------------------------------------
 
@@ -149,40 +170,68 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            return await self._infer_recorded(request, context.time_remaining())
+            return await self._infer_recorded(request, context.time_remaining(), context.invocation_metadata)
         except InferGateError as exc:
             await _abort(context, exc)
         except Exception:
             await _abort_internal(context, "ModelInfer")
 
-    async def _infer_recorded(self, request: pb.ModelInferRequest, remaining: float | None) -> pb.ModelInferResponse:
-        """Look the model up, infer, and count the request in the model's statistics."""
+    async def _infer_recorded(
+        self, request: pb.ModelInferRequest, remaining: float | None, metadata: Metadata
+    ) -> pb.ModelInferResponse:
+        """Route, infer, mirror; count the request in the model's statistics and the router's canary."""
         started = time.perf_counter_ns()
         model: ModelVersion | None = None
-        ok = False
+        decision: Decision | None = None
+        served_ok = False
         try:
-            model = self._repository.get(request.model_name, request.model_version)
-            response = await self._infer(model, request, remaining)
-            ok = True
+            name = request.model_name
+            key = _sticky_key(self._repository.router(name), request, metadata)
+            model, decision = self._repository.route(name, request.model_version, key)
+            response = await self._infer(model, decision, request, remaining)
+            served_ok = True
             return response
+        except _CALLER_ERRORS:
+            served_ok = True  # the version did nothing wrong
+            raise
         finally:
-            if model is not None:
-                model.stats.record_request(ok, time.perf_counter_ns() - started)
+            if model is not None and decision is not None:
+                elapsed = time.perf_counter_ns() - started
+                model.stats.record_request(served_ok, elapsed)
+                router = self._repository.router(model.name)
+                if router is not None:
+                    router.observe(decision, served_ok, elapsed / 1e9)
 
     async def _infer(
-        self, model: ModelVersion, request: pb.ModelInferRequest, remaining: float | None
+        self, model: ModelVersion, decision: Decision, request: pb.ModelInferRequest, remaining: float | None
     ) -> pb.ModelInferResponse:
         decoded = decode_request(request, model.spec, self._state.max_elements)
         deadline = _deadline(remaining, request, model)
         outputs = await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline)
-        return encode_response(request, model.spec, outputs, decoded.outputs)
+        response = encode_response(request, model.spec, outputs, decoded.outputs)
+        response.parameters[ROUTE_PARAMETER].string_param = decision.arm
+        response.parameters[SHADOWED_PARAMETER].bool_param = decision.shadow is not None
+        if decision.shadow is not None:
+            self._mirror(model, decision.shadow, decoded, outputs)
+        return response
+
+    def _mirror(self, primary: ModelVersion, version: int, decoded: DecodedRequest, outputs: dict[str, Any]) -> None:
+        """Queue the same inputs for the shadow version; never waits, never fails the caller."""
+        router = self._repository.router(primary.name)
+        found = self._repository.shadow(primary.name, version)
+        if router is None or router.routing.shadow is None or found is None:
+            return
+        shadow, stats = found
+        spec = router.routing.shadow
+        call = functools.partial(shadow.infer, decoded.inputs, decoded.rows, decoded.group, None)
+        self._shadows.offer(ShadowJob(call, outputs, stats, spec.timeout_seconds), limit=spec.queue_size)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of a stream run concurrently (so they batch); each answer carries its id."""
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read_stream(request_iterator, responses))
+        reader = asyncio.create_task(self._read_stream(request_iterator, responses, context.invocation_metadata))
         try:
             while (response := await responses.get()) is not None:
                 yield response
@@ -194,13 +243,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         requests: AsyncIterator[pb.ModelInferRequest],
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
+        metadata: Metadata,
     ) -> None:
         slots = asyncio.Semaphore(STREAM_CONCURRENCY)
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(request: pb.ModelInferRequest) -> None:
             try:
-                await responses.put(await self._stream_one(request))
+                await responses.put(await self._stream_one(request, metadata))
             finally:
                 slots.release()
 
@@ -216,9 +266,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             await responses.put(None)
 
-    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    async def _stream_one(self, request: pb.ModelInferRequest, metadata: Metadata) -> pb.ModelStreamInferResponse:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer_recorded(request, None))
+            response = await self._infer_recorded(request, None, metadata)
+            return pb.ModelStreamInferResponse(infer_response=response)
         except InferGateError as exc:
             message = exc.message
         except Exception:
@@ -227,29 +278,64 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         echo = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
         return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
-    # --- repository extension: comes with model control ----------------------------------
+    # --- repository extension: model control ----------------------------------------------
 
     @_guarded
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        await _abort(context, _no_model_control("RepositoryIndex"))
+        rows = self._repository.index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=r.name, version=r.version, state=r.state, reason=r.reason)
+                for r in rows
+            ]
+        )
 
     @_guarded
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        await _abort(context, _no_model_control("RepositoryModelLoad"))
+        self._explicit_control("RepositoryModelLoad")
+        if request.parameters:
+            raise Unimplemented(
+                f"RepositoryModelLoad: parameters {sorted(request.parameters)} are not supported;"
+                " edit config.yaml in the repository instead"
+            )
+        await self._repository.reconcile(request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
     @_guarded
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        await _abort(context, _no_model_control("RepositoryModelUnload"))
+        self._explicit_control("RepositoryModelUnload")
+        await self._repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _explicit_control(self, method: str) -> None:
+        mode = self._state.model_control_mode
+        if mode != "explicit":
+            raise FailedPrecondition(
+                f"{method}: models are loaded and unloaded through the API only in explicit model control mode"
+                f" (this server runs in {mode!r} mode; start it with --model-control-mode explicit)"
+            )
 
 
-def _no_model_control(method: str) -> Unimplemented:
-    return Unimplemented(f"{method}: the model_repository extension is not implemented yet")
+def _sticky_key(router: Router | None, request: pb.ModelInferRequest, metadata: Metadata) -> str | None:
+    """The request's sticky routing key (a metadata header or a request parameter), if its route has one."""
+    if router is None:
+        return None
+    if router.sticky_header is not None:
+        for key, value in metadata() or ():
+            if key == router.sticky_header:
+                return value if isinstance(value, str) else value.decode("utf-8", "replace")
+        return None
+    if router.sticky_parameter is not None and router.sticky_parameter in request.parameters:
+        parameter = request.parameters[router.sticky_parameter]
+        choice = parameter.WhichOneof("parameter_choice")
+        return str(getattr(parameter, choice)) if choice else None
+    return None
 
 
 def _deadline(remaining: float | None, request: pb.ModelInferRequest, model: ModelVersion) -> float | None:

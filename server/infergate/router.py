@@ -1,0 +1,227 @@
+"""The router: which loaded version serves a request that names none.
+
+Pure decision logic over version numbers — no gRPC, no onnxruntime — so it is
+tested with tables. One :class:`Router` per model, rebuilt (never mutated) when
+the model's versions or its ``routing:`` block change; only the canary's
+step state changes in place, fed by :meth:`Router.observe`.
+
+Decision order for a request:
+
+1. It names a version: that version (``arm="requested"``), no shadow.
+2. A canary is ramping: with probability ``weight%`` the canary serves it
+   (``arm="canary"``); a sticky key decides by hash instead of by chance.
+3. The weighted split (``arm="split"``, or ``"sticky"`` when a key decided):
+   with a key, weighted rendezvous hashing, so a key keeps its version while
+   the config is unchanged and moves only as far as a weight change requires.
+   Without weights: the newest loaded version (``arm="default"``).
+4. Shadow: a ``fraction`` of routed requests is also mirrored to the shadow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .config import CanaryRouting, Routing
+
+__all__ = ["CanaryStatus", "Decision", "Router", "RoutingError", "check_routing", "rendezvous"]
+
+log = logging.getLogger(__name__)
+
+_HASH_SCALE = float(1 << 64)
+
+
+class RoutingError(ValueError):
+    """A routing block that does not fit the loaded versions; ``field`` is its dotted path."""
+
+    def __init__(self, field_path: str, message: str):
+        super().__init__(f"routing.{field_path}: {message}")
+        self.field = field_path
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    version: int
+    arm: str  # requested | default | split | sticky | canary
+    shadow: int | None = None
+
+
+def check_routing(routing: Routing, loaded: Sequence[int]) -> None:
+    """Raise RoutingError when the routing names a version that is not loaded."""
+    for where, version in routing.versions().items():
+        if version not in loaded:
+            have = ", ".join(str(v) for v in sorted(loaded)) or "none"
+            raise RoutingError(where, f"version {version} is not loaded (loaded: {have})")
+
+
+def _unit_hash(*parts: str) -> float:
+    """A stable hash in (0, 1): the same in every process (unlike ``hash()``, which is salted)."""
+    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") + 0.5) / _HASH_SCALE
+
+
+def rendezvous(key: str, weights: dict[int, float]) -> int:
+    """Weighted rendezvous (highest random weight) hashing: a key's version for these weights."""
+    best, best_score = -1, -math.inf
+    for version, weight in sorted(weights.items()):
+        if weight <= 0:
+            continue
+        score = weight / -math.log(_unit_hash(key, str(version)))
+        if score > best_score:
+            best, best_score = version, score
+    return best
+
+
+@dataclass(slots=True)
+class CanaryStatus:
+    version: int
+    weight: float
+    step: int
+    state: str  # ramping | complete | rolled_back
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class _Window:
+    """Outcomes of one arm during one canary step."""
+
+    requests: int = 0
+    errors: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+
+    def add(self, ok: bool, latency_s: float) -> None:
+        self.requests += 1
+        self.errors += 0 if ok else 1
+        if ok:
+            self.latencies.append(latency_s)
+
+    def p99(self) -> float | None:
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+class _Canary:
+    """The step schedule of one canary and its judgement at the end of each step."""
+
+    def __init__(self, spec: CanaryRouting, model: str):
+        self.spec = spec
+        self.model = model
+        self.status = CanaryStatus(spec.version, spec.steps[0], 0, "ramping")
+        self._canary = _Window()
+        self._primary = _Window()
+
+    def observe(self, arm: str, ok: bool, latency_s: float) -> None:
+        if self.status.state == "rolled_back":
+            return
+        if arm == "canary":
+            self._canary.add(ok, latency_s)
+        elif arm in ("split", "sticky", "default"):
+            self._primary.add(ok, latency_s)
+        if self.status.state == "ramping" and self._canary.requests >= self.spec.step_requests:
+            self._judge()
+
+    def _judge(self) -> None:
+        breach = self._breach()
+        if breach:
+            self.status.state, self.status.weight, self.status.reason = "rolled_back", 0.0, breach
+            log.warning("model %s: canary version %d rolled back: %s", self.model, self.spec.version, breach)
+            return
+        step = self.status.step + 1
+        if step >= len(self.spec.steps):
+            self.status.state = "complete"
+            log.info("model %s: canary version %d holds at %g%%", self.model, self.spec.version, self.status.weight)
+            return
+        self.status.step, self.status.weight = step, self.spec.steps[step]
+        log.info("model %s: canary version %d raised to %g%%", self.model, self.spec.version, self.status.weight)
+        self._canary, self._primary = _Window(), _Window()
+
+    def _breach(self) -> str:
+        canary, primary = self._canary, self._primary
+        error_rate = canary.errors / canary.requests
+        if error_rate > self.spec.max_error_rate:
+            return f"error rate {error_rate:.2%} over {canary.requests} requests > {self.spec.max_error_rate:.2%}"
+        canary_p99, primary_p99 = canary.p99(), primary.p99()
+        if canary_p99 is not None and primary_p99 is not None and primary_p99 > 0:
+            ratio = canary_p99 / primary_p99
+            if ratio > self.spec.max_p99_ratio:
+                return (
+                    f"p99 {canary_p99 * 1e3:.2f} ms is {ratio:.2f}x the primary's {primary_p99 * 1e3:.2f} ms"
+                    f" (limit {self.spec.max_p99_ratio:g}x)"
+                )
+        return ""
+
+
+class Router:
+    """Routes the requests of one model over its loaded versions (see the module docstring)."""
+
+    def __init__(self, model: str, routing: Routing | None, loaded: Sequence[int], rng: random.Random | None = None):
+        if not loaded:
+            raise ValueError(f"model {model}: a router needs at least one loaded version")
+        self.model = model
+        self.routing = routing or Routing()
+        check_routing(self.routing, loaded)
+        self._rng = rng or random.Random()
+        self._newest = max(loaded)
+        self._weights = {v: w for v, w in self.routing.weights.items() if w > 0}
+        self._versions = list(self._weights)
+        self._cumulative = _cumulative(self._weights)
+        canary = self.routing.canary
+        self._canary = _Canary(canary, model) if canary is not None else None
+
+    @property
+    def sticky_header(self) -> str | None:
+        return self.routing.sticky.header if self.routing.sticky else None
+
+    @property
+    def sticky_parameter(self) -> str | None:
+        return self.routing.sticky.parameter if self.routing.sticky else None
+
+    @property
+    def canary(self) -> CanaryStatus | None:
+        return self._canary.status if self._canary is not None else None
+
+    def route(self, requested: int | None = None, key: str | None = None) -> Decision:
+        """The version for one request; ``key`` is the sticky key when the request has one."""
+        if requested is not None:
+            return Decision(requested, "requested")
+        version, arm = self._choose(key)
+        shadow = self.routing.shadow
+        if shadow is not None and shadow.version != version and self._rng.random() < shadow.fraction:
+            return Decision(version, arm, shadow.version)
+        return Decision(version, arm)
+
+    def _choose(self, key: str | None) -> tuple[int, str]:
+        canary = self._canary
+        if canary is not None and canary.status.weight > 0:
+            draw = _unit_hash(key, "canary") if key is not None else self._rng.random()
+            if draw * 100 < canary.status.weight:
+                return canary.spec.version, "canary"
+        if not self._weights:
+            return self._newest, "default"
+        if key is not None:
+            return rendezvous(key, self._weights), "sticky"
+        point = self._rng.random() * self._cumulative[-1]
+        for version, bound in zip(self._versions, self._cumulative, strict=True):
+            if point < bound:
+                return version, "split"
+        return self._versions[-1], "split"
+
+    def observe(self, decision: Decision, ok: bool, latency_s: float) -> None:
+        """Feed one finished request back (drives the canary's steps and rollback)."""
+        if self._canary is not None:
+            self._canary.observe(decision.arm, ok, latency_s)
+
+
+def _cumulative(weights: dict[int, float]) -> list[float]:
+    total, out = 0.0, []
+    for weight in weights.values():
+        total += weight
+        out.append(total)
+    return out

@@ -1,0 +1,141 @@
+"""Shadow traffic: mirror a request to another version after the caller has its answer.
+
+The caller never waits for a shadow call: :meth:`ShadowQueue.offer` only puts
+a job on a bounded queue (dropping, and counting, when it is full) and returns.
+A fixed number of worker tasks — created in :meth:`ShadowQueue.start`, stopped
+by :meth:`ShadowQueue.aclose` — run the jobs through the shadow version's own
+batcher and compare its outputs with the primary's. Shadow errors and slowness
+are counted in :class:`ShadowStats`, never returned to anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["OutputAgreement", "ShadowJob", "ShadowQueue", "ShadowStats", "compare_outputs"]
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(slots=True)
+class OutputAgreement:
+    """Running agreement of one output between primary and shadow."""
+
+    compared: int = 0
+    max_abs_diff: float = 0.0  # the largest seen in any comparison
+    sum_max_abs_diff: float = 0.0  # for the mean of the per-comparison maxima
+    mismatched: int = 0  # shapes or types differed, or non-numeric values were unequal
+    top1_rows: int = 0
+    top1_agreed: int = 0
+
+    @property
+    def mean_max_abs_diff(self) -> float:
+        return self.sum_max_abs_diff / self.compared if self.compared else 0.0
+
+
+@dataclass(slots=True)
+class ShadowStats:
+    """What became of the shadow calls of one (model, shadow version)."""
+
+    version: int
+    sent: int = 0
+    dropped: int = 0
+    errors: int = 0
+    compared: int = 0
+    outputs: dict[str, OutputAgreement] = field(default_factory=dict)
+
+    def record(self, primary: Tensors, shadow: Tensors) -> None:
+        self.compared += 1
+        for name, agreement in compare_outputs(primary, shadow).items():
+            total = self.outputs.setdefault(name, OutputAgreement())
+            total.compared += 1
+            total.max_abs_diff = max(total.max_abs_diff, agreement.max_abs_diff)
+            total.sum_max_abs_diff += agreement.max_abs_diff
+            total.mismatched += agreement.mismatched
+            total.top1_rows += agreement.top1_rows
+            total.top1_agreed += agreement.top1_agreed
+
+
+def compare_outputs(primary: Tensors, shadow: Tensors) -> dict[str, OutputAgreement]:
+    """Per output of the primary: max |difference|, and top-1 agreement for [rows, classes] scores."""
+    out: dict[str, OutputAgreement] = {}
+    for name, a in primary.items():
+        b = shadow.get(name)
+        result = OutputAgreement(compared=1)
+        if b is None or a.shape != b.shape or a.dtype.kind != b.dtype.kind:
+            result.mismatched, result.max_abs_diff = 1, float("inf")
+        elif a.dtype.kind in "biuf":
+            if a.size:
+                result.max_abs_diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+            if a.dtype.kind == "f" and a.ndim == 2 and a.shape[1] > 1:
+                result.top1_rows = a.shape[0]
+                result.top1_agreed = int(np.count_nonzero(a.argmax(axis=1) == b.argmax(axis=1)))
+        elif not np.array_equal(a, b):  # BYTES and other non-numeric outputs: equal or not
+            result.mismatched = 1
+        out[name] = result
+    return out
+
+
+@dataclass(slots=True)
+class ShadowJob:
+    """Run ``call`` (the shadow version's inference) and compare with ``primary``."""
+
+    call: Callable[[], Awaitable[Tensors]]
+    primary: Tensors
+    stats: ShadowStats
+    timeout_s: float
+
+
+class ShadowQueue:
+    """A bounded queue of shadow calls and the tasks that run them."""
+
+    def __init__(self, max_size: int = 1024, workers: int = 4):
+        self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(max_size)
+        self._workers = workers
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work(), name=f"shadow-{i}") for i in range(self._workers)]
+
+    def offer(self, job: ShadowJob, limit: int) -> bool:
+        """Queue ``job`` unless ``limit`` jobs (or the queue's capacity) already wait; never blocks."""
+        if self._queue.qsize() >= limit or not self._tasks:
+            job.stats.dropped += 1
+            return False
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            job.stats.dropped += 1
+            return False
+        job.stats.sent += 1
+        return True
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                shadow = await asyncio.wait_for(job.call(), job.timeout_s)
+                job.stats.record(job.primary, shadow)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a shadow's failure is counted, never anyone else's problem
+                job.stats.errors += 1
+                log.debug("shadow call to version %d failed: %s", job.stats.version, exc)
+            finally:
+                self._queue.task_done()
+
+    async def aclose(self) -> None:
+        """Stop the workers; queued shadow calls are dropped (they were best-effort)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        while not self._queue.empty():
+            self._queue.get_nowait().stats.dropped += 1
