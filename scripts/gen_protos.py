@@ -17,7 +17,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "server" / "infergate" / "_proto"
-PROTOS = ["model_config.proto", "grpc_service.proto"]
+PROTOS = ["model_config.proto", "grpc_service.proto", "infergate_admin.proto"]
 INIT = '''"""Generated from proto/ by scripts/gen_protos.py. Do not edit."""
 
 from google.protobuf import descriptor_pool

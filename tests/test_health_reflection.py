@@ -35,6 +35,7 @@ from infergate.demo import build_matmul16
 
 SERVICE = "inference.GRPCInferenceService"
 HEALTH = "grpc.health.v1.Health"
+ADMIN = "infergate.admin.InferGateAdmin"
 REFLECTION_SERVICES = {"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -198,11 +199,11 @@ def grpcurl(server: ServerProcess, *command: str, data: str | None = None) -> st
     return done.stdout
 
 
-def test_grpcurl_lists_the_inference_health_and_reflection_services(demo_server: ServerProcess) -> None:
+def test_grpcurl_lists_the_inference_admin_health_and_reflection_services(demo_server: ServerProcess) -> None:
     services = set(grpcurl(demo_server, "list").split())
-    assert {SERVICE, HEALTH} <= services
+    assert {SERVICE, ADMIN, HEALTH} <= services
     assert services & REFLECTION_SERVICES
-    assert services <= {SERVICE, HEALTH, *REFLECTION_SERVICES}
+    assert services <= {SERVICE, ADMIN, HEALTH, *REFLECTION_SERVICES}
 
 
 def test_grpcurl_describes_every_rpc_of_the_inference_service(demo_server: ServerProcess) -> None:

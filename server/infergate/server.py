@@ -22,7 +22,10 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
+from ._proto import infergate_admin_pb2 as apb
+from ._proto import infergate_admin_pb2_grpc as apb_grpc
 from ._proto import model_config_pb2 as mc
+from .admin import ADMIN_SERVICE_NAME, AdminServicer
 from .config import ServerConfig
 from .repository import ModelRepository
 from .servicer import InferenceServicer, ServerState
@@ -39,7 +42,13 @@ HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
     """One pool holding every served service: ours live in a private pool (see _proto)."""
     pool = descriptor_pool.DescriptorPool()
-    files: list[FileDescriptor] = [mc.DESCRIPTOR, pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR]
+    files: list[FileDescriptor] = [
+        mc.DESCRIPTOR,
+        pb.DESCRIPTOR,
+        apb.DESCRIPTOR,
+        health_pb2.DESCRIPTOR,
+        reflection_pb2.DESCRIPTOR,
+    ]
     for file in files:
         proto = descriptor_pb2.FileDescriptorProto()
         file.CopyToProto(proto)
@@ -70,10 +79,10 @@ class InferGateServer:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.repository, self.state, self.shadows), self._server
         )
+        apb_grpc.add_InferGateAdminServicer_to_server(AdminServicer(self.repository), self._server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=_reflection_pool()
-        )
+        services = (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self._server, pool=_reflection_pool())
         self.port = 0
 
     async def start(self) -> int:
