@@ -24,13 +24,13 @@ from enum import Enum
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig, Routing, load_model_config
-from .errors import FailedPrecondition, NotFound, Unavailable
+from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .model import ModelVersion, load_model_version
 from .router import Decision, Router, RoutingError
 from .runner import ModelLoadError
 from .shadow import ShadowStats
 
-__all__ = ["IndexRow", "ModelEntry", "ModelRepository", "ModelState", "is_version_name"]
+__all__ = ["IndexRow", "ModelEntry", "ModelRepository", "ModelState", "is_model_name", "is_version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ class ModelEntry:
 class ModelRepository:
     """Finds, loads, reloads, looks up and closes the models under ``root``."""
 
-    def __init__(self, root: Path, drain_timeout: float | None = 30.0, parallel: int = 4):
+    def __init__(self, root: Path, drain_timeout: float | None = 30.0, parallel: int = 4, explicit: bool = False):
         self.root = root
+        self._explicit = explicit  # models wait for a load request instead of loading when found
         self._entries: dict[str, ModelEntry] = {}
         self._drain_timeout = drain_timeout
         self._parallel = parallel
@@ -96,8 +97,14 @@ class ModelRepository:
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
         names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for name in names:
-            self._entries.setdefault(name, ModelEntry(name))
+            if name not in self._entries:
+                self._entries[name] = self._new_entry(name)
         return names
+
+    def _new_entry(self, name: str) -> ModelEntry:
+        if self._explicit:
+            return ModelEntry(name, ModelState.UNAVAILABLE, "not loaded (explicit model control mode)")
+        return ModelEntry(name)
 
     async def load_all(self, names: list[str] | None = None) -> None:
         """Reconcile ``names`` (default: every discovered model), ``parallel`` at a time."""
@@ -111,7 +118,14 @@ class ModelRepository:
 
     async def rescan(self) -> None:
         """One poll: new model directories load, removed ones unload, changed ones reload."""
-        await self.load_all(sorted(set(self.discover()) | set(self._entries)))
+        present = set(self.discover())
+        for name in set(self._entries) - present:
+            entry = self._entries[name]
+            if entry.versions:
+                async with entry.lock:
+                    self._unload(entry, "removed from the repository")
+                log.info("model %s removed from the repository: unloading", name)
+        await self.load_all(sorted(present))
 
     async def _reconcile_quietly(self, name: str) -> None:
         try:
@@ -123,12 +137,15 @@ class ModelRepository:
         """Bring model ``name`` in line with its directory. Raises FailedPrecondition when
         something could not be applied (what serves keeps serving) and NotFound when the
         model has no directory."""
-        entry = self._entries.setdefault(name, ModelEntry(name))
+        if not is_model_name(name):
+            raise InvalidArgument(f"{name!r} is not a model name (a directory name directly under the repository)")
+        directory = self.root / name
+        if not directory.is_dir():
+            raise NotFound(f"model {name!r}: no directory {directory}")
+        entry = self._entries.setdefault(name, self._new_entry(name))
         async with entry.lock:
-            directory = self.root / name
-            if not directory.is_dir():
-                self._unload(entry, "removed from the repository")
-                raise NotFound(f"model {name!r}: no directory {directory}")
+            if not entry.versions:
+                entry.state = ModelState.LOADING
             config = await self._read_config(entry, directory / "config.yaml")
             await self._apply(entry, directory, config)
 
@@ -316,7 +333,8 @@ class ModelRepository:
             entry = self._entries[name]
             for version in sorted(set(entry.versions) | set(entry.failed)):
                 if version in entry.versions:
-                    rows.append(IndexRow(name, str(version), ModelState.READY.value, ""))
+                    # A serving version carries the model's last problem (say, a config not applied).
+                    rows.append(IndexRow(name, str(version), ModelState.READY.value, entry.reason))
                 elif not ready_only:
                     rows.append(IndexRow(name, str(version), ModelState.UNAVAILABLE.value, entry.failed[version][1]))
             if not entry.versions and not entry.failed and not ready_only:
@@ -331,6 +349,11 @@ class ModelRepository:
             entry.versions, entry.router = {}, None
             entry.state = ModelState.UNAVAILABLE
             entry.reason = "server stopped"
+
+
+def is_model_name(text: str) -> bool:
+    """A name that can only mean a directory right under the repository root (no paths, no hidden files)."""
+    return bool(text) and "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
 
 
 def is_version_name(text: str) -> bool:

@@ -63,7 +63,11 @@ class InferGateServer:
         if config.model_repository is None:
             raise ValueError("a model repository is required")
         self.config = config
-        self.repository = ModelRepository(Path(config.model_repository), drain_timeout=config.shutdown_grace_seconds)
+        self.repository = ModelRepository(
+            Path(config.model_repository),
+            drain_timeout=config.shutdown_grace_seconds,
+            explicit=config.model_control_mode == "explicit",
+        )
         self.state = ServerState(model_control_mode=config.model_control_mode)
         self.shadows = ShadowQueue()
         self._poller: asyncio.Task[None] | None = None
