@@ -1,0 +1,195 @@
+"""Routing through a real server: A/B weights, sticky keys, shadow traffic, reloads, canary rollback.
+
+Version N of the ``scale`` model answers ``x * N``, so the numbers prove which
+version computed each answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from onnx import TensorProto, helper
+
+from infergate._proto import infergate_admin_pb2 as apb
+from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
+from tests.conftest import ServerProcess, running_server
+from tests.models import build_slow_model
+from tests.test_model_control import WAIT_S, add_version, write_config
+
+ROUTED = """\
+version_policy: {all: {}}
+routing:
+  weights: {1: 50, 2: 50}
+  sticky: {header: x-user-id}
+  shadow: {version: 3, fraction: 1.0}
+"""
+
+
+def x_input() -> tc.InferInput:
+    tensor = tc.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+    return tensor
+
+
+def infer(client: tc.InferenceServerClient, **kwargs: object) -> tuple[str, str, bool]:
+    """(served version, routing arm, shadowed) of one request; checks the answer matches the version."""
+    result = client.infer("scale", [x_input()], **kwargs)  # type: ignore[arg-type]
+    response = result.get_response()
+    version = response.model_version
+    assert result.as_numpy("y")[0, 0] == float(version)
+    parameters = response.parameters
+    return version, parameters["infergate_route"].string_param, parameters["infergate_shadowed"].bool_param
+
+
+def routing_status(server: ServerProcess, name: str = "scale") -> apb.ModelRouting:
+    with grpc.insecure_channel(server.url) as channel:
+        response = apb_grpc.InferGateAdminStub(channel).RoutingStatus(apb.RoutingStatusRequest(name=name))
+    (model,) = response.models
+    return model
+
+
+def wait_until(check: Callable[[], bool], what: str) -> None:
+    """Poll ``check`` until true; fail naming ``what`` after WAIT_S (a hang guard, not a threshold)."""
+    end = time.monotonic() + WAIT_S
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for: {what}")
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    root.mkdir()
+    for version in (1, 2, 3):
+        add_version(root, "scale", version)
+    write_config(root, "scale", ROUTED)
+    return root
+
+
+@pytest.fixture
+def server(repository: Path, log_dir: Path) -> Iterator[ServerProcess]:
+    with running_server(repository, log_dir, "--model-control-mode", "poll", "--repository-poll-secs", "0.1") as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[tc.InferenceServerClient]:
+    with tc.InferenceServerClient(server.url) as c:
+        yield c
+
+
+def test_requests_are_split_by_weight_and_each_answer_says_how_it_was_routed(
+    client: tc.InferenceServerClient,
+) -> None:
+    outcomes = Counter(infer(client) for _ in range(400))
+    versions = Counter(version for version, _, _ in outcomes.elements())
+    assert set(versions) == {"1", "2"}  # never the shadow
+    assert min(versions.values()) > 100  # 50/50 within a wide binomial margin (sd = 10)
+    assert {arm for _, arm, _ in outcomes} == {"split"}
+    assert all(shadowed for _, _, shadowed in outcomes)
+
+
+def test_a_request_naming_a_version_bypasses_the_split(client: tc.InferenceServerClient) -> None:
+    assert infer(client, model_version="3") == ("3", "requested", False)
+    assert infer(client, model_version="1") == ("1", "requested", False)
+
+
+def test_a_sticky_key_always_lands_on_the_same_version(client: tc.InferenceServerClient) -> None:
+    assignments: dict[str, set[str]] = {}
+    for user in range(40):
+        for _ in range(5):
+            version, arm, _ = infer(client, headers={"x-user-id": f"user-{user}"})
+            assert arm == "sticky"
+            assignments.setdefault(f"user-{user}", set()).add(version)
+    assert all(len(versions) == 1 for versions in assignments.values())
+    assert {v for versions in assignments.values() for v in versions} == {"1", "2"}
+
+
+def test_the_shadow_is_compared_and_reported_but_never_answers(
+    client: tc.InferenceServerClient, server: ServerProcess
+) -> None:
+    for _ in range(50):
+        assert infer(client)[0] in {"1", "2"}
+    wait_until(lambda: routing_status(server).shadow.compared >= 50, "50 shadow comparisons")
+    status = routing_status(server)
+    assert status.shadow.version == "3"
+    assert status.shadow.errors == 0
+    assert status.shadow.sent == status.shadow.compared + status.shadow.dropped
+    agreement = status.shadow.outputs["y"]
+    assert agreement.max_abs_diff == pytest.approx(2.0)  # 3x against 1x (and 1.0 against 2x)
+    assert [arm.version for arm in status.arms] == ["1", "2"]
+    assert status.sticky_header == "x-user-id"
+
+
+def test_a_shadow_that_always_fails_is_counted_and_never_seen_by_callers(
+    repository: Path, client: tc.InferenceServerClient, server: ServerProcess
+) -> None:
+    wrong = helper.make_graph(  # expects 5 columns: every mirrored request fails inside the runtime
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "wrong",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+    )
+    model = helper.make_model(wrong, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    add_version(repository, "scale", 4, model.SerializeToString())
+    write_config(repository, "scale", ROUTED.replace("version: 3", "version: 4"))
+    wait_until(lambda: routing_status(server).shadow.version == "4", "shadow switched to version 4")
+    for _ in range(50):
+        assert infer(client)[0] in {"1", "2"}
+    wait_until(lambda: routing_status(server).shadow.errors >= 50, "50 shadow errors counted")
+    assert routing_status(server).shadow.compared == 0
+
+
+def test_routing_reloads_without_restart_and_a_bad_routing_keeps_the_previous_one(
+    repository: Path, client: tc.InferenceServerClient, server: ServerProcess
+) -> None:
+    write_config(repository, "scale", "version_policy: {all: {}}\nrouting: {weights: {2: 100}}\n")
+    wait_until(lambda: [a.version for a in routing_status(server).arms] == ["2"], "weights reloaded")
+    assert {infer(client)[0] for _ in range(50)} == {"2"}
+
+    write_config(repository, "scale", "version_policy: {all: {}}\nrouting: {weights: {7: 100}}\n")
+
+    def reported() -> bool:
+        index = client.get_model_repository_index().models
+        return any("routing.weights.7" in m.reason for m in index if m.name == "scale")
+
+    wait_until(reported, "the routing error in the repository index")
+    (reason,) = {m.reason for m in client.get_model_repository_index().models if m.name == "scale"}
+    assert "config.yaml" in reason and "version 7 is not loaded" in reason
+    assert {infer(client)[0] for _ in range(50)} == {"2"}
+
+
+def test_a_canary_that_breaches_its_latency_limit_is_rolled_back(tmp_path: Path, log_dir: Path) -> None:
+    root = tmp_path / "models"
+    root.mkdir()
+    add_version(root, "scale", 1)
+    add_version(root, "scale", 2, build_slow_model(20).SerializeToString())  # y = x, ~20 ms per batch
+    write_config(
+        root,
+        "scale",
+        "version_policy: {all: {}}\n"
+        "routing:\n  weights: {1: 1}\n"
+        "  canary: {version: 2, steps: [50, 100], step_requests: 20, max_p99_ratio: 2.0}\n",
+    )
+    with running_server(root, log_dir) as server, tc.InferenceServerClient(server.url) as client:
+        arms: Counter[str] = Counter()
+        while routing_status(server).canary.state == "ramping":
+            result = client.infer("scale", [x_input()])
+            arms[result.get_response().parameters["infergate_route"].string_param] += 1
+            assert sum(arms.values()) < 2000, "the canary was never judged"
+        canary = routing_status(server).canary
+        assert canary.state == "rolled_back", canary
+        assert canary.weight == 0 and "p99" in canary.reason
+        assert arms["canary"] >= 20
+        after = {client.infer("scale", [x_input()]).get_response().model_version for _ in range(50)}
+        assert after == {"1"}
+        assert "rolled back" in server.log()
