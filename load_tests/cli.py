@@ -25,6 +25,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   ceiling   the transport ceiling: a bare grpc.aio server with one fixed reply
   compute   the compute ceiling: in-process onnxruntime, no server
   suite     ceiling vs infergate vs onnxruntime side by side; writes suite.json/suite.md
+  shadow    primary latency with no shadow, a 10x slower shadow and a failing one
 
 Everything runs on loopback. Run from the repository root: python -m load_tests ...
 """
@@ -302,6 +303,14 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
 
+def _add_shadow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    shadow = commands.add_parser("shadow", help="does shadow traffic slow the caller? (starts its own servers)")
+    shadow.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight (default 8)")
+    shadow.add_argument("--duration", type=_positive_float, default=10.0, help="seconds per run (default 10)")
+    shadow.add_argument("--rounds", type=_positive_int, default=2, help="times each scenario runs (default 2)")
+    shadow.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shadow"), help="output directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m load_tests`` parser with its four subcommands."""
     parser = argparse.ArgumentParser(
@@ -310,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_closed, _add_ceiling, _add_compute, _add_suite):
+    for add in (_add_closed, _add_ceiling, _add_compute, _add_suite, _add_shadow):
         add(commands)
     return parser
 
@@ -396,11 +405,23 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     return 0 if not report.failures else 1
 
 
+def _cmd_shadow(args: argparse.Namespace) -> int:
+    from .shadow import format_shadow_table, run_shadow_benchmark
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = run_shadow_benchmark(args.concurrency, args.duration, args.rounds, args.out)
+    table = format_shadow_table(runs)
+    (args.out / "shadow.md").write_text(table + "\n")
+    print(table)
+    return 0 if all(run.result.requests for run in runs) else 1
+
+
 _COMMANDS = {
     "closed": _cmd_closed,
     "ceiling": _cmd_ceiling,
     "compute": _cmd_compute,
     "suite": _cmd_suite,
+    "shadow": _cmd_shadow,
 }
 
 

@@ -401,7 +401,7 @@ def test_a_rolled_back_canary_gets_no_more_traffic_and_stays_rolled_back() -> No
     assert (r.canary.state, r.canary.weight, r.canary.reason) == ("rolled_back", 0, reason)
 
 
-# --------------------------------------------------------------------------- routing that does not fit the loaded versions
+# --------------------------------------------------------------------------- routing that does not fit
 
 
 @pytest.mark.parametrize(
@@ -434,6 +434,27 @@ def test_routing_that_fits_the_loaded_versions_is_accepted() -> None:
     )
     check_routing(routing, [1, 2, 3])
     check_routing(Routing(), [1])
+
+
+@pytest.mark.parametrize(
+    ("routing", "loaded", "field"),
+    [
+        pytest.param(Routing(shadow=ShadowRouting(version=2)), [2], "shadow.version", id="only the shadow"),
+        pytest.param(Routing(canary=CanaryRouting(version=2, steps=[10])), [2], "canary.version", id="only the canary"),
+        pytest.param(
+            Routing(shadow=ShadowRouting(version=1), canary=CanaryRouting(version=2, steps=[10])),
+            [1, 2],
+            "shadow.version",
+            id="only the shadow and the canary",
+        ),
+    ],
+)
+def test_routing_without_weights_that_leaves_no_version_to_answer_callers_is_refused(
+    routing: Routing, loaded: list[int], field: str
+) -> None:
+    with pytest.raises(RoutingError) as refused:
+        check_routing(routing, loaded)
+    assert refused.value.field == field
 
 
 def test_a_routing_error_is_a_value_error() -> None:

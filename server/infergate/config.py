@@ -165,7 +165,7 @@ class CanaryRouting(_Strict):
     step_requests: Annotated[int, Field(ge=20, le=10_000_000)] = 200
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
     # Canary p99 latency may be at most this multiple of the primary's over the same step.
-    max_p99_ratio: Annotated[float, Field(ge=1)] = 2.0
+    max_p99_ratio: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 2.0
 
     @model_validator(mode="after")
     def _increasing(self) -> CanaryRouting:
@@ -177,7 +177,7 @@ class CanaryRouting(_Strict):
 class Routing(_Strict):
     """How requests that name no version are spread over the loaded versions."""
 
-    weights: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0)]] = {}
+    weights: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0, allow_inf_nan=False)]] = {}
     sticky: StickyRouting | None = None
     shadow: ShadowRouting | None = None
     canary: CanaryRouting | None = None

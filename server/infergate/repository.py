@@ -243,6 +243,9 @@ class ModelRepository:
         started = [m for m in serving.values() if entry.versions.get(m.version) is not m]
         for model in started:
             model.start()
+        shadow = router.routing.shadow if router is not None else None
+        for version, model in serving.items():  # a shadow computes only with the CPU the others leave
+            model.runner.set_background(shadow is not None and version == shadow.version)
         retired = [m for v, m in entry.versions.items() if serving.get(v) is not m]
         entry.versions, entry.router = serving, router
         entry.config = config

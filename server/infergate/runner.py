@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -30,6 +31,9 @@ from .stats import BatchTimings
 __all__ = ["ModelLoadError", "OnnxRunner", "Tensors", "collate", "split", "zero_inputs"]
 
 log = logging.getLogger(__name__)
+
+# Niceness of a background (shadow) version's instance threads: the lowest CPU priority.
+BACKGROUND_NICE = 19
 
 Tensors = dict[str, npt.NDArray[Any]]
 
@@ -170,6 +174,10 @@ class OnnxRunner:
         """
         self._instances.submit(payloads, rows, callback)
 
+    def set_background(self, background: bool) -> None:
+        """Run later batches at the lowest CPU priority (a shadow's), or back at normal priority."""
+        self._instances.nice = BACKGROUND_NICE if background else 0
+
     def _run_sync(
         self, session: ort.InferenceSession, payloads: list[Tensors], rows: list[int]
     ) -> tuple[list[Tensors | Exception], BatchTimings]:
@@ -234,6 +242,7 @@ class _InstanceThreads:
 
     def __init__(self, sessions: list[ort.InferenceSession], run: RunBatch, name: str):
         self._run = run
+        self.nice = 0  # wanted niceness of the instance threads; each applies it before its next batch
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._serve, args=(session,), name=f"{name}-{i}", daemon=True)
@@ -246,7 +255,11 @@ class _InstanceThreads:
         self._jobs.put((asyncio.get_running_loop(), callback, payloads, rows))
 
     def _serve(self, session: ort.InferenceSession) -> None:
+        nice = 0
         while (job := self._jobs.get()) is not None:
+            if self.nice != nice:
+                nice = self.nice
+                _set_thread_nice(nice)
             loop, callback, payloads, rows = job
             outcome: BatchOutcome | BaseException
             try:
@@ -264,6 +277,20 @@ class _InstanceThreads:
             self._jobs.put(None)
         for thread in self._threads:
             thread.join()
+
+
+def _set_thread_nice(nice: int) -> None:
+    """Set the calling thread's niceness (on Linux it is per thread).
+
+    Why: a shadow version must not take CPU from the versions that answer
+    callers. At niceness 19 its thread only gets the cores the others leave
+    idle. Raising niceness is always allowed; lowering it again (a shadow that
+    becomes a primary) needs CAP_SYS_NICE, so without it the thread stays low.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError) as exc:  # no permission, or not Linux
+        log.warning("cannot set thread niceness to %d: %s", nice, exc)
 
 
 def _first_line(exc: BaseException) -> str:

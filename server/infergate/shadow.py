@@ -5,13 +5,16 @@ a job on a bounded queue (dropping, and counting, when it is full) and returns.
 A fixed number of worker tasks — created in :meth:`ShadowQueue.start`, stopped
 by :meth:`ShadowQueue.aclose` — run the jobs through the shadow version's own
 batcher and compare its outputs with the primary's. Shadow errors and slowness
-are counted in :class:`ShadowStats`, never returned to anyone.
+are counted in :class:`ShadowStats`, never returned to anyone; a shadow that
+fails ten times in a row is paused (its calls dropped) for a back-off that
+doubles from 0.5 s up to 30 s, so a broken shadow costs next to nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +25,11 @@ __all__ = ["OutputAgreement", "ShadowJob", "ShadowQueue", "ShadowStats", "compar
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
+
+PAUSE_AFTER_ERRORS = 10
+PAUSE_MIN_S = 0.5
+PAUSE_MAX_S = 30.0
+_MAX_DOUBLINGS = 16  # 0.5 s * 2**16 is far past PAUSE_MAX_S; caps the power before it overflows a float
 
 
 @dataclass(slots=True)
@@ -50,8 +58,19 @@ class ShadowStats:
     errors: int = 0
     compared: int = 0
     outputs: dict[str, OutputAgreement] = field(default_factory=dict)
+    # A shadow that keeps failing is paused (its calls dropped) for a back-off that doubles up to a limit.
+    consecutive_errors: int = 0
+    paused_until: float = 0.0
+
+    def failed(self, now: float) -> None:
+        self.errors += 1
+        self.consecutive_errors += 1
+        if self.consecutive_errors % PAUSE_AFTER_ERRORS == 0:
+            doublings = min(self.consecutive_errors // PAUSE_AFTER_ERRORS - 1, _MAX_DOUBLINGS)
+            self.paused_until = now + min(PAUSE_MIN_S * 2**doublings, PAUSE_MAX_S)
 
     def record(self, primary: Tensors, shadow: Tensors) -> None:
+        self.consecutive_errors = 0
         self.compared += 1
         for name, agreement in compare_outputs(primary, shadow).items():
             total = self.outputs.setdefault(name, OutputAgreement())
@@ -73,7 +92,7 @@ def compare_outputs(primary: Tensors, shadow: Tensors) -> dict[str, OutputAgreem
             result.mismatched, result.max_abs_diff = 1, float("inf")
         elif a.dtype.kind in "biuf":
             if a.size:
-                result.max_abs_diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+                result.max_abs_diff, result.mismatched = _max_abs_diff(a, b)
             if a.dtype.kind == "f" and a.ndim == 2 and a.shape[1] > 1:
                 result.top1_rows = a.shape[0]
                 result.top1_agreed = int(np.count_nonzero(a.argmax(axis=1) == b.argmax(axis=1)))
@@ -81,6 +100,17 @@ def compare_outputs(primary: Tensors, shadow: Tensors) -> dict[str, OutputAgreem
             result.mismatched = 1
         out[name] = result
     return out
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+    """Largest |a - b| (NaN against NaN agrees); a NaN on one side only is a mismatch, reported as inf."""
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    both_nan = np.isnan(x) & np.isnan(y)
+    with np.errstate(invalid="ignore"):  # inf - inf on both sides: agreement, handled below
+        diff = np.where(both_nan | (x == y), 0.0, np.abs(x - y))
+    if np.isnan(diff).any():
+        return float("inf"), 1
+    return float(diff.max()), 0
 
 
 @dataclass(slots=True)
@@ -106,7 +136,8 @@ class ShadowQueue:
 
     def offer(self, job: ShadowJob, limit: int) -> bool:
         """Queue ``job`` unless ``limit`` jobs (or the queue's capacity) already wait; never blocks."""
-        if self._queue.qsize() >= limit or not self._tasks:
+        now = time.monotonic()
+        if self._queue.qsize() >= limit or not self._tasks or now < job.stats.paused_until:
             job.stats.dropped += 1
             return False
         try:
@@ -121,12 +152,15 @@ class ShadowQueue:
         while True:
             job = await self._queue.get()
             try:
-                shadow = await asyncio.wait_for(job.call(), job.timeout_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that races a finished call.
+                async with asyncio.timeout(job.timeout_s):
+                    shadow = await job.call()
                 job.stats.record(job.primary, shadow)
             except asyncio.CancelledError:
+                job.stats.dropped += 1  # stopped by aclose: never compared
                 raise
             except Exception as exc:  # a shadow's failure is counted, never anyone else's problem
-                job.stats.errors += 1
+                job.stats.failed(time.monotonic())
                 log.debug("shadow call to version %d failed: %s", job.stats.version, exc)
             finally:
                 self._queue.task_done()

@@ -1,0 +1,115 @@
+"""Does a shadow version slow the caller? Primary latency with no shadow, a 10x slower shadow, a failing one.
+
+Builds a repository of the demo MLP (version 3, the primary), the same MLP run
+ten times over (version 1, ~10x the compute) and a model that refuses the
+MLP's inputs (version 2, every shadow call fails). Then, for each scenario in
+turn and ``rounds`` times over (so the spread between rounds shows the
+noise), starts infergate with that routing and measures closed-loop load on
+the primary with the usual generator.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from infergate.demo import build_mlp
+
+from .generator import LoadConfig, run_closed_loop
+from .report import LoadResult
+from .servers import free_port, running_server
+
+__all__ = ["SCENARIOS", "ShadowRun", "build_repository", "format_shadow_table", "run_shadow_benchmark"]
+
+SCENARIOS: dict[str, str] = {
+    "no shadow": "",
+    "shadow 10x slower": "  shadow: {version: 1, fraction: 1.0}\n",
+    "shadow always failing": "  shadow: {version: 2, fraction: 1.0}\n",
+}
+
+
+@dataclass(frozen=True)
+class ShadowRun:
+    scenario: str
+    round: int
+    result: LoadResult
+
+
+def _repeated_mlp(repeats: int) -> onnx.ModelProto:
+    """The demo MLP's layers applied ``repeats`` times in a row (weights shared): ~repeats x the compute."""
+    mlp = build_mlp()
+    weights = {t.name: t for t in mlp.graph.initializer}
+    layers = [n for n in mlp.graph.node]
+    nodes: list[onnx.NodeProto] = []
+    current = "x"
+    for copy in range(repeats):
+        renamed: dict[str, str] = {"x": current}
+        for node in layers:
+            outputs = [f"c{copy}_{o}" for o in node.output]
+            renamed.update(zip(node.output, outputs, strict=True))
+            inputs = [renamed.get(i, i) for i in node.input]
+            nodes.append(helper.make_node(node.op_type, inputs, outputs))
+        current = renamed["y"]
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(
+        nodes, "mlp_x10", list(mlp.graph.input), list(mlp.graph.output), initializer=list(weights.values())
+    )
+    return helper.make_model(graph, opset_imports=list(mlp.opset_import), ir_version=mlp.ir_version)
+
+
+def _refusing_model() -> onnx.ModelProto:
+    """Takes 513 columns where the MLP sends 512: every call fails inside onnxruntime."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "zero"], ["y"])],
+        "refusing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 513])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 513])],
+        [numpy_helper.from_array(np.zeros(513, dtype=np.float32), "zero")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def build_repository(root: pathlib.Path, routing: str) -> None:
+    # The primary is the newest version, so metadata requests that name none describe it.
+    for version, model in ((3, build_mlp()), (1, _repeated_mlp(10)), (2, _refusing_model())):
+        directory = root / "mlp" / str(version)
+        directory.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(model, str(directory / "model.onnx"))
+    (root / "mlp" / "config.yaml").write_text(
+        "max_batch_size: 64\nversion_policy: {all: {}}\nsession_options: {intra_op_num_threads: 1}\n"
+        "routing:\n  weights: {3: 1}\n" + routing
+    )
+
+
+def run_shadow_benchmark(concurrency: int, duration: float, rounds: int, out: pathlib.Path) -> list[ShadowRun]:
+    runs: list[ShadowRun] = []
+    for round_, (scenario, routing) in itertools.product(range(rounds), SCENARIOS.items()):
+        with tempfile.TemporaryDirectory(prefix="shadow-bench-") as tmp:
+            root = pathlib.Path(tmp)
+            build_repository(root, routing)
+            port = free_port()
+            target = f"127.0.0.1:{port}"
+            argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(root), "--port", str(port)]
+            with running_server("infergate", argv, target, out / "shadow-server.log", pathlib.Path.cwd()):
+                config = LoadConfig(target=target, model="mlp", concurrency=concurrency, duration=duration)
+                runs.append(ShadowRun(scenario, round_, run_closed_loop(config)))
+        print(format_shadow_table(runs[-1:]).splitlines()[-1], flush=True)
+    return runs
+
+
+def format_shadow_table(runs: Sequence[ShadowRun]) -> str:
+    lines = ["| scenario | round | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        r = run.result
+        errors = sum(r.errors.values())
+        cells = [run.scenario, str(run.round + 1), f"{r.requests_per_s:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"]
+        lines.append(f"| {' | '.join(cells)} | {errors} |")
+    return "\n".join(lines)
