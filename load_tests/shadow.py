@@ -27,7 +27,7 @@ from .generator import LoadConfig, run_closed_loop
 from .report import LoadResult
 from .servers import free_port, running_server
 
-__all__ = ["SCENARIOS", "ShadowRun", "build_repository", "format_shadow_table", "run_shadow_benchmark"]
+__all__ = ["SCENARIOS", "ShadowRun", "build_repository", "format_shadow_table", "run_shadow_benchmark", "write_config"]
 
 SCENARIOS: dict[str, str] = {
     "no shadow": "",
@@ -83,6 +83,12 @@ def build_repository(root: pathlib.Path, routing: str) -> None:
         directory = root / "mlp" / str(version)
         directory.mkdir(parents=True, exist_ok=True)
         onnx.save_model(model, str(directory / "model.onnx"))
+    write_config(root, routing)
+
+
+def write_config(root: pathlib.Path, routing: str) -> None:
+    """The MLP's config.yaml: every version served, all routed traffic to version 3, plus ``routing``."""
+    (root / "mlp").mkdir(parents=True, exist_ok=True)
     (root / "mlp" / "config.yaml").write_text(
         "max_batch_size: 64\nversion_policy: {all: {}}\nsession_options: {intra_op_num_threads: 1}\n"
         "routing:\n  weights: {3: 1}\n" + routing
