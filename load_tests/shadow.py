@@ -78,7 +78,7 @@ def _refusing_model() -> onnx.ModelProto:
 
 
 def build_repository(root: pathlib.Path, routing: str) -> None:
-    # The primary is the newest version, so metadata requests that name none describe it.
+    # The primary is also the newest version, so even a server without routing would describe it.
     for version, model in ((3, build_mlp()), (1, _repeated_mlp(10)), (2, _refusing_model())):
         directory = root / "mlp" / str(version)
         directory.mkdir(parents=True, exist_ok=True)

@@ -459,3 +459,17 @@ def test_routing_without_weights_that_leaves_no_version_to_answer_callers_is_ref
 
 def test_a_routing_error_is_a_value_error() -> None:
     assert issubclass(RoutingError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("routing", "loaded", "primary"),
+    [
+        (Routing(), [1, 2, 3], 3),
+        (Routing(weights={1: 90, 2: 10}), [1, 2, 3], 1),
+        (Routing(weights={1: 50, 2: 50}), [1, 2, 3], 2),
+        (Routing(shadow=ShadowRouting(version=3)), [1, 2, 3], 2),
+        (Routing(canary=CanaryRouting(version=3, steps=[10])), [1, 2, 3], 2),
+    ],
+)
+def test_the_primary_stands_for_the_model_in_metadata(routing: Routing, loaded: list[int], primary: int) -> None:
+    assert Router("m", routing, loaded).primary == primary

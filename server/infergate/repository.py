@@ -66,11 +66,6 @@ class ModelEntry:
     shadows: dict[int, ShadowStats] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    @property
-    def default(self) -> ModelVersion | None:
-        """The version served when a request names none and there is no routing: the newest."""
-        return self.versions[max(self.versions)] if self.versions else None
-
 
 class ModelRepository:
     """Finds, loads, reloads, looks up and closes the models under ``root``."""
@@ -298,8 +293,8 @@ class ModelRepository:
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The model version a request asks for. Raises NotFound or Unavailable."""
         entry = self._entry(name)
-        if not version:
-            return entry.versions[max(entry.versions)]
+        if not version:  # the router's primary: never a shadow or canary the callers are not meant to see
+            return entry.versions[entry.router.primary] if entry.router else entry.versions[max(entry.versions)]
         return _named_version(entry, version)
 
     def route(self, name: str, version: str, key: str | None) -> tuple[ModelVersion, Decision]:

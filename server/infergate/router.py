@@ -183,6 +183,14 @@ class Router:
         self._canary = _Canary(canary, model) if canary is not None else None
 
     @property
+    def primary(self) -> int:
+        """The version that stands for the model when a request names none and is not routed
+        (metadata, config): the one with the largest weight (the newest on a tie), else the default."""
+        if not self._weights:
+            return self._newest
+        return max(self._weights, key=lambda v: (self._weights[v], v))
+
+    @property
     def sticky_header(self) -> str | None:
         return self.routing.sticky.header if self.routing.sticky else None
 
