@@ -19,6 +19,7 @@ from .config import ConfigError, load_model_config
 from .errors import NotFound, Unavailable
 from .model import ModelVersion, load_model_version
 from .runner import ModelLoadError
+from .stats import RepositoryObserver
 
 __all__ = ["ModelEntry", "ModelRepository", "ModelState", "is_version_name"]
 
@@ -45,8 +46,9 @@ class ModelEntry:
 class ModelRepository:
     """Finds, loads, looks up and closes the models under ``root``."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, observer: RepositoryObserver | None = None):
         self.root = root
+        self._observer = observer  # telemetry: load events and each version's observer
         self._entries: dict[str, ModelEntry] = {}
 
     @property
@@ -83,15 +85,23 @@ class ModelRepository:
         except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
             entry.state, entry.reason = ModelState.UNAVAILABLE, str(exc)
             log.error("model %s failed to load: %s", entry.name, exc)
+            self._loaded(entry.name, ok=False)
             return
         except Exception as exc:  # a bug or an unexpected runtime error: keep serving the rest
             entry.state, entry.reason = ModelState.UNAVAILABLE, f"unexpected error: {exc}"
             log.exception("model %s failed to load", entry.name)
+            self._loaded(entry.name, ok=False)
             return
-        model.start()
+        observer = self._observer
+        model.start(observer.for_model(entry.name, model.version, lambda: model.batcher.depth) if observer else None)
+        self._loaded(entry.name, ok=True)
         entry.versions[model.version] = model
         entry.default = model
         entry.state, entry.reason = ModelState.READY, ""
+
+    def _loaded(self, name: str, ok: bool) -> None:
+        if self._observer is not None:
+            self._observer.model_loaded(name, ok)
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The model version a request asks for. Raises NotFound or Unavailable."""

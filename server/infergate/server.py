@@ -24,6 +24,7 @@ from ._proto import model_config_pb2 as mc
 from .config import ServerConfig
 from .repository import ModelRepository
 from .servicer import InferenceServicer, ServerState
+from .telemetry import Telemetry
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
 
@@ -47,14 +48,16 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class InferGateServer:
     """An infergate server over one model repository."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None):
         if config.model_repository is None:
             raise ValueError("a model repository is required")
         self.config = config
-        self.repository = ModelRepository(Path(config.model_repository))
+        self.telemetry = telemetry or Telemetry.from_config(config.telemetry, access_log=config.log_level == "debug")
+        self.repository = ModelRepository(Path(config.model_repository), self.telemetry.observer)
         self.state = ServerState()
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
+            interceptors=self.telemetry.interceptors(),  # outermost: refused calls are traced and counted too
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -79,6 +82,7 @@ class InferGateServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.telemetry.start()
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
         return self.port
@@ -111,6 +115,7 @@ class InferGateServer:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self.repository.aclose(timeout=grace)
+        await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export
         log.info("stopped")
 
 
@@ -118,6 +123,9 @@ async def run_until_signalled(server: InferGateServer, stop: asyncio.Event) -> N
     """Start, load, serve until ``stop`` is set, then drain."""
     await server.start()
     print(f"infergate listening on {server.config.host}:{server.port}", flush=True)
+    if server.telemetry.metrics_port is not None:
+        host, port = server.config.telemetry.metrics_host, server.telemetry.metrics_port
+        print(f"infergate metrics on http://{host}:{port}/metrics", flush=True)
     loader = asyncio.create_task(server.load_models())
     await stop.wait()
     if not loader.done():
