@@ -26,7 +26,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import (
     Decision,
@@ -92,11 +92,19 @@ class LinkedOrRatio(Sampler):
         return f"LinkedOrRatio{{{self._ratio.rate}}}"
 
 
-def build_tracer_provider(sample_ratio: float, resource: Resource) -> TracerProvider:
-    """A provider sampling parent-based with ``sample_ratio`` for roots, exporting per OTEL_TRACES_EXPORTER."""
+def build_tracer_provider(
+    sample_ratio: float, resource: Resource, processors: Sequence[SpanProcessor] | None = None
+) -> TracerProvider:
+    """A provider sampling parent-based with ``sample_ratio`` for roots.
+
+    Spans go to ``processors`` when given (tests), else to the OTEL_TRACES_EXPORTER
+    exporters, each behind a BatchSpanProcessor.
+    """
     provider = TracerProvider(resource=resource, sampler=ParentBased(root=LinkedOrRatio(sample_ratio)))
-    for exporter in _span_exporters():
-        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=SPAN_QUEUE_SIZE))
+    if processors is None:
+        processors = [BatchSpanProcessor(e, max_queue_size=SPAN_QUEUE_SIZE) for e in _span_exporters()]
+    for processor in processors:
+        provider.add_span_processor(processor)
     return provider
 
 
