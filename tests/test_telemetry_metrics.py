@@ -48,10 +48,13 @@ def _one(points: list[Any], **attributes: Any) -> Any:
     return point
 
 
-async def _eventually(check: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not check():
-            await asyncio.sleep(0.01)  # a poll interval, not a wait for something to happen
+async def _eventually(check: Callable[[], bool], poll: float = 0.01) -> None:
+    """Poll ``check`` until it holds (the gauge has no event to wait on); fail after WAIT seconds."""
+    for _ in range(int(WAIT / poll)):
+        if check():
+            return
+        await asyncio.sleep(poll)
+    raise AssertionError(f"condition not met within {WAIT}s")
 
 
 async def test_metrics_agree_with_model_statistics_after_a_known_workload(observed: Observed) -> None:
