@@ -32,7 +32,13 @@ from .hooks import RepositoryHooks
 from .interceptor import TelemetryInterceptor
 from .logs import configure_logging
 from .metrics import ServerMetrics
-from .tracing import build_meter_provider, build_resource, build_tracer_provider, sdk_disabled
+from .tracing import (
+    build_meter_provider,
+    build_resource,
+    build_tracer_provider,
+    otlp_metrics_requested,
+    sdk_disabled,
+)
 
 __all__ = ["ServerMetrics", "Telemetry", "configure_logging"]
 
@@ -70,7 +76,7 @@ class Telemetry:
     @classmethod
     def from_config(cls, config: TelemetryConfig, *, access_log: bool = False) -> Telemetry:
         """Providers as ``config`` and the OTEL_* variables ask (none at all when everything is off)."""
-        wants_metrics = config.metrics or config.metrics_port is not None
+        wants_metrics = config.metrics or config.metrics_port is not None or otlp_metrics_requested()
         if sdk_disabled() or not (config.traces or wants_metrics):
             return cls(config, access_log=access_log)
         resource = build_resource()

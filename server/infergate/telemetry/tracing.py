@@ -4,8 +4,8 @@ Exporters are chosen the way every OpenTelemetry SDK chooses them:
 
 * ``OTEL_TRACES_EXPORTER``: ``otlp`` (the default), ``console`` or ``none`` (spans
   are made, for logs and links, but not sent); a comma-separated list is allowed.
-* ``OTEL_METRICS_EXPORTER``: ``otlp`` pushes metrics too; unlike the SDK's default
-  it is off unless set, because the Prometheus endpoint is the usual way.
+* ``OTEL_METRICS_EXPORTER``: ``otlp`` turns metrics on and pushes them; unlike the
+  SDK's default it is off unless set, because the Prometheus endpoint is the usual way.
 * ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or the ``_TRACES_``/``_METRICS_`` forms):
   ``grpc`` (default) or ``http/protobuf``. Endpoint, headers, timeout and
   compression are read by the exporters themselves (``OTEL_EXPORTER_OTLP_ENDPOINT``…).
@@ -47,6 +47,7 @@ __all__ = [
     "build_meter_provider",
     "build_resource",
     "build_tracer_provider",
+    "otlp_metrics_requested",
     "sdk_disabled",
 ]
 
@@ -55,6 +56,11 @@ SPAN_QUEUE_SIZE = 4096  # spans waiting for export; beyond this they are dropped
 
 def sdk_disabled() -> bool:
     return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def otlp_metrics_requested() -> bool:
+    """OTEL_METRICS_EXPORTER names otlp (which also turns metrics on)."""
+    return "otlp" in _names("OTEL_METRICS_EXPORTER", "none")
 
 
 def build_resource() -> Resource:
@@ -111,7 +117,7 @@ def build_tracer_provider(
 def build_meter_provider(resource: Resource, readers: Sequence[MetricReader]) -> MeterProvider:
     """A provider feeding ``readers`` (e.g. Prometheus) and OTLP when OTEL_METRICS_EXPORTER says so."""
     all_readers = list(readers)
-    if "otlp" in _names("OTEL_METRICS_EXPORTER", "none"):
+    if otlp_metrics_requested():
         all_readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter()))
     return MeterProvider(resource=resource, metric_readers=all_readers)
 
