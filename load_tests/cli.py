@@ -25,6 +25,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   ceiling   the transport ceiling: a bare grpc.aio server with one fixed reply
   compute   the compute ceiling: in-process onnxruntime, no server
   suite     ceiling vs infergate vs onnxruntime side by side; writes suite.json/suite.md
+  telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
 
 Everything runs on loopback. Run from the repository root: python -m load_tests ...
 """
@@ -302,6 +303,25 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
 
+def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .telemetry import VARIANTS, variants
+
+    p = commands.add_parser(
+        "telemetry-overhead",
+        help="infergate with tracing and metrics off vs on, in one run",
+        description="Per round, start infergate once per variant (off, metrics, traces+metrics, "
+        "traces10+metrics; spans go over OTLP to a sink process) and load each the same way. "
+        "Writes overhead.json and overhead.md.",
+    )
+    p.add_argument("--model", default="matmul16", help="model to load (default matmul16)")
+    p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N", help="in flight (default 64)")
+    p.add_argument("--duration", type=_positive_float, default=8.0, metavar="S", help="measured s (default 8)")
+    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
+    p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
+    p.add_argument("--variants", type=variants, default=VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/overhead-<time>")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m load_tests`` parser with its four subcommands."""
     parser = argparse.ArgumentParser(
@@ -310,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_closed, _add_ceiling, _add_compute, _add_suite):
+    for add in (_add_closed, _add_ceiling, _add_compute, _add_suite, _add_telemetry_overhead):
         add(commands)
     return parser
 
@@ -396,11 +416,27 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     return 0 if not report.failures else 1
 
 
+def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
+    from .telemetry import OverheadConfig, run_overhead
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out = args.out or pathlib.Path("results") / time.strftime("overhead-%Y%m%d-%H%M%S", time.gmtime())
+    config = OverheadConfig(
+        out=out, model=args.model, concurrency=args.concurrency, duration=args.duration,
+        warmup=args.warmup, rounds=args.rounds, variants=args.variants,
+    )  # fmt: skip
+    report = run_overhead(config)
+    print(report.table())
+    print(f"\nwrote {out / 'overhead.json'} and {out / 'overhead.md'}")
+    return 0
+
+
 _COMMANDS = {
     "closed": _cmd_closed,
     "ceiling": _cmd_ceiling,
     "compute": _cmd_compute,
     "suite": _cmd_suite,
+    "telemetry-overhead": _cmd_telemetry_overhead,
 }
 
 

@@ -24,7 +24,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from infergate.config import ServerConfig, TelemetryConfig
 from infergate.server import InferGateServer
 from infergate.telemetry import Telemetry
-from infergate.telemetry.tracing import build_tracer_provider
+from infergate.telemetry.aggregate import Histograms, with_histograms
+from infergate.telemetry.providers import build_tracer_provider
 
 # A batch of exactly four: it runs the moment the fourth request arrives and not before
 # (the queue delay is far longer than any test), so batch contents are deterministic.
@@ -56,6 +57,7 @@ class Observed:
     server: InferGateServer
     spans: InMemorySpanExporter
     reader: InMemoryMetricReader
+    histograms: Histograms
 
     @property
     def url(self) -> str:
@@ -66,7 +68,7 @@ class Observed:
 
     def points(self, name: str) -> list[Any]:
         """Every data point of metric ``name`` (attributes in ``point.attributes``)."""
-        data = self.reader.get_metrics_data()
+        data = with_histograms(self.reader.get_metrics_data(), self.histograms)
         assert data is not None
         return [
             point
@@ -86,13 +88,14 @@ async def observed_server(repository: Path, **telemetry: Any) -> AsyncIterator[O
     reader = InMemoryMetricReader()
     tracer_provider = build_tracer_provider(config.sample_ratio, Resource.create(), [SimpleSpanProcessor(spans)])
     meter_provider = MeterProvider(metric_readers=[reader])
+    histograms = Histograms("infergate")
     server = InferGateServer(
         ServerConfig(model_repository=repository, port=0, strict_readiness=False, telemetry=config),
-        Telemetry(config, tracer_provider=tracer_provider, meter_provider=meter_provider),
+        Telemetry(config, tracer_provider=tracer_provider, meter_provider=meter_provider, histograms=histograms),
     )
     await server.start()
     await server.load_models()
     try:
-        yield Observed(server, spans, reader)
+        yield Observed(server, spans, reader, histograms)
     finally:
         await server.stop(grace=5)

@@ -21,18 +21,18 @@ import threading
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ..config import TelemetryConfig
 from ..stats import RepositoryObserver
+from .aggregate import Histograms
 from .hooks import RepositoryHooks
 from .interceptor import TelemetryInterceptor
 from .logs import configure_logging
 from .metrics import ServerMetrics
-from .tracing import (
+from .providers import (
     build_meter_provider,
     build_resource,
     build_tracer_provider,
@@ -56,6 +56,7 @@ class Telemetry:
         *,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        histograms: Histograms | None = None,
         prometheus: CollectorRegistry | None = None,
         access_log: bool = False,
     ):
@@ -66,7 +67,10 @@ class Telemetry:
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.metrics_port: int | None = None
         tracer = tracer_provider.get_tracer(_SCOPE) if tracer_provider is not None else None
-        self.metrics = ServerMetrics(meter_provider.get_meter(_SCOPE)) if meter_provider is not None else None
+        self.histograms = histograms or Histograms(_SCOPE)  # readers of ``meter_provider`` must add these
+        self.metrics = (
+            ServerMetrics(meter_provider.get_meter(_SCOPE), self.histograms) if meter_provider is not None else None
+        )
         on = tracer is not None or self.metrics is not None
         self.observer: RepositoryObserver | None = RepositoryHooks(tracer, self.metrics) if on else None
         self._interceptor = (
@@ -82,14 +86,13 @@ class Telemetry:
         resource = build_resource()
         tracer_provider = build_tracer_provider(config.sample_ratio, resource) if config.traces else None
         registry = CollectorRegistry(auto_describe=True) if config.metrics_port is not None else None
-        meter_provider = None
-        if wants_metrics:
-            readers = [PrometheusMetricReader(registry=registry)] if registry is not None else []
-            meter_provider = build_meter_provider(resource, readers)
+        histograms = Histograms(_SCOPE)
+        meter_provider = build_meter_provider(resource, histograms, registry) if wants_metrics else None
         return cls(
             config,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
+            histograms=histograms,
             prometheus=registry,
             access_log=access_log,
         )

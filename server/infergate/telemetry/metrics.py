@@ -6,8 +6,8 @@ into ``infergate_queue_duration_seconds`` and counters into ``*_total``.
 docs/observability.md lists every metric with its Prometheus name and Triton's
 name for the same concept.
 
-Every method is called on the event loop except the observable callbacks,
-which the SDK calls from its reader (a scrape or an export thread).
+Every recording method is called on the event loop; the observable callbacks
+and the histogram snapshots run on a reader's thread (a scrape or an export).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from .aggregate import Counter, Histograms
+
 __all__ = ["BATCH_ROWS", "SECONDS", "ServerMetrics"]
 
 # Sub-millisecond to seconds: a small model answers in 100 µs, a big batch in seconds.
@@ -26,61 +28,63 @@ SECONDS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_ROWS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DIFFS: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class ServerMetrics:
-    """Every instrument infergate records; one instance per server, made from its ``Meter``."""
+    """Every instrument infergate records; one per server, from its ``Meter`` and ``Histograms``.
 
-    def __init__(self, meter: Meter):
+    Recording methods cost a dictionary update or a bisect (see aggregate.py);
+    the SDK reads the totals when a reader collects.
+    """
+
+    def __init__(self, meter: Meter, histograms: Histograms):
         self._depths: dict[tuple[str, int], Callable[[], int]] = {}
         self._lock = threading.Lock()  # the depth table is read from the reader's thread
-        self._requests = meter.create_counter(
-            "infergate.requests", unit="{request}", description="RPCs answered, by method, model, version and status"
+        self._active: dict[str, int] = {}
+        self._requests = self._counter(
+            meter, "infergate.requests", "{request}", "RPCs answered, by method, model, version and status"
         )
-        self._request_duration = meter.create_histogram(
-            "infergate.request.duration", unit="s", description="Time from receiving an RPC to answering it",
-            explicit_bucket_boundaries_advisory=SECONDS,
-        )  # fmt: skip
-        self._active = meter.create_up_down_counter(
-            "infergate.requests.active", unit="{request}", description="RPCs being served now"
+        self._loads = self._counter(meter, "infergate.model.loads", "{load}", "Model loads, by model and outcome")
+        self._auth_refusals = self._counter(
+            meter, "infergate.auth.refusals", "{request}", "Calls refused by authentication, by reason"
         )
-        self._queue_duration = meter.create_histogram(
-            "infergate.queue.duration", unit="s", description="Time a request waited in its model's queue",
-            explicit_bucket_boundaries_advisory=SECONDS,
-        )  # fmt: skip
-        self._compute_duration = meter.create_histogram(
-            "infergate.compute.duration", unit="s",
-            description="Time one batch took to run: gather inputs, execute, split outputs",
-            explicit_bucket_boundaries_advisory=SECONDS,
-        )  # fmt: skip
-        self._batch_size = meter.create_histogram(
-            "infergate.batch.size", unit="{row}", description="Rows in each executed batch",
-            explicit_bucket_boundaries_advisory=BATCH_ROWS,
-        )  # fmt: skip
-        self._loads = meter.create_counter(
-            "infergate.model.loads", unit="{load}", description="Model loads, by model and outcome"
+        self._shadow_comparisons = self._counter(
+            meter,
+            "infergate.shadow.comparisons",
+            "{comparison}",
+            "Shadow answers compared with the primary's, by agreement (true, false, unknown)",
         )
-        self._auth_refusals = meter.create_counter(
-            "infergate.auth.refusals", unit="{request}", description="Calls refused by authentication, by reason"
+        self._shadow_errors = self._counter(meter, "infergate.shadow.errors", "{request}", "Shadow calls that failed")
+        self._shadow_dropped = self._counter(
+            meter, "infergate.shadow.dropped", "{request}", "Shadow calls dropped (shadow queue full)"
         )
-        self._shadow_comparisons = meter.create_counter(
-            "infergate.shadow.comparisons", unit="{comparison}",
-            description="Shadow answers compared with the primary's, by agreement (true, false, unknown)",
-        )  # fmt: skip
-        self._shadow_diff = meter.create_histogram(
-            "infergate.shadow.max_abs_diff", description="Largest absolute difference between shadow and primary"
+        self._request_duration = histograms.create(
+            "infergate.request.duration", "s", "Time from receiving an RPC to answering it", SECONDS
         )
-        self._shadow_errors = meter.create_counter(
-            "infergate.shadow.errors", unit="{request}", description="Shadow calls that failed"
+        self._queue_duration = histograms.create(
+            "infergate.queue.duration", "s", "Time a request waited in its model's queue", SECONDS
         )
-        self._shadow_dropped = meter.create_counter(
-            "infergate.shadow.dropped", unit="{request}", description="Shadow calls dropped (shadow queue full)"
+        self._compute_duration = histograms.create(
+            "infergate.compute.duration",
+            "s",
+            "Time one batch took to run: gather inputs, execute, split outputs",
+            SECONDS,
+        )
+        self._batch_size = histograms.create("infergate.batch.size", "{row}", "Rows in each executed batch", BATCH_ROWS)
+        self._shadow_diff = histograms.create(
+            "infergate.shadow.max_abs_diff", "", "Largest absolute difference between shadow and primary", DIFFS
+        )
+        meter.create_observable_up_down_counter(
+            "infergate.requests.active", [self._observe_active], unit="{request}", description="RPCs being served now"
         )
         meter.create_observable_gauge(
-            "infergate.queue.depth", [self._observe_depths], unit="{request}",
+            "infergate.queue.depth",
+            [self._observe_depths],
+            unit="{request}",
             description="Requests waiting in each model version's queue",
-        )  # fmt: skip
+        )
         meter.create_observable_counter(
             "process.cpu.time", [_observe_cpu], unit="s", description="CPU time this process used"
         )
@@ -88,32 +92,35 @@ class ServerMetrics:
             "process.memory.usage", [_observe_memory], unit="By", description="Resident memory of this process"
         )
 
+    @staticmethod
+    def _counter(meter: Meter, name: str, unit: str, description: str) -> Counter:
+        counter = Counter()
+        meter.create_observable_counter(name, [counter.observe], unit=unit, description=description)
+        return counter
+
     # --- RPCs (the interceptor) ------------------------------------------------------------
 
     def request_started(self, method: str) -> None:
-        self._active.add(1, {"rpc.method": method})
+        self._active[method] = self._active.get(method, 0) + 1
 
     def request_finished(self, method: str, model: str, version: str, status: int, seconds: float) -> None:
         """One answered RPC; ``model``/``version`` are empty for calls that name none."""
-        self._active.add(-1, {"rpc.method": method})
-        attributes: dict[str, str | int] = {
-            "rpc.method": method, "model": model, "model_version": version, "rpc.grpc.status_code": status,
-        }  # fmt: skip
-        self._requests.add(1, attributes)
-        self._request_duration.record(seconds, attributes)
+        self._active[method] -= 1
+        key = (("rpc.method", method), ("model", model), ("model_version", version), ("rpc.grpc.status_code", status))
+        self._requests.add(key)
+        self._request_duration.record(key, seconds)
 
     # --- models (the batcher's events, the same ones ModelStatistics counts) --------------
 
     def record_batch(self, model: str, version: int, rows: int, queue_seconds: Sequence[float], compute: float) -> None:
         """One executed batch: each request's queue wait and the batch's compute time."""
-        attributes = {"model": model, "model_version": str(version)}
-        for wait in queue_seconds:
-            self._queue_duration.record(wait, attributes)
-        self._compute_duration.record(compute, attributes)
-        self._batch_size.record(rows, attributes)
+        key = (("model", model), ("model_version", str(version)))
+        self._queue_duration.record_many(key, queue_seconds)
+        self._compute_duration.record(key, compute)
+        self._batch_size.record(key, rows)
 
     def record_model_load(self, model: str, ok: bool) -> None:
-        self._loads.add(1, {"model": model, "outcome": "success" if ok else "failure"})
+        self._loads.add((("model", model), ("outcome", "success" if ok else "failure")))
 
     def watch_queue(self, model: str, version: int, depth: Callable[[], int]) -> None:
         """Report ``depth()`` as this version's queue depth from now on."""
@@ -125,23 +132,26 @@ class ServerMetrics:
     def record_auth_refusal(self, reason: str) -> None:
         """A call refused before it reached the servicer; ``reason`` is a short fixed word
         (``missing_token``, ``expired``, ``forbidden``…), never the token or a claim value."""
-        self._auth_refusals.add(1, {"reason": reason})
+        self._auth_refusals.add((("reason", reason),))
 
     def record_shadow(
         self, model: str, *, agreement: bool | None, max_abs_diff: float | None, error: bool, dropped: bool
     ) -> None:
         """One shadow call: dropped before it ran, failed, or compared (``agreement`` None: not comparable)."""
-        attributes = {"model": model}
+        key = (("model", model),)
         if dropped:
-            self._shadow_dropped.add(1, attributes)
+            self._shadow_dropped.add(key)
             return
         if error:
-            self._shadow_errors.add(1, attributes)
+            self._shadow_errors.add(key)
             return
         label = "unknown" if agreement is None else str(agreement).lower()
-        self._shadow_comparisons.add(1, {"model": model, "agreement": label})
+        self._shadow_comparisons.add((("model", model), ("agreement", label)))
         if max_abs_diff is not None:
-            self._shadow_diff.record(max_abs_diff, attributes)
+            self._shadow_diff.record(key, max_abs_diff)
+
+    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"rpc.method": m}) for m, n in dict(self._active).items()]
 
     def _observe_depths(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:

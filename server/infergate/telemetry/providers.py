@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.context import Context
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, MetricsData, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -37,13 +38,17 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
+from prometheus_client import CollectorRegistry
 
 from .. import __version__
 from ..config import ConfigError
+from .aggregate import Histograms, with_histograms
 
 __all__ = [
     "SPAN_QUEUE_SIZE",
     "LinkedOrRatio",
+    "OtlpReader",
+    "PrometheusReader",
     "build_meter_provider",
     "build_resource",
     "build_tracer_provider",
@@ -114,12 +119,38 @@ def build_tracer_provider(
     return provider
 
 
-def build_meter_provider(resource: Resource, readers: Sequence[MetricReader]) -> MeterProvider:
-    """A provider feeding ``readers`` (e.g. Prometheus) and OTLP when OTEL_METRICS_EXPORTER says so."""
-    all_readers = list(readers)
+class PrometheusReader(PrometheusMetricReader):
+    """The Prometheus reader, with infergate's pre-aggregated histograms added to each collection."""
+
+    def __init__(self, registry: CollectorRegistry, histograms: Histograms):
+        super().__init__(registry=registry)
+        self._histograms = histograms
+
+    def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
+        super()._receive_metrics(with_histograms(metrics_data, self._histograms), timeout_millis, **kwargs)  # type: ignore[arg-type]
+
+
+class OtlpReader(PeriodicExportingMetricReader):
+    """The periodic OTLP reader, with infergate's pre-aggregated histograms added to each export."""
+
+    def __init__(self, exporter: MetricExporter, histograms: Histograms):
+        super().__init__(exporter)
+        self._histograms = histograms
+
+    def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> None:
+        super()._receive_metrics(with_histograms(metrics_data, self._histograms), timeout_millis, **kwargs)  # type: ignore[arg-type]
+
+
+def build_meter_provider(
+    resource: Resource, histograms: Histograms, registry: CollectorRegistry | None
+) -> MeterProvider:
+    """A provider for the Prometheus ``registry`` (if any) and OTLP when OTEL_METRICS_EXPORTER says so."""
+    readers: list[MetricReader] = []
+    if registry is not None:
+        readers.append(PrometheusReader(registry, histograms))
     if otlp_metrics_requested():
-        all_readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter()))
-    return MeterProvider(resource=resource, metric_readers=all_readers)
+        readers.append(OtlpReader(_otlp_metric_exporter(), histograms))
+    return MeterProvider(resource=resource, metric_readers=readers)
 
 
 def _names(variable: str, default: str) -> list[str]:
@@ -153,7 +184,7 @@ def _otlp_span_exporter() -> SpanExporter:
     return GrpcSpanExporter()
 
 
-def _otlp_metric_exporter() -> Any:
+def _otlp_metric_exporter() -> MetricExporter:
     if _protocol("METRICS") == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
 

@@ -1,0 +1,163 @@
+"""Telemetry overhead: infergate with tracing and metrics off versus on, in one run.
+
+Each round starts infergate once per variant on the same demo repository and
+loads it with the same closed-loop client (matmul16, batch 1, 64 in flight by
+default: the overhead-bound case, where per-request costs show most). Variants
+alternate within every round, so drift on a shared machine hits them alike.
+
+Variants:
+
+* ``off``: the default server (no interceptor, no hooks);
+* ``metrics``: ``--metrics-port`` (the Prometheus reader; nobody scrapes during the run);
+* ``traces+metrics``: ``--traces --metrics-port``, every request sampled, spans sent
+  by the real OTLP gRPC exporter to a sink in another process (it answers and
+  drops them, like a collector elsewhere would);
+* ``traces10+metrics``: the same with ``sample_ratio: 0.1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+from .generator import LoadConfig, run_closed_loop
+from .report import LoadResult, format_table
+from .servers import free_port, running_server
+from .suite import REPO_ROOT, environment
+
+__all__ = ["VARIANTS", "OverheadConfig", "OverheadReport", "run_overhead", "serve_sink", "variants"]
+
+VARIANTS = ("off", "metrics", "traces+metrics", "traces10+metrics")
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    out: pathlib.Path
+    model: str = "matmul16"
+    concurrency: int = 64
+    duration: float = 8.0
+    warmup: float = 2.0
+    rounds: int = 3
+    variants: tuple[str, ...] = VARIANTS
+
+
+@dataclass
+class OverheadReport:
+    config: OverheadConfig
+    runs: dict[str, list[LoadResult]] = field(default_factory=dict)
+
+    def mean_rps(self, variant: str) -> float:
+        return statistics.fmean(r.requests_per_s for r in self.runs[variant])
+
+    def table(self) -> str:
+        base = self.mean_rps("off") if "off" in self.runs else float("nan")
+        rows = []
+        for variant, runs in self.runs.items():
+            mean = self.mean_rps(variant)
+            per_round = " / ".join(f"{r.requests_per_s:,.0f}" for r in runs)
+            p50 = statistics.fmean(r.p50_ms for r in runs)
+            rows.append([variant, f"{mean:,.0f}", per_round, f"{mean / base:.3f}", f"{p50:.2f}"])
+        headers = ["variant", "mean req/s", "per round", "÷ off", "mean p50 ms"]
+        return format_table(headers, ["<", ">", ">", ">", ">"], rows)
+
+
+def serve_sink(port: int) -> None:
+    """An OTLP gRPC receiver that accepts and drops spans and metrics (blocking)."""
+    import grpc
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer):
+        def Export(self, request: object, context: object) -> object:
+            if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
+                return trace_service_pb2.ExportTraceServiceResponse()
+            return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)  # type: ignore[no-untyped-call]
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Sink(), server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+@contextlib.contextmanager
+def _sink(port: int) -> Iterator[None]:
+    code = f"from load_tests.telemetry import serve_sink; serve_sink({port})"
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _argv(variant: str, repo: pathlib.Path, port: int, sink_port: int, folder: pathlib.Path) -> list[str]:
+    serve = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo), "--port", str(port)]
+    if variant == "off":
+        return serve
+    serve += ["--metrics-port", str(free_port())]
+    if variant == "metrics":
+        return serve
+    config = folder / f"{variant}.yaml"
+    ratio = 0.1 if variant.startswith("traces10") else 1.0
+    config.write_text(f"telemetry: {{traces: true, sample_ratio: {ratio}}}\n")
+    env = ["env", "OTEL_TRACES_EXPORTER=otlp", f"OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{sink_port}"]
+    return [*env, *serve, "--config", str(config)]
+
+
+def run_overhead(config: OverheadConfig) -> OverheadReport:
+    """Every variant once per round, in order, each on a fresh server; writes overhead.json."""
+    from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
+
+    report = OverheadReport(config, {v: [] for v in config.variants})
+    config.out.mkdir(parents=True, exist_ok=True)
+    sink_port = free_port()
+    with tempfile.TemporaryDirectory() as tmp, _sink(sink_port):
+        repo = pathlib.Path(tmp) / "models"
+        write_demo_repository(repo)
+        for round_ in range(config.rounds):
+            for variant in config.variants:
+                port = free_port()
+                argv = _argv(variant, repo, port, sink_port, pathlib.Path(tmp))
+                log = config.out / f"{variant}.log"
+                with running_server(variant, argv, f"127.0.0.1:{port}", log, REPO_ROOT):
+                    load = LoadConfig(
+                        target=f"127.0.0.1:{port}", model=config.model, concurrency=config.concurrency,
+                        duration=config.duration, warmup=config.warmup, label=variant,
+                    )  # fmt: skip
+                    result = run_closed_loop(load)
+                report.runs[variant].append(result)
+                print(f"round {round_ + 1} {variant}: {result.requests_per_s:,.0f} req/s", file=sys.stderr)
+    _write(report)
+    return report
+
+
+def _write(report: OverheadReport) -> None:
+    data = {
+        "environment": environment(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {k: str(v) for k, v in vars(report.config).items()},
+        "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
+        "mean_rps": {v: report.mean_rps(v) for v in report.runs},
+    }
+    (report.config.out / "overhead.json").write_text(json.dumps(data, indent=2, default=str))
+    (report.config.out / "overhead.md").write_text(report.table() + "\n")
+
+
+def variants(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    return names
+
