@@ -309,8 +309,8 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
     p = commands.add_parser(
         "telemetry-overhead",
         help="infergate with tracing and metrics off vs on, in one run",
-        description="Per round, start infergate once per variant (off, metrics, traces+metrics, "
-        "traces10+metrics; spans go over OTLP to a sink process) and load each the same way. "
+        description="Per round, start infergate once per variant (off, metrics, and traces sampled at "
+        "100, 10 and 1%% with metrics; spans go over OTLP to a sink process) and load each the same way. "
         "Writes overhead.json and overhead.md.",
     )
     p.add_argument("--model", default="matmul16", help="model to load (default matmul16)")

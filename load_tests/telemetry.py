@@ -9,16 +9,17 @@ Variants:
 
 * ``off``: the default server (no interceptor, no hooks);
 * ``metrics``: ``--metrics-port`` (the Prometheus reader; nobody scrapes during the run);
-* ``traces+metrics``: ``--traces --metrics-port``, every request sampled, spans sent
-  by the real OTLP gRPC exporter to a sink in another process (it answers and
-  drops them, like a collector elsewhere would);
-* ``traces10+metrics``: the same with ``sample_ratio: 0.1``.
+* ``traces100+metrics``: ``--traces --metrics-port``, every request sampled, spans
+  sent by the real OTLP gRPC exporter to a sink in another process (it answers
+  and drops them, like a collector elsewhere would);
+* ``traces10+metrics``, ``traces1+metrics``: the same with ``sample_ratio`` 0.1 and 0.01.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -36,7 +37,7 @@ from .suite import REPO_ROOT, environment
 
 __all__ = ["VARIANTS", "OverheadConfig", "OverheadReport", "run_overhead", "serve_sink", "variants"]
 
-VARIANTS = ("off", "metrics", "traces+metrics", "traces10+metrics")
+VARIANTS = ("off", "metrics", "traces100+metrics", "traces10+metrics", "traces1+metrics")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class OverheadConfig:
 class OverheadReport:
     config: OverheadConfig
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per round
 
     def mean_rps(self, variant: str) -> float:
         return statistics.fmean(r.requests_per_s for r in self.runs[variant])
@@ -65,9 +67,14 @@ class OverheadReport:
             mean = self.mean_rps(variant)
             per_round = " / ".join(f"{r.requests_per_s:,.0f}" for r in runs)
             p50 = statistics.fmean(r.p50_ms for r in runs)
-            rows.append([variant, f"{mean:,.0f}", per_round, f"{mean / base:.3f}", f"{p50:.2f}"])
-        headers = ["variant", "mean req/s", "per round", "÷ off", "mean p50 ms"]
-        return format_table(headers, ["<", ">", ">", ">", ">"], rows)
+            cpu = statistics.fmean(self.cpu_us[variant])
+            cpu_base = statistics.fmean(self.cpu_us["off"]) if "off" in self.cpu_us else float("nan")
+            rows.append(
+                [variant, f"{mean:,.0f}", per_round, f"{mean / base:.3f}", f"{p50:.2f}", f"{cpu:.0f}",
+                 f"{cpu / cpu_base:.3f}"]
+            )  # fmt: skip
+        headers = ["variant", "mean req/s", "per round", "÷ off", "mean p50 ms", "server CPU µs/req", "÷ off"]
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">"], rows)
 
 
 def serve_sink(port: int) -> None:
@@ -109,7 +116,7 @@ def _argv(variant: str, repo: pathlib.Path, port: int, sink_port: int, folder: p
     if variant == "metrics":
         return serve
     config = folder / f"{variant}.yaml"
-    ratio = 0.1 if variant.startswith("traces10") else 1.0
+    ratio = int(variant.removeprefix("traces").removesuffix("+metrics")) / 100
     config.write_text(f"telemetry: {{traces: true, sample_ratio: {ratio}}}\n")
     env = ["env", "OTEL_TRACES_EXPORTER=otlp", f"OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{sink_port}"]
     return [*env, *serve, "--config", str(config)]
@@ -119,7 +126,7 @@ def run_overhead(config: OverheadConfig) -> OverheadReport:
     """Every variant once per round, in order, each on a fresh server; writes overhead.json."""
     from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
 
-    report = OverheadReport(config, {v: [] for v in config.variants})
+    report = OverheadReport(config, {v: [] for v in config.variants}, {v: [] for v in config.variants})
     config.out.mkdir(parents=True, exist_ok=True)
     sink_port = free_port()
     with tempfile.TemporaryDirectory() as tmp, _sink(sink_port):
@@ -130,16 +137,27 @@ def run_overhead(config: OverheadConfig) -> OverheadReport:
                 port = free_port()
                 argv = _argv(variant, repo, port, sink_port, pathlib.Path(tmp))
                 log = config.out / f"{variant}.log"
-                with running_server(variant, argv, f"127.0.0.1:{port}", log, REPO_ROOT):
+                with running_server(variant, argv, f"127.0.0.1:{port}", log, REPO_ROOT) as process:
                     load = LoadConfig(
                         target=f"127.0.0.1:{port}", model=config.model, concurrency=config.concurrency,
                         duration=config.duration, warmup=config.warmup, label=variant,
                     )  # fmt: skip
+                    cpu_before = _cpu_seconds(process.pid)
                     result = run_closed_loop(load)
+                    cpu = _cpu_seconds(process.pid) - cpu_before
                 report.runs[variant].append(result)
+                # CPU covers warm-up and window; requests are counted in the window only.
+                served = result.requests * (config.warmup + config.duration) / config.duration
+                report.cpu_us[variant].append(cpu / max(served, 1) * 1e6)
                 print(f"round {round_ + 1} {variant}: {result.requests_per_s:,.0f} req/s", file=sys.stderr)
     _write(report)
     return report
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (Linux /proc), the server's cost independent of the machine's load."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _write(report: OverheadReport) -> None:
@@ -149,6 +167,7 @@ def _write(report: OverheadReport) -> None:
         "config": {k: str(v) for k, v in vars(report.config).items()},
         "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
         "mean_rps": {v: report.mean_rps(v) for v in report.runs},
+        "server_cpu_us_per_request": report.cpu_us,
     }
     (report.config.out / "overhead.json").write_text(json.dumps(data, indent=2, default=str))
     (report.config.out / "overhead.md").write_text(report.table() + "\n")
@@ -160,4 +179,3 @@ def variants(text: str) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     return names
-
