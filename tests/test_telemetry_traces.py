@@ -165,3 +165,31 @@ async def test_sampling_is_parent_based_with_a_ratio_for_roots(
         finally:
             await client.close()
         assert sorted(s.name for s in observed.finished_spans()) == sorted(expected)
+
+
+async def test_a_stream_gets_one_span_and_its_requests_queue_under_it(
+    observed: Observed, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = aioclient.InferenceServerClient(observed.url)
+    answers: asyncio.Queue[object] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[dict[str, object]]:
+        for i in range(4):
+            yield {"model_name": "batch4", "inputs": _x(), "request_id": f"s{i}"}
+        for _ in range(4):
+            await answers.get()  # keep the stream open until every answer came back
+
+    try:
+        async for result, error in client.stream_infer(requests()):
+            assert error is None
+            answers.put_nowait(result)
+    finally:
+        await client.close()
+
+    spans = observed.finished_spans()
+    (stream,) = _named(spans, "inference.GRPCInferenceService/ModelStreamInfer")
+    assert stream.attributes is not None and stream.attributes["rpc.grpc.status_code"] == 0
+    assert [s.name for s in _children(spans, stream)] == ["queue"] * 4
+    (batch,) = _named(spans, "batch batch4")
+    assert [link.context.span_id for link in batch.links] == [stream.context.span_id] * 4
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]  # e.g. "Failed to detach context"
