@@ -80,9 +80,7 @@ async def test_metrics_agree_with_model_statistics_after_a_known_workload(observ
         stats = statistics[model]
         stats_kw = {"model": model, "model_version": "1"}
         inference = stats.inference_stats
-        assert _one(requests, **{"rpc.grpc.status_code": ok}, **stats_kw).value == (
-            inference.success.count
-        )
+        assert _one(requests, **{"rpc.grpc.status_code": ok}, **stats_kw).value == (inference.success.count)
         assert sum(p.value for p in _where(requests, model=model)) == inference.success.count + inference.fail.count
         assert _one(queue, **stats_kw).count == inference.queue.count
         assert _one(batch, **stats_kw).count == _one(compute, **stats_kw).count == stats.execution_count

@@ -23,14 +23,17 @@ from typing import Any
 import grpc
 from opentelemetry import context as context_api
 from opentelemetry import trace
-from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .metrics import ServerMetrics
 
 __all__ = ["ACCESS_LOG", "UNTRACED_SERVICES", "TelemetryInterceptor"]
 
 ACCESS_LOG = logging.getLogger("infergate.access")
+_MAX_WRAPPED = 1024
+_W3C = TraceContextTextMapPropagator()  # W3C trace context only: OTEL_PROPAGATORS is not consulted
+_TRACE_KEYS = frozenset(("traceparent", "tracestate"))
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                      "grpc.reflection.v1.ServerReflection")  # fmt: skip
 
@@ -42,6 +45,8 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._tracer = tracer
         self._metrics = metrics
         self._trace_health = trace_health
+        # Inner handlers are the same objects call after call (one per method), so each is wrapped once.
+        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -49,14 +54,26 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        service, _, method = details.method.lstrip("/").partition("/")
-        if handler is None or (service in UNTRACED_SERVICES and not self._trace_health):
-            return handler
+        if handler is None:
+            return None
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            wrapped = self._wrap(handler, details.method)
+        return wrapped
 
-        def begin() -> _Call:
-            return _Call(self, service, method, details.invocation_metadata)
+    def _wrap(self, handler: grpc.RpcMethodHandler, path: str) -> grpc.RpcMethodHandler:
+        service, _, method = path.lstrip("/").partition("/")
+        if service in UNTRACED_SERVICES and not self._trace_health:
+            wrapped = handler
+        else:
 
-        return _wrap(handler, begin)
+            def begin(context: grpc.aio.ServicerContext) -> _Call:
+                return _Call(self, service, method, context)
+
+            wrapped = _wrap(handler, begin)
+        if len(self._wrapped) < _MAX_WRAPPED:  # an inner interceptor might build handlers per call
+            self._wrapped[handler] = wrapped
+        return wrapped
 
 
 class _Call:
@@ -64,7 +81,7 @@ class _Call:
 
     __slots__ = ("_owner", "_span", "_started", "_token", "method", "model", "service", "version")
 
-    def __init__(self, owner: TelemetryInterceptor, service: str, method: str, metadata: Any):
+    def __init__(self, owner: TelemetryInterceptor, service: str, method: str, context: grpc.aio.ServicerContext):
         self._owner = owner
         self.service, self.method = service, method
         self.model = self.version = ""
@@ -74,7 +91,8 @@ class _Call:
         if owner._metrics is not None:
             owner._metrics.request_started(method)
         if owner._tracer is not None:
-            parent = extract({k: v for k, v in metadata or () if isinstance(v, str)})
+            metadata = context.invocation_metadata() or ()
+            parent = _W3C.extract({k: v for k, v in metadata if k in _TRACE_KEYS and isinstance(v, str)})
             self._span = owner._tracer.start_span(
                 f"{service}/{method}",
                 parent,
@@ -139,7 +157,10 @@ def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> g
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
 
 
-def _wrap(handler: grpc.RpcMethodHandler, begin: Callable[[], _Call]) -> grpc.RpcMethodHandler:
+Begin = Callable[[grpc.aio.ServicerContext], "_Call"]
+
+
+def _wrap(handler: grpc.RpcMethodHandler, begin: Begin) -> grpc.RpcMethodHandler:
     """The same handler, each behaviour run inside a :class:`_Call`."""
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
@@ -156,9 +177,9 @@ def _wrap(handler: grpc.RpcMethodHandler, begin: Callable[[], _Call]) -> grpc.Rp
     return handler  # stream-unary: infergate serves none; left untraced
 
 
-def _unary(behavior: Callable[..., Awaitable[Any]], begin: Callable[[], _Call]) -> Callable[..., Awaitable[Any]]:
+def _unary(behavior: Callable[..., Awaitable[Any]], begin: Begin) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = begin()
+        call = begin(context)
         call.saw_request(request)
         try:
             response = await behavior(request, context)
@@ -172,9 +193,9 @@ def _unary(behavior: Callable[..., Awaitable[Any]], begin: Callable[[], _Call]) 
     return unary
 
 
-def _streaming(behavior: Callable[..., AsyncIterator[Any]], begin: Callable[[], _Call]) -> Callable[..., Any]:
+def _streaming(behavior: Callable[..., AsyncIterator[Any]], begin: Begin) -> Callable[..., Any]:
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = begin()
+        call = begin(context)
         error: BaseException | None = None
         try:
             async for response in behavior(request, context):
