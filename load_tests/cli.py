@@ -320,6 +320,7 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
     p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
     p.add_argument("--variants", type=variants, default=VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/overhead-<time>")
+    p.add_argument("--costs-only", action="store_true", help="only print each telemetry step's CPU µs per call")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,8 +418,12 @@ def _cmd_suite(args: argparse.Namespace) -> int:
 
 
 def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
-    from .telemetry import OverheadConfig, run_overhead
+    from .telemetry import OverheadConfig, per_call_costs, run_overhead
 
+    for step, micros in per_call_costs().items():
+        print(f"{micros:8.1f} µs  {step}")
+    if args.costs_only:
+        return 0
     signal.signal(signal.SIGTERM, _raise_exit)
     out = args.out or pathlib.Path("results") / time.strftime("overhead-%Y%m%d-%H%M%S", time.gmtime())
     config = OverheadConfig(
