@@ -1,5 +1,6 @@
 # infergate's two commands:
 #   make demo   set everything up, build the demo models locally, serve them on 127.0.0.1:8001
+#               (Prometheus metrics on http://127.0.0.1:8002/metrics)
 #   make test   set everything up (tools included) and run lint, type checks and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,6 +8,7 @@ BIN := $(VENV)/bin
 DEMO_REPOSITORY ?= demo-models
 HOST ?= 127.0.0.1
 PORT ?= 8001
+METRICS_PORT ?= 8002
 
 .PHONY: demo test lint protos tools bench clean
 
@@ -19,10 +21,11 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/infergate demo-repository $(DEMO_REPOSITORY)
-	$(BIN)/infergate serve --model-repository $(DEMO_REPOSITORY) --host $(HOST) --port $(PORT)
+	$(BIN)/infergate serve --model-repository $(DEMO_REPOSITORY) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 tools: $(BIN)/.installed
 	scripts/install_perf_analyzer.sh
+	scripts/install_promtool.sh
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check server tests load_tests scripts

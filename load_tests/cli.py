@@ -26,6 +26,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   compute   the compute ceiling: in-process onnxruntime, no server
   suite     ceiling vs infergate vs onnxruntime side by side; writes suite.json/suite.md
   shadow    primary latency with no shadow, a 10x slower shadow and a failing one
+  telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
 
 Everything runs on loopback. Run from the repository root: python -m load_tests ...
 """
@@ -309,6 +310,24 @@ def _add_shadow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     shadow.add_argument("--duration", type=_positive_float, default=10.0, help="seconds per run (default 10)")
     shadow.add_argument("--rounds", type=_positive_int, default=2, help="times each scenario runs (default 2)")
     shadow.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shadow"), help="output directory")
+def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .telemetry import VARIANTS, variants
+
+    p = commands.add_parser(
+        "telemetry-overhead",
+        help="infergate with tracing and metrics off vs on, in one run",
+        description="Per round, start infergate once per variant (off, metrics, and traces sampled at "
+        "100, 10 and 1%% with metrics; spans go over OTLP to a sink process) and load each the same way. "
+        "Writes overhead.json and overhead.md.",
+    )
+    p.add_argument("--model", default="matmul16", help="model to load (default matmul16)")
+    p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N", help="in flight (default 64)")
+    p.add_argument("--duration", type=_positive_float, default=8.0, metavar="S", help="measured s (default 8)")
+    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
+    p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
+    p.add_argument("--variants", type=variants, default=VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/overhead-<time>")
+    p.add_argument("--costs-only", action="store_true", help="only print each telemetry step's CPU µs per call")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_closed, _add_ceiling, _add_compute, _add_suite, _add_shadow):
+    for add in (_add_closed, _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_telemetry_overhead):
         add(commands)
     return parser
 
@@ -414,6 +433,23 @@ def _cmd_shadow(args: argparse.Namespace) -> int:
     (args.out / "shadow.md").write_text(table + "\n")
     print(table)
     return 0 if all(run.result.requests for run in runs) else 1
+def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
+    from .telemetry import OverheadConfig, per_call_costs, run_overhead
+
+    for step, micros in per_call_costs().items():
+        print(f"{micros:8.1f} µs  {step}")
+    if args.costs_only:
+        return 0
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out = args.out or pathlib.Path("results") / time.strftime("overhead-%Y%m%d-%H%M%S", time.gmtime())
+    config = OverheadConfig(
+        out=out, model=args.model, concurrency=args.concurrency, duration=args.duration,
+        warmup=args.warmup, rounds=args.rounds, variants=args.variants,
+    )  # fmt: skip
+    report = run_overhead(config)
+    print(report.table())
+    print(f"\nwrote {out / 'overhead.json'} and {out / 'overhead.md'}")
+    return 0
 
 
 _COMMANDS = {
@@ -422,6 +458,7 @@ _COMMANDS = {
     "compute": _cmd_compute,
     "suite": _cmd_suite,
     "shadow": _cmd_shadow,
+    "telemetry-overhead": _cmd_telemetry_overhead,
 }
 
 

@@ -243,9 +243,10 @@ class Watched(ShadowStats):
         super().__init__(version=version)
         self._recorded = asyncio.Event()
 
-    def record(self, primary: Tensors, shadow: Tensors) -> None:
-        super().record(primary, shadow)
+    def record(self, primary: Tensors, shadow: Tensors) -> tuple[bool, float]:
+        outcome = super().record(primary, shadow)
         self._recorded.set()
+        return outcome
 
     async def compared_at_least(self, count: int) -> None:
         """Return once ``count`` comparisons are recorded and the worker has moved on to its next job."""

@@ -50,7 +50,7 @@ import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from .errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
@@ -98,6 +98,7 @@ class Batch(Generic[T]):
     payload_rows: list[int]  # rows of each payload, as submitted
     enqueued: list[float]  # loop.time() of each submit
     started: float  # loop.time() when the batch was formed
+    tags: list[object] = field(default_factory=list)  # each submit's opaque tag (e.g. its trace span)
 
     @property
     def rows(self) -> int:
@@ -105,7 +106,7 @@ class Batch(Generic[T]):
 
 
 class _Entry(Generic[T, R]):
-    __slots__ = ("deadline", "enqueued", "future", "group", "payload", "rows")
+    __slots__ = ("deadline", "enqueued", "future", "group", "payload", "rows", "tag")
 
     def __init__(
         self,
@@ -115,6 +116,7 @@ class _Entry(Generic[T, R]):
         deadline: float | None,
         enqueued: float,
         future: asyncio.Future[R],
+        tag: object,
     ) -> None:
         self.payload = payload
         self.rows = rows
@@ -122,6 +124,7 @@ class _Entry(Generic[T, R]):
         self.deadline = deadline
         self.enqueued = enqueued
         self.future = future
+        self.tag = tag
 
 
 Outcome = Sequence[R | BaseException] | BaseException
@@ -184,10 +187,12 @@ class DynamicBatcher(Generic[T, R]):
             raise RuntimeError(f"batcher {self._name} already started")
         self._loop = asyncio.get_running_loop()
 
-    async def submit(self, payload: T, *, rows: int, group: Hashable = None, deadline: float | None = None) -> R:
+    async def submit(
+        self, payload: T, *, rows: int, group: Hashable = None, deadline: float | None = None, tag: object = None
+    ) -> R:
         """Queue ``payload`` (``rows`` rows) and wait for its result.
 
-        ``deadline`` is an absolute ``loop.time()``. Raises QueueFull,
+        ``deadline`` is an absolute ``loop.time()``; ``tag`` travels unread to ``Batch.tags``. Raises QueueFull,
         DeadlineExceeded, Unavailable (closing) or whatever ``execute`` raised.
         """
         if self._closing or self._loop is None:
@@ -201,7 +206,7 @@ class DynamicBatcher(Generic[T, R]):
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"model {self._name}: deadline passed before queueing")
         future: asyncio.Future[R] = loop.create_future()
-        self._queue.append(_Entry(payload, rows, group, deadline, now, future))
+        self._queue.append(_Entry(payload, rows, group, deadline, now, future, tag))
         self._queued_rows += rows
         self._dispatch()
         if deadline is None:
@@ -313,6 +318,7 @@ class DynamicBatcher(Generic[T, R]):
             payload_rows=[e.rows for e in entries],
             enqueued=[e.enqueued for e in entries],
             started=now,
+            tags=[e.tag for e in entries],
         )
         done = functools.partial(self._finish, instance, entries)
         try:

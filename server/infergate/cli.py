@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, ServerConfig, load_server_config
 from .server import InferGateServer, run_until_signalled
+from .telemetry import configure_logging
 from .workers import supervise
 
 __all__ = ["main"]
@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="server configuration file (YAML)")
     serve.add_argument("--shutdown-grace-seconds", type=float, help="time in-flight requests get on SIGTERM")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"], help="log line format (default text)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
+    serve.add_argument("--traces", action="store_true", default=None, help="trace requests (exporter: OTEL_*)")
     serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     serve.add_argument(
         "--model-control-mode",
@@ -76,6 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "model_control_mode": args.model_control_mode,
                 "repository_poll_seconds": args.repository_poll_secs,
                 "load_models": args.load_model,
+                "telemetry": {"metrics_port": args.metrics_port, "traces": args.traces},
+                "logging": {"format": args.log_format},
             },
         )
     except ConfigError as exc:
@@ -84,11 +89,10 @@ def _serve(args: argparse.Namespace) -> int:
     if config.model_repository is None:
         print("infergate: --model-repository (or model_repository in --config) is required", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if config.workers > 1 and config.telemetry.metrics_port:
+        print("infergate: --metrics-port serves one process; it cannot be combined with --workers yet", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.logging.format)
     try:
         if config.workers > 1:
             return asyncio.run(
@@ -97,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
                 )
             )
         asyncio.run(_serve_async(config))
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ConfigError) as exc:
         print(f"infergate: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -113,9 +117,12 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         "--log-level": args.log_level,
         "--model-control-mode": args.model_control_mode,
         "--repository-poll-secs": args.repository_poll_secs,
+        "--log-format": args.log_format,
     }
     out = [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
     out += [item for model in args.load_model or () for item in ("--load-model", model)]
+    if args.traces:
+        out.append("--traces")
     return [*out, "--workers", "1"]
 
 

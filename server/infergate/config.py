@@ -22,10 +22,12 @@ __all__ = [
     "DynamicBatching",
     "ExecutionProvider",
     "InstanceGroup",
+    "LoggingConfig",
     "ModelConfig",
     "Routing",
     "ServerConfig",
     "SessionOptions",
+    "TelemetryConfig",
     "VersionPolicy",
     "Warmup",
     "load_model_config",
@@ -227,6 +229,23 @@ class ModelConfig(_Strict):
         return self.model_copy(update={"routing": None})
 
 
+class TelemetryConfig(_Strict):
+    """Traces and metrics (see docs/observability.md); exporters come from the OTEL_* variables."""
+
+    traces: bool = False  # spans per RPC, queue wait and batch; exported per OTEL_TRACES_EXPORTER
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0  # parent-based: a caller's decision wins
+    trace_health: bool = False  # also trace grpc.health and reflection calls
+    metrics: bool = False  # implied by metrics_port; OTLP push when OTEL_METRICS_EXPORTER=otlp
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # Prometheus scrape endpoint
+    metrics_host: str = "127.0.0.1"
+
+
+class LoggingConfig(_Strict):
+    """How log lines are written; ``log_level`` stays a top-level key."""
+
+    format: Literal["text", "json"] = "text"
+
+
 class ServerConfig(_Strict):
     """Server options, from ``--config FILE`` (YAML) and command-line flags."""
 
@@ -249,6 +268,8 @@ class ServerConfig(_Strict):
     repository_poll_seconds: Annotated[float, Field(gt=0, le=86_400)] = 15.0
     # explicit mode: models loaded at start (Triton's --load-model); "*" loads every model.
     load_models: list[str] = []
+    telemetry: TelemetryConfig = TelemetryConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 def _read_yaml(path: Path) -> Any:
@@ -312,5 +333,12 @@ def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerCo
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data.update(loaded or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if isinstance(value, dict):  # a nested block: flags override single keys, the file keeps the rest
+            given = {k: v for k, v in value.items() if v is not None}
+            base = data.get(key) or {}
+            if given and isinstance(base, dict):  # not a mapping: left for validation to refuse
+                data[key] = {**base, **given}
+        elif value is not None:
+            data[key] = value
     return _validate(ServerConfig, data, path or Path("<command line>"))

@@ -16,7 +16,7 @@ from .batcher import Batch, BatchPolicy, Done, DynamicBatcher
 from .config import ModelConfig
 from .runner import BatchOutcome, ModelLoadError, OnnxRunner, Tensors
 from .spec import ModelSpec
-from .stats import ModelStats
+from .stats import ModelObserver, ModelStats
 
 __all__ = ["ModelVersion", "load_model_version"]
 
@@ -31,6 +31,7 @@ class ModelVersion:
         self.config = config
         self.spec: ModelSpec = runner.spec
         self.stats = ModelStats()
+        self._observer: ModelObserver | None = None
         batching = config.dynamic_batching
         policy = BatchPolicy(
             max_batch_size=max(self.spec.max_batch_size, 1),
@@ -55,12 +56,15 @@ class ModelVersion:
     def version(self) -> int:
         return self.spec.version
 
-    def start(self) -> None:
+    def start(self, observer: ModelObserver | None = None) -> None:
+        """Serve from the running loop; ``observer`` (telemetry) sees every request and batch."""
+        self._observer = observer
         self.batcher.start()
 
     async def infer(self, inputs: Tensors, rows: int, group: Hashable, deadline: float | None) -> Tensors:
         """Queue validated inputs and return this request's outputs (all of them)."""
-        return await self.batcher.submit(inputs, rows=rows, group=group, deadline=deadline)
+        tag = self._observer.capture() if self._observer is not None else None
+        return await self.batcher.submit(inputs, rows=rows, group=group, deadline=deadline, tag=tag)
 
     def _execute(self, batch: Batch[Tensors], done: Done[Tensors]) -> None:
         """The batcher's ``execute``: run on an instance, record statistics, answer."""
@@ -72,6 +76,8 @@ class ModelVersion:
             results, timings = outcome
             queue_ns = int(sum(batch.started - t for t in batch.enqueued) * 1e9)
             self.stats.record_batch(batch.rows, len(batch.payloads), queue_ns, timings)
+            if self._observer is not None:
+                self._observer.batch(batch.tags, batch.rows, batch.enqueued, batch.started, timings)
             done(results)
 
         self.runner.start(batch.payloads, batch.payload_rows, finished)

@@ -29,6 +29,7 @@ from .model import ModelVersion, load_model_version
 from .router import Decision, Router, RoutingError
 from .runner import ModelLoadError
 from .shadow import ShadowStats
+from .stats import ModelObserver, RepositoryObserver
 
 __all__ = ["IndexRow", "ModelEntry", "ModelRepository", "ModelState", "is_model_name", "is_version_name"]
 
@@ -70,8 +71,17 @@ class ModelEntry:
 class ModelRepository:
     """Finds, loads, reloads, looks up and closes the models under ``root``."""
 
-    def __init__(self, root: Path, drain_timeout: float | None = 30.0, parallel: int = 4, explicit: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        observer: RepositoryObserver | None = None,
+        *,
+        drain_timeout: float | None = 30.0,
+        parallel: int = 4,
+        explicit: bool = False,
+    ):
         self.root = root
+        self._observer = observer  # telemetry: load events and each version's observer
         self._explicit = explicit  # models wait for a load request instead of loading when found
         self._entries: dict[str, ModelEntry] = {}
         self._drain_timeout = drain_timeout
@@ -197,6 +207,7 @@ class ModelRepository:
         loaded: dict[int, ModelVersion] = {}
         failures: list[str] = []
         for version, result in zip(versions, results, strict=True):
+            self._loaded(entry.name, ok=isinstance(result, ModelVersion))
             if isinstance(result, ModelVersion):
                 loaded[version] = result
                 entry.failed.pop(version, None)
@@ -237,7 +248,7 @@ class ModelRepository:
         """Start the new versions, swap them in, and retire the ones no longer served."""
         started = [m for m in serving.values() if entry.versions.get(m.version) is not m]
         for model in started:
-            model.start()
+            model.start(self._model_observer(model))
         shadow = router.routing.shadow if router is not None else None
         for version, model in serving.items():  # a shadow computes only with the CPU the others leave
             model.runner.set_background(shadow is not None and version == shadow.version)
@@ -252,6 +263,15 @@ class ModelRepository:
             log.info(
                 "model %s serving version(s): %s", entry.name, ", ".join(str(v) for v in sorted(serving)) or "none"
             )
+
+    def _loaded(self, name: str, ok: bool) -> None:
+        if self._observer is not None:
+            self._observer.model_loaded(name, ok)
+
+    def _model_observer(self, model: ModelVersion) -> ModelObserver | None:
+        if self._observer is None:
+            return None
+        return self._observer.for_model(model.name, model.version, lambda: model.batcher.depth)
 
     def _fail(self, entry: ModelEntry, reason: str) -> None:
         entry.reason = reason
@@ -317,7 +337,7 @@ class ModelRepository:
         model = entry.versions.get(version) if entry is not None else None
         if entry is None or model is None:
             return None
-        return model, entry.shadows.setdefault(version, ShadowStats(version))
+        return model, entry.shadows.setdefault(version, ShadowStats(version, name))
 
     def versions(self, name: str) -> list[ModelVersion]:
         """Every loaded version of a model, oldest first. Raises NotFound or Unavailable."""

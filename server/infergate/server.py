@@ -30,6 +30,7 @@ from .config import ServerConfig
 from .repository import ModelRepository
 from .servicer import InferenceServicer, ServerState
 from .shadow import ShadowQueue
+from .telemetry import Telemetry
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
 
@@ -59,26 +60,30 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class InferGateServer:
     """An infergate server over one model repository."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None):
         if config.model_repository is None:
             raise ValueError("a model repository is required")
         self.config = config
+        self.telemetry = telemetry or Telemetry.from_config(config.telemetry, access_log=config.log_level == "debug")
         self.repository = ModelRepository(
             Path(config.model_repository),
+            self.telemetry.observer,
             drain_timeout=config.shutdown_grace_seconds,
             explicit=config.model_control_mode == "explicit",
         )
         self.state = ServerState(model_control_mode=config.model_control_mode)
-        self.shadows = ShadowQueue()
+        metrics = self.telemetry.metrics
+        self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None)
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
+            interceptors=self.telemetry.interceptors(),  # outermost: refused calls are traced and counted too
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
                 # Share the port only among --workers; never by accident with another server.
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.repository, self.state, self.shadows), self._server
@@ -98,6 +103,7 @@ class InferGateServer:
             raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.shadows.start()
+        self.telemetry.start()
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
         return self.port
@@ -153,6 +159,7 @@ class InferGateServer:
         await self._server.stop(grace)
         await self.shadows.aclose()
         await self.repository.aclose(timeout=grace)
+        await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export
         log.info("stopped")
 
 
@@ -160,6 +167,9 @@ async def run_until_signalled(server: InferGateServer, stop: asyncio.Event) -> N
     """Start, load, serve until ``stop`` is set, then drain."""
     await server.start()
     print(f"infergate listening on {server.config.host}:{server.port}", flush=True)
+    if server.telemetry.metrics_port is not None:
+        host, port = server.config.telemetry.metrics_host, server.telemetry.metrics_port
+        print(f"infergate metrics on http://{host}:{port}/metrics", flush=True)
     loader = asyncio.create_task(server.load_models())
     await stop.wait()
     if not loader.done():

@@ -183,24 +183,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter_ns()
         model: ModelVersion | None = None
         decision: Decision | None = None
-        served_ok = False
+        error: Exception | None = None
         try:
             name = request.model_name
             key = _sticky_key(self._repository.router(name), request, metadata)
             model, decision = self._repository.route(name, request.model_version, key)
-            response = await self._infer(model, decision, request, remaining)
-            served_ok = True
-            return response
-        except _CALLER_ERRORS:
-            served_ok = True  # the version did nothing wrong
+            return await self._infer(model, decision, request, remaining)
+        except Exception as exc:
+            error = exc
             raise
         finally:
             if model is not None and decision is not None:
                 elapsed = time.perf_counter_ns() - started
-                model.stats.record_request(served_ok, elapsed)
+                model.stats.record_request(error is None, elapsed)
                 router = self._repository.router(model.name)
-                if router is not None:
-                    router.observe(decision, served_ok, elapsed / 1e9)
+                if router is not None:  # the canary is judged on what it did wrong, not on bad requests
+                    router.observe(decision, error is None or isinstance(error, _CALLER_ERRORS), elapsed / 1e9)
 
     async def _infer(
         self, model: ModelVersion, decision: Decision, request: pb.ModelInferRequest, remaining: float | None

@@ -17,10 +17,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["OutputAgreement", "ShadowJob", "ShadowQueue", "ShadowStats", "compare_outputs"]
+__all__ = ["OutputAgreement", "ShadowJob", "ShadowQueue", "ShadowRecorder", "ShadowStats", "compare_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class ShadowStats:
     """What became of the shadow calls of one (model, shadow version)."""
 
     version: int
+    model: str = ""
     sent: int = 0
     dropped: int = 0
     errors: int = 0
@@ -69,10 +71,14 @@ class ShadowStats:
             doublings = min(self.consecutive_errors // PAUSE_AFTER_ERRORS - 1, _MAX_DOUBLINGS)
             self.paused_until = now + min(PAUSE_MIN_S * 2**doublings, PAUSE_MAX_S)
 
-    def record(self, primary: Tensors, shadow: Tensors) -> None:
+    def record(self, primary: Tensors, shadow: Tensors) -> tuple[bool, float]:
+        """Count one comparison; returns (whether every output agreed, the largest difference)."""
         self.consecutive_errors = 0
         self.compared += 1
+        agreed, largest = True, 0.0
         for name, agreement in compare_outputs(primary, shadow).items():
+            agreed = agreed and not agreement.mismatched and agreement.top1_agreed == agreement.top1_rows
+            largest = max(largest, agreement.max_abs_diff)
             total = self.outputs.setdefault(name, OutputAgreement())
             total.compared += 1
             total.max_abs_diff = max(total.max_abs_diff, agreement.max_abs_diff)
@@ -80,6 +86,7 @@ class ShadowStats:
             total.mismatched += agreement.mismatched
             total.top1_rows += agreement.top1_rows
             total.top1_agreed += agreement.top1_agreed
+        return agreed, largest
 
 
 def compare_outputs(primary: Tensors, shadow: Tensors) -> dict[str, OutputAgreement]:
@@ -123,10 +130,19 @@ class ShadowJob:
     timeout_s: float
 
 
+class ShadowRecorder(Protocol):
+    """Where each shadow call's outcome goes besides ShadowStats (telemetry's ``record_shadow``)."""
+
+    def __call__(
+        self, model: str, *, agreement: bool | None, max_abs_diff: float | None, error: bool, dropped: bool
+    ) -> None: ...
+
+
 class ShadowQueue:
     """A bounded queue of shadow calls and the tasks that run them."""
 
-    def __init__(self, max_size: int = 1024, workers: int = 4):
+    def __init__(self, max_size: int = 1024, workers: int = 4, recorder: ShadowRecorder | None = None):
+        self._recorder = recorder
         self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(max_size)
         self._workers = workers
         self._tasks: list[asyncio.Task[None]] = []
@@ -138,12 +154,12 @@ class ShadowQueue:
         """Queue ``job`` unless ``limit`` jobs (or the queue's capacity) already wait; never blocks."""
         now = time.monotonic()
         if self._queue.qsize() >= limit or not self._tasks or now < job.stats.paused_until:
-            job.stats.dropped += 1
+            self._dropped(job.stats)
             return False
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
-            job.stats.dropped += 1
+            self._dropped(job.stats)
             return False
         job.stats.sent += 1
         return True
@@ -155,15 +171,27 @@ class ShadowQueue:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that races a finished call.
                 async with asyncio.timeout(job.timeout_s):
                     shadow = await job.call()
-                job.stats.record(job.primary, shadow)
+                agreed, largest = job.stats.record(job.primary, shadow)
+                self._record(job.stats, agreement=agreed, max_abs_diff=largest, error=False, dropped=False)
             except asyncio.CancelledError:
-                job.stats.dropped += 1  # stopped by aclose: never compared
+                self._dropped(job.stats)  # stopped by aclose: never compared
                 raise
             except Exception as exc:  # a shadow's failure is counted, never anyone else's problem
                 job.stats.failed(time.monotonic())
+                self._record(job.stats, agreement=None, max_abs_diff=None, error=True, dropped=False)
                 log.debug("shadow call to version %d failed: %s", job.stats.version, exc)
             finally:
                 self._queue.task_done()
+
+    def _dropped(self, stats: ShadowStats) -> None:
+        stats.dropped += 1
+        self._record(stats, agreement=None, max_abs_diff=None, error=False, dropped=True)
+
+    def _record(
+        self, stats: ShadowStats, *, agreement: bool | None, max_abs_diff: float | None, error: bool, dropped: bool
+    ) -> None:
+        if self._recorder is not None:
+            self._recorder(stats.model, agreement=agreement, max_abs_diff=max_abs_diff, error=error, dropped=dropped)
 
     async def aclose(self) -> None:
         """Stop the workers; queued shadow calls are dropped (they were best-effort)."""
@@ -172,4 +200,4 @@ class ShadowQueue:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         while not self._queue.empty():
-            self._queue.get_nowait().stats.dropped += 1
+            self._dropped(self._queue.get_nowait().stats)

@@ -7,9 +7,11 @@ the loop), so plain integers suffice: no locks on the hot path.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["BatchTimings", "Duration", "ModelStats"]
+__all__ = ["BatchTimings", "Duration", "ModelObserver", "ModelStats", "RepositoryObserver"]
 
 
 @dataclass(slots=True)
@@ -75,3 +77,29 @@ class ModelStats:
     def record_request(self, ok: bool, ns: int) -> None:
         """One finished request and its end-to-end time inside the server."""
         (self.success if ok else self.fail).add(ns)
+
+
+class ModelObserver(Protocol):
+    """Sees one model version's requests and batches (telemetry implements it; see telemetry/).
+
+    Called on the event loop, from the same events that feed :class:`ModelStats`,
+    so the statistics and whatever the observer exports agree.
+    """
+
+    def capture(self) -> object:
+        """A token for the request being submitted (e.g. its span); it comes back in ``batch``."""
+
+    def batch(
+        self, tags: Sequence[object], rows: int, enqueued: Sequence[float], started: float, timings: BatchTimings
+    ) -> None:
+        """One executed batch: the tags of its requests, when each was queued and when the batch
+        started (``loop.time()``; now is when it finished), and the runner's timings."""
+
+
+class RepositoryObserver(Protocol):
+    """Sees model loads and hands each loaded version its :class:`ModelObserver`."""
+
+    def model_loaded(self, name: str, ok: bool) -> None: ...
+
+    def for_model(self, name: str, version: int, queue_depth: Callable[[], int]) -> ModelObserver:
+        """The observer of a version just loaded; ``queue_depth()`` reads its queue (from any thread)."""

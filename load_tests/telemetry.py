@@ -1,0 +1,265 @@
+"""Telemetry overhead: infergate with tracing and metrics off versus on, in one run.
+
+Each round starts infergate once per variant on the same demo repository and
+loads it with the same closed-loop client (matmul16, batch 1, 64 in flight by
+default: the overhead-bound case, where per-request costs show most). Variants
+alternate within every round, so drift on a shared machine hits them alike.
+
+Variants:
+
+* ``off``: the default server (no interceptor, no hooks);
+* ``metrics``: ``--metrics-port`` (the Prometheus reader; nobody scrapes during the run);
+* ``traces100+metrics``: ``--traces --metrics-port``, every request sampled, spans
+  sent by the real OTLP gRPC exporter to a sink in another process (it answers
+  and drops them, like a collector elsewhere would);
+* ``traces10+metrics``, ``traces1+metrics``: the same with ``sample_ratio`` 0.1 and 0.01.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+from .generator import LoadConfig, run_closed_loop
+from .report import LoadResult, format_table
+from .servers import free_port, running_server
+from .suite import REPO_ROOT, environment
+
+__all__ = ["VARIANTS", "OverheadConfig", "OverheadReport", "run_overhead", "serve_sink", "variants"]
+
+VARIANTS = ("off", "metrics", "traces100+metrics", "traces10+metrics", "traces1+metrics")
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    out: pathlib.Path
+    model: str = "matmul16"
+    concurrency: int = 64
+    duration: float = 8.0
+    warmup: float = 2.0
+    rounds: int = 3
+    variants: tuple[str, ...] = VARIANTS
+
+
+@dataclass
+class OverheadReport:
+    config: OverheadConfig
+    runs: dict[str, list[LoadResult]] = field(default_factory=dict)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per round
+
+    def mean_rps(self, variant: str) -> float:
+        return statistics.fmean(r.requests_per_s for r in self.runs[variant])
+
+    def table(self) -> str:
+        base = self.mean_rps("off") if "off" in self.runs else float("nan")
+        rows = []
+        for variant, runs in self.runs.items():
+            mean = self.mean_rps(variant)
+            per_round = " / ".join(f"{r.requests_per_s:,.0f}" for r in runs)
+            p50 = statistics.fmean(r.p50_ms for r in runs)
+            cpu = statistics.fmean(self.cpu_us[variant])
+            cpu_base = statistics.fmean(self.cpu_us["off"]) if "off" in self.cpu_us else float("nan")
+            rows.append(
+                [variant, f"{mean:,.0f}", per_round, f"{mean / base:.3f}", f"{p50:.2f}", f"{cpu:.0f}",
+                 f"{cpu / cpu_base:.3f}"]
+            )  # fmt: skip
+        headers = ["variant", "mean req/s", "per round", "÷ off", "mean p50 ms", "server CPU µs/req", "÷ off"]
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">"], rows)
+
+
+def serve_sink(port: int) -> None:
+    """An OTLP gRPC receiver that accepts and drops spans and metrics (blocking)."""
+    import grpc
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_grpc.MetricsServiceServicer):
+        def Export(self, request: object, context: object) -> object:
+            if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
+                return trace_service_pb2.ExportTraceServiceResponse()
+            return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)  # type: ignore[no-untyped-call]
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Sink(), server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+@contextlib.contextmanager
+def _sink(port: int) -> Iterator[None]:
+    code = f"from load_tests.telemetry import serve_sink; serve_sink({port})"
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _argv(variant: str, repo: pathlib.Path, port: int, sink_port: int, folder: pathlib.Path) -> list[str]:
+    serve = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo), "--port", str(port)]
+    if variant == "off":
+        return serve
+    serve += ["--metrics-port", str(free_port())]
+    if variant == "metrics":
+        return serve
+    config = folder / f"{variant}.yaml"
+    ratio = int(variant.removeprefix("traces").removesuffix("+metrics")) / 100
+    config.write_text(f"telemetry: {{traces: true, sample_ratio: {ratio}}}\n")
+    env = ["env", "OTEL_TRACES_EXPORTER=otlp", f"OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{sink_port}"]
+    return [*env, *serve, "--config", str(config)]
+
+
+def run_overhead(config: OverheadConfig) -> OverheadReport:
+    """Every variant once per round, in order, each on a fresh server; writes overhead.json."""
+    from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
+
+    report = OverheadReport(config, {v: [] for v in config.variants}, {v: [] for v in config.variants})
+    config.out.mkdir(parents=True, exist_ok=True)
+    sink_port = free_port()
+    with tempfile.TemporaryDirectory() as tmp, _sink(sink_port):
+        repo = pathlib.Path(tmp) / "models"
+        write_demo_repository(repo)
+        for round_ in range(config.rounds):
+            for variant in config.variants:
+                port = free_port()
+                argv = _argv(variant, repo, port, sink_port, pathlib.Path(tmp))
+                log = config.out / f"{variant}.log"
+                with running_server(variant, argv, f"127.0.0.1:{port}", log, REPO_ROOT) as process:
+                    load = LoadConfig(
+                        target=f"127.0.0.1:{port}", model=config.model, concurrency=config.concurrency,
+                        duration=config.duration, warmup=config.warmup, label=variant,
+                    )  # fmt: skip
+                    cpu_before = _cpu_seconds(process.pid)
+                    result = run_closed_loop(load)
+                    cpu = _cpu_seconds(process.pid) - cpu_before
+                report.runs[variant].append(result)
+                # CPU covers warm-up and window; requests are counted in the window only.
+                served = result.requests * (config.warmup + config.duration) / config.duration
+                report.cpu_us[variant].append(cpu / max(served, 1) * 1e6)
+                print(f"round {round_ + 1} {variant}: {result.requests_per_s:,.0f} req/s", file=sys.stderr)
+    _write(report)
+    return report
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (Linux /proc), the server's cost independent of the machine's load."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _write(report: OverheadReport) -> None:
+    data = {
+        "environment": environment(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {k: str(v) for k, v in vars(report.config).items()},
+        "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
+        "mean_rps": {v: report.mean_rps(v) for v in report.runs},
+        "server_cpu_us_per_request": report.cpu_us,
+    }
+    (report.config.out / "overhead.json").write_text(json.dumps(data, indent=2, default=str))
+    (report.config.out / "overhead.md").write_text(report.table() + "\n")
+
+
+def variants(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def per_call_costs(calls: int = 20_000) -> dict[str, float]:
+    """CPU µs per call of each telemetry step, measured in-process with ``time.process_time``.
+
+    No server and no network: these isolate what telemetry adds to a request
+    when the machine is too busy for a throughput comparison to resolve a few percent.
+    """
+    import asyncio
+
+    import grpc
+    from opentelemetry import trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    from infergate._proto import grpc_service_pb2 as pb  # type: ignore[import-untyped,unused-ignore]
+    from infergate.telemetry.aggregate import Histograms  # type: ignore[import-untyped,unused-ignore]
+    from infergate.telemetry.interceptor import TelemetryInterceptor  # type: ignore[import-untyped,unused-ignore]
+    from infergate.telemetry.metrics import ServerMetrics  # type: ignore[import-untyped,unused-ignore]
+    from infergate.telemetry.providers import build_tracer_provider  # type: ignore[import-untyped,unused-ignore]
+
+    def cost(step: object) -> float:
+        assert callable(step)
+        started = time.process_time()
+        for _ in range(calls):
+            step()
+        return (time.process_time() - started) / calls * 1e6
+
+    meter = MeterProvider(metric_readers=[InMemoryMetricReader()]).get_meter("costs")  # a reader: the SDK aggregates
+    sdk_counter, sdk_histogram = meter.create_counter("c"), meter.create_histogram("h")
+    metrics = ServerMetrics(meter, Histograms("costs"))
+    sampled = build_tracer_provider(1.0, Resource.create(), []).get_tracer("costs")
+    unsampled = build_tracer_provider(0.0, Resource.create(), []).get_tracer("costs")
+
+    def request_metrics() -> None:  # what one request records (a batch of one)
+        metrics.request_started("ModelInfer")
+        metrics.request_finished("ModelInfer", "matmul16", "1", 0, 0.001)
+        metrics.record_batch("matmul16", 1, 1, [0.0001], 0.0002)
+
+    def spans(tracer: trace.Tracer) -> None:  # the RPC span and, when it records, its queue span
+        span = tracer.start_span("rpc", kind=trace.SpanKind.SERVER, attributes={"rpc.system": "grpc"})
+        if span.is_recording():
+            tracer.start_span("queue", trace.set_span_in_context(span)).end()
+        span.end()
+
+    class _Context:  # the two methods the interceptor calls; a stand-in, since no RPC runs here
+        def code(self) -> None:
+            return None
+
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+    class _Details:
+        method = "/inference.GRPCInferenceService/ModelInfer"
+        invocation_metadata = ()
+
+    response = pb.ModelInferResponse(model_name="matmul16", model_version="1")
+
+    async def behavior(request: object, context: object) -> object:
+        return response
+
+    async def intercepted() -> float:
+        interceptor = TelemetryInterceptor(None, metrics)
+        handler = grpc.unary_unary_rpc_method_handler(behavior)
+        details = _Details()
+
+        async def continuation(details: object) -> object:
+            return handler
+
+        request, context = pb.ModelInferRequest(model_name="matmul16", id="x"), _Context()
+        started = time.process_time()
+        for _ in range(calls):
+            await (await interceptor.intercept_service(continuation, details)).unary_unary(request, context)
+        return (time.process_time() - started) / calls * 1e6
+
+    return {
+        "OpenTelemetry SDK Counter.add (2 attributes)": cost(lambda: sdk_counter.add(1, {"a": "b", "c": "d"})),
+        "OpenTelemetry SDK Histogram.record (1 attribute)": cost(lambda: sdk_histogram.record(0.005, {"a": "b"})),
+        "infergate metrics for one request (aggregated)": cost(request_metrics),
+        "interceptor + metrics around one unary call": asyncio.run(intercepted()),
+        "RPC span + queue span, sampled (no exporter)": cost(lambda: spans(sampled)),
+        "RPC span, not sampled": cost(lambda: spans(unsampled)),
+    }

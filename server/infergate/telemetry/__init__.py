@@ -1,0 +1,123 @@
+"""Telemetry: OpenTelemetry traces and metrics, the Prometheus endpoint, structured logs.
+
+:class:`Telemetry` is built by the composition root (``server.py``) from the
+``telemetry:`` config block and the OTEL_* variables, or from providers a test
+passes in (e.g. with an ``InMemorySpanExporter`` and ``InMemoryMetricReader``);
+nothing here touches OpenTelemetry's global providers. It hands out:
+
+* ``interceptors()``: the RPC interceptor (outermost; empty when all is off);
+* ``observer``: the repository's hooks (model loads; per-version queue spans,
+  batch spans and metrics from the batcher's events), or None;
+* ``metrics``: :class:`ServerMetrics`, whose ``record_auth_refusal`` and
+  ``record_shadow`` the auth and routing layers call.
+
+See docs/observability.md for the metric names and the exporter variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, start_http_server
+
+from ..config import TelemetryConfig
+from ..stats import RepositoryObserver
+from .aggregate import Histograms
+from .hooks import RepositoryHooks
+from .interceptor import TelemetryInterceptor
+from .logs import configure_logging
+from .metrics import ServerMetrics
+from .providers import (
+    build_meter_provider,
+    build_resource,
+    build_tracer_provider,
+    otlp_metrics_requested,
+    sdk_disabled,
+)
+
+__all__ = ["ServerMetrics", "Telemetry", "configure_logging"]
+
+log = logging.getLogger(__name__)
+
+_SCOPE = "infergate"
+
+
+class Telemetry:
+    """The server's tracer, meter, interceptor, hooks and Prometheus endpoint; ``shutdown`` flushes them."""
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        histograms: Histograms | None = None,
+        prometheus: CollectorRegistry | None = None,
+        access_log: bool = False,
+    ):
+        self.config = config
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self._registry = prometheus
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self.metrics_port: int | None = None
+        tracer = tracer_provider.get_tracer(_SCOPE) if tracer_provider is not None else None
+        self.histograms = histograms or Histograms(_SCOPE)  # readers of ``meter_provider`` must add these
+        self.metrics = (
+            ServerMetrics(meter_provider.get_meter(_SCOPE), self.histograms) if meter_provider is not None else None
+        )
+        on = tracer is not None or self.metrics is not None
+        self.observer: RepositoryObserver | None = RepositoryHooks(tracer, self.metrics) if on else None
+        self._interceptor = (
+            TelemetryInterceptor(tracer, self.metrics, trace_health=config.trace_health) if on or access_log else None
+        )
+
+    @classmethod
+    def from_config(cls, config: TelemetryConfig, *, access_log: bool = False) -> Telemetry:
+        """Providers as ``config`` and the OTEL_* variables ask (none at all when everything is off)."""
+        wants_metrics = config.metrics or config.metrics_port is not None or otlp_metrics_requested()
+        if sdk_disabled() or not (config.traces or wants_metrics):
+            return cls(config, access_log=access_log)
+        resource = build_resource()
+        tracer_provider = build_tracer_provider(config.sample_ratio, resource) if config.traces else None
+        registry = CollectorRegistry(auto_describe=True) if config.metrics_port is not None else None
+        histograms = Histograms(_SCOPE)
+        meter_provider = build_meter_provider(resource, histograms, registry) if wants_metrics else None
+        return cls(
+            config,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            histograms=histograms,
+            prometheus=registry,
+            access_log=access_log,
+        )
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [self._interceptor] if self._interceptor is not None else []
+
+    def start(self) -> None:
+        """Open the Prometheus endpoint (when configured); ``metrics_port`` is then the bound port."""
+        if self._registry is None or self.config.metrics_port is None:
+            return
+        server, thread = start_http_server(self.config.metrics_port, self.config.metrics_host, self._registry)
+        self._http = (server, thread)
+        self.metrics_port = server.server_port
+        log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+
+    def shutdown(self) -> None:
+        """Close the endpoint and flush spans and metrics (blocking: call from a thread)."""
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join()
+            self._http = None
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()

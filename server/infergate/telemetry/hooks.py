@@ -1,0 +1,107 @@
+"""The model hooks: what telemetry does when a request is queued and when its batch ran.
+
+A request's span is captured when it is submitted (it travels through the
+batcher as an opaque tag). When its batch finished, each request gets a
+``queue`` child span covering its wait, and the batch gets one span of its own
+— a root, since it serves many traces — **linked** to every request's span.
+Metrics are recorded from the same event that feeds ModelStatistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, Tracer
+
+from ..stats import BatchTimings, ModelObserver
+from .metrics import ServerMetrics
+
+__all__ = ["ModelHooks", "RepositoryHooks"]
+
+
+class RepositoryHooks:
+    """The repository's observer: counts loads and gives each loaded version its hooks."""
+
+    def __init__(self, tracer: Tracer | None, metrics: ServerMetrics | None):
+        self._tracer = tracer
+        self._metrics = metrics
+
+    def model_loaded(self, name: str, ok: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.record_model_load(name, ok)
+
+    def for_model(self, name: str, version: int, queue_depth: Callable[[], int]) -> ModelObserver:
+        if self._metrics is not None:
+            self._metrics.watch_queue(name, version, queue_depth)
+        return ModelHooks(name, version, self._tracer, self._metrics)
+
+
+class ModelHooks:
+    """One model version's :class:`~infergate.stats.ModelObserver`."""
+
+    def __init__(self, name: str, version: int, tracer: Tracer | None, metrics: ServerMetrics | None):
+        self._name = name
+        self._version = version
+        self._tracer = tracer
+        self._metrics = metrics
+        self._attributes = {"infergate.model.name": name, "infergate.model.version": str(version)}
+
+    def capture(self) -> object:
+        """The current request's span when it records (else None: nothing to link or time)."""
+        if self._tracer is None:
+            return None
+        span = trace.get_current_span()
+        return span if span.is_recording() else None
+
+    def batch(
+        self, tags: Sequence[object], rows: int, enqueued: Sequence[float], started: float, timings: BatchTimings
+    ) -> None:
+        if self._metrics is not None:
+            compute = (timings.input_ns + timings.infer_ns + timings.output_ns) / 1e9
+            self._metrics.record_batch(self._name, self._version, rows, [started - t for t in enqueued], compute)
+        if self._tracer is not None:
+            spans = [(tag, t) for tag, t in zip(tags, enqueued, strict=True) if isinstance(tag, Span)]
+            if spans:
+                self._trace_batch(self._tracer, spans, rows, len(tags), started, timings)
+
+    def _trace_batch(
+        self,
+        tracer: Tracer,
+        spans: list[tuple[Span, float]],
+        rows: int,
+        requests: int,
+        started: float,
+        timings: BatchTimings,
+    ) -> None:
+        # Batcher times are loop.time(); spans want the wall clock in ns.
+        now_loop, now_ns = asyncio.get_running_loop().time(), time.time_ns()
+
+        def wall(t: float) -> int:
+            return now_ns - int((now_loop - t) * 1e9)
+
+        batch_start = wall(started)
+        for span, enqueued in spans:
+            span.set_attribute("infergate.batch.size", rows)
+            queue = tracer.start_span(
+                "queue", trace.set_span_in_context(span), start_time=wall(enqueued), attributes=self._attributes
+            )
+            queue.end(end_time=batch_start)
+        batch = tracer.start_span(
+            f"batch {self._name}",
+            Context(),  # a root: it belongs to every request's trace at once
+            links=[Link(span.get_span_context()) for span, _ in spans],
+            start_time=batch_start,
+            attributes={
+                **self._attributes,
+                "infergate.batch.size": rows,
+                "infergate.batch.requests": requests,
+                "infergate.compute.input_ns": timings.input_ns,
+                "infergate.compute.infer_ns": timings.infer_ns,
+                "infergate.compute.output_ns": timings.output_ns,
+            },
+        )
+        batch.end(end_time=now_ns)

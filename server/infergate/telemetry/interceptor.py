@@ -1,0 +1,216 @@
+"""The outermost server interceptor: one span, one metric sample and one access-log line per RPC.
+
+The span follows the gRPC semantic conventions (``rpc.system``, ``rpc.service``,
+``rpc.method``, ``rpc.grpc.status_code``), takes its parent from the caller's
+W3C ``traceparent``/``tracestate`` metadata, and is the current span while the
+servicer runs, so the batch hooks and log lines inside the request see it.
+Model, version served and request id are read from the request and response
+messages (ModelInfer and the other calls that name a model).
+
+Health and reflection calls pass through untouched unless ``trace_health``.
+The interceptor sits outermost, so calls another interceptor refuses are
+traced and counted too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import context as context_api
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .metrics import ServerMetrics
+
+__all__ = ["ACCESS_LOG", "UNTRACED_SERVICES", "TelemetryInterceptor"]
+
+ACCESS_LOG = logging.getLogger("infergate.access")
+_MAX_WRAPPED = 1024
+_W3C = TraceContextTextMapPropagator()  # W3C trace context only: OTEL_PROPAGATORS is not consulted
+_TRACE_KEYS = frozenset(("traceparent", "tracestate"))
+UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                     "grpc.reflection.v1.ServerReflection")  # fmt: skip
+
+
+class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps every handler with a :class:`_Call` record; ``tracer``/``metrics`` None turn that part off."""
+
+    def __init__(self, tracer: Tracer | None, metrics: ServerMetrics | None, *, trace_health: bool = False):
+        self._tracer = tracer
+        self._metrics = metrics
+        self._trace_health = trace_health
+        # Inner handlers are the same objects call after call (one per method), so each is wrapped once.
+        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            wrapped = self._wrap(handler, details.method)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, path: str) -> grpc.RpcMethodHandler:
+        service, _, method = path.lstrip("/").partition("/")
+        if service in UNTRACED_SERVICES and not self._trace_health:
+            wrapped = handler
+        else:
+
+            def begin(context: grpc.aio.ServicerContext) -> _Call:
+                return _Call(self, service, method, context)
+
+            wrapped = _wrap(handler, begin)
+        if len(self._wrapped) < _MAX_WRAPPED:  # an inner interceptor might build handlers per call
+            self._wrapped[handler] = wrapped
+        return wrapped
+
+
+class _Call:
+    """One RPC being served: its span (if tracing), start time and what it named."""
+
+    __slots__ = ("_owner", "_span", "_started", "_token", "method", "model", "service", "version")
+
+    def __init__(self, owner: TelemetryInterceptor, service: str, method: str, context: grpc.aio.ServicerContext):
+        self._owner = owner
+        self.service, self.method = service, method
+        self.model = self.version = ""
+        self._started = time.perf_counter()
+        self._span: trace.Span | None = None
+        self._token: object | None = None
+        if owner._metrics is not None:
+            owner._metrics.request_started(method)
+        if owner._tracer is not None:
+            metadata = context.invocation_metadata() or ()
+            parent = _W3C.extract({k: v for k, v in metadata if k in _TRACE_KEYS and isinstance(v, str)})
+            self._span = owner._tracer.start_span(
+                f"{service}/{method}",
+                parent,
+                kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            )
+            self._token = context_api.attach(trace.set_span_in_context(self._span))
+
+    def saw_request(self, request: Any) -> None:
+        self.model = str(getattr(request, "model_name", "") or getattr(request, "name", "") or "")
+        self.version = str(getattr(request, "model_version", "") or getattr(request, "version", "") or "")
+        if self._span is not None and self._span.is_recording():
+            if self.model:
+                self._span.set_attribute("infergate.model.name", self.model)
+            request_id = getattr(request, "id", "")
+            if request_id and isinstance(request_id, str):
+                self._span.set_attribute("infergate.request.id", request_id)
+
+    def saw_response(self, response: Any) -> None:
+        version = getattr(response, "model_version", "")
+        if version and isinstance(version, str):
+            self.version = version  # the version that answered, when the request named none
+        parameters = getattr(response, "parameters", None)
+        if self._span is not None and self._span.is_recording() and parameters is not None:
+            # The router's decision, as the servicer wrote it into the response (see servicer.py).
+            if "infergate_route" in parameters:
+                self._span.set_attribute("infergate.route", parameters["infergate_route"].string_param)
+            if "infergate_shadowed" in parameters:
+                self._span.set_attribute("infergate.shadowed", parameters["infergate_shadowed"].bool_param)
+
+    def end(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        status = _status(context, error)
+        seconds = time.perf_counter() - self._started
+        if self._owner._metrics is not None:
+            self._owner._metrics.request_finished(self.method, self.model, self.version, status.value[0], seconds)
+        if self._span is not None:
+            self._finish_span(status, error)
+        if ACCESS_LOG.isEnabledFor(logging.DEBUG):
+            ACCESS_LOG.debug(
+                "%s model=%s version=%s status=%s %.3fms",
+                self.method, self.model or "-", self.version or "-", status.name, seconds * 1e3,
+                extra={"rpc_method": self.method, "model": self.model, "model_version": self.version,
+                       "grpc_status": status.name, "duration_ms": round(seconds * 1e3, 3)},
+            )  # fmt: skip
+        if self._token is not None:
+            context_api.detach(self._token)  # type: ignore[arg-type]
+
+    def _finish_span(self, status: grpc.StatusCode, error: BaseException | None) -> None:
+        span = self._span
+        assert span is not None
+        span.set_attribute("rpc.grpc.status_code", status.value[0])
+        if self.version:
+            span.set_attribute("infergate.model.version", self.version)
+        if status is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, status.name))
+            if error is not None and not isinstance(error, grpc.aio.AbortError | asyncio.CancelledError):
+                span.record_exception(error)  # a bug: the servicer answered INTERNAL, the cause goes here
+        span.end()
+
+
+def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some grpc versions keep the raw integer
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+
+
+Begin = Callable[[grpc.aio.ServicerContext], "_Call"]
+
+
+def _wrap(handler: grpc.RpcMethodHandler, begin: Begin) -> grpc.RpcMethodHandler:
+    """The same handler, each behaviour run inside a :class:`_Call`."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(handler.unary_unary, begin), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            _streaming(handler.stream_stream, begin), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(handler.unary_stream, begin), handler.request_deserializer, handler.response_serializer
+        )
+    return handler  # stream-unary: infergate serves none; left untraced
+
+
+def _unary(behavior: Callable[..., Awaitable[Any]], begin: Begin) -> Callable[..., Awaitable[Any]]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = begin(context)
+        call.saw_request(request)
+        try:
+            response = await behavior(request, context)
+        except BaseException as exc:
+            call.end(context, exc)
+            raise
+        call.saw_response(response)
+        call.end(context, None)
+        return response
+
+    return unary
+
+
+def _streaming(behavior: Callable[..., AsyncIterator[Any]], begin: Begin) -> Callable[..., Any]:
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = begin(context)
+        error: BaseException | None = None
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            call.end(context, error)
+
+    return streaming

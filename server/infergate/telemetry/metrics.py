@@ -1,0 +1,173 @@
+"""infergate's metrics, as OpenTelemetry instruments, and the typed methods that record them.
+
+Names and units follow the OpenTelemetry conventions (seconds, ``{request}``
+annotations); the Prometheus exporter turns ``infergate.queue.duration`` (s)
+into ``infergate_queue_duration_seconds`` and counters into ``*_total``.
+docs/observability.md lists every metric with its Prometheus name and Triton's
+name for the same concept.
+
+Every recording method is called on the event loop; the observable callbacks
+and the histogram snapshots run on a reader's thread (a scrape or an export).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from .aggregate import Counter, Histograms
+
+__all__ = ["BATCH_ROWS", "SECONDS", "ServerMetrics"]
+
+# Sub-millisecond to seconds: a small model answers in 100 µs, a big batch in seconds.
+SECONDS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_ROWS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DIFFS: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class ServerMetrics:
+    """Every instrument infergate records; one per server, from its ``Meter`` and ``Histograms``.
+
+    Recording methods cost a dictionary update or a bisect (see aggregate.py);
+    the SDK reads the totals when a reader collects.
+    """
+
+    def __init__(self, meter: Meter, histograms: Histograms):
+        self._depths: dict[tuple[str, int], Callable[[], int]] = {}
+        self._lock = threading.Lock()  # the depth table is read from the reader's thread
+        self._active: dict[str, int] = {}
+        self._requests = self._counter(
+            meter, "infergate.requests", "{request}", "RPCs answered, by method, model, version and status"
+        )
+        self._loads = self._counter(meter, "infergate.model.loads", "{load}", "Model loads, by model and outcome")
+        self._auth_refusals = self._counter(
+            meter, "infergate.auth.refusals", "{request}", "Calls refused by authentication, by reason"
+        )
+        self._shadow_comparisons = self._counter(
+            meter,
+            "infergate.shadow.comparisons",
+            "{comparison}",
+            "Shadow answers compared with the primary's, by agreement (true, false, unknown)",
+        )
+        self._shadow_errors = self._counter(meter, "infergate.shadow.errors", "{request}", "Shadow calls that failed")
+        self._shadow_dropped = self._counter(
+            meter, "infergate.shadow.dropped", "{request}", "Shadow calls dropped (shadow queue full)"
+        )
+        self._request_duration = histograms.create(
+            "infergate.request.duration", "s", "Time from receiving an RPC to answering it", SECONDS
+        )
+        self._queue_duration = histograms.create(
+            "infergate.queue.duration", "s", "Time a request waited in its model's queue", SECONDS
+        )
+        self._compute_duration = histograms.create(
+            "infergate.compute.duration",
+            "s",
+            "Time one batch took to run: gather inputs, execute, split outputs",
+            SECONDS,
+        )
+        self._batch_size = histograms.create("infergate.batch.size", "{row}", "Rows in each executed batch", BATCH_ROWS)
+        self._shadow_diff = histograms.create(
+            "infergate.shadow.max_abs_diff", "", "Largest absolute difference between shadow and primary", DIFFS
+        )
+        meter.create_observable_up_down_counter(
+            "infergate.requests.active", [self._observe_active], unit="{request}", description="RPCs being served now"
+        )
+        meter.create_observable_gauge(
+            "infergate.queue.depth",
+            [self._observe_depths],
+            unit="{request}",
+            description="Requests waiting in each model version's queue",
+        )
+        meter.create_observable_counter(
+            "process.cpu.time", [_observe_cpu], unit="s", description="CPU time this process used"
+        )
+        meter.create_observable_up_down_counter(
+            "process.memory.usage", [_observe_memory], unit="By", description="Resident memory of this process"
+        )
+
+    @staticmethod
+    def _counter(meter: Meter, name: str, unit: str, description: str) -> Counter:
+        counter = Counter()
+        meter.create_observable_counter(name, [counter.observe], unit=unit, description=description)
+        return counter
+
+    # --- RPCs (the interceptor) ------------------------------------------------------------
+
+    def request_started(self, method: str) -> None:
+        self._active[method] = self._active.get(method, 0) + 1
+
+    def request_finished(self, method: str, model: str, version: str, status: int, seconds: float) -> None:
+        """One answered RPC; ``model``/``version`` are empty for calls that name none."""
+        self._active[method] -= 1
+        key = (("rpc.method", method), ("model", model), ("model_version", version), ("rpc.grpc.status_code", status))
+        self._requests.add(key)
+        self._request_duration.record(key, seconds)
+
+    # --- models (the batcher's events, the same ones ModelStatistics counts) --------------
+
+    def record_batch(self, model: str, version: int, rows: int, queue_seconds: Sequence[float], compute: float) -> None:
+        """One executed batch: each request's queue wait and the batch's compute time."""
+        key = (("model", model), ("model_version", str(version)))
+        self._queue_duration.record_many(key, queue_seconds)
+        self._compute_duration.record(key, compute)
+        self._batch_size.record(key, rows)
+
+    def record_model_load(self, model: str, ok: bool) -> None:
+        self._loads.add((("model", model), ("outcome", "success" if ok else "failure")))
+
+    def watch_queue(self, model: str, version: int, depth: Callable[[], int]) -> None:
+        """Report ``depth()`` as this version's queue depth from now on."""
+        with self._lock:
+            self._depths[(model, version)] = depth
+
+    # --- for the auth and routing layers ---------------------------------------------------
+
+    def record_auth_refusal(self, reason: str) -> None:
+        """A call refused before it reached the servicer; ``reason`` is a short fixed word
+        (``missing_token``, ``expired``, ``forbidden``…), never the token or a claim value."""
+        self._auth_refusals.add((("reason", reason),))
+
+    def record_shadow(
+        self, model: str, *, agreement: bool | None, max_abs_diff: float | None, error: bool, dropped: bool
+    ) -> None:
+        """One shadow call: dropped before it ran, failed, or compared (``agreement`` None: not comparable)."""
+        key = (("model", model),)
+        if dropped:
+            self._shadow_dropped.add(key)
+            return
+        if error:
+            self._shadow_errors.add(key)
+            return
+        label = "unknown" if agreement is None else str(agreement).lower()
+        self._shadow_comparisons.add((("model", model), ("agreement", label)))
+        if max_abs_diff is not None:
+            self._shadow_diff.record(key, max_abs_diff)
+
+    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"rpc.method": m}) for m, n in dict(self._active).items()]
+
+    def _observe_depths(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            depths = list(self._depths.items())
+        return [Observation(depth(), {"model": m, "model_version": str(v)}) for (m, v), depth in depths]
+
+
+def _observe_cpu(options: CallbackOptions) -> Iterable[Observation]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return [Observation(usage.ru_utime, {"cpu.mode": "user"}), Observation(usage.ru_stime, {"cpu.mode": "system"})]
+
+
+def _observe_memory(options: CallbackOptions) -> Iterable[Observation]:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            resident = int(statm.read().split()[1]) * _PAGE
+    except OSError:  # not Linux: the peak is the best the standard library offers
+        resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return [Observation(resident)]

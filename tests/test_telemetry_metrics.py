@@ -1,0 +1,150 @@
+"""Metrics: what an operator sees agrees with ModelStatistics, and every instrument reports.
+
+A real server runs in-process with OpenTelemetry's in-memory metric reader;
+clients are real tritonclient ones over 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as aioclient
+from telemetry_support import Observed, observed_server, telemetry_repository
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+WAIT = 30.0  # generous: polling ends as soon as the condition holds
+
+
+@pytest.fixture(scope="module")
+def repository(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return telemetry_repository(demo_repository, tmp_path_factory.mktemp("metrics"))
+
+
+@pytest.fixture
+async def observed(repository: Path) -> AsyncIterator[Observed]:
+    async with observed_server(repository) as observed:
+        yield observed
+
+
+def _x(rows: int = 1, width: int = 16) -> list[InferInput]:
+    x = InferInput("x", [rows, width], "FP32")
+    x.set_data_from_numpy(np.ones((rows, width), np.float32))
+    return [x]
+
+
+def _where(points: list[Any], **attributes: Any) -> list[Any]:
+    return [p for p in points if all(p.attributes.get(k) == v for k, v in attributes.items())]
+
+
+def _one(points: list[Any], **attributes: Any) -> Any:
+    (point,) = _where(points, **attributes)
+    return point
+
+
+async def _eventually(check: Callable[[], bool], poll: float = 0.01) -> None:
+    """Poll ``check`` until it holds (the gauge has no event to wait on); fail after WAIT seconds."""
+    for _ in range(int(WAIT / poll)):
+        if check():
+            return
+        await asyncio.sleep(poll)
+    raise AssertionError(f"condition not met within {WAIT}s")
+
+
+async def test_metrics_agree_with_model_statistics_after_a_known_workload(observed: Observed) -> None:
+    client = aioclient.InferenceServerClient(observed.url)
+    try:
+        for rows in (1, 2, 3, 1, 1, 4, 1, 2, 1, 1):  # 10 requests, 17 rows, one by one
+            await client.infer("matmul16", _x(rows))
+        await asyncio.gather(*(client.infer("batch4", _x()) for _ in range(4)))  # one batch of 4
+        with pytest.raises(InferenceServerException, match="shape"):
+            await client.infer("matmul16", _x(1, width=15))
+        statistics = {
+            s.name: s for s in (await client.get_inference_statistics(as_json=False)).model_stats
+        }  # fmt: skip
+    finally:
+        await client.close()
+
+    requests = observed.points("infergate.requests")
+    queue = observed.points("infergate.queue.duration")
+    compute = observed.points("infergate.compute.duration")
+    batch = observed.points("infergate.batch.size")
+    ok, invalid = grpc.StatusCode.OK.value[0], grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    for model in ("matmul16", "batch4"):
+        stats = statistics[model]
+        stats_kw = {"model": model, "model_version": "1"}
+        inference = stats.inference_stats
+        assert _one(requests, **{"rpc.grpc.status_code": ok}, **stats_kw).value == (inference.success.count)
+        assert sum(p.value for p in _where(requests, model=model)) == inference.success.count + inference.fail.count
+        assert _one(queue, **stats_kw).count == inference.queue.count
+        assert _one(batch, **stats_kw).count == _one(compute, **stats_kw).count == stats.execution_count
+        assert _one(batch, **stats_kw).sum == stats.inference_count
+    assert statistics["matmul16"].inference_stats.success.count == 10
+    assert statistics["matmul16"].inference_count == 17
+    assert statistics["batch4"].execution_count == 1
+    assert _one(requests, model="matmul16", **{"rpc.grpc.status_code": invalid}).value == 1
+    assert statistics["matmul16"].inference_stats.fail.count == 1
+
+
+async def test_model_loads_are_counted_by_outcome(observed: Observed) -> None:
+    loads = observed.points("infergate.model.loads")
+    assert _one(loads, model="matmul16", outcome="success").value == 1
+    assert _one(loads, model="batch4", outcome="success").value == 1
+    assert _one(loads, model="broken", outcome="failure").value == 1
+    assert not _where(loads, model="broken", outcome="success")
+
+
+async def test_queue_depth_and_requests_in_flight_are_gauged(observed: Observed) -> None:
+    def depth() -> int:
+        return int(_one(observed.points("infergate.queue.depth"), model="batch4", model_version="1").value)
+
+    def active() -> int:
+        return int(_one(observed.points("infergate.requests.active"), **{"rpc.method": "ModelInfer"}).value)
+
+    client = aioclient.InferenceServerClient(observed.url)
+    try:
+        assert depth() == 0
+        waiting = [asyncio.create_task(client.infer("batch4", _x())) for _ in range(3)]  # short of a batch of 4
+        await _eventually(lambda: depth() == 3)
+        assert active() == 3
+        await asyncio.gather(client.infer("batch4", _x()), *waiting)  # the fourth completes the batch
+    finally:
+        await client.close()
+    assert depth() == 0
+    assert active() == 0
+
+
+async def test_process_cpu_and_memory_are_reported(observed: Observed) -> None:
+    cpu = observed.points("process.cpu.time")
+    assert {p.attributes["cpu.mode"] for p in cpu} == {"user", "system"}
+    assert sum(p.value for p in cpu) > 0
+    (memory,) = observed.points("process.memory.usage")
+    assert memory.value > 10 * 1024 * 1024  # a Python process with onnxruntime loaded
+
+
+async def test_auth_refusals_and_shadow_comparisons_have_recorders(observed: Observed) -> None:
+    metrics = observed.server.telemetry.metrics
+    assert metrics is not None
+    metrics.record_auth_refusal("expired")
+    metrics.record_auth_refusal("expired")
+    metrics.record_auth_refusal("missing_token")
+    metrics.record_shadow("mlp", agreement=True, max_abs_diff=1e-7, error=False, dropped=False)
+    metrics.record_shadow("mlp", agreement=False, max_abs_diff=0.5, error=False, dropped=False)
+    metrics.record_shadow("mlp", agreement=None, max_abs_diff=None, error=False, dropped=False)
+    metrics.record_shadow("mlp", agreement=None, max_abs_diff=None, error=True, dropped=False)
+    metrics.record_shadow("mlp", agreement=None, max_abs_diff=None, error=False, dropped=True)
+
+    refusals = observed.points("infergate.auth.refusals")
+    assert {p.attributes["reason"]: p.value for p in refusals} == {"expired": 2, "missing_token": 1}
+    comparisons = observed.points("infergate.shadow.comparisons")
+    assert {p.attributes["agreement"]: p.value for p in comparisons} == {"true": 1, "false": 1, "unknown": 1}
+    (diff,) = observed.points("infergate.shadow.max_abs_diff")
+    assert diff.count == 2 and diff.max == 0.5
+    assert _one(observed.points("infergate.shadow.errors"), model="mlp").value == 1
+    assert _one(observed.points("infergate.shadow.dropped"), model="mlp").value == 1
