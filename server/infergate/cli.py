@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, ServerConfig, load_server_config
+from .security_config import exposure_warning
 from .server import InferGateServer, run_until_signalled
 from .workers import supervise
 
@@ -77,6 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if (warning := exposure_warning(config.host, config.auth)) is not None:
+        print(f"infergate: {warning}", file=sys.stderr, flush=True)
     try:
         if config.workers > 1:
             return asyncio.run(
@@ -85,6 +88,9 @@ def _serve(args: argparse.Namespace) -> int:
                 )
             )
         asyncio.run(_serve_async(config))
+    except ConfigError as exc:  # keys and certificates are read when the server is built
+        print(f"infergate: {exc}", file=sys.stderr)
+        return 2
     except (OSError, RuntimeError) as exc:
         print(f"infergate: {exc}", file=sys.stderr)
         return 1

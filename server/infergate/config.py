@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .security_config import AuthConfig, LimitsConfig, TlsConfig
+
 __all__ = [
     "PROVIDERS",
     "ConfigError",
@@ -129,6 +131,10 @@ class ServerConfig(_Strict):
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     # Set for the workers of --workers N: share the port instead of refusing to.
     reuse_port: bool = False
+    # Security and hardening (security_config.py, docs/security.md).
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
 
 
 def _read_yaml(path: Path) -> Any:

@@ -22,8 +22,11 @@ from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
 from ._proto import model_config_pb2 as mc
 from .config import ServerConfig
+from .interceptors import build_interceptors
+from .keys import KeyStore, build_key_store
 from .repository import ModelRepository
 from .servicer import InferenceServicer, ServerState
+from .tls import server_credentials
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
 
@@ -52,15 +55,23 @@ class InferGateServer:
             raise ValueError("a model repository is required")
         self.config = config
         self.repository = ModelRepository(Path(config.model_repository))
-        self.state = ServerState()
+        limits = config.limits
+        self.state = ServerState(
+            max_elements=limits.max_elements_per_tensor,
+            max_rows=limits.max_batch_rows,
+            max_inputs=limits.max_inputs_per_request,
+        )
         self._health = health.aio.HealthServicer()
+        self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
         self._server = grpc.aio.server(
+            interceptors=build_interceptors(config, self._keys),
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
+                ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
                 # Share the port only among --workers; never by accident with another server.
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.repository, self.state), self._server
@@ -74,13 +85,19 @@ class InferGateServer:
     async def start(self) -> int:
         """Bind and start serving; models load afterwards (see ``load_models``). Returns the port."""
         self.repository.discover()
+        if self._keys is not None:
+            await self._keys.refresh()  # a JWKS URL's first fetch (off the loop); failures are logged
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self._server.add_insecure_port(address)
+        tls = self.config.tls
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, server_credentials(tls))
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
-        log.info("listening on %s:%d", self.config.host, self.port)
+        log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if tls else "")
         return self.port
 
     async def load_models(self) -> bool:
@@ -111,6 +128,8 @@ class InferGateServer:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await self.repository.aclose(timeout=grace)
+        if self._keys is not None:
+            self._keys.close()
         log.info("stopped")
 
 

@@ -48,6 +48,8 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     max_elements: int = 64 * 1024 * 1024
+    max_rows: int = 1024  # rows of one request, on top of each model's max_batch_size
+    max_inputs: int = 128
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: InferGateError) -> NoReturn:
@@ -172,7 +174,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, model: ModelVersion, request: pb.ModelInferRequest, remaining: float | None
     ) -> pb.ModelInferResponse:
-        decoded = decode_request(request, model.spec, self._state.max_elements)
+        state = self._state
+        decoded = decode_request(
+            request, model.spec, state.max_elements, max_rows=state.max_rows, max_inputs=state.max_inputs
+        )
         deadline = _deadline(remaining, request, model)
         outputs = await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline)
         return encode_response(request, model.spec, outputs, decoded.outputs)
