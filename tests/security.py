@@ -58,8 +58,16 @@ def jwk(key: PrivateKey, kid: str) -> dict[str, Any]:
 
 def claims(scope: str = "infer:* metadata", **extra: Any) -> dict[str, Any]:
     now = int(time.time())
-    return {"sub": "alice", "client_id": "svc-a", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 600,
-            "scope": scope, **extra}
+    return {
+        "sub": "alice",
+        "client_id": "svc-a",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "iat": now,
+        "exp": now + 600,
+        "scope": scope,
+        **extra,
+    }
 
 
 def token(key: PrivateKey | bytes, alg: str, body: dict[str, Any] | None = None, kid: str | None = None) -> str:

@@ -121,38 +121,71 @@ REFUSED: dict[str, tuple[Callable[[Keys], str], type[auth.AuthError], str]] = {
     "not a JWT": (lambda k: "not-a-jwt", auth.MalformedToken, "malformed"),
     "garbage header": (lambda k: "e30x.e30.", auth.MalformedToken, "malformed"),
     "bad signature (another RSA key, same kid)": (
-        lambda k: token(k.other_rsa, "RS256", kid="rsa"), auth.BadSignature, "bad_signature"),
-    "HS256 with a wrong secret": (
-        lambda k: token(b"x" * 40, "HS256"), auth.BadSignature, "bad_signature"),
+        lambda k: token(k.other_rsa, "RS256", kid="rsa"),
+        auth.BadSignature,
+        "bad_signature",
+    ),
+    "HS256 with a wrong secret": (lambda k: token(b"x" * 40, "HS256"), auth.BadSignature, "bad_signature"),
     "alg none": (lambda k: unsigned("none", claims()), auth.AlgorithmNotAllowed, "alg_not_allowed"),
     "alg NONE": (lambda k: unsigned("NONE", claims()), auth.AlgorithmNotAllowed, "alg_not_allowed"),
     "key confusion: HS256 signed with the RSA public key": (
-        lambda k: hs256_with(public_pem(k.rsa), claims(), kid="rsa"), auth.BadSignature, "bad_signature"),
+        lambda k: hs256_with(public_pem(k.rsa), claims(), kid="rsa"),
+        auth.BadSignature,
+        "bad_signature",
+    ),
     "algorithm outside the allow-list (RS384)": (
-        lambda k: token(k.rsa, "RS384", kid="rsa"), auth.AlgorithmNotAllowed, "alg_not_allowed"),
+        lambda k: token(k.rsa, "RS384", kid="rsa"),
+        auth.AlgorithmNotAllowed,
+        "alg_not_allowed",
+    ),
     "algorithm outside the allow-list (HS512)": (
-        lambda k: token(SECRET, "HS512"), auth.AlgorithmNotAllowed, "alg_not_allowed"),
+        lambda k: token(SECRET, "HS512"),
+        auth.AlgorithmNotAllowed,
+        "alg_not_allowed",
+    ),
     "expired": (lambda k: token(k.rsa, "RS256", claims(exp=_now() - 3600), kid="rsa"), auth.Expired, "expired"),
     "not yet valid (nbf)": (
-        lambda k: token(k.rsa, "RS256", claims(nbf=_now() + 3600), kid="rsa"), auth.NotYetValid, "not_yet_valid"),
+        lambda k: token(k.rsa, "RS256", claims(nbf=_now() + 3600), kid="rsa"),
+        auth.NotYetValid,
+        "not_yet_valid",
+    ),
     "issued in the future (iat)": (
-        lambda k: token(k.rsa, "RS256", claims(iat=_now() + 3600), kid="rsa"), auth.NotYetValid, "not_yet_valid"),
+        lambda k: token(k.rsa, "RS256", claims(iat=_now() + 3600), kid="rsa"),
+        auth.NotYetValid,
+        "not_yet_valid",
+    ),
     "wrong issuer": (
-        lambda k: token(k.rsa, "RS256", claims(iss="https://evil.test"), kid="rsa"), auth.WrongIssuer, "wrong_issuer"),
+        lambda k: token(k.rsa, "RS256", claims(iss="https://evil.test"), kid="rsa"),
+        auth.WrongIssuer,
+        "wrong_issuer",
+    ),
     "wrong audience": (
-        lambda k: token(k.rsa, "RS256", claims(aud="someone-else"), kid="rsa"), auth.WrongAudience, "wrong_audience"),
+        lambda k: token(k.rsa, "RS256", claims(aud="someone-else"), kid="rsa"),
+        auth.WrongAudience,
+        "wrong_audience",
+    ),
     "no audience": (
-        lambda k: token(k.rsa, "RS256", {**claims(), "aud": None}, kid="rsa"), auth.MissingClaim, "missing_claim"),
+        lambda k: token(k.rsa, "RS256", {**claims(), "aud": None}, kid="rsa"),
+        auth.MissingClaim,
+        "missing_claim",
+    ),
     "unknown kid": (lambda k: token(k.rsa, "RS256", kid="nobody"), auth.UnknownKey, "unknown_kid"),
     "kid of a key of another type": (lambda k: token(k.rsa, "RS256", kid="ec256"), auth.UnknownKey, "unknown_kid"),
-    "ES256 key under ES384": (lambda k: relabel(token(k.ec256, "ES256", kid="ec256"), "ES384"),
-                              auth.UnknownKey, "unknown_kid"),
+    "ES256 key under ES384": (
+        lambda k: relabel(token(k.ec256, "ES256", kid="ec256"), "ES384"),
+        auth.UnknownKey,
+        "unknown_kid",
+    ),
     "no exp": (
         lambda k: token(k.rsa, "RS256", {key: v for key, v in claims().items() if key != "exp"}, kid="rsa"),
-        auth.MissingClaim, "missing_claim"),
+        auth.MissingClaim,
+        "missing_claim",
+    ),
     "no sub": (
         lambda k: token(k.rsa, "RS256", {key: v for key, v in claims().items() if key != "sub"}, kid="rsa"),
-        auth.MissingClaim, "missing_claim"),
+        auth.MissingClaim,
+        "missing_claim",
+    ),
 }
 
 
