@@ -73,6 +73,8 @@ def _guarded(method: Handler) -> Handler:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # the method already chose its status
         except InferGateError as exc:
             await _abort(context, exc)
         except Exception:
