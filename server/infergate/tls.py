@@ -32,16 +32,16 @@ def _read(path: Path, field: str) -> bytes:
 
 
 class CertificateFiles:
-    """The configured PEM files and the signature (mtime, size) they had when last read."""
+    """The configured PEM files and the signature (inode, mtime, size) they had when last read."""
 
     def __init__(self, config: TlsConfig) -> None:
         self._config = config
         self._paths = [p for p in (config.cert_file, config.key_file, config.client_ca_file) if p is not None]
-        self._seen: tuple[tuple[int, int], ...] | None = None
+        self._seen: tuple[tuple[int, int, int], ...] | None = None
 
-    def _signature(self) -> tuple[tuple[int, int], ...]:
+    def _signature(self) -> tuple[tuple[int, int, int], ...]:
         stats = [os.stat(p) for p in self._paths]
-        return tuple((s.st_mtime_ns, s.st_size) for s in stats)
+        return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
         """Read the files now (and remember their signature, taken before reading)."""
