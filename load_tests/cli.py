@@ -124,8 +124,23 @@ def _add_closed(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=10.0,
         help="per-call deadline in seconds (default 10)",
     )
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        type=_header,
+        metavar="NAME=VALUE",
+        help="gRPC metadata sent with every call (repeatable), e.g. 'authorization=Bearer TOKEN'",
+    )
     p.add_argument("--label", default="", help="name shown in the table (default: target)")
     p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write all figures here")
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip().lower(), value
 
 
 def _add_ceiling(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -330,6 +345,7 @@ def _cmd_closed(args: argparse.Namespace) -> int:
         client=args.client,
         timeout=args.timeout,
         label=args.label,
+        headers=tuple(args.header),
     )
     result = run_closed_loop(config)
     print(format_load_table([result]))
