@@ -48,7 +48,9 @@ def _serve(repository: Path, config: Path, port: int) -> subprocess.Popen[bytes]
     command = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repository)]
     server = subprocess.Popen([*command, "--port", str(port), "--config", str(config), "--log-level", "warning"])
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=120, wait_for_ready=True
+        )
         for update in watch:
             if update.status == health_pb2.HealthCheckResponse.SERVING:
                 watch.cancel()

@@ -88,6 +88,7 @@ def test_keys_and_secrets_are_read_when_the_server_is_built(tmp_path: Path, monk
     )
     assert store.secret == SECRET
     assert len(store.candidates("ES256", None)) == 1
+    assert len(store.candidates("ES256", "any-kid")) == 1  # a key configured without a kid serves every kid
     assert store.candidates("RS256", None) == []
 
 

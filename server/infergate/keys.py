@@ -148,9 +148,14 @@ class KeyStore:
         self._jwks_url = jwks_url
 
     def candidates(self, alg: str, kid: str | None) -> list[VerificationKey]:
-        """Public keys that may verify ``alg``: the ones named ``kid``, or all that fit when no kid is given."""
+        """Public keys that may verify ``alg``: those named ``kid`` first, then those configured without a kid.
+
+        A token without a kid may be verified by any key that fits its algorithm.
+        """
         keys = [k for k in (*self._static, *self._fetched) if key_fits(alg, k)]
-        return [k for k in keys if k.kid == kid] if kid is not None else keys
+        if kid is None:
+            return keys
+        return [k for k in keys if k.kid == kid] + [k for k in keys if k.kid is None]
 
     async def refresh(self) -> bool:
         """Refetch the JWKS URL (rate-limited); True when new keys arrived."""
