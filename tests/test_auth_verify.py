@@ -252,3 +252,50 @@ def test_the_bearer_token_is_read_from_metadata(metadata: list[tuple[str, Any]],
 def test_a_missing_or_malformed_header_is_refused(metadata: Any, error: type[auth.AuthError]) -> None:
     with pytest.raises(error):
         auth.bearer_token(metadata)
+
+
+# --------------------------------------------------------------------------- the cache of verified tokens
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_verified_token_is_remembered_until_the_cache_interval_ends(keys: Keys) -> None:
+    clock = Clock()
+    config = AuthConfig(enabled=True, algorithms=["EdDSA"], public_keys=[{"file": "unused.pem"}])
+    v = auth.TokenVerifier(config, KeyStore(None, [VerificationKey(keys.ed.public_key(), "ed")]), clock=clock)
+    signed = token(keys.ed, "EdDSA", kid="ed")
+    for _ in range(10):
+        assert (await v.verify(signed)).subject == "alice"
+    assert v.verified == 1
+    clock.now += auth.CACHE_SECONDS + 1
+    await v.verify(signed)
+    assert v.verified == 2
+
+
+async def test_the_cache_never_outlives_the_token(keys: Keys) -> None:
+    clock = Clock()
+    config = AuthConfig(enabled=True, algorithms=["EdDSA"], public_keys=[{"file": "unused.pem"}], leeway_seconds=0)
+    v = auth.TokenVerifier(config, KeyStore(None, [VerificationKey(keys.ed.public_key(), "ed")]), clock=clock)
+    short = token(keys.ed, "EdDSA", claims(exp=int(clock.now) + 30), kid="ed")
+    await v.verify(short)
+    clock.now += 31  # past exp: the cache lets go and the full check runs again
+    await v.verify(short)
+    assert v.verified == 2
+
+
+async def test_a_tampered_copy_of_a_cached_token_is_still_refused(keys: Keys) -> None:
+    v = verifier(keys)
+    signed = token(keys.rsa, "RS256", kid="rsa")
+    await v.verify(signed)
+    header, payload, signature = signed.split(".")
+    forged = f"{header}.{payload}.{signature[:-4]}AAAA"
+    with pytest.raises(auth.BadSignature):
+        await v.verify(forged)
+    with pytest.raises(auth.AlgorithmNotAllowed):
+        await v.verify(unsigned("none", claims()))

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextvars
 import fnmatch
-from collections.abc import Iterable, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -226,16 +228,45 @@ _PYJWT_ERRORS: tuple[tuple[type[Exception], type[AuthError], str], ...] = (
 )
 
 
-class TokenVerifier:
-    """Verifies bearer JWTs against an explicit algorithm allow-list and the configured keys."""
+# Clients reuse one token for many calls; verifying it again each time costs more than the
+# rest of a small request. A verified token string is remembered until it expires, but at
+# most this long, so a key withdrawn from a JWKS stops working within this time.
+CACHE_SECONDS = 60.0
+CACHE_SIZE = 4096
 
-    def __init__(self, config: AuthConfig, keys: KeyStore) -> None:
+
+class TokenVerifier:
+    """Verifies bearer JWTs against an explicit algorithm allow-list and the configured keys.
+
+    Successful verifications are cached by the exact token string (signature
+    included) until ``exp`` plus the leeway, at most ``CACHE_SECONDS``;
+    refusals are never cached. ``clock`` is wall-clock time, as ``exp`` is.
+    """
+
+    def __init__(self, config: AuthConfig, keys: KeyStore, clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._keys = keys
         self._allowed = frozenset(config.algorithms)
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self.verified = 0  # full verifications (cache misses that succeeded)
 
     async def verify(self, token: str) -> Principal:
         """The principal of a valid token; raise an AuthError subclass otherwise."""
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None:
+            if now < cached[1]:
+                return cached[0]
+            del self._cache[token]
+        principal, expires = await self._verify(token)
+        self.verified += 1
+        self._cache[token] = (principal, min(expires + self._config.leeway_seconds, now + CACHE_SECONDS))
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)  # the oldest entry
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -246,7 +277,7 @@ class TokenVerifier:
         if kid is not None and not isinstance(kid, str):
             raise MalformedToken("kid must be a string")
         claims = self._decode(token, alg, await self._keys_for(alg, kid))
-        return self._principal(claims)
+        return self._principal(claims), float(claims["exp"])
 
     async def _keys_for(self, alg: str, kid: str | None) -> list[Any]:
         if alg in HMAC_ALGORITHMS:
