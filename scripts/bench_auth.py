@@ -4,7 +4,9 @@
 Starts ``infergate serve`` on loopback twice per round (auth off, then RS256
 JWT auth on, alternating which goes first), drives each with the load harness
 (``python -m load_tests closed``, the token sent with ``--header``), and prints
-the harness's tables plus the ratio. Run from the repository root:
+the harness's tables plus two comparisons: throughput, and the server's own
+CPU time per answered request (from /proc and ModelStatistics), which a busy
+shared machine disturbs far less than throughput. Run from the repository root:
 
     python scripts/bench_auth.py --model matmul16 --concurrency 16 --duration 10 --rounds 2
 """
@@ -25,6 +27,9 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infergate._proto import grpc_service_pb2 as pb
+from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 
 
 def _keys(directory: Path) -> str:
@@ -58,6 +63,17 @@ def _serve(repository: Path, config: Path, port: int) -> subprocess.Popen[bytes]
     return server
 
 
+def _server_cpu_and_count(pid: int, port: int, model: str, token: str | None) -> tuple[float, int]:
+    """The server's CPU seconds so far and the requests it answered successfully for ``model``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), metadata=metadata, timeout=30)
+    return cpu, sum(s.inference_stats.success.count for s in stats.model_stats)
+
+
 def _load(args: argparse.Namespace, label: str, token: str | None, out: Path) -> dict[str, object]:
     command = [
         *("python -m load_tests closed --target".split()),
@@ -89,21 +105,32 @@ def main() -> int:
         token = _keys(directory)
         configs = _configs(directory)
         rates: dict[str, list[float]] = {label: [] for label in configs}
+        cpu_us: dict[str, list[float]] = {label: [] for label in configs}
         for round_ in range(args.rounds):
             order = list(configs) if round_ % 2 == 0 else list(reversed(configs))
             for label in order:
                 server = _serve(args.model_repository, configs[label], args.port)
                 try:
                     out = directory / f"{label}-{round_}.json"
-                    result = _load(args, label, token if label != "no auth" else None, out)
+                    sent = token if label != "no auth" else None
+                    cpu0, count0 = _server_cpu_and_count(server.pid, args.port, args.model, sent)
+                    result = _load(args, label, sent, out)
+                    cpu1, count1 = _server_cpu_and_count(server.pid, args.port, args.model, sent)
                     rates[label].append(float(result["requests_per_s"]))  # type: ignore[arg-type]
+                    cpu_us[label].append((cpu1 - cpu0) / max(count1 - count0, 1) * 1e6)
                 finally:
                     server.terminate()
                     server.wait(60)
-    for label, values in rates.items():
-        print(f"{label}: {', '.join(f'{v:,.0f}' for v in values)} req/s")
+    for label in configs:
+        print(
+            f"{label:>9}: req/s {', '.join(f'{v:,.0f}' for v in rates[label])}; "
+            f"server CPU per request (us) {', '.join(f'{v:,.0f}' for v in cpu_us[label])}"
+        )
     ratio = [a / p for a, p in zip(rates["JWT RS256"], rates["no auth"], strict=True)]
-    print(f"auth / no auth, per round: {', '.join(f'{r:.2f}' for r in ratio)}  (cpus: {os.cpu_count()})")
+    extra = [a - p for a, p in zip(cpu_us["JWT RS256"], cpu_us["no auth"], strict=True)]
+    print(f"throughput auth / no auth, per round: {', '.join(f'{r:.2f}' for r in ratio)}")
+    print(f"server CPU added by auth per request (us), per round: {', '.join(f'{e:+,.0f}' for e in extra)}")
+    print(f"cpus: {os.cpu_count()}, load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -201,7 +201,7 @@ def require(principal: Principal, permission: str, model: str | None, action: st
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     """The token of the one ``authorization: Bearer <token>`` header; MissingToken or MalformedToken."""
-    values = [v for k, v in metadata or () if k.lower() == "authorization"]
+    values = [v for k, v in metadata or () if k == "authorization" or k.lower() == "authorization"]
     if not values:
         raise MissingToken("missing authorization metadata (expected 'Bearer <JWT>')")
     if len(values) > 1:

@@ -173,9 +173,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
     def __init__(self, verifier: TokenVerifier, exempt: list[str]) -> None:
         self._verifier = verifier
         self._exempt = tuple(exempt)
+        # Per method name; only registered methods get here (unknown ones have no handler), so it stays small.
+        self._exempt_by_method: dict[str, bool] = {}
 
     def _is_exempt(self, method: str) -> bool:
-        return any(fnmatchcase(method, pattern) for pattern in self._exempt)
+        exempt = self._exempt_by_method.get(method)
+        if exempt is None:
+            exempt = self._exempt_by_method[method] = any(fnmatchcase(method, p) for p in self._exempt)
+        return exempt
 
     async def intercept_service(
         self,
