@@ -11,6 +11,7 @@ it names.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from security import (
     token,
 )
 from test_auth_verify import hs256_with, unsigned
+from test_health_reflection import _grpcurl_binary
 from tritonclient.utils import InferenceServerException
 
 from infergate._proto import grpc_service_pb2 as pb
@@ -305,3 +307,23 @@ def test_admin_calls_need_admin_and_are_audited(
         ("alice", "svc-a", "mlp", "UNIMPLEMENTED"),
         (None, None, None, "UNAUTHENTICATED"),
     ]
+
+
+# --------------------------------------------------------------------------- grpcurl
+
+
+def test_grpcurl_lists_without_a_token_and_calls_with_one(auth_server: AuthServer) -> None:
+    binary = _grpcurl_binary()
+    url = auth_server.server.url
+    method = "inference.GRPCInferenceService/ModelMetadata"
+
+    def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([binary, "-plaintext", *args], capture_output=True, text=True, timeout=HANG_GUARD_S)
+
+    listed = grpcurl(url, "list")  # reflection is exempt
+    assert listed.returncode == 0 and "inference.GRPCInferenceService" in listed.stdout, listed.stderr
+    refused = grpcurl("-d", '{"name": "mlp"}', url, method)
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
+    header = f"authorization: Bearer {auth_server.token('metadata')}"
+    served = grpcurl("-H", header, "-d", '{"name": "mlp"}', url, method)
+    assert served.returncode == 0 and json.loads(served.stdout)["name"] == "mlp", served.stderr
