@@ -12,7 +12,9 @@ well under a minute on a shared machine. Every answer must be a proper status:
 success, or a refusal a client can act on, never UNKNOWN or INTERNAL (which
 would mean a Python exception escaped). Afterwards the process is alive and
 valid requests succeed. The run is derandomized: CI sees the same requests
-every time.
+every time. A second test sends 2,000 mutants over one ModelStreamInfer
+stream, which answers errors in-band: one answer per request, none of them an
+internal error, and the stream ends cleanly.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from infergate.datatypes import DATATYPES
 REQUESTS = 10_000
 MUTANTS = 4  # mutants of valid requests sent with each request hypothesis draws (mutating is cheap, drawing is not)
 EXAMPLES = REQUESTS // (1 + MUTANTS)
+STREAM_REQUESTS = 2_000
 HANG_GUARD_S = 30.0  # a call that takes this long is a hang; not a performance bound
 
 # What a client may be told about a bad request; UNKNOWN and INTERNAL are bugs.
@@ -228,3 +231,20 @@ def test_no_request_gets_an_improper_status(demo_server: ServerProcess, stub: pb
         assert status_of(stub, request)[0] == grpc.StatusCode.OK
     # The requests reached deep: some succeeded and many were refused, for several reasons.
     assert seen.get(grpc.StatusCode.OK, 0) > 0 and seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0
+
+
+def test_a_stream_of_mutated_requests_answers_each_one_and_ends_cleanly(
+    demo_server: ServerProcess, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """ModelStreamInfer answers bad requests in-band: one answer per request, none an internal error."""
+    valid = valid_requests(stub)
+    rng = random.Random(0)
+    requests = [mutant(rng, valid, rng.choice(valid)) for _ in range(STREAM_REQUESTS)]
+    for index, request in enumerate(requests):
+        request.id = str(index)
+    answers = list(stub.ModelStreamInfer(iter(requests), timeout=HANG_GUARD_S * 4))
+    assert sorted(int(a.infer_response.id) for a in answers) == list(range(STREAM_REQUESTS))
+    internal = [a.error_message for a in answers if "internal error" in a.error_message]
+    assert internal == []
+    assert any(a.error_message == "" for a in answers) and any(a.error_message for a in answers)
+    assert demo_server.process.poll() is None
