@@ -126,8 +126,23 @@ def _add_closed(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=10.0,
         help="per-call deadline in seconds (default 10)",
     )
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        type=_header,
+        metavar="NAME=VALUE",
+        help="gRPC metadata sent with every call (repeatable), e.g. 'authorization=Bearer TOKEN'",
+    )
     p.add_argument("--label", default="", help="name shown in the table (default: target)")
     p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write all figures here")
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip().lower(), value
 
 
 def _add_ceiling(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -310,6 +325,8 @@ def _add_shadow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     shadow.add_argument("--duration", type=_positive_float, default=10.0, help="seconds per run (default 10)")
     shadow.add_argument("--rounds", type=_positive_int, default=2, help="times each scenario runs (default 2)")
     shadow.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shadow"), help="output directory")
+
+
 def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .telemetry import VARIANTS, variants
 
@@ -358,6 +375,7 @@ def _cmd_closed(args: argparse.Namespace) -> int:
         client=args.client,
         timeout=args.timeout,
         label=args.label,
+        headers=tuple(args.header),
     )
     result = run_closed_loop(config)
     print(format_load_table([result]))
@@ -433,6 +451,8 @@ def _cmd_shadow(args: argparse.Namespace) -> int:
     (args.out / "shadow.md").write_text(table + "\n")
     print(table)
     return 0 if all(run.result.requests for run in runs) else 1
+
+
 def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
     from .telemetry import OverheadConfig, per_call_costs, run_overhead
 

@@ -42,6 +42,9 @@ CHANNEL_OPTIONS = [
 ]
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
 class CallFailed(Exception):
     """One ModelInfer call failed; ``code`` is the gRPC status code name."""
 
@@ -59,12 +62,13 @@ class Client(Protocol):
     async def close(self) -> None: ...
 
 
-async def fetch_signature(target: str, model: str, deadline_s: float) -> ModelSignature:
+async def fetch_signature(target: str, model: str, deadline_s: float, metadata: Metadata = ()) -> ModelSignature:
     """Ask ``target`` for the metadata of ``model``; raises CallFailed on an RPC error."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
-            reply = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=deadline_s)
+            request = pb.ModelMetadataRequest(name=model)
+            reply = await stub.ModelMetadata(request, timeout=deadline_s, metadata=metadata or None)
         except grpc.aio.AioRpcError as exc:
             raise CallFailed(exc.code().name, exc.details() or "") from None
     return signature_from_metadata(reply)
@@ -73,7 +77,10 @@ async def fetch_signature(target: str, model: str, deadline_s: float) -> ModelSi
 class RawClient:
     """Sends one pre-serialised request's bytes; replies stay unparsed."""
 
-    def __init__(self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float) -> None:
+    def __init__(
+        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+    ) -> None:
+        self._metadata = metadata or None
         self._payload = build_infer_request(signature, arrays).SerializeToString()
         self._timeout = timeout
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -81,7 +88,7 @@ class RawClient:
 
     async def first(self) -> pb.ModelInferResponse:
         try:
-            reply = await self._call(self._payload, timeout=self._timeout)
+            reply = await self._call(self._payload, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise CallFailed(exc.code().name, exc.details() or "") from None
         return pb.ModelInferResponse.FromString(reply)
@@ -89,7 +96,7 @@ class RawClient:
     async def send(self) -> None:
         # The hot path: no extra coroutine layer, no parsing.
         try:
-            await self._call(self._payload, timeout=self._timeout)
+            await self._call(self._payload, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise CallFailed(exc.code().name, exc.details() or "") from None
 
@@ -100,7 +107,9 @@ class RawClient:
 class TritonClient:
     """Sends through ``tritonclient.grpc.aio``, building its inputs on every call."""
 
-    def __init__(self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float) -> None:
+    def __init__(
+        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+    ) -> None:
         from tritonclient.grpc import aio as triton_aio  # type: ignore[import-untyped,unused-ignore]
 
         self._triton = triton_aio
@@ -108,6 +117,7 @@ class TritonClient:
         self._model = signature.name
         self._tensors = [(spec.datatype, spec.name, arrays[spec.name]) for spec in signature.inputs]
         self._timeout = timeout
+        self._headers = dict(metadata) or None
 
     async def _infer(self) -> Any:
         inputs = []
@@ -116,7 +126,7 @@ class TritonClient:
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         try:
-            return await self._client.infer(self._model, inputs, client_timeout=self._timeout)
+            return await self._client.infer(self._model, inputs, client_timeout=self._timeout, headers=self._headers)
         except self._triton.InferenceServerException as exc:
             code = str(exc.status() or "UNKNOWN").removeprefix("StatusCode.")
             raise CallFailed(code, exc.message() or "") from None
@@ -133,10 +143,17 @@ class TritonClient:
         await self._client.close()
 
 
-def open_client(kind: str, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float) -> Client:
-    """A ``raw`` or ``tritonclient`` client for ``signature``'s model at ``target``."""
+def open_client(
+    kind: str,
+    target: str,
+    signature: ModelSignature,
+    arrays: dict[str, Array],
+    timeout: float,
+    metadata: Metadata = (),
+) -> Client:
+    """A ``raw`` or ``tritonclient`` client for ``signature``'s model at ``target``, sending ``metadata``."""
     if kind == "raw":
-        return RawClient(target, signature, arrays, timeout)
+        return RawClient(target, signature, arrays, timeout, metadata)
     if kind == "tritonclient":
-        return TritonClient(target, signature, arrays, timeout)
+        return TritonClient(target, signature, arrays, timeout, metadata)
     raise ValueError(f"unknown client {kind!r}: use raw or tritonclient")

@@ -59,6 +59,7 @@ class LoadConfig:
     timeout: float = 10.0
     seed: int = 0
     label: str = ""
+    headers: tuple[tuple[str, str], ...] = ()  # gRPC metadata on every call (e.g. a bearer token)
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.concurrency < 1 or self.processes < 1:
@@ -145,7 +146,7 @@ async def _worker(
     config: LoadConfig, signature: ModelSignature, concurrency: int, on_ready: Callable[[], None]
 ) -> _WorkerResult:
     arrays = random_inputs(signature, config.batch, config.seed)
-    client = open_client(config.client, config.target, signature, arrays, config.timeout)
+    client = open_client(config.client, config.target, signature, arrays, config.timeout, config.headers)
     try:
         try:
             response = validate_response(await client.first(), signature, config.batch)
@@ -249,7 +250,7 @@ def run_closed_loop(config: LoadConfig) -> LoadResult:
     (``processes == 1``) or in ``processes`` spawned ones.
     """
     try:
-        signature = asyncio.run(fetch_signature(config.target, config.model, config.timeout))
+        signature = asyncio.run(fetch_signature(config.target, config.model, config.timeout, config.headers))
     except CallFailed as exc:
         raise GeneratorError(f"ModelMetadata({config.model!r}) at {config.target}: {exc}") from None
     if config.processes == 1:

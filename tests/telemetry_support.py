@@ -81,8 +81,10 @@ class Observed:
 
 
 @contextlib.asynccontextmanager
-async def observed_server(repository: Path, **telemetry: Any) -> AsyncIterator[Observed]:
-    """A started, loaded server whose spans and metrics land in memory."""
+async def observed_server(
+    repository: Path, server_options: dict[str, Any] | None = None, **telemetry: Any
+) -> AsyncIterator[Observed]:
+    """A started, loaded server whose spans and metrics land in memory (``server_options``: more ServerConfig)."""
     config = TelemetryConfig(traces=True, metrics=True, **telemetry)
     spans = InMemorySpanExporter()
     reader = InMemoryMetricReader()
@@ -90,7 +92,10 @@ async def observed_server(repository: Path, **telemetry: Any) -> AsyncIterator[O
     meter_provider = MeterProvider(metric_readers=[reader])
     histograms = Histograms("infergate")
     server = InferGateServer(
-        ServerConfig(model_repository=repository, port=0, strict_readiness=False, telemetry=config),
+        ServerConfig.model_validate(
+            {"model_repository": repository, "port": 0, "strict_readiness": False, "telemetry": config}
+            | (server_options or {})
+        ),
         Telemetry(config, tracer_provider=tracer_provider, meter_provider=meter_provider, histograms=histograms),
     )
     await server.start()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, ServerConfig, load_server_config
+from .security_config import exposure_warning
 from .server import InferGateServer, run_until_signalled
 from .telemetry import configure_logging
 from .workers import supervise
@@ -93,6 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
         print("infergate: --metrics-port serves one process; it cannot be combined with --workers yet", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.logging.format)
+    if (warning := exposure_warning(config.host, config.auth)) is not None:
+        print(f"infergate: {warning}", file=sys.stderr, flush=True)
     try:
         if config.workers > 1:
             return asyncio.run(
@@ -101,7 +104,10 @@ def _serve(args: argparse.Namespace) -> int:
                 )
             )
         asyncio.run(_serve_async(config))
-    except (OSError, RuntimeError, ConfigError) as exc:
+    except ConfigError as exc:  # keys and certificates are read when the server is built
+        print(f"infergate: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:
         print(f"infergate: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -34,14 +34,25 @@ class DecodedRequest:
     outputs: tuple[str, ...]  # requested output names; empty: all
 
 
-def decode_request(request: pb.ModelInferRequest, spec: ModelSpec, max_elements: int) -> DecodedRequest:
+def decode_request(
+    request: pb.ModelInferRequest,
+    spec: ModelSpec,
+    max_elements: int,
+    *,
+    max_rows: int | None = None,
+    max_inputs: int | None = None,
+) -> DecodedRequest:
     """Validate ``request`` against ``spec`` and decode its tensors.
 
-    ``max_elements`` bounds the elements of any one tensor.
+    ``max_elements`` bounds the elements of any one tensor, ``max_rows`` the
+    batch dimension (besides the model's own ``max_batch_size``) and
+    ``max_inputs`` the number of input tensors.
     """
     tensors = request.inputs
     raw = request.raw_input_contents
     label = f"model {spec.name}"
+    if max_inputs is not None and len(tensors) > max_inputs:
+        raise InvalidArgument(f"{label}: {len(tensors)} inputs, more than the limit of {max_inputs}")
     if raw and len(raw) != len(tensors):
         raise InvalidArgument(
             f"{label}: {len(raw)} raw_input_contents for {len(tensors)} inputs; send raw data "
@@ -59,7 +70,7 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec, max_elements:
         if tensor.datatype != ts.datatype.name:
             raise InvalidArgument(f"{where}: datatype {tensor.datatype!r}, expected {ts.datatype.name}")
         shape = tuple(tensor.shape)
-        count = _check_shape(shape, ts, spec, where, max_elements)
+        count = _check_shape(shape, ts, spec, where, max_elements, max_rows)
         if spec.batches:
             if rows == -1:
                 rows = shape[0]
@@ -86,7 +97,9 @@ def _names(tensors: Sequence[TensorSpec]) -> list[str]:
     return [t.name for t in tensors]
 
 
-def _check_shape(shape: tuple[int, ...], ts: TensorSpec, spec: ModelSpec, where: str, max_elements: int) -> int:
+def _check_shape(
+    shape: tuple[int, ...], ts: TensorSpec, spec: ModelSpec, where: str, max_elements: int, max_rows: int | None
+) -> int:
     """Check rank and dims against the spec; return the element count."""
     expected = ts.shape
     if any(d < 0 for d in shape):
@@ -95,6 +108,8 @@ def _check_shape(shape: tuple[int, ...], ts: TensorSpec, spec: ModelSpec, where:
         raise InvalidArgument(f"{where}: shape {list(shape)}, expected {_pretty(expected)}")
     if spec.batches and not 1 <= shape[0] <= spec.max_batch_size:
         raise InvalidArgument(f"{where}: batch of {shape[0]} rows; this model takes 1 to {spec.max_batch_size}")
+    if spec.batches and max_rows is not None and shape[0] > max_rows:
+        raise InvalidArgument(f"{where}: batch of {shape[0]} rows, more than the server's limit of {max_rows}")
     count = math.prod(shape)
     if count > max_elements:
         raise InvalidArgument(f"{where}: {count} elements, more than the limit of {max_elements}")

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .security_config import AuthConfig, LimitsConfig, TlsConfig
+
 __all__ = [
     "PROVIDERS",
     "ConfigError",
@@ -270,6 +272,10 @@ class ServerConfig(_Strict):
     load_models: list[str] = []
     telemetry: TelemetryConfig = TelemetryConfig()
     logging: LoggingConfig = LoggingConfig()
+    # Security and hardening (security_config.py, docs/security.md).
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
 
 
 def _read_yaml(path: Path) -> Any:

@@ -13,7 +13,8 @@ that turns these errors into gRPC status codes.
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
     ├── Cancelled                  CANCELLED
     ├── Unimplemented              UNIMPLEMENTED
-    └── ModelExecutionError        INTERNAL (the cause is logged, not sent)
+    ├── ModelExecutionError        INTERNAL (the cause is logged, not sent)
+    └── auth.AuthError             (auth.py: UNAUTHENTICATED or PERMISSION_DENIED, one subclass per reason)
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Status(Enum):
     UNIMPLEMENTED = "UNIMPLEMENTED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class InferGateError(Exception):

@@ -27,10 +27,13 @@ from ._proto import infergate_admin_pb2_grpc as apb_grpc
 from ._proto import model_config_pb2 as mc
 from .admin import ADMIN_SERVICE_NAME, AdminServicer
 from .config import ServerConfig
+from .interceptors import build_interceptors
+from .keys import KeyStore, build_key_store
 from .repository import ModelRepository
 from .servicer import InferenceServicer, ServerState
 from .shadow import ShadowQueue
 from .telemetry import Telemetry
+from .tls import server_credentials
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
 
@@ -71,16 +74,26 @@ class InferGateServer:
             drain_timeout=config.shutdown_grace_seconds,
             explicit=config.model_control_mode == "explicit",
         )
-        self.state = ServerState(model_control_mode=config.model_control_mode)
+        limits = config.limits
+        self.state = ServerState(
+            model_control_mode=config.model_control_mode,
+            max_elements=limits.max_elements_per_tensor,
+            max_rows=limits.max_batch_rows,
+            max_inputs=limits.max_inputs_per_request,
+        )
         metrics = self.telemetry.metrics
         self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None)
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
+        self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
         self._server = grpc.aio.server(
-            interceptors=self.telemetry.interceptors(),  # outermost: refused calls are traced and counted too
+            interceptors=build_interceptors(
+                config, self._keys, self.telemetry.interceptors(), metrics.record_auth_refusal if metrics else None
+            ),
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
+                ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
                 # Share the port only among --workers; never by accident with another server.
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
             ],
@@ -97,15 +110,21 @@ class InferGateServer:
     async def start(self) -> int:
         """Bind and start serving; models load afterwards (see ``load_models``). Returns the port."""
         self.repository.discover()
+        if self._keys is not None:
+            await self._keys.refresh()  # a JWKS URL's first fetch (off the loop); failures are logged
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self._server.add_insecure_port(address)
+        tls = self.config.tls
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, server_credentials(tls))
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.shadows.start()
         self.telemetry.start()
         await self._server.start()
-        log.info("listening on %s:%d", self.config.host, self.port)
+        log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if tls else "")
         return self.port
 
     async def load_models(self) -> bool:
@@ -159,6 +178,8 @@ class InferGateServer:
         await self._server.stop(grace)
         await self.shadows.aclose()
         await self.repository.aclose(timeout=grace)
+        if self._keys is not None:
+            self._keys.close()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export
         log.info("stopped")
 

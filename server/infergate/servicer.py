@@ -68,6 +68,8 @@ class ServerState:
     draining: bool = False
     max_elements: int = 64 * 1024 * 1024
     model_control_mode: str = "none"
+    max_rows: int = 1024  # rows of one request, on top of each model's max_batch_size
+    max_inputs: int = 128
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: InferGateError) -> NoReturn:
@@ -91,6 +93,8 @@ def _guarded(method: Handler) -> Handler:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # the method already chose its status
         except InferGateError as exc:
             await _abort(context, exc)
         except Exception:
@@ -203,7 +207,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, model: ModelVersion, decision: Decision, request: pb.ModelInferRequest, remaining: float | None
     ) -> pb.ModelInferResponse:
-        decoded = decode_request(request, model.spec, self._state.max_elements)
+        state = self._state
+        decoded = decode_request(
+            request, model.spec, state.max_elements, max_rows=state.max_rows, max_inputs=state.max_inputs
+        )
         deadline = _deadline(remaining, request, model)
         outputs = await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline)
         response = encode_response(request, model.spec, outputs, decoded.outputs)

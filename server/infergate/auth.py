@@ -1,0 +1,339 @@
+"""Authentication and authorization, free of any transport.
+
+:class:`TokenVerifier` turns a bearer token into a :class:`Principal` or raises
+one :class:`AuthError` subclass per reason, each with a short stable
+``reason`` (for metrics and logs) and a message that says what was wrong
+without any key material::
+
+    AuthError (infergate.errors.InferGateError)   UNAUTHENTICATED
+    ├── MissingToken          missing_token
+    ├── MalformedToken        malformed
+    ├── AlgorithmNotAllowed   alg_not_allowed
+    ├── UnknownKey            unknown_kid
+    ├── BadSignature          bad_signature
+    ├── Expired               expired
+    ├── NotYetValid           not_yet_valid
+    ├── WrongIssuer           wrong_issuer
+    ├── WrongAudience         wrong_audience
+    ├── MissingClaim          missing_claim
+    └── PermissionDenied      permission_denied    PERMISSION_DENIED
+
+Permissions come from one claim: ``infer:<pattern>`` (fnmatch on the model
+name), ``metadata`` and ``admin``; each is independent of the others. The
+principal of the current request is in a context variable
+(:func:`current_principal`), set by the interceptor for the handler.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import fnmatch
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import jwt
+
+from .errors import InferGateError, Status
+from .keys import KeyStore
+from .security_config import HMAC_ALGORITHMS, AuthConfig
+
+__all__ = [
+    "AlgorithmNotAllowed",
+    "AuthError",
+    "BadSignature",
+    "Expired",
+    "MalformedToken",
+    "MissingClaim",
+    "MissingToken",
+    "NotYetValid",
+    "PermissionDenied",
+    "Principal",
+    "TokenVerifier",
+    "UnknownKey",
+    "WrongAudience",
+    "WrongIssuer",
+    "bearer_token",
+    "current_principal",
+    "may_infer",
+    "permissions_from_claims",
+    "require",
+    "reset_principal",
+    "use_principal",
+    "visible_models",
+]
+
+ADMIN = "admin"
+METADATA = "metadata"
+INFER_PREFIX = "infer:"
+
+
+class AuthError(InferGateError):
+    """The caller could not be authenticated (or, for PermissionDenied, may not do this)."""
+
+    status = Status.UNAUTHENTICATED
+    reason: ClassVar[str] = "invalid_token"
+
+
+class MissingToken(AuthError):
+    reason = "missing_token"
+
+
+class MalformedToken(AuthError):
+    reason = "malformed"
+
+
+class AlgorithmNotAllowed(AuthError):
+    reason = "alg_not_allowed"
+
+
+class UnknownKey(AuthError):
+    reason = "unknown_kid"
+
+
+class BadSignature(AuthError):
+    reason = "bad_signature"
+
+
+class Expired(AuthError):
+    reason = "expired"
+
+
+class NotYetValid(AuthError):
+    reason = "not_yet_valid"
+
+
+class WrongIssuer(AuthError):
+    reason = "wrong_issuer"
+
+
+class WrongAudience(AuthError):
+    reason = "wrong_audience"
+
+
+class MissingClaim(AuthError):
+    reason = "missing_claim"
+
+
+class PermissionDenied(AuthError):
+    """An authenticated caller lacks ``permission``."""
+
+    status = Status.PERMISSION_DENIED
+    reason = "permission_denied"
+
+    def __init__(self, message: str, permission: str) -> None:
+        super().__init__(message)
+        self.permission = permission
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, as a verified token says."""
+
+    subject: str
+    client_id: str | None = None
+    permissions: frozenset[str] = field(default_factory=frozenset)
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("infergate_principal", default=None)
+
+
+def current_principal() -> Principal | None:
+    """The verified caller of the request being handled; None when auth is off or the method is exempt."""
+    return _current.get()
+
+
+def use_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
+    """Make ``principal`` current (the interceptor does this); undo with :func:`reset_principal`."""
+    return _current.set(principal)
+
+
+def reset_principal(token: contextvars.Token[Principal | None]) -> None:
+    _current.reset(token)
+
+
+# --- permissions --------------------------------------------------------------------------
+
+
+def permissions_from_claims(claims: dict[str, Any], claim: str) -> frozenset[str]:
+    """A space-separated string (OAuth ``scope``) or a list of strings (``scopes``, ``roles``)."""
+    value = claims.get(claim)
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list):
+        return frozenset(v for v in value if isinstance(v, str))
+    return frozenset()
+
+
+def may_infer(principal: Principal, model: str) -> bool:
+    """Does an ``infer:<pattern>`` permission match ``model``?"""
+    return any(
+        p.startswith(INFER_PREFIX) and fnmatch.fnmatchcase(model, p[len(INFER_PREFIX) :]) for p in principal.permissions
+    )
+
+
+def visible_models(principal: Principal, names: Iterable[str]) -> list[str]:
+    """The models this caller may use (admin: all), in the order given; for RepositoryIndex."""
+    if ADMIN in principal.permissions:
+        return list(names)
+    return [name for name in names if may_infer(principal, name)]
+
+
+def require(principal: Principal, permission: str, model: str | None, action: str) -> None:
+    """Raise PermissionDenied naming the missing permission. ``permission``: infer, metadata or admin."""
+    if permission == "infer":
+        model = model or ""
+        if may_infer(principal, model):
+            return
+        needed = f"{INFER_PREFIX}{model}"
+    elif permission in principal.permissions:
+        return
+    else:
+        needed = permission
+    target = f" on model {model!r}" if model else ""
+    raise PermissionDenied(f"{action}{target} needs permission {needed!r}", needed)
+
+
+# --- tokens -------------------------------------------------------------------------------
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The token of the one ``authorization: Bearer <token>`` header; MissingToken or MalformedToken."""
+    values = [v for k, v in metadata or () if k == "authorization" or k.lower() == "authorization"]
+    if not values:
+        raise MissingToken("missing authorization metadata (expected 'Bearer <JWT>')")
+    if len(values) > 1:
+        raise MalformedToken("more than one authorization header")
+    value = values[0]
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise MalformedToken("authorization metadata must be 'Bearer <JWT>'")
+    return token.strip()
+
+
+# PyJWT's own exception for each refusal (most specific first: subclasses come before bases).
+_PYJWT_ERRORS: tuple[tuple[type[Exception], type[AuthError], str], ...] = (
+    (jwt.ExpiredSignatureError, Expired, "token expired"),
+    (jwt.ImmatureSignatureError, NotYetValid, "token not yet valid (nbf or iat in the future)"),
+    (jwt.InvalidIssuerError, WrongIssuer, "wrong issuer"),
+    (jwt.InvalidAudienceError, WrongAudience, "wrong audience"),
+    (jwt.InvalidSignatureError, BadSignature, "signature verification failed"),
+    (jwt.InvalidAlgorithmError, AlgorithmNotAllowed, "algorithm not allowed"),
+    (jwt.InvalidKeyError, BadSignature, "signature verification failed"),
+    (jwt.DecodeError, MalformedToken, "malformed token"),
+)
+
+
+# Clients reuse one token for many calls; verifying it again each time costs more than the
+# rest of a small request. A verified token string is remembered until it expires, but at
+# most this long, so a key withdrawn from a JWKS stops working within this time.
+CACHE_SECONDS = 60.0
+CACHE_SIZE = 4096
+
+
+class TokenVerifier:
+    """Verifies bearer JWTs against an explicit algorithm allow-list and the configured keys.
+
+    Successful verifications are cached by the exact token string (signature
+    included) until ``exp`` plus the leeway, at most ``CACHE_SECONDS``;
+    refusals are never cached. ``clock`` is wall-clock time, as ``exp`` is.
+    """
+
+    def __init__(self, config: AuthConfig, keys: KeyStore, clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._keys = keys
+        self._allowed = frozenset(config.algorithms)
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self.verified = 0  # full verifications (cache misses that succeeded)
+
+    async def verify(self, token: str) -> Principal:
+        """The principal of a valid token; raise an AuthError subclass otherwise."""
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None:
+            if now < cached[1]:
+                return cached[0]
+            del self._cache[token]
+        principal, expires = await self._verify(token)
+        self.verified += 1
+        self._cache[token] = (principal, min(expires + self._config.leeway_seconds, now + CACHE_SECONDS))
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)  # the oldest entry
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise MalformedToken("malformed token (not a JWS compact serialisation)") from None
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or alg not in self._allowed:
+            raise AlgorithmNotAllowed(f"algorithm {str(alg)[:16]!r} is not allowed")
+        if kid is not None and not isinstance(kid, str):
+            raise MalformedToken("kid must be a string")
+        claims = self._decode(token, alg, await self._keys_for(alg, kid))
+        return self._principal(claims), float(claims["exp"])
+
+    async def _keys_for(self, alg: str, kid: str | None) -> list[Any]:
+        if alg in HMAC_ALGORITHMS:
+            assert self._keys.secret is not None  # config validation ties HS* to a secret
+            return [self._keys.secret]
+        keys = self._keys.candidates(alg, kid)
+        if not keys and await self._keys.refresh():  # a rotated JWKS may hold it now
+            keys = self._keys.candidates(alg, kid)
+        if not keys:
+            raise UnknownKey(f"no key with kid {kid[:64]!r} for {alg}" if kid else f"no key for {alg}")
+        return [k.key for k in keys]
+
+    def _decode(self, token: str, alg: str, keys: list[Any]) -> dict[str, Any]:
+        config = self._config
+        # Short keys are refused outright (InvalidKeyError), never merely warned about.
+        options: dict[str, Any] = {
+            "require": ["exp"],
+            "verify_aud": config.audience is not None,
+            "enforce_minimum_key_length": True,
+        }
+        error: AuthError | None = None
+        for key in keys:  # several only when the token names no kid
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[alg],
+                    issuer=config.issuer,
+                    audience=config.audience,
+                    leeway=config.leeway_seconds,
+                    options=options,  # type: ignore[arg-type]
+                )
+                return claims
+            except jwt.PyJWTError as exc:
+                error = _translate(exc)
+                if not isinstance(error, BadSignature):
+                    raise error from None
+        assert error is not None
+        raise error
+
+    def _principal(self, claims: dict[str, Any]) -> Principal:
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise MissingClaim("token has no 'sub' claim")
+        client = claims.get("client_id", claims.get("azp"))
+        return Principal(
+            subject=subject,
+            client_id=client if isinstance(client, str) else None,
+            permissions=permissions_from_claims(claims, self._config.permissions_claim),
+        )
+
+
+def _translate(exc: jwt.PyJWTError) -> AuthError:
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return MissingClaim(f"token has no {exc.claim!r} claim")
+    for kind, error, message in _PYJWT_ERRORS:
+        if isinstance(exc, kind):
+            return error(message)
+    return AuthError("invalid token")
