@@ -25,9 +25,7 @@ AUTH = {
 
 
 @pytest.fixture
-async def observed(
-    demo_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Observed]:
+async def observed(demo_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Observed]:
     monkeypatch.setenv("INFERGATE_TEST_TELEMETRY_SECRET", SECRET.decode())
     async with observed_server(telemetry_repository(demo_repository, tmp_path), AUTH) as server:
         yield server
