@@ -61,7 +61,8 @@ LABEL org.opencontainers.image.title="infergate" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/infergate/infergate"
 RUN groupadd --gid 10001 infergate \
-    && useradd --uid 10001 --gid infergate --no-create-home --home-dir /tmp --shell /usr/sbin/nologin infergate
+    && useradd --uid 10001 --gid infergate --no-create-home --home-dir /tmp --shell /usr/sbin/nologin infergate \
+    && mkdir /models
 COPY --from=builder /opt/infergate /opt/infergate
 # Read-only root filesystem: no .pyc writes (compiled at build time), HOME in /tmp.
 ENV PATH=/opt/infergate/bin:$PATH \

@@ -12,7 +12,8 @@
 # the base is made locally: debootstrap --variant=minbase bookworm, imported with podman.
 # The smoke test runs in the built image with `buildah run`: `infergate --version`, then
 # scripts/smoke_image.py serves the demo repository (mounted at /models) and answers one
-# ModelInfer. A host CA bundle (TLS-intercepting proxy) goes to pip as a build secret.
+# ModelInfer; then the same again with the image's root filesystem mounted read-only
+# (needs unshare, i.e. root). A host CA bundle (TLS-intercepting proxy) goes to pip as a build secret.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,22 +54,54 @@ build() {
         -t "$TAG" "$ROOT"
 }
 
+CONTAINER=""
+MODELS=""
+cleanup() {
+    if [[ -n "$CONTAINER" ]]; then buildah rm "$CONTAINER" >/dev/null; fi
+    if [[ -n "$MODELS" ]]; then rm -rf "$MODELS"; fi
+}
+trap cleanup EXIT
+
 smoke() {
-    local models container
-    models="$(mktemp -d)"
-    "$PYTHON" -m infergate demo-repository "$models" >/dev/null
-    chmod -R a+rX "$models"
-    container="$(buildah from "$TAG")"
-    trap 'buildah rm "$container" >/dev/null; rm -rf "$models"' RETURN
-    local mounts=(-v "$models:/models:ro" -v "$ROOT/scripts:/smoke:ro")
+    MODELS="$(mktemp -d)"
+    "$PYTHON" -m infergate demo-repository "$MODELS" >/dev/null
+    chmod -R a+rX "$MODELS"
+    CONTAINER="$(buildah from "$TAG")"
+    local run=(buildah run --isolation chroot -v "$MODELS:/models:ro" -v "$ROOT/scripts:/smoke:ro" "$CONTAINER" --)
     log "smoke test in $TAG"
-    buildah run --isolation chroot "${mounts[@]}" "$container" -- id
-    buildah run --isolation chroot "${mounts[@]}" "$container" -- infergate --version
-    buildah run --isolation chroot "${mounts[@]}" "$container" -- python /smoke/smoke_image.py /models
+    "${run[@]}" id
+    "${run[@]}" infergate --version
+    "${run[@]}" python /smoke/smoke_image.py /models
+}
+
+# buildah run cannot make the root filesystem read-only, so this step mounts the image's
+# root read-only in a private mount namespace (tmpfs on /tmp, the models read-only on
+# /models, as the Helm chart does) and serves the same request from it as uid 10001.
+smoke_read_only() {
+    local root
+    root="$(buildah mount "$CONTAINER")"
+    log "smoke test with a read-only root filesystem"
+    unshare --mount sh -euc '
+        root="$1"; models="$2"; smoke="$3"
+        mount --bind "$root" "$root" && mount -o remount,bind,ro "$root"
+        mount -t tmpfs -o size=64m,mode=1777 tmpfs "$root/tmp"
+        mount --bind "$models" "$root/models" && mount -o remount,bind,ro "$root/models"
+        mount -t proc proc "$root/proc" && mount --bind /dev "$root/dev"
+        cp "$smoke" "$root/tmp/smoke_image.py"
+        chroot_bin="$(command -v chroot)"
+        exec env -i PATH=/opt/infergate/bin:/usr/bin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+            "$chroot_bin" --userspec=10001:10001 "$root" sh -c "
+                if touch /opt/infergate/probe 2>/dev/null; then echo root filesystem is writable; exit 1; fi
+                echo root filesystem: read-only; cd /tmp && exec python /tmp/smoke_image.py /models"
+    ' sh "$root" "$MODELS" "$ROOT/scripts/smoke_image.py"
+    buildah umount "$CONTAINER" >/dev/null
 }
 
 [[ "$BASE_IMAGE" == "$LOCAL_BASE" ]] && make_local_base
 build
 podman image inspect --format 'image {{index .RepoTags 0}}: {{.Size}} bytes' "$TAG"
-[[ "$SMOKE" == 1 ]] && smoke
+if [[ "$SMOKE" == 1 ]]; then
+    smoke
+    smoke_read_only
+fi
 log "OK: $TAG"
