@@ -5,7 +5,7 @@
 #   BASE_IMAGE=python:3.11-slim-bookworm scripts/build_image.sh   # where a registry is reachable
 #   VARIANT=cuda BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04 SMOKE=0 scripts/build_image.sh
 #
-# Too slow for every CI run (a minute or more), so it is a script, not a test; docs/deploy.md
+# Too slow for every CI run (two to five minutes here), so it is a script, not a test; docs/deploy.md
 # records a run. Needs root, buildah, podman and debootstrap (apt-get install -y
 # --no-install-recommends buildah podman debootstrap). Builds use --isolation chroot, the
 # only isolation that works inside an unprivileged container. When no image can be pulled,

@@ -1,6 +1,6 @@
 """The container image's sources: the Dockerfile lints clean and the pins cover every dependency.
 
-Building the image takes a minute or more, so it is scripts/build_image.sh (run and
+Building the image takes minutes, so it is scripts/build_image.sh (run and
 recorded in docs/deploy.md), not a test. These checks are the fast part.
 """
 
