@@ -109,6 +109,11 @@ class InferGateServer:
         log.info("draining (grace %.1fs)", grace)
         self.state.draining = True
         await self._health.enter_graceful_shutdown()
+        if self.config.shutdown_delay_seconds > 0:
+            # Closing the port at once cancelled a few calls arriving under load
+            # (tests/test_rolling_restart.py); meanwhile health watchers move away.
+            log.info("NOT_SERVING; still serving for %.1fs", self.config.shutdown_delay_seconds)
+            await asyncio.sleep(self.config.shutdown_delay_seconds)
         await self._server.stop(grace)
         await self.repository.aclose(timeout=grace)
         log.info("stopped")
