@@ -157,9 +157,10 @@ def test_probes_ask_grpc_health_for_services_the_server_reports() -> None:
 
 
 @pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default", "full"])
-def test_pods_get_longer_than_the_prestop_sleep_plus_the_drain(values: Path | None) -> None:
+def test_pods_get_longer_than_the_prestop_sleep_plus_the_servers_delay_and_drain(values: Path | None) -> None:
     manifests = render(values)
-    drain = yaml.safe_load(one(manifests, "ConfigMap")["data"]["server.yaml"])["shutdown_grace_seconds"]
+    server = yaml.safe_load(one(manifests, "ConfigMap")["data"]["server.yaml"])
+    drain = server.get("shutdown_delay_seconds", 0) + server["shutdown_grace_seconds"]
     sleep = int(container(manifests)["lifecycle"]["preStop"]["exec"]["command"][1])
     grace = one(manifests, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > sleep + drain
@@ -170,6 +171,7 @@ def test_the_rendered_server_config_loads_with_the_servers_own_validator(tmp_pat
     config = server_yaml(manifests, tmp_path)
     assert (config.host, config.port, str(config.model_repository)) == ("0.0.0.0", 8001, "/models")
     assert (config.shutdown_grace_seconds, config.strict_readiness) == (20, False)
+    assert config.shutdown_delay_seconds == 2  # the chart's default
     assert container(manifests)["args"][:2] == ["--config", "/etc/infergate/server.yaml"]
 
 

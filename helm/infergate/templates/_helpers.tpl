@@ -47,14 +47,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- toYaml (merge $owned (deepCopy .Values.serverConfig)) }}
 {{- end }}
 
-{{/* The drain the server runs on SIGTERM (its own default is 30 s). */}}
+{{/* What the server spends after SIGTERM: shutdown delay + drain (its defaults: 0 and 30 s). */}}
 {{- define "infergate.drainSeconds" -}}
+{{- $delay := 0 }}
+{{- if hasKey .Values.serverConfig "shutdown_delay_seconds" }}{{ $delay = .Values.serverConfig.shutdown_delay_seconds }}{{ end }}
 {{- $grace := 30 }}
 {{- if hasKey .Values.serverConfig "shutdown_grace_seconds" }}{{ $grace = .Values.serverConfig.shutdown_grace_seconds }}{{ end }}
-{{- ceil $grace | int }}
+{{- addf $delay $grace | ceil | int }}
 {{- end }}
 
-{{/* preStop sleep + drain + 15 s for the batchers to finish and the process to exit. */}}
+{{/* preStop sleep + delay + drain + 15 s for the batchers to finish and the process to exit. */}}
 {{- define "infergate.terminationGracePeriodSeconds" -}}
 {{- add .Values.preStopSleepSeconds (include "infergate.drainSeconds" . | int) 15 }}
 {{- end }}
