@@ -26,6 +26,7 @@ demo: $(BIN)/.installed
 tools: $(BIN)/.installed
 	scripts/install_perf_analyzer.sh
 	scripts/install_promtool.sh
+	scripts/install_helm.sh
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check server tests load_tests scripts

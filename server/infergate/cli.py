@@ -100,7 +100,11 @@ def _serve(args: argparse.Namespace) -> int:
         if config.workers > 1:
             return asyncio.run(
                 supervise(
-                    config.host, config.port, config.workers, _worker_args(args), grace=config.shutdown_grace_seconds
+                    config.host,
+                    config.port,
+                    config.workers,
+                    _worker_args(args),
+                    grace=config.shutdown_delay_seconds + config.shutdown_grace_seconds,
                 )
             )
         asyncio.run(_serve_async(config))

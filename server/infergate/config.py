@@ -256,6 +256,9 @@ class ServerConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 8001
     # Queued and running requests get this long to finish after SIGTERM.
     shutdown_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # Before that, keep serving this long with health NOT_SERVING, so clients that watch
+    # health (client-side health checking) move new calls elsewhere before the port closes.
+    shutdown_delay_seconds: Annotated[float, Field(ge=0, le=600)] = 0.0
     # Health is SERVING only when every model loaded (Triton's --strict-readiness).
     strict_readiness: bool = True
     max_receive_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024

@@ -175,6 +175,11 @@ class InferGateServer:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
+        if self.config.shutdown_delay_seconds > 0:
+            # Closing the port at once cancelled a few calls arriving under load
+            # (tests/test_rolling_restart.py); meanwhile health watchers move away.
+            log.info("NOT_SERVING; still serving for %.1fs", self.config.shutdown_delay_seconds)
+            await asyncio.sleep(self.config.shutdown_delay_seconds)
         await self._server.stop(grace)
         await self.shadows.aclose()
         await self.repository.aclose(timeout=grace)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Build the infergate image with buildah and smoke-test it (CPU variant by default).
+#
+#   scripts/build_image.sh                  # base: a local Debian bookworm made with debootstrap
+#   BASE_IMAGE=python:3.11-slim-bookworm scripts/build_image.sh   # where a registry is reachable
+#   VARIANT=cuda BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04 SMOKE=0 scripts/build_image.sh
+#
+# Too slow for every CI run (two to five minutes here), so it is a script, not a test; docs/deploy.md
+# records a run. Needs root, buildah, podman and debootstrap (apt-get install -y
+# --no-install-recommends buildah podman debootstrap). Builds use --isolation chroot, the
+# only isolation that works inside an unprivileged container. When no image can be pulled,
+# the base is made locally: debootstrap --variant=minbase bookworm, imported with podman.
+# The smoke test runs in the built image with `buildah run`: `infergate --version`, then
+# scripts/smoke_image.py serves the demo repository (mounted at /models) and answers one
+# ModelInfer; then the same again with the image's root filesystem mounted read-only
+# (needs unshare, i.e. root). A host CA bundle (TLS-intercepting proxy) goes to pip as a build secret.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VARIANT="${VARIANT:-cpu}"
+LOCAL_BASE="localhost/debian:bookworm-min"
+BASE_IMAGE="${BASE_IMAGE:-$LOCAL_BASE}"
+VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/pyproject.toml")"
+TAG="${TAG:-localhost/infergate:$VERSION-$VARIANT}"
+CA_BUNDLE="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+SMOKE="${SMOKE:-1}"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+
+log() { printf '[build_image] %s\n' "$*" >&2; }
+
+make_local_base() {
+    if podman image exists "$LOCAL_BASE"; then
+        log "base image $LOCAL_BASE already present"
+        return
+    fi
+    local rootfs
+    rootfs="$(mktemp -d)"
+    log "debootstrap --variant=minbase bookworm (no registry needed)"
+    debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+    tar -C "$rootfs" -c . | podman import - "$LOCAL_BASE" >/dev/null
+    rm -rf "$rootfs"
+    log "imported $LOCAL_BASE"
+}
+
+build() {
+    local secret=()
+    [[ -f "$CA_BUNDLE" ]] && secret=(--secret "id=pip_cert,src=$CA_BUNDLE")
+    log "building $TAG (VARIANT=$VARIANT, BASE_IMAGE=$BASE_IMAGE)"
+    buildah bud --isolation chroot --layers "${secret[@]}" \
+        --build-arg "VARIANT=$VARIANT" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+        --build-arg "VERSION=$VERSION" \
+        --build-arg "REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" \
+        --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        -t "$TAG" "$ROOT"
+}
+
+CONTAINER=""
+MODELS=""
+cleanup() {
+    if [[ -n "$CONTAINER" ]]; then buildah rm "$CONTAINER" >/dev/null; fi
+    if [[ -n "$MODELS" ]]; then rm -rf "$MODELS"; fi
+}
+trap cleanup EXIT
+
+smoke() {
+    MODELS="$(mktemp -d)"
+    "$PYTHON" -m infergate demo-repository "$MODELS" >/dev/null
+    chmod -R a+rX "$MODELS"
+    CONTAINER="$(buildah from "$TAG")"
+    local run=(buildah run --isolation chroot -v "$MODELS:/models:ro" -v "$ROOT/scripts:/smoke:ro" "$CONTAINER" --)
+    log "smoke test in $TAG"
+    "${run[@]}" id
+    "${run[@]}" infergate --version
+    "${run[@]}" python /smoke/smoke_image.py /models
+}
+
+# buildah run cannot make the root filesystem read-only, so this step mounts the image's
+# root read-only in a private mount namespace (tmpfs on /tmp, the models read-only on
+# /models, as the Helm chart does) and serves the same request from it as uid 10001.
+smoke_read_only() {
+    local root
+    root="$(buildah mount "$CONTAINER")"
+    log "smoke test with a read-only root filesystem"
+    unshare --mount sh -euc '
+        root="$1"; models="$2"; smoke="$3"
+        mount --bind "$root" "$root" && mount -o remount,bind,ro "$root"
+        mount -t tmpfs -o size=64m,mode=1777 tmpfs "$root/tmp"
+        mount --bind "$models" "$root/models" && mount -o remount,bind,ro "$root/models"
+        mount -t proc proc "$root/proc" && mount --bind /dev "$root/dev"
+        cp "$smoke" "$root/tmp/smoke_image.py"
+        chroot_bin="$(command -v chroot)"
+        exec env -i PATH=/opt/infergate/bin:/usr/bin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+            "$chroot_bin" --userspec=10001:10001 "$root" sh -c "
+                if touch /opt/infergate/probe 2>/dev/null; then echo root filesystem is writable; exit 1; fi
+                echo root filesystem: read-only; cd /tmp && exec python /tmp/smoke_image.py /models"
+    ' sh "$root" "$MODELS" "$ROOT/scripts/smoke_image.py"
+    buildah umount "$CONTAINER" >/dev/null
+}
+
+[[ "$BASE_IMAGE" == "$LOCAL_BASE" ]] && make_local_base
+build
+podman image inspect --format 'image {{index .RepoTags 0}}: {{.Size}} bytes' "$TAG"
+if [[ "$SMOKE" == 1 ]]; then
+    smoke
+    smoke_read_only
+fi
+log "OK: $TAG"

