@@ -10,11 +10,11 @@ PORT ?= 8001
 
 .PHONY: demo test lint protos tools bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("infergate needs Python 3.11+") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e clients/python
 	touch $@
 
 demo: $(BIN)/.installed
@@ -25,7 +25,7 @@ tools: $(BIN)/.installed
 	scripts/install_perf_analyzer.sh
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check server tests load_tests scripts
+	$(BIN)/ruff check server tests load_tests scripts clients/python
 	$(BIN)/mypy
 
 test: tools lint
