@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ._calls import ModelMetadata
+from ._calls import ModelMetadata, TensorMetadata
 from ._codec import DATATYPES, Array
 from .client import Client
 from .errors import DeadlineExceeded, InferGateError, Unavailable, Unimplemented
@@ -110,11 +110,14 @@ def _cmd_models(client: Client, args: argparse.Namespace) -> int:
     return OK
 
 
+def _tensors(items: Sequence[TensorMetadata]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
+
+
 def _cmd_metadata(client: Client, args: argparse.Namespace) -> int:
     meta = client.model_metadata(args.model, args.model_version)
-    tensors = lambda items: [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]  # noqa: E731
     body = {"name": meta.name, "versions": list(meta.versions), "platform": meta.platform}
-    print(json.dumps({**body, "inputs": tensors(meta.inputs), "outputs": tensors(meta.outputs)}, indent=2))
+    print(json.dumps({**body, "inputs": _tensors(meta.inputs), "outputs": _tensors(meta.outputs)}, indent=2))
     return OK
 
 
