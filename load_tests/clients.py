@@ -31,6 +31,7 @@ __all__ = [
     "Client",
     "RawClient",
     "TritonClient",
+    "auth_metadata",
     "fetch_signature",
     "open_client",
 ]
@@ -59,12 +60,21 @@ class Client(Protocol):
     async def close(self) -> None: ...
 
 
-async def fetch_signature(target: str, model: str, deadline_s: float) -> ModelSignature:
+Metadata = tuple[tuple[str, str], ...]
+
+
+def auth_metadata(token: str) -> Metadata:
+    """``authorization: Bearer TOKEN`` for a non-empty token, else nothing."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+async def fetch_signature(target: str, model: str, deadline_s: float, metadata: Metadata = ()) -> ModelSignature:
     """Ask ``target`` for the metadata of ``model``; raises CallFailed on an RPC error."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
-            reply = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=deadline_s)
+            request = pb.ModelMetadataRequest(name=model)
+            reply = await stub.ModelMetadata(request, timeout=deadline_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise CallFailed(exc.code().name, exc.details() or "") from None
     return signature_from_metadata(reply)
@@ -73,15 +83,18 @@ async def fetch_signature(target: str, model: str, deadline_s: float) -> ModelSi
 class RawClient:
     """Sends one pre-serialised request's bytes; replies stay unparsed."""
 
-    def __init__(self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float) -> None:
+    def __init__(
+        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+    ) -> None:
         self._payload = build_infer_request(signature, arrays).SerializeToString()
         self._timeout = timeout
+        self._metadata = metadata or None
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._call = self._channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
 
     async def first(self) -> pb.ModelInferResponse:
         try:
-            reply = await self._call(self._payload, timeout=self._timeout)
+            reply = await self._call(self._payload, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise CallFailed(exc.code().name, exc.details() or "") from None
         return pb.ModelInferResponse.FromString(reply)
@@ -89,7 +102,7 @@ class RawClient:
     async def send(self) -> None:
         # The hot path: no extra coroutine layer, no parsing.
         try:
-            await self._call(self._payload, timeout=self._timeout)
+            await self._call(self._payload, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise CallFailed(exc.code().name, exc.details() or "") from None
 
@@ -100,7 +113,9 @@ class RawClient:
 class TritonClient:
     """Sends through ``tritonclient.grpc.aio``, building its inputs on every call."""
 
-    def __init__(self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float) -> None:
+    def __init__(
+        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+    ) -> None:
         from tritonclient.grpc import aio as triton_aio  # type: ignore[import-untyped,unused-ignore]
 
         self._triton = triton_aio
@@ -108,6 +123,7 @@ class TritonClient:
         self._model = signature.name
         self._tensors = [(spec.datatype, spec.name, arrays[spec.name]) for spec in signature.inputs]
         self._timeout = timeout
+        self._headers = dict(metadata) or None
 
     async def _infer(self) -> Any:
         inputs = []
@@ -116,7 +132,7 @@ class TritonClient:
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         try:
-            return await self._client.infer(self._model, inputs, client_timeout=self._timeout)
+            return await self._client.infer(self._model, inputs, client_timeout=self._timeout, headers=self._headers)
         except self._triton.InferenceServerException as exc:
             code = str(exc.status() or "UNKNOWN").removeprefix("StatusCode.")
             raise CallFailed(code, exc.message() or "") from None
@@ -133,10 +149,17 @@ class TritonClient:
         await self._client.close()
 
 
-def open_client(kind: str, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float) -> Client:
+def open_client(
+    kind: str,
+    target: str,
+    signature: ModelSignature,
+    arrays: dict[str, Array],
+    timeout: float,
+    metadata: Metadata = (),
+) -> Client:
     """A ``raw`` or ``tritonclient`` client for ``signature``'s model at ``target``."""
     if kind == "raw":
-        return RawClient(target, signature, arrays, timeout)
+        return RawClient(target, signature, arrays, timeout, metadata)
     if kind == "tritonclient":
-        return TritonClient(target, signature, arrays, timeout)
+        return TritonClient(target, signature, arrays, timeout, metadata)
     raise ValueError(f"unknown client {kind!r}: use raw or tritonclient")
