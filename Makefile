@@ -23,6 +23,7 @@ demo: $(BIN)/.installed
 
 tools: $(BIN)/.installed
 	scripts/install_perf_analyzer.sh
+	scripts/build_node_client.sh
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check server tests load_tests scripts clients/python

@@ -97,12 +97,22 @@ async def test_max_attempts_bounds_the_retries(flavour: str) -> None:
 # --------------------------------------------------------------------------- what the client sends
 
 
+def _received_pairs(context: grpc.ServicerContext) -> list[str]:
+    return [f"{key}={value}" for key, value in context.invocation_metadata() if key != "user-agent"]
+
+
 class _EchoMetadata(pb_grpc.GRPCInferenceServiceServicer):
-    """Answers ServerMetadata with every metadata entry received, as ``key=value`` extensions."""
+    """Tells what metadata it received: as ServerMetadata's extensions, or as ModelInfer's BYTES output ``metadata``."""
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> pb.ServerMetadataResponse:
-        pairs = [f"{key}={value}" for key, value in context.invocation_metadata() if key != "user-agent"]
-        return pb.ServerMetadataResponse(name="echo", extensions=pairs)
+        return pb.ServerMetadataResponse(name="echo", extensions=_received_pairs(context))
+
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        pairs = [item.encode() for item in _received_pairs(context)]
+        reply = pb.ModelInferResponse(model_name=request.model_name, model_version="1")
+        reply.outputs.add(name="metadata", datatype="BYTES", shape=[len(pairs)])
+        reply.raw_output_contents.append(b"".join(len(p).to_bytes(4, "little") + p for p in pairs))
+        return reply
 
 
 @dataclass
