@@ -79,7 +79,8 @@ if ! grep -q -- "--concurrency-range" <<<"$help_text"; then
     log "FAILED: perf_analyzer did not print its usage"
     exit 1
 fi
-"$ROOT/scripts/perf_analyzer" --version 2>&1 | head -n 1
+# sed reads to the end (head would close the pipe early: SIGPIPE, exit 141 under pipefail).
+"$ROOT/scripts/perf_analyzer" --version 2>&1 | sed -n 1p
 # This build has no --help option: it prints its usage after "unrecognized option".
-printf '%s\n' "$help_text" | sed -n '/^Usage:/,$p' | head -n 12
+printf '%s\n' "$help_text" | sed -n '/^Usage:/,$p' | sed -n 1,12p
 log "OK: run it with scripts/perf_analyzer -m MODEL -u 127.0.0.1:PORT -i grpc"
