@@ -24,7 +24,6 @@ import asyncio
 import math
 import multiprocessing
 import queue
-import random
 import sys
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from typing import Any
 
 from .clients import CallFailed, Client, auth_metadata, fetch_signature, open_client
 from .loops import Tally, Window, closed_loop, cpu_in_window, open_loop, show_progress
+from .mix import Mix, parse_mix
 from .payloads import InvalidResponse, load_inputs, validate_response
 from .report import LoadResult, summarize_load
 from .signature import ModelSignature
@@ -57,18 +57,6 @@ _DRAIN_GRACE_S = 5.0
 
 class GeneratorError(Exception):
     """The run could not be carried out (unreachable server, bad reply, dead process)."""
-
-
-def parse_mix(model: str) -> tuple[tuple[str, float], ...]:
-    """``"mlp"`` or ``"mlp:3,matmul16:1"`` as (name, weight) pairs; weights default to 1."""
-    pairs = []
-    for part in (p.strip() for p in model.split(",")):
-        name, _, weight = part.partition(":")
-        value = float(weight) if weight else 1.0
-        if not name or not value > 0:
-            raise ValueError(f"model {part!r}: expected NAME or NAME:WEIGHT with a weight > 0")
-        pairs.append((name, value))
-    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -149,17 +137,6 @@ def _shares(config: LoadConfig) -> list[_Share]:
     return [_Share(i, concurrency[i], config.rate / k, counts[i]) for i in range(k)]
 
 
-class _Mix:
-    """Picks one client per request by weight (a plain pass-through for a single model)."""
-
-    def __init__(self, clients: list[Client], weights: list[float], seed: int) -> None:
-        self.clients, self.weights, self._rng = clients, weights, random.Random(seed)
-        self.send = clients[0].send if len(clients) == 1 else self._send_one
-
-    async def _send_one(self) -> None:
-        await self._rng.choices(self.clients, self.weights)[0].send()
-
-
 async def _measure(send: Callable[[], Any], config: LoadConfig, share: _Share) -> _WorkerResult:
     now = time.perf_counter()
     start = now + config.warmup
@@ -219,7 +196,7 @@ async def _worker(
             except (CallFailed, InvalidResponse) as exc:
                 raise GeneratorError(f"first ModelInfer of {name!r}: {exc}") from None
         on_ready()
-        mix = _Mix(clients, [w for _, w in parse_mix(config.model)], config.seed + share.index)
+        mix = Mix(clients, [w for _, w in parse_mix(config.model)], config.seed + share.index)
         result = await _measure(mix.send, config, share)
         result.response = "; ".join(summaries)
         return result
@@ -335,4 +312,4 @@ def run_load(config: LoadConfig) -> LoadResult:
     return _merge(config, workers)
 
 
-run_closed_loop = run_load  # the name the suite and older scripts use
+run_closed_loop = run_load  # its name before open loop existed; the suite and other scripts import it

@@ -19,8 +19,9 @@ import pytest
 from infergate.demo import build_matmul16
 from load_tests.cli import main
 from load_tests.compare import compare_table
-from load_tests.generator import LoadConfig, parse_mix, run_load
+from load_tests.generator import LoadConfig, run_load
 from load_tests.loops import Tally, Window, closed_loop, open_loop
+from load_tests.mix import parse_mix
 from load_tests.report import read_results
 from load_tests.servers import free_port, running_server
 from load_tests.suite import REPO_ROOT
