@@ -65,6 +65,11 @@ class ClientBase:
         self._budget = retry_budget or RetryBudget()
         self._options = _channel_options_for(keepalive or Keepalive(), channel_options, tls)
         self._rng = random.Random()
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        """Open the channel and stub (blocking or asyncio): the one thing each client does its own way."""
+        raise NotImplementedError
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
         return self._tls.credentials() if self._tls is not None else None

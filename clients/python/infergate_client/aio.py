@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -31,8 +31,7 @@ class AsyncClient(ClientBase):
     ...     (await client.infer("mlp", {"x": x}))["y"]
     """
 
-    def __init__(self, url: str | Sequence[str], **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
+    def _open_channel(self) -> None:
         credentials = self._credentials()
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(self.target, options=self._options)

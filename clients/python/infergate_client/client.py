@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -29,8 +29,7 @@ class Client(ClientBase):
     ...     client.infer("mlp", {"x": x})["y"]
     """
 
-    def __init__(self, url: str | Sequence[str], **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
+    def _open_channel(self) -> None:
         credentials = self._credentials()
         if credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=self._options)
