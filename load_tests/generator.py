@@ -108,6 +108,7 @@ class LoadConfig:
 class _WorkerResult:
     latencies_s: list[float]
     errors: dict[str, int]
+    lags_s: list[float]
     cpu_s: float
     cpu_span_s: float
     window_s: float
@@ -160,7 +161,7 @@ async def _measure(send: Callable[[], Any], config: LoadConfig, share: _Share) -
             progress.cancel()
             sys.stderr.write("\n")
     cpu_s, span_s = await cpu
-    return _WorkerResult(tally.latencies, dict(tally.errors), cpu_s, span_s, window.end - window.start, "")
+    return _WorkerResult(tally.latencies, dict(tally.errors), tally.lags, cpu_s, span_s, window.end - window.start, "")
 
 
 async def _wait_loops(loops: list[asyncio.Task[None]], config: LoadConfig, window: Window) -> None:
@@ -276,6 +277,7 @@ def _merge(config: LoadConfig, workers: list[_WorkerResult]) -> LoadResult:
         warmup_s=config.warmup,
         duration_s=max(worker.window_s for worker in workers),
         latencies_s=[lat for worker in workers for lat in worker.latencies_s],
+        lags_s=[lag for worker in workers for lag in worker.lags_s],
         errors=dict(errors),
         cpu_s=sum(worker.cpu_s for worker in workers),
         cpu_span_s=max(worker.cpu_span_s for worker in workers),

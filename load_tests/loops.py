@@ -9,8 +9,10 @@ gaps are exponential), whether or not earlier ones have been answered. A
 request counts when its *intended* send time falls inside the window, and its
 latency runs from that intended time, so a generator or server that falls
 behind shows up in the latency instead of silently lowering the rate (no
-coordinated omission). At most ``max_in_flight`` requests are outstanding; an
-arrival beyond that is not sent and is counted as the error ``GENERATOR_FULL``.
+coordinated omission). How late each request actually left is recorded as its
+send lag: a large lag means the generator, not the server, could not keep up.
+At most ``max_in_flight`` requests are outstanding; an arrival beyond that is
+not sent and is counted as the error ``GENERATOR_FULL``.
 
 Both stop at the window's end, which is fixed for a time-limited run and set
 when the ``limit``-th request is counted in a count-limited run.
@@ -59,10 +61,11 @@ class Window:
 
 @dataclass
 class Tally:
-    """What one process measured: latencies of successes (s) and failures by status code name."""
+    """What one process measured: latencies of successes (s), failures by status code name, send lags (s)."""
 
     latencies: list[float]
     errors: Counter[str]
+    lags: list[float] = field(default_factory=list)
 
 
 async def closed_loop(send: Send, window: Window, tally: Tally) -> None:
@@ -82,6 +85,8 @@ async def closed_loop(send: Send, window: Window, tally: Tally) -> None:
 
 
 async def _one(send: Send, intended: float, counted: bool, tally: Tally) -> None:
+    if counted:
+        tally.lags.append(time.perf_counter() - intended)
     try:
         await send()
     except CallFailed as exc:

@@ -58,6 +58,7 @@ class LoadResult:
     label: str = ""
     mode: str = "closed"
     rate: float = math.nan  # requests/s asked for (open loop); ``concurrency`` is 0 then
+    send_lag_p99_ms: float = math.nan  # open loop: how late the 99th-percentile request left its intended time
 
     @property
     def error_count(self) -> int:
@@ -90,6 +91,7 @@ def summarize_load(
     label: str = "",
     mode: str = "closed",
     rate: float = math.nan,
+    lags_s: Sequence[float] = (),
 ) -> LoadResult:
     """Turn raw per-request latencies (seconds, in-window successes) into a LoadResult."""
     p50, p90, p99, mean, worst = _percentiles_ms(latencies_s)
@@ -118,6 +120,7 @@ def summarize_load(
         label=label,
         mode=mode,
         rate=rate,
+        send_lag_p99_ms=float(np.percentile(lags_s, 99)) * 1000.0 if len(lags_s) else math.nan,
     )
 
 
@@ -140,6 +143,7 @@ _LOAD_COLUMNS = (
     ("p90 ms", ">", lambda r: f"{r.p90_ms:.3f}"),
     ("p99 ms", ">", lambda r: f"{r.p99_ms:.3f}"),
     ("errors", ">", lambda r: _errors_text(r.errors)),
+    ("lag p99", ">", lambda r: "-" if math.isnan(r.send_lag_p99_ms) else f"{r.send_lag_p99_ms:.3f}"),
     ("gen cpu s", ">", lambda r: f"{r.generator_cpu_s:.2f}"),
     ("gen cpu %", ">", lambda r: f"{r.generator_cpu_pct:.0f}"),
 )

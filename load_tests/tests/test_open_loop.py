@@ -70,6 +70,7 @@ def test_an_open_loop_run_sends_at_a_rate_and_reports_it(ceiling: str) -> None:
     config = LoadConfig(target=ceiling, model="a", mode="open", rate=200, duration=0.5, warmup=0.1)
     result = run_load(config)
     assert result.mode == "open" and result.rate == 200 and result.concurrency == 0
+    assert result.send_lag_p99_ms >= 0
     assert result.requests > 0 and result.errors == {}
     assert result.p50_ms <= result.p90_ms <= result.p99_ms
 
@@ -110,6 +111,7 @@ async def test_open_loop_latency_counts_from_the_intended_send_time() -> None:
     open_tally = Tally([], Counter())
     await open_loop(send, Window(now, now + 0.2), rate=1000, tally=open_tally, seed=1, max_in_flight=100)
     assert max(open_tally.latencies) >= 0.04
+    assert max(open_tally.lags) >= 0.04  # and the send lag says it was the generator that stalled
 
     stalled.clear()
     now = time.perf_counter()
