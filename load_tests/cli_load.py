@@ -33,7 +33,9 @@ def _number_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 
 def _npy_input(text: str) -> tuple[str, str]:
+    """``NAME=FILE.npy`` or ``NAME=@FILE.npy`` (the spelling infergate-client uses)."""
     name, sep, path = text.partition("=")
+    path = path.removeprefix("@")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=FILE.npy")
     return name, path
@@ -63,7 +65,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         type=_npy_input,
         action="append",
         default=[],
-        metavar="NAME=FILE.npy",
+        metavar="NAME=@FILE.npy",
         help="send this array for input NAME instead of random data (repeatable)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs and arrivals (default 0)")

@@ -147,10 +147,13 @@ def test_the_cli_sweeps_and_writes_json_csv_and_png(ceiling: str, tmp_path: path
     assert [r.concurrency for r in read_results(out / "runs.json")] == [1, 2]
 
 
-def test_the_cli_runs_an_open_sweep_with_a_token(ceiling: str, tmp_path: pathlib.Path) -> None:
+def test_the_cli_runs_an_open_sweep_with_a_token_and_an_npy_input(ceiling: str, tmp_path: pathlib.Path) -> None:
+    np.save(tmp_path / "x.npy", np.ones((2, 16), np.float32))
     argv = ["open", "--target", ceiling, "--model", "a", "--rate", "50,100", "--duration", "0.3", "--warmup", "0"]
-    assert main([*argv, "--token", "t0k3n", "--json", str(tmp_path / "open.json")]) == 0
-    assert [r.rate for r in read_results(tmp_path / "open.json")] == [50.0, 100.0]
+    argv += ["--token", "t0k3n", "--input", f"x=@{tmp_path / 'x.npy'}", "--json", str(tmp_path / "open.json")]
+    assert main(argv) == 0
+    runs = read_results(tmp_path / "open.json")
+    assert [r.rate for r in runs] == [50.0, 100.0] and runs[0].response == "y FP32 [2,16]"
 
 
 def test_compare_lays_two_files_side_by_side(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
