@@ -53,10 +53,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", metavar="K", type=int, default=1, help="generator processes sharing the load")
     p.add_argument(
         "--client",
-        choices=("raw", "tritonclient"),
+        choices=("raw", "tritonclient", "sdk"),
         default="raw",
         help="raw: one pre-serialised request sent as bytes, replies unparsed (cheapest; default). "
-        "tritonclient: tritonclient.grpc.aio with set_data_from_numpy on every call",
+        "tritonclient: tritonclient.grpc.aio with set_data_from_numpy on every call. "
+        "sdk: infergate_client.AsyncClient, numpy in and out on every call",
     )
     p.add_argument("--timeout", metavar="S", type=float, default=10.0, help="per-call deadline (default 10)")
     p.add_argument("--token", default="", help="bearer token sent as 'authorization: Bearer TOKEN'")

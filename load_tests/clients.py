@@ -11,6 +11,8 @@ status code name, so the generator counts errors the same way for both.
 - :class:`TritonClient` goes through ``tritonclient.grpc.aio`` and builds
   ``InferInput`` objects with ``set_data_from_numpy`` on every call: what a
   realistic Python client costs.
+- :class:`SdkClient` goes through this repository's ``infergate_client.AsyncClient``
+  (numpy in, numpy out, retries off so every failure is counted): what the SDK costs.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate_client import AsyncClient, InferGateError, RetryPolicy, datatype_of
 
-from .payloads import Array, build_infer_request
+from .payloads import Array, build_infer_request, tensor_bytes
 from .signature import ModelSignature, signature_from_metadata
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "CallFailed",
     "Client",
     "RawClient",
+    "SdkClient",
     "TritonClient",
     "auth_metadata",
     "fetch_signature",
@@ -149,6 +153,38 @@ class TritonClient:
         await self._client.close()
 
 
+class SdkClient:
+    """Sends through ``infergate_client.AsyncClient``, encoding inputs and decoding outputs on every call."""
+
+    def __init__(
+        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+    ) -> None:
+        self._client = AsyncClient(target, timeout=timeout, metadata=metadata, retry=RetryPolicy(max_attempts=1))
+        self._model = signature.name
+        self._arrays = arrays
+
+    async def _infer(self) -> dict[str, Array]:
+        try:
+            return await self._client.infer(self._model, self._arrays)
+        except InferGateError as exc:
+            raise CallFailed(exc.code.name if exc.code else "UNKNOWN", exc.details) from None
+
+    async def first(self) -> pb.ModelInferResponse:
+        # Re-encode what the SDK decoded, so the reply check also covers the SDK's decoding.
+        reply = pb.ModelInferResponse(model_name=self._model)
+        for name, array in (await self._infer()).items():
+            datatype = datatype_of(array)
+            reply.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            reply.raw_output_contents.append(tensor_bytes(datatype, array))
+        return reply
+
+    async def send(self) -> None:
+        await self._infer()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
 def open_client(
     kind: str,
     target: str,
@@ -157,9 +193,11 @@ def open_client(
     timeout: float,
     metadata: Metadata = (),
 ) -> Client:
-    """A ``raw`` or ``tritonclient`` client for ``signature``'s model at ``target``."""
+    """A ``raw``, ``tritonclient`` or ``sdk`` client for ``signature``'s model at ``target``."""
     if kind == "raw":
         return RawClient(target, signature, arrays, timeout, metadata)
     if kind == "tritonclient":
         return TritonClient(target, signature, arrays, timeout, metadata)
-    raise ValueError(f"unknown client {kind!r}: use raw or tritonclient")
+    if kind == "sdk":
+        return SdkClient(target, signature, arrays, timeout, metadata)
+    raise ValueError(f"unknown client {kind!r}: use raw, tritonclient or sdk")

@@ -49,7 +49,7 @@ __all__ = [
     "split_concurrency",
 ]
 
-CLIENTS = ("raw", "tritonclient")
+CLIENTS = ("raw", "tritonclient", "sdk")
 MODES = ("closed", "open")
 _READY_TIMEOUT_S = 60.0  # spawning, importing and the first request of every process
 _DRAIN_GRACE_S = 5.0

@@ -12,7 +12,7 @@ async iterator. Errors are the exceptions of ``infergate_client.errors``.
 """
 
 from ._calls import ModelIndex, ModelMetadata, ServerMetadata, TensorMetadata
-from ._codec import InferRequest, InferResult
+from ._codec import InferRequest, InferResult, datatype_of
 from .aio import AsyncClient
 from .client import Client
 from .errors import (
@@ -57,4 +57,5 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "datatype_of",
 ]
