@@ -94,6 +94,18 @@ async def test_max_attempts_bounds_the_retries(flavour: str) -> None:
     assert retries == [1, 2]
 
 
+async def test_no_retry_pause_runs_past_the_call_deadline(flavour: str) -> None:
+    retries: list[int] = []
+    policy = RetryPolicy(max_attempts=100, initial_backoff_s=30.0, on_retry=lambda n, e: retries.append(n))
+    client = EitherClient(flavour, f"127.0.0.1:{free_port()}", retry=policy)
+    try:
+        with pytest.raises(Unavailable):
+            await client.is_server_live(timeout=5.0)  # the first pause (24-36 s) would outlast the deadline
+    finally:
+        await client.close()
+    assert retries == []
+
+
 # --------------------------------------------------------------------------- what the client sends
 
 
