@@ -96,7 +96,9 @@ async def test_max_attempts_bounds_the_retries(flavour: str) -> None:
 
 async def test_no_retry_pause_runs_past_the_call_deadline(flavour: str) -> None:
     retries: list[int] = []
-    policy = RetryPolicy(max_attempts=100, initial_backoff_s=30.0, on_retry=lambda n, e: retries.append(n))
+    policy = RetryPolicy(
+        max_attempts=100, initial_backoff_s=30, max_backoff_s=60, on_retry=lambda n, e: retries.append(n)
+    )
     client = EitherClient(flavour, f"127.0.0.1:{free_port()}", retry=policy)
     try:
         with pytest.raises(Unavailable):
