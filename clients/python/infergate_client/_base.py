@@ -6,6 +6,7 @@ and which channel they open; every decision is made here.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,6 +23,11 @@ __all__ = ["DEFAULT_TIMEOUT_S", "ClientBase", "Metadata", "Token"]
 DEFAULT_TIMEOUT_S = 30.0
 Token = str | Callable[[], str]
 Metadata = Mapping[str, str] | Iterable[tuple[str, str]]
+
+
+def _check_timeout(timeout: float) -> None:
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"timeout {timeout!r}: must be a finite number of seconds > 0 (every call has a deadline)")
 
 
 def _pairs(metadata: Metadata | None) -> list[tuple[str, str]]:
@@ -54,8 +60,7 @@ class ClientBase:
         keepalive: Keepalive | None = None,
         channel_options: Sequence[tuple[str, str | int]] = (),
     ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0: every call has a finite deadline")
+        _check_timeout(timeout)
         self.target = resolve_target(url)
         self._tls = tls
         self._token = token
@@ -87,6 +92,8 @@ class ClientBase:
         return pairs
 
     def _deadline(self, timeout: float | None) -> float:
+        if timeout is not None:
+            _check_timeout(timeout)
         return time.monotonic() + (self._timeout if timeout is None else timeout)
 
     def _retry_delay(self, error: grpc.RpcError, attempt: int, deadline: float) -> float | None:

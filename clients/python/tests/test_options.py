@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import grpc
 import pytest
 
-from infergate_client import errors
+from infergate_client import Client, errors
 from infergate_client.options import (
     Keepalive,
     RefreshingToken,
@@ -131,3 +132,11 @@ def test_each_status_code_has_its_exception(code: grpc.StatusCode, kind: type[er
     assert type(error) is kind and isinstance(error, errors.InferGateError)
     assert (error.code, error.details) == (code, "what happened")
     assert str(error) == f"{code.name}: what happened"
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, math.inf, math.nan])
+def test_every_call_has_a_finite_deadline(timeout: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        Client("127.0.0.1:1", timeout=timeout)
+    with Client("127.0.0.1:1") as client, pytest.raises(ValueError, match="finite"):
+        client.is_server_live(timeout=timeout)
