@@ -60,6 +60,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "sdk: infergate_client.AsyncClient, numpy in and out on every call",
     )
     p.add_argument("--timeout", metavar="S", type=float, default=10.0, help="per-call deadline (default 10)")
+    p.add_argument(
+        "--no-deadline",
+        dest="deadline",
+        action="store_false",
+        help="send calls without a gRPC deadline, like perf_analyzer (--timeout still bounds the run)",
+    )
     p.add_argument("--token", default="", help="bearer token sent as 'authorization: Bearer TOKEN'")
     p.add_argument(
         "--input",
@@ -131,6 +137,7 @@ def _configs(args: argparse.Namespace) -> list[Any]:
         target=args.target, model=args.model, batch=args.batch, duration=args.duration, warmup=args.warmup,
         processes=args.processes, client=args.client, timeout=args.timeout, seed=args.seed, label=args.label,
         requests=args.requests, token=args.token, inputs=tuple(args.input), progress=progress, mode=args.command,
+        deadline=args.deadline,
     )  # fmt: skip
     if args.command == "closed":
         return [LoadConfig(**common, concurrency=c) for c in args.concurrency]

@@ -85,10 +85,15 @@ async def fetch_signature(target: str, model: str, deadline_s: float, metadata: 
 
 
 class RawClient:
-    """Sends one pre-serialised request's bytes; replies stay unparsed."""
+    """Sends one pre-serialised request's bytes; replies stay unparsed. ``timeout`` None: no per-call deadline."""
 
     def __init__(
-        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+        self,
+        target: str,
+        signature: ModelSignature,
+        arrays: dict[str, Array],
+        timeout: float | None,
+        metadata: Metadata = (),
     ) -> None:
         self._payload = build_infer_request(signature, arrays).SerializeToString()
         self._timeout = timeout
@@ -118,7 +123,12 @@ class TritonClient:
     """Sends through ``tritonclient.grpc.aio``, building its inputs on every call."""
 
     def __init__(
-        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+        self,
+        target: str,
+        signature: ModelSignature,
+        arrays: dict[str, Array],
+        timeout: float | None,
+        metadata: Metadata = (),
     ) -> None:
         from tritonclient.grpc import aio as triton_aio  # type: ignore[import-untyped,unused-ignore]
 
@@ -154,12 +164,25 @@ class TritonClient:
 
 
 class SdkClient:
-    """Sends through ``infergate_client.AsyncClient``, encoding inputs and decoding outputs on every call."""
+    """Sends through ``infergate_client.AsyncClient``, encoding inputs and decoding outputs on every call.
+
+    The SDK always sends a deadline: ``timeout`` None falls back to its default.
+    """
 
     def __init__(
-        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+        self,
+        target: str,
+        signature: ModelSignature,
+        arrays: dict[str, Array],
+        timeout: float | None,
+        metadata: Metadata = (),
     ) -> None:
-        self._client = AsyncClient(target, timeout=timeout, metadata=metadata, retry=RetryPolicy(max_attempts=1))
+        retry = RetryPolicy(max_attempts=1)
+        self._client = (
+            AsyncClient(target, metadata=metadata, retry=retry)
+            if timeout is None
+            else AsyncClient(target, timeout=timeout, metadata=metadata, retry=retry)
+        )
         self._model = signature.name
         self._arrays = arrays
 
@@ -190,7 +213,7 @@ def open_client(
     target: str,
     signature: ModelSignature,
     arrays: dict[str, Array],
-    timeout: float,
+    timeout: float | None,
     metadata: Metadata = (),
 ) -> Client:
     """A ``raw``, ``tritonclient`` or ``sdk`` client for ``signature``'s model at ``target``."""

@@ -65,6 +65,8 @@ class LoadConfig:
 
     ``requests`` makes the run count-limited (``duration`` is then ignored);
     ``inputs`` maps input names to ``.npy`` files; ``token`` is sent as a bearer token.
+    ``deadline`` False sends calls without a gRPC deadline, as perf_analyzer does
+    (``timeout`` still bounds the run); the ``sdk`` client always sends one.
     """
 
     target: str
@@ -85,6 +87,7 @@ class LoadConfig:
     inputs: tuple[tuple[str, str], ...] = ()
     max_in_flight: int = 10_000
     progress: bool = False
+    deadline: bool = True
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.concurrency < 1 or self.processes < 1:
@@ -190,7 +193,8 @@ async def _worker(
         for name, _ in parse_mix(config.model):
             signature = signatures[name]
             arrays = load_inputs(signature, config.batch, dict(config.inputs), config.seed)
-            clients.append(open_client(config.client, config.target, signature, arrays, config.timeout, metadata))
+            timeout = config.timeout if config.deadline else None
+            clients.append(open_client(config.client, config.target, signature, arrays, timeout, metadata))
             batch = next(iter(arrays.values())).shape[0] if signature.batched else config.batch
             try:
                 summaries.append(validate_response(await clients[-1].first(), signature, batch))
@@ -285,6 +289,7 @@ def _merge(config: LoadConfig, workers: list[_WorkerResult]) -> LoadResult:
         label=config.label,
         mode=config.mode,
         rate=config.rate if config.mode == "open" else math.nan,
+        deadline=config.deadline,
     )
 
 

@@ -59,6 +59,7 @@ class LoadResult:
     mode: str = "closed"
     rate: float = math.nan  # requests/s asked for (open loop); ``concurrency`` is 0 then
     send_lag_p99_ms: float = math.nan  # open loop: how late the 99th-percentile request left its intended time
+    deadline: bool = True  # whether each call carried a gRPC deadline
 
     @property
     def error_count(self) -> int:
@@ -92,6 +93,7 @@ def summarize_load(
     mode: str = "closed",
     rate: float = math.nan,
     lags_s: Sequence[float] = (),
+    deadline: bool = True,
 ) -> LoadResult:
     """Turn raw per-request latencies (seconds, in-window successes) into a LoadResult."""
     p50, p90, p99, mean, worst = _percentiles_ms(latencies_s)
@@ -121,6 +123,7 @@ def summarize_load(
         mode=mode,
         rate=rate,
         send_lag_p99_ms=float(np.percentile(lags_s, 99)) * 1000.0 if len(lags_s) else math.nan,
+        deadline=deadline,
     )
 
 

@@ -5,8 +5,10 @@
 #   scripts/agree_with_perf_analyzer.sh TARGET [MODEL] [CONCURRENCY] [PAIRS] [SECONDS] [OUT_DIR]
 #
 # perf_analyzer measures 3 windows of SECONDS/3 each (stability check off: on a shared machine
-# no window is "stable"); load_tests measures SECONDS after a 2 s warm-up, with any extra arguments
-# in $LOAD_TESTS_ARGS (e.g. "--processes 2"). Needs make tools.
+# no window is "stable"); load_tests measures SECONDS after a 2 s warm-up with --no-deadline, because
+# perf_analyzer sends its calls without a gRPC deadline (and a deadline costs throughput, see
+# BENCHMARKS.md). Extra load_tests arguments go in $LOAD_TESTS_ARGS (e.g. "--processes 2").
+# Set DEADLINE=1 to let load_tests send its usual deadline. Needs make tools.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET="$1"; MODEL="${2:-matmul16}"; CONCURRENCY="${3:-8}"; PAIRS="${4:-5}"; SECONDS_="${5:-12}"
@@ -25,7 +27,7 @@ perf_analyzer() {
 load_tests() {
     (cd "$ROOT" && "$PYTHON" -m load_tests closed --target "$TARGET" --model "$MODEL" \
         --concurrency "$CONCURRENCY" --duration "$SECONDS_" --warmup 2 --no-progress --json "$OUT/lt$1.json" \
-        ${LOAD_TESTS_ARGS:-} > "$OUT/lt$1.txt")
+        $([[ -n "${DEADLINE:-}" ]] || echo --no-deadline) ${LOAD_TESTS_ARGS:-} > "$OUT/lt$1.txt")
     "$PYTHON" - "$OUT/lt$1.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["runs"][0]

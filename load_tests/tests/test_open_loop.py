@@ -138,9 +138,10 @@ async def test_arrivals_beyond_max_in_flight_are_counted_not_sent() -> None:
 def test_the_cli_sweeps_and_writes_json_csv_and_png(ceiling: str, tmp_path: pathlib.Path) -> None:
     out = tmp_path / "sweep"
     argv = ["closed", "--target", ceiling, "--model", "a", "--concurrency", "1,2", "--duration", "0.3", "--warmup", "0"]
-    assert main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(out), "--no-deadline"]) == 0
     runs = json.loads((out / "runs.json").read_text())["runs"]
     assert [r["concurrency"] for r in runs] == [1, 2]
+    assert [r["deadline"] for r in runs] == [False, False]
     assert (out / "runs.csv").read_text().splitlines()[0].startswith("target,model,client,batch,concurrency")
     assert len((out / "runs.csv").read_text().splitlines()) == 3
     assert (out / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
