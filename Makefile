@@ -12,11 +12,11 @@ METRICS_PORT ?= 8002
 
 .PHONY: demo test lint protos tools bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("infergate needs Python 3.11+") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e clients/python
 	touch $@
 
 demo: $(BIN)/.installed
@@ -27,9 +27,10 @@ tools: $(BIN)/.installed
 	scripts/install_perf_analyzer.sh
 	scripts/install_promtool.sh
 	scripts/install_helm.sh
+	scripts/build_node_client.sh
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check server tests load_tests scripts
+	$(BIN)/ruff check server tests load_tests scripts clients/python
 	$(BIN)/mypy
 
 test: tools lint

@@ -6,11 +6,15 @@ One module per concern:
 - ``payloads``: random inputs, the wire bytes of requests and replies, reply validation.
 - ``repository``: signatures read from a model repository's ONNX files.
 - ``clients``: the raw (pre-serialised bytes) and tritonclient senders, ModelMetadata.
-- ``generator``: the closed-loop generator, over one or several processes.
+- ``loops``: closed loop (N in flight) and open loop (Poisson arrivals at a fixed rate).
+- ``mix``: a weighted mix of models.
+- ``generator``: one run (time- or count-limited), over one or several processes.
 - ``ceiling``: the transport-ceiling server (a fixed reply, nothing parsed).
 - ``compute``: the compute ceiling (in-process onnxruntime).
 - ``servers``: starting, probing and stopping server subprocesses.
-- ``report``: result records, tables and JSON.
+- ``report``: result records, tables, JSON and CSV.
+- ``plots``: throughput against latency percentiles as PNG (matplotlib).
+- ``compare``: two result files side by side.
 - ``suite``: the side-by-side run that BENCHMARKS.md is made from.
-- ``cli``: argument parsing only.
+- ``cli``, ``cli_load``: argument parsing, sweeps and output files.
 """

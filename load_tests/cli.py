@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
+from .cli_load import add_load_commands, cmd_compare, cmd_load
 from .signature import NUMPY_DTYPES, ModelSignature, TensorSpec
 
 __all__ = ["build_parser", "main"]
@@ -21,7 +22,9 @@ __all__ = ["build_parser", "main"]
 _DESCRIPTION = """\
 Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
 
-  closed    closed-loop load against any V2 gRPC server (infergate, Triton, the ceiling)
+  closed    closed-loop load (N in flight) against any V2 gRPC server; a list of N sweeps
+  open      open-loop load (a fixed rate, Poisson arrivals, no coordinated omission); a list sweeps
+  compare   two result files side by side
   ceiling   the transport ceiling: a bare grpc.aio server with one fixed reply
   compute   the compute ceiling: in-process onnxruntime, no server
   suite     ceiling vs infergate vs onnxruntime side by side; writes suite.json/suite.md
@@ -67,82 +70,6 @@ def _tensor(text: str) -> TensorSpec:
         return TensorSpec(name, datatype.upper(), tuple(int(d) for d in dims.split(",")))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:DATATYPE:DIMS like x:FP32:-1,16 ({exc})") from None
-
-
-def _add_closed(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = commands.add_parser(
-        "closed",
-        help="closed-loop load: N requests in flight for a fixed time",
-        description="Keep --concurrency ModelInfer requests in flight against --target for "
-        "--duration seconds after --warmup seconds, then report requests/s, samples/s "
-        "(requests x batch), p50/p90/p99 latency, errors by gRPC status code and the "
-        "generator's own CPU. Only requests completing inside the measurement window count. "
-        "Inputs come from ModelMetadata (-1 becomes the batch size in dimension 0, 1 elsewhere) "
-        "and are random (fixed seed).",
-    )
-    p.add_argument("--target", required=True, metavar="HOST:PORT", help="HOST:PORT of the V2 gRPC server")
-    p.add_argument("--model", required=True, help="model name")
-    p.add_argument("--batch", metavar="N", type=_positive_int, default=1, help="batch size (default 1)")
-    p.add_argument(
-        "--concurrency",
-        metavar="N",
-        type=_positive_int,
-        default=64,
-        help="requests in flight, over all processes (default 64)",
-    )
-    p.add_argument(
-        "--duration",
-        metavar="S",
-        type=_positive_float,
-        default=10.0,
-        help="measured seconds (default 10)",
-    )
-    p.add_argument(
-        "--warmup",
-        metavar="S",
-        type=_non_negative_float,
-        default=2.0,
-        help="unmeasured seconds before the window (default 2)",
-    )
-    p.add_argument(
-        "--processes",
-        metavar="K",
-        type=_positive_int,
-        default=1,
-        help="generator processes sharing the concurrency (default 1)",
-    )
-    p.add_argument(
-        "--client",
-        choices=("raw", "tritonclient"),
-        default="raw",
-        help="raw: one pre-serialised request sent as bytes, replies unparsed "
-        "(cheapest; default). tritonclient: tritonclient.grpc.aio with "
-        "set_data_from_numpy on every call (a realistic client's cost)",
-    )
-    p.add_argument(
-        "--timeout",
-        metavar="S",
-        type=_positive_float,
-        default=10.0,
-        help="per-call deadline in seconds (default 10)",
-    )
-    p.add_argument(
-        "--header",
-        action="append",
-        default=[],
-        type=_header,
-        metavar="NAME=VALUE",
-        help="gRPC metadata sent with every call (repeatable), e.g. 'authorization=Bearer TOKEN'",
-    )
-    p.add_argument("--label", default="", help="name shown in the table (default: target)")
-    p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write all figures here")
-
-
-def _header(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name.strip().lower(), value
 
 
 def _add_ceiling(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -348,40 +275,17 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m load_tests`` parser with its four subcommands."""
+    """The ``python -m load_tests`` parser and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="python -m load_tests",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_closed, _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_telemetry_overhead):
+    add_load_commands(commands)
+    for add in (_add_ceiling, _add_compute, _add_suite, _add_shadow, _add_telemetry_overhead):
         add(commands)
     return parser
-
-
-def _cmd_closed(args: argparse.Namespace) -> int:
-    from .generator import LoadConfig, run_closed_loop
-    from .report import format_load_table, write_json
-
-    config = LoadConfig(
-        target=args.target,
-        model=args.model,
-        batch=args.batch,
-        concurrency=args.concurrency,
-        duration=args.duration,
-        warmup=args.warmup,
-        processes=args.processes,
-        client=args.client,
-        timeout=args.timeout,
-        label=args.label,
-        headers=tuple(args.header),
-    )
-    result = run_closed_loop(config)
-    print(format_load_table([result]))
-    if args.json:
-        write_json(args.json, result)
-    return 0 if result.requests else 1
 
 
 def _ceiling_models(args: argparse.Namespace) -> dict[str, ModelSignature]:
@@ -473,7 +377,9 @@ def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {
-    "closed": _cmd_closed,
+    "closed": cmd_load,
+    "open": cmd_load,
+    "compare": cmd_compare,
     "ceiling": _cmd_ceiling,
     "compute": _cmd_compute,
     "suite": _cmd_suite,

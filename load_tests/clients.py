@@ -11,6 +11,8 @@ status code name, so the generator counts errors the same way for both.
 - :class:`TritonClient` goes through ``tritonclient.grpc.aio`` and builds
   ``InferInput`` objects with ``set_data_from_numpy`` on every call: what a
   realistic Python client costs.
+- :class:`SdkClient` goes through this repository's ``infergate_client.AsyncClient``
+  (numpy in, numpy out, retries off so every failure is counted): what the SDK costs.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate_client import AsyncClient, InferGateError, RetryPolicy, datatype_of
 
-from .payloads import Array, build_infer_request
+from .payloads import Array, build_infer_request, tensor_bytes
 from .signature import ModelSignature, signature_from_metadata
 
 __all__ = [
@@ -30,7 +33,9 @@ __all__ = [
     "CallFailed",
     "Client",
     "RawClient",
+    "SdkClient",
     "TritonClient",
+    "auth_metadata",
     "fetch_signature",
     "open_client",
 ]
@@ -40,9 +45,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
 ]
-
-
-Metadata = tuple[tuple[str, str], ...]
 
 
 class CallFailed(Exception):
@@ -62,27 +64,40 @@ class Client(Protocol):
     async def close(self) -> None: ...
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
+def auth_metadata(token: str) -> Metadata:
+    """``authorization: Bearer TOKEN`` for a non-empty token, else nothing."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 async def fetch_signature(target: str, model: str, deadline_s: float, metadata: Metadata = ()) -> ModelSignature:
     """Ask ``target`` for the metadata of ``model``; raises CallFailed on an RPC error."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
             request = pb.ModelMetadataRequest(name=model)
-            reply = await stub.ModelMetadata(request, timeout=deadline_s, metadata=metadata or None)
+            reply = await stub.ModelMetadata(request, timeout=deadline_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise CallFailed(exc.code().name, exc.details() or "") from None
     return signature_from_metadata(reply)
 
 
 class RawClient:
-    """Sends one pre-serialised request's bytes; replies stay unparsed."""
+    """Sends one pre-serialised request's bytes; replies stay unparsed. ``timeout`` None: no per-call deadline."""
 
     def __init__(
-        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+        self,
+        target: str,
+        signature: ModelSignature,
+        arrays: dict[str, Array],
+        timeout: float | None,
+        metadata: Metadata = (),
     ) -> None:
-        self._metadata = metadata or None
         self._payload = build_infer_request(signature, arrays).SerializeToString()
         self._timeout = timeout
+        self._metadata = metadata or None
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._call = self._channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
 
@@ -108,7 +123,12 @@ class TritonClient:
     """Sends through ``tritonclient.grpc.aio``, building its inputs on every call."""
 
     def __init__(
-        self, target: str, signature: ModelSignature, arrays: dict[str, Array], timeout: float, metadata: Metadata = ()
+        self,
+        target: str,
+        signature: ModelSignature,
+        arrays: dict[str, Array],
+        timeout: float | None,
+        metadata: Metadata = (),
     ) -> None:
         from tritonclient.grpc import aio as triton_aio  # type: ignore[import-untyped,unused-ignore]
 
@@ -143,17 +163,64 @@ class TritonClient:
         await self._client.close()
 
 
+class SdkClient:
+    """Sends through ``infergate_client.AsyncClient``, encoding inputs and decoding outputs on every call.
+
+    The SDK always sends a deadline: ``timeout`` None falls back to its default.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        signature: ModelSignature,
+        arrays: dict[str, Array],
+        timeout: float | None,
+        metadata: Metadata = (),
+    ) -> None:
+        retry = RetryPolicy(max_attempts=1)
+        self._client = (
+            AsyncClient(target, metadata=metadata, retry=retry)
+            if timeout is None
+            else AsyncClient(target, timeout=timeout, metadata=metadata, retry=retry)
+        )
+        self._model = signature.name
+        self._arrays = arrays
+
+    async def _infer(self) -> dict[str, Array]:
+        try:
+            return await self._client.infer(self._model, self._arrays)
+        except InferGateError as exc:
+            raise CallFailed(exc.code.name if exc.code else "UNKNOWN", exc.details) from None
+
+    async def first(self) -> pb.ModelInferResponse:
+        # Re-encode what the SDK decoded, so the reply check also covers the SDK's decoding.
+        reply = pb.ModelInferResponse(model_name=self._model)
+        for name, array in (await self._infer()).items():
+            datatype = datatype_of(array)
+            reply.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            reply.raw_output_contents.append(tensor_bytes(datatype, array))
+        return reply
+
+    async def send(self) -> None:
+        await self._infer()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
 def open_client(
     kind: str,
     target: str,
     signature: ModelSignature,
     arrays: dict[str, Array],
-    timeout: float,
+    timeout: float | None,
     metadata: Metadata = (),
 ) -> Client:
-    """A ``raw`` or ``tritonclient`` client for ``signature``'s model at ``target``, sending ``metadata``."""
+    """A ``raw``, ``tritonclient`` or ``sdk`` client for ``signature``'s model at ``target``."""
     if kind == "raw":
         return RawClient(target, signature, arrays, timeout, metadata)
     if kind == "tritonclient":
         return TritonClient(target, signature, arrays, timeout, metadata)
-    raise ValueError(f"unknown client {kind!r}: use raw or tritonclient")
+    if kind == "sdk":
+        return SdkClient(target, signature, arrays, timeout, metadata)
+    raise ValueError(f"unknown client {kind!r}: use raw, tritonclient or sdk")

@@ -1,41 +1,56 @@
-"""The closed-loop generator: N requests always in flight for a fixed time.
+"""Runs one load measurement (closed or open loop) over one or several generator processes.
 
 Timeline of one run, per generator process::
 
-    ModelMetadata -> one validated request -> [warm-up | measurement window] -> drain
+    ModelMetadata -> one validated request per model -> [warm-up | measurement window] -> drain
 
-Each of the N in-flight slots is a task that sends a request, waits for the reply
-and immediately sends the next. A request counts only if it *completes* inside
-the measurement window ``[warmup, warmup + duration]``; after the window no new
-request is sent, and the ones in flight finish within the per-call deadline.
-Generator CPU time (``time.process_time``, all threads of the process) is sampled
-at the window's edges.
+The loops themselves (and what counts as measured) are in ``loops``. A run is
+time-limited (``duration``) or count-limited (``requests``: the window ends at
+the N-th measured request). The model may be a weighted mix
+(``"mlp:3,matmul16:1"``): each request picks one at random by weight. Inputs are
+random tensors of the model's metadata shapes, or arrays from ``.npy`` files.
+Generator CPU time (``time.process_time``, all threads) is sampled at the
+window's edges.
 
-With ``processes = K`` the concurrency is split over K spawned processes, each
-with its own channel and event loop. They validate their first reply, report
-ready, and start their clocks together on one event; their latencies are merged
-before percentiles are taken.
+With ``processes = K`` the concurrency, rate and request count are split over K
+spawned processes, each with its own channel and event loop. They validate
+their first reply, report ready, and start their clocks together on one event;
+their latencies are merged before percentiles are taken.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import queue
+import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .clients import CallFailed, Client, fetch_signature, open_client
-from .payloads import InvalidResponse, random_inputs, validate_response
+from .clients import CallFailed, Client, auth_metadata, fetch_signature, open_client
+from .loops import Tally, Window, closed_loop, cpu_in_window, open_loop, show_progress
+from .mix import Mix, parse_mix
+from .payloads import InvalidResponse, load_inputs, validate_response
 from .report import LoadResult, summarize_load
 from .signature import ModelSignature
 
-__all__ = ["CLIENTS", "GeneratorError", "LoadConfig", "run_closed_loop", "split_concurrency"]
+__all__ = [
+    "CLIENTS",
+    "MODES",
+    "GeneratorError",
+    "LoadConfig",
+    "parse_mix",
+    "run_closed_loop",
+    "run_load",
+    "split_concurrency",
+]
 
-CLIENTS = ("raw", "tritonclient")
+CLIENTS = ("raw", "tritonclient", "sdk")
+MODES = ("closed", "open")
 _READY_TIMEOUT_S = 60.0  # spawning, importing and the first request of every process
 _DRAIN_GRACE_S = 5.0
 
@@ -46,7 +61,13 @@ class GeneratorError(Exception):
 
 @dataclass(frozen=True)
 class LoadConfig:
-    """One closed-loop run. ``timeout`` is the per-call deadline in seconds."""
+    """One run. ``timeout`` is the per-call deadline in seconds; ``rate`` (req/s) is for open loop.
+
+    ``requests`` makes the run count-limited (``duration`` is then ignored);
+    ``inputs`` maps input names to ``.npy`` files; ``token`` is sent as a bearer token.
+    ``deadline`` False sends calls without a gRPC deadline, as perf_analyzer does
+    (``timeout`` still bounds the run); the ``sdk`` client always sends one.
+    """
 
     target: str
     model: str
@@ -59,31 +80,41 @@ class LoadConfig:
     timeout: float = 10.0
     seed: int = 0
     label: str = ""
-    headers: tuple[tuple[str, str], ...] = ()  # gRPC metadata on every call (e.g. a bearer token)
+    mode: str = "closed"
+    rate: float = 0.0
+    requests: int | None = None
+    token: str = ""
+    inputs: tuple[tuple[str, str], ...] = ()
+    max_in_flight: int = 10_000
+    progress: bool = False
+    deadline: bool = True
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.concurrency < 1 or self.processes < 1:
             raise ValueError("batch, concurrency and processes must be at least 1")
-        if self.processes > self.concurrency:
+        if self.mode == "closed" and self.processes > self.concurrency:
             raise ValueError(f"{self.processes} processes cannot share {self.concurrency} in flight")
         if self.duration <= 0 or self.warmup < 0 or self.timeout <= 0:
             raise ValueError("duration and timeout must be > 0, warmup >= 0")
         if self.client not in CLIENTS:
             raise ValueError(f"client must be one of {', '.join(CLIENTS)}")
-
-
-@dataclass(frozen=True)
-class _Window:
-    start: float  # time.perf_counter() values
-    end: float
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if self.mode == "open" and not self.rate > 0:
+            raise ValueError("an open-loop run needs a rate > 0 requests/s")
+        if self.requests is not None and self.requests < self.processes:
+            raise ValueError(f"{self.requests} requests cannot be split over {self.processes} processes")
+        parse_mix(self.model)
 
 
 @dataclass
 class _WorkerResult:
     latencies_s: list[float]
     errors: dict[str, int]
+    lags_s: list[float]
     cpu_s: float
     cpu_span_s: float
+    window_s: float
     response: str
 
 
@@ -93,41 +124,53 @@ def split_concurrency(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-async def _closed_loop(
-    send: Callable[[], Awaitable[None]],
-    window: _Window,
-    latencies: list[float],
-    errors: Counter[str],
-) -> None:
-    clock = time.perf_counter
-    while (started := clock()) < window.end:
-        try:
-            await send()
-        except CallFailed as exc:
-            if window.start <= clock() <= window.end:
-                errors[exc.code] += 1
-            continue
-        done = clock()
-        if window.start <= done <= window.end:
-            latencies.append(done - started)
+@dataclass(frozen=True)
+class _Share:
+    """One process's part of the run."""
+
+    index: int
+    concurrency: int
+    rate: float
+    requests: int | None
 
 
-async def _cpu_in_window(window: _Window) -> tuple[float, float]:
-    """(CPU seconds of this process, wall seconds) between the window's edges."""
-    await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
-    return time.process_time() - cpu0, time.perf_counter() - wall0
+def _shares(config: LoadConfig) -> list[_Share]:
+    k = config.processes
+    concurrency = split_concurrency(config.concurrency, k) if config.mode == "closed" else [1] * k
+    counts = split_concurrency(config.requests, k) if config.requests is not None else [None] * k
+    return [_Share(i, concurrency[i], config.rate / k, counts[i]) for i in range(k)]
 
 
-async def _measure(client: Client, config: LoadConfig, concurrency: int, response: str) -> _WorkerResult:
+async def _measure(send: Callable[[], Any], config: LoadConfig, share: _Share) -> _WorkerResult:
     now = time.perf_counter()
-    window = _Window(now + config.warmup, now + config.warmup + config.duration)
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    cpu = asyncio.create_task(_cpu_in_window(window))
-    loops = [asyncio.create_task(_closed_loop(client.send, window, latencies, errors)) for _ in range(concurrency)]
-    bound = config.warmup + config.duration + config.timeout + _DRAIN_GRACE_S
+    start = now + config.warmup
+    window = Window(start, start + config.duration if share.requests is None else math.inf, share.requests)
+    tally = Tally([], Counter())
+    cpu = asyncio.create_task(cpu_in_window(window))
+    if config.mode == "closed":
+        loops = [asyncio.create_task(closed_loop(send, window, tally)) for _ in range(share.concurrency)]
+    else:
+        seed = config.seed * 1000 + share.index
+        loops = [asyncio.create_task(open_loop(send, window, share.rate, tally, seed, config.max_in_flight))]
+    progress = None
+    if config.progress and share.index == 0:
+        label = config.label or config.model + (f" (process 1 of {config.processes})" if config.processes > 1 else "")
+        duration = config.duration if share.requests is None else None
+        progress = asyncio.create_task(show_progress(window, tally, label, duration))
+    try:
+        await _wait_loops(loops, config, window)
+    finally:
+        if progress is not None:
+            progress.cancel()
+            sys.stderr.write("\n")
+    cpu_s, span_s = await cpu
+    return _WorkerResult(tally.latencies, dict(tally.errors), tally.lags, cpu_s, span_s, window.end - window.start, "")
+
+
+async def _wait_loops(loops: list[asyncio.Task[None]], config: LoadConfig, window: Window) -> None:
+    # A count-limited window has no fixed end: bound it by the per-call deadline after each request, roughly.
+    budget = config.duration if window.limit is None else window.limit * config.timeout
+    bound = config.warmup + budget + config.timeout + _DRAIN_GRACE_S
     # asyncio.wait, not gather: on cancellation the tasks stay owned by asyncio.run,
     # which cancels and reaps them without "exception never retrieved" noise.
     done, pending = await asyncio.wait(loops, timeout=bound)
@@ -138,47 +181,49 @@ async def _measure(client: Client, config: LoadConfig, concurrency: int, respons
         raise GeneratorError(f"requests still in flight {bound:.0f}s after the start")
     for task in done:
         task.result()  # re-raise an unexpected error of a loop
-    cpu_s, span_s = await cpu
-    return _WorkerResult(latencies, dict(errors), cpu_s, span_s, response)
 
 
 async def _worker(
-    config: LoadConfig, signature: ModelSignature, concurrency: int, on_ready: Callable[[], None]
+    config: LoadConfig, signatures: dict[str, ModelSignature], share: _Share, on_ready: Callable[[], None]
 ) -> _WorkerResult:
-    arrays = random_inputs(signature, config.batch, config.seed)
-    client = open_client(config.client, config.target, signature, arrays, config.timeout, config.headers)
+    metadata = auth_metadata(config.token)
+    clients: list[Client] = []
+    summaries = []
     try:
-        try:
-            response = validate_response(await client.first(), signature, config.batch)
-        except (CallFailed, InvalidResponse) as exc:
-            raise GeneratorError(f"first ModelInfer of {config.model!r}: {exc}") from None
+        for name, _ in parse_mix(config.model):
+            signature = signatures[name]
+            arrays = load_inputs(signature, config.batch, dict(config.inputs), config.seed)
+            timeout = config.timeout if config.deadline else None
+            clients.append(open_client(config.client, config.target, signature, arrays, timeout, metadata))
+            batch = next(iter(arrays.values())).shape[0] if signature.batched else config.batch
+            try:
+                summaries.append(validate_response(await clients[-1].first(), signature, batch))
+            except (CallFailed, InvalidResponse) as exc:
+                raise GeneratorError(f"first ModelInfer of {name!r}: {exc}") from None
         on_ready()
-        return await _measure(client, config, concurrency, response)
+        mix = Mix(clients, [w for _, w in parse_mix(config.model)], config.seed + share.index)
+        result = await _measure(mix.send, config, share)
+        result.response = "; ".join(summaries)
+        return result
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()
 
 
-def _child(
-    index: int,
-    config: LoadConfig,
-    signature: ModelSignature,
-    concurrency: int,
-    messages: Any,
-    start: Any,
-) -> None:
+def _child(config: LoadConfig, signatures: dict[str, ModelSignature], share: _Share, messages: Any, start: Any) -> None:
     """Body of one generator process: reports ('ready'|'result'|'error', index, payload)."""
 
     def ready() -> None:
-        messages.put(("ready", index, None))
+        messages.put(("ready", share.index, None))
         if not start.wait(_READY_TIMEOUT_S):
             raise GeneratorError("no start signal from the parent")
 
     try:
-        result = asyncio.run(_worker(config, signature, concurrency, ready))
+        result = asyncio.run(_worker(config, signatures, share, ready))
     except BaseException as exc:  # reported to the parent, which raises it
-        messages.put(("error", index, f"{type(exc).__name__}: {exc}"))
+        messages.put(("error", share.index, f"{type(exc).__name__}: {exc}"))
         return
-    messages.put(("result", index, result))
+    messages.put(("result", share.index, result))
 
 
 def _collect(messages: Any, kind: str, count: int, timeout: float) -> dict[int, Any]:
@@ -196,21 +241,22 @@ def _collect(messages: Any, kind: str, count: int, timeout: float) -> dict[int, 
     return received
 
 
-def _run_processes(config: LoadConfig, signature: ModelSignature) -> list[_WorkerResult]:
+def _run_processes(config: LoadConfig, signatures: dict[str, ModelSignature]) -> list[_WorkerResult]:
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     start = context.Event()
-    shares = split_concurrency(config.concurrency, config.processes)
+    shares = _shares(config)
     processes = [
-        context.Process(target=_child, args=(i, config, signature, share, messages, start), daemon=True)
-        for i, share in enumerate(shares)
+        context.Process(target=_child, args=(config, signatures, share, messages, start), daemon=True)
+        for share in shares
     ]
     try:
         for process in processes:
             process.start()
         _collect(messages, "ready", len(processes), _READY_TIMEOUT_S)
         start.set()
-        bound = config.warmup + config.duration + config.timeout + 2 * _DRAIN_GRACE_S
+        budget = config.duration if config.requests is None else config.requests * config.timeout
+        bound = config.warmup + budget + config.timeout + 2 * _DRAIN_GRACE_S
         results = _collect(messages, "result", len(processes), bound)
         return [results[i] for i in range(len(processes))]
     finally:
@@ -230,31 +276,47 @@ def _merge(config: LoadConfig, workers: list[_WorkerResult]) -> LoadResult:
         model=config.model,
         client=config.client,
         batch=config.batch,
-        concurrency=config.concurrency,
+        concurrency=config.concurrency if config.mode == "closed" else 0,
         processes=config.processes,
         warmup_s=config.warmup,
-        duration_s=config.duration,
+        duration_s=max(worker.window_s for worker in workers),
         latencies_s=[lat for worker in workers for lat in worker.latencies_s],
+        lags_s=[lag for worker in workers for lag in worker.lags_s],
         errors=dict(errors),
         cpu_s=sum(worker.cpu_s for worker in workers),
         cpu_span_s=max(worker.cpu_span_s for worker in workers),
         response=workers[0].response,
         label=config.label,
+        mode=config.mode,
+        rate=config.rate if config.mode == "open" else math.nan,
+        deadline=config.deadline,
     )
 
 
-def run_closed_loop(config: LoadConfig) -> LoadResult:
-    """Run one closed-loop measurement; raises GeneratorError if it cannot be done.
+async def _signatures(config: LoadConfig) -> dict[str, ModelSignature]:
+    metadata = auth_metadata(config.token)
+    signatures = {}
+    for name, _ in parse_mix(config.model):
+        try:
+            signatures[name] = await fetch_signature(config.target, name, config.timeout, metadata)
+        except CallFailed as exc:
+            raise GeneratorError(f"ModelMetadata({name!r}) at {config.target}: {exc}") from None
+    return signatures
+
+
+def run_load(config: LoadConfig) -> LoadResult:
+    """Run one measurement; raises GeneratorError if it cannot be done.
 
     Calls ModelMetadata first to learn the inputs, then runs in this process
     (``processes == 1``) or in ``processes`` spawned ones.
     """
-    try:
-        signature = asyncio.run(fetch_signature(config.target, config.model, config.timeout, config.headers))
-    except CallFailed as exc:
-        raise GeneratorError(f"ModelMetadata({config.model!r}) at {config.target}: {exc}") from None
+    signatures = asyncio.run(_signatures(config))
     if config.processes == 1:
-        workers = [asyncio.run(_worker(config, signature, config.concurrency, lambda: None))]
+        share = _shares(config)[0]
+        workers = [asyncio.run(_worker(config, signatures, share, lambda: None))]
     else:
-        workers = _run_processes(config, signature)
+        workers = _run_processes(config, signatures)
     return _merge(config, workers)
+
+
+run_closed_loop = run_load  # its name before open loop existed; the suite and other scripts import it

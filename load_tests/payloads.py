@@ -23,6 +23,7 @@ __all__ = [
     "InvalidResponse",
     "build_infer_request",
     "build_infer_response",
+    "load_inputs",
     "random_inputs",
     "tensor_bytes",
     "validate_response",
@@ -52,6 +53,18 @@ def random_inputs(signature: ModelSignature, batch: int, seed: int = 0) -> dict[
     """One random array per input, shaped by ``concrete_shape(batch)``; same seed, same data."""
     rng = np.random.default_rng(seed)
     return {spec.name: _random_array(spec, batch, rng) for spec in signature.inputs}
+
+
+def load_inputs(signature: ModelSignature, batch: int, files: dict[str, str], seed: int = 0) -> dict[str, Array]:
+    """Random inputs, except those named in ``files`` (input name -> ``.npy`` path), read as saved.
+
+    Names in ``files`` that the model does not have are ignored (a mix of models may share one list).
+    """
+    arrays = random_inputs(signature, batch, seed)
+    for spec in signature.inputs:
+        if spec.name in files:
+            arrays[spec.name] = np.load(files[spec.name], allow_pickle=spec.datatype == BYTES)
+    return arrays
 
 
 def tensor_bytes(datatype: str, array: Array) -> bytes:

@@ -8,6 +8,7 @@ Figures that cannot be computed (no successful request) are NaN in Python and
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -22,15 +23,17 @@ __all__ = [
     "LoadResult",
     "format_load_table",
     "markdown_table",
+    "read_results",
     "summarize_load",
     "to_jsonable",
+    "write_csv",
     "write_json",
 ]
 
 
 @dataclass(frozen=True)
 class LoadResult:
-    """One closed-loop run. ``requests`` counts successes completed inside the window."""
+    """One run. ``requests`` counts successes measured inside the window (see ``loops``)."""
 
     target: str
     model: str
@@ -53,6 +56,10 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     response: str = ""
     label: str = ""
+    mode: str = "closed"
+    rate: float = math.nan  # requests/s asked for (open loop); ``concurrency`` is 0 then
+    send_lag_p99_ms: float = math.nan  # open loop: how late the 99th-percentile request left its intended time
+    deadline: bool = True  # whether each call carried a gRPC deadline
 
     @property
     def error_count(self) -> int:
@@ -83,10 +90,14 @@ def summarize_load(
     cpu_span_s: float,
     response: str,
     label: str = "",
+    mode: str = "closed",
+    rate: float = math.nan,
+    lags_s: Sequence[float] = (),
+    deadline: bool = True,
 ) -> LoadResult:
     """Turn raw per-request latencies (seconds, in-window successes) into a LoadResult."""
     p50, p90, p99, mean, worst = _percentiles_ms(latencies_s)
-    rps = len(latencies_s) / duration_s
+    rps = len(latencies_s) / duration_s if duration_s > 0 else math.nan
     return LoadResult(
         target=target,
         model=model,
@@ -109,6 +120,10 @@ def summarize_load(
         errors=dict(sorted(errors.items())),
         response=response,
         label=label,
+        mode=mode,
+        rate=rate,
+        send_lag_p99_ms=float(np.percentile(lags_s, 99)) * 1000.0 if len(lags_s) else math.nan,
+        deadline=deadline,
     )
 
 
@@ -121,7 +136,9 @@ _LOAD_COLUMNS = (
     ("model", "<", lambda r: r.model),
     ("client", "<", lambda r: r.client),
     ("batch", ">", lambda r: str(r.batch)),
-    ("conc", ">", lambda r: str(r.concurrency)),
+    ("mode", "<", lambda r: r.mode),
+    ("conc", ">", lambda r: str(r.concurrency) if r.mode == "closed" else "-"),
+    ("rate", ">", lambda r: f"{r.rate:,.0f}" if r.mode == "open" else "-"),
     ("procs", ">", lambda r: str(r.processes)),
     ("req/s", ">", lambda r: f"{r.requests_per_s:,.0f}"),
     ("samples/s", ">", lambda r: f"{r.samples_per_s:,.0f}"),
@@ -129,6 +146,7 @@ _LOAD_COLUMNS = (
     ("p90 ms", ">", lambda r: f"{r.p90_ms:.3f}"),
     ("p99 ms", ">", lambda r: f"{r.p99_ms:.3f}"),
     ("errors", ">", lambda r: _errors_text(r.errors)),
+    ("lag p99", ">", lambda r: "-" if math.isnan(r.send_lag_p99_ms) else f"{r.send_lag_p99_ms:.3f}"),
     ("gen cpu s", ">", lambda r: f"{r.generator_cpu_s:.2f}"),
     ("gen cpu %", ">", lambda r: f"{r.generator_cpu_pct:.0f}"),
 )
@@ -186,3 +204,33 @@ def write_json(path: pathlib.Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_jsonable(payload), indent=2, allow_nan=False)
     path.write_text(text + "\n", encoding="utf-8")
+
+
+_FIELDS = [f.name for f in dataclasses.fields(LoadResult)]
+
+
+def write_csv(path: pathlib.Path, results: Sequence[LoadResult]) -> None:
+    """One row per run, one column per LoadResult field; errors as ``CODE=count,...``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(_FIELDS)
+        for result in results:
+            row = to_jsonable(result)
+            row["errors"] = _errors_text(result.errors) if result.errors else ""
+            writer.writerow(["" if row[name] is None else row[name] for name in _FIELDS])
+
+
+def _result_from(item: dict[str, Any]) -> LoadResult:
+    known: dict[str, Any] = {k: (math.nan if v is None else v) for k, v in item.items() if k in _FIELDS}
+    return LoadResult(**known)
+
+
+def read_results(path: pathlib.Path) -> list[LoadResult]:
+    """The runs in a JSON file written by ``closed``/``open`` (one run, a list, or ``{"runs": [...]}``)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    items = data.get("runs", [data]) if isinstance(data, dict) else data
+    try:
+        return [_result_from(item) for item in items]
+    except TypeError as exc:
+        raise ValueError(f"{path}: not a load_tests result file ({exc})") from None

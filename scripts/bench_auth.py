@@ -3,7 +3,7 @@
 
 Starts ``infergate serve`` on loopback twice per round (auth off, then RS256
 JWT auth on, alternating which goes first), drives each with the load harness
-(``python -m load_tests closed``, the token sent with ``--header``), and prints
+(``python -m load_tests closed``, the token sent with ``--token``), and prints
 the harness's tables plus two comparisons: throughput, and the server's own
 CPU time per answered request (from /proc and ModelStatistics), which a busy
 shared machine disturbs far less than throughput. Run from the repository root:
@@ -81,12 +81,12 @@ def _load(args: argparse.Namespace, label: str, token: str | None, out: Path) ->
         *("--model", args.model, "--concurrency", str(args.concurrency), "--duration", str(args.duration)),
         *("--label", label, "--json", str(out)),
     ]
-    shown = " ".join(command) + (" --header 'authorization=Bearer $TOKEN'" if token else "")
+    shown = " ".join(command) + (" --token $TOKEN" if token else "")
     print(f"$ {shown}", flush=True)
-    extra = ["--header", f"authorization=Bearer {token}"] if token else []
+    extra = ["--token", token] if token else []
     subprocess.run([sys.executable, *command[1:], *extra], check=True)
-    result: dict[str, object] = json.loads(out.read_text())
-    return result
+    (result,) = json.loads(out.read_text())["runs"]
+    return dict(result)
 
 
 def main() -> int:

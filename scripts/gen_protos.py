@@ -2,8 +2,11 @@
 
 Usage: python scripts/gen_protos.py
 
-The generated modules land in server/infergate/_proto/ and are never edited by
-hand. tests/test_proto.py fails when they no longer match proto/.
+One run writes the same generated modules to every folder in OUT_DIRS: the
+server's server/infergate/_proto/ and the client SDK's
+clients/python/infergate_client/_proto/ (the SDK installs on its own, so it
+carries its own copy). They are never edited by hand. tests/test_proto.py
+fails when either no longer matches proto/.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "server" / "infergate" / "_proto"
+CLIENT_OUT_DIR = ROOT / "clients" / "python" / "infergate_client" / "_proto"
+OUT_DIRS = [OUT_DIR, CLIENT_OUT_DIR]
 PROTOS = ["model_config.proto", "grpc_service.proto", "infergate_admin.proto"]
 INIT = '''"""Generated from proto/ by scripts/gen_protos.py. Do not edit."""
 
@@ -61,4 +66,5 @@ def generate(out_dir: Path = OUT_DIR) -> None:
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT_DIR)
+    for target in [Path(arg) for arg in sys.argv[1:]] or OUT_DIRS:
+        generate(target)

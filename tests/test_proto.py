@@ -7,8 +7,9 @@ with the same request/response types and streaming flags. Triton has more (share
 memory, tracing, ...); we may define less, never something different.
 
 (2) Staleness. ``scripts/gen_protos.py`` is run into a temporary directory and the
-result must equal the checked-in ``server/infergate/_proto`` — so editing
-``proto/`` without regenerating fails here. A modified copy of ``proto/`` is
+result must equal the checked-in ``server/infergate/_proto`` and the client SDK's
+``clients/python/infergate_client/_proto`` — so editing ``proto/`` without
+regenerating fails here. A modified copy of ``proto/`` is
 generated too, to show the check does notice a change.
 """
 
@@ -38,6 +39,9 @@ from infergate._proto import grpc_service_pb2, model_config_pb2
 ROOT = Path(__file__).resolve().parent.parent
 GEN_SCRIPT = ROOT / "scripts" / "gen_protos.py"
 CHECKED_IN = ROOT / "server" / "infergate" / "_proto"
+CLIENT_CHECKED_IN = ROOT / "clients" / "python" / "infergate_client" / "_proto"
+# Every checked-in copy of the generated code: the server's and the client SDK's.
+COPIES = [pytest.param(CHECKED_IN, id="server"), pytest.param(CLIENT_CHECKED_IN, id="client")]
 PROTO_DIR = ROOT / "proto"
 
 # (ours, tritonclient's) for each .proto file.
@@ -249,23 +253,40 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_generator_writes_exactly_the_checked_in_files(fresh: Path) -> None:
     assert GENERATED_FILES, "nothing checked in under server/infergate/_proto"
     assert sorted(p.name for p in fresh.iterdir() if p.is_file()) == GENERATED_FILES
+    client_files = sorted(p.name for p in CLIENT_CHECKED_IN.iterdir() if p.is_file() and p.suffix in {".py", ".pyi"})
+    assert client_files == GENERATED_FILES, "clients/python/infergate_client/_proto lacks or adds files"
 
 
+def test_one_generator_run_writes_the_server_and_the_client_copies() -> None:
+    assert _load_generator().OUT_DIRS == [CHECKED_IN, CLIENT_CHECKED_IN]
+
+
+def test_the_client_sdk_uses_its_own_copy_with_its_own_descriptor_pool() -> None:
+    from infergate._proto import POOL as server_pool
+    from infergate_client._proto import POOL as client_pool
+    from infergate_client._proto import grpc_service_pb2 as client_pb2
+
+    assert client_pb2.DESCRIPTOR.pool is client_pool and client_pool is not server_pool
+    assert client_pb2.DESCRIPTOR.serialized_pb == grpc_service_pb2.DESCRIPTOR.serialized_pb
+
+
+@pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("module", ["grpc_service_pb2", "model_config_pb2"])
-def test_checked_in_descriptors_equal_freshly_generated_ones(fresh: Path, module: str) -> None:
-    installed = {"grpc_service_pb2": grpc_service_pb2, "model_config_pb2": model_config_pb2}[module]
+def test_checked_in_descriptors_equal_freshly_generated_ones(fresh: Path, copy: Path, module: str) -> None:
+    installed = _import_generated(copy)[module]
     regenerated = _import_generated(fresh)[module]
     assert regenerated.DESCRIPTOR.serialized_pb == installed.DESCRIPTOR.serialized_pb, (
-        f"server/infergate/_proto/{module}.py is stale: run `python scripts/gen_protos.py`"
+        f"{copy.relative_to(ROOT)}/{module}.py is stale: run `make protos`"
     )
 
 
+@pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("name", GENERATED_FILES)
-def test_checked_in_file_text_equals_freshly_generated_text(fresh: Path, name: str) -> None:
+def test_checked_in_file_text_equals_freshly_generated_text(fresh: Path, copy: Path, name: str) -> None:
     # Catches hand edits of generated code (the stubs, the .pyi, the private pool) too.
-    assert _without_version_stamps((CHECKED_IN / name).read_text()) == _without_version_stamps(
-        (fresh / name).read_text()
-    ), f"server/infergate/_proto/{name} differs from what scripts/gen_protos.py generates"
+    assert _without_version_stamps((copy / name).read_text()) == _without_version_stamps((fresh / name).read_text()), (
+        f"{copy.relative_to(ROOT)}/{name} differs from what scripts/gen_protos.py generates"
+    )
 
 
 def test_the_staleness_check_notices_an_edited_proto(tmp_path: Path, fresh: Path) -> None:

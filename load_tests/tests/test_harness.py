@@ -117,7 +117,7 @@ def ceiling_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield target
 
 
-@pytest.mark.parametrize(("client", "processes"), [("raw", 1), ("tritonclient", 1), ("raw", 2)])
+@pytest.mark.parametrize(("client", "processes"), [("raw", 1), ("tritonclient", 1), ("sdk", 1), ("raw", 2)])
 def test_closed_loop_against_the_ceiling(ceiling_target: str, client: str, processes: int) -> None:
     config = LoadConfig(
         target=ceiling_target, model="matmul16", batch=2, concurrency=4, duration=0.5,

@@ -1,0 +1,240 @@
+/**
+ * A TypeScript client for infergate and any Open Inference Protocol (KServe V2) gRPC server.
+ *
+ * The service comes from the repository's `proto/grpc_service.proto`, loaded at run time with
+ * `@grpc/proto-loader` (one source of truth with the server and the Python SDK). Tensors travel
+ * as raw little-endian bytes, the way infergate and Triton send and read them.
+ *
+ *   const client = new InferenceClient("127.0.0.1:8001", { token: "..." });
+ *   const out = await client.infer("matmul16", { x: { data: new Float32Array(16), shape: [1, 16] } });
+ *   out.y.data; // Float32Array
+ */
+import * as path from "path";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+
+export type TypedArray =
+  | Uint8Array
+  | Uint16Array
+  | Uint32Array
+  | BigUint64Array
+  | Int8Array
+  | Int16Array
+  | Int32Array
+  | BigInt64Array
+  | Float32Array
+  | Float64Array;
+
+/** BYTES tensors are arrays of Buffers (or strings on the way in); FP16 travels as raw Uint16Array bits. */
+export type TensorData = TypedArray | Array<Buffer | string>;
+
+export interface Tensor {
+  data: TensorData;
+  shape: number[];
+  /** V2 datatype; inferred from the typed array when left out (Uint8Array means UINT8, not BOOL). */
+  datatype?: string;
+}
+
+export interface OutputTensor {
+  data: TensorData;
+  shape: number[];
+  datatype: string;
+}
+
+export interface ClientOptions {
+  /** Default deadline of each call in milliseconds (default 30000): every call has one. */
+  deadlineMs?: number;
+  /** A bearer token, or a function returning one (called before each call: refresh it there). */
+  token?: string | (() => string | Promise<string>);
+  /** Metadata sent with every call, e.g. { "x-user-id": "alice" }. */
+  metadata?: Record<string, string>;
+  /** TLS credentials; plaintext when left out. */
+  credentials?: grpc.ChannelCredentials;
+  /** Folder holding grpc_service.proto (default: the repository's proto/). */
+  protoDir?: string;
+}
+
+export interface InferOptions {
+  outputs?: string[];
+  modelVersion?: string;
+  requestId?: string;
+  deadlineMs?: number;
+  metadata?: Record<string, string>;
+}
+
+export interface InferResult {
+  modelName: string;
+  modelVersion: string;
+  id: string;
+  outputs: Record<string, OutputTensor>;
+}
+
+/** A failed call: `code` is the gRPC status number, `codeName` its name (e.g. "INVALID_ARGUMENT"). */
+export class InferGateError extends Error {
+  constructor(
+    readonly code: number,
+    readonly codeName: string,
+    readonly details: string,
+  ) {
+    super(`${codeName}: ${details}`);
+    this.name = "InferGateError";
+  }
+}
+
+type ArrayCtor = { new (buffer: ArrayBuffer, offset: number, length: number): TypedArray; BYTES_PER_ELEMENT: number };
+
+const ARRAYS: Record<string, ArrayCtor> = {
+  BOOL: Uint8Array,
+  UINT8: Uint8Array,
+  UINT16: Uint16Array,
+  UINT32: Uint32Array,
+  UINT64: BigUint64Array,
+  INT8: Int8Array,
+  INT16: Int16Array,
+  INT32: Int32Array,
+  INT64: BigInt64Array,
+  FP16: Uint16Array,
+  FP32: Float32Array,
+  FP64: Float64Array,
+};
+
+const BY_CONSTRUCTOR = new Map<unknown, string>([
+  [Uint8Array, "UINT8"],
+  [Uint16Array, "UINT16"],
+  [Uint32Array, "UINT32"],
+  [BigUint64Array, "UINT64"],
+  [Int8Array, "INT8"],
+  [Int16Array, "INT16"],
+  [Int32Array, "INT32"],
+  [BigInt64Array, "INT64"],
+  [Float32Array, "FP32"],
+  [Float64Array, "FP64"],
+]);
+
+export function datatypeOf(tensor: Tensor): string {
+  if (tensor.datatype) return tensor.datatype;
+  if (Array.isArray(tensor.data)) return "BYTES";
+  const name = BY_CONSTRUCTOR.get(tensor.data.constructor);
+  if (!name) throw new TypeError(`no V2 datatype for ${tensor.data.constructor.name}`);
+  return name;
+}
+
+/** The raw wire bytes of one tensor: little-endian numbers, or 4-byte length-prefixed BYTES elements. */
+export function encodeTensor(tensor: Tensor): Buffer {
+  if (Array.isArray(tensor.data)) {
+    const parts: Buffer[] = [];
+    for (const item of tensor.data) {
+      const bytes = typeof item === "string" ? Buffer.from(item, "utf8") : item;
+      const length = Buffer.alloc(4);
+      length.writeUInt32LE(bytes.length);
+      parts.push(length, bytes);
+    }
+    return Buffer.concat(parts);
+  }
+  return Buffer.from(tensor.data.buffer, tensor.data.byteOffset, tensor.data.byteLength);
+}
+
+/** One raw output as a typed array (copied to an aligned buffer) or, for BYTES, an array of Buffers. */
+export function decodeTensor(datatype: string, shape: number[], raw: Buffer): TensorData {
+  const count = shape.reduce((a, b) => a * b, 1);
+  if (datatype === "BYTES") {
+    const items: Buffer[] = [];
+    let offset = 0;
+    for (let i = 0; i < count; i++) {
+      const length = raw.readUInt32LE(offset);
+      items.push(raw.subarray(offset + 4, offset + 4 + length));
+      offset += 4 + length;
+    }
+    return items;
+  }
+  const Ctor = ARRAYS[datatype];
+  if (!Ctor) throw new InferGateError(13, "INTERNAL", `unknown output datatype ${datatype}`);
+  if (raw.length !== count * Ctor.BYTES_PER_ELEMENT) {
+    throw new InferGateError(13, "INTERNAL", `${raw.length} bytes for ${datatype} shape [${shape}]`);
+  }
+  const aligned = new ArrayBuffer(raw.length);
+  new Uint8Array(aligned).set(raw);
+  return new Ctor(aligned, 0, count);
+}
+
+function defaultProtoDir(): string {
+  // dist/index.js -> clients/node -> clients -> repository root
+  return path.resolve(__dirname, "..", "..", "..", "proto");
+}
+
+type Unary = (request: object, metadata: grpc.Metadata, options: grpc.CallOptions, callback: grpc.requestCallback<any>) => void;
+
+export class InferenceClient {
+  private readonly stub: grpc.Client & Record<string, Unary>;
+  private readonly options: ClientOptions;
+
+  constructor(url: string, options: ClientOptions = {}) {
+    this.options = options;
+    const definition = protoLoader.loadSync("grpc_service.proto", {
+      includeDirs: [options.protoDir ?? defaultProtoDir()],
+      keepCase: true,
+      longs: Number,
+      defaults: true,
+      oneofs: true,
+    });
+    const loaded = grpc.loadPackageDefinition(definition) as any;
+    const Service = loaded.inference.GRPCInferenceService as grpc.ServiceClientConstructor;
+    const channelOptions = { "grpc.max_receive_message_length": -1, "grpc.max_send_message_length": -1 };
+    const credentials = options.credentials ?? grpc.credentials.createInsecure();
+    this.stub = new Service(url, credentials, channelOptions) as unknown as grpc.Client & Record<string, Unary>;
+  }
+
+  close(): void {
+    this.stub.close();
+  }
+
+  private async metadata(extra?: Record<string, string>): Promise<grpc.Metadata> {
+    const metadata = new grpc.Metadata();
+    for (const [key, value] of Object.entries({ ...this.options.metadata, ...extra })) metadata.set(key, value);
+    const token = this.options.token;
+    if (token !== undefined) {
+      metadata.set("authorization", `Bearer ${typeof token === "function" ? await token() : token}`);
+    }
+    return metadata;
+  }
+
+  private async call<T>(method: string, request: object, deadlineMs?: number, extra?: Record<string, string>): Promise<T> {
+    const metadata = await this.metadata(extra);
+    const deadline = Date.now() + (deadlineMs ?? this.options.deadlineMs ?? 30_000);
+    return new Promise<T>((resolve, reject) => {
+      this.stub[method](request, metadata, { deadline }, (error: grpc.ServiceError | null, reply: T) => {
+        if (error) reject(new InferGateError(error.code, grpc.status[error.code] ?? "UNKNOWN", error.details));
+        else resolve(reply);
+      });
+    });
+  }
+
+  async isServerReady(): Promise<boolean> {
+    return (await this.call<{ ready: boolean }>("ServerReady", {})).ready;
+  }
+
+  async isModelReady(model: string, version = ""): Promise<boolean> {
+    return (await this.call<{ ready: boolean }>("ModelReady", { name: model, version })).ready;
+  }
+
+  /** Run `model` on `inputs` (typed arrays by name); resolves to the outputs by name. */
+  async infer(model: string, inputs: Record<string, Tensor>, options: InferOptions = {}): Promise<InferResult> {
+    const names = Object.keys(inputs);
+    const request = {
+      model_name: model,
+      model_version: options.modelVersion ?? "",
+      id: options.requestId ?? "",
+      inputs: names.map((name) => ({ name, datatype: datatypeOf(inputs[name]), shape: inputs[name].shape })),
+      outputs: (options.outputs ?? []).map((name) => ({ name })),
+      raw_input_contents: names.map((name) => encodeTensor(inputs[name])),
+    };
+    const reply = await this.call<any>("ModelInfer", request, options.deadlineMs, options.metadata);
+    const outputs: Record<string, OutputTensor> = {};
+    reply.outputs.forEach((tensor: any, i: number) => {
+      const shape = tensor.shape.map(Number);
+      const data = decodeTensor(tensor.datatype, shape, reply.raw_output_contents[i]);
+      outputs[tensor.name] = { datatype: tensor.datatype, shape, data };
+    });
+    return { modelName: reply.model_name, modelVersion: reply.model_version, id: reply.id, outputs };
+  }
+}

@@ -1,0 +1,135 @@
+"""What ``Client`` and ``AsyncClient`` share: settings, per-call metadata, the retry decision.
+
+The two clients differ only in how they wait (``time.sleep`` or ``asyncio.sleep``)
+and which channel they open; every decision is made here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from ._calls import Call
+from .errors import ServerError
+from .options import Keepalive, RefreshingToken, RetryBudget, RetryPolicy, Tls, channel_options, resolve_target
+
+__all__ = ["DEFAULT_TIMEOUT_S", "ClientBase", "Metadata", "Token"]
+
+DEFAULT_TIMEOUT_S = 30.0
+Token = str | Callable[[], str]
+Metadata = Mapping[str, str] | Iterable[tuple[str, str]]
+
+
+def _check_timeout(timeout: float) -> None:
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"timeout {timeout!r}: must be a finite number of seconds > 0 (every call has a deadline)")
+
+
+def _pairs(metadata: Metadata | None) -> list[tuple[str, str]]:
+    if metadata is None:
+        return []
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    return [(str(key).lower(), str(value)) for key, value in items]
+
+
+class ClientBase:
+    """Settings and decisions shared by both clients.
+
+    ``url``: ``HOST:PORT``, a gRPC URI such as ``dns:///infergate-headless:8001``, or
+    several ``IP:PORT`` addresses (a list or comma-separated) to balance round-robin.
+    ``timeout``: the default deadline of each call in seconds, retries included.
+    ``token``: a bearer token, or a callable returning one (see ``RefreshingToken``).
+    ``metadata``: headers sent with every call (``x-user-id``, ``traceparent``...).
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        tls: Tls | None = None,
+        token: Token | None = None,
+        metadata: Metadata | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        retry_budget: RetryBudget | None = None,
+        keepalive: Keepalive | None = None,
+        channel_options: Sequence[tuple[str, str | int]] = (),
+    ) -> None:
+        _check_timeout(timeout)
+        self.target = resolve_target(url)
+        self._tls = tls
+        self._token = token
+        self._metadata = _pairs(metadata)
+        self._timeout = timeout
+        self._retry = retry or RetryPolicy()
+        self._budget = retry_budget or RetryBudget()
+        self._options = _channel_options_for(keepalive or Keepalive(), channel_options, tls)
+        self._rng = random.Random()
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        """Open the channel and stub (blocking or asyncio): the one thing each client does its own way."""
+        raise NotImplementedError
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        return self._tls.credentials() if self._tls is not None else None
+
+    def _token_needs_thread(self) -> bool:
+        """True when fetching the token may block (a RefreshingToken about to refresh)."""
+        return isinstance(self._token, RefreshingToken) and self._token.needs_refresh()
+
+    def _call_metadata(self, extra: Metadata | None) -> list[tuple[str, str]]:
+        """Client metadata, then the call's, then ``authorization`` from the token."""
+        pairs = self._metadata + _pairs(extra)
+        if self._token is not None:
+            token = self._token() if callable(self._token) else self._token
+            pairs.append(("authorization", f"Bearer {token}"))
+        return pairs
+
+    def _deadline(self, timeout: float | None) -> float:
+        if timeout is not None:
+            _check_timeout(timeout)
+        return time.monotonic() + (self._timeout if timeout is None else timeout)
+
+    def _retry_delay(self, error: grpc.RpcError, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up and raise.
+
+        Only UNAVAILABLE is retried (never INVALID_ARGUMENT, DEADLINE_EXCEEDED...),
+        within ``max_attempts``, the client's budget and the call's deadline.
+        """
+        code = error.code() if callable(getattr(error, "code", None)) else None
+        if code != grpc.StatusCode.UNAVAILABLE:
+            return None
+        if not self._budget.on_failure() or attempt >= self._retry.max_attempts:
+            return None
+        delay = self._retry.backoff(attempt, self._rng)
+        if time.monotonic() + delay >= deadline:
+            return None
+        if self._retry.on_retry is not None:
+            self._retry.on_retry(attempt, error)
+        return delay
+
+    def _succeeded(self, call: Call[Any], reply: Any) -> Any:
+        self._budget.on_success()
+        return _decode(call, reply)
+
+
+def _decode(call: Call[Any], reply: Any) -> Any:
+    try:
+        return call.decode(reply)
+    except ValueError as exc:
+        raise ServerError(f"{call.method} reply cannot be read: {exc}") from exc
+
+
+def _channel_options_for(
+    keepalive: Keepalive, extra: Sequence[tuple[str, str | int]], tls: Tls | None
+) -> list[tuple[str, str | int]]:
+    options = channel_options(keepalive, extra)
+    if tls is not None and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options

@@ -1,0 +1,192 @@
+"""``infergate-client``: poke a server from the shell.
+
+Exit codes:
+
+- 0: done (``health``: the server is live and ready);
+- 1: ``health`` got an answer, but the server (or the model) is not ready;
+- 2: bad command line or input file (nothing was sent);
+- 3: the server could not be reached in time (UNAVAILABLE, DEADLINE_EXCEEDED);
+- 4: the server refused or failed the call (NOT_FOUND, INVALID_ARGUMENT, UNAUTHENTICATED...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._calls import ModelMetadata, TensorMetadata
+from ._codec import DATATYPES, Array
+from .client import Client
+from .errors import DeadlineExceeded, InferGateError, Unavailable, Unimplemented
+from .options import Tls
+
+__all__ = ["build_parser", "main"]
+
+OK, NOT_READY, USAGE, UNREACHABLE, REFUSED = 0, 1, 2, 3, 4
+
+
+class UsageError(Exception):
+    """A bad argument or input file, found before anything was sent."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infergate-client",
+        description="Call an infergate (Open Inference Protocol / KServe V2 gRPC) server.",
+        epilog="Exit codes: 0 done; 1 not ready (health); 2 bad arguments or input; "
+        "3 server unreachable or too slow; 4 the server refused or failed the call.",
+    )
+    parser.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT, dns:///NAME:PORT or IP:PORT,IP:PORT")
+    parser.add_argument("--token", help="bearer token sent as 'authorization: Bearer TOKEN'")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="deadline per call (default 30)")
+    parser.add_argument("-H", "--header", action="append", default=[], metavar="KEY=VALUE", help="extra metadata")
+    tls = parser.add_argument_group("TLS (any of these turns TLS on)")
+    tls.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    tls.add_argument("--ca", type=Path, metavar="PEM", help="root certificates to trust")
+    tls.add_argument("--cert", type=Path, metavar="PEM", help="client certificate chain (mTLS, with --key)")
+    tls.add_argument("--key", type=Path, metavar="PEM", help="client private key (mTLS, with --cert)")
+    tls.add_argument("--server-name", help="name to check in the server's certificate")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    health = commands.add_parser("health", help="is the server (or a model) live and ready")
+    health.add_argument("--model", help="also check this model is ready")
+    commands.add_parser("models", help="list the models and their versions")
+    metadata = commands.add_parser("metadata", help="a model's inputs and outputs, as JSON")
+    metadata.add_argument("model")
+    metadata.add_argument("--model-version", default=None)
+    infer = commands.add_parser("infer", help="run a model once", description=_INFER_HELP)
+    infer.add_argument("model")
+    infer.add_argument("--input", "-i", action="append", default=[], metavar="NAME=@FILE.npy|NAME=JSON")
+    infer.add_argument("--output", "-o", action="append", default=[], metavar="NAME", help="only these outputs")
+    infer.add_argument("--output-dir", type=Path, metavar="DIR", help="write NAME.npy per output (default: print)")
+    infer.add_argument("--model-version", default=None)
+    infer.add_argument("--request-id", default="")
+    return parser
+
+
+_INFER_HELP = """Send one ModelInfer. Each --input is NAME=@FILE.npy (the array as saved) or
+NAME=JSON (nested lists, cast to the input's datatype from ModelMetadata), e.g.
+-i x='[[1,2,3]]'. Outputs are printed as JSON, or saved with --output-dir."""
+
+
+def _client(args: argparse.Namespace) -> Client:
+    headers = []
+    for item in args.header:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--header {item!r}: expected KEY=VALUE")
+        headers.append((key, value))
+    tls = None
+    if args.tls or args.ca or args.cert or args.key or args.server_name:
+        try:
+            tls = Tls(args.ca, args.key, args.cert, args.server_name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return Client(args.url, tls=tls, token=args.token, metadata=headers, timeout=args.timeout)
+
+
+def _cmd_health(client: Client, args: argparse.Namespace) -> int:
+    live, ready = client.is_server_live(), client.is_server_ready()
+    status = {"live": live, "ready": ready}
+    if args.model:
+        status[f"model {args.model} ready"] = client.is_model_ready(args.model)
+    print(json.dumps(status))
+    return OK if all(status.values()) else NOT_READY
+
+
+def _cmd_models(client: Client, args: argparse.Namespace) -> int:
+    try:
+        rows = [(m.name, m.version, m.state) for m in client.repository_index()]
+    except Unimplemented:  # servers without model control still list what they serve in their statistics
+        stats = client.model_statistics()
+        rows = [(s.name, s.version, "READY") for s in stats.model_stats]
+    for name, version, state in rows:
+        print(f"{name}\t{version or '-'}\t{state or '-'}")
+    return OK
+
+
+def _tensors(items: Sequence[TensorMetadata]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
+
+
+def _cmd_metadata(client: Client, args: argparse.Namespace) -> int:
+    meta = client.model_metadata(args.model, args.model_version)
+    body = {"name": meta.name, "versions": list(meta.versions), "platform": meta.platform}
+    print(json.dumps({**body, "inputs": _tensors(meta.inputs), "outputs": _tensors(meta.outputs)}, indent=2))
+    return OK
+
+
+def parse_input(text: str, metadata: ModelMetadata) -> tuple[str, Array]:
+    """``NAME=@FILE.npy`` or ``NAME=JSON`` as (name, array); JSON is cast to the input's datatype."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise UsageError(f"--input {text!r}: expected NAME=@FILE.npy or NAME=JSON")
+    if value.startswith("@"):
+        try:
+            return name, np.load(value[1:], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--input {name}: cannot read {value[1:]}: {exc}") from None
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--input {name}: not JSON ({exc})") from None
+    datatype = next((t.datatype for t in metadata.inputs if t.name == name), None)
+    if datatype is None:
+        raise UsageError(f"--input {name}: model {metadata.name!r} has no such input")
+    if datatype == "BYTES":
+        return name, np.array(data, dtype=object)
+    return name, np.array(data, dtype=DATATYPES[datatype])
+
+
+def _jsonable(value: Any) -> Any:
+    """An output as nested lists; BYTES elements as text."""
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value] if value.dtype == object else value.tolist()
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _cmd_infer(client: Client, args: argparse.Namespace) -> int:
+    if not args.input:
+        raise UsageError("infer needs at least one --input")
+    metadata = client.model_metadata(args.model, args.model_version)
+    inputs = dict(parse_input(text, metadata) for text in args.input)
+    result = client.infer(
+        args.model, inputs, outputs=args.output, model_version=args.model_version, request_id=args.request_id
+    )
+    if args.output_dir is None:
+        print(json.dumps({name: _jsonable(array) for name, array in result.items()}))
+        return OK
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for name, array in result.items():
+        path = args.output_dir / f"{name}.npy"
+        np.save(path, array, allow_pickle=array.dtype == object)
+        print(f"{name}: {array.dtype} {list(array.shape)} -> {path}")
+    return OK
+
+
+_COMMANDS = {"health": _cmd_health, "models": _cmd_models, "metadata": _cmd_metadata, "infer": _cmd_infer}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    try:
+        with _client(args) as client:
+            return _COMMANDS[args.command](client, args)
+    except UsageError as exc:
+        print(f"infergate-client: {exc}", file=sys.stderr)
+        return USAGE
+    except (Unavailable, DeadlineExceeded) as exc:
+        print(f"infergate-client: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    except InferGateError as exc:
+        print(f"infergate-client: {exc}", file=sys.stderr)
+        return REFUSED
+    except (OSError, ValueError) as exc:  # an unreadable PEM file, a malformed URL
+        print(f"infergate-client: {exc}", file=sys.stderr)
+        return USAGE

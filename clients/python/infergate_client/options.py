@@ -1,0 +1,214 @@
+"""Connection options: TLS, keepalive, retries and their budget, tokens, targets.
+
+Everything here is plain data or a pure function, shared by ``Client`` and
+``AsyncClient``; neither client has options of its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+__all__ = [
+    "Keepalive",
+    "RefreshingToken",
+    "RetryBudget",
+    "RetryPolicy",
+    "Tls",
+    "channel_options",
+    "resolve_target",
+]
+
+
+def _read(value: bytes | str | Path | None) -> bytes | None:
+    """PEM given as bytes, or as a path to a file."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS settings. ``root_certificates`` None trusts the system roots; key and chain together enable mTLS.
+
+    Each PEM may be bytes or a path. ``server_name`` overrides the name checked in
+    the server's certificate (a test CA, or an address that is not in the certificate).
+    """
+
+    root_certificates: bytes | str | Path | None = None
+    private_key: bytes | str | Path | None = None
+    certificate_chain: bytes | str | Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.private_key is None) != (self.certificate_chain is None):
+            raise ValueError("mTLS needs both private_key and certificate_chain")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            _read(self.root_certificates), _read(self.private_key), _read(self.certificate_chain)
+        )
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive pings: every ``time_s`` while calls are open, dropped after ``timeout_s`` unanswered.
+
+    Pings without open calls are off by default: servers refuse frequent idle pings.
+    """
+
+    time_s: float = 60.0
+    timeout_s: float = 20.0
+    permit_without_calls: bool = False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of calls that failed with UNAVAILABLE, and only those.
+
+    Attempt ``n`` (from 1) is followed by a pause of
+    ``min(max_backoff_s, initial_backoff_s * multiplier ** (n - 1))``, scaled by a
+    random factor in ``[1 - jitter, 1 + jitter]``; no pause runs past the call's
+    deadline. ``on_retry(attempt, error)`` is told of each retry (for logs or tests).
+    """
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    on_retry: Callable[[int, grpc.RpcError], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.initial_backoff_s < 0 or self.multiplier < 1 or not 0 <= self.jitter <= 1:
+            raise ValueError("max_attempts >= 1, initial_backoff_s >= 0, multiplier >= 1 and 0 <= jitter <= 1")
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """The pause after failed attempt ``attempt`` (1-based)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return base * rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+
+
+class RetryBudget:
+    """A client-wide token bucket that stops retry storms (gRPC's retry throttling rule).
+
+    It starts full at ``max_tokens``. Each UNAVAILABLE costs one token, each
+    success gives back ``token_ratio``; retries are allowed only while more than
+    half the tokens are left. Safe to share between threads.
+    """
+
+    def __init__(self, max_tokens: float = 10.0, token_ratio: float = 0.1) -> None:
+        if max_tokens <= 0 or token_ratio < 0:
+            raise ValueError("max_tokens must be > 0 and token_ratio >= 0")
+        self.max_tokens = max_tokens
+        self.token_ratio = token_ratio
+        self._tokens = max_tokens
+        self._lock = threading.Lock()
+
+    @property
+    def tokens(self) -> float:
+        return self._tokens
+
+    def on_success(self) -> None:
+        with self._lock:
+            self._tokens = min(self.max_tokens, self._tokens + self.token_ratio)
+
+    def on_failure(self) -> bool:
+        """Spend a token for a failure; True when a retry is still allowed."""
+        with self._lock:
+            self._tokens = max(0.0, self._tokens - 1.0)
+            return self._tokens > self.max_tokens / 2
+
+
+class RefreshingToken:
+    """A bearer token fetched by ``fetch() -> (token, expires_at_unix_s)`` and re-fetched ``leeway_s`` early.
+
+    Pass an instance as ``token=``. Calls use the cached token; ``fetch`` runs on
+    the first call and again once the token is within ``leeway_s`` of expiry.
+    ``AsyncClient`` runs ``fetch`` in a worker thread, so it may block.
+    """
+
+    def __init__(
+        self, fetch: Callable[[], tuple[str, float]], leeway_s: float = 30.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._fetch = fetch
+        self._leeway_s = leeway_s
+        self._clock = clock
+        self._token = ""
+        self._expires_at = -float("inf")
+        self._lock = threading.Lock()
+
+    def needs_refresh(self) -> bool:
+        return self._clock() >= self._expires_at - self._leeway_s
+
+    def refresh(self) -> str:
+        with self._lock:
+            if self.needs_refresh():  # another thread may have refreshed meanwhile
+                self._token, self._expires_at = self._fetch()
+            return self._token
+
+    def __call__(self) -> str:
+        return self.refresh() if self.needs_refresh() else self._token
+
+
+def _ip_target(address: str) -> tuple[str, str]:
+    """('ipv4'|'ipv6', normalised address) for an ``IP:PORT`` or ``[IPv6]:PORT`` string."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{address!r}: expected HOST:PORT")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ValueError(
+            f"{address!r}: a list of addresses takes IP:PORT; use one 'dns:///{address}' target "
+            "to balance over the addresses a name resolves to"
+        ) from None
+    return ("ipv4", f"{ip}:{port}") if ip.version == 4 else ("ipv6", f"[{ip}]:{port}")
+
+
+def resolve_target(url: str | Sequence[str]) -> str:
+    """The gRPC target for ``url``.
+
+    One ``HOST:PORT`` or a gRPC URI (``dns:///name:port``, ``unix:path``...) is used
+    as it is. Several addresses (a list, or one string with commas) must be IP
+    literals and become one ``ipv4:`` or ``ipv6:`` target that the round-robin
+    policy spreads calls over.
+    """
+    addresses = [a.strip() for a in url.split(",")] if isinstance(url, str) else [a.strip() for a in url]
+    addresses = [a for a in addresses if a]
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    parsed = [_ip_target(a) for a in addresses]
+    families = {family for family, _ in parsed}
+    if len(families) != 1:
+        raise ValueError("a list of addresses must be all IPv4 or all IPv6")
+    return f"{families.pop()}:{','.join(address for _, address in parsed)}"
+
+
+def channel_options(keepalive: Keepalive, extra: Sequence[tuple[str, str | int]] = ()) -> list[tuple[str, str | int]]:
+    """The channel arguments every client channel gets; ``extra`` entries win over the defaults."""
+    defaults: dict[str, str | int] = {
+        "grpc.lb_policy_name": "round_robin",
+        "grpc.max_receive_message_length": -1,
+        "grpc.max_send_message_length": -1,
+        "grpc.keepalive_time_ms": int(keepalive.time_s * 1000),
+        "grpc.keepalive_timeout_ms": int(keepalive.timeout_s * 1000),
+        "grpc.keepalive_permit_without_calls": int(keepalive.permit_without_calls),
+        # Reconnect soon after a refused connection, so retries can find a server that just came up.
+        "grpc.initial_reconnect_backoff_ms": 100,
+        "grpc.min_reconnect_backoff_ms": 100,
+        "grpc.max_reconnect_backoff_ms": 2000,
+        # This package retries UNAVAILABLE itself, with a budget; gRPC's own retries would multiply them.
+        "grpc.enable_retries": 0,
+    }
+    defaults.update(dict(extra))
+    return list(defaults.items())

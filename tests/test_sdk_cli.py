@@ -1,0 +1,99 @@
+"""``infergate-client``, run as a subprocess against a real server: output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ServerProcess
+
+from load_tests.servers import free_port
+
+CLI = Path(sys.executable).parent / "infergate-client"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_health_prints_live_and_ready_and_exits_0(demo_server: ServerProcess) -> None:
+    done = _run("--url", demo_server.url, "health", "--model", "mlp")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"live": True, "ready": True, "model mlp ready": True}
+
+
+def test_health_of_a_model_that_is_not_there_exits_1(demo_server: ServerProcess) -> None:
+    done = _run("--url", demo_server.url, "health", "--model", "nope")
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["model nope ready"] is False
+
+
+def test_models_lists_every_served_model(demo_server: ServerProcess) -> None:
+    done = _run("--url", demo_server.url, "models")
+    assert done.returncode == 0, done.stderr
+    names = [line.split("\t")[0] for line in done.stdout.splitlines()]
+    assert {"matmul16", "mlp", "cnn", "multi_io", "identity_all"} <= set(names)
+
+
+def test_metadata_prints_the_inputs_and_outputs_as_json(demo_server: ServerProcess) -> None:
+    done = _run("--url", demo_server.url, "metadata", "matmul16")
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert body["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}]
+
+
+def test_infer_reads_npy_and_json_inputs_and_writes_npy_outputs(demo_server: ServerProcess, tmp_path: Path) -> None:
+    a = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+    np.save(tmp_path / "a.npy", a)
+    done = _run(
+        "--url", demo_server.url, "infer", "multi_io", "--input", f"a=@{tmp_path / 'a.npy'}",
+        "-i", "b=[[1,2,3,4]]", "-i", "flag=[[true]]", "-i", 'text=[["x","y"]]', "--output-dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert np.load(tmp_path / "out" / "sum.npy").tolist() == [[2.0, 4.0, 6.0, 8.0]]
+    assert np.load(tmp_path / "out" / "doubled.npy").tolist() == [[2, 4, 6, 8]]
+    assert np.load(tmp_path / "out" / "text_out.npy", allow_pickle=True).tolist() == [[b"x", b"y"]]
+
+
+def test_infer_prints_requested_outputs_as_json(demo_server: ServerProcess) -> None:
+    done = _run(
+        "--url", demo_server.url, "infer", "multi_io", "-i", "a=[[0,0,0,0]]", "-i", "b=[[1,1,1,1]]",
+        "-i", "flag=[[false]]", "-i", 'text=[["p","q"]]', "-o", "not_flag", "-o", "text_out",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"not_flag": [[True]], "text_out": [["p", "q"]]}
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["infer", "matmul16", "-i", "x=[[1,2]]"], 4, "INVALID_ARGUMENT"),
+        (["infer", "nope", "-i", "x=[1]"], 4, "NOT_FOUND"),
+        (["infer", "matmul16", "-i", "x=@/no/such/file.npy"], 2, "cannot read"),
+        (["infer", "matmul16", "-i", "x=[1,"], 2, "not JSON"),
+        (["infer", "matmul16", "-i", "z=[1]"], 2, "no such input"),
+        (["infer", "matmul16"], 2, "at least one --input"),
+        (["--key", "k.pem", "health"], 2, "both private_key and certificate_chain"),
+    ],
+)
+def test_errors_say_what_was_wrong_with_documented_exit_codes(
+    demo_server: ServerProcess, args: list[str], code: int, message: str
+) -> None:
+    done = _run("--url", demo_server.url, *args)
+    assert done.returncode == code, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_unreachable_server_exits_3() -> None:
+    done = _run("--url", f"127.0.0.1:{free_port()}", "--timeout", "2", "health")
+    assert done.returncode == 3
+    assert "cannot reach" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_arguments_exit_2_with_usage() -> None:
+    done = _run("frobnicate")
+    assert done.returncode == 2 and "usage:" in done.stderr
