@@ -1,25 +1,26 @@
 """A rolling restart under load drops no request.
 
-Two real server processes sit behind one client-side round-robin gRPC channel, the
-way a client balances over a Kubernetes headless Service. While dozens of requests
+Two real server processes sit behind the SDK's client-side round-robin (an
+``infergate_client.AsyncClient`` given both addresses), the way a client
+balances over a Kubernetes headless Service. While dozens of requests
 are in flight, one server gets SIGTERM (as a pod does), drains and exits 0; a
 replacement starts on the same port and takes traffic again. Not one request fails,
 and every server process answered some of them.
 
 Why it holds: on SIGTERM the server reports NOT_SERVING at once and keeps serving
 for ``shutdown_delay_seconds``; the channel watches health (client-side health
-checking) and stops picking that server. Then the port closes (GOAWAY) and calls
-already in flight finish within the drain. Without the delay and the health watch,
-calls that reach the port while it closes are cancelled: 3 of 8 runs of this test
-lost 1 to 8 requests that way on the busy development machine. The reconnect
-backoff is shortened so the channel finds the replacement soon; docs/deploy.md
-recommends the same settings to clients.
+checking, on by default in the SDK) and stops picking that server. Then the port
+closes (GOAWAY) and calls already in flight finish within the drain. Without the
+delay and the health watch, calls that reach the port while it closes are
+cancelled: 3 of 8 runs of this test lost 1 to 8 requests that way on the busy
+development machine. The SDK's reconnect backoff is short, so the channel finds
+the replacement soon. The SDK's own retries are off here, so that a dropped call
+shows as a failure instead of being hidden by a retry.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,21 +36,13 @@ from models import build_slow_model, save_model
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.server import SERVICE_NAME
+from infergate_client import AsyncClient, InferGateError, RetryPolicy
 
 IN_FLIGHT = 32
 MODEL = "slow"
 PATIENCE = 60.0  # seconds any phase may take on a busy machine; a bound, never a measurement
 
-# Round robin over every address, skipping servers whose health (watched) is not SERVING.
-SERVICE_CONFIG = json.dumps(
-    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": SERVICE_NAME}}
-)
-CHANNEL_OPTIONS = [
-    ("grpc.service_config", SERVICE_CONFIG),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
-]
+NO_RETRIES = RetryPolicy(max_attempts=1)  # a dropped call must show as a failure, not be retried away
 
 
 @pytest.fixture
@@ -72,16 +65,18 @@ def server_config(tmp_path: Path) -> Path:
 class Load:
     """IN_FLIGHT callers sending requests back to back until stopped."""
 
-    stub: pb_grpc.GRPCInferenceServiceStub
+    client: AsyncClient
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     answered: int = 0
     failures: list[BaseException] = field(default_factory=list)
 
     async def caller(self, index: int) -> None:
+        x = np.full((1, 4), float(index), dtype=np.float32)
         while not self.stop.is_set():
             try:
-                await infer(self.stub, float(index))
-            except (grpc.aio.AioRpcError, AssertionError) as exc:
+                y = (await self.client.infer(MODEL, {"x": x}, timeout=PATIENCE))["y"]
+                assert np.array_equal(y, x), f"sent {index}, got {y}"
+            except (InferGateError, AssertionError) as exc:
                 self.failures.append(exc)
                 continue
             self.answered += 1
@@ -133,10 +128,10 @@ async def test_sigterm_and_replace_one_of_two_servers_under_load_drops_nothing(
     first = launch_server(slow_repository, log_dir, *config)
     second = launch_server(slow_repository, log_dir, *config)
     replacement: ServerProcess | None = None
-    target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
+    addresses = [first.url, second.url]
     try:
-        async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-            load = Load(pb_grpc.GRPCInferenceServiceStub(channel))
+        async with AsyncClient(addresses, retry=NO_RETRIES, timeout=PATIENCE) as client:
+            load = Load(client)
             callers = [asyncio.create_task(load.caller(i)) for i in range(IN_FLIGHT)]
 
             await eventually(lambda: at_least(first, 50), "the first server answers")

@@ -7,6 +7,7 @@ Everything here is plain data or a pure function, shared by ``Client`` and
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
 import threading
 import time
@@ -194,10 +195,21 @@ def resolve_target(url: str | Sequence[str]) -> str:
     return f"{families.pop()}:{','.join(address for _, address in parsed)}"
 
 
+_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "inference.GRPCInferenceService"},
+    }
+)
+
+
 def channel_options(keepalive: Keepalive, extra: Sequence[tuple[str, str | int]] = ()) -> list[tuple[str, str | int]]:
     """The channel arguments every client channel gets; ``extra`` entries win over the defaults."""
     defaults: dict[str, str | int] = {
-        "grpc.lb_policy_name": "round_robin",
+        # Round robin over every address, skipping servers whose health is not SERVING: a server that
+        # is draining (SIGTERM) or still loading gets no new calls. A server without the health service
+        # counts as healthy (gRPC's client-side health checking treats UNIMPLEMENTED so).
+        "grpc.service_config": _SERVICE_CONFIG,
         "grpc.max_receive_message_length": -1,
         "grpc.max_send_message_length": -1,
         "grpc.keepalive_time_ms": int(keepalive.time_s * 1000),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -50,11 +51,13 @@ def test_unusable_address_lists_are_refused_with_a_hint(url: str | list[str], me
         resolve_target(url)
 
 
-def test_channels_balance_round_robin_and_user_options_win() -> None:
-    options = dict(channel_options(Keepalive(time_s=5), [("grpc.lb_policy_name", "pick_first")]))
-    assert options["grpc.lb_policy_name"] == "pick_first"
+def test_channels_balance_round_robin_over_healthy_servers_and_user_options_win() -> None:
+    options = dict(channel_options(Keepalive(time_s=5), [("grpc.service_config", "{}")]))
+    assert options["grpc.service_config"] == "{}"
     assert options["grpc.keepalive_time_ms"] == 5000
-    assert dict(channel_options(Keepalive()))["grpc.lb_policy_name"] == "round_robin"
+    config = json.loads(str(dict(channel_options(Keepalive()))["grpc.service_config"]))
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": "inference.GRPCInferenceService"}
 
 
 @pytest.mark.parametrize(("attempt", "base"), [(1, 0.1), (2, 0.2), (3, 0.4), (10, 5.0)])
