@@ -17,10 +17,13 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from infergate._proto import infergate_admin_pb2 as apb
+from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
 from infergate.demo import build_mlp
 
 from .generator import LoadConfig, run_closed_loop
@@ -41,6 +44,18 @@ class ShadowRun:
     scenario: str
     round: int
     result: LoadResult
+    shadow: dict[str, int]  # the server's own shadow counters (sent, compared, errors, dropped)
+
+
+def _shadow_counters(target: str) -> dict[str, int]:
+    """What the server did with the shadow copies, from the admin RPC (empty without a shadow)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = apb_grpc.InferGateAdminStub(channel)  # type: ignore[no-untyped-call]
+        status = stub.RoutingStatus(apb.RoutingStatusRequest(name="mlp"), timeout=10)
+    if not status.models or not status.models[0].HasField("shadow"):
+        return {}
+    shadow = status.models[0].shadow
+    return {"sent": shadow.sent, "compared": shadow.compared, "errors": shadow.errors, "dropped": shadow.dropped}
 
 
 def _repeated_mlp(repeats: int) -> onnx.ModelProto:
@@ -106,16 +121,22 @@ def run_shadow_benchmark(concurrency: int, duration: float, rounds: int, out: pa
             argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(root), "--port", str(port)]
             with running_server("infergate", argv, target, out / "shadow-server.log", pathlib.Path.cwd()):
                 config = LoadConfig(target=target, model="mlp", concurrency=concurrency, duration=duration)
-                runs.append(ShadowRun(scenario, round_, run_closed_loop(config)))
+                result = run_closed_loop(config)
+                runs.append(ShadowRun(scenario, round_, result, _shadow_counters(target)))
         print(format_shadow_table(runs[-1:]).splitlines()[-1], flush=True)
     return runs
 
 
 def format_shadow_table(runs: Sequence[ShadowRun]) -> str:
-    lines = ["| scenario | round | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| scenario | round | req/s | p50 ms | p99 ms | errors | shadow compared / errors / dropped |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         r = run.result
         errors = sum(r.errors.values())
         cells = [run.scenario, str(run.round + 1), f"{r.requests_per_s:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"]
-        lines.append(f"| {' | '.join(cells)} | {errors} |")
+        counters = run.shadow
+        shadow = f"{counters['compared']} / {counters['errors']} / {counters['dropped']}" if counters else "-"
+        lines.append(f"| {' | '.join(cells)} | {errors} | {shadow} |")
     return "\n".join(lines)

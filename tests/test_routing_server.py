@@ -28,7 +28,7 @@ version_policy: {all: {}}
 routing:
   weights: {1: 50, 2: 50}
   sticky: {header: x-user-id}
-  shadow: {version: 3, fraction: 1.0}
+  shadow: {version: 3, fraction: 1.0, max_busy_fraction: 1.0}
 """
 
 

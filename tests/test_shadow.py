@@ -403,3 +403,21 @@ async def test_aclose_stops_a_worker_whose_shadow_call_has_just_returned() -> No
     await asyncio.sleep(0)  # one loop pass: the shadow call returns; its worker is woken but has not run
     async with asyncio.timeout(CLOSE_LIMIT):
         await queue.aclose()
+
+
+def test_busy_credit_accrues_at_the_share_and_runs_out() -> None:
+    stats = ShadowStats(version=2)
+    assert stats.has_credit(100.0, share=0.1)  # starts with a full allowance
+    stats.busy_credit_s -= 0.6  # a shadow call that kept the version busy for 0.6 s
+    assert not stats.has_credit(100.0, share=0.1)
+    assert not stats.has_credit(100.5, share=0.1)  # 0.05 s accrued: still in debt
+    assert stats.has_credit(102.0, share=0.1)  # 0.2 s accrued over 2 s
+    assert stats.has_credit(1000.0, share=0.1) and stats.busy_credit_s == pytest.approx(0.5)  # capped
+
+
+async def test_offer_drops_when_the_shadow_has_used_up_its_share_of_time(queue: ShadowQueue) -> None:
+    stats = ShadowStats(version=2)
+    stats.has_credit(time.monotonic(), share=0.1)
+    stats.busy_credit_s = -LONG  # far in debt
+    assert queue.offer(job(FakeShadow(), stats), limit=3) is False
+    assert (stats.sent, stats.dropped) == (0, 1)

@@ -158,6 +158,8 @@ class ShadowRouting(_Strict):
     # Shadow calls waiting to run; when full, new ones are dropped (and counted).
     queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    # Shadow calls of this model may be running at most this share of the time; beyond it copies are dropped.
+    max_busy_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
 
 
 class CanaryRouting(_Strict):

@@ -229,7 +229,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         shadow, stats = found
         spec = router.routing.shadow
         call = functools.partial(shadow.infer, decoded.inputs, decoded.rows, decoded.group, None)
-        self._shadows.offer(ShadowJob(call, outputs, stats, spec.timeout_seconds), limit=spec.queue_size)
+        job = ShadowJob(call, outputs, stats, spec.timeout_seconds, spec.max_busy_fraction)
+        self._shadows.offer(job, limit=spec.queue_size)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext

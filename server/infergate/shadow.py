@@ -8,6 +8,12 @@ batcher and compare its outputs with the primary's. Shadow errors and slowness
 are counted in :class:`ShadowStats`, never returned to anyone; a shadow that
 fails ten times in a row is paused (its calls dropped) for a back-off that
 doubles from 0.5 s up to 30 s, so a broken shadow costs next to nothing.
+
+Lowering the shadow's thread priority (runner.py) is not enough on its own:
+on a small machine the shadow still competes for caches, memory bandwidth and
+the sibling hyperthread. So each (model, shadow version) may keep shadow
+calls running for at most ``busy_share`` of wall time (``max_busy_fraction``
+in the routing config, 10% by default); beyond it, copies are dropped.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ Tensors = dict[str, np.ndarray]
 PAUSE_AFTER_ERRORS = 10
 PAUSE_MIN_S = 0.5
 PAUSE_MAX_S = 30.0
+MAX_BUSY_CREDIT_S = 0.5  # how much shadow busy time may be saved up for a burst
 _MAX_DOUBLINGS = 16  # 0.5 s * 2**16 is far past PAUSE_MAX_S; caps the power before it overflows a float
 
 
@@ -63,6 +70,16 @@ class ShadowStats:
     # A shadow that keeps failing is paused (its calls dropped) for a back-off that doubles up to a limit.
     consecutive_errors: int = 0
     paused_until: float = 0.0
+    # Busy-time credit: shadow calls may keep this (model, version) busy for at most a share of wall time.
+    busy_credit_s: float = MAX_BUSY_CREDIT_S
+    credit_at: float = 0.0
+
+    def has_credit(self, now: float, share: float) -> bool:
+        """Accrue ``share`` seconds of credit per second (up to a cap); True while some is left."""
+        if self.credit_at:
+            self.busy_credit_s = min(self.busy_credit_s + (now - self.credit_at) * share, MAX_BUSY_CREDIT_S)
+        self.credit_at = now
+        return self.busy_credit_s > 0
 
     def failed(self, now: float) -> None:
         self.errors += 1
@@ -128,6 +145,7 @@ class ShadowJob:
     primary: Tensors
     stats: ShadowStats
     timeout_s: float
+    busy_share: float = 1.0  # the most of wall time its shadow calls may take (see ShadowStats.has_credit)
 
 
 class ShadowRecorder(Protocol):
@@ -153,7 +171,9 @@ class ShadowQueue:
     def offer(self, job: ShadowJob, limit: int) -> bool:
         """Queue ``job`` unless ``limit`` jobs (or the queue's capacity) already wait; never blocks."""
         now = time.monotonic()
-        if self._queue.qsize() >= limit or not self._tasks or now < job.stats.paused_until:
+        stats = job.stats
+        busy = self._queue.qsize() >= limit or not self._tasks
+        if busy or now < stats.paused_until or not stats.has_credit(now, job.busy_share):
             self._dropped(job.stats)
             return False
         try:
@@ -167,6 +187,7 @@ class ShadowQueue:
     async def _work(self) -> None:
         while True:
             job = await self._queue.get()
+            started = time.monotonic()
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that races a finished call.
                 async with asyncio.timeout(job.timeout_s):
@@ -181,6 +202,7 @@ class ShadowQueue:
                 self._record(job.stats, agreement=None, max_abs_diff=None, error=True, dropped=False)
                 log.debug("shadow call to version %d failed: %s", job.stats.version, exc)
             finally:
+                job.stats.busy_credit_s -= time.monotonic() - started
                 self._queue.task_done()
 
     def _dropped(self, stats: ShadowStats) -> None:
