@@ -42,6 +42,7 @@ from tritonclient.utils import InferenceServerException
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate_client import Client, PermissionDenied, Unauthenticated
 
 HANG_GUARD_S = 30.0  # how long a call may take before the test calls it a hang; not a performance bound
 
@@ -343,3 +344,25 @@ def test_a_caller_sees_only_its_models_in_the_repository_index(
     assert names("metadata") == set()
     code, _ = stub_status(lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest()))
     assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_sdk_carries_static_and_refreshed_tokens(auth_server: AuthServer) -> None:
+    x = {"x": np.ones((1, 16), dtype=np.float32)}
+    with Client(auth_server.server.url, token=auth_server.token()) as client:
+        assert client.infer("matmul16", x)["y"].shape == (1, 16)
+    issued: list[str] = []
+
+    def fresh() -> str:
+        issued.append(auth_server.token())
+        return issued[-1]
+
+    with Client(auth_server.server.url, token=fresh) as client:
+        assert client.infer("matmul16", x)["y"].shape == (1, 16)
+    assert issued  # the callable was asked for the token
+    with Client(auth_server.server.url, token="not-a-jwt") as client, pytest.raises(Unauthenticated) as refused:
+        client.infer("matmul16", x)
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with Client(auth_server.server.url, token=auth_server.token("metadata")) as client:
+        with pytest.raises(PermissionDenied) as denied:
+            client.infer("matmul16", x)
+    assert "infer" in denied.value.details

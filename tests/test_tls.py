@@ -26,6 +26,7 @@ from security import Issued, issue, make_ca
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate_client import Client, InferGateError, RetryPolicy, Tls
 
 HANG_GUARD_S = 30.0  # how long a call may take before the test calls it a hang; not a performance bound
 
@@ -189,3 +190,21 @@ def test_rotated_certificates_are_used_by_new_connections_without_a_restart(
     finally:
         assert server.terminate() == 0, server.log()
     assert "TLS certificate files changed" in server.log()
+
+
+def test_the_sdk_infers_over_mtls_and_is_refused_without_a_client_certificate(
+    mtls_server: ServerProcess, pki: Pki
+) -> None:
+    x = {"x": np.ones((1, 16), dtype=np.float32)}
+    mutual = Tls(
+        root_certificates=pki.directory / "ca.crt",
+        private_key=pki.directory / "client.key",
+        certificate_chain=pki.directory / "client.crt",
+    )
+    with Client(mtls_server.url, tls=mutual) as client:
+        assert client.infer("matmul16", x)["y"].shape == (1, 16)
+    anonymous = Tls(root_certificates=pki.directory / "ca.crt")
+    no_retry = RetryPolicy(max_attempts=1)
+    with Client(mtls_server.url, tls=anonymous, retry=no_retry, timeout=10) as client:
+        with pytest.raises(InferGateError):
+            client.infer("matmul16", x)
