@@ -88,7 +88,8 @@ async def observed_server(
     config = TelemetryConfig(traces=True, metrics=True, **telemetry)
     spans = InMemorySpanExporter()
     reader = InMemoryMetricReader()
-    tracer_provider = build_tracer_provider(config.sample_ratio, Resource.create(), [SimpleSpanProcessor(spans)])
+    # As in Telemetry.from_config: the interceptor applies sample_ratio to roots, the provider keeps the rest.
+    tracer_provider = build_tracer_provider(1.0, Resource.create(), [SimpleSpanProcessor(spans)])
     meter_provider = MeterProvider(metric_readers=[reader])
     histograms = Histograms("infergate")
     server = InferGateServer(

@@ -74,7 +74,11 @@ class Telemetry:
         on = tracer is not None or self.metrics is not None
         self.observer: RepositoryObserver | None = RepositoryHooks(tracer, self.metrics) if on else None
         self._interceptor = (
-            TelemetryInterceptor(tracer, self.metrics, trace_health=config.trace_health) if on or access_log else None
+            TelemetryInterceptor(
+                tracer, self.metrics, trace_health=config.trace_health, sample_ratio=config.sample_ratio
+            )
+            if on or access_log
+            else None
         )
 
     @classmethod
@@ -84,7 +88,8 @@ class Telemetry:
         if sdk_disabled() or not (config.traces or wants_metrics):
             return cls(config, access_log=access_log)
         resource = build_resource()
-        tracer_provider = build_tracer_provider(config.sample_ratio, resource) if config.traces else None
+        # Roots are sampled by the interceptor (TelemetryInterceptor.samples_root), so the SDK keeps what it starts.
+        tracer_provider = build_tracer_provider(1.0, resource) if config.traces else None
         registry = CollectorRegistry(auto_describe=True) if config.metrics_port is not None else None
         histograms = Histograms(_SCOPE)
         meter_provider = build_meter_provider(resource, histograms, registry) if wants_metrics else None
