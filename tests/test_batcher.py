@@ -351,6 +351,24 @@ async def test_a_deadline_that_passes_in_the_queue_fails_the_caller_and_is_never
     assert model.payloads == [["busy"], ["b"]]
 
 
+async def test_an_unwatched_deadline_arms_no_timer_but_an_expired_entry_is_still_never_executed(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        patient = submit(batcher, "b")
+        unwatched = submit(batcher, "a", deadline=loop.time() + SHORT, watch=False)
+        await asyncio.sleep(SHORT * 2)  # let its deadline pass: no timer fails it (gRPC cancels such a call)
+        assert not unwatched.done()
+        model.release()
+        assert await results(busy, patient) == ["BUSY", "B"]
+        with pytest.raises(DeadlineExceeded, match=NAME):  # swept when the instance came free, not run
+            await unwatched
+    assert model.payloads == [["busy"], ["b"]]
+
+
 @pytest.mark.parametrize("seconds_ago", [0.0, 1.0], ids=["deadline is now", "deadline passed"])
 async def test_a_deadline_already_past_is_refused_at_submit_without_queueing(
     make_batcher: MakeBatcher, model: FakeModel, seconds_ago: float

@@ -188,12 +188,23 @@ class DynamicBatcher(Generic[T, R]):
         self._loop = asyncio.get_running_loop()
 
     async def submit(
-        self, payload: T, *, rows: int, group: Hashable = None, deadline: float | None = None, tag: object = None
+        self,
+        payload: T,
+        *,
+        rows: int,
+        group: Hashable = None,
+        deadline: float | None = None,
+        watch: bool = True,
+        tag: object = None,
     ) -> R:
         """Queue ``payload`` (``rows`` rows) and wait for its result.
 
-        ``deadline`` is an absolute ``loop.time()``; ``tag`` travels unread to ``Batch.tags``. Raises QueueFull,
-        DeadlineExceeded, Unavailable (closing) or whatever ``execute`` raised.
+        ``deadline`` is an absolute ``loop.time()``: an entry past it is never executed.
+        With ``watch`` a timer also fails the caller the moment it passes; pass False when
+        something else already does (gRPC cancels a call at its own deadline), because
+        a timer per request is a measurable share of a small model's cost. ``tag``
+        travels unread to ``Batch.tags``. Raises QueueFull, DeadlineExceeded,
+        Unavailable (closing) or whatever ``execute`` raised.
         """
         if self._closing or self._loop is None:
             raise Unavailable(f"model {self._name} is shutting down")
@@ -209,7 +220,7 @@ class DynamicBatcher(Generic[T, R]):
         self._queue.append(_Entry(payload, rows, group, deadline, now, future, tag))
         self._queued_rows += rows
         self._dispatch()
-        if deadline is None:
+        if deadline is None or not watch:
             return await future
         timer = loop.call_at(deadline, self._expire, future)
         try:

@@ -61,10 +61,12 @@ class ModelVersion:
         self._observer = observer
         self.batcher.start()
 
-    async def infer(self, inputs: Tensors, rows: int, group: Hashable, deadline: float | None) -> Tensors:
-        """Queue validated inputs and return this request's outputs (all of them)."""
+    async def infer(
+        self, inputs: Tensors, rows: int, group: Hashable, deadline: float | None, watch: bool = True
+    ) -> Tensors:
+        """Queue validated inputs and return this request's outputs (all of them); see ``DynamicBatcher.submit``."""
         tag = self._observer.capture() if self._observer is not None else None
-        return await self.batcher.submit(inputs, rows=rows, group=group, deadline=deadline, tag=tag)
+        return await self.batcher.submit(inputs, rows=rows, group=group, deadline=deadline, watch=watch, tag=tag)
 
     def _execute(self, batch: Batch[Tensors], done: Done[Tensors]) -> None:
         """The batcher's ``execute``: run on an instance, record statistics, answer."""

@@ -211,8 +211,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         decoded = decode_request(
             request, model.spec, state.max_elements, max_rows=state.max_rows, max_inputs=state.max_inputs
         )
-        deadline = _deadline(remaining, request, model)
-        outputs = await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline)
+        deadline, server_side = _deadline(remaining, request, model)
+        # gRPC cancels the call at its own deadline; the batcher times only server-side timeouts.
+        outputs = await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, watch=server_side)
         response = encode_response(request, model.spec, outputs, decoded.outputs)
         response.parameters[ROUTE_PARAMETER].string_param = decision.arm
         response.parameters[SHADOWED_PARAMETER].bool_param = decision.shadow is not None
@@ -344,15 +345,15 @@ def _sticky_key(router: Router | None, request: pb.ModelInferRequest, metadata: 
     return None
 
 
-def _deadline(remaining: float | None, request: pb.ModelInferRequest, model: ModelVersion) -> float | None:
-    """Absolute loop time by which the request must have run: the tightest of the gRPC
-    deadline, the ``timeout`` parameter and the model's default timeout."""
-    limits = [remaining] if remaining is not None else []
+def _deadline(remaining: float | None, request: pb.ModelInferRequest, model: ModelVersion) -> tuple[float | None, bool]:
+    """Absolute loop time by which the request must have run (the tightest of the gRPC
+    deadline, the ``timeout`` parameter and the model's default timeout), and whether
+    that limit is a server-side one (which nothing but the batcher enforces)."""
     timeout_us = request_timeout_us(request)
-    if timeout_us:
-        limits.append(timeout_us / 1e6)
-    elif model.default_timeout_s is not None:
-        limits.append(model.default_timeout_s)
-    if not limits:
-        return None
-    return asyncio.get_running_loop().time() + min(limits)
+    server = timeout_us / 1e6 if timeout_us else model.default_timeout_s
+    if remaining is None and server is None:
+        return None, False
+    server_side = server is not None and (remaining is None or server < remaining)
+    limit = server if server_side else remaining
+    assert limit is not None
+    return asyncio.get_running_loop().time() + limit, server_side
