@@ -210,6 +210,10 @@ class Routing(_Strict):
             named["canary.version"] = self.canary.version
         return named
 
+    def side_versions(self) -> set[int]:
+        """The shadow and canary versions: they get their own share of traffic, never the default one."""
+        return {side.version for side in (self.shadow, self.canary) if side is not None}
+
 
 class ModelConfig(_Strict):
     """A model's ``config.yaml``. Everything is optional; the ONNX graph supplies the rest."""

@@ -57,8 +57,7 @@ def check_routing(routing: Routing, loaded: Sequence[int]) -> None:
         if version not in loaded:
             have = ", ".join(str(v) for v in sorted(loaded)) or "none"
             raise RoutingError(where, f"version {version} is not loaded (loaded: {have})")
-    special = {v for where, v in routing.versions().items() if not where.startswith("weights.")}
-    if not routing.weights and set(loaded) <= special:
+    if not routing.weights and set(loaded) <= routing.side_versions():
         where = "shadow.version" if routing.shadow is not None else "canary.version"
         raise RoutingError(where, "no other version is loaded to answer callers: it would shadow itself")
 
@@ -172,10 +171,9 @@ class Router:
         self.routing = routing or Routing()
         check_routing(self.routing, loaded)
         self._rng = rng or random.Random()
-        # Without weights the newest version answers; never the shadow or canary, which get their own share.
-        special = {self.routing.shadow.version if self.routing.shadow else None}
-        special.add(self.routing.canary.version if self.routing.canary else None)
-        self._newest = max((v for v in loaded if v not in special), default=max(loaded))
+        # Without weights the newest version answers; check_routing made sure one is not shadow or canary.
+        side = self.routing.side_versions()
+        self._newest = max(v for v in loaded if v not in side)
         self._weights = {v: w for v, w in self.routing.weights.items() if w > 0}
         self._versions = list(self._weights)
         self._cumulative = _cumulative(self._weights)
