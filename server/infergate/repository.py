@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -31,7 +32,7 @@ from .runner import ModelLoadError
 from .shadow import ShadowStats
 from .stats import ModelObserver, RepositoryObserver
 
-__all__ = ["IndexRow", "ModelEntry", "ModelRepository", "ModelState", "is_model_name", "is_version_name"]
+__all__ = ["IndexRow", "ModelEntry", "ModelRepository", "ModelState", "Routed", "is_model_name", "is_version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,15 @@ class IndexRow:
     version: str
     state: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """Where one inference request goes; ``router`` is fed the outcome (canary) and names the shadow."""
+
+    model: ModelVersion
+    decision: Decision
+    router: Router
 
 
 @dataclass
@@ -317,19 +327,19 @@ class ModelRepository:
             return entry.versions[entry.router.primary] if entry.router else entry.versions[max(entry.versions)]
         return _named_version(entry, version)
 
-    def route(self, name: str, version: str, key: str | None) -> tuple[ModelVersion, Decision]:
-        """The version that serves one inference request, and the router's decision."""
+    def route(self, name: str, version: str, sticky_key: Callable[[Router], str | None]) -> Routed:
+        """The version that serves one inference request, the decision, and the router that made it.
+
+        ``sticky_key`` reads the request's key for that router (only asked when the request names no version).
+        """
         entry = self._entry(name)
+        router = entry.router
+        assert router is not None  # set whenever versions are
         if version:
             model = _named_version(entry, version)
-            return model, Decision(model.version, "requested")
-        assert entry.router is not None  # set whenever versions are
-        decision = entry.router.route(None, key)
-        return entry.versions[decision.version], decision
-
-    def router(self, name: str) -> Router | None:
-        entry = self._entries.get(name)
-        return entry.router if entry is not None else None
+            return Routed(model, Decision(model.version, "requested"), router)
+        decision = router.route(None, sticky_key(router))
+        return Routed(entry.versions[decision.version], decision, router)
 
     def shadow(self, name: str, version: int) -> tuple[ModelVersion, ShadowStats] | None:
         """The shadow version and its statistics (None if it stopped being served)."""

@@ -36,8 +36,8 @@ from .errors import (
 )
 from .model import ModelVersion
 from .protocol import model_config_message, model_metadata_message, model_statistics_message
-from .repository import ModelRepository
-from .router import Decision, Router
+from .repository import ModelRepository, Routed
+from .router import Router
 from .shadow import ShadowJob, ShadowQueue
 
 __all__ = ["EXTENSIONS", "InferenceServicer", "ServerState"]
@@ -185,28 +185,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         """Route, infer, mirror; count the request in the model's statistics and the router's canary."""
         started = time.perf_counter_ns()
-        model: ModelVersion | None = None
-        decision: Decision | None = None
+        routed: Routed | None = None
         error: Exception | None = None
         try:
-            name = request.model_name
-            key = _sticky_key(self._repository.router(name), request, metadata)
-            model, decision = self._repository.route(name, request.model_version, key)
-            return await self._infer(model, decision, request, remaining)
+            routed = self._repository.route(
+                request.model_name, request.model_version, lambda router: _sticky_key(router, request, metadata)
+            )
+            return await self._infer(routed, request, remaining)
         except Exception as exc:
             error = exc
             raise
         finally:
-            if model is not None and decision is not None:
+            if routed is not None:
                 elapsed = time.perf_counter_ns() - started
-                model.stats.record_request(error is None, elapsed)
-                router = self._repository.router(model.name)
-                if router is not None:  # the canary is judged on what it did wrong, not on bad requests
-                    router.observe(decision, error is None or isinstance(error, _CALLER_ERRORS), elapsed / 1e9)
+                routed.model.stats.record_request(error is None, elapsed)
+                # The canary is judged on what it did wrong, not on bad requests.
+                served_ok = error is None or isinstance(error, _CALLER_ERRORS)
+                routed.router.observe(routed.decision, served_ok, elapsed / 1e9)
 
     async def _infer(
-        self, model: ModelVersion, decision: Decision, request: pb.ModelInferRequest, remaining: float | None
+        self, routed: Routed, request: pb.ModelInferRequest, remaining: float | None
     ) -> pb.ModelInferResponse:
+        model, decision = routed.model, routed.decision
         state = self._state
         decoded = decode_request(
             request, model.spec, state.max_elements, max_rows=state.max_rows, max_inputs=state.max_inputs
@@ -218,17 +218,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response.parameters[ROUTE_PARAMETER].string_param = decision.arm
         response.parameters[SHADOWED_PARAMETER].bool_param = decision.shadow is not None
         if decision.shadow is not None:
-            self._mirror(model, decision.shadow, decoded, outputs)
+            self._mirror(routed, decision.shadow, decoded, outputs)
         return response
 
-    def _mirror(self, primary: ModelVersion, version: int, decoded: DecodedRequest, outputs: dict[str, Any]) -> None:
+    def _mirror(self, routed: Routed, version: int, decoded: DecodedRequest, outputs: dict[str, Any]) -> None:
         """Queue the same inputs for the shadow version; never waits, never fails the caller."""
-        router = self._repository.router(primary.name)
-        found = self._repository.shadow(primary.name, version)
-        if router is None or router.routing.shadow is None or found is None:
+        spec = routed.router.routing.shadow
+        found = self._repository.shadow(routed.model.name, version)
+        if spec is None or found is None:  # the shadow stopped being served since the decision
             return
         shadow, stats = found
-        spec = router.routing.shadow
         call = functools.partial(shadow.infer, decoded.inputs, decoded.rows, decoded.group, None)
         job = ShadowJob(call, outputs, stats, spec.timeout_seconds, spec.max_busy_fraction)
         self._shadows.offer(job, limit=spec.queue_size)
@@ -329,10 +328,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
 
 
-def _sticky_key(router: Router | None, request: pb.ModelInferRequest, metadata: Metadata) -> str | None:
+def _sticky_key(router: Router, request: pb.ModelInferRequest, metadata: Metadata) -> str | None:
     """The request's sticky routing key (a metadata header or a request parameter), if its route has one."""
-    if router is None:
-        return None
     if router.sticky_header is not None:
         for key, value in metadata() or ():
             if key == router.sticky_header:
