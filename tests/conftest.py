@@ -7,6 +7,7 @@ polling). Servers are stopped with SIGTERM and must exit 0.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import os
@@ -161,3 +162,20 @@ async def client(request: pytest.FixtureRequest, demo_server: ServerProcess) -> 
         yield c
     finally:
         await c.close()
+
+
+async def eventually(check: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Poll ``check`` (sync or async) until truthy; fail naming ``what`` after ``timeout`` s.
+
+    The timeout is a hang guard for a busy machine, never a measurement.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for: {what}")

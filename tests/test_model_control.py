@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import tritonclient.grpc.aio as aioclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerProcess, running_server
+from tests.conftest import ServerProcess, eventually, running_server
 
 WAIT_S = 60.0  # generous bound for "eventually": never a performance threshold
 
@@ -60,20 +60,6 @@ def x_input() -> aioclient.InferInput:
     tensor = aioclient.InferInput("x", [1, 4], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
     return tensor
-
-
-async def eventually(check: Callable[[], object], what: str) -> None:
-    """Poll ``check`` (sync or async) until truthy; fail naming ``what`` after WAIT_S."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + WAIT_S
-    while loop.time() < end:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for: {what}")
 
 
 @dataclass

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, launch_server
+from conftest import ServerProcess, eventually, launch_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from models import build_slow_model, save_model
 
@@ -102,19 +101,6 @@ async def served(server: ServerProcess) -> int:
             pb.ModelStatisticsRequest(name=MODEL), timeout=PATIENCE
         )
     return int(stats.model_stats[0].inference_stats.success.count)
-
-
-async def eventually(condition: Callable[[], object], what: str) -> None:
-    """Poll ``condition`` (sync or async) until true; fail after PATIENCE seconds."""
-    async with asyncio.timeout(PATIENCE):
-        while True:
-            result = condition()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"never happened: {what}")  # pragma: no cover (timeout raises first)
 
 
 async def at_least(server: ServerProcess, count: int) -> bool:
