@@ -32,7 +32,7 @@ import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import model_config_pb2 as mc
-from infergate.datatypes import DATATYPES
+from infergate.models.datatypes import DATATYPES
 
 from .payloads import build_infer_response
 from .signature import ModelSignature, metadata_from_signature

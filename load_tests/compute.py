@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from infergate.datatypes import from_onnx_type
+from infergate.models.datatypes import from_onnx_type
 
 from .payloads import random_inputs
 from .report import format_table

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from infergate._proto import grpc_service_pb2 as pb
-from infergate.datatypes import encode_bytes_tensor
+from infergate.models.datatypes import encode_bytes_tensor
 
 from .signature import BYTES, NUMPY_DTYPES, ModelSignature, TensorSpec
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from infergate._proto import grpc_service_pb2 as pb
-from infergate.datatypes import BYTES, DATATYPES
+from infergate.models.datatypes import BYTES, DATATYPES
 
 __all__ = [
     "BYTES",

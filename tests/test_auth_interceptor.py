@@ -18,10 +18,10 @@ import pytest
 from security import SECRET, bearer, claims, token
 
 from infergate._proto import grpc_service_pb2 as pb
-from infergate.auth import Principal, TokenVerifier, current_principal, visible_models
-from infergate.interceptors import METHOD_RULES, AuthInterceptor, filter_repository_index, rule_for
-from infergate.keys import KeyStore
-from infergate.security_config import AuthConfig
+from infergate.security.auth import Principal, TokenVerifier, current_principal, visible_models
+from infergate.security.config import AuthConfig
+from infergate.security.interceptor import METHOD_RULES, AuthInterceptor, filter_repository_index, rule_for
+from infergate.security.keys import KeyStore
 
 WHO = "/test.Echo/Who"
 WHO_STREAM = "/test.Echo/WhoStream"

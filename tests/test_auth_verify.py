@@ -20,9 +20,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from security import AUDIENCE, ISSUER, SECRET, claims, ec_key, ed25519_key, public_pem, rsa_key, token
 
-from infergate import auth
-from infergate.keys import KeyStore, VerificationKey
-from infergate.security_config import AuthConfig
+from infergate.security import auth
+from infergate.security.config import AuthConfig
+from infergate.security.keys import KeyStore, VerificationKey
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from infergate.batcher import Batch, BatchPolicy, DynamicBatcher, from_coroutine
 from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
+from infergate.models.batcher import Batch, BatchPolicy, DynamicBatcher, from_coroutine
 
 LIMIT = 5.0  # seconds; generous bound so that a bug fails the test instead of hanging it
 SHORT = 0.1  # seconds; a deadline that passes while the test holds the batch ahead of it

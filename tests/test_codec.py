@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from infergate._proto import grpc_service_pb2 as pb
-from infergate.codec import DecodedRequest, decode_request, encode_response, request_timeout_us
-from infergate.datatypes import DATATYPES
 from infergate.errors import InvalidArgument, Status
-from infergate.spec import ModelSpec, TensorSpec
+from infergate.models.datatypes import DATATYPES
+from infergate.models.spec import ModelSpec, TensorSpec
+from infergate.serving.codec import DecodedRequest, decode_request, encode_response, request_timeout_us
 
 MAX_ELEMENTS = 1_000_000
 

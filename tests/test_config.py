@@ -12,15 +12,8 @@ from typing import Any
 
 import pytest
 
-from infergate.config import (
-    ConfigError,
-    DynamicBatching,
-    ExecutionProvider,
-    ModelConfig,
-    ServerConfig,
-    load_model_config,
-    load_server_config,
-)
+from infergate.config import ConfigError, ServerConfig, load_server_config
+from infergate.models.config import DynamicBatching, ExecutionProvider, ModelConfig, load_model_config
 
 
 def write(directory: Path, text: str, name: str = "config.yaml") -> Path:

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
-from infergate.datatypes import DATATYPES
+from infergate.models.datatypes import DATATYPES
 
 REQUESTS = 10_000
 MUTANTS = 7  # mutants of valid requests sent with each request hypothesis draws (mutating is cheap, drawing is not)

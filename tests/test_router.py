@@ -16,8 +16,8 @@ from collections import Counter
 
 import pytest
 
-from infergate.config import CanaryRouting, Routing, ShadowRouting, StickyRouting
-from infergate.router import Decision, Router, RoutingError, check_routing, rendezvous
+from infergate.routing.config import CanaryRouting, Routing, ShadowRouting, StickyRouting
+from infergate.routing.router import Decision, Router, RoutingError, check_routing, rendezvous
 
 SEED = 20240601
 DRAWS = 20_000  # decisions per statistical test

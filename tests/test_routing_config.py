@@ -12,15 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from infergate.config import (
-    CanaryRouting,
-    ConfigError,
-    Routing,
-    ShadowRouting,
-    StickyRouting,
-    VersionPolicy,
-    load_model_config,
-)
+from infergate.config import ConfigError
+from infergate.models.config import VersionPolicy, load_model_config
+from infergate.routing.config import CanaryRouting, Routing, ShadowRouting, StickyRouting
 
 
 def write(directory: Path, text: str) -> Path:

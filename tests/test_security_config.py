@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from security import SECRET, ec_key, private_pem, public_pem
 
-from infergate.auth import PermissionDenied, Principal, permissions_from_claims, require
 from infergate.config import ConfigError, ServerConfig, load_server_config
-from infergate.keys import build_key_store
-from infergate.security_config import AuthConfig, exposure_warning, is_loopback
+from infergate.security.auth import PermissionDenied, Principal, permissions_from_claims, require
+from infergate.security.config import AuthConfig, exposure_warning, is_loopback
+from infergate.security.keys import build_key_store
 
 
 def load(tmp_path: Path, text: str) -> ServerConfig:

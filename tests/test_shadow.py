@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import numpy as np
 import pytest
 
-from infergate.shadow import (
+from infergate.routing.shadow import (
     PAUSE_AFTER_ERRORS,
     PAUSE_MAX_S,
     OutputAgreement,

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from infergate.config import load_model_config
+from infergate.models.config import load_model_config
 from load_tests.shadow import SCENARIOS, build_repository, write_config
 
 

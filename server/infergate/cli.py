@@ -8,12 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import ConfigError, ServerConfig, load_server_config
-from .security_config import exposure_warning
-from .server import InferGateServer, run_until_signalled
-from .telemetry import configure_logging
-from .workers import supervise
+from infergate import __version__
+from infergate.config import ConfigError, ServerConfig, load_server_config
+from infergate.security.config import exposure_warning
+from infergate.server import InferGateServer, run_until_signalled
+from infergate.telemetry import configure_logging
+from infergate.workers import supervise
 
 __all__ = ["main"]
 

@@ -20,20 +20,20 @@ from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from ._proto import grpc_service_pb2 as pb
-from ._proto import grpc_service_pb2_grpc as pb_grpc
-from ._proto import infergate_admin_pb2 as apb
-from ._proto import infergate_admin_pb2_grpc as apb_grpc
-from ._proto import model_config_pb2 as mc
-from .admin import ADMIN_SERVICE_NAME, AdminServicer
-from .config import ServerConfig
-from .interceptors import build_interceptors
-from .keys import KeyStore, build_key_store
-from .repository import ModelRepository
-from .servicer import InferenceServicer, ServerState
-from .shadow import ShadowQueue
-from .telemetry import Telemetry
-from .tls import server_credentials
+from infergate._proto import grpc_service_pb2 as pb
+from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate._proto import infergate_admin_pb2 as apb
+from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
+from infergate._proto import model_config_pb2 as mc
+from infergate.config import ServerConfig
+from infergate.repository.loader import ModelRepository
+from infergate.routing.shadow import ShadowQueue
+from infergate.security.interceptor import build_interceptors
+from infergate.security.keys import KeyStore, build_key_store
+from infergate.security.tls import server_credentials
+from infergate.serving.admin import ADMIN_SERVICE_NAME, AdminServicer
+from infergate.serving.servicer import InferenceServicer, ServerState
+from infergate.telemetry import Telemetry
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
 

@@ -25,14 +25,14 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, start_http_server
 
-from ..config import TelemetryConfig
-from ..stats import RepositoryObserver
-from .aggregate import Histograms
-from .hooks import RepositoryHooks
-from .interceptor import TelemetryInterceptor
-from .logs import configure_logging
-from .metrics import ServerMetrics
-from .providers import (
+from infergate.config import TelemetryConfig
+from infergate.models.stats import RepositoryObserver
+from infergate.telemetry.aggregate import Histograms
+from infergate.telemetry.hooks import RepositoryHooks
+from infergate.telemetry.interceptor import TelemetryInterceptor
+from infergate.telemetry.logs import configure_logging
+from infergate.telemetry.metrics import ServerMetrics
+from infergate.telemetry.providers import (
     build_meter_provider,
     build_resource,
     build_tracer_provider,

@@ -17,8 +17,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Tracer
 
-from ..stats import BatchTimings, ModelObserver
-from .metrics import ServerMetrics
+from infergate.models.stats import BatchTimings, ModelObserver
+from infergate.telemetry.metrics import ServerMetrics
 
 __all__ = ["ModelHooks", "RepositoryHooks"]
 

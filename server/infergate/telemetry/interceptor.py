@@ -27,7 +27,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .metrics import ServerMetrics
+from infergate.telemetry.metrics import ServerMetrics
 
 __all__ = ["ACCESS_LOG", "UNTRACED_SERVICES", "TelemetryInterceptor"]
 

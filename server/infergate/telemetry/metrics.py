@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from .aggregate import Counter, Histograms
+from infergate.telemetry.aggregate import Counter, Histograms
 
 __all__ = ["BATCH_ROWS", "SECONDS", "ServerMetrics"]
 

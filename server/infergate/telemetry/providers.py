@@ -40,9 +40,9 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 from prometheus_client import CollectorRegistry
 
-from .. import __version__
-from ..config import ConfigError
-from .aggregate import Histograms, with_histograms
+from infergate import __version__
+from infergate.config import ConfigError
+from infergate.telemetry.aggregate import Histograms, with_histograms
 
 __all__ = [
     "SPAN_QUEUE_SIZE",

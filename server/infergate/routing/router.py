@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .config import CanaryRouting, Routing
+from infergate.routing.config import CanaryRouting, Routing
 
 __all__ = ["CanaryStatus", "Decision", "Router", "RoutingError", "check_routing", "rendezvous"]
 

@@ -53,7 +53,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
+from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
 
 __all__ = ["Batch", "BatchPolicy", "Done", "DynamicBatcher", "Execute", "from_coroutine"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .datatypes import Datatype, from_onnx_type
+from infergate.models.datatypes import Datatype, from_onnx_type
 
 __all__ = ["DEFAULT_MAX_BATCH_SIZE", "ModelSpec", "TensorSpec", "spec_from_graph"]
 

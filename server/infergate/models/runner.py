@@ -23,10 +23,10 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from .config import PROVIDERS, ModelConfig
-from .errors import ModelExecutionError
-from .spec import ModelSpec, spec_from_graph
-from .stats import BatchTimings
+from infergate.errors import ModelExecutionError
+from infergate.models.config import PROVIDERS, ModelConfig
+from infergate.models.spec import ModelSpec, spec_from_graph
+from infergate.models.stats import BatchTimings
 
 __all__ = ["ModelLoadError", "OnnxRunner", "Tensors", "collate", "split", "zero_inputs"]
 

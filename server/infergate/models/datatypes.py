@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import InvalidArgument
+from infergate.errors import InvalidArgument
 
 __all__ = [
     "BYTES",

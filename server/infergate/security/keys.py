@@ -30,8 +30,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .config import ConfigError
-from .security_config import HMAC_ALGORITHMS, AuthConfig, JwksConfig
+from infergate.config import ConfigError
+from infergate.security.config import HMAC_ALGORITHMS, AuthConfig, JwksConfig
 
 __all__ = ["MIN_SECRET_BYTES", "JwksUrlSource", "KeyStore", "VerificationKey", "build_key_store", "key_fits"]
 

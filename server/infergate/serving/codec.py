@@ -17,11 +17,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._proto import grpc_service_pb2 as pb
-from .datatypes import BYTES, Datatype, bytes_elements_to_array, decode_bytes_tensor, encode_bytes_tensor
-from .errors import InvalidArgument
-from .runner import Tensors
-from .spec import ModelSpec, TensorSpec
+from infergate._proto import grpc_service_pb2 as pb
+from infergate.errors import InvalidArgument
+from infergate.models.datatypes import (
+    BYTES,
+    Datatype,
+    bytes_elements_to_array,
+    decode_bytes_tensor,
+    encode_bytes_tensor,
+)
+from infergate.models.runner import Tensors
+from infergate.models.spec import ModelSpec, TensorSpec
 
 __all__ = ["DecodedRequest", "decode_request", "encode_response", "request_timeout_us"]
 

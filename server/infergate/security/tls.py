@@ -16,8 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from .config import ConfigError
-from .security_config import TlsConfig
+from infergate.config import ConfigError
+from infergate.security.config import TlsConfig
 
 __all__ = ["CertificateFiles", "server_credentials"]
 

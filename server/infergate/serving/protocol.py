@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ._proto import grpc_service_pb2 as pb
-from ._proto import model_config_pb2 as mc
-from .model import ModelVersion
-from .spec import ModelSpec, TensorSpec
-from .stats import Duration
+from infergate._proto import grpc_service_pb2 as pb
+from infergate._proto import model_config_pb2 as mc
+from infergate.models.spec import ModelSpec, TensorSpec
+from infergate.models.stats import Duration
+from infergate.models.version import ModelVersion
 
 __all__ = ["model_config_message", "model_metadata_message", "model_statistics_message"]
 

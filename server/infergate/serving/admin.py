@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import grpc
 
-from ._proto import infergate_admin_pb2 as apb
-from ._proto import infergate_admin_pb2_grpc as apb_grpc
-from .errors import InferGateError, NotFound
-from .repository import ModelEntry, ModelRepository
-from .shadow import ShadowStats
+from infergate._proto import infergate_admin_pb2 as apb
+from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
+from infergate.errors import InferGateError, NotFound
+from infergate.repository.loader import ModelEntry, ModelRepository
+from infergate.routing.shadow import ShadowStats
 
 __all__ = ["ADMIN_SERVICE_NAME", "AdminServicer"]
 

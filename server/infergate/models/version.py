@@ -12,11 +12,11 @@ import logging
 from collections.abc import Hashable
 from pathlib import Path
 
-from .batcher import Batch, BatchPolicy, Done, DynamicBatcher
-from .config import ModelConfig
-from .runner import BatchOutcome, ModelLoadError, OnnxRunner, Tensors
-from .spec import ModelSpec
-from .stats import ModelObserver, ModelStats
+from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
+from infergate.models.config import ModelConfig
+from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner, Tensors
+from infergate.models.spec import ModelSpec
+from infergate.models.stats import ModelObserver, ModelStats
 
 __all__ = ["ModelVersion", "load_model_version"]
 

@@ -28,8 +28,10 @@ from typing import Any
 
 import grpc
 
-from ._proto import grpc_service_pb2 as pb
-from .auth import (
+from infergate._proto import grpc_service_pb2 as pb
+from infergate.config import ServerConfig
+from infergate.errors import InferGateError
+from infergate.security.auth import (
     AuthError,
     Principal,
     TokenVerifier,
@@ -39,9 +41,7 @@ from .auth import (
     use_principal,
     visible_models,
 )
-from .config import ServerConfig
-from .errors import InferGateError
-from .keys import KeyStore
+from infergate.security.keys import KeyStore
 
 __all__ = ["METHOD_RULES", "AuthInterceptor", "Rule", "build_interceptors", "filter_repository_index", "rule_for"]
 

@@ -36,9 +36,9 @@ from typing import Any, ClassVar
 
 import jwt
 
-from .errors import InferGateError, Status
-from .keys import KeyStore
-from .security_config import HMAC_ALGORITHMS, AuthConfig
+from infergate.errors import InferGateError, Status
+from infergate.security.config import HMAC_ALGORITHMS, AuthConfig
+from infergate.security.keys import KeyStore
 
 __all__ = [
     "AlgorithmNotAllowed",

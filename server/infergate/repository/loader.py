@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, Routing, load_model_config
-from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from .model import ModelVersion, load_model_version
-from .router import Decision, Router, RoutingError
-from .runner import ModelLoadError
-from .shadow import ShadowStats
-from .stats import ModelObserver, RepositoryObserver
+from infergate.config import ConfigError
+from infergate.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from infergate.models.config import ModelConfig, load_model_config
+from infergate.models.runner import ModelLoadError
+from infergate.models.stats import ModelObserver, RepositoryObserver
+from infergate.models.version import ModelVersion, load_model_version
+from infergate.routing.config import Routing
+from infergate.routing.router import Decision, Router, RoutingError
+from infergate.routing.shadow import ShadowStats
 
 __all__ = ["IndexRow", "ModelEntry", "ModelRepository", "ModelState", "Routed", "is_model_name", "is_version_name"]
 

@@ -22,11 +22,10 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
-from . import __version__
-from ._proto import grpc_service_pb2 as pb
-from ._proto import grpc_service_pb2_grpc as pb_grpc
-from .codec import DecodedRequest, decode_request, encode_response, request_timeout_us
-from .errors import (
+from infergate import __version__
+from infergate._proto import grpc_service_pb2 as pb
+from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate.errors import (
     Cancelled,
     FailedPrecondition,
     InferGateError,
@@ -34,11 +33,12 @@ from .errors import (
     NotFound,
     Unimplemented,
 )
-from .model import ModelVersion
-from .protocol import model_config_message, model_metadata_message, model_statistics_message
-from .repository import ModelRepository, Routed
-from .router import Router
-from .shadow import ShadowJob, ShadowQueue
+from infergate.models.version import ModelVersion
+from infergate.repository.loader import ModelRepository, Routed
+from infergate.routing.router import Router
+from infergate.routing.shadow import ShadowJob, ShadowQueue
+from infergate.serving.codec import DecodedRequest, decode_request, encode_response, request_timeout_us
+from infergate.serving.protocol import model_config_message, model_metadata_message, model_statistics_message
 
 __all__ = ["EXTENSIONS", "InferenceServicer", "ServerState"]
 

@@ -12,7 +12,9 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from infergate.configfile import Strict
 
 __all__ = [
     "ALGORITHMS",
@@ -44,18 +46,14 @@ DEFAULT_EXEMPT_METHODS: tuple[str, ...] = (
 _DEFAULT_ALGORITHMS: list[Algorithm] = ["RS256", "ES256", "EdDSA"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PublicKeyConfig(_Strict):
+class PublicKeyConfig(Strict):
     """A PEM public key file; ``kid`` matches the token header's ``kid`` (optional)."""
 
     file: Path
     kid: str | None = None
 
 
-class JwksConfig(_Strict):
+class JwksConfig(Strict):
     """A JSON Web Key Set, from a file or an HTTPS URL (fetched off the event loop)."""
 
     file: Path | None = None
@@ -73,7 +71,7 @@ class JwksConfig(_Strict):
         return self
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Strict):
     """JWT bearer-token authentication and per-model permissions."""
 
     enabled: bool = False
@@ -110,7 +108,7 @@ class AuthConfig(_Strict):
         return self
 
 
-class TlsConfig(_Strict):
+class TlsConfig(Strict):
     """TLS on the gRPC port; with ``client_ca_file``, mutual TLS (client certificates required)."""
 
     cert_file: Path
@@ -120,7 +118,7 @@ class TlsConfig(_Strict):
     reload: bool = True
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(Strict):
     """Bounds on what one request or one connection may ask for.
 
     The largest message is ``max_receive_message_bytes`` on the server block.
