@@ -3,8 +3,9 @@
 #
 # How (see /work/shared/TOOLS.md): the binary ships inside the tritonclient 2.50.0
 # wheel; it needs libcudart.so.12 (from the nvidia-cuda-runtime-cu12 wheel, installed
-# into a private --target dir) and Debian's libb64-0d. Run it through scripts/perf_analyzer,
-# which sets LD_LIBRARY_PATH. Re-running skips whatever is already in place.
+# into a private --target dir) and Debian's libb64-0d (unpacked from its .deb by
+# scripts/fetch_deb.sh). Nothing needs root. Run it through scripts/perf_analyzer, which
+# sets LD_LIBRARY_PATH. Re-running skips whatever is already in place.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,16 +56,12 @@ install_cudart() {
 }
 
 install_libb64() {
-    if dpkg-query -W -f='${Status}' libb64-0d 2>/dev/null | grep -q "install ok installed"; then
-        log "libb64-0d already installed"
+    if compgen -G "$DEST/libb64/usr/lib/*/libb64.so.0d" >/dev/null; then
+        log "libb64.so.0d already present"
         return
     fi
-    if ! apt-cache show libb64-0d >/dev/null 2>&1; then
-        log "libb64-0d unknown to apt: running apt-get update"
-        apt-get update -qq
-    fi
-    log "installing libb64-0d"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d >/dev/null
+    # Unpacked from Debian's package into .tools (no root); scripts/perf_analyzer puts it on LD_LIBRARY_PATH.
+    "$ROOT/scripts/fetch_deb.sh" libb64-0d "$DEST/libb64"
 }
 
 install_binary
