@@ -20,7 +20,8 @@ command -v apt-get >/dev/null && command -v dpkg >/dev/null || {
     exit 1
 }
 
-APT=(apt-get -q)
+# As root, apt would hand the download to its _apt user, who cannot write to our temp dir.
+APT=(apt-get -q -o "APT::Sandbox::User=$(id -un)")
 if ! apt-cache show "$PACKAGE" >/dev/null 2>&1; then
     APT+=(-o "Dir::State::Lists=$PRIVATE/lists" -o "Dir::Cache=$PRIVATE/cache" -o "Debug::NoLocking=1")
     if ! apt-cache -o "Dir::State::Lists=$PRIVATE/lists" -o "Dir::Cache=$PRIVATE/cache" \

@@ -25,6 +25,7 @@ import tritonclient.grpc.aio as aiogrpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infergate.demo import write_demo_repository
+from infergate.telemetry.logs import listening_address
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -94,12 +95,13 @@ def launch_server(
         )
     assert process.stdout is not None
     line = process.stdout.readline()
-    if not line.startswith("infergate listening on "):
+    address = listening_address(line)  # text or, with --log-format json, a JSON object
+    if address is None:
         process.kill()
         process.wait()
         process.stdout.close()
         raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
-    server = ServerProcess(process, int(line.rsplit(":", 1)[1]), log_path)
+    server = ServerProcess(process, int(address.rsplit(":", 1)[1]), log_path)
     if wait:
         _wait_serving(server.url, process, log_path)
     return server

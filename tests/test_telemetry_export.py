@@ -4,15 +4,14 @@ The OTLP receiver is a plain gRPC server made from opentelemetry-proto's
 TraceService and MetricsService definitions, started here on 127.0.0.1:0; the
 server process finds it through the standard OTEL_* variables and sends with
 the real OTLP exporter. The scrape is parsed with prometheus_client's parser
-and, where Debian's promtool is installed (``make tools`` installs it when it
-can), linted with ``promtool check metrics``.
+and linted with ``promtool check metrics`` (``make tools`` unpacks Debian's
+promtool into .tools/).
 """
 
 from __future__ import annotations
 
 import json
 import queue
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metric
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from telemetry_support import TRACEPARENT, TRACEPARENT_TRACE_ID
+from tools import PROMTOOL, require
 
 RECEIVE_TIMEOUT = 60.0
 SECRET = "Bearer not-a-real-token-7f3a"
@@ -155,9 +155,8 @@ def test_the_prometheus_endpoint_serves_a_valid_exposition(demo_repository: Path
     assert families["infergate_queue_depth"].type == "gauge"
     assert {"process_cpu_time_seconds", "process_memory_usage_bytes", "infergate_model_loads"} <= set(families)
 
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool is not installed here (make tools installs it where apt-get can)")
-    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    promtool = require(PROMTOOL, "install_promtool.sh")
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 

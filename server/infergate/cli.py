@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Literal
 
 from infergate import __version__
 from infergate.config import ConfigError, ServerConfig, load_server_config
 from infergate.security.config import exposure_warning
-from infergate.server import InferGateServer, run_until_signalled
+from infergate.server import InferGateServer, check_startable, run_until_signalled
 from infergate.telemetry import configure_logging
+from infergate.telemetry.logs import announcement
 from infergate.workers import supervise
 
 __all__ = ["main"]
+
+LogFormat = Literal["text", "json"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--load-model", action="append", help="explicit mode: a model to load at start (repeatable; '*' for all)"
     )
+    serve.add_argument(
+        "--health-port",
+        type=int,
+        help="also serve grpc.health.v1, plaintext and without auth, on this port (for probes when TLS is on)",
+    )
     serve.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo-repository", help="write the demo models (built locally) to DIR")
@@ -66,38 +76,22 @@ def _demo_repository(directory: Path) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    fmt: LogFormat = args.log_format or "text"  # until the config file says otherwise
     try:
-        config = load_server_config(
-            args.config,
-            {
-                "model_repository": args.model_repository,
-                "host": args.host,
-                "port": args.port,
-                "shutdown_grace_seconds": args.shutdown_grace_seconds,
-                "log_level": args.log_level,
-                "workers": args.workers,
-                "reuse_port": args.reuse_port,
-                "model_control_mode": args.model_control_mode,
-                "repository_poll_seconds": args.repository_poll_secs,
-                "load_models": args.load_model,
-                "telemetry": {"metrics_port": args.metrics_port, "traces": args.traces},
-                "logging": {"format": args.log_format},
-            },
-        )
+        config = _load_config(args)
     except ConfigError as exc:
-        print(f"infergate: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), fmt, 2)
+    fmt = config.logging.format
     if config.model_repository is None:
-        print("infergate: --model-repository (or model_repository in --config) is required", file=sys.stderr)
-        return 2
+        return _fail("--model-repository (or model_repository in --config) is required", fmt, 2)
     if config.workers > 1 and config.telemetry.metrics_port:
-        print("infergate: --metrics-port serves one process; it cannot be combined with --workers yet", file=sys.stderr)
-        return 2
-    configure_logging(config.log_level, config.logging.format)
+        return _fail("--metrics-port serves one process; it cannot be combined with --workers yet", fmt, 2)
+    configure_logging(config.log_level, fmt)
     if (warning := exposure_warning(config.host, config.auth)) is not None:
-        print(f"infergate: {warning}", file=sys.stderr, flush=True)
+        _say(warning, fmt, logging.WARNING)
     try:
         if config.workers > 1:
+            check_startable(config)  # once here, not once per worker
             return asyncio.run(
                 supervise(
                     config.host,
@@ -105,16 +99,48 @@ def _serve(args: argparse.Namespace) -> int:
                     config.workers,
                     _worker_args(args),
                     grace=config.shutdown_delay_seconds + config.shutdown_grace_seconds,
+                    log_format=fmt,
                 )
             )
         asyncio.run(_serve_async(config))
     except ConfigError as exc:  # keys and certificates are read when the server is built
-        print(f"infergate: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), fmt, 2)
     except (OSError, RuntimeError) as exc:
-        print(f"infergate: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), fmt, 1)
     return 0
+
+
+def _load_config(args: argparse.Namespace) -> ServerConfig:
+    return load_server_config(
+        args.config,
+        {
+            "model_repository": args.model_repository,
+            "host": args.host,
+            "port": args.port,
+            "shutdown_grace_seconds": args.shutdown_grace_seconds,
+            "log_level": args.log_level,
+            "workers": args.workers,
+            "reuse_port": args.reuse_port,
+            "model_control_mode": args.model_control_mode,
+            "repository_poll_seconds": args.repository_poll_secs,
+            "load_models": args.load_model,
+            "health_port": args.health_port,
+            "telemetry": {"metrics_port": args.metrics_port, "traces": args.traces},
+            "logging": {"format": args.log_format},
+        },
+    )
+
+
+def _say(message: str, fmt: LogFormat, level: int) -> None:
+    """One line on stderr: ``infergate: message``, or a JSON object when logs are JSON."""
+    text = f"infergate: {message}" if fmt == "text" else message
+    print(announcement(text, fmt, level), file=sys.stderr, flush=True)
+
+
+def _fail(message: str, fmt: LogFormat, code: int) -> int:
+    """Report why the server cannot run, once, and return the exit status."""
+    _say(message, fmt, logging.ERROR)
+    return code
 
 
 def _worker_args(args: argparse.Namespace) -> list[str]:
@@ -128,6 +154,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         "--model-control-mode": args.model_control_mode,
         "--repository-poll-secs": args.repository_poll_secs,
         "--log-format": args.log_format,
+        "--health-port": args.health_port,
     }
     out = [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
     out += [item for model in args.load_model or () for item in ("--load-model", model)]

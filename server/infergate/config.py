@@ -60,6 +60,10 @@ class ServerConfig(Strict):
     repository_poll_seconds: Annotated[float, Field(gt=0, le=86_400)] = 15.0
     # explicit mode: models loaded at start (Triton's --load-model); "*" loads every model.
     load_models: list[str] = []
+    # grpc.health.v1 alone on a second, plaintext port without auth (serving/health_port.py): for
+    # probes that cannot speak TLS or send a token (the kubelet's). Bound on health_host (default: host).
+    health_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    health_host: str | None = None
     telemetry: TelemetryConfig = TelemetryConfig()
     logging: LoggingConfig = LoggingConfig()
     # Security and hardening (security_config.py, docs/security.md).

@@ -32,10 +32,12 @@ from infergate.security.interceptor import build_interceptors
 from infergate.security.keys import KeyStore, build_key_store
 from infergate.security.tls import server_credentials
 from infergate.serving.admin import ADMIN_SERVICE_NAME, AdminServicer
+from infergate.serving.health_port import HealthPort
 from infergate.serving.servicer import InferenceServicer, ServerState
-from infergate.telemetry import Telemetry
+from infergate.telemetry import Telemetry, check_exporters
+from infergate.telemetry.logs import HEALTH, LISTENING, METRICS, announcement
 
-__all__ = ["SERVICE_NAME", "InferGateServer"]
+__all__ = ["SERVICE_NAME", "InferGateServer", "check_startable"]
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +105,13 @@ class InferGateServer:
         )
         apb_grpc.add_InferGateAdminServicer_to_server(AdminServicer(self.repository), self._server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._health_port = (
+            HealthPort(self._health, reuse_port=config.reuse_port) if config.health_port is not None else None
+        )
         services = (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self._server, pool=_reflection_pool())
         self.port = 0
+        self.health_port: int | None = None
 
     async def start(self) -> int:
         """Bind and start serving; models load afterwards (see ``load_models``). Returns the port."""
@@ -121,6 +127,10 @@ class InferGateServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._health_port is not None and self.config.health_port is not None:
+            host = self.config.health_host or self.config.host
+            self.health_port = await self._health_port.start(host, self.config.health_port)
+            log.info("health on %s:%d (plaintext, grpc.health.v1 only)", host, self.health_port)
         self.shadows.start()
         self.telemetry.start()
         await self._server.start()
@@ -181,6 +191,8 @@ class InferGateServer:
             log.info("NOT_SERVING; still serving for %.1fs", self.config.shutdown_delay_seconds)
             await asyncio.sleep(self.config.shutdown_delay_seconds)
         await self._server.stop(grace)
+        if self._health_port is not None:
+            await self._health_port.stop(0)  # probes saw NOT_SERVING for the whole drain
         await self.shadows.aclose()
         await self.repository.aclose(timeout=grace)
         if self._keys is not None:
@@ -189,13 +201,30 @@ class InferGateServer:
         log.info("stopped")
 
 
+def check_startable(config: ServerConfig) -> None:
+    """Raise ConfigError for what ``InferGateServer(config)`` would refuse: keys, certificates, exporters.
+
+    For ``--workers``: the supervisor checks once, so a bad file is reported once, not by every worker.
+    """
+    if config.auth.enabled:
+        build_key_store(config.auth).close()
+    if config.tls is not None:
+        server_credentials(config.tls)
+    check_exporters(config.telemetry)
+
+
 async def run_until_signalled(server: InferGateServer, stop: asyncio.Event) -> None:
     """Start, load, serve until ``stop`` is set, then drain."""
     await server.start()
-    print(f"infergate listening on {server.config.host}:{server.port}", flush=True)
+    fmt = server.config.logging.format
+    address = f"{server.config.host}:{server.port}"
+    print(announcement(LISTENING + address, fmt, address=address), flush=True)
     if server.telemetry.metrics_port is not None:
-        host, port = server.config.telemetry.metrics_host, server.telemetry.metrics_port
-        print(f"infergate metrics on http://{host}:{port}/metrics", flush=True)
+        url = f"http://{server.config.telemetry.metrics_host}:{server.telemetry.metrics_port}/metrics"
+        print(announcement(METRICS + url, fmt, url=url), flush=True)
+    if server.health_port is not None:
+        health_address = f"{server.config.health_host or server.config.host}:{server.health_port}"
+        print(announcement(HEALTH + health_address, fmt, address=health_address), flush=True)
     loader = asyncio.create_task(server.load_models())
     await stop.wait()
     if not loader.done():

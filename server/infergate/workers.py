@@ -19,6 +19,9 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
+
+from infergate.telemetry.logs import LISTENING, announcement, listening_address
 
 __all__ = ["supervise"]
 
@@ -47,7 +50,7 @@ async def _start(worker: _Worker, command: list[str]) -> None:
     process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
     assert process.stdout is not None
     line = (await process.stdout.readline()).decode()
-    if not line.startswith("infergate listening on "):
+    if listening_address(line) is None:
         await process.wait()
         raise RuntimeError(f"worker {worker.index} failed to start (exit {process.returncode})")
     worker.process = process
@@ -89,7 +92,14 @@ async def _stop(workers: list[_Worker], grace: float) -> bool:
     return all(w.process is not None and w.process.returncode == 0 for w in workers)
 
 
-async def supervise(host: str, port: int, count: int, worker_args: list[str], grace: float) -> int:
+async def supervise(
+    host: str,
+    port: int,
+    count: int,
+    worker_args: list[str],
+    grace: float,
+    log_format: Literal["text", "json"] = "text",
+) -> int:
     """Run ``count`` workers of ``infergate serve <worker_args>`` on one port until signalled."""
     reserved = _reserve_port(host, port)
     port = reserved.getsockname()[1]
@@ -102,7 +112,8 @@ async def supervise(host: str, port: int, count: int, worker_args: list[str], gr
         raise
     finally:
         reserved.close()
-    print(f"infergate listening on {host}:{port}", flush=True)
+    address = f"{host}:{port}"
+    print(announcement(LISTENING + address, log_format, address=address), flush=True)
     log.info("%d workers serving on %s:%d", count, host, port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ See docs/observability.md for the metric names and the exporter variables.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from wsgiref.simple_server import WSGIServer
 
@@ -36,15 +37,23 @@ from infergate.telemetry.providers import (
     build_meter_provider,
     build_resource,
     build_tracer_provider,
+    check_trace_exporters,
     otlp_metrics_requested,
     sdk_disabled,
+    traces_requested,
 )
 
-__all__ = ["ServerMetrics", "Telemetry", "configure_logging"]
+__all__ = ["ServerMetrics", "Telemetry", "check_exporters", "configure_logging"]
 
 log = logging.getLogger(__name__)
 
 _SCOPE = "infergate"
+
+
+def check_exporters(config: TelemetryConfig) -> None:
+    """Raise ConfigError for an exporter ``from_config`` would refuse (checked without building one)."""
+    if not sdk_disabled() and (config.traces or os.environ.get("OTEL_TRACES_EXPORTER", "").strip()):
+        check_trace_exporters()
 
 
 class Telemetry:
@@ -85,11 +94,13 @@ class Telemetry:
     def from_config(cls, config: TelemetryConfig, *, access_log: bool = False) -> Telemetry:
         """Providers as ``config`` and the OTEL_* variables ask (none at all when everything is off)."""
         wants_metrics = config.metrics or config.metrics_port is not None or otlp_metrics_requested()
-        if sdk_disabled() or not (config.traces or wants_metrics):
+        wants_traces = config.traces or traces_requested()
+        check_exporters(config)
+        if sdk_disabled() or not (wants_traces or wants_metrics):
             return cls(config, access_log=access_log)
         resource = build_resource()
         # Roots are sampled by the interceptor (TelemetryInterceptor.samples_root), so the SDK keeps what it starts.
-        tracer_provider = build_tracer_provider(1.0, resource) if config.traces else None
+        tracer_provider = build_tracer_provider(1.0, resource) if wants_traces else None
         registry = CollectorRegistry(auto_describe=True) if config.metrics_port is not None else None
         histograms = Histograms(_SCOPE)
         meter_provider = build_meter_provider(resource, histograms, registry) if wants_metrics else None
@@ -101,6 +112,11 @@ class Telemetry:
             prometheus=registry,
             access_log=access_log,
         )
+
+    @property
+    def tracing(self) -> bool:
+        """Spans are made (``telemetry.traces``, or OTEL_TRACES_EXPORTER naming an exporter)."""
+        return self._tracer_provider is not None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [self._interceptor] if self._interceptor is not None else []

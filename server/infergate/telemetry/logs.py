@@ -17,8 +17,22 @@ from typing import Any, Literal, TextIO
 
 from opentelemetry import trace
 
-__all__ = ["JsonFormatter", "TextFormatter", "TraceContextFilter", "configure_logging"]
+__all__ = [
+    "HEALTH",
+    "LISTENING",
+    "METRICS",
+    "JsonFormatter",
+    "TextFormatter",
+    "TraceContextFilter",
+    "announcement",
+    "configure_logging",
+    "listening_address",
+]
 
+# The lines infergate prints to stdout once its ports are bound (tests, --workers and scripts read them).
+LISTENING = "infergate listening on "
+METRICS = "infergate metrics on "
+HEALTH = "infergate health on "
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is a field.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -81,3 +95,30 @@ def configure_logging(level: str, fmt: Literal["text", "json"], stream: TextIO |
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def announcement(message: str, fmt: Literal["text", "json"], level: int = logging.INFO, **fields: object) -> str:
+    """One line for stdout or stderr outside the logging tree: ``message`` as is, or as a JSON log object.
+
+    With ``fmt == "json"`` the line has the keys of :class:`JsonFormatter` (logger ``infergate``) plus
+    ``fields``, so a log shipper that expects one JSON object per line can read every line.
+    """
+    if fmt == "text":
+        return message
+    record = logging.LogRecord("infergate", level, __file__, 0, message, None, None)
+    record.__dict__.update(fields, trace_id="", span_id="")
+    return JsonFormatter().format(record)
+
+
+def listening_address(line: str) -> str | None:
+    """``host:port`` from a "listening on" line in either format; None for any other line."""
+    text = line.strip()
+    if text.startswith("{"):
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            return None
+        text = str(entry.get("message", "")) if isinstance(entry, dict) else ""
+    if not text.startswith(LISTENING):
+        return None
+    return text[len(LISTENING) :].split()[0]

@@ -4,6 +4,9 @@ Exporters are chosen the way every OpenTelemetry SDK chooses them:
 
 * ``OTEL_TRACES_EXPORTER``: ``otlp`` (the default), ``console`` or ``none`` (spans
   are made, for logs and links, but not sent); a comma-separated list is allowed.
+  Set explicitly to ``otlp`` or ``console``, it turns traces on by itself, as the
+  OpenTelemetry conventions have it (``traces_requested``). ``console`` writes one
+  JSON object per span and line to stdout.
 * ``OTEL_METRICS_EXPORTER``: ``otlp`` turns metrics on and pushes them; unlike the
   SDK's default it is off unless set, because the Prometheus endpoint is the usual way.
 * ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or the ``_TRACES_``/``_METRICS_`` forms):
@@ -52,9 +55,13 @@ __all__ = [
     "build_meter_provider",
     "build_resource",
     "build_tracer_provider",
+    "check_trace_exporters",
     "otlp_metrics_requested",
     "sdk_disabled",
+    "traces_requested",
 ]
+
+_TRACE_EXPORTERS = ("otlp", "console", "none")
 
 SPAN_QUEUE_SIZE = 4096  # spans waiting for export; beyond this they are dropped
 
@@ -66,6 +73,20 @@ def sdk_disabled() -> bool:
 def otlp_metrics_requested() -> bool:
     """OTEL_METRICS_EXPORTER names otlp (which also turns metrics on)."""
     return "otlp" in _names("OTEL_METRICS_EXPORTER", "none")
+
+
+def traces_requested() -> bool:
+    """OTEL_TRACES_EXPORTER names a real exporter (otlp, console): traces are on even without --traces."""
+    return any(name in ("otlp", "console") for name in _names("OTEL_TRACES_EXPORTER", "none"))
+
+
+def check_trace_exporters() -> list[str]:
+    """The OTEL_TRACES_EXPORTER names (default otlp); ConfigError on one infergate cannot export to."""
+    names = _names("OTEL_TRACES_EXPORTER", "otlp")
+    for name in names:
+        if name not in _TRACE_EXPORTERS:
+            raise ConfigError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console or none)")
+    return names
 
 
 def build_resource() -> Resource:
@@ -164,13 +185,12 @@ def _protocol(signal: str) -> str:
 
 def _span_exporters() -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
-    for name in _names("OTEL_TRACES_EXPORTER", "otlp"):
+    for name in check_trace_exporters():
         if name == "otlp":
             exporters.append(_otlp_span_exporter())
         elif name == "console":
-            exporters.append(ConsoleSpanExporter())
-        elif name != "none":
-            raise ConfigError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console or none)")
+            # One line per span (the SDK's default is indented JSON), so stdout stays line-oriented.
+            exporters.append(ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n"))
     return exporters
 
 
