@@ -1,11 +1,14 @@
 """The Helm chart (helm/infergate) renders manifests Kubernetes accepts and the server agrees with.
 
 Checked offline: ``helm lint --strict``, ``helm template`` for the default values and for
-ci/full-values.yaml (every option on), the rendered manifests against Kubernetes 1.30's
-schemas (kubernetes-validate --strict), values.schema.json refusing bad values, and the
-contracts between chart and server: probes ask the health services the server reports,
-the grace period outlasts the drain, the rendered server.yaml loads with infergate's own
-validator. ``make test`` installs helm (scripts/install_helm.sh).
+every file in ci/ (full-values.yaml switches every option on; the others one feature each),
+the rendered manifests against Kubernetes 1.30's schemas (kubernetes-validate --strict),
+values.schema.json refusing bad values, and the contracts between chart and server: probes
+ask the health services the server reports (on the plaintext health port when TLS is on),
+metrics listen where Prometheus can scrape, the grace period outlasts the drain, the
+rendered server.yaml loads with infergate's own validator. test_chart_runs.py goes further
+and starts a server from each rendered pod spec. ``make test`` installs helm
+(scripts/install_helm.sh).
 """
 
 from __future__ import annotations
@@ -14,61 +17,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
+from chart import CHART, CI_VALUES, FULL_VALUES, Manifests, container, helm, one, refused, render, server_config_map
 
 from infergate.config import ServerConfig, load_server_config
 from infergate.server import HEALTH_SERVICES, SERVICE_NAME
 
-ROOT = Path(__file__).resolve().parent.parent
-CHART = ROOT / "helm" / "infergate"
-FULL_VALUES = CHART / "ci" / "full-values.yaml"
-HELM = ROOT / ".tools" / "helm" / "helm"
 KUBERNETES_VERSION = "1.30.0"
 BUILT_IN = {"Deployment", "Service", "ConfigMap", "ServiceAccount", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
-
-Manifests = list[dict[str, Any]]
-
-
-def _helm(*args: str) -> subprocess.CompletedProcess[str]:
-    if not HELM.exists():
-        pytest.fail("helm is not installed: run scripts/install_helm.sh (make test does)")
-    return subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60, check=False)
-
-
-def _template_args(values: Path | None, sets: tuple[str, ...]) -> list[str]:
-    args = ["template", "demo", str(CHART), "--namespace", "inference"]
-    if values is not None:
-        args += ["-f", str(values)]
-    for item in sets:
-        args += ["--set", item]
-    return args
-
-
-def render(values: Path | None = None, *sets: str) -> Manifests:
-    result = _helm(*_template_args(values, sets))
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def refused(values: Path | None = None, *sets: str) -> str:
-    """helm template must fail; returns its error output."""
-    result = _helm(*_template_args(values, sets))
-    assert result.returncode != 0, f"helm template accepted {sets}:\n{result.stdout[:2000]}"
-    return result.stderr
-
-
-def one(manifests: Manifests, kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [m for m in manifests if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[m['metadata']['name'] for m in found]}"
-    return found[0]
-
-
-def container(manifests: Manifests) -> dict[str, Any]:
-    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
-    return next(c for c in pod["containers"] if c["name"] == "infergate")
 
 
 def kubernetes_validate(path: Path) -> subprocess.CompletedProcess[str]:
@@ -90,17 +48,17 @@ def validate_built_in(manifests: Manifests, tmp_path: Path) -> None:
 
 def server_yaml(manifests: Manifests, tmp_path: Path) -> ServerConfig:
     path = tmp_path / "server.yaml"
-    path.write_text(one(manifests, "ConfigMap")["data"]["server.yaml"])
+    path.write_text(server_config_map(manifests)["server.yaml"])
     return load_server_config(path, {})
 
 
 # --------------------------------------------------------------------------- lint and validate
 
 
-@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default", "full"])
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=["default", *(v.stem for v in CI_VALUES)])
 def test_the_chart_passes_helm_lint_strict(values: Path | None) -> None:
     args = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
-    result = _helm(*args)
+    result = helm(*args)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -120,8 +78,13 @@ def test_default_values_render_a_valid_deployment_services_config_and_budget(tmp
 def test_full_values_render_every_option_and_kubernetes_accepts_them(tmp_path: Path) -> None:
     manifests = render(FULL_VALUES)
     kinds = {m["kind"] for m in manifests}
-    assert kinds == BUILT_IN | {"ServiceMonitor"}
+    assert kinds == BUILT_IN | {"ServiceMonitor", "PrometheusRule"}
     validate_built_in(manifests, tmp_path)
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[v.stem for v in CI_VALUES])
+def test_every_ci_values_file_renders_manifests_kubernetes_accepts(values: Path, tmp_path: Path) -> None:
+    validate_built_in(render(values), tmp_path)
 
 
 def test_kubernetes_validate_does_reject_a_bad_manifest(tmp_path: Path) -> None:
@@ -156,10 +119,10 @@ def test_probes_ask_grpc_health_for_services_the_server_reports() -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # room for model loading
 
 
-@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["default", "full"])
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=["default", *(v.stem for v in CI_VALUES)])
 def test_pods_get_longer_than_the_prestop_sleep_plus_the_servers_delay_and_drain(values: Path | None) -> None:
     manifests = render(values)
-    server = yaml.safe_load(one(manifests, "ConfigMap")["data"]["server.yaml"])
+    server = yaml.safe_load(server_config_map(manifests)["server.yaml"])
     drain = server.get("shutdown_delay_seconds", 0) + server["shutdown_grace_seconds"]
     sleep = int(container(manifests)["lifecycle"]["preStop"]["exec"]["command"][1])
     grace = one(manifests, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -173,6 +136,53 @@ def test_the_rendered_server_config_loads_with_the_servers_own_validator(tmp_pat
     assert (config.shutdown_grace_seconds, config.strict_readiness) == (20, False)
     assert config.shutdown_delay_seconds == 2  # the chart's default
     assert container(manifests)["args"][:2] == ["--config", "/etc/infergate/server.yaml"]
+
+
+TLS = (
+    "serverConfig.tls.cert_file=/etc/infergate/tls/tls.crt",
+    "serverConfig.tls.key_file=/etc/infergate/tls/tls.key",
+    "tls.secretName=server-tls",
+)
+
+
+def test_with_tls_every_probe_asks_the_plaintext_health_port_on_the_pod_ip(tmp_path: Path) -> None:
+    manifests = render(None, *TLS)
+    server = container(manifests)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == 8003, probe
+    assert {"name": "health", "containerPort": 8003, "protocol": "TCP"} in server["ports"]
+    args = server["args"]
+    assert args[args.index("--health-host") + 1] == "$(POD_IP)"
+    (pod_ip,) = [e for e in server["env"] if e["name"] == "POD_IP"]
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    config = yaml.safe_load(server_config_map(manifests)["server.yaml"])
+    assert config["health_port"] == 8003 and config["tls"]["cert_file"] == "/etc/infergate/tls/tls.crt"
+    assert server_yaml(manifests, tmp_path).health_port == 8003  # a key the server knows
+    services = [m for m in manifests if m["kind"] == "Service"]
+    assert all(p["name"] != "health" for s in services for p in s["spec"]["ports"])  # only the kubelet needs it
+
+
+def test_without_tls_the_probes_ask_the_serving_port_and_no_health_port_is_opened() -> None:
+    manifests = render()
+    server = container(manifests)
+    assert {server[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {8001}
+    assert "--health-host" not in server["args"] and "env" not in server
+    assert "health_port" not in yaml.safe_load(server_config_map(manifests)["server.yaml"])
+
+
+def test_with_metrics_on_the_server_listens_for_scrapes_on_every_address(tmp_path: Path) -> None:
+    manifests = render(None, "metrics.enabled=true", "serverConfig.telemetry.sample_ratio=0.5")
+    config = server_yaml(manifests, tmp_path)
+    assert config.telemetry.metrics_host == "0.0.0.0"
+    assert config.telemetry.sample_ratio == 0.5  # the user's telemetry keys are kept
+    args = container(manifests)["args"]
+    assert args[args.index("--metrics-port") + 1] == "9464"
+    assert "telemetry" not in yaml.safe_load(server_config_map(render())["server.yaml"])
+
+
+def test_extra_environment_reaches_the_server_container() -> None:
+    env = container(render(None, "env[0].name=OTEL_SERVICE_NAME", "env[0].value=fraud"))["env"]
+    assert env == [{"name": "OTEL_SERVICE_NAME", "value": "fraud"}]
 
 
 def test_pods_run_non_root_with_a_read_only_root_filesystem_and_no_capabilities() -> None:
@@ -207,7 +217,7 @@ def test_a_model_repository_claim_is_mounted_read_only_without_an_init_container
 
 def test_model_configs_are_mounted_where_the_repository_expects_them() -> None:
     manifests = render(FULL_VALUES)
-    configs = one(manifests, "ConfigMap")["data"]
+    configs = server_config_map(manifests)
     assert yaml.safe_load(configs["mlp.yaml"])["max_batch_size"] == 64
     mount = {"name": "config", "mountPath": "/models/mlp/config.yaml", "subPath": "mlp.yaml", "readOnly": True}
     assert mount in container(manifests)["volumeMounts"]
@@ -242,7 +252,7 @@ def test_autoscaling_owns_the_replica_count_and_scales_on_cpu_and_queue_time() -
     assert "replicas" not in one(manifests, "Deployment")["spec"]
     metrics = one(manifests, "HorizontalPodAutoscaler")["spec"]["metrics"]
     assert metrics[0]["resource"]["name"] == "cpu"
-    assert metrics[1]["pods"]["metric"]["name"] == "infergate_queue_time_seconds"
+    assert metrics[1]["pods"]["metric"]["name"] == "infergate_queue_duration_seconds_mean"
     assert "HorizontalPodAutoscaler" not in {m["kind"] for m in render()}
 
 
@@ -265,6 +275,8 @@ def test_the_headless_service_lists_pods_for_client_side_balancing() -> None:
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("service.port=70000", "service.port"),
         ("serverConfig.port=9000", "serverConfig"),  # the chart owns host, port and model_repository
+        ("serverConfig.health_port=9000", "serverConfig"),  # and the health port
+        ("metrics.prometheusRule.errorRatio=2", "errorRatio"),
         ("serverConfig.log_level=loud", "log_level"),
         ("modelRepository.source=s3", "source"),
         ("probes.liveness.periodSeconds=0", "periodSeconds"),

@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="also serve grpc.health.v1, plaintext and without auth, on this port (for probes when TLS is on)",
     )
+    serve.add_argument("--health-host", help="address of the --health-port (default: --host)")
     serve.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo-repository", help="write the demo models (built locally) to DIR")
@@ -125,6 +126,7 @@ def _load_config(args: argparse.Namespace) -> ServerConfig:
             "repository_poll_seconds": args.repository_poll_secs,
             "load_models": args.load_model,
             "health_port": args.health_port,
+            "health_host": args.health_host,
             "telemetry": {"metrics_port": args.metrics_port, "traces": args.traces},
             "logging": {"format": args.log_format},
         },
@@ -155,6 +157,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         "--repository-poll-secs": args.repository_poll_secs,
         "--log-format": args.log_format,
         "--health-port": args.health_port,
+        "--health-host": args.health_host,
     }
     out = [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
     out += [item for model in args.load_model or () for item in ("--load-model", model)]

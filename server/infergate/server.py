@@ -85,6 +85,8 @@ class InferGateServer:
         )
         metrics = self.telemetry.metrics
         self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None)
+        if metrics is not None:
+            metrics.watch_canaries(self._canaries)
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
@@ -157,6 +159,15 @@ class InferGateServer:
         if self.config.model_control_mode == "poll":
             self._poller = asyncio.create_task(self._poll(), name="repository poll")
         return ready
+
+    def _canaries(self) -> list[tuple[str, int, float, str]]:
+        """Each model's canary as the metrics report it; called on a metrics reader's thread."""
+        out = []
+        for name, entry in list(self.repository.entries.items()):
+            canary = entry.router.canary if entry.router is not None else None
+            if canary is not None:
+                out.append((name, canary.version, canary.weight, canary.state))
+        return out
 
     def _startup_models(self) -> list[str] | None:
         if self.config.model_control_mode != "explicit" or "*" in self.config.load_models:

@@ -41,9 +41,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* The server config file: the user's serverConfig plus what the chart owns. */}}
+{{/* "true" when the server config turns TLS on: the probes then use the plaintext health port. */}}
+{{- define "infergate.tls" -}}
+{{- if .Values.serverConfig.tls }}true{{ end }}
+{{- end }}
+
+{{/* The port the kubelet's gRPC probes connect to. */}}
+{{- define "infergate.probePort" -}}
+{{- if include "infergate.tls" . }}{{ .Values.probes.healthPort }}{{ else }}{{ .Values.service.port }}{{ end }}
+{{- end }}
+
+{{/* The server config file: the user's serverConfig plus what the chart owns (the chart's keys win).
+     Metrics listen on every address so Prometheus can scrape the pod; with TLS, health is also
+     served in plaintext on probes.healthPort (its address, the pod IP, comes as --health-host). */}}
 {{- define "infergate.serverConfig" -}}
 {{- $owned := dict "model_repository" "/models" "host" "0.0.0.0" "port" (int .Values.service.port) }}
+{{- if .Values.metrics.enabled }}
+{{- $_ := set $owned "telemetry" (dict "metrics_host" "0.0.0.0") }}
+{{- end }}
+{{- if include "infergate.tls" . }}
+{{- $_ := set $owned "health_port" (int .Values.probes.healthPort) }}
+{{- end }}
 {{- toYaml (merge $owned (deepCopy .Values.serverConfig)) }}
 {{- end }}
 

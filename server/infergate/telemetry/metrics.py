@@ -21,7 +21,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from infergate.telemetry.aggregate import Counter, Histograms
 
-__all__ = ["BATCH_ROWS", "SECONDS", "ServerMetrics"]
+__all__ = ["BATCH_ROWS", "SECONDS", "CanarySource", "ServerMetrics"]
 
 # Sub-millisecond to seconds: a small model answers in 100 µs, a big batch in seconds.
 SECONDS: tuple[float, ...] = (
@@ -29,6 +29,8 @@ SECONDS: tuple[float, ...] = (
 )  # fmt: skip
 BATCH_ROWS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DIFFS: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+# (model, canary version, weight in percent, state: ramping | complete | rolled_back) for each canary.
+CanarySource = Callable[[], Iterable[tuple[str, int, float, str]]]
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -41,6 +43,7 @@ class ServerMetrics:
 
     def __init__(self, meter: Meter, histograms: Histograms):
         self._depths: dict[tuple[str, int], Callable[[], int]] = {}
+        self._canaries: CanarySource | None = None
         self._lock = threading.Lock()  # the depth table is read from the reader's thread
         self._active: dict[str, int] = {}
         self._requests = self._counter(
@@ -85,6 +88,18 @@ class ServerMetrics:
             unit="{request}",
             description="Requests waiting in each model version's queue",
         )
+        meter.create_observable_gauge(
+            "infergate.canary.weight",
+            [self._observe_canary_weights],
+            unit="%",
+            description="Share of a model's unpinned requests its canary version gets now",
+        )
+        meter.create_observable_gauge(
+            "infergate.canary.rolled_back",
+            [self._observe_canary_rollbacks],
+            unit="1",
+            description="1 when a model's canary was rolled back (its limits were breached), else 0",
+        )
         meter.create_observable_counter(
             "process.cpu.time", [_observe_cpu], unit="s", description="CPU time this process used"
         )
@@ -127,6 +142,10 @@ class ServerMetrics:
         with self._lock:
             self._depths[(model, version)] = depth
 
+    def watch_canaries(self, source: CanarySource) -> None:
+        """Report the canaries ``source()`` lists (read on the reader's thread, so it must not block)."""
+        self._canaries = source
+
     # --- for the auth and routing layers ---------------------------------------------------
 
     def record_auth_refusal(self, reason: str) -> None:
@@ -157,6 +176,18 @@ class ServerMetrics:
         with self._lock:
             depths = list(self._depths.items())
         return [Observation(depth(), {"model": m, "model_version": str(v)}) for (m, v), depth in depths]
+
+    def _canary_states(self) -> list[tuple[str, int, float, str]]:
+        return list(self._canaries()) if self._canaries is not None else []
+
+    def _observe_canary_weights(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(w, {"model": m, "model_version": str(v)}) for m, v, w, _ in self._canary_states()]
+
+    def _observe_canary_rollbacks(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(int(state == "rolled_back"), {"model": m, "model_version": str(v)})
+            for m, v, _, state in self._canary_states()
+        ]
 
 
 def _observe_cpu(options: CallbackOptions) -> Iterable[Observation]:
