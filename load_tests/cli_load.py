@@ -42,7 +42,16 @@ def _npy_input(text: str) -> tuple[str, str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True, metavar="HOST:PORT", help="HOST:PORT of the V2 gRPC server")
+    # --url, as infergate-client and tritonclient (-u) spell it; --target is the older spelling, still accepted.
+    p.add_argument(
+        "--url",
+        "-u",
+        dest="target",
+        default="127.0.0.1:8001",
+        metavar="HOST:PORT",
+        help="HOST:PORT of the V2 gRPC server (default 127.0.0.1:8001, as infergate-client)",
+    )
+    p.add_argument("--target", dest="target", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--model", required=True, help="model name, or a weighted mix like mlp:3,matmul16:1")
     p.add_argument("--batch", metavar="N", type=int, default=1, help="batch size of random inputs (default 1)")
     p.add_argument("--duration", metavar="S", type=float, default=10.0, help="measured seconds (default 10)")
@@ -76,7 +85,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="send this array for input NAME instead of random data (repeatable)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs and arrivals (default 0)")
-    p.add_argument("--label", default="", help="name shown in the table (default: target)")
+    p.add_argument("--label", default="", help="name shown in the table (default: the URL)")
     p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="write the runs as JSON")
     p.add_argument("--csv", type=pathlib.Path, metavar="FILE", help="write the runs as CSV")
     p.add_argument("--plot", type=pathlib.Path, metavar="FILE.png", help="plot throughput vs latency")
@@ -94,7 +103,7 @@ def add_load_commands(commands: Any) -> None:
     closed = commands.add_parser(
         "closed",
         help="closed-loop load: N requests in flight (a list sweeps)",
-        description="Keep --concurrency ModelInfer requests in flight against --target, then report requests/s, "
+        description="Keep --concurrency ModelInfer requests in flight against --url, then report requests/s, "
         "samples/s, p50/p90/p99 latency, errors by gRPC status and the generator's own CPU. Only requests "
         "completing inside the measurement window count. Inputs come from ModelMetadata (-1 becomes the batch "
         "size in dimension 0, 1 elsewhere) and are random (fixed seed), or from --input files.",

@@ -25,7 +25,7 @@ perf_analyzer() {
 }
 
 load_tests() {
-    (cd "$ROOT" && "$PYTHON" -m load_tests closed --target "$TARGET" --model "$MODEL" \
+    (cd "$ROOT" && "$PYTHON" -m load_tests closed --url "$TARGET" --model "$MODEL" \
         --concurrency "$CONCURRENCY" --duration "$SECONDS_" --warmup 2 --no-progress --json "$OUT/lt$1.json" \
         $([[ -n "${DEADLINE:-}" ]] || echo --no-deadline) ${LOAD_TESTS_ARGS:-} > "$OUT/lt$1.txt")
     "$PYTHON" - "$OUT/lt$1.json" <<'PY'

@@ -137,7 +137,7 @@ async def test_arrivals_beyond_max_in_flight_are_counted_not_sent() -> None:
 
 def test_the_cli_sweeps_and_writes_json_csv_and_png(ceiling: str, tmp_path: pathlib.Path) -> None:
     out = tmp_path / "sweep"
-    argv = ["closed", "--target", ceiling, "--model", "a", "--concurrency", "1,2", "--duration", "0.3", "--warmup", "0"]
+    argv = ["closed", "--url", ceiling, "--model", "a", "--concurrency", "1,2", "--duration", "0.3", "--warmup", "0"]
     assert main([*argv, "--out", str(out), "--no-deadline"]) == 0
     runs = json.loads((out / "runs.json").read_text())["runs"]
     assert [r["concurrency"] for r in runs] == [1, 2]
