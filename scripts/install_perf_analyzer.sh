@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install Triton's C++ perf_analyzer into .tools/perf_analyzer/ (idempotent).
 #
-# How (see /work/shared/TOOLS.md): the binary ships inside the tritonclient 2.50.0
+# How: the binary ships inside the tritonclient 2.50.0
 # wheel; it needs libcudart.so.12 (from the nvidia-cuda-runtime-cu12 wheel, installed
 # into a private --target dir) and Debian's libb64-0d (unpacked from its .deb by
 # scripts/fetch_deb.sh). Nothing needs root. Run it through scripts/perf_analyzer, which
