@@ -2,6 +2,7 @@
 #   make demo   set everything up, build the demo models locally, serve them on 127.0.0.1:8001
 #               (Prometheus metrics on http://127.0.0.1:8002/metrics)
 #   make test   set everything up (tools included) and run lint, type checks and the whole test suite
+#   make image-test  build the CPU and CUDA images with buildah and smoke-test them (root; minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: demo test lint protos tools bench clean
+.PHONY: demo test lint protos tools bench image-test clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("infergate needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -35,6 +36,11 @@ lint: $(BIN)/.installed
 
 test: tools lint
 	$(BIN)/python -m pytest
+
+# Not part of `make test`: building both images takes minutes (docs/deploy.md has the costs).
+image-test: $(BIN)/.installed
+	scripts/build_image.sh
+	VARIANT=cuda scripts/build_image.sh
 
 protos: $(BIN)/.installed
 	$(BIN)/python scripts/gen_protos.py

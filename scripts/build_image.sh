@@ -3,17 +3,24 @@
 #
 #   scripts/build_image.sh                  # base: a local Debian bookworm made with debootstrap
 #   BASE_IMAGE=python:3.11-slim-bookworm scripts/build_image.sh   # where a registry is reachable
-#   VARIANT=cuda BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04 SMOKE=0 scripts/build_image.sh
+#   VARIANT=cuda scripts/build_image.sh     # onnxruntime-gpu; checks it lists CUDAExecutionProvider
+#   VARIANT=cuda BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04 scripts/build_image.sh
 #
-# Too slow for every CI run (two to five minutes here), so it is a script, not a test; docs/deploy.md
-# records a run. Needs root, buildah, podman and debootstrap (apt-get install -y
-# --no-install-recommends buildah podman debootstrap). Builds use --isolation chroot, the
-# only isolation that works inside an unprivileged container. When no image can be pulled,
-# the base is made locally: debootstrap --variant=minbase bookworm, imported with podman.
-# The smoke test runs in the built image with `buildah run`: `infergate --version`, then
-# scripts/smoke_image.py serves the demo repository (mounted at /models) and answers one
-# ModelInfer; then the same again with the image's root filesystem mounted read-only
-# (needs unshare, i.e. root). A host CA bundle (TLS-intercepting proxy) goes to pip as a build secret.
+# `make image-test` runs it for both variants. Too slow for every CI run (docs/deploy.md records
+# what it costs), so it is a make target, not part of `make test`. Needs root, buildah, podman and
+# debootstrap (apt-get install -y --no-install-recommends buildah podman debootstrap). Builds use
+# --isolation chroot, the only isolation that works inside an unprivileged container. When no
+# image can be pulled, the base is made locally: debootstrap --variant=minbase bookworm,
+# imported with podman.
+#
+# CPU smoke tests (SMOKE=1, the default): in the built image with `buildah run`, `id` and
+# `infergate --version`, then scripts/smoke_image.py serves the demo repository (mounted at
+# /models) and answers one ModelInfer; the same again with the image's root filesystem
+# mounted read-only (needs unshare, i.e. root); then scripts/smoke_image_client.py runs the
+# image's server and calls it from the host with tritonclient, then SIGTERMs it (exit 0).
+# CUDA: `import onnxruntime` in the image must list CUDAExecutionProvider (no GPU needed to
+# build or to check that; running on a GPU needs the CUDA base and a GPU node).
+# A host CA bundle (TLS-intercepting proxy) goes to pip as a build secret.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -97,11 +104,29 @@ smoke_read_only() {
     buildah umount "$CONTAINER" >/dev/null
 }
 
+# The pip package onnxruntime-gpu lists the providers it was built with, whether or not
+# CUDA libraries or a GPU are present, so this check needs neither.
+check_cuda_providers() {
+    CONTAINER="$(buildah from "$TAG")"
+    local providers
+    providers="$(buildah run --isolation chroot "$CONTAINER" -- \
+        python -c 'import onnxruntime; print(",".join(onnxruntime.get_available_providers()))')"
+    log "onnxruntime in $TAG: $providers"
+    if [[ ",$providers," != *",CUDAExecutionProvider,"* ]]; then
+        log "FAILED: CUDAExecutionProvider is missing"
+        exit 1
+    fi
+}
+
 [[ "$BASE_IMAGE" == "$LOCAL_BASE" ]] && make_local_base
 build
 podman image inspect --format 'image {{index .RepoTags 0}}: {{.Size}} bytes' "$TAG"
-if [[ "$SMOKE" == 1 ]]; then
+if [[ "$VARIANT" == cuda ]]; then
+    check_cuda_providers
+elif [[ "$SMOKE" == 1 ]]; then
     smoke
     smoke_read_only
+    log "smoke test from the host: tritonclient to the image's server, then SIGTERM"
+    "$PYTHON" "$ROOT/scripts/smoke_image_client.py" "$TAG"
 fi
 log "OK: $TAG"

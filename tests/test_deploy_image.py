@@ -1,7 +1,8 @@
 """The container image's sources: the Dockerfile lints clean and the pins cover every dependency.
 
-Building the image takes minutes, so it is scripts/build_image.sh (run and
-recorded in docs/deploy.md), not a test. These checks are the fast part.
+Building the images takes minutes, so it is ``make image-test`` (scripts/build_image.sh for
+the CPU and CUDA variants, with smoke tests; its costs are recorded in docs/deploy.md), not
+part of ``make test``. These checks are the fast part.
 """
 
 from __future__ import annotations
