@@ -54,7 +54,7 @@ def _server_pid(root: int) -> int:
         except OSError:
             command = []
         # The console script: [".../python", "/opt/infergate/bin/infergate", "serve", ...] (not buildah's own argv).
-        if len(command) > 2 and b"python" in command[0] and command[1].endswith(b"/infergate") and command[2] == b"serve":
+        if len(command) > 2 and b"python" in command[0] and command[1:3] == [b"/opt/infergate/bin/infergate", b"serve"]:
             return pid
         todo += children.get(pid, [])
     raise RuntimeError(f"no infergate serve process under pid {root}")
