@@ -123,7 +123,11 @@ def _serve_and_call(container: str, models: Path, scratch: Path) -> int:
         print(f"after SIGTERM to the server (pid {pid}) the container exited {code}")
         return code
     finally:
-        if server.poll() is None:
+        if server.poll() is None:  # a failed check: the server outlives a killed `buildah run`, so kill it first
+            try:
+                os.kill(_server_pid(server.pid), signal.SIGKILL)
+            except (RuntimeError, ProcessLookupError):
+                pass
             server.kill()
             server.wait()
         server.stdout.close()
