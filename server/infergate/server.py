@@ -28,11 +28,15 @@ from infergate._proto import model_config_pb2 as mc
 from infergate.config import ServerConfig
 from infergate.repository.loader import ModelRepository
 from infergate.routing.shadow import ShadowQueue
-from infergate.security.interceptor import build_interceptors
+from infergate.security.auth import TokenVerifier
+from infergate.security.interceptor import AuthInterceptor
 from infergate.security.keys import KeyStore, build_key_store
 from infergate.security.tls import server_credentials
 from infergate.serving.admin import ADMIN_SERVICE_NAME, AdminServicer
-from infergate.serving.servicer import InferenceServicer, ServerState
+from infergate.serving.handler import InferenceHandler
+from infergate.serving.interceptors import build_interceptors
+from infergate.serving.request import RequestLimits
+from infergate.serving.servicer import InferenceServicer, Readiness
 from infergate.telemetry import Telemetry
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
@@ -75,21 +79,23 @@ class InferGateServer:
             explicit=config.model_control_mode == "explicit",
         )
         limits = config.limits
-        self.state = ServerState(
-            model_control_mode=config.model_control_mode,
-            max_elements=limits.max_elements_per_tensor,
-            max_rows=limits.max_batch_rows,
-            max_inputs=limits.max_inputs_per_request,
-        )
+        self.readiness = Readiness()
         metrics = self.telemetry.metrics
         self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None)
+        handler = InferenceHandler(
+            self.repository.catalog,
+            RequestLimits(limits.max_elements_per_tensor, limits.max_batch_rows, limits.max_inputs_per_request),
+            self.shadows,
+        )
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
+        auth = None
+        if self._keys is not None:
+            refusals = metrics.record_auth_refusal if metrics else None
+            auth = AuthInterceptor(TokenVerifier(config.auth, self._keys), config.auth.exempt_methods, refusals)
         self._server = grpc.aio.server(
-            interceptors=build_interceptors(
-                config, self._keys, self.telemetry.interceptors(), metrics.record_auth_refusal if metrics else None
-            ),
+            interceptors=build_interceptors(self.telemetry.interceptors(), auth),
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -98,10 +104,10 @@ class InferGateServer:
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.repository, self.state, self.shadows), self._server
-        )
-        apb_grpc.add_InferGateAdminServicer_to_server(AdminServicer(self.repository), self._server)  # type: ignore[no-untyped-call]
+        servicer = InferenceServicer(self.repository, handler, self.readiness, config.model_control_mode)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
+        admin = AdminServicer(self.repository.catalog)
+        apb_grpc.add_InferGateAdminServicer_to_server(admin, self._server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         services = (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self._server, pool=_reflection_pool())
@@ -133,14 +139,14 @@ class InferGateServer:
         Explicit mode loads only ``load_models`` ("*": all) and is ready without models.
         """
         await self.repository.load_all(self._startup_models())
-        failed = self.repository.not_ready() if self.config.model_control_mode != "explicit" else []
+        failed = self.repository.catalog.not_ready() if self.config.model_control_mode != "explicit" else []
         ready = not failed or not self.config.strict_readiness
-        self.state.ready = ready
+        self.readiness.ready = ready
         if ready:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "%d model(s) ready%s; server %s",
-            len(self.repository.entries) - len(failed),
+            len(self.repository.catalog.names()) - len(failed),
             f", failed: {', '.join(failed)}" if failed else "",
             "ready" if ready else "NOT ready (strict readiness)",
         )
@@ -170,7 +176,7 @@ class InferGateServer:
         """Drain and stop: NOT_SERVING, stop accepting, finish in-flight work, close models."""
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
-        self.state.draining = True
+        self.readiness.draining = True
         await self._health.enter_graceful_shutdown()
         if self._poller is not None:
             self._poller.cancel()

@@ -2,8 +2,8 @@
 
 It is generic: it knows nothing of gRPC or onnxruntime. Callers ``submit`` a
 payload with its row count and a *group* key (requests whose non-batch
-dimensions differ must not share a batch). Whenever one of the ``workers``
-instances is free, a batch is formed and handed to ``execute(batch, done)``,
+dimensions differ must not share a batch). Whenever one of the ``instances``
+is free, a batch is formed and handed to ``execute(batch, done)``,
 which runs it elsewhere (a thread) and calls ``done`` on the event loop with
 the results; each caller's future then gets its own result.
 
@@ -40,6 +40,10 @@ Guarantees:
   place of one result.
 * ``aclose`` refuses new work and returns once every queued and running batch
   has finished.
+
+Time comes from a :class:`Clock`: the running event loop's (``loop.time()``
+and ``loop.call_at``) unless one is injected, as the tests do to step time
+by hand.
 """
 
 from __future__ import annotations
@@ -51,16 +55,30 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
 
-__all__ = ["Batch", "BatchPolicy", "Done", "DynamicBatcher", "Execute", "from_coroutine"]
+__all__ = ["Batch", "BatchPolicy", "Clock", "Done", "DynamicBatcher", "Execute", "Timer", "from_coroutine"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 log = logging.getLogger(__name__)
+
+
+class Timer(Protocol):
+    def when(self) -> float: ...
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """Monotonic time in seconds and timers on it; an asyncio event loop is one."""
+
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: object) -> Timer: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +89,7 @@ class BatchPolicy:
     max_queue_delay: float = 0.0  # seconds
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 1024  # waiting requests
-    min_batch_interval: float = 0.0  # seconds between the starts of one worker's batches
+    min_batch_interval: float = 0.0  # seconds between the starts of one instance's batches
 
     def __post_init__(self) -> None:
         if (
@@ -96,8 +114,8 @@ class Batch(Generic[T]):
 
     payloads: list[T]
     payload_rows: list[int]  # rows of each payload, as submitted
-    enqueued: list[float]  # loop.time() of each submit
-    started: float  # loop.time() when the batch was formed
+    enqueued: list[float]  # clock time of each submit
+    started: float  # clock time when the batch was formed
     tags: list[object] = field(default_factory=list)  # each submit's opaque tag (e.g. its trace span)
 
     @property
@@ -153,20 +171,23 @@ def from_coroutine(run: Callable[[Batch[T]], Awaitable[Sequence[R | BaseExceptio
 
 
 class DynamicBatcher(Generic[T, R]):
-    """Forms batches from submitted payloads and runs them on ``workers`` parallel instances."""
+    """Forms batches from submitted payloads and runs them on ``instances`` parallel instances."""
 
-    def __init__(self, execute: Execute[T, R], policy: BatchPolicy, *, workers: int, name: str):
-        if workers < 1:
-            raise ValueError("a batcher needs at least one worker")
+    def __init__(
+        self, execute: Execute[T, R], policy: BatchPolicy, *, instances: int, name: str, clock: Clock | None = None
+    ):
+        if instances < 1:
+            raise ValueError("a batcher needs at least one instance")
         self._execute = execute
         self._policy = policy
         self._name = name
         self._queue: collections.deque[_Entry[T, R]] = collections.deque()
         self._queued_rows = 0
-        self._free = list(range(workers))  # instances with no batch running
-        self._last_start = [-math.inf] * workers  # loop time each instance last started a batch
+        self._free = list(range(instances))  # instances with no batch running
+        self._last_start = [-math.inf] * instances  # clock time each instance last started a batch
         self._running: dict[int, list[_Entry[T, R]]] = {}  # instance -> its batch's entries
-        self._timer: asyncio.TimerHandle | None = None  # wakes a batch that waits to fill
+        self._clock = clock  # the loop's, from start(), unless injected
+        self._timer: Timer | None = None  # wakes a batch that waits to fill
         self._dispatching = False
         self._closing = False
         self._idle = asyncio.Event()  # set when closing and nothing is queued or running
@@ -186,6 +207,8 @@ class DynamicBatcher(Generic[T, R]):
         if self._loop is not None:
             raise RuntimeError(f"batcher {self._name} already started")
         self._loop = asyncio.get_running_loop()
+        if self._clock is None:
+            self._clock = self._loop
 
     async def submit(
         self,
@@ -199,30 +222,30 @@ class DynamicBatcher(Generic[T, R]):
     ) -> R:
         """Queue ``payload`` (``rows`` rows) and wait for its result.
 
-        ``deadline`` is an absolute ``loop.time()``: an entry past it is never executed.
+        ``deadline`` is an absolute clock time: an entry past it is never executed.
         With ``watch`` a timer also fails the caller the moment it passes; pass False when
         something else already does (gRPC cancels a call at its own deadline), because
         a timer per request is a measurable share of a small model's cost. ``tag``
         travels unread to ``Batch.tags``. Raises QueueFull, DeadlineExceeded,
         Unavailable (closing) or whatever ``execute`` raised.
         """
-        if self._closing or self._loop is None:
+        if self._closing or self._loop is None or self._clock is None:
             raise Unavailable(f"model {self._name} is shutting down")
         if rows > self._policy.max_batch_size or rows < 1:
             raise InvalidArgument(f"model {self._name}: {rows} rows, batches hold 1 to {self._policy.max_batch_size}")
         if len(self._queue) >= self._policy.max_queue_size and not self._make_room():
             raise QueueFull(f"model {self._name}: queue full ({self._policy.max_queue_size} requests waiting)")
-        loop = self._loop
-        now = loop.time()
+        clock = self._clock
+        now = clock.time()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"model {self._name}: deadline passed before queueing")
-        future: asyncio.Future[R] = loop.create_future()
+        future: asyncio.Future[R] = self._loop.create_future()
         self._queue.append(_Entry(payload, rows, group, deadline, now, future, tag))
         self._queued_rows += rows
         self._dispatch()
         if deadline is None or not watch:
             return await future
-        timer = loop.call_at(deadline, self._expire, future)
+        timer = clock.call_at(deadline, self._expire, future)
         try:
             return await future
         finally:
@@ -269,37 +292,37 @@ class DynamicBatcher(Generic[T, R]):
 
     def _dispatch(self) -> None:
         """Start batches on free instances while some are ready."""
-        if self._dispatching or self._loop is None:
+        if self._dispatching or self._clock is None:
             return  # a done() called from inside execute(): the loop below goes on
         self._dispatching = True
         try:
-            self._dispatch_ready(self._loop)
+            self._dispatch_ready(self._clock)
         finally:
             self._dispatching = False
         if self._closing and not self._queue and not self._running:
             self._idle.set()
 
-    def _dispatch_ready(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _dispatch_ready(self, clock: Clock) -> None:
         while self._free:
-            now = loop.time()
+            now = clock.time()
             self._sweep_head(now)
             if not self._queue:
                 return
             instance = min(self._free, key=self._last_start.__getitem__)  # the longest idle
             until = self._wait_until(now, self._last_start[instance])
             if until is not None:
-                self._wake_at(loop, until)
+                self._wake_at(clock, until)
                 return
             entries = self._take(now)
             if entries:
                 self._launch(instance, entries, now)
 
-    def _wake_at(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    def _wake_at(self, clock: Clock, when: float) -> None:
         if self._timer is not None:
             if self._timer.when() <= when:
                 return
             self._timer.cancel()
-        self._timer = loop.call_at(when, self._on_timer)
+        self._timer = clock.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

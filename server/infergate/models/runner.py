@@ -25,17 +25,16 @@ import onnxruntime as ort
 
 from infergate.errors import ModelExecutionError
 from infergate.models.config import PROVIDERS, ModelConfig
-from infergate.models.spec import ModelSpec, spec_from_graph
+from infergate.models.spec import ModelSpec, Tensors, spec_from_graph
 from infergate.models.stats import BatchTimings
 
-__all__ = ["ModelLoadError", "OnnxRunner", "Tensors", "collate", "split", "zero_inputs"]
+__all__ = ["ModelLoadError", "OnnxRunner", "collate", "split", "zero_inputs"]
 
 log = logging.getLogger(__name__)
 
 # Niceness of a background (shadow) version's instance threads: the lowest CPU priority.
 BACKGROUND_NICE = 19
 
-Tensors = dict[str, npt.NDArray[Any]]
 
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -11,11 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy.typing as npt
+
 from infergate.models.datatypes import Datatype, from_onnx_type
 
-__all__ = ["DEFAULT_MAX_BATCH_SIZE", "ModelSpec", "TensorSpec", "spec_from_graph"]
+__all__ = ["DEFAULT_MAX_BATCH_SIZE", "ModelSpec", "TensorSpec", "Tensors", "spec_from_graph"]
 
 DEFAULT_MAX_BATCH_SIZE = 64
+
+Tensors = dict[str, npt.NDArray[Any]]  # tensors by name: a request's inputs, a version's outputs
 
 
 @dataclass(frozen=True, slots=True)

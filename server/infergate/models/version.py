@@ -14,8 +14,8 @@ from pathlib import Path
 
 from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
 from infergate.models.config import ModelConfig
-from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner, Tensors
-from infergate.models.spec import ModelSpec
+from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner
+from infergate.models.spec import ModelSpec, Tensors
 from infergate.models.stats import ModelObserver, ModelStats
 
 __all__ = ["ModelVersion", "load_model_version"]
@@ -44,7 +44,7 @@ class ModelVersion:
         self.batcher: DynamicBatcher[Tensors, Tensors] = DynamicBatcher(
             self._execute,
             policy,
-            workers=config.instance_group.count,
+            instances=config.instance_group.count,
             name=f"{self.spec.name}:{self.spec.version}",
         )
 

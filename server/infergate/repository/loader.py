@@ -1,4 +1,4 @@
-"""The model repository: ``ROOT/<model>/<version>/model.onnx`` plus ``ROOT/<model>/config.yaml``.
+"""The write side of the model repository: ``ROOT/<model>/<version>/model.onnx`` plus ``ROOT/<model>/config.yaml``.
 
 Each model's ``version_policy`` picks the versions to serve out of its version
 directories. :meth:`ModelRepository.reconcile` brings one model in line with
@@ -7,77 +7,33 @@ the disk — at start, on every poll, or when an operator asks — and does it
 while the old ones keep serving; then one assignment switches versions and
 router together; replaced versions drain their queue and close in the
 background after their last request. A version that fails to load never
-replaces a good one: the failure shows in :meth:`index` with its reason.
+replaces a good one: the failure shows in the index with its reason.
 
-Lookups (``get``, ``route``) happen on every request and are dictionary reads.
-A request looks its version up and queues on its batcher in one synchronous
-step, so a version switched out of ``versions`` cannot receive new work, and
-its batcher's ``aclose`` waits for what it already holds.
+The read side — every lookup the request path and the read-only RPCs make —
+is :class:`~infergate.repository.catalog.ModelCatalog` (``repository.catalog``),
+which reads the table this module writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
-from infergate.config import ConfigError
-from infergate.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from infergate.configfile import ConfigError
+from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.models.config import ModelConfig, load_model_config
 from infergate.models.runner import ModelLoadError
 from infergate.models.stats import ModelObserver, RepositoryObserver
 from infergate.models.version import ModelVersion, load_model_version
+from infergate.repository.catalog import Fingerprint, ModelCatalog, ModelEntry, ModelState, is_version_name
 from infergate.routing.config import Routing
-from infergate.routing.router import Decision, Router, RoutingError
+from infergate.routing.router import Router, RoutingError
 from infergate.routing.shadow import ShadowStats
 
-__all__ = ["IndexRow", "ModelEntry", "ModelRepository", "ModelState", "Routed", "is_model_name", "is_version_name"]
+__all__ = ["ModelRepository", "is_model_name"]
 
 log = logging.getLogger(__name__)
-
-Fingerprint = tuple[int, int]  # (mtime_ns, size) of a version's model file
-
-
-class ModelState(Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass(frozen=True, slots=True)
-class IndexRow:
-    name: str
-    version: str
-    state: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """Where one inference request goes; ``router`` is fed the outcome (canary) and names the shadow."""
-
-    model: ModelVersion
-    decision: Decision
-    router: Router
-
-
-@dataclass
-class ModelEntry:
-    """A model directory and what became of it."""
-
-    name: str
-    state: ModelState = ModelState.LOADING
-    reason: str = ""
-    versions: dict[int, ModelVersion] = field(default_factory=dict)  # serving; replaced, never mutated
-    router: Router | None = None
-    config: ModelConfig | None = None
-    files: dict[int, Fingerprint] = field(default_factory=dict)  # of the serving versions
-    failed: dict[int, tuple[Fingerprint, str]] = field(default_factory=dict)  # not retried until the file changes
-    shadows: dict[int, ShadowStats] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class ModelRepository:
@@ -96,17 +52,10 @@ class ModelRepository:
         self._observer = observer  # telemetry: load events and each version's observer
         self._explicit = explicit  # models wait for a load request instead of loading when found
         self._entries: dict[str, ModelEntry] = {}
+        self.catalog = ModelCatalog(self._entries)  # the read side, over the same table
         self._drain_timeout = drain_timeout
         self._parallel = parallel
         self._retiring: set[asyncio.Task[None]] = set()
-
-    @property
-    def entries(self) -> dict[str, ModelEntry]:
-        return self._entries
-
-    def not_ready(self) -> list[str]:
-        """Names of the models that are not serving (failed, or still loading)."""
-        return [e.name for e in self._entries.values() if e.state is not ModelState.READY]
 
     def discover(self) -> list[str]:
         """Model directory names under root (hidden ones skipped); new ones get an entry."""
@@ -264,6 +213,8 @@ class ModelRepository:
         shadow = router.routing.shadow if router is not None else None
         for version, model in serving.items():  # a shadow computes only with the CPU the others leave
             model.runner.set_background(shadow is not None and version == shadow.version)
+        if shadow is not None:  # its comparisons are counted across reloads
+            entry.shadows.setdefault(shadow.version, ShadowStats(shadow.version, entry.name))
         retired = [m for v, m in entry.versions.items() if serving.get(v) is not m]
         entry.versions, entry.router = serving, router
         entry.config = config
@@ -311,66 +262,6 @@ class ModelRepository:
         async with entry.lock:
             self._unload(entry, "unloaded")
 
-    # --- lookups, on every request ------------------------------------------------------------
-
-    def _entry(self, name: str) -> ModelEntry:
-        entry = self._entries.get(name)
-        if entry is None:
-            raise NotFound(f"unknown model {name!r}")
-        if not entry.versions:
-            detail = f": {entry.reason}" if entry.reason else ""
-            raise Unavailable(f"model {name!r} is not ready ({entry.state.value}){detail}")
-        return entry
-
-    def get(self, name: str, version: str = "") -> ModelVersion:
-        """The model version a request asks for. Raises NotFound or Unavailable."""
-        entry = self._entry(name)
-        if not version:  # the router's primary: never a shadow or canary the callers are not meant to see
-            return entry.versions[entry.router.primary] if entry.router else entry.versions[max(entry.versions)]
-        return _named_version(entry, version)
-
-    def route(self, name: str, version: str, sticky_key: Callable[[Router], str | None]) -> Routed:
-        """The version that serves one inference request, the decision, and the router that made it.
-
-        ``sticky_key`` reads the request's key for that router (only asked when the request names no version).
-        """
-        entry = self._entry(name)
-        router = entry.router
-        assert router is not None  # set whenever versions are
-        if version:
-            model = _named_version(entry, version)
-            return Routed(model, Decision(model.version, "requested"), router)
-        decision = router.route(None, sticky_key(router))
-        return Routed(entry.versions[decision.version], decision, router)
-
-    def shadow(self, name: str, version: int) -> tuple[ModelVersion, ShadowStats] | None:
-        """The shadow version and its statistics (None if it stopped being served)."""
-        entry = self._entries.get(name)
-        model = entry.versions.get(version) if entry is not None else None
-        if entry is None or model is None:
-            return None
-        return model, entry.shadows.setdefault(version, ShadowStats(version, name))
-
-    def versions(self, name: str) -> list[ModelVersion]:
-        """Every loaded version of a model, oldest first. Raises NotFound or Unavailable."""
-        entry = self._entry(name)
-        return [entry.versions[v] for v in sorted(entry.versions)]
-
-    def index(self, ready_only: bool = False) -> list[IndexRow]:
-        """Every model and version known, with its state and the reason it is not ready."""
-        rows: list[IndexRow] = []
-        for name in sorted(self._entries):
-            entry = self._entries[name]
-            for version in sorted(set(entry.versions) | set(entry.failed)):
-                if version in entry.versions:
-                    # A serving version carries the model's last problem (say, a config not applied).
-                    rows.append(IndexRow(name, str(version), ModelState.READY.value, entry.reason))
-                elif not ready_only:
-                    rows.append(IndexRow(name, str(version), ModelState.UNAVAILABLE.value, entry.failed[version][1]))
-            if not entry.versions and not entry.failed and not ready_only:
-                rows.append(IndexRow(name, "", entry.state.value, entry.reason))
-        return rows
-
     async def aclose(self, timeout: float | None = None) -> None:
         """Drain and close every loaded version (and wait for the ones being retired)."""
         models = [m for e in self._entries.values() for m in e.versions.values()]
@@ -384,19 +275,6 @@ class ModelRepository:
 def is_model_name(text: str) -> bool:
     """A name that can only mean a directory right under the repository root (no paths, no hidden files)."""
     return bool(text) and "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
-
-
-def is_version_name(text: str) -> bool:
-    """A version directory's name: ASCII digits only (str.isdigit() also accepts '²', which int() refuses)."""
-    return text.isascii() and text.isdecimal()
-
-
-def _named_version(entry: ModelEntry, version: str) -> ModelVersion:
-    model = entry.versions.get(int(version)) if is_version_name(version) else None
-    if model is None:
-        loaded = ", ".join(str(v) for v in sorted(entry.versions))
-        raise NotFound(f"model {entry.name!r} has no version {version!r} (loaded: {loaded})")
-    return model
 
 
 def _fingerprints(directory: Path, filename: str) -> dict[int, Fingerprint]:

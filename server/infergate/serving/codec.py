@@ -1,17 +1,18 @@
 """Open Inference Protocol messages to numpy and back, with the request checks.
 
-``decode_request`` turns a ModelInferRequest into validated numpy arrays for a
-model spec: inputs come from ``raw_input_contents`` (read in place with
+:class:`WireRequest` reads a ModelInferRequest once: model, version, id and
+the ``timeout`` parameter at once, the sticky routing key when the router asks
+for it, and the tensors (:func:`decode_request`) for the version that serves
+it. Inputs come from ``raw_input_contents`` (read in place with
 ``np.frombuffer``) or typed ``contents``; every refusal is an InvalidArgument
-whose message names the model and the tensor. ``encode_response`` always
-answers with ``raw_output_contents``.
+whose message names the model and the tensor. :func:`encode_response` always
+answers with ``raw_output_contents`` and says how the request was routed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,18 +27,54 @@ from infergate.models.datatypes import (
     decode_bytes_tensor,
     encode_bytes_tensor,
 )
-from infergate.models.runner import Tensors
-from infergate.models.spec import ModelSpec, TensorSpec
+from infergate.models.spec import ModelSpec, Tensors, TensorSpec
+from infergate.serving.request import DecodedRequest, InferenceResult, RequestLimits
 
-__all__ = ["DecodedRequest", "decode_request", "encode_response", "request_timeout_us"]
+__all__ = [
+    "ROUTE_PARAMETER",
+    "SHADOWED_PARAMETER",
+    "WireRequest",
+    "decode_request",
+    "encode_response",
+    "request_timeout_us",
+]
+
+# Response parameters that tell the caller how its request was routed.
+ROUTE_PARAMETER = "infergate_route"
+SHADOWED_PARAMETER = "infergate_shadowed"
+
+Metadata = Callable[[], Sequence[tuple[str, str | bytes]] | None]  # a call's invocation_metadata
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedRequest:
-    inputs: Tensors
-    rows: int  # the batch dimension (1 for a model that does not batch)
-    group: Hashable  # requests with equal groups may share a batch
-    outputs: tuple[str, ...]  # requested output names; empty: all
+class WireRequest:
+    """A ModelInferRequest as the handler's :class:`~infergate.serving.request.InferenceRequest`."""
+
+    __slots__ = ("_metadata", "id", "message", "model", "timeout_us", "version")
+
+    def __init__(self, message: pb.ModelInferRequest, metadata: Metadata):
+        self.message = message
+        self.model: str = message.model_name
+        self.version: str = message.model_version
+        self.id: str = message.id
+        self.timeout_us = request_timeout_us(message)
+        self._metadata = metadata  # read only when a sticky header is configured
+
+    def routing_key(self, header: str | None, parameter: str | None) -> str | None:
+        if header is not None:
+            for key, value in self._metadata() or ():
+                if key == header:
+                    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+            return None
+        if parameter is not None and parameter in self.message.parameters:
+            given = self.message.parameters[parameter]
+            choice = given.WhichOneof("parameter_choice")
+            return str(getattr(given, choice)) if choice else None
+        return None
+
+    def decode(self, spec: ModelSpec, limits: RequestLimits) -> DecodedRequest:
+        return decode_request(
+            self.message, spec, limits.max_elements, max_rows=limits.max_rows, max_inputs=limits.max_inputs
+        )
 
 
 def decode_request(
@@ -188,26 +225,28 @@ def request_timeout_us(request: pb.ModelInferRequest) -> int | None:
     return int(value)
 
 
-def encode_response(
-    request: pb.ModelInferRequest, spec: ModelSpec, outputs: Tensors, requested: tuple[str, ...]
-) -> pb.ModelInferResponse:
-    """Build the response: the requested outputs (all when none named), raw little-endian."""
-    names = requested or tuple(outputs)
+def encode_response(result: InferenceResult) -> pb.ModelInferResponse:
+    """Build the response: the requested outputs (all when none named), raw little-endian,
+    and the routing decision as the ``infergate_route``/``infergate_shadowed`` parameters."""
+    spec, outputs = result.spec, result.outputs
     tensors = []
     raw = []
     Output = pb.ModelInferResponse.InferOutputTensor
-    for name in names:
+    for name in result.requested or tuple(outputs):
         array = outputs[name]
         datatype = spec.output_by_name[name].datatype
         tensors.append(Output(name=name, datatype=datatype.name, shape=array.shape))
         raw.append(encode_bytes_tensor(array) if datatype.name == BYTES else _raw_bytes(array, datatype))
-    return pb.ModelInferResponse(
+    response = pb.ModelInferResponse(
         model_name=spec.name,
         model_version=str(spec.version),
-        id=request.id,
+        id=result.id,
         outputs=tensors,
         raw_output_contents=raw,
     )
+    response.parameters[ROUTE_PARAMETER].string_param = result.decision.arm
+    response.parameters[SHADOWED_PARAMETER].bool_param = result.decision.shadow is not None
+    return response
 
 
 def _raw_bytes(array: npt.NDArray[Any], datatype: Datatype) -> bytes:

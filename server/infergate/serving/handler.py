@@ -1,0 +1,97 @@
+"""The inference handler: route → infer → record → mirror, for one request, with no transport.
+
+The servicer reads the wire message into an
+:class:`~infergate.serving.request.InferenceRequest` and encodes the
+:class:`~infergate.serving.request.InferenceResult`; everything between is
+here and knows no gRPC:
+
+1. **route**: the catalog picks the version (and resolves the shadow copy's target);
+2. **decode**: the request's tensors, checked against that version's spec;
+3. **infer**: the version's batcher queues them and its runner executes the batch;
+4. **record**: the outcome goes to the version's statistics and to the router (canary);
+5. **mirror**: when routing chose to, the same inputs are offered to the shadow
+   version, after the answer is ready; that never waits and never fails the caller.
+
+Unary ModelInfer and every request of a ModelStreamInfer stream go through
+:meth:`InferenceHandler.infer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+from infergate.errors import Cancelled, InvalidArgument, NotFound
+from infergate.models.spec import Tensors
+from infergate.repository.catalog import ModelCatalog, Routed, ShadowTarget
+from infergate.routing.shadow import ShadowJob, ShadowQueue
+from infergate.serving.request import DecodedRequest, InferenceRequest, InferenceResult, RequestLimits
+
+__all__ = ["InferenceHandler"]
+
+# Errors that say something about the request, not about the version that served it (canary judgement).
+_CALLER_ERRORS = (InvalidArgument, NotFound, Cancelled)
+
+
+class InferenceHandler:
+    """Serves inference requests from the models in ``catalog``."""
+
+    def __init__(self, catalog: ModelCatalog, limits: RequestLimits, shadows: ShadowQueue):
+        self._catalog = catalog
+        self._limits = limits
+        self._shadows = shadows
+
+    async def infer(self, request: InferenceRequest, remaining: float | None) -> InferenceResult:
+        """Run ``request``; ``remaining`` is the caller's deadline in seconds from now, if any.
+
+        Raises the :class:`~infergate.errors.InferGateError` that says what went wrong.
+        """
+        routed = self._catalog.route(request.model, request.version, request)
+        started = time.perf_counter_ns()
+        error: Exception | None = None
+        try:
+            decoded = request.decode(routed.model.spec, self._limits)
+            outputs = await self._run(routed, decoded, request.timeout_us, remaining)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            _record(routed, error, time.perf_counter_ns() - started)
+        if routed.shadow is not None:
+            self._mirror(routed.shadow, decoded, outputs)
+        return InferenceResult(routed.model.spec, outputs, decoded.outputs, routed.decision, request.id)
+
+    @staticmethod
+    async def _run(routed: Routed, decoded: DecodedRequest, timeout_us: int | None, remaining: float | None) -> Tensors:
+        model = routed.model
+        deadline, server_side = _deadline(remaining, timeout_us, model.default_timeout_s)
+        # gRPC cancels the call at its own deadline; the batcher times only server-side timeouts.
+        return await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, watch=server_side)
+
+    def _mirror(self, shadow: ShadowTarget, decoded: DecodedRequest, outputs: Tensors) -> None:
+        """Queue the same inputs for the shadow version; never waits, never fails the caller."""
+        call = functools.partial(shadow.model.infer, decoded.inputs, decoded.rows, decoded.group, None)
+        job = ShadowJob(call, outputs, shadow.stats, shadow.spec.timeout_seconds, shadow.spec.max_busy_fraction)
+        self._shadows.offer(job, limit=shadow.spec.queue_size)
+
+
+def _record(routed: Routed, error: Exception | None, elapsed_ns: int) -> None:
+    """Count one finished request in its version's statistics and feed the router's canary."""
+    routed.model.stats.record_request(error is None, elapsed_ns)
+    # The canary is judged on what it did wrong, not on bad requests.
+    served_ok = error is None or isinstance(error, _CALLER_ERRORS)
+    routed.router.observe(routed.decision, served_ok, elapsed_ns / 1e9)
+
+
+def _deadline(remaining: float | None, timeout_us: int | None, default_s: float | None) -> tuple[float | None, bool]:
+    """Absolute loop time by which the request must have run (the tightest of the gRPC
+    deadline, the ``timeout`` parameter and the model's default timeout), and whether
+    that limit is a server-side one (which nothing but the batcher enforces)."""
+    server = timeout_us / 1e6 if timeout_us else default_s
+    if remaining is None and server is None:
+        return None, False
+    server_side = server is not None and (remaining is None or server < remaining)
+    limit = server if server_side else remaining
+    assert limit is not None
+    return asyncio.get_running_loop().time() + limit, server_side
