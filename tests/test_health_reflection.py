@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import onnx
 import pytest
-from conftest import ServerProcess, running_server
+from conftest import ServerProcess, running_server, wait_until
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -140,17 +140,22 @@ def _wait_until_tried(stub: Any, model: str) -> str:
     """Ask until ``model`` has left LOADING; returns why it is unavailable.
 
     The server has no event for "loading finished" when strict readiness keeps it
-    NOT_SERVING, so this asks (each answer is one cheap RPC, no sleeping).
+    NOT_SERVING, so this asks ModelMetadata (one cheap RPC per poll).
     """
-    while True:
+    reason = ""
+
+    def tried() -> bool:
+        nonlocal reason
         try:
             stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=HANG_GUARD_S)
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
-            if "LOADING" not in exc.details():
-                return str(exc.details())
-        else:
-            raise AssertionError(f"model {model} loaded")
+            reason = str(exc.details())
+            return "LOADING" not in reason
+        raise AssertionError(f"model {model} loaded")
+
+    wait_until(tried, f"model {model} to finish loading")
+    return reason
 
 
 def test_with_strict_readiness_a_failed_model_keeps_the_server_not_serving(tmp_path: Path, log_dir: Path) -> None:

@@ -132,12 +132,10 @@ def _scrape(url: str) -> str:
 def test_the_prometheus_endpoint_serves_a_valid_exposition(demo_repository: Path, log_dir: Path) -> None:
     server = launch_server(demo_repository, log_dir, "--metrics-port", "0")
     try:
-        assert server.process.stdout is not None
-        line = server.process.stdout.readline()
-        assert line.startswith("infergate metrics on http://127.0.0.1:"), line
+        assert server.metrics_url is not None and server.metrics_url.startswith("http://127.0.0.1:")
         for _ in range(3):
             _infer(server.url)
-        text = _scrape(line.split(" on ", 1)[1].strip())
+        text = _scrape(server.metrics_url)
     finally:
         _stop(server)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from conftest import launch_server
+from conftest import launch_server, wait_until
 
 
 def _worker_pids(log: str) -> dict[int, int]:
@@ -36,30 +35,23 @@ def _infer_on_fresh_channels(url: str, count: int) -> None:
         client.close()
 
 
-def _wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)  # waiting on another process's log: no event to wait on
-
-
 def test_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm(
     demo_repository: Path, log_dir: Path
 ) -> None:
     server = launch_server(demo_repository, log_dir, "--workers", "2", wait=False)
     try:
-        _wait_for(lambda: len(_worker_pids(server.log())) == 2)
+        wait_until(lambda: len(_worker_pids(server.log())) == 2, "two workers started")
         for pid in _worker_pids(server.log()).values():
-            _wait_for(lambda pid=pid: _ready(server.log(), pid))
+            wait_until(lambda pid=pid: _ready(server.log(), pid), f"worker {pid} ready")
         _infer_on_fresh_channels(server.url, 10)
 
         crashed = _worker_pids(server.log())[0]
         os.kill(crashed, signal.SIGKILL)
-        _wait_for(lambda: "worker 0 restarted" in server.log())
+        wait_until(lambda: "worker 0 restarted" in server.log(), "worker 0 restarted")
         replacement = _worker_pids(server.log())[0]
         assert replacement != crashed
         # Its models load again before it may serve: wait for its own "ready" line.
-        _wait_for(lambda: _ready(server.log(), replacement))
+        wait_until(lambda: _ready(server.log(), replacement), "the replacement worker ready")
         _infer_on_fresh_channels(server.url, 10)
         live = list(_worker_pids(server.log()).values())
     finally:
