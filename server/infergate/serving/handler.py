@@ -32,6 +32,8 @@ __all__ = ["InferenceHandler"]
 
 # Errors that say something about the request, not about the version that served it (canary judgement).
 _CALLER_ERRORS = (InvalidArgument, NotFound, Cancelled)
+# A cancellation this close to the call's deadline is the deadline's doing (gRPC's timer and ours differ slightly).
+_EXPIRY_SLACK_NS = 5_000_000
 
 
 class InferenceHandler:
@@ -47,17 +49,18 @@ class InferenceHandler:
 
         Raises the :class:`~infergate.errors.InferGateError` that says what went wrong.
         """
-        routed = self._catalog.route(request.model, request.version, request)
         started = time.perf_counter_ns()
-        error: Exception | None = None
+        expires = None if remaining is None else started + int(remaining * 1e9)
+        routed = self._catalog.route(request.model, request.version, request)
+        error: BaseException | None = None
         try:
             decoded = request.decode(routed.model.spec, self._limits)
             outputs = await self._run(routed, decoded, request.timeout_us, remaining)
-        except Exception as exc:
+        except BaseException as exc:  # a cancelled call (CancelledError) is an outcome too: never a success
             error = exc
             raise
         finally:
-            _record(routed, error, time.perf_counter_ns() - started)
+            _record(routed, error, started, expires)
         if routed.shadow is not None:
             self._mirror(routed.shadow, decoded, outputs)
         return InferenceResult(routed.model.spec, outputs, decoded.outputs, routed.decision, request.id)
@@ -76,10 +79,19 @@ class InferenceHandler:
         self._shadows.offer(job, limit=shadow.spec.queue_size)
 
 
-def _record(routed: Routed, error: Exception | None, elapsed_ns: int) -> None:
-    """Count one finished request in its version's statistics and feed the router's canary."""
+def _record(routed: Routed, error: BaseException | None, started_ns: int, expires_ns: int | None) -> None:
+    """Count one finished request in its version's statistics and feed the router's canary.
+
+    Only an answered request is a success. The canary is judged on what the
+    version did: a bad request is not its fault, and a call its client gave
+    up on before the deadline says nothing either way; a call whose deadline
+    passed (gRPC cancels it then) counts against the version that was too slow.
+    """
+    now = time.perf_counter_ns()
+    elapsed_ns = now - started_ns
     routed.model.stats.record_request(error is None, elapsed_ns)
-    # The canary is judged on what it did wrong, not on bad requests.
+    if isinstance(error, asyncio.CancelledError) and (expires_ns is None or now < expires_ns - _EXPIRY_SLACK_NS):
+        return  # the client hung up in time: no judgement
     served_ok = error is None or isinstance(error, _CALLER_ERRORS)
     routed.router.observe(routed.decision, served_ok, elapsed_ns / 1e9)
 

@@ -178,8 +178,10 @@ class _Call:
 
 
 def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
-    if isinstance(error, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
+    if isinstance(error, asyncio.CancelledError):  # gRPC cancels a call at its deadline, and when its client hangs up
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
