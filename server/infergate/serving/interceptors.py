@@ -5,7 +5,10 @@ Order (a call passes them first to last before reaching its servicer):
 
 1. the observers — telemetry's RPC span, metrics and access log — so that
    calls a later interceptor refuses are traced and counted too;
-2. the auth interceptor (``security/interceptor.py``) when ``auth.enabled``.
+2. :class:`MalformedRequests`, so that a request that does not parse gets
+   INVALID_ARGUMENT naming the method (gRPC's own answer is UNKNOWN and a
+   Python class name);
+3. the auth interceptor (``security/interceptor.py``) when ``auth.enabled``.
 
 Interceptors build nothing per call: gRPC hands every call of a method the
 same handler object, so each interceptor wraps a handler once and keeps the
@@ -15,12 +18,23 @@ travels in context variables, which belong to the call's own task.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 
-__all__ = ["HandlerCache", "StreamBehaviour", "UnaryBehaviour", "build_interceptors", "wrap_handler"]
+from infergate.errors import InvalidArgument
+from infergate.serving.status import abort_with
+
+__all__ = [
+    "HandlerCache",
+    "MalformedRequests",
+    "StreamBehaviour",
+    "UnaryBehaviour",
+    "build_interceptors",
+    "wrap_handler",
+]
 
 UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
@@ -44,26 +58,35 @@ def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     return behaviour
 
 
+Deserializer = Callable[[bytes], Any]
+
+
 def wrap_handler(
     handler: grpc.RpcMethodHandler,
     *,
     unary: Callable[[UnaryBehaviour], UnaryBehaviour],
     stream: Callable[[StreamBehaviour], StreamBehaviour],
     deserialize: bool = True,
+    deserializer: Deserializer | None = None,
 ) -> grpc.RpcMethodHandler:
     """``handler`` with its behaviour wrapped, for all four kinds of method.
 
     ``unary`` wraps behaviours that answer once (unary-unary, stream-unary),
-    ``stream`` those that answer with a stream (unary-stream, stream-stream).
-    A streaming request arrives as an async iterator in place of the message.
-    Without ``deserialize`` the behaviour gets the raw request bytes (never read).
+    ``stream`` those that answer with a stream (unary-stream, stream-stream)
+    as an async generator. A streaming behaviour written as a coroutine that
+    answers through ``context.write`` (grpc_health's Watch is one) is awaited
+    like a unary one, so ``unary`` wraps it. A streaming request arrives as an
+    async iterator in place of the message.
+    Without ``deserialize`` the behaviour gets the raw request bytes (never
+    read); ``deserializer`` replaces the handler's own.
     """
     kind = (handler.request_streaming, handler.response_streaming)
     behaviour = behaviour_of(handler)
-    wrapped = stream(behaviour) if handler.response_streaming else unary(behaviour)
+    generator = handler.response_streaming and inspect.isasyncgenfunction(behaviour)
+    wrapped = stream(behaviour) if generator else unary(behaviour)
     return _FACTORIES[kind](
         wrapped,
-        request_deserializer=handler.request_deserializer if deserialize else None,
+        request_deserializer=(deserializer or handler.request_deserializer) if deserialize else None,
         response_serializer=handler.response_serializer,
     )
 
@@ -92,8 +115,85 @@ class HandlerCache:
         return len(self._wrapped)
 
 
+class _Malformed:
+    """What a request that does not parse becomes, so that its handler can say so."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserialize: Deserializer) -> Deserializer:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a custom deserializer raises
+            return _Malformed(exc)
+
+    return parse
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """A request message that does not parse ends its call with INVALID_ARGUMENT naming the method."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, HandlerCache] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        cache = self._wrapped.get(details.method)
+        if cache is None:
+            method = details.method.rsplit("/", 1)[-1]
+            cache = self._wrapped[details.method] = HandlerCache(lambda h: _refusing_malformed(h, method))
+        return cache(handler)
+
+
+def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    message = getattr(getattr(handler.request_deserializer, "__self__", None), "DESCRIPTOR", None)
+    expected = f"a valid {message.full_name} message" if message is not None else "a valid request message"
+
+    def refusal(malformed: _Malformed) -> InvalidArgument:
+        return InvalidArgument(f"{method}: the request is not {expected} ({malformed.error})")
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, _Malformed):
+                await abort_with(context, refusal(request), method)
+            yield request
+
+    def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if handler.request_streaming:
+                return await inner(checked(request, context), context)
+            if isinstance(request, _Malformed):
+                await abort_with(context, refusal(request), method)
+            return await inner(request, context)
+
+        return guarded
+
+    def stream(inner: StreamBehaviour) -> StreamBehaviour:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if handler.request_streaming:
+                request = checked(request, context)
+            elif isinstance(request, _Malformed):
+                await abort_with(context, refusal(request), method)
+            async for response in inner(request, context):
+                yield response
+
+        return guarded
+
+    return wrap_handler(handler, unary=unary, stream=stream, deserializer=_tolerant(handler.request_deserializer))
+
+
 def build_interceptors(
     observers: Sequence[grpc.aio.ServerInterceptor], auth: grpc.aio.ServerInterceptor | None
 ) -> list[grpc.aio.ServerInterceptor]:
     """Every server interceptor, in order (see the module docstring)."""
-    return [*observers, *([auth] if auth is not None else [])]
+    return [*observers, MalformedRequests(), *([auth] if auth is not None else [])]
