@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 Fingerprint = tuple[int, int]  # (mtime_ns, size) of a version's model file
+Rejected = tuple[ModelConfig, dict[int, Fingerprint]]  # a config and the files it was refused with
 
 
 class ModelState(Enum):
@@ -56,6 +57,7 @@ class ModelEntry:
     files: dict[int, Fingerprint] = field(default_factory=dict)  # of the serving versions
     failed: dict[int, tuple[Fingerprint, str]] = field(default_factory=dict)  # not retried until the file changes
     shadows: dict[int, ShadowStats] = field(default_factory=dict)  # kept across reloads, by shadow version
+    rejected: Rejected | None = None  # not retried until the config or a version's file changes
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 

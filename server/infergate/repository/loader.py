@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import NoReturn
 
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -26,7 +27,7 @@ from infergate.models.config import ModelConfig, load_model_config
 from infergate.models.runner import ModelLoadError
 from infergate.models.stats import ModelObserver, RepositoryObserver
 from infergate.models.version import ModelVersion, load_model_version
-from infergate.repository.catalog import Fingerprint, ModelCatalog, ModelEntry, ModelState, is_version_name
+from infergate.repository.catalog import Fingerprint, ModelCatalog, ModelEntry, ModelState, Rejected, is_version_name
 from infergate.routing.config import Routing
 from infergate.routing.router import Router, RoutingError
 from infergate.routing.shadow import ShadowStats
@@ -124,6 +125,8 @@ class ModelRepository:
 
     async def _apply(self, entry: ModelEntry, directory: Path, config: ModelConfig) -> None:
         on_disk = await asyncio.to_thread(_fingerprints, directory, config.default_model_filename)
+        if entry.rejected == (config, on_disk):  # nothing changed since it was refused: refuse it again, unloaded
+            raise FailedPrecondition(f"model {entry.name!r}: {entry.reason}")
         entry.failed = {v: f for v, f in entry.failed.items() if v in on_disk}
         wanted = config.version_policy.select(list(on_disk))
         reload_all = entry.config is None or entry.config.without_routing() != config.without_routing()
@@ -138,7 +141,9 @@ class ModelRepository:
             serving.update({v: m for v, m in entry.versions.items() if v not in serving and v in on_disk})
         if not wanted:
             failures.append(f"no version directory matches the version policy (found: {sorted(on_disk) or 'none'})")
-        router, routing_error = self._router(entry, config, serving, directory)
+        router, routing_error = self._router(entry, config, serving, directory) if serving else (None, "")
+        if serving and router is None:  # no routing fits what would serve: apply nothing
+            self._reject(entry, loaded, (config, on_disk), [*failures, routing_error])
         self._switch(entry, serving, router, config, on_disk)
         problems = failures + ([routing_error] if routing_error else [])
         entry.reason = "; ".join(problems)
@@ -181,9 +186,12 @@ class ModelRepository:
     def _router(
         self, entry: ModelEntry, config: ModelConfig, serving: dict[int, ModelVersion], directory: Path
     ) -> tuple[Router | None, str]:
-        """A router for ``serving``; a routing block that does not fit keeps the previous one."""
-        if not serving:
-            return None, ""
+        """A router for ``serving`` and the routing error, if any; None when no routing fits.
+
+        A routing block that does not fit keeps the previous one when that still
+        fits. It is never replaced by "the newest version takes everything": a
+        canary or a shadow could be the newest.
+        """
         old = entry.router
         if old is not None and old.routing == (config.routing or Routing()) and serving == entry.versions:
             return old, ""  # nothing changed: keep the canary's progress
@@ -191,12 +199,29 @@ class ModelRepository:
             return Router(entry.name, config.routing, list(serving)), ""
         except RoutingError as exc:
             error = f"{directory / 'config.yaml'}: {exc}"
-            log.error("model %s: routing not applied, keeping the previous one: %s", entry.name, error)
-        previous = old.routing if old is not None else None
-        try:
-            return Router(entry.name, previous, list(serving)), error
-        except RoutingError:
-            return Router(entry.name, None, list(serving)), error
+        if old is not None:
+            try:
+                router = Router(entry.name, old.routing, list(serving))
+            except RoutingError:
+                pass
+            else:
+                log.error("model %s: routing not applied, keeping the previous one: %s", entry.name, error)
+                return router, error
+        return None, error
+
+    def _reject(
+        self, entry: ModelEntry, loaded: dict[int, ModelVersion], attempt: Rejected, problems: list[str]
+    ) -> NoReturn:
+        """Apply nothing of ``attempt``: what served keeps serving (or the model stays not ready)."""
+        for model in loaded.values():
+            self._retire(model)
+        entry.rejected = attempt
+        entry.reason = "config not applied: " + "; ".join(problems)
+        if not entry.versions:
+            entry.state = ModelState.UNAVAILABLE
+        keeps = "; previous versions and routing keep serving" if entry.versions else "; the model is not ready"
+        log.error("model %s: %s%s", entry.name, entry.reason, keeps)
+        raise FailedPrecondition(f"model {entry.name!r}: {entry.reason}")
 
     def _switch(
         self,
@@ -217,7 +242,7 @@ class ModelRepository:
             entry.shadows.setdefault(shadow.version, ShadowStats(shadow.version, entry.name))
         retired = [m for v, m in entry.versions.items() if serving.get(v) is not m]
         entry.versions, entry.router = serving, router
-        entry.config = config
+        entry.config, entry.rejected = config, None
         entry.files = {v: on_disk[v] if m in started else entry.files.get(v, on_disk[v]) for v, m in serving.items()}
         entry.state = ModelState.READY if serving else ModelState.UNAVAILABLE
         for model in retired:
