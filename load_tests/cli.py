@@ -268,9 +268,9 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--peer-intra-op-threads",
         metavar="N",
-        type=_positive_int,
+        type=_non_negative_int,
         default=1,
-        help="onnxruntime intra-op threads in every peer (default 1)",
+        help="onnxruntime intra-op threads in every peer (default 1; 0: onnxruntime's own choice)",
     )
     p.add_argument(
         "--peer-queue-delay-us",

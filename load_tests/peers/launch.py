@@ -47,7 +47,7 @@ _DEFAULT_MAX_BATCH_SIZE = 64  # infergate's own default for a model that batches
 
 @dataclass(frozen=True)
 class Ports:
-    """The loopback ports one peer start listens on (KServe has no separate metrics port)."""
+    """Loopback ports for one peer start (only MLServer's settings name a metrics port)."""
 
     grpc: int
     http: int
@@ -135,7 +135,7 @@ def _prepare_triton(peer: Peer, workdir: pathlib.Path, models: Sequence[PeerMode
     home.mkdir(exist_ok=True)
     argv = (
         str(peer.python), "-m", "load_tests.peers.triton_peer", "--models", str(_models_file(workdir, models)),
-        "--grpc-port", str(ports.grpc), "--http-port", str(ports.http), "--metrics-port", str(ports.metrics),
+        "--grpc-port", str(ports.grpc), "--http-port", str(ports.http),
     )  # fmt: skip
     env = {"PYTRITON_HOME": str(home), "LD_LIBRARY_PATH": _prepend(libdir, _inherited("LD_LIBRARY_PATH"))}
     return Launch(argv, REPO_ROOT, f"{LOOPBACK}:{ports.grpc}", env)
@@ -154,12 +154,13 @@ def _tensors(tensors: tuple[Tensor, ...]) -> list[dict[str, Any]]:
 
 
 def mlserver_settings(ports: Ports, root: pathlib.Path) -> dict[str, Any]:
-    """MLServer's ``settings.json``: loopback only, no per-call access log, its default single worker."""
+    """MLServer's ``settings.json``: loopback only, no per-call log, no metrics, its default single worker."""
     return {
         "host": LOOPBACK,
         "http_port": ports.http,
         "grpc_port": ports.grpc,
-        "metrics_port": ports.metrics,
+        "metrics_port": ports.metrics,  # unused while metrics are off; never MLServer's fixed default
+        "metrics_endpoint": None,  # off, as infergate's are by default (it also drops a per-call interceptor)
         "debug": False,  # True (MLServer's default) logs every call
         "parallel_workers": 1,  # MLServer's default: inference runs in one worker process
         "model_repository_root": str(root),
@@ -215,7 +216,7 @@ PEERS: dict[str, Peer] = {
             batches=True,
             start_attempts=2,  # about 1 start in 8 failed under heavy load (a boost interprocess lock)
             configuration="tritonserver's C++ gRPC frontend and dynamic batcher (max_batch_size, "
-            "max_queue_delay_microseconds); a PyTriton @batch function runs onnxruntime",
+            "max_queue_delay_microseconds); a PyTriton @batch function runs onnxruntime; metrics off",
             _prepare=_prepare_triton,
         ),
         Peer(
@@ -225,7 +226,8 @@ PEERS: dict[str, Peer] = {
             batches=False,
             start_attempts=1,
             configuration="kserve.ModelServer (grpc.aio), a kserve.Model whose predict runs onnxruntime "
-            "on each request; no in-process batching; per-request log lines off",
+            "on each request; no in-process batching; per-request log lines off (its Prometheus "
+            "histograms cannot be turned off)",
             _prepare=_prepare_kserve,
         ),
         Peer(
@@ -235,7 +237,8 @@ PEERS: dict[str, Peer] = {
             batches=True,
             start_attempts=1,
             configuration="MLServer with one parallel worker (its default) and adaptive batching "
-            "(max_batch_size, max_batch_time = the queue delay; off at 0); an MLModel runs onnxruntime",
+            "(max_batch_size, max_batch_time = the queue delay; off at 0); an MLModel runs onnxruntime; "
+            "metrics and access log off",
             _prepare=_prepare_mlserver,
         ),
     )

@@ -41,7 +41,7 @@ class PeerModel:
     """One model as every peer must serve it.
 
     ``max_batch_size`` and ``max_queue_delay_us`` apply where the peer batches;
-    ``intra_op_threads`` is onnxruntime's ``intra_op_num_threads``.
+    ``intra_op_threads`` is onnxruntime's ``intra_op_num_threads`` (0: its own choice).
     """
 
     name: str

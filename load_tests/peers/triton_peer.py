@@ -6,7 +6,8 @@ frontend and dynamic batcher); each model is a ``@batch`` Python function that
 runs :class:`~load_tests.peers.onnx_runner.OnnxRunner`, bound with the model's
 ``max_batch_size`` and a dynamic batcher with its ``max_queue_delay_us``.
 
-Every endpoint (gRPC, HTTP, metrics) binds 127.0.0.1. The environment must
+Both endpoints (gRPC, HTTP) bind 127.0.0.1; metrics are off, as infergate's
+are by default (``allow_metrics=False``). The environment must
 already hold ``PYTRITON_HOME`` (read when pytriton is imported) and the
 interpreter's ``LIBDIR`` first on ``LD_LIBRARY_PATH`` (for the python_backend
 stub); ``load_tests.peers.launch`` sets both. SIGTERM or SIGINT stops the server
@@ -63,7 +64,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", type=pathlib.Path, required=True, help="models file (load_tests.peers.spec)")
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
-    parser.add_argument("--metrics-port", type=int, required=True)
     return parser.parse_args(argv)
 
 
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         grpc_port=args.grpc_port,
         http_address=LOOPBACK,
         http_port=args.http_port,
-        metrics_address=LOOPBACK,
-        metrics_port=args.metrics_port,
+        allow_metrics=False,
     )
     with Triton(config=config) as triton:
         for model in read_models(args.models):

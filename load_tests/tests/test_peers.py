@@ -162,7 +162,7 @@ def test_triton_gets_its_libpython_first_and_a_private_home(
     assert launch.env["LD_LIBRARY_PATH"].split(":")[0] == python_libdir(pathlib.Path(sys.executable))
     assert pathlib.Path(launch.env["PYTRITON_HOME"]).is_dir()
     assert launch.argv[1:3] == ("-m", "load_tests.peers.triton_peer")
-    assert launch.argv[-6:] == ("--grpc-port", "8101", "--http-port", "8102", "--metrics-port", "8103")
+    assert launch.argv[-4:] == ("--grpc-port", "8101", "--http-port", "8102")
     assert [m.name for m in read_models(pathlib.Path(launch.argv[4]))] == MODELS
     assert launch.target == "127.0.0.1:8101" and launch.cwd == REPO_ROOT
 
@@ -183,7 +183,7 @@ def test_mlserver_gets_a_loopback_settings_file_and_one_folder_per_model(
     root = pathlib.Path(launch.argv[-1])
     assert launch.argv[-2] == "start" and launch.cwd == root
     settings = json.loads((root / "settings.json").read_text())
-    assert settings["host"] == LOOPBACK and not settings["debug"]
+    assert settings["host"] == LOOPBACK and not settings["debug"] and settings["metrics_endpoint"] is None
     assert (settings["grpc_port"], settings["http_port"], settings["metrics_port"]) == (8101, 8102, 8103)
     mlp = json.loads((root / "mlp" / "model-settings.json").read_text())
     assert (mlp["max_batch_size"], mlp["max_batch_time"]) == (64, 0.002)
