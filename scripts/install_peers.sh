@@ -9,7 +9,8 @@
 #   triton    nvidia-pytriton (bundles tritonserver and its python_backend stub); needs numpy<2
 #   kserve    kserve's model server
 #   mlserver  Seldon MLServer; uvloop held at 0.21.0 (its parallel workers break with newer)
-# Each also gets onnxruntime, which the peer's model code in load_tests/peers/ runs.
+# Each also gets onnxruntime, which the peer's model code in load_tests/peers/ runs: the version
+# infergate's image pins (requirements/runtime-cpu.txt), so every server runs the same kernels.
 # Not part of `make test`: together they are over a gigabyte and take minutes to install.
 # A venv counts as installed once its .installed marker exists; delete the folder to reinstall.
 set -euo pipefail
@@ -17,14 +18,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST="$ROOT/.tools/peers"
 PYTHON="${PYTHON:-python3}"
+ONNXRUNTIME="$(grep -E '^onnxruntime==' "$ROOT/requirements/runtime-cpu.txt")"
 
 log() { printf '[install_peers] %s\n' "$*" >&2; }
 
 requirements() {
     case "$1" in
-        triton) echo "nvidia-pytriton==0.7.0 numpy<2 onnxruntime>=1.20,<2" ;;
-        kserve) echo "kserve==0.21.0 onnxruntime>=1.20,<2" ;;
-        mlserver) echo "mlserver==1.7.1 uvloop==0.21.0 onnxruntime>=1.20,<2" ;;
+        triton) echo "nvidia-pytriton==0.7.0 numpy<2 $ONNXRUNTIME" ;;
+        kserve) echo "kserve==0.21.0 $ONNXRUNTIME" ;;
+        mlserver) echo "mlserver==1.7.1 uvloop==0.21.0 $ONNXRUNTIME" ;;
         *) return 1 ;;
     esac
 }
@@ -47,7 +49,7 @@ install_peer() {
     "$venv/bin/python" -m pip install --quiet $packages
     "$venv/bin/python" -m pip freeze >"$venv/versions.txt"
     touch "$venv/.installed"
-    log "$name: installed ($(grep -icE '^(nvidia-pytriton|kserve|mlserver|onnxruntime|numpy)==' "$venv/versions.txt") key packages, see $venv/versions.txt)"
+    log "$name: installed $(grep -iE '^(nvidia-pytriton|kserve|mlserver|onnxruntime|numpy)==' "$venv/versions.txt" | tr '\n' ' ')(all in $venv/versions.txt)"
 }
 
 peers=("$@")
