@@ -12,7 +12,8 @@ Per-request log lines are off, as infergate writes none: the latency lines
 interceptor logs for every call (:class:`_NoPerCallLines`).
 
 KServe 0.21 hard-codes its listen addresses (REST ``0.0.0.0``, gRPC ``[::]``);
-:func:`_bind_loopback_only` swaps in subclasses so both bind 127.0.0.1 instead.
+:func:`_bind_loopback_only` swaps in a REST server subclass and a ``grpc.aio``
+stand-in that bind 127.0.0.1 instead (KServe still logs ``[::]``).
 SIGTERM or SIGINT stops the server (KServe's own handlers).
 """
 
@@ -60,7 +61,8 @@ def _model_class() -> type[Any]:
             return _types(self.spec.outputs)
 
         def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferResponse:
-            assert self.runner is not None, "predict before load"
+            if self.runner is None:
+                raise RuntimeError(f"model {self.name!r}: predict before load")
             results = self.runner.run({tensor.name: tensor.as_numpy() for tensor in payload.inputs})
             outputs = []
             for spec in self.spec.outputs:
