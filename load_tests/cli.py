@@ -27,7 +27,8 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   compare   two result files side by side
   ceiling   the transport ceiling: a bare grpc.aio server with one fixed reply
   compute   the compute ceiling: in-process onnxruntime, no server
-  suite     ceiling vs infergate vs onnxruntime side by side; writes suite.json/suite.md
+  suite     ceiling vs infergate vs onnxruntime side by side (--peers: and Triton, KServe,
+            MLServer); writes suite.json/suite.md
   shadow    primary latency with no shadow, a 10x slower shadow and a failing one
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
 
@@ -164,7 +165,9 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "ceiling server and load it (matmul16 b1 at 1 and 64 in flight, mlp b1 at 64, mlp b8 at "
         "32); the same against infergate; in-process onnxruntime for mlp and matmul16 at batch "
         "1, 8, 64. Prints and writes suite.json and suite.md with the target ratios. Servers are "
-        "always stopped. Takes about 8 x (warmup + duration) + 6 x compute-duration seconds.",
+        "always stopped. Takes about 8 x (warmup + duration) + 6 x compute-duration seconds. "
+        "With --peers, each peer (installed by scripts/install_peers.sh) is then started, checked "
+        "and loaded the same way: 4 x (warmup + duration) more each, plus 10-40 s to start and stop.",
     )
     p.add_argument(
         "--duration",
@@ -244,6 +247,65 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=60.0,
         help="seconds to wait for each server's ServerReady (default 60)",
     )
+    p.add_argument(
+        "--scenarios",
+        type=_scenario_list,
+        default=(),
+        metavar="LIST",
+        help="run only these scenarios, comma-separated (default: all of matmul16_b1_c1, "
+        "matmul16_b1_c64, mlp_b1_c64, mlp_b8_c32)",
+    )
+    p.add_argument(
+        "--peers",
+        nargs="?",
+        const="all",
+        default=None,
+        type=_peer_list,
+        metavar="LIST",
+        help="also run peer servers after infergate: all (the default with a bare --peers) or a "
+        "comma list of triton, kserve, mlserver; install them first with scripts/install_peers.sh",
+    )
+    p.add_argument(
+        "--peer-intra-op-threads",
+        metavar="N",
+        type=_non_negative_int,
+        default=1,
+        help="onnxruntime intra-op threads in every peer (default 1; 0: onnxruntime's own choice)",
+    )
+    p.add_argument(
+        "--peer-queue-delay-us",
+        metavar="US",
+        type=_non_negative_int,
+        default=None,
+        help="queue delay for the peers that batch (Triton, MLServer) instead of each model's own "
+        "max_queue_delay_microseconds",
+    )
+
+
+def _scenario_list(text: str) -> tuple[str, ...]:
+    from .suite import SCENARIOS
+
+    keys = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [key for key in keys if key not in {s.key for s in SCENARIOS}]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"unknown scenario(s) {', '.join(unknown) or '(none)'}")
+    return keys
+
+
+def _peer_list(text: str) -> tuple[str, ...]:
+    from .peers.launch import parse_peer_names
+
+    try:
+        return parse_peer_names(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _add_shadow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -339,11 +401,27 @@ def _cmd_suite(args: argparse.Namespace) -> int:
         intra_op_threads=args.intra_op_threads,
         model_repository=args.model_repository,
         ready_timeout=args.ready_timeout,
+        scenarios=args.scenarios,
+        peers=args.peers or (),
+        peer_intra_op_threads=args.peer_intra_op_threads,
+        peer_queue_delay_us=args.peer_queue_delay_us,
     )
+    _check_peers_installed(config.peers)
     report = run_suite(config)
     print_summary(report)
     print(f"\nwrote {out / 'suite.json'} and {out / 'suite.md'}")
     return 0 if not report.failures else 1
+
+
+def _check_peers_installed(names: Sequence[str]) -> None:
+    """Refuse before anything starts when a peer asked for has no environment yet."""
+    from .peers.launch import PEERS
+
+    missing = [name for name in names if not PEERS[name].installed]
+    if missing:
+        raise FileNotFoundError(
+            f"peer(s) not installed: {', '.join(missing)}; run scripts/install_peers.sh {' '.join(missing)}"
+        )
 
 
 def _cmd_shadow(args: argparse.Namespace) -> int:
@@ -391,12 +469,13 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    from .answers import WrongAnswer
     from .generator import GeneratorError
     from .servers import ServerFailed
 
     try:
         return _COMMANDS[args.command](args)
-    except (GeneratorError, ServerFailed, ValueError, FileNotFoundError) as exc:
+    except (GeneratorError, ServerFailed, WrongAnswer, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
