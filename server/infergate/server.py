@@ -104,7 +104,13 @@ class InferGateServer:
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
             ],
         )
-        servicer = InferenceServicer(self.repository, handler, self.readiness, config.model_control_mode)
+        servicer = InferenceServicer(
+            self.repository,
+            handler,
+            self.readiness,
+            config.model_control_mode,
+            on_stream_pause=metrics.stream_paused if metrics is not None else None,
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
         admin = AdminServicer(self.repository.catalog)
         apb_grpc.add_InferGateAdminServicer_to_server(admin, self._server)  # type: ignore[no-untyped-call]

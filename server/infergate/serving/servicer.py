@@ -24,7 +24,7 @@ from infergate.serving.codec import WireRequest, encode_response
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.protocol import model_config_message, model_metadata_message, model_statistics_message
 from infergate.serving.status import abort_with, guarded, status_of
-from infergate.serving.stream import answer_concurrently
+from infergate.serving.stream import OnPause, answer_concurrently
 
 __all__ = ["EXTENSIONS", "InferenceServicer", "Readiness"]
 
@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 # Exactly the protocol extensions that work (ServerMetadata.extensions).
 EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 
-# How many requests of one stream may be in progress at once; more wait (flow control).
-STREAM_CONCURRENCY = 256
+# How many requests of one stream may be in progress or answered but unread by its client; beyond
+# that the stream stops reading requests until the client reads (see stream.py).
+STREAM_WINDOW = 256
 
 
 @dataclass
@@ -48,7 +49,15 @@ class Readiness:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over a model repository and an inference handler."""
 
-    def __init__(self, repository: ModelRepository, handler: InferenceHandler, readiness: Readiness, control_mode: str):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        handler: InferenceHandler,
+        readiness: Readiness,
+        control_mode: str,
+        on_stream_pause: OnPause | None = None,
+    ):
+        self._on_stream_pause = on_stream_pause  # telemetry: streams waiting for their client to read
         self._repository = repository
         self._catalog = repository.catalog
         self._handler = handler
@@ -137,7 +146,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
             return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
-        async for response in answer_concurrently(request_iterator, answer, STREAM_CONCURRENCY):
+        async for response in answer_concurrently(request_iterator, answer, STREAM_WINDOW, self._on_stream_pause):
             yield response
 
     # --- repository extension: model control ----------------------------------------------

@@ -43,6 +43,7 @@ class ServerMetrics:
         self._depths: dict[tuple[str, int], Callable[[], int]] = {}
         self._lock = threading.Lock()  # the depth table is read from the reader's thread
         self._active: dict[str, int] = {}
+        self._streams_paused = 0
         self._requests = self._counter(
             meter, "infergate.requests", "{request}", "RPCs answered, by method, model, version and status"
         )
@@ -78,6 +79,12 @@ class ServerMetrics:
         )
         meter.create_observable_up_down_counter(
             "infergate.requests.active", [self._observe_active], unit="{request}", description="RPCs being served now"
+        )
+        meter.create_observable_up_down_counter(
+            "infergate.streams.paused",
+            [self._observe_paused],
+            unit="{stream}",
+            description="ModelStreamInfer streams that stopped reading requests until their client reads answers",
         )
         meter.create_observable_gauge(
             "infergate.queue.depth",
@@ -149,6 +156,13 @@ class ServerMetrics:
         self._shadow_comparisons.add((("model", model), ("agreement", label)))
         if max_abs_diff is not None:
             self._shadow_diff.record(key, max_abs_diff)
+
+    def stream_paused(self, delta: int) -> None:
+        """A stream stopped (+1) or resumed (-1) reading requests because its client is not reading answers."""
+        self._streams_paused += delta
+
+    def _observe_paused(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._streams_paused)]
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(n, {"rpc.method": m}) for m, n in dict(self._active).items()]
