@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from infergate import __version__
 from infergate.config import ConfigError, ServerConfig, load_server_config
@@ -142,7 +145,24 @@ async def _serve_async(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_until_signalled(server, stop)
+    await run_until_signalled(server, stop, close_port=False)
+    _exit_leaving_connections()
+
+
+def _exit_leaving_connections() -> NoReturn:
+    """End the process once it has drained, without shutting gRPC's server down.
+
+    Why: by now every call the server admitted has been answered, and new ones
+    have been refused with UNAVAILABLE. But calls still in flight to the
+    process (sent, not yet taken by the server) are cut off by gRPC's own
+    shutdown with CANCELLED, which clients must not retry. When the process
+    simply ends, the kernel closes its connections and those calls fail with
+    UNAVAILABLE, which clients retry (docs/deploy.md, tests/faults/).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from infergate.security.interceptor import AuthInterceptor
 from infergate.security.keys import KeyStore, build_key_store
 from infergate.security.tls import server_credentials
 from infergate.serving.admin import ADMIN_SERVICE_NAME, AdminServicer
+from infergate.serving.admission import Admission
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.interceptors import build_interceptors
 from infergate.serving.request import RequestLimits
@@ -94,8 +95,11 @@ class InferGateServer:
         if self._keys is not None:
             refusals = metrics.record_auth_refusal if metrics else None
             auth = AuthInterceptor(TokenVerifier(config.auth, self._keys), config.auth.exempt_methods, refusals)
+        self.admission = Admission(
+            limits.max_inference_calls, metrics.record_admission_refusal if metrics is not None else None
+        )
         self._server = grpc.aio.server(
-            interceptors=build_interceptors(self.telemetry.interceptors(), auth),
+            interceptors=build_interceptors(self.admission, self.telemetry.interceptors(), auth),
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -110,6 +114,7 @@ class InferGateServer:
             self.readiness,
             config.model_control_mode,
             on_stream_pause=metrics.stream_paused if metrics is not None else None,
+            closing=self.admission.closing,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
         admin = AdminServicer(self.repository.catalog)
@@ -178,8 +183,18 @@ class InferGateServer:
         for service in HEALTH_SERVICES:
             await self._health.set(service, status)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain and stop: NOT_SERVING, stop accepting, finish in-flight work, close models."""
+    async def stop(self, grace: float | None = None, *, close_port: bool = True) -> None:
+        """Drain and stop, losing no call the server took on.
+
+        1. Health says NOT_SERVING, so clients that watch it send new calls elsewhere;
+           for ``shutdown_delay_seconds`` the server keeps serving as before.
+        2. Admission closes: every new inference call is answered UNAVAILABLE at once
+           (which clients retry), never left to be cut off; open streams answer
+           what they read and end with UNAVAILABLE.
+        3. Every inference call admitted before that is answered (within ``grace``).
+        4. Then the port closes (unless ``close_port`` is False: see ``cli.py``), the
+           batchers drain and the sessions close.
+        """
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
         self.readiness.draining = True
@@ -188,21 +203,28 @@ class InferGateServer:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
         if self.config.shutdown_delay_seconds > 0:
-            # Closing the port at once cancelled a few calls arriving under load
-            # (tests/test_rolling_restart.py); meanwhile health watchers move away.
             log.info("NOT_SERVING; still serving for %.1fs", self.config.shutdown_delay_seconds)
             await asyncio.sleep(self.config.shutdown_delay_seconds)
-        await self._server.stop(grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self.admission.close()
+        try:
+            async with asyncio.timeout(grace):
+                await self.admission.drained()
+        except TimeoutError:
+            log.warning("%d inference call(s) still running after %.1fs", self.admission.in_progress, grace)
+        if close_port:
+            await self._server.stop(max(deadline - loop.time(), 0.0))
         await self.shadows.aclose()
-        await self.repository.aclose(timeout=grace)
+        await self.repository.aclose(timeout=max(deadline - loop.time(), 0.0))
         if self._keys is not None:
             self._keys.close()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export
         log.info("stopped")
 
 
-async def run_until_signalled(server: InferGateServer, stop: asyncio.Event) -> None:
-    """Start, load, serve until ``stop`` is set, then drain."""
+async def run_until_signalled(server: InferGateServer, stop: asyncio.Event, *, close_port: bool = True) -> None:
+    """Start, load, serve until ``stop`` is set, then drain (see ``InferGateServer.stop``)."""
     await server.start()
     print(f"infergate listening on {server.config.host}:{server.port}", flush=True)
     if server.telemetry.metrics_port is not None:
@@ -212,4 +234,4 @@ async def run_until_signalled(server: InferGateServer, stop: asyncio.Event) -> N
     await stop.wait()
     if not loader.done():
         loader.cancel()
-    await server.stop()
+    await server.stop(close_port=close_port)

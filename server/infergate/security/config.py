@@ -130,6 +130,9 @@ class LimitsConfig(Strict):
     max_inputs_per_request: Annotated[int, Field(ge=1)] = 128
     # HTTP/2 streams one connection may have open at once (grpc.max_concurrent_streams).
     max_concurrent_streams: Annotated[int, Field(ge=1)] = 1024
+    # Inference calls (a stream counts as one) the whole server takes on at once; beyond it, calls are
+    # refused at once with UNAVAILABLE (serving/admission.py; the default is sized in docs/deploy.md).
+    max_inference_calls: Annotated[int, Field(ge=1, le=1_000_000)] = 256
 
 
 def is_loopback(host: str) -> bool:

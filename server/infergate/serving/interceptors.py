@@ -3,6 +3,8 @@ that wraps a method handler's behaviour (:func:`wrap_handler`).
 
 Order (a call passes them first to last before reaching its servicer):
 
+0. admission (``admission.py``): an inference call over the server's limit,
+   or any once the server drains, is refused before anything else runs;
 1. the observers — telemetry's RPC span, metrics and access log — so that
    calls a later interceptor refuses are traced and counted too;
 2. :class:`MalformedRequests`, so that a request that does not parse gets
@@ -193,7 +195,9 @@ def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.Rpc
 
 
 def build_interceptors(
-    observers: Sequence[grpc.aio.ServerInterceptor], auth: grpc.aio.ServerInterceptor | None
+    admission: grpc.aio.ServerInterceptor,
+    observers: Sequence[grpc.aio.ServerInterceptor],
+    auth: grpc.aio.ServerInterceptor | None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """Every server interceptor, in order (see the module docstring)."""
-    return [*observers, MalformedRequests(), *([auth] if auth is not None else [])]
+    return [admission, *observers, MalformedRequests(), *([auth] if auth is not None else [])]

@@ -9,6 +9,7 @@ section.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -56,8 +57,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         readiness: Readiness,
         control_mode: str,
         on_stream_pause: OnPause | None = None,
+        closing: asyncio.Event | None = None,
     ):
         self._on_stream_pause = on_stream_pause  # telemetry: streams waiting for their client to read
+        self._closing = closing  # set when the server drains: streams stop reading
         self._repository = repository
         self._catalog = repository.catalog
         self._handler = handler
@@ -146,8 +149,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
             return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
-        async for response in answer_concurrently(request_iterator, answer, STREAM_WINDOW, self._on_stream_pause):
-            yield response
+        answers = answer_concurrently(request_iterator, answer, STREAM_WINDOW, self._on_stream_pause, self._closing)
+        try:
+            async for response in answers:
+                yield response
+        except Exception as exc:  # the server drains (Unavailable), or a bug
+            await abort_with(context, exc, "ModelStreamInfer")
 
     # --- repository extension: model control ----------------------------------------------
 

@@ -51,6 +51,12 @@ class ServerMetrics:
         self._auth_refusals = self._counter(
             meter, "infergate.auth.refusals", "{request}", "Calls refused by authentication, by reason"
         )
+        self._admission_refusals = self._counter(
+            meter,
+            "infergate.admission.refusals",
+            "{request}",
+            "Inference calls refused before they were read: overloaded (over the limit) or draining",
+        )
         self._shadow_comparisons = self._counter(
             meter,
             "infergate.shadow.comparisons",
@@ -140,6 +146,10 @@ class ServerMetrics:
         """A call refused before it reached the servicer; ``reason`` is a short fixed word
         (``missing_token``, ``expired``, ``forbidden``…), never the token or a claim value."""
         self._auth_refusals.add((("reason", reason),))
+
+    def record_admission_refusal(self, reason: str) -> None:
+        """An inference call refused at admission; ``reason`` is ``overloaded`` or ``draining``."""
+        self._admission_refusals.add((("reason", reason),))
 
     def record_shadow(
         self, model: str, *, agreement: bool | None, max_abs_diff: float | None, error: bool, dropped: bool
