@@ -26,6 +26,8 @@ from infergate._proto import infergate_admin_pb2 as apb
 from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
 from infergate._proto import model_config_pb2 as mc
 from infergate.config import ServerConfig
+from infergate.models.version import ModelVersion
+from infergate.monitoring.metrics import DriftReadings
 from infergate.repository.loader import ModelRepository
 from infergate.routing.shadow import ShadowQueue
 from infergate.security.interceptor import build_interceptors
@@ -83,6 +85,8 @@ class InferGateServer:
         )
         metrics = self.telemetry.metrics
         self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None)
+        if metrics is not None:
+            metrics.watch_drift(DriftReadings(self._served_versions))
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
@@ -106,6 +110,11 @@ class InferGateServer:
         services = (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, self._server, pool=_reflection_pool())
         self.port = 0
+
+    def _served_versions(self) -> list[ModelVersion]:
+        """Every version served now. Called on a metrics reader's thread: each dict is copied in one step
+        (the loop replaces ``versions`` maps, never mutates them), and no version is kept past the call."""
+        return [m for entry in list(self.repository.entries.values()) for m in list(entry.versions.values())]
 
     async def start(self) -> int:
         """Bind and start serving; models load afterwards (see ``load_models``). Returns the port."""
