@@ -126,7 +126,7 @@ class FeatureDrift(_message.Message):
     def __init__(self, io: _Optional[str] = ..., tensor: _Optional[str] = ..., feature: _Optional[str] = ..., method: _Optional[str] = ..., score: _Optional[float] = ..., alert: _Optional[bool] = ...) -> None: ...
 
 class ModelDrift(_message.Message):
-    __slots__ = ("name", "version", "method", "threshold", "window", "window_fill", "min_rows", "sample_fraction", "alert", "last_update_unix_seconds", "requests", "sampled", "dropped", "rows", "features", "top")
+    __slots__ = ("name", "version", "method", "threshold", "window", "window_fill", "min_rows", "sample_fraction", "alert", "last_update_unix_seconds", "requests", "sampled", "dropped", "rows", "features", "top", "scored_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class ModelDrift(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
+    SCORED_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     method: str
@@ -159,7 +160,8 @@ class ModelDrift(_message.Message):
     rows: int
     features: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
     top: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., threshold: _Optional[float] = ..., window: _Optional[int] = ..., window_fill: _Optional[int] = ..., min_rows: _Optional[int] = ..., sample_fraction: _Optional[float] = ..., alert: _Optional[bool] = ..., last_update_unix_seconds: _Optional[float] = ..., requests: _Optional[int] = ..., sampled: _Optional[int] = ..., dropped: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., top: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ...) -> None: ...
+    scored_rows: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., threshold: _Optional[float] = ..., window: _Optional[int] = ..., window_fill: _Optional[int] = ..., min_rows: _Optional[int] = ..., sample_fraction: _Optional[float] = ..., alert: _Optional[bool] = ..., last_update_unix_seconds: _Optional[float] = ..., requests: _Optional[int] = ..., sampled: _Optional[int] = ..., dropped: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., top: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., scored_rows: _Optional[int] = ...) -> None: ...
 
 class DriftStatusResponse(_message.Message):
     __slots__ = ("models",)

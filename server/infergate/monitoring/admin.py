@@ -88,6 +88,7 @@ def _model_drift(name: str, drift: DriftMonitor, top: int) -> apb.ModelDrift:
         sampled=drift.sampled,
         dropped=drift.dropped,
         rows=snapshot.rows,
+        scored_rows=snapshot.scored_rows,
         features=[_feature(s) for s in snapshot.scores],
         top=[_feature(s) for s in snapshot.top(top)],
     )
