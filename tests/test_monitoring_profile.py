@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from models import save_model
 from monitoring_support import build_classifier, reference_rows, spec, tensor
+from onnx import TensorProto, helper
 
 from infergate.cli import main
 from infergate.configfile import ConfigError
@@ -23,6 +24,7 @@ from infergate.monitoring.profile import (
     read_profile,
     write_profile,
 )
+from infergate.monitoring.profiling import profile_version
 
 
 def test_numeric_features_keep_quantile_bins_counts_and_moments() -> None:
@@ -195,3 +197,23 @@ def test_the_installed_command_writes_to_output_with_a_table_sample(repository: 
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert [f.name for f in read_profile(output).inputs["x"].features] == ["age", "income", "tenure", "score"]
+
+
+def test_a_model_that_does_not_batch_runs_one_request_per_sample_row(tmp_path: Path) -> None:
+    """A fixed-shape model ([4] in, [4] out, max_batch_size 0): each sample row is one full request."""
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    save_model(model, tmp_path / "models", "fixed", 1)
+    np.save(tmp_path / "s.npy", np.arange(40, dtype=np.float32).reshape(10, 4))
+    path = profile_version(tmp_path / "models", "fixed", None, tmp_path / "s.npy", progress=False)
+    profile = read_profile(path)
+    assert profile.rows == 10 and profile.outputs["y"].reduction == "argmax"
+    x0 = profile.inputs["x"].features[0]
+    assert isinstance(x0, NumericFeature) and (x0.min, x0.max) == (0.0, 36.0)
+    classes = profile.outputs["y"].features[0]
+    assert isinstance(classes, CategoricalFeature) and classes.categories["0"] == 10  # -x is largest at column 0

@@ -162,3 +162,10 @@ def test_the_window_names_the_tensor_that_does_not_fit() -> None:
         window.add({"x": np.zeros((1, 3))}, {})
     with pytest.raises(ValueError, match="input x is missing"):
         window.add({}, {})
+
+
+def test_the_window_of_a_model_that_does_not_batch_takes_one_row_per_request() -> None:
+    model = spec(tensor("x", "FP32", 2), batch=0)
+    window = DriftWindow(build_profile(model, {"x": np.zeros((10, 2))}, {}, source="t"), 10, batches=False)
+    assert window.add({"x": np.array([1.0, 2.0], np.float32)}, {}) == 1
+    assert window.fill == 1 and window.tensors[0]._buffer[0].tolist() == [1.0, 2.0]

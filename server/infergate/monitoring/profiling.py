@@ -44,10 +44,13 @@ def add_profile_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     p = commands.add_parser(
         "profile",
         help="write a model version's reference profile from a sample (for drift monitoring)",
-        description=__doc__.split("\n\n", 2)[2] if __doc__ else None,
+        description="Load a model version as the server would, run it on a sample of its inputs, and write "
+        "the reference profile that drift monitoring compares live traffic with (see docs/monitoring.md). "
+        "Exit status: 0 written; 2 the sample or the arguments do not fit the model; 1 the model failed "
+        "to load or run.",
     )
-    p.add_argument("--model-repository", type=Path, required=True, metavar="DIR")
-    p.add_argument("--model", required=True, metavar="NAME")
+    p.add_argument("--model-repository", type=Path, required=True, metavar="DIR", help="the model repository")
+    p.add_argument("--model", required=True, metavar="NAME", help="the model's directory name")
     p.add_argument("--version", type=int, metavar="V", help="version directory (default: the newest)")
     p.add_argument("--data", type=Path, required=True, metavar="FILE", help="sample: .npy, .npz, .parquet or .csv")
     p.add_argument("--output", type=Path, metavar="PATH", help="default: DIR/NAME/V/reference_profile.json")
