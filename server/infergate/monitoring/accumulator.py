@@ -2,8 +2,9 @@
 
 The event loop calls :meth:`Accumulator.offer`, which costs one ``qsize`` and
 one ``SimpleQueue.put`` (both in C, no lock the worker can hold for long) and
-never blocks: when ``capacity`` items already wait, the item is dropped and
-counted. The worker thread takes items in batches and calls ``process`` with
+never blocks: when ``capacity`` items already wait, or the items waiting hold
+``max_bytes`` (as their producer sized them: a queued request keeps its
+tensors alive), the item is dropped and counted. The worker thread takes items in batches and calls ``process`` with
 them; numpy work and file writes happen there, never on the loop.
 
 Why a thread and not an asyncio task: everything the worker does is CPU or
@@ -12,9 +13,10 @@ to an executor thread anyway; owning that thread directly saves the hop.
 It is started by :meth:`start` and stopped by :meth:`aclose`, which lets the
 worker finish what was already queued (bounded by ``capacity``).
 
-The bound holds exactly for one producer thread (the event loop): only the
+The bounds hold exactly for one producer thread (the event loop): only the
 worker removes items, so the queue can only shrink between the check and the
-put.
+put. The bytes waiting are two counters that each have a single writer (the
+producer adds, the worker subtracts), so no lock is needed for them either.
 """
 
 from __future__ import annotations
@@ -24,14 +26,22 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
-__all__ = ["Accumulator"]
+__all__ = ["QUEUE_BYTES", "Accumulator", "tensor_bytes"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# The most tensor bytes that sampled requests may keep alive while they wait, per accumulator.
+QUEUE_BYTES = 64 * 1024 * 1024
+
+
+def tensor_bytes(*groups: Mapping[str, Any]) -> int:
+    """The bytes a request's arrays hold (a text element counts as its reference); O(number of tensors)."""
+    return sum(getattr(array, "nbytes", 0) for tensors in groups for array in tensors.values())
 
 
 class _Stop:
@@ -56,6 +66,7 @@ class Accumulator(Generic[T]):
         process: Callable[[list[T]], None],
         *,
         capacity: int,
+        max_bytes: int | None = None,
         tick: Callable[[], None] | None = None,
         tick_seconds: float = 1.0,
         max_batch: int = 64,
@@ -64,6 +75,7 @@ class Accumulator(Generic[T]):
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.name = name
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.accepted = 0
         self.dropped = 0
         self.errors = 0
@@ -71,7 +83,9 @@ class Accumulator(Generic[T]):
         self._tick = tick
         self._tick_seconds = tick_seconds
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[T | _Stop] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[T, int] | _Stop] = queue.SimpleQueue()
+        self._bytes_in = 0  # written by the producer only
+        self._bytes_out = 0  # written by the worker only
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -79,12 +93,19 @@ class Accumulator(Generic[T]):
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def offer(self, item: T) -> bool:
-        """Queue ``item`` unless ``capacity`` items wait or the accumulator is closed; never blocks."""
-        if self._closed or self._queue.qsize() >= self.capacity:
+    @property
+    def waiting_bytes(self) -> int:
+        return self._bytes_in - self._bytes_out
+
+    def offer(self, item: T, size: int = 0) -> bool:
+        """Queue ``item`` (holding ``size`` bytes) unless the queue is full, by count or by bytes, or the
+        accumulator is closed; never blocks."""
+        full = self._queue.qsize() >= self.capacity
+        if full or self._closed or (self.max_bytes is not None and self.waiting_bytes + size > self.max_bytes):
             self.dropped += 1
             return False
-        self._queue.put(item)
+        self._bytes_in += size
+        self._queue.put((item, size))
         self.accepted += 1
         return True
 
@@ -123,18 +144,21 @@ class Accumulator(Generic[T]):
                     self._guard(self._tick)
                 continue
             batch: list[T] = []
-            item: T | _Stop = first
-            while not isinstance(item, _Stop):
-                batch.append(item)
+            size = 0
+            entry: tuple[T, int] | _Stop = first
+            while not isinstance(entry, _Stop):
+                batch.append(entry[0])
+                size += entry[1]
                 if len(batch) >= self._max_batch:
                     break
                 try:
-                    item = self._queue.get_nowait()
+                    entry = self._queue.get_nowait()
                 except queue.Empty:
                     break
             if batch:
                 self._guard(functools.partial(self._process, batch))
-            if isinstance(item, _Stop):
+                self._bytes_out += size  # only now: until processed, the items hold their memory
+            if isinstance(entry, _Stop):
                 return
 
     def _guard(self, work: Callable[[], None]) -> None:

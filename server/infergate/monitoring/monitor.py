@@ -30,7 +30,7 @@ from infergate.configfile import ConfigError
 from infergate.models.config import ModelConfig
 from infergate.models.runner import ModelLoadError
 from infergate.models.spec import ModelSpec
-from infergate.monitoring.accumulator import Accumulator
+from infergate.monitoring.accumulator import QUEUE_BYTES, Accumulator, tensor_bytes
 from infergate.monitoring.config import DriftConfig
 from infergate.monitoring.payload_log import PayloadLog, open_payload_log
 from infergate.monitoring.profile import ReferenceProfile, check_profile, read_profile
@@ -91,6 +91,7 @@ class DriftMonitor:
             f"drift {model}:{version}",
             self._process,
             capacity=config.queue_size,
+            max_bytes=QUEUE_BYTES,
             tick=self._tick,
             tick_seconds=min(config.update_interval_seconds, 1.0),
         )
@@ -113,7 +114,7 @@ class DriftMonitor:
             if fraction <= 0.0 or (fraction < 1.0 and self._rng.random() >= fraction):
                 return
             self.sampled += 1
-            self._accumulator.offer((inputs, outputs))
+            self._accumulator.offer((inputs, outputs), tensor_bytes(inputs, outputs))
         except Exception:  # pragma: no cover - nothing above raises; the caller must never see it if it did
             log.debug("drift observe failed", exc_info=True)
 

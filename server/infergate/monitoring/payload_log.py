@@ -49,7 +49,7 @@ from opentelemetry import trace
 
 from infergate.configfile import ConfigError
 from infergate.models.spec import ModelSpec
-from infergate.monitoring.accumulator import Accumulator
+from infergate.monitoring.accumulator import QUEUE_BYTES, Accumulator, tensor_bytes
 from infergate.monitoring.config import PayloadLogConfig
 
 __all__ = ["REDACTED", "TOO_LARGE", "PayloadLog", "PayloadRecord", "PayloadWriter", "format_record", "open_payload_log"]
@@ -164,12 +164,13 @@ class PayloadWriter:
         self._file = _open(path)  # here, at load: a path that cannot be written fails the load
         self._size = self._file.tell()
         self._accumulator: Accumulator[PayloadRecord] = Accumulator(
-            f"payload-log {path.name}", self._write, capacity=capacity
+            f"payload-log {path.name}", self._write, capacity=capacity, max_bytes=QUEUE_BYTES
         )
         self.users = 0  # PayloadLogs sharing this writer (see _Writers)
 
-    def offer(self, record: PayloadRecord) -> bool:
-        return self._accumulator.offer(record)
+    def offer(self, record: PayloadRecord, size: int) -> bool:
+        """Queue ``record`` (whose tensors hold ``size`` bytes); False when the queue is full."""
+        return self._accumulator.offer(record, size)
 
     def start(self) -> None:
         self._accumulator.start()
@@ -283,7 +284,7 @@ class PayloadLog:
             record = PayloadRecord(
                 time.time(), self.model, self.version, request_id, trace_id, route, inputs, outputs, self.policy
             )
-            if not self.writer.offer(record):
+            if not self.writer.offer(record, tensor_bytes(inputs, outputs)):
                 self.dropped += 1
         except Exception:  # pragma: no cover - the caller must never see a payload-log failure
             log.debug("payload log offer failed", exc_info=True)
