@@ -11,7 +11,7 @@ from monitoring_support import spec, tensor
 from infergate.models.spec import TensorSpec
 from infergate.monitoring import drift
 from infergate.monitoring.features import choose_reduction, extract
-from infergate.monitoring.profile import build_profile
+from infergate.monitoring.profile import NumericFeature, build_profile
 from infergate.monitoring.window import DriftWindow
 
 REFERENCE = np.random.default_rng(7).standard_normal(20_000)
@@ -169,3 +169,29 @@ def test_the_window_of_a_model_that_does_not_batch_takes_one_row_per_request() -
     window = DriftWindow(build_profile(model, {"x": np.zeros((10, 2))}, {}, source="t"), 10, batches=False)
     assert window.add({"x": np.array([1.0, 2.0], np.float32)}, {}) == 1
     assert window.fill == 1 and window.tensors[0]._buffer[0].tolist() == [1.0, 2.0]
+
+
+def test_the_window_scores_many_features_as_each_would_score_alone() -> None:
+    """The row-wise forms the window uses give the scalar functions' scores, non-finite values included."""
+    rng = np.random.default_rng(9)
+    model = spec(tensor("x", "FP32", -1, 3))
+    sample = rng.standard_normal((3000, 3)) * [1.0, 5.0, 0.1]
+    profile = build_profile(model, {"x": sample.astype(np.float32)}, {}, source="t")
+    live = (rng.standard_normal((500, 3)) * [1.0, 5.0, 0.1] + [0.0, 2.0, 0.05]).astype(np.float32)
+    live[3, 1], live[7, 2] = np.nan, np.inf
+    window = DriftWindow(profile, 500, batches=True)
+    window.add({"x": live}, {})
+    for method in ("psi", "ks", "wasserstein"):
+        scores = [s.score for s in window.scores(method, 0.2)]
+        for j, feature in enumerate(profile.inputs["x"].features):
+            assert isinstance(feature, NumericFeature)
+            assert scores[j] == pytest.approx(alone(method, feature, live[:, j])), (method, j)
+
+
+def alone(method: str, feature: NumericFeature, values: np.ndarray) -> float:
+    column = values.astype(np.float64)
+    if method == "psi":
+        return drift.psi(feature.edges, feature.counts, column)
+    if method == "ks":
+        return drift.ks(feature.quantiles, column)
+    return drift.wasserstein(feature.quantiles, feature.std, column)

@@ -3,6 +3,10 @@
 Not thread-safe on purpose: one :class:`DriftWindow` belongs to one
 accumulator thread, which adds rows and scores; readers only ever see the
 immutable :class:`FeatureScore` tuples it returns.
+
+Scoring works on all numeric features of a tensor at once (PSI with one
+comparison of the window against every edge; KS and Wasserstein with one
+sort of the window), so a window of hundreds of features costs milliseconds.
 """
 
 from __future__ import annotations
@@ -13,11 +17,24 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from infergate.monitoring.drift import categorical_psi, ks, psi, wasserstein
+from infergate.monitoring.drift import (
+    as_rows,
+    bin_counts_rows,
+    categorical_psi,
+    ks_rows,
+    psi_rows,
+    quantiles_sorted,
+    reference_steps,
+    scale,
+    sorted_rows,
+    wasserstein_rows,
+)
 from infergate.monitoring.features import category_keys, extract
 from infergate.monitoring.profile import CategoricalFeature, NumericFeature, ReferenceProfile, TensorProfile
 
 __all__ = ["DriftWindow", "FeatureScore", "TensorWindow"]
+
+FloatArray = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +49,32 @@ class FeatureScore:
     alert: bool
 
 
+class _NumericReference:
+    """The numeric features of one tensor as arrays, made once from the profile: scoring runs often."""
+
+    def __init__(self, features: list[tuple[int, NumericFeature]]):
+        self.columns = [j for j, _ in features]
+        width = max(len(f.counts) for _, f in features)
+        self.counts = np.zeros((len(features), width))  # padded with empty bins, which cost nothing
+        self.edges = np.full((len(features), width - 1), np.inf)  # padded with +inf: nothing lands above
+        for row, (_, f) in enumerate(features):
+            self.counts[row, : len(f.counts)] = f.counts
+            self.edges[row, : len(f.edges)] = f.edges
+        self.quantiles = np.array([f.quantiles for _, f in features], dtype=np.float64)  # [k, 101]
+        below, at_or_below = reference_steps(self.quantiles.T)
+        self.below, self.at_or_below = below.T, at_or_below.T
+        self.scales = np.array([scale(f.std, f.quantiles) for _, f in features])
+
+    def scores(self, block: FloatArray, method: str) -> FloatArray:
+        """One score per feature for ``block`` [rows, k] (the window's values of these features)."""
+        if method == "psi":
+            return psi_rows(self.counts, bin_counts_rows(as_rows(block), self.edges))
+        rows, counts = sorted_rows(block)
+        if method == "ks":
+            return ks_rows(self.quantiles, self.below, self.at_or_below, rows, counts)
+        return wasserstein_rows(self.quantiles, self.scales, quantiles_sorted(rows, counts))
+
+
 class TensorWindow:
     """The last ``capacity`` rows of one tensor's features, in a ring buffer."""
 
@@ -41,12 +84,8 @@ class TensorWindow:
         self.fill = 0
         self._position = 0
         self._buffer: npt.NDArray[Any] = np.empty((capacity, len(profile.features)), dtype=_dtype(profile))
-        # Arrays made once from the profile's lists: scoring runs often.
-        self._numeric = {
-            j: (np.asarray(f.edges), np.asarray(f.counts), np.asarray(f.quantiles), f.std)
-            for j, f in enumerate(profile.features)
-            if isinstance(f, NumericFeature)
-        }
+        numeric = [(j, f) for j, f in enumerate(profile.features) if isinstance(f, NumericFeature)]
+        self._numeric = _NumericReference(numeric) if numeric else None
 
     def add(self, array: npt.NDArray[Any], batches: bool) -> int:
         """Append one request's tensor; returns its rows. Raises ValueError when its shape does not fit."""
@@ -70,25 +109,21 @@ class TensorWindow:
         return count
 
     def scores(self, method: str, threshold: float) -> list[FeatureScore]:
-        """Every feature's score over the rows in the window (their order does not matter)."""
+        """Every feature's score over the rows in the window (their order does not matter), in profile order."""
         values = self._buffer[: self.fill]
-        out = []
+        found: dict[int, tuple[str, float]] = {}
+        if self._numeric is not None:
+            block = np.asarray(values[:, self._numeric.columns], dtype=np.float64)
+            used = "psi" if method not in ("ks", "wasserstein") else method
+            for j, score in zip(self._numeric.columns, self._numeric.scores(block, used), strict=True):
+                found[j] = (used, float(score))
         for j, feature in enumerate(self.profile.features):
-            used, score = self._score(j, feature, values[:, j], method)
-            out.append(FeatureScore(self.io, self.name, feature.name, used, score, score > threshold))
-        return out
-
-    def _score(
-        self, j: int, feature: NumericFeature | CategoricalFeature, column: npt.NDArray[Any], method: str
-    ) -> tuple[str, float]:
-        if isinstance(feature, CategoricalFeature):
-            return "psi", categorical_psi(feature.categories, feature.other, category_keys(column))
-        edges, counts, quantiles, std = self._numeric[j]
-        if method == "ks":
-            return method, ks(quantiles, column)
-        if method == "wasserstein":
-            return method, wasserstein(quantiles, std, column)
-        return "psi", psi(edges, counts, column)
+            if isinstance(feature, CategoricalFeature):
+                found[j] = ("psi", categorical_psi(feature.categories, feature.other, category_keys(values[:, j])))
+        return [
+            FeatureScore(self.io, self.name, f.name, found[j][0], found[j][1], found[j][1] > threshold)
+            for j, f in enumerate(self.profile.features)
+        ]
 
 
 def _dtype(profile: TensorProfile) -> np.dtype[Any]:
