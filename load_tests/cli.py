@@ -31,6 +31,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
             MLServer); writes suite.json/suite.md
   shadow    primary latency with no shadow, a 10x slower shadow and a failing one
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
+  drift-overhead      infergate with drift monitoring off and at sample_fraction 0, 0.1, 1.0, same run
 
 Everything runs on loopback. Run from the repository root: python -m load_tests ...
 """
@@ -336,6 +337,26 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
     p.add_argument("--costs-only", action="store_true", help="only print each telemetry step's CPU µs per call")
 
 
+def _add_drift_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .drift import VARIANTS, variants
+
+    p = commands.add_parser(
+        "drift-overhead",
+        help="infergate with drift monitoring off and at sample_fraction 0, 0.1 and 1.0, in one run",
+        description="Per round, start infergate once per variant (no monitoring block, then monitoring.drift "
+        "at each sample_fraction, with a reference profile of the generator's distribution) and load each the "
+        "same way. Writes drift-overhead.json and drift-overhead.md.",
+    )
+    p.add_argument("--model", default="matmul16", help="demo model with one [batch, N] input (default matmul16)")
+    p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N", help="in flight (default 64)")
+    p.add_argument("--duration", type=_positive_float, default=8.0, metavar="S", help="measured s (default 8)")
+    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
+    p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
+    p.add_argument("--window", type=_positive_int, default=2000, metavar="ROWS", help="drift window (default 2000)")
+    p.add_argument("--variants", type=variants, default=tuple(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/drift-<time>")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m load_tests`` parser and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -345,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_load_commands(commands)
-    for add in (_add_ceiling, _add_compute, _add_suite, _add_shadow, _add_telemetry_overhead):
+    for add in (_add_ceiling, _add_compute, _add_suite, _add_shadow, _add_telemetry_overhead, _add_drift_overhead):
         add(commands)
     return parser
 
@@ -454,6 +475,21 @@ def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_drift_overhead(args: argparse.Namespace) -> int:
+    from .drift import DriftOverheadConfig, run_drift_overhead
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out = args.out or pathlib.Path("results") / time.strftime("drift-%Y%m%d-%H%M%S", time.gmtime())
+    config = DriftOverheadConfig(
+        out=out, model=args.model, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
+        rounds=args.rounds, window=args.window, variants=args.variants,
+    )  # fmt: skip
+    report = run_drift_overhead(config)
+    print(report.table())
+    print(f"\nwrote {out / 'drift-overhead.json'} and {out / 'drift-overhead.md'}")
+    return 0
+
+
 _COMMANDS = {
     "closed": cmd_load,
     "open": cmd_load,
@@ -463,6 +499,7 @@ _COMMANDS = {
     "suite": _cmd_suite,
     "shadow": _cmd_shadow,
     "telemetry-overhead": _cmd_telemetry_overhead,
+    "drift-overhead": _cmd_drift_overhead,
 }
 
 

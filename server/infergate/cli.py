@@ -1,4 +1,4 @@
-"""The ``infergate`` command: ``serve``, ``demo-repository`` and ``--version``."""
+"""The ``infergate`` command: ``serve``, ``demo-repository``, ``profile`` and ``--version``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from infergate import __version__
 from infergate.config import ConfigError, ServerConfig, load_server_config
+from infergate.monitoring.profiling import add_profile_command, profile_main
 from infergate.security.config import exposure_warning
 from infergate.server import InferGateServer, run_until_signalled
 from infergate.telemetry import configure_logging
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-repository", help="write the demo models (built locally) to DIR")
     demo.add_argument("directory", type=Path)
+
+    add_profile_command(commands)  # infergate.monitoring.profiling
     return parser
 
 
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo-repository":
         return _demo_repository(args.directory)
+    if args.command == "profile":
+        return profile_main(args)
     return _serve(args)
 
 

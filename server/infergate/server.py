@@ -26,6 +26,7 @@ from infergate._proto import infergate_admin_pb2 as apb
 from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
 from infergate._proto import model_config_pb2 as mc
 from infergate.config import ServerConfig
+from infergate.monitoring.metrics import DriftReadings
 from infergate.repository.loader import ModelRepository
 from infergate.routing.shadow import ShadowQueue
 from infergate.security.auth import TokenVerifier
@@ -88,6 +89,8 @@ class InferGateServer:
             RequestLimits(limits.max_elements_per_tensor, limits.max_batch_rows, limits.max_inputs_per_request),
             self.shadows,
         )
+        if metrics is not None:
+            metrics.watch_drift(DriftReadings(self.repository.catalog.served))
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None

@@ -1,4 +1,4 @@
-"""A model's ``config.yaml``: batching, instances, providers, session options, versions, routing.
+"""A model's ``config.yaml``: batching, instances, providers, session options, versions, routing, monitoring.
 
 A frozen pydantic model that refuses unknown keys, validated once at load.
 Keys follow Triton's model configuration names wherever the concept exists.
@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from infergate.configfile import ConfigError, Strict, read_yaml, validate
+from infergate.monitoring.config import Monitoring
 from infergate.routing.config import Routing
 
 __all__ = [
@@ -135,6 +136,8 @@ class ModelConfig(Strict):
     default_model_filename: str = "model.onnx"
     version_policy: VersionPolicy = VersionPolicy()
     routing: Routing | None = None
+    # Drift monitoring against a reference profile, and payload logging (infergate.monitoring.config).
+    monitoring: Monitoring = Monitoring()
 
     def without_routing(self) -> ModelConfig:
         """The part of the config that decides how versions load (routing changes need no reload)."""

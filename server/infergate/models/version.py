@@ -17,6 +17,7 @@ from infergate.models.config import ModelConfig
 from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner
 from infergate.models.spec import ModelSpec, Tensors
 from infergate.models.stats import ModelObserver, ModelStats
+from infergate.monitoring.monitor import ModelMonitor, load_monitor
 
 __all__ = ["ModelVersion", "load_model_version"]
 
@@ -26,9 +27,10 @@ log = logging.getLogger(__name__)
 class ModelVersion:
     """One version of one model, ready to serve."""
 
-    def __init__(self, runner: OnnxRunner, config: ModelConfig):
+    def __init__(self, runner: OnnxRunner, config: ModelConfig, monitor: ModelMonitor | None = None):
         self.runner = runner
         self.config = config
+        self.monitor = monitor  # drift and payload log (config.monitoring); the handler calls monitor.record
         self.spec: ModelSpec = runner.spec
         self.stats = ModelStats()
         self._observer: ModelObserver | None = None
@@ -60,6 +62,8 @@ class ModelVersion:
         """Serve from the running loop; ``observer`` (telemetry) sees every request and batch."""
         self._observer = observer
         self.batcher.start()
+        if self.monitor is not None:
+            self.monitor.start()
 
     async def infer(
         self, inputs: Tensors, rows: int, group: Hashable, deadline: float | None, watch: bool = True
@@ -87,6 +91,8 @@ class ModelVersion:
     async def aclose(self, timeout: float | None = None) -> None:
         """Drain the queue (up to ``timeout``), then release threads and sessions."""
         await self.batcher.aclose(timeout)
+        if self.monitor is not None:
+            await self.monitor.aclose()
         await asyncio.to_thread(self.runner.close)
 
 
@@ -102,6 +108,11 @@ def load_model_version(directory: Path, name: str, version: int, config: ModelCo
         raise ModelLoadError(
             f"dynamic_batching.preferred_batch_size {too_big} exceed max_batch_size {runner.spec.max_batch_size}"
         )
+    try:
+        monitor = load_monitor(directory, config, runner.spec)  # refuses monitoring.drift without a profile
+    except ModelLoadError:
+        runner.close()
+        raise
     log.info(
         "loaded model %s version %d (max_batch_size %d, %d instance(s) on %s)",
         name,
@@ -110,4 +121,4 @@ def load_model_version(directory: Path, name: str, version: int, config: ModelCo
         config.instance_group.count,
         runner.providers[0],
     )
-    return ModelVersion(runner, config)
+    return ModelVersion(runner, config, monitor)

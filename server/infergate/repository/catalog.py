@@ -30,6 +30,7 @@ __all__ = [
     "ModelState",
     "Routed",
     "RoutingView",
+    "ServedModel",
     "ShadowTarget",
     "is_version_name",
 ]
@@ -87,6 +88,14 @@ class Routed:
     decision: Decision
     router: Router
     shadow: ShadowTarget | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """A model and the versions it serves now."""
+
+    name: str
+    versions: Mapping[int, ModelVersion]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +192,21 @@ class ModelCatalog:
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def models(self, name: str = "") -> list[ServedModel]:
+        """Model ``name`` (every model when empty) with the versions it serves; raises NotFound."""
+        if name and name not in self._entries:
+            raise NotFound(f"unknown model {name!r}")
+        names = [name] if name else sorted(self._entries)
+        return [ServedModel(n, self._entries[n].versions) for n in names]
+
+    def served(self) -> list[ModelVersion]:
+        """Every version served now; safe to call from another thread (a metrics reader's).
+
+        The loop replaces an entry's ``versions`` map, never mutates it, so copying
+        the table and each map in one step each sees a consistent set.
+        """
+        return [m for entry in list(self._entries.values()) for m in list(entry.versions.values())]
 
     def not_ready(self) -> list[str]:
         """Names of the models that are not serving (failed, or still loading)."""

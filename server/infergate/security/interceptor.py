@@ -76,6 +76,7 @@ METHOD_RULES: dict[str, Rule] = {
     _INFERENCE + "RepositoryModelUnload": Rule("admin", "model_name", audit=True),
     # The operator API: reading the routing state is for operators, but it changes nothing, so it is not audited.
     "/infergate.admin.InferGateAdmin/RoutingStatus": Rule("admin", "name"),
+    "/infergate.admin.InferGateAdmin/DriftStatus": Rule("admin", "name"),
     "/grpc.health.v1.Health/Check": _ANY,
     "/grpc.health.v1.Health/Watch": _ANY,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _ANY,

@@ -10,6 +10,7 @@ import grpc
 
 from infergate._proto import infergate_admin_pb2 as apb
 from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
+from infergate.monitoring.admin import drift_status_response
 from infergate.repository.catalog import ModelCatalog, RoutingView
 from infergate.routing.shadow import ShadowStats
 from infergate.serving.status import guarded
@@ -28,6 +29,12 @@ class AdminServicer(apb_grpc.InferGateAdminServicer):
         self, request: apb.RoutingStatusRequest, context: grpc.aio.ServicerContext
     ) -> apb.RoutingStatusResponse:
         return apb.RoutingStatusResponse(models=[_model_routing(view) for view in self._catalog.routing(request.name)])
+
+    @guarded
+    async def DriftStatus(
+        self, request: apb.DriftStatusRequest, context: grpc.aio.ServicerContext
+    ) -> apb.DriftStatusResponse:
+        return drift_status_response(request, self._catalog.models(request.name))
 
 
 def _model_routing(view: RoutingView) -> apb.ModelRouting:

@@ -8,7 +8,9 @@ here and knows no gRPC:
 1. **route**: the catalog picks the version (and resolves the shadow copy's target);
 2. **decode**: the request's tensors, checked against that version's spec;
 3. **infer**: the version's batcher queues them and its runner executes the batch;
-4. **record**: the outcome goes to the version's statistics and to the router (canary);
+4. **record**: the outcome goes to the version's statistics and to the router (canary),
+   and an answered request is offered to the version's monitor (drift, payload log:
+   sampled, handed to a background thread, never waited on);
 5. **mirror**: when routing chose to, the same inputs are offered to the shadow
    version, after the answer is ready; that never waits and never fails the caller.
 
@@ -61,6 +63,9 @@ class InferenceHandler:
             raise
         finally:
             _record(routed, error, started, expires)
+        monitor = routed.model.monitor
+        if monitor is not None:
+            monitor.record(decoded.inputs, outputs, request_id=request.id, route=routed.decision.arm)
         if routed.shadow is not None:
             self._mirror(routed.shadow, decoded, outputs)
         return InferenceResult(routed.model.spec, outputs, decoded.outputs, routed.decision, request.id)

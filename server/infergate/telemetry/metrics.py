@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import resource
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from infergate.telemetry.aggregate import Counter, Histograms
 
-__all__ = ["BATCH_ROWS", "SECONDS", "ServerMetrics"]
+__all__ = ["BATCH_ROWS", "SECONDS", "DriftSource", "ServerMetrics"]
 
 # Sub-millisecond to seconds: a small model answers in 100 µs, a big batch in seconds.
 SECONDS: tuple[float, ...] = (
@@ -30,6 +31,18 @@ SECONDS: tuple[float, ...] = (
 BATCH_ROWS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DIFFS: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class DriftSource(Protocol):
+    """What the drift gauges report at each collection (``infergate.monitoring.metrics.DriftReadings``).
+
+    Read on the reader's thread; only the versions served at that moment are
+    yielded, so a version's series disappear when it is unloaded.
+    """
+
+    def scores(self) -> Iterable[tuple[float, Mapping[str, str]]]: ...
+
+    def alerts(self) -> Iterable[tuple[int, Mapping[str, str]]]: ...
 
 
 class ServerMetrics:
@@ -44,6 +57,7 @@ class ServerMetrics:
         self._lock = threading.Lock()  # the depth table is read from the reader's thread
         self._active: dict[str, int] = {}
         self._streams_paused = 0
+        self._drift: DriftSource | None = None
         self._requests = self._counter(
             meter, "infergate.requests", "{request}", "RPCs answered, by method, model, version and status"
         )
@@ -98,6 +112,16 @@ class ServerMetrics:
             unit="{request}",
             description="Requests waiting in each model version's queue",
         )
+        meter.create_observable_gauge(
+            "infergate.drift.score",
+            [self._observe_drift_scores],
+            description="How far a feature of a model version's live traffic is from its reference profile",
+        )
+        meter.create_observable_gauge(
+            "infergate.drift.alert",
+            [self._observe_drift_alerts],
+            description="1 while any feature of the model version scores above its drift threshold",
+        )
         meter.create_observable_counter(
             "process.cpu.time", [_observe_cpu], unit="s", description="CPU time this process used"
         )
@@ -140,6 +164,10 @@ class ServerMetrics:
         with self._lock:
             self._depths[(model, version)] = depth
 
+    def watch_drift(self, source: DriftSource) -> None:
+        """Report ``source``'s drift scores and alerts from now on."""
+        self._drift = source
+
     # --- for the auth and routing layers ---------------------------------------------------
 
     def record_auth_refusal(self, reason: str) -> None:
@@ -181,6 +209,14 @@ class ServerMetrics:
         with self._lock:
             depths = list(self._depths.items())
         return [Observation(depth(), {"model": m, "model_version": str(v)}) for (m, v), depth in depths]
+
+    def _observe_drift_scores(self, options: CallbackOptions) -> Iterable[Observation]:
+        source = self._drift
+        return [Observation(value, dict(labels)) for value, labels in source.scores()] if source else []
+
+    def _observe_drift_alerts(self, options: CallbackOptions) -> Iterable[Observation]:
+        source = self._drift
+        return [Observation(value, dict(labels)) for value, labels in source.alerts()] if source else []
 
 
 def _observe_cpu(options: CallbackOptions) -> Iterable[Observation]:
