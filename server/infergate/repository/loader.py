@@ -250,6 +250,8 @@ class ModelRepository:
 
     def _retire(self, model: ModelVersion) -> None:
         """Close ``model`` in the background once its queue has drained."""
+        if self._observer is not None:
+            self._observer.forget(model.name, model.version)  # its series leave the scrape now
         task = asyncio.create_task(model.aclose(self._drain_timeout), name=f"retire {model.name}:{model.version}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

@@ -5,12 +5,20 @@ batcher as an opaque tag). When its batch finished, each request gets a
 ``queue`` child span covering its wait, and the batch gets one span of its own
 — a root, since it serves many traces — **linked** to every request's span.
 Metrics are recorded from the same event that feeds ModelStatistics.
+
+Lifetime: a version holds its :class:`ModelHooks`, the hooks hold the
+version's queue-depth reader, and everything else here holds the hooks only
+weakly, so nothing in telemetry keeps a retired version alive.
+:meth:`RepositoryHooks.forget` removes a version's own series (its queue-depth
+gauge and batch histograms) the moment it stops serving, and its batches still
+draining are traced but no longer measured, so they cannot bring them back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from opentelemetry import trace
@@ -29,26 +37,59 @@ class RepositoryHooks:
     def __init__(self, tracer: Tracer | None, metrics: ServerMetrics | None):
         self._tracer = tracer
         self._metrics = metrics
+        # Per version, the hooks handed out and not yet forgotten, oldest first (two while a reload replaces it).
+        self._serving: dict[tuple[str, int], list[weakref.ref[ModelHooks]]] = {}
 
     def model_loaded(self, name: str, ok: bool) -> None:
         if self._metrics is not None:
             self._metrics.record_model_load(name, ok)
 
     def for_model(self, name: str, version: int, queue_depth: Callable[[], int]) -> ModelObserver:
+        hooks = ModelHooks(name, version, self._tracer, self._metrics, queue_depth)
         if self._metrics is not None:
-            self._metrics.watch_queue(name, version, queue_depth)
-        return ModelHooks(name, version, self._tracer, self._metrics)
+            self._serving.setdefault((name, version), []).append(weakref.ref(hooks))
+            self._metrics.watch_queue(name, version, hooks)  # weakly too: the version holds its hooks
+        return hooks
+
+    def forget(self, name: str, version: int) -> None:
+        """The oldest hooks of ``version`` left service; when no newer ones replace them, so do its series."""
+        if self._metrics is None:
+            return
+        key = (name, version)
+        live = [hooks for ref in self._serving.pop(key, ()) if (hooks := ref()) is not None]
+        retired, replacements = (live[0], live[1:]) if live else (None, [])
+        if replacements:  # a reload: the new version's gauge is already watched, the series go on
+            self._serving[key] = [weakref.ref(hooks) for hooks in replacements]
+            return
+        if retired is not None:
+            retired.stop_measuring()
+        self._metrics.forget(name, version)
 
 
 class ModelHooks:
-    """One model version's :class:`~infergate.stats.ModelObserver`."""
+    """One model version's :class:`~infergate.stats.ModelObserver`, and the source of its queue-depth gauge."""
 
-    def __init__(self, name: str, version: int, tracer: Tracer | None, metrics: ServerMetrics | None):
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        tracer: Tracer | None,
+        metrics: ServerMetrics | None,
+        queue_depth: Callable[[], int] = lambda: 0,
+    ):
         self._name = name
         self._version = version
         self._tracer = tracer
         self._metrics = metrics
+        self._queue_depth = queue_depth
         self._attributes = {"infergate.model.name": name, "infergate.model.version": str(version)}
+
+    def queue_depth(self) -> int:
+        return self._queue_depth()
+
+    def stop_measuring(self) -> None:
+        """The version's series are gone: its batches still draining are traced but not measured."""
+        self._metrics = None
 
     def capture(self) -> object:
         """The current request's span when it records (else None: nothing to link or time)."""
