@@ -64,12 +64,12 @@ def _x() -> list[InferInput]:
     return [x]
 
 
-def _series(observed: Observed, model: str) -> dict[str, Any]:
-    """Metric name -> the point labelled with ``model`` version 1, for every metric that has one."""
+def _series(observed: Observed, model: str, version: str = "1") -> dict[str, Any]:
+    """Metric name -> the point labelled with ``model`` and ``version``, for every metric that has one."""
     found: dict[str, Any] = {}
     for name in (*VERSION_SERIES, "infergate.requests"):
         for point in observed.points(name):
-            if point.attributes.get("model") == model and point.attributes.get("model_version") == "1":
+            if point.attributes.get("model") == model and point.attributes.get("model_version") == version:
                 found[name] = point
     return found
 
@@ -108,7 +108,9 @@ async def test_an_unloaded_version_leaves_the_metrics_and_is_collected(repositor
             await client.close()
 
 
-async def test_a_reloaded_version_keeps_its_series_and_the_replaced_object_is_collected(repository: Path) -> None:
+async def test_a_reloaded_version_keeps_its_series_a_superseded_one_loses_them_and_both_objects_go(
+    repository: Path,
+) -> None:
     async with observed_server(repository, EXPLICIT) as observed:
         client = aioclient.InferenceServerClient(observed.url)
         try:
@@ -125,6 +127,14 @@ async def test_a_reloaded_version_keeps_its_series_and_the_replaced_object_is_co
             assert series["infergate.queue.duration"].count == 2  # one series across the reload
             await eventually(lambda: _collected(old), f"the replaced version collected ({_referrers(old)})")
             assert series["infergate.queue.depth"].value == 0
+
+            reloaded = weakref.ref(observed.server.repository.catalog.get("matmul16"))
+            shutil.copytree(repository / "matmul16" / "1", repository / "matmul16" / "2")
+            await client.load_model("matmul16")  # the version policy serves the latest: 2 supersedes 1
+            await client.infer("matmul16", _x())
+            assert set(_series(observed, "matmul16", "1")) == {"infergate.requests"}
+            assert set(_series(observed, "matmul16", "2")) == {*VERSION_SERIES, "infergate.requests"}
+            await eventually(lambda: _collected(reloaded), "the superseded version collected")
         finally:
             await client.close()
 
