@@ -168,22 +168,26 @@ async def test_a_scrape_after_an_unload_has_no_series_of_the_unloaded_version(re
 
 def _observer(hooks: RepositoryHooks, model: ModelVersion) -> ModelObserver:
     """As the repository does it: the depth reader's closure holds the version (and the version its observer)."""
-    return hooks.for_model(model.name, model.version, lambda: model.batcher.depth)
+    return hooks.for_model(model.name, model.version, lambda: model.batcher.depth, model)
 
 
-async def test_the_metrics_never_keep_a_version_alive_even_when_nobody_forgets_it(repository: Path) -> None:
-    """Only the telemetry is under test here: a real ModelVersion, started and closed without a repository."""
-    reader = InMemoryMetricReader()
-    metrics = ServerMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"), Histograms("test"))
-    hooks = RepositoryHooks(None, metrics)
-    directory = repository / "matmul16" / "1"
-    model = await asyncio.to_thread(load_model_version, directory, "matmul16", 1, ModelConfig())
-    model.start(_observer(hooks, model))
+class TelemetryOnly:
+    """Only the telemetry is under test: real ModelVersions, started and closed without a repository."""
 
-    def depths() -> list[Any]:
-        data = reader.get_metrics_data()
+    def __init__(self, repository: Path) -> None:
+        self._directory = repository / "matmul16" / "1"
+        self._reader = InMemoryMetricReader()
+        metrics = ServerMetrics(MeterProvider(metric_readers=[self._reader]).get_meter("test"), Histograms("test"))
+        self.hooks = RepositoryHooks(None, metrics)
+
+    async def load(self) -> ModelVersion:
+        return await asyncio.to_thread(load_model_version, self._directory, "matmul16", 1, ModelConfig())
+
+    def depths(self) -> list[str]:
+        """The versions the queue-depth gauge reports."""
+        data = self._reader.get_metrics_data()
         return [
-            point
+            point.attributes["model_version"]
             for rm in (data.resource_metrics if data is not None else ())
             for sm in rm.scope_metrics
             for metric in sm.metrics
@@ -191,9 +195,27 @@ async def test_the_metrics_never_keep_a_version_alive_even_when_nobody_forgets_i
             for point in metric.data.data_points
         ]
 
-    assert [p.attributes["model_version"] for p in depths()] == ["1"]
+
+async def test_the_metrics_never_keep_a_version_alive_even_when_nobody_forgets_it(repository: Path) -> None:
+    telemetry = TelemetryOnly(repository)
+    model = await telemetry.load()
+    model.start(_observer(telemetry.hooks, model))
+    assert telemetry.depths() == ["1"]
     await model.aclose()
     version = weakref.ref(model)
     del model  # retired without forget(): a bug elsewhere must not pin it
     await eventually(lambda: _collected(version), f"the version collected ({_referrers(version)})")
-    assert depths() == []
+    assert telemetry.depths() == []
+
+
+async def test_forgetting_a_version_that_never_started_leaves_the_one_serving_alone(repository: Path) -> None:
+    telemetry = TelemetryOnly(repository)
+    serving, refused = await telemetry.load(), await telemetry.load()  # e.g. a reload whose config was refused
+    serving.start(_observer(telemetry.hooks, serving))
+    try:
+        telemetry.hooks.forget("matmul16", 1, refused)
+        assert telemetry.depths() == ["1"]
+        telemetry.hooks.forget("matmul16", 1, serving)
+        assert telemetry.depths() == []
+    finally:
+        await asyncio.gather(serving.aclose(), refused.aclose())

@@ -37,32 +37,32 @@ class RepositoryHooks:
     def __init__(self, tracer: Tracer | None, metrics: ServerMetrics | None):
         self._tracer = tracer
         self._metrics = metrics
-        # Per version, the hooks handed out and not yet forgotten, oldest first (two while a reload replaces it).
+        # Per version, the hooks handed out and not yet forgotten (two while a reload replaces one).
         self._serving: dict[tuple[str, int], list[weakref.ref[ModelHooks]]] = {}
 
     def model_loaded(self, name: str, ok: bool) -> None:
         if self._metrics is not None:
             self._metrics.record_model_load(name, ok)
 
-    def for_model(self, name: str, version: int, queue_depth: Callable[[], int]) -> ModelObserver:
-        hooks = ModelHooks(name, version, self._tracer, self._metrics, queue_depth)
+    def for_model(self, name: str, version: int, queue_depth: Callable[[], int], owner: object) -> ModelObserver:
+        hooks = ModelHooks(name, version, self._tracer, self._metrics, queue_depth, owner)
         if self._metrics is not None:
             self._serving.setdefault((name, version), []).append(weakref.ref(hooks))
-            self._metrics.watch_queue(name, version, hooks)  # weakly too: the version holds its hooks
+            self._metrics.watch_queue(name, version, hooks)  # weakly too: the owner holds its hooks
         return hooks
 
-    def forget(self, name: str, version: int) -> None:
-        """The oldest hooks of ``version`` left service; when no newer ones replace them, so do its series."""
-        if self._metrics is None:
-            return
+    def forget(self, name: str, version: int, owner: object) -> None:
+        """``owner`` left service; when no replacement serves its version, neither do its series."""
         key = (name, version)
         live = [hooks for ref in self._serving.pop(key, ()) if (hooks := ref()) is not None]
-        retired, replacements = (live[0], live[1:]) if live else (None, [])
-        if replacements:  # a reload: the new version's gauge is already watched, the series go on
-            self._serving[key] = [weakref.ref(hooks) for hooks in replacements]
-            return
-        if retired is not None:
-            retired.stop_measuring()
+        leaving = [hooks for hooks in live if hooks.owned_by(owner)]
+        staying = [weakref.ref(hooks) for hooks in live if not hooks.owned_by(owner)]
+        if staying:
+            self._serving[key] = staying
+        if not leaving or staying or self._metrics is None:
+            return  # never handed hooks, or a reload: the replacement's gauge is watched, the series go on
+        for hooks in leaving:
+            hooks.stop_measuring()
         self._metrics.forget(name, version)
 
 
@@ -76,7 +76,9 @@ class ModelHooks:
         tracer: Tracer | None,
         metrics: ServerMetrics | None,
         queue_depth: Callable[[], int] = lambda: 0,
+        owner: object = None,
     ):
+        self._owner = weakref.ref(owner) if owner is not None else None
         self._name = name
         self._version = version
         self._tracer = tracer
@@ -86,6 +88,9 @@ class ModelHooks:
 
     def queue_depth(self) -> int:
         return self._queue_depth()
+
+    def owned_by(self, owner: object) -> bool:
+        return self._owner is not None and self._owner() is owner
 
     def stop_measuring(self) -> None:
         """The version's series are gone: its batches still draining are traced but not measured."""
