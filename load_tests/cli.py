@@ -32,6 +32,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   shadow    primary latency with no shadow, a 10x slower shadow and a failing one
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
   drift-overhead      infergate with drift monitoring off and at sample_fraction 0, 0.1, 1.0, same run
+  soak      mixed load for N minutes while the server's memory and open files are sampled
 
 Everything runs on loopback. Run from the repository root: python -m load_tests ...
 """
@@ -357,6 +358,42 @@ def _add_drift_overhead(commands: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/drift-<time>")
 
 
+def _add_soak(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .soak import DEFAULT_MODELS
+
+    p = commands.add_parser(
+        "soak",
+        help="mixed load for N minutes; the server's RSS and open files sampled, RSS growth against a bound",
+        description="Mixed load (unary and streaming inference over several models, metadata, fresh "
+        "connections, and calls that must fail: bad shape, unknown model, 1 ms deadline, cancelled stream) "
+        "against a server started here over the demo repository, or --target. The server's process tree is "
+        "sampled from /proc every --sample-seconds. Prints each sample and the RSS growth from the end of the "
+        "warm-up to the end; writes soak.json. Exit 1 when no call succeeded or any outcome was unexpected "
+        "(with --check, also when RSS grew past the bound).",
+    )
+    p.add_argument("--minutes", type=_positive_float, default=10.0, metavar="M", help="length of the run (default 10)")
+    p.add_argument("--target", metavar="HOST:PORT", help="soak this server instead of starting one (on this machine)")
+    p.add_argument(
+        "--pid", type=_positive_int, metavar="PID", help="with --target: its process (default: the listener)"
+    )
+    p.add_argument(
+        "--models", default=DEFAULT_MODELS, metavar="MIX", help=f"weighted models (default {DEFAULT_MODELS})"
+    )
+    p.add_argument("--concurrency", type=_positive_int, default=8, metavar="N", help="callers (default 8)")
+    p.add_argument("--sample-seconds", type=_positive_float, default=5.0, metavar="S", help="sampling (default 5)")
+    p.add_argument(
+        "--warmup-minutes",
+        type=_non_negative_float,
+        default=2.0,
+        metavar="M",
+        help="RSS growth is measured from here to the end (default 2; half the run when that is shorter)",
+    )
+    p.add_argument("--bound-percent", type=_positive_float, default=5.0, metavar="P", help="RSS growth bound (5)")
+    p.add_argument("--check", action="store_true", help="exit 1 when RSS grew past the bound")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG", help="extra infergate serve argument")
+    p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/soak-<UTC time>")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m load_tests`` parser and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -366,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_load_commands(commands)
-    for add in (_add_ceiling, _add_compute, _add_suite, _add_shadow, _add_telemetry_overhead, _add_drift_overhead):
+    for add in (
+        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_telemetry_overhead, _add_drift_overhead, _add_soak,
+    ):  # fmt: skip
         add(commands)
     return parser
 
@@ -490,6 +529,25 @@ def _cmd_drift_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from .mix import parse_mix
+    from .report import write_json
+    from .soak import SoakConfig, format_report, run_soak
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out = args.out or pathlib.Path("results") / time.strftime("soak-%Y%m%d-%H%M%S", time.gmtime())
+    config = SoakConfig(
+        minutes=args.minutes, models=parse_mix(args.models), concurrency=args.concurrency,
+        sample_seconds=args.sample_seconds, warmup_minutes=args.warmup_minutes, bound_percent=args.bound_percent,
+    )  # fmt: skip
+    report = run_soak(config, out, args.target, args.pid, args.server_arg)
+    write_json(out / "soak.json", report)
+    print(format_report(report))
+    print(f"\nwrote {out / 'soak.json'}")
+    failed = not report["calls"] or report["unexpected"]["count"] or (args.check and not report["rss"]["within_bound"])
+    return 1 if failed else 0
+
+
 _COMMANDS = {
     "closed": cmd_load,
     "open": cmd_load,
@@ -500,6 +558,7 @@ _COMMANDS = {
     "shadow": _cmd_shadow,
     "telemetry-overhead": _cmd_telemetry_overhead,
     "drift-overhead": _cmd_drift_overhead,
+    "soak": _cmd_soak,
 }
 
 

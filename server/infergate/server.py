@@ -131,7 +131,7 @@ class InferGateServer:
         """Bind and start serving; models load afterwards (see ``load_models``). Returns the port."""
         self.repository.discover()
         if self._keys is not None:
-            await self._keys.refresh()  # a JWKS URL's first fetch (off the loop); failures are logged
+            await self._keys.start()  # a JWKS URL's first fetch (off the loop), then its refresh schedule
         address = f"{self.config.host}:{self.config.port}"
         tls = self.config.tls
         if tls is None:
@@ -221,7 +221,7 @@ class InferGateServer:
         await self.shadows.aclose()
         await self.repository.aclose(timeout=max(deadline - loop.time(), 0.0))
         if self._keys is not None:
-            self._keys.close()
+            await self._keys.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export
         log.info("stopped")
 

@@ -259,7 +259,7 @@ class ModelRepository:
     def _model_observer(self, model: ModelVersion) -> ModelObserver | None:
         if self._observer is None:
             return None
-        return self._observer.for_model(model.name, model.version, lambda: model.batcher.depth)
+        return self._observer.for_model(model.name, model.version, lambda: model.batcher.depth, model)
 
     def _fail(self, entry: ModelEntry, reason: str) -> None:
         entry.reason = reason
@@ -275,6 +275,8 @@ class ModelRepository:
 
     def _retire(self, model: ModelVersion) -> None:
         """Close ``model`` in the background once its queue has drained."""
+        if self._observer is not None:
+            self._observer.forget(model.name, model.version, model)  # its series leave the scrape now
         task = asyncio.create_task(model.aclose(self._drain_timeout), name=f"retire {model.name}:{model.version}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

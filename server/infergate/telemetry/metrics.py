@@ -8,6 +8,12 @@ name for the same concept.
 
 Every recording method is called on the event loop; the observable callbacks
 and the histogram snapshots run on a reader's thread (a scrape or an export).
+
+A model version's own series live as long as it serves: :meth:`ServerMetrics.forget`
+drops its queue-depth gauge and its queue, compute and batch-size histograms
+when it leaves service, and the gauge holds its source only weakly, so a missed
+``forget`` can never keep a retired version in memory. The request counts and
+durations are per RPC, labelled with what the call named, and stay.
 """
 
 from __future__ import annotations
@@ -15,14 +21,15 @@ from __future__ import annotations
 import os
 import resource
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from infergate.telemetry.aggregate import Counter, Histograms
+from infergate.telemetry.aggregate import Counter, Histograms, Key
 
-__all__ = ["BATCH_ROWS", "SECONDS", "DriftSource", "ServerMetrics"]
+__all__ = ["BATCH_ROWS", "SECONDS", "DriftSource", "QueueSource", "ServerMetrics"]
 
 # Sub-millisecond to seconds: a small model answers in 100 µs, a big batch in seconds.
 SECONDS: tuple[float, ...] = (
@@ -45,6 +52,14 @@ class DriftSource(Protocol):
     def alerts(self) -> Iterable[tuple[int, Mapping[str, str]]]: ...
 
 
+class QueueSource(Protocol):
+    """What the queue-depth gauge reads; held weakly (see :meth:`ServerMetrics.watch_queue`)."""
+
+    def queue_depth(self) -> int:
+        """Requests waiting in the version's queue now (called from a reader's thread)."""
+        ...
+
+
 class ServerMetrics:
     """Every instrument infergate records; one per server, from its ``Meter`` and ``Histograms``.
 
@@ -53,7 +68,7 @@ class ServerMetrics:
     """
 
     def __init__(self, meter: Meter, histograms: Histograms):
-        self._depths: dict[tuple[str, int], Callable[[], int]] = {}
+        self._depths: dict[tuple[str, int], weakref.ref[QueueSource]] = {}
         self._lock = threading.Lock()  # the depth table is read from the reader's thread
         self._active: dict[str, int] = {}
         self._streams_paused = 0
@@ -159,10 +174,27 @@ class ServerMetrics:
     def record_model_load(self, model: str, ok: bool) -> None:
         self._loads.add((("model", model), ("outcome", "success" if ok else "failure")))
 
-    def watch_queue(self, model: str, version: int, depth: Callable[[], int]) -> None:
-        """Report ``depth()`` as this version's queue depth from now on."""
+    def watch_queue(self, model: str, version: int, source: QueueSource) -> None:
+        """Report ``source.queue_depth()`` as this version's queue depth until :meth:`forget`, or until
+        ``source`` is collected: it is held by a weak reference only. Watching a version again (a
+        reload replacing it) replaces the source.
+        """
         with self._lock:
-            self._depths[(model, version)] = depth
+            self._depths[(model, version)] = weakref.ref(source)
+
+    def forget(self, model: str, version: int) -> None:
+        """``version`` of ``model`` no longer serves: drop its queue-depth gauge and its queue, compute
+        and batch-size histograms; they leave the next collection. The caller stops recording
+        batches for it first (or they would start the histograms again)."""
+        with self._lock:
+            self._depths.pop((model, version), None)
+        labels = (("model", model), ("model_version", str(version)))
+
+        def labelled(series: Key) -> bool:
+            return all(label in series for label in labels)
+
+        for histogram in (self._queue_duration, self._compute_duration, self._batch_size):
+            histogram.drop(labelled)
 
     def watch_drift(self, source: DriftSource) -> None:
         """Report ``source``'s drift scores and alerts from now on."""
@@ -207,8 +239,15 @@ class ServerMetrics:
 
     def _observe_depths(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:
-            depths = list(self._depths.items())
-        return [Observation(depth(), {"model": m, "model_version": str(v)}) for (m, v), depth in depths]
+            sources = [(key, ref()) for key, ref in self._depths.items()]
+            for key, source in sources:
+                if source is None:  # collected without forget(): the version is gone anyway
+                    del self._depths[key]
+        return [
+            Observation(source.queue_depth(), {"model": m, "model_version": str(v)})
+            for (m, v), source in sources
+            if source is not None
+        ]
 
     def _observe_drift_scores(self, options: CallbackOptions) -> Iterable[Observation]:
         source = self._drift
