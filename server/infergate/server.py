@@ -38,6 +38,7 @@ from infergate.serving.interceptors import build_interceptors
 from infergate.serving.request import RequestLimits
 from infergate.serving.servicer import InferenceServicer, Readiness
 from infergate.telemetry import Telemetry
+from infergate.telemetry.triton import TritonRow
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
 
@@ -87,6 +88,7 @@ class InferGateServer:
             RequestLimits(limits.max_elements_per_tensor, limits.max_batch_rows, limits.max_inputs_per_request),
             self.shadows,
         )
+        self.telemetry.serve_triton_metrics(self._triton_rows)
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
@@ -167,6 +169,11 @@ class InferGateServer:
                 await self.repository.rescan()
             except Exception:
                 log.exception("repository poll failed")
+
+    def _triton_rows(self) -> list[TritonRow]:
+        """Every loaded version for Triton's metrics (read on the scrape thread: lookups only)."""
+        loaded = self.repository.catalog.statistics("", "")
+        return [TritonRow(m.name, m.version, m.stats, m.batcher.depth) for m in loaded]
 
     async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:
