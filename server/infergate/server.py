@@ -144,6 +144,9 @@ class InferGateServer:
         failed = self.repository.catalog.not_ready() if self.config.model_control_mode != "explicit" else []
         ready = not failed or not self.config.strict_readiness
         self.readiness.ready = ready
+        # The inference service answers for the models that loaded, whatever failed: clients that
+        # balance on its health (the SDK) keep their calls to them. "" is readiness, strict or not.
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if ready:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
