@@ -33,12 +33,15 @@ from infergate.security.interceptor import AuthInterceptor
 from infergate.security.keys import KeyStore, build_key_store
 from infergate.security.tls import server_credentials
 from infergate.serving.admin import ADMIN_SERVICE_NAME, AdminServicer
+from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.interceptors import build_interceptors
 from infergate.serving.request import RequestLimits
 from infergate.serving.servicer import InferenceServicer, Readiness
 from infergate.telemetry import Telemetry
 from infergate.telemetry.triton import TritonRow
+from infergate.workers.control import WorkerControl, WorkerRole
+from infergate.workers.scope import WorkerScopeInterceptor
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
 
@@ -68,7 +71,8 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class InferGateServer:
     """An infergate server over one model repository."""
 
-    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None):
+    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None, *, worker: WorkerRole | None = None):
+        """``worker``: this process is one worker of ``--workers N`` (model control goes through the supervisor)."""
         if config.model_repository is None:
             raise ValueError("a model repository is required")
         self.config = config
@@ -89,6 +93,9 @@ class InferGateServer:
             self.shadows,
         )
         self.telemetry.serve_triton_metrics(self._triton_rows)
+        local = LocalModelControl(self.repository)
+        self._worker_control = WorkerControl(worker, local) if worker is not None else None
+        control: ModelControl = self._worker_control or local
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
@@ -96,8 +103,11 @@ class InferGateServer:
         if self._keys is not None:
             refusals = metrics.record_auth_refusal if metrics else None
             auth = AuthInterceptor(TokenVerifier(config.auth, self._keys), config.auth.exempt_methods, refusals)
+        observers = self.telemetry.interceptors()
+        if worker is not None:
+            observers.append(WorkerScopeInterceptor(worker.index, worker.count))
         self._server = grpc.aio.server(
-            interceptors=build_interceptors(self.telemetry.interceptors(), auth),
+            interceptors=build_interceptors(observers, auth),
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -106,7 +116,7 @@ class InferGateServer:
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
             ],
         )
-        servicer = InferenceServicer(self.repository, handler, self.readiness, config.model_control_mode)
+        servicer = InferenceServicer(self.repository, handler, self.readiness, config.model_control_mode, control)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
         admin = AdminServicer(self.repository.catalog)
         apb_grpc.add_InferGateAdminServicer_to_server(admin, self._server)  # type: ignore[no-untyped-call]
@@ -141,6 +151,9 @@ class InferGateServer:
         Explicit mode loads only ``load_models`` ("*": all) and is ready without models.
         """
         await self.repository.load_all(self._startup_models())
+        # A worker first applies what was loaded and unloaded through the API since the start.
+        if self._worker_control is not None and not await self._worker_control.join():
+            return False  # the supervisor is gone: this worker is stopping
         failed = self.repository.catalog.not_ready() if self.config.model_control_mode != "explicit" else []
         ready = not failed or not self.config.strict_readiness
         self.readiness.ready = ready
@@ -188,6 +201,8 @@ class InferGateServer:
         log.info("draining (grace %.1fs)", grace)
         self.readiness.draining = True
         await self._health.enter_graceful_shutdown()
+        if self._worker_control is not None:
+            await self._worker_control.aclose()  # leave model control before the supervisor notices
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)

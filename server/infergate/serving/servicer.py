@@ -21,6 +21,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.errors import FailedPrecondition, InferGateError, Unimplemented
 from infergate.repository.loader import ModelRepository
 from infergate.serving.codec import WireRequest, encode_response
+from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.protocol import model_config_message, model_metadata_message, model_statistics_message
 from infergate.serving.status import abort_with, guarded, status_of
@@ -48,8 +49,16 @@ class Readiness:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over a model repository and an inference handler."""
 
-    def __init__(self, repository: ModelRepository, handler: InferenceHandler, readiness: Readiness, control_mode: str):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        handler: InferenceHandler,
+        readiness: Readiness,
+        control_mode: str,
+        control: ModelControl | None = None,
+    ):
         self._repository = repository
+        self._control = control or LocalModelControl(repository)  # --workers: every worker (serving/control.py)
         self._catalog = repository.catalog
         self._handler = handler
         self._readiness = readiness
@@ -162,7 +171,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"RepositoryModelLoad: parameters {sorted(request.parameters)} are not supported;"
                 " edit config.yaml in the repository instead"
             )
-        await self._repository.reconcile(request.model_name)
+        await self._control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @guarded
@@ -170,7 +179,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         self._explicit_control("RepositoryModelUnload")
-        await self._repository.unload(request.model_name)
+        await self._control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     def _explicit_control(self, method: str) -> None:
