@@ -156,7 +156,10 @@ def test_the_prometheus_endpoint_serves_a_valid_exposition(demo_repository: Path
     if shutil.which("promtool") is None:
         pytest.skip("promtool is not installed here (make tools installs it where apt-get can)")
     lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
+    # Exit 3 is "lint problems only". Triton's own names break Prometheus' naming advice (``_us``, a
+    # gauge named ``_count``); they are kept as Triton spells them, for its users' dashboards.
+    problems = [line for line in (lint.stdout + lint.stderr).splitlines() if not line.startswith("nv_inference_")]
+    assert lint.returncode in (0, 3) and not problems, lint.stdout + lint.stderr
 
 
 def test_json_logs_carry_trace_ids_and_no_secrets(demo_repository: Path, log_dir: Path) -> None:

@@ -17,7 +17,7 @@ from infergate.monitoring.profiling import add_profile_command, profile_main
 from infergate.security.config import exposure_warning
 from infergate.server import InferGateServer, run_until_signalled
 from infergate.telemetry import configure_logging
-from infergate.workers import supervise
+from infergate.workers import WorkerRole, supervise
 
 __all__ = ["main"]
 
@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--load-model", action="append", help="explicit mode: a model to load at start (repeatable; '*' for all)"
     )
+    # Set by the --workers supervisor for each worker it starts.
     serve.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--control-socket", type=Path, help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo-repository", help="write the demo models (built locally) to DIR")
     demo.add_argument("directory", type=Path)
@@ -88,7 +92,12 @@ def _serve(args: argparse.Namespace) -> int:
                 "model_control_mode": args.model_control_mode,
                 "repository_poll_seconds": args.repository_poll_secs,
                 "load_models": args.load_model,
-                "telemetry": {"metrics_port": args.metrics_port, "traces": args.traces},
+                "telemetry": {
+                    "metrics_port": args.metrics_port,
+                    # A worker's own endpoint is private: the supervisor merges it into the one it serves.
+                    "metrics_host": "127.0.0.1" if args.control_socket is not None else None,
+                    "traces": args.traces,
+                },
                 "logging": {"format": args.log_format},
             },
         )
@@ -98,14 +107,12 @@ def _serve(args: argparse.Namespace) -> int:
     if config.model_repository is None:
         print("infergate: --model-repository (or model_repository in --config) is required", file=sys.stderr)
         return 2
-    if config.workers > 1 and config.telemetry.metrics_port:
-        print("infergate: --metrics-port serves one process; it cannot be combined with --workers yet", file=sys.stderr)
-        return 2
     configure_logging(config.log_level, config.logging.format)
     if (warning := exposure_warning(config.host, config.auth)) is not None:
         print(f"infergate: {warning}", file=sys.stderr, flush=True)
     try:
         if config.workers > 1:
+            telemetry = config.telemetry
             return asyncio.run(
                 supervise(
                     config.host,
@@ -113,9 +120,12 @@ def _serve(args: argparse.Namespace) -> int:
                     config.workers,
                     _worker_args(args),
                     grace=config.shutdown_delay_seconds + config.shutdown_grace_seconds,
+                    metrics_address=(
+                        (telemetry.metrics_host, telemetry.metrics_port) if telemetry.metrics_port is not None else None
+                    ),
                 )
             )
-        asyncio.run(_serve_async(config))
+        asyncio.run(_serve_async(config, _worker_role(args)))
     except ConfigError as exc:  # keys and certificates are read when the server is built
         print(f"infergate: {exc}", file=sys.stderr)
         return 2
@@ -144,8 +154,14 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
     return [*out, "--workers", "1"]
 
 
-async def _serve_async(config: ServerConfig) -> None:
-    server = InferGateServer(config)  # grpc.aio objects belong to the running loop
+def _worker_role(args: argparse.Namespace) -> WorkerRole | None:
+    if args.control_socket is None:
+        return None
+    return WorkerRole(args.worker_index or 0, args.worker_count or 1, args.control_socket)
+
+
+async def _serve_async(config: ServerConfig, worker: WorkerRole | None = None) -> None:
+    server = InferGateServer(config, worker=worker)  # grpc.aio objects belong to the running loop
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,6 +27,8 @@ class TelemetryConfig(Strict):
     metrics: bool = False  # implied by metrics_port; OTLP push when OTEL_METRICS_EXPORTER=otlp
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # Prometheus scrape endpoint
     metrics_host: str = "127.0.0.1"
+    # Also serve Triton's nv_inference_* counters on the Prometheus endpoint (telemetry/triton.py).
+    triton_metrics: bool = True
 
 
 class LoggingConfig(Strict):

@@ -35,11 +35,15 @@ from infergate.security.keys import KeyStore, build_key_store
 from infergate.security.tls import server_credentials
 from infergate.serving.admin import ADMIN_SERVICE_NAME, AdminServicer
 from infergate.serving.admission import Admission
+from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.interceptors import build_interceptors
 from infergate.serving.request import RequestLimits
 from infergate.serving.servicer import InferenceServicer, Readiness
 from infergate.telemetry import Telemetry
+from infergate.telemetry.triton import TritonRow
+from infergate.workers.control import WorkerControl, WorkerRole
+from infergate.workers.scope import WorkerScopeInterceptor
 
 __all__ = ["SERVICE_NAME", "InferGateServer"]
 
@@ -69,7 +73,8 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class InferGateServer:
     """An infergate server over one model repository."""
 
-    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None):
+    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None, *, worker: WorkerRole | None = None):
+        """``worker``: this process is one worker of ``--workers N`` (model control goes through the supervisor)."""
         if config.model_repository is None:
             raise ValueError("a model repository is required")
         self.config = config
@@ -91,6 +96,10 @@ class InferGateServer:
         )
         if metrics is not None:
             metrics.watch_drift(DriftReadings(self.repository.catalog.served))
+        self.telemetry.serve_triton_metrics(self._triton_rows)
+        local = LocalModelControl(self.repository)
+        self._worker_control = WorkerControl(worker, local) if worker is not None else None
+        control: ModelControl = self._worker_control or local
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
@@ -101,8 +110,11 @@ class InferGateServer:
         self.admission = Admission(
             limits.max_inference_calls, metrics.record_admission_refusal if metrics is not None else None
         )
+        observers = self.telemetry.interceptors()
+        if worker is not None:
+            observers.append(WorkerScopeInterceptor(worker.index, worker.count))
         self._server = grpc.aio.server(
-            interceptors=build_interceptors(self.admission, self.telemetry.interceptors(), auth),
+            interceptors=build_interceptors(self.admission, observers, auth),
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -118,6 +130,7 @@ class InferGateServer:
             config.model_control_mode,
             on_stream_pause=metrics.stream_paused if metrics is not None else None,
             closing=self.admission.closing,
+            control=control,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
         admin = AdminServicer(self.repository.catalog)
@@ -153,9 +166,15 @@ class InferGateServer:
         Explicit mode loads only ``load_models`` ("*": all) and is ready without models.
         """
         await self.repository.load_all(self._startup_models())
+        # A worker first applies what was loaded and unloaded through the API since the start.
+        if self._worker_control is not None and not await self._worker_control.join():
+            return False  # the supervisor is gone: this worker is stopping
         failed = self.repository.catalog.not_ready() if self.config.model_control_mode != "explicit" else []
         ready = not failed or not self.config.strict_readiness
         self.readiness.ready = ready
+        # The inference service answers for the models that loaded, whatever failed: clients that
+        # balance on its health (the SDK) keep their calls to them. "" is readiness, strict or not.
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if ready:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -182,6 +201,11 @@ class InferGateServer:
             except Exception:
                 log.exception("repository poll failed")
 
+    def _triton_rows(self) -> list[TritonRow]:
+        """Every loaded version for Triton's metrics (read on the scrape thread: lookups only)."""
+        loaded = self.repository.catalog.statistics("", "")
+        return [TritonRow(m.name, m.version, m.stats, m.batcher.depth) for m in loaded]
+
     async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:
             await self._health.set(service, status)
@@ -202,6 +226,8 @@ class InferGateServer:
         log.info("draining (grace %.1fs)", grace)
         self.readiness.draining = True
         await self._health.enter_graceful_shutdown()
+        if self._worker_control is not None:
+            await self._worker_control.aclose()  # leave model control before the supervisor notices
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)

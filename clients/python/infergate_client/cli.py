@@ -3,7 +3,8 @@
 Exit codes:
 
 - 0: done (``health``: the server is live and ready);
-- 1: ``health`` got an answer, but the server (or the model) is not ready;
+- 1: ``health`` got an answer, but the server (or the model) is not ready: the JSON
+  lists each model that is not ready and why (``not_ready``), also said on stderr;
 - 2: bad command line or input file (nothing was sent);
 - 3: the server could not be reached in time (UNAVAILABLE, DEADLINE_EXCEEDED);
 - 4: the server refused or failed the call (NOT_FOUND, INVALID_ARGUMENT, UNAUTHENTICATED...).
@@ -74,7 +75,7 @@ NAME=JSON (nested lists, cast to the input's datatype from ModelMetadata), e.g.
 -i x='[[1,2,3]]'. Outputs are printed as JSON, or saved with --output-dir."""
 
 
-def _client(args: argparse.Namespace) -> Client:
+def _client(args: argparse.Namespace, health_check: bool = True) -> Client:
     headers = []
     for item in args.header:
         key, sep, value = item.partition("=")
@@ -87,16 +88,41 @@ def _client(args: argparse.Namespace) -> Client:
             tls = Tls(args.ca, args.key, args.cert, args.server_name)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    return Client(args.url, tls=tls, token=args.token, metadata=headers, timeout=args.timeout)
+    return Client(
+        args.url, tls=tls, token=args.token, metadata=headers, timeout=args.timeout, health_check=health_check
+    )
 
 
 def _cmd_health(client: Client, args: argparse.Namespace) -> int:
     live, ready = client.is_server_live(), client.is_server_ready()
-    status = {"live": live, "ready": ready}
+    status: dict[str, Any] = {"live": live, "ready": ready}
     if args.model:
         status[f"model {args.model} ready"] = client.is_model_ready(args.model)
+    if all(status.values()):
+        print(json.dumps(status))
+        return OK
+    status["not_ready"] = reasons = _not_ready(client, args.model)
     print(json.dumps(status))
-    return OK if all(status.values()) else NOT_READY
+    why = "; ".join(f"model {r['model']}{' version ' + r['version'] if r['version'] else ''}: {r['reason']}"
+                    for r in reasons)  # fmt: skip
+    if not why:
+        why = f"model {args.model} is not in the repository" if ready else "the server is starting or draining"
+    print(f"infergate-client: not ready: {why}", file=sys.stderr)
+    return NOT_READY
+
+
+def _not_ready(client: Client, model: str | None) -> list[dict[str, str]]:
+    """The models that are not ready and why, from RepositoryIndex (empty where it cannot be read:
+    the health answer stands on its own)."""
+    try:
+        rows = client.repository_index()
+    except InferGateError:
+        return []
+    return [
+        {"model": r.name, "version": r.version, "state": r.state, "reason": r.reason or r.state}
+        for r in rows
+        if r.state != "READY" and (model is None or r.name == model)
+    ]
 
 
 def _cmd_models(client: Client, args: argparse.Namespace) -> int:
@@ -176,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
-        with _client(args) as client:
+        # health asks a server whatever its state; the others go where the inference service is SERVING.
+        with _client(args, health_check=args.command != "health") as client:
             return _COMMANDS[args.command](client, args)
     except UsageError as exc:
         print(f"infergate-client: {exc}", file=sys.stderr)

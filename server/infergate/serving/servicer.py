@@ -22,6 +22,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.errors import FailedPrecondition, InferGateError, Unimplemented
 from infergate.repository.loader import ModelRepository
 from infergate.serving.codec import WireRequest, encode_response
+from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.protocol import model_config_message, model_metadata_message, model_statistics_message
 from infergate.serving.status import abort_with, guarded, status_of
@@ -58,10 +59,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         control_mode: str,
         on_stream_pause: OnPause | None = None,
         closing: asyncio.Event | None = None,
+        control: ModelControl | None = None,
     ):
         self._on_stream_pause = on_stream_pause  # telemetry: streams waiting for their client to read
         self._closing = closing  # set when the server drains: streams stop reading
         self._repository = repository
+        self._control = control or LocalModelControl(repository)  # --workers: every worker (serving/control.py)
         self._catalog = repository.catalog
         self._handler = handler
         self._readiness = readiness
@@ -178,7 +181,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"RepositoryModelLoad: parameters {sorted(request.parameters)} are not supported;"
                 " edit config.yaml in the repository instead"
             )
-        await self._repository.reconcile(request.model_name)
+        await self._control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @guarded
@@ -186,7 +189,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         self._explicit_control("RepositoryModelUnload")
-        await self._repository.unload(request.model_name)
+        await self._control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     def _explicit_control(self, method: str) -> None:
