@@ -13,7 +13,8 @@ from collections.abc import Hashable
 from pathlib import Path
 
 from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
-from infergate.models.config import ModelConfig
+from infergate.models.config import Metadata, ModelConfig
+from infergate.models.governance import verify_version
 from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner, Tensors
 from infergate.models.spec import ModelSpec
 from infergate.models.stats import ModelObserver, ModelStats
@@ -31,6 +32,7 @@ class ModelVersion:
         self.config = config
         self.spec: ModelSpec = runner.spec
         self.stats = ModelStats()
+        self.metadata: Metadata = config.metadata  # load_model_version sets the verified one, with the digest
         self._observer: ModelObserver | None = None
         batching = config.dynamic_batching
         policy = BatchPolicy(
@@ -95,6 +97,7 @@ def load_model_version(directory: Path, name: str, version: int, config: ModelCo
     path = directory / config.default_model_filename
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
+    metadata = verify_version(path, config)  # before onnxruntime reads a file that is not the one named
     runner = OnnxRunner.load(path, config, name, version)
     too_big = [p for p in config.dynamic_batching.preferred_batch_size if p > runner.spec.max_batch_size]
     if too_big and runner.spec.batches:
@@ -110,4 +113,6 @@ def load_model_version(directory: Path, name: str, version: int, config: ModelCo
         config.instance_group.count,
         runner.providers[0],
     )
-    return ModelVersion(runner, config)
+    model = ModelVersion(runner, config)
+    model.metadata = metadata
+    return model
