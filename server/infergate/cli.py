@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace-seconds", type=float, help="time in-flight requests get on SIGTERM")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"], help="log line format (default text)")
+    serve.add_argument("--audit-log", type=Path, metavar="FILE", help="append audit events here (default: the log)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
     serve.add_argument("--traces", action="store_true", default=None, help="trace requests (exporter: OTEL_*)")
     serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
@@ -80,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "model_control_mode": args.model_control_mode,
                 "repository_poll_seconds": args.repository_poll_secs,
                 "load_models": args.load_model,
+                "audit_log": args.audit_log,
                 "telemetry": {"metrics_port": args.metrics_port, "traces": args.traces},
                 "logging": {"format": args.log_format},
             },
@@ -128,6 +130,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         "--model-control-mode": args.model_control_mode,
         "--repository-poll-secs": args.repository_poll_secs,
         "--log-format": args.log_format,
+        "--audit-log": args.audit_log,
     }
     out = [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
     out += [item for model in args.load_model or () for item in ("--load-model", model)]
