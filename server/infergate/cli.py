@@ -1,4 +1,4 @@
-"""The ``infergate`` command: ``serve``, ``demo-repository`` and ``--version``."""
+"""The ``infergate`` command: ``serve``, ``check``, ``batch``, ``demo-repository`` and ``--version``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-repository", help="write the demo models (built locally) to DIR")
     demo.add_argument("directory", type=Path)
+
+    check = commands.add_parser(
+        "check",
+        help="validate a model repository as the server would load it, without serving (a CI/CD gate)",
+        description="Exit 0 when the repository would serve cleanly, 1 otherwise (with a table of findings), "
+        "2 on a bad command line. See docs/ci-gate.md.",
+    )
+    check.add_argument("--model-repository", type=Path, required=True, help="DIR holding <model>/<version>/")
+    check.add_argument("--config", type=Path, help="the server configuration file to check too")
+    check.add_argument("--model", action="extend", nargs="+", metavar="NAME", help="only these models")
+    check.add_argument("--smoke", action="store_true", help="also run one inference per version, checked for NaN/Inf")
+    check.add_argument("--format", choices=["text", "json"], default="text", help="json: for pipelines")
     return parser
 
 
@@ -55,7 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo-repository":
         return _demo_repository(args.directory)
+    if args.command == "check":
+        return _check(args)
     return _serve(args)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_repository
+
+    if not args.model_repository.is_dir():
+        print(f"infergate: {args.model_repository} is not a directory", file=sys.stderr)
+        return 2
+    configure_logging("warning", "text")  # the findings go to stdout; library warnings to stderr
+    report = asyncio.run(check_repository(args.model_repository, args.config, args.model, args.smoke))
+    print(report.as_json() if args.format == "json" else report.as_table())
+    return 0 if report.ok else 1
 
 
 def _demo_repository(directory: Path) -> int:
