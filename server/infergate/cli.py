@@ -10,10 +10,8 @@ from pathlib import Path
 
 from infergate import __version__
 from infergate.config import ConfigError, ServerConfig, load_server_config
-from infergate.security.config import exposure_warning
-from infergate.server import InferGateServer, run_until_signalled
+from infergate.offline import command as offline_command
 from infergate.telemetry import configure_logging
-from infergate.workers import supervise
 
 __all__ = ["main"]
 
@@ -60,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--model", action="extend", nargs="+", metavar="NAME", help="only these models")
     check.add_argument("--smoke", action="store_true", help="also run one inference per version, checked for NaN/Inf")
     check.add_argument("--format", choices=["text", "json"], default="text", help="json: for pipelines")
+
+    offline_command.add_parser(commands)
     return parser
 
 
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return _demo_repository(args.directory)
     if args.command == "check":
         return _check(args)
+    if args.command == "batch":
+        configure_logging("warning", "text")
+        return offline_command.main(args)
     return _serve(args)
 
 
@@ -93,6 +96,10 @@ def _demo_repository(directory: Path) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported here: `check` and `batch` need neither the gRPC server nor the supervisor.
+    from infergate.security.config import exposure_warning
+    from infergate.workers import supervise
+
     try:
         config = load_server_config(
             args.config,
@@ -166,6 +173,8 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
 
 
 async def _serve_async(config: ServerConfig) -> None:
+    from infergate.server import InferGateServer, run_until_signalled
+
     server = InferGateServer(config)  # grpc.aio objects belong to the running loop
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
