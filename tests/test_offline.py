@@ -7,9 +7,10 @@ stop it with a real signal once its state file shows progress.
 
 from __future__ import annotations
 
+import io
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from infergate.cli import main
 from infergate.models.datatypes import DATATYPES
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.offline.columns import ColumnError, plan_inputs
+from infergate.offline.progress import Progress
 from infergate.offline.state import STATE_FILE
 from tests.conftest import ServerProcess, eventually, running_server
 from tests.models import build_gather_model, build_slow_model, save_model
@@ -104,7 +106,8 @@ def test_each_output_format_keeps_the_row_ids(repository: Path, tmp_path: Path, 
     source, output = tmp_path / "in.npz", tmp_path / f"out{suffix}"
     ids = np.arange(1000, 1000 + ROWS, dtype=np.int64)
     np.savez(source, x=_x(), key=ids)
-    code = _batch(repository, "--input", str(source), "--output", str(output), "--chunk-rows", "5", "--id-column", "key")
+    args = ["--input", str(source), "--output", str(output), "--chunk-rows", "5", "--id-column", "key"]
+    code = _batch(repository, *args)
     assert code == 0
     if suffix == ".npz":
         with np.load(output) as archive:
@@ -166,7 +169,8 @@ def test_rows_the_model_fails_on_are_found_and_reported_alone(repository: Path, 
     assert [e["row"] for e in reported] == [2, 6]
     assert all(e["error"].startswith("the model failed: ") for e in reported)
     lines = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [(line["row_id"], line["y"]) for line in lines] == [(0, 3.0), (1, 1.0), (3, 4.0), (4, 5.0), (5, 6.0), (7, 7.0)]
+    kept = [(0, 3.0), (1, 1.0), (3, 4.0), (4, 5.0), (5, 6.0), (7, 7.0)]
+    assert [(line["row_id"], line["y"]) for line in lines] == kept
 
 
 def test_parquet_nulls_and_wrong_widths_are_bad_rows(repository: Path, tmp_path: Path) -> None:
@@ -318,3 +322,31 @@ def test_a_table_that_cannot_feed_the_model_says_why(
 ) -> None:
     with pytest.raises(ColumnError, match=re.escape(message)):
         plan_inputs(_spec(*inputs), columns, None)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal, as stderr does in a shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_a_bar_with_rate_and_eta_on_a_terminal() -> None:
+    stream = _Terminal()
+    progress = Progress(total=1000, initial=100, stream=stream)
+    progress.update(400)
+    progress.close()
+    drawn = stream.getvalue()
+    assert "500/1.00k" in drawn and "row/s" in drawn and "00:00<" in drawn  # tqdm's "elapsed<remaining"
+
+
+def test_progress_prints_plain_lines_when_not_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = Progress(total=1000, initial=0, stream=stream, interval=0.0)
+    progress.update(250)
+    progress.close()
+    line = stream.getvalue().strip()
+    assert line.startswith("infergate batch: 250/1,000 rows (25.0%), ") and "rows/s, ETA " in line

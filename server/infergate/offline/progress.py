@@ -24,8 +24,10 @@ class Progress:
         self._interval, self._next_line = interval, time.monotonic() + interval
         self._bar = None
         if self.stream.isatty():
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the offline extra is not installed: plain lines it is
+                return
             self._bar = tqdm(
                 total=total, initial=initial, unit="row", unit_scale=True, file=self.stream, dynamic_ncols=True
             )

@@ -48,7 +48,7 @@ from infergate.offline.columns import (
     records_to_tensors,
 )
 
-__all__ = ["FORMATS", "Chunk", "InputError", "Reader", "RowError", "open_reader"]
+__all__ = ["FORMATS", "Chunk", "InputError", "Reader", "RowError", "need_pyarrow", "open_reader"]
 
 Array = npt.NDArray[Any]
 FORMATS = (".npy", ".npz", ".parquet", ".csv", ".jsonl")
@@ -108,12 +108,22 @@ def open_reader(path: Path, spec: ModelSpec, chunk_rows: int, id_column: str | N
     }
     if suffix not in readers:
         raise InputError(f"{path}: unknown input format {suffix or '(none)'}; use one of {', '.join(FORMATS)}")
+    if suffix in (".parquet", ".csv"):
+        need_pyarrow(path)
     try:
         return readers[suffix](path, spec, chunk_rows, id_column)
     except ColumnError as exc:
         raise InputError(f"{path}: {exc}") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def need_pyarrow(path: Path) -> None:
+    """Parquet and CSV need pyarrow, which only the ``offline`` extra installs. Raises InputError."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise InputError(f"{path}: Parquet and CSV need pyarrow: pip install 'infergate[offline]'") from None
 
 
 class _Base(Reader):

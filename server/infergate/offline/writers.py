@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from infergate.models.spec import ModelSpec
-from infergate.offline.readers import InputError, RowError
+from infergate.offline.readers import InputError, RowError, need_pyarrow
 
 __all__ = ["OUTPUT_FORMATS", "ErrorsFile", "Writer", "fsync_directory", "open_writer"]
 
@@ -87,6 +87,8 @@ def open_writer(output: Path, staging: Path, spec: ModelSpec, id_name: str) -> W
     writers: dict[str, type[Writer]] = {".jsonl": JsonlWriter, ".parquet": ParquetWriter, ".npz": NpzWriter}
     if suffix not in writers:
         raise InputError(f"{output}: unknown output format {suffix or '(none)'}; use {', '.join(OUTPUT_FORMATS)}")
+    if suffix == ".parquet":
+        need_pyarrow(output)
     return writers[suffix](output, staging, spec, id_name)
 
 
