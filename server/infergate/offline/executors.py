@@ -79,8 +79,10 @@ class LocalExecutor:
         self.spec = model.spec
         self.version = str(model.version)
         self.batch_size = batch_size
-        # One request queued behind each busy instance, so an instance never waits for the loop.
-        self.in_flight = 2 * model.config.instance_group.count
+        # One request queued behind each busy instance, so an instance never waits for the loop;
+        # never more than the model's queue holds beside the running ones (it would refuse them).
+        count = model.config.instance_group.count
+        self.in_flight = min(2 * count, count + model.config.dynamic_batching.max_queue_size)
 
     @classmethod
     async def open(
