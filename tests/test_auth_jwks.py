@@ -22,9 +22,9 @@ import pytest
 from conftest import launch_server
 from security import bearer, claims, ec_key, ed25519_key, issue, jwk, make_ca, rsa_key, token
 
-from infergate.security import auth
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate.security import auth
 from infergate.security.config import AuthConfig, JwksConfig
 from infergate.security.keys import JwksUrlSource, KeyStore
 
