@@ -111,8 +111,26 @@ async def _main(args: argparse.Namespace) -> int:
         return _fail(exc, FAILED)
     finally:
         await executor.aclose()
+    summary.peak_rss_mb = _peak_rss_mb()
     _report(summary, args.summary)
     return INTERRUPTED if summary.interrupted else OK
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory since it started (``VmHWM``; Linux only).
+
+    Not ``getrusage``: its ``ru_maxrss`` also counts the parent's memory from
+    before this process's exec (fork and vfork share it), which would make a
+    small run look as big as whatever launched it.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 async def _open(args: argparse.Namespace) -> Executor:

@@ -82,6 +82,7 @@ class Summary:
     resumed_from: int = 0
     interrupted: bool = False
     errors_file: str | None = None
+    peak_rss_mb: float | None = None  # this process's peak resident memory (Linux)
     notes: list[str] = field(default_factory=list)
 
     @property

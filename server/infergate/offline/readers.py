@@ -12,8 +12,9 @@ the header not counted). A row's *id* is its number, or the value of the
              towards the process's memory as the file is read)
 ``.npz``     one array per input, named after it (plus the id column's
              array); each member is streamed out of the zip
-``.parquet`` pyarrow's batch iterator, reading only the needed columns;
-             whole row groups are skipped when resuming
+``.parquet`` pyarrow's batch iterator, one row group at a time and only
+             the needed columns (memory holds about one row group); whole
+             row groups are skipped when resuming
 ``.csv``     pyarrow's streaming CSV reader (a header row is required); every
              column is read as text and converted per input, so one bad value
              costs one row, not the file; rows with too many or too few
@@ -338,7 +339,9 @@ class ParquetReader(_TableReader):
         import pyarrow.parquet as pq
 
         try:
-            self._file = pq.ParquetFile(path)
+            # No pre-buffering: it caches every requested row group's column chunks, so memory
+            # would grow with the file (measured: 30 MB -> 115 MB of Arrow memory over 112 MB of input).
+            self._file = pq.ParquetFile(path, pre_buffer=False)
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...
             raise InputError(f"{path}: not a Parquet file: {exc}") from None
         try:
@@ -357,9 +360,12 @@ class ParquetReader(_TableReader):
                 first_row += rows
                 continue
             groups.append(group)
-        if not groups:
-            return iter(())
-        batches = self._file.iter_batches(batch_size=self.chunk_rows, row_groups=groups, columns=self._needed())
+        columns = self._needed()
+        batches = (  # one row group at a time: memory holds one, whatever the file's size
+            batch
+            for group in groups
+            for batch in self._file.iter_batches(batch_size=self.chunk_rows, row_groups=[group], columns=columns)
+        )
         return self._rebatch(batches, start - first_row, itertools.count(start))
 
     def close(self) -> None:
@@ -393,7 +399,8 @@ class CsvReader(_TableReader):
         reader = pcsv.open_csv(
             self.path,
             # Single-threaded: only then does the parser number the rows it refuses (the model has the cores).
-            read_options=pcsv.ReadOptions(use_threads=False, block_size=1 << 22),
+            # 1 MiB blocks: the reader decodes a few blocks ahead, so the block size bounds its memory.
+            read_options=pcsv.ReadOptions(use_threads=False, block_size=1 << 20),
             parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
             convert_options=pcsv.ConvertOptions(
                 column_types=dict.fromkeys(self._columns, pa.string()),
