@@ -29,6 +29,7 @@ from infergate.models.datatypes import DATATYPES
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.offline.columns import ColumnError, plan_inputs
 from infergate.offline.progress import Progress
+from infergate.offline.readers import open_reader
 from infergate.offline.state import STATE_FILE
 from tests.conftest import ServerProcess, eventually, running_server
 from tests.models import build_gather_model, build_slow_model, save_model
@@ -350,3 +351,28 @@ def test_progress_prints_plain_lines_when_not_a_terminal() -> None:
     progress.close()
     line = stream.getvalue().strip()
     assert line.startswith("infergate batch: 250/1,000 rows (25.0%), ") and "rows/s, ETA " in line
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_reading_parquet_holds_about_one_row_group_whatever_the_files_size(tmp_path: Path) -> None:
+    """Arrow's allocations while 40 row groups of 256 KiB are read, sampled at each chunk, stay at a few
+    row groups (pre-buffering every row group held more than the whole file: 16 of its 10 MB)."""
+    source = tmp_path / "in.parquet"
+    rows, groups = 4096, 40
+    x = np.random.default_rng(3).random((rows * groups, 16), dtype=np.float32)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16)
+    pq.write_table(pa.table({"x": column}), source, row_group_size=rows)
+    spec = ModelSpec("m", 1, (TensorSpec("x", DATATYPES["FP32"], (-1, 16)),), (), 64)
+    del x, column
+    before = pa.total_allocated_bytes()
+    reader = open_reader(source, spec, chunk_rows=1024)
+    held, seen = 0, 0
+    for chunk in reader.chunks(0, {}):
+        seen += chunk.rows
+        held = max(held, pa.total_allocated_bytes() - before)
+    reader.close()
+    assert seen == rows * groups
+    file_bytes = rows * groups * 16 * 4
+    assert held < 8 * file_bytes // groups, f"{held} bytes of Arrow memory held for a {file_bytes}-byte file"
