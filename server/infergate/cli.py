@@ -1,4 +1,4 @@
-"""The ``infergate`` command: ``serve``, ``demo-repository``, ``profile`` and ``--version``."""
+"""The ``infergate`` command: ``serve``, ``check``, ``batch``, ``profile``, ``demo-repository`` and ``--version``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import NoReturn
 from infergate import __version__
 from infergate.config import ConfigError, ServerConfig, load_server_config
 from infergate.monitoring.profiling import add_profile_command, profile_main
+from infergate.offline import command as offline_command
 from infergate.security.config import exposure_warning
-from infergate.server import InferGateServer, run_until_signalled
 from infergate.telemetry import configure_logging
 from infergate.workers import WorkerRole, supervise
 
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace-seconds", type=float, help="time in-flight requests get on SIGTERM")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"], help="log line format (default text)")
+    serve.add_argument("--audit-log", type=Path, metavar="FILE", help="append audit events here (default: the log)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
     serve.add_argument("--traces", action="store_true", default=None, help="trace requests (exporter: OTEL_*)")
     serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
@@ -57,6 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("directory", type=Path)
 
     add_profile_command(commands)  # infergate.monitoring.profiling
+
+    check = commands.add_parser(
+        "check",
+        help="validate a model repository as the server would load it, without serving (a CI/CD gate)",
+        description="Exit 0 when the repository would serve cleanly, 1 otherwise (with a table of findings), "
+        "2 on a bad command line. See docs/ci-gate.md.",
+    )
+    check.add_argument("--model-repository", type=Path, required=True, help="DIR holding <model>/<version>/")
+    check.add_argument("--config", type=Path, help="the server configuration file to check too")
+    check.add_argument("--model", action="extend", nargs="+", metavar="NAME", help="only these models")
+    check.add_argument("--smoke", action="store_true", help="also run one inference per version, checked for NaN/Inf")
+    check.add_argument("--format", choices=["text", "json"], default="text", help="json: for pipelines")
+
+    offline_command.add_parser(commands)
     return parser
 
 
@@ -66,7 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         return _demo_repository(args.directory)
     if args.command == "profile":
         return profile_main(args)
+    if args.command == "check":
+        return _check(args)
+    if args.command == "batch":
+        configure_logging("warning", "text")
+        return offline_command.main(args)
     return _serve(args)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_repository
+
+    if not args.model_repository.is_dir():
+        print(f"infergate: {args.model_repository} is not a directory", file=sys.stderr)
+        return 2
+    configure_logging("warning", "text")  # the findings go to stdout; library warnings to stderr
+    report = asyncio.run(check_repository(args.model_repository, args.config, args.model, args.smoke))
+    print(report.as_json() if args.format == "json" else report.as_table())
+    return 0 if report.ok else 1
 
 
 def _demo_repository(directory: Path) -> int:
@@ -78,6 +110,8 @@ def _demo_repository(directory: Path) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported here: `check` and `batch` need neither the gRPC server nor the supervisor.
+
     try:
         config = load_server_config(
             args.config,
@@ -92,6 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "model_control_mode": args.model_control_mode,
                 "repository_poll_seconds": args.repository_poll_secs,
                 "load_models": args.load_model,
+                "audit_log": args.audit_log,
                 "telemetry": {
                     "metrics_port": args.metrics_port,
                     # A worker's own endpoint is private: the supervisor merges it into the one it serves.
@@ -146,6 +181,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         "--model-control-mode": args.model_control_mode,
         "--repository-poll-secs": args.repository_poll_secs,
         "--log-format": args.log_format,
+        "--audit-log": args.audit_log,
     }
     out = [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
     out += [item for model in args.load_model or () for item in ("--load-model", model)]
@@ -161,6 +197,8 @@ def _worker_role(args: argparse.Namespace) -> WorkerRole | None:
 
 
 async def _serve_async(config: ServerConfig, worker: WorkerRole | None = None) -> None:
+    from infergate.server import InferGateServer, run_until_signalled  # only serve needs it: check starts faster
+
     server = InferGateServer(config, worker=worker)  # grpc.aio objects belong to the running loop
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -64,6 +64,8 @@ class ServerConfig(Strict):
     load_models: list[str] = []
     telemetry: TelemetryConfig = TelemetryConfig()
     logging: LoggingConfig = LoggingConfig()
+    # The audit trail (infergate.audit): appended to this file; unset, it goes to the server log.
+    audit_log: Path | None = None
     # Security and hardening (security_config.py, docs/security.md).
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None

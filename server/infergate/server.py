@@ -25,6 +25,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate._proto import infergate_admin_pb2 as apb
 from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
 from infergate._proto import model_config_pb2 as mc
+from infergate.audit import AuditLog
 from infergate.config import ServerConfig
 from infergate.monitoring.metrics import DriftReadings
 from infergate.repository.loader import ModelRepository
@@ -79,6 +80,8 @@ class InferGateServer:
             raise ValueError("a model repository is required")
         self.config = config
         self.telemetry = telemetry or Telemetry.from_config(config.telemetry, access_log=config.log_level == "debug")
+        # Lifecycle events (docs/governance.md); the repository, router, shadows and auth write to it.
+        self.audit = AuditLog(config.audit_log)
         self.repository = ModelRepository(
             Path(config.model_repository),
             self.telemetry.observer,
@@ -143,6 +146,7 @@ class InferGateServer:
     async def start(self) -> int:
         """Bind and start serving; models load afterwards (see ``load_models``). Returns the port."""
         self.repository.discover()
+        self.audit.start()  # before the port opens: an audit log that cannot be written stops the start
         if self._keys is not None:
             await self._keys.start()  # a JWKS URL's first fetch (off the loop), then its refresh schedule
         address = f"{self.config.host}:{self.config.port}"
@@ -158,6 +162,7 @@ class InferGateServer:
         self.telemetry.start()
         await self._server.start()
         log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if tls else "")
+        self.audit.server_started(f"{self.config.host}:{self.port}", str(self.config.model_repository))
         return self.port
 
     async def load_models(self) -> bool:
@@ -249,6 +254,8 @@ class InferGateServer:
         if self._keys is not None:
             await self._keys.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export
+        self.audit.server_stopped()
+        await self.audit.aclose()
         log.info("stopped")
 
 

@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     health = commands.add_parser("health", help="is the server (or a model) live and ready")
     health.add_argument("--model", help="also check this model is ready")
-    commands.add_parser("models", help="list the models and their versions")
+    models = commands.add_parser("models", help="list the models and their versions")
+    models.add_argument(
+        "--long", "-l", action="store_true", help="also each version's governance metadata (or why it is not ready)"
+    )
     metadata = commands.add_parser("metadata", help="a model's inputs and outputs, as JSON")
     metadata.add_argument("model")
     metadata.add_argument("--model-version", default=None)
@@ -127,13 +130,24 @@ def _not_ready(client: Client, model: str | None) -> list[dict[str, str]]:
 
 def _cmd_models(client: Client, args: argparse.Namespace) -> int:
     try:
-        rows = [(m.name, m.version, m.state) for m in client.repository_index()]
+        rows = [(m.name, m.version, m.state, m.reason) for m in client.repository_index()]
     except Unimplemented:  # servers without model control still list what they serve in their statistics
         stats = client.model_statistics()
-        rows = [(s.name, s.version, "READY") for s in stats.model_stats]
-    for name, version, state in rows:
+        rows = [(s.name, s.version, "READY", "") for s in stats.model_stats]
+    for name, version, state, reason in rows:
         print(f"{name}\t{version or '-'}\t{state or '-'}")
+        if args.long:
+            for key, value in _details(client, name, version, state, reason):
+                print(f"    {key}: {value}")
     return OK
+
+
+def _details(client: Client, name: str, version: str, state: str, reason: str) -> list[tuple[str, str]]:
+    """``models --long``: a ready version's ModelConfig parameters (its governance metadata), else the reason."""
+    if state != "READY" or not version:
+        return [("reason", reason)] if reason else []
+    config = client.model_config(name, version)
+    return sorted((key, param.string_value) for key, param in config.parameters.items())
 
 
 def _tensors(items: Sequence[TensorMetadata]) -> list[dict[str, Any]]:

@@ -6,10 +6,11 @@ Keys follow Triton's model configuration names wherever the concept exists.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from infergate.configfile import ConfigError, Strict, read_yaml, validate
 from infergate.monitoring.config import Monitoring
@@ -21,6 +22,7 @@ __all__ = [
     "ExecutionProvider",
     "InstanceGroup",
     "LatestPolicy",
+    "Metadata",
     "ModelConfig",
     "SessionOptions",
     "SpecificPolicy",
@@ -120,6 +122,41 @@ class VersionPolicy(Strict):
         return ordered[-latest.num_versions :]
 
 
+def _iso_date(value: Any) -> Any:
+    """YAML reads ``2026-11-30`` as a date (and a timestamp as a datetime): keep it as ISO text."""
+    return value.isoformat() if isinstance(value, date) else value
+
+
+def _digest(value: Any) -> Any:
+    if isinstance(value, int | float):  # an all-digit digest unquoted in YAML
+        raise ValueError("YAML read the digest as a number: put it in quotes")
+    return value.lower() if isinstance(value, str) else value
+
+
+Text = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class Metadata(Strict):
+    """Governance: who made the model, from what, under which terms, and its file's digest.
+
+    The ``metadata:`` block of config.yaml applies to every version; a version's
+    ``metadata.yaml`` overrides it field by field (see infergate.models.governance).
+    Served as string parameters of the ModelConfig RPC.
+    """
+
+    owner: Text | None = None
+    description: Text | None = None
+    source_run: Text | None = None  # an experiment or training-run id or URL
+    training_data: Text | None = None
+    license: Text | None = None
+    # Served joined with commas, so a tag cannot hold one.
+    tags: list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^,]+$")]] = []
+    created: Annotated[Text, BeforeValidator(_iso_date)] | None = None
+    # Of the version's model file; checked at load (a mismatch: the version does not load).
+    sha256: Annotated[str, BeforeValidator(_digest), Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    labels: dict[Annotated[str, Field(min_length=1, max_length=256)], Annotated[str, Field(max_length=4096)]] = {}
+
+
 class ModelConfig(Strict):
     """A model's ``config.yaml``. Everything is optional; the ONNX graph supplies the rest."""
 
@@ -138,6 +175,7 @@ class ModelConfig(Strict):
     routing: Routing | None = None
     # Drift monitoring against a reference profile, and payload logging (infergate.monitoring.config).
     monitoring: Monitoring = Monitoring()
+    metadata: Metadata = Metadata()
 
     def without_routing(self) -> ModelConfig:
         """The part of the config that decides how versions load (routing changes need no reload)."""

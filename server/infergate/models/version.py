@@ -13,7 +13,8 @@ from collections.abc import Hashable
 from pathlib import Path
 
 from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
-from infergate.models.config import ModelConfig
+from infergate.models.config import Metadata, ModelConfig
+from infergate.models.governance import verify_version
 from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner
 from infergate.models.spec import ModelSpec, Tensors
 from infergate.models.stats import ModelObserver, ModelStats
@@ -33,6 +34,7 @@ class ModelVersion:
         self.monitor = monitor  # drift and payload log (config.monitoring); the handler calls monitor.record
         self.spec: ModelSpec = runner.spec
         self.stats = ModelStats()
+        self.metadata: Metadata = config.metadata  # load_model_version sets the verified one, with the digest
         self._observer: ModelObserver | None = None
         batching = config.dynamic_batching
         policy = BatchPolicy(
@@ -101,6 +103,7 @@ def load_model_version(directory: Path, name: str, version: int, config: ModelCo
     path = directory / config.default_model_filename
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
+    metadata = verify_version(path, config)  # before onnxruntime reads a file that is not the one named
     runner = OnnxRunner.load(path, config, name, version)
     too_big = [p for p in config.dynamic_batching.preferred_batch_size if p > runner.spec.max_batch_size]
     if too_big and runner.spec.batches:
@@ -121,4 +124,6 @@ def load_model_version(directory: Path, name: str, version: int, config: ModelCo
         config.instance_group.count,
         runner.providers[0],
     )
-    return ModelVersion(runner, config, monitor)
+    model = ModelVersion(runner, config, monitor)
+    model.metadata = metadata
+    return model

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import model_config_pb2 as mc
+from infergate.models.governance import metadata_parameters
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.models.stats import Duration
 from infergate.models.version import ModelVersion
@@ -49,6 +50,8 @@ def model_config_message(model: ModelVersion) -> mc.ModelConfig:
             )
         ],
         default_model_filename=config.default_model_filename,
+        # Governance metadata (owner, source_run, sha256…), as Triton's string parameters.
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in metadata_parameters(model.metadata).items()},
     )
     if spec.batches:
         batching = config.dynamic_batching
