@@ -38,6 +38,7 @@ __all__ = [
     "WarmupInput",
     "WarmupSample",
     "load_model_config",
+    "model_config_from_data",
 ]
 
 
@@ -90,7 +91,10 @@ class SessionOptions(Strict):
 
 
 class Warmup(Strict):
-    """Runs the model on zero inputs at load, so the first request pays no warm-up."""
+    """Runs the model at load on zeros of each input's datatype, so the first request pays no warm-up.
+
+    ``model_warmup`` (Triton's samples), when given, runs instead.
+    """
 
     batch_sizes: list[Annotated[int, Field(ge=1)]] = [1]
     iterations: Annotated[int, Field(ge=0, le=1000)] = 1
@@ -377,12 +381,17 @@ def load_model_config(path: Path) -> ModelConfig:
     """Read and validate a model's config.yaml; a missing file means all defaults."""
     if not path.exists():
         return ModelConfig()
-    config = validate(ModelConfig, read_yaml(path), path)
-    _check_preferred_sizes(config, path)
+    return model_config_from_data(read_yaml(path), path)
+
+
+def model_config_from_data(data: Any, source: Path | str) -> ModelConfig:
+    """Validate parsed config data exactly as config.yaml is; errors start with ``source``."""
+    config = validate(ModelConfig, data, source)
+    _check_preferred_sizes(config, source)
     return config
 
 
-def _check_preferred_sizes(config: ModelConfig, path: Path) -> None:
+def _check_preferred_sizes(config: ModelConfig, path: Path | str) -> None:
     """Preferred batch sizes must fit max_batch_size (when it is set; else checked at load)."""
     mbs = config.max_batch_size
     preferred = config.dynamic_batching.preferred_batch_size
