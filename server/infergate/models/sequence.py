@@ -54,7 +54,7 @@ import numpy.typing as npt
 from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
 from infergate.models.config import DynamicBatching, SequenceBatching, SequenceControl
 from infergate.models.datatypes import BYTES, DATATYPES, Datatype
-from infergate.models.spec import ModelSpec, TensorSpec
+from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 from infergate.models.warmup import read_raw_tensor
 
 __all__ = [
@@ -68,7 +68,6 @@ __all__ = [
     "sequence_params",
 ]
 
-Tensors = dict[str, npt.NDArray[Any]]
 CorrelationId = int | str
 
 START, READY, END, CORRID = (

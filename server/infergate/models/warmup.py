@@ -29,11 +29,10 @@ import numpy.typing as npt
 
 from infergate.models.config import ModelConfig, WarmupSample
 from infergate.models.datatypes import BYTES, DATATYPES, Datatype, decode_bytes_tensor
-from infergate.models.spec import ModelSpec, TensorSpec
+from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 
 __all__ = ["WarmupRun", "describe_feeds", "read_raw_tensor", "valid_inputs", "warmup_runs"]
 
-Tensors = dict[str, npt.NDArray[Any]]
 _BY_TRITON: dict[str, Datatype] = {d.triton: d for d in DATATYPES.values()}
 # The text of zero: a BYTES element any numeric parser accepts.
 BYTES_ZERO = "0"

@@ -31,15 +31,13 @@ import numpy.typing as npt
 
 from infergate.errors import InvalidArgument
 from infergate.models.config import ModelConfig
-from infergate.models.spec import ModelSpec
+from infergate.models.spec import ModelSpec, Tensors
 
 __all__ = ["classification_counts", "classify", "classify_outputs", "load_labels", "output_labels"]
 
 # Triton's bound on the scores of one row, against pathological memory and CPU use.
 MAX_CLASSIFICATION_ELEMENTS = 1_000_000
 _SCORED_KINDS = "iuf"  # integers and floats; Triton has no classification of BOOL, FP16 or BYTES
-
-Tensors = dict[str, npt.NDArray[Any]]
 
 
 def classification_counts(outputs: Iterable[Any]) -> dict[str, int]:
