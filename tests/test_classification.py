@@ -12,14 +12,9 @@ from infergate._proto import grpc_service_pb2 as pb
 from infergate.errors import InvalidArgument
 from infergate.models.config import ModelConfig, OutputConfig
 from infergate.models.datatypes import DATATYPES
+from infergate.models.labels import load_labels, output_labels
 from infergate.models.spec import ModelSpec, TensorSpec
-from infergate.serving.classification import (
-    classification_counts,
-    classify,
-    classify_outputs,
-    load_labels,
-    output_labels,
-)
+from infergate.serving.classification import classification_counts, classify, classify_outputs
 
 Requested = pb.ModelInferRequest.InferRequestedOutputTensor
 

@@ -81,7 +81,7 @@ async def load(tmp_path: Path) -> AsyncIterator[Load]:
         version.start()
         clock = Clock()
         scheduler = SequenceScheduler(
-            version.spec,
+            version.runner.spec,
             config.sequence_batching,
             version.infer,
             instances=config.instance_group.count,

@@ -32,6 +32,8 @@ async def config_of(tmp_path: Path) -> AsyncIterator[Load]:
         (directory / "1").mkdir(parents=True)
         onnx.save_model(model.build(), str(directory / "1" / "model.onnx"))
         (directory / "config.yaml").write_text(model.config_yaml + extra_yaml, encoding="utf-8")
+        for filename, text in model.files:
+            (directory / filename).write_text(text, encoding="utf-8")
         version = load_model_version(directory / "1", name, 1, load_model_config(directory / "config.yaml"))
         versions.append(version)
         parsed = triton_mc.ModelConfig()

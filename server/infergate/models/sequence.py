@@ -23,17 +23,16 @@ Semantics (Triton's, see ``docs/user_guide/model_configuration.md`` upstream):
 * A non-start request for a sequence that is unknown, ended or expired is
   refused with Triton's words; so is a request with no correlation id.
 
-Seam (how the request path uses this module):
+Where the request path uses this module:
 
-* load: ``check_sequence_config(spec, config)`` and
-  ``load_initial_states(config, model_dir)``; the version builds a
-  ``SequenceScheduler(spec, config, run=version.infer, instances=...)`` and its
-  batcher from ``batching_for_sequences(config, max_batch_size)``.
-* request: decode against ``request_spec(spec, config)`` (control and state
-  tensors are the server's, not the client's), then
-  ``await scheduler.infer(sequence_params(request.parameters), inputs, deadline, watch)``.
-  A model without ``sequence_batching`` calls ``refuse_sequence(name, params)`` instead.
-* unload: ``scheduler.close()`` after the batcher drained.
+* load (``models/version.py``): ``check_sequence_config`` and
+  ``load_initial_states``; the version owns a ``SequenceScheduler`` over its own
+  ``infer`` and builds its batcher from ``batching_for_sequences``; its ``spec``
+  is ``request_spec(...)`` (control and state tensors are the server's, not the client's).
+* request: the codec reads ``sequence_params(request.parameters)``; the handler
+  (``serving/handler.py``) awaits ``version.sequences.infer(...)``, or, for a
+  model without ``sequence_batching``, calls ``refuse_sequence(name, params)``.
+* unload: ``ModelVersion.aclose`` calls ``scheduler.close()`` after the batcher drained.
 """
 
 from __future__ import annotations
@@ -317,6 +316,7 @@ class SequenceScheduler:
         self._table: collections.OrderedDict[CorrelationId, _Sequence] = collections.OrderedDict()
         self._expired: collections.OrderedDict[CorrelationId, None] = collections.OrderedDict()
         self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self._initial = dict(load_initial_states(config, None) if initial_states is None else initial_states)
         self._states = [(s.input_name, s.output_name) for s in config.state]
         self._flags = {kind: self._make_flag(kind) for kind in (START, READY, END)}
@@ -346,6 +346,8 @@ class SequenceScheduler:
         request takes its place in the sequence's queue.
         """
         name = self._spec.name
+        if self._closed:
+            raise Unavailable(f"model {name} is unloading: its sequences were dropped; start them again")
         if params is None or not params.in_sequence:
             raise InvalidArgument(
                 f"inference request to model '{name}' must specify a non-zero or non-empty correlation ID"
@@ -391,8 +393,9 @@ class SequenceScheduler:
     def close(self) -> None:
         """Stop the idle timer, refuse the starts still waiting for a slot, drop every sequence.
 
-        Call it after the version's batcher drained: nothing runs any more.
+        Call it after the version's batcher drained; requests that come later are refused.
         """
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -410,6 +413,8 @@ class SequenceScheduler:
     async def _step(
         self, seq: _Sequence, params: SequenceParams, inputs: Tensors, deadline: float | None, watch: bool
     ) -> Tensors:
+        if self._closed:
+            raise Unavailable(f"model {self._spec.name} is unloading: its sequences were dropped; start them again")
         if params.start:
             if seq.slot is None:
                 seq.slot = await self._acquire(deadline if watch else None)

@@ -13,27 +13,25 @@ protocol document: the score is C++'s ``std::to_string`` of the element, so
 floats print with six decimals (``"3.300000:1"``) and integers as integers.
 Ties keep the lower index first.
 
-Seam: the handler reads ``classification_counts(request.outputs)`` with the
-other request checks, loads ``output_labels(config, model_dir)`` once at model
-load, and after inference replaces the outputs with
-``classify_outputs(outputs, counts, spec, labels)``; the encoder then writes
-those arrays as BYTES (their dtype is object).
+The decoder reads ``classification_counts(request.outputs, spec)`` with the
+other request checks; the version loads its labels once
+(``models.labels.output_labels``); after inference the handler replaces the
+outputs with ``classify_outputs(outputs, counts, spec, labels)`` and the
+encoder writes those arrays as BYTES (their dtype is object).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from infergate.errors import InvalidArgument
-from infergate.models.config import ModelConfig
 from infergate.models.spec import ModelSpec, Tensors
 
-__all__ = ["classification_counts", "classify", "classify_outputs", "load_labels", "output_labels"]
+__all__ = ["check_classifiable", "classification_counts", "classify", "classify_outputs"]
 
 # Triton's bound on the scores of one row, against pathological memory and CPU use.
 MAX_CLASSIFICATION_ELEMENTS = 1_000_000
@@ -58,9 +56,25 @@ def classification_counts(outputs: Iterable[Any]) -> dict[str, int]:
     return counts
 
 
+def check_classifiable(counts: Mapping[str, int], spec: ModelSpec) -> None:
+    """Refuse, before anything runs, classification of an output whose type has no scores."""
+    for name in counts:
+        tensor = spec.output_by_name.get(name)
+        if tensor is not None and not _scored(tensor.datatype.numpy):
+            raise InvalidArgument(
+                f"class result not available for output due to unsupported type '{tensor.datatype.name}' "
+                f"(output '{name}' of model '{spec.name}')"
+            )
+
+
+def _scored(dtype: np.dtype[Any]) -> bool:
+    """Integers and floats of 32 bits or more (Triton has no classification of BOOL, FP16 or BYTES)."""
+    return dtype.kind in _SCORED_KINDS and not (dtype.kind == "f" and dtype.itemsize < 4)
+
+
 def classify(scores: npt.NDArray[Any], count: int, labels: tuple[str, ...], batches: bool) -> npt.NDArray[np.object_]:
     """The top ``count`` classes of each row of ``scores`` as Triton's strings (see the module docstring)."""
-    if scores.dtype.kind not in _SCORED_KINDS or (scores.dtype.kind == "f" and scores.dtype.itemsize < 4):
+    if not _scored(scores.dtype):
         raise InvalidArgument(
             f"class result not available for output due to unsupported type '{_type_name(scores.dtype)}'"
         )
@@ -111,29 +125,3 @@ def classify_outputs(
     for name, count in counts.items():
         replaced[name] = classify(outputs[name], count, labels.get(name, ()), spec.batches)
     return replaced
-
-
-def load_labels(path: Path) -> tuple[str, ...]:
-    """The lines of a labels file (line ``i`` labels index ``i``); ValueError naming the file if unreadable."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ValueError(f"{path}: cannot read labels: {reason}") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line starts no new one
-    return tuple(line.removesuffix("\r") for line in lines)
-
-
-def output_labels(config: ModelConfig, model_dir: Path) -> dict[str, tuple[str, ...]]:
-    """Labels of each output whose config.yaml entry names a ``label_filename`` (relative to ``model_dir``)."""
-    labels: dict[str, tuple[str, ...]] = {}
-    for output in config.output:
-        if output.label_filename is None:
-            continue
-        path = model_dir / output.label_filename
-        if not path.resolve().is_relative_to(model_dir.resolve()):
-            raise ValueError(f"output {output.name!r}: label_filename {output.label_filename!r} leaves {model_dir}")
-        labels[output.name] = load_labels(path)
-    return labels

@@ -9,7 +9,6 @@ from google.protobuf import json_format
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import model_config_pb2 as mc
 from infergate.models.config import SequenceBatching, WarmupSample
-from infergate.models.sequence import request_spec
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.models.stats import Duration
 from infergate.models.version import ModelVersion
@@ -44,9 +43,7 @@ def model_config_message(model: ModelVersion) -> mc.ModelConfig:
     A sequence model lists the tensors its clients send and get, not the control
     and state tensors the server fills; its scheduling is ``sequence_batching``.
     """
-    spec, config = model.spec, model.config
-    if config.sequence_batching is not None:
-        spec = request_spec(spec, config.sequence_batching)
+    spec, config = model.spec, model.config  # the spec clients see: without server-filled tensors
     formats = {i.name: i.format for i in config.input}
     labels = {o.name: o.label_filename or "" for o in config.output}
     gpu = config.execution_providers[0].name != "cpu" and model.runner.providers[0] != "CPUExecutionProvider"
