@@ -26,12 +26,24 @@ from infergate.serving.protocol import model_config_message, model_metadata_mess
 from infergate.serving.status import abort_with, guarded, status_of
 from infergate.serving.stream import answer_concurrently
 
-__all__ = ["EXTENSIONS", "InferenceServicer", "Readiness"]
+__all__ = ["EXTENSIONS", "NOT_IMPLEMENTED", "InferenceServicer", "Readiness"]
 
 log = logging.getLogger(__name__)
 
 # Exactly the protocol extensions that work (ServerMetadata.extensions).
-EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "sequence", "statistics")
+
+# Triton's RPCs of the extensions infergate does not implement, and the extension each belongs to.
+NOT_IMPLEMENTED = {
+    "SystemSharedMemoryStatus": "system_shared_memory",
+    "SystemSharedMemoryRegister": "system_shared_memory",
+    "SystemSharedMemoryUnregister": "system_shared_memory",
+    "CudaSharedMemoryStatus": "cuda_shared_memory",
+    "CudaSharedMemoryRegister": "cuda_shared_memory",
+    "CudaSharedMemoryUnregister": "cuda_shared_memory",
+    "TraceSetting": "trace",
+    "LogSettings": "logging",
+}
 
 # How many requests of one stream may be in progress at once; more wait (flow control).
 STREAM_CONCURRENCY = 256
@@ -179,3 +191,60 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"{method}: models are loaded and unloaded through the API only in explicit model control mode"
                 f" (this server runs in {self._control_mode!r} mode; start it with --model-control-mode explicit)"
             )
+
+    # --- extensions infergate does not implement ---------------------------------------
+
+    @guarded
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        raise _not_implemented("SystemSharedMemoryStatus")
+
+    @guarded
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        raise _not_implemented("SystemSharedMemoryRegister")
+
+    @guarded
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        raise _not_implemented("SystemSharedMemoryUnregister")
+
+    @guarded
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        raise _not_implemented("CudaSharedMemoryStatus")
+
+    @guarded
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        raise _not_implemented("CudaSharedMemoryRegister")
+
+    @guarded
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        raise _not_implemented("CudaSharedMemoryUnregister")
+
+    @guarded
+    async def TraceSetting(
+        self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TraceSettingResponse:
+        raise _not_implemented("TraceSetting")
+
+    @guarded
+    async def LogSettings(
+        self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LogSettingsResponse:
+        raise _not_implemented("LogSettings")
+
+
+def _not_implemented(method: str) -> Unimplemented:
+    return Unimplemented(
+        f"{method}: the {NOT_IMPLEMENTED[method]} extension is not implemented in infergate {__version__} "
+        f"(ServerMetadata lists the extensions it implements: {', '.join(EXTENSIONS)})"
+    )
