@@ -178,6 +178,54 @@ def test_a_model_uses_either_dynamic_or_sequence_batching(tmp_path: Path) -> Non
         load_model_config(path)
 
 
+# --------------------------------------------------------------------------- routing of a stateful model
+
+STICKY_SPLIT = "routing:\n  weights: {1: 50, 2: 50}\n  sticky: {parameter: sequence_id}\n"
+
+
+@pytest.mark.parametrize(
+    ("routing", "field", "says"),
+    [
+        pytest.param(
+            "routing:\n  canary: {version: 2, steps: [10, 50]}\n", "routing.canary", "growing share", id="canary"
+        ),
+        pytest.param("routing:\n  shadow: {version: 2}\n", "routing.shadow", "never mirrored", id="shadow"),
+        pytest.param(
+            "routing:\n  weights: {1: 50, 2: 50}\n", "routing.sticky", "sticky: {parameter: sequence_id}", id="split"
+        ),
+        pytest.param(
+            "routing:\n  weights: {1: 50, 2: 50}\n  sticky: {header: x-user}\n",
+            "routing.sticky",
+            "sticky: {parameter: sequence_id}",
+            id="split sticky on a header",
+        ),
+    ],
+)
+def test_routing_that_could_move_a_running_sequence_is_refused_naming_the_file_and_field(
+    tmp_path: Path, routing: str, field: str, says: str
+) -> None:
+    path = write(tmp_path, SIMPLE_SEQUENCE + routing)
+    with pytest.raises(ConfigError) as refused:
+        load_model_config(path)
+    message = str(refused.value)
+    assert f"{path}: {field}: a model with sequence_batching keeps each sequence on one version" in message
+    assert says in message
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [STICKY_SPLIT, "routing:\n  weights: {1: 0, 2: 100}\n"],
+    ids=["split sticky on the correlation id", "one version takes all"],
+)
+def test_routing_that_keeps_each_sequence_on_one_version_is_taken(tmp_path: Path, routing: str) -> None:
+    assert load_model_config(write(tmp_path, SIMPLE_SEQUENCE + routing)).routing is not None
+
+
+def test_the_same_routing_on_a_model_without_sequence_batching_is_taken(tmp_path: Path) -> None:
+    routing = "routing:\n  weights: {1: 50, 2: 50}\n  shadow: {version: 3}\n  canary: {version: 4, steps: [10]}\n"
+    assert load_model_config(write(tmp_path, "max_batch_size: 8\n" + routing)).routing is not None
+
+
 # --------------------------------------------------------------------------- request parameters
 
 

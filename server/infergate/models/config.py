@@ -16,6 +16,7 @@ from infergate.routing.config import Routing
 
 __all__ = [
     "PROVIDERS",
+    "SEQUENCE_ID_PARAMETER",
     "ControlInput",
     "DynamicBatching",
     "ExecutionProvider",
@@ -388,7 +389,37 @@ def model_config_from_data(data: Any, source: Path | str) -> ModelConfig:
     """Validate parsed config data exactly as config.yaml is; errors start with ``source``."""
     config = validate(ModelConfig, data, source)
     _check_preferred_sizes(config, source)
+    _check_sequence_routing(config, source)
     return config
+
+
+# The request parameter that carries a sequence's correlation id: the sticky key of a stateful model.
+SEQUENCE_ID_PARAMETER = "sequence_id"
+
+
+def _check_sequence_routing(config: ModelConfig, path: Path | str) -> None:
+    """A stateful model's requests of one sequence must all reach the version that holds its state.
+
+    So a model with ``sequence_batching`` takes no canary (its share moves while
+    sequences run) and no shadow (a copy of part of a sequence has no state to
+    continue from), and weights that give traffic to more than one version must
+    be sticky on the correlation id.
+    """
+    routing = config.routing
+    if config.sequence_batching is None or routing is None:
+        return
+    why = "a model with sequence_batching keeps each sequence on one version"
+    if routing.canary is not None:
+        raise ConfigError(f"{path}: routing.canary: {why}, and a canary's growing share would move running ones")
+    if routing.shadow is not None:
+        raise ConfigError(f"{path}: routing.shadow: {why}; sequence requests are never mirrored to a shadow")
+    split = sum(1 for weight in routing.weights.values() if weight > 0) > 1
+    sticky = routing.sticky
+    if split and (sticky is None or sticky.parameter != SEQUENCE_ID_PARAMETER):
+        raise ConfigError(
+            f"{path}: routing.sticky: {why}: weights that split traffic between versions need "
+            f"`sticky: {{parameter: {SEQUENCE_ID_PARAMETER}}}`"
+        )
 
 
 def _check_preferred_sizes(config: ModelConfig, path: Path | str) -> None:
