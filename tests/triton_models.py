@@ -62,6 +62,7 @@ __all__ = [
     "StandIn",
     "running_sum",
     "stand_in",
+    "write_stand_in",
     "write_triton_repository",
 ]
 
@@ -376,14 +377,20 @@ def write_triton_repository(root: Path, names: list[str] | None = None) -> list[
     """
     chosen = names if names is not None else [m.name for m in TRITON_EXAMPLE_MODELS]
     for name in chosen:
-        model = _ALL[name]
-        model_dir = Path(root) / name
-        (model_dir / "1").mkdir(parents=True, exist_ok=True)
-        onnx.save_model(model.build(), str(model_dir / "1" / "model.onnx"))
-        (model_dir / "config.yaml").write_text(model.config_yaml, encoding="utf-8")
-        for filename, text in model.files:
-            (model_dir / filename).write_text(text, encoding="utf-8")
+        write_stand_in(root, _ALL[name])
     return chosen
+
+
+def write_stand_in(root: Path, model: StandIn, versions: tuple[int, ...] = (1,)) -> Path:
+    """Write one model (say, a stand-in with another name or config) under ``root``; returns its directory."""
+    model_dir = Path(root) / model.name
+    for version in versions:
+        (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
+        onnx.save_model(model.build(), str(model_dir / str(version) / "model.onnx"))
+    (model_dir / "config.yaml").write_text(model.config_yaml, encoding="utf-8")
+    for filename, text in model.files:
+        (model_dir / filename).write_text(text, encoding="utf-8")
+    return model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
