@@ -19,6 +19,7 @@ from infergate import __version__
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.errors import FailedPrecondition, InferGateError, Unimplemented
+from infergate.models.overrides import parse_load_parameters
 from infergate.repository.loader import ModelRepository
 from infergate.serving.codec import WireRequest, encode_response
 from infergate.serving.handler import InferenceHandler
@@ -169,12 +170,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         self._explicit_control("RepositoryModelLoad")
-        if request.parameters:
-            raise Unimplemented(
-                f"RepositoryModelLoad: parameters {sorted(request.parameters)} are not supported;"
-                " edit config.yaml in the repository instead"
-            )
-        await self._repository.reconcile(request.model_name)
+        # Every parameter is checked before anything is loaded or unloaded.
+        override = parse_load_parameters(request.model_name, request.parameters)
+        await self._repository.load(request.model_name, override)
         return pb.RepositoryModelLoadResponse()
 
     @guarded
