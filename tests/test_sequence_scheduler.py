@@ -319,3 +319,15 @@ async def test_closing_refuses_the_starts_still_waiting_for_a_slot(load: Load) -
     model.scheduler.close()
     with pytest.raises(Unavailable, match="is unloading"):
         await waiting
+
+
+async def test_a_version_owns_its_scheduler_and_closing_the_version_drops_its_sequences(load: Load) -> None:
+    model = await load(IMPLICIT)
+    version = model.version
+    assert version.sequences is not None
+    assert [t.name for t in version.spec.inputs] == ["INPUT"], "clients see neither controls nor state"
+    inputs = {"INPUT": np.array([[2]], dtype=np.int32)}
+    assert (await version.sequences.infer(SequenceParams(9, start=True), inputs))["OUTPUT"][0, 0] == 2
+    await version.aclose()
+    with pytest.raises(Unavailable, match="is unloading: its sequences were dropped"):
+        await version.sequences.infer(SequenceParams(9), inputs)
