@@ -30,6 +30,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   suite     ceiling vs infergate vs onnxruntime side by side (--peers: and Triton, KServe,
             MLServer); writes suite.json/suite.md
   shadow    primary latency with no shadow, a 10x slower shadow and a failing one
+  sequences stateful load: N sequences in flight (implicit state), every answer checked
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
   drift-overhead      infergate with drift monitoring off and at sample_fraction 0, 0.1, 1.0, same run
   soak      mixed load for N minutes while the server's memory and open files are sampled
@@ -318,6 +319,26 @@ def _add_shadow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     shadow.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shadow"), help="output directory")
 
 
+def _add_sequences(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "sequences",
+        help="stateful load: N sequences in flight, each answer checked (starts its own server)",
+        description="Start infergate on a repository with one stateful model (a running sum kept as "
+        "implicit state) and keep N sequences in flight, each sending its requests one after another, "
+        "then a new sequence. Every answer is checked against the running sum. With --target, load a "
+        "server that already serves that model (load_tests.sequences.build_repository writes it).",
+    )
+    p.add_argument(
+        "--concurrency", type=_positive_int, default=32, metavar="N", help="sequences in flight (default 32)"
+    )
+    p.add_argument("--length", type=_positive_int, default=20, metavar="L", help="requests per sequence (default 20)")
+    p.add_argument("--duration", type=_positive_float, default=10.0, metavar="S", help="measured s (default 10)")
+    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
+    p.add_argument("--target", metavar="HOST:PORT", help="load this server instead of starting one")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG", help="extra `infergate serve` argument")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/sequences"), help="output directory")
+
+
 def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .telemetry import VARIANTS, variants
 
@@ -403,9 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_load_commands(commands)
-    for add in (
-        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_telemetry_overhead, _add_drift_overhead, _add_soak,
-    ):  # fmt: skip
+    commands_to_add = (
+        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences,
+        _add_telemetry_overhead, _add_drift_overhead, _add_soak,
+    )  # fmt: skip
+    for add in commands_to_add:
         add(commands)
     return parser
 
@@ -495,6 +518,23 @@ def _cmd_shadow(args: argparse.Namespace) -> int:
     return 0 if all(run.result.requests for run in runs) else 1
 
 
+def _cmd_sequences(args: argparse.Namespace) -> int:
+    from .report import write_json
+    from .sequences import format_sequence_run, run_sequences, run_sequences_against
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.target:
+        run = run_sequences_against(args.target, args.concurrency, args.length, args.warmup, args.duration)
+    else:
+        server_args = tuple(args.server_arg)
+        run = run_sequences(args.concurrency, args.length, args.warmup, args.duration, args.out, server_args)
+    write_json(args.out / "sequences.json", run)
+    print(format_sequence_run(run))
+    print(f"\nwrote {args.out / 'sequences.json'}")
+    return 0 if run.result.requests else 1
+
+
 def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
     from .telemetry import OverheadConfig, per_call_costs, run_overhead
 
@@ -556,6 +596,7 @@ _COMMANDS = {
     "compute": _cmd_compute,
     "suite": _cmd_suite,
     "shadow": _cmd_shadow,
+    "sequences": _cmd_sequences,
     "telemetry-overhead": _cmd_telemetry_overhead,
     "drift-overhead": _cmd_drift_overhead,
     "soak": _cmd_soak,

@@ -268,7 +268,11 @@ REFUSALS = [
     refusal("wrong first dim, not batching", "fixed", "image",
             lambda: (request(typed_input("image", "FP32", [3, 3], [0] * 9)), FIXED, MAX_ELEMENTS)),
     refusal("negative dim", "classifier", "scale",
-            on_classifier(image(), raw_input("scale", "INT64", [2, -2]), raw=[raw_bytes("FP32", [0] * 6), b""])),
+            on_classifier(raw_input("image", "FP32", [2, 3]), raw_input("scale", "INT64", [2, -2]),
+                          raw=[raw_bytes("FP32", [0] * 6), b""])),
+    refusal("typed contents beside raw contents", "classifier", "image",
+            on_classifier(image(), raw_input("scale", "INT64", [2, 2]),
+                          raw=[raw_bytes("FP32", [0] * 6), raw_bytes("INT64", [1] * 4)])),
     refusal("negative dims whose product is positive", "grid", "cells",
             lambda: (request(typed_input("cells", "FP32", [-2, -3], [0] * 6)), GRID, MAX_ELEMENTS)),
     refusal("batch of 0", "classifier", "image", on_classifier(typed_input("image", "FP32", [0, 3], []), scale())),
@@ -317,7 +321,7 @@ def test_a_bad_request_is_an_invalid_argument_naming_the_model_and_the_tensor(
         decode_request(req, spec, max_elements)
     assert refused.value.status is Status.INVALID_ARGUMENT
     message = str(refused.value)
-    assert f"model {model}" in message
+    assert f"model {model}" in message or f"model '{model}'" in message  # infergate's words or Triton's
     if tensor is not None:
         assert f"'{tensor}'" in message
 
@@ -473,5 +477,7 @@ def test_a_bytes_shape_larger_than_its_data_could_hold_is_refused_before_allocat
         max_batch_size=8,
     )
     claim = request(raw_input("value", "BYTES", [1, 50_000_000]), raw=[length_prefixed([b"ab"])])
-    with pytest.raises(InvalidArgument, match=r"texts input 'value': 6 bytes cannot hold 50000000 BYTES elements"):
+    with pytest.raises(
+        InvalidArgument, match=r"input 'value' for model 'texts': 6 bytes cannot hold 50000000 BYTES elements"
+    ):
         decode_request(claim, spec, max_elements=100_000_000)

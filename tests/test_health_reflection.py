@@ -228,7 +228,7 @@ def test_grpcurl_describes_every_rpc_of_the_inference_service(demo_server: Serve
         if name == "ModelInfer":
             expected = "rpc ModelInfer ( .inference.ModelInferRequest ) returns ( .inference.ModelInferResponse );"
         assert expected in described
-    assert described.count("rpc ") == len(GRPC_METHODS) == 12
+    assert described.count("rpc ") == len(GRPC_METHODS) == 20
 
 
 def test_grpcurl_resolves_messages_from_model_config_proto(demo_server: ServerProcess) -> None:

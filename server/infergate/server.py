@@ -184,7 +184,7 @@ class InferGateServer:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "%d model(s) ready%s; server %s",
-            len(self.repository.catalog.names()) - len(failed),
+            len(self.repository.catalog.names()) - len(self.repository.catalog.not_ready()),  # loaded and serving
             f", failed: {', '.join(failed)}" if failed else "",
             "ready" if ready else "NOT ready (strict readiness)",
         )

@@ -27,6 +27,7 @@ from infergate.errors import ModelExecutionError
 from infergate.models.config import PROVIDERS, ModelConfig
 from infergate.models.spec import ModelSpec, Tensors, spec_from_graph
 from infergate.models.stats import BatchTimings
+from infergate.models.warmup import describe_feeds, valid_inputs, warmup_runs
 
 __all__ = ["ModelLoadError", "OnnxRunner", "collate", "split", "zero_inputs"]
 
@@ -69,30 +70,25 @@ def split(names: Sequence[str], outputs: Sequence[npt.NDArray[Any]], rows: Seque
 
 
 def zero_inputs(spec: ModelSpec, rows: int) -> Tensors:
-    """Zero (empty-string) inputs with ``rows`` rows and 1 for every other variable dim."""
-    feeds: Tensors = {}
-    for t in spec.inputs:
-        dims = list(t.shape)
-        if spec.batches:
-            dims[0] = rows
-        shape = tuple(1 if d < 0 else d for d in dims)
-        if t.datatype.name == "BYTES":
-            feeds[t.name] = np.full(shape, "", dtype=object)
-        else:
-            feeds[t.name] = np.zeros(shape, dtype=t.datatype.numpy)
-    return feeds
+    """Zeros valid for each input's datatype (BYTES: ``"0"``), ``rows`` rows, 1 for other variable dims."""
+    return valid_inputs(spec, rows)
 
 
-def _warm_up(sessions: list[ort.InferenceSession], spec: ModelSpec, config: ModelConfig) -> None:
-    sizes = config.warmup.batch_sizes if spec.batches else [1]
-    for size in sizes:
-        feeds = zero_inputs(spec, min(size, spec.max_batch_size or 1))
+def _warm_up(sessions: list[ort.InferenceSession], spec: ModelSpec, config: ModelConfig, model_dir: Path) -> None:
+    """Run the warm-up requests on every session; a failure names the run and each input's value."""
+    try:
+        runs = warmup_runs(spec, config, model_dir)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    for run in runs:
         for session in sessions:
-            for _ in range(config.warmup.iterations):
+            for _ in range(run.count):
                 try:
-                    session.run(None, feeds)
+                    session.run(None, run.feeds)
                 except Exception as exc:
-                    raise ModelLoadError(f"warm-up at batch {size} failed: {_first_line(exc)}") from exc
+                    raise ModelLoadError(
+                        f"warm-up {run.name} failed: {_first_line(exc)}; it fed {describe_feeds(run.feeds)}"
+                    ) from exc
 
 
 def _session_options(config: ModelConfig) -> ort.SessionOptions:
@@ -163,7 +159,9 @@ class OnnxRunner:
             )
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
-        _warm_up(sessions, spec, config)  # before any thread starts: a failure leaves nothing behind
+        # Before any thread starts: a failure leaves nothing behind. The repository keeps a
+        # version's files in <model>/<version>/, so <model>/warmup/ is two levels up.
+        _warm_up(sessions, spec, config, path.parent.parent)
         return cls(sessions, spec)
 
     def start(self, payloads: list[Tensors], rows: list[int], callback: Callback) -> None:

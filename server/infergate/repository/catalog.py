@@ -6,6 +6,11 @@ dictionary reads on the event loop. The loader switches a model's versions
 and router in one assignment, and a request looks its version up and queues
 on its batcher in one synchronous step, so a version switched out cannot
 receive new work.
+
+Refusals use Triton's words (its clients match on them) and then say more:
+an unknown model is ``Request for unknown model: '<name>' is not found``, a
+version string that is not a number ``failed to get model version from
+specified version string '<s>'``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from infergate.errors import NotFound, Unavailable
+from infergate.errors import InvalidArgument, NotFound, Unavailable
 from infergate.models.config import ModelConfig
 from infergate.models.version import ModelVersion
 from infergate.routing.config import ShadowRouting
@@ -33,6 +38,7 @@ __all__ = [
     "ServedModel",
     "ShadowTarget",
     "is_version_name",
+    "unknown_model",
 ]
 
 Fingerprint = tuple[int, int]  # (mtime_ns, size) of a version's model file
@@ -121,10 +127,12 @@ class ModelCatalog:
     def _entry(self, name: str) -> ModelEntry:
         entry = self._entries.get(name)
         if entry is None:
-            raise NotFound(f"unknown model {name!r}")
+            raise NotFound(unknown_model(name))
         if not entry.versions:
             detail = f": {entry.reason}" if entry.reason else ""
-            raise Unavailable(f"model {name!r} is not ready ({entry.state.value}){detail}")
+            raise Unavailable(
+                f"Request for unknown model: '{name}' has no available versions ({entry.state.value}){detail}"
+            )
         return entry
 
     def get(self, name: str, version: str = "") -> ModelVersion:
@@ -162,7 +170,7 @@ class ModelCatalog:
     def routing(self, name: str) -> list[RoutingView]:
         """The routing of model ``name`` (every serving model when empty)."""
         if name and name not in self._entries:
-            raise NotFound(f"unknown model {name!r}")
+            raise NotFound(unknown_model(name))
         names = [name] if name else sorted(self._entries)
         views = []
         for entry in (self._entries[n] for n in names):
@@ -227,9 +235,19 @@ def is_version_name(text: str) -> bool:
     return text.isascii() and text.isdecimal()
 
 
+def unknown_model(name: str) -> str:
+    """Triton's words for a model the repository does not have."""
+    return f"Request for unknown model: '{name}' is not found"
+
+
 def _named_version(entry: ModelEntry, version: str) -> ModelVersion:
-    model = entry.versions.get(int(version)) if is_version_name(version) else None
+    loaded = ", ".join(str(v) for v in sorted(entry.versions))
+    if not is_version_name(version):
+        raise InvalidArgument(
+            f"failed to get model version from specified version string '{version}': "
+            f"version should be an integral value > 0 (model '{entry.name}' serves version(s) {loaded})"
+        )
+    model = entry.versions.get(int(version))
     if model is None:
-        loaded = ", ".join(str(v) for v in sorted(entry.versions))
-        raise NotFound(f"model {entry.name!r} has no version {version!r} (loaded: {loaded})")
+        raise NotFound(f"Request for unknown model: '{entry.name}' version {version} is not found (loaded: {loaded})")
     return model

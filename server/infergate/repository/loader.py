@@ -8,6 +8,8 @@ while the old ones keep serving; then one assignment switches versions and
 router together; replaced versions drain their queue and close in the
 background after their last request. A version that fails to load never
 replaces a good one: the failure shows in the index with its reason.
+:meth:`ModelRepository.load` is the same for RepositoryModelLoad, which may
+bring a config (and the model's files) of its own for that one load.
 
 The read side — every lookup the request path and the read-only RPCs make —
 is :class:`~infergate.repository.catalog.ModelCatalog` (``repository.catalog``),
@@ -18,16 +20,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.models.config import ModelConfig, load_model_config
+from infergate.models.overrides import FILE_PREFIX, LoadOverride, PollFailed, stage_files
 from infergate.models.runner import ModelLoadError
 from infergate.models.stats import ModelObserver, RepositoryObserver
 from infergate.models.version import ModelVersion, load_model_version
-from infergate.repository.catalog import Fingerprint, ModelCatalog, ModelEntry, ModelState, Rejected, is_version_name
+from infergate.repository.catalog import (
+    Fingerprint,
+    ModelCatalog,
+    ModelEntry,
+    ModelState,
+    Rejected,
+    is_version_name,
+    unknown_model,
+)
 from infergate.routing.config import Routing
 from infergate.routing.router import Router, RoutingError
 from infergate.routing.shadow import ShadowStats
@@ -103,12 +116,8 @@ class ModelRepository:
     async def reconcile(self, name: str) -> None:
         """Bring model ``name`` in line with its directory. Raises FailedPrecondition when
         something could not be applied (what serves keeps serving) and NotFound when the
-        model has no directory."""
-        if not is_model_name(name):
-            raise InvalidArgument(f"{name!r} is not a model name (a directory name directly under the repository)")
-        directory = self.root / name
-        if not directory.is_dir():
-            raise NotFound(f"model {name!r}: no directory {directory}")
+        model has no directory; messages start with Triton's ``failed to load '<name>'``."""
+        directory = self._directory(name)
         entry = self._entries.setdefault(name, self._new_entry(name))
         async with entry.lock:
             if not entry.versions:
@@ -116,17 +125,73 @@ class ModelRepository:
             config = await self._read_config(entry, directory / "config.yaml")
             await self._apply(entry, directory, config)
 
+    async def load(self, name: str, override: LoadOverride) -> None:
+        """Load ``name`` now, as RepositoryModelLoad asks: load before unload, as :meth:`reconcile`.
+
+        ``override.config`` replaces config.yaml for this load; ``override.files``
+        (which come with a config) replace the model's directory: they are written
+        to a temporary directory, loaded from there, and removed once loaded (every
+        file a version needs is read at load). A model loaded from files need not be
+        in the repository. Raises as :meth:`reconcile` does.
+        """
+        config = override.config
+        if config is None:
+            await self.reconcile(name)
+            return
+        directory = self._directory(name) if not override.files else None
+        entry = self._entries.setdefault(name, self._new_entry(name))
+        async with entry.lock:
+            if not entry.versions:
+                entry.state = ModelState.LOADING
+            if directory is not None:
+                await self._apply(entry, directory, config)
+                return
+            staged = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"infergate-{name}-"))
+            try:
+                await self._stage(entry, override, staged)
+                await self._apply(entry, staged, config)
+            except FailedPrecondition as exc:
+                raise FailedPrecondition(_as_sent(exc.message, staged)) from None
+            finally:
+                _forget_staging(entry, staged)
+                await asyncio.to_thread(shutil.rmtree, staged, True)
+
+    async def _stage(self, entry: ModelEntry, override: LoadOverride, directory: Path) -> None:
+        try:
+            await asyncio.to_thread(stage_files, override, directory)
+        except OSError as exc:
+            self._fail(entry, f"file overrides not written: {exc.strerror}")
+            raise PollFailed(
+                f"{_failed_to_load(entry.name)}, failed to poll from model repository: "
+                f"the override files could not be written ({exc.strerror})"
+            ) from None
+
+    def _directory(self, name: str) -> Path:
+        """The model's directory; NotFound (without the server's path) when the repository has none."""
+        if not is_model_name(name):
+            raise InvalidArgument(
+                f"{_failed_to_load(name)}: {name!r} is not a model name "
+                "(a directory name directly under the repository)"
+            )
+        directory = self.root / name
+        if not directory.is_dir():
+            raise NotFound(
+                f"{_failed_to_load(name)}, failed to poll from model repository: "
+                "the repository has no model directory of that name"
+            )
+        return directory
+
     async def _read_config(self, entry: ModelEntry, path: Path) -> ModelConfig:
         try:
             return await asyncio.to_thread(load_model_config, path)
         except ConfigError as exc:
             self._fail(entry, f"config not applied: {exc}")
-            raise FailedPrecondition(f"model {entry.name!r}: {exc}") from None
+            raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {exc}") from None
 
     async def _apply(self, entry: ModelEntry, directory: Path, config: ModelConfig) -> None:
         on_disk = await asyncio.to_thread(_fingerprints, directory, config.default_model_filename)
         if entry.rejected == (config, on_disk):  # nothing changed since it was refused: refuse it again, unloaded
-            raise FailedPrecondition(f"model {entry.name!r}: {entry.reason}")
+            raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
         entry.failed = {v: f for v, f in entry.failed.items() if v in on_disk}
         wanted = config.version_policy.select(list(on_disk))
         reload_all = entry.config is None or entry.config.without_routing() != config.without_routing()
@@ -148,7 +213,7 @@ class ModelRepository:
         problems = failures + ([routing_error] if routing_error else [])
         entry.reason = "; ".join(problems)
         if problems:
-            raise FailedPrecondition(f"model {entry.name!r}: {entry.reason}")
+            raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
 
     async def _load_versions(
         self,
@@ -221,7 +286,7 @@ class ModelRepository:
             entry.state = ModelState.UNAVAILABLE
         keeps = "; previous versions and routing keep serving" if entry.versions else "; the model is not ready"
         log.error("model %s: %s%s", entry.name, entry.reason, keeps)
-        raise FailedPrecondition(f"model {entry.name!r}: {entry.reason}")
+        raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
 
     def _switch(
         self,
@@ -285,7 +350,7 @@ class ModelRepository:
         """Stop serving ``name``; in-flight requests finish. Raises NotFound."""
         entry = self._entries.get(name)
         if entry is None:
-            raise NotFound(f"unknown model {name!r}")
+            raise NotFound(unknown_model(name))
         async with entry.lock:
             self._unload(entry, "unloaded")
 
@@ -297,6 +362,21 @@ class ModelRepository:
             entry.versions, entry.router = {}, None
             entry.state = ModelState.UNAVAILABLE
             entry.reason = "server stopped"
+
+
+def _as_sent(text: str, staged: Path) -> str:
+    """``text`` naming the override files as the request did (``file:1/model.onnx``), not where they were staged."""
+    return text.replace(f"{staged}/", FILE_PREFIX).replace(str(staged), FILE_PREFIX)
+
+
+def _forget_staging(entry: ModelEntry, staged: Path) -> None:
+    """The reasons the index shows never name the temporary directory the files were loaded from."""
+    entry.reason = _as_sent(entry.reason, staged)
+    entry.failed = {v: (f, _as_sent(reason, staged)) for v, (f, reason) in entry.failed.items()}
+
+
+def _failed_to_load(name: str) -> str:
+    return f"failed to load '{name}'"  # Triton's words: its clients look for them
 
 
 def is_model_name(text: str) -> bool:

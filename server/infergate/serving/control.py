@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from infergate.models.overrides import LoadOverride
 from infergate.repository.loader import ModelRepository
 
 __all__ = ["LocalModelControl", "ModelControl"]
@@ -23,8 +24,9 @@ class ModelControl(Protocol):
     loaded; what served keeps serving).
     """
 
-    async def load(self, name: str) -> None:
-        """Load ``name`` (or bring it in line with its directory when it is loaded)."""
+    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+        """Load ``name`` (or bring it in line with its directory when it is loaded); ``override``
+        replaces its config.yaml or files for this load (RepositoryModelLoad's parameters)."""
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name``; requests in flight finish."""
@@ -36,8 +38,8 @@ class LocalModelControl:
     def __init__(self, repository: ModelRepository):
         self._repository = repository
 
-    async def load(self, name: str) -> None:
-        await self._repository.reconcile(name)
+    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+        await self._repository.load(name, override or LoadOverride())
 
     async def unload(self, name: str) -> None:
         await self._repository.unload(name)

@@ -7,12 +7,15 @@ here and knows no gRPC:
 
 1. **route**: the catalog picks the version (and resolves the shadow copy's target);
 2. **decode**: the request's tensors, checked against that version's spec;
-3. **infer**: the version's batcher queues them and its runner executes the batch;
+3. **infer**: the version's batcher queues them and its runner executes the batch
+   (a stateful model's requests go through its sequence scheduler, which adds
+   the control and state inputs); outputs asked for as classes become top-k strings;
 4. **record**: the outcome goes to the version's statistics and to the router (canary),
    and an answered request is offered to the version's monitor (drift, payload log:
    sampled, handed to a background thread, never waited on);
 5. **mirror**: when routing chose to, the same inputs are offered to the shadow
    version, after the answer is ready; that never waits and never fails the caller.
+   Requests of a sequence are never mirrored (a shadow would hold only part of it).
 
 Unary ModelInfer and every request of a ModelStreamInfer stream go through
 :meth:`InferenceHandler.infer`.
@@ -25,9 +28,11 @@ import functools
 import time
 
 from infergate.errors import Cancelled, InvalidArgument, NotFound
+from infergate.models.sequence import refuse_sequence
 from infergate.models.spec import Tensors
 from infergate.repository.catalog import ModelCatalog, Routed, ShadowTarget
 from infergate.routing.shadow import ShadowJob, ShadowQueue
+from infergate.serving.classification import classify_outputs
 from infergate.serving.request import DecodedRequest, InferenceRequest, InferenceResult, RequestLimits
 
 __all__ = ["InferenceHandler"]
@@ -55,26 +60,32 @@ class InferenceHandler:
         expires = None if remaining is None else started + int(remaining * 1e9)
         routed = self._catalog.route(request.model, request.version, request)
         error: BaseException | None = None
+        model = routed.model
         try:
-            decoded = request.decode(routed.model.spec, self._limits)
+            decoded = request.decode(model.spec, self._limits)
             outputs = await self._run(routed, decoded, request.timeout_us, remaining)
+            answer = classify_outputs(outputs, decoded.classes, model.spec, model.labels)
         except BaseException as exc:  # a cancelled call (CancelledError) is an outcome too: never a success
             error = exc
             raise
         finally:
             _record(routed, error, started, expires)
-        monitor = routed.model.monitor
-        if monitor is not None:
-            monitor.record(decoded.inputs, outputs, request_id=request.id, route=routed.decision.arm)
-        if routed.shadow is not None:
+        if model.monitor is not None:
+            model.monitor.record(decoded.inputs, outputs, request_id=request.id, route=routed.decision.arm)
+        if routed.shadow is not None and model.sequences is None:
             self._mirror(routed.shadow, decoded, outputs)
-        return InferenceResult(routed.model.spec, outputs, decoded.outputs, routed.decision, request.id)
+        return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id)
 
     @staticmethod
     async def _run(routed: Routed, decoded: DecodedRequest, timeout_us: int | None, remaining: float | None) -> Tensors:
+        """Run the request on the routed version. Nothing here awaits before the request is queued
+        (on the batcher, or in its sequence's order): requests of one sequence keep their order."""
         model = routed.model
         deadline, server_side = _deadline(remaining, timeout_us, model.default_timeout_s)
         # gRPC cancels the call at its own deadline; the batcher times only server-side timeouts.
+        if model.sequences is not None:
+            return await model.sequences.infer(decoded.sequence, decoded.inputs, deadline, watch=server_side)
+        refuse_sequence(model.name, decoded.sequence)
         return await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, watch=server_side)
 
     def _mirror(self, shadow: ShadowTarget, decoded: DecodedRequest, outputs: Tensors) -> None:

@@ -8,10 +8,11 @@ back an :class:`InferenceResult` that the servicer encodes.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from infergate.models.sequence import SequenceParams
 from infergate.models.spec import ModelSpec, Tensors
 from infergate.routing.router import Decision
 
@@ -35,6 +36,8 @@ class DecodedRequest:
     rows: int  # the batch dimension (1 for a model that does not batch)
     group: Hashable  # requests with equal groups may share a batch
     outputs: tuple[str, ...]  # requested output names; empty: all
+    sequence: SequenceParams | None = None  # sequence_id/start/end, when the request sent any
+    classes: Mapping[str, int] = field(default_factory=dict)  # output -> top-k asked for (classification)
 
 
 class InferenceRequest(Protocol):
@@ -58,7 +61,8 @@ class InferenceRequest(Protocol):
         """The sticky routing key: the value of metadata ``header`` or of request ``parameter``."""
 
     def decode(self, spec: ModelSpec, limits: RequestLimits) -> DecodedRequest:
-        """The tensors, validated against ``spec``; raises InvalidArgument naming model and tensor."""
+        """The tensors and the parameters that shape the answer (sequence, classification), validated
+        against ``spec``; raises InvalidArgument naming model and tensor."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from infergate import __version__
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.errors import FailedPrecondition, InferGateError, Unimplemented
+from infergate.models.overrides import parse_load_parameters
 from infergate.repository.loader import ModelRepository
 from infergate.serving.codec import WireRequest, encode_response
 from infergate.serving.control import LocalModelControl, ModelControl
@@ -28,12 +29,24 @@ from infergate.serving.protocol import model_config_message, model_metadata_mess
 from infergate.serving.status import abort_with, guarded, status_of
 from infergate.serving.stream import OnPause, answer_concurrently
 
-__all__ = ["EXTENSIONS", "InferenceServicer", "Readiness"]
+__all__ = ["EXTENSIONS", "NOT_IMPLEMENTED", "InferenceServicer", "Readiness"]
 
 log = logging.getLogger(__name__)
 
 # Exactly the protocol extensions that work (ServerMetadata.extensions).
-EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "sequence", "statistics")
+
+# Triton's RPCs of the extensions infergate does not implement, and the extension each belongs to.
+NOT_IMPLEMENTED = {
+    "SystemSharedMemoryStatus": "system_shared_memory",
+    "SystemSharedMemoryRegister": "system_shared_memory",
+    "SystemSharedMemoryUnregister": "system_shared_memory",
+    "CudaSharedMemoryStatus": "cuda_shared_memory",
+    "CudaSharedMemoryRegister": "cuda_shared_memory",
+    "CudaSharedMemoryUnregister": "cuda_shared_memory",
+    "TraceSetting": "trace",
+    "LogSettings": "logging",
+}
 
 # How many requests of one stream may be in progress or answered but unread by its client; beyond
 # that the stream stops reading requests until the client reads (see stream.py).
@@ -176,12 +189,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         self._explicit_control("RepositoryModelLoad")
-        if request.parameters:
-            raise Unimplemented(
-                f"RepositoryModelLoad: parameters {sorted(request.parameters)} are not supported;"
-                " edit config.yaml in the repository instead"
-            )
-        await self._control.load(request.model_name)
+        # Every parameter is checked before anything is loaded or unloaded.
+        override = parse_load_parameters(request.model_name, request.parameters)
+        await self._control.load(request.model_name, override)
         return pb.RepositoryModelLoadResponse()
 
     @guarded
@@ -198,3 +208,60 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"{method}: models are loaded and unloaded through the API only in explicit model control mode"
                 f" (this server runs in {self._control_mode!r} mode; start it with --model-control-mode explicit)"
             )
+
+    # --- extensions infergate does not implement ---------------------------------------
+
+    @guarded
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        raise _not_implemented("SystemSharedMemoryStatus")
+
+    @guarded
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        raise _not_implemented("SystemSharedMemoryRegister")
+
+    @guarded
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        raise _not_implemented("SystemSharedMemoryUnregister")
+
+    @guarded
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        raise _not_implemented("CudaSharedMemoryStatus")
+
+    @guarded
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        raise _not_implemented("CudaSharedMemoryRegister")
+
+    @guarded
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        raise _not_implemented("CudaSharedMemoryUnregister")
+
+    @guarded
+    async def TraceSetting(
+        self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TraceSettingResponse:
+        raise _not_implemented("TraceSetting")
+
+    @guarded
+    async def LogSettings(
+        self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LogSettingsResponse:
+        raise _not_implemented("LogSettings")
+
+
+def _not_implemented(method: str) -> Unimplemented:
+    return Unimplemented(
+        f"{method}: the {NOT_IMPLEMENTED[method]} extension is not implemented in infergate {__version__} "
+        f"(ServerMetadata lists the extensions it implements: {', '.join(EXTENSIONS)})"
+    )

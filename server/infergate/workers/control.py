@@ -47,6 +47,7 @@ from infergate.errors import (
     Unavailable,
     Unimplemented,
 )
+from infergate.models.overrides import LoadOverride
 from infergate.serving.control import ModelControl
 
 __all__ = ["ControlHub", "WorkerControl", "WorkerRole"]
@@ -242,7 +243,14 @@ class WorkerControl:
         self._follower: asyncio.Task[None] | None = None
         self._closing = False
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+        if override is not None and (override.config is not None or override.files):
+            # Every worker must load the same thing, and the supervisor replays loads to restarted workers:
+            # an override would have to travel to (and be kept by) the supervisor. Refused, and documented.
+            raise FailedPrecondition(
+                f"failed to load '{name}': a config or file override is not supported with --workers; "
+                "put the config and files in the model repository instead"
+            )
         await self._ask("load", name)
 
     async def unload(self, name: str) -> None:
