@@ -266,6 +266,101 @@ def test_a_policy_that_could_break_the_batch_limits_is_refused(policy: dict[str,
         BatchPolicy(**policy)
 
 
+# --------------------------------------------------------------------------- gathering
+
+
+async def test_requests_that_arrive_in_the_same_loop_turns_as_the_first_share_its_batch(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        callers = [submit(batcher, p) for p in "abc"]  # their submits run in the same loop turn
+        assert await results(*callers) == ["A", "B", "C"]
+    assert model.payloads == [["a", "b", "c"]]
+
+
+async def test_without_gathering_a_request_that_finds_the_instance_idle_starts_alone(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(gather=False)
+    async with asyncio.timeout(LIMIT):
+        callers = [submit(batcher, p) for p in "abc"]
+        assert await results(*callers) == ["A", "B", "C"]
+    assert model.payloads == [["a"], ["b", "c"]]
+
+
+async def test_gathering_goes_on_while_requests_keep_arriving_but_no_longer_than_its_turns(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(max_gather_turns=3, max_batch_size=64)
+    async with asyncio.timeout(LIMIT):
+        callers: list[asyncio.Task[str]] = []
+        for i in range(8):  # one new request every loop turn
+            callers.append(submit(batcher, str(i)))
+            await one_loop_pass()
+        await results(*callers)
+    first = model.payloads[0]
+    assert 2 <= len(first) <= 4, model.payloads  # gathered over the turns it was allowed, then started
+    assert sum(len(b) for b in model.payloads) == 8
+
+
+async def test_a_batch_that_follows_a_finished_one_starts_at_once_with_what_waited(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        queued = [submit(batcher, p) for p in "ab"]
+        await one_loop_pass()
+        model.hold()
+        model.gate.set()  # "busy" answers; the next batch must start in the same step, not turns later
+        model.gate.clear()
+        assert await model.started() == ["a", "b"]
+        model.release()
+        assert await results(busy, *queued) == ["BUSY", "A", "B"]
+
+
+# --------------------------------------------------------------------------- priorities
+
+
+async def test_higher_priority_requests_head_the_next_batch_and_each_level_keeps_its_order(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(priority_levels=2)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        callers = [submit(batcher, p, level=level) for p, level in (("a", 1), ("b", 0), ("c", 1), ("d", 0))]
+        await one_loop_pass()
+        model.release()
+        await results(busy, *callers)
+    assert model.payloads == [["busy"], ["b", "d", "a", "c"]]
+
+
+async def test_a_full_queue_sheds_the_newest_request_of_a_lower_priority_for_a_higher_one(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(priority_levels=2, max_queue_size=2)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        low = [submit(batcher, p, level=1) for p in "ab"]
+        await one_loop_pass()
+        urgent = submit(batcher, "u", level=0)
+        await one_loop_pass()
+        with pytest.raises(QueueFull, match="higher priority"):
+            await low[1]  # the newest of the lowest level gave way
+        with pytest.raises(QueueFull, match="queue full"):
+            await batcher.submit("late", rows=1, level=1)  # nothing lower to shed
+        model.release()
+        assert await results(busy, urgent, low[0]) == ["BUSY", "U", "A"]
+    assert model.payloads == [["busy"], ["u", "a"]]
+
+
+async def test_a_priority_level_outside_the_policy_is_an_invalid_argument(make_batcher: MakeBatcher) -> None:
+    batcher = make_batcher(priority_levels=2)
+    with pytest.raises(InvalidArgument, match="priority level 2"):
+        await batcher.submit("a", rows=1, level=2)
+
+
 # --------------------------------------------------------------------------- queue delay
 
 

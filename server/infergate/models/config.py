@@ -68,6 +68,21 @@ class DynamicBatching(Strict):
     default_timeout_microseconds: Annotated[int, Field(ge=0)] = 0  # 0: no server-side timeout
     # infergate's own: start batches no more often than this (full ones at once); see batcher.py.
     min_batch_interval_microseconds: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    # infergate's own: when a request finds an instance idle, let the requests that arrive in the next
+    # event-loop turns join its batch (fast at every load without a fixed delay; see batcher.py).
+    gather: bool = True
+    # Triton's priorities: 1 is the highest; requests of a higher priority are batched first and shed last.
+    priority_levels: Annotated[int, Field(ge=0, le=64)] = 0  # 0: no priorities
+    default_priority_level: Annotated[int, Field(ge=0, le=64)] = 0  # for requests that send none
+
+    @model_validator(mode="after")
+    def _priorities(self) -> DynamicBatching:
+        levels, default = self.priority_levels, self.default_priority_level
+        if levels and not 1 <= default <= levels:
+            raise ValueError(f"default_priority_level must be in 1..{levels} when priority_levels is {levels}")
+        if not levels and default:
+            raise ValueError("default_priority_level is set but priority_levels is 0")
+        return self
 
 
 class InstanceGroup(Strict):

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy.typing as npt
 
+from infergate.errors import InvalidArgument
 from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
 from infergate.models.config import Metadata, ModelConfig
 from infergate.models.governance import verify_version
@@ -76,7 +77,10 @@ class ModelVersion:
             preferred_batch_sizes=tuple(batching.preferred_batch_size) if self.spec.batches else (),
             max_queue_size=batching.max_queue_size,
             min_batch_interval=batching.min_batch_interval_microseconds / 1e6,
+            priority_levels=max(batching.priority_levels, 1),
+            gather=batching.gather,
         )
+        self._priorities = (batching.priority_levels, batching.default_priority_level)
         self.default_timeout_s = batching.default_timeout_microseconds / 1e6 or None
         self.batcher: DynamicBatcher[Tensors, Tensors] = DynamicBatcher(
             self._execute,
@@ -110,11 +114,40 @@ class ModelVersion:
             self.monitor.start()
 
     async def infer(
-        self, inputs: Tensors, rows: int, group: Hashable, deadline: float | None, watch: bool = True
+        self,
+        inputs: Tensors,
+        rows: int,
+        group: Hashable,
+        deadline: float | None,
+        watch: bool = True,
+        level: int = 0,
     ) -> Tensors:
-        """Queue validated inputs and return this request's outputs (all of them); see ``DynamicBatcher.submit``."""
+        """Queue validated inputs and return this request's outputs (all of them); see ``DynamicBatcher.submit``.
+
+        ``level`` is the batcher's priority level (:meth:`priority_level` turns a request's priority into one).
+        """
         tag = self._observer.capture() if self._observer is not None else None
-        return await self.batcher.submit(inputs, rows=rows, group=group, deadline=deadline, watch=watch, tag=tag)
+        return await self.batcher.submit(
+            inputs, rows=rows, group=group, deadline=deadline, watch=watch, tag=tag, level=level
+        )
+
+    def priority_level(self, priority: int) -> int:
+        """The batcher level of a request's ``priority`` (Triton's: 1 is the highest, 0 the model's default).
+
+        Raises InvalidArgument for a priority the model does not have.
+        """
+        levels, default = self._priorities
+        if not levels:
+            if priority:
+                raise InvalidArgument(
+                    f"model {self.name}: priority {priority} requested, but the model has no priority levels"
+                    " (dynamic_batching.priority_levels in its config.yaml)"
+                )
+            return 0
+        chosen = priority or default
+        if not 1 <= chosen <= levels:
+            raise InvalidArgument(f"model {self.name}: priority {priority} outside 1..{levels}")
+        return chosen - 1
 
     def _execute(self, batch: Batch[Tensors], done: Done[Tensors]) -> None:
         """The batcher's ``execute``: run on an instance, record statistics, answer."""

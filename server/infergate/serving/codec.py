@@ -55,7 +55,7 @@ Metadata = Callable[[], Sequence[tuple[str, str | bytes]] | None]  # a call's in
 class WireRequest:
     """A ModelInferRequest as the handler's :class:`~infergate.serving.request.InferenceRequest`."""
 
-    __slots__ = ("_metadata", "id", "message", "model", "timeout_us", "version")
+    __slots__ = ("_metadata", "id", "message", "model", "priority", "timeout_us", "version")
 
     def __init__(self, message: pb.ModelInferRequest, metadata: Metadata):
         self.message = message
@@ -63,6 +63,7 @@ class WireRequest:
         self.version: str = message.model_version
         self.id: str = message.id
         self.timeout_us = request_timeout_us(message)
+        self.priority = request_priority(message)
         self._metadata = metadata  # read only when a sticky header is configured
 
     def routing_key(self, header: str | None, parameter: str | None) -> str | None:
@@ -255,6 +256,17 @@ def request_timeout_us(request: pb.ModelInferRequest) -> int | None:
     kind = param.WhichOneof("parameter_choice")
     if kind not in ("int64_param", "uint64_param") or (value := getattr(param, kind)) < 0:
         raise InvalidArgument("parameter 'timeout' must be a non-negative integer of microseconds")
+    return int(value)
+
+
+def request_priority(request: pb.ModelInferRequest) -> int:
+    """The ``priority`` request parameter (Triton's: 1 is the highest; 0 or none: the model's default)."""
+    if "priority" not in request.parameters:
+        return 0
+    param = request.parameters["priority"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param") or (value := getattr(param, kind)) < 0:
+        raise InvalidArgument("parameter 'priority' must be a non-negative integer (1 is the highest)")
     return int(value)
 
 

@@ -63,7 +63,7 @@ class InferenceHandler:
         model = routed.model
         try:
             decoded = request.decode(model.spec, self._limits)
-            outputs = await self._run(routed, decoded, request.timeout_us, remaining)
+            outputs = await self._run(routed, decoded, request, remaining)
             answer = classify_outputs(outputs, decoded.classes, model.spec, model.labels)
         except BaseException as exc:  # a cancelled call (CancelledError) is an outcome too: never a success
             error = exc
@@ -77,16 +77,19 @@ class InferenceHandler:
         return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id)
 
     @staticmethod
-    async def _run(routed: Routed, decoded: DecodedRequest, timeout_us: int | None, remaining: float | None) -> Tensors:
+    async def _run(
+        routed: Routed, decoded: DecodedRequest, request: InferenceRequest, remaining: float | None
+    ) -> Tensors:
         """Run the request on the routed version. Nothing here awaits before the request is queued
         (on the batcher, or in its sequence's order): requests of one sequence keep their order."""
         model = routed.model
-        deadline, server_side = _deadline(remaining, timeout_us, model.default_timeout_s)
+        deadline, server_side = _deadline(remaining, request.timeout_us, model.default_timeout_s)
         # gRPC cancels the call at its own deadline; the batcher times only server-side timeouts.
         if model.sequences is not None:
             return await model.sequences.infer(decoded.sequence, decoded.inputs, deadline, watch=server_side)
         refuse_sequence(model.name, decoded.sequence)
-        return await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, watch=server_side)
+        level = model.priority_level(request.priority)
+        return await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, server_side, level)
 
     def _mirror(self, shadow: ShadowTarget, decoded: DecodedRequest, outputs: Tensors) -> None:
         """Queue the same inputs for the shadow version; never waits, never fails the caller."""

@@ -54,6 +54,10 @@ class InferenceRequest(Protocol):
     def id(self) -> str: ...
 
     @property
+    def priority(self) -> int:
+        """Triton's ``priority`` parameter: 1 is the highest; 0: the model's default."""
+
+    @property
     def timeout_us(self) -> int | None:
         """The request's own server-side timeout (Triton's ``timeout`` parameter), if any."""
 
