@@ -12,11 +12,13 @@
 #
 # What it installs (GPU mode only, and only what is missing), into --site, a private folder put first
 # on PYTHONPATH so the machine's own packages stay untouched:
+#   - with --wheels, the whole bundle, if anything below or infergate's own dependencies are missing;
+#   - infergate's runtime dependencies at their pins (requirements/runtime-cuda.txt), if missing;
 #   - onnxruntime-gpu, if `import onnxruntime` has no CUDAExecutionProvider;
 #   - the CUDA runtime wheels onnxruntime-gpu loads (CUDA 13 build: nvidia-cuda-runtime, -cublas, -cufft,
 #     -curand, -cuda-nvrtc, nvidia-cudnn-cu13), if a CUDA session still cannot be created;
 #   - perf_analyzer (the perf-analyzer wheel), if neither scripts/perf_analyzer nor `perf_analyzer` runs.
-# Nothing else. The NVIDIA driver must be there already (nvidia-smi). The libraries of every nvidia
+# The NVIDIA driver must be there already (nvidia-smi). The libraries of every nvidia
 # wheel found go on LD_LIBRARY_PATH, which onnxruntime's CUDA provider needs at load time.
 # Then: python -m load_tests.gpu, which writes gpu_check.json and gpu_check.md into --out.
 set -euo pipefail
@@ -41,12 +43,13 @@ while (($#)); do
         --wheels) WHEELS="$2"; shift ;;
         --site) SITE="$2"; shift ;;
         --out | --budget | --workers) ARGS+=("$1" "$2"); shift ;;
-        -h | --help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h | --help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) log "unknown option: $1"; exit 2 ;;
     esac
     shift
 done
 
+GPU_CHECK_LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"  # as given; use_site prepends the wheels' libraries to it
 if [[ -n "${PYTHON:-}" ]]; then :
 elif [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"
 else PYTHON="$(command -v python3)"; fi
@@ -84,11 +87,11 @@ print(":".join(seen))
 PY
 }
 
-use_site() {
-    export PYTHONPATH="$SITE:$PYTHONPATH"
+use_site() {  # $SITE first on PYTHONPATH (once), and the nvidia wheels' libraries on LD_LIBRARY_PATH
+    [[ ":$PYTHONPATH:" == *":$SITE:"* ]] || export PYTHONPATH="$SITE:$PYTHONPATH"
     local libs
     libs="$(nvidia_libraries)"
-    [[ -n "$libs" ]] && export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    [[ -n "$libs" ]] && export LD_LIBRARY_PATH="$libs${GPU_CHECK_LD_LIBRARY_PATH:+:$GPU_CHECK_LD_LIBRARY_PATH}"
     return 0
 }
 
@@ -112,15 +115,28 @@ has_cuda_provider() {
     "$PYTHON" -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())'
 }
 
+has_dependencies() {  # infergate's own runtime dependencies (a bare GPU machine may lack them)
+    "$PYTHON" -c 'import grpc, grpc_health, grpc_reflection, numpy, onnx, pydantic, yaml, jwt, prometheus_client
+import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc' 2>/dev/null
+}
+
 install_gpu() {
     mkdir -p "$SITE"
-    [[ -n "$WHEELS" ]] && unpack_wheels
+    if [[ -n "$WHEELS" ]]; then
+        unpack_wheels
+        use_site
+        if ! has_dependencies || ! has_cuda_provider; then
+            pip_install "$WHEELS"/whl/*.whl  # the bundle holds exactly what this host lacked
+        fi
+    elif ! has_dependencies; then
+        pip_install -r "$ROOT/requirements/runtime-cuda.txt" || log "could not install infergate's dependencies"
+    fi
     use_site
     if [[ "$(cuda_session)" == ok ]]; then
         log "onnxruntime runs on CUDA already"
     else
         if ! has_cuda_provider; then
-            pip_install "$ORT_GPU"
+            pip_install "$ORT_GPU" || log "could not install $ORT_GPU"
         fi
         use_site
         local state
@@ -133,13 +149,15 @@ install_gpu() {
             [[ "$state" == ok ]] || log "still $state: the check goes on and reports what fails"
         fi
     fi
-    if ! "$PYTHON" -c 'import sys; from load_tests.gpu.perf import find_perf_analyzer as f; sys.exit(f()[0] is None)' \
-        2>/dev/null; then
-        pip_install "$PERF_WHEEL" || log "perf_analyzer not installed: the load harness runs alone"
-    fi
     if [[ -x "$SITE/perf_analyzer/bin/perf_analyzer" && -z "${PERF_ANALYZER:-}" ]]; then
         export PERF_ANALYZER="$SITE/perf_analyzer/bin/perf_analyzer"
     fi
+    if ! "$PYTHON" -c 'import sys; from load_tests.gpu.perf import find_perf_analyzer as f; sys.exit(f()[0] is None)' \
+        2>/dev/null; then
+        pip_install "$PERF_WHEEL" || log "perf_analyzer not installed: the load harness runs alone"
+        [[ -x "$SITE/perf_analyzer/bin/perf_analyzer" ]] && export PERF_ANALYZER="$SITE/perf_analyzer/bin/perf_analyzer"
+    fi
+    return 0
 }
 
 started=$(date +%s)

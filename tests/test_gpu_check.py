@@ -84,6 +84,7 @@ def test_workers_report_their_memory_and_batches(report: dict[str, Any]) -> None
     assert two["workers"] == 2 and not two["error"]
     assert len(two["memory"]) == 2
     assert all(m["rss_mib"] > 0 and m["gpu_mib"] is None for m in two["memory"])  # no nvidia-smi here
+    assert all(m["cpu_pct"] is not None and m["cpu_pct"] >= 0 for m in two["memory"])
     assert 1 <= len(two["batches"]) <= 2
     assert all(r["requests_per_s"] > 0 for r in two["runs"])
 

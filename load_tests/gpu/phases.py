@@ -31,7 +31,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from ..generator import GeneratorError, LoadConfig, run_closed_loop
 from ..servers import free_port, running_server
 from .perf import run_perf_analyzer
-from .probe import GpuSample, children, gpu_memory_by_pid, rss_mib, sampling
+from .probe import GpuSample, children, cpu_seconds, gpu_memory_by_pid, rss_mib, sampling
 
 __all__ = [
     "Budget",
@@ -101,11 +101,12 @@ class RunRecord:
 
 @dataclass
 class WorkerMemory:
-    """What one worker process held after the runs (None: not measurable here)."""
+    """What one worker process held after the runs, and how busy it was during them (None: not measurable)."""
 
     pid: int
     rss_mib: float | None
     gpu_mib: float | None
+    cpu_pct: float | None = None  # of one core, over the runs (warm-ups included)
 
 
 @dataclass
@@ -242,18 +243,23 @@ def variant_runs(
     return records
 
 
-def _statistics(target: str, model: str) -> tuple[int, int] | None:
-    """(inference_count, execution_count) from whichever worker a fresh connection lands on."""
-    # A channel of its own subchannel pool opens its own TCP connection, so the kernel may pick another worker.
+def _statistics(target: str, models: Sequence[str]) -> tuple[tuple[int, int] | None, ...]:
+    """(inference_count, execution_count) of each model, all from the one worker a fresh connection reaches."""
+    # A channel with its own subchannel pool opens its own TCP connection, so the kernel may pick another
+    # worker; every model is asked on that one connection, so the counts belong to one worker.
     options = [("grpc.use_local_subchannel_pool", 1)]
+    counts: list[tuple[int, int] | None] = []
     with grpc.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            reply = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
-        except grpc.RpcError:
-            return None
-    stats = reply.model_stats
-    return (int(stats[0].inference_count), int(stats[0].execution_count)) if stats else None
+        for model in models:
+            try:
+                reply = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
+            except grpc.RpcError:
+                counts.append(None)
+                continue
+            stats = reply.model_stats
+            counts.append((int(stats[0].inference_count), int(stats[0].execution_count)) if stats else None)
+    return tuple(counts)
 
 
 def worker_batches(target: str, models: Sequence[str], workers: int) -> list[dict[str, float]]:
@@ -264,7 +270,7 @@ def worker_batches(target: str, models: Sequence[str], workers: int) -> list[dic
     """
     seen: dict[tuple[tuple[int, int] | None, ...], dict[str, float]] = {}
     for _ in range(_STATS_TRIES_PER_WORKER * workers):
-        counts = tuple(_statistics(target, model) for model in models)
+        counts = _statistics(target, models)
         if counts not in seen:
             seen[counts] = {
                 model: (c[0] / c[1] if c and c[1] else math.nan) for model, c in zip(models, counts, strict=True)
@@ -272,6 +278,11 @@ def worker_batches(target: str, models: Sequence[str], workers: int) -> list[dic
         if len(seen) >= workers:
             break
     return list(seen.values())
+
+
+def _busy(pid: int, before: float | None, wall: float) -> float | None:
+    after = cpu_seconds(pid)
+    return 100.0 * (after - before) / wall if after is not None and before is not None and wall > 0 else None
 
 
 def _worker_pids(pid: int, workers: int) -> list[int]:
@@ -299,11 +310,15 @@ def worker_runs(
         record = WorkerRecord(n, clients(n))
         try:
             with serve(repo, out, f"workers-{n}", workers=n) as (target, pid):
+                pids = _worker_pids(pid, n)
+                before, began = {p: cpu_seconds(p) for p in pids}, time.monotonic()
                 record.runs = [load_run(target, s, timing, clients(n), variant, n) for s in runs]
+                wall = time.monotonic() - began
                 record.batches = worker_batches(target, sorted({s.model for s in runs}), n)
                 gpu = gpu_memory_by_pid()
                 record.memory = [
-                    WorkerMemory(p, rss_mib(p), gpu.get(p) if gpu is not None else None) for p in _worker_pids(pid, n)
+                    WorkerMemory(p, rss_mib(p), gpu.get(p) if gpu is not None else None, _busy(p, before[p], wall))
+                    for p in pids
                 ]
         except Exception as exc:  # a server that would not start is a finding; the next N still runs
             record.error = str(exc)

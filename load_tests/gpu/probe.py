@@ -15,7 +15,16 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["GpuSample", "GpuSampler", "children", "gpu_facts", "gpu_memory_by_pid", "rss_mib", "sampling"]
+__all__ = [
+    "GpuSample",
+    "GpuSampler",
+    "children",
+    "cpu_seconds",
+    "gpu_facts",
+    "gpu_memory_by_pid",
+    "rss_mib",
+    "sampling",
+]
 
 _SMI_TIMEOUT_S = 10.0
 
@@ -68,6 +77,15 @@ def rss_mib(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time ``pid`` has used, in seconds (Linux /proc), or None if it is gone."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def children(pid: int) -> list[int]:

@@ -132,6 +132,7 @@ def _worker_rows(workers: Sequence[WorkerRecord]) -> list[list[str]]:
     for w in workers:
         gpu = [m.gpu_mib for m in w.memory if m.gpu_mib is not None]
         rss = [m.rss_mib for m in w.memory if m.rss_mib is not None]
+        busy = [m.cpu_pct for m in w.memory if m.cpu_pct is not None]
         for r in w.runs or [None]:  # type: ignore[list-item]
             batches = [b.get(r.model, math.nan) for b in w.batches] if r is not None else []
             rows.append(
@@ -147,6 +148,7 @@ def _worker_rows(workers: Sequence[WorkerRecord]) -> list[list[str]]:
                     " / ".join(_f(b, 1) for b in batches) or "-",
                     " / ".join(_f(g) for g in gpu) or "-",
                     " / ".join(_f(m) for m in rss) or "-",
+                    " / ".join(_f(c) for c in busy) or "-",
                     _f(r.gpu.util_mean_pct) if r else "-",
                     (w.error or (r.error if r else ""))[:80],
                 ]
@@ -155,7 +157,8 @@ def _worker_rows(workers: Sequence[WorkerRecord]) -> list[list[str]]:
 
 
 _WORKER_HEADERS = ["workers", "clients", "model", "batch", "in flight", "req/s", "samples/s", "p99 ms"]
-_WORKER_HEADERS += ["avg batch per worker", "GPU MiB per worker", "RSS MiB per worker", "GPU util %", "error"]
+_WORKER_HEADERS += ["avg batch per worker", "GPU MiB per worker", "RSS MiB per worker", "CPU % per worker (all runs)"]
+_WORKER_HEADERS += ["GPU util %", "error"]
 
 
 def _sections(report: CheckReport) -> list[tuple[str, list[str], list[list[str]]]]:
