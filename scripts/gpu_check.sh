@@ -6,7 +6,7 @@
 #   scripts/gpu_check.sh --cpu --quick        # no GPU: every phase on the CPU provider, small counts (CI)
 #
 # Options: --cpu, --quick, --out DIR (default results/gpu-check), --budget SECONDS (of measuring,
-# default 450: with the install the whole check stays under 8 minutes), --workers 1,2,4,8,
+# default 400: with the install the whole check stays under 8 minutes), --workers 1,2,4,8,
 # --wheels DIR (install offline from DIR: wheels, or the wheels.tar.NN parts scripts/gpu_bundle.sh
 # writes), --site DIR (where wheels go, default /tmp/infergate-gpu-site), --no-install.
 #

@@ -109,7 +109,7 @@ def plan_for(cpu: bool, quick: bool, budget_s: float | None, workers: Sequence[i
         compute_seconds=1.5,
         worker_counts=tuple(workers or (1, 2, 4, 8)),
         quick=False,
-        budget_s=budget_s or 450.0,
+        budget_s=budget_s or 400.0,
     )
 
 
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="run everything on the CPU execution provider")
     parser.add_argument("--quick", action="store_true", help="smoke run: small counts, short runs")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/gpu-check"), help="report folder")
-    parser.add_argument("--budget", type=float, help="seconds for all phases (default 450; quick 120)")
+    parser.add_argument("--budget", type=float, help="seconds for all phases (default 400; quick 120)")
     parser.add_argument("--workers", type=_workers, help="--workers counts to measure (default 1,2,4,8; quick 2)")
     args = parser.parse_args(argv)
     plan = plan_for(args.cpu, args.quick, args.budget, args.workers)

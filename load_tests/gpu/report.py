@@ -147,6 +147,7 @@ def _worker_rows(workers: Sequence[WorkerRecord]) -> list[list[str]]:
                     _f(r.p99_ms, 2) if r else "-",
                     " / ".join(_f(b, 1) for b in batches) or "-",
                     " / ".join(_f(g) for g in gpu) or "-",
+                    _f(r.gpu.memory_used_max_mib) if r else "-",
                     " / ".join(_f(m) for m in rss) or "-",
                     " / ".join(_f(c) for c in busy) or "-",
                     _f(r.gpu.util_mean_pct) if r else "-",
@@ -157,7 +158,8 @@ def _worker_rows(workers: Sequence[WorkerRecord]) -> list[list[str]]:
 
 
 _WORKER_HEADERS = ["workers", "clients", "model", "batch", "in flight", "req/s", "samples/s", "p99 ms"]
-_WORKER_HEADERS += ["avg batch per worker", "GPU MiB per worker", "RSS MiB per worker", "CPU % per worker (all runs)"]
+_WORKER_HEADERS += ["avg batch per worker", "GPU MiB per worker", "GPU MiB in use (all)", "RSS MiB per worker"]
+_WORKER_HEADERS += ["CPU % per worker (all runs)"]
 _WORKER_HEADERS += ["GPU util %", "error"]
 
 
