@@ -206,7 +206,7 @@ class OnnxRunner:
 
     def _run_sync(self, instance: Instance, payloads: list[Tensors], rows: list[int]) -> BatchOutcome:
         if instance.bound is not None:
-            return self._run_bound(instance, payloads, rows)
+            return self._run_bound(instance, instance.bound, payloads, rows)
         t0 = time.perf_counter_ns()
         feeds = collate(payloads)
         t1 = time.perf_counter_ns()
@@ -221,14 +221,15 @@ class OnnxRunner:
         t3 = time.perf_counter_ns()
         return results_ok, BatchTimings(t1 - t0, t2 - t1, t3 - t2)
 
-    def _run_bound(self, instance: Instance, payloads: list[Tensors], rows: list[int]) -> BatchOutcome:
+    def _run_bound(
+        self, instance: Instance, bound: BoundSession, payloads: list[Tensors], rows: list[int]
+    ) -> BatchOutcome:
         """Stage (collate, padded for a graph), copy once, run and split: see binding.py."""
-        assert instance.bound is not None
         t0 = time.perf_counter_ns()
         try:
-            staged = instance.bound.stage(payloads, sum(rows))
+            staged = bound.stage(payloads, sum(rows))
             t1 = time.perf_counter_ns()
-            outputs = instance.bound.execute(staged)
+            outputs = bound.execute(staged)
         except Exception as exc:
             t1 = time.perf_counter_ns()
             results = self._isolate(instance, payloads, exc)
