@@ -21,7 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-HANG_GUARD_S = 110  # a quick run takes well under a minute; this only stops a hung one
+HANG_GUARD_S = 150  # a quick run takes 20 to 30 s; this only stops a hung one (its own budget is 120 s)
+pytestmark = pytest.mark.timeout(HANG_GUARD_S + 30)
 
 
 @pytest.fixture(scope="module")
