@@ -87,6 +87,7 @@ def test_workers_report_their_memory_and_batches(report: dict[str, Any]) -> None
     assert all(m["rss_mib"] > 0 and m["gpu_mib"] is None for m in two["memory"])  # no nvidia-smi here
     assert all(m["cpu_pct"] is not None and m["cpu_pct"] >= 0 for m in two["memory"])
     assert 1 <= len(two["batches"]) <= 2
+    assert all(set(b["averages"]) == {"matmul16", "mlp"} for b in two["batches"])
     assert all(r["requests_per_s"] > 0 for r in two["runs"])
 
 

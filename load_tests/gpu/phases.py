@@ -38,6 +38,7 @@ __all__ = [
     "RunRecord",
     "Scenario",
     "Timing",
+    "WorkerBatches",
     "WorkerMemory",
     "WorkerRecord",
     "scenario_runs",
@@ -110,19 +111,26 @@ class WorkerMemory:
 
 
 @dataclass
+class WorkerBatches:
+    """One worker's average batch size per model (inferences ÷ executions); ``worker`` as it names itself."""
+
+    worker: str  # "INDEX/COUNT", or "?" where the server does not say
+    averages: dict[str, float]
+
+
+@dataclass
 class WorkerRecord:
     """``--workers N``: its runs, each worker's memory, and the average batch of each worker reached.
 
     ``batches`` has one entry per worker whose statistics a fresh connection
-    reached (model -> inferences / executions); statistics carry no pid, so
-    they are not matched to ``memory``.
+    reached; statistics carry no pid, so they are not matched to ``memory``.
     """
 
     workers: int
     client_processes: int
     runs: list[RunRecord] = field(default_factory=list)
     memory: list[WorkerMemory] = field(default_factory=list)
-    batches: list[dict[str, float]] = field(default_factory=list)
+    batches: list[WorkerBatches] = field(default_factory=list)
     error: str = ""
 
 
@@ -243,41 +251,48 @@ def variant_runs(
     return records
 
 
-def _statistics(target: str, models: Sequence[str]) -> tuple[tuple[int, int] | None, ...]:
-    """(inference_count, execution_count) of each model, all from the one worker a fresh connection reaches."""
-    # A channel with its own subchannel pool opens its own TCP connection, so the kernel may pick another
-    # worker; every model is asked on that one connection, so the counts belong to one worker.
+# Servers that run as one of --workers N mark per-worker answers with this initial metadata ("INDEX/COUNT").
+WORKER_HEADER = "infergate-worker"
+
+
+def _statistics(target: str, models: Sequence[str]) -> tuple[str, tuple[tuple[int, int] | None, ...]]:
+    """The worker a fresh connection reaches ('' if it does not say) and each model's
+    (inference_count, execution_count) there, all asked on that one connection."""
+    # A channel with its own subchannel pool opens its own TCP connection, so the kernel may pick another worker.
     options = [("grpc.use_local_subchannel_pool", 1)]
     counts: list[tuple[int, int] | None] = []
+    worker = ""
     with grpc.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         for model in models:
             try:
-                reply = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
+                reply, call = stub.ModelStatistics.with_call(pb.ModelStatisticsRequest(name=model), timeout=10)
             except grpc.RpcError:
                 counts.append(None)
                 continue
+            worker = worker or dict(call.initial_metadata() or ()).get(WORKER_HEADER, "")
             stats = reply.model_stats
             counts.append((int(stats[0].inference_count), int(stats[0].execution_count)) if stats else None)
-    return tuple(counts)
+    return worker, tuple(counts)
 
 
-def worker_batches(target: str, models: Sequence[str], workers: int) -> list[dict[str, float]]:
+def worker_batches(target: str, models: Sequence[str], workers: int) -> list[WorkerBatches]:
     """Average batch size per model, for as many distinct workers as fresh connections reach.
 
-    Each worker keeps its own statistics; after the load stops they no longer
-    change, so replies that differ come from different workers.
+    Each worker keeps its own statistics. A worker that names itself (``infergate-worker``)
+    is told apart by that; otherwise by its counts, which no longer change once the load
+    has stopped, so replies that differ come from different workers.
     """
-    seen: dict[tuple[tuple[int, int] | None, ...], dict[str, float]] = {}
+    seen: dict[object, WorkerBatches] = {}
     for _ in range(_STATS_TRIES_PER_WORKER * workers):
-        counts = _statistics(target, models)
-        if counts not in seen:
-            seen[counts] = {
-                model: (c[0] / c[1] if c and c[1] else math.nan) for model, c in zip(models, counts, strict=True)
-            }
+        worker, counts = _statistics(target, models)
+        key = worker or counts
+        if key not in seen:
+            averages = {m: (c[0] / c[1] if c and c[1] else math.nan) for m, c in zip(models, counts, strict=True)}
+            seen[key] = WorkerBatches(worker or "?", averages)
         if len(seen) >= workers:
             break
-    return list(seen.values())
+    return sorted(seen.values(), key=lambda b: b.worker)
 
 
 def _busy(pid: int, before: float | None, wall: float) -> float | None:

@@ -134,7 +134,7 @@ def _worker_rows(workers: Sequence[WorkerRecord]) -> list[list[str]]:
         rss = [m.rss_mib for m in w.memory if m.rss_mib is not None]
         busy = [m.cpu_pct for m in w.memory if m.cpu_pct is not None]
         for r in w.runs or [None]:  # type: ignore[list-item]
-            batches = [b.get(r.model, math.nan) for b in w.batches] if r is not None else []
+            batches = [(b.worker, b.averages.get(r.model, math.nan)) for b in w.batches] if r is not None else []
             rows.append(
                 [
                     str(w.workers),
@@ -145,7 +145,7 @@ def _worker_rows(workers: Sequence[WorkerRecord]) -> list[list[str]]:
                     _f(r.requests_per_s) if r else "-",
                     _f(r.samples_per_s) if r else "-",
                     _f(r.p99_ms, 2) if r else "-",
-                    " / ".join(_f(b, 1) for b in batches) or "-",
+                    " / ".join(f"{who} {_f(avg, 1)}" if who != "?" else _f(avg, 1) for who, avg in batches) or "-",
                     " / ".join(_f(g) for g in gpu) or "-",
                     _f(r.gpu.memory_used_max_mib) if r else "-",
                     " / ".join(_f(m) for m in rss) or "-",
