@@ -10,7 +10,7 @@ from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from infergate.configfile import ConfigError, Strict, read_yaml, validate
 from infergate.monitoring.config import Monitoring
@@ -20,6 +20,7 @@ __all__ = [
     "PROVIDERS",
     "SEQUENCE_ID_PARAMETER",
     "ControlInput",
+    "DeviceExecution",
     "DynamicBatching",
     "ExecutionProvider",
     "InitialState",
@@ -107,6 +108,34 @@ class SessionOptions(Strict):
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     # Spinning intra-op threads burn cores that the event loop and the network need.
     allow_spinning: bool = False
+
+
+class DeviceExecution(Strict):
+    """How a batch reaches the execution provider's device: IO binding and CUDA graphs (docs/gpu.md)."""
+
+    # auto: bind when the session runs on cuda or tensorrt; true: always (also on the CPU); false: never.
+    io_binding: bool | Literal["auto"] = "auto"
+    # One CUDA graph captured per size at load; a batch is padded up to the next captured size.
+    cuda_graph_batch_sizes: list[Annotated[int, Field(ge=1, le=1_000_000)]] = []
+
+    @field_validator("io_binding", mode="before")
+    @classmethod
+    def _choice(cls, value: object) -> object:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError(f"expected true, false or auto, got {value!r}")
+
+    @field_validator("cuda_graph_batch_sizes")
+    @classmethod
+    def _distinct(cls, sizes: list[int]) -> list[int]:
+        repeated = sorted({s for s in sizes if sizes.count(s) > 1})
+        if repeated:
+            raise ValueError(f"sizes {repeated} are listed more than once")
+        return sorted(sizes)
+
+    @property
+    def graphs(self) -> bool:
+        return bool(self.cuda_graph_batch_sizes)
 
 
 class Warmup(Strict):
@@ -406,6 +435,7 @@ class ModelConfig(Strict):
     )
     session_options: SessionOptions = SessionOptions()
     warmup: Warmup = Warmup()
+    device_execution: DeviceExecution = DeviceExecution()
     default_model_filename: str = "model.onnx"
     version_policy: VersionPolicy = VersionPolicy()
     routing: Routing | None = None
@@ -446,6 +476,7 @@ def model_config_from_data(data: Any, source: Path | str) -> ModelConfig:
     config = validate(ModelConfig, data, source)
     _check_preferred_sizes(config, source)
     _check_sequence_routing(config, source)
+    _check_cuda_graphs(config, source)
     return config
 
 
@@ -488,5 +519,35 @@ def _check_preferred_sizes(config: ModelConfig, path: Path | str) -> None:
     if mbs == 0:
         raise ConfigError(f"{where}: set on a model that does not batch (max_batch_size: 0)")
     too_big = [p for p in preferred if p > mbs]
+    if too_big:
+        raise ConfigError(f"{where}: {too_big} exceed max_batch_size {mbs}")
+
+
+# Provider options that turn CUDA graphs on by themselves. Replaying a graph needs inputs and outputs at
+# the addresses it was captured with, which only device_execution.cuda_graph_batch_sizes arranges.
+_GRAPH_OPTIONS = {"cuda": "enable_cuda_graph", "tensorrt": "trt_cuda_graph_enable"}
+
+
+def _check_cuda_graphs(config: ModelConfig, path: Path | str) -> None:
+    """CUDA graphs: asked for through cuda_graph_batch_sizes only, on a batching model that runs on cuda."""
+    for i, provider in enumerate(config.execution_providers):
+        option = _GRAPH_OPTIONS.get(provider.name)
+        if option is not None and str(provider.options.get(option, "")).lower() in ("1", "true"):
+            raise ConfigError(
+                f"{path}: execution_providers.{i}.options.{option}: set device_execution.cuda_graph_batch_sizes "
+                "instead (infergate captures one graph per size, on fixed buffers, and pads batches to them)"
+            )
+    device = config.device_execution
+    if not device.graphs:
+        return
+    where = f"{path}: device_execution.cuda_graph_batch_sizes"
+    if device.io_binding is False:
+        raise ConfigError(f"{where}: CUDA graphs run through IO binding; remove io_binding: false")
+    if config.execution_providers[0].name != "cuda":
+        raise ConfigError(f"{where}: CUDA graphs need `cuda` as the first execution provider")
+    mbs = config.max_batch_size
+    if mbs == 0:
+        raise ConfigError(f"{where}: set on a model that does not batch (max_batch_size: 0)")
+    too_big = [s for s in device.cuda_graph_batch_sizes if mbs is not None and s > mbs]
     if too_big:
         raise ConfigError(f"{where}: {too_big} exceed max_batch_size {mbs}")
