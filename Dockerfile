@@ -2,8 +2,10 @@
 #
 #   docker build -t infergate:0.1.0 .                                  # CPU (onnxruntime)
 #   docker build -t infergate:0.1.0-cuda --build-arg VARIANT=cuda \
-#       --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04 .   # GPU: onnxruntime-gpu, CUDA 12, cuDNN 9
+#       --build-arg BASE_IMAGE="$CUDA_BASE" .    # GPU: onnxruntime-gpu 1.31 needs CUDA 13 and cuDNN 9 (docs/gpu.md)
 #   docker run --rm -p 8001:8001 -v "$PWD/demo-models:/models:ro" --read-only --stop-timeout 40 infergate:0.1.0
+#   docker run --rm --gpus all --entrypoint /opt/infergate/check/scripts/gpu_check.sh infergate:0.1.0-cuda \
+#       --out /tmp/gpu-check                                             # the GPU check (docs/gpu.md)
 #
 # Dependencies come from the exact pins in requirements/ (scripts/lock_requirements.py
 # writes them). The image runs as a non-root user and writes nothing outside /tmp,
@@ -42,11 +44,17 @@ RUN --mount=type=secret,id=pip_cert \
     && /opt/infergate/bin/pip install -r "requirements/runtime-${VARIANT}.txt"
 COPY pyproject.toml README.md LICENSE ./
 COPY server/ server/
-# --no-deps: everything it needs is already installed from the pins above.
+COPY clients/python/ clients/python/
+# The GPU check (scripts/gpu_check.sh, docs/gpu.md) runs inside the image: the script, the load
+# harness it drives and the client SDK the harness uses. A few hundred KiB; the same in both variants.
+COPY scripts/gpu_check.sh /opt/infergate/check/scripts/
+COPY load_tests/*.py /opt/infergate/check/load_tests/
+COPY load_tests/gpu/ /opt/infergate/check/load_tests/gpu/
+# --no-deps: everything they need is already installed from the pins above.
 RUN --mount=type=secret,id=pip_cert \
     if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
-    && /opt/infergate/bin/pip install --no-deps . \
-    && /opt/infergate/bin/python -m compileall -q /opt/infergate/lib
+    && /opt/infergate/bin/pip install --no-deps . ./clients/python \
+    && /opt/infergate/bin/python -m compileall -q /opt/infergate/lib /opt/infergate/check
 
 FROM python AS runtime
 ARG VARIANT

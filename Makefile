@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: demo test lint protos tools bench image-test clean
+.PHONY: demo test lint protos tools bench peers image-test clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("infergate needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -47,6 +47,11 @@ protos: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m load_tests suite --out results/latest
+
+# Peer servers for `python -m load_tests suite --peers` (Triton, KServe, MLServer), each in its own
+# environment under .tools/peers/. Not part of `test`: together they are over a gigabyte.
+peers:
+	scripts/install_peers.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO_REPOSITORY) .tools results .pytest_cache .mypy_cache .ruff_cache

@@ -12,9 +12,12 @@ One module per concern:
 - ``ceiling``: the transport-ceiling server (a fixed reply, nothing parsed).
 - ``compute``: the compute ceiling (in-process onnxruntime).
 - ``servers``: starting, probing and stopping server subprocesses.
+- ``procfs``: a server's process tree and listening sockets, read from /proc.
+- ``answers``: one request per model, compared with in-process onnxruntime.
+- ``peers``: Triton, KServe and MLServer serving the suite's models (``suite --peers``).
 - ``report``: result records, tables, JSON and CSV.
 - ``plots``: throughput against latency percentiles as PNG (matplotlib).
 - ``compare``: two result files side by side.
-- ``suite``: the side-by-side run that BENCHMARKS.md is made from.
+- ``suite``: the side-by-side run that BENCHMARKS.md is made from (optionally with peers).
 - ``cli``, ``cli_load``: argument parsing, sweeps and output files.
 """

@@ -27,9 +27,13 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   compare   two result files side by side
   ceiling   the transport ceiling: a bare grpc.aio server with one fixed reply
   compute   the compute ceiling: in-process onnxruntime, no server
-  suite     ceiling vs infergate vs onnxruntime side by side; writes suite.json/suite.md
+  suite     ceiling vs infergate vs onnxruntime side by side (--peers: and Triton, KServe,
+            MLServer); writes suite.json/suite.md
   shadow    primary latency with no shadow, a 10x slower shadow and a failing one
+  sequences stateful load: N sequences in flight (implicit state), every answer checked
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
+  drift-overhead      infergate with drift monitoring off and at sample_fraction 0, 0.1, 1.0, same run
+  soak      mixed load for N minutes while the server's memory and open files are sampled
 
 Everything runs on loopback. Run from the repository root: python -m load_tests ...
 """
@@ -164,7 +168,9 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "ceiling server and load it (matmul16 b1 at 1 and 64 in flight, mlp b1 at 64, mlp b8 at "
         "32); the same against infergate; in-process onnxruntime for mlp and matmul16 at batch "
         "1, 8, 64. Prints and writes suite.json and suite.md with the target ratios. Servers are "
-        "always stopped. Takes about 8 x (warmup + duration) + 6 x compute-duration seconds.",
+        "always stopped. Takes about 8 x (warmup + duration) + 6 x compute-duration seconds. "
+        "With --peers, each peer (installed by scripts/install_peers.sh) is then started, checked "
+        "and loaded the same way: 4 x (warmup + duration) more each, plus 10-40 s to start and stop.",
     )
     p.add_argument(
         "--duration",
@@ -244,6 +250,65 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=60.0,
         help="seconds to wait for each server's ServerReady (default 60)",
     )
+    p.add_argument(
+        "--scenarios",
+        type=_scenario_list,
+        default=(),
+        metavar="LIST",
+        help="run only these scenarios, comma-separated (default: all of matmul16_b1_c1, "
+        "matmul16_b1_c64, mlp_b1_c64, mlp_b8_c32)",
+    )
+    p.add_argument(
+        "--peers",
+        nargs="?",
+        const="all",
+        default=None,
+        type=_peer_list,
+        metavar="LIST",
+        help="also run peer servers after infergate: all (the default with a bare --peers) or a "
+        "comma list of triton, kserve, mlserver; install them first with scripts/install_peers.sh",
+    )
+    p.add_argument(
+        "--peer-intra-op-threads",
+        metavar="N",
+        type=_non_negative_int,
+        default=1,
+        help="onnxruntime intra-op threads in every peer (default 1; 0: onnxruntime's own choice)",
+    )
+    p.add_argument(
+        "--peer-queue-delay-us",
+        metavar="US",
+        type=_non_negative_int,
+        default=None,
+        help="queue delay for the peers that batch (Triton, MLServer) instead of each model's own "
+        "max_queue_delay_microseconds",
+    )
+
+
+def _scenario_list(text: str) -> tuple[str, ...]:
+    from .suite import SCENARIOS
+
+    keys = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [key for key in keys if key not in {s.key for s in SCENARIOS}]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"unknown scenario(s) {', '.join(unknown) or '(none)'}")
+    return keys
+
+
+def _peer_list(text: str) -> tuple[str, ...]:
+    from .peers.launch import parse_peer_names
+
+    try:
+        return parse_peer_names(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _add_shadow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -252,6 +317,26 @@ def _add_shadow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     shadow.add_argument("--duration", type=_positive_float, default=10.0, help="seconds per run (default 10)")
     shadow.add_argument("--rounds", type=_positive_int, default=2, help="times each scenario runs (default 2)")
     shadow.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shadow"), help="output directory")
+
+
+def _add_sequences(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "sequences",
+        help="stateful load: N sequences in flight, each answer checked (starts its own server)",
+        description="Start infergate on a repository with one stateful model (a running sum kept as "
+        "implicit state) and keep N sequences in flight, each sending its requests one after another, "
+        "then a new sequence. Every answer is checked against the running sum. With --target, load a "
+        "server that already serves that model (load_tests.sequences.build_repository writes it).",
+    )
+    p.add_argument(
+        "--concurrency", type=_positive_int, default=32, metavar="N", help="sequences in flight (default 32)"
+    )
+    p.add_argument("--length", type=_positive_int, default=20, metavar="L", help="requests per sequence (default 20)")
+    p.add_argument("--duration", type=_positive_float, default=10.0, metavar="S", help="measured s (default 10)")
+    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
+    p.add_argument("--target", metavar="HOST:PORT", help="load this server instead of starting one")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG", help="extra `infergate serve` argument")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/sequences"), help="output directory")
 
 
 def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -274,6 +359,62 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
     p.add_argument("--costs-only", action="store_true", help="only print each telemetry step's CPU µs per call")
 
 
+def _add_drift_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .drift import VARIANTS, variants
+
+    p = commands.add_parser(
+        "drift-overhead",
+        help="infergate with drift monitoring off and at sample_fraction 0, 0.1 and 1.0, in one run",
+        description="Per round, start infergate once per variant (no monitoring block, then monitoring.drift "
+        "at each sample_fraction, with a reference profile of the generator's distribution) and load each the "
+        "same way. Writes drift-overhead.json and drift-overhead.md.",
+    )
+    p.add_argument("--model", default="matmul16", help="demo model with one [batch, N] input (default matmul16)")
+    p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N", help="in flight (default 64)")
+    p.add_argument("--duration", type=_positive_float, default=8.0, metavar="S", help="measured s (default 8)")
+    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
+    p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
+    p.add_argument("--window", type=_positive_int, default=2000, metavar="ROWS", help="drift window (default 2000)")
+    p.add_argument("--variants", type=variants, default=tuple(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/drift-<time>")
+
+
+def _add_soak(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .soak import DEFAULT_MODELS
+
+    p = commands.add_parser(
+        "soak",
+        help="mixed load for N minutes; the server's RSS and open files sampled, RSS growth against a bound",
+        description="Mixed load (unary and streaming inference over several models, metadata, fresh "
+        "connections, and calls that must fail: bad shape, unknown model, 1 ms deadline, cancelled stream) "
+        "against a server started here over the demo repository, or --target. The server's process tree is "
+        "sampled from /proc every --sample-seconds. Prints each sample and the RSS growth from the end of the "
+        "warm-up to the end; writes soak.json. Exit 1 when no call succeeded or any outcome was unexpected "
+        "(with --check, also when RSS grew past the bound).",
+    )
+    p.add_argument("--minutes", type=_positive_float, default=10.0, metavar="M", help="length of the run (default 10)")
+    p.add_argument("--target", metavar="HOST:PORT", help="soak this server instead of starting one (on this machine)")
+    p.add_argument(
+        "--pid", type=_positive_int, metavar="PID", help="with --target: its process (default: the listener)"
+    )
+    p.add_argument(
+        "--models", default=DEFAULT_MODELS, metavar="MIX", help=f"weighted models (default {DEFAULT_MODELS})"
+    )
+    p.add_argument("--concurrency", type=_positive_int, default=8, metavar="N", help="callers (default 8)")
+    p.add_argument("--sample-seconds", type=_positive_float, default=5.0, metavar="S", help="sampling (default 5)")
+    p.add_argument(
+        "--warmup-minutes",
+        type=_non_negative_float,
+        default=2.0,
+        metavar="M",
+        help="RSS growth is measured from here to the end (default 2; half the run when that is shorter)",
+    )
+    p.add_argument("--bound-percent", type=_positive_float, default=5.0, metavar="P", help="RSS growth bound (5)")
+    p.add_argument("--check", action="store_true", help="exit 1 when RSS grew past the bound")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG", help="extra infergate serve argument")
+    p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/soak-<UTC time>")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m load_tests`` parser and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -283,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_load_commands(commands)
-    for add in (_add_ceiling, _add_compute, _add_suite, _add_shadow, _add_telemetry_overhead):
+    commands_to_add = (
+        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences,
+        _add_telemetry_overhead, _add_drift_overhead, _add_soak,
+    )  # fmt: skip
+    for add in commands_to_add:
         add(commands)
     return parser
 
@@ -339,11 +484,27 @@ def _cmd_suite(args: argparse.Namespace) -> int:
         intra_op_threads=args.intra_op_threads,
         model_repository=args.model_repository,
         ready_timeout=args.ready_timeout,
+        scenarios=args.scenarios,
+        peers=args.peers or (),
+        peer_intra_op_threads=args.peer_intra_op_threads,
+        peer_queue_delay_us=args.peer_queue_delay_us,
     )
+    _check_peers_installed(config.peers)
     report = run_suite(config)
     print_summary(report)
     print(f"\nwrote {out / 'suite.json'} and {out / 'suite.md'}")
     return 0 if not report.failures else 1
+
+
+def _check_peers_installed(names: Sequence[str]) -> None:
+    """Refuse before anything starts when a peer asked for has no environment yet."""
+    from .peers.launch import PEERS
+
+    missing = [name for name in names if not PEERS[name].installed]
+    if missing:
+        raise FileNotFoundError(
+            f"peer(s) not installed: {', '.join(missing)}; run scripts/install_peers.sh {' '.join(missing)}"
+        )
 
 
 def _cmd_shadow(args: argparse.Namespace) -> int:
@@ -355,6 +516,23 @@ def _cmd_shadow(args: argparse.Namespace) -> int:
     (args.out / "shadow.md").write_text(table + "\n")
     print(table)
     return 0 if all(run.result.requests for run in runs) else 1
+
+
+def _cmd_sequences(args: argparse.Namespace) -> int:
+    from .report import write_json
+    from .sequences import format_sequence_run, run_sequences, run_sequences_against
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.target:
+        run = run_sequences_against(args.target, args.concurrency, args.length, args.warmup, args.duration)
+    else:
+        server_args = tuple(args.server_arg)
+        run = run_sequences(args.concurrency, args.length, args.warmup, args.duration, args.out, server_args)
+    write_json(args.out / "sequences.json", run)
+    print(format_sequence_run(run))
+    print(f"\nwrote {args.out / 'sequences.json'}")
+    return 0 if run.result.requests else 1
 
 
 def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
@@ -376,6 +554,40 @@ def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_drift_overhead(args: argparse.Namespace) -> int:
+    from .drift import DriftOverheadConfig, run_drift_overhead
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out = args.out or pathlib.Path("results") / time.strftime("drift-%Y%m%d-%H%M%S", time.gmtime())
+    config = DriftOverheadConfig(
+        out=out, model=args.model, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
+        rounds=args.rounds, window=args.window, variants=args.variants,
+    )  # fmt: skip
+    report = run_drift_overhead(config)
+    print(report.table())
+    print(f"\nwrote {out / 'drift-overhead.json'} and {out / 'drift-overhead.md'}")
+    return 0
+
+
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from .mix import parse_mix
+    from .report import write_json
+    from .soak import SoakConfig, format_report, run_soak
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out = args.out or pathlib.Path("results") / time.strftime("soak-%Y%m%d-%H%M%S", time.gmtime())
+    config = SoakConfig(
+        minutes=args.minutes, models=parse_mix(args.models), concurrency=args.concurrency,
+        sample_seconds=args.sample_seconds, warmup_minutes=args.warmup_minutes, bound_percent=args.bound_percent,
+    )  # fmt: skip
+    report = run_soak(config, out, args.target, args.pid, args.server_arg)
+    write_json(out / "soak.json", report)
+    print(format_report(report))
+    print(f"\nwrote {out / 'soak.json'}")
+    failed = not report["calls"] or report["unexpected"]["count"] or (args.check and not report["rss"]["within_bound"])
+    return 1 if failed else 0
+
+
 _COMMANDS = {
     "closed": cmd_load,
     "open": cmd_load,
@@ -384,19 +596,23 @@ _COMMANDS = {
     "compute": _cmd_compute,
     "suite": _cmd_suite,
     "shadow": _cmd_shadow,
+    "sequences": _cmd_sequences,
     "telemetry-overhead": _cmd_telemetry_overhead,
+    "drift-overhead": _cmd_drift_overhead,
+    "soak": _cmd_soak,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the subcommand; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    from .answers import WrongAnswer
     from .generator import GeneratorError
     from .servers import ServerFailed
 
     try:
         return _COMMANDS[args.command](args)
-    except (GeneratorError, ServerFailed, ValueError, FileNotFoundError) as exc:
+    except (GeneratorError, ServerFailed, WrongAnswer, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

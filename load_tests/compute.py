@@ -22,7 +22,7 @@ from .payloads import random_inputs
 from .report import format_table
 from .signature import ModelSignature, TensorSpec
 
-__all__ = ["ComputeResult", "format_compute_table", "open_session", "run_compute"]
+__all__ = ["ComputeResult", "feeds", "format_compute_table", "open_session", "run_compute", "session_signature"]
 
 _WARMUP_CALLS = 5
 
@@ -41,15 +41,16 @@ class ComputeResult:
     p99_ms: float
     mean_ms: float
     intra_op_threads: int
+    provider: str = "CPUExecutionProvider"
 
 
-def open_session(model_file: pathlib.Path, intra_op_threads: int = 0) -> Any:
-    """A CPU onnxruntime session; ``intra_op_threads`` 0 keeps onnxruntime's default."""
+def open_session(model_file: pathlib.Path, intra_op_threads: int = 0, provider: str = "CPUExecutionProvider") -> Any:
+    """An onnxruntime session on ``provider`` alone; ``intra_op_threads`` 0 keeps onnxruntime's default."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
-    return ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_file), sess_options=options, providers=[provider])
 
 
 def _spec(node: Any) -> TensorSpec:
@@ -66,8 +67,13 @@ def session_signature(session: Any, name: str) -> ModelSignature:
     )
 
 
-def _feeds(signature: ModelSignature, batch: int) -> dict[str, Any]:
-    arrays = random_inputs(signature, batch)
+def feeds(signature: ModelSignature, batch: int, seed: int = 0) -> dict[str, Any]:
+    """Random inputs of ``batch`` rows, as onnxruntime takes them."""
+    return _feeds(signature, batch, seed)
+
+
+def _feeds(signature: ModelSignature, batch: int, seed: int = 0) -> dict[str, Any]:
+    arrays = random_inputs(signature, batch, seed)
     # onnxruntime wants text, not bytes, for string tensors.
     return {
         spec.name: arrays[spec.name].astype(str) if spec.datatype == "BYTES" else arrays[spec.name]
@@ -75,7 +81,9 @@ def _feeds(signature: ModelSignature, batch: int) -> dict[str, Any]:
     }
 
 
-def measure_batch(session: Any, signature: ModelSignature, batch: int, duration: float, threads: int) -> ComputeResult:
+def measure_batch(
+    session: Any, signature: ModelSignature, batch: int, duration: float, threads: int, provider: str
+) -> ComputeResult:
     """Run ``session`` at ``batch`` for ``duration`` seconds after a few warm-up calls."""
     feeds = _feeds(signature, batch)
     for _ in range(_WARMUP_CALLS):
@@ -101,6 +109,7 @@ def measure_batch(session: Any, signature: ModelSignature, batch: int, duration:
         p99_ms=float(p99),
         mean_ms=float(values.mean()),
         intra_op_threads=threads,
+        provider=provider,
     )
 
 
@@ -110,13 +119,14 @@ def run_compute(
     duration: float,
     intra_op_threads: int = 0,
     name: str | None = None,
+    provider: str = "CPUExecutionProvider",
 ) -> list[ComputeResult]:
-    """Measure ``model_file`` at every batch size, one after another."""
+    """Measure ``model_file`` at every batch size on ``provider``, one after another (numpy in and out)."""
     if duration <= 0 or not batches or min(batches) < 1:
         raise ValueError("need duration > 0 and batch sizes >= 1")
-    session = open_session(model_file, intra_op_threads)
+    session = open_session(model_file, intra_op_threads, provider)
     signature = session_signature(session, name or model_file.parent.parent.name)
-    return [measure_batch(session, signature, batch, duration, intra_op_threads) for batch in batches]
+    return [measure_batch(session, signature, batch, duration, intra_op_threads, provider) for batch in batches]
 
 
 _COLUMNS = (

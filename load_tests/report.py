@@ -13,15 +13,17 @@ import dataclasses
 import json
 import math
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "HeadlineColumn",
     "LoadResult",
     "format_load_table",
+    "headline_rows",
     "markdown_table",
     "read_results",
     "summarize_load",
@@ -182,6 +184,40 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class HeadlineColumn:
+    """One column of the side-by-side table: ``metric`` (a LoadResult attribute) of run ``scenario``."""
+
+    scenario: str
+    title: str
+    metric: str
+
+
+def _headline_cell(result: LoadResult | None, metric: str) -> str:
+    if result is None:
+        return "-"
+    value = float(getattr(result, metric))
+    if math.isnan(value):
+        return "-"
+    return f"{value:.3f}" if metric.endswith("_ms") else f"{value:,.0f}"
+
+
+def headline_rows(
+    servers: Sequence[tuple[str, Mapping[str, LoadResult]]], columns: Sequence[HeadlineColumn]
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the side-by-side table: one row per server, one column per figure.
+
+    ``servers`` pairs a row title with that server's runs by scenario key; a
+    scenario it did not run (or that failed) shows as ``-``.
+    """
+    headers = ["server", *(column.title for column in columns)]
+    cells = [
+        [title, *(_headline_cell(runs.get(column.scenario), column.metric) for column in columns)]
+        for title, runs in servers
+    ]
+    return headers, cells
 
 
 def to_jsonable(value: Any) -> Any:

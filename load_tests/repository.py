@@ -14,7 +14,7 @@ import onnx
 import yaml
 from onnx import TensorProto
 
-from infergate.repository.loader import is_version_name
+from infergate.repository.catalog import is_version_name
 
 from .signature import ModelSignature, TensorSpec
 

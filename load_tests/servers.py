@@ -3,7 +3,8 @@
 A server runs in its own session (process group) with stdout and stderr in a
 log file. :func:`running_server` always stops it on the way out, error or not:
 SIGTERM to the server, then SIGKILL to its whole group if it is not gone within
-the grace period (so worker processes it forked cannot outlive it).
+the grace period (so worker processes it forked cannot outlive it), and to any
+process it started that left the group.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 
-__all__ = ["ServerFailed", "free_port", "running_server", "wait_ready"]
+from .procfs import descendants, listeners, process_tree
+
+__all__ = ["ServerFailed", "check_loopback_only", "free_port", "running_server", "stop_process", "wait_ready"]
 
 _POLL_S = 0.1
 _STOP_GRACE_S = 10.0
@@ -47,15 +50,17 @@ def _log_tail(log_path: pathlib.Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _ready(stub: pb_grpc.GRPCInferenceServiceStub) -> bool:
+def _ready(stub: pb_grpc.GRPCInferenceServiceStub, models: Sequence[str]) -> bool:
     try:
-        return bool(stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready)
+        if not stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready:
+            return False
+        return all(stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=1.0).ready for name in models)
     except grpc.RpcError:
         return False
 
 
-def wait_ready(target: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    """Poll ServerReady at ``target`` until it answers true.
+def wait_ready(target: str, process: subprocess.Popen[bytes], timeout: float, models: Sequence[str] = ()) -> None:
+    """Poll ServerReady, then ModelReady for each of ``models``, at ``target`` until all answer true.
 
     Raises ServerFailed if ``process`` exits first or ``timeout`` seconds pass.
     """
@@ -65,10 +70,23 @@ def wait_ready(target: str, process: subprocess.Popen[bytes], timeout: float) ->
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise ServerFailed(f"exited with code {process.returncode} before it was ready")
-            if _ready(stub):
+            if _ready(stub, models):
                 return
             time.sleep(_POLL_S)
-    raise ServerFailed(f"not ready at {target} within {timeout:.0f}s")
+    waited_for = f" (models: {', '.join(models)})" if models else ""
+    raise ServerFailed(f"not ready at {target} within {timeout:.0f}s{waited_for}")
+
+
+def check_loopback_only(name: str, process: subprocess.Popen[bytes]) -> list[str]:
+    """The ``address:port`` pairs that ``process`` and its descendants listen on, all loopback.
+
+    Raises ServerFailed naming any socket bound to another address (0.0.0.0, ::, a LAN address).
+    """
+    found = listeners(process_tree(process.pid))
+    exposed = [str(s) for s in found if not s.loopback]
+    if exposed:
+        raise ServerFailed(f"{name} listens beyond loopback on {', '.join(exposed)}; it must bind 127.0.0.1 only")
+    return [str(s) for s in found]
 
 
 def _group_alive(pgid: int) -> bool:
@@ -79,9 +97,22 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _kill_survivors(pids: Sequence[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone
+
+
 def stop_process(process: subprocess.Popen[bytes], grace: float = _STOP_GRACE_S) -> None:
-    """SIGTERM ``process``; SIGKILL its process group if anything is left after ``grace``."""
+    """SIGTERM ``process``; SIGKILL its process group if anything is left after ``grace``.
+
+    Processes it started that left the group (a new session of their own) are
+    noted before the SIGTERM and SIGKILLed last if they are still there.
+    """
     pgid = process.pid  # it leads its own session, see running_server
+    tree = descendants(process.pid) if process.poll() is None else []
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -94,6 +125,14 @@ def stop_process(process: subprocess.Popen[bytes], grace: float = _STOP_GRACE_S)
     if _group_alive(pgid):
         os.killpg(pgid, signal.SIGKILL)
     process.wait(timeout=grace)
+    _kill_survivors([pid for pid in tree if _alive_outside(pid, pgid)])
+
+
+def _alive_outside(pid: int, pgid: int) -> bool:
+    try:
+        return os.getpgid(pid) != pgid
+    except ProcessLookupError:
+        return False
 
 
 @contextlib.contextmanager
@@ -104,13 +143,19 @@ def running_server(
     log_path: pathlib.Path,
     cwd: pathlib.Path,
     ready_timeout: float = 60.0,
+    *,
+    env: Mapping[str, str] | None = None,
+    models: Sequence[str] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``argv``, wait until ``target`` is ready, yield the process, always stop it.
+    """Start ``argv``, wait until ``target`` (and each of ``models``) is ready, yield the process, always stop it.
 
-    Raises ServerFailed (with the log's last lines) if it never becomes ready.
+    ``env`` adds to (or overrides) this process's environment. Raises
+    ServerFailed (with the log's last lines) if it never becomes ready.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
+        for key, value in (env or {}).items():
+            log.write(f"$ export {key}={value}\n".encode())
         log.write(f"$ {' '.join(argv)}\n".encode())
         log.flush()
         process = subprocess.Popen(
@@ -120,10 +165,11 @@ def running_server(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env={**os.environ, **env} if env is not None else None,
         )
     try:
         try:
-            wait_ready(target, process, ready_timeout)
+            wait_ready(target, process, ready_timeout, models)
         except ServerFailed as exc:
             raise ServerFailed(f"{name}: {exc}; last lines of {log_path}:\n{_log_tail(log_path)}") from None
         yield process

@@ -4,13 +4,19 @@ Steps, strictly one after another (never two loads at once):
 
 1. write the demo model repository to a temporary folder (or use ``--model-repository``);
 2. start the ceiling server, run every :data:`SCENARIOS` entry against it, stop it;
-3. start infergate, run the same scenarios, stop it;
-4. measure in-process onnxruntime (:data:`COMPUTE`);
-5. compare against the project's targets (:func:`evaluate_targets`) and write
-   ``suite.json`` (every figure) and ``suite.md`` (the tables) into the output folder.
+3. start infergate, check one answer per model against onnxruntime, run the same
+   scenarios, stop it;
+4. with ``peers``: the same for each peer server in turn (``load_tests.peers``),
+   each serving the same ONNX files with onnxruntime;
+5. measure in-process onnxruntime (:data:`COMPUTE`);
+6. compare against the project's targets (:func:`evaluate_targets`,
+   :func:`evaluate_peer_targets`) and write ``suite.json`` (every figure) and
+   ``suite.md`` (the tables) into the output folder.
 
-Servers log to ``ceiling.log`` and ``infergate.log`` in the output folder. A
-scenario that fails is recorded under ``failures`` and the suite goes on.
+Every server must listen on loopback only (checked once it is ready). Servers
+log to ``<name>.log`` in the output folder. A scenario that fails, or a peer
+that does not start or answers wrongly, is recorded under ``failures`` and the
+suite goes on.
 """
 
 from __future__ import annotations
@@ -24,29 +30,39 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+from .answers import WrongAnswer, check_answers
 from .compute import ComputeResult, compute_rows, format_compute_table, run_compute
 from .generator import GeneratorError, LoadConfig, run_closed_loop
+from .peers.launch import PEERS, peer_models
+from .peers.serve import PeerNotInstalled, running_peer
 from .report import (
+    HeadlineColumn,
     LoadResult,
     format_load_table,
+    format_table,
+    headline_rows,
     load_rows,
     markdown_table,
     to_jsonable,
     write_json,
 )
 from .repository import find_model_file
-from .servers import free_port, running_server
+from .servers import ServerFailed, check_loopback_only, free_port, running_server
 
 __all__ = [
     "COMPUTE",
+    "HEADLINE",
     "SCENARIOS",
     "Scenario",
     "SuiteConfig",
     "SuiteReport",
     "TargetCheck",
+    "evaluate_peer_targets",
     "evaluate_targets",
     "render_markdown",
     "run_suite",
@@ -73,6 +89,13 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("mlp_b8_c32", "mlp", 8, 32),
 )
 COMPUTE: tuple[tuple[str, tuple[int, ...]], ...] = (("mlp", (1, 8, 64)), ("matmul16", (1, 8, 64)))
+# The side-by-side table (BENCHMARKS.md's headline): one figure per scenario, one row per server.
+HEADLINE: tuple[HeadlineColumn, ...] = (
+    HeadlineColumn("matmul16_b1_c1", "matmul16 b1 c1: p50 ms", "p50_ms"),
+    HeadlineColumn("matmul16_b1_c64", "matmul16 b1 c64: req/s", "requests_per_s"),
+    HeadlineColumn("mlp_b1_c64", "mlp b1 c64: samples/s", "samples_per_s"),
+    HeadlineColumn("mlp_b8_c32", "mlp b8 c32: samples/s", "samples_per_s"),
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +113,22 @@ class SuiteConfig:
     intra_op_threads: int = 0
     model_repository: pathlib.Path | None = None
     ready_timeout: float = 60.0
+    scenarios: tuple[str, ...] = ()  # keys of SCENARIOS to run; empty: all
+    peers: tuple[str, ...] = ()  # names in load_tests.peers.launch.PEERS, run in this order
+    peer_intra_op_threads: int = 1
+    peer_queue_delay_us: int | None = None  # None: each model's own max_queue_delay_microseconds
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.scenarios) - {s.key for s in SCENARIOS})
+        if unknown:
+            raise ValueError(f"unknown scenario(s) {', '.join(unknown)}: use {', '.join(s.key for s in SCENARIOS)}")
+        unknown = sorted(set(self.peers) - set(PEERS))
+        if unknown:
+            raise ValueError(f"unknown peer(s) {', '.join(unknown)}: use {', '.join(PEERS)}")
+
+    @property
+    def selected(self) -> tuple[Scenario, ...]:
+        return tuple(s for s in SCENARIOS if not self.scenarios or s.key in self.scenarios)
 
 
 @dataclass(frozen=True)
@@ -118,6 +157,8 @@ class SuiteReport:
     environment: dict[str, str]
     ceiling: dict[str, LoadResult] = field(default_factory=dict)
     infergate: dict[str, LoadResult] = field(default_factory=dict)
+    peers: dict[str, dict[str, LoadResult]] = field(default_factory=dict)  # by peer name, then scenario
+    peer_setup: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each peer ran with
     compute: list[ComputeResult] = field(default_factory=list)
     targets: list[TargetCheck] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -176,19 +217,97 @@ def evaluate_targets(
     ]
 
 
+def _best(peers: dict[str, dict[str, LoadResult]], key: str, attribute: str, lowest: bool = False) -> tuple[str, float]:
+    """The peer with the best ``attribute`` in run ``key`` (highest, or lowest), and that figure.
+
+    NaN when any peer lacks the run: a comparison with a peer missing is not a comparison.
+    """
+    figures = [(name, _get(runs, key, attribute)) for name, runs in peers.items()]
+    missing = [name for name, value in figures if math.isnan(value)]
+    if missing or not figures:
+        return f"missing: {', '.join(missing) or 'no peer'}", math.nan
+    pick = min if lowest else max
+    return pick(figures, key=lambda pair: pair[1])
+
+
+def evaluate_peer_targets(
+    infergate: dict[str, LoadResult], peers: dict[str, dict[str, LoadResult]]
+) -> list[TargetCheck]:
+    """infergate against the best peer; empty when no peer was asked for.
+
+    (e), (f): at least 1.5x the best peer's throughput; (g): a p50 at one in
+    flight no higher than that of any peer that batches.
+    """
+    if not peers:
+        return []
+    rps_peer, rps = _best(peers, "matmul16_b1_c64", "requests_per_s")
+    mlp_peer, mlp = _best(peers, "mlp_b1_c64", "samples_per_s")
+    batching = {name: runs for name, runs in peers.items() if PEERS[name].batches}
+    p50_peer, p50 = _best(batching, "matmul16_b1_c1", "p50_ms", lowest=True)
+    return [
+        TargetCheck(
+            "e",
+            f"matmul16 b1 c64: infergate req/s ÷ best peer's ({rps_peer})",
+            _ratio(_get(infergate, "matmul16_b1_c64", "requests_per_s"), rps),
+            1.5,
+            ">=",
+        ),
+        TargetCheck(
+            "f",
+            f"mlp b1 c64: infergate samples/s ÷ best peer's ({mlp_peer})",
+            _ratio(_get(infergate, "mlp_b1_c64", "samples_per_s"), mlp),
+            1.5,
+            ">=",
+        ),
+        TargetCheck(
+            "g",
+            f"matmul16 b1 c1: infergate p50 - best batching peer's ({p50_peer})",
+            _get(infergate, "matmul16_b1_c1", "p50_ms") - p50,
+            0.0,
+            "<=",
+            "ms",
+        ),
+    ]
+
+
 def _progress(message: str) -> None:
     print(f"[suite] {message}", file=sys.stderr, flush=True)
 
 
+Started = Callable[[], AbstractContextManager[str]]  # starts a server, yields its target, stops it
+
+
+def _subprocess_server(name: str, argv: Callable[[int], list[str]], config: SuiteConfig) -> Started:
+    """Starts ``argv(port)`` on a free port and waits for its ServerReady."""
+
+    @contextmanager
+    def start() -> Iterator[str]:
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        _progress(f"starting {name}: {shlex.join(argv(port))}")
+        log = config.out / f"{name}.log"
+        with running_server(name, argv(port), target, log, REPO_ROOT, config.ready_timeout) as process:
+            _progress(f"{name} listens on {', '.join(check_loopback_only(name, process))}")
+            yield target
+
+    return start
+
+
+def _scenario_models(config: SuiteConfig) -> list[str]:
+    """Every model some scenario loads (served and checked even when ``--scenarios`` leaves it out)."""
+    return sorted({scenario.model for scenario in SCENARIOS})
+
+
 def _load_phase(
-    name: str, argv: Callable[[int], list[str]], config: SuiteConfig, report: SuiteReport
+    name: str, start: Started, config: SuiteConfig, report: SuiteReport, repo: pathlib.Path | None = None
 ) -> dict[str, LoadResult]:
-    port = free_port()
-    target = f"127.0.0.1:{port}"
+    """Start a server, check its answers (when ``repo`` is given), run the scenarios, stop it."""
     results: dict[str, LoadResult] = {}
-    _progress(f"starting {name}: {shlex.join(argv(port))}")
-    with running_server(name, argv(port), target, config.out / f"{name}.log", REPO_ROOT, config.ready_timeout):
-        for scenario in SCENARIOS:
+    with start() as target:
+        if repo is not None:
+            check_answers(target, repo, _scenario_models(config))
+            _progress(f"{name} answers as onnxruntime does ({', '.join(_scenario_models(config))})")
+        for scenario in config.selected:
             load = LoadConfig(
                 target=target,
                 model=scenario.model,
@@ -208,6 +327,31 @@ def _load_phase(
                 continue
             _progress(format_load_table([results[scenario.key]]).splitlines()[1])
     return results
+
+
+def _peer_phase(name: str, repo: pathlib.Path, tmp: pathlib.Path, config: SuiteConfig, report: SuiteReport) -> None:
+    """Serve the scenarios' models on peer ``name`` and load it; a peer that fails is recorded, not raised."""
+    peer = PEERS[name]
+    models = peer_models(repo, _scenario_models(config), config.peer_intra_op_threads, config.peer_queue_delay_us)
+    setup: dict[str, Any] = {"title": peer.title, "versions": peer.versions(), "configuration": peer.configuration}
+    setup["models"] = {m.name: {"max_batch_size": m.max_batch_size, "max_queue_delay_us": m.max_queue_delay_us,
+                                "intra_op_threads": m.intra_op_threads} for m in models}  # fmt: skip
+    report.peer_setup[name] = setup
+
+    @contextmanager
+    def start() -> Iterator[str]:
+        _progress(f"starting {name} ({peer.title}) from {peer.venv}")
+        with running_peer(peer, models, tmp / name, config.out / f"{name}.log", config.ready_timeout, _progress) as run:
+            setup["listening"], setup["start_attempts"] = run.listening, run.attempts
+            _progress(f"{name} listens on {', '.join(run.listening)}")
+            yield run.target
+
+    report.peers[name] = {}  # stays empty when the peer fails, so the side-by-side table shows it
+    try:
+        report.peers[name] = _load_phase(name, start, config, report, repo)
+    except (PeerNotInstalled, ServerFailed, WrongAnswer, GeneratorError) as exc:
+        report.failures.append(f"{name}: {exc}")
+        _progress(f"FAILED {name}: {exc}")
 
 
 def _ceiling_argv(repo: pathlib.Path, config: SuiteConfig) -> Callable[[int], list[str]]:
@@ -287,11 +431,16 @@ def run_suite(config: SuiteConfig) -> SuiteReport:
     config.out.mkdir(parents=True, exist_ok=True)
     report = SuiteReport(config=config, environment=environment())
     with tempfile.TemporaryDirectory(prefix="infergate-suite-") as tmp:
-        repo = config.model_repository or _write_demo(pathlib.Path(tmp))
-        report.ceiling = _load_phase("ceiling", _ceiling_argv(repo, config), config, report)
-        report.infergate = _load_phase("infergate", _server_argv(repo, config), config, report)
+        repo = config.model_repository or _write_demo(pathlib.Path(tmp) / "repository")
+        ceiling = _subprocess_server("ceiling", _ceiling_argv(repo, config), config)
+        report.ceiling = _load_phase("ceiling", ceiling, config, report)
+        server = _subprocess_server("infergate", _server_argv(repo, config), config)
+        report.infergate = _load_phase("infergate", server, config, report, repo)
+        for name in config.peers:
+            _peer_phase(name, repo, pathlib.Path(tmp) / "peers", config, report)
         report.compute = _compute_phase(repo, config)
     report.targets = evaluate_targets(report.ceiling, report.infergate, report.compute)
+    report.targets += evaluate_peer_targets(report.infergate, report.peers)
     write_json(config.out / "suite.json", report_json(report))
     (config.out / "suite.md").write_text(render_markdown(report), encoding="utf-8")
     return report
@@ -305,6 +454,8 @@ def report_json(report: SuiteReport) -> dict[str, object]:
         "targets": [{**to_jsonable(t), "met": t.met} for t in report.targets],
         "ceiling": report.ceiling,
         "infergate": report.infergate,
+        "peers": report.peers,
+        "peer_setup": report.peer_setup,
         "compute": report.compute,
         "failures": report.failures,
     }
@@ -328,11 +479,48 @@ def _target_rows(targets: Sequence[TargetCheck]) -> list[list[str]]:
     ]
 
 
+def side_by_side(report: SuiteReport) -> tuple[list[str], list[list[str]]]:
+    """The headline table: ceiling, infergate and each peer that was asked for, one figure per scenario."""
+    servers: list[tuple[str, dict[str, LoadResult]]] = [
+        ("transport ceiling (bare grpc.aio)", report.ceiling),
+        ("infergate", report.infergate),
+    ]
+    servers += [(PEERS[name].title, report.peers.get(name, {})) for name in report.config.peers]
+    return headline_rows(servers, HEADLINE)
+
+
+def _all_runs(report: SuiteReport) -> list[LoadResult]:
+    peer_runs = [run for runs in report.peers.values() for run in runs.values()]
+    return [*report.ceiling.values(), *report.infergate.values(), *peer_runs]
+
+
+def _peer_section(report: SuiteReport) -> list[str]:
+    cfg = report.config
+    delay = "each model's own" if cfg.peer_queue_delay_us is None else f"{cfg.peer_queue_delay_us} µs for every model"
+    lines = [
+        "## Peers",
+        "",
+        f"Each serves the same ONNX files with onnxruntime ({cfg.peer_intra_op_threads} intra-op thread(s)); "
+        f"max batch size and queue delay: {delay} (below).",
+        "",
+    ]
+    for name, setup in report.peer_setup.items():
+        versions = ", ".join(f"{package} {version}" for package, version in setup["versions"].items())
+        batching = "; ".join(
+            f"{model}: max batch {m['max_batch_size']}, delay {m['max_queue_delay_us']} µs"
+            for model, m in setup["models"].items()
+        )
+        if not PEERS[name].batches:
+            batching = "Every request runs on its own"
+        title = f"**{setup['title']}** ({versions or 'versions unknown'})"
+        lines.append(f"- {title}: {setup['configuration']}. {batching}.")
+    return lines
+
+
 def render_markdown(report: SuiteReport) -> str:
-    """suite.md: environment, targets, closed-loop and compute tables, failures."""
+    """suite.md: environment, side by side, targets, closed-loop and compute tables, peers, failures."""
     env, cfg = report.environment, report.config
-    runs = [*report.ceiling.values(), *report.infergate.values()]
-    load_headers, load_cells = load_rows(runs)
+    load_headers, load_cells = load_rows(_all_runs(report))
     compute_headers, compute_cells = compute_rows(report.compute)
     parts = [
         f"# infergate load suite, {env['date_utc']} UTC",
@@ -344,11 +532,15 @@ def render_markdown(report: SuiteReport) -> str:
         f"server args: `{shlex.join(cfg.server_args) or '(none)'}`; "
         f"ceiling processes: {cfg.ceiling_processes}.",
         "",
+        "## Side by side",
+        "",
+        markdown_table(*side_by_side(report)),
+        "",
         "## Targets",
         "",
         markdown_table(["", "figure", "value", "target", "met"], _target_rows(report.targets)),
         "",
-        "## Closed loop: ceiling and infergate",
+        "## Closed loop: every server",
         "",
         markdown_table(load_headers, load_cells),
         "",
@@ -356,6 +548,8 @@ def render_markdown(report: SuiteReport) -> str:
         "",
         markdown_table(compute_headers, compute_cells),
     ]
+    if report.peer_setup:
+        parts += ["", *_peer_section(report)]
     if report.failures:
         parts += ["", "## Failures", "", *(f"- {failure}" for failure in report.failures)]
     return "\n".join(parts) + "\n"
@@ -363,8 +557,10 @@ def render_markdown(report: SuiteReport) -> str:
 
 def print_summary(report: SuiteReport) -> None:
     """The console version of suite.md's tables."""
-    runs = [*report.ceiling.values(), *report.infergate.values()]
-    print(format_load_table(runs))
+    print(format_load_table(_all_runs(report)))
+    print()
+    headers, cells = side_by_side(report)
+    print(format_table(headers, ["<", *">" * (len(headers) - 1)], cells))
     print()
     print(format_compute_table(report.compute))
     print()

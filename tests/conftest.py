@@ -1,8 +1,14 @@
 """Shared fixtures: real infergate servers in their own processes, on 127.0.0.1.
 
-``start_server`` runs ``python -m infergate serve`` on port 0, reads the port
-it printed, and waits for grpc.health.v1 to report SERVING (a Watch stream, no
-polling). Servers are stopped with SIGTERM and must exit 0.
+``launch_server`` runs ``python -m infergate serve`` on port 0, reads the port
+it printed (and the metrics address, with ``--metrics-port``), and waits for
+grpc.health.v1 to report SERVING (a Watch stream, no polling). Servers are
+stopped with SIGTERM and must exit 0.
+
+Where a test must wait for state that has no event to wait on (a queue depth
+in a scrape, another process's log line), it polls with :func:`eventually`
+(in a coroutine) or :func:`wait_until` (in plain code): the only two pollers,
+with one timeout that is a hang guard, never a measurement.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import inspect
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +31,15 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from infergate.demo import write_demo_repository
-from infergate.telemetry.logs import listening_address
+from infergate.telemetry.logs import METRICS, announced, listening_address
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 STARTUP_TIMEOUT = 60.0
+WAIT_S = 60.0  # how long the pollers wait before they fail: a hang guard for a busy machine
 
 
 @dataclass
@@ -37,10 +47,23 @@ class ServerProcess:
     process: subprocess.Popen[str]
     port: int
     log_path: Path
+    metrics_url: str | None = None  # http://host:port/metrics when started with --metrics-port
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels``, from a real scrape (0 if none)."""
+        assert self.metrics_url is not None, "start the server with --metrics-port"
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -102,6 +125,12 @@ def launch_server(
         process.stdout.close()
         raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
     server = ServerProcess(process, int(address.rsplit(":", 1)[1]), log_path)
+    if "--metrics-port" in args:
+        line = process.stdout.readline()
+        metrics_url = announced(line, METRICS)  # the next line, in the same format
+        if metrics_url is None:
+            raise RuntimeError(f"server printed no metrics address: {line!r}\n{log_path.read_text()}")
+        server.metrics_url = metrics_url
     if wait:
         _wait_serving(server.url, process, log_path)
     return server
@@ -166,7 +195,10 @@ async def client(request: pytest.FixtureRequest, demo_server: ServerProcess) -> 
         await c.close()
 
 
-async def eventually(check: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+POLL_S = 0.02
+
+
+async def eventually(check: Callable[[], object], what: str, timeout: float = WAIT_S) -> None:
     """Poll ``check`` (sync or async) until truthy; fail naming ``what`` after ``timeout`` s.
 
     The timeout is a hang guard for a busy machine, never a measurement.
@@ -179,5 +211,15 @@ async def eventually(check: Callable[[], object], what: str, timeout: float = 60
             result = await result
         if result:
             return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(POLL_S)
+    raise AssertionError(f"timed out waiting for: {what}")
+
+
+def wait_until(check: Callable[[], object], what: str, timeout: float = WAIT_S) -> None:
+    """:func:`eventually` for plain (not async) tests."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(POLL_S)
     raise AssertionError(f"timed out waiting for: {what}")

@@ -1,12 +1,15 @@
 """Keys from a JWKS URL served over HTTPS by a local ``http.server`` with a test CA.
 
-The key set is fetched off the event loop, cached, and fetched again when a
-token names an unknown ``kid`` — at most once per ``min_refresh_seconds``
-(measured with an injected clock here, so no test waits).
+The key set is fetched off the event loop, cached, and fetched again on a
+schedule (``refresh_seconds``, sooner when the response's ``Cache-Control``
+says so) and when a token names an unknown ``kid`` — at most once per
+``min_refresh_seconds``. Time is an injected clock here, so no test waits,
+except the end-to-end one, which waits for the refusal itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import threading
@@ -19,13 +22,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import launch_server
+from conftest import eventually, launch_server
 from security import bearer, claims, ec_key, ed25519_key, issue, jwk, make_ca, rsa_key, token
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.security import auth
 from infergate.security.config import AuthConfig, JwksConfig
+from infergate.security.freshness import freshness_seconds
 from infergate.security.keys import JwksUrlSource, KeyStore
 
 
@@ -34,6 +38,7 @@ class KeySetServer:
     url: str
     ca_file: Path
     document: dict[str, Any] = field(default_factory=lambda: {"keys": []})
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (Cache-Control, Age)
     requests: int = 0
 
 
@@ -52,6 +57,8 @@ def key_set_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeySetS
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            for name, value in state.headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
@@ -71,12 +78,33 @@ def key_set_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeySetS
     thread.join()
 
 
+@pytest.fixture(autouse=True)
+def plain_headers(key_set_server: KeySetServer) -> None:
+    key_set_server.headers = {}
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
 
     def __call__(self) -> float:
         return self.now
+
+
+class ManualSleep:
+    """The refresh task's ``sleep``: each wait is put in ``asked`` and lasts until :meth:`elapse` moves ``clock``."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.asked: asyncio.Queue[float] = asyncio.Queue()
+        self._elapsed: asyncio.Queue[float] = asyncio.Queue()
+
+    async def __call__(self, seconds: float) -> None:
+        self.asked.put_nowait(seconds)
+        self.clock.now += await self._elapsed.get()
+
+    def elapse(self, seconds: float) -> None:
+        self._elapsed.put_nowait(seconds)
 
 
 async def test_an_unknown_kid_refetches_the_key_set_at_most_once_per_interval(key_set_server: KeySetServer) -> None:
@@ -153,3 +181,135 @@ def test_a_server_verifies_tokens_with_keys_from_a_jwks_url(
             assert stub.ModelInfer(request, metadata=metadata, timeout=30).outputs
     finally:
         assert server.terminate() == 0, server.log()
+
+
+async def test_a_withdrawn_key_is_refused_from_the_next_scheduled_fetch_even_while_its_token_is_cached(
+    key_set_server: KeySetServer,
+) -> None:
+    withdrawn, kept = ec_key(), ec_key()
+    key_set_server.document = {"keys": [jwk(withdrawn, "old"), jwk(kept, "new")]}
+    clock, wall = Clock(), Clock()  # the schedule's monotonic clock; the token cache's wall clock never moves
+    jwks = JwksConfig(url=key_set_server.url, ca_file=key_set_server.ca_file, refresh_seconds=300)
+    source = JwksUrlSource(jwks, clock=clock)
+    sleep = ManualSleep(clock)
+    store = KeyStore(None, [], source, sleep=sleep)
+    verifier = auth.TokenVerifier(AuthConfig(enabled=True, algorithms=["ES256"], jwks=jwks), store, clock=wall)
+    old, new = token(withdrawn, "ES256", kid="old"), token(kept, "ES256", kid="new")
+    try:
+        await store.start()
+        assert source.fetches == 1
+        assert await sleep.asked.get() == 300  # the next fetch is due refresh_seconds after the first began
+        assert (await verifier.verify(old)).subject == "alice"  # verified, and now cached
+        key_set_server.document = {"keys": [jwk(kept, "new")]}  # the issuer withdraws "old"
+
+        sleep.elapse(299)
+        assert await sleep.asked.get() == 1  # not due yet: until then the withdrawn key still verifies
+        assert source.fetches == 1
+        assert (await verifier.verify(old)).subject == "alice"
+
+        sleep.elapse(1)
+        assert await sleep.asked.get() == 300  # the task fetched and waits for the next round
+        assert source.fetches == 2
+        with pytest.raises(auth.UnknownKey):
+            await verifier.verify(old)
+        assert (await verifier.verify(new)).subject == "alice"
+    finally:
+        await store.aclose()
+    assert sleep.asked.empty()  # the task is gone: it asks for no further wait
+
+
+@pytest.mark.parametrize(
+    ("headers", "due"),
+    [
+        ({}, 300),
+        ({"Cache-Control": "public, max-age=120"}, 120),
+        ({"Cache-Control": "max-age=120", "Age": "30"}, 90),
+        ({"Cache-Control": "max-age=120", "Age": "100"}, 60),  # stale sooner, but no sooner than min_refresh_seconds
+        ({"Cache-Control": "max-age=86400"}, 300),  # a long max-age does not stretch refresh_seconds
+        ({"Cache-Control": "no-store"}, 60),
+    ],
+)
+async def test_the_next_scheduled_fetch_honours_the_responses_cache_control(
+    key_set_server: KeySetServer, headers: dict[str, str], due: float
+) -> None:
+    key_set_server.document = {"keys": [jwk(ec_key(), "k1")]}
+    key_set_server.headers = headers
+    clock = Clock()
+    jwks = JwksConfig(url=key_set_server.url, ca_file=key_set_server.ca_file, refresh_seconds=300)
+    source = JwksUrlSource(jwks, clock=clock)
+    try:
+        assert await source.refresh_if_due() is not None
+        assert source.seconds_until_due() == due
+        clock.now += due - 1
+        assert await source.refresh_if_due() is None
+        assert source.fetches == 1
+        clock.now += 1
+        assert await source.refresh_if_due() is not None
+        assert source.fetches == 2
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "age", "fresh"),
+    [
+        (None, None, None),
+        ("", None, None),
+        ("public, must-revalidate", None, None),
+        ("max-age=300", None, 300.0),
+        ("public, MAX-AGE=300", None, 300.0),
+        ('max-age="300"', None, 300.0),
+        ("max-age=300", "100", 200.0),
+        ("max-age=300", "400", 0.0),
+        ("max-age=300", "soon", 300.0),
+        ("max-age=-5", None, None),
+        ("max-age=1e3", None, None),
+        ("max-age=600, max-age=300", None, 300.0),
+        ("s-maxage=10, max-age=300", None, 300.0),
+        ("no-cache", None, 0.0),
+        ("no-store, max-age=300", None, 0.0),
+        ('no-cache="Set-Cookie", max-age=300', None, 300.0),
+    ],
+)
+def test_freshness_is_max_age_less_age_and_zero_for_no_cache(
+    cache_control: str | None, age: str | None, fresh: float | None
+) -> None:
+    assert freshness_seconds(cache_control, age) == fresh
+
+
+async def test_a_server_refuses_a_withdrawn_key_once_its_refresh_schedule_fetches_the_key_set(
+    key_set_server: KeySetServer, demo_repository: Path, tmp_path: Path
+) -> None:
+    withdrawn, kept = ed25519_key(), ed25519_key()
+    key_set_server.document = {"keys": [jwk(withdrawn, "old"), jwk(kept, "new")]}
+    config = tmp_path / "server.yaml"
+    jwks = {"url": key_set_server.url, "ca_file": str(key_set_server.ca_file), "refresh_seconds": 0.5}
+    config.write_text(json.dumps({"auth": {"enabled": True, "algorithms": ["EdDSA"], "jwks": jwks}}))
+    request = pb.ModelInferRequest(
+        model_name="matmul16",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 16])],
+        raw_input_contents=[np.ones(16, dtype=np.float32).tobytes()],
+    )
+    old = tuple(bearer(token(withdrawn, "EdDSA", claims("infer:*"), kid="old")).items())
+    new = tuple(bearer(token(kept, "EdDSA", claims("infer:*"), kid="new")).items())
+    server = launch_server(demo_repository, tmp_path, "--config", str(config))
+    try:
+        async with grpc.aio.insecure_channel(server.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert (await stub.ModelInfer(request, metadata=old, timeout=30)).outputs  # verified and cached
+            key_set_server.document = {"keys": [jwk(kept, "new")]}  # the issuer withdraws "old"
+
+            async def refused() -> bool:
+                try:
+                    await stub.ModelInfer(request, metadata=old, timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+                    assert "no key with kid 'old'" in (exc.details() or "")
+                    return True
+                return False
+
+            await eventually(refused, "a token signed with the withdrawn key refused")
+            assert (await stub.ModelInfer(request, metadata=new, timeout=30)).outputs
+    finally:
+        assert server.terminate() == 0, server.log()
+    assert "key(s) withdrawn from the key set" in server.log()

@@ -2,17 +2,22 @@
 
 The model is a fake ``execute`` that records every batch it receives and waits
 at a gate the test controls, so a batch can be held "running" while the test
-queues more work, cancels a caller or closes the batcher. Nothing here waits
-on wall-clock time except the deadline and queue-delay tests, which assert on
-outcomes (who got what, which batch held which payloads), never on durations.
-Every test runs under ``asyncio.timeout`` so a bug shows up as a failure,
-not a hung suite.
+queues more work, cancels a caller or closes the batcher. Time is a
+:class:`ManualClock` that only moves when a test advances it, so queue
+delays, batch intervals and deadlines are stepped through exactly: nothing
+here waits on wall-clock time. Every test runs under ``asyncio.timeout`` so
+a bug shows up as a failure, not a hung suite. The last section runs the
+batcher on the production path: real instance threads of a real onnxruntime
+model answering through ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -21,8 +26,54 @@ from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unava
 from infergate.models.batcher import Batch, BatchPolicy, DynamicBatcher, from_coroutine
 
 LIMIT = 5.0  # seconds; generous bound so that a bug fails the test instead of hanging it
-SHORT = 0.1  # seconds; a deadline that passes while the test holds the batch ahead of it
+# Seconds of manual clock time (a binary fraction, so its halves add up exactly): a deadline that passes
+# while the test holds the batch ahead of it.
+SHORT = 0.125
 NAME = "toy:1"
+
+
+@dataclass(order=True)
+class ManualTimer:
+    at: float
+    order: int
+    callback: Callable[..., object] = field(compare=False)
+    args: tuple[object, ...] = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+    def when(self) -> float:
+        return self.at
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ManualClock:
+    """The batcher's clock, moved only by :meth:`advance`, which fires the timers that fall due."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._timers: list[ManualTimer] = []
+        self._order = itertools.count()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: object) -> ManualTimer:
+        timer = ManualTimer(when, next(self._order), callback, args)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        while self._timers and self._timers[0].at <= self.now:
+            timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.callback(*timer.args)
+
+    def pending(self) -> list[float]:
+        """When the live timers are due, soonest first."""
+        return sorted(t.at for t in self._timers if not t.cancelled)
+
 
 Answer = Callable[[list[str]], Sequence[str | BaseException]]
 
@@ -75,18 +126,23 @@ def model() -> FakeModel:
     return FakeModel()
 
 
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
 MakeBatcher = Callable[..., DynamicBatcher[str, str]]
 
 
 @pytest.fixture
-async def make_batcher(model: FakeModel) -> AsyncIterator[MakeBatcher]:
-    """Build and start batchers over ``model``; they are closed after the test."""
+async def make_batcher(model: FakeModel, clock: ManualClock) -> AsyncIterator[MakeBatcher]:
+    """Build and start batchers over ``model`` on the test's clock; they are closed after the test."""
     made: list[DynamicBatcher[str, str]] = []
 
-    def make(*, workers: int = 1, **policy: Any) -> DynamicBatcher[str, str]:
+    def make(*, instances: int = 1, **policy: Any) -> DynamicBatcher[str, str]:
         policy.setdefault("max_batch_size", 8)
         batcher: DynamicBatcher[str, str] = DynamicBatcher(
-            from_coroutine(model), BatchPolicy(**policy), workers=workers, name=NAME
+            from_coroutine(model), BatchPolicy(**policy), instances=instances, name=NAME, clock=clock
         )
         batcher.start()
         made.append(batcher)
@@ -210,20 +266,115 @@ def test_a_policy_that_could_break_the_batch_limits_is_refused(policy: dict[str,
         BatchPolicy(**policy)
 
 
+# --------------------------------------------------------------------------- gathering
+
+
+async def test_requests_that_arrive_in_the_same_loop_turns_as_the_first_share_its_batch(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        callers = [submit(batcher, p) for p in "abc"]  # their submits run in the same loop turn
+        assert await results(*callers) == ["A", "B", "C"]
+    assert model.payloads == [["a", "b", "c"]]
+
+
+async def test_without_gathering_a_request_that_finds_the_instance_idle_starts_alone(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(gather=False)
+    async with asyncio.timeout(LIMIT):
+        callers = [submit(batcher, p) for p in "abc"]
+        assert await results(*callers) == ["A", "B", "C"]
+    assert model.payloads == [["a"], ["b", "c"]]
+
+
+async def test_gathering_goes_on_while_requests_keep_arriving_but_no_longer_than_its_turns(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(max_gather_turns=3, max_batch_size=64)
+    async with asyncio.timeout(LIMIT):
+        callers: list[asyncio.Task[str]] = []
+        for i in range(8):  # one new request every loop turn
+            callers.append(submit(batcher, str(i)))
+            await one_loop_pass()
+        await results(*callers)
+    first = model.payloads[0]
+    assert 2 <= len(first) <= 4, model.payloads  # gathered over the turns it was allowed, then started
+    assert sum(len(b) for b in model.payloads) == 8
+
+
+async def test_a_batch_that_follows_a_finished_one_starts_at_once_with_what_waited(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher()
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        queued = [submit(batcher, p) for p in "ab"]
+        await one_loop_pass()
+        model.hold()
+        model.gate.set()  # "busy" answers; the next batch must start in the same step, not turns later
+        model.gate.clear()
+        assert await model.started() == ["a", "b"]
+        model.release()
+        assert await results(busy, *queued) == ["BUSY", "A", "B"]
+
+
+# --------------------------------------------------------------------------- priorities
+
+
+async def test_higher_priority_requests_head_the_next_batch_and_each_level_keeps_its_order(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(priority_levels=2)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        callers = [submit(batcher, p, level=level) for p, level in (("a", 1), ("b", 0), ("c", 1), ("d", 0))]
+        await one_loop_pass()
+        model.release()
+        await results(busy, *callers)
+    assert model.payloads == [["busy"], ["b", "d", "a", "c"]]
+
+
+async def test_a_full_queue_sheds_the_newest_request_of_a_lower_priority_for_a_higher_one(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(priority_levels=2, max_queue_size=2)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        low = [submit(batcher, p, level=1) for p in "ab"]
+        await one_loop_pass()
+        urgent = submit(batcher, "u", level=0)
+        await one_loop_pass()
+        with pytest.raises(QueueFull, match="higher priority"):
+            await low[1]  # the newest of the lowest level gave way
+        with pytest.raises(QueueFull, match="queue full"):
+            await batcher.submit("late", rows=1, level=1)  # nothing lower to shed
+        model.release()
+        assert await results(busy, urgent, low[0]) == ["BUSY", "U", "A"]
+    assert model.payloads == [["busy"], ["u", "a"]]
+
+
+async def test_a_priority_level_outside_the_policy_is_an_invalid_argument(make_batcher: MakeBatcher) -> None:
+    batcher = make_batcher(priority_levels=2)
+    with pytest.raises(InvalidArgument, match="priority level 2"):
+        await batcher.submit("a", rows=1, level=2)
+
+
 # --------------------------------------------------------------------------- queue delay
 
 
-async def test_with_a_queue_delay_a_free_worker_waits_for_more_requests_and_runs_a_full_batch_at_once(
+async def test_with_a_queue_delay_a_free_instance_waits_for_more_requests_and_runs_a_full_batch_at_once(
     make_batcher: MakeBatcher, model: FakeModel
 ) -> None:
-    # The delay is far longer than LIMIT: the batch can only run because it filled up.
+    # The clock never moves: the batch can only run because it filled up.
     batcher = make_batcher(max_batch_size=4, max_queue_delay=60.0)
     async with asyncio.timeout(LIMIT):
         busy = await occupy(batcher, model, rows=4)  # a full batch: it does not wait
         first = submit(batcher, "a")
         await one_loop_pass()
         model.release()
-        # When "busy" is answered, the worker has already seen "a" and chosen to wait.
+        # When "busy" is answered, the instance has already seen "a" and chosen to wait.
         assert await busy == "BUSY"
         assert model.payloads == [["busy"]]
         later = [submit(batcher, p) for p in "bcd"]
@@ -231,10 +382,17 @@ async def test_with_a_queue_delay_a_free_worker_waits_for_more_requests_and_runs
     assert model.payloads == [["busy"], ["a", "b", "c", "d"]]
 
 
-async def test_when_the_queue_delay_runs_out_a_partial_batch_runs(make_batcher: MakeBatcher, model: FakeModel) -> None:
+async def test_when_the_queue_delay_runs_out_a_partial_batch_runs(
+    make_batcher: MakeBatcher, model: FakeModel, clock: ManualClock
+) -> None:
     batcher = make_batcher(max_batch_size=4, max_queue_delay=0.05)
     async with asyncio.timeout(LIMIT):
         callers = [submit(batcher, p) for p in "ab"]
+        await one_loop_pass()
+        clock.advance(0.049)
+        await one_loop_pass()
+        assert model.payloads == []  # still inside the delay
+        clock.advance(0.001)
         assert await results(*callers) == ["A", "B"]
     assert model.payloads == [["a", "b"]]
 
@@ -245,14 +403,14 @@ async def test_when_the_queue_delay_runs_out_a_partial_batch_runs(make_batcher: 
 async def test_with_a_batch_interval_the_first_request_after_a_quiet_spell_runs_at_once(
     make_batcher: MakeBatcher, model: FakeModel
 ) -> None:
-    # The interval is far longer than LIMIT: had the lone request waited for it, the test would time out.
+    # The clock never moves: had the lone request waited for the interval, the test would time out.
     batcher = make_batcher(max_batch_size=4, min_batch_interval=60.0)
     async with asyncio.timeout(LIMIT):
         assert await batcher.submit("a", rows=1) == "A"
     assert model.payloads == [["a"]]
 
 
-async def test_with_a_batch_interval_a_worker_waits_before_its_next_batch_and_runs_a_full_one_at_once(
+async def test_with_a_batch_interval_an_instance_waits_before_its_next_batch_and_runs_a_full_one_at_once(
     make_batcher: MakeBatcher, model: FakeModel
 ) -> None:
     batcher = make_batcher(max_batch_size=4, min_batch_interval=60.0)
@@ -268,12 +426,15 @@ async def test_with_a_batch_interval_a_worker_waits_before_its_next_batch_and_ru
 
 
 async def test_when_the_batch_interval_has_passed_a_partial_batch_runs(
-    make_batcher: MakeBatcher, model: FakeModel
+    make_batcher: MakeBatcher, model: FakeModel, clock: ManualClock
 ) -> None:
     batcher = make_batcher(max_batch_size=4, min_batch_interval=0.05)
     async with asyncio.timeout(LIMIT):
         assert await batcher.submit("a", rows=1) == "A"
         callers = [submit(batcher, p) for p in "bc"]
+        await one_loop_pass()
+        assert clock.pending() == [clock.now + 0.05]  # woken when the interval since "a" is over
+        clock.advance(0.05)
         assert await results(*callers) == ["B", "C"]
     assert model.payloads == [["a"], ["b", "c"]]
 
@@ -310,16 +471,16 @@ async def give_up(task: asyncio.Task[str], how: str) -> None:
 
 @pytest.mark.parametrize("how", ["cancelled", "expired"])
 async def test_callers_that_gave_up_no_longer_count_against_the_queue_bound(
-    make_batcher: MakeBatcher, model: FakeModel, how: str
+    make_batcher: MakeBatcher, model: FakeModel, clock: ManualClock, how: str
 ) -> None:
     batcher = make_batcher(max_queue_size=2)
-    loop = asyncio.get_running_loop()
     async with asyncio.timeout(LIMIT):
         busy = await occupy(batcher, model)
-        deadline = loop.time() + SHORT if how == "expired" else None
+        deadline = clock.now + SHORT if how == "expired" else None
         gone = [submit(batcher, p, deadline=deadline) for p in "ab"]
         await one_loop_pass()
         assert batcher.depth == 2
+        clock.advance(SHORT)
         for task in gone:
             await give_up(task, how)
         # Nobody waits any more ("a" and "b" gave up), so there is room for "c".
@@ -334,16 +495,19 @@ async def test_callers_that_gave_up_no_longer_count_against_the_queue_bound(
 
 
 async def test_a_deadline_that_passes_in_the_queue_fails_the_caller_and_is_never_executed(
-    make_batcher: MakeBatcher, model: FakeModel
+    make_batcher: MakeBatcher, model: FakeModel, clock: ManualClock
 ) -> None:
     batcher = make_batcher()
-    loop = asyncio.get_running_loop()
     async with asyncio.timeout(LIMIT):
         busy = await occupy(batcher, model)
         patient = submit(batcher, "b")
-        hasty = submit(batcher, "a", deadline=loop.time() + SHORT)
+        hasty = submit(batcher, "a", deadline=clock.now + SHORT)
         await one_loop_pass()
         assert batcher.depth == 2
+        clock.advance(SHORT / 2)
+        await one_loop_pass()
+        assert not hasty.done()
+        clock.advance(SHORT / 2)
         with pytest.raises(DeadlineExceeded, match=NAME):
             await hasty
         model.release()
@@ -352,15 +516,17 @@ async def test_a_deadline_that_passes_in_the_queue_fails_the_caller_and_is_never
 
 
 async def test_an_unwatched_deadline_arms_no_timer_but_an_expired_entry_is_still_never_executed(
-    make_batcher: MakeBatcher, model: FakeModel
+    make_batcher: MakeBatcher, model: FakeModel, clock: ManualClock
 ) -> None:
     batcher = make_batcher()
-    loop = asyncio.get_running_loop()
     async with asyncio.timeout(LIMIT):
         busy = await occupy(batcher, model)
         patient = submit(batcher, "b")
-        unwatched = submit(batcher, "a", deadline=loop.time() + SHORT, watch=False)
-        await asyncio.sleep(SHORT * 2)  # let its deadline pass: no timer fails it (gRPC cancels such a call)
+        unwatched = submit(batcher, "a", deadline=clock.now + SHORT, watch=False)
+        await one_loop_pass()
+        assert clock.pending() == []  # no timer: gRPC cancels such a call itself
+        clock.advance(SHORT * 2)
+        await one_loop_pass()
         assert not unwatched.done()
         model.release()
         assert await results(busy, patient) == ["BUSY", "B"]
@@ -371,14 +537,13 @@ async def test_an_unwatched_deadline_arms_no_timer_but_an_expired_entry_is_still
 
 @pytest.mark.parametrize("seconds_ago", [0.0, 1.0], ids=["deadline is now", "deadline passed"])
 async def test_a_deadline_already_past_is_refused_at_submit_without_queueing(
-    make_batcher: MakeBatcher, model: FakeModel, seconds_ago: float
+    make_batcher: MakeBatcher, model: FakeModel, clock: ManualClock, seconds_ago: float
 ) -> None:
     batcher = make_batcher()
-    loop = asyncio.get_running_loop()
     async with asyncio.timeout(LIMIT):
         busy = await occupy(batcher, model)
         with pytest.raises(DeadlineExceeded, match=NAME):
-            await batcher.submit("a", rows=1, deadline=loop.time() - seconds_ago)
+            await batcher.submit("a", rows=1, deadline=clock.now - seconds_ago)
         assert batcher.depth == 0
         model.release()
         assert await busy == "BUSY"
@@ -492,14 +657,14 @@ async def test_a_wrong_number_of_results_fails_the_batch_callers_instead_of_hang
         after = await batcher.submit("c", rows=1)
     assert outcome[0] == "BUSY"
     assert all(isinstance(r, Exception) for r in outcome[1:]), outcome
-    assert after == "C"  # the worker survived
+    assert after == "C"  # the instance survived
 
 
-# --------------------------------------------------------------------------- workers
+# --------------------------------------------------------------------------- instances
 
 
-async def test_two_workers_run_two_batches_at_the_same_time(make_batcher: MakeBatcher, model: FakeModel) -> None:
-    batcher = make_batcher(workers=2)
+async def test_two_instances_run_two_batches_at_the_same_time(make_batcher: MakeBatcher, model: FakeModel) -> None:
+    batcher = make_batcher(instances=2)
     async with asyncio.timeout(LIMIT):
         model.hold()
         a = submit(batcher, "a")
@@ -525,7 +690,7 @@ async def test_aclose_drains_the_queue_and_then_refuses_new_work(make_batcher: M
             await batcher.submit("during", rows=1)
         model.release()
         await closing
-        # Drained at once: closing does not wait out the 60 s queue delay.
+        # Drained at once: closing does not wait out the queue delay (the clock never moves).
         assert await results(busy, *queued) == ["BUSY", "A", "B"]
         with pytest.raises(Unavailable, match=NAME):
             await batcher.submit("after", rows=1)
@@ -563,7 +728,7 @@ async def test_a_request_of_rows_outside_1_to_max_batch_size_is_an_invalid_argum
 
 async def test_aclose_of_a_batcher_that_never_started_returns_at_once(model: FakeModel) -> None:
     batcher: DynamicBatcher[str, str] = DynamicBatcher(
-        from_coroutine(model), BatchPolicy(max_batch_size=4), workers=1, name=NAME
+        from_coroutine(model), BatchPolicy(max_batch_size=4), instances=1, name=NAME
     )
     async with asyncio.timeout(LIMIT):
         await batcher.aclose()

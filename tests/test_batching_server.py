@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc.aio as aioclient
-from conftest import ServerProcess, running_server
+from conftest import ServerProcess, eventually, running_server
 from models import build_gather_model, build_slow_model, save_model
 from onnx import TensorProto, helper
 from tritonclient.grpc import InferInput, InferRequestedOutput
@@ -37,16 +37,27 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> 
     repo = tmp_path_factory.mktemp("batching-repo")
     window = "dynamic_batching: {max_queue_delay_microseconds: 300000}\n"
     save_model(build_slow_model(50), repo, "slow_batched", config_yaml="max_batch_size: 16\n" + window)
+    # A batch window long enough for a test to see, in a scrape, that its requests are all queued.
+    long_window = "dynamic_batching: {max_queue_delay_microseconds: 1000000}\n"
+    save_model(build_slow_model(50), repo, "slow_window", config_yaml="max_batch_size: 16\n" + long_window)
     save_model(
-        build_slow_model(200),
+        build_slow_model(500),
         repo,
         "slow_serial",
         config_yaml="max_batch_size: 1\ndynamic_batching: {max_queue_size: 2}\n",
     )
     save_model(build_gather_model(), repo, "gather", config_yaml="max_batch_size: 16\n" + window)
     save_model(_identity_variable_model(), repo, "identity", config_yaml="max_batch_size: 16\n" + window)
-    with running_server(repo, log_dir) as server:
+    with running_server(repo, log_dir, "--metrics-port", "0") as server:
         yield server
+
+
+def _queued(server: ServerProcess, model: str) -> float:
+    return server.metric("infergate_queue_depth", model=model)
+
+
+def _active(server: ServerProcess) -> float:
+    return server.metric("infergate_requests_active", rpc_method="ModelInfer")
 
 
 def _input(name: str, array: np.ndarray, datatype: str) -> InferInput:
@@ -106,15 +117,15 @@ async def test_one_request_that_fails_at_run_time_does_not_fail_its_batch(batchi
 async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_answered(batching_server: ServerProcess) -> None:
     async with aioclient.InferenceServerClient(batching_server.url) as client:
         inputs = [np.full((1, 4), 10 + i, dtype=np.float32) for i in range(6)]
-        tasks = [asyncio.create_task(_infer(client, "slow_batched", "x", x)) for x in inputs]
-        await asyncio.sleep(0.05)  # let them reach the server's queue (the batch window is 300 ms)
+        tasks = [asyncio.create_task(_infer(client, "slow_window", "x", x)) for x in inputs]
+        await eventually(lambda: _queued(batching_server, "slow_window") == 6, "six requests queued")
         tasks[2].cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert isinstance(results[2], asyncio.CancelledError)
         for i in (0, 1, 3, 4, 5):
             np.testing.assert_array_equal(results[i].as_numpy("y"), inputs[i])
         # The server keeps serving.
-        after = await _infer(client, "slow_batched", "x", inputs[0])
+        after = await _infer(client, "slow_window", "x", inputs[0])
         np.testing.assert_array_equal(after.as_numpy("y"), inputs[0])
 
 
@@ -124,9 +135,10 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(
     async with aioclient.InferenceServerClient(batching_server.url) as client:
         before = (await client.get_inference_statistics("slow_serial")).model_stats[0].execution_count
         x = np.ones((1, 4), dtype=np.float32)
-        # The first request occupies the only instance for ~200 ms; the others wait behind it.
+        # The first request occupies the only instance for ~500 ms; the others wait behind it.
         first = asyncio.create_task(_infer(client, "slow_serial", "x", x))
-        await asyncio.sleep(0.05)  # let it reach the instance first (it runs for ~200 ms)
+        running = lambda: _active(batching_server) == 1 and _queued(batching_server, "slow_serial") == 0  # noqa: E731
+        await eventually(running, "the first request running on the instance")
         grpc_deadline = _infer(client, "slow_serial", "x", x, client_timeout=0.05)
         timeout_param = _infer(client, "slow_serial", "x", x, timeout=50_000)  # microseconds
         outcomes = await asyncio.gather(grpc_deadline, timeout_param, return_exceptions=True)

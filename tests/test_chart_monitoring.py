@@ -32,7 +32,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from security import bearer, claims, token
 from tools import PROMTOOL, ROOT, require
 
-from infergate.telemetry.logs import METRICS
 from tests.test_model_control import add_version, write_config
 
 TELEMETRY_VALUES = CHART / "ci" / "telemetry-values.yaml"
@@ -212,7 +211,8 @@ async def test_every_metric_the_chart_and_docs_name_is_in_a_real_scrape(tmp_path
     )
     try:
         assert server.process.stdout is not None
-        scrape = Scrapes(server.process.stdout.readline().strip().removeprefix(METRICS))
+        assert server.metrics_url is not None  # read by launch_server
+        scrape = Scrapes(server.metrics_url)
         traffic = Traffic(server)
         traffic.send("scale", 10)  # canary, primary and a shadow copy each
         traffic.refused()

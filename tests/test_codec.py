@@ -25,7 +25,9 @@ from infergate._proto import grpc_service_pb2 as pb
 from infergate.errors import InvalidArgument, Status
 from infergate.models.datatypes import DATATYPES
 from infergate.models.spec import ModelSpec, TensorSpec
-from infergate.serving.codec import DecodedRequest, decode_request, encode_response, request_timeout_us
+from infergate.routing.router import Decision
+from infergate.serving.codec import decode_request, encode_response, request_timeout_us
+from infergate.serving.request import DecodedRequest, InferenceResult
 
 MAX_ELEMENTS = 1_000_000
 
@@ -133,6 +135,12 @@ def image(rows: int = 2) -> InputTensor:
 
 def scale(rows: int = 2) -> InputTensor:
     return typed_input("scale", "INT64", [rows, 2], [1] * (rows * 2))
+
+
+def encode(
+    req: pb.ModelInferRequest, spec: ModelSpec, outputs: dict[str, Any], requested: tuple[str, ...]
+) -> pb.ModelInferResponse:
+    return encode_response(InferenceResult(spec, outputs, requested, Decision(spec.version, "default"), req.id))
 
 
 def decode(req: pb.ModelInferRequest, spec: ModelSpec = CLASSIFIER) -> DecodedRequest:
@@ -260,7 +268,11 @@ REFUSALS = [
     refusal("wrong first dim, not batching", "fixed", "image",
             lambda: (request(typed_input("image", "FP32", [3, 3], [0] * 9)), FIXED, MAX_ELEMENTS)),
     refusal("negative dim", "classifier", "scale",
-            on_classifier(image(), raw_input("scale", "INT64", [2, -2]), raw=[raw_bytes("FP32", [0] * 6), b""])),
+            on_classifier(raw_input("image", "FP32", [2, 3]), raw_input("scale", "INT64", [2, -2]),
+                          raw=[raw_bytes("FP32", [0] * 6), b""])),
+    refusal("typed contents beside raw contents", "classifier", "image",
+            on_classifier(image(), raw_input("scale", "INT64", [2, 2]),
+                          raw=[raw_bytes("FP32", [0] * 6), raw_bytes("INT64", [1] * 4)])),
     refusal("negative dims whose product is positive", "grid", "cells",
             lambda: (request(typed_input("cells", "FP32", [-2, -3], [0] * 6)), GRID, MAX_ELEMENTS)),
     refusal("batch of 0", "classifier", "image", on_classifier(typed_input("image", "FP32", [0, 3], []), scale())),
@@ -309,7 +321,7 @@ def test_a_bad_request_is_an_invalid_argument_naming_the_model_and_the_tensor(
         decode_request(req, spec, max_elements)
     assert refused.value.status is Status.INVALID_ARGUMENT
     message = str(refused.value)
-    assert f"model {model}" in message
+    assert f"model {model}" in message or f"model '{model}'" in message  # infergate's words or Triton's
     if tensor is not None:
         assert f"'{tensor}'" in message
 
@@ -370,12 +382,12 @@ OUTPUTS = {
 
 
 def test_a_response_echoes_the_request_id_and_names_the_model_and_version() -> None:
-    response = encode_response(request(image(), scale(), id="req-7"), CLASSIFIER, OUTPUTS, ())
+    response = encode(request(image(), scale(), id="req-7"), CLASSIFIER, OUTPUTS, ())
     assert (response.id, response.model_name, response.model_version) == ("req-7", "classifier", "3")
 
 
 def test_a_response_carries_every_output_raw_when_none_was_requested() -> None:
-    response = encode_response(request(image(), scale()), CLASSIFIER, OUTPUTS, ())
+    response = encode(request(image(), scale()), CLASSIFIER, OUTPUTS, ())
     assert [o.name for o in response.outputs] == ["score", "label", "count"]
     assert len(response.raw_output_contents) == 3
     assert not any(o.HasField("contents") for o in response.outputs)
@@ -383,7 +395,7 @@ def test_a_response_carries_every_output_raw_when_none_was_requested() -> None:
 
 @pytest.mark.parametrize("name", ["score", "count"])
 def test_numeric_outputs_round_trip_through_raw_output_contents(name: str) -> None:
-    response = encode_response(request(image(), scale()), CLASSIFIER, OUTPUTS, (name,))
+    response = encode(request(image(), scale()), CLASSIFIER, OUTPUTS, (name,))
     (out,) = response.outputs
     (raw,) = response.raw_output_contents
     datatype = DATATYPES[out.datatype]
@@ -393,7 +405,7 @@ def test_numeric_outputs_round_trip_through_raw_output_contents(name: str) -> No
 
 
 def test_bytes_outputs_are_length_prefixed_utf8() -> None:
-    response = encode_response(request(image(), scale()), CLASSIFIER, OUTPUTS, ("label",))
+    response = encode(request(image(), scale()), CLASSIFIER, OUTPUTS, ("label",))
     (out,) = response.outputs
     (raw,) = response.raw_output_contents
     assert (out.name, out.datatype, list(out.shape)) == ("label", "BYTES", [2])
@@ -402,7 +414,7 @@ def test_bytes_outputs_are_length_prefixed_utf8() -> None:
 
 
 def test_only_the_requested_outputs_are_returned_in_the_requested_order() -> None:
-    response = encode_response(request(image(), scale()), CLASSIFIER, OUTPUTS, ("count", "score"))
+    response = encode(request(image(), scale()), CLASSIFIER, OUTPUTS, ("count", "score"))
     assert [o.name for o in response.outputs] == ["count", "score"]
     assert len(response.raw_output_contents) == 2
 
@@ -412,7 +424,7 @@ def test_every_datatype_decoded_from_raw_encodes_back_to_the_same_bytes(datatype
     spec = typed_spec(datatype)
     wire = raw_bytes(datatype, VALUES[datatype])
     decoded = decode(request(raw_input("value", datatype, [1, 2]), raw=[wire]), spec)
-    response = encode_response(request(), spec, {"out": decoded.inputs["value"]}, ())
+    response = encode(request(), spec, {"out": decoded.inputs["value"]}, ())
     assert response.raw_output_contents == [wire]
     assert (response.outputs[0].datatype, list(response.outputs[0].shape)) == (datatype, [1, 2])
 
@@ -465,5 +477,7 @@ def test_a_bytes_shape_larger_than_its_data_could_hold_is_refused_before_allocat
         max_batch_size=8,
     )
     claim = request(raw_input("value", "BYTES", [1, 50_000_000]), raw=[length_prefixed([b"ab"])])
-    with pytest.raises(InvalidArgument, match=r"texts input 'value': 6 bytes cannot hold 50000000 BYTES elements"):
+    with pytest.raises(
+        InvalidArgument, match=r"input 'value' for model 'texts': 6 bytes cannot hold 50000000 BYTES elements"
+    ):
         decode_request(claim, spec, max_elements=100_000_000)

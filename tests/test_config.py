@@ -85,6 +85,38 @@ warmup:
     assert config.warmup.batch_sizes == [1, 16]
 
 
+def test_device_execution_reads_io_binding_and_sorted_graph_sizes(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+max_batch_size: 64
+execution_providers:
+  - {name: cuda, options: {device_id: 0, use_tf32: 0}}
+  - {name: cpu}
+device_execution:
+  io_binding: true
+  cuda_graph_batch_sizes: [64, 1, 8]
+""",
+    )
+    config = load_model_config(path)
+    assert config.device_execution.io_binding is True
+    assert config.device_execution.cuda_graph_batch_sizes == [1, 8, 64]
+    assert ModelConfig().device_execution.io_binding == "auto"
+    assert ModelConfig().device_execution.cuda_graph_batch_sizes == []
+
+
+def test_tensorrt_options_pass_through_untouched(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "execution_providers:\n"
+        "  - {name: tensorrt, options: {trt_fp16_enable: true, trt_engine_cache_enable: true, "
+        "trt_engine_cache_path: /tmp/trt}}\n"
+        "  - {name: cuda}\n",
+    )
+    options = load_model_config(path).execution_providers[0].options
+    assert options == {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": "/tmp/trt"}
+
+
 # --------------------------------------------------------------------------- model config: refused
 
 # (the file's text, the dotted path of the field at fault)
@@ -112,6 +144,49 @@ BAD_MODEL_CONFIGS = [
         "max_batch_size: 0\ndynamic_batching:\n  preferred_batch_size: [4]\n",
         "dynamic_batching.preferred_batch_size",
         id="preferred size on a model that does not batch",
+    ),
+    pytest.param(
+        "device_execution:\n  io_binding: sometimes\n", "device_execution.io_binding", id="io_binding not a choice"
+    ),
+    pytest.param(
+        "execution_providers: [{name: cuda}]\ndevice_execution:\n  cuda_graph_batch_sizes: [1, 8, 1]\n",
+        "device_execution.cuda_graph_batch_sizes",
+        id="graph size repeated",
+    ),
+    pytest.param(
+        "execution_providers: [{name: cuda}]\ndevice_execution:\n  cuda_graph_batch_sizes: [0]\n",
+        "device_execution.cuda_graph_batch_sizes.0",
+        id="graph size zero",
+    ),
+    pytest.param(
+        "device_execution:\n  cuda_graph_batch_sizes: [1, 8]\n",
+        "device_execution.cuda_graph_batch_sizes",
+        id="graphs without cuda first",
+    ),
+    pytest.param(
+        "execution_providers: [{name: cuda}]\ndevice_execution: {io_binding: false, cuda_graph_batch_sizes: [1]}\n",
+        "device_execution.cuda_graph_batch_sizes",
+        id="graphs without io binding",
+    ),
+    pytest.param(
+        "max_batch_size: 8\nexecution_providers: [{name: cuda}]\ndevice_execution: {cuda_graph_batch_sizes: [1, 16]}\n",
+        "device_execution.cuda_graph_batch_sizes",
+        id="graph size above max_batch_size",
+    ),
+    pytest.param(
+        "max_batch_size: 0\nexecution_providers: [{name: cuda}]\ndevice_execution: {cuda_graph_batch_sizes: [1]}\n",
+        "device_execution.cuda_graph_batch_sizes",
+        id="graphs on a model that does not batch",
+    ),
+    pytest.param(
+        "execution_providers: [{name: cuda, options: {enable_cuda_graph: true}}]\n",
+        "execution_providers.0.options.enable_cuda_graph",
+        id="cuda graphs turned on by hand",
+    ),
+    pytest.param(
+        "execution_providers: [{name: tensorrt, options: {trt_cuda_graph_enable: 1}}, {name: cuda}]\n",
+        "execution_providers.0.options.trt_cuda_graph_enable",
+        id="tensorrt graphs turned on by hand",
     ),
 ]
 

@@ -105,7 +105,13 @@ async def test_server_metadata_names_infergate_and_exactly_its_extensions(client
     metadata = await client.get_server_metadata()
     assert metadata.name == "infergate"
     assert metadata.version
-    assert list(metadata.extensions) == ["model_configuration", "model_repository", "statistics"]
+    assert list(metadata.extensions) == [
+        "classification",
+        "model_configuration",
+        "model_repository",
+        "sequence",
+        "statistics",
+    ]
 
 
 @pytest.mark.parametrize("model", DEMO_MODELS)

@@ -4,10 +4,13 @@ The rules, checked over infergate's generated stubs (``grpc.RpcError.code()``)
 and over tritonclient, sync and asyncio (``InferenceServerException.status()``
 reads like ``"StatusCode.INVALID_ARGUMENT"``):
 
-* an unknown model or version is NOT_FOUND;
+* an unknown model or version is NOT_FOUND, in Triton's words
+  (``Request for unknown model: '<name>' ...``); a version string that is not
+  a number is INVALID_ARGUMENT (``failed to get model version from specified
+  version string '<s>'``);
 * a malformed request (datatype, shape, sizes, names, batch, BYTES) is
   INVALID_ARGUMENT, and the message names the model and the tensor;
-* the model-repository RPCs (and Triton RPCs infergate does not define) are UNIMPLEMENTED;
+* Triton's RPCs of extensions infergate does not implement are UNIMPLEMENTED, naming the extension;
 * a model that failed to load is UNAVAILABLE, with the reason;
 * no answer is ever UNKNOWN, and a refused request leaves the channel usable:
   each case sends a valid request on the same channel afterwards.
@@ -29,6 +32,7 @@ import tritonclient.grpc as grpcclient
 from conftest import ServerProcess, TritonClient, running_server
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+import infergate
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.demo import build_matmul16
@@ -91,22 +95,24 @@ def x(shape: list[int], data: bytes = X_BYTES, datatype: str = "FP32") -> Infer:
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
-# Versions no model has. "²" is a digit to str.isdigit() but not to int().
+# Versions no model has, and the status and words of the refusal. "²" is a digit to str.isdigit() but not to int().
+MISSING = (NOT_FOUND, "Request for unknown model: 'matmul16' version {} is not found")
+MALFORMED = (INVALID, "failed to get model version from specified version string '{}'")
 UNKNOWN_VERSIONS = {
-    "2": "2",
-    "0": "0",
-    "latest": "latest",
-    "-1": "-1",
-    "1.0": "1.0",
-    "\u00b2": "superscript-two",
+    "2": ("2", *MISSING),
+    "0": ("0", *MISSING),
+    "latest": ("latest", *MALFORMED),
+    "-1": ("-1", *MALFORMED),
+    "1.0": ("1.0", *MALFORMED),
+    "\u00b2": ("superscript-two", *MALFORMED),
 }
 
 # (request, status, fragments the message must contain)
 BAD_REQUESTS = [
     pytest.param(Infer(model="no_such_model"), NOT_FOUND, ["no_such_model"], id="unknown model"),
     *[
-        pytest.param(Infer(version=v), NOT_FOUND, ["matmul16", repr(v)], id=f"unknown version {name}")
-        for v, name in UNKNOWN_VERSIONS.items()
+        pytest.param(Infer(version=v), status, ["matmul16", words.format(v)], id=f"unknown version {name}")
+        for v, (name, status, words) in UNKNOWN_VERSIONS.items()
     ],
     pytest.param(
         x([1, 16], np.zeros(16, np.float64).tobytes(), "FP64"),
@@ -238,8 +244,9 @@ def test_a_bad_request_is_refused_with_its_status_and_a_precise_message(
     assert_valid_request_succeeds(stub)
 
 
-@pytest.mark.parametrize("version", list(UNKNOWN_VERSIONS), ids=list(UNKNOWN_VERSIONS.values()))
-def test_an_unknown_version_is_not_found_for_every_rpc_that_takes_one(channel: grpc.Channel, version: str) -> None:
+@pytest.mark.parametrize("version", list(UNKNOWN_VERSIONS), ids=[n for n, _, _ in UNKNOWN_VERSIONS.values()])
+def test_an_unknown_version_is_refused_alike_by_every_rpc_that_takes_one(channel: grpc.Channel, version: str) -> None:
+    _, status, words = UNKNOWN_VERSIONS[version]
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     assert stub.ModelReady(pb.ModelReadyRequest(name="matmul16", version=version)).ready is False
     calls = {
@@ -250,8 +257,8 @@ def test_an_unknown_version_is_not_found_for_every_rpc_that_takes_one(channel: g
     for rpc, call in calls.items():
         with pytest.raises(grpc.RpcError) as refused:
             call()
-        assert (rpc, refused.value.code()) == (rpc, NOT_FOUND), refused.value.details()
-        assert "matmul16" in refused.value.details() and repr(version) in refused.value.details()
+        assert (rpc, refused.value.code()) == (rpc, status), refused.value.details()
+        assert "matmul16" in refused.value.details() and words.format(version) in refused.value.details()
     assert_valid_request_succeeds(stub)
 
 
@@ -330,7 +337,12 @@ def tc_multi_io(text: npt.NDArray[Any] | None) -> list[grpcclient.InferInput]:
 TRITONCLIENT_BAD_REQUESTS = [
     pytest.param("no_such_model", lambda: [tc_x()], {}, "NOT_FOUND", ["no_such_model"], id="unknown model"),
     pytest.param(
-        "matmul16", lambda: [tc_x()], {"model_version": "3"}, "NOT_FOUND", ["matmul16", "'3'"], id="unknown version"
+        "matmul16",
+        lambda: [tc_x()],
+        {"model_version": "3"},
+        "NOT_FOUND",
+        ["matmul16", "version 3"],
+        id="unknown version",
     ),
     pytest.param(
         "matmul16",
@@ -416,21 +428,28 @@ async def test_tritonclient_sees_the_status_and_message(
 
 
 @pytest.mark.parametrize(
-    ("method", "args"),
+    ("method", "args", "extension"),
     [
-        # Triton RPCs that infergate does not define at all.
-        ("get_system_shared_memory_status", ()),
-        ("get_cuda_shared_memory_status", ()),
-        ("get_trace_settings", ()),
-        ("get_log_settings", ()),
+        ("get_system_shared_memory_status", (), "system_shared_memory"),
+        ("register_system_shared_memory", ("region", "/key", 64), "system_shared_memory"),
+        ("unregister_system_shared_memory", (), "system_shared_memory"),
+        ("get_cuda_shared_memory_status", (), "cuda_shared_memory"),
+        ("unregister_cuda_shared_memory", (), "cuda_shared_memory"),
+        ("get_trace_settings", (), "trace"),
+        ("update_trace_settings", ("matmul16", {"trace_rate": "1"}), "trace"),
+        ("get_log_settings", (), "logging"),
+        ("update_log_settings", ({"log_verbose_level": 1},), "logging"),
     ],
 )
-async def test_tritonclient_gets_unimplemented_for_what_infergate_does_not_do(
-    client: TritonClient, method: str, args: tuple[str, ...]
+async def test_tritonclient_hears_which_extension_infergate_does_not_implement(
+    client: TritonClient, method: str, args: tuple[Any, ...], extension: str
 ) -> None:
     with pytest.raises(InferenceServerException) as refused:
         await getattr(client, method)(*args)
     assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert f"the {extension} extension is not implemented in infergate {infergate.__version__}" in str(
+        refused.value.message()
+    )
     assert await client.is_server_ready() is True
 
 

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
-from conftest import launch_server
+from conftest import eventually, launch_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from models import build_slow_model, save_model
 from tritonclient.grpc import InferInput
@@ -30,16 +30,8 @@ async def _infer(client: aioclient.InferenceServerClient, value: float) -> np.nd
     return result.as_numpy("y")
 
 
-async def _wait_for_first_batch(client: aioclient.InferenceServerClient) -> None:
-    while True:
-        stats = (await client.get_inference_statistics("slow")).model_stats[0]
-        if stats.execution_count >= 1:
-            return
-        await asyncio.sleep(0.01)
-
-
 async def test_sigterm_drains_in_flight_requests_then_exits_zero(slow_repository: Path, log_dir: Path) -> None:
-    server = launch_server(slow_repository, log_dir)
+    server = launch_server(slow_repository, log_dir, "--metrics-port", "0")
     try:
         async with aioclient.InferenceServerClient(server.url) as client:
             async with grpc.aio.insecure_channel(server.url) as channel:
@@ -47,7 +39,9 @@ async def test_sigterm_drains_in_flight_requests_then_exits_zero(slow_repository
                 assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
                 # 16 requests on a model that runs 4 rows per ~100 ms batch: several batches of work.
                 calls = [asyncio.create_task(_infer(client, float(i))) for i in range(16)]
-                await asyncio.wait_for(_wait_for_first_batch(client), timeout=30)
+                # Every call has reached the server (queued or running) before the signal.
+                active = lambda: server.metric("infergate_requests_active", rpc_method="ModelInfer")  # noqa: E731
+                await eventually(lambda: active() == 16, "16 calls in the server")
                 server.process.send_signal(signal.SIGTERM)
                 assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
                 results = await asyncio.gather(*calls, return_exceptions=True)

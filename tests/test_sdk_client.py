@@ -130,7 +130,7 @@ async def test_health_metadata_config_and_statistics(sdk: EitherClient) -> None:
     [
         ("matmul16", {"x": np.zeros((1, 3), np.float32)}, InvalidArgument, "expected \\[-1, 16\\]"),
         ("matmul16", {"x": np.zeros((1, 16), np.float64)}, InvalidArgument, "FP64"),
-        ("nope", {"x": np.zeros(1)}, NotFound, "unknown model 'nope'"),
+        ("nope", {"x": np.zeros(1)}, NotFound, "Request for unknown model: 'nope' is not found"),
     ],
 )
 async def test_server_errors_become_the_sdk_exceptions(

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import yaml
 from conftest import launch_server
 
 from infergate.config import TelemetryConfig
@@ -58,12 +59,16 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 # --------------------------------------------------------------------------- JSON lines
 
 
-def test_json_logs_make_every_line_json_including_the_listening_lines(demo_repository: Path, log_dir: Path) -> None:
+def test_json_logs_make_every_line_json_including_the_listening_lines(
+    demo_repository: Path, log_dir: Path, tmp_path: Path
+) -> None:
     """stdout (listening, metrics, console spans) and stderr (logs): one JSON object per line."""
+    config = tmp_path / "server.yaml"  # metrics from the file: launch_server reads a --metrics-port line itself
+    config.write_text(yaml.safe_dump({"telemetry": {"metrics_port": 0}}))
     server = launch_server(
         demo_repository,
         log_dir,
-        *("--log-format", "json", "--metrics-port", "0"),
+        *("--log-format", "json", "--config", str(config)),
         env={"OTEL_TRACES_EXPORTER": "console"},
     )
     _infer(server.url)

@@ -206,6 +206,7 @@ class FakeShadow:
         self.fail: BaseException | None = None
         self.calls = 0
         self.cancelled = 0
+        self.answered = asyncio.Event()  # set as a call returns its answer
         self._started: asyncio.Queue[int] = asyncio.Queue()
 
     async def __call__(self) -> Tensors:
@@ -218,6 +219,7 @@ class FakeShadow:
             raise
         if self.fail is not None:
             raise self.fail
+        self.answered.set()
         return self.answer
 
     def hold(self) -> None:
@@ -273,7 +275,7 @@ async def drain(queue: ShadowQueue) -> None:
 @pytest.fixture
 async def queue() -> AsyncIterator[ShadowQueue]:
     """A started one-worker queue with room for three jobs; closed after the test."""
-    shadows = ShadowQueue(max_size=3, workers=1)
+    shadows = ShadowQueue(max_size=3, concurrency=1)
     shadows.start()
     yield shadows
     async with asyncio.timeout(LIMIT):
@@ -363,8 +365,8 @@ async def test_jobs_of_several_shadow_versions_are_counted_apart(queue: ShadowQu
     assert (two.sent, two.compared, three.sent, three.compared) == (1, 1, 2, 2)
 
 
-async def test_aclose_cancels_the_workers_and_counts_queued_jobs_as_dropped() -> None:
-    queue = ShadowQueue(max_size=3, workers=1)
+async def test_aclose_cancels_the_tasks_and_counts_queued_jobs_as_dropped() -> None:
+    queue = ShadowQueue(max_size=3, concurrency=1)
     queue.start()
     shadow, stats = FakeShadow(), ShadowStats(version=2)
     shadow.hold()  # never answers
@@ -381,18 +383,28 @@ async def test_aclose_cancels_the_workers_and_counts_queued_jobs_as_dropped() ->
     assert stats.dropped == 4
 
 
-async def test_aclose_of_an_idle_or_unstarted_queue_is_quiet() -> None:
-    idle = ShadowQueue(workers=2)
+async def test_aclose_of_an_idle_or_unstarted_queue_stops_its_tasks_and_takes_no_more_work() -> None:
+    idle, never_started = ShadowQueue(concurrency=2), ShadowQueue()
     idle.start()
+    assert _shadow_tasks()
     async with asyncio.timeout(LIMIT):
         await idle.aclose()
-        await ShadowQueue().aclose()
+        await never_started.aclose()
+    assert not _shadow_tasks()
+    for queue in (idle, never_started):
+        stats = ShadowStats(version=2)
+        assert queue.offer(job(FakeShadow(), stats), limit=3) is False
+        assert (stats.sent, stats.dropped) == (0, 1)
 
 
-async def test_aclose_stops_a_worker_whose_shadow_call_has_just_returned() -> None:
-    # The call has finished but its worker has not resumed yet when it is cancelled: the cancellation must
-    # still stop the worker (asyncio.wait_for on Python 3.11 returns the result and swallows it instead).
-    queue = ShadowQueue(max_size=3, workers=1)
+def _shadow_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("shadow-") and not t.done()]
+
+
+async def test_aclose_stops_a_task_whose_shadow_call_has_just_returned() -> None:
+    # The call has returned its answer but the task awaiting it has not resumed yet when it is cancelled: the
+    # cancellation must still stop the task (asyncio.wait_for on Python 3.11 returns the result and swallows it).
+    queue = ShadowQueue(max_size=3, concurrency=1)
     queue.start()
     shadow, stats = FakeShadow(), ShadowStats(version=2)
     shadow.hold()
@@ -400,7 +412,7 @@ async def test_aclose_stops_a_worker_whose_shadow_call_has_just_returned() -> No
         assert queue.offer(job(shadow, stats), limit=3)
         await shadow.started()
     shadow.release()
-    await asyncio.sleep(0)  # one loop pass: the shadow call returns; its worker is woken but has not run
+    await shadow.answered.wait()  # the call is returning; the task awaiting it is woken after this one
     async with asyncio.timeout(CLOSE_LIMIT):
         await queue.aclose()
 

@@ -132,12 +132,10 @@ def _scrape(url: str) -> str:
 def test_the_prometheus_endpoint_serves_a_valid_exposition(demo_repository: Path, log_dir: Path) -> None:
     server = launch_server(demo_repository, log_dir, "--metrics-port", "0")
     try:
-        assert server.process.stdout is not None
-        line = server.process.stdout.readline()
-        assert line.startswith("infergate metrics on http://127.0.0.1:"), line
+        assert server.metrics_url is not None and server.metrics_url.startswith("http://127.0.0.1:")
         for _ in range(3):
             _infer(server.url)
-        text = _scrape(line.split(" on ", 1)[1].strip())
+        text = _scrape(server.metrics_url)
     finally:
         _stop(server)
 
@@ -157,7 +155,10 @@ def test_the_prometheus_endpoint_serves_a_valid_exposition(demo_repository: Path
 
     promtool = require(PROMTOOL, "install_promtool.sh")
     lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
+    # Exit 3 is "lint problems only". Triton's own names break Prometheus' naming advice (``_us``, a
+    # gauge named ``_count``); they are kept as Triton spells them, for its users' dashboards.
+    problems = [line for line in (lint.stdout + lint.stderr).splitlines() if not line.startswith("nv_inference_")]
+    assert lint.returncode in (0, 3) and not problems, lint.stdout + lint.stderr
 
 
 def test_json_logs_carry_trace_ids_and_no_secrets(demo_repository: Path, log_dir: Path) -> None:

@@ -7,7 +7,7 @@ clients are real tritonclient ones over 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,10 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
+from conftest import eventually
 from telemetry_support import Observed, observed_server, telemetry_repository
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
-
-WAIT = 30.0  # generous: polling ends as soon as the condition holds
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +45,6 @@ def _where(points: list[Any], **attributes: Any) -> list[Any]:
 def _one(points: list[Any], **attributes: Any) -> Any:
     (point,) = _where(points, **attributes)
     return point
-
-
-async def _eventually(check: Callable[[], bool], poll: float = 0.01) -> None:
-    """Poll ``check`` until it holds (the gauge has no event to wait on); fail after WAIT seconds."""
-    for _ in range(int(WAIT / poll)):
-        if check():
-            return
-        await asyncio.sleep(poll)
-    raise AssertionError(f"condition not met within {WAIT}s")
 
 
 async def test_metrics_agree_with_model_statistics_after_a_known_workload(observed: Observed) -> None:
@@ -111,7 +101,7 @@ async def test_queue_depth_and_requests_in_flight_are_gauged(observed: Observed)
     try:
         assert depth() == 0
         waiting = [asyncio.create_task(client.infer("batch4", _x())) for _ in range(3)]  # short of a batch of 4
-        await _eventually(lambda: depth() == 3)
+        await eventually(lambda: depth() == 3, "three requests queued")
         assert active() == 3
         await asyncio.gather(client.infer("batch4", _x()), *waiting)  # the fourth completes the batch
     finally:

@@ -1,16 +1,25 @@
-"""--workers N: several server processes share one port under a supervisor."""
+"""--workers N: several server processes share one port under a supervisor, and behave as one server.
+
+Each test opens many connections (a new channel with a local subchannel pool is a
+new connection, which the kernel gives to either worker) and, where it matters,
+keeps opening them until every worker got one, so what is checked held on each.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
+import grpc
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
-from conftest import launch_server
+from conftest import launch_server, wait_until
+
+from infergate._proto import grpc_service_pb2 as pb
+from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 
 
 def _worker_pids(log: str) -> dict[int, int]:
@@ -36,30 +45,23 @@ def _infer_on_fresh_channels(url: str, count: int) -> None:
         client.close()
 
 
-def _wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)  # waiting on another process's log: no event to wait on
-
-
 def test_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm(
     demo_repository: Path, log_dir: Path
 ) -> None:
     server = launch_server(demo_repository, log_dir, "--workers", "2", wait=False)
     try:
-        _wait_for(lambda: len(_worker_pids(server.log())) == 2)
+        wait_until(lambda: len(_worker_pids(server.log())) == 2, "two workers started")
         for pid in _worker_pids(server.log()).values():
-            _wait_for(lambda pid=pid: _ready(server.log(), pid))
+            wait_until(lambda pid=pid: _ready(server.log(), pid), f"worker {pid} ready")
         _infer_on_fresh_channels(server.url, 10)
 
         crashed = _worker_pids(server.log())[0]
         os.kill(crashed, signal.SIGKILL)
-        _wait_for(lambda: "worker 0 restarted" in server.log())
+        wait_until(lambda: "worker 0 restarted" in server.log(), "worker 0 restarted")
         replacement = _worker_pids(server.log())[0]
         assert replacement != crashed
         # Its models load again before it may serve: wait for its own "ready" line.
-        _wait_for(lambda: _ready(server.log(), replacement))
+        wait_until(lambda: _ready(server.log(), replacement), "the replacement worker ready")
         _infer_on_fresh_channels(server.url, 10)
         live = list(_worker_pids(server.log()).values())
     finally:
@@ -67,3 +69,94 @@ def test_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm(
     assert code == 0, server.log()
     for pid in live:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+# --------------------------------------------------------------------------- one server, not N
+
+
+X = np.arange(16, dtype=np.float32).reshape(1, 16)
+LOCAL_POOL = [("grpc.use_local_subchannel_pool", 1)]  # a new channel is a new connection
+GUARD_S = 60.0
+
+
+class Connection:
+    """One connection, which the kernel gave to one worker; the worker says which (infergate-worker)."""
+
+    def __init__(self, url: str):
+        self._channel = grpc.insecure_channel(url, options=LOCAL_POOL)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        request = pb.ModelStatisticsRequest()
+        _, call = self.stub.ModelStatistics.with_call(request, timeout=GUARD_S)
+        self.worker = dict(call.initial_metadata())["infergate-worker"]
+
+    def infer(self, model: str = "matmul16") -> None:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 16])
+        request = pb.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[X.tobytes()])
+        self.stub.ModelInfer(request, timeout=GUARD_S)
+
+    def ready(self, model: str = "matmul16") -> bool:
+        return bool(self.stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=GUARD_S).ready)
+
+    def successes(self, model: str = "matmul16") -> int:
+        reply = self.stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=GUARD_S)
+        return int(reply.model_stats[0].inference_stats.success.count)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _connections(url: str, workers: set[str], at_least: int = 8) -> list[Connection]:
+    """``at_least`` new connections, more until every one of ``workers`` got one (bounded)."""
+    out: list[Connection] = []
+    while len(out) < at_least or not workers <= {c.worker for c in out}:
+        assert len(out) < 128, f"the kernel never gave a connection to {workers - {c.worker for c in out}}"
+        out.append(Connection(url))
+    return out
+
+
+def test_workers_load_and_unload_together_and_one_scrape_sums_them(demo_repository: Path, log_dir: Path) -> None:
+    args = ("--workers", "2", "--model-control-mode", "explicit", "--metrics-port", "0")
+    server = launch_server(demo_repository, log_dir, *args, wait=False)
+    both = {"0/2", "1/2"}
+    try:
+        wait_until(lambda: len(_worker_pids(server.log())) == 2, "two workers started")
+        for pid in _worker_pids(server.log()).values():
+            wait_until(lambda pid=pid: _ready(server.log(), pid), f"worker {pid} ready")
+
+        loader = Connection(server.url)
+        loader.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="matmul16"), timeout=GUARD_S)
+        with pytest.raises(grpc.RpcError) as refused:
+            loader.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="nope"), timeout=GUARD_S)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in str(refused.value.details())
+        # Loaded through one connection, served on every other, whichever worker has it.
+        connections = _connections(server.url, both)
+        for connection in connections:
+            connection.infer()
+        by_worker = {c.worker: c for c in connections}
+        per_worker = {w: c.successes() for w, c in by_worker.items()}
+        assert sum(per_worker.values()) == len(connections)  # ModelStatistics: the worker that answered
+
+        assert server.metric("nv_inference_request_success", model="matmul16") == len(connections)
+        assert server.metric("infergate_requests_total", rpc_method="ModelInfer", model="matmul16") == len(connections)
+        assert [server.metric("infergate_worker_up", worker=w) for w in ("0", "1")] == [1, 1]
+
+        # A crashed worker comes back with the model loaded through the API; its counts are kept.
+        os.kill(_worker_pids(server.log())[0], signal.SIGKILL)
+        wait_until(lambda: "worker 0 restarted" in server.log(), "worker 0 restarted")
+        wait_until(lambda: _ready(server.log(), _worker_pids(server.log())[0]), "the replacement worker ready")
+        assert "worker 0 joined model control (1 call(s) replayed)" in server.log()
+        fresh = _connections(server.url, {"0/2"}, at_least=1)
+        assert all(c.ready() for c in fresh)
+        fresh[-1].infer()
+        assert server.metric("nv_inference_request_success", model="matmul16") == len(connections) + 1
+        assert server.metric("infergate_worker_restarts_total", worker="0") == 1
+
+        # Unloaded through one connection, gone on every other.
+        loader.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="matmul16"), timeout=GUARD_S)
+        after = _connections(server.url, both)
+        assert not any(c.ready() for c in after)
+        for c in [loader, *connections, *fresh, *after]:
+            c.close()
+    finally:
+        code = server.terminate()
+    assert code == 0, server.log()

@@ -1,22 +1,24 @@
-"""The ``infergate`` command: ``serve``, ``demo-repository`` and ``--version``."""
+"""The ``infergate`` command: ``serve``, ``check``, ``batch``, ``profile``, ``demo-repository`` and ``--version``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 from infergate import __version__
 from infergate.config import ConfigError, ServerConfig, load_server_config
+from infergate.monitoring.profiling import add_profile_command, profile_main
+from infergate.offline import command as offline_command
 from infergate.security.config import exposure_warning
-from infergate.server import InferGateServer, check_startable, run_until_signalled
 from infergate.telemetry import configure_logging
 from infergate.telemetry.logs import announcement
-from infergate.workers import supervise
+from infergate.workers import WorkerRole, supervise
 
 __all__ = ["main"]
 
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace-seconds", type=float, help="time in-flight requests get on SIGTERM")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"], help="log line format (default text)")
+    serve.add_argument("--audit-log", type=Path, metavar="FILE", help="append audit events here (default: the log)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
     serve.add_argument("--traces", action="store_true", default=None, help="trace requests (exporter: OTEL_*)")
     serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
@@ -54,10 +57,30 @@ def _parser() -> argparse.ArgumentParser:
         help="also serve grpc.health.v1, plaintext and without auth, on this port (for probes when TLS is on)",
     )
     serve.add_argument("--health-host", help="address of the --health-port (default: --host)")
+    # Set by the --workers supervisor for each worker it starts.
     serve.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--control-socket", type=Path, help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo-repository", help="write the demo models (built locally) to DIR")
     demo.add_argument("directory", type=Path)
+
+    add_profile_command(commands)  # infergate.monitoring.profiling
+
+    check = commands.add_parser(
+        "check",
+        help="validate a model repository as the server would load it, without serving (a CI/CD gate)",
+        description="Exit 0 when the repository would serve cleanly, 1 otherwise (with a table of findings), "
+        "2 on a bad command line. See docs/ci-gate.md.",
+    )
+    check.add_argument("--model-repository", type=Path, required=True, help="DIR holding <model>/<version>/")
+    check.add_argument("--config", type=Path, help="the server configuration file to check too")
+    check.add_argument("--model", action="extend", nargs="+", metavar="NAME", help="only these models")
+    check.add_argument("--smoke", action="store_true", help="also run one inference per version, checked for NaN/Inf")
+    check.add_argument("--format", choices=["text", "json"], default="text", help="json: for pipelines")
+
+    offline_command.add_parser(commands)
     return parser
 
 
@@ -65,7 +88,26 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo-repository":
         return _demo_repository(args.directory)
+    if args.command == "profile":
+        return profile_main(args)
+    if args.command == "check":
+        return _check(args)
+    if args.command == "batch":
+        configure_logging("warning", "text")
+        return offline_command.main(args)
     return _serve(args)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_repository
+
+    if not args.model_repository.is_dir():
+        print(f"infergate: {args.model_repository} is not a directory", file=sys.stderr)
+        return 2
+    configure_logging("warning", "text")  # the findings go to stdout; library warnings to stderr
+    report = asyncio.run(check_repository(args.model_repository, args.config, args.model, args.smoke))
+    print(report.as_json() if args.format == "json" else report.as_table())
+    return 0 if report.ok else 1
 
 
 def _demo_repository(directory: Path) -> int:
@@ -85,14 +127,15 @@ def _serve(args: argparse.Namespace) -> int:
     fmt = config.logging.format
     if config.model_repository is None:
         return _fail("--model-repository (or model_repository in --config) is required", fmt, 2)
-    if config.workers > 1 and config.telemetry.metrics_port:
-        return _fail("--metrics-port serves one process; it cannot be combined with --workers yet", fmt, 2)
     configure_logging(config.log_level, fmt)
     if (warning := exposure_warning(config.host, config.auth)) is not None:
         _say(warning, fmt, logging.WARNING)
     try:
         if config.workers > 1:
+            from infergate.server import check_startable  # only serve needs the server module
+
             check_startable(config)  # once here, not once per worker
+            telemetry = config.telemetry
             return asyncio.run(
                 supervise(
                     config.host,
@@ -100,10 +143,13 @@ def _serve(args: argparse.Namespace) -> int:
                     config.workers,
                     _worker_args(args),
                     grace=config.shutdown_delay_seconds + config.shutdown_grace_seconds,
+                    metrics_address=(
+                        (telemetry.metrics_host, telemetry.metrics_port) if telemetry.metrics_port is not None else None
+                    ),
                     log_format=fmt,
                 )
             )
-        asyncio.run(_serve_async(config))
+        asyncio.run(_serve_async(config, _worker_role(args)))
     except ConfigError as exc:  # keys and certificates are read when the server is built
         return _fail(str(exc), fmt, 2)
     except (OSError, RuntimeError) as exc:
@@ -125,9 +171,15 @@ def _load_config(args: argparse.Namespace) -> ServerConfig:
             "model_control_mode": args.model_control_mode,
             "repository_poll_seconds": args.repository_poll_secs,
             "load_models": args.load_model,
+            "audit_log": args.audit_log,
             "health_port": args.health_port,
             "health_host": args.health_host,
-            "telemetry": {"metrics_port": args.metrics_port, "traces": args.traces},
+            "telemetry": {
+                "metrics_port": args.metrics_port,
+                # A worker's own endpoint is private: the supervisor merges it into the one it serves.
+                "metrics_host": "127.0.0.1" if args.control_socket is not None else None,
+                "traces": args.traces,
+            },
             "logging": {"format": args.log_format},
         },
     )
@@ -156,6 +208,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         "--model-control-mode": args.model_control_mode,
         "--repository-poll-secs": args.repository_poll_secs,
         "--log-format": args.log_format,
+        "--audit-log": args.audit_log,
         "--health-port": args.health_port,
         "--health-host": args.health_host,
     }
@@ -166,13 +219,38 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
     return [*out, "--workers", "1"]
 
 
-async def _serve_async(config: ServerConfig) -> None:
-    server = InferGateServer(config)  # grpc.aio objects belong to the running loop
+def _worker_role(args: argparse.Namespace) -> WorkerRole | None:
+    if args.control_socket is None:
+        return None
+    return WorkerRole(args.worker_index or 0, args.worker_count or 1, args.control_socket)
+
+
+async def _serve_async(config: ServerConfig, worker: WorkerRole | None = None) -> None:
+    from infergate.server import InferGateServer, run_until_signalled  # only serve needs it: check starts faster
+
+    server = InferGateServer(config, worker=worker)  # grpc.aio objects belong to the running loop
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_until_signalled(server, stop)
+    await run_until_signalled(server, stop, close_port=False)
+    _exit_leaving_connections()
+
+
+def _exit_leaving_connections() -> NoReturn:
+    """End the process once it has drained, without shutting gRPC's server down.
+
+    Why: by now every call the server admitted has been answered, and new ones
+    have been refused with UNAVAILABLE. But calls still in flight to the
+    process (sent, not yet taken by the server) are cut off by gRPC's own
+    shutdown with CANCELLED, which clients must not retry. When the process
+    simply ends, the kernel closes its connections and those calls fail with
+    UNAVAILABLE, which clients retry (docs/deploy.md, tests/faults/).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

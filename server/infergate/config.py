@@ -27,6 +27,8 @@ class TelemetryConfig(Strict):
     metrics: bool = False  # implied by metrics_port; OTLP push when OTEL_METRICS_EXPORTER=otlp
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # Prometheus scrape endpoint
     metrics_host: str = "127.0.0.1"
+    # Also serve Triton's nv_inference_* counters on the Prometheus endpoint (telemetry/triton.py).
+    triton_metrics: bool = True
 
 
 class LoggingConfig(Strict):
@@ -66,6 +68,8 @@ class ServerConfig(Strict):
     health_host: str | None = None
     telemetry: TelemetryConfig = TelemetryConfig()
     logging: LoggingConfig = LoggingConfig()
+    # The audit trail (infergate.audit): appended to this file; unset, it goes to the server log.
+    audit_log: Path | None = None
     # Security and hardening (security_config.py, docs/security.md).
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None

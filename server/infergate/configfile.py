@@ -39,7 +39,7 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
-def _explain(path: Path, error: ValidationError) -> ConfigError:
+def _explain(path: Path | str, error: ValidationError) -> ConfigError:
     lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -47,8 +47,11 @@ def _explain(path: Path, error: ValidationError) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
-def validate(kind: type[M], data: Any, path: Path) -> M:
-    """``data`` (parsed YAML) as ``kind``; None means all defaults."""
+def validate(kind: type[M], data: Any, path: Path | str) -> M:
+    """``data`` (parsed YAML) as ``kind``; None means all defaults.
+
+    ``path`` names the source in messages: a file, or e.g. a request parameter.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -25,17 +25,28 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate._proto import infergate_admin_pb2 as apb
 from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
 from infergate._proto import model_config_pb2 as mc
+from infergate.audit import AuditLog
 from infergate.config import ServerConfig
+from infergate.monitoring.metrics import DriftReadings
 from infergate.repository.loader import ModelRepository
 from infergate.routing.shadow import ShadowQueue
-from infergate.security.interceptor import build_interceptors
+from infergate.security.auth import TokenVerifier
+from infergate.security.interceptor import AuthInterceptor
 from infergate.security.keys import KeyStore, build_key_store
 from infergate.security.tls import server_credentials
 from infergate.serving.admin import ADMIN_SERVICE_NAME, AdminServicer
+from infergate.serving.admission import Admission
+from infergate.serving.control import LocalModelControl, ModelControl
+from infergate.serving.handler import InferenceHandler
 from infergate.serving.health_port import HealthPort
-from infergate.serving.servicer import InferenceServicer, ServerState
+from infergate.serving.interceptors import build_interceptors
+from infergate.serving.request import RequestLimits
+from infergate.serving.servicer import InferenceServicer, Readiness
 from infergate.telemetry import Telemetry, check_exporters
 from infergate.telemetry.logs import HEALTH, LISTENING, METRICS, announcement
+from infergate.telemetry.triton import TritonRow
+from infergate.workers.control import WorkerControl, WorkerRole
+from infergate.workers.scope import WorkerScopeInterceptor
 
 __all__ = ["SERVICE_NAME", "InferGateServer", "check_startable"]
 
@@ -65,11 +76,14 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class InferGateServer:
     """An infergate server over one model repository."""
 
-    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None):
+    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None, *, worker: WorkerRole | None = None):
+        """``worker``: this process is one worker of ``--workers N`` (model control goes through the supervisor)."""
         if config.model_repository is None:
             raise ValueError("a model repository is required")
         self.config = config
         self.telemetry = telemetry or Telemetry.from_config(config.telemetry, access_log=config.log_level == "debug")
+        # Lifecycle events (docs/governance.md); the repository, router, shadows and auth write to it.
+        self.audit = AuditLog(config.audit_log)
         self.repository = ModelRepository(
             Path(config.model_repository),
             self.telemetry.observer,
@@ -77,23 +91,36 @@ class InferGateServer:
             explicit=config.model_control_mode == "explicit",
         )
         limits = config.limits
-        self.state = ServerState(
-            model_control_mode=config.model_control_mode,
-            max_elements=limits.max_elements_per_tensor,
-            max_rows=limits.max_batch_rows,
-            max_inputs=limits.max_inputs_per_request,
-        )
+        self.readiness = Readiness()
         metrics = self.telemetry.metrics
         self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None)
+        handler = InferenceHandler(
+            self.repository.catalog,
+            RequestLimits(limits.max_elements_per_tensor, limits.max_batch_rows, limits.max_inputs_per_request),
+            self.shadows,
+        )
         if metrics is not None:
+            metrics.watch_drift(DriftReadings(self.repository.catalog.served))
             metrics.watch_canaries(self._canaries)
+        self.telemetry.serve_triton_metrics(self._triton_rows)
+        local = LocalModelControl(self.repository)
+        self._worker_control = WorkerControl(worker, local) if worker is not None else None
+        control: ModelControl = self._worker_control or local
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
+        auth = None
+        if self._keys is not None:
+            refusals = metrics.record_auth_refusal if metrics else None
+            auth = AuthInterceptor(TokenVerifier(config.auth, self._keys), config.auth.exempt_methods, refusals)
+        self.admission = Admission(
+            limits.max_inference_calls, metrics.record_admission_refusal if metrics is not None else None
+        )
+        observers = self.telemetry.interceptors()
+        if worker is not None:
+            observers.append(WorkerScopeInterceptor(worker.index, worker.count))
         self._server = grpc.aio.server(
-            interceptors=build_interceptors(
-                config, self._keys, self.telemetry.interceptors(), metrics.record_auth_refusal if metrics else None
-            ),
+            interceptors=build_interceptors(self.admission, observers, auth),
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -102,10 +129,18 @@ class InferGateServer:
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.repository, self.state, self.shadows), self._server
+        servicer = InferenceServicer(
+            self.repository,
+            handler,
+            self.readiness,
+            config.model_control_mode,
+            on_stream_pause=metrics.stream_paused if metrics is not None else None,
+            closing=self.admission.closing,
+            control=control,
         )
-        apb_grpc.add_InferGateAdminServicer_to_server(AdminServicer(self.repository), self._server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
+        admin = AdminServicer(self.repository.catalog)
+        apb_grpc.add_InferGateAdminServicer_to_server(admin, self._server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._health_port = (
             HealthPort(self._health, reuse_port=config.reuse_port) if config.health_port is not None else None
@@ -118,8 +153,9 @@ class InferGateServer:
     async def start(self) -> int:
         """Bind and start serving; models load afterwards (see ``load_models``). Returns the port."""
         self.repository.discover()
+        self.audit.start()  # before the port opens: an audit log that cannot be written stops the start
         if self._keys is not None:
-            await self._keys.refresh()  # a JWKS URL's first fetch (off the loop); failures are logged
+            await self._keys.start()  # a JWKS URL's first fetch (off the loop), then its refresh schedule
         address = f"{self.config.host}:{self.config.port}"
         tls = self.config.tls
         if tls is None:
@@ -137,6 +173,7 @@ class InferGateServer:
         self.telemetry.start()
         await self._server.start()
         log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if tls else "")
+        self.audit.server_started(f"{self.config.host}:{self.port}", str(self.config.model_repository))
         return self.port
 
     async def load_models(self) -> bool:
@@ -145,14 +182,20 @@ class InferGateServer:
         Explicit mode loads only ``load_models`` ("*": all) and is ready without models.
         """
         await self.repository.load_all(self._startup_models())
-        failed = self.repository.not_ready() if self.config.model_control_mode != "explicit" else []
+        # A worker first applies what was loaded and unloaded through the API since the start.
+        if self._worker_control is not None and not await self._worker_control.join():
+            return False  # the supervisor is gone: this worker is stopping
+        failed = self.repository.catalog.not_ready() if self.config.model_control_mode != "explicit" else []
         ready = not failed or not self.config.strict_readiness
-        self.state.ready = ready
+        self.readiness.ready = ready
+        # The inference service answers for the models that loaded, whatever failed: clients that
+        # balance on its health (the SDK) keep their calls to them. "" is readiness, strict or not.
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         if ready:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "%d model(s) ready%s; server %s",
-            len(self.repository.entries) - len(failed),
+            len(self.repository.catalog.names()) - len(self.repository.catalog.not_ready()),  # loaded and serving
             f", failed: {', '.join(failed)}" if failed else "",
             "ready" if ready else "NOT ready (strict readiness)",
         )
@@ -161,13 +204,9 @@ class InferGateServer:
         return ready
 
     def _canaries(self) -> list[tuple[str, int, float, str]]:
-        """Each model's canary as the metrics report it; called on a metrics reader's thread."""
-        out = []
-        for name, entry in list(self.repository.entries.items()):
-            canary = entry.router.canary if entry.router is not None else None
-            if canary is not None:
-                out.append((name, canary.version, canary.weight, canary.state))
-        return out
+        """Each model's canary as the metrics report it (read on the scrape thread: lookups only)."""
+        statuses = ((name, router.canary) for name, router in self.repository.catalog.routers())
+        return [(name, c.version, c.weight, c.state) for name, c in statuses if c is not None]
 
     def _startup_models(self) -> list[str] | None:
         if self.config.model_control_mode != "explicit" or "*" in self.config.load_models:
@@ -183,32 +222,58 @@ class InferGateServer:
             except Exception:
                 log.exception("repository poll failed")
 
+    def _triton_rows(self) -> list[TritonRow]:
+        """Every loaded version for Triton's metrics (read on the scrape thread: lookups only)."""
+        loaded = self.repository.catalog.statistics("", "")
+        return [TritonRow(m.name, m.version, m.stats, m.batcher.depth) for m in loaded]
+
     async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:
             await self._health.set(service, status)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain and stop: NOT_SERVING, stop accepting, finish in-flight work, close models."""
+    async def stop(self, grace: float | None = None, *, close_port: bool = True) -> None:
+        """Drain and stop, losing no call the server took on.
+
+        1. Health says NOT_SERVING, so clients that watch it send new calls elsewhere;
+           for ``shutdown_delay_seconds`` the server keeps serving as before.
+        2. Admission closes: every new inference call is answered UNAVAILABLE at once
+           (which clients retry), never left to be cut off; open streams answer
+           what they read and end with UNAVAILABLE.
+        3. Every inference call admitted before that is answered (within ``grace``).
+        4. Then the port closes (unless ``close_port`` is False: see ``cli.py``), the
+           batchers drain and the sessions close.
+        """
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
-        self.state.draining = True
+        self.readiness.draining = True
         await self._health.enter_graceful_shutdown()
+        if self._worker_control is not None:
+            await self._worker_control.aclose()  # leave model control before the supervisor notices
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
         if self.config.shutdown_delay_seconds > 0:
-            # Closing the port at once cancelled a few calls arriving under load
-            # (tests/test_rolling_restart.py); meanwhile health watchers move away.
             log.info("NOT_SERVING; still serving for %.1fs", self.config.shutdown_delay_seconds)
             await asyncio.sleep(self.config.shutdown_delay_seconds)
-        await self._server.stop(grace)
-        if self._health_port is not None:
-            await self._health_port.stop(0)  # probes saw NOT_SERVING for the whole drain
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self.admission.close()
+        try:
+            async with asyncio.timeout(grace):
+                await self.admission.drained()
+        except TimeoutError:
+            log.warning("%d inference call(s) still running after %.1fs", self.admission.in_progress, grace)
+        if close_port:
+            await self._server.stop(max(deadline - loop.time(), 0.0))
+            if self._health_port is not None:
+                await self._health_port.stop(0)  # probes saw NOT_SERVING for the whole drain
         await self.shadows.aclose()
-        await self.repository.aclose(timeout=grace)
+        await self.repository.aclose(timeout=max(deadline - loop.time(), 0.0))
         if self._keys is not None:
-            self._keys.close()
+            await self._keys.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export
+        self.audit.server_stopped()
+        await self.audit.aclose()
         log.info("stopped")
 
 
@@ -224,8 +289,8 @@ def check_startable(config: ServerConfig) -> None:
     check_exporters(config.telemetry)
 
 
-async def run_until_signalled(server: InferGateServer, stop: asyncio.Event) -> None:
-    """Start, load, serve until ``stop`` is set, then drain."""
+async def run_until_signalled(server: InferGateServer, stop: asyncio.Event, *, close_port: bool = True) -> None:
+    """Start, load, serve until ``stop`` is set, then drain (see ``InferGateServer.stop``)."""
     await server.start()
     fmt = server.config.logging.format
     address = f"{server.config.host}:{server.port}"
@@ -240,4 +305,4 @@ async def run_until_signalled(server: InferGateServer, stop: asyncio.Event) -> N
     await stop.wait()
     if not loader.done():
         loader.cancel()
-    await server.stop()
+    await server.stop(close_port=close_port)

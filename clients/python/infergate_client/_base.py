@@ -45,6 +45,8 @@ class ClientBase:
     ``timeout``: the default deadline of each call in seconds, retries included.
     ``token``: a bearer token, or a callable returning one (see ``RefreshingToken``).
     ``metadata``: headers sent with every call (``x-user-id``, ``traceparent``...).
+    ``health_check``: send calls only to servers whose inference service reports SERVING
+    (see ``options.channel_options``); off, calls reach a server that is loading or draining.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class ClientBase:
         retry_budget: RetryBudget | None = None,
         keepalive: Keepalive | None = None,
         channel_options: Sequence[tuple[str, str | int]] = (),
+        health_check: bool = True,
     ) -> None:
         _check_timeout(timeout)
         self.target = resolve_target(url)
@@ -68,7 +71,7 @@ class ClientBase:
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
         self._budget = retry_budget or RetryBudget()
-        self._options = _channel_options_for(keepalive or Keepalive(), channel_options, tls)
+        self._options = _channel_options_for(keepalive or Keepalive(), channel_options, tls, health_check)
         self._rng = random.Random()
         self._open_channel()
 
@@ -127,9 +130,9 @@ def _decode(call: Call[Any], reply: Any) -> Any:
 
 
 def _channel_options_for(
-    keepalive: Keepalive, extra: Sequence[tuple[str, str | int]], tls: Tls | None
+    keepalive: Keepalive, extra: Sequence[tuple[str, str | int]], tls: Tls | None, health_check: bool
 ) -> list[tuple[str, str | int]]:
-    options = channel_options(keepalive, extra)
+    options = channel_options(keepalive, extra, health_check=health_check)
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return options

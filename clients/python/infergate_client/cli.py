@@ -3,7 +3,8 @@
 Exit codes:
 
 - 0: done (``health``: the server is live and ready);
-- 1: ``health`` got an answer, but the server (or the model) is not ready;
+- 1: ``health`` got an answer, but the server (or the model) is not ready: the JSON
+  lists each model that is not ready and why (``not_ready``), also said on stderr;
 - 2: bad command line or input file (nothing was sent);
 - 3: the server could not be reached in time (UNAVAILABLE, DEADLINE_EXCEEDED);
 - 4: the server refused or failed the call (NOT_FOUND, INVALID_ARGUMENT, UNAUTHENTICATED...).
@@ -55,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     health = commands.add_parser("health", help="is the server (or a model) live and ready")
     health.add_argument("--model", help="also check this model is ready")
-    commands.add_parser("models", help="list the models and their versions")
+    models = commands.add_parser("models", help="list the models and their versions")
+    models.add_argument(
+        "--long", "-l", action="store_true", help="also each version's governance metadata (or why it is not ready)"
+    )
     metadata = commands.add_parser("metadata", help="a model's inputs and outputs, as JSON")
     metadata.add_argument("model")
     metadata.add_argument("--model-version", default=None)
@@ -74,7 +78,7 @@ NAME=JSON (nested lists, cast to the input's datatype from ModelMetadata), e.g.
 -i x='[[1,2,3]]'. Outputs are printed as JSON, or saved with --output-dir."""
 
 
-def _client(args: argparse.Namespace) -> Client:
+def _client(args: argparse.Namespace, health_check: bool = True) -> Client:
     headers = []
     for item in args.header:
         key, sep, value = item.partition("=")
@@ -87,27 +91,63 @@ def _client(args: argparse.Namespace) -> Client:
             tls = Tls(args.ca, args.key, args.cert, args.server_name)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    return Client(args.url, tls=tls, token=args.token, metadata=headers, timeout=args.timeout)
+    return Client(
+        args.url, tls=tls, token=args.token, metadata=headers, timeout=args.timeout, health_check=health_check
+    )
 
 
 def _cmd_health(client: Client, args: argparse.Namespace) -> int:
     live, ready = client.is_server_live(), client.is_server_ready()
-    status = {"live": live, "ready": ready}
+    status: dict[str, Any] = {"live": live, "ready": ready}
     if args.model:
         status[f"model {args.model} ready"] = client.is_model_ready(args.model)
+    if all(status.values()):
+        print(json.dumps(status))
+        return OK
+    status["not_ready"] = reasons = _not_ready(client, args.model)
     print(json.dumps(status))
-    return OK if all(status.values()) else NOT_READY
+    why = "; ".join(f"model {r['model']}{' version ' + r['version'] if r['version'] else ''}: {r['reason']}"
+                    for r in reasons)  # fmt: skip
+    if not why:
+        why = f"model {args.model} is not in the repository" if ready else "the server is starting or draining"
+    print(f"infergate-client: not ready: {why}", file=sys.stderr)
+    return NOT_READY
+
+
+def _not_ready(client: Client, model: str | None) -> list[dict[str, str]]:
+    """The models that are not ready and why, from RepositoryIndex (empty where it cannot be read:
+    the health answer stands on its own)."""
+    try:
+        rows = client.repository_index()
+    except InferGateError:
+        return []
+    return [
+        {"model": r.name, "version": r.version, "state": r.state, "reason": r.reason or r.state}
+        for r in rows
+        if r.state != "READY" and (model is None or r.name == model)
+    ]
 
 
 def _cmd_models(client: Client, args: argparse.Namespace) -> int:
     try:
-        rows = [(m.name, m.version, m.state) for m in client.repository_index()]
+        rows = [(m.name, m.version, m.state, m.reason) for m in client.repository_index()]
     except Unimplemented:  # servers without model control still list what they serve in their statistics
         stats = client.model_statistics()
-        rows = [(s.name, s.version, "READY") for s in stats.model_stats]
-    for name, version, state in rows:
+        rows = [(s.name, s.version, "READY", "") for s in stats.model_stats]
+    for name, version, state, reason in rows:
         print(f"{name}\t{version or '-'}\t{state or '-'}")
+        if args.long:
+            for key, value in _details(client, name, version, state, reason):
+                print(f"    {key}: {value}")
     return OK
+
+
+def _details(client: Client, name: str, version: str, state: str, reason: str) -> list[tuple[str, str]]:
+    """``models --long``: a ready version's ModelConfig parameters (its governance metadata), else the reason."""
+    if state != "READY" or not version:
+        return [("reason", reason)] if reason else []
+    config = client.model_config(name, version)
+    return sorted((key, param.string_value) for key, param in config.parameters.items())
 
 
 def _tensors(items: Sequence[TensorMetadata]) -> list[dict[str, Any]]:
@@ -176,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
-        with _client(args) as client:
+        # health asks a server whatever its state; the others go where the inference service is SERVING.
+        with _client(args, health_check=args.command != "health") as client:
             return _COMMANDS[args.command](client, args)
     except UsageError as exc:
         print(f"infergate-client: {exc}", file=sys.stderr)

@@ -195,21 +195,26 @@ def resolve_target(url: str | Sequence[str]) -> str:
     return f"{families.pop()}:{','.join(address for _, address in parsed)}"
 
 
-_SERVICE_CONFIG = json.dumps(
-    {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": "inference.GRPCInferenceService"},
-    }
-)
+_ROUND_ROBIN: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
+_HEALTH_CHECK: dict[str, object] = {"healthCheckConfig": {"serviceName": "inference.GRPCInferenceService"}}
 
 
-def channel_options(keepalive: Keepalive, extra: Sequence[tuple[str, str | int]] = ()) -> list[tuple[str, str | int]]:
-    """The channel arguments every client channel gets; ``extra`` entries win over the defaults."""
+def channel_options(
+    keepalive: Keepalive, extra: Sequence[tuple[str, str | int]] = (), *, health_check: bool = True
+) -> list[tuple[str, str | int]]:
+    """The channel arguments every client channel gets; ``extra`` entries win over the defaults.
+
+    ``health_check``: skip servers whose ``inference.GRPCInferenceService`` health is not
+    SERVING. infergate reports it SERVING once its start-up loading is over, even when
+    some model failed (those calls fail on their own), and NOT_SERVING while it drains.
+    Turn it off only to talk to a server whatever its state (``infergate-client health``).
+    """
+    service_config = _ROUND_ROBIN | (_HEALTH_CHECK if health_check else {})
     defaults: dict[str, str | int] = {
         # Round robin over every address, skipping servers whose health is not SERVING: a server that
         # is draining (SIGTERM) or still loading gets no new calls. A server without the health service
         # counts as healthy (gRPC's client-side health checking treats UNIMPLEMENTED so).
-        "grpc.service_config": _SERVICE_CONFIG,
+        "grpc.service_config": json.dumps(service_config),
         "grpc.max_receive_message_length": -1,
         "grpc.max_send_message_length": -1,
         "grpc.keepalive_time_ms": int(keepalive.time_s * 1000),

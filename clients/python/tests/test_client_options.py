@@ -58,6 +58,8 @@ def test_channels_balance_round_robin_over_healthy_servers_and_user_options_win(
     config = json.loads(str(dict(channel_options(Keepalive()))["grpc.service_config"]))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     assert config["healthCheckConfig"] == {"serviceName": "inference.GRPCInferenceService"}
+    unchecked = json.loads(str(dict(channel_options(Keepalive(), health_check=False))["grpc.service_config"]))
+    assert unchecked == {"loadBalancingConfig": [{"round_robin": {}}]}
 
 
 @pytest.mark.parametrize(("attempt", "base"), [(1, 0.1), (2, 0.2), (3, 0.4), (10, 5.0)])

@@ -98,3 +98,73 @@ class RoutingStatusResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelRouting]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelRouting, _Mapping]]] = ...) -> None: ...
+
+class DriftStatusRequest(_message.Message):
+    __slots__ = ("name", "version", "top")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    top: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., top: _Optional[int] = ...) -> None: ...
+
+class FeatureDrift(_message.Message):
+    __slots__ = ("io", "tensor", "feature", "method", "score", "alert")
+    IO_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    ALERT_FIELD_NUMBER: _ClassVar[int]
+    io: str
+    tensor: str
+    feature: str
+    method: str
+    score: float
+    alert: bool
+    def __init__(self, io: _Optional[str] = ..., tensor: _Optional[str] = ..., feature: _Optional[str] = ..., method: _Optional[str] = ..., score: _Optional[float] = ..., alert: _Optional[bool] = ...) -> None: ...
+
+class ModelDrift(_message.Message):
+    __slots__ = ("name", "version", "method", "threshold", "window", "window_fill", "min_rows", "sample_fraction", "alert", "last_update_unix_seconds", "requests", "sampled", "dropped", "rows", "features", "top", "scored_rows")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FILL_FIELD_NUMBER: _ClassVar[int]
+    MIN_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ALERT_FIELD_NUMBER: _ClassVar[int]
+    LAST_UPDATE_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    SCORED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    method: str
+    threshold: float
+    window: int
+    window_fill: int
+    min_rows: int
+    sample_fraction: float
+    alert: bool
+    last_update_unix_seconds: float
+    requests: int
+    sampled: int
+    dropped: int
+    rows: int
+    features: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
+    top: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
+    scored_rows: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., threshold: _Optional[float] = ..., window: _Optional[int] = ..., window_fill: _Optional[int] = ..., min_rows: _Optional[int] = ..., sample_fraction: _Optional[float] = ..., alert: _Optional[bool] = ..., last_update_unix_seconds: _Optional[float] = ..., requests: _Optional[int] = ..., sampled: _Optional[int] = ..., dropped: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., top: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., scored_rows: _Optional[int] = ...) -> None: ...
+
+class DriftStatusResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelDrift]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelDrift, _Mapping]]] = ...) -> None: ...

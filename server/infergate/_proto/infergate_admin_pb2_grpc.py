@@ -39,6 +39,11 @@ class InferGateAdminStub:
                 request_serializer=infergate__admin__pb2.RoutingStatusRequest.SerializeToString,
                 response_deserializer=infergate__admin__pb2.RoutingStatusResponse.FromString,
                 _registered_method=True)
+        self.DriftStatus = channel.unary_unary(
+                '/infergate.admin.InferGateAdmin/DriftStatus',
+                request_serializer=infergate__admin__pb2.DriftStatusRequest.SerializeToString,
+                response_deserializer=infergate__admin__pb2.DriftStatusResponse.FromString,
+                _registered_method=True)
 
 
 class InferGateAdminServicer:
@@ -52,6 +57,14 @@ class InferGateAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DriftStatus(self, request, context):
+        """How far each monitored model version's live inputs and outputs have moved
+        from its reference profile: every feature's score, the window, the alert.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferGateAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_InferGateAdminServicer_to_server(servicer, server):
                     servicer.RoutingStatus,
                     request_deserializer=infergate__admin__pb2.RoutingStatusRequest.FromString,
                     response_serializer=infergate__admin__pb2.RoutingStatusResponse.SerializeToString,
+            ),
+            'DriftStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.DriftStatus,
+                    request_deserializer=infergate__admin__pb2.DriftStatusRequest.FromString,
+                    response_serializer=infergate__admin__pb2.DriftStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +106,33 @@ class InferGateAdmin:
             '/infergate.admin.InferGateAdmin/RoutingStatus',
             infergate__admin__pb2.RoutingStatusRequest.SerializeToString,
             infergate__admin__pb2.RoutingStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DriftStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infergate.admin.InferGateAdmin/DriftStatus',
+            infergate__admin__pb2.DriftStatusRequest.SerializeToString,
+            infergate__admin__pb2.DriftStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

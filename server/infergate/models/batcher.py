@@ -1,36 +1,46 @@
 """The dynamic batcher: one bounded queue per model version, feeding its instances.
 
 It is generic: it knows nothing of gRPC or onnxruntime. Callers ``submit`` a
-payload with its row count and a *group* key (requests whose non-batch
-dimensions differ must not share a batch). Whenever one of the ``workers``
-instances is free, a batch is formed and handed to ``execute(batch, done)``,
+payload with its row count, a *group* key (requests whose non-batch dimensions
+differ must not share a batch) and a priority level. Whenever one of the
+``instances`` is free, a batch is formed and handed to ``execute(batch, done)``,
 which runs it elsewhere (a thread) and calls ``done`` on the event loop with
 the results; each caller's future then gets its own result.
 
 Dispatch is driven by events, not by worker tasks: a batch starts inside the
-``submit`` that makes it ready, inside the ``done`` of the batch before it, or
-from a timer when it waits to fill. This keeps the hand-off to the instance
-and the answer to the caller one event-loop step each, which is most of a
-small model's latency (see BENCHMARKS.md).
+``submit`` that makes it ready (or a few event-loop turns later, see
+*gathering*), inside the ``done`` of the batch before it, or from a timer when
+it waits to fill. This keeps the hand-off to the instance and the answer to
+the caller one event-loop step each, which is most of a small model's latency
+(see BENCHMARKS.md).
 
-Batching policy (Triton's ``dynamic_batching``):
+Batching policy (Triton's ``dynamic_batching``, plus gathering):
 
-* A free instance takes the oldest waiting request and, behind it, every waiting
-  request of the same group while the batch stays within ``max_batch_size``
-  rows (``target_rows`` when preferred sizes are set). Multi-row requests take
-  that many rows and are never split.
+* A free instance takes the oldest waiting request of the highest priority
+  and, behind it, waiting requests of the same group (higher priorities first)
+  while the batch stays within ``max_batch_size`` rows (``target_rows`` when
+  preferred sizes are set). Multi-row requests are never split.
+* **Gathering** (``gather``, on by default): when a request finds an instance
+  idle, the batcher does not start the batch at once but lets the event loop
+  turn — every request that has already reached the server gets to join —
+  and keeps turning while new requests keep arriving (it stops after two
+  turns in a row bring none), up to ``max_gather_turns`` turns and
+  ``max_gather`` seconds (``max_queue_delay`` when that is set). One caller
+  alone pays two loop turns (microseconds); under load, batches grow to what
+  arrives together, without a fixed delay. It needs no timer: sub-ms
+  timers on an idle loop sleep a whole millisecond. A batch that starts
+  because the one before it finished runs at once with what waited meanwhile.
 * With ``max_queue_delay`` > 0, a free instance waits up to that long after the oldest
-  request arrived for the batch to fill; with 0 (the default) it runs what is
-  there, so batches grow exactly as fast as the instances are busy.
+  request arrived for the batch to fill (Triton's meaning: an upper bound on
+  the wait).
 * With ``min_batch_interval`` > 0, an instance starts batches no more often than
-  that (a full batch always starts at once). Requests spaced further apart
-  than the interval wait for nothing; under load, batches grow, so the fixed
-  cost of running a batch is paid less often.
+  that (a full batch always starts at once).
 
 Guarantees:
 
 * The queue is bounded: ``submit`` raises :class:`QueueFull` at once when
-  ``max_queue_size`` requests wait.
+  ``max_queue_size`` requests wait — unless a waiting request of a lower
+  priority can be refused in its place (the lowest priority is shed first).
 * A deadline covers queue time: the caller gets :class:`DeadlineExceeded` when
   it passes, and a request whose deadline has passed is never executed.
 * A caller that is cancelled is dropped from the queue; if its batch already
@@ -40,27 +50,45 @@ Guarantees:
   place of one result.
 * ``aclose`` refuses new work and returns once every queued and running batch
   has finished.
+
+Time comes from a :class:`Clock`: the running event loop's (``loop.time()``
+and ``loop.call_at``) unless one is injected, as the tests do to step time
+by hand. Loop turns always come from the running loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
+from infergate.models.batch_queue import BatchQueue, Entry
 
-__all__ = ["Batch", "BatchPolicy", "Done", "DynamicBatcher", "Execute", "from_coroutine"]
+__all__ = ["Batch", "BatchPolicy", "Clock", "Done", "DynamicBatcher", "Execute", "Timer", "from_coroutine"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 log = logging.getLogger(__name__)
+
+
+class Timer(Protocol):
+    def when(self) -> float: ...
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """Monotonic time in seconds and timers on it; an asyncio event loop is one."""
+
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: object) -> Timer: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +99,11 @@ class BatchPolicy:
     max_queue_delay: float = 0.0  # seconds
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 1024  # waiting requests
-    min_batch_interval: float = 0.0  # seconds between the starts of one worker's batches
+    min_batch_interval: float = 0.0  # seconds between the starts of one instance's batches
+    priority_levels: int = 1  # level 0 is the highest; submit(level=...) picks one
+    gather: bool = True  # let the loop turn while requests keep arriving (see the module docstring)
+    max_gather: float = 0.0005  # seconds of gathering at most, when max_queue_delay is 0
+    max_gather_turns: int = 8
 
     def __post_init__(self) -> None:
         if (
@@ -79,6 +111,9 @@ class BatchPolicy:
             or self.max_queue_size < 1
             or self.max_queue_delay < 0
             or self.min_batch_interval < 0
+            or self.priority_levels < 1
+            or self.max_gather < 0
+            or self.max_gather_turns < 1
         ):
             raise ValueError(f"invalid batch policy {self}")
         if any(not 1 <= p <= self.max_batch_size for p in self.preferred_batch_sizes):
@@ -89,6 +124,11 @@ class BatchPolicy:
         """Rows at which a batch is full: the largest preferred size, else the maximum."""
         return max(self.preferred_batch_sizes, default=self.max_batch_size)
 
+    @property
+    def gather_limit(self) -> float:
+        """Seconds a batch may be held while it gathers: ``max_queue_delay`` when set, else ``max_gather``."""
+        return self.max_queue_delay or self.max_gather
+
 
 @dataclass(slots=True)
 class Batch(Generic[T]):
@@ -96,35 +136,13 @@ class Batch(Generic[T]):
 
     payloads: list[T]
     payload_rows: list[int]  # rows of each payload, as submitted
-    enqueued: list[float]  # loop.time() of each submit
-    started: float  # loop.time() when the batch was formed
+    enqueued: list[float]  # clock time of each submit
+    started: float  # clock time when the batch was formed
     tags: list[object] = field(default_factory=list)  # each submit's opaque tag (e.g. its trace span)
 
     @property
     def rows(self) -> int:
         return sum(self.payload_rows)
-
-
-class _Entry(Generic[T, R]):
-    __slots__ = ("deadline", "enqueued", "future", "group", "payload", "rows", "tag")
-
-    def __init__(
-        self,
-        payload: T,
-        rows: int,
-        group: Hashable,
-        deadline: float | None,
-        enqueued: float,
-        future: asyncio.Future[R],
-        tag: object,
-    ) -> None:
-        self.payload = payload
-        self.rows = rows
-        self.group = group
-        self.deadline = deadline
-        self.enqueued = enqueued
-        self.future = future
-        self.tag = tag
 
 
 Outcome = Sequence[R | BaseException] | BaseException
@@ -152,21 +170,40 @@ def from_coroutine(run: Callable[[Batch[T]], Awaitable[Sequence[R | BaseExceptio
     return execute
 
 
-class DynamicBatcher(Generic[T, R]):
-    """Forms batches from submitted payloads and runs them on ``workers`` parallel instances."""
+# Gathering stops after this many loop turns in a row with no new request: a request takes a
+# few loop steps from the socket to submit(), so consecutive arrivals can land a turn apart.
+_QUIET_TURNS = 2
 
-    def __init__(self, execute: Execute[T, R], policy: BatchPolicy, *, workers: int, name: str):
-        if workers < 1:
-            raise ValueError("a batcher needs at least one worker")
+
+@dataclass(slots=True)
+class _Gathering:
+    """A batch being gathered: since when, how many requests waited at the last loop turn,
+    how many turns it has run, and how many turns in a row brought nothing."""
+
+    since: float
+    seen: int
+    turns: int = 0
+    quiet: int = 0
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Forms batches from submitted payloads and runs them on ``instances`` parallel instances."""
+
+    def __init__(
+        self, execute: Execute[T, R], policy: BatchPolicy, *, instances: int, name: str, clock: Clock | None = None
+    ):
+        if instances < 1:
+            raise ValueError("a batcher needs at least one instance")
         self._execute = execute
         self._policy = policy
         self._name = name
-        self._queue: collections.deque[_Entry[T, R]] = collections.deque()
-        self._queued_rows = 0
-        self._free = list(range(workers))  # instances with no batch running
-        self._last_start = [-math.inf] * workers  # loop time each instance last started a batch
-        self._running: dict[int, list[_Entry[T, R]]] = {}  # instance -> its batch's entries
-        self._timer: asyncio.TimerHandle | None = None  # wakes a batch that waits to fill
+        self._queue: BatchQueue[T, R] = BatchQueue(policy.priority_levels, policy.max_queue_size, self._expire_entry)
+        self._free = list(range(instances))  # instances with no batch running
+        self._last_start = [-math.inf] * instances  # clock time each instance last started a batch
+        self._running: dict[int, list[Entry[T, R]]] = {}  # instance -> its batch's entries
+        self._clock = clock  # the loop's, from start(), unless injected
+        self._timer: Timer | None = None  # wakes a batch that waits to fill
+        self._gathering: _Gathering | None = None
         self._dispatching = False
         self._closing = False
         self._idle = asyncio.Event()  # set when closing and nothing is queued or running
@@ -186,6 +223,8 @@ class DynamicBatcher(Generic[T, R]):
         if self._loop is not None:
             raise RuntimeError(f"batcher {self._name} already started")
         self._loop = asyncio.get_running_loop()
+        if self._clock is None:
+            self._clock = self._loop
 
     async def submit(
         self,
@@ -196,53 +235,58 @@ class DynamicBatcher(Generic[T, R]):
         deadline: float | None = None,
         watch: bool = True,
         tag: object = None,
+        level: int = 0,
     ) -> R:
-        """Queue ``payload`` (``rows`` rows) and wait for its result.
+        """Queue ``payload`` (``rows`` rows, priority ``level``, 0 the highest) and wait for its result.
 
-        ``deadline`` is an absolute ``loop.time()``: an entry past it is never executed.
+        ``deadline`` is an absolute clock time: an entry past it is never executed.
         With ``watch`` a timer also fails the caller the moment it passes; pass False when
         something else already does (gRPC cancels a call at its own deadline), because
         a timer per request is a measurable share of a small model's cost. ``tag``
         travels unread to ``Batch.tags``. Raises QueueFull, DeadlineExceeded,
         Unavailable (closing) or whatever ``execute`` raised.
         """
-        if self._closing or self._loop is None:
+        if self._closing or self._loop is None or self._clock is None:
             raise Unavailable(f"model {self._name} is shutting down")
         if rows > self._policy.max_batch_size or rows < 1:
             raise InvalidArgument(f"model {self._name}: {rows} rows, batches hold 1 to {self._policy.max_batch_size}")
-        if len(self._queue) >= self._policy.max_queue_size and not self._make_room():
-            raise QueueFull(f"model {self._name}: queue full ({self._policy.max_queue_size} requests waiting)")
-        loop = self._loop
-        now = loop.time()
+        if not 0 <= level < self._policy.priority_levels:
+            raise InvalidArgument(
+                f"model {self._name}: priority level {level} outside 0..{self._policy.priority_levels}"
+            )
+        if self._queue.full():
+            self._make_room(level)
+        clock = self._clock
+        now = clock.time()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"model {self._name}: deadline passed before queueing")
-        future: asyncio.Future[R] = loop.create_future()
-        self._queue.append(_Entry(payload, rows, group, deadline, now, future, tag))
-        self._queued_rows += rows
-        self._dispatch()
+        future: asyncio.Future[R] = self._loop.create_future()
+        self._queue.push(Entry(payload, rows, group, deadline, now, future, tag, level))
+        self._dispatch(gather=self._policy.gather)
         if deadline is None or not watch:
             return await future
-        timer = loop.call_at(deadline, self._expire, future)
+        timer = clock.call_at(deadline, self._expire, future)
         try:
             return await future
         finally:
             timer.cancel()
 
-    def _make_room(self) -> bool:
-        """Drop every entry whose caller gave up; True if that freed a place.
-
-        Runs only when the queue looks full, so the common path stays O(1).
-        """
-        live = [e for e in self._queue if not e.future.done()]
-        if len(live) == len(self._queue):
-            return False
-        self._queue = collections.deque(live)
-        self._queued_rows = sum(e.rows for e in live)
-        return len(live) < self._policy.max_queue_size
+    def _make_room(self, level: int) -> None:
+        """Make room for a request of ``level`` in a full queue, or refuse it (QueueFull)."""
+        room = self._queue.make_room(level)
+        if room is False:
+            raise QueueFull(f"model {self._name}: queue full ({self._policy.max_queue_size} requests waiting)")
+        if isinstance(room, Entry) and not room.future.done():
+            room.future.set_exception(
+                QueueFull(f"model {self._name}: queue full; refused for a request of higher priority")
+            )
 
     def _expire(self, future: asyncio.Future[R]) -> None:
         if not future.done():
             future.set_exception(DeadlineExceeded(f"model {self._name}: deadline passed in queue"))
+
+    def _expire_entry(self, entry: Entry[T, R]) -> None:
+        self._expire(entry.future)
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Refuse new work and wait until every queued and running batch finished.
@@ -262,44 +306,74 @@ class DynamicBatcher(Generic[T, R]):
                 self._resolve_all(entries, error)
             self._resolve_all(list(self._queue), error)
             self._queue.clear()
-            self._queued_rows = 0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _dispatch(self) -> None:
-        """Start batches on free instances while some are ready."""
-        if self._dispatching or self._loop is None:
+    def _dispatch(self, gather: bool = False) -> None:
+        """Start batches on free instances while some are ready; with ``gather``, a batch that
+        an idle instance could start now is first gathered (see the module docstring)."""
+        if self._dispatching or self._clock is None:
             return  # a done() called from inside execute(): the loop below goes on
         self._dispatching = True
         try:
-            self._dispatch_ready(self._loop)
+            self._dispatch_ready(self._clock, gather)
         finally:
             self._dispatching = False
         if self._closing and not self._queue and not self._running:
             self._idle.set()
 
-    def _dispatch_ready(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _dispatch_ready(self, clock: Clock, gather: bool) -> None:
         while self._free:
-            now = loop.time()
-            self._sweep_head(now)
-            if not self._queue:
+            now = clock.time()
+            if not self._queue.sweep(now):
                 return
             instance = min(self._free, key=self._last_start.__getitem__)  # the longest idle
             until = self._wait_until(now, self._last_start[instance])
             if until is not None:
-                self._wake_at(loop, until)
+                self._wake_at(clock, until)
                 return
-            entries = self._take(now)
+            if self._gathering is not None:
+                return  # the next loop turn decides
+            if gather and self._should_gather():
+                self._gathering = _Gathering(now, len(self._queue))
+                self._turn()
+                return
+            entries = self._queue.take(now, self._policy.target_rows)
             if entries:
                 self._launch(instance, entries, now)
 
-    def _wake_at(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    def _should_gather(self) -> bool:
+        return not self._closing and self._queue.rows < self._policy.target_rows
+
+    def _turn(self) -> None:
+        assert self._loop is not None
+        self._loop.call_soon(self._on_turn)
+
+    def _on_turn(self) -> None:
+        """One loop turn of gathering: go on while requests keep arriving, within the limits."""
+        gathering = self._gathering
+        if gathering is None or self._clock is None:
+            return
+        gathering.turns += 1
+        gathering.quiet = 0 if len(self._queue) > gathering.seen else gathering.quiet + 1
+        gathering.seen = len(self._queue)
+        within = (
+            gathering.turns < self._policy.max_gather_turns
+            and self._clock.time() - gathering.since < self._policy.gather_limit
+        )
+        if gathering.quiet < _QUIET_TURNS and within and self._should_gather():
+            self._turn()
+            return
+        self._gathering = None
+        self._dispatch()
+
+    def _wake_at(self, clock: Clock, when: float) -> None:
         if self._timer is not None:
             if self._timer.when() <= when:
                 return
             self._timer.cancel()
-        self._timer = loop.call_at(when, self._on_timer)
+        self._timer = clock.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -312,15 +386,15 @@ class DynamicBatcher(Generic[T, R]):
         after its oldest request arrived, and for ``min_batch_interval`` after
         this instance's previous batch started, whichever ends later.
         """
-        if self._closing or self._queued_rows >= self._policy.target_rows:
+        if self._closing or self._queue.rows >= self._policy.target_rows:
             return None
         until = max(
-            self._queue[0].enqueued + self._policy.max_queue_delay,
+            self._queue.oldest().enqueued + self._policy.max_queue_delay,
             last_start + self._policy.min_batch_interval,
         )
         return until if now < until else None
 
-    def _launch(self, instance: int, entries: list[_Entry[T, R]], now: float) -> None:
+    def _launch(self, instance: int, entries: list[Entry[T, R]], now: float) -> None:
         self._free.remove(instance)
         self._last_start[instance] = now
         self._running[instance] = entries
@@ -337,7 +411,7 @@ class DynamicBatcher(Generic[T, R]):
         except Exception as exc:  # a failure to even start: every caller of the batch gets it
             done(exc)
 
-    def _finish(self, instance: int, entries: list[_Entry[T, R]], outcome: Outcome[R]) -> None:
+    def _finish(self, instance: int, entries: list[Entry[T, R]], outcome: Outcome[R]) -> None:
         """``done`` of one batch: free its instance, answer its callers, start what is ready."""
         if self._running.get(instance) is not entries:
             return  # called twice, or after aclose gave up on it
@@ -355,50 +429,10 @@ class DynamicBatcher(Generic[T, R]):
                     entry.future.set_exception(result)
                 else:
                     entry.future.set_result(result)
-        self._dispatch()
-
-    def _sweep_head(self, now: float) -> None:
-        """Drop cancelled and expired entries from the front of the queue."""
-        queue = self._queue
-        while queue and not self._live(queue[0], now):
-            self._queued_rows -= queue.popleft().rows
-
-    def _live(self, entry: _Entry[T, R], now: float) -> bool:
-        if entry.future.done():
-            return False
-        if entry.deadline is not None and entry.deadline <= now:
-            self._expire(entry.future)
-            return False
-        return True
-
-    def _take(self, now: float) -> list[_Entry[T, R]]:
-        """Pop the head entry and the live entries of its group that fit behind it."""
-        queue = self._queue
-        group = queue[0].group
-        limit = self._policy.target_rows
-        taken: list[_Entry[T, R]] = []
-        other_groups: list[_Entry[T, R]] = []
-        rows = 0
-        while queue:
-            entry = queue[0]
-            if not self._live(entry, now):
-                self._queued_rows -= queue.popleft().rows
-            elif entry.group != group:
-                other_groups.append(queue.popleft())
-            elif taken and rows + entry.rows > limit:
-                break  # never split a request; the head always goes, even past a preferred size
-            else:
-                queue.popleft()
-                self._queued_rows -= entry.rows
-                taken.append(entry)
-                rows += entry.rows
-                if rows >= limit:
-                    break
-        queue.extendleft(reversed(other_groups))
-        return taken
+        self._dispatch()  # what waited during this batch starts at once
 
     @staticmethod
-    def _resolve_all(entries: list[_Entry[T, R]], error: BaseException) -> None:
+    def _resolve_all(entries: list[Entry[T, R]], error: BaseException) -> None:
         for entry in entries:
             if not entry.future.done():
                 entry.future.set_exception(error)

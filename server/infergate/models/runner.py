@@ -5,6 +5,10 @@ thread per instance (``instance_group.count``), each with its own session, so
 instances run batches in parallel while the loop keeps serving.
 Collating inputs and splitting outputs happen on that thread too, so a batch
 costs the loop a single hop.
+
+With ``device_execution`` (IO binding, CUDA graphs) each instance also owns a
+:class:`~infergate.models.binding.BoundSession`, and batches run through it
+instead of ``session.run``; see binding.py.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +29,19 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from infergate.errors import ModelExecutionError
+from infergate.models.binding import BindingPlan, BoundSession, plan_binding
 from infergate.models.config import PROVIDERS, ModelConfig
-from infergate.models.spec import ModelSpec, spec_from_graph
+from infergate.models.spec import ModelSpec, Tensors, spec_from_graph
 from infergate.models.stats import BatchTimings
+from infergate.models.warmup import describe_feeds, valid_inputs, warmup_runs
 
-__all__ = ["ModelLoadError", "OnnxRunner", "Tensors", "collate", "split", "zero_inputs"]
+__all__ = ["Instance", "ModelLoadError", "OnnxRunner", "collate", "split", "zero_inputs"]
 
 log = logging.getLogger(__name__)
 
 # Niceness of a background (shadow) version's instance threads: the lowest CPU priority.
 BACKGROUND_NICE = 19
 
-Tensors = dict[str, npt.NDArray[Any]]
 
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -70,30 +76,25 @@ def split(names: Sequence[str], outputs: Sequence[npt.NDArray[Any]], rows: Seque
 
 
 def zero_inputs(spec: ModelSpec, rows: int) -> Tensors:
-    """Zero (empty-string) inputs with ``rows`` rows and 1 for every other variable dim."""
-    feeds: Tensors = {}
-    for t in spec.inputs:
-        dims = list(t.shape)
-        if spec.batches:
-            dims[0] = rows
-        shape = tuple(1 if d < 0 else d for d in dims)
-        if t.datatype.name == "BYTES":
-            feeds[t.name] = np.full(shape, "", dtype=object)
-        else:
-            feeds[t.name] = np.zeros(shape, dtype=t.datatype.numpy)
-    return feeds
+    """Zeros valid for each input's datatype (BYTES: ``"0"``), ``rows`` rows, 1 for other variable dims."""
+    return valid_inputs(spec, rows)
 
 
-def _warm_up(sessions: list[ort.InferenceSession], spec: ModelSpec, config: ModelConfig) -> None:
-    sizes = config.warmup.batch_sizes if spec.batches else [1]
-    for size in sizes:
-        feeds = zero_inputs(spec, min(size, spec.max_batch_size or 1))
+def _warm_up(sessions: list[ort.InferenceSession], spec: ModelSpec, config: ModelConfig, model_dir: Path) -> None:
+    """Run the warm-up requests on every session; a failure names the run and each input's value."""
+    try:
+        runs = warmup_runs(spec, config, model_dir)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    for run in runs:
         for session in sessions:
-            for _ in range(config.warmup.iterations):
+            for _ in range(run.count):
                 try:
-                    session.run(None, feeds)
+                    session.run(None, run.feeds)
                 except Exception as exc:
-                    raise ModelLoadError(f"warm-up at batch {size} failed: {_first_line(exc)}") from exc
+                    raise ModelLoadError(
+                        f"warm-up {run.name} failed: {_first_line(exc)}; it fed {describe_feeds(run.feeds)}"
+                    ) from exc
 
 
 def _session_options(config: ModelConfig) -> ort.SessionOptions:
@@ -120,7 +121,10 @@ def _providers(config: ModelConfig, name: str) -> list[tuple[str, dict[str, str]
     for provider in config.execution_providers:
         ort_name = PROVIDERS[provider.name]
         if ort_name in available:
-            chosen.append((ort_name, {k: str(v) for k, v in provider.options.items()}))
+            options = {k: str(v) for k, v in provider.options.items()}
+            if provider.name == "cuda" and config.device_execution.graphs:
+                options["enable_cuda_graph"] = "1"  # replayed only through binding.BoundSession's buckets
+            chosen.append((ort_name, options))
         else:
             missing.append(provider.name)
     if not chosen:
@@ -134,14 +138,25 @@ def _providers(config: ModelConfig, name: str) -> list[tuple[str, dict[str, str]
     return chosen
 
 
+@dataclass(frozen=True)
+class Instance:
+    """What one instance thread owns: a session and, with IO binding, its bound buffers."""
+
+    session: ort.InferenceSession
+    bound: BoundSession | None = None
+
+
 class OnnxRunner:
     """``instance_count`` onnxruntime sessions of one model file and the threads that run them."""
 
-    def __init__(self, sessions: list[ort.InferenceSession], spec: ModelSpec):
+    def __init__(self, sessions: list[ort.InferenceSession], spec: ModelSpec, bound: list[BoundSession] | None = None):
         self.spec = spec
         self._output_names = [o.name for o in sessions[0].get_outputs()]
         self.providers: list[str] = sessions[0].get_providers()
-        self._instances = _InstanceThreads(sessions, self._run_sync, name=f"ort-{spec.name}")
+        instances = [Instance(s, bound[i] if bound else None) for i, s in enumerate(sessions)]
+        # How batches run, for logs and checks: "session.run" or BindingPlan.describe().
+        self.execution = bound[0].plan.describe() if bound else "session.run"
+        self._instances = _InstanceThreads(instances, self._run_sync, name=f"ort-{spec.name}")
 
     @classmethod
     def load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
@@ -162,10 +177,19 @@ class OnnxRunner:
             spec = spec_from_graph(
                 name, version, sessions[0].get_inputs(), sessions[0].get_outputs(), config.max_batch_size
             )
+            plan = plan_binding(config.device_execution, actual, dict(providers)[actual], spec)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
-        _warm_up(sessions, spec, config)  # before any thread starts: a failure leaves nothing behind
-        return cls(sessions, spec)
+        if plan is None or not plan.graph_sizes:
+            # A session with CUDA graphs must not run outside its buckets (session.run would capture a graph
+            # on buffers that change); its warm-up is the buckets' own, below. Before any thread starts: a
+            # failure leaves nothing behind. The repository keeps a version's files in <model>/<version>/,
+            # so <model>/warmup/ is two levels up.
+            _warm_up(sessions, spec, config, path.parent.parent)
+        bound = _bind(sessions, spec, plan, config) if plan is not None else None
+        if plan is not None:
+            log.info("model %s version %d: %s", name, version, plan.describe())
+        return cls(sessions, spec, bound)
 
     def start(self, payloads: list[Tensors], rows: list[int], callback: Callback) -> None:
         """Run one batch on a free instance, off the event loop.
@@ -178,16 +202,16 @@ class OnnxRunner:
         """Run later batches at the lowest CPU priority (a shadow's), or back at normal priority."""
         self._instances.nice = BACKGROUND_NICE if background else 0
 
-    def _run_sync(
-        self, session: ort.InferenceSession, payloads: list[Tensors], rows: list[int]
-    ) -> tuple[list[Tensors | Exception], BatchTimings]:
+    def _run_sync(self, instance: Instance, payloads: list[Tensors], rows: list[int]) -> BatchOutcome:
+        if instance.bound is not None:
+            return self._run_bound(instance, instance.bound, payloads, rows)
         t0 = time.perf_counter_ns()
         feeds = collate(payloads)
         t1 = time.perf_counter_ns()
         try:
-            outputs = session.run(self._output_names, feeds)
+            outputs = instance.session.run(self._output_names, feeds)
         except Exception as exc:
-            results = self._isolate(session, payloads, exc)
+            results = self._isolate(instance, payloads, exc)
             t2 = time.perf_counter_ns()
             return results, BatchTimings(t1 - t0, t2 - t1, 0)
         t2 = time.perf_counter_ns()
@@ -195,17 +219,34 @@ class OnnxRunner:
         t3 = time.perf_counter_ns()
         return results_ok, BatchTimings(t1 - t0, t2 - t1, t3 - t2)
 
-    def _isolate(
-        self, session: ort.InferenceSession, payloads: list[Tensors], error: Exception
-    ) -> list[Tensors | Exception]:
+    def _run_bound(
+        self, instance: Instance, bound: BoundSession, payloads: list[Tensors], rows: list[int]
+    ) -> BatchOutcome:
+        """Stage (collate, padded for a graph), copy once, run and split: see binding.py."""
+        t0 = time.perf_counter_ns()
+        try:
+            staged = bound.stage(payloads, sum(rows))
+            t1 = time.perf_counter_ns()
+            outputs = bound.execute(staged)
+        except Exception as exc:
+            t1 = time.perf_counter_ns()
+            results = self._isolate(instance, payloads, exc)
+            return results, BatchTimings(t1 - t0, time.perf_counter_ns() - t1, 0)
+        t2 = time.perf_counter_ns()
+        results_ok: list[Tensors | Exception] = list(split(self._output_names, outputs, rows))
+        t3 = time.perf_counter_ns()
+        return results_ok, BatchTimings(t1 - t0, t2 - t1, t3 - t2)
+
+    def _isolate(self, instance: Instance, payloads: list[Tensors], error: Exception) -> list[Tensors | Exception]:
         """After a failed batch, run each request alone so only the ones that fail get an error."""
         if len(payloads) == 1:
             return [self._execution_error(error)]
         log.warning("model %s: a batch of %d failed; retrying one by one", self.spec.name, len(payloads))
+        run_options = instance.bound.plain_run_options if instance.bound is not None else None
         results: list[Tensors | Exception] = []
         for payload in payloads:
             try:
-                outputs = session.run(self._output_names, payload)
+                outputs = instance.session.run(self._output_names, payload, run_options)
                 results.append(dict(zip(self._output_names, outputs, strict=True)))
             except Exception as exc:
                 results.append(self._execution_error(exc))
@@ -225,14 +266,30 @@ class OnnxRunner:
         self._instances.close()
 
 
+def _bind(
+    sessions: list[ort.InferenceSession], spec: ModelSpec, plan: BindingPlan, config: ModelConfig
+) -> list[BoundSession]:
+    """Allocate each session's bound buffers and warm them up (capturing CUDA graphs)."""
+    sizes = config.warmup.batch_sizes if spec.batches else [1]
+    bound = []
+    for session in sessions:
+        try:
+            instance = BoundSession(session, spec, plan)
+            instance.warm_up(lambda rows: zero_inputs(spec, rows), sizes)
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelLoadError(f"{plan.describe()} failed at load: {_first_line(exc)}") from exc
+        bound.append(instance)
+    return bound
+
+
 BatchOutcome = tuple[list[Tensors | Exception], BatchTimings]
-RunBatch = Callable[[ort.InferenceSession, list[Tensors], list[int]], BatchOutcome]
+RunBatch = Callable[[Instance, list[Tensors], list[int]], BatchOutcome]
 Callback = Callable[[BatchOutcome | BaseException], None]
 Job = tuple[asyncio.AbstractEventLoop, Callback, list[Tensors], list[int]]
 
 
 class _InstanceThreads:
-    """One thread per instance, each owning its session, fed from one job queue.
+    """One thread per instance, each owning its session (and bound buffers), fed from one job queue.
 
     Written instead of ``loop.run_in_executor``: for small models the
     concurrent.futures chain (submit lock, wrapped future, two callbacks) was a
@@ -240,13 +297,13 @@ class _InstanceThreads:
     Here a job costs the loop one ``SimpleQueue.put`` and one callback.
     """
 
-    def __init__(self, sessions: list[ort.InferenceSession], run: RunBatch, name: str):
+    def __init__(self, instances: list[Instance], run: RunBatch, name: str):
         self._run = run
         self.nice = 0  # wanted niceness of the instance threads; each applies it before its next batch
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads = [
-            threading.Thread(target=self._serve, args=(session,), name=f"{name}-{i}", daemon=True)
-            for i, session in enumerate(sessions)
+            threading.Thread(target=self._serve, args=(instance,), name=f"{name}-{i}", daemon=True)
+            for i, instance in enumerate(instances)
         ]
         for thread in self._threads:
             thread.start()
@@ -254,7 +311,7 @@ class _InstanceThreads:
     def submit(self, payloads: list[Tensors], rows: list[int], callback: Callback) -> None:
         self._jobs.put((asyncio.get_running_loop(), callback, payloads, rows))
 
-    def _serve(self, session: ort.InferenceSession) -> None:
+    def _serve(self, instance: Instance) -> None:
         nice = 0
         while (job := self._jobs.get()) is not None:
             if self.nice != nice:
@@ -263,7 +320,7 @@ class _InstanceThreads:
             loop, callback, payloads, rows = job
             outcome: BatchOutcome | BaseException
             try:
-                outcome = self._run(session, payloads, rows)
+                outcome = self._run(instance, payloads, rows)
             except BaseException as exc:  # delivered to the event loop, like a result
                 outcome = exc
             try:

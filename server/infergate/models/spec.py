@@ -11,11 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy.typing as npt
+
+from infergate.models.config import InputConfig, OutputConfig
 from infergate.models.datatypes import Datatype, from_onnx_type
 
-__all__ = ["DEFAULT_MAX_BATCH_SIZE", "ModelSpec", "TensorSpec", "spec_from_graph"]
+__all__ = ["DEFAULT_MAX_BATCH_SIZE", "ModelSpec", "TensorSpec", "Tensors", "check_tensor_config", "spec_from_graph"]
 
 DEFAULT_MAX_BATCH_SIZE = 64
+
+Tensors = dict[str, npt.NDArray[Any]]  # tensors by name: a request's inputs, a version's outputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,4 +96,33 @@ def spec_from_graph(
         inputs=tuple(_tensor(a, "input") for a in inputs),
         outputs=tuple(_tensor(a, "output") for a in outputs),
         max_batch_size=max_batch_size,
+    )
+
+
+def check_tensor_config(spec: ModelSpec, inputs: list[InputConfig], outputs: list[OutputConfig]) -> None:
+    """config.yaml's ``input``/``output`` entries must name the graph's tensors, with its types and dims if given.
+
+    ``dims`` leave out the batch dimension, as in Triton; -1 on either side
+    matches anything. Raises ValueError listing every mismatch.
+    """
+    problems: list[str] = []
+    for kind, entries, tensors in (("input", inputs, spec.input_by_name), ("output", outputs, spec.output_by_name)):
+        for entry in entries:
+            tensor = tensors.get(entry.name)
+            where = f"{kind} {entry.name!r}"
+            if tensor is None:
+                problems.append(f"{where}: the model has no {kind} of that name (it has {sorted(tensors)})")
+                continue
+            if entry.data_type is not None and entry.data_type != tensor.datatype.triton:
+                problems.append(f"{where}: data_type {entry.data_type}, the model's is {tensor.datatype.triton}")
+            inner = tensor.shape[1:] if spec.batches else tensor.shape
+            if entry.dims is not None and not _dims_match(entry.dims, inner):
+                problems.append(f"{where}: dims {entry.dims}, the model's are {list(inner)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _dims_match(configured: list[int], actual: tuple[int, ...]) -> bool:
+    return len(configured) == len(actual) and all(
+        c == -1 or a == -1 or c == a for c, a in zip(configured, actual, strict=True)
     )

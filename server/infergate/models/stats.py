@@ -101,5 +101,18 @@ class RepositoryObserver(Protocol):
 
     def model_loaded(self, name: str, ok: bool) -> None: ...
 
-    def for_model(self, name: str, version: int, queue_depth: Callable[[], int]) -> ModelObserver:
-        """The observer of a version just loaded; ``queue_depth()`` reads its queue (from any thread)."""
+    def for_model(self, name: str, version: int, queue_depth: Callable[[], int], owner: object) -> ModelObserver:
+        """The observer of ``owner``, version ``version`` of ``name``, just loaded; ``queue_depth()``
+        reads its queue (from any thread).
+
+        ``owner`` holds the observer it is given, and that reference is what keeps the observer
+        (and ``queue_depth``) alive: an implementation holds ``owner`` only weakly, if at all.
+        """
+
+    def forget(self, name: str, version: int, owner: object) -> None:
+        """``owner`` left service (retired or unloaded); any object may be passed.
+
+        When another owner of the same name and version still serves (a reload that replaced
+        it), its series stay; otherwise every series labelled with that version goes. An owner
+        that was never handed an observer (loaded, then never started) changes nothing.
+        """

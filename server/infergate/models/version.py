@@ -1,22 +1,42 @@
-"""A loaded model version: its spec, runner, batcher and statistics.
+"""A loaded model version: its spec, runner, batcher, statistics, and (stateful models) its sequences.
 
 ``ModelVersion.infer`` is the batcher → runner leg of the data path. The
 batcher sees payloads of numpy inputs; the runner executes a batch on a free
 instance; statistics are recorded on the event loop with the runner's timings.
+
+A model with ``sequence_batching`` is served through ``ModelVersion.sequences``
+(a :class:`~infergate.models.sequence.SequenceScheduler` the version owns and
+closes): it fills the control and state inputs and calls ``infer`` itself.
+``ModelVersion.spec`` is what clients send and get; for such a model it leaves
+out those server-filled tensors (``runner.spec`` is the whole graph).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy.typing as npt
+
+from infergate.errors import InvalidArgument
 from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
-from infergate.models.config import ModelConfig
-from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner, Tensors
-from infergate.models.spec import ModelSpec
+from infergate.models.config import Metadata, ModelConfig
+from infergate.models.governance import verify_version
+from infergate.models.labels import output_labels
+from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner
+from infergate.models.sequence import (
+    SequenceScheduler,
+    batching_for_sequences,
+    check_sequence_config,
+    load_initial_states,
+    request_spec,
+)
+from infergate.models.spec import ModelSpec, Tensors, check_tensor_config
 from infergate.models.stats import ModelObserver, ModelStats
+from infergate.monitoring.monitor import ModelMonitor, load_monitor
 
 __all__ = ["ModelVersion", "load_model_version"]
 
@@ -26,27 +46,57 @@ log = logging.getLogger(__name__)
 class ModelVersion:
     """One version of one model, ready to serve."""
 
-    def __init__(self, runner: OnnxRunner, config: ModelConfig):
+    def __init__(
+        self,
+        runner: OnnxRunner,
+        config: ModelConfig,
+        *,
+        labels: Mapping[str, tuple[str, ...]] | None = None,
+        initial_states: Mapping[str, npt.NDArray[Any]] | None = None,
+        monitor: ModelMonitor | None = None,
+    ):
+        """``labels``: each output's classification labels; ``initial_states``: see ``load_initial_states``;
+        ``monitor``: drift and payload log (config.monitoring), which the handler feeds."""
         self.runner = runner
         self.config = config
-        self.spec: ModelSpec = runner.spec
+        self.monitor = monitor
+        self.metadata: Metadata = config.metadata  # load_model_version sets the verified one, with the digest
+        sequences = config.sequence_batching
+        self.spec: ModelSpec = runner.spec if sequences is None else request_spec(runner.spec, sequences)
+        self.labels: Mapping[str, tuple[str, ...]] = labels or {}
         self.stats = ModelStats()
         self._observer: ModelObserver | None = None
-        batching = config.dynamic_batching
+        batching = (
+            config.dynamic_batching
+            if sequences is None
+            else batching_for_sequences(sequences, runner.spec.max_batch_size)
+        )
         policy = BatchPolicy(
             max_batch_size=max(self.spec.max_batch_size, 1),
             max_queue_delay=batching.max_queue_delay_microseconds / 1e6,
             preferred_batch_sizes=tuple(batching.preferred_batch_size) if self.spec.batches else (),
             max_queue_size=batching.max_queue_size,
             min_batch_interval=batching.min_batch_interval_microseconds / 1e6,
+            priority_levels=max(batching.priority_levels, 1),
+            gather=batching.gather,
         )
+        self._priorities = (batching.priority_levels, batching.default_priority_level)
         self.default_timeout_s = batching.default_timeout_microseconds / 1e6 or None
         self.batcher: DynamicBatcher[Tensors, Tensors] = DynamicBatcher(
             self._execute,
             policy,
-            workers=config.instance_group.count,
+            instances=config.instance_group.count,
             name=f"{self.spec.name}:{self.spec.version}",
         )
+        self.sequences: SequenceScheduler | None = None
+        if sequences is not None:
+            self.sequences = SequenceScheduler(
+                runner.spec,
+                sequences,
+                self.infer,
+                instances=config.instance_group.count,
+                initial_states=initial_states,
+            )
 
     @property
     def name(self) -> str:
@@ -60,13 +110,44 @@ class ModelVersion:
         """Serve from the running loop; ``observer`` (telemetry) sees every request and batch."""
         self._observer = observer
         self.batcher.start()
+        if self.monitor is not None:
+            self.monitor.start()
 
     async def infer(
-        self, inputs: Tensors, rows: int, group: Hashable, deadline: float | None, watch: bool = True
+        self,
+        inputs: Tensors,
+        rows: int,
+        group: Hashable,
+        deadline: float | None,
+        watch: bool = True,
+        level: int = 0,
     ) -> Tensors:
-        """Queue validated inputs and return this request's outputs (all of them); see ``DynamicBatcher.submit``."""
+        """Queue validated inputs and return this request's outputs (all of them); see ``DynamicBatcher.submit``.
+
+        ``level`` is the batcher's priority level (:meth:`priority_level` turns a request's priority into one).
+        """
         tag = self._observer.capture() if self._observer is not None else None
-        return await self.batcher.submit(inputs, rows=rows, group=group, deadline=deadline, watch=watch, tag=tag)
+        return await self.batcher.submit(
+            inputs, rows=rows, group=group, deadline=deadline, watch=watch, tag=tag, level=level
+        )
+
+    def priority_level(self, priority: int) -> int:
+        """The batcher level of a request's ``priority`` (Triton's: 1 is the highest, 0 the model's default).
+
+        Raises InvalidArgument for a priority the model does not have.
+        """
+        levels, default = self._priorities
+        if not levels:
+            if priority:
+                raise InvalidArgument(
+                    f"model {self.name}: priority {priority} requested, but the model has no priority levels"
+                    " (dynamic_batching.priority_levels in its config.yaml)"
+                )
+            return 0
+        chosen = priority or default
+        if not 1 <= chosen <= levels:
+            raise InvalidArgument(f"model {self.name}: priority {priority} outside 1..{levels}")
+        return chosen - 1
 
     def _execute(self, batch: Batch[Tensors], done: Done[Tensors]) -> None:
         """The batcher's ``execute``: run on an instance, record statistics, answer."""
@@ -85,23 +166,41 @@ class ModelVersion:
         self.runner.start(batch.payloads, batch.payload_rows, finished)
 
     async def aclose(self, timeout: float | None = None) -> None:
-        """Drain the queue (up to ``timeout``), then release threads and sessions."""
+        """Drain the queue (up to ``timeout``), drop the sequences, then release threads and sessions.
+
+        Sequences do not survive their version: after a reload, a sequence that
+        was open on the old version must start again (its state was the old one's).
+        """
         await self.batcher.aclose(timeout)
+        if self.sequences is not None:
+            self.sequences.close()
+        if self.monitor is not None:
+            await self.monitor.aclose()
         await asyncio.to_thread(self.runner.close)
 
 
 def load_model_version(directory: Path, name: str, version: int, config: ModelConfig) -> ModelVersion:
-    """Load ``directory/<default_model_filename>`` (blocking: call from a thread)."""
+    """Load ``directory/<default_model_filename>`` (blocking: call from a thread).
+
+    The model directory (``directory``'s parent) holds the files the config
+    names: labels files and initial state. Raises ModelLoadError saying what
+    does not fit.
+    """
     path = directory / config.default_model_filename
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
+    metadata = verify_version(path, config)  # before onnxruntime reads a file that is not the one named
     runner = OnnxRunner.load(path, config, name, version)
-    too_big = [p for p in config.dynamic_batching.preferred_batch_size if p > runner.spec.max_batch_size]
-    if too_big and runner.spec.batches:
+    try:
+        monitor = load_monitor(directory, config, runner.spec)  # refuses monitoring.drift without a profile
+        model = _assemble(runner, config, directory.parent, monitor)
+    except ValueError as exc:
         runner.close()
-        raise ModelLoadError(
-            f"dynamic_batching.preferred_batch_size {too_big} exceed max_batch_size {runner.spec.max_batch_size}"
-        )
+        raise ModelLoadError(str(exc)) from None
+    except ModelLoadError:
+        runner.close()
+        raise
+    model.metadata = metadata
     log.info(
         "loaded model %s version %d (max_batch_size %d, %d instance(s) on %s)",
         name,
@@ -110,4 +209,19 @@ def load_model_version(directory: Path, name: str, version: int, config: ModelCo
         config.instance_group.count,
         runner.providers[0],
     )
-    return ModelVersion(runner, config)
+    return model
+
+
+def _assemble(runner: OnnxRunner, config: ModelConfig, model_dir: Path, monitor: ModelMonitor | None) -> ModelVersion:
+    """Check the config against the loaded graph and build the version; ValueError says what does not fit."""
+    spec = runner.spec
+    too_big = [p for p in config.dynamic_batching.preferred_batch_size if p > spec.max_batch_size]
+    if too_big and spec.batches:
+        raise ValueError(f"dynamic_batching.preferred_batch_size {too_big} exceed max_batch_size {spec.max_batch_size}")
+    check_tensor_config(spec, config.input, config.output)
+    states = None
+    if config.sequence_batching is not None:
+        check_sequence_config(spec, config.sequence_batching)
+        states = load_initial_states(config.sequence_batching, model_dir)
+    labels = output_labels(config, model_dir)
+    return ModelVersion(runner, config, labels=labels, initial_states=states, monitor=monitor)

@@ -1,4 +1,4 @@
-"""The model repository: ``ROOT/<model>/<version>/model.onnx`` plus ``ROOT/<model>/config.yaml``.
+"""The write side of the model repository: ``ROOT/<model>/<version>/model.onnx`` plus ``ROOT/<model>/config.yaml``.
 
 Each model's ``version_policy`` picks the versions to serve out of its version
 directories. :meth:`ModelRepository.reconcile` brings one model in line with
@@ -7,77 +7,47 @@ the disk — at start, on every poll, or when an operator asks — and does it
 while the old ones keep serving; then one assignment switches versions and
 router together; replaced versions drain their queue and close in the
 background after their last request. A version that fails to load never
-replaces a good one: the failure shows in :meth:`index` with its reason.
+replaces a good one: the failure shows in the index with its reason.
+:meth:`ModelRepository.load` is the same for RepositoryModelLoad, which may
+bring a config (and the model's files) of its own for that one load.
 
-Lookups (``get``, ``route``) happen on every request and are dictionary reads.
-A request looks its version up and queues on its batcher in one synchronous
-step, so a version switched out of ``versions`` cannot receive new work, and
-its batcher's ``aclose`` waits for what it already holds.
+The read side — every lookup the request path and the read-only RPCs make —
+is :class:`~infergate.repository.catalog.ModelCatalog` (``repository.catalog``),
+which reads the table this module writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
+import shutil
+import tempfile
 from pathlib import Path
+from typing import NoReturn
 
-from infergate.config import ConfigError
-from infergate.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from infergate.configfile import ConfigError
+from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.models.config import ModelConfig, load_model_config
+from infergate.models.overrides import FILE_PREFIX, LoadOverride, PollFailed, stage_files
 from infergate.models.runner import ModelLoadError
 from infergate.models.stats import ModelObserver, RepositoryObserver
 from infergate.models.version import ModelVersion, load_model_version
+from infergate.repository.catalog import (
+    Fingerprint,
+    ModelCatalog,
+    ModelEntry,
+    ModelState,
+    Rejected,
+    is_version_name,
+    unknown_model,
+)
 from infergate.routing.config import Routing
-from infergate.routing.router import Decision, Router, RoutingError
+from infergate.routing.router import Router, RoutingError
 from infergate.routing.shadow import ShadowStats
 
-__all__ = ["IndexRow", "ModelEntry", "ModelRepository", "ModelState", "Routed", "is_model_name", "is_version_name"]
+__all__ = ["ModelRepository", "is_model_name"]
 
 log = logging.getLogger(__name__)
-
-Fingerprint = tuple[int, int]  # (mtime_ns, size) of a version's model file
-
-
-class ModelState(Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass(frozen=True, slots=True)
-class IndexRow:
-    name: str
-    version: str
-    state: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """Where one inference request goes; ``router`` is fed the outcome (canary) and names the shadow."""
-
-    model: ModelVersion
-    decision: Decision
-    router: Router
-
-
-@dataclass
-class ModelEntry:
-    """A model directory and what became of it."""
-
-    name: str
-    state: ModelState = ModelState.LOADING
-    reason: str = ""
-    versions: dict[int, ModelVersion] = field(default_factory=dict)  # serving; replaced, never mutated
-    router: Router | None = None
-    config: ModelConfig | None = None
-    files: dict[int, Fingerprint] = field(default_factory=dict)  # of the serving versions
-    failed: dict[int, tuple[Fingerprint, str]] = field(default_factory=dict)  # not retried until the file changes
-    shadows: dict[int, ShadowStats] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class ModelRepository:
@@ -96,17 +66,10 @@ class ModelRepository:
         self._observer = observer  # telemetry: load events and each version's observer
         self._explicit = explicit  # models wait for a load request instead of loading when found
         self._entries: dict[str, ModelEntry] = {}
+        self.catalog = ModelCatalog(self._entries)  # the read side, over the same table
         self._drain_timeout = drain_timeout
         self._parallel = parallel
         self._retiring: set[asyncio.Task[None]] = set()
-
-    @property
-    def entries(self) -> dict[str, ModelEntry]:
-        return self._entries
-
-    def not_ready(self) -> list[str]:
-        """Names of the models that are not serving (failed, or still loading)."""
-        return [e.name for e in self._entries.values() if e.state is not ModelState.READY]
 
     def discover(self) -> list[str]:
         """Model directory names under root (hidden ones skipped); new ones get an entry."""
@@ -153,12 +116,8 @@ class ModelRepository:
     async def reconcile(self, name: str) -> None:
         """Bring model ``name`` in line with its directory. Raises FailedPrecondition when
         something could not be applied (what serves keeps serving) and NotFound when the
-        model has no directory."""
-        if not is_model_name(name):
-            raise InvalidArgument(f"{name!r} is not a model name (a directory name directly under the repository)")
-        directory = self.root / name
-        if not directory.is_dir():
-            raise NotFound(f"model {name!r}: no directory {directory}")
+        model has no directory; messages start with Triton's ``failed to load '<name>'``."""
+        directory = self._directory(name)
         entry = self._entries.setdefault(name, self._new_entry(name))
         async with entry.lock:
             if not entry.versions:
@@ -166,15 +125,73 @@ class ModelRepository:
             config = await self._read_config(entry, directory / "config.yaml")
             await self._apply(entry, directory, config)
 
+    async def load(self, name: str, override: LoadOverride) -> None:
+        """Load ``name`` now, as RepositoryModelLoad asks: load before unload, as :meth:`reconcile`.
+
+        ``override.config`` replaces config.yaml for this load; ``override.files``
+        (which come with a config) replace the model's directory: they are written
+        to a temporary directory, loaded from there, and removed once loaded (every
+        file a version needs is read at load). A model loaded from files need not be
+        in the repository. Raises as :meth:`reconcile` does.
+        """
+        config = override.config
+        if config is None:
+            await self.reconcile(name)
+            return
+        directory = self._directory(name) if not override.files else None
+        entry = self._entries.setdefault(name, self._new_entry(name))
+        async with entry.lock:
+            if not entry.versions:
+                entry.state = ModelState.LOADING
+            if directory is not None:
+                await self._apply(entry, directory, config)
+                return
+            staged = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"infergate-{name}-"))
+            try:
+                await self._stage(entry, override, staged)
+                await self._apply(entry, staged, config)
+            except FailedPrecondition as exc:
+                raise FailedPrecondition(_as_sent(exc.message, staged)) from None
+            finally:
+                _forget_staging(entry, staged)
+                await asyncio.to_thread(shutil.rmtree, staged, True)
+
+    async def _stage(self, entry: ModelEntry, override: LoadOverride, directory: Path) -> None:
+        try:
+            await asyncio.to_thread(stage_files, override, directory)
+        except OSError as exc:
+            self._fail(entry, f"file overrides not written: {exc.strerror}")
+            raise PollFailed(
+                f"{_failed_to_load(entry.name)}, failed to poll from model repository: "
+                f"the override files could not be written ({exc.strerror})"
+            ) from None
+
+    def _directory(self, name: str) -> Path:
+        """The model's directory; NotFound (without the server's path) when the repository has none."""
+        if not is_model_name(name):
+            raise InvalidArgument(
+                f"{_failed_to_load(name)}: {name!r} is not a model name "
+                "(a directory name directly under the repository)"
+            )
+        directory = self.root / name
+        if not directory.is_dir():
+            raise NotFound(
+                f"{_failed_to_load(name)}, failed to poll from model repository: "
+                "the repository has no model directory of that name"
+            )
+        return directory
+
     async def _read_config(self, entry: ModelEntry, path: Path) -> ModelConfig:
         try:
             return await asyncio.to_thread(load_model_config, path)
         except ConfigError as exc:
             self._fail(entry, f"config not applied: {exc}")
-            raise FailedPrecondition(f"model {entry.name!r}: {exc}") from None
+            raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {exc}") from None
 
     async def _apply(self, entry: ModelEntry, directory: Path, config: ModelConfig) -> None:
         on_disk = await asyncio.to_thread(_fingerprints, directory, config.default_model_filename)
+        if entry.rejected == (config, on_disk):  # nothing changed since it was refused: refuse it again, unloaded
+            raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
         entry.failed = {v: f for v, f in entry.failed.items() if v in on_disk}
         wanted = config.version_policy.select(list(on_disk))
         reload_all = entry.config is None or entry.config.without_routing() != config.without_routing()
@@ -189,12 +206,14 @@ class ModelRepository:
             serving.update({v: m for v, m in entry.versions.items() if v not in serving and v in on_disk})
         if not wanted:
             failures.append(f"no version directory matches the version policy (found: {sorted(on_disk) or 'none'})")
-        router, routing_error = self._router(entry, config, serving, directory)
+        router, routing_error = self._router(entry, config, serving, directory) if serving else (None, "")
+        if serving and router is None:  # no routing fits what would serve: apply nothing
+            self._reject(entry, loaded, (config, on_disk), [*failures, routing_error])
         self._switch(entry, serving, router, config, on_disk)
         problems = failures + ([routing_error] if routing_error else [])
         entry.reason = "; ".join(problems)
         if problems:
-            raise FailedPrecondition(f"model {entry.name!r}: {entry.reason}")
+            raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
 
     async def _load_versions(
         self,
@@ -232,9 +251,12 @@ class ModelRepository:
     def _router(
         self, entry: ModelEntry, config: ModelConfig, serving: dict[int, ModelVersion], directory: Path
     ) -> tuple[Router | None, str]:
-        """A router for ``serving``; a routing block that does not fit keeps the previous one."""
-        if not serving:
-            return None, ""
+        """A router for ``serving`` and the routing error, if any; None when no routing fits.
+
+        A routing block that does not fit keeps the previous one when that still
+        fits. It is never replaced by "the newest version takes everything": a
+        canary or a shadow could be the newest.
+        """
         old = entry.router
         if old is not None and old.routing == (config.routing or Routing()) and serving == entry.versions:
             return old, ""  # nothing changed: keep the canary's progress
@@ -242,12 +264,29 @@ class ModelRepository:
             return Router(entry.name, config.routing, list(serving)), ""
         except RoutingError as exc:
             error = f"{directory / 'config.yaml'}: {exc}"
-            log.error("model %s: routing not applied, keeping the previous one: %s", entry.name, error)
-        previous = old.routing if old is not None else None
-        try:
-            return Router(entry.name, previous, list(serving)), error
-        except RoutingError:
-            return Router(entry.name, None, list(serving)), error
+        if old is not None:
+            try:
+                router = Router(entry.name, old.routing, list(serving))
+            except RoutingError:
+                pass
+            else:
+                log.error("model %s: routing not applied, keeping the previous one: %s", entry.name, error)
+                return router, error
+        return None, error
+
+    def _reject(
+        self, entry: ModelEntry, loaded: dict[int, ModelVersion], attempt: Rejected, problems: list[str]
+    ) -> NoReturn:
+        """Apply nothing of ``attempt``: what served keeps serving (or the model stays not ready)."""
+        for model in loaded.values():
+            self._retire(model)
+        entry.rejected = attempt
+        entry.reason = "config not applied: " + "; ".join(problems)
+        if not entry.versions:
+            entry.state = ModelState.UNAVAILABLE
+        keeps = "; previous versions and routing keep serving" if entry.versions else "; the model is not ready"
+        log.error("model %s: %s%s", entry.name, entry.reason, keeps)
+        raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
 
     def _switch(
         self,
@@ -264,9 +303,11 @@ class ModelRepository:
         shadow = router.routing.shadow if router is not None else None
         for version, model in serving.items():  # a shadow computes only with the CPU the others leave
             model.runner.set_background(shadow is not None and version == shadow.version)
+        if shadow is not None:  # its comparisons are counted across reloads
+            entry.shadows.setdefault(shadow.version, ShadowStats(shadow.version, entry.name))
         retired = [m for v, m in entry.versions.items() if serving.get(v) is not m]
         entry.versions, entry.router = serving, router
-        entry.config = config
+        entry.config, entry.rejected = config, None
         entry.files = {v: on_disk[v] if m in started else entry.files.get(v, on_disk[v]) for v, m in serving.items()}
         entry.state = ModelState.READY if serving else ModelState.UNAVAILABLE
         for model in retired:
@@ -283,7 +324,7 @@ class ModelRepository:
     def _model_observer(self, model: ModelVersion) -> ModelObserver | None:
         if self._observer is None:
             return None
-        return self._observer.for_model(model.name, model.version, lambda: model.batcher.depth)
+        return self._observer.for_model(model.name, model.version, lambda: model.batcher.depth, model)
 
     def _fail(self, entry: ModelEntry, reason: str) -> None:
         entry.reason = reason
@@ -299,6 +340,8 @@ class ModelRepository:
 
     def _retire(self, model: ModelVersion) -> None:
         """Close ``model`` in the background once its queue has drained."""
+        if self._observer is not None:
+            self._observer.forget(model.name, model.version, model)  # its series leave the scrape now
         task = asyncio.create_task(model.aclose(self._drain_timeout), name=f"retire {model.name}:{model.version}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -307,69 +350,9 @@ class ModelRepository:
         """Stop serving ``name``; in-flight requests finish. Raises NotFound."""
         entry = self._entries.get(name)
         if entry is None:
-            raise NotFound(f"unknown model {name!r}")
+            raise NotFound(unknown_model(name))
         async with entry.lock:
             self._unload(entry, "unloaded")
-
-    # --- lookups, on every request ------------------------------------------------------------
-
-    def _entry(self, name: str) -> ModelEntry:
-        entry = self._entries.get(name)
-        if entry is None:
-            raise NotFound(f"unknown model {name!r}")
-        if not entry.versions:
-            detail = f": {entry.reason}" if entry.reason else ""
-            raise Unavailable(f"model {name!r} is not ready ({entry.state.value}){detail}")
-        return entry
-
-    def get(self, name: str, version: str = "") -> ModelVersion:
-        """The model version a request asks for. Raises NotFound or Unavailable."""
-        entry = self._entry(name)
-        if not version:  # the router's primary: never a shadow or canary the callers are not meant to see
-            return entry.versions[entry.router.primary] if entry.router else entry.versions[max(entry.versions)]
-        return _named_version(entry, version)
-
-    def route(self, name: str, version: str, sticky_key: Callable[[Router], str | None]) -> Routed:
-        """The version that serves one inference request, the decision, and the router that made it.
-
-        ``sticky_key`` reads the request's key for that router (only asked when the request names no version).
-        """
-        entry = self._entry(name)
-        router = entry.router
-        assert router is not None  # set whenever versions are
-        if version:
-            model = _named_version(entry, version)
-            return Routed(model, Decision(model.version, "requested"), router)
-        decision = router.route(None, sticky_key(router))
-        return Routed(entry.versions[decision.version], decision, router)
-
-    def shadow(self, name: str, version: int) -> tuple[ModelVersion, ShadowStats] | None:
-        """The shadow version and its statistics (None if it stopped being served)."""
-        entry = self._entries.get(name)
-        model = entry.versions.get(version) if entry is not None else None
-        if entry is None or model is None:
-            return None
-        return model, entry.shadows.setdefault(version, ShadowStats(version, name))
-
-    def versions(self, name: str) -> list[ModelVersion]:
-        """Every loaded version of a model, oldest first. Raises NotFound or Unavailable."""
-        entry = self._entry(name)
-        return [entry.versions[v] for v in sorted(entry.versions)]
-
-    def index(self, ready_only: bool = False) -> list[IndexRow]:
-        """Every model and version known, with its state and the reason it is not ready."""
-        rows: list[IndexRow] = []
-        for name in sorted(self._entries):
-            entry = self._entries[name]
-            for version in sorted(set(entry.versions) | set(entry.failed)):
-                if version in entry.versions:
-                    # A serving version carries the model's last problem (say, a config not applied).
-                    rows.append(IndexRow(name, str(version), ModelState.READY.value, entry.reason))
-                elif not ready_only:
-                    rows.append(IndexRow(name, str(version), ModelState.UNAVAILABLE.value, entry.failed[version][1]))
-            if not entry.versions and not entry.failed and not ready_only:
-                rows.append(IndexRow(name, "", entry.state.value, entry.reason))
-        return rows
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Drain and close every loaded version (and wait for the ones being retired)."""
@@ -381,22 +364,24 @@ class ModelRepository:
             entry.reason = "server stopped"
 
 
+def _as_sent(text: str, staged: Path) -> str:
+    """``text`` naming the override files as the request did (``file:1/model.onnx``), not where they were staged."""
+    return text.replace(f"{staged}/", FILE_PREFIX).replace(str(staged), FILE_PREFIX)
+
+
+def _forget_staging(entry: ModelEntry, staged: Path) -> None:
+    """The reasons the index shows never name the temporary directory the files were loaded from."""
+    entry.reason = _as_sent(entry.reason, staged)
+    entry.failed = {v: (f, _as_sent(reason, staged)) for v, (f, reason) in entry.failed.items()}
+
+
+def _failed_to_load(name: str) -> str:
+    return f"failed to load '{name}'"  # Triton's words: its clients look for them
+
+
 def is_model_name(text: str) -> bool:
     """A name that can only mean a directory right under the repository root (no paths, no hidden files)."""
     return bool(text) and "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
-
-
-def is_version_name(text: str) -> bool:
-    """A version directory's name: ASCII digits only (str.isdigit() also accepts '²', which int() refuses)."""
-    return text.isascii() and text.isdecimal()
-
-
-def _named_version(entry: ModelEntry, version: str) -> ModelVersion:
-    model = entry.versions.get(int(version)) if is_version_name(version) else None
-    if model is None:
-        loaded = ", ".join(str(v) for v in sorted(entry.versions))
-        raise NotFound(f"model {entry.name!r} has no version {version!r} (loaded: {loaded})")
-    return model
 
 
 def _fingerprints(directory: Path, filename: str) -> dict[int, Fingerprint]:

@@ -2,7 +2,7 @@
 
 The caller never waits for a shadow call: :meth:`ShadowQueue.offer` only puts
 a job on a bounded queue (dropping, and counting, when it is full) and returns.
-A fixed number of worker tasks — created in :meth:`ShadowQueue.start`, stopped
+A fixed number of tasks — created in :meth:`ShadowQueue.start`, stopped
 by :meth:`ShadowQueue.aclose` — run the jobs through the shadow version's own
 batcher and compare its outputs with the primary's. Shadow errors and slowness
 are counted in :class:`ShadowStats`, never returned to anyone; a shadow that
@@ -27,11 +27,12 @@ from typing import Protocol
 
 import numpy as np
 
+from infergate.models.spec import Tensors
+
 __all__ = ["OutputAgreement", "ShadowJob", "ShadowQueue", "ShadowRecorder", "ShadowStats", "compare_outputs"]
 
 log = logging.getLogger(__name__)
 
-Tensors = dict[str, np.ndarray]
 
 PAUSE_AFTER_ERRORS = 10
 PAUSE_MIN_S = 0.5
@@ -159,14 +160,14 @@ class ShadowRecorder(Protocol):
 class ShadowQueue:
     """A bounded queue of shadow calls and the tasks that run them."""
 
-    def __init__(self, max_size: int = 1024, workers: int = 4, recorder: ShadowRecorder | None = None):
+    def __init__(self, max_size: int = 1024, concurrency: int = 4, recorder: ShadowRecorder | None = None):
         self._recorder = recorder
         self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(max_size)
-        self._workers = workers
+        self._concurrency = concurrency  # shadow calls running at once
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work(), name=f"shadow-{i}") for i in range(self._workers)]
+        self._tasks = [asyncio.create_task(self._work(), name=f"shadow-{i}") for i in range(self._concurrency)]
 
     def offer(self, job: ShadowJob, limit: int) -> bool:
         """Queue ``job`` unless ``limit`` jobs (or the queue's capacity) already wait; never blocks."""
@@ -216,7 +217,7 @@ class ShadowQueue:
             self._recorder(stats.model, agreement=agreement, max_abs_diff=max_abs_diff, error=error, dropped=dropped)
 
     async def aclose(self) -> None:
-        """Stop the workers; queued shadow calls are dropped (they were best-effort)."""
+        """Stop the tasks; queued shadow calls are dropped (they were best-effort)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

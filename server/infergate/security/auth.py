@@ -230,7 +230,7 @@ _PYJWT_ERRORS: tuple[tuple[type[Exception], type[AuthError], str], ...] = (
 
 # Clients reuse one token for many calls; verifying it again each time costs more than the
 # rest of a small request. A verified token string is remembered until it expires, but at
-# most this long, so a key withdrawn from a JWKS stops working within this time.
+# most this long, and never past a JWKS fetch that withdraws a key (KeyStore.generation).
 CACHE_SECONDS = 60.0
 CACHE_SIZE = 4096
 
@@ -239,8 +239,11 @@ class TokenVerifier:
     """Verifies bearer JWTs against an explicit algorithm allow-list and the configured keys.
 
     Successful verifications are cached by the exact token string (signature
-    included) until ``exp`` plus the leeway, at most ``CACHE_SECONDS``;
-    refusals are never cached. ``clock`` is wall-clock time, as ``exp`` is.
+    included) until ``exp`` plus the leeway, at most ``CACHE_SECONDS``, and only
+    while the key store's ``generation`` is the one they were verified in: once a
+    JWKS fetch withdraws a key, every cached token is verified again, so a token
+    signed with the withdrawn key is refused from that moment. Refusals are never
+    cached. ``clock`` is wall-clock time, as ``exp`` is.
     """
 
     def __init__(self, config: AuthConfig, keys: KeyStore, clock: Callable[[], float] = time.time) -> None:
@@ -248,20 +251,22 @@ class TokenVerifier:
         self._keys = keys
         self._allowed = frozenset(config.algorithms)
         self._clock = clock
-        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Principal, float, int]] = OrderedDict()
         self.verified = 0  # full verifications (cache misses that succeeded)
 
     async def verify(self, token: str) -> Principal:
         """The principal of a valid token; raise an AuthError subclass otherwise."""
-        now = self._clock()
+        now, generation = self._clock(), self._keys.generation
         cached = self._cache.get(token)
         if cached is not None:
-            if now < cached[1]:
-                return cached[0]
+            principal, until, verified_in = cached
+            if now < until and verified_in == generation:
+                return principal
             del self._cache[token]
         principal, expires = await self._verify(token)
         self.verified += 1
-        self._cache[token] = (principal, min(expires + self._config.leeway_seconds, now + CACHE_SECONDS))
+        until = min(expires + self._config.leeway_seconds, now + CACHE_SECONDS)
+        self._cache[token] = (principal, until, generation)  # the generation it started in: a fetch may intervene
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)  # the oldest entry
         return principal

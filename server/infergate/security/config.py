@@ -60,7 +60,10 @@ class JwksConfig(Strict):
     url: Annotated[str, Field(pattern=r"^https://")] | None = None
     # Trust anchors for the URL (PEM); default: the system's.
     ca_file: Path | None = None
-    # An unknown kid refetches the URL at most this often.
+    # The URL is fetched again this often, sooner when its Cache-Control max-age runs out first, so
+    # a key withdrawn from the set stops verifying within refresh_seconds + fetch_timeout_seconds.
+    refresh_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    # An unknown kid refetches the URL at most this often; nor does a short max-age fetch more often.
     min_refresh_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
     fetch_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
 
@@ -130,6 +133,9 @@ class LimitsConfig(Strict):
     max_inputs_per_request: Annotated[int, Field(ge=1)] = 128
     # HTTP/2 streams one connection may have open at once (grpc.max_concurrent_streams).
     max_concurrent_streams: Annotated[int, Field(ge=1)] = 1024
+    # Inference calls (a stream counts as one) the whole server takes on at once; beyond it, calls are
+    # refused at once with UNAVAILABLE (serving/admission.py; the default is sized in docs/deploy.md).
+    max_inference_calls: Annotated[int, Field(ge=1, le=1_000_000)] = 256
 
 
 def is_loopback(host: str) -> bool:

@@ -1,27 +1,25 @@
-"""gRPC server interceptors, composed in one place: :func:`build_interceptors`.
+"""The auth interceptor: every non-exempt call is authenticated, then authorized per method and model.
 
-Order (a call passes them first to last before reaching its servicer):
+A call without a valid ``authorization: Bearer <JWT>`` gets UNAUTHENTICATED
+before its request is even deserialised. An accepted call runs with its
+principal as :func:`~infergate.security.auth.current_principal` (a context
+variable set here, in the call's own task), the method's permission
+(``METHOD_RULES``) is checked against the model each request message names,
+RepositoryIndex answers are filtered to the caller's models, and every admin
+call writes one ``infergate.audit`` line. Every refusal's short reason
+(``expired``, ``permission_denied``…) goes to ``on_refusal`` (the refusal counter).
 
-1. :class:`AuthInterceptor` (when ``auth.enabled``): exempt methods pass
-   untouched; every other call must carry ``authorization: Bearer <JWT>``. A
-   refused token never reaches the servicer (UNAUTHENTICATED, the request is
-   not even deserialised). An accepted one wraps the handler so that the
-   principal is the handler's :func:`~infergate.auth.current_principal`, the
-   method's permission (``METHOD_RULES``) is checked against the request's
-   model, RepositoryIndex answers are filtered to the caller's models, and
-   every admin call writes one ``infergate.audit`` line.
-
-0. The observers (telemetry's tracing and metrics interceptor) come first, so
-   that refused calls are traced and counted too. Every refusal's short
-   reason (``expired``, ``permission_denied``…) goes to ``on_refusal`` (the
-   refusal counter).
+Nothing is built per call: each method's authorized and refusing handlers are
+built once (:class:`~infergate.serving.interceptors.HandlerCache`); the
+refusal of one call travels to its handler in a context variable.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -29,21 +27,20 @@ from typing import Any
 import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
-from infergate.config import ServerConfig
-from infergate.errors import InferGateError
 from infergate.security.auth import (
     AuthError,
     Principal,
     TokenVerifier,
     bearer_token,
+    current_principal,
     require,
-    reset_principal,
     use_principal,
     visible_models,
 )
-from infergate.security.keys import KeyStore
+from infergate.serving.interceptors import HandlerCache, StreamBehaviour, UnaryBehaviour, wrap_handler
+from infergate.serving.status import abort_with
 
-__all__ = ["METHOD_RULES", "AuthInterceptor", "Rule", "build_interceptors", "filter_repository_index", "rule_for"]
+__all__ = ["METHOD_RULES", "AuthInterceptor", "Rule", "filter_repository_index", "rule_for"]
 
 OnRefusal = Callable[[str], None]  # gets the short reason of every refused call
 
@@ -79,6 +76,7 @@ METHOD_RULES: dict[str, Rule] = {
     _INFERENCE + "RepositoryModelUnload": Rule("admin", "model_name", audit=True),
     # The operator API: reading the routing state is for operators, but it changes nothing, so it is not audited.
     "/infergate.admin.InferGateAdmin/RoutingStatus": Rule("admin", "name"),
+    "/infergate.admin.InferGateAdmin/DriftStatus": Rule("admin", "name"),
     "/grpc.health.v1.Health/Check": _ANY,
     "/grpc.health.v1.Health/Watch": _ANY,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _ANY,
@@ -96,10 +94,6 @@ def filter_repository_index(principal: Principal, response: pb.RepositoryIndexRe
     """Only the models this caller may use (see :func:`infergate.auth.visible_models`)."""
     allowed = set(visible_models(principal, [m.name for m in response.models]))
     return pb.RepositoryIndexResponse(models=[m for m in response.models if m.name in allowed])
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: InferGateError) -> None:
-    await context.abort(grpc.StatusCode[error.status.name], error.message)
 
 
 def _short(method: str) -> str:
@@ -132,45 +126,27 @@ def _outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> 
     return "INTERNAL"
 
 
-def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    """``handler`` with another behaviour of the same kind (unary/stream in and out)."""
-    factories = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    factory = factories[(handler.request_streaming, handler.response_streaming)]
-    return factory(
-        behaviour,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+# The refusal of the call being intercepted, read by the refusing handler (which is shared by every call).
+_refusal: contextvars.ContextVar[AuthError] = contextvars.ContextVar("infergate_auth_refusal")
 
 
-def _inner(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    kinds = {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }
-    behaviour: Callable[..., Any] = kinds[(handler.request_streaming, handler.response_streaming)]
-    return behaviour
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind that answers the call's refusal without reading the request."""
 
+    def unary(_: UnaryBehaviour) -> UnaryBehaviour:
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await abort_with(context, _refusal.get(), "auth")
 
-def _refusal_handler(handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that answers ``error`` without reading the request."""
+        return refuse
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await _abort(context, error)
+    def stream(_: StreamBehaviour) -> StreamBehaviour:
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await abort_with(context, _refusal.get(), "auth")
+            yield  # pragma: no cover  (makes this an async generator, as streaming responses need)
 
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await _abort(context, error)
-        yield  # pragma: no cover  (makes this an async generator, as streaming responses need)
+        return refuse
 
-    refused = _rebuild(handler, refuse_stream if handler.response_streaming else refuse)
-    return refused._replace(request_deserializer=None)
+    return wrap_handler(handler, unary=unary, stream=stream, deserialize=False)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
@@ -182,6 +158,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         self._exempt = tuple(exempt)
         # Per method name; only registered methods get here (unknown ones have no handler), so it stays small.
         self._exempt_by_method: dict[str, bool] = {}
+        self._refusing = HandlerCache(_refusing)
+        self._authorized: dict[str, HandlerCache] = {}
 
     def _is_exempt(self, method: str) -> bool:
         exempt = self._exempt_by_method.get(method)
@@ -198,109 +176,117 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         handler = await continuation(handler_call_details)
         if handler is None or self._is_exempt(method):
             return handler
-        rule = rule_for(method)
         try:
             principal = await self._verifier.verify(bearer_token(handler_call_details.invocation_metadata))
         except AuthError as error:
             log.info("refused %s: %s", _short(method), error.reason)
             if self._on_refusal is not None:
                 self._on_refusal(error.reason)
-            if rule.audit:
+            if rule_for(method).audit:
                 _audit(method, None, None, "UNAUTHENTICATED")
-            return _refusal_handler(handler, error)
-        return _rebuild(handler, _Authorized(method, rule, principal, handler, self._on_refusal).behaviour)
+            _refusal.set(error)
+            return self._refusing(handler)
+        use_principal(principal)  # this call's task: the handler and the tasks it starts see it
+        cache = self._authorized.get(method)
+        if cache is None:
+            authorized = _Authorized(method, rule_for(method), self._on_refusal)
+            cache = self._authorized[method] = HandlerCache(authorized.wrap)
+        return cache(handler)
 
 
 class _Authorized:
-    """The behaviours of one authenticated call: set the principal, check, filter, audit."""
+    """The checks of one method's authenticated calls: permission per request, index filter, audit."""
 
-    def __init__(
-        self,
-        method: str,
-        rule: Rule,
-        principal: Principal,
-        handler: grpc.RpcMethodHandler,
-        on_refusal: OnRefusal | None = None,
-    ) -> None:
-        self.method, self.rule, self.principal = method, rule, principal
+    def __init__(self, method: str, rule: Rule, on_refusal: OnRefusal | None = None) -> None:
+        self.method, self.rule = method, rule
         self.on_refusal = on_refusal
-        self.inner = _inner(handler)
-        self.streaming_requests = handler.request_streaming
-        self.behaviour = self.streaming_responses if handler.response_streaming else self.unary_response
 
-    def check(self, request: Any) -> None:
+    def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        streaming_requests = handler.request_streaming
+
+        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+            async def authorized(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await self.unary_response(inner, streaming_requests, request, context)
+
+            return authorized
+
+        def stream(inner: StreamBehaviour) -> StreamBehaviour:
+            # An async generator function: gRPC tells streaming behaviours apart by that.
+            async def authorized(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for response in self.streaming_responses(inner, streaming_requests, request, context):
+                    yield response
+
+            return authorized
+
+        return wrap_handler(handler, unary=unary, stream=stream)
+
+    def check(self, principal: Principal, request: Any) -> None:
         rule = self.rule
         if rule.permission is None:
             return
         model = getattr(request, rule.model_field, None) if rule.model_field else None
         try:
-            require(self.principal, rule.permission, model, _short(self.method))
+            require(principal, rule.permission, model, _short(self.method))
         except AuthError as error:
             if self.on_refusal is not None:
                 self.on_refusal(error.reason)
             raise
 
-    async def _checked(self, requests: AsyncIterator[Any], denied: list[AuthError]) -> AsyncIterator[Any]:
+    async def _checked(
+        self, principal: Principal, requests: AsyncIterator[Any], denied: list[AuthError]
+    ) -> AsyncIterator[Any]:
         """Pass requests on until one is not allowed; then end the stream and remember why."""
         async for request in requests:
             try:
-                self.check(request)
+                self.check(principal, request)
             except AuthError as error:
                 denied.append(error)
                 return
             yield request
 
-    async def _checked_call(self, request: Any, context: grpc.aio.ServicerContext, denied: list[AuthError]) -> Any:
-        """The inner behaviour's result (a response or a response iterator), after the checks."""
-        if self.streaming_requests:
-            return self.inner(self._checked(request, denied), context)
-        try:
-            self.check(request)
-        except AuthError as refusal:
-            await _abort(context, refusal)
-        return self.inner(request, context)
-
-    async def unary_response(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        token = use_principal(self.principal)
+    async def unary_response(
+        self, inner: UnaryBehaviour, streaming_requests: bool, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        principal = current_principal()
+        assert principal is not None  # set by intercept_service in this call's task
         error: BaseException | None = None
         try:
             denied: list[AuthError] = []
-            response = await (await self._checked_call(request, context, denied))
+            if streaming_requests:
+                response = await inner(self._checked(principal, request, denied), context)
+            else:
+                try:
+                    self.check(principal, request)
+                except AuthError as refusal:
+                    await abort_with(context, refusal, _short(self.method))
+                response = await inner(request, context)
             if denied:
-                await _abort(context, denied[0])
+                await abort_with(context, denied[0], _short(self.method))
             if self.rule.filter_index:
-                response = filter_repository_index(self.principal, response)
+                response = filter_repository_index(principal, response)
             return response
         except BaseException as exc:
             error = exc
             raise
         finally:
             if self.rule.audit:
-                message = None if self.streaming_requests else request
-                _audit(self.method, self.principal, message, _outcome(context, error))
-            reset_principal(token)
+                message = None if streaming_requests else request
+                _audit(self.method, principal, message, _outcome(context, error))
 
-    async def streaming_responses(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        # An async generator's body runs in the RPC's own task, which ends with the call: no reset needed.
-        use_principal(self.principal)
+    async def streaming_responses(
+        self, inner: StreamBehaviour, streaming_requests: bool, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        principal = current_principal()
+        assert principal is not None  # set by intercept_service in this call's task
         denied: list[AuthError] = []
-        async for response in await self._checked_call(request, context, denied):
+        if streaming_requests:
+            request = self._checked(principal, request, denied)
+        else:
+            try:
+                self.check(principal, request)
+            except AuthError as refusal:
+                await abort_with(context, refusal, _short(self.method))
+        async for response in inner(request, context):
             yield response
         if denied:
-            await _abort(context, denied[0])
-
-
-def build_interceptors(
-    config: ServerConfig,
-    keys: KeyStore | None,
-    observers: Sequence[grpc.aio.ServerInterceptor] = (),
-    on_refusal: OnRefusal | None = None,
-) -> list[grpc.aio.ServerInterceptor]:
-    """Every server interceptor, in order (see the module docstring): observers first, then auth."""
-    interceptors: list[grpc.aio.ServerInterceptor] = list(observers)
-    if config.auth.enabled:
-        if keys is None:
-            raise ValueError("auth is enabled but no key store was given")
-        verifier = TokenVerifier(config.auth, keys)
-        interceptors.append(AuthInterceptor(verifier, config.auth.exempt_methods, on_refusal))
-    return interceptors
+            await abort_with(context, denied[0], _short(self.method))

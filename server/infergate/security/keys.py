@@ -6,9 +6,15 @@ the HMAC secret to HS*, RSA keys to RS*/PS*, P-256/P-384 keys to ES256/ES384,
 Ed25519/Ed448 keys to EdDSA. That is what makes key confusion (an HS256 token
 "signed" with the RSA public key) impossible by construction, not by a check.
 
-A JWKS URL is fetched on a dedicated thread, never on the event loop; the keys
-are cached, and a token with an unknown ``kid`` triggers a refetch at most once
-per ``min_refresh_seconds``. Nothing here ever puts key material in a message.
+A JWKS URL is fetched on a dedicated thread, never on the event loop, and its
+keys are cached. It is fetched again on a schedule — every ``refresh_seconds``,
+sooner when the response's ``Cache-Control`` says it goes stale sooner — by a
+task the composition root starts (:meth:`KeyStore.start`) and stops
+(:meth:`KeyStore.aclose`), so a key withdrawn from the set stops verifying; and
+when a token names an unknown ``kid``, at most once per ``min_refresh_seconds``.
+:attr:`KeyStore.generation` moves when a fetch withdraws a key, which is how the
+verifier's token cache learns to forget. Nothing here ever puts key material in
+a message.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +34,21 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
 from infergate.config import ConfigError
 from infergate.security.config import HMAC_ALGORITHMS, AuthConfig, JwksConfig
+from infergate.security.freshness import freshness_seconds
 
-__all__ = ["MIN_SECRET_BYTES", "JwksUrlSource", "KeyStore", "VerificationKey", "build_key_store", "key_fits"]
+__all__ = [
+    "MIN_SECRET_BYTES",
+    "FetchedKeySet",
+    "JwksUrlSource",
+    "KeyStore",
+    "VerificationKey",
+    "build_key_store",
+    "key_fits",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +100,36 @@ def parse_jwks(data: Any, origin: str) -> list[VerificationKey]:
     return keys
 
 
+@dataclass(frozen=True)
+class FetchedKeySet:
+    """One answer of the JWKS URL: its body, and for how long it is fresh (None: the response does not say)."""
+
+    body: bytes
+    fresh_seconds: float | None = None
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
 class JwksUrlSource:
-    """A JWKS document behind an HTTPS URL, fetched on its own thread, rate-limited."""
+    """A JWKS document behind an HTTPS URL, fetched on its own thread.
+
+    Two kinds of fetch, both counted in ``fetches``: :meth:`refresh` (a token named
+    an unknown kid) runs at most once per ``min_refresh_seconds``; :meth:`refresh_if_due`
+    (the schedule) runs when :meth:`seconds_until_due` is 0, that is
+    ``refresh_seconds`` after the last fetch started, or sooner when that answer went
+    stale sooner (``Cache-Control: max-age`` less ``Age``, but never sooner than
+    ``min_refresh_seconds``). A longer max-age does not stretch ``refresh_seconds``:
+    that interval is what bounds how long a withdrawn key keeps verifying. A fetch
+    takes at most ``fetch_timeout_seconds``; after a failure the next one is due
+    ``refresh_seconds`` after it started. ``clock`` is monotonic.
+    """
 
     def __init__(
         self,
         config: JwksConfig,
         clock: Callable[[], float] = time.monotonic,
-        fetch: Callable[[], bytes] | None = None,
+        fetch: Callable[[], FetchedKeySet] | None = None,
     ) -> None:
         assert config.url is not None
         self._config = config
@@ -101,51 +138,92 @@ class JwksUrlSource:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jwks")
         self._lock = asyncio.Lock()
         self._last_attempt: float | None = None
+        self._due: float | None = None  # None: never fetched, so due now
         self.fetches = 0
 
-    def _fetch_url(self) -> bytes:
+    def _fetch_url(self) -> FetchedKeySet:
         assert self._config.url is not None
         context = ssl.create_default_context(cafile=self._config.ca_file)
         timeout = self._config.fetch_timeout_seconds
         with urllib.request.urlopen(self._config.url, context=context, timeout=timeout) as response:
             body: bytes = response.read(MAX_JWKS_BYTES + 1)
+            cache_control = ", ".join(response.headers.get_all("Cache-Control") or ())
+            fresh = freshness_seconds(cache_control, response.headers.get("Age"))
         if len(body) > MAX_JWKS_BYTES:
             raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
-        return body
+        return FetchedKeySet(body, fresh)
+
+    def seconds_until_due(self) -> float:
+        """How long until the schedule should fetch again (0: now)."""
+        if self._due is None:
+            return 0.0
+        return max(0.0, self._due - self._clock())
 
     async def refresh(self) -> list[VerificationKey] | None:
-        """Fetch the keys unless a fetch happened within ``min_refresh_seconds``; None if none ran or it failed."""
+        """Fetch unless a fetch started within ``min_refresh_seconds``; None if none ran or it failed."""
         async with self._lock:
             now = self._clock()
             if self._last_attempt is not None and now - self._last_attempt < self._config.min_refresh_seconds:
                 return None
-            self._last_attempt = now
-            self.fetches += 1
-            loop = asyncio.get_running_loop()
-            try:
-                body = await loop.run_in_executor(self._executor, self._fetch)
-                return parse_jwks(json.loads(body), "jwks.url")
-            except (OSError, ValueError) as exc:
-                log.warning("jwks.url: fetch failed: %s", exc)
+            return await self._fetch_now(now)
+
+    async def refresh_if_due(self) -> list[VerificationKey] | None:
+        """Fetch if the schedule says so; None if it does not or the fetch failed."""
+        async with self._lock:
+            if self.seconds_until_due() > 0:
                 return None
+            return await self._fetch_now(self._clock())
+
+    async def _fetch_now(self, started: float) -> list[VerificationKey] | None:
+        self._last_attempt = started
+        self._due = started + self._config.refresh_seconds
+        self.fetches += 1
+        loop = asyncio.get_running_loop()
+        try:
+            # urllib's timeout bounds each socket operation; this bounds the whole fetch.
+            async with asyncio.timeout(self._config.fetch_timeout_seconds):
+                fetched = await loop.run_in_executor(self._executor, self._fetch)
+            keys = parse_jwks(json.loads(fetched.body), "jwks.url")
+        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
+            log.warning("jwks.url: fetch failed: %s", str(exc) or type(exc).__name__)
+            return None
+        if fetched.fresh_seconds is not None:
+            stale = started + max(fetched.fresh_seconds, self._config.min_refresh_seconds)
+            self._due = min(self._due, stale)
+        return keys
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _fingerprints(keys: list[VerificationKey]) -> frozenset[tuple[str | None, str | None, bytes]]:
+    return frozenset((k.kid, k.alg, k.key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)) for k in keys)
+
+
 class KeyStore:
-    """The keys a verifier may use, found by algorithm family and ``kid``."""
+    """The keys a verifier may use, found by algorithm family and ``kid``.
+
+    With a JWKS URL, :meth:`start` fetches it and starts the task that refetches it on
+    schedule; :meth:`aclose` stops that task. ``generation`` grows by one whenever a
+    fetch withdraws a key (one that was there is gone or changed): anything verified
+    with an older generation must be verified again. ``sleep`` waits between
+    scheduled fetches (tests pass one that a manual clock controls).
+    """
 
     def __init__(
         self,
         secret: bytes | None = None,
         keys: list[VerificationKey] | None = None,
         jwks_url: JwksUrlSource | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.secret = secret
         self._static = list(keys or [])
         self._fetched: list[VerificationKey] = []
         self._jwks_url = jwks_url
+        self._sleep = sleep
+        self._task: asyncio.Task[None] | None = None
+        self.generation = 0
 
     def candidates(self, alg: str, kid: str | None) -> list[VerificationKey]:
         """Public keys that may verify ``alg``: those named ``kid`` first, then those configured without a kid.
@@ -157,19 +235,53 @@ class KeyStore:
             return keys
         return [k for k in keys if k.kid == kid] + [k for k in keys if k.kid is None]
 
+    async def start(self) -> None:
+        """With a JWKS URL: fetch it once (a failure is logged, the schedule retries) and start refreshing it."""
+        if self._jwks_url is None or self._task is not None:
+            return
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_on_schedule(), name="jwks refresh")
+
+    async def _refresh_on_schedule(self) -> None:
+        assert self._jwks_url is not None
+        while True:
+            await self._sleep(self._jwks_url.seconds_until_due())
+            try:
+                self._take(await self._jwks_url.refresh_if_due())
+            except Exception:  # a bug must not end the schedule: the next fetch is already due later
+                log.exception("jwks.url: scheduled refresh failed")
+
     async def refresh(self) -> bool:
-        """Refetch the JWKS URL (rate-limited); True when new keys arrived."""
+        """Refetch the JWKS URL (rate-limited); True when a fetch succeeded."""
         if self._jwks_url is None:
             return False
-        keys = await self._jwks_url.refresh()
+        return self._take(await self._jwks_url.refresh())
+
+    def _take(self, keys: list[VerificationKey] | None) -> bool:
         if keys is None:
             return False
+        withdrawn = _fingerprints(self._fetched) - _fingerprints(keys)
         self._fetched = keys
+        if withdrawn:
+            self.generation += 1
+            log.info("jwks.url: %d key(s) withdrawn from the key set", len(withdrawn))
         return True
 
     def close(self) -> None:
+        """Stop refreshing and release the fetch thread (on a running loop, prefer :meth:`aclose`)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
         if self._jwks_url is not None:
             self._jwks_url.close()
+
+    async def aclose(self) -> None:
+        """Stop the refresh task, wait for it to end, and release the fetch thread."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.close()
 
 
 def _read_secret(config: AuthConfig) -> bytes | None:

@@ -1,7 +1,7 @@
 """infergate's operator API (``infergate.admin.InferGateAdmin``): what the routers are doing.
 
-Read-only views of the repository's routers and shadow statistics; errors
-become statuses the same way as in servicer.py.
+Read-only views of the catalog's routers and shadow statistics; errors end the
+call through the one translation in ``status.py``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import grpc
 
 from infergate._proto import infergate_admin_pb2 as apb
 from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
-from infergate.errors import InferGateError, NotFound
-from infergate.repository.loader import ModelEntry, ModelRepository
+from infergate.monitoring.admin import drift_status_response
+from infergate.repository.catalog import ModelCatalog, RoutingView
 from infergate.routing.shadow import ShadowStats
+from infergate.serving.status import guarded
 
 __all__ = ["ADMIN_SERVICE_NAME", "AdminServicer"]
 
@@ -20,34 +21,28 @@ ADMIN_SERVICE_NAME: str = apb.DESCRIPTOR.services_by_name["InferGateAdmin"].full
 
 
 class AdminServicer(apb_grpc.InferGateAdminServicer):
-    def __init__(self, repository: ModelRepository):
-        self._repository = repository
+    def __init__(self, catalog: ModelCatalog):
+        self._catalog = catalog
 
+    @guarded
     async def RoutingStatus(
         self, request: apb.RoutingStatusRequest, context: grpc.aio.ServicerContext
     ) -> apb.RoutingStatusResponse:
-        try:
-            entries = self._entries(request.name)
-        except InferGateError as exc:
-            await context.abort(grpc.StatusCode[exc.status.name], exc.message)
-        return apb.RoutingStatusResponse(models=[_model_routing(e) for e in entries if e.router is not None])
+        return apb.RoutingStatusResponse(models=[_model_routing(view) for view in self._catalog.routing(request.name)])
 
-    def _entries(self, name: str) -> list[ModelEntry]:
-        entries = self._repository.entries
-        if not name:
-            return [entries[n] for n in sorted(entries)]
-        if name not in entries:
-            raise NotFound(f"unknown model {name!r}")
-        return [entries[name]]
+    @guarded
+    async def DriftStatus(
+        self, request: apb.DriftStatusRequest, context: grpc.aio.ServicerContext
+    ) -> apb.DriftStatusResponse:
+        return drift_status_response(request, self._catalog.models(request.name))
 
 
-def _model_routing(entry: ModelEntry) -> apb.ModelRouting:
-    router = entry.router
-    assert router is not None
+def _model_routing(view: RoutingView) -> apb.ModelRouting:
+    router = view.router
     routing = router.routing
     message = apb.ModelRouting(
-        name=entry.name,
-        versions=[str(v) for v in sorted(entry.versions)],
+        name=view.name,
+        versions=[str(v) for v in view.versions],
         arms=[apb.RouteArm(version=str(v), weight=w) for v, w in sorted(routing.weights.items())],
         sticky_header=router.sticky_header or "",
         sticky_parameter=router.sticky_parameter or "",
@@ -63,9 +58,8 @@ def _model_routing(entry: ModelEntry) -> apb.ModelRouting:
                 reason=canary.reason,
             )
         )
-    if routing.shadow is not None:
-        stats = entry.shadows.get(routing.shadow.version) or ShadowStats(routing.shadow.version)
-        message.shadow.CopyFrom(_shadow_status(stats, routing.shadow.fraction))
+    if routing.shadow is not None and view.shadow is not None:
+        message.shadow.CopyFrom(_shadow_status(view.shadow, routing.shadow.fraction))
     return message
 
 

@@ -1,17 +1,21 @@
 """Open Inference Protocol messages to numpy and back, with the request checks.
 
-``decode_request`` turns a ModelInferRequest into validated numpy arrays for a
-model spec: inputs come from ``raw_input_contents`` (read in place with
-``np.frombuffer``) or typed ``contents``; every refusal is an InvalidArgument
-whose message names the model and the tensor. ``encode_response`` always
-answers with ``raw_output_contents``.
+:class:`WireRequest` reads a ModelInferRequest once: model, version, id and
+the ``timeout`` parameter at once, the sticky routing key when the router asks
+for it, and the tensors (:func:`decode_request`) for the version that serves
+it, with the parameters that shape the answer (``sequence_id``/``sequence_start``/
+``sequence_end``, each requested output's ``classification``). Inputs come from
+``raw_input_contents`` (read in place with ``np.frombuffer``) or typed
+``contents``; every refusal is an InvalidArgument whose message names the model
+and the tensor, in Triton's words where its clients match on them (then
+infergate's detail follows). :func:`encode_response` always answers with
+``raw_output_contents`` and says how the request was routed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,23 +25,63 @@ from infergate._proto import grpc_service_pb2 as pb
 from infergate.errors import InvalidArgument
 from infergate.models.datatypes import (
     BYTES,
+    DATATYPES,
     Datatype,
     bytes_elements_to_array,
     decode_bytes_tensor,
     encode_bytes_tensor,
 )
-from infergate.models.runner import Tensors
-from infergate.models.spec import ModelSpec, TensorSpec
+from infergate.models.sequence import sequence_params
+from infergate.models.spec import ModelSpec, Tensors, TensorSpec
+from infergate.serving.classification import check_classifiable, classification_counts
+from infergate.serving.request import DecodedRequest, InferenceResult, RequestLimits
 
-__all__ = ["DecodedRequest", "decode_request", "encode_response", "request_timeout_us"]
+__all__ = [
+    "ROUTE_PARAMETER",
+    "SHADOWED_PARAMETER",
+    "WireRequest",
+    "decode_request",
+    "encode_response",
+    "request_timeout_us",
+]
+
+# Response parameters that tell the caller how its request was routed.
+ROUTE_PARAMETER = "infergate_route"
+SHADOWED_PARAMETER = "infergate_shadowed"
+
+Metadata = Callable[[], Sequence[tuple[str, str | bytes]] | None]  # a call's invocation_metadata
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedRequest:
-    inputs: Tensors
-    rows: int  # the batch dimension (1 for a model that does not batch)
-    group: Hashable  # requests with equal groups may share a batch
-    outputs: tuple[str, ...]  # requested output names; empty: all
+class WireRequest:
+    """A ModelInferRequest as the handler's :class:`~infergate.serving.request.InferenceRequest`."""
+
+    __slots__ = ("_metadata", "id", "message", "model", "priority", "timeout_us", "version")
+
+    def __init__(self, message: pb.ModelInferRequest, metadata: Metadata):
+        self.message = message
+        self.model: str = message.model_name
+        self.version: str = message.model_version
+        self.id: str = message.id
+        self.timeout_us = request_timeout_us(message)
+        self.priority = request_priority(message)
+        self._metadata = metadata  # read only when a sticky header is configured
+
+    def routing_key(self, header: str | None, parameter: str | None) -> str | None:
+        if header is not None:
+            for key, value in self._metadata() or ():
+                if key == header:
+                    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+            return None
+        if parameter is not None and parameter in self.message.parameters:
+            given = self.message.parameters[parameter]
+            choice = given.WhichOneof("parameter_choice")
+            return str(getattr(given, choice)) if choice else None
+        return None
+
+    def decode(self, spec: ModelSpec, limits: RequestLimits) -> DecodedRequest:
+        return decode_request(
+            self.message, spec, limits.max_elements, max_rows=limits.max_rows, max_inputs=limits.max_inputs
+        )
 
 
 def decode_request(
@@ -59,6 +103,13 @@ def decode_request(
     label = f"model {spec.name}"
     if max_inputs is not None and len(tensors) > max_inputs:
         raise InvalidArgument(f"{label}: {len(tensors)} inputs, more than the limit of {max_inputs}")
+    if raw:
+        for tensor in tensors:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(
+                    f"contents field must not be specified when using raw_input_contents for '{tensor.name}' "
+                    f"for model '{spec.name}' (send every input raw, or every input as typed contents)"
+                )
     if raw and len(raw) != len(tensors):
         raise InvalidArgument(
             f"{label}: {len(raw)} raw_input_contents for {len(tensors)} inputs; send raw data "
@@ -70,11 +121,16 @@ def decode_request(
         ts = spec.input_by_name.get(tensor.name)
         where = f"{label} input {tensor.name!r}"
         if ts is None:
-            raise InvalidArgument(f"{label}: unknown input {tensor.name!r} (inputs: {_names(spec.inputs)})")
+            raise InvalidArgument(
+                f"unexpected inference input '{tensor.name}' for model '{spec.name}' (inputs: {_names(spec.inputs)})"
+            )
         if tensor.name in inputs:
             raise InvalidArgument(f"{where} appears twice")
         if tensor.datatype != ts.datatype.name:
-            raise InvalidArgument(f"{where}: datatype {tensor.datatype!r}, expected {ts.datatype.name}")
+            raise InvalidArgument(
+                f"inference input '{tensor.name}' data-type is '{tensor.datatype}', but model '{spec.name}' "
+                f"expects '{ts.datatype.name}'"
+            )
         shape = tuple(tensor.shape)
         count = _check_shape(shape, ts, spec, where, max_elements, max_rows)
         if spec.batches:
@@ -83,20 +139,34 @@ def decode_request(
             elif shape[0] != rows:
                 raise InvalidArgument(f"{where}: batch dimension {shape[0]} differs from the other inputs' {rows}")
         if raw:
-            array = _from_raw(raw[index], ts.datatype, shape, count, where)
+            array = _from_raw(raw[index], ts.datatype, shape, count, f"input '{tensor.name}' for model '{spec.name}'")
         else:
             array = _from_contents(tensor, ts.datatype, shape, count, where)
         inputs[tensor.name] = array
     if len(inputs) != len(spec.inputs):
-        missing = [t.name for t in spec.inputs if t.name not in inputs]
-        raise InvalidArgument(f"{label}: missing inputs {missing}")
+        raise InvalidArgument(_missing_inputs(spec, inputs))
     outputs = tuple(o.name for o in request.outputs)
     for name in outputs:
         if name not in spec.output_by_name:
-            raise InvalidArgument(f"{label}: unknown output {name!r} requested (outputs: {_names(spec.outputs)})")
+            raise InvalidArgument(
+                f"unexpected inference output '{name}' for model '{spec.name}' (outputs: {_names(spec.outputs)})"
+            )
+    classes = classification_counts(request.outputs)
+    check_classifiable(classes, spec)
     # In the spec's input order: the request's own order must not matter.
     group = tuple(inputs[t.name].shape[1:] for t in spec.inputs) if spec.variable_inner_dims else None
-    return DecodedRequest(inputs, rows if spec.batches else 1, group, outputs)
+    return DecodedRequest(
+        inputs, rows if spec.batches else 1, group, outputs, sequence_params(request.parameters), classes
+    )
+
+
+def _missing_inputs(spec: ModelSpec, given: Tensors) -> str:
+    """Triton's words for missing inputs."""
+    missing = [t.name for t in spec.inputs if t.name not in given]
+    return (
+        f"expected {len(spec.inputs)} inputs but got {len(given)} inputs for model '{spec.name}'. "
+        f"Got input(s) {list(given)}, but missing required input(s) {missing}. Please provide all required input(s)."
+    )
 
 
 def _names(tensors: Sequence[TensorSpec]) -> list[str]:
@@ -132,7 +202,8 @@ def _from_raw(data: bytes, datatype: Datatype, shape: tuple[int, ...], count: in
     expected = count * datatype.itemsize
     if len(data) != expected:
         raise InvalidArgument(
-            f"{where}: {len(data)} raw bytes, expected {expected} for shape {list(shape)} of {datatype.name}"
+            f"input byte size mismatch for {where}. Expected {expected}, got {len(data)} "
+            f"(shape {list(shape)} of {datatype.name})"
         )
     return np.frombuffer(data, dtype=datatype.numpy).reshape(shape)
 
@@ -188,26 +259,46 @@ def request_timeout_us(request: pb.ModelInferRequest) -> int | None:
     return int(value)
 
 
-def encode_response(
-    request: pb.ModelInferRequest, spec: ModelSpec, outputs: Tensors, requested: tuple[str, ...]
-) -> pb.ModelInferResponse:
-    """Build the response: the requested outputs (all when none named), raw little-endian."""
-    names = requested or tuple(outputs)
+def request_priority(request: pb.ModelInferRequest) -> int:
+    """The ``priority`` request parameter (Triton's: 1 is the highest; 0 or none: the model's default)."""
+    if "priority" not in request.parameters:
+        return 0
+    param = request.parameters["priority"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param") or (value := getattr(param, kind)) < 0:
+        raise InvalidArgument("parameter 'priority' must be a non-negative integer (1 is the highest)")
+    return int(value)
+
+
+def encode_response(result: InferenceResult) -> pb.ModelInferResponse:
+    """Build the response: the requested outputs (all when none named), raw little-endian,
+    and the routing decision as the ``infergate_route``/``infergate_shadowed`` parameters.
+
+    An output held as Python objects is BYTES whatever the model's type: a BYTES
+    output, or the classification strings that replaced a score tensor.
+    """
+    spec, outputs = result.spec, result.outputs
     tensors = []
     raw = []
     Output = pb.ModelInferResponse.InferOutputTensor
-    for name in names:
+    for name in result.requested or tuple(outputs):
         array = outputs[name]
-        datatype = spec.output_by_name[name].datatype
+        datatype = _BYTES if array.dtype == object else spec.output_by_name[name].datatype
         tensors.append(Output(name=name, datatype=datatype.name, shape=array.shape))
         raw.append(encode_bytes_tensor(array) if datatype.name == BYTES else _raw_bytes(array, datatype))
-    return pb.ModelInferResponse(
+    response = pb.ModelInferResponse(
         model_name=spec.name,
         model_version=str(spec.version),
-        id=request.id,
+        id=result.id,
         outputs=tensors,
         raw_output_contents=raw,
     )
+    response.parameters[ROUTE_PARAMETER].string_param = result.decision.arm
+    response.parameters[SHADOWED_PARAMETER].bool_param = result.decision.shadow is not None
+    return response
+
+
+_BYTES = DATATYPES[BYTES]
 
 
 def _raw_bytes(array: npt.NDArray[Any], datatype: Datatype) -> bytes:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from google.protobuf import json_format
+
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import model_config_pb2 as mc
+from infergate.models.config import SequenceBatching, WarmupSample
+from infergate.models.governance import metadata_parameters
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.models.stats import Duration
 from infergate.models.version import ModelVersion
 
-__all__ = ["model_config_message", "model_metadata_message", "model_statistics_message"]
+__all__ = [
+    "model_config_message",
+    "model_metadata_message",
+    "model_statistics_message",
+    "sequence_batching_message",
+]
 
 
 def model_metadata_message(spec: ModelSpec, versions: Iterable[int]) -> pb.ModelMetadataResponse:
@@ -30,8 +39,14 @@ def _dims(t: TensorSpec, spec: ModelSpec) -> tuple[int, ...]:
 
 
 def model_config_message(model: ModelVersion) -> mc.ModelConfig:
-    """The model's configuration in Triton's ModelConfig form (what perf_analyzer reads)."""
-    spec, config = model.spec, model.config
+    """The model's configuration in Triton's ModelConfig form (what perf_analyzer reads).
+
+    A sequence model lists the tensors its clients send and get, not the control
+    and state tensors the server fills; its scheduling is ``sequence_batching``.
+    """
+    spec, config = model.spec, model.config  # the spec clients see: without server-filled tensors
+    formats = {i.name: i.format for i in config.input}
+    labels = {o.name: o.label_filename or "" for o in config.output}
     gpu = config.execution_providers[0].name != "cpu" and model.runner.providers[0] != "CPUExecutionProvider"
     message = mc.ModelConfig(
         name=spec.name,
@@ -39,8 +54,18 @@ def model_config_message(model: ModelVersion) -> mc.ModelConfig:
         backend="onnxruntime",
         max_batch_size=spec.max_batch_size,
         version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-        input=[mc.ModelInput(name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec)) for t in spec.inputs],
-        output=[mc.ModelOutput(name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec)) for t in spec.outputs],
+        input=[
+            mc.ModelInput(
+                name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec), format=formats.get(t.name, "FORMAT_NONE")
+            )
+            for t in spec.inputs
+        ],
+        output=[
+            mc.ModelOutput(
+                name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec), label_filename=labels.get(t.name, "")
+            )
+            for t in spec.outputs
+        ],
         instance_group=[
             mc.ModelInstanceGroup(
                 name=f"{spec.name}_0",
@@ -49,8 +74,13 @@ def model_config_message(model: ModelVersion) -> mc.ModelConfig:
             )
         ],
         default_model_filename=config.default_model_filename,
+        # Governance metadata (owner, source_run, sha256…), as Triton's string parameters.
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in metadata_parameters(model.metadata).items()},
+        model_warmup=[_warmup_message(sample) for sample in config.model_warmup],
     )
-    if spec.batches:
+    if config.sequence_batching is not None:
+        message.sequence_batching.CopyFrom(sequence_batching_message(config.sequence_batching))
+    elif spec.batches:
         batching = config.dynamic_batching
         message.dynamic_batching.CopyFrom(
             mc.ModelDynamicBatching(
@@ -64,6 +94,19 @@ def model_config_message(model: ModelVersion) -> mc.ModelConfig:
             )
         )
     return message
+
+
+def sequence_batching_message(block: SequenceBatching) -> mc.ModelSequenceBatching:
+    """config.yaml's ``sequence_batching`` as Triton's message (its keys are Triton's field names)."""
+    data = block.model_dump(exclude_none=True, exclude={"max_backlog_sequences"})
+    data["max_sequence_idle_microseconds"] = round(block.idle_seconds * 1e6)  # 0 stands for Triton's default
+    if block.direct is None and block.oldest is None:
+        data["direct"] = {}  # Triton's default strategy, reported as such
+    return json_format.ParseDict(data, mc.ModelSequenceBatching())
+
+
+def _warmup_message(sample: WarmupSample) -> mc.ModelWarmup:
+    return json_format.ParseDict(sample.model_dump(exclude_none=True), mc.ModelWarmup())
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:

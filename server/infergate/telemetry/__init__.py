@@ -9,7 +9,9 @@ nothing here touches OpenTelemetry's global providers. It hands out:
 * ``observer``: the repository's hooks (model loads; per-version queue spans,
   batch spans and metrics from the batcher's events), or None;
 * ``metrics``: :class:`ServerMetrics`, whose ``record_auth_refusal`` and
-  ``record_shadow`` the auth and routing layers call.
+  ``record_shadow`` the auth and routing layers call;
+* ``serve_triton_metrics(rows)``: Triton's ``nv_inference_*`` metrics on the
+  Prometheus endpoint, read from the models' statistics (``triton.py``).
 
 See docs/observability.md for the metric names and the exporter variables.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -42,6 +45,7 @@ from infergate.telemetry.providers import (
     sdk_disabled,
     traces_requested,
 )
+from infergate.telemetry.triton import TritonMetrics, TritonRow
 
 __all__ = ["ServerMetrics", "Telemetry", "check_exporters", "configure_logging"]
 
@@ -117,6 +121,14 @@ class Telemetry:
     def tracing(self) -> bool:
         """Spans are made (``telemetry.traces``, or OTEL_TRACES_EXPORTER naming an exporter)."""
         return self._tracer_provider is not None
+
+    def serve_triton_metrics(self, rows: Callable[[], Iterable[TritonRow]]) -> bool:
+        """Serve Triton's metrics for the versions ``rows()`` lists, when the Prometheus endpoint
+        is configured and ``triton_metrics`` is on; True if they will be served."""
+        if self._registry is None or not self.config.triton_metrics:
+            return False
+        self._registry.register(TritonMetrics(rows))
+        return True
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [self._interceptor] if self._interceptor is not None else []

@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -36,7 +36,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-__all__ = ["Counter", "HistogramSet", "Histograms", "with_histograms"]
+__all__ = ["Counter", "HistogramSet", "Histograms", "Key", "with_histograms"]
 
 Key = tuple[tuple[str, str | int], ...]  # attributes, in a fixed order
 
@@ -55,9 +55,10 @@ class Counter:
 
 
 class _Buckets:
-    __slots__ = ("count", "counts", "max", "min", "sum")
+    __slots__ = ("count", "counts", "max", "min", "start_ns", "sum")
 
     def __init__(self, size: int) -> None:
+        self.start_ns = time.time_ns()  # a series dropped and begun again starts again (a reset, for OTLP)
         self.counts = [0] * size
         self.count = 0
         self.sum = 0.0
@@ -83,6 +84,12 @@ class HistogramSet:
             for value in values:
                 self._add(key, value)
 
+    def drop(self, matches: Callable[[Key], bool]) -> None:
+        """Forget the attribute sets ``matches`` accepts; they leave the next collection."""
+        with self._lock:
+            for key in [key for key in self._series if matches(key)]:
+                del self._series[key]
+
     def _add(self, key: Key, value: float) -> None:
         series = self._series.get(key)
         if series is None:
@@ -93,11 +100,11 @@ class HistogramSet:
         series.min = min(series.min, value)
         series.max = max(series.max, value)
 
-    def metric(self, start_ns: int, now_ns: int) -> Metric | None:
+    def metric(self, now_ns: int) -> Metric | None:
         """The cumulative points so far (call with the lock held), or None before any sample."""
         points = [
             HistogramDataPoint(
-                attributes=dict(key), start_time_unix_nano=start_ns, time_unix_nano=now_ns, count=s.count,
+                attributes=dict(key), start_time_unix_nano=s.start_ns, time_unix_nano=now_ns, count=s.count,
                 sum=s.sum, bucket_counts=list(s.counts), explicit_bounds=self._bounds, min=s.min, max=s.max,
             )
             for key, s in self._series.items()
@@ -115,7 +122,6 @@ class Histograms:
         self.scope = InstrumentationScope(scope)
         self._lock = threading.Lock()
         self._sets: list[HistogramSet] = []
-        self._start_ns = time.time_ns()
 
     def create(self, name: str, unit: str, description: str, bounds: Sequence[float]) -> HistogramSet:
         histogram = HistogramSet(name, unit, description, bounds, self._lock)
@@ -125,7 +131,7 @@ class Histograms:
     def metrics(self) -> list[Metric]:
         now = time.time_ns()
         with self._lock:
-            found = [h.metric(self._start_ns, now) for h in self._sets]
+            found = [h.metric(now) for h in self._sets]
         return [m for m in found if m is not None]
 
 

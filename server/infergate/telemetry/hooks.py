@@ -5,12 +5,20 @@ batcher as an opaque tag). When its batch finished, each request gets a
 ``queue`` child span covering its wait, and the batch gets one span of its own
 — a root, since it serves many traces — **linked** to every request's span.
 Metrics are recorded from the same event that feeds ModelStatistics.
+
+Lifetime: a version holds its :class:`ModelHooks`, the hooks hold the
+version's queue-depth reader, and everything else here holds the hooks only
+weakly, so nothing in telemetry keeps a retired version alive.
+:meth:`RepositoryHooks.forget` removes a version's own series (its queue-depth
+gauge and batch histograms) the moment it stops serving, and its batches still
+draining are traced but no longer measured, so they cannot bring them back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from opentelemetry import trace
@@ -29,26 +37,64 @@ class RepositoryHooks:
     def __init__(self, tracer: Tracer | None, metrics: ServerMetrics | None):
         self._tracer = tracer
         self._metrics = metrics
+        # Per version, the hooks handed out and not yet forgotten (two while a reload replaces one).
+        self._serving: dict[tuple[str, int], list[weakref.ref[ModelHooks]]] = {}
 
     def model_loaded(self, name: str, ok: bool) -> None:
         if self._metrics is not None:
             self._metrics.record_model_load(name, ok)
 
-    def for_model(self, name: str, version: int, queue_depth: Callable[[], int]) -> ModelObserver:
+    def for_model(self, name: str, version: int, queue_depth: Callable[[], int], owner: object) -> ModelObserver:
+        hooks = ModelHooks(name, version, self._tracer, self._metrics, queue_depth, owner)
         if self._metrics is not None:
-            self._metrics.watch_queue(name, version, queue_depth)
-        return ModelHooks(name, version, self._tracer, self._metrics)
+            self._serving.setdefault((name, version), []).append(weakref.ref(hooks))
+            self._metrics.watch_queue(name, version, hooks)  # weakly too: the owner holds its hooks
+        return hooks
+
+    def forget(self, name: str, version: int, owner: object) -> None:
+        """``owner`` left service; when no replacement serves its version, neither do its series."""
+        key = (name, version)
+        live = [hooks for ref in self._serving.pop(key, ()) if (hooks := ref()) is not None]
+        leaving = [hooks for hooks in live if hooks.owned_by(owner)]
+        staying = [weakref.ref(hooks) for hooks in live if not hooks.owned_by(owner)]
+        if staying:
+            self._serving[key] = staying
+        if not leaving or staying or self._metrics is None:
+            return  # never handed hooks, or a reload: the replacement's gauge is watched, the series go on
+        for hooks in leaving:
+            hooks.stop_measuring()
+        self._metrics.forget(name, version)
 
 
 class ModelHooks:
-    """One model version's :class:`~infergate.stats.ModelObserver`."""
+    """One model version's :class:`~infergate.stats.ModelObserver`, and the source of its queue-depth gauge."""
 
-    def __init__(self, name: str, version: int, tracer: Tracer | None, metrics: ServerMetrics | None):
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        tracer: Tracer | None,
+        metrics: ServerMetrics | None,
+        queue_depth: Callable[[], int] = lambda: 0,
+        owner: object = None,
+    ):
+        self._owner = weakref.ref(owner) if owner is not None else None
         self._name = name
         self._version = version
         self._tracer = tracer
         self._metrics = metrics
+        self._queue_depth = queue_depth
         self._attributes = {"infergate.model.name": name, "infergate.model.version": str(version)}
+
+    def queue_depth(self) -> int:
+        return self._queue_depth()
+
+    def owned_by(self, owner: object) -> bool:
+        return self._owner is not None and self._owner() is owner
+
+    def stop_measuring(self) -> None:
+        """The version's series are gone: its batches still draining are traced but not measured."""
+        self._metrics = None
 
     def capture(self) -> object:
         """The current request's span when it records (else None: nothing to link or time)."""

@@ -15,6 +15,7 @@ traced and counted too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -27,12 +28,13 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from infergate.serving.codec import ROUTE_PARAMETER, SHADOWED_PARAMETER
+from infergate.serving.interceptors import HandlerCache, StreamBehaviour, UnaryBehaviour, wrap_handler
 from infergate.telemetry.metrics import ServerMetrics
 
 __all__ = ["ACCESS_LOG", "UNTRACED_SERVICES", "TelemetryInterceptor"]
 
 ACCESS_LOG = logging.getLogger("infergate.access")
-_MAX_WRAPPED = 1024
 _W3C = TraceContextTextMapPropagator()  # W3C trace context only: OTEL_PROPAGATORS is not consulted
 _TRACE_KEYS = frozenset(("traceparent", "tracestate"))
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
@@ -57,7 +59,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._metrics = metrics
         self._trace_health = trace_health
         # Inner handlers are the same objects call after call (one per method), so each is wrapped once.
-        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, HandlerCache] = {}
 
     def samples_root(self) -> bool:
         """Whether a call that brings no trace context is traced (``sample_ratio`` of them).
@@ -78,24 +80,21 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return None
-        wrapped = self._wrapped.get(handler)
-        if wrapped is None:
-            wrapped = self._wrap(handler, details.method)
-        return wrapped
+        cache = self._wrapped.get(details.method)
+        if cache is None:
+            cache = self._wrapped[details.method] = HandlerCache(functools.partial(self._wrap, path=details.method))
+        return cache(handler)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, path: str) -> grpc.RpcMethodHandler:
         service, _, method = path.lstrip("/").partition("/")
         if service in UNTRACED_SERVICES and not self._trace_health:
-            wrapped = handler
-        else:
+            return handler
 
-            def begin(context: grpc.aio.ServicerContext) -> _Call:
-                return _Call(self, service, method, context)
+        def begin(context: grpc.aio.ServicerContext) -> _Call:
+            return _Call(self, service, method, context)
 
-            wrapped = _wrap(handler, begin)
-        if len(self._wrapped) < _MAX_WRAPPED:  # an inner interceptor might build handlers per call
-            self._wrapped[handler] = wrapped
-        return wrapped
+        return wrap_handler(handler, unary=functools.partial(_unary, begin=begin),
+                            stream=functools.partial(_streaming, begin=begin))  # fmt: skip
 
 
 class _Call:
@@ -143,10 +142,10 @@ class _Call:
         parameters = getattr(response, "parameters", None)
         if self._span is not None and self._span.is_recording() and parameters is not None:
             # The router's decision, as the servicer wrote it into the response (see servicer.py).
-            if "infergate_route" in parameters:
-                self._span.set_attribute("infergate.route", parameters["infergate_route"].string_param)
-            if "infergate_shadowed" in parameters:
-                self._span.set_attribute("infergate.shadowed", parameters["infergate_shadowed"].bool_param)
+            if ROUTE_PARAMETER in parameters:
+                self._span.set_attribute("infergate.route", parameters[ROUTE_PARAMETER].string_param)
+            if SHADOWED_PARAMETER in parameters:
+                self._span.set_attribute("infergate.shadowed", parameters[SHADOWED_PARAMETER].bool_param)
 
     def end(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
         status = _status(context, error)
@@ -179,8 +178,10 @@ class _Call:
 
 
 def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
-    if isinstance(error, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
+    if isinstance(error, asyncio.CancelledError):  # gRPC cancels a call at its deadline, and when its client hangs up
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
@@ -192,24 +193,7 @@ def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> g
 Begin = Callable[[grpc.aio.ServicerContext], "_Call"]
 
 
-def _wrap(handler: grpc.RpcMethodHandler, begin: Begin) -> grpc.RpcMethodHandler:
-    """The same handler, each behaviour run inside a :class:`_Call`."""
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _unary(handler.unary_unary, begin), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, begin), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, begin), handler.request_deserializer, handler.response_serializer
-        )
-    return handler  # stream-unary: infergate serves none; left untraced
-
-
-def _unary(behavior: Callable[..., Awaitable[Any]], begin: Begin) -> Callable[..., Awaitable[Any]]:
+def _unary(behavior: UnaryBehaviour, begin: Begin) -> UnaryBehaviour:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = begin(context)
         call.saw_request(request)
@@ -225,7 +209,7 @@ def _unary(behavior: Callable[..., Awaitable[Any]], begin: Begin) -> Callable[..
     return unary
 
 
-def _streaming(behavior: Callable[..., AsyncIterator[Any]], begin: Begin) -> Callable[..., Any]:
+def _streaming(behavior: StreamBehaviour, begin: Begin) -> StreamBehaviour:
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = begin(context)
         error: BaseException | None = None

@@ -24,6 +24,7 @@ __all__ = [
     "JsonFormatter",
     "TextFormatter",
     "TraceContextFilter",
+    "announced",
     "announcement",
     "configure_logging",
     "listening_address",
@@ -110,8 +111,9 @@ def announcement(message: str, fmt: Literal["text", "json"], level: int = loggin
     return JsonFormatter().format(record)
 
 
-def listening_address(line: str) -> str | None:
-    """``host:port`` from a "listening on" line in either format; None for any other line."""
+def announced(line: str, prefix: str) -> str | None:
+    """What a ``prefix`` line (``LISTENING``, ``METRICS``, ``HEALTH``) announces, in either format:
+    the address or URL after the prefix; None for any other line."""
     text = line.strip()
     if text.startswith("{"):
         try:
@@ -119,6 +121,12 @@ def listening_address(line: str) -> str | None:
         except ValueError:
             return None
         text = str(entry.get("message", "")) if isinstance(entry, dict) else ""
-    if not text.startswith(LISTENING):
+    if not text.startswith(prefix):
         return None
-    return text[len(LISTENING) :].split()[0]
+    rest = text[len(prefix) :].split()
+    return rest[0] if rest else None
+
+
+def listening_address(line: str) -> str | None:
+    """``host:port`` from a "listening on" line in either format; None for any other line."""
+    return announced(line, LISTENING)

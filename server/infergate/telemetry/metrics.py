@@ -8,6 +8,12 @@ name for the same concept.
 
 Every recording method is called on the event loop; the observable callbacks
 and the histogram snapshots run on a reader's thread (a scrape or an export).
+
+A model version's own series live as long as it serves: :meth:`ServerMetrics.forget`
+drops its queue-depth gauge and its queue, compute and batch-size histograms
+when it leaves service, and the gauge holds its source only weakly, so a missed
+``forget`` can never keep a retired version in memory. The request counts and
+durations are per RPC, labelled with what the call named, and stay.
 """
 
 from __future__ import annotations
@@ -15,13 +21,15 @@ from __future__ import annotations
 import os
 import resource
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from infergate.telemetry.aggregate import Counter, Histograms
+from infergate.telemetry.aggregate import Counter, Histograms, Key
 
-__all__ = ["BATCH_ROWS", "SECONDS", "CanarySource", "ServerMetrics"]
+__all__ = ["BATCH_ROWS", "SECONDS", "CanarySource", "DriftSource", "QueueSource", "ServerMetrics"]
 
 # Sub-millisecond to seconds: a small model answers in 100 µs, a big batch in seconds.
 SECONDS: tuple[float, ...] = (
@@ -34,6 +42,26 @@ CanarySource = Callable[[], Iterable[tuple[str, int, float, str]]]
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+class DriftSource(Protocol):
+    """What the drift gauges report at each collection (``infergate.monitoring.metrics.DriftReadings``).
+
+    Read on the reader's thread; only the versions served at that moment are
+    yielded, so a version's series disappear when it is unloaded.
+    """
+
+    def scores(self) -> Iterable[tuple[float, Mapping[str, str]]]: ...
+
+    def alerts(self) -> Iterable[tuple[int, Mapping[str, str]]]: ...
+
+
+class QueueSource(Protocol):
+    """What the queue-depth gauge reads; held weakly (see :meth:`ServerMetrics.watch_queue`)."""
+
+    def queue_depth(self) -> int:
+        """Requests waiting in the version's queue now (called from a reader's thread)."""
+        ...
+
+
 class ServerMetrics:
     """Every instrument infergate records; one per server, from its ``Meter`` and ``Histograms``.
 
@@ -42,16 +70,24 @@ class ServerMetrics:
     """
 
     def __init__(self, meter: Meter, histograms: Histograms):
-        self._depths: dict[tuple[str, int], Callable[[], int]] = {}
+        self._depths: dict[tuple[str, int], weakref.ref[QueueSource]] = {}
         self._canaries: CanarySource | None = None
         self._lock = threading.Lock()  # the depth table is read from the reader's thread
         self._active: dict[str, int] = {}
+        self._streams_paused = 0
+        self._drift: DriftSource | None = None
         self._requests = self._counter(
             meter, "infergate.requests", "{request}", "RPCs answered, by method, model, version and status"
         )
         self._loads = self._counter(meter, "infergate.model.loads", "{load}", "Model loads, by model and outcome")
         self._auth_refusals = self._counter(
             meter, "infergate.auth.refusals", "{request}", "Calls refused by authentication, by reason"
+        )
+        self._admission_refusals = self._counter(
+            meter,
+            "infergate.admission.refusals",
+            "{request}",
+            "Inference calls refused before they were read: overloaded (over the limit) or draining",
         )
         self._shadow_comparisons = self._counter(
             meter,
@@ -82,6 +118,12 @@ class ServerMetrics:
         meter.create_observable_up_down_counter(
             "infergate.requests.active", [self._observe_active], unit="{request}", description="RPCs being served now"
         )
+        meter.create_observable_up_down_counter(
+            "infergate.streams.paused",
+            [self._observe_paused],
+            unit="{stream}",
+            description="ModelStreamInfer streams that stopped reading requests until their client reads answers",
+        )
         meter.create_observable_gauge(
             "infergate.queue.depth",
             [self._observe_depths],
@@ -99,6 +141,16 @@ class ServerMetrics:
             [self._observe_canary_rollbacks],
             unit="1",
             description="1 when a model's canary was rolled back (its limits were breached), else 0",
+        )
+        meter.create_observable_gauge(
+            "infergate.drift.score",
+            [self._observe_drift_scores],
+            description="How far a feature of a model version's live traffic is from its reference profile",
+        )
+        meter.create_observable_gauge(
+            "infergate.drift.alert",
+            [self._observe_drift_alerts],
+            description="1 while any feature of the model version scores above its drift threshold",
         )
         meter.create_observable_counter(
             "process.cpu.time", [_observe_cpu], unit="s", description="CPU time this process used"
@@ -137,10 +189,31 @@ class ServerMetrics:
     def record_model_load(self, model: str, ok: bool) -> None:
         self._loads.add((("model", model), ("outcome", "success" if ok else "failure")))
 
-    def watch_queue(self, model: str, version: int, depth: Callable[[], int]) -> None:
-        """Report ``depth()`` as this version's queue depth from now on."""
+    def watch_queue(self, model: str, version: int, source: QueueSource) -> None:
+        """Report ``source.queue_depth()`` as this version's queue depth until :meth:`forget`, or until
+        ``source`` is collected: it is held by a weak reference only. Watching a version again (a
+        reload replacing it) replaces the source.
+        """
         with self._lock:
-            self._depths[(model, version)] = depth
+            self._depths[(model, version)] = weakref.ref(source)
+
+    def forget(self, model: str, version: int) -> None:
+        """``version`` of ``model`` no longer serves: drop its queue-depth gauge and its queue, compute
+        and batch-size histograms; they leave the next collection. The caller stops recording
+        batches for it first (or they would start the histograms again)."""
+        with self._lock:
+            self._depths.pop((model, version), None)
+        labels = (("model", model), ("model_version", str(version)))
+
+        def labelled(series: Key) -> bool:
+            return all(label in series for label in labels)
+
+        for histogram in (self._queue_duration, self._compute_duration, self._batch_size):
+            histogram.drop(labelled)
+
+    def watch_drift(self, source: DriftSource) -> None:
+        """Report ``source``'s drift scores and alerts from now on."""
+        self._drift = source
 
     def watch_canaries(self, source: CanarySource) -> None:
         """Report the canaries ``source()`` lists (read on the reader's thread, so it must not block)."""
@@ -152,6 +225,10 @@ class ServerMetrics:
         """A call refused before it reached the servicer; ``reason`` is a short fixed word
         (``missing_token``, ``expired``, ``forbidden``…), never the token or a claim value."""
         self._auth_refusals.add((("reason", reason),))
+
+    def record_admission_refusal(self, reason: str) -> None:
+        """An inference call refused at admission; ``reason`` is ``overloaded`` or ``draining``."""
+        self._admission_refusals.add((("reason", reason),))
 
     def record_shadow(
         self, model: str, *, agreement: bool | None, max_abs_diff: float | None, error: bool, dropped: bool
@@ -169,13 +246,35 @@ class ServerMetrics:
         if max_abs_diff is not None:
             self._shadow_diff.record(key, max_abs_diff)
 
+    def stream_paused(self, delta: int) -> None:
+        """A stream stopped (+1) or resumed (-1) reading requests because its client is not reading answers."""
+        self._streams_paused += delta
+
+    def _observe_paused(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._streams_paused)]
+
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(n, {"rpc.method": m}) for m, n in dict(self._active).items()]
 
     def _observe_depths(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:
-            depths = list(self._depths.items())
-        return [Observation(depth(), {"model": m, "model_version": str(v)}) for (m, v), depth in depths]
+            sources = [(key, ref()) for key, ref in self._depths.items()]
+            for key, source in sources:
+                if source is None:  # collected without forget(): the version is gone anyway
+                    del self._depths[key]
+        return [
+            Observation(source.queue_depth(), {"model": m, "model_version": str(v)})
+            for (m, v), source in sources
+            if source is not None
+        ]
+
+    def _observe_drift_scores(self, options: CallbackOptions) -> Iterable[Observation]:
+        source = self._drift
+        return [Observation(value, dict(labels)) for value, labels in source.scores()] if source else []
+
+    def _observe_drift_alerts(self, options: CallbackOptions) -> Iterable[Observation]:
+        source = self._drift
+        return [Observation(value, dict(labels)) for value, labels in source.alerts()] if source else []
 
     def _canary_states(self) -> list[tuple[str, int, float, str]]:
         return list(self._canaries()) if self._canaries is not None else []

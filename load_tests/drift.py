@@ -1,0 +1,191 @@
+"""What drift monitoring costs the caller: the same load with ``sample_fraction`` off, 0, 0.1 and 1.0.
+
+    python -m load_tests drift-overhead [--model matmul16] [--concurrency 64] [--rounds 3] [--out DIR]
+
+Each variant serves the demo model from its own repository: ``off`` has no
+``monitoring:`` block, the others ``monitoring.drift`` with that
+``sample_fraction`` and a reference profile written by ``infergate profile``
+from a standard-normal sample (the distribution the generator sends, so the
+scores stay low and the monitor does its steady-state work). Every round
+starts each variant once, in turn, on a fresh server, so drift on a shared
+machine hits them alike; throughput, latency and the server's CPU per request
+are reported side by side, with what the monitor sampled and dropped (from
+DriftStatus; "-" where the server does not answer it).
+
+The overhead of ``sample_fraction: 0`` is the per-request check alone; 0.1 is
+the recommended setting; 1.0 hands every request to the accumulator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from infergate._proto import infergate_admin_pb2 as apb
+from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
+from infergate.demo import write_demo_repository
+from infergate.monitoring.profiling import profile_version
+
+from .generator import LoadConfig, run_closed_loop
+from .report import LoadResult, format_table
+from .servers import free_port, running_server
+from .suite import REPO_ROOT, environment
+
+__all__ = ["VARIANTS", "DriftOverheadConfig", "DriftOverheadReport", "build_repositories", "run_drift_overhead"]
+
+# Variant name -> sample_fraction (None: no monitoring block at all).
+VARIANTS: dict[str, float | None] = {"off": None, "0": 0.0, "0.1": 0.1, "1.0": 1.0}
+SAMPLE_ROWS = 4000
+
+
+@dataclass(frozen=True)
+class DriftOverheadConfig:
+    out: pathlib.Path
+    model: str = "matmul16"
+    concurrency: int = 64
+    duration: float = 8.0
+    warmup: float = 2.0
+    rounds: int = 3
+    window: int = 2000
+    variants: tuple[str, ...] = tuple(VARIANTS)
+
+
+@dataclass
+class DriftOverheadReport:
+    config: DriftOverheadConfig
+    runs: dict[str, list[LoadResult]] = field(default_factory=dict)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per round
+    monitor: dict[str, list[str]] = field(default_factory=dict)  # "sampled/dropped" per round
+
+    def table(self) -> str:
+        base = statistics.fmean(r.requests_per_s for r in self.runs["off"]) if self.runs.get("off") else float("nan")
+        cpu_base = statistics.fmean(self.cpu_us["off"]) if self.cpu_us.get("off") else float("nan")
+        rows = []
+        for variant, runs in self.runs.items():
+            mean = statistics.fmean(r.requests_per_s for r in runs)
+            cpu = statistics.fmean(self.cpu_us[variant])
+            rows.append([
+                variant, f"{mean:,.0f}", " / ".join(f"{r.requests_per_s:,.0f}" for r in runs), f"{mean / base:.3f}",
+                f"{statistics.fmean(r.p50_ms for r in runs):.2f}", f"{statistics.fmean(r.p99_ms for r in runs):.2f}",
+                f"{cpu:.0f}", f"{cpu / cpu_base:.3f}", " ".join(self.monitor[variant]),
+            ])  # fmt: skip
+        headers = ["sample_fraction", "mean req/s", "per round", "÷ off", "p50 ms", "p99 ms", "server CPU µs/req",
+                   "÷ off", "sampled/dropped per round"]  # fmt: skip
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">", "<"], rows)
+
+
+def build_repositories(
+    root: pathlib.Path, model: str, window: int, variants: tuple[str, ...]
+) -> dict[str, pathlib.Path]:
+    """One repository per variant holding the demo ``model``; monitored ones get their block and profile."""
+    demo = root / "demo"
+    write_demo_repository(demo)
+    sample = root / "sample.npy"
+    width = _width(demo / model)
+    np.save(sample, np.random.default_rng(0).standard_normal((SAMPLE_ROWS, width)).astype(np.float32))
+    out: dict[str, pathlib.Path] = {}
+    for variant in variants:
+        repo = root / f"variant-{variant}"
+        shutil.copytree(demo / model, repo / model)
+        fraction = VARIANTS[variant]
+        if fraction is not None:
+            with (repo / model / "config.yaml").open("a", encoding="utf-8") as config:
+                config.write(f"monitoring:\n  drift: {{sample_fraction: {fraction}, window: {window}}}\n")
+            profile_version(repo, model, 1, sample, progress=False)
+        out[variant] = repo
+    return out
+
+
+def _width(model_dir: pathlib.Path) -> int:
+    """The last dimension of the model's single input (the demo models the harness loads are [batch, N])."""
+    import onnx
+
+    graph = onnx.load(str(model_dir / "1" / "model.onnx"), load_external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    if len(graph.input) != 1 or len(dims) != 2:
+        raise ValueError(f"{model_dir.name}: drift-overhead needs a model with one [batch, N] input")
+    return int(dims[1].dim_value)
+
+
+def run_drift_overhead(config: DriftOverheadConfig) -> DriftOverheadReport:
+    """Every variant once per round, in order, each on a fresh server; writes drift-overhead.json and .md."""
+    report = DriftOverheadReport(config, {v: [] for v in config.variants}, {v: [] for v in config.variants},
+                                 {v: [] for v in config.variants})  # fmt: skip
+    config.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="drift-overhead-") as tmp:
+        repositories = build_repositories(pathlib.Path(tmp), config.model, config.window, config.variants)
+        for round_ in range(config.rounds):
+            for variant in config.variants:
+                _one_run(config, report, variant, repositories[variant])
+                result = report.runs[variant][-1]
+                line = f"round {round_ + 1} sample_fraction {variant}: {result.requests_per_s:,.0f} req/s"
+                print(line, file=sys.stderr)
+    _write(report)
+    return report
+
+
+def _one_run(config: DriftOverheadConfig, report: DriftOverheadReport, variant: str, repo: pathlib.Path) -> None:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo), "--port", str(port)]
+    with running_server(variant, argv, target, config.out / f"server-{variant}.log", REPO_ROOT) as process:
+        load = LoadConfig(
+            target=target, model=config.model, concurrency=config.concurrency, duration=config.duration,
+            warmup=config.warmup, label=f"sample_fraction {variant}",
+        )  # fmt: skip
+        cpu_before = _cpu_seconds(process.pid)
+        result = run_closed_loop(load)
+        cpu = _cpu_seconds(process.pid) - cpu_before
+        monitored = VARIANTS[variant] is not None
+        report.monitor[variant].append(_monitor_counters(target, config.model) if monitored else "-")
+    report.runs[variant].append(result)
+    served = result.requests * (config.warmup + config.duration) / config.duration  # CPU covers the warm-up too
+    report.cpu_us[variant].append(cpu / max(served, 1) * 1e6)
+
+
+def _monitor_counters(target: str, model: str) -> str:
+    """``sampled/dropped`` from DriftStatus, or "-" when the server does not answer it."""
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = apb_grpc.InferGateAdminStub(channel)  # type: ignore[no-untyped-call]
+            reply = stub.DriftStatus(apb.DriftStatusRequest(name=model), timeout=10)
+    except grpc.RpcError:
+        return "-"
+    return "/".join(f"{m.sampled}/{m.dropped}" for m in reply.models) or "-"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (Linux /proc): the server's cost, whatever else the machine does."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _write(report: DriftOverheadReport) -> None:
+    data = {
+        "environment": environment(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {k: str(v) for k, v in vars(report.config).items()},
+        "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
+        "server_cpu_us_per_request": report.cpu_us,
+        "monitor_sampled_dropped": report.monitor,
+    }
+    (report.config.out / "drift-overhead.json").write_text(json.dumps(data, indent=2, default=str))
+    (report.config.out / "drift-overhead.md").write_text(report.table() + "\n")
+
+
+def variants(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    return names

@@ -1,0 +1,120 @@
+"""What Linux's /proc says about a server's processes: the whole tree, and where it listens.
+
+Used to stop every process a server started (some peers start helpers that
+could outlive it) and to prove that a server listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pathlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["Listener", "descendants", "listeners", "parse_proc_net_tcp", "process_tree"]
+
+_PROC = pathlib.Path("/proc")
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's ``st`` column
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listening TCP socket: its local address and port."""
+
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (::ffff:127.0.0.1)."""
+        ip = ipaddress.ip_address(self.address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback
+
+
+def _parent_of(stat_text: str) -> int:
+    # The command name (field 2) is in parentheses and may hold spaces or ')': split after the last ')'.
+    return int(stat_text.rsplit(")", 1)[1].split()[1])
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = _parent_of((entry / "stat").read_text())
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...), parents first."""
+    children = _children()
+    found: list[int] = []
+    queue = list(children.get(pid, []))
+    while queue:
+        child = queue.pop(0)
+        found.append(child)
+        queue.extend(children.get(child, []))
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    return [pid, *descendants(pid)]
+
+
+def _decode_address(hex_address: str) -> str:
+    # /proc/net/tcp* print each 32-bit word of the address in host (little-endian) byte order.
+    raw = bytes.fromhex(hex_address)
+    ip = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return f"::ffff:{ip.ipv4_mapped}"  # Python would print ::ffff:7f00:1
+    return str(ip)
+
+
+def parse_proc_net_tcp(text: str) -> dict[int, Listener]:
+    """Listening sockets in the text of /proc/net/tcp or /proc/net/tcp6, by socket inode."""
+    found: dict[int, Listener] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != _LISTEN:
+            continue
+        address, port = fields[1].split(":")
+        found[int(fields[9])] = Listener(_decode_address(address), int(port, 16))
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        for fd in (_PROC / str(pid) / "fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    except OSError:
+        pass  # the process is gone or not ours to read
+    return inodes
+
+
+def listeners(pids: Iterable[int]) -> list[Listener]:
+    """The TCP sockets that any of ``pids`` holds open in the listening state, sorted."""
+    table: dict[int, Listener] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            table.update(parse_proc_net_tcp((_PROC / "net" / name).read_text()))
+        except OSError:
+            continue  # no IPv6 on this machine
+    inodes = set().union(*(_socket_inodes(pid) for pid in pids))
+    return sorted({table[inode] for inode in inodes if inode in table}, key=lambda s: (s.port, s.address))

@@ -1,0 +1,293 @@
+"""The audit trail: one JSON line per lifecycle event, who caused it, and how it ended.
+
+Every line has the same keys::
+
+    {"time": "2026-11-30T12:00:00.123+00:00", "event": "load_failed", "model": "fraud",
+     "version": "3", "principal": "alice", "source": "api", "outcome": "failed",
+     "reason": "…sha256 mismatch…", "detail": {}}
+
+``principal`` is the verified caller's subject when auth is on (taken from the
+request's context unless given), else ``"anonymous"``. ``source`` says what set
+the event off: ``api`` (a gRPC call), ``poll`` (the repository poller),
+``startup``, or ``runtime`` (the server deciding by itself while serving: canary
+steps, shadow pauses, drift alerts, shutdown). ``outcome`` is ``ok``,
+``failed``, ``rejected``, or a gRPC status name for admin calls. ``detail``
+holds what only some events have (a canary's weight, a pause's length…).
+
+Where lines go: with ``path`` (``--audit-log FILE``), appended to that file by
+one background thread; otherwise to the ``infergate.audit`` logger, i.e. the
+server log, one line each like every other log line.
+
+Two promises, because call sites sit on the request path and in the repository:
+
+* **Never raises.** A failure to build or write a line is logged (to the server
+  log, not the audit stream) and forgotten; the caller's work goes on.
+* **Never blocks the event loop.** File writes happen on the writer thread. The
+  loop only puts the line on a bounded queue without waiting (``put_nowait``);
+  when a stuck disk has filled it, lines are dropped and counted in
+  :attr:`AuditLog.dropped` (and logged) rather than growing memory or stalling
+  requests. A dedicated thread rather than ``logging.handlers.QueueListener``:
+  its ``stop`` raises on a full queue, and we want one ``os.write`` per burst of
+  lines on an ``O_APPEND`` descriptor, so the processes of ``--workers N`` can
+  share one file without tearing each other's lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from infergate.security.auth import current_principal
+
+__all__ = ["ANONYMOUS", "AUDIT_LOGGER", "AuditLog", "Source"]
+
+AUDIT_LOGGER = "infergate.audit"
+ANONYMOUS = "anonymous"
+Source = Literal["api", "poll", "startup", "runtime"]
+
+log = logging.getLogger(__name__)
+
+_STOP = None  # the writer thread's sentinel
+_CLOSE_TIMEOUT_S = 5.0  # how long closing waits for a stuck disk before giving up on it
+
+
+class AuditLog:
+    """Writes audit events (see the module docstring); call :meth:`start` once, :meth:`aclose` at the end."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        queue_size: int = 10_000,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.path = path
+        self._queue_size = queue_size
+        self._clock = clock
+        self._logger = logging.getLogger(AUDIT_LOGGER)
+        self._writer: _FileWriter | None = None
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped because the writer fell behind (a stuck disk)."""
+        return self._writer.dropped if self._writer is not None else 0
+
+    def start(self) -> None:
+        """Open the file (creating it, mode 0640) and start the writer. Raises OSError when it cannot be opened."""
+        if self.path is not None and self._writer is None:
+            self._writer = _FileWriter(self.path, self._queue_size)
+
+    async def aclose(self) -> None:
+        """Write what is queued (waiting at most a few seconds for the disk) and close the file."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await asyncio.to_thread(writer.close)
+
+    # --- the events ------------------------------------------------------------------------------
+
+    def server_started(self, address: str, repository: str) -> None:
+        self.record("server_started", source="startup", detail={"address": address, "repository": repository})
+
+    def server_stopped(self, reason: str = "signal") -> None:
+        self.record("server_stopped", source="runtime", reason=reason)
+
+    def loaded(self, model: str, version: int | str, *, source: Source, principal: str | None = None) -> None:
+        """A version loaded (and warmed up); :meth:`version_swapped_in` follows when it starts serving."""
+        self.record("load", model=model, version=version, source=source, principal=principal)
+
+    def load_failed(
+        self, model: str, version: int | str | None, reason: str, *, source: Source, principal: str | None = None
+    ) -> None:
+        """A version (or, with ``version`` None, the model's config) failed to load; what served keeps serving."""
+        self.record(
+            "load_failed",
+            model=model,
+            version=version,
+            source=source,
+            outcome="failed",
+            reason=reason,
+            principal=principal,
+        )
+
+    def unloaded(self, model: str, *, source: Source, reason: str = "", principal: str | None = None) -> None:
+        self.record("unload", model=model, source=source, reason=reason, principal=principal)
+
+    def version_swapped_in(
+        self, model: str, version: int | str, *, source: Source, principal: str | None = None
+    ) -> None:
+        self.record("version_swapped_in", model=model, version=version, source=source, principal=principal)
+
+    def version_retired(
+        self, model: str, version: int | str, *, source: Source, reason: str = "", principal: str | None = None
+    ) -> None:
+        self.record("version_retired", model=model, version=version, source=source, reason=reason, principal=principal)
+
+    def routing_applied(
+        self, model: str, routing: Mapping[str, Any], *, source: Source, principal: str | None = None
+    ) -> None:
+        """``routing``: the block now in force (``Routing.model_dump()``), so the trail shows what changed."""
+        self.record("routing_applied", model=model, source=source, principal=principal, detail={"routing": routing})
+
+    def routing_rejected(self, model: str, reason: str, *, source: Source, principal: str | None = None) -> None:
+        """A routing block that does not fit the loaded versions; the previous routing stays."""
+        self.record(
+            "routing_rejected", model=model, source=source, outcome="rejected", reason=reason, principal=principal
+        )
+
+    def canary_step(self, model: str, version: int, step: int, weight: float) -> None:
+        self.record(
+            "canary_step", model=model, version=version, source="runtime", detail={"step": step, "weight": weight}
+        )
+
+    def canary_completed(self, model: str, version: int, weight: float) -> None:
+        self.record("canary_completed", model=model, version=version, source="runtime", detail={"weight": weight})
+
+    def canary_rolled_back(self, model: str, version: int, reason: str) -> None:
+        self.record("canary_rollback", model=model, version=version, source="runtime", outcome="failed", reason=reason)
+
+    def shadow_paused(self, model: str, version: int, seconds: float, reason: str) -> None:
+        self.record(
+            "shadow_paused",
+            model=model,
+            version=version,
+            source="runtime",
+            reason=reason,
+            detail={"seconds": seconds},
+        )
+
+    def drift_alert_entered(
+        self, model: str, version: int | str | None, reason: str, detail: Mapping[str, Any] | None = None
+    ) -> None:
+        self.record("drift_alert_entered", model=model, version=version, source="runtime", reason=reason, detail=detail)
+
+    def drift_alert_left(
+        self, model: str, version: int | str | None, reason: str = "", detail: Mapping[str, Any] | None = None
+    ) -> None:
+        self.record("drift_alert_left", model=model, version=version, source="runtime", reason=reason, detail=detail)
+
+    def admin_call(
+        self,
+        method: str,
+        outcome: str,
+        *,
+        model: str = "",
+        version: str = "",
+        principal: str | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        """An admin write (load, unload, routing change…), allowed or refused: ``outcome`` is the gRPC status name."""
+        self.record(
+            "admin",
+            model=model,
+            version=version,
+            source="api",
+            outcome=outcome,
+            principal=principal,
+            detail={"method": method, "client_id": client_id},
+        )
+
+    # --- the one writer ----------------------------------------------------------------------------
+
+    def record(
+        self,
+        event: str,
+        *,
+        source: Source,
+        model: str = "",
+        version: int | str | None = None,
+        outcome: str = "ok",
+        reason: str = "",
+        principal: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write one event; never raises, never waits (see the module docstring)."""
+        try:
+            line = json.dumps(
+                {
+                    "time": self._clock().isoformat(timespec="milliseconds"),
+                    "event": event,
+                    "model": model,
+                    "version": "" if version is None else str(version),
+                    "principal": principal or _current_subject(),
+                    "source": source,
+                    "outcome": outcome,
+                    "reason": reason,
+                    "detail": dict(detail or {}),
+                },
+                ensure_ascii=False,
+                default=str,  # a stray non-JSON value must not cost the event
+            )
+            if self._writer is not None:
+                self._writer.offer(line + "\n")
+            else:
+                self._logger.info(line)
+        except Exception:
+            log.exception("could not write the audit event %r", event)
+
+
+def _current_subject() -> str:
+    principal = current_principal()
+    return principal.subject if principal is not None else ANONYMOUS
+
+
+class _FileWriter:
+    """Appends lines to one file from one thread; :meth:`offer` never blocks."""
+
+    def __init__(self, path: Path, queue_size: int) -> None:
+        self.path = path
+        self.dropped = 0
+        self._failed_writes = 0
+        self._queue: queue.Queue[str | None] = queue.Queue(queue_size)
+        # O_APPEND: every write lands at the end, even with other processes (--workers) appending too.
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def offer(self, line: str) -> None:
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("audit log %s is not keeping up: %d event(s) dropped so far", self.path, self.dropped)
+
+    def _run(self) -> None:
+        while True:
+            lines = [self._queue.get()]
+            while lines[-1] is not _STOP and len(lines) < 1000:  # one write for a burst
+                try:
+                    lines.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._write("".join(line for line in lines if line is not _STOP).encode())
+            if lines[-1] is _STOP:
+                return
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self._failed_writes += 1
+            if self._failed_writes == 1 or self._failed_writes % 1000 == 0:
+                log.error("cannot write the audit log %s: %s (%d failed write(s))", self.path, exc, self._failed_writes)
+
+    def close(self) -> None:
+        """Flush the queue and close (blocking: call from a thread); gives up on a disk stuck for seconds."""
+        try:
+            self._queue.put(_STOP, timeout=_CLOSE_TIMEOUT_S)
+        except queue.Full:
+            log.error("audit log %s: writer stuck; %d queued event(s) not written", self.path, self._queue.qsize())
+            return  # the daemon thread still owns the descriptor
+        self._thread.join(_CLOSE_TIMEOUT_S)
+        if not self._thread.is_alive():
+            os.close(self._fd)

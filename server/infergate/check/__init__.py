@@ -1,0 +1,179 @@
+"""``infergate check``: would this model repository serve cleanly? A gate for CI/CD.
+
+Everything the server does at load, without serving, through the server's own
+code: the server config (and the keys and certificates it names), every
+model's ``config.yaml`` and each version's ``metadata.yaml`` (every bad field
+reported, each naming file and field), version policies, checksums, loading
+each version with its execution providers — falling back as the server would —
+and warm-up (``load_model_version``), routing blocks against the versions that
+loaded (``check_routing``), and with ``smoke`` one inference per version
+checked for NaN/Inf (:mod:`infergate.check.smoke`).
+
+Versions are checked one at a time and closed before the next, so memory stays
+that of the largest version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from infergate.check.findings import Finding, Report
+from infergate.check.smoke import smoke_test
+from infergate.config import ServerConfig, load_server_config
+from infergate.configfile import ConfigError
+from infergate.models.config import PROVIDERS, ModelConfig, load_model_config
+from infergate.models.governance import ChecksumMismatch, MetadataError, resolve_metadata
+from infergate.models.runner import ModelLoadError
+from infergate.models.version import ModelVersion, load_model_version
+from infergate.repository.catalog import is_version_name
+from infergate.routing.router import RoutingError, check_routing
+from infergate.security.keys import build_key_store
+from infergate.security.tls import server_credentials
+
+__all__ = ["Finding", "Report", "check_repository"]
+
+log = logging.getLogger(__name__)
+
+
+async def check_repository(
+    root: Path, server_config: Path | None = None, models: list[str] | None = None, smoke: bool = False
+) -> Report:
+    """Check the repository at ``root`` (only ``models`` when given) and return every finding."""
+    report = Report()
+    config = _check_server_config(root, server_config, report)
+    names = _model_names(root, models, config, report)
+    for name in names:
+        await _check_model(root / name, name, smoke, report)
+    return report
+
+
+def _check_server_config(root: Path, path: Path | None, report: Report) -> ServerConfig | None:
+    if path is None:
+        return None
+    try:
+        config = load_server_config(path, {"model_repository": root})
+    except ConfigError as exc:
+        report.errors("server-config", str(exc))
+        return None
+    try:  # what the server reads when it is built: key files, certificates
+        if config.auth.enabled:
+            build_key_store(config.auth).close()
+        if config.tls is not None:
+            server_credentials(config.tls)
+    except ConfigError as exc:
+        report.errors("server-config", f"{path}: {exc}")
+        return config
+    report.add("server-config", "ok", str(path))
+    return config
+
+
+def _model_names(root: Path, wanted: list[str] | None, config: ServerConfig | None, report: Report) -> list[str]:
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    missing = sorted(set(wanted or []) - set(found))
+    if config is not None and config.model_control_mode == "explicit":
+        missing_at_start = sorted(set(config.load_models) - set(found) - {"*"})
+        for name in missing_at_start:
+            report.add("server-config", "error", f"load_models: no model directory {root / name}")
+    for name in missing:
+        report.add("models", "error", f"no model directory {root / name}", name)
+    if not found:
+        report.add("models", "error", f"{root}: no model directories")
+    return [n for n in found if wanted is None or n in wanted]
+
+
+async def _check_model(directory: Path, name: str, smoke: bool, report: Report) -> None:
+    path = directory / "config.yaml"
+    try:
+        config, found, has_file = await asyncio.to_thread(_read_model, directory)
+    except ConfigError as exc:
+        report.errors("config", str(exc), name)
+        return
+    report.add("config", "ok", str(path) if has_file else "no config.yaml: every default", name)
+    wanted = config.version_policy.select(found)
+    if not wanted:
+        message = f"no version directory matches the version policy (found: {', '.join(map(str, found)) or 'none'})"
+        report.add("version-policy", "error", f"{path}: version_policy: {message}", name)
+        return
+    report.add("version-policy", "ok", f"serves {_list(wanted)} of {_list(found)}", name)
+    loaded = [v for v in wanted if await _check_version(directory, name, v, config, smoke, report)]
+    if config.routing is None:
+        return
+    if not loaded:
+        report.add("routing", "error", f"{path}: routing: no version loaded to route to", name)
+        return
+    try:
+        check_routing(config.routing, loaded)
+    except RoutingError as exc:
+        report.add("routing", "error", f"{path}: {exc}", name)
+        return
+    report.add("routing", "ok", f"fits the versions that load ({_list(loaded)})", name)
+
+
+def _read_model(directory: Path) -> tuple[ModelConfig, list[int], bool]:
+    """The model's config, its version directories, and whether config.yaml exists. Raises ConfigError."""
+    path = directory / "config.yaml"
+    config = load_model_config(path)
+    found = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and is_version_name(p.name))
+    return config, found, path.exists()
+
+
+async def _check_version(
+    directory: Path, name: str, version: int, config: ModelConfig, smoke: bool, report: Report
+) -> bool:
+    """Load (checksum, providers, warm-up) and smoke-test one version; True when it would serve."""
+    version_dir = directory / str(version)
+    try:
+        given = (await asyncio.to_thread(resolve_metadata, version_dir, config)).sha256 is not None
+        model = await asyncio.to_thread(load_model_version, version_dir, name, version, config)
+    except ChecksumMismatch as exc:
+        report.add("checksum", "error", str(exc), name, version)
+        return False
+    except MetadataError as exc:
+        report.errors("metadata", str(exc), name, version)
+        return False
+    except ModelLoadError as exc:
+        report.add("load", "error", str(exc), name, version)
+        return False
+    except Exception as exc:  # what the repository reports as "unexpected error", with the cause
+        log.debug("model %s version %d failed to load", name, version, exc_info=True)
+        report.add("load", "error", f"unexpected error: {type(exc).__name__}: {exc}", name, version)
+        return False
+    try:
+        _report_loaded(model, config, given, report)
+        if smoke:
+            model.start()
+            try:
+                report.add("smoke", "ok", await smoke_test(model, version_dir), name, version)
+            except Exception as exc:  # SmokeError, or the model failing to run
+                report.add("smoke", "error", _explain(exc), name, version)
+                return False
+        return True
+    finally:
+        await model.aclose()
+
+
+def _explain(exc: BaseException) -> str:
+    """The error and, for an execution error (whose message points at the server log), its cause."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__
+    return f"{text}: {str(cause).strip().splitlines()[0]}" if cause is not None and str(cause).strip() else text
+
+
+def _report_loaded(model: ModelVersion, config: ModelConfig, given: bool, report: Report) -> None:
+    name, version = model.name, model.version
+    digest = model.metadata.sha256 or ""
+    report.add("checksum", "ok", f"sha256 {digest} ({'verified' if given else 'computed; none given'})", name, version)
+    used = model.runner.providers[0]
+    wanted = PROVIDERS[config.execution_providers[0].name]
+    sizes = config.warmup.batch_sizes if model.spec.batches else [1]
+    detail = f"{used}, max_batch_size {model.spec.max_batch_size}, warm-up at {_list(sizes)}"
+    if used != wanted:
+        report.add("load", "warning", f"{wanted} is not available here; falls back to {used}: {detail}", name, version)
+    else:
+        report.add("load", "ok", detail, name, version)
+
+
+def _list(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values) or "none"

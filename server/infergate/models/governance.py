@@ -1,0 +1,115 @@
+"""Governance metadata and integrity: who made a version, and is its file the one they made.
+
+A model's ``config.yaml`` may carry a ``metadata:`` block (owner, source run,
+license, ``sha256``…); a version directory may override it field by field with
+its own ``metadata.yaml``. At load, :func:`verify_version` resolves the two and
+checks the model file's SHA-256 against ``sha256`` when one is given, before
+onnxruntime reads the file. A mismatch raises :class:`ChecksumMismatch` (a
+:class:`ModelLoadError`, so that version does not load and whatever serves keeps
+serving); otherwise the version carries its metadata with ``sha256`` set to the
+digest computed, given or not.
+
+Hashing reads the whole file. It runs wherever ``load_model_version`` runs, which
+is a worker thread (``asyncio.to_thread`` in the repository, ``infergate check``
+and ``infergate batch``); hashlib releases the GIL while it digests, so a large
+file does not hold up the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from infergate.configfile import ConfigError, read_yaml, validate
+from infergate.models.config import Metadata, ModelConfig
+from infergate.models.runner import ModelLoadError
+
+__all__ = [
+    "METADATA_FILE",
+    "ChecksumMismatch",
+    "MetadataError",
+    "file_sha256",
+    "metadata_parameters",
+    "resolve_metadata",
+    "verify_checksum",
+    "verify_version",
+]
+
+METADATA_FILE = "metadata.yaml"
+
+
+class MetadataError(ModelLoadError):
+    """A version's metadata.yaml is unreadable or invalid; the message names the file and field."""
+
+
+class ChecksumMismatch(ModelLoadError):
+    """The model file's SHA-256 is not the one its metadata names; the message has both digests."""
+
+    def __init__(self, path: Path, expected: str, actual: str):
+        super().__init__(f"{path}: sha256 mismatch: metadata expects {expected}, the file has {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+def resolve_metadata(version_dir: Path, config: ModelConfig) -> Metadata:
+    """The model's ``metadata:`` block overridden by ``version_dir/metadata.yaml`` when there is one.
+
+    Fields set in metadata.yaml replace the model's; ``labels`` merge key by key.
+    Raises :class:`MetadataError` naming the file and field.
+    """
+    path = version_dir / METADATA_FILE
+    base = config.metadata
+    if not path.is_file():
+        return base
+    try:
+        override = validate(Metadata, read_yaml(path), path)
+    except ConfigError as exc:
+        raise MetadataError(str(exc)) from None
+    fields = {name: getattr(override, name) for name in override.model_fields_set}
+    if "labels" in fields:
+        fields["labels"] = {**base.labels, **override.labels}
+    return base.model_copy(update=fields)
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file, read in chunks (blocking: call from a thread)."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def verify_checksum(path: Path, expected: str | None) -> str:
+    """The file's SHA-256; raises :class:`ChecksumMismatch` when ``expected`` is given and differs.
+
+    Raises :class:`ModelLoadError` when the file cannot be read.
+    """
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror}") from None
+    if expected is not None and actual != expected:
+        raise ChecksumMismatch(path, expected, actual)
+    return actual
+
+
+def verify_version(model_file: Path, config: ModelConfig) -> Metadata:
+    """Resolve the metadata of ``model_file``'s version and check its digest: the version's
+    metadata with ``sha256`` set to the computed digest. Raises :class:`ModelLoadError`."""
+    metadata = resolve_metadata(model_file.parent, config)
+    digest = verify_checksum(model_file, metadata.sha256)
+    return metadata.model_copy(update={"sha256": digest})
+
+
+def metadata_parameters(metadata: Metadata) -> dict[str, str]:
+    """The metadata as the string parameters of Triton's ModelConfig (unset fields left out).
+
+    ``tags`` are joined with commas; each label ``KEY`` becomes ``label.KEY``.
+    """
+    params = {
+        name: value
+        for name in ("owner", "description", "source_run", "training_data", "license", "created", "sha256")
+        if (value := getattr(metadata, name)) is not None
+    }
+    if metadata.tags:
+        params["tags"] = ",".join(metadata.tags)
+    params.update({f"label.{key}": value for key, value in metadata.labels.items()})
+    return params

@@ -1,0 +1,221 @@
+"""RepositoryModelLoad's overrides: a model config as JSON, and the model's files in the request.
+
+Triton's model repository extension lets a load request carry:
+
+* ``config``: a string parameter holding a JSON model config, used instead of
+  the one in the repository for this load. infergate reads it exactly as it
+  reads config.yaml (same keys, same checks, errors naming the field), after
+  translating what Triton's protobuf JSON writes differently (below).
+* ``file:<path>``: bytes parameters that together replace the model directory,
+  e.g. ``file:1/model.onnx``. They need ``config`` too (Triton's rule), must
+  stay inside the model directory, and must include at least one
+  ``<version>/<default_model_filename>``.
+
+Any other parameter is refused, as Triton does.
+
+Triton's JSON (``ModelConfig`` from model_config.proto) and config.yaml:
+
+======================================  ============================================
+Triton JSON                             config.yaml
+======================================  ============================================
+``name``, ``platform``, ``backend``     must be the model's name / ``onnxruntime_onnx`` /
+                                        ``onnxruntime``; then dropped
+``max_batch_size`` (also ``"16"``)      ``max_batch_size``
+``instance_group: [{count, kind}]``     ``instance_group: {count: <sum>}`` (KIND_CPU /
+                                        KIND_AUTO only; GPUs are ``execution_providers``)
+``dynamic_batching.default_queue_policy``  its ``max_queue_size`` and
+  ``{max_queue_size, default_timeout_microseconds}``  ``default_timeout_microseconds`` move up into
+                                        ``dynamic_batching``
+``sequence_batching``, ``model_warmup``,  the same
+``input``, ``output``, ``version_policy``,
+``default_model_filename``
+lowerCamelCase keys (``maxBatchSize``)  refused, naming the snake_case key to use
+======================================  ============================================
+
+Seam: ``parse_load_parameters(model, request.parameters)`` in RepositoryModelLoad
+(before anything is unloaded); then ``stage_files(override, directory)`` when the
+override carries files, and the repository loads the version(s) from that
+directory with ``override.config`` instead of reading config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from infergate.configfile import ConfigError
+from infergate.errors import InferGateError, InvalidArgument
+from infergate.models.config import ModelConfig, model_config_from_data
+
+__all__ = ["CONFIG_PARAMETER", "FILE_PREFIX", "LoadOverride", "PollFailed", "parse_load_parameters", "stage_files"]
+
+CONFIG_PARAMETER = "config"
+FILE_PREFIX = "file:"
+NAME_MAX = 255  # bytes in one path component on Linux filesystems
+
+_PLATFORM = "onnxruntime_onnx"
+_BACKEND = "onnxruntime"
+_CPU_KINDS = ("KIND_CPU", "KIND_AUTO")
+
+
+class PollFailed(InferGateError):
+    """Triton's "failed to poll from model repository" (INTERNAL): files that cannot be laid out on disk.
+
+    Triton answers INTERNAL here and its own example client checks for it, so
+    infergate does the same; the message says what was wrong with the file.
+    """
+
+
+@dataclass(frozen=True)
+class LoadOverride:
+    """What a load request replaces: the config (None: config.yaml) and the files (empty: the repository's)."""
+
+    config: ModelConfig | None = None
+    files: Mapping[str, bytes] = field(default_factory=dict)  # relative POSIX path -> content
+
+
+def parse_load_parameters(model: str, parameters: Mapping[str, Any]) -> LoadOverride:
+    """Validate RepositoryModelLoad's ``parameters`` (``ModelRepositoryParameter`` messages).
+
+    Raises InvalidArgument (or PollFailed, see there) whose message starts with
+    Triton's ``failed to load '<model>'`` and says what was wrong.
+    """
+    config: ModelConfig | None = None
+    files: dict[str, bytes] = {}
+    for name, param in parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        if name == CONFIG_PARAMETER:
+            if kind != "string_param":
+                raise InvalidArgument("Config parameter 'config' must have string type for its value")
+            config = config_from_json(model, param.string_param)
+        elif name.startswith(FILE_PREFIX):
+            if kind != "bytes_param":
+                raise InvalidArgument(f"File parameter '{name}' must have bytes type for its value")
+            files[_file_path(model, name[len(FILE_PREFIX) :])] = param.bytes_param
+        else:
+            raise InvalidArgument(f"failed to load '{model}': Unrecognized load parameter '{name}' with type '{kind}'")
+    if files:
+        if config is None:
+            raise InvalidArgument(
+                f"failed to load '{model}': file overrides need a 'config' parameter too "
+                "(the model configuration of the override model directory)"
+            )
+        _check_has_a_version(model, files, config)
+    return LoadOverride(config, files)
+
+
+def config_from_json(model: str, text: str) -> ModelConfig:
+    """A ``config`` parameter as a ModelConfig, checked exactly like config.yaml."""
+    source = f"failed to load '{model}': Invalid config override"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{source}: the JSON must be an object, not {type(data).__name__}")
+    try:
+        translated = from_triton_json(model, data)
+    except ValueError as exc:
+        raise InvalidArgument(f"{source}: {exc}") from None
+    try:
+        return model_config_from_data(translated, source)
+    except ConfigError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Translate the parts of Triton's JSON that config.yaml writes differently (see the module table)."""
+    out = dict(data)
+    for key, expected in (("name", model), ("platform", _PLATFORM), ("backend", _BACKEND)):
+        if key in out and out.pop(key) != expected:
+            raise ValueError(f"{key}: must be {expected!r} (or left out)")
+    if isinstance(out.get("instance_group"), list):
+        out["instance_group"] = _instance_group(out["instance_group"])
+    batching = out.get("dynamic_batching")
+    if isinstance(batching, dict) and isinstance(batching.get("default_queue_policy"), dict):
+        out["dynamic_batching"] = _flatten_queue_policy(batching)
+    camel = sorted(k for k in out if _CAMEL.search(k))
+    if camel:
+        hints = ", ".join(f"{k} -> {_snake(k)}" for k in camel)
+        raise ValueError(f"write keys in snake_case as config.yaml does ({hints})")
+    return out
+
+
+_CAMEL = re.compile(r"[a-z][A-Z]")
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
+
+
+def _instance_group(groups: list[Any]) -> dict[str, int]:
+    count = 0
+    for i, group in enumerate(groups):
+        if not isinstance(group, dict):
+            raise ValueError(f"instance_group.{i}: must be a mapping")
+        if group.get("kind", "KIND_AUTO") not in _CPU_KINDS:
+            raise ValueError(
+                f"instance_group.{i}.kind: {group['kind']} is not taken; choose devices with execution_providers"
+            )
+        extra = sorted(set(group) - {"count", "kind", "name"})
+        if extra:
+            raise ValueError(f"instance_group.{i}: {extra} are not taken")
+        count += int(group.get("count", 1))
+    return {"count": count}
+
+
+def _flatten_queue_policy(batching: dict[str, Any]) -> dict[str, Any]:
+    out = dict(batching)
+    policy = dict(out.pop("default_queue_policy"))
+    for key in ("max_queue_size", "default_timeout_microseconds"):
+        if key in policy:
+            out[key] = policy.pop(key)
+    # What infergate always does; anything else it cannot honour.
+    if policy.pop("allow_timeout_override", True) is not True or policy.pop("timeout_action", "REJECT") != "REJECT":
+        raise ValueError("dynamic_batching.default_queue_policy: infergate always rejects timed-out requests")
+    if policy:
+        raise ValueError(f"dynamic_batching.default_queue_policy: {sorted(policy)} are not taken")
+    return out
+
+
+def _file_path(model: str, relative: str) -> str:
+    """A ``file:`` parameter's path, refused unless it is relative and stays inside the model directory."""
+    path = PurePosixPath(relative)
+    long = [part for part in path.parts if len(part.encode()) > NAME_MAX]
+    if long:
+        raise PollFailed(
+            f"failed to load '{model}', failed to poll from model repository: file override "
+            f"'{relative[:40]}...' has a path component of {len(long[0].encode())} bytes (the limit is {NAME_MAX})"
+        )
+    if not relative or path.is_absolute() or ".." in path.parts or "\\" in relative or "\x00" in relative:
+        raise InvalidArgument(
+            f"failed to load '{model}': Invalid file parameter '{FILE_PREFIX}{relative}': "
+            "it must be a relative path that stays within the model directory"
+        )
+    return path.as_posix()
+
+
+def _check_has_a_version(model: str, files: Mapping[str, bytes], config: ModelConfig) -> None:
+    filename = config.default_model_filename
+    versions = [p for p in files if (parts := PurePosixPath(p).parts) and len(parts) == 2 and parts[1] == filename]
+    if not any(PurePosixPath(p).parts[0].isascii() and PurePosixPath(p).parts[0].isdecimal() for p in versions):
+        raise InvalidArgument(
+            f"failed to load '{model}': the file overrides hold no '<version>/{filename}' (got {sorted(files)[:5]})"
+        )
+
+
+def stage_files(override: LoadOverride, directory: Path) -> Path:
+    """Write the override's files under ``directory`` (a fresh, empty model directory) and return it.
+
+    Blocking: call it from a thread. The paths were checked by
+    :func:`parse_load_parameters`; the loader takes ``override.config`` as the config.
+    """
+    for relative, content in override.files.items():
+        target = directory / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    return directory

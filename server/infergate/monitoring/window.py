@@ -1,0 +1,167 @@
+"""The sliding window of live feature values, and its scores against the reference profile.
+
+Not thread-safe on purpose: one :class:`DriftWindow` belongs to one
+accumulator thread, which adds rows and scores; readers only ever see the
+immutable :class:`FeatureScore` tuples it returns.
+
+Scoring works on all numeric features of a tensor at once (PSI with one
+comparison of the window against every edge; KS and Wasserstein with one
+sort of the window), so a window of hundreds of features costs milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from infergate.monitoring.drift import (
+    as_rows,
+    bin_counts_rows,
+    categorical_psi,
+    ks_rows,
+    psi_rows,
+    quantiles_sorted,
+    reference_steps,
+    scale,
+    sorted_rows,
+    wasserstein_rows,
+)
+from infergate.monitoring.features import category_keys, extract
+from infergate.monitoring.profile import CategoricalFeature, NumericFeature, ReferenceProfile, TensorProfile
+
+__all__ = ["DriftWindow", "FeatureScore", "TensorWindow"]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureScore:
+    """One feature's score; ``io`` is "input" or "output"."""
+
+    io: str
+    tensor: str
+    feature: str
+    method: str
+    score: float
+    alert: bool
+
+
+class _NumericReference:
+    """The numeric features of one tensor as arrays, made once from the profile: scoring runs often."""
+
+    def __init__(self, features: list[tuple[int, NumericFeature]]):
+        self.columns = [j for j, _ in features]
+        width = max(len(f.counts) for _, f in features)
+        self.counts = np.zeros((len(features), width))  # padded with empty bins, which cost nothing
+        self.edges = np.full((len(features), width - 1), np.inf)  # padded with +inf: nothing lands above
+        for row, (_, f) in enumerate(features):
+            self.counts[row, : len(f.counts)] = f.counts
+            self.edges[row, : len(f.edges)] = f.edges
+        self.quantiles = np.array([f.quantiles for _, f in features], dtype=np.float64)  # [k, 101]
+        below, at_or_below = reference_steps(self.quantiles.T)
+        self.below, self.at_or_below = below.T, at_or_below.T
+        self.scales = np.array([scale(f.std, f.quantiles) for _, f in features])
+
+    def scores(self, block: FloatArray, method: str) -> FloatArray:
+        """One score per feature for ``block`` [rows, k] (the window's values of these features)."""
+        if method == "psi":
+            return psi_rows(self.counts, bin_counts_rows(as_rows(block), self.edges))
+        rows, counts = sorted_rows(block)
+        if method == "ks":
+            return ks_rows(self.quantiles, self.below, self.at_or_below, rows, counts)
+        return wasserstein_rows(self.quantiles, self.scales, quantiles_sorted(rows, counts))
+
+
+class TensorWindow:
+    """The last ``capacity`` rows of one tensor's features, in a ring buffer."""
+
+    def __init__(self, io: str, name: str, profile: TensorProfile, capacity: int):
+        self.io, self.name, self.profile = io, name, profile
+        self.capacity = capacity
+        self.fill = 0
+        self._position = 0
+        self._buffer: npt.NDArray[Any] = np.empty((capacity, len(profile.features)), dtype=_dtype(profile))
+        numeric = [(j, f) for j, f in enumerate(profile.features) if isinstance(f, NumericFeature)]
+        self._numeric = _NumericReference(numeric) if numeric else None
+
+    def add(self, array: npt.NDArray[Any], batches: bool) -> int:
+        """Append one request's tensor; returns its rows. Raises ValueError when its shape does not fit."""
+        rows = extract(array, self.profile.reduction, batches)
+        if rows.shape[1] != self._buffer.shape[1]:
+            raise ValueError(f"{rows.shape[1]} features, the profile has {self._buffer.shape[1]}")
+        count = int(rows.shape[0])
+        if count >= self.capacity:
+            self._buffer[:] = rows[-self.capacity :]
+            self._position, self.fill = 0, self.capacity
+            return count
+        end = self._position + count
+        if end <= self.capacity:
+            self._buffer[self._position : end] = rows
+        else:
+            split = self.capacity - self._position
+            self._buffer[self._position :] = rows[:split]
+            self._buffer[: count - split] = rows[split:]
+        self._position = end % self.capacity
+        self.fill = min(self.capacity, self.fill + count)
+        return count
+
+    def scores(self, method: str, threshold: float) -> list[FeatureScore]:
+        """Every feature's score over the rows in the window (their order does not matter), in profile order."""
+        values = self._buffer[: self.fill]
+        found: dict[int, tuple[str, float]] = {}
+        if self._numeric is not None:
+            block = np.asarray(values[:, self._numeric.columns], dtype=np.float64)
+            used = "psi" if method not in ("ks", "wasserstein") else method
+            for j, score in zip(self._numeric.columns, self._numeric.scores(block, used), strict=True):
+                found[j] = (used, float(score))
+        for j, feature in enumerate(self.profile.features):
+            if isinstance(feature, CategoricalFeature):
+                found[j] = ("psi", categorical_psi(feature.categories, feature.other, category_keys(values[:, j])))
+        return [
+            FeatureScore(self.io, self.name, f.name, found[j][0], found[j][1], found[j][1] > threshold)
+            for j, f in enumerate(self.profile.features)
+        ]
+
+
+def _dtype(profile: TensorProfile) -> np.dtype[Any]:
+    """What ``extract`` yields for this tensor: class indices, text, booleans or floats."""
+    if profile.reduction == "argmax":
+        return np.dtype(np.int64)
+    if profile.datatype == "BYTES":
+        return np.dtype(object)
+    if profile.datatype == "BOOL" and profile.reduction in ("value", "columns"):
+        return np.dtype(np.bool_)
+    return np.dtype(np.float64)
+
+
+class DriftWindow:
+    """A window per profiled input and output of one model version."""
+
+    def __init__(self, profile: ReferenceProfile, capacity: int, batches: bool):
+        self.batches = batches
+        self.tensors = [TensorWindow("input", n, t, capacity) for n, t in profile.inputs.items()]
+        self.tensors += [TensorWindow("output", n, t, capacity) for n, t in profile.outputs.items()]
+
+    @property
+    def fill(self) -> int:
+        """Rows in the window (the emptiest tensor's, should a request have missed one)."""
+        return min(t.fill for t in self.tensors)
+
+    def add(self, inputs: dict[str, npt.NDArray[Any]], outputs: dict[str, npt.NDArray[Any]]) -> int:
+        """Append one request; returns its rows. Raises ValueError (naming the tensor) when one does not fit."""
+        rows = 0
+        for window in self.tensors:
+            array = (inputs if window.io == "input" else outputs).get(window.name)
+            if array is None:
+                raise ValueError(f"{window.io} {window.name} is missing")
+            try:
+                rows = window.add(array, self.batches)
+            except ValueError as exc:
+                raise ValueError(f"{window.io} {window.name}: {exc}") from None
+        return rows
+
+    def scores(self, method: str, threshold: float) -> tuple[FeatureScore, ...]:
+        return tuple(s for t in self.tensors for s in t.scores(method, threshold))

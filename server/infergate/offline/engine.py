@@ -1,0 +1,306 @@
+"""A batch run: read chunks, score them with bounded concurrency, write them in order, record progress.
+
+Three things run at once, each bounded:
+
+* a producer reads the next chunk in a worker thread and starts scoring it, at
+  most ``WINDOW`` chunks ahead of the writer (so memory holds a few chunks,
+  whatever the file's size);
+* each chunk is cut into requests of ``batch_size`` rows; at most
+  ``executor.in_flight`` requests are in flight in all (enough to keep every
+  instance busy, never enough to fill the model's queue);
+* the consumer takes chunks in input order, writes each in a worker thread,
+  makes it durable, then records the new state (see :mod:`.state`).
+
+A request the model cannot compute is split in halves until the rows it fails
+on are found; those become bad rows like the unreadable ones. With
+``on_error="stop"`` the first chunk holding a bad row is not written and the
+run fails naming the row; with ``"skip"`` bad rows go to the errors file.
+
+``stop`` (Ctrl-C) ends reading; the chunks already being scored are finished
+and written, so the state file names the last of them and ``--resume`` goes on
+from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from infergate.models.spec import Tensors
+from infergate.offline.executors import Executor
+from infergate.offline.progress import Progress
+from infergate.offline.readers import Chunk, InputError, Reader, RowError, open_reader
+from infergate.offline.state import ResumeError, RunState, identity_of
+from infergate.offline.writers import ErrorsFile, Writer, open_writer
+
+__all__ = ["WINDOW", "BadRowError", "RunSettings", "Summary", "run"]
+
+Array = npt.NDArray[Any]
+WINDOW = 3  # chunks read ahead of the writer
+
+
+class BadRowError(Exception):
+    """A bad row with ``on_error="stop"``; ``errors`` are the bad rows of the chunk that stopped the run."""
+
+    def __init__(self, errors: list[RowError]) -> None:
+        first = errors[0]
+        shown = f"row {first.row}" + (f" (id {first.id})" if first.id != first.row else "")
+        more = f" (and {len(errors) - 1} more bad row(s) in the same chunk)" if len(errors) > 1 else ""
+        super().__init__(f"{shown}: {first.message}{more}")
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    input: Path
+    output: Path
+    chunk_rows: int
+    on_error: Literal["skip", "stop"] = "stop"
+    errors: Path | None = None  # default with "skip": OUTPUT.errors.jsonl
+    id_column: str | None = None
+    resume: bool = False
+
+
+@dataclass
+class Summary:
+    """What a run did; ``interrupted``: stopped by Ctrl-C (``--resume`` continues)."""
+
+    model: str
+    version: str
+    output: str
+    rows: int = 0  # input rows done in this run (written or bad)
+    rows_written: int = 0  # in the whole output, earlier runs included
+    bad_rows: int = 0
+    seconds: float = 0.0  # scoring, from the first chunk to the last (loading the model not included)
+    resumed_from: int = 0
+    interrupted: bool = False
+    errors_file: str | None = None
+    peak_rss_mb: float | None = None  # this process's peak resident memory (Linux)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Scored:
+    ids: Array
+    outputs: Tensors
+    bad: list[RowError]
+
+
+def staging_of(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def _errors_path(settings: RunSettings) -> Path | None:
+    if settings.errors is not None:
+        return settings.errors
+    return settings.output.with_name(settings.output.name + ".errors.jsonl") if settings.on_error == "skip" else None
+
+
+def _prepare(settings: RunSettings, executor: Executor, summary: Summary) -> RunState:
+    """A fresh state (and staging folder), or the saved one when resuming. Raises ResumeError."""
+    staging = staging_of(settings.output)
+    fresh = RunState(
+        input=str(settings.input.resolve()),
+        input_identity=identity_of(settings.input),
+        model=executor.spec.name,
+        model_version=executor.version,
+        output_format=settings.output.suffix.lower(),
+        chunk_rows=settings.chunk_rows,
+        id_column=settings.id_column,
+    )
+    if staging.exists() and not settings.resume:
+        raise ResumeError(f"{staging} holds an unfinished run: pass --resume to continue it, or delete it to restart")
+    if not staging.exists():
+        if settings.resume:
+            summary.notes.append("nothing to resume: starting from the first row")
+        staging.mkdir(parents=True)
+        fresh.save(staging)
+        return fresh
+    saved = RunState.load(staging)
+    differences = saved.matches(fresh)
+    if differences:
+        raise ResumeError(f"{staging} belongs to another run ({'; '.join(differences)}); delete it to restart")
+    return saved
+
+
+async def run(settings: RunSettings, executor: Executor, stop: asyncio.Event) -> Summary:
+    """Score ``settings.input`` with ``executor`` into ``settings.output``. Raises InputError, ResumeError,
+    BadRowError, or what the executor raises when it cannot go on."""
+    summary = Summary(executor.spec.name, executor.version or "(server's choice)", str(settings.output))
+    staging = staging_of(settings.output)
+    reader = await asyncio.to_thread(
+        open_reader, settings.input, executor.spec, settings.chunk_rows, settings.id_column
+    )
+    try:
+        writer = open_writer(settings.output, staging, executor.spec, settings.id_column or "row_id")
+        state = _prepare(settings, executor, summary)
+    except BaseException:
+        reader.close()
+        raise
+    summary.resumed_from = state.next_row
+    errors_path = _errors_path(settings)
+    errors = ErrorsFile(errors_path, state.errors_size) if errors_path is not None else None
+    progress = Progress(reader.total_rows, state.next_row)
+    started = time.monotonic()
+    finished = False
+    try:
+        writer.resume(state.writer)
+        await _pipeline(reader, executor, writer, errors, state, staging, progress, settings, stop)
+        summary.interrupted = stop.is_set()
+        if not summary.interrupted:
+            await asyncio.to_thread(_finish, writer, errors, errors_path, settings, staging)
+            finished = True
+    finally:
+        summary.seconds = time.monotonic() - started
+        summary.rows = state.next_row - summary.resumed_from
+        summary.rows_written, summary.bad_rows = state.rows_written, state.bad_rows
+        summary.errors_file = str(errors_path) if errors_path is not None and errors_path.exists() else None
+        progress.close()
+        reader.close()
+        writer.close()
+        if errors is not None:
+            errors.close()
+        if not finished and state.chunks == 0 and staging.exists():  # nothing worth resuming
+            shutil.rmtree(staging)
+    return summary
+
+
+def _finish(writer: Writer, errors: ErrorsFile | None, path: Path | None, settings: RunSettings, staging: Path) -> None:
+    writer.finish()
+    if errors is not None and path is not None:
+        errors.close()
+        if settings.errors is None and path.stat().st_size == 0:  # the default file, and no bad row
+            path.unlink()
+    shutil.rmtree(staging)
+
+
+_Item = tuple[Chunk, "asyncio.Task[_Scored]"] | BaseException | None
+
+
+async def _pipeline(
+    reader: Reader,
+    executor: Executor,
+    writer: Writer,
+    errors: ErrorsFile | None,
+    state: RunState,
+    staging: Path,
+    progress: Progress,
+    settings: RunSettings,
+    stop: asyncio.Event,
+) -> None:
+    window: asyncio.Queue[_Item] = asyncio.Queue(WINDOW)
+    limiter = asyncio.Semaphore(executor.in_flight)
+    producer = asyncio.create_task(_produce(reader, state, executor, limiter, window, stop), name="batch reader")
+    try:
+        while (item := await window.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            chunk, job = item
+            scored = await job
+            bad = sorted(chunk.bad + scored.bad, key=lambda e: e.row)
+            if bad and settings.on_error == "stop":
+                if errors is not None:
+                    errors.write(bad)
+                    errors.commit()
+                raise BadRowError(bad)
+            await asyncio.to_thread(_commit, writer, errors, state, staging, chunk, scored, bad)
+            progress.update(chunk.stop - chunk.start)
+    finally:
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+        while not window.empty():  # chunks read but never written: stop scoring them
+            item = window.get_nowait()
+            if isinstance(item, tuple):
+                item[1].cancel()
+                await asyncio.gather(item[1], return_exceptions=True)
+
+
+async def _produce(
+    reader: Reader,
+    state: RunState,
+    executor: Executor,
+    limiter: asyncio.Semaphore,
+    window: asyncio.Queue[_Item],
+    stop: asyncio.Event,
+) -> None:
+    chunks = reader.chunks(state.next_row, state.reader)
+    try:
+        while not stop.is_set():
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None or stop.is_set():
+                break
+            await window.put((chunk, asyncio.create_task(_score(chunk, executor, limiter))))
+    except InputError as exc:  # the reader found the file unusable part-way through
+        await window.put(exc)
+        return
+    await window.put(None)
+
+
+async def _score(chunk: Chunk, executor: Executor, limiter: asyncio.Semaphore) -> _Scored:
+    size = executor.batch_size
+    slices = [(lo, min(lo + size, chunk.rows)) for lo in range(0, chunk.rows, size)]
+    parts = await asyncio.gather(*(_request(chunk, executor, limiter, lo, hi) for lo, hi in slices))
+    done = [piece for scored, _ in parts for piece in scored]
+    bad = [error for _, failed in parts for error in failed]
+    if not done:
+        return _Scored(chunk.ids[:0], {}, bad)
+    ids = np.concatenate([ids for ids, _ in done])
+    names = list(done[0][1])
+    return _Scored(ids, {n: np.concatenate([out[n] for _, out in done]) for n in names}, bad)
+
+
+async def _request(
+    chunk: Chunk, executor: Executor, limiter: asyncio.Semaphore, lo: int, hi: int
+) -> tuple[list[tuple[Array, Tensors]], list[RowError]]:
+    """Rows ``[lo, hi)`` of the chunk as one request; when the model fails on them, each half alone."""
+    inputs = {name: array[lo:hi] for name, array in chunk.inputs.items()}
+    try:
+        async with limiter:
+            outputs = await executor.infer(inputs, hi - lo)
+        return [(chunk.ids[lo:hi], outputs)], []
+    except Exception as exc:
+        if not executor.is_row_error(exc):
+            raise
+        if hi - lo == 1:
+            row, row_id = int(chunk.numbers[lo]), chunk.ids[lo]
+            return [], [
+                RowError(row, row_id.item() if isinstance(row_id, np.generic) else row_id, executor.explain(exc))
+            ]
+    mid = (lo + hi) // 2
+    first, second = await asyncio.gather(
+        _request(chunk, executor, limiter, lo, mid), _request(chunk, executor, limiter, mid, hi)
+    )
+    return first[0] + second[0], first[1] + second[1]
+
+
+def _commit(
+    writer: Writer,
+    errors: ErrorsFile | None,
+    state: RunState,
+    staging: Path,
+    chunk: Chunk,
+    scored: _Scored,
+    bad: list[RowError],
+) -> None:
+    """Write one chunk, make it durable, then record it (blocking: runs in a worker thread)."""
+    writer.write(scored.ids, scored.outputs)
+    if errors is not None:
+        errors.write(bad)
+        state.errors_size = errors.commit()
+    state.writer = writer.commit()
+    state.next_row, state.reader = chunk.stop, chunk.resume
+    state.rows_written += len(scored.ids)
+    state.bad_rows += len(bad)
+    state.chunks += 1
+    state.save(staging)

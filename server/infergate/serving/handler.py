@@ -1,0 +1,128 @@
+"""The inference handler: route → infer → record → mirror, for one request, with no transport.
+
+The servicer reads the wire message into an
+:class:`~infergate.serving.request.InferenceRequest` and encodes the
+:class:`~infergate.serving.request.InferenceResult`; everything between is
+here and knows no gRPC:
+
+1. **route**: the catalog picks the version (and resolves the shadow copy's target);
+2. **decode**: the request's tensors, checked against that version's spec;
+3. **infer**: the version's batcher queues them and its runner executes the batch
+   (a stateful model's requests go through its sequence scheduler, which adds
+   the control and state inputs); outputs asked for as classes become top-k strings;
+4. **record**: the outcome goes to the version's statistics and to the router (canary),
+   and an answered request is offered to the version's monitor (drift, payload log:
+   sampled, handed to a background thread, never waited on);
+5. **mirror**: when routing chose to, the same inputs are offered to the shadow
+   version, after the answer is ready; that never waits and never fails the caller.
+   Requests of a sequence are never mirrored (a shadow would hold only part of it).
+
+Unary ModelInfer and every request of a ModelStreamInfer stream go through
+:meth:`InferenceHandler.infer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+from infergate.errors import Cancelled, InvalidArgument, NotFound
+from infergate.models.sequence import refuse_sequence
+from infergate.models.spec import Tensors
+from infergate.repository.catalog import ModelCatalog, Routed, ShadowTarget
+from infergate.routing.shadow import ShadowJob, ShadowQueue
+from infergate.serving.classification import classify_outputs
+from infergate.serving.request import DecodedRequest, InferenceRequest, InferenceResult, RequestLimits
+
+__all__ = ["InferenceHandler"]
+
+# Errors that say something about the request, not about the version that served it (canary judgement).
+_CALLER_ERRORS = (InvalidArgument, NotFound, Cancelled)
+# A cancellation this close to the call's deadline is the deadline's doing (gRPC's timer and ours differ slightly).
+_EXPIRY_SLACK_NS = 5_000_000
+
+
+class InferenceHandler:
+    """Serves inference requests from the models in ``catalog``."""
+
+    def __init__(self, catalog: ModelCatalog, limits: RequestLimits, shadows: ShadowQueue):
+        self._catalog = catalog
+        self._limits = limits
+        self._shadows = shadows
+
+    async def infer(self, request: InferenceRequest, remaining: float | None) -> InferenceResult:
+        """Run ``request``; ``remaining`` is the caller's deadline in seconds from now, if any.
+
+        Raises the :class:`~infergate.errors.InferGateError` that says what went wrong.
+        """
+        started = time.perf_counter_ns()
+        expires = None if remaining is None else started + int(remaining * 1e9)
+        routed = self._catalog.route(request.model, request.version, request)
+        error: BaseException | None = None
+        model = routed.model
+        try:
+            decoded = request.decode(model.spec, self._limits)
+            outputs = await self._run(routed, decoded, request, remaining)
+            answer = classify_outputs(outputs, decoded.classes, model.spec, model.labels)
+        except BaseException as exc:  # a cancelled call (CancelledError) is an outcome too: never a success
+            error = exc
+            raise
+        finally:
+            _record(routed, error, started, expires)
+        if model.monitor is not None:
+            model.monitor.record(decoded.inputs, outputs, request_id=request.id, route=routed.decision.arm)
+        if routed.shadow is not None and model.sequences is None:
+            self._mirror(routed.shadow, decoded, outputs)
+        return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id)
+
+    @staticmethod
+    async def _run(
+        routed: Routed, decoded: DecodedRequest, request: InferenceRequest, remaining: float | None
+    ) -> Tensors:
+        """Run the request on the routed version. Nothing here awaits before the request is queued
+        (on the batcher, or in its sequence's order): requests of one sequence keep their order."""
+        model = routed.model
+        deadline, server_side = _deadline(remaining, request.timeout_us, model.default_timeout_s)
+        # gRPC cancels the call at its own deadline; the batcher times only server-side timeouts.
+        if model.sequences is not None:
+            return await model.sequences.infer(decoded.sequence, decoded.inputs, deadline, watch=server_side)
+        refuse_sequence(model.name, decoded.sequence)
+        level = model.priority_level(request.priority)
+        return await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, server_side, level)
+
+    def _mirror(self, shadow: ShadowTarget, decoded: DecodedRequest, outputs: Tensors) -> None:
+        """Queue the same inputs for the shadow version; never waits, never fails the caller."""
+        call = functools.partial(shadow.model.infer, decoded.inputs, decoded.rows, decoded.group, None)
+        job = ShadowJob(call, outputs, shadow.stats, shadow.spec.timeout_seconds, shadow.spec.max_busy_fraction)
+        self._shadows.offer(job, limit=shadow.spec.queue_size)
+
+
+def _record(routed: Routed, error: BaseException | None, started_ns: int, expires_ns: int | None) -> None:
+    """Count one finished request in its version's statistics and feed the router's canary.
+
+    Only an answered request is a success. The canary is judged on what the
+    version did: a bad request is not its fault, and a call its client gave
+    up on before the deadline says nothing either way; a call whose deadline
+    passed (gRPC cancels it then) counts against the version that was too slow.
+    """
+    now = time.perf_counter_ns()
+    elapsed_ns = now - started_ns
+    routed.model.stats.record_request(error is None, elapsed_ns)
+    if isinstance(error, asyncio.CancelledError) and (expires_ns is None or now < expires_ns - _EXPIRY_SLACK_NS):
+        return  # the client hung up in time: no judgement
+    served_ok = error is None or isinstance(error, _CALLER_ERRORS)
+    routed.router.observe(routed.decision, served_ok, elapsed_ns / 1e9)
+
+
+def _deadline(remaining: float | None, timeout_us: int | None, default_s: float | None) -> tuple[float | None, bool]:
+    """Absolute loop time by which the request must have run (the tightest of the gRPC
+    deadline, the ``timeout`` parameter and the model's default timeout), and whether
+    that limit is a server-side one (which nothing but the batcher enforces)."""
+    server = timeout_us / 1e6 if timeout_us else default_s
+    if remaining is None and server is None:
+        return None, False
+    server_side = server is not None and (remaining is None or server < remaining)
+    limit = server if server_side else remaining
+    assert limit is not None
+    return asyncio.get_running_loop().time() + limit, server_side

@@ -1,0 +1,203 @@
+"""The server's interceptors, composed in one place (:func:`build_interceptors`), and the one helper
+that wraps a method handler's behaviour (:func:`wrap_handler`).
+
+Order (a call passes them first to last before reaching its servicer):
+
+0. admission (``admission.py``): an inference call over the server's limit,
+   or any once the server drains, is refused before anything else runs;
+1. the observers — telemetry's RPC span, metrics and access log — so that
+   calls a later interceptor refuses are traced and counted too;
+2. :class:`MalformedRequests`, so that a request that does not parse gets
+   INVALID_ARGUMENT naming the method (gRPC's own answer is UNKNOWN and a
+   Python class name);
+3. the auth interceptor (``security/interceptor.py``) when ``auth.enabled``.
+
+Interceptors build nothing per call: gRPC hands every call of a method the
+same handler object, so each interceptor wraps a handler once and keeps the
+result (:class:`HandlerCache`); what differs per call (the caller, a refusal)
+travels in context variables, which belong to the call's own task.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from infergate.errors import InvalidArgument
+from infergate.serving.status import abort_with
+
+__all__ = [
+    "HandlerCache",
+    "MalformedRequests",
+    "StreamBehaviour",
+    "UnaryBehaviour",
+    "build_interceptors",
+    "wrap_handler",
+]
+
+UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The one behaviour a handler has, whatever its kind."""
+    behaviour: Callable[..., Any] = {
+        (False, False): handler.unary_unary,
+        (False, True): handler.unary_stream,
+        (True, False): handler.stream_unary,
+        (True, True): handler.stream_stream,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return behaviour
+
+
+Deserializer = Callable[[bytes], Any]
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    *,
+    unary: Callable[[UnaryBehaviour], UnaryBehaviour],
+    stream: Callable[[StreamBehaviour], StreamBehaviour],
+    deserialize: bool = True,
+    deserializer: Deserializer | None = None,
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour wrapped, for all four kinds of method.
+
+    ``unary`` wraps behaviours that answer once (unary-unary, stream-unary),
+    ``stream`` those that answer with a stream (unary-stream, stream-stream)
+    as an async generator. A streaming behaviour written as a coroutine that
+    answers through ``context.write`` (grpc_health's Watch is one) is awaited
+    like a unary one, so ``unary`` wraps it. A streaming request arrives as an
+    async iterator in place of the message.
+    Without ``deserialize`` the behaviour gets the raw request bytes (never
+    read); ``deserializer`` replaces the handler's own.
+    """
+    kind = (handler.request_streaming, handler.response_streaming)
+    behaviour = behaviour_of(handler)
+    generator = handler.response_streaming and inspect.isasyncgenfunction(behaviour)
+    wrapped = stream(behaviour) if generator else unary(behaviour)
+    return _FACTORIES[kind](
+        wrapped,
+        request_deserializer=(deserializer or handler.request_deserializer) if deserialize else None,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class HandlerCache:
+    """Wrapped handlers by the handler they wrap (one per method, so it stays small).
+
+    Bounded anyway: a handler that is not the same object call after call (an
+    interceptor further in that builds one per call) would otherwise pin them all.
+    """
+
+    def __init__(self, build: Callable[[grpc.RpcMethodHandler], grpc.RpcMethodHandler], limit: int = 1024):
+        self._build = build
+        self._limit = limit
+        self._wrapped: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
+
+    def __call__(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            wrapped = self._build(handler)
+            if len(self._wrapped) < self._limit:
+                self._wrapped[handler] = wrapped
+        return wrapped
+
+    def __len__(self) -> int:
+        return len(self._wrapped)
+
+
+class _Malformed:
+    """What a request that does not parse becomes, so that its handler can say so."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserialize: Deserializer) -> Deserializer:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a custom deserializer raises
+            return _Malformed(exc)
+
+    return parse
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """A request message that does not parse ends its call with INVALID_ARGUMENT naming the method."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, HandlerCache] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        cache = self._wrapped.get(details.method)
+        if cache is None:
+            method = details.method.rsplit("/", 1)[-1]
+            cache = self._wrapped[details.method] = HandlerCache(lambda h: _refusing_malformed(h, method))
+        return cache(handler)
+
+
+def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    message = getattr(getattr(handler.request_deserializer, "__self__", None), "DESCRIPTOR", None)
+    expected = f"a valid {message.full_name} message" if message is not None else "a valid request message"
+
+    def refusal(malformed: _Malformed) -> InvalidArgument:
+        return InvalidArgument(f"{method}: the request is not {expected} ({malformed.error})")
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, _Malformed):
+                await abort_with(context, refusal(request), method)
+            yield request
+
+    def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if handler.request_streaming:
+                return await inner(checked(request, context), context)
+            if isinstance(request, _Malformed):
+                await abort_with(context, refusal(request), method)
+            return await inner(request, context)
+
+        return guarded
+
+    def stream(inner: StreamBehaviour) -> StreamBehaviour:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if handler.request_streaming:
+                request = checked(request, context)
+            elif isinstance(request, _Malformed):
+                await abort_with(context, refusal(request), method)
+            async for response in inner(request, context):
+                yield response
+
+        return guarded
+
+    return wrap_handler(handler, unary=unary, stream=stream, deserializer=_tolerant(handler.request_deserializer))
+
+
+def build_interceptors(
+    admission: grpc.aio.ServerInterceptor,
+    observers: Sequence[grpc.aio.ServerInterceptor],
+    auth: grpc.aio.ServerInterceptor | None,
+) -> list[grpc.aio.ServerInterceptor]:
+    """Every server interceptor, in order (see the module docstring)."""
+    return [admission, *observers, MalformedRequests(), *([auth] if auth is not None else [])]

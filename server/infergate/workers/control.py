@@ -1,0 +1,328 @@
+"""Model control across ``--workers N``: the supervisor is the one control point.
+
+A client's RepositoryModelLoad/Unload lands on whichever worker got its
+connection. That worker does not act alone: :class:`WorkerControl` (its
+:class:`~infergate.serving.control.ModelControl`) asks the supervisor's
+:class:`ControlHub`, which applies the call in **every** worker, one call at a
+time, and answers once all of them have answered. So after the call returns,
+every connection sees the same models.
+
+Wire: JSON lines over Unix sockets in a directory only the supervisor's user
+can open (``mkdtemp``, mode 0700); nothing listens on a network port.
+
+* Each worker, once its start-up models are loaded, connects and says
+  ``{"hello": INDEX}``. The hub replays every control call made so far (the
+  last one per model), then ``{"joined": true}``: a worker restarted after a
+  crash serves the same models as the others before it reports ready. From
+  then on the hub sends ``{"op": "load"|"unload", "model": NAME}`` on that
+  connection and the worker answers ``{"ok": true}`` or
+  ``{"ok": false, "status": "NOT_FOUND", "message": "..."}``.
+* A worker serving a control call opens a short connection, sends
+  ``{"call": "load"|"unload", "model": NAME}`` and relays the hub's answer.
+
+One lock in the hub orders calls and joins, so every worker applies the same
+calls in the same order. A call that fails in some workers only (a worker out
+of memory) is reported with the workers it failed in; retrying it is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infergate.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InferGateError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+)
+from infergate.models.overrides import LoadOverride
+from infergate.serving.control import ModelControl
+
+__all__ = ["ControlHub", "WorkerControl", "WorkerRole"]
+
+log = logging.getLogger(__name__)
+
+OPS = ("load", "unload")
+# Replies that mean the call changed nothing anywhere (no such model): such a call is not replayed.
+_NAMED_NOTHING = frozenset({"NOT_FOUND", "INVALID_ARGUMENT"})
+_ERRORS: dict[str, type[InferGateError]] = {
+    cls.status.name: cls
+    for cls in (InvalidArgument, NotFound, Unavailable, DeadlineExceeded, Cancelled, Unimplemented, FailedPrecondition)
+}
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What a worker process of ``--workers N`` knows of its place: index, count, the hub's socket."""
+
+    index: int
+    count: int
+    socket: Path
+
+
+Message = dict[str, Any]
+
+
+async def _send(writer: asyncio.StreamWriter, message: Message) -> None:
+    writer.write(json.dumps(message).encode() + b"\n")
+    await writer.drain()
+
+
+async def _receive(reader: asyncio.StreamReader) -> Message | None:
+    """The next message, or None when the other side has gone (or broke the protocol: then it is logged)."""
+    try:
+        line = await reader.readline()
+    except (ConnectionError, ValueError):  # ValueError: a line over the reader's limit
+        return None
+    if not line:
+        return None
+    try:
+        message = json.loads(line)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        log.error("model control: not a JSON object: %.200r", line)
+        return None
+    return message
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        writer.close()
+
+
+# --------------------------------------------------------------------------- the supervisor's side
+
+
+@dataclass(eq=False)
+class _Agent:
+    """The connection to one joined worker; the hub's lock serialises its use."""
+
+    index: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def ask(self, op: str, model: str) -> Message | None:
+        """Have the worker apply ``op``; its reply, or None when it has gone (it replays on its return)."""
+        try:
+            await _send(self.writer, {"op": op, "model": model})
+            reply = await _receive(self.reader)
+        except ConnectionError:
+            reply = None
+        if reply is None:
+            self.close()
+        return reply
+
+    def close(self) -> None:
+        _close(self.writer)
+        self.closed.set()
+
+
+class ControlHub:
+    """The supervisor's control point: applies each load/unload in every joined worker."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = asyncio.Lock()
+        self._agents: dict[int, _Agent] = {}
+        self._calls: dict[str, str] = {}  # model -> the last op asked for it, in the order asked
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._connected, path=str(self.path))
+
+    async def aclose(self) -> None:
+        """Stop listening and close the workers' connections (after they have exited)."""
+        if self._server is not None:
+            self._server.close()
+        for agent in list(self._agents.values()):
+            agent.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.path.unlink(missing_ok=True)
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            message = await _receive(reader)
+            if message is None:
+                return
+            if isinstance(message.get("hello"), int):
+                await self._join(_Agent(message["hello"], reader, writer))
+            elif message.get("call") in OPS and isinstance(message.get("model"), str):
+                await _send(writer, await self.apply(message["call"], message["model"]))
+            else:
+                log.error("control: unexpected message %r", message)
+        except ConnectionError as exc:
+            log.warning("model control connection failed: %s", exc)
+        finally:
+            _close(writer)
+
+    async def _join(self, agent: _Agent) -> None:
+        """Replay the calls so far to a worker that (re)started, then count it in until it goes."""
+        async with self._lock:
+            for model, op in list(self._calls.items()):
+                reply = await agent.ask(op, model)
+                if reply is None:
+                    return
+                if not reply.get("ok"):
+                    log.warning("worker %d: %s %s on joining: %s", agent.index, op, model, reply.get("message"))
+            await _send(agent.writer, {"joined": True})
+            previous = self._agents.pop(agent.index, None)
+            if previous is not None:
+                previous.close()
+            self._agents[agent.index] = agent
+        log.info("worker %d joined model control (%d call(s) replayed)", agent.index, len(self._calls))
+        await agent.closed.wait()  # the connection stays open while the worker lives
+
+    async def apply(self, op: str, model: str) -> Message:
+        """Apply ``op`` to ``model`` in every joined worker; one reply for the caller."""
+        async with self._lock:
+            agents = sorted(self._agents.values(), key=lambda a: a.index)
+            replies = await asyncio.gather(*(a.ask(op, model) for a in agents))
+            for agent, reply in zip(agents, replies, strict=True):
+                if reply is None and self._agents.get(agent.index) is agent:
+                    del self._agents[agent.index]  # it died: it replays everything when it is back
+            answered = [(a.index, r) for a, r in zip(agents, replies, strict=True) if r is not None]
+            if not answered or not all(r.get("status") in _NAMED_NOTHING for _, r in answered):
+                self._calls.pop(model, None)  # kept for workers that join later, in the order asked
+                self._calls[model] = op
+        log.info("%s %s: applied in %d worker(s)", op, model, len(answered))
+        return _combine(answered)
+
+
+def _combine(replies: list[tuple[int, Message]]) -> Message:
+    """One reply for the caller from every worker's: ok, or what failed and where."""
+    failed = [(index, reply) for index, reply in replies if not reply.get("ok")]
+    if not failed:
+        return {"ok": True}
+    messages = {str(reply.get("message")) for _, reply in failed}
+    if len(messages) == 1:
+        message = messages.pop()
+        if len(failed) < len(replies):
+            where = ", ".join(str(index) for index, _ in failed)
+            message += f" (in worker(s) {where}; the other workers applied it; retrying is safe)"
+    else:
+        message = "; ".join(f"worker {index}: {reply.get('message')}" for index, reply in failed)
+    return {"ok": False, "status": failed[0][1].get("status", "INTERNAL"), "message": message}
+
+
+# --------------------------------------------------------------------------- a worker's side
+
+
+def _stop_this_process() -> None:
+    signal.raise_signal(signal.SIGTERM)  # the serve loop's handler drains and exits
+
+
+class WorkerControl:
+    """A worker's :class:`~infergate.serving.control.ModelControl`: every call goes through the hub.
+
+    ``local`` applies what the hub sends. :meth:`join` (after the start-up
+    models loaded, before the worker reports ready) catches up with the calls
+    made so far. If the hub's connection drops while the worker serves, the
+    supervisor is gone: ``on_lost`` runs (by default SIGTERM to this process,
+    so an orphaned worker drains and exits instead of serving on alone).
+    """
+
+    def __init__(self, role: WorkerRole, local: ModelControl, on_lost: Callable[[], None] = _stop_this_process):
+        self.role = role
+        self._local = local
+        self._on_lost = on_lost
+        self._follower: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+        if override is not None and (override.config is not None or override.files):
+            # Every worker must load the same thing, and the supervisor replays loads to restarted workers:
+            # an override would have to travel to (and be kept by) the supervisor. Refused, and documented.
+            raise FailedPrecondition(
+                f"failed to load '{name}': a config or file override is not supported with --workers; "
+                "put the config and files in the model repository instead"
+            )
+        await self._ask("load", name)
+
+    async def unload(self, name: str) -> None:
+        await self._ask("unload", name)
+
+    async def _ask(self, op: str, model: str) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.role.socket))
+        except OSError as exc:
+            raise Unavailable(f"model control: the supervisor cannot be reached ({exc})") from exc
+        try:
+            await _send(writer, {"call": op, "model": model})
+            reply = await _receive(reader)
+        finally:
+            _close(writer)
+        if reply is None:
+            raise Unavailable("model control: the supervisor closed the connection before answering")
+        if not reply.get("ok"):
+            error = _ERRORS.get(str(reply.get("status")), InferGateError)
+            raise error(str(reply.get("message")))
+
+    async def join(self) -> bool:
+        """Connect to the hub and apply the calls made so far; then follow the ones to come.
+
+        False when the hub cannot be reached: ``on_lost`` has then been called.
+        """
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.role.socket))
+            await _send(writer, {"hello": self.role.index})
+            while (message := await _receive(reader)) is not None and not message.get("joined"):
+                await self._apply(message, writer)
+        except OSError as exc:
+            log.error("cannot join model control at %s (%s); stopping this worker", self.role.socket, exc)
+            self._on_lost()
+            return False
+        if message is None:
+            _close(writer)
+            log.error("the supervisor closed model control while this worker joined; stopping it")
+            self._on_lost()
+            return False
+        self._follower = asyncio.create_task(self._follow(reader, writer), name="model control")
+        return True
+
+    async def _follow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while (message := await _receive(reader)) is not None:
+                await self._apply(message, writer)
+        except ConnectionError:
+            pass
+        finally:
+            _close(writer)
+        if not self._closing:
+            log.error("the supervisor is gone (model control closed); stopping this worker")
+            self._on_lost()
+
+    async def _apply(self, message: Message, writer: asyncio.StreamWriter) -> None:
+        op, model = message.get("op"), message.get("model")
+        try:
+            if op not in OPS or not isinstance(model, str):
+                raise InvalidArgument(f"model control: unknown request {message!r}")
+            await (self._local.load(model) if op == "load" else self._local.unload(model))
+            reply: Message = {"ok": True}
+        except InferGateError as exc:
+            reply = {"ok": False, "status": exc.status.name, "message": exc.message}
+        except Exception:
+            log.exception("model control: %s %s failed", op, model)
+            reply = {"ok": False, "status": "INTERNAL", "message": f"{op} {model}: internal error (see the log)"}
+        await _send(writer, reply)
+
+    async def aclose(self) -> None:
+        """Leave model control (the server is stopping)."""
+        self._closing = True
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)

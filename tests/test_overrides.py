@@ -1,0 +1,141 @@
+"""RepositoryModelLoad's ``config`` and ``file:`` overrides, validated like config.yaml.
+
+Messages start with Triton's ``failed to load '<model>'`` (what its clients
+match on) and go on to say what was wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infergate._proto import grpc_service_pb2 as pb
+from infergate.errors import InvalidArgument, Status
+from infergate.models.overrides import LoadOverride, PollFailed, parse_load_parameters, stage_files
+
+MODEL = "simple"
+
+
+def params(values: dict[str, Any]) -> dict[str, pb.ModelRepositoryParameter]:
+    """Parameters as RepositoryModelLoadRequest carries them, each value in the field of its type."""
+    kinds = {bytes: "bytes_param", str: "string_param", int: "int64_param", bool: "bool_param"}
+    return {name: pb.ModelRepositoryParameter(**{kinds[type(value)]: value}) for name, value in values.items()}
+
+
+def test_no_parameters_override_nothing() -> None:
+    assert parse_load_parameters(MODEL, {}) == LoadOverride()
+
+
+def test_triton_s_example_override_sets_max_batch_size_even_as_a_string() -> None:
+    override = parse_load_parameters(MODEL, params({"config": '{"max_batch_size":"16"}'}))
+    assert override.config is not None and override.config.max_batch_size == 16
+    assert override.files == {}
+
+
+def test_a_sequence_model_config_is_taken_in_json() -> None:
+    text = (
+        '{"max_batch_size": 8, "sequence_batching": {"control_input": [{"name": "START", "control": '
+        '[{"kind": "CONTROL_SEQUENCE_START", "int32_false_true": [0, 1]}]}]}}'
+    )
+    override = parse_load_parameters(MODEL, params({"config": text}))
+    assert override.config is not None and override.config.sequence_batching is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        pytest.param(
+            '"parameters": {"config": {{"max_batch_size": "16"}}}',
+            "failed to load 'simple': Invalid config override: not valid JSON",
+            id="Triton's example of a wrong format",
+        ),
+        pytest.param("[1, 2]", "the JSON must be an object, not list", id="not an object"),
+        pytest.param(
+            '{"max_batch_size": -1}',
+            "failed to load 'simple': Invalid config override: max_batch_size: Input should be greater than or equal",
+            id="a bad value names the field",
+        ),
+        pytest.param('{"dynamic_batching": {"delay": 5}}', "dynamic_batching.delay: Extra inputs", id="unknown key"),
+        pytest.param('{"name": "other"}', "name: must be 'simple'", id="another model's name"),
+        pytest.param('{"platform": "tensorrt_plan"}', "platform: must be 'onnxruntime_onnx'", id="another platform"),
+        pytest.param(
+            '{"maxBatchSize": 4}', "snake_case as config.yaml does (maxBatchSize -> max_batch_size)", id="camel"
+        ),
+        pytest.param(
+            '{"instance_group": [{"count": 1, "kind": "KIND_GPU"}]}',
+            "instance_group.0.kind: KIND_GPU is not taken; choose devices with execution_providers",
+            id="gpu instances",
+        ),
+        pytest.param(
+            '{"max_batch_size": 4, "dynamic_batching": {"preferred_batch_size": [8]}}',
+            "dynamic_batching.preferred_batch_size: [8] exceed max_batch_size 4",
+            id="the same cross-field checks as config.yaml",
+        ),
+    ],
+)
+def test_a_bad_config_override_is_refused_saying_what(text: str, says: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        parse_load_parameters(MODEL, params({"config": text}))
+    assert "failed to load 'simple'" in refused.value.message
+    assert says in refused.value.message, refused.value.message
+
+
+def test_triton_s_json_shapes_are_translated() -> None:
+    text = (
+        '{"name": "simple", "platform": "onnxruntime_onnx", "backend": "onnxruntime", "max_batch_size": 8,'
+        ' "instance_group": [{"count": 2, "kind": "KIND_CPU"}, {"kind": "KIND_AUTO"}],'
+        ' "dynamic_batching": {"max_queue_delay_microseconds": 100, "default_queue_policy":'
+        ' {"max_queue_size": 7, "default_timeout_microseconds": 9, "allow_timeout_override": true}},'
+        ' "input": [{"name": "INPUT0", "data_type": "TYPE_INT32", "dims": ["16"]}]}'
+    )
+    config = parse_load_parameters(MODEL, params({"config": text})).config
+    assert config is not None
+    assert config.instance_group.count == 3
+    assert (config.dynamic_batching.max_queue_size, config.dynamic_batching.default_timeout_microseconds) == (7, 9)
+    assert config.input[0].dims == [16]
+
+
+def test_files_come_with_a_config_and_a_version_directory() -> None:
+    override = parse_load_parameters(
+        MODEL, params({"config": "{}", "file:1/model.onnx": b"onnx", "file:labels.txt": b"a\n"})
+    )
+    assert override.files == {"1/model.onnx": b"onnx", "labels.txt": b"a\n"}
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        pytest.param({"file:1/model.onnx": b"x"}, "file overrides need a 'config' parameter too", id="no config"),
+        pytest.param({"config": "{}", "file:model.onnx": b"x"}, "hold no '<version>/model.onnx'", id="no version"),
+        pytest.param({"config": "{}", "file:../1/model.onnx": b"x"}, "must be a relative path", id="escapes"),
+        pytest.param({"config": "{}", "file:/etc/1/model.onnx": b"x"}, "must be a relative path", id="absolute"),
+        pytest.param({"config": "{}", "file:": b"x"}, "must be a relative path", id="empty"),
+        pytest.param({"config": "{}", "file:1/model.onnx": "text"}, "must have bytes type", id="file as a string"),
+        pytest.param({"config": 5}, "Config parameter 'config' must have string type", id="config as a number"),
+        pytest.param({"colour": True}, "Unrecognized load parameter 'colour' with type 'bool_param'", id="unknown"),
+    ],
+)
+def test_bad_file_overrides_are_refused(given: dict[str, Any], says: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        parse_load_parameters(MODEL, params(given))
+    assert says in refused.value.message
+
+
+def test_a_file_name_longer_than_the_filesystem_allows_fails_to_poll_as_in_triton() -> None:
+    raw = {
+        "config": pb.ModelRepositoryParameter(string_param="{}"),
+        "file:" + "A" * 256: pb.ModelRepositoryParameter(bytes_param=b"a"),
+    }
+    with pytest.raises(PollFailed) as refused:
+        parse_load_parameters(MODEL, raw)
+    assert refused.value.status is Status.INTERNAL  # what Triton answers, and what its example client checks
+    assert "failed to load 'simple', failed to poll from model repository" in refused.value.message
+
+
+def test_staged_files_lay_out_the_model_directory(tmp_path: Path) -> None:
+    override = LoadOverride(files={"1/model.onnx": b"onnx", "labels.txt": b"a\n"})
+    stage_files(override, tmp_path / "simple")
+    assert (tmp_path / "simple" / "1" / "model.onnx").read_bytes() == b"onnx"
+    assert (tmp_path / "simple" / "labels.txt").read_text() == "a\n"

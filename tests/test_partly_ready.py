@@ -1,0 +1,83 @@
+"""A server that is up with one broken model: not ready (strict readiness), yet every client
+keeps serving the models that loaded — tritonclient, the SDK over its health-checked
+channel, and ``infergate-client``, whose ``health`` exits 1 naming the model and why."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import ServerProcess, running_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infergate.demo import build_matmul16
+from infergate.server import SERVICE_NAME
+from infergate_client import Client
+from infergate_client.errors import Unavailable
+
+CLI = Path(sys.executable).parent / "infergate-client"
+HANG_GUARD_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def partly_ready(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("partly-ready")
+    (root / "good" / "1").mkdir(parents=True)
+    onnx.save_model(build_matmul16(), str(root / "good" / "1" / "model.onnx"))
+    (root / "corrupt" / "1").mkdir(parents=True)
+    (root / "corrupt" / "1" / "model.onnx").write_bytes(b"\x08\x07 not an onnx graph")
+    with running_server(root, log_dir, wait=False) as server:
+        with grpc.insecure_channel(server.url) as channel:  # loading is over when the inference service serves
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=HANG_GUARD_S
+            )
+            try:
+                assert any(u.status == health_pb2.HealthCheckResponse.SERVING for u in watch)
+            finally:
+                watch.cancel()
+        yield server
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+X = np.arange(16, dtype=np.float32).reshape(1, 16)
+
+
+def test_the_sdk_serves_the_model_that_loaded_and_says_why_the_other_did_not(partly_ready: ServerProcess) -> None:
+    with Client(partly_ready.url, timeout=HANG_GUARD_S) as client:
+        assert client.is_server_ready() is False
+        assert client.infer("good", {"x": X})["y"].shape == (1, 16)
+        with pytest.raises(Unavailable, match=r"corrupt.*model\.onnx"):
+            client.infer("corrupt", {"x": X})
+    triton = grpcclient.InferenceServerClient(partly_ready.url)
+    tensor = grpcclient.InferInput("x", [1, 16], "FP32")
+    tensor.set_data_from_numpy(X)
+    assert triton.infer("good", [tensor]).as_numpy("y").shape == (1, 16)
+    triton.close()
+
+
+def test_cli_health_exits_1_naming_the_model_that_failed_and_why(partly_ready: ServerProcess) -> None:
+    done = _cli("--url", partly_ready.url, "health")
+    assert done.returncode == 1, done.stderr
+    status = json.loads(done.stdout)
+    assert (status["live"], status["ready"]) == (True, False)
+    [row] = status["not_ready"]
+    assert (row["model"], row["version"], row["state"]) == ("corrupt", "1", "UNAVAILABLE")
+    assert "model.onnx" in row["reason"]
+    assert "not ready: model corrupt version 1:" in done.stderr
+
+
+def test_cli_infer_still_runs_the_model_that_loaded(partly_ready: ServerProcess) -> None:
+    done = _cli("--url", partly_ready.url, "infer", "good", "-i", f"x={json.dumps(X.tolist())}")
+    assert done.returncode == 0, done.stderr
+    assert np.asarray(json.loads(done.stdout)["y"]).shape == (1, 16)
