@@ -5,15 +5,18 @@
 * Every metric named by an alert, a dashboard panel or variable, or the Prometheus-adapter
   rule in the docs appears in a real scrape of a server that served some traffic: routed
   requests with a canary and a shadow, a shadow that fails until it is paused (failed and
-  dropped shadow calls), a bad request and a call without a token. Series that exist only
-  once something happened (a refusal, a dropped shadow call) are made to happen; no name
-  is taken on trust.
+  dropped shadow calls), a bad request, a call without a token, and enough rows to a model
+  with drift monitoring to score it. Series that exist only once something happened (a
+  refusal, a dropped shadow call, a drift score) are made to happen; no name is taken on
+  trust. Every label a query groups or filters by is on the series it names, so a panel
+  cannot group canaries by ``version`` when the series says ``model_version``.
 * The HPA's queue-time metric has one name in the chart, docs/deploy.md and
   docs/observability.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -27,6 +30,7 @@ import tritonclient.grpc as tc
 import yaml
 from chart import CHART, FULL_VALUES, Manifests, one, render
 from conftest import ServerProcess, eventually, launch_server
+from monitoring_support import reference_rows, write_monitored_repository
 from onnx import TensorProto, helper
 from prometheus_client.parser import text_string_to_metric_families
 from security import bearer, claims, token
@@ -37,6 +41,10 @@ from tests.test_model_control import add_version, write_config
 TELEMETRY_VALUES = CHART / "ci" / "telemetry-values.yaml"
 DOCS = (ROOT / "docs" / "deploy.md", ROOT / "docs" / "observability.md")
 METRIC_NAME = re.compile(r"\b(?:infergate|process)_[a-z_]+\b")
+GROUPED_BY = re.compile(r"\bby \(([\w, ]*)\)")
+MATCHED = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"")
+# Labels Prometheus adds when it scrapes a pod through the ServiceMonitor, and a histogram's buckets.
+SCRAPE_LABELS = {"namespace", "pod", "service", "job", "instance", "le"}
 SECRET = "chart-monitoring-test-secret-0123456789abcdef"
 SCALE_ROUTING = """\
 version_policy: {all: {}}
@@ -46,6 +54,8 @@ routing:
   canary: {version: 2, steps: [50], step_requests: 100000}
 """
 BROKEN_SHADOW = "version_policy: {all: {}}\nrouting:\n  shadow: {version: 2, fraction: 1.0, max_busy_fraction: 1.0}\n"
+DRIFT_WINDOW = 128  # rows scored (min_rows defaults to the window when it is under 500)
+DRIFT = f"drift: {{sample_fraction: 1.0, window: {DRIFT_WINDOW}, update_every: 1, update_interval_seconds: 0.2}}"
 
 
 def _rules(manifests: Manifests) -> dict[str, Any]:
@@ -98,6 +108,7 @@ def test_the_alert_rules_pass_promtool(values: Path, tmp_path: Path) -> None:
         "InfergateQueueTimeHigh",
         "InfergateCanaryRolledBack",
         "InfergateShadowDisagrees",
+        "InfergateModelDrift",
     }
 
 
@@ -112,6 +123,8 @@ def test_thresholds_come_from_the_values() -> None:
     error_rate = next(r for r in rules if r["alert"] == "InfergateHighErrorRate")
     assert error_rate["expr"].rstrip().endswith("> 0.005") and error_rate["for"] == "10m"
     assert 'namespace="inference", service="infergate-full"' in error_rate["expr"]  # this release's pods only
+    drift = next(r for r in rules if r["alert"] == "InfergateModelDrift")
+    assert drift["for"] == "15m" and 'service="infergate-full"' in drift["expr"]  # docs/monitoring.md's wait
 
 
 def test_the_dashboard_is_grafana_json_with_a_query_in_every_panel() -> None:
@@ -120,6 +133,10 @@ def test_the_dashboard_is_grafana_json_with_a_query_in_every_panel() -> None:
     graphs = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert graphs and all(p["targets"] and all(t["expr"] for t in p["targets"]) for p in graphs)
     assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "namespace", "model"}
+    drift = next(p for p in graphs if p["title"] == "Drift: most drifting features")
+    assert drift["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == 0.2  # the default threshold
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
 
 
 # --------------------------------------------------------------------------- the names are real
@@ -154,6 +171,7 @@ def _repository(root: Path) -> Path:
         helper.make_model(wrong, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString(),
     )
     write_config(root, "broken", BROKEN_SHADOW)
+    write_monitored_repository(root, DRIFT, name="monitored")  # its drift series exist only for such models
     return root
 
 
@@ -170,6 +188,14 @@ class Traffic:
         for _ in range(count):
             self.client.infer(model, [self.x], headers=self.headers)
 
+    def monitored(self) -> None:
+        """A window of the reference distribution, so the drift monitor scores it."""
+        rows = reference_rows(DRIFT_WINDOW, seed=2)
+        for start in range(0, DRIFT_WINDOW, 32):
+            x = tc.InferInput("x", [32, 4], "FP32")
+            x.set_data_from_numpy(rows[start : start + 32])
+            self.client.infer("monitored", [x], headers=self.headers)
+
     def refused(self) -> None:
         wrong = tc.InferInput("x", [1, 3], "FP32")
         wrong.set_data_from_numpy(np.ones((1, 3), np.float32))
@@ -179,11 +205,12 @@ class Traffic:
 
 
 class Scrapes:
-    """The largest value of each sample name seen in the server's scrapes so far."""
+    """The largest value of each sample name seen in the server's scrapes so far, and its labels."""
 
     def __init__(self, url: str):
         self.url = url
         self.samples: dict[str, float] = {}
+        self.labels: dict[str, set[str]] = {}
 
     def __call__(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url, timeout=30) as response:
@@ -191,7 +218,16 @@ class Scrapes:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 self.samples[sample.name] = max(self.samples.get(sample.name, 0.0), sample.value)
+                self.labels.setdefault(sample.name, set()).update(sample.labels)
         return self.samples
+
+
+def _unknown_labels(query: str, labels: dict[str, set[str]]) -> set[str]:
+    """Labels ``query`` groups or filters by that none of the series it names carries."""
+    used = {name.strip() for group in GROUPED_BY.findall(query) for name in group.split(",")} - {""}
+    used |= set(MATCHED.findall(query))
+    carried = set().union(*(labels.get(name, set()) for name in METRIC_NAME.findall(query)))
+    return used - carried - SCRAPE_LABELS
 
 
 async def test_every_metric_the_chart_and_docs_name_is_in_a_real_scrape(tmp_path: Path, log_dir: Path) -> None:
@@ -203,8 +239,9 @@ async def test_every_metric_the_chart_and_docs_name_is_in_a_real_scrape(tmp_path
     config = tmp_path / "server.yaml"
     auth = {"enabled": True, "algorithms": ["HS256"], "secret_env": "CHART_MONITORING_SECRET"}
     config.write_text(yaml.safe_dump({"auth": {**auth, "issuer": claims()["iss"], "audience": claims()["aud"]}}))
+    repository = await asyncio.to_thread(_repository, tmp_path / "models")  # profiling runs its own event loop
     server = launch_server(
-        _repository(tmp_path / "models"),
+        repository,
         log_dir,
         *("--config", str(config), "--metrics-port", "0", "--model-control-mode", "poll"),
         env={"CHART_MONITORING_SECRET": SECRET},
@@ -216,6 +253,7 @@ async def test_every_metric_the_chart_and_docs_name_is_in_a_real_scrape(tmp_path
         traffic = Traffic(server)
         traffic.send("scale", 10)  # canary, primary and a shadow copy each
         traffic.refused()
+        traffic.monitored()
 
         def a_copy_was_dropped() -> bool:
             traffic.send("broken", 1)  # every copy fails; ten in a row pause the shadow and later ones are dropped
@@ -228,8 +266,12 @@ async def test_every_metric_the_chart_and_docs_name_is_in_a_real_scrape(tmp_path
             raise AssertionError(f"not in a real scrape: {sorted(named - set(scrape.samples))}") from None
     finally:
         assert server.terminate() == 0, server.log()
+    wrong = {query: unknown for query in queries if (unknown := _unknown_labels(query, scrape.labels))}
+    assert not wrong, f"labels the series do not have: {wrong}"
     assert {
         "infergate_canary_weight_percent",
         "infergate_shadow_errors_total",
         "infergate_auth_refusals_total",
+        "infergate_drift_score",
+        "infergate_drift_alert",
     } <= named
