@@ -15,7 +15,9 @@ cannot exist on this machine is replaced:
 
 Then it probes like the kubelet: grpc.health.v1 on each probe's port and service, in
 plaintext, watching the readiness service until SERVING. It scrapes the metrics port when
-the pod has one, and finally sends SIGTERM (exit 0 after the drain).
+the pod has one, and finally sends SIGTERM (exit 0 after the drain). With a broken model in
+the repository, the pod must pass its startup and liveness probes (it is not restarted) and
+fail readiness (it gets no traffic and the rollout stops).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -45,9 +48,11 @@ from infergate.telemetry.logs import HEALTH, LISTENING, METRICS
 HANG_GUARD_S = 90.0  # how long a step may take before the test calls it a hang; not a performance bound
 LOOPBACK = "127.0.0.1"
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PORT_FLAGS = ("--port", "--metrics-port", "--health-port")
 ADDRESS_KEYS = ("host", "metrics_host", "health_host")
 PORT_KEYS = ("port", "metrics_port", "health_port")
+CI_VALUES_BY_NAME = {path.stem: path for path in CI_VALUES}
 ANNOUNCED = {LISTENING: "grpc", METRICS: "metrics", HEALTH: "health"}  # printed line -> container port name
 
 
@@ -201,6 +206,13 @@ def running_pod(
 ) -> Iterator[tuple[Pod, dict[str, str]]]:
     pod = Pod(render(request.param), tmp_path, demo_repository)
     pod.add_model_configs()
+    with _run(pod, tmp_path) as addresses:
+        yield pod, addresses
+
+
+@contextmanager
+def _run(pod: Pod, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The pod's server, started as the container would be; yields the addresses it announced."""
     config_path = tmp_path / "server.yaml"
     config = _localize(yaml.safe_load(pod.config_map["server.yaml"]), pod, Secrets())
     config_path.write_text(yaml.safe_dump(config))
@@ -216,7 +228,7 @@ def running_pod(
             env={**os.environ, **env},
         )
     try:
-        yield pod, _announced(process, {p["name"] for p in pod.server["ports"]})
+        yield _announced(process, {p["name"] for p in pod.server["ports"]})
         process.send_signal(signal.SIGTERM)
         assert process.wait(HANG_GUARD_S) == 0, log.read_text()
     finally:
@@ -237,3 +249,23 @@ def test_the_rendered_pod_spec_starts_a_server_its_probes_find_serving(running_p
     if "metrics" in addresses:  # what Prometheus scrapes
         with urllib.request.urlopen(f"http://{addresses['metrics']}/metrics", timeout=HANG_GUARD_S) as scrape:
             assert scrape.status == 200 and b"infergate_model_loads_total" in scrape.read()
+
+
+@pytest.mark.parametrize("values", [None, CI_VALUES_BY_NAME["tls-values"]], ids=["serving-port", "tls-health-port"])
+def test_a_broken_model_fails_readiness_but_not_startup_or_liveness(
+    values: Path | None, tmp_path: Path, demo_repository: Path
+) -> None:
+    """Readiness asks "" (strict: every model loaded), startup and liveness the inference service."""
+    pod = Pod(render(values), tmp_path, demo_repository)
+    (pod.local("/models") / "matmul16" / "1" / "model.onnx").write_bytes(b"not an onnx graph")
+    with _run(pod, tmp_path) as addresses:
+        by_number = {p["containerPort"]: addresses[p["name"]] for p in pod.server["ports"]}
+        for name in ("startupProbe", "livenessProbe"):  # pass once loading is over: no restart loop
+            probe = pod.server[name]["grpc"]
+            _probe_until_serving(by_number[probe["port"]], probe["service"])
+        readiness = pod.server["readinessProbe"]["grpc"]
+        with grpc.insecure_channel(by_number[readiness["port"]]) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=readiness["service"]), timeout=HANG_GUARD_S
+            )
+        assert check.status == NOT_SERVING  # final: loading is over (the probes above passed)

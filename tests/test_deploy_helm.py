@@ -110,11 +110,15 @@ def test_the_service_monitor_scrapes_a_service_port_named_metrics() -> None:
 # --------------------------------------------------------------------------- chart and server agree
 
 
-def test_probes_ask_grpc_health_for_services_the_server_reports() -> None:
-    probes = container(render())
-    assert probes["readinessProbe"]["grpc"] == {"port": 8001, "service": SERVICE_NAME}
-    assert probes["startupProbe"]["grpc"] == {"port": 8001, "service": SERVICE_NAME}
-    assert probes["livenessProbe"]["grpc"]["service"] in HEALTH_SERVICES
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=["default", *(v.stem for v in CI_VALUES)])
+def test_readiness_is_strict_while_startup_and_liveness_ask_whether_the_server_answers(values: Path | None) -> None:
+    """ "" is the whole server, ready once every model loaded; the inference service is SERVING once
+    loading is over, broken models or not. A broken model must block the rollout, not restart the pod."""
+    assert HEALTH_SERVICES == ("", SERVICE_NAME)  # what the server reports
+    probes = container(render(values))
+    assert probes["readinessProbe"]["grpc"]["service"] == ""
+    assert probes["startupProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert probes["livenessProbe"]["grpc"]["service"] == SERVICE_NAME
     startup = probes["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # room for model loading
 
@@ -280,6 +284,7 @@ def test_the_headless_service_lists_pods_for_client_side_balancing() -> None:
         ("serverConfig.log_level=loud", "log_level"),
         ("modelRepository.source=s3", "source"),
         ("probes.liveness.periodSeconds=0", "periodSeconds"),
+        ("probes.readiness.service=inference.GRPCInferenceServic", "service"),  # one the server does not report
         ("autoscaling.targetCPUUtilizationPercentage=150", "targetCPUUtilizationPercentage"),
         ("resources.limits.memory=lots", "memory"),
         ("modelConfigs.Bad_Name.max_batch_size=1", "Bad_Name"),
