@@ -7,9 +7,11 @@ keeps opening them until every worker got one, so what is checked held on each.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 
 import grpc
@@ -160,3 +162,49 @@ def test_workers_load_and_unload_together_and_one_scrape_sums_them(demo_reposito
     finally:
         code = server.terminate()
     assert code == 0, server.log()
+
+
+# --------------------------------------------------------------------------- what workers print
+
+
+PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity: a writer blocks once this much is unread
+
+
+def test_workers_keep_serving_and_drain_while_their_spans_fill_stdout(demo_repository: Path, log_dir: Path) -> None:
+    """With OTEL_TRACES_EXPORTER=console each worker writes a span per call to stdout. The supervisor
+    forwards every line to its own stdout, after its "listening on" line; a worker whose pipe nobody
+    read would block in its exporter once the pipe is full, and hang in its last flush at SIGTERM."""
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100"}  # export every 100 ms
+    server = launch_server(demo_repository, log_dir, "--workers", "2", wait=False, env=env)
+    assert server.process.stdout is not None
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(server.process.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: len(_worker_pids(server.log())) == 2, "two workers started")
+        for pid in _worker_pids(server.log()).values():
+            wait_until(lambda pid=pid: _ready(server.log(), pid), f"worker {pid} ready")
+        connections = _connections(server.url, {"0/2", "1/2"}, at_least=2)
+        by_worker = {c.worker: c for c in connections}
+        calls = 0
+        while sum(len(line) for line in printed) < 2 * 2 * PIPE_BUFFER:  # twice a full pipe, each worker
+            assert calls < 2000, "the spans never reached the supervisor's stdout"
+            for connection in by_worker.values():
+                connection.infer()
+            calls += 1
+            if calls % 50 == 0:
+                wait_until(lambda calls=calls: len(_spans(printed)) >= 2 * calls, f"the spans of {calls} calls each")
+        for c in connections:
+            c.close()
+    finally:
+        code = server.terminate()
+    reader.join(GUARD_S)
+    assert code == 0, server.log()  # no worker hung in its last flush
+    assert len(_spans(printed)) == 2 * calls  # every call's span, from both workers, once
+    assert not any(line.startswith("infergate listening on") for line in printed)  # read by launch_server
+
+
+def _spans(lines: list[str]) -> list[dict[str, object]]:
+    """The ModelInfer server spans among the printed lines (one JSON object per line)."""
+    spans = [json.loads(line) for line in list(lines) if line.startswith("{")]
+    return [s for s in spans if s.get("name") == "inference.GRPCInferenceService/ModelInfer"]

@@ -46,6 +46,10 @@ __all__ = ["supervise"]
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_MAX = 10.0  # seconds between restarts of a worker that keeps dying
+# A worker's stdout lines are read whole (span lines of OTEL_TRACES_EXPORTER=console are long); a
+# longer line is dropped, not split, so lines of different workers never interleave.
+LINE_LIMIT = 1 << 20
+FORWARD_TIMEOUT = 5.0  # seconds an exited worker's pipe may take to reach EOF
 
 
 @dataclass
@@ -54,6 +58,7 @@ class _Worker:
     command: list[str]
     process: asyncio.subprocess.Process | None = None
     backoff: float = field(default=0.5)
+    forwarder: asyncio.Task[None] | None = None  # copies the worker's stdout after the handshake
 
 
 @dataclass
@@ -62,6 +67,8 @@ class _Shared:
 
     hub: ControlHub
     metrics: WorkerMetrics | None
+    # Set once the supervisor printed its own "listening on" line: workers' lines follow it, never precede it.
+    announced: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -75,8 +82,8 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 async def _start(worker: _Worker, shared: _Shared, restarted: bool = False) -> None:
     """Start the worker and read its handshake: the "listening on" line, then with metrics on the
-    "metrics on" line (text or JSON, as ``--log-format`` says)."""
-    process = await asyncio.create_subprocess_exec(*worker.command, stdout=asyncio.subprocess.PIPE)
+    "metrics on" line (text or JSON, as ``--log-format`` says). From then on its stdout is forwarded."""
+    process = await asyncio.create_subprocess_exec(*worker.command, stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
     assert process.stdout is not None
     listening = announced((await process.stdout.readline()).decode(), LISTENING)
     metrics = announced((await process.stdout.readline()).decode(), METRICS) if shared.metrics is not None else ""
@@ -86,9 +93,46 @@ async def _start(worker: _Worker, shared: _Shared, restarted: bool = False) -> N
         await process.wait()
         raise RuntimeError(f"worker {worker.index} failed to start (exit {process.returncode})")
     worker.process = process
+    worker.forwarder = asyncio.create_task(
+        _forward(process.stdout, shared.announced), name=f"worker {worker.index} stdout"
+    )
     if shared.metrics is not None:
         shared.metrics.worker_started(worker.index, metrics, restarted)
     log.info("worker %d started (pid %d)", worker.index, process.pid)
+
+
+async def _forward(stdout: asyncio.StreamReader, announced: asyncio.Event) -> None:
+    """Copy a worker's stdout to the supervisor's, line by line, until the worker closes it.
+
+    Why: a worker writes more than its handshake to stdout (spans with
+    OTEL_TRACES_EXPORTER=console, the health port's line); a pipe nobody reads
+    fills up and then blocks the worker. Each line is written whole, in a thread
+    so that a slow reader of the supervisor's stdout never stalls its event
+    loop; it slows that worker's writes, as it would a single server's. When
+    the supervisor's stdout is gone, the lines are read and dropped. Nothing is
+    copied before ``announced`` is set, so the supervisor's "listening on" line
+    stays the first line of its stdout (scripts and tests read it).
+    """
+    await announced.wait()
+    writing = True
+    while True:
+        try:
+            line = await stdout.readline()
+        except ValueError:  # longer than LINE_LIMIT: dropped by the reader
+            log.warning("dropped a worker's stdout line longer than %d bytes", LINE_LIMIT)
+            continue
+        if not line:
+            return
+        if writing:
+            try:
+                await asyncio.to_thread(_write_line, line)
+            except OSError:  # the supervisor's stdout was closed: keep draining the pipe
+                writing = False
+
+
+def _write_line(line: bytes) -> None:
+    sys.stdout.buffer.write(line)
+    sys.stdout.buffer.flush()
 
 
 async def _keep_alive(worker: _Worker, shared: _Shared, stopping: asyncio.Event) -> None:
@@ -96,6 +140,7 @@ async def _keep_alive(worker: _Worker, shared: _Shared, stopping: asyncio.Event)
     while True:
         assert worker.process is not None
         code = await worker.process.wait()
+        await _forwarded(worker)
         if shared.metrics is not None:
             shared.metrics.worker_exited(worker.index)
         if stopping.is_set():
@@ -111,11 +156,23 @@ async def _keep_alive(worker: _Worker, shared: _Shared, stopping: asyncio.Event)
         log.info("worker %d restarted (pid %d)", worker.index, worker.process.pid)
 
 
+async def _forwarded(worker: _Worker) -> None:
+    """Wait until the exited worker's last stdout lines are forwarded (its pipe reached EOF).
+
+    ``asyncio.wait`` does not cancel the forwarder when this waiter is cancelled (a keeper at stop).
+    """
+    if worker.forwarder is not None:
+        _, pending = await asyncio.wait({worker.forwarder}, timeout=FORWARD_TIMEOUT)
+        if pending:  # a process it started still holds the pipe open
+            log.warning("worker %d: its stdout is still open after it exited", worker.index)
+
+
 async def _stop(workers: list[_Worker], grace: float) -> bool:
-    """SIGTERM every worker, wait for the drain; True if all exited 0."""
+    """SIGTERM every worker, wait for the drain and its last output; True if all exited 0."""
     live = [w.process for w in workers if w.process is not None and w.process.returncode is None]
     for process in live:
         process.send_signal(signal.SIGTERM)
+    clean = True
     try:
         async with asyncio.timeout(grace + 10):
             await asyncio.gather(*(p.wait() for p in live))
@@ -124,8 +181,9 @@ async def _stop(workers: list[_Worker], grace: float) -> bool:
             if process.returncode is None:
                 process.kill()
         await asyncio.gather(*(p.wait() for p in live))
-        return False
-    return all(w.process is not None and w.process.returncode == 0 for w in workers)
+        clean = False
+    await asyncio.gather(*(_forwarded(w) for w in workers))
+    return clean and all(w.process is not None and w.process.returncode == 0 for w in workers)
 
 
 def _serve_metrics(metrics: WorkerMetrics, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
@@ -166,6 +224,7 @@ async def supervise(
         try:
             await asyncio.gather(*(_start(w, shared) for w in workers))
         except RuntimeError:
+            shared.announced.set()  # what the workers printed may say why
             await _stop(workers, grace)
             raise
         finally:
@@ -176,6 +235,7 @@ async def supervise(
             http = _serve_metrics(shared.metrics, *metrics_address)
             url = f"http://{metrics_address[0]}:{http[0].server_port}/metrics"
             print(announcement(METRICS + url, log_format, url=url), flush=True)
+        shared.announced.set()
         log.info("%d workers serving on %s:%d", count, host, port)
         return await _run(workers, shared, grace)
     finally:
