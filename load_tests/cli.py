@@ -325,7 +325,7 @@ def _add_sequences(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         help="stateful load: N sequences in flight, each answer checked (starts its own server)",
         description="Start infergate on a repository with one stateful model (a running sum kept as "
         "implicit state) and keep N sequences in flight, each sending its requests one after another, "
-        "then a new sequence. Every answer is checked against the running sum. With --target, load a "
+        "then a new sequence. Every answer is checked against the running sum. With --url, load a "
         "server that already serves that model (load_tests.sequences.build_repository writes it).",
     )
     p.add_argument(
@@ -334,7 +334,8 @@ def _add_sequences(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--length", type=_positive_int, default=20, metavar="L", help="requests per sequence (default 20)")
     p.add_argument("--duration", type=_positive_float, default=10.0, metavar="S", help="measured s (default 10)")
     p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
-    p.add_argument("--target", metavar="HOST:PORT", help="load this server instead of starting one")
+    p.add_argument("--url", "-u", dest="target", metavar="HOST:PORT", help="load this server instead of starting one")
+    p.add_argument("--target", dest="target", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # older spelling
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG", help="extra `infergate serve` argument")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/sequences"), help="output directory")
 
@@ -387,16 +388,15 @@ def _add_soak(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="mixed load for N minutes; the server's RSS and open files sampled, RSS growth against a bound",
         description="Mixed load (unary and streaming inference over several models, metadata, fresh "
         "connections, and calls that must fail: bad shape, unknown model, 1 ms deadline, cancelled stream) "
-        "against a server started here over the demo repository, or --target. The server's process tree is "
+        "against a server started here over the demo repository, or --url. The server's process tree is "
         "sampled from /proc every --sample-seconds. Prints each sample and the RSS growth from the end of the "
         "warm-up to the end; writes soak.json. Exit 1 when no call succeeded or any outcome was unexpected "
         "(with --check, also when RSS grew past the bound).",
     )
     p.add_argument("--minutes", type=_positive_float, default=10.0, metavar="M", help="length of the run (default 10)")
-    p.add_argument("--target", metavar="HOST:PORT", help="soak this server instead of starting one (on this machine)")
-    p.add_argument(
-        "--pid", type=_positive_int, metavar="PID", help="with --target: its process (default: the listener)"
-    )
+    p.add_argument("--url", "-u", dest="target", metavar="HOST:PORT", help="soak this server (on this machine)")
+    p.add_argument("--target", dest="target", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # older spelling
+    p.add_argument("--pid", type=_positive_int, metavar="PID", help="with --url: its process (default: the listener)")
     p.add_argument(
         "--models", default=DEFAULT_MODELS, metavar="MIX", help=f"weighted models (default {DEFAULT_MODELS})"
     )

@@ -76,7 +76,7 @@ def _server_cpu_and_count(pid: int, port: int, model: str, token: str | None) ->
 
 def _load(args: argparse.Namespace, label: str, token: str | None, out: Path) -> dict[str, object]:
     command = [
-        *("python -m load_tests closed --target".split()),
+        *("python -m load_tests closed --url".split()),
         f"127.0.0.1:{args.port}",
         *("--model", args.model, "--concurrency", str(args.concurrency), "--duration", str(args.duration)),
         *("--label", label, "--json", str(out)),

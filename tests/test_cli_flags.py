@@ -38,6 +38,15 @@ def test_both_tools_take_the_server_as_url_with_the_same_default(loop: str) -> N
     assert "--target" not in _help(harness, loop)
 
 
+@pytest.mark.parametrize("command", ["sequences", "soak"])
+def test_harness_commands_that_start_their_own_server_take_another_one_as_url(command: str) -> None:
+    harness = harness_parser()
+    assert harness.parse_args([command, "--url", URL]).target == URL
+    assert harness.parse_args([command, "--target", URL]).target == URL  # the older spelling, unlisted
+    assert harness.parse_args([command]).target is None  # then they start one
+    assert "--url" in _help(harness, command) and "--target" not in _help(harness, command)
+
+
 def test_the_harness_still_accepts_the_older_target_spelling() -> None:
     args = harness_parser().parse_args(["closed", "--target", URL, "--model", "m"])
     assert args.target == URL

@@ -152,7 +152,7 @@ def test_the_cli_sweeps_and_writes_json_csv_and_png(ceiling: str, tmp_path: path
 
 def test_the_cli_runs_an_open_sweep_with_a_token_and_an_npy_input(ceiling: str, tmp_path: pathlib.Path) -> None:
     np.save(tmp_path / "x.npy", np.ones((2, 16), np.float32))
-    argv = ["open", "--target", ceiling, "--model", "a", "--rate", "50,100", "--duration", "0.3", "--warmup", "0"]
+    argv = ["open", "--url", ceiling, "--model", "a", "--rate", "50,100", "--duration", "0.3", "--warmup", "0"]
     argv += ["--token", "t0k3n", "--input", f"x=@{tmp_path / 'x.npy'}", "--json", str(tmp_path / "open.json")]
     assert main(argv) == 0
     runs = read_results(tmp_path / "open.json")
