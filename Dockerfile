@@ -1,8 +1,8 @@
 # infergate container image: `infergate serve` over a model repository mounted at /models.
 #
 #   docker build -t infergate:0.1.0 .                                  # CPU (onnxruntime)
-#   docker build -t infergate:0.1.0-cuda --build-arg VARIANT=cuda \
-#       --build-arg BASE_IMAGE="$CUDA_BASE" .    # GPU: onnxruntime-gpu 1.31 needs CUDA 13 and cuDNN 9 (docs/gpu.md)
+#   docker build -t infergate:0.1.0-cuda --build-arg VARIANT=cuda .   # GPU: onnxruntime-gpu with CUDA 13 and
+#       cuDNN 9 as pip wheels, so the host needs only the NVIDIA driver (R580 or newer; docs/deploy.md)
 #   docker run --rm -p 8001:8001 -v "$PWD/demo-models:/models:ro" --read-only --stop-timeout 40 infergate:0.1.0
 #   docker run --rm --gpus all --entrypoint /opt/infergate/check/scripts/gpu_check.sh infergate:0.1.0-cuda \
 #       --out /tmp/gpu-check                                             # the GPU check (docs/gpu.md)
@@ -20,7 +20,8 @@ ARG VARIANT=cpu
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # A Python 3.11 on any Debian-family base: python:* images have one; plain Debian
-# bookworm and Ubuntu 22.04 (the CUDA base) get it from their own archives.
+# bookworm and Ubuntu 22.04 get it from their own archives. Both variants use the same
+# base: the CUDA variant brings its CUDA libraries itself (requirements/runtime-cuda.txt).
 FROM ${BASE_IMAGE} AS python
 ENV DEBIAN_FRONTEND=noninteractive
 # The distribution's archive decides the patch release; pinning it would break every point update.
@@ -57,10 +58,10 @@ RUN --mount=type=secret,id=pip_cert \
     && /opt/infergate/bin/python -m compileall -q /opt/infergate/lib /opt/infergate/check
 
 FROM python AS runtime
-ARG VARIANT
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
+ARG VARIANT
 LABEL org.opencontainers.image.title="infergate" \
       org.opencontainers.image.description="gRPC inference server for ONNX models (Open Inference Protocol / KServe V2), ${VARIANT} build" \
       org.opencontainers.image.version="${VERSION}" \
@@ -88,3 +89,17 @@ EXPOSE 8001
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["infergate", "serve"]
 CMD ["--model-repository", "/models", "--host", "0.0.0.0", "--port", "8001"]
+
+FROM runtime AS runtime-cpu
+
+# The CUDA 13 and cuDNN 9 libraries onnxruntime-gpu loads come from NVIDIA's pip wheels, pinned
+# with it: nvidia/cu13/lib and nvidia/cudnn/lib in the venv. The driver (libcuda.so.1) is the
+# host's: the NVIDIA container toolkit mounts it, into the library path or, on some Kubernetes
+# nodes, under /usr/local/nvidia. NVIDIA_DRIVER_CAPABILITIES asks the toolkit for the compute part.
+FROM runtime AS runtime-cuda
+ENV LD_LIBRARY_PATH=/opt/infergate/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/infergate/lib/python3.11/site-packages/nvidia/cudnn/lib:/usr/local/nvidia/lib64:/usr/local/nvidia/lib \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# The image: the variant's runtime stage (VARIANT, above).
+# hadolint ignore=DL3006
+FROM runtime-${VARIANT}

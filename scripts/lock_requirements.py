@@ -8,6 +8,12 @@ through the installed distributions and pin each at its installed version. The
 CUDA file is the same set with onnxruntime swapped for onnxruntime-gpu, which
 installs the same ``onnxruntime`` package and trails it by a release or so:
 ONNXRUNTIME_GPU names the newest one on PyPI (``pip index versions onnxruntime-gpu``).
+It also pins the CUDA and cuDNN libraries that build needs, as NVIDIA's pip wheels
+(CUDA_WHEELS), so the image needs nothing from the host but the driver
+(docs/deploy.md, "The CUDA variant"). They are what onnxruntime-gpu's ``cuda`` and
+``cudnn`` extras resolve to, with their own dependencies:
+
+    pip install --dry-run --ignore-installed --report report.json "onnxruntime-gpu[cuda,cudnn]==$ONNXRUNTIME_GPU"
 """
 
 from __future__ import annotations
@@ -20,6 +26,18 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ONNXRUNTIME_GPU = "1.31.1"
+# onnxruntime-gpu 1.31 is a CUDA 13 build (its extras ask for nvidia-cuda-runtime~=13.0 and
+# nvidia-cudnn-cu13~=9.0). CUDA 13's wheels install into site-packages/nvidia/cu13/lib, cuDNN's
+# into nvidia/cudnn/lib: the Dockerfile puts both on LD_LIBRARY_PATH.
+CUDA_WHEELS = {
+    "nvidia-cublas": "13.10.0.20",
+    "nvidia-cuda-nvrtc": "13.5.37",
+    "nvidia-cuda-runtime": "13.5.37",
+    "nvidia-cudnn-cu13": "9.28.1.4",
+    "nvidia-cufft": "12.5.0.14",
+    "nvidia-curand": "10.4.5.25",
+    "nvidia-nvjitlink": "13.5.37",
+}
 OUT = Path(__file__).resolve().parent.parent / "requirements"
 HEADER = (
     "# Exact pins of infergate's runtime dependencies as tested; regenerate with\n"
@@ -57,7 +75,7 @@ def main() -> int:
         return 1
     OUT.mkdir(exist_ok=True)
     _write("runtime-cpu.txt", pins)
-    cuda = {k: v for k, v in pins.items() if k != "onnxruntime"} | {"onnxruntime-gpu": ONNXRUNTIME_GPU}
+    cuda = {k: v for k, v in pins.items() if k != "onnxruntime"} | {"onnxruntime-gpu": ONNXRUNTIME_GPU} | CUDA_WHEELS
     _write("runtime-cuda.txt", cuda)
     return 0
 

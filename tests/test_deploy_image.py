@@ -62,3 +62,18 @@ def test_every_runtime_dependency_is_pinned_within_its_declared_range(lock: str)
             name = "onnxruntime-gpu"  # the same package built for CUDA; pyproject's gpu extra
         assert name in pins, f"{spec.name} is not pinned in requirements/{lock}: run scripts/lock_requirements.py"
         assert spec.specifier.contains(pins[name]), f"requirements/{lock}: {name}=={pins[name]} is outside {spec}"
+
+
+def test_the_cuda_image_brings_the_cuda_libraries_its_onnxruntime_gpu_was_built_for() -> None:
+    """onnxruntime-gpu 1.31+ is a CUDA 13 build (its wheel's extras ask for nvidia-cuda-runtime~=13.0
+    and nvidia-cudnn-cu13~=9.0): the CUDA lock pins those wheels, and the image's LD_LIBRARY_PATH
+    names the folders they install into. The build itself (make image-test) checks the libraries."""
+    pins = _pins("runtime-cuda.txt")
+    major, minor = (int(part) for part in pins["onnxruntime-gpu"].split(".")[:2])
+    assert (major, minor) >= (1, 31)
+    cuda = int(pins["nvidia-cuda-runtime"].split(".")[0])
+    assert cuda == 13 and int(pins["nvidia-cuda-nvrtc"].split(".")[0]) == cuda
+    assert {f"nvidia-cudnn-cu{cuda}", "nvidia-cublas", "nvidia-cufft", "nvidia-curand"} <= set(pins)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"site-packages/nvidia/cu{cuda}/lib" in dockerfile and "site-packages/nvidia/cudnn/lib" in dockerfile
+    assert not any(name.startswith("nvidia-") for name in _pins("runtime-cpu.txt"))
