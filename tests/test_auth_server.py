@@ -282,7 +282,7 @@ def audit_lines(server: ServerProcess, method: str, count: int) -> list[dict[str
             for line in server.log().splitlines()
             if "infergate.audit: " in line
         ]
-        mine = [r for r in records if r["method"] == method]
+        mine = [r for r in records if r.get("method") == method]
         if len(mine) >= count or time.monotonic() > deadline:
             return mine
         time.sleep(0.05)
