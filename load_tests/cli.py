@@ -319,6 +319,21 @@ def _add_shadow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     shadow.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shadow"), help="output directory")
 
 
+def _add_overload(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "overload",
+        help="k times a model's capacity, open loop: how fast refusals are, what admitted calls see",
+        description="Start infergate with limits.max_inference_calls=LIMIT, measure each model's capacity "
+        "at LIMIT in flight, then send FACTOR times that rate open-loop (1 s deadline each). slow is "
+        "compute-bound (about 20 ms per batch of 4); tiny is the 16x16 product, bound by per-call cost.",
+    )
+    p.add_argument("--models", default="slow,tiny", help="comma list of slow, tiny (default both)")
+    p.add_argument("--limit", type=_positive_int, default=8, help="limits.max_inference_calls (default 8)")
+    p.add_argument("--factor", type=_positive_float, default=10.0, help="times the capacity (default 10)")
+    p.add_argument("--duration", type=_positive_float, default=8.0, help="open-loop seconds (default 8)")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/overload"), help="output directory")
+
+
 def _add_sequences(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "sequences",
@@ -425,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_load_commands(commands)
     commands_to_add = (
-        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences,
+        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences, _add_overload,
         _add_telemetry_overhead, _add_drift_overhead, _add_soak,
     )  # fmt: skip
     for add in commands_to_add:
@@ -518,6 +533,19 @@ def _cmd_shadow(args: argparse.Namespace) -> int:
     return 0 if all(run.result.requests for run in runs) else 1
 
 
+def _cmd_overload(args: argparse.Namespace) -> int:
+    from .overload import MODELS, format_overload, run_overload
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := [m for m in models if m not in MODELS]:
+        raise SystemExit(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
+    runs = [run_overload(m, args.limit, args.factor, args.duration, args.out) for m in models]
+    table = format_overload(runs)
+    (args.out / "overload.md").write_text(table + "\n")
+    print(table)
+    return 0 if all(r.admitted for r in runs) else 1
+
+
 def _cmd_sequences(args: argparse.Namespace) -> int:
     from .report import write_json
     from .sequences import format_sequence_run, run_sequences, run_sequences_against
@@ -596,6 +624,7 @@ _COMMANDS = {
     "compute": _cmd_compute,
     "suite": _cmd_suite,
     "shadow": _cmd_shadow,
+    "overload": _cmd_overload,
     "sequences": _cmd_sequences,
     "telemetry-overhead": _cmd_telemetry_overhead,
     "drift-overhead": _cmd_drift_overhead,

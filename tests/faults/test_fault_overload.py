@@ -39,7 +39,8 @@ REQUEST = pb.ModelInferRequest(
 async def test_ten_times_the_limit_is_refused_at_once_and_admitted_calls_meet_their_deadline(
     tmp_path: Path, log_dir: Path
 ) -> None:
-    save_model(build_slow_model(20), tmp_path, "slow", config_yaml="max_batch_size: 4\n")
+    config = "max_batch_size: 4\nsession_options: {intra_op_num_threads: 1}\n"  # leave a core to the loop
+    save_model(build_slow_model(20), tmp_path, "slow", config_yaml=config)
     (tmp_path / "server.yaml").write_text(f"limits: {{max_inference_calls: {LIMIT}}}\n")
     admitted: list[float] = []
     refused: list[float] = []
@@ -84,8 +85,14 @@ async def test_ten_times_the_limit_is_refused_at_once_and_admitted_calls_meet_th
                 await channel.close()
         executed = server.metric("infergate_batch_size_sum", model="slow")
         refusals = server.metric("infergate_admission_refusals_total", reason="overloaded")
-    assert other == Counter(), other  # no deadline missed, no queue full: only admission refuses
+        succeeded = server.metric("nv_inference_request_success", model="slow")
+        failed = server.metric("nv_inference_request_failure", model="slow")
+    # Every admitted call was answered in time: none failed on the server, none was refused for a full queue.
+    assert (failed, succeeded) == (0, len(admitted)), (failed, succeeded, len(admitted), other)
+    assert set(other) <= {"StatusCode.DEADLINE_EXCEEDED: Deadline Exceeded"}, other  # see below
     assert refusals >= len(refused)
     assert executed <= len(admitted) + LIMIT  # refused calls were never decoded, queued or run
+    # A call can still expire before the server takes it at all: it waits in the kernel and gRPC's core
+    # until the event loop gets to it, where nothing can refuse it earlier (docs/deploy.md, "Overload").
     # How fast a refusal is next to an admitted call is a measurement, not a test: see
     # `python -m load_tests overload` and BENCHMARKS.md.
