@@ -57,6 +57,9 @@ __all__ = ["ModelRepository", "is_model_name"]
 
 log = logging.getLogger(__name__)
 
+_NAME_MAX = 255  # bytes in a file name (NAME_MAX on Linux and macOS)
+
+
 class ModelRepository:
     """Finds, loads, reloads, looks up and closes the models under ``root``."""
 
@@ -149,15 +152,16 @@ class ModelRepository:
         if config is None:
             await self.reconcile(name, source=source)
             return
+        # Files need no directory in the repository, but the name must still be one: it names an entry.
         directory = self._directory(name) if not override.files else None
-        entry = self._entries.setdefault(name, self._new_entry(name))
+        entry = self._entries.setdefault(_checked_name(name), self._new_entry(name))
         async with entry.lock:
             if not entry.versions:
                 entry.state = ModelState.LOADING
             if directory is not None:
                 await self._apply(entry, directory, config, source)
                 return
-            staged = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"infergate-{name}-"))
+            staged = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"infergate-{name[:64]}-"))
             try:
                 await self._stage(entry, override, staged, source)
                 await self._apply(entry, staged, config, source)
@@ -179,12 +183,7 @@ class ModelRepository:
 
     def _directory(self, name: str) -> Path:
         """The model's directory; NotFound (without the server's path) when the repository has none."""
-        if not is_model_name(name):
-            raise InvalidArgument(
-                f"{_failed_to_load(name)}: {name!r} is not a model name "
-                "(a directory name directly under the repository)"
-            )
-        directory = self.root / name
+        directory = self.root / _checked_name(name)
         if not directory.is_dir():
             raise NotFound(
                 f"{_failed_to_load(name)}, failed to poll from model repository: "
@@ -413,6 +412,15 @@ class ModelRepository:
             entry.reason = "server stopped"
 
 
+def _checked_name(name: str) -> str:
+    """``name`` when it is a model name (:func:`is_model_name`); InvalidArgument otherwise."""
+    if not is_model_name(name):
+        raise InvalidArgument(
+            f"{_failed_to_load(name)}: {name!r} is not a model name (a directory name directly under the repository)"
+        )
+    return name
+
+
 def _as_sent(text: str, staged: Path) -> str:
     """``text`` naming the override files as the request did (``file:1/model.onnx``), not where they were staged."""
     return text.replace(f"{staged}/", FILE_PREFIX).replace(str(staged), FILE_PREFIX)
@@ -437,8 +445,11 @@ def _failed_to_load(name: str) -> str:
 
 
 def is_model_name(text: str) -> bool:
-    """A name that can only mean a directory right under the repository root (no paths, no hidden files)."""
-    return bool(text) and "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
+    """A name that can only mean a directory right under the repository root (no paths, no hidden files,
+    no longer than a file name may be: asking the file system about a longer one is an error, not a miss)."""
+    if not text or len(text.encode(errors="replace")) > _NAME_MAX:
+        return False
+    return "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
 
 
 def _fingerprints(directory: Path, filename: str) -> dict[int, Fingerprint]:
