@@ -35,6 +35,7 @@ from infergate.security.interceptor import AuthInterceptor
 from infergate.security.keys import KeyStore, build_key_store
 from infergate.security.tls import server_credentials
 from infergate.serving.admin import ADMIN_SERVICE_NAME, AdminServicer
+from infergate.serving.admin_audit import AdminAudit
 from infergate.serving.admission import Admission
 from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
@@ -80,8 +81,8 @@ class InferGateServer:
             raise ValueError("a model repository is required")
         self.config = config
         self.telemetry = telemetry or Telemetry.from_config(config.telemetry, access_log=config.log_level == "debug")
-        # Lifecycle events (docs/governance.md): the repository (with its routers and drift monitors) and the
-        # shadows write to it.
+        # Lifecycle events (docs/governance.md): the repository (with its routers and drift monitors), the
+        # shadows and the admin audit interceptor write to it.
         self.audit = AuditLog(config.audit_log)
         self.repository = ModelRepository(
             Path(config.model_repository),
@@ -119,7 +120,7 @@ class InferGateServer:
         if worker is not None:
             observers.append(WorkerScopeInterceptor(worker.index, worker.count))
         self._server = grpc.aio.server(
-            interceptors=build_interceptors(self.admission, observers, auth),
+            interceptors=build_interceptors(self.admission, observers, AdminAudit(self.audit), auth),
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
