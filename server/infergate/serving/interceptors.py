@@ -7,10 +7,13 @@ Order (a call passes them first to last before reaching its servicer):
    or any once the server drains, is refused before anything else runs;
 1. the observers — telemetry's RPC span, metrics and access log — so that
    calls a later interceptor refuses are traced and counted too;
-2. :class:`MalformedRequests`, so that a request that does not parse gets
+2. the admin audit (``admin_audit.py``): every admin write (model load,
+   unload) is audited however it ends, so it comes before the two that may
+   refuse it; it returns every other method's handler untouched;
+3. :class:`MalformedRequests`, so that a request that does not parse gets
    INVALID_ARGUMENT naming the method (gRPC's own answer is UNKNOWN and a
    Python class name);
-3. the auth interceptor (``security/interceptor.py``) when ``auth.enabled``.
+4. the auth interceptor (``security/interceptor.py``) when ``auth.enabled``.
 
 Interceptors build nothing per call: gRPC hands every call of a method the
 same handler object, so each interceptor wraps a handler once and keeps the
@@ -197,7 +200,8 @@ def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.Rpc
 def build_interceptors(
     admission: grpc.aio.ServerInterceptor,
     observers: Sequence[grpc.aio.ServerInterceptor],
+    admin_audit: grpc.aio.ServerInterceptor,
     auth: grpc.aio.ServerInterceptor | None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """Every server interceptor, in order (see the module docstring)."""
-    return [admission, *observers, MalformedRequests(), *([auth] if auth is not None else [])]
+    return [admission, *observers, admin_audit, MalformedRequests(), *([auth] if auth is not None else [])]
