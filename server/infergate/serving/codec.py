@@ -135,6 +135,13 @@ def wire_request(message: pb.ModelInferRequest, metadata: Metadata, access: Shar
     return WireRequest(message, metadata)
 
 
+def encode_answer(result: InferenceResult, request: WireRequest) -> pb.ModelInferResponse:
+    """The response to ``request`` (:func:`encode_response`), its outputs in shared memory where it asked."""
+    if isinstance(request, SharedMemoryWireRequest):
+        return _encode(result, request.targets)
+    return _encode(result, None)
+
+
 def decode_request(
     request: pb.ModelInferRequest,
     spec: ModelSpec,
@@ -324,24 +331,19 @@ def request_timeout_us(request: pb.ModelInferRequest) -> int | None:
     return int(value)
 
 
-def encode_answer(result: InferenceResult, request: WireRequest) -> pb.ModelInferResponse:
-    """The response to ``request``: its outputs in shared memory where it asked for that."""
-    if isinstance(request, SharedMemoryWireRequest):
-        return encode_response(result, request.targets)
-    return encode_response(result)
-
-
-def encode_response(
-    result: InferenceResult, targets: Mapping[str, OutputTarget] | None = None
-) -> pb.ModelInferResponse:
+def encode_response(result: InferenceResult) -> pb.ModelInferResponse:
     """Build the response: the requested outputs (all when none named), raw little-endian,
     and the routing decision as the ``infergate_route``/``infergate_shadowed`` parameters.
 
     An output held as Python objects is BYTES whatever the model's type: a BYTES
-    output, or the classification strings that replaced a score tensor. An
-    output in ``targets`` is written into its region instead, and its
-    ``raw_output_contents`` entry is empty.
+    output, or the classification strings that replaced a score tensor.
     """
+    return _encode(result, None)
+
+
+def _encode(result: InferenceResult, targets: Mapping[str, OutputTarget] | None) -> pb.ModelInferResponse:
+    """:func:`encode_response`, with the outputs in ``targets`` written into their regions
+    (their ``raw_output_contents`` entries are empty)."""
     spec, outputs = result.spec, result.outputs
     tensors = []
     raw = []
