@@ -446,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_load_commands(commands)
     commands_to_add = (
-        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences, _add_shm,
+        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences,
         _add_telemetry_overhead, _add_drift_overhead, _add_soak,
+        _add_shm,
     )  # fmt: skip
     for add in commands_to_add:
         add(commands)
