@@ -31,6 +31,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
             MLServer); writes suite.json/suite.md
   shadow    primary latency with no shadow, a 10x slower shadow and a failing one
   sequences stateful load: N sequences in flight (implicit state), every answer checked
+  shm       a batch of 16 224x224 images over the wire and through system shared memory, same run
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
   drift-overhead      infergate with drift monitoring off and at sample_fraction 0, 0.1, 1.0, same run
   soak      mixed load for N minutes while the server's memory and open files are sampled
@@ -354,6 +355,26 @@ def _add_sequences(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/sequences"), help="output directory")
 
 
+def _add_shm(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "shm",
+        help="16 images of 3x224x224 FP32 per request, over the wire and through shared memory (starts its server)",
+        description="Start infergate with --allow-client-shm on a model that takes a batch of 16 FP32 "
+        "3x224x224 images (9.6 MB) and answers 16x1000 scores, then per round load it closed-loop twice: "
+        "with the tensors in the request and reply, and through system shared memory (regions per slot, "
+        "the batch copied in and the scores copied out on every request). Every answer is checked. "
+        "With --target, load a server on this host that serves that model with --allow-client-shm "
+        "(load_tests.shm.build_repository writes it). Writes shm.json and shm.md.",
+    )
+    p.add_argument("--concurrency", type=_positive_int, default=2, metavar="N", help="in flight (default 2)")
+    p.add_argument("--duration", type=_positive_float, default=10.0, metavar="S", help="measured s (default 10)")
+    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
+    p.add_argument("--rounds", type=_positive_int, default=2, help="times each variant runs (default 2)")
+    p.add_argument("--target", metavar="HOST:PORT", help="load this server (same host) instead of starting one")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG", help="extra `infergate serve` argument")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shm"), help="output directory")
+
+
 def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .telemetry import VARIANTS, variants
 
@@ -442,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_to_add = (
         _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences, _add_overload,
         _add_telemetry_overhead, _add_drift_overhead, _add_soak,
+        _add_shm,
     )  # fmt: skip
     for add in commands_to_add:
         add(commands)
@@ -563,6 +585,23 @@ def _cmd_sequences(args: argparse.Namespace) -> int:
     return 0 if run.result.requests else 1
 
 
+def _cmd_shm(args: argparse.Namespace) -> int:
+    from .report import write_json
+    from .shm import format_shm_runs, run_shm, run_shm_against
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.target:
+        run = run_shm_against(args.target, args.concurrency, args.warmup, args.duration, args.rounds)
+    else:
+        run = run_shm(args.concurrency, args.warmup, args.duration, args.rounds, args.out, args.server_arg)
+    table = format_shm_runs(run)
+    write_json(args.out / "shm.json", {"rounds": run.rounds, "ratios": run.ratios()})
+    (args.out / "shm.md").write_text(table + "\n", encoding="utf-8")
+    print(f"{table}\n\nwrote {args.out / 'shm.json'} and {args.out / 'shm.md'}")
+    return 0 if all(r.requests for taken in run.rounds for r in taken.values()) else 1
+
+
 def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
     from .telemetry import OverheadConfig, per_call_costs, run_overhead
 
@@ -626,6 +665,7 @@ _COMMANDS = {
     "shadow": _cmd_shadow,
     "overload": _cmd_overload,
     "sequences": _cmd_sequences,
+    "shm": _cmd_shm,
     "telemetry-overhead": _cmd_telemetry_overhead,
     "drift-overhead": _cmd_drift_overhead,
     "soak": _cmd_soak,

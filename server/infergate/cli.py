@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--load-model", action="append", help="explicit mode: a model to load at start (repeatable; '*' for all)"
     )
+    serve.add_argument(
+        "--allow-client-shm",
+        action="store_true",
+        default=None,
+        help="let clients on this host pass tensors through system shared memory (/dev/shm; Triton's flag)",
+    )
     # Set by the --workers supervisor for each worker it starts.
     serve.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
@@ -134,6 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
                     "traces": args.traces,
                 },
                 "logging": {"format": args.log_format},
+                "shared_memory": {"system": {"enabled": args.allow_client_shm}},
             },
         )
     except ConfigError as exc:

@@ -42,6 +42,7 @@ from infergate.serving.handler import InferenceHandler
 from infergate.serving.interceptors import build_interceptors
 from infergate.serving.request import RequestLimits
 from infergate.serving.servicer import InferenceServicer, Readiness
+from infergate.serving.shared_memory import SystemSharedMemory
 from infergate.telemetry import Telemetry
 from infergate.telemetry.triton import TritonRow
 from infergate.workers.control import WorkerControl, WorkerRole
@@ -113,6 +114,9 @@ class InferGateServer:
         if self._keys is not None:
             refusals = metrics.record_auth_refusal if metrics else None
             auth = AuthInterceptor(TokenVerifier(config.auth, self._keys), config.auth.exempt_methods, refusals)
+        shm = config.shared_memory.system
+        # Clients' shared-memory regions (Triton's extension); unmapped at stop.
+        self.shared_memory = SystemSharedMemory(shm.max_regions, shm.max_bytes) if shm.enabled else None
         self.admission = Admission(
             limits.max_inference_calls, metrics.record_admission_refusal if metrics is not None else None
         )
@@ -137,6 +141,7 @@ class InferGateServer:
             on_stream_pause=metrics.stream_paused if metrics is not None else None,
             closing=self.admission.closing,
             control=control,
+            shared_memory=self.shared_memory,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
         admin = AdminServicer(self.repository.catalog)
@@ -254,6 +259,8 @@ class InferGateServer:
             await self._server.stop(max(deadline - loop.time(), 0.0))
         await self.shadows.aclose()
         await self.repository.aclose(timeout=max(deadline - loop.time(), 0.0))
+        if self.shared_memory is not None:
+            self.shared_memory.close()  # after the batchers: no request reads a region any more
         if self._keys is not None:
             await self._keys.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export

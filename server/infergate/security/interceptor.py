@@ -74,6 +74,13 @@ METHOD_RULES: dict[str, Rule] = {
     _INFERENCE + "RepositoryIndex": Rule(None, filter_index=True),
     _INFERENCE + "RepositoryModelLoad": Rule("admin", "model_name", audit=True),
     _INFERENCE + "RepositoryModelUnload": Rule("admin", "model_name", audit=True),
+    # Shared memory: a region is host memory the server maps and writes, so its own permission; audited
+    # when it changes. (A ModelInfer that names a region needs it too: serving/shm_tensors.py.)
+    _INFERENCE + "SystemSharedMemoryRegister": Rule("shared_memory", audit=True),
+    _INFERENCE + "SystemSharedMemoryUnregister": Rule("shared_memory", audit=True),
+    _INFERENCE + "SystemSharedMemoryStatus": Rule("shared_memory"),
+    _INFERENCE + "CudaSharedMemoryUnregister": Rule("shared_memory", audit=True),
+    _INFERENCE + "CudaSharedMemoryStatus": Rule("shared_memory"),
     # The operator API: reading the routing state is for operators, but it changes nothing, so it is not audited.
     "/infergate.admin.InferGateAdmin/RoutingStatus": Rule("admin", "name"),
     "/infergate.admin.InferGateAdmin/DriftStatus": Rule("admin", "name"),
