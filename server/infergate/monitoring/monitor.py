@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import numpy.typing as npt
 
 from infergate.configfile import ConfigError
@@ -132,7 +133,9 @@ class DriftMonitor:
             if fraction <= 0.0 or (fraction < 1.0 and self._rng.random() >= fraction):
                 return
             self.sampled += 1
-            self._accumulator.offer((inputs, outputs), tensor_bytes(inputs, outputs))
+            # Kept past the answer: a copy, since an input may be a view of the client's shared memory.
+            kept = {name: np.array(array) for name, array in inputs.items()}
+            self._accumulator.offer((kept, outputs), tensor_bytes(kept, outputs))
         except Exception:  # pragma: no cover - nothing above raises; the caller must never see it if it did
             log.debug("drift observe failed", exc_info=True)
 
