@@ -20,8 +20,7 @@ written as ``anonymous`` with no model: its request is never read.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,7 +28,7 @@ import grpc
 from infergate.audit import AuditLog
 from infergate.security.auth import current_principal
 from infergate.security.interceptor import rule_for
-from infergate.serving.interceptors import HandlerCache, StreamBehaviour, UnaryBehaviour, wrap_handler
+from infergate.serving.interceptors import Finish, HandlerCache, call_status, observe_handler
 
 __all__ = ["AdminAudit", "call_outcome"]
 
@@ -59,34 +58,10 @@ class AdminAudit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ship
         return cache(handler)
 
     def _audited(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
-            async def audited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                error: BaseException | None = None
-                try:
-                    return await inner(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._write(method, request, context, error)
+        def start(request: Any, context: grpc.aio.ServicerContext) -> Finish:
+            return lambda error, _: self._write(method, request, context, error)
 
-            return audited
-
-        def stream(inner: StreamBehaviour) -> StreamBehaviour:
-            async def audited(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                error: BaseException | None = None
-                try:
-                    async for response in inner(request, context):
-                        yield response
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._write(method, request, context, error)
-
-            return audited
-
-        return wrap_handler(handler, unary=unary, stream=stream)
+        return observe_handler(handler, start)
 
     def _write(self, method: str, request: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
         principal = current_principal()
@@ -101,17 +76,10 @@ class AdminAudit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ship
 
 
 def call_outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    """The gRPC status name a call ended with: ``OK`` (or the code the handler set), the aborted code,
-    ``CANCELLED`` when the caller went away, else ``INTERNAL`` (what an unexpected error becomes)."""
-    if error is None:
-        code = context.code()
-        return code.name if isinstance(code, grpc.StatusCode) else "OK"
-    if isinstance(error, grpc.aio.AbortError):
-        code = context.code()
-        return code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
-        return "CANCELLED"
-    return "INTERNAL"
+    """The gRPC status name a call ended with; an exception no translation handled is ``INTERNAL``
+    (what the client was told, see ``serving/status.py``)."""
+    status = call_status(context, error)
+    return "INTERNAL" if status is grpc.StatusCode.UNKNOWN else status.name
 
 
 def _named(request: Any, *fields: str) -> str:
