@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import pathlib
 import statistics
 import sys
@@ -35,6 +34,7 @@ from infergate.demo import build_matmul16
 
 from .generator import LoadConfig, run_closed_loop
 from .models import build_slow_model
+from .procfs import cpu_seconds
 from .servers import free_port, running_server
 
 __all__ = ["OverloadRun", "format_overload", "run_overload"]
@@ -77,11 +77,6 @@ def _request(model: str) -> bytes:
         model_name=model, inputs=[tensor], raw_input_contents=[np.ones((1, width), np.float32).tobytes()]
     )
     return message.SerializeToString()
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _open_loop(target: str, model: str, rate: float, duration: float, run: OverloadRun) -> None:
@@ -144,9 +139,9 @@ def run_overload(model: str, limit: int, factor: float, duration: float, out: pa
                 LoadConfig(target=target, model=model, concurrency=limit, duration=max(duration / 2, 2.0), warmup=1.0)
             ).requests_per_s
             run = OverloadRun(model, limit, capacity, factor * capacity, duration)
-            cpu_before, wall_before = _cpu_seconds(server.pid), time.perf_counter()
+            cpu_before, wall_before = cpu_seconds(server.pid), time.perf_counter()
             asyncio.run(_open_loop(target, model, factor * capacity, duration, run))
-            run.server_cpu_share = (_cpu_seconds(server.pid) - cpu_before) / (time.perf_counter() - wall_before)
+            run.server_cpu_share = (cpu_seconds(server.pid) - cpu_before) / (time.perf_counter() - wall_before)
     (out / f"overload-{model}.json").write_text(json.dumps(asdict(run), indent=2))
     return run
 
