@@ -129,7 +129,11 @@ def launch_server(
             raise RuntimeError(f"server printed no metrics address: {metrics!r}\n{log_path.read_text()}")
         server.metrics_url = metrics.split(" on ", 1)[1].strip()
     if wait:
-        _wait_serving(server.url, process, log_path)
+        try:
+            _wait_serving(server.url, process, log_path)
+        except BaseException:
+            server.terminate(timeout=10)  # a server that never became SERVING must not outlive the test
+            raise
     return server
 
 
