@@ -31,6 +31,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
             MLServer); writes suite.json/suite.md
   shadow    primary latency with no shadow, a 10x slower shadow and a failing one
   sequences stateful load: N sequences in flight (implicit state), every answer checked
+  shm       a batch of 16 224x224 images over the wire and through system shared memory, same run
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
   drift-overhead      infergate with drift monitoring off and at sample_fraction 0, 0.1, 1.0, same run
   soak      mixed load for N minutes while the server's memory and open files are sampled
@@ -319,6 +320,21 @@ def _add_shadow(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     shadow.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shadow"), help="output directory")
 
 
+def _add_overload(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "overload",
+        help="k times a model's capacity, open loop: how fast refusals are, what admitted calls see",
+        description="Start infergate with limits.max_inference_calls=LIMIT, measure each model's capacity "
+        "at LIMIT in flight, then send FACTOR times that rate open-loop (1 s deadline each). slow is "
+        "compute-bound (about 20 ms per batch of 4); tiny is the 16x16 product, bound by per-call cost.",
+    )
+    p.add_argument("--models", default="slow,tiny", help="comma list of slow, tiny (default both)")
+    p.add_argument("--limit", type=_positive_int, default=8, help="limits.max_inference_calls (default 8)")
+    p.add_argument("--factor", type=_positive_float, default=10.0, help="times the capacity (default 10)")
+    p.add_argument("--duration", type=_positive_float, default=8.0, help="open-loop seconds (default 8)")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/overload"), help="output directory")
+
+
 def _add_sequences(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
         "sequences",
@@ -338,6 +354,26 @@ def _add_sequences(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--target", dest="target", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # older spelling
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG", help="extra `infergate serve` argument")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/sequences"), help="output directory")
+
+
+def _add_shm(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "shm",
+        help="16 images of 3x224x224 FP32 per request, over the wire and through shared memory (starts its server)",
+        description="Start infergate with --allow-client-shm on a model that takes a batch of 16 FP32 "
+        "3x224x224 images (9.6 MB) and answers 16x1000 scores, then per round load it closed-loop twice: "
+        "with the tensors in the request and reply, and through system shared memory (regions per slot, "
+        "the batch copied in and the scores copied out on every request). Every answer is checked. "
+        "With --target, load a server on this host that serves that model with --allow-client-shm "
+        "(load_tests.shm.build_repository writes it). Writes shm.json and shm.md.",
+    )
+    p.add_argument("--concurrency", type=_positive_int, default=2, metavar="N", help="in flight (default 2)")
+    p.add_argument("--duration", type=_positive_float, default=10.0, metavar="S", help="measured s (default 10)")
+    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
+    p.add_argument("--rounds", type=_positive_int, default=2, help="times each variant runs (default 2)")
+    p.add_argument("--target", metavar="HOST:PORT", help="load this server (same host) instead of starting one")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG", help="extra `infergate serve` argument")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shm"), help="output directory")
 
 
 def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -425,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_load_commands(commands)
     commands_to_add = (
-        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences,
+        _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences, _add_overload,
         _add_telemetry_overhead, _add_drift_overhead, _add_soak,
+        _add_shm,
     )  # fmt: skip
     for add in commands_to_add:
         add(commands)
@@ -518,6 +555,19 @@ def _cmd_shadow(args: argparse.Namespace) -> int:
     return 0 if all(run.result.requests for run in runs) else 1
 
 
+def _cmd_overload(args: argparse.Namespace) -> int:
+    from .overload import MODELS, format_overload, run_overload
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := [m for m in models if m not in MODELS]:
+        raise SystemExit(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
+    runs = [run_overload(m, args.limit, args.factor, args.duration, args.out) for m in models]
+    table = format_overload(runs)
+    (args.out / "overload.md").write_text(table + "\n")
+    print(table)
+    return 0 if all(r.admitted for r in runs) else 1
+
+
 def _cmd_sequences(args: argparse.Namespace) -> int:
     from .report import write_json
     from .sequences import format_sequence_run, run_sequences, run_sequences_against
@@ -533,6 +583,23 @@ def _cmd_sequences(args: argparse.Namespace) -> int:
     print(format_sequence_run(run))
     print(f"\nwrote {args.out / 'sequences.json'}")
     return 0 if run.result.requests else 1
+
+
+def _cmd_shm(args: argparse.Namespace) -> int:
+    from .report import write_json
+    from .shm import format_shm_runs, run_shm, run_shm_against
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.target:
+        run = run_shm_against(args.target, args.concurrency, args.warmup, args.duration, args.rounds)
+    else:
+        run = run_shm(args.concurrency, args.warmup, args.duration, args.rounds, args.out, args.server_arg)
+    table = format_shm_runs(run)
+    write_json(args.out / "shm.json", {"rounds": run.rounds, "ratios": run.ratios()})
+    (args.out / "shm.md").write_text(table + "\n", encoding="utf-8")
+    print(f"{table}\n\nwrote {args.out / 'shm.json'} and {args.out / 'shm.md'}")
+    return 0 if all(r.requests for taken in run.rounds for r in taken.values()) else 1
 
 
 def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
@@ -596,7 +663,9 @@ _COMMANDS = {
     "compute": _cmd_compute,
     "suite": _cmd_suite,
     "shadow": _cmd_shadow,
+    "overload": _cmd_overload,
     "sequences": _cmd_sequences,
+    "shm": _cmd_shm,
     "telemetry-overhead": _cmd_telemetry_overhead,
     "drift-overhead": _cmd_drift_overhead,
     "soak": _cmd_soak,

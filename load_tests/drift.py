@@ -19,7 +19,6 @@ the recommended setting; 1.0 hands every request to the accumulator.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import statistics
@@ -37,6 +36,7 @@ from infergate.demo import write_demo_repository
 from infergate.monitoring.profiling import profile_version
 
 from .generator import LoadConfig, run_closed_loop
+from .procfs import cpu_seconds
 from .report import LoadResult, format_table
 from .servers import free_port, running_server
 from .suite import REPO_ROOT, environment
@@ -143,9 +143,9 @@ def _one_run(config: DriftOverheadConfig, report: DriftOverheadReport, variant: 
             target=target, model=config.model, concurrency=config.concurrency, duration=config.duration,
             warmup=config.warmup, label=f"sample_fraction {variant}",
         )  # fmt: skip
-        cpu_before = _cpu_seconds(process.pid)
+        cpu_before = cpu_seconds(process.pid)
         result = run_closed_loop(load)
-        cpu = _cpu_seconds(process.pid) - cpu_before
+        cpu = cpu_seconds(process.pid) - cpu_before
         monitored = VARIANTS[variant] is not None
         report.monitor[variant].append(_monitor_counters(target, config.model) if monitored else "-")
     report.runs[variant].append(result)
@@ -162,12 +162,6 @@ def _monitor_counters(target: str, model: str) -> str:
     except grpc.RpcError:
         return "-"
     return "/".join(f"{m.sampled}/{m.dropped}" for m in reply.models) or "-"
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (Linux /proc): the server's cost, whatever else the machine does."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _write(report: DriftOverheadReport) -> None:

@@ -1,7 +1,11 @@
-"""What Linux's /proc says about a server's processes: the whole tree, and where it listens.
+"""What Linux's /proc says about a server's processes: the whole tree, where it listens, what it uses.
 
 Used to stop every process a server started (some peers start helpers that
-could outlive it) and to prove that a server listens on loopback only.
+could outlive it), to prove that a server listens on loopback only, to find
+the process behind a port this harness did not start (:func:`listener_pid`),
+and to read what a server costs: CPU time (:func:`cpu_seconds`) and, over a
+process tree (``--workers N`` forks workers under a supervisor), resident
+memory, open files and threads (:func:`usage`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,17 @@ import pathlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Listener", "descendants", "listeners", "parse_proc_net_tcp", "process_tree"]
+__all__ = [
+    "Listener",
+    "ProcessUsage",
+    "cpu_seconds",
+    "descendants",
+    "listener_pid",
+    "listeners",
+    "parse_proc_net_tcp",
+    "process_tree",
+    "usage",
+]
 
 _PROC = pathlib.Path("/proc")
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's ``st`` column
@@ -118,3 +132,68 @@ def listeners(pids: Iterable[int]) -> list[Listener]:
             continue  # no IPv6 on this machine
     inodes = set().union(*(_socket_inodes(pid) for pid in pids))
     return sorted({table[inode] for inode in inodes if inode in table}, key=lambda s: (s.port, s.address))
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on local TCP ``port``, if this user can see it.
+
+    Several listeners with one parent (``--workers N`` and SO_REUSEPORT) give that parent,
+    the supervisor, whose tree holds them all.
+    """
+    table: dict[int, Listener] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            table.update(parse_proc_net_tcp((_PROC / "net" / name).read_text()))
+        except OSError:
+            continue
+    wanted = {inode for inode, listener in table.items() if listener.port == port}
+    holders = sorted(int(e.name) for e in _PROC.iterdir() if e.name.isdigit() and _socket_inodes(int(e.name)) & wanted)
+    if len(holders) > 1:
+        parents = set()
+        for pid in holders:
+            try:
+                parents.add(_parent_of((_PROC / str(pid) / "stat").read_text()))
+            except OSError:
+                parents.add(-1)
+        if len(parents) == 1 and -1 not in parents:
+            return parents.pop()
+    return holders[0] if holders else None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process: what a server costs, whatever else the machine does."""
+    fields = (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    """A process tree's resident memory (bytes), open file descriptors and threads, and how many processes."""
+
+    rss_bytes: int
+    fds: int
+    threads: int
+    processes: int
+
+
+def usage(pid: int) -> ProcessUsage:
+    """What ``pid`` and its descendants use now. Raises ProcessLookupError when ``pid`` is gone."""
+    rss = fds = threads = processes = 0
+    for member in process_tree(pid):
+        try:
+            status = _status(member)
+            open_files = len(os.listdir(_PROC / str(member) / "fd"))
+        except FileNotFoundError:
+            if member == pid:
+                raise ProcessLookupError(f"process {pid} is gone") from None
+            continue  # a child that just exited
+        rss += int(status.get("VmRSS", "0 kB").split()[0]) * 1024
+        threads += int(status.get("Threads", "0"))
+        fds += open_files
+        processes += 1
+    return ProcessUsage(rss, fds, threads, processes)
+
+
+def _status(pid: int) -> dict[str, str]:
+    text = (_PROC / str(pid) / "status").read_text()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}

@@ -38,7 +38,7 @@ from infergate.demo import write_demo_repository
 
 from .clients import CHANNEL_OPTIONS
 from .payloads import build_infer_request, random_inputs
-from .procstat import ProcessUsage, listener_pid, usage
+from .procfs import ProcessUsage, listener_pid, usage
 from .servers import free_port, running_server
 from .signature import signature_from_metadata
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 from .generator import LoadConfig, run_closed_loop
+from .procfs import cpu_seconds
 from .report import LoadResult, format_table
 from .servers import free_port, running_server
 from .suite import REPO_ROOT, environment
@@ -142,9 +142,9 @@ def run_overhead(config: OverheadConfig) -> OverheadReport:
                         target=f"127.0.0.1:{port}", model=config.model, concurrency=config.concurrency,
                         duration=config.duration, warmup=config.warmup, label=variant,
                     )  # fmt: skip
-                    cpu_before = _cpu_seconds(process.pid)
+                    cpu_before = cpu_seconds(process.pid)
                     result = run_closed_loop(load)
-                    cpu = _cpu_seconds(process.pid) - cpu_before
+                    cpu = cpu_seconds(process.pid) - cpu_before
                 report.runs[variant].append(result)
                 # CPU covers warm-up and window; requests are counted in the window only.
                 served = result.requests * (config.warmup + config.duration) / config.duration
@@ -152,12 +152,6 @@ def run_overhead(config: OverheadConfig) -> OverheadReport:
                 print(f"round {round_ + 1} {variant}: {result.requests_per_s:,.0f} req/s", file=sys.stderr)
     _write(report)
     return report
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (Linux /proc), the server's cost independent of the machine's load."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _write(report: OverheadReport) -> None:

@@ -129,10 +129,15 @@ def launch_server(
         line = process.stdout.readline()
         metrics_url = announced(line, METRICS)  # the next line, in the same format
         if metrics_url is None:
+            server.terminate(timeout=10)
             raise RuntimeError(f"server printed no metrics address: {line!r}\n{log_path.read_text()}")
         server.metrics_url = metrics_url
     if wait:
-        _wait_serving(server.url, process, log_path)
+        try:
+            _wait_serving(server.url, process, log_path)
+        except BaseException:
+            server.terminate(timeout=10)  # a server that never became SERVING must not outlive the test
+            raise
     return server
 
 

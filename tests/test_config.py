@@ -293,3 +293,25 @@ def test_a_missing_server_file_is_a_config_error_naming_it(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="cannot read") as refused:
         load_server_config(path, {})
     assert str(path) in str(refused.value)
+
+
+# --------------------------------------------------------------------------- server config: shared memory
+
+
+def test_system_shared_memory_is_off_unless_asked_for() -> None:
+    assert load_server_config(None, {}).shared_memory.system.enabled is False
+
+
+def test_the_shm_flag_turns_it_on_and_the_file_keeps_its_bounds(tmp_path: Path) -> None:
+    path = write(tmp_path, "shared_memory:\n  system:\n    max_regions: 3\n", name="server.yaml")
+    flag = {"shared_memory": {"system": {"enabled": True}}}
+    system = load_server_config(path, flag).shared_memory.system
+    assert (system.enabled, system.max_regions) == (True, 3)
+    unset = {"shared_memory": {"system": {"enabled": None}}}  # the flag not given
+    assert load_server_config(path, unset).shared_memory.system.enabled is False
+
+
+def test_shared_memory_is_refused_with_several_workers(tmp_path: Path) -> None:
+    path = write(tmp_path, "workers: 2\nshared_memory: {system: {enabled: true}}\n", name="server.yaml")
+    with pytest.raises(ConfigError, match=r"shared_memory\.system\.enabled needs workers: 1"):
+        load_server_config(path, {})

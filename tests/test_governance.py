@@ -177,6 +177,10 @@ def test_a_version_whose_sha256_mismatches_is_refused_and_the_good_one_keeps_ser
         result = client.infer("gov", [x])
         assert result.get_response().model_version == "1"
         np.testing.assert_array_equal(result.as_numpy("y"), np.ones((1, 4), dtype=np.float32))
+        with pytest.raises(InferenceServerException) as named:  # asking for the refused version says why
+            client.infer("gov", [x], model_version="2")
+        assert named.value.status() == "StatusCode.UNAVAILABLE"
+        assert WRONG in named.value.message() and actual in named.value.message()
 
     listing = subprocess.run(
         [str(CLI), "--url", server.url, "models", "--long"], capture_output=True, text=True, timeout=60, check=False

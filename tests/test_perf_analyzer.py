@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, running_server
 
 PERF_ANALYZER = Path(__file__).resolve().parent.parent / "scripts" / "perf_analyzer"
 
@@ -64,3 +64,13 @@ def test_perf_analyzer_sends_batches_the_model_config_allows(demo_server: Server
     output = _perf_analyzer(demo_server, "-m", "mlp", "-b", "8", "--concurrency-range", "2")
     assert "Batch size: 8" in output
     assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
+
+
+def test_perf_analyzer_passes_tensors_through_system_shared_memory(demo_repository: Path, log_dir: Path) -> None:
+    # perf_analyzer creates, registers and unregisters its own regions, inputs and outputs alike.
+    with running_server(demo_repository, log_dir, "--allow-client-shm") as server:
+        output = _perf_analyzer(server, "-m", "matmul16", "--shared-memory", "system", "--concurrency-range", "2")
+    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", output)
+    assert throughput and float(throughput.group(1)) > 0, output
+    served = re.search(r"Inference count: (\d+)", output)
+    assert served and int(served.group(1)) > 0, output

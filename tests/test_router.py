@@ -473,3 +473,36 @@ def test_a_routing_error_is_a_value_error() -> None:
 )
 def test_the_primary_stands_for_the_model_in_metadata(routing: Routing, loaded: list[int], primary: int) -> None:
     assert Router("m", routing, loaded).primary == primary
+
+
+class Judgements:
+    """Records what a router tells its CanaryEvents, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[object, ...]] = []
+
+    def canary_step(self, model: str, version: int, step: int, weight: float) -> None:
+        self.told.append(("step", model, version, step, weight))
+
+    def canary_completed(self, model: str, version: int, weight: float) -> None:
+        self.told.append(("completed", model, version, weight))
+
+    def canary_rolled_back(self, model: str, version: int, reason: str) -> None:
+        self.told.append(("rolled_back", model, version, reason.split(" ", 2)[:2]))
+
+
+def test_each_canary_judgement_is_told_to_its_events_once() -> None:
+    events = Judgements()
+    canary = CanaryRouting(version=2, steps=[5, 25], step_requests=20)
+    r = Router("toy", Routing(weights={1: 100}, canary=canary), [1, 2], rng=random.Random(SEED), events=events)
+    feed(r, "canary", 40)
+    feed(r, "canary", 100)  # a complete canary is no longer judged: nothing more is told
+    assert events.told == [("step", "toy", 2, 1, 25), ("completed", "toy", 2, 25)]
+
+
+def test_a_rollback_is_told_with_its_reason() -> None:
+    events = Judgements()
+    canary = CanaryRouting(version=2, steps=[5, 25], step_requests=20, max_error_rate=0.0)
+    r = Router("toy", Routing(weights={1: 100}, canary=canary), [1, 2], rng=random.Random(SEED), events=events)
+    feed(r, "canary", 60, ok=False)
+    assert events.told == [("rolled_back", "toy", 2, ["error", "rate"])]

@@ -163,10 +163,10 @@ def test_a_nan_from_the_shadow_is_never_reported_as_agreement() -> None:
 )
 def test_a_shadow_that_keeps_failing_is_paused_for_a_doubling_back_off(failures: int, pause_s: float) -> None:
     stats, now = ShadowStats(version=2), 1000.0
-    for _ in range(failures):
-        stats.failed(now)
+    pauses = [stats.failed(now) for _ in range(failures)]
     assert stats.errors == failures
     assert stats.paused_until == (now + pause_s if pause_s else 0.0)
+    assert pauses[-1] == (pause_s or None)  # the failure that starts a pause says how long (the audit log's)
 
 
 def test_a_success_restarts_the_count_of_failures_in_a_row() -> None:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from load_tests.procstat import listener_pid, usage
+from load_tests.procfs import listener_pid, usage
 from load_tests.soak import OPERATIONS, Sample, rss_growth
 from load_tests.suite import REPO_ROOT
 

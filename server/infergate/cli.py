@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also serve grpc.health.v1, plaintext and without auth, on this port (for probes when TLS is on)",
     )
     serve.add_argument("--health-host", help="address of the --health-port (default: --host)")
+    serve.add_argument(
+        "--allow-client-shm",
+        action="store_true",
+        default=None,
+        help="let clients on this host pass tensors through system shared memory (/dev/shm; Triton's flag)",
+    )
     # Set by the --workers supervisor for each worker it starts.
     serve.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
@@ -181,6 +187,7 @@ def _load_config(args: argparse.Namespace) -> ServerConfig:
                 "traces": args.traces,
             },
             "logging": {"format": args.log_format},
+            "shared_memory": {"system": {"enabled": args.allow_client_shm}},
         },
     )
 

@@ -10,12 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from infergate.configfile import ConfigError, Strict, read_yaml, validate
 from infergate.security.config import AuthConfig, LimitsConfig, TlsConfig
 
-__all__ = ["ConfigError", "LoggingConfig", "ServerConfig", "TelemetryConfig", "load_server_config"]
+__all__ = [
+    "ConfigError",
+    "LoggingConfig",
+    "ServerConfig",
+    "SharedMemoryConfig",
+    "SystemSharedMemoryConfig",
+    "TelemetryConfig",
+    "load_server_config",
+]
 
 
 class TelemetryConfig(Strict):
@@ -35,6 +43,25 @@ class LoggingConfig(Strict):
     """How log lines are written; ``log_level`` stays a top-level key."""
 
     format: Literal["text", "json"] = "text"
+
+
+class SystemSharedMemoryConfig(Strict):
+    """Triton's system shared-memory extension (serving/shared_memory.py, docs/security.md).
+
+    Off by default: when on, any caller that may reach the port can make the
+    server map, read and write files under /dev/shm by name (Triton's own
+    ``--allow-client-shm`` is off by default too).
+    """
+
+    enabled: bool = False
+    max_regions: Annotated[int, Field(ge=1, le=4096)] = 64  # registered at once
+    max_bytes: Annotated[int, Field(ge=1)] = 1 << 30  # mapped at once, all regions together
+
+
+class SharedMemoryConfig(Strict):
+    """Tensors passed through shared memory instead of the request (CUDA: not implemented)."""
+
+    system: SystemSharedMemoryConfig = SystemSharedMemoryConfig()
 
 
 class ServerConfig(Strict):
@@ -74,6 +101,17 @@ class ServerConfig(Strict):
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None
     limits: LimitsConfig = LimitsConfig()
+    shared_memory: SharedMemoryConfig = SharedMemoryConfig()
+
+    @model_validator(mode="after")
+    def _shared_memory_in_one_process(self) -> ServerConfig:
+        # Each worker would hold its own regions, and a client's calls may reach any of them.
+        if self.shared_memory.system.enabled and self.workers > 1:
+            raise ValueError(
+                "shared_memory.system.enabled needs workers: 1 (each of the --workers processes would hold "
+                "its own registered regions)"
+            )
+        return self
 
 
 def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
@@ -84,12 +122,20 @@ def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerCo
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data.update(loaded or {})
+    return validate(ServerConfig, _merged(data, overrides), path or Path("<command line>"))
+
+
+def _merged(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the non-None ``overrides``; a nested block of flags overrides single keys, at any
+    depth, and the file keeps the rest (a block that is not a mapping is left for validation to refuse)."""
+    out = dict(data)
     for key, value in overrides.items():
-        if isinstance(value, dict):  # a nested block: flags override single keys, the file keeps the rest
-            given = {k: v for k, v in value.items() if v is not None}
-            base = data.get(key) or {}
-            if given and isinstance(base, dict):  # not a mapping: left for validation to refuse
-                data[key] = {**base, **given}
+        if isinstance(value, dict):
+            base = out.get(key) or {}
+            if isinstance(base, dict):
+                merged = _merged(base, value)
+                if merged != base:
+                    out[key] = merged
         elif value is not None:
-            data[key] = value
-    return validate(ServerConfig, data, path or Path("<command line>"))
+            out[key] = value
+    return out

@@ -35,6 +35,7 @@ from infergate.security.interceptor import AuthInterceptor
 from infergate.security.keys import KeyStore, build_key_store
 from infergate.security.tls import server_credentials
 from infergate.serving.admin import ADMIN_SERVICE_NAME, AdminServicer
+from infergate.serving.admin_audit import AdminAudit
 from infergate.serving.admission import Admission
 from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
@@ -42,6 +43,7 @@ from infergate.serving.health_port import HealthPort
 from infergate.serving.interceptors import build_interceptors
 from infergate.serving.request import RequestLimits
 from infergate.serving.servicer import InferenceServicer, Readiness
+from infergate.serving.shared_memory import SystemSharedMemory
 from infergate.telemetry import Telemetry, check_exporters
 from infergate.telemetry.logs import HEALTH, LISTENING, METRICS, announcement
 from infergate.telemetry.triton import TritonRow
@@ -82,18 +84,20 @@ class InferGateServer:
             raise ValueError("a model repository is required")
         self.config = config
         self.telemetry = telemetry or Telemetry.from_config(config.telemetry, access_log=config.log_level == "debug")
-        # Lifecycle events (docs/governance.md); the repository, router, shadows and auth write to it.
+        # Lifecycle events (docs/governance.md): the repository (with its routers and drift monitors), the
+        # shadows and the admin audit interceptor write to it.
         self.audit = AuditLog(config.audit_log)
         self.repository = ModelRepository(
             Path(config.model_repository),
             self.telemetry.observer,
             drain_timeout=config.shutdown_grace_seconds,
             explicit=config.model_control_mode == "explicit",
+            audit=self.audit,  # loads, swaps, routing changes; and through it canary steps and drift alerts
         )
         limits = config.limits
         self.readiness = Readiness()
         metrics = self.telemetry.metrics
-        self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None)
+        self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None, events=self.audit)
         handler = InferenceHandler(
             self.repository.catalog,
             RequestLimits(limits.max_elements_per_tensor, limits.max_batch_rows, limits.max_inputs_per_request),
@@ -113,6 +117,9 @@ class InferGateServer:
         if self._keys is not None:
             refusals = metrics.record_auth_refusal if metrics else None
             auth = AuthInterceptor(TokenVerifier(config.auth, self._keys), config.auth.exempt_methods, refusals)
+        shm = config.shared_memory.system
+        # Clients' shared-memory regions (Triton's extension); unmapped at stop.
+        self.shared_memory = SystemSharedMemory(shm.max_regions, shm.max_bytes) if shm.enabled else None
         self.admission = Admission(
             limits.max_inference_calls, metrics.record_admission_refusal if metrics is not None else None
         )
@@ -120,7 +127,7 @@ class InferGateServer:
         if worker is not None:
             observers.append(WorkerScopeInterceptor(worker.index, worker.count))
         self._server = grpc.aio.server(
-            interceptors=build_interceptors(self.admission, observers, auth),
+            interceptors=build_interceptors(self.admission, observers, AdminAudit(self.audit), auth),
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -137,6 +144,7 @@ class InferGateServer:
             on_stream_pause=metrics.stream_paused if metrics is not None else None,
             closing=self.admission.closing,
             control=control,
+            shared_memory=self.shared_memory,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
         admin = AdminServicer(self.repository.catalog)
@@ -181,7 +189,7 @@ class InferGateServer:
 
         Explicit mode loads only ``load_models`` ("*": all) and is ready without models.
         """
-        await self.repository.load_all(self._startup_models())
+        await self.repository.load_all(self._startup_models(), source="startup")
         # A worker first applies what was loaded and unloaded through the API since the start.
         if self._worker_control is not None and not await self._worker_control.join():
             return False  # the supervisor is gone: this worker is stopping
@@ -218,7 +226,7 @@ class InferGateServer:
         while True:
             await asyncio.sleep(self.config.repository_poll_seconds)
             try:
-                await self.repository.rescan()
+                await self.repository.rescan(source="poll")
             except Exception:
                 log.exception("repository poll failed")
 
@@ -269,6 +277,8 @@ class InferGateServer:
                 await self._health_port.stop(0)  # probes saw NOT_SERVING for the whole drain
         await self.shadows.aclose()
         await self.repository.aclose(timeout=max(deadline - loop.time(), 0.0))
+        if self.shared_memory is not None:
+            self.shared_memory.close()  # after the batchers: no request reads a region any more
         if self._keys is not None:
             await self._keys.aclose()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export

@@ -86,7 +86,7 @@ def from_onnx_type(onnx_type: str) -> Datatype:
 _LENGTH = struct.Struct("<I")
 
 
-def decode_bytes_tensor(raw: bytes, count: int, where: str) -> npt.NDArray[np.object_]:
+def decode_bytes_tensor(raw: bytes | memoryview, count: int, where: str) -> npt.NDArray[np.object_]:
     """Split ``count`` length-prefixed elements out of ``raw`` into an array of str.
 
     ``where`` names the model and tensor in error messages.

@@ -327,6 +327,9 @@ class _InstanceThreads:
                 loop.call_soon_threadsafe(callback, outcome)
             except RuntimeError:  # the loop closed while the batch ran; nobody waits any more
                 pass
+            # Hold nothing of this batch while waiting for the next: its inputs may be views of a
+            # client's shared memory, which stays mapped for as long as anything refers to it.
+            del job, loop, callback, payloads, rows, outcome
 
     def close(self) -> None:
         """Finish queued jobs, then stop the threads."""

@@ -11,7 +11,9 @@ its sliding window and recomputes every feature's score after
 ``update_every`` sampled requests or ``update_interval_seconds``, whichever
 comes first. Each computation publishes an immutable :class:`DriftSnapshot`
 (read by the metrics reader and the admin RPC without locks) and logs one
-structured line when the version enters or leaves alert.
+structured line when the version enters or leaves alert; it also tells
+:class:`DriftEvents` (the audit log), when one was connected with
+:meth:`ModelMonitor.report_alerts_to` before the version started.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import numpy.typing as npt
 
 from infergate.configfile import ConfigError
@@ -36,12 +39,27 @@ from infergate.monitoring.payload_log import PayloadLog, open_payload_log
 from infergate.monitoring.profile import ReferenceProfile, check_profile, read_profile
 from infergate.monitoring.window import DriftWindow, FeatureScore
 
-__all__ = ["DriftMonitor", "DriftSnapshot", "ModelMonitor", "load_monitor"]
+__all__ = ["DriftEvents", "DriftMonitor", "DriftSnapshot", "ModelMonitor", "load_monitor"]
 
 log = logging.getLogger("infergate.drift")
 
 Tensors = dict[str, npt.NDArray[Any]]
 _TOP_IN_LOG = 5
+
+
+class DriftEvents(Protocol):
+    """Told when a version enters or leaves drift alert (the audit log).
+
+    Called on the drift monitor's own thread, so it must be thread-safe, cheap, and never raise.
+    """
+
+    def drift_alert_entered(
+        self, model: str, version: int | str | None, reason: str, detail: Mapping[str, Any] | None = None
+    ) -> None: ...
+
+    def drift_alert_left(
+        self, model: str, version: int | str | None, reason: str = "", detail: Mapping[str, Any] | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +99,7 @@ class DriftMonitor:
         self.requests = 0
         self.sampled = 0
         self.rejected = 0  # sampled requests whose tensors did not fit the profile
+        self.events: DriftEvents | None = None  # set before start (ModelMonitor.report_alerts_to); read on the thread
         self._rng = rng or random.Random()
         self._clock, self._wall_clock = clock, wall_clock
         self._window = DriftWindow(profile, config.window, batches)
@@ -114,7 +133,9 @@ class DriftMonitor:
             if fraction <= 0.0 or (fraction < 1.0 and self._rng.random() >= fraction):
                 return
             self.sampled += 1
-            self._accumulator.offer((inputs, outputs), tensor_bytes(inputs, outputs))
+            # Kept past the answer: a copy, since an input may be a view of the client's shared memory.
+            kept = {name: np.array(array) for name, array in inputs.items()}
+            self._accumulator.offer((kept, outputs), tensor_bytes(kept, outputs))
         except Exception:  # pragma: no cover - nothing above raises; the caller must never see it if it did
             log.debug("drift observe failed", exc_info=True)
 
@@ -180,6 +201,13 @@ class DriftMonitor:
         else:
             message = "model %s version %d left drift alert: every feature at or below %g"
             log.info(message, name, version, threshold, extra=fields)
+        if self.events is not None:
+            detail = {"threshold": threshold, "method": self.config.method, "drifting_features": len(drifting)}
+            if alert:
+                reason = f"{len(drifting)} feature(s) above {threshold:g}: {listed}"
+                self.events.drift_alert_entered(name, version, reason, detail)
+            else:
+                self.events.drift_alert_left(name, version, f"every feature at or below {threshold:g}", detail)
 
 
 class ModelMonitor:
@@ -195,6 +223,11 @@ class ModelMonitor:
             self.drift.observe(inputs, outputs)
         if self.payloads is not None:
             self.payloads.offer(inputs, outputs, request_id=request_id, route=route)
+
+    def report_alerts_to(self, events: DriftEvents) -> None:
+        """Tell ``events`` when this version enters or leaves drift alert; call before :meth:`start`."""
+        if self.drift is not None:
+            self.drift.events = events
 
     def start(self) -> None:
         """Start the background threads (on the event loop, when the version starts serving)."""

@@ -281,8 +281,9 @@ class PayloadLog:
             if trace_id is None:
                 context = trace.get_current_span().get_span_context()
                 trace_id = format(context.trace_id, "032x") if context.is_valid else ""
+            kept = {name: np.array(array) for name, array in inputs.items()}  # may be a view of shared memory
             record = PayloadRecord(
-                time.time(), self.model, self.version, request_id, trace_id, route, inputs, outputs, self.policy
+                time.time(), self.model, self.version, request_id, trace_id, route, kept, outputs, self.policy
             )
             if not self.writer.offer(record, tensor_bytes(inputs, outputs)):
                 self.dropped += 1

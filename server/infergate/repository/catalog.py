@@ -253,5 +253,8 @@ def _named_version(entry: ModelEntry, version: str) -> ModelVersion:
         )
     model = entry.versions.get(int(version))
     if model is None:
+        failed = entry.failed.get(int(version))
+        if failed is not None:  # on disk but refused at load: say why (a checksum mismatch names both digests)
+            raise Unavailable(f"model '{entry.name}' version {version} is not ready: it failed to load: {failed[1]}")
         raise NotFound(f"Request for unknown model: '{entry.name}' version {version} is not found (loaded: {loaded})")
     return model

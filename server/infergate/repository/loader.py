@@ -11,6 +11,13 @@ replaces a good one: the failure shows in the index with its reason.
 :meth:`ModelRepository.load` is the same for RepositoryModelLoad, which may
 bring a config (and the model's files) of its own for that one load.
 
+Every change is written to the audit log (``infergate.audit``): each version
+loaded or failed, swapped in or retired, a model unloaded, a routing block
+applied or rejected, with its ``source`` — ``startup`` for the initial load,
+``poll`` for a rescan, ``api`` for RepositoryModelLoad/Unload. A poll that
+meets the same failure again does not write it again. Routers get the audit log
+for their canary's steps, and each version's drift monitor for its alerts.
+
 The read side — every lookup the request path and the read-only RPCs make —
 is :class:`~infergate.repository.catalog.ModelCatalog` (``repository.catalog``),
 which reads the table this module writes.
@@ -25,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+from infergate.audit import AuditLog, Source
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.models.config import ModelConfig, load_model_config
@@ -49,6 +57,8 @@ __all__ = ["ModelRepository", "is_model_name"]
 
 log = logging.getLogger(__name__)
 
+_NAME_MAX = 255  # bytes in a file name (NAME_MAX on Linux and macOS)
+
 
 class ModelRepository:
     """Finds, loads, reloads, looks up and closes the models under ``root``."""
@@ -61,9 +71,12 @@ class ModelRepository:
         drain_timeout: float | None = 30.0,
         parallel: int = 4,
         explicit: bool = False,
+        audit: AuditLog | None = None,
     ):
+        """``audit``: where lifecycle events go (default: an :class:`AuditLog` writing to the server log)."""
         self.root = root
         self._observer = observer  # telemetry: load events and each version's observer
+        self._audit = audit if audit is not None else AuditLog()
         self._explicit = explicit  # models wait for a load request instead of loading when found
         self._entries: dict[str, ModelEntry] = {}
         self.catalog = ModelCatalog(self._entries)  # the read side, over the same table
@@ -86,46 +99,47 @@ class ModelRepository:
             return ModelEntry(name, ModelState.UNAVAILABLE, "not loaded (explicit model control mode)")
         return ModelEntry(name)
 
-    async def load_all(self, names: list[str] | None = None) -> None:
+    async def load_all(self, names: list[str] | None = None, *, source: Source = "startup") -> None:
         """Reconcile ``names`` (default: every discovered model), ``parallel`` at a time."""
         limit = asyncio.Semaphore(self._parallel)
 
         async def one(name: str) -> None:
             async with limit:
-                await self._reconcile_quietly(name)
+                await self._reconcile_quietly(name, source)
 
         await asyncio.gather(*(one(n) for n in (self.discover() if names is None else names)))
 
-    async def rescan(self) -> None:
+    async def rescan(self, *, source: Source = "poll") -> None:
         """One poll: new model directories load, removed ones unload, changed ones reload."""
         present = set(self.discover())
         for name in set(self._entries) - present:
             entry = self._entries[name]
             if entry.versions:
                 async with entry.lock:
-                    self._unload(entry, "removed from the repository")
+                    self._unload(entry, "removed from the repository", source)
                 log.info("model %s removed from the repository: unloading", name)
-        await self.load_all(sorted(present))
+        await self.load_all(sorted(present), source=source)
 
-    async def _reconcile_quietly(self, name: str) -> None:
+    async def _reconcile_quietly(self, name: str, source: Source) -> None:
         try:
-            await self.reconcile(name)
+            await self.reconcile(name, source=source)
         except (FailedPrecondition, NotFound) as exc:
             log.error("%s", exc)
 
-    async def reconcile(self, name: str) -> None:
+    async def reconcile(self, name: str, *, source: Source = "api") -> None:
         """Bring model ``name`` in line with its directory. Raises FailedPrecondition when
         something could not be applied (what serves keeps serving) and NotFound when the
-        model has no directory; messages start with Triton's ``failed to load '<name>'``."""
+        model has no directory; messages start with Triton's ``failed to load '<name>'``.
+        ``source``: what asked, for the audit log."""
         directory = self._directory(name)
         entry = self._entries.setdefault(name, self._new_entry(name))
         async with entry.lock:
             if not entry.versions:
                 entry.state = ModelState.LOADING
-            config = await self._read_config(entry, directory / "config.yaml")
-            await self._apply(entry, directory, config)
+            config = await self._read_config(entry, directory / "config.yaml", source)
+            await self._apply(entry, directory, config, source)
 
-    async def load(self, name: str, override: LoadOverride) -> None:
+    async def load(self, name: str, override: LoadOverride, *, source: Source = "api") -> None:
         """Load ``name`` now, as RepositoryModelLoad asks: load before unload, as :meth:`reconcile`.
 
         ``override.config`` replaces config.yaml for this load; ``override.files``
@@ -136,31 +150,32 @@ class ModelRepository:
         """
         config = override.config
         if config is None:
-            await self.reconcile(name)
+            await self.reconcile(name, source=source)
             return
+        # Files need no directory in the repository, but the name must still be one: it names an entry.
         directory = self._directory(name) if not override.files else None
-        entry = self._entries.setdefault(name, self._new_entry(name))
+        entry = self._entries.setdefault(_checked_name(name), self._new_entry(name))
         async with entry.lock:
             if not entry.versions:
                 entry.state = ModelState.LOADING
             if directory is not None:
-                await self._apply(entry, directory, config)
+                await self._apply(entry, directory, config, source)
                 return
-            staged = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"infergate-{name}-"))
+            staged = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f"infergate-{name[:64]}-"))
             try:
-                await self._stage(entry, override, staged)
-                await self._apply(entry, staged, config)
+                await self._stage(entry, override, staged, source)
+                await self._apply(entry, staged, config, source)
             except FailedPrecondition as exc:
                 raise FailedPrecondition(_as_sent(exc.message, staged)) from None
             finally:
                 _forget_staging(entry, staged)
                 await asyncio.to_thread(shutil.rmtree, staged, True)
 
-    async def _stage(self, entry: ModelEntry, override: LoadOverride, directory: Path) -> None:
+    async def _stage(self, entry: ModelEntry, override: LoadOverride, directory: Path, source: Source) -> None:
         try:
             await asyncio.to_thread(stage_files, override, directory)
         except OSError as exc:
-            self._fail(entry, f"file overrides not written: {exc.strerror}")
+            self._fail(entry, f"file overrides not written: {exc.strerror}", source)
             raise PollFailed(
                 f"{_failed_to_load(entry.name)}, failed to poll from model repository: "
                 f"the override files could not be written ({exc.strerror})"
@@ -168,12 +183,7 @@ class ModelRepository:
 
     def _directory(self, name: str) -> Path:
         """The model's directory; NotFound (without the server's path) when the repository has none."""
-        if not is_model_name(name):
-            raise InvalidArgument(
-                f"{_failed_to_load(name)}: {name!r} is not a model name "
-                "(a directory name directly under the repository)"
-            )
-        directory = self.root / name
+        directory = self.root / _checked_name(name)
         if not directory.is_dir():
             raise NotFound(
                 f"{_failed_to_load(name)}, failed to poll from model repository: "
@@ -181,14 +191,14 @@ class ModelRepository:
             )
         return directory
 
-    async def _read_config(self, entry: ModelEntry, path: Path) -> ModelConfig:
+    async def _read_config(self, entry: ModelEntry, path: Path, source: Source) -> ModelConfig:
         try:
             return await asyncio.to_thread(load_model_config, path)
         except ConfigError as exc:
-            self._fail(entry, f"config not applied: {exc}")
+            self._fail(entry, f"config not applied: {exc}", source)
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {exc}") from None
 
-    async def _apply(self, entry: ModelEntry, directory: Path, config: ModelConfig) -> None:
+    async def _apply(self, entry: ModelEntry, directory: Path, config: ModelConfig, source: Source) -> None:
         on_disk = await asyncio.to_thread(_fingerprints, directory, config.default_model_filename)
         if entry.rejected == (config, on_disk):  # nothing changed since it was refused: refuse it again, unloaded
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
@@ -199,17 +209,22 @@ class ModelRepository:
             entry.failed.clear()
         to_load = [v for v in wanted if reload_all or entry.files.get(v) != on_disk[v]]
         to_load = [v for v in to_load if entry.failed.get(v, (None,))[0] != on_disk[v]]
-        loaded, failures = await self._load_versions(entry, directory, config, to_load, on_disk)
+        loaded, failures = await self._load_versions(entry, directory, config, to_load, on_disk, source)
         serving = {v: entry.versions[v] for v in wanted if v in entry.versions and v not in loaded}
         serving.update(loaded)
         if failures or any(v in entry.failed for v in wanted):  # keep the good versions that would have gone
             serving.update({v: m for v, m in entry.versions.items() if v not in serving and v in on_disk})
         if not wanted:
-            failures.append(f"no version directory matches the version policy (found: {sorted(on_disk) or 'none'})")
+            none = f"no version directory matches the version policy (found: {sorted(on_disk) or 'none'})"
+            failures.append(none)
+            if not self._repeated(entry, none, source):
+                self._audit.load_failed(entry.name, None, none, source=source)
         router, routing_error = self._router(entry, config, serving, directory) if serving else (None, "")
         if serving and router is None:  # no routing fits what would serve: apply nothing
-            self._reject(entry, loaded, (config, on_disk), [*failures, routing_error])
-        self._switch(entry, serving, router, config, on_disk)
+            self._reject(entry, loaded, (config, on_disk), [*failures, routing_error], source)
+        if routing_error and not self._repeated(entry, routing_error, source):
+            self._audit.routing_rejected(entry.name, f"{routing_error}; the previous routing stays", source=source)
+        self._switch(entry, serving, router, config, on_disk, source)
         problems = failures + ([routing_error] if routing_error else [])
         entry.reason = "; ".join(problems)
         if problems:
@@ -222,6 +237,7 @@ class ModelRepository:
         config: ModelConfig,
         versions: list[int],
         on_disk: dict[int, Fingerprint],
+        source: Source,
     ) -> tuple[dict[int, ModelVersion], list[str]]:
         async def one(version: int) -> ModelVersion | str:
             try:
@@ -242,10 +258,12 @@ class ModelRepository:
             if isinstance(result, ModelVersion):
                 loaded[version] = result
                 entry.failed.pop(version, None)
-            else:
+                self._audit.loaded(entry.name, version, source=source)
+            else:  # not retried (so not written again) until its file changes
                 entry.failed[version] = (on_disk[version], result)
                 failures.append(f"version {version}: {result}")
                 log.error("model %s version %d failed to load: %s", entry.name, version, result)
+                self._audit.load_failed(entry.name, version, result, source=source)
         return loaded, failures
 
     def _router(
@@ -261,12 +279,12 @@ class ModelRepository:
         if old is not None and old.routing == (config.routing or Routing()) and serving == entry.versions:
             return old, ""  # nothing changed: keep the canary's progress
         try:
-            return Router(entry.name, config.routing, list(serving)), ""
+            return Router(entry.name, config.routing, list(serving), events=self._audit), ""
         except RoutingError as exc:
             error = f"{directory / 'config.yaml'}: {exc}"
         if old is not None:
             try:
-                router = Router(entry.name, old.routing, list(serving))
+                router = Router(entry.name, old.routing, list(serving), events=self._audit)
             except RoutingError:
                 pass
             else:
@@ -275,13 +293,23 @@ class ModelRepository:
         return None, error
 
     def _reject(
-        self, entry: ModelEntry, loaded: dict[int, ModelVersion], attempt: Rejected, problems: list[str]
+        self,
+        entry: ModelEntry,
+        loaded: dict[int, ModelVersion],
+        attempt: Rejected,
+        problems: list[str],
+        source: Source,
     ) -> NoReturn:
-        """Apply nothing of ``attempt``: what served keeps serving (or the model stays not ready)."""
-        for model in loaded.values():
-            self._retire(model)
+        """Apply nothing of ``attempt``: what served keeps serving (or the model stays not ready).
+
+        Not written again by polls: an attempt once rejected is refused unread until something changes.
+        """
         entry.rejected = attempt
         entry.reason = "config not applied: " + "; ".join(problems)
+        self._audit.routing_rejected(entry.name, entry.reason, source=source)
+        for model in loaded.values():  # loaded for this attempt, never served
+            self._audit.version_retired(entry.name, model.version, source=source, reason="discarded: " + entry.reason)
+            self._retire(model)
         if not entry.versions:
             entry.state = ModelState.UNAVAILABLE
         keeps = "; previous versions and routing keep serving" if entry.versions else "; the model is not ready"
@@ -295,10 +323,13 @@ class ModelRepository:
         router: Router | None,
         config: ModelConfig,
         on_disk: dict[int, Fingerprint],
+        source: Source,
     ) -> None:
         """Start the new versions, swap them in, and retire the ones no longer served."""
         started = [m for m in serving.values() if entry.versions.get(m.version) is not m]
         for model in started:
+            if model.monitor is not None:
+                model.monitor.report_alerts_to(self._audit)
             model.start(self._model_observer(model))
         shadow = router.routing.shadow if router is not None else None
         for version, model in serving.items():  # a shadow computes only with the CPU the others leave
@@ -306,12 +337,19 @@ class ModelRepository:
         if shadow is not None:  # its comparisons are counted across reloads
             entry.shadows.setdefault(shadow.version, ShadowStats(shadow.version, entry.name))
         retired = [m for v, m in entry.versions.items() if serving.get(v) is not m]
+        old_routing = entry.router.routing if entry.router is not None else Routing()
         entry.versions, entry.router = serving, router
         entry.config, entry.rejected = config, None
         entry.files = {v: on_disk[v] if m in started else entry.files.get(v, on_disk[v]) for v, m in serving.items()}
         entry.state = ModelState.READY if serving else ModelState.UNAVAILABLE
+        for model in started:
+            self._audit.version_swapped_in(entry.name, model.version, source=source)
         for model in retired:
+            reason = _retired_because(model.version, serving, on_disk)
+            self._audit.version_retired(entry.name, model.version, source=source, reason=reason)
             self._retire(model)
+        if router is not None and router.routing != old_routing:
+            self._audit.routing_applied(entry.name, router.routing.model_dump(mode="json"), source=source)
         if started or retired:
             log.info(
                 "model %s serving version(s): %s", entry.name, ", ".join(str(v) for v in sorted(serving)) or "none"
@@ -326,17 +364,27 @@ class ModelRepository:
             return None
         return self._observer.for_model(model.name, model.version, lambda: model.batcher.depth, model)
 
-    def _fail(self, entry: ModelEntry, reason: str) -> None:
+    def _fail(self, entry: ModelEntry, reason: str, source: Source) -> None:
+        """The model's config (or its files) could not be used: nothing of it is applied."""
+        if not self._repeated(entry, reason, source):
+            self._audit.load_failed(entry.name, None, reason, source=source)
         entry.reason = reason
         if not entry.versions:
             entry.state = ModelState.UNAVAILABLE
         log.error("model %s: %s%s", entry.name, reason, "; previous versions keep serving" if entry.versions else "")
 
-    def _unload(self, entry: ModelEntry, reason: str) -> None:
+    @staticmethod
+    def _repeated(entry: ModelEntry, problem: str, source: Source) -> bool:
+        """A poll meeting a problem that the model's last reload already met (and the audit log has)."""
+        return source == "poll" and problem in entry.reason
+
+    def _unload(self, entry: ModelEntry, reason: str, source: Source) -> None:
         for model in entry.versions.values():
+            self._audit.version_retired(entry.name, model.version, source=source, reason=reason)
             self._retire(model)
         entry.versions, entry.router, entry.config, entry.files = {}, None, None, {}
         entry.state, entry.reason = ModelState.UNAVAILABLE, reason
+        self._audit.unloaded(entry.name, source=source, reason=reason)
 
     def _retire(self, model: ModelVersion) -> None:
         """Close ``model`` in the background once its queue has drained."""
@@ -346,13 +394,13 @@ class ModelRepository:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, *, source: Source = "api") -> None:
         """Stop serving ``name``; in-flight requests finish. Raises NotFound."""
         entry = self._entries.get(name)
         if entry is None:
             raise NotFound(unknown_model(name))
         async with entry.lock:
-            self._unload(entry, "unloaded")
+            self._unload(entry, "unloaded", source)
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Drain and close every loaded version (and wait for the ones being retired)."""
@@ -364,9 +412,26 @@ class ModelRepository:
             entry.reason = "server stopped"
 
 
+def _checked_name(name: str) -> str:
+    """``name`` when it is a model name (:func:`is_model_name`); InvalidArgument otherwise."""
+    if not is_model_name(name):
+        raise InvalidArgument(
+            f"{_failed_to_load(name)}: {name!r} is not a model name (a directory name directly under the repository)"
+        )
+    return name
+
+
 def _as_sent(text: str, staged: Path) -> str:
     """``text`` naming the override files as the request did (``file:1/model.onnx``), not where they were staged."""
     return text.replace(f"{staged}/", FILE_PREFIX).replace(str(staged), FILE_PREFIX)
+
+
+def _retired_because(version: int, serving: dict[int, ModelVersion], on_disk: dict[int, Fingerprint]) -> str:
+    if version in serving:
+        return "replaced by a reload of the same version"
+    if version not in on_disk:
+        return "removed from the repository"
+    return "no longer selected by the version policy"
 
 
 def _forget_staging(entry: ModelEntry, staged: Path) -> None:
@@ -380,8 +445,11 @@ def _failed_to_load(name: str) -> str:
 
 
 def is_model_name(text: str) -> bool:
-    """A name that can only mean a directory right under the repository root (no paths, no hidden files)."""
-    return bool(text) and "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
+    """A name that can only mean a directory right under the repository root (no paths, no hidden files,
+    no longer than a file name may be: asking the file system about a longer one is an error, not a miss)."""
+    if not text or len(text.encode(errors="replace")) > _NAME_MAX:
+        return False
+    return "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
 
 
 def _fingerprints(directory: Path, filename: str) -> dict[int, Fingerprint]:

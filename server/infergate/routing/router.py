@@ -15,6 +15,10 @@ Decision order for a request:
    the config is unchanged and moves only as far as a weight change requires.
    Without weights: the newest loaded version (``arm="default"``).
 4. Shadow: a ``fraction`` of routed requests is also mirrored to the shadow.
+
+The canary's judgements (a step up, holding at the last step, a rollback) are
+also told to an optional :class:`CanaryEvents` (the audit log, connected by the
+repository): the router itself writes nothing anywhere.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from infergate.routing.config import CanaryRouting, Routing
 
-__all__ = ["CanaryStatus", "Decision", "Router", "RoutingError", "check_routing", "rendezvous"]
+__all__ = ["CanaryEvents", "CanaryStatus", "Decision", "Router", "RoutingError", "check_routing", "rendezvous"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,22 @@ def rendezvous(key: str, weights: dict[int, float]) -> int:
     return best
 
 
+class CanaryEvents(Protocol):
+    """Told of each canary judgement, on the event loop as the request that decided it finishes.
+
+    Implementations must be cheap and must not raise (:class:`~infergate.audit.AuditLog` is one).
+    """
+
+    def canary_step(self, model: str, version: int, step: int, weight: float) -> None:
+        """The canary moved up to ``step`` (0-based) and now takes ``weight`` % of the traffic."""
+
+    def canary_completed(self, model: str, version: int, weight: float) -> None:
+        """The canary passed its last step and holds at ``weight`` %."""
+
+    def canary_rolled_back(self, model: str, version: int, reason: str) -> None:
+        """The canary breached a limit (``reason``) and takes no more traffic."""
+
+
 @dataclass(slots=True)
 class CanaryStatus:
     version: int
@@ -113,9 +134,10 @@ class _Window:
 class _Canary:
     """The step schedule of one canary and its judgement at the end of each step."""
 
-    def __init__(self, spec: CanaryRouting, model: str):
+    def __init__(self, spec: CanaryRouting, model: str, events: CanaryEvents | None = None):
         self.spec = spec
         self.model = model
+        self._events = events
         self.status = CanaryStatus(spec.version, spec.steps[0], 0, "ramping")
         self._canary = _Window()
         self._primary = _Window()
@@ -135,14 +157,20 @@ class _Canary:
         if breach:
             self.status.state, self.status.weight, self.status.reason = "rolled_back", 0.0, breach
             log.warning("model %s: canary version %d rolled back: %s", self.model, self.spec.version, breach)
+            if self._events is not None:
+                self._events.canary_rolled_back(self.model, self.spec.version, breach)
             return
         step = self.status.step + 1
         if step >= len(self.spec.steps):
             self.status.state = "complete"
             log.info("model %s: canary version %d holds at %g%%", self.model, self.spec.version, self.status.weight)
+            if self._events is not None:
+                self._events.canary_completed(self.model, self.spec.version, self.status.weight)
             return
         self.status.step, self.status.weight = step, self.spec.steps[step]
         log.info("model %s: canary version %d raised to %g%%", self.model, self.spec.version, self.status.weight)
+        if self._events is not None:
+            self._events.canary_step(self.model, self.spec.version, step, self.status.weight)
         self._canary, self._primary = _Window(), _Window()
 
     def _breach(self) -> str:
@@ -164,7 +192,15 @@ class _Canary:
 class Router:
     """Routes the requests of one model over its loaded versions (see the module docstring)."""
 
-    def __init__(self, model: str, routing: Routing | None, loaded: Sequence[int], rng: random.Random | None = None):
+    def __init__(
+        self,
+        model: str,
+        routing: Routing | None,
+        loaded: Sequence[int],
+        rng: random.Random | None = None,
+        events: CanaryEvents | None = None,
+    ):
+        """``events``: told of the canary's judgements (see :class:`CanaryEvents`)."""
         if not loaded:
             raise ValueError(f"model {model}: a router needs at least one loaded version")
         self.model = model
@@ -178,7 +214,7 @@ class Router:
         self._versions = list(self._weights)
         self._cumulative = _cumulative(self._weights)
         canary = self.routing.canary
-        self._canary = _Canary(canary, model) if canary is not None else None
+        self._canary = _Canary(canary, model, events) if canary is not None else None
 
     @property
     def primary(self) -> int:

@@ -8,6 +8,7 @@ batcher and compare its outputs with the primary's. Shadow errors and slowness
 are counted in :class:`ShadowStats`, never returned to anyone; a shadow that
 fails ten times in a row is paused (its calls dropped) for a back-off that
 doubles from 0.5 s up to 30 s, so a broken shadow costs next to nothing.
+Each pause is told to an optional :class:`ShadowEvents` (the audit log).
 
 Lowering the shadow's thread priority (runner.py) is not enough on its own:
 on a small machine the shadow still competes for caches, memory bandwidth and
@@ -29,7 +30,15 @@ import numpy as np
 
 from infergate.models.spec import Tensors
 
-__all__ = ["OutputAgreement", "ShadowJob", "ShadowQueue", "ShadowRecorder", "ShadowStats", "compare_outputs"]
+__all__ = [
+    "OutputAgreement",
+    "ShadowEvents",
+    "ShadowJob",
+    "ShadowQueue",
+    "ShadowRecorder",
+    "ShadowStats",
+    "compare_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +91,16 @@ class ShadowStats:
         self.credit_at = now
         return self.busy_credit_s > 0
 
-    def failed(self, now: float) -> None:
+    def failed(self, now: float) -> float | None:
+        """Count one failed shadow call; returns the pause it starts (seconds), if this failure starts one."""
         self.errors += 1
         self.consecutive_errors += 1
-        if self.consecutive_errors % PAUSE_AFTER_ERRORS == 0:
-            doublings = min(self.consecutive_errors // PAUSE_AFTER_ERRORS - 1, _MAX_DOUBLINGS)
-            self.paused_until = now + min(PAUSE_MIN_S * 2**doublings, PAUSE_MAX_S)
+        if self.consecutive_errors % PAUSE_AFTER_ERRORS:
+            return None
+        doublings = min(self.consecutive_errors // PAUSE_AFTER_ERRORS - 1, _MAX_DOUBLINGS)
+        pause: float = min(PAUSE_MIN_S * 2.0**doublings, PAUSE_MAX_S)
+        self.paused_until = now + pause
+        return pause
 
     def record(self, primary: Tensors, shadow: Tensors) -> tuple[bool, float]:
         """Count one comparison; returns (whether every output agreed, the largest difference)."""
@@ -157,11 +170,24 @@ class ShadowRecorder(Protocol):
     ) -> None: ...
 
 
+class ShadowEvents(Protocol):
+    """Told of each pause of a failing shadow (the audit log); cheap, never raises, called on the event loop."""
+
+    def shadow_paused(self, model: str, version: int, seconds: float, reason: str) -> None: ...
+
+
 class ShadowQueue:
     """A bounded queue of shadow calls and the tasks that run them."""
 
-    def __init__(self, max_size: int = 1024, concurrency: int = 4, recorder: ShadowRecorder | None = None):
+    def __init__(
+        self,
+        max_size: int = 1024,
+        concurrency: int = 4,
+        recorder: ShadowRecorder | None = None,
+        events: ShadowEvents | None = None,
+    ):
         self._recorder = recorder
+        self._events = events
         self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(max_size)
         self._concurrency = concurrency  # shadow calls running at once
         self._tasks: list[asyncio.Task[None]] = []
@@ -199,12 +225,21 @@ class ShadowQueue:
                 self._dropped(job.stats)  # stopped by aclose: never compared
                 raise
             except Exception as exc:  # a shadow's failure is counted, never anyone else's problem
-                job.stats.failed(time.monotonic())
+                pause = job.stats.failed(time.monotonic())
                 self._record(job.stats, agreement=None, max_abs_diff=None, error=True, dropped=False)
                 log.debug("shadow call to version %d failed: %s", job.stats.version, exc)
+                if pause is not None:
+                    self._paused(job.stats, pause, exc)
             finally:
                 job.stats.busy_credit_s -= time.monotonic() - started
                 self._queue.task_done()
+
+    def _paused(self, stats: ShadowStats, seconds: float, error: Exception) -> None:
+        # The error's kind, not its message: a runtime's message may quote a value from the request.
+        reason = f"{stats.consecutive_errors} shadow calls failed in a row (the last: {type(error).__name__})"
+        log.warning("model %s: shadow version %d paused for %gs: %s", stats.model, stats.version, seconds, reason)
+        if self._events is not None:
+            self._events.shadow_paused(stats.model, stats.version, seconds, reason)
 
     def _dropped(self, stats: ShadowStats) -> None:
         stats.dropped += 1

@@ -5,9 +5,11 @@ before its request is even deserialised. An accepted call runs with its
 principal as :func:`~infergate.security.auth.current_principal` (a context
 variable set here, in the call's own task), the method's permission
 (``METHOD_RULES``) is checked against the model each request message names,
-RepositoryIndex answers are filtered to the caller's models, and every admin
-call writes one ``infergate.audit`` line. Every refusal's short reason
-(``expired``, ``permission_denied``…) goes to ``on_refusal`` (the refusal counter).
+RepositoryIndex answers are filtered to the caller's models. Every refusal's
+short reason (``expired``, ``permission_denied``…) goes to ``on_refusal`` (the
+refusal counter). Admin writes (``Rule.audit``) are audited, allowed or refused,
+by :class:`~infergate.serving.admin_audit.AdminAudit`, which runs before this
+interceptor and whether or not auth is on.
 
 Nothing is built per call: each method's authorized and refusing handlers are
 built once (:class:`~infergate.serving.interceptors.HandlerCache`); the
@@ -17,7 +19,6 @@ refusal of one call travels to its handler in a context variable.
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -45,7 +46,6 @@ __all__ = ["METHOD_RULES", "AuthInterceptor", "Rule", "filter_repository_index",
 OnRefusal = Callable[[str], None]  # gets the short reason of every refused call
 
 log = logging.getLogger(__name__)
-audit_log = logging.getLogger("infergate.audit")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Rule:
 
     permission: str | None
     model_field: str | None = None  # request field naming the model the permission applies to
-    audit: bool = False
+    audit: bool = False  # an admin write: every call is audited (serving/admin_audit.py), auth on or off
     filter_index: bool = False
 
 
@@ -74,6 +74,13 @@ METHOD_RULES: dict[str, Rule] = {
     _INFERENCE + "RepositoryIndex": Rule(None, filter_index=True),
     _INFERENCE + "RepositoryModelLoad": Rule("admin", "model_name", audit=True),
     _INFERENCE + "RepositoryModelUnload": Rule("admin", "model_name", audit=True),
+    # Shared memory: a region is host memory the server maps and writes, so its own permission; audited
+    # when it changes. (A ModelInfer that names a region needs it too: serving/shm_tensors.py.)
+    _INFERENCE + "SystemSharedMemoryRegister": Rule("shared_memory", audit=True),
+    _INFERENCE + "SystemSharedMemoryUnregister": Rule("shared_memory", audit=True),
+    _INFERENCE + "SystemSharedMemoryStatus": Rule("shared_memory"),
+    _INFERENCE + "CudaSharedMemoryUnregister": Rule("shared_memory", audit=True),
+    _INFERENCE + "CudaSharedMemoryStatus": Rule("shared_memory"),
     # The operator API: reading the routing state is for operators, but it changes nothing, so it is not audited.
     "/infergate.admin.InferGateAdmin/RoutingStatus": Rule("admin", "name"),
     "/infergate.admin.InferGateAdmin/DriftStatus": Rule("admin", "name"),
@@ -98,32 +105,6 @@ def filter_repository_index(principal: Principal, response: pb.RepositoryIndexRe
 
 def _short(method: str) -> str:
     return method.rsplit("/", 1)[-1]
-
-
-def _audit(method: str, principal: Principal | None, request: Any, outcome: str) -> None:
-    audit_log.info(
-        json.dumps(
-            {
-                "event": "admin",
-                "method": _short(method),
-                "subject": principal.subject if principal else None,
-                "client_id": principal.client_id if principal else None,
-                "model": getattr(request, "model_name", None) or getattr(request, "name", None),
-                "version": getattr(request, "model_version", None) or getattr(request, "version", None) or None,
-                "outcome": outcome,
-            },
-            ensure_ascii=False,
-        )
-    )
-
-
-def _outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    if error is None:
-        return "OK"
-    if isinstance(error, grpc.aio.AbortError):
-        code = context.code()
-        return code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
-    return "INTERNAL"
 
 
 # The refusal of the call being intercepted, read by the refusing handler (which is shared by every call).
@@ -182,8 +163,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             log.info("refused %s: %s", _short(method), error.reason)
             if self._on_refusal is not None:
                 self._on_refusal(error.reason)
-            if rule_for(method).audit:
-                _audit(method, None, None, "UNAUTHENTICATED")
             _refusal.set(error)
             return self._refusing(handler)
         use_principal(principal)  # this call's task: the handler and the tasks it starts see it
@@ -195,7 +174,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
 
 
 class _Authorized:
-    """The checks of one method's authenticated calls: permission per request, index filter, audit."""
+    """The checks of one method's authenticated calls: permission per request, index filter."""
 
     def __init__(self, method: str, rule: Rule, on_refusal: OnRefusal | None = None) -> None:
         self.method, self.rule = method, rule
@@ -249,29 +228,20 @@ class _Authorized:
     ) -> Any:
         principal = current_principal()
         assert principal is not None  # set by intercept_service in this call's task
-        error: BaseException | None = None
-        try:
-            denied: list[AuthError] = []
-            if streaming_requests:
-                response = await inner(self._checked(principal, request, denied), context)
-            else:
-                try:
-                    self.check(principal, request)
-                except AuthError as refusal:
-                    await abort_with(context, refusal, _short(self.method))
-                response = await inner(request, context)
-            if denied:
-                await abort_with(context, denied[0], _short(self.method))
-            if self.rule.filter_index:
-                response = filter_repository_index(principal, response)
-            return response
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if self.rule.audit:
-                message = None if streaming_requests else request
-                _audit(self.method, principal, message, _outcome(context, error))
+        denied: list[AuthError] = []
+        if streaming_requests:
+            response = await inner(self._checked(principal, request, denied), context)
+        else:
+            try:
+                self.check(principal, request)
+            except AuthError as refusal:
+                await abort_with(context, refusal, _short(self.method))
+            response = await inner(request, context)
+        if denied:
+            await abort_with(context, denied[0], _short(self.method))
+        if self.rule.filter_index:
+            response = filter_repository_index(principal, response)
+        return response
 
     async def streaming_responses(
         self, inner: StreamBehaviour, streaming_requests: bool, request: Any, context: grpc.aio.ServicerContext

@@ -5,17 +5,23 @@ the ``timeout`` parameter at once, the sticky routing key when the router asks
 for it, and the tensors (:func:`decode_request`) for the version that serves
 it, with the parameters that shape the answer (``sequence_id``/``sequence_start``/
 ``sequence_end``, each requested output's ``classification``). Inputs come from
-``raw_input_contents`` (read in place with ``np.frombuffer``) or typed
-``contents``; every refusal is an InvalidArgument whose message names the model
-and the tensor, in Triton's words where its clients match on them (then
-infergate's detail follows). :func:`encode_response` always answers with
-``raw_output_contents`` and says how the request was routed.
+``raw_input_contents`` (read in place with ``np.frombuffer``), typed
+``contents``, or a system shared-memory region (read in place too; see
+``shm_tensors.py``); every refusal is an InvalidArgument whose message names
+the model and the tensor, in Triton's words where its clients match on them
+(then infergate's detail follows). :func:`encode_response` answers with
+``raw_output_contents``, or writes an output into the region the request
+named for it, and says how the request was routed.
+
+A request that names shared memory is read by :class:`SharedMemoryWireRequest`
+(:func:`wire_request` picks the class); every other request takes the plain
+path, untouched.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,14 +41,26 @@ from infergate.models.sequence import sequence_params
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 from infergate.serving.classification import check_classifiable, classification_counts
 from infergate.serving.request import DecodedRequest, InferenceResult, RequestLimits
+from infergate.serving.shm_tensors import (
+    Buffer,
+    OutputTarget,
+    SharedMemoryAccess,
+    input_sources,
+    names_shared_memory,
+    output_targets,
+    write_output,
+)
 
 __all__ = [
     "ROUTE_PARAMETER",
     "SHADOWED_PARAMETER",
+    "SharedMemoryWireRequest",
     "WireRequest",
     "decode_request",
+    "encode_answer",
     "encode_response",
     "request_timeout_us",
+    "wire_request",
 ]
 
 # Response parameters that tell the caller how its request was routed.
@@ -84,6 +102,47 @@ class WireRequest:
         )
 
 
+class SharedMemoryWireRequest(WireRequest):
+    """A ModelInferRequest that names system shared memory for an input or an output.
+
+    :meth:`decode` reads those inputs in place from their regions and resolves
+    the regions of the outputs (``targets``), which :func:`encode_answer` fills.
+    """
+
+    __slots__ = ("_access", "targets")
+
+    def __init__(self, message: pb.ModelInferRequest, metadata: Metadata, access: SharedMemoryAccess):
+        super().__init__(message, metadata)
+        self._access = access
+        self.targets: Mapping[str, OutputTarget] = {}
+
+    def decode(self, spec: ModelSpec, limits: RequestLimits) -> DecodedRequest:
+        decoded = decode_request(
+            self.message,
+            spec,
+            limits.max_elements,
+            max_rows=limits.max_rows,
+            max_inputs=limits.max_inputs,
+            shared_memory=self._access,
+        )
+        self.targets = output_targets(self.message.outputs, spec.name, self._access)
+        return decoded
+
+
+def wire_request(message: pb.ModelInferRequest, metadata: Metadata, access: SharedMemoryAccess) -> WireRequest:
+    """The request as the handler takes it: :class:`SharedMemoryWireRequest` when it names shared memory."""
+    if names_shared_memory(message):
+        return SharedMemoryWireRequest(message, metadata, access)
+    return WireRequest(message, metadata)
+
+
+def encode_answer(result: InferenceResult, request: WireRequest) -> pb.ModelInferResponse:
+    """The response to ``request`` (:func:`encode_response`), its outputs in shared memory where it asked."""
+    if isinstance(request, SharedMemoryWireRequest):
+        return _encode(result, request.targets)
+    return _encode(result, None)
+
+
 def decode_request(
     request: pb.ModelInferRequest,
     spec: ModelSpec,
@@ -91,30 +150,23 @@ def decode_request(
     *,
     max_rows: int | None = None,
     max_inputs: int | None = None,
+    shared_memory: SharedMemoryAccess | None = None,
 ) -> DecodedRequest:
     """Validate ``request`` against ``spec`` and decode its tensors.
 
     ``max_elements`` bounds the elements of any one tensor, ``max_rows`` the
     batch dimension (besides the model's own ``max_batch_size``) and
-    ``max_inputs`` the number of input tensors.
+    ``max_inputs`` the number of input tensors. ``shared_memory``: the request
+    names regions, which it reaches through this.
     """
     tensors = request.inputs
-    raw = request.raw_input_contents
     label = f"model {spec.name}"
     if max_inputs is not None and len(tensors) > max_inputs:
         raise InvalidArgument(f"{label}: {len(tensors)} inputs, more than the limit of {max_inputs}")
-    if raw:
-        for tensor in tensors:
-            if tensor.HasField("contents"):
-                raise InvalidArgument(
-                    f"contents field must not be specified when using raw_input_contents for '{tensor.name}' "
-                    f"for model '{spec.name}' (send every input raw, or every input as typed contents)"
-                )
-    if raw and len(raw) != len(tensors):
-        raise InvalidArgument(
-            f"{label}: {len(raw)} raw_input_contents for {len(tensors)} inputs; send raw data "
-            "for every input or for none"
-        )
+    if shared_memory is not None:
+        sources: Sequence[Buffer | None] = input_sources(request, spec.name, shared_memory)
+    else:
+        sources = _raw_sources(request, spec.name)
     inputs: Tensors = {}
     rows = -1
     for index, tensor in enumerate(tensors):
@@ -138,8 +190,9 @@ def decode_request(
                 rows = shape[0]
             elif shape[0] != rows:
                 raise InvalidArgument(f"{where}: batch dimension {shape[0]} differs from the other inputs' {rows}")
-        if raw:
-            array = _from_raw(raw[index], ts.datatype, shape, count, f"input '{tensor.name}' for model '{spec.name}'")
+        data = sources[index] if sources else None
+        if data is not None:
+            array = _from_raw(data, ts.datatype, shape, count, f"input '{tensor.name}' for model '{spec.name}'")
         else:
             array = _from_contents(tensor, ts.datatype, shape, count, where)
         inputs[tensor.name] = array
@@ -158,6 +211,26 @@ def decode_request(
     return DecodedRequest(
         inputs, rows if spec.batches else 1, group, outputs, sequence_params(request.parameters), classes
     )
+
+
+def _raw_sources(request: pb.ModelInferRequest, model: str) -> Sequence[bytes]:
+    """Every input's raw contents, or none (all typed); refuses a mix of the two."""
+    raw = request.raw_input_contents
+    if not raw:
+        return ()
+    tensors = request.inputs
+    for tensor in tensors:
+        if tensor.HasField("contents"):
+            raise InvalidArgument(
+                f"contents field must not be specified when using raw_input_contents for '{tensor.name}' "
+                f"for model '{model}' (send every input raw, or every input as typed contents)"
+            )
+    if len(raw) != len(tensors):
+        raise InvalidArgument(
+            f"model {model}: {len(raw)} raw_input_contents for {len(tensors)} inputs; send raw data "
+            "for every input or for none"
+        )
+    return raw
 
 
 def _missing_inputs(spec: ModelSpec, given: Tensors) -> str:
@@ -196,7 +269,7 @@ def _pretty(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join("-1" if d < 0 else str(d) for d in shape) + "]"
 
 
-def _from_raw(data: bytes, datatype: Datatype, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
+def _from_raw(data: Buffer, datatype: Datatype, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
     if datatype.name == BYTES:
         return decode_bytes_tensor(data, count, where).reshape(shape)
     expected = count * datatype.itemsize
@@ -277,6 +350,12 @@ def encode_response(result: InferenceResult) -> pb.ModelInferResponse:
     An output held as Python objects is BYTES whatever the model's type: a BYTES
     output, or the classification strings that replaced a score tensor.
     """
+    return _encode(result, None)
+
+
+def _encode(result: InferenceResult, targets: Mapping[str, OutputTarget] | None) -> pb.ModelInferResponse:
+    """:func:`encode_response`, with the outputs in ``targets`` written into their regions
+    (their ``raw_output_contents`` entries are empty)."""
     spec, outputs = result.spec, result.outputs
     tensors = []
     raw = []
@@ -284,8 +363,14 @@ def encode_response(result: InferenceResult) -> pb.ModelInferResponse:
     for name in result.requested or tuple(outputs):
         array = outputs[name]
         datatype = _BYTES if array.dtype == object else spec.output_by_name[name].datatype
-        tensors.append(Output(name=name, datatype=datatype.name, shape=array.shape))
-        raw.append(encode_bytes_tensor(array) if datatype.name == BYTES else _raw_bytes(array, datatype))
+        tensor = Output(name=name, datatype=datatype.name, shape=array.shape)
+        tensors.append(tensor)
+        target = targets.get(name) if targets else None
+        if target is not None:
+            write_output(target, tensor, array, datatype)
+            raw.append(b"")
+        else:
+            raw.append(encode_bytes_tensor(array) if datatype.name == BYTES else _raw_bytes(array, datatype))
     response = pb.ModelInferResponse(
         model_name=spec.name,
         model_version=str(spec.version),

@@ -34,6 +34,7 @@ from infergate.repository.catalog import ModelCatalog, Routed, ShadowTarget
 from infergate.routing.shadow import ShadowJob, ShadowQueue
 from infergate.serving.classification import classify_outputs
 from infergate.serving.request import DecodedRequest, InferenceRequest, InferenceResult, RequestLimits
+from infergate.serving.shared_memory import detach_shared
 
 __all__ = ["InferenceHandler"]
 
@@ -93,7 +94,9 @@ class InferenceHandler:
 
     def _mirror(self, shadow: ShadowTarget, decoded: DecodedRequest, outputs: Tensors) -> None:
         """Queue the same inputs for the shadow version; never waits, never fails the caller."""
-        call = functools.partial(shadow.model.infer, decoded.inputs, decoded.rows, decoded.group, None)
+        # The shadow runs after the answer: inputs read in place from shared memory must be copied first.
+        inputs = detach_shared(decoded.inputs)
+        call = functools.partial(shadow.model.infer, inputs, decoded.rows, decoded.group, None)
         job = ShadowJob(call, outputs, shadow.stats, shadow.spec.timeout_seconds, shadow.spec.max_busy_fraction)
         self._shadows.offer(job, limit=shadow.spec.queue_size)
 

@@ -7,10 +7,13 @@ Order (a call passes them first to last before reaching its servicer):
    or any once the server drains, is refused before anything else runs;
 1. the observers — telemetry's RPC span, metrics and access log — so that
    calls a later interceptor refuses are traced and counted too;
-2. :class:`MalformedRequests`, so that a request that does not parse gets
+2. the admin audit (``admin_audit.py``): every admin write (model load,
+   unload) is audited however it ends, so it comes before the two that may
+   refuse it; it returns every other method's handler untouched;
+3. :class:`MalformedRequests`, so that a request that does not parse gets
    INVALID_ARGUMENT naming the method (gRPC's own answer is UNKNOWN and a
    Python class name);
-3. the auth interceptor (``security/interceptor.py``) when ``auth.enabled``.
+4. the auth interceptor (``security/interceptor.py``) when ``auth.enabled``.
 
 Interceptors build nothing per call: gRPC hands every call of a method the
 same handler object, so each interceptor wraps a handler once and keeps the
@@ -20,6 +23,7 @@ travels in context variables, which belong to the call's own task.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -30,11 +34,14 @@ from infergate.errors import InvalidArgument
 from infergate.serving.status import abort_with
 
 __all__ = [
+    "Finish",
     "HandlerCache",
     "MalformedRequests",
     "StreamBehaviour",
     "UnaryBehaviour",
     "build_interceptors",
+    "call_status",
+    "observe_handler",
     "wrap_handler",
 ]
 
@@ -91,6 +98,65 @@ def wrap_handler(
         request_deserializer=(deserializer or handler.request_deserializer) if deserialize else None,
         response_serializer=handler.response_serializer,
     )
+
+
+Finish = Callable[[BaseException | None, Any], None]  # (the error, or None; the unary response, or None)
+Start = Callable[[Any, grpc.aio.ServicerContext], Finish]  # a call starts: its request (or request iterator)
+
+
+def observe_handler(handler: grpc.RpcMethodHandler, start: Start) -> grpc.RpcMethodHandler:
+    """``handler`` whose every call reports its start and, once it has ended, its end.
+
+    ``start(request, context)`` runs as the call begins and returns what to
+    call when it ends: ``finish(error, response)`` with the exception it ended
+    with (None when it answered) and, for a unary response, the response.
+    """
+
+    def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            finish = start(request, context)
+            try:
+                response = await inner(request, context)
+            except BaseException as exc:
+                finish(exc, None)
+                raise
+            finish(None, response)
+            return response
+
+        return observed
+
+    def stream(inner: StreamBehaviour) -> StreamBehaviour:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            finish = start(request, context)
+            error: BaseException | None = None
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                finish(error, None)
+
+        return observed
+
+    return wrap_handler(handler, unary=unary, stream=stream)
+
+
+def call_status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status a call ended with: the one its handler set or aborted with; DEADLINE_EXCEEDED or
+    CANCELLED when gRPC cancelled it (at its deadline, or when its client went away); else
+    OK (answered) or UNKNOWN (an exception no translation handled)."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some grpc versions keep the raw integer
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
 
 
 class HandlerCache:
@@ -197,7 +263,8 @@ def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.Rpc
 def build_interceptors(
     admission: grpc.aio.ServerInterceptor,
     observers: Sequence[grpc.aio.ServerInterceptor],
+    admin_audit: grpc.aio.ServerInterceptor,
     auth: grpc.aio.ServerInterceptor | None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """Every server interceptor, in order (see the module docstring)."""
-    return [admission, *observers, MalformedRequests(), *([auth] if auth is not None else [])]
+    return [admission, *observers, admin_audit, MalformedRequests(), *([auth] if auth is not None else [])]

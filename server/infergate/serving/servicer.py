@@ -19,31 +19,31 @@ import grpc
 from infergate import __version__
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
-from infergate.errors import FailedPrecondition, InferGateError, Unimplemented
+from infergate.errors import FailedPrecondition, InferGateError, NotFound, Unimplemented
 from infergate.models.overrides import parse_load_parameters
 from infergate.repository.loader import ModelRepository
-from infergate.serving.codec import WireRequest, encode_response
+from infergate.serving.codec import encode_answer, wire_request
 from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.protocol import model_config_message, model_metadata_message, model_statistics_message
+from infergate.serving.shared_memory import SystemSharedMemory
+from infergate.serving.shm_tensors import SharedMemoryAccess
 from infergate.serving.status import abort_with, guarded, status_of
 from infergate.serving.stream import OnPause, answer_concurrently
 
-__all__ = ["EXTENSIONS", "NOT_IMPLEMENTED", "InferenceServicer", "Readiness"]
+__all__ = ["EXTENSIONS", "NOT_IMPLEMENTED", "SYSTEM_SHARED_MEMORY", "InferenceServicer", "Readiness"]
 
 log = logging.getLogger(__name__)
 
-# Exactly the protocol extensions that work (ServerMetadata.extensions).
+# Exactly the protocol extensions that work (ServerMetadata.extensions); plus SYSTEM_SHARED_MEMORY when on.
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "sequence", "statistics")
+SYSTEM_SHARED_MEMORY = "system_shared_memory"
 
 # Triton's RPCs of the extensions infergate does not implement, and the extension each belongs to.
+# (CUDA shared memory: no region can be registered, so its status lists none and unregistering
+# them all has nothing to do, as on a Triton built without GPUs; Triton's shm examples call both.)
 NOT_IMPLEMENTED = {
-    "SystemSharedMemoryStatus": "system_shared_memory",
-    "SystemSharedMemoryRegister": "system_shared_memory",
-    "SystemSharedMemoryUnregister": "system_shared_memory",
-    "CudaSharedMemoryStatus": "cuda_shared_memory",
     "CudaSharedMemoryRegister": "cuda_shared_memory",
-    "CudaSharedMemoryUnregister": "cuda_shared_memory",
     "TraceSetting": "trace",
     "LogSettings": "logging",
 }
@@ -73,7 +73,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         on_stream_pause: OnPause | None = None,
         closing: asyncio.Event | None = None,
         control: ModelControl | None = None,
+        shared_memory: SystemSharedMemory | None = None,
     ):
+        """``shared_memory``: the system shared-memory registry (None: the extension is off)."""
+        self._shared_memory = shared_memory
+        self._shm_access = SharedMemoryAccess(shared_memory)
+        self._extensions = tuple(sorted((*EXTENSIONS, SYSTEM_SHARED_MEMORY))) if shared_memory else EXTENSIONS
         self._on_stream_pause = on_stream_pause  # telemetry: streams waiting for their client to read
         self._closing = closing  # set when the server drains: streams stop reading
         self._repository = repository
@@ -111,7 +116,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="infergate", version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name="infergate", version=__version__, extensions=self._extensions)
 
     @guarded
     async def ModelMetadata(
@@ -141,10 +146,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            result = await self._handler.infer(
-                WireRequest(request, context.invocation_metadata), context.time_remaining()
-            )
-            return encode_response(result)
+            wire = wire_request(request, context.invocation_metadata, self._shm_access)
+            result = await self._handler.infer(wire, context.time_remaining())
+            return encode_answer(result, wire)
         except Exception as exc:
             await abort_with(context, exc, "ModelInfer")
 
@@ -156,8 +160,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                result = await self._handler.infer(WireRequest(request, metadata), None)
-                return pb.ModelStreamInferResponse(infer_response=encode_response(result))
+                wire = wire_request(request, metadata, self._shm_access)
+                result = await self._handler.infer(wire, None)
+                return pb.ModelStreamInferResponse(infer_response=encode_answer(result, wire))
             except Exception as exc:
                 _, message = status_of(exc, "ModelStreamInfer")
             echo = pb.ModelInferResponse(
@@ -209,43 +214,67 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f" (this server runs in {self._control_mode!r} mode; start it with --model-control-mode explicit)"
             )
 
-    # --- extensions infergate does not implement ---------------------------------------
+    # --- system shared memory (serving/shared_memory.py) -----------------------------------
+
+    def _registry(self, method: str) -> SystemSharedMemory:
+        if self._shared_memory is None:
+            raise Unimplemented(
+                f"{method}: the {SYSTEM_SHARED_MEMORY} extension is off on this infergate {__version__} server "
+                "(start it with --allow-client-shm, or set shared_memory.system.enabled in its config)"
+            )
+        return self._shared_memory
 
     @guarded
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryStatusResponse:
-        raise _not_implemented("SystemSharedMemoryStatus")
+        Status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+        regions = self._registry("SystemSharedMemoryStatus").status(request.name)
+        return pb.SystemSharedMemoryStatusResponse(
+            regions={r.name: Status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size) for r in regions}
+        )
 
     @guarded
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        raise _not_implemented("SystemSharedMemoryRegister")
+        registry = self._registry("SystemSharedMemoryRegister")
+        registry.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
 
     @guarded
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        raise _not_implemented("SystemSharedMemoryUnregister")
+        self._registry("SystemSharedMemoryUnregister").unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    # --- CUDA shared memory: nothing can be registered --------------------------------------
 
     @guarded
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.CudaSharedMemoryStatusResponse:
-        raise _not_implemented("CudaSharedMemoryStatus")
+        if request.name:
+            raise NotFound(
+                f"Unable to find cuda shared memory region: '{request.name}' (infergate {__version__} "
+                "does not implement the cuda_shared_memory extension: no CUDA region is ever registered)"
+            )
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @guarded
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        return pb.CudaSharedMemoryUnregisterResponse()  # none registered: nothing to do, as in Triton
+
+    # --- extensions infergate does not implement ---------------------------------------
 
     @guarded
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.CudaSharedMemoryRegisterResponse:
         raise _not_implemented("CudaSharedMemoryRegister")
-
-    @guarded
-    async def CudaSharedMemoryUnregister(
-        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CudaSharedMemoryUnregisterResponse:
-        raise _not_implemented("CudaSharedMemoryUnregister")
 
     @guarded
     async def TraceSetting(

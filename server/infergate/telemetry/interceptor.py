@@ -19,7 +19,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from infergate.serving.codec import ROUTE_PARAMETER, SHADOWED_PARAMETER
-from infergate.serving.interceptors import HandlerCache, StreamBehaviour, UnaryBehaviour, wrap_handler
+from infergate.serving.interceptors import Finish, HandlerCache, call_status, observe_handler
 from infergate.telemetry.metrics import ServerMetrics
 
 __all__ = ["ACCESS_LOG", "UNTRACED_SERVICES", "TelemetryInterceptor"]
@@ -90,20 +90,22 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if service in UNTRACED_SERVICES and not self._trace_health:
             return handler
 
-        def begin(context: grpc.aio.ServicerContext) -> _Call:
-            return _Call(self, service, method, context)
+        def start(request: Any, context: grpc.aio.ServicerContext) -> Finish:
+            call = _Call(self, service, method, context)
+            call.saw_request(request)
+            return call.finish
 
-        return wrap_handler(handler, unary=functools.partial(_unary, begin=begin),
-                            stream=functools.partial(_streaming, begin=begin))  # fmt: skip
+        return observe_handler(handler, start)
 
 
 class _Call:
     """One RPC being served: its span (if tracing), start time and what it named."""
 
-    __slots__ = ("_owner", "_span", "_started", "_token", "method", "model", "service", "version")
+    __slots__ = ("_context", "_owner", "_span", "_started", "_token", "method", "model", "service", "version")
 
     def __init__(self, owner: TelemetryInterceptor, service: str, method: str, context: grpc.aio.ServicerContext):
         self._owner = owner
+        self._context = context
         self.service, self.method = service, method
         self.model = self.version = ""
         self._started = time.perf_counter()
@@ -147,8 +149,11 @@ class _Call:
             if SHADOWED_PARAMETER in parameters:
                 self._span.set_attribute("infergate.shadowed", parameters[SHADOWED_PARAMETER].bool_param)
 
-    def end(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-        status = _status(context, error)
+    def finish(self, error: BaseException | None, response: Any) -> None:
+        """The call ended: with ``error``, or answered (``response`` is None for a stream)."""
+        if response is not None:
+            self.saw_response(response)
+        status = call_status(self._context, error)
         seconds = time.perf_counter() - self._started
         if self._owner._metrics is not None:
             self._owner._metrics.request_finished(self.method, self.model, self.version, status.value[0], seconds)
@@ -175,51 +180,3 @@ class _Call:
             if error is not None and not isinstance(error, grpc.aio.AbortError | asyncio.CancelledError):
                 span.record_exception(error)  # a bug: the servicer answered INTERNAL, the cause goes here
         span.end()
-
-
-def _status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
-    if isinstance(error, asyncio.CancelledError):  # gRPC cancels a call at its deadline, and when its client hangs up
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
-        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if isinstance(code, int):  # some grpc versions keep the raw integer
-        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-
-
-Begin = Callable[[grpc.aio.ServicerContext], "_Call"]
-
-
-def _unary(behavior: UnaryBehaviour, begin: Begin) -> UnaryBehaviour:
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = begin(context)
-        call.saw_request(request)
-        try:
-            response = await behavior(request, context)
-        except BaseException as exc:
-            call.end(context, exc)
-            raise
-        call.saw_response(response)
-        call.end(context, None)
-        return response
-
-    return unary
-
-
-def _streaming(behavior: StreamBehaviour, begin: Begin) -> StreamBehaviour:
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = begin(context)
-        error: BaseException | None = None
-        try:
-            async for response in behavior(request, context):
-                yield response
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            call.end(context, error)
-
-    return streaming

@@ -1,0 +1,161 @@
+"""Overload: how fast the excess is refused, and what the admitted calls see, at k times a model's capacity.
+
+Starts infergate on a repository with one model and a server-wide limit on
+inference calls (``limits.max_inference_calls``), measures the model's
+capacity with a closed loop at that many calls in flight, then sends calls
+open-loop at ``factor`` times that rate (one process, pre-serialised requests,
+each with a 1 s deadline) and reports, per outcome, how many and how fast:
+admitted (answered), refused (UNAVAILABLE: overloaded) and anything else —
+plus the server's CPU share over the run.
+
+Two models: ``slow`` is compute-bound (about 20 ms per batch of up to 4),
+``tiny`` is the demo's 16x16 product, bound by the server's per-call cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import grpc
+import numpy as np
+import onnx
+
+from infergate._proto import grpc_service_pb2 as pb
+from infergate.demo import build_matmul16
+
+from .generator import LoadConfig, run_closed_loop
+from .models import build_slow_model
+from .procfs import cpu_seconds
+from .servers import free_port, running_server
+
+__all__ = ["OverloadRun", "format_overload", "run_overload"]
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODELS = ("slow", "tiny")
+
+
+@dataclass
+class OverloadRun:
+    model: str
+    limit: int
+    capacity_per_s: float  # closed loop at ``limit`` in flight
+    offered_per_s: float
+    duration_s: float
+    admitted: int = 0
+    refused: int = 0
+    other: dict[str, int] = field(default_factory=dict)
+    admitted_p50_ms: float = math.nan
+    admitted_p99_ms: float = math.nan
+    refused_p50_ms: float = math.nan
+    refused_p99_ms: float = math.nan
+    server_cpu_share: float = math.nan  # of one core, over the open-loop run
+
+
+def _write_repository(root: pathlib.Path) -> None:
+    for name, model, config in (
+        ("slow", build_slow_model(20), "max_batch_size: 4\nsession_options: {intra_op_num_threads: 1}\n"),
+        ("tiny", build_matmul16(), "max_batch_size: 64\n"),
+    ):
+        (root / name / "1").mkdir(parents=True, exist_ok=True)
+        onnx.save(model, root / name / "1" / "model.onnx")
+        (root / name / "config.yaml").write_text(config)
+
+
+def _request(model: str) -> bytes:
+    width = 4 if model == "slow" else 16
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, width])
+    message = pb.ModelInferRequest(
+        model_name=model, inputs=[tensor], raw_input_contents=[np.ones((1, width), np.float32).tobytes()]
+    )
+    return message.SerializeToString()
+
+
+async def _open_loop(target: str, model: str, rate: float, duration: float, run: OverloadRun) -> None:
+    body = _request(model)
+    admitted: list[float] = []
+    refused: list[float] = []
+    other: Counter[str] = Counter()
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+    calls = [channel.unary_unary(INFER) for channel in channels]
+
+    async def one(index: int) -> None:
+        started = time.perf_counter()
+        try:
+            await calls[index % len(calls)](body, timeout=1.0)
+        except grpc.aio.AioRpcError as exc:
+            overloaded = exc.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in (exc.details() or "")
+            if overloaded:
+                refused.append(time.perf_counter() - started)
+            else:
+                other[exc.code().name] += 1
+            return
+        admitted.append(time.perf_counter() - started)
+
+    pending: set[asyncio.Task[None]] = set()
+    start = time.perf_counter()
+    index = 0
+    while (now := time.perf_counter()) < start + duration:
+        due = start + index / rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        task = asyncio.create_task(one(index))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        index += 1
+    await asyncio.gather(*pending)
+    for channel in channels:
+        await channel.close()
+    run.admitted, run.refused, run.other = len(admitted), len(refused), dict(other)
+    if admitted:
+        run.admitted_p50_ms = statistics.median(admitted) * 1e3
+        run.admitted_p99_ms = sorted(admitted)[int(0.99 * (len(admitted) - 1))] * 1e3
+    if refused:
+        run.refused_p50_ms = statistics.median(refused) * 1e3
+        run.refused_p99_ms = sorted(refused)[int(0.99 * (len(refused) - 1))] * 1e3
+
+
+def run_overload(model: str, limit: int, factor: float, duration: float, out: pathlib.Path) -> OverloadRun:
+    """Measure ``model`` (``slow`` or ``tiny``) at ``factor`` times its capacity with ``limit`` calls admitted."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
+        root = pathlib.Path(tmp)
+        _write_repository(root / "models")
+        (root / "server.yaml").write_text(f"limits: {{max_inference_calls: {limit}}}\n")
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(root / "models"),
+                "--port", str(port), "--config", str(root / "server.yaml")]  # fmt: skip
+        with running_server("infergate", argv, target, out / "overload-server.log", pathlib.Path.cwd()) as server:
+            capacity = run_closed_loop(
+                LoadConfig(target=target, model=model, concurrency=limit, duration=max(duration / 2, 2.0), warmup=1.0)
+            ).requests_per_s
+            run = OverloadRun(model, limit, capacity, factor * capacity, duration)
+            cpu_before, wall_before = cpu_seconds(server.pid), time.perf_counter()
+            asyncio.run(_open_loop(target, model, factor * capacity, duration, run))
+            run.server_cpu_share = (cpu_seconds(server.pid) - cpu_before) / (time.perf_counter() - wall_before)
+    (out / f"overload-{model}.json").write_text(json.dumps(asdict(run), indent=2))
+    return run
+
+
+def format_overload(runs: list[OverloadRun]) -> str:
+    lines = [
+        "| model | limit | capacity req/s | offered req/s | admitted | admitted p50 / p99 ms | refused "
+        "| refused p50 / p99 ms | other | server CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r.model} | {r.limit} | {r.capacity_per_s:.0f} | {r.offered_per_s:.0f} | {r.admitted} "
+            f"| {r.admitted_p50_ms:.1f} / {r.admitted_p99_ms:.1f} | {r.refused} "
+            f"| {r.refused_p50_ms:.1f} / {r.refused_p99_ms:.1f} | {r.other or '-'} | {r.server_cpu_share:.0%} |"
+        )
+    return "\n".join(lines)
