@@ -472,7 +472,7 @@ def test_with_auth_shared_memory_needs_its_own_permission(auth_server: ServerPro
         for line in auth_server.log().splitlines()
         if "infergate.audit" in line
     ]
-    assert [(a["method"], a["outcome"]) for a in events if a["event"] == "admin"] == [
+    assert [(a["detail"]["method"], a["outcome"]) for a in events if a["event"] == "admin"] == [
         ("SystemSharedMemoryRegister", "PERMISSION_DENIED"),
         ("SystemSharedMemoryRegister", "OK"),
         ("SystemSharedMemoryUnregister", "OK"),
