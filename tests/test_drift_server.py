@@ -1,15 +1,8 @@
 """Drift monitoring and payload logging through a real server: ``python -m infergate serve`` on 127.0.0.1,
 requests from tritonclient, scores read from Prometheus and from the DriftStatus admin RPC.
 
-NEEDS TWO WIRINGS, so every test here is ``xfail(strict=True)``:
-
-* the inference handler must call ``ModelVersion.monitor.record(inputs, outputs, request_id=..., route=...)``
-  once a request's outputs are ready (docs/monitoring.md, "Where it plugs in");
-* ``serving/admin.py`` must answer DriftStatus with ``monitoring.admin.drift_status_response``.
-
-Until then each test fails within seconds (DriftStatus is UNIMPLEMENTED, or nothing is sampled) instead of
-waiting for a timeout. Once both are in place the tests pass, strict xfail reports that as a failure, and
-the mark below must be removed.
+The handler offers every answered request to its version's monitor, which samples it off the request path;
+the admin service answers DriftStatus from the served versions.
 """
 
 from __future__ import annotations
