@@ -75,6 +75,26 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+class GenericHandlersOnly:
+    """Registers services on ``server`` through generic handlers only, never as "registered methods".
+
+    Why: grpc.aio keeps one pending accept per registered method and waits on all
+    of them with ``asyncio.wait`` for every call it accepts, so each call costs the
+    event loop work in proportion to the number of methods served (about 30 here);
+    with generic handlers alone there is one pending accept, and a method is found
+    with one dictionary lookup. BENCHMARKS.md ("Where the time goes") has the figures.
+    """
+
+    def __init__(self, server: grpc.aio.Server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        """Ignored: the same handlers arrive through ``add_generic_rpc_handlers``."""
+
+
 class InferGateServer:
     """An infergate server over one model repository."""
 
@@ -146,14 +166,16 @@ class InferGateServer:
             control=control,
             shared_memory=self.shared_memory,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)  # type: ignore[no-untyped-call]
+        services_only = GenericHandlersOnly(self._server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, services_only)  # type: ignore[no-untyped-call]
         admin = AdminServicer(self.repository.catalog)
-        apb_grpc.add_InferGateAdminServicer_to_server(admin, self._server)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        apb_grpc.add_InferGateAdminServicer_to_server(admin, services_only)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, services_only)
         self._health_port = (
             HealthPort(self._health, reuse_port=config.reuse_port) if config.health_port is not None else None
         )
         services = (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        # Reflection picks its aio servicer by the server's type, so it gets the server itself (two methods).
         reflection.enable_server_reflection(services, self._server, pool=_reflection_pool())
         self.port = 0
         self.health_port: int | None = None

@@ -87,9 +87,13 @@ class DynamicBatching(Strict):
 
 
 class InstanceGroup(Strict):
-    """How many sessions run batches of this model in parallel."""
+    """How many sessions run batches of this model in parallel, and where a tiny model's batches run."""
 
     count: Annotated[int, Field(ge=1, le=64)] = 1
+    # infergate's own: with one CPU instance, a model whose largest batch runs in at most this many µs
+    # (measured at load) runs its batches on the event loop, where the hop to a thread and back costs more
+    # than the model; a batch that ever takes four times as long sends it back to its thread. 0: never.
+    inline_max_microseconds: Annotated[int, Field(ge=0, le=10_000)] = 100
 
 
 class ExecutionProvider(Strict):

@@ -157,6 +157,9 @@ class OnnxRunner:
         # How batches run, for logs and checks: "session.run" or BindingPlan.describe().
         self.execution = bound[0].plan.describe() if bound else "session.run"
         self._instances = _InstanceThreads(instances, self._run_sync, name=f"ort-{spec.name}")
+        self._inline: Instance | None = None  # set by run_inline_below: batches run on the caller's thread
+        self._inline_limit_ns = 0
+        self._inline_ns = 0  # running average of an inline batch's time in the runtime
 
     @classmethod
     def load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
@@ -189,18 +192,71 @@ class OnnxRunner:
         bound = _bind(sessions, spec, plan, config) if plan is not None else None
         if plan is not None:
             log.info("model %s version %d: %s", name, version, plan.describe())
+        limit_us = config.instance_group.inline_max_microseconds
+        inline = limit_us and len(sessions) == 1 and actual == "CPUExecutionProvider" and bound is None
+        if inline and _typical_batch_us(sessions[0], spec) <= limit_us:
+            if options.intra_op_num_threads == 0:
+                # On the event loop a tiny model runs on one thread: waiting for a pool thread to wake up
+                # would hold the loop longer than the whole product takes.
+                options.intra_op_num_threads = 1
+                sessions = [ort.InferenceSession(str(path), sess_options=options, providers=providers)]
+            typical_us = _typical_batch_us(sessions[0], spec)
+            if typical_us <= limit_us:
+                runner = cls(sessions, spec, bound)
+                runner.run_inline_below(limit_us)
+                log.info("model %s version %d: batches run on the event loop (%.0f µs each)", name, version,
+                         typical_us)  # fmt: skip
+                return runner
         return cls(sessions, spec, bound)
 
     def start(self, payloads: list[Tensors], rows: list[int], callback: Callback) -> None:
-        """Run one batch on a free instance, off the event loop.
+        """Run one batch on a free instance, off the event loop (an inline model's: right here).
 
         ``callback`` gets ``(results, timings)`` or the exception, on the event loop.
         """
-        self._instances.submit(payloads, rows, callback)
+        inline = self._inline
+        if inline is None:
+            self._instances.submit(payloads, rows, callback)
+            return
+        outcome: BatchOutcome | BaseException
+        try:
+            outcome = self._run_sync(inline, payloads, rows)
+        except Exception as exc:
+            outcome = exc
+        else:
+            # A running average, so that one batch the machine preempted does not decide.
+            self._inline_ns += (outcome[1].infer_ns - self._inline_ns) // 8
+            if self._inline_ns > self._inline_limit_ns:
+                self._inline = None  # slower than measured (bigger inputs, a busy machine): back to its thread
+                log.warning("model %s: batches took %.0f µs on the event loop; they run on a thread from now",
+                            self.spec.name, self._inline_ns / 1e3)  # fmt: skip
+        callback(outcome)
+
+    def run_inline_below(self, limit_us: int) -> None:
+        """Run batches on the caller's thread (the event loop) until they take 4 times ``limit_us`` on average.
+
+        Why: for a model whose batches take microseconds, handing each batch to a
+        thread and its answer back (a queue put that wakes the thread, the GIL
+        passed back and forth, a self-pipe write that wakes the loop) costs the
+        event loop more than running it; measured in BENCHMARKS.md. Only for one
+        instance: several instances exist to run in parallel.
+        """
+        self._inline = self._instances.instances[0]
+        self._inline_limit_ns = 4 * limit_us * 1000
+        self._inline_ns = limit_us * 1000
+
+    @property
+    def inline(self) -> bool:
+        return self._inline is not None
 
     def set_background(self, background: bool) -> None:
-        """Run later batches at the lowest CPU priority (a shadow's), or back at normal priority."""
+        """Run later batches at the lowest CPU priority (a shadow's), or back at normal priority.
+
+        A background version never runs on the event loop: it must not take time from the callers.
+        """
         self._instances.nice = BACKGROUND_NICE if background else 0
+        if background:
+            self._inline = None
 
     def _run_sync(self, instance: Instance, payloads: list[Tensors], rows: list[int]) -> BatchOutcome:
         if instance.bound is not None:
@@ -298,6 +354,7 @@ class _InstanceThreads:
     """
 
     def __init__(self, instances: list[Instance], run: RunBatch, name: str):
+        self.instances = instances
         self._run = run
         self.nice = 0  # wanted niceness of the instance threads; each applies it before its next batch
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -337,6 +394,23 @@ class _InstanceThreads:
             self._jobs.put(None)
         for thread in self._threads:
             thread.join()
+
+
+def _typical_batch_us(session: ort.InferenceSession, spec: ModelSpec) -> float:
+    """How long the largest batch (64 rows at most) typically takes, in µs: is the model tiny?
+
+    The median of five runs after one untimed run (the first run at a new size allocates).
+    """
+    feeds = zero_inputs(spec, min(max(spec.max_batch_size, 1), 64))
+    times = []
+    for _ in range(6):
+        started = time.perf_counter_ns()
+        try:
+            session.run(None, feeds)
+        except Exception:  # zeros do not suit every model (warm-up has its own data): not inline then
+            return float("inf")
+        times.append(time.perf_counter_ns() - started)
+    return sorted(times[1:])[2] / 1e3
 
 
 def _set_thread_nice(nice: int) -> None:
