@@ -8,6 +8,11 @@ each with a 1 s deadline) and reports, per outcome, how many and how fast:
 admitted (answered), refused (UNAVAILABLE: overloaded) and anything else —
 plus the server's CPU share over the run.
 
+Latencies count from when a call was due, not from when the generator got
+round to sending it, so a generator that falls behind does not hide waiting.
+It also reports the generator's own lag (how late calls left, p99): when that
+is large the row measures the generator, not the server, and says so.
+
 Two models: ``slow`` is compute-bound (about 20 ms per batch of up to 4),
 ``tiny`` is the demo's 16x16 product, bound by the server's per-call cost.
 """
@@ -41,6 +46,7 @@ __all__ = ["OverloadRun", "format_overload", "run_overload"]
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODELS = ("slow", "tiny")
+GENERATOR_LAG_LIMIT_MS = 50.0
 
 
 @dataclass
@@ -58,6 +64,12 @@ class OverloadRun:
     refused_p50_ms: float = math.nan
     refused_p99_ms: float = math.nan
     server_cpu_share: float = math.nan  # of one core, over the open-loop run
+    send_lag_p99_ms: float = math.nan  # how late the generator sent calls
+
+    @property
+    def generator_bound(self) -> bool:
+        """True when calls left so late that the row measures the load generator, not the server."""
+        return not self.send_lag_p99_ms < GENERATOR_LAG_LIMIT_MS
 
 
 def _write_repository(root: pathlib.Path) -> None:
@@ -84,21 +96,22 @@ async def _open_loop(target: str, model: str, rate: float, duration: float, run:
     admitted: list[float] = []
     refused: list[float] = []
     other: Counter[str] = Counter()
+    lags: list[float] = []
     channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
     calls = [channel.unary_unary(INFER) for channel in channels]
 
-    async def one(index: int) -> None:
-        started = time.perf_counter()
+    async def one(index: int, due: float) -> None:
+        lags.append(time.perf_counter() - due)
         try:
             await calls[index % len(calls)](body, timeout=1.0)
         except grpc.aio.AioRpcError as exc:
             overloaded = exc.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in (exc.details() or "")
             if overloaded:
-                refused.append(time.perf_counter() - started)
+                refused.append(time.perf_counter() - due)
             else:
                 other[exc.code().name] += 1
             return
-        admitted.append(time.perf_counter() - started)
+        admitted.append(time.perf_counter() - due)
 
     pending: set[asyncio.Task[None]] = set()
     start = time.perf_counter()
@@ -107,7 +120,7 @@ async def _open_loop(target: str, model: str, rate: float, duration: float, run:
         due = start + index / rate
         if due > now:
             await asyncio.sleep(due - now)
-        task = asyncio.create_task(one(index))
+        task = asyncio.create_task(one(index, due))
         pending.add(task)
         task.add_done_callback(pending.discard)
         index += 1
@@ -115,12 +128,17 @@ async def _open_loop(target: str, model: str, rate: float, duration: float, run:
     for channel in channels:
         await channel.close()
     run.admitted, run.refused, run.other = len(admitted), len(refused), dict(other)
+    run.send_lag_p99_ms = _percentile(lags, 0.99) * 1e3
     if admitted:
         run.admitted_p50_ms = statistics.median(admitted) * 1e3
-        run.admitted_p99_ms = sorted(admitted)[int(0.99 * (len(admitted) - 1))] * 1e3
+        run.admitted_p99_ms = _percentile(admitted, 0.99) * 1e3
     if refused:
         run.refused_p50_ms = statistics.median(refused) * 1e3
-        run.refused_p99_ms = sorted(refused)[int(0.99 * (len(refused) - 1))] * 1e3
+        run.refused_p99_ms = _percentile(refused, 0.99) * 1e3
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return sorted(values)[int(q * (len(values) - 1))] if values else math.nan
 
 
 def run_overload(model: str, limit: int, factor: float, duration: float, out: pathlib.Path) -> OverloadRun:
@@ -149,13 +167,14 @@ def run_overload(model: str, limit: int, factor: float, duration: float, out: pa
 def format_overload(runs: list[OverloadRun]) -> str:
     lines = [
         "| model | limit | capacity req/s | offered req/s | admitted | admitted p50 / p99 ms | refused "
-        "| refused p50 / p99 ms | other | server CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| refused p50 / p99 ms | other | server CPU | generator lag p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
             f"| {r.model} | {r.limit} | {r.capacity_per_s:.0f} | {r.offered_per_s:.0f} | {r.admitted} "
             f"| {r.admitted_p50_ms:.1f} / {r.admitted_p99_ms:.1f} | {r.refused} "
-            f"| {r.refused_p50_ms:.1f} / {r.refused_p99_ms:.1f} | {r.other or '-'} | {r.server_cpu_share:.0%} |"
+            f"| {r.refused_p50_ms:.1f} / {r.refused_p99_ms:.1f} | {r.other or '-'} | {r.server_cpu_share:.0%} "
+            f"| {r.send_lag_p99_ms:.1f}{' (generator-bound: not a server figure)' if r.generator_bound else ''} |"
         )
     return "\n".join(lines)
