@@ -25,6 +25,7 @@ __all__ = [
     "format_load_table",
     "headline_rows",
     "markdown_table",
+    "parse_variants",
     "read_results",
     "summarize_load",
     "to_jsonable",
@@ -218,6 +219,16 @@ def headline_rows(
         for title, runs in servers
     ]
     return headers, cells
+
+
+def parse_variants(text: str, known: Iterable[str]) -> tuple[str, ...]:
+    """A comma list of variant names (an A/B command's ``--variants``), each one of ``known``."""
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    choices = list(known)
+    unknown = [v for v in names if v not in choices]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(choices)}")
+    return names
 
 
 def to_jsonable(value: Any) -> Any:

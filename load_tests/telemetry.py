@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from .generator import LoadConfig, run_closed_loop
 from .procfs import cpu_seconds
-from .report import LoadResult, format_table
+from .report import LoadResult, format_table, parse_variants
 from .servers import free_port, running_server
 from .suite import REPO_ROOT, environment
 
@@ -168,11 +168,8 @@ def _write(report: OverheadReport) -> None:
 
 
 def variants(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    return names
+    """``--variants``: a comma list of :data:`VARIANTS`."""
+    return parse_variants(text, VARIANTS)
 
 
 def per_call_costs(calls: int = 20_000) -> dict[str, float]:

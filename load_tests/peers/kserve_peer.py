@@ -19,14 +19,12 @@ SIGTERM or SIGINT stops the server (KServe's own handlers).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import pathlib
 import sys
 from typing import Any
 
 from .onnx_runner import OnnxRunner
-from .spec import PeerModel, Tensor, read_models
+from .spec import PeerModel, Tensor, parse_peer_args, read_models
 
 __all__ = ["main"]
 
@@ -113,17 +111,9 @@ class _NoPerCallLines(logging.Filter):
         return not (record.levelno == logging.INFO and str(record.msg).startswith("grpc method:"))
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m load_tests.peers.kserve_peer", description=__doc__)
-    parser.add_argument("--models", type=pathlib.Path, required=True, help="models file (load_tests.peers.spec)")
-    parser.add_argument("--grpc-port", type=int, required=True)
-    parser.add_argument("--http-port", type=int, required=True)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
-    args = _parse(argv)
+    args = parse_peer_args("python -m load_tests.peers.kserve_peer", __doc__, argv)
     # kserve parses sys.argv when it is imported; it must not see ours.
     del sys.argv[1:]
     import kserve

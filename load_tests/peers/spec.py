@@ -14,12 +14,13 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["PeerModel", "Tensor", "model_from_dict", "model_to_dict", "read_models", "write_models"]
+__all__ = ["PeerModel", "Tensor", "model_from_dict", "model_to_dict", "parse_peer_args", "read_models", "write_models"]
 
 
 @dataclass(frozen=True)
@@ -95,3 +96,12 @@ def read_models(path: pathlib.Path) -> list[PeerModel]:
         return [model_from_dict(item) for item in data["models"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a peer models file ({exc!r})") from None
+
+
+def parse_peer_args(prog: str, description: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """The command line of a peer that the suite starts itself: its models file and its two ports."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--models", type=pathlib.Path, required=True, help="models file (load_tests.peers.spec)")
+    parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--http-port", type=int, required=True)
+    return parser.parse_args(argv)

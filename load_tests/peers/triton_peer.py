@@ -16,14 +16,12 @@ and PyTriton removes its workspace.
 
 from __future__ import annotations
 
-import argparse
-import pathlib
 import signal
 from collections.abc import Callable
 from typing import Any
 
 from .onnx_runner import NUMPY_DTYPES, Array, OnnxRunner
-from .spec import PeerModel, read_models
+from .spec import PeerModel, parse_peer_args, read_models
 
 __all__ = ["main"]
 
@@ -59,17 +57,9 @@ def _bind(triton: Any, model: PeerModel) -> None:
     )
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m load_tests.peers.triton_peer", description=__doc__)
-    parser.add_argument("--models", type=pathlib.Path, required=True, help="models file (load_tests.peers.spec)")
-    parser.add_argument("--grpc-port", type=int, required=True)
-    parser.add_argument("--http-port", type=int, required=True)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
-    args = _parse(argv)
+    args = parse_peer_args("python -m load_tests.peers.triton_peer", __doc__, argv)
     from pytriton.triton import Triton, TritonConfig
 
     # Triton.serve() stops the server cleanly on KeyboardInterrupt only.
