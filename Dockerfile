@@ -51,6 +51,7 @@ COPY clients/python/ clients/python/
 COPY scripts/gpu_check.sh /opt/infergate/check/scripts/
 COPY load_tests/*.py /opt/infergate/check/load_tests/
 COPY load_tests/gpu/ /opt/infergate/check/load_tests/gpu/
+COPY load_tests/peers/ /opt/infergate/check/load_tests/peers/
 # --no-deps: everything they need is already installed from the pins above.
 RUN --mount=type=secret,id=pip_cert \
     if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \

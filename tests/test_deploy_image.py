@@ -77,3 +77,31 @@ def test_the_cuda_image_brings_the_cuda_libraries_its_onnxruntime_gpu_was_built_
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"site-packages/nvidia/cu{cuda}/lib" in dockerfile and "site-packages/nvidia/cudnn/lib" in dockerfile
     assert not any(name.startswith("nvidia-") for name in _pins("runtime-cpu.txt"))
+
+
+def _check_tree(into: Path) -> Path:
+    """What the Dockerfile copies under /opt/infergate/check, laid out under ``into``."""
+    prefix = "/opt/infergate/check/"
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if len(words) != 3 or words[0] != "COPY" or not words[2].startswith(prefix):
+            continue
+        source, target = words[1], into / words[2].removeprefix(prefix)
+        target.mkdir(parents=True, exist_ok=True)
+        if source.endswith("/"):
+            shutil.copytree(ROOT / source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            for path in ROOT.glob(source):
+                shutil.copy(path, target)
+    return into
+
+
+def test_the_gpu_check_in_the_image_has_every_module_it_imports(tmp_path: Path) -> None:
+    # The image holds only the parts of load_tests that the Dockerfile names; the check must start from them.
+    tree = _check_tree(tmp_path / "check")
+    assert (tree / "scripts" / "gpu_check.sh").is_file()
+    done = subprocess.run(
+        [sys.executable, "-m", "load_tests.gpu", "--help"], cwd=tree, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage" in done.stdout
