@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # Niceness of a background (shadow) version's instance threads: the lowest CPU priority.
 BACKGROUND_NICE = 19
+# Inline batches judged at a time (OnnxRunner._judge_inline): enough that a median ignores the outliers.
+INLINE_WINDOW = 32
 
 
 _OPT_LEVELS = {
@@ -159,7 +161,7 @@ class OnnxRunner:
         self._instances = _InstanceThreads(instances, self._run_sync, name=f"ort-{spec.name}")
         self._inline: Instance | None = None  # set by run_inline_below: batches run on the caller's thread
         self._inline_limit_ns = 0
-        self._inline_ns = 0  # running average of an inline batch's time in the runtime
+        self._inline_times: list[int] = []  # the runtime's ns for each inline batch of the current window
 
     @classmethod
     def load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
@@ -224,16 +226,30 @@ class OnnxRunner:
         except Exception as exc:
             outcome = exc
         else:
-            # A running average, so that one batch the machine preempted does not decide.
-            self._inline_ns += (outcome[1].infer_ns - self._inline_ns) // 8
-            if self._inline_ns > self._inline_limit_ns:
-                self._inline = None  # slower than measured (bigger inputs, a busy machine): back to its thread
-                log.warning("model %s: batches took %.0f µs on the event loop; they run on a thread from now",
-                            self.spec.name, self._inline_ns / 1e3)  # fmt: skip
+            self._judge_inline(outcome[1].infer_ns)
         callback(outcome)
 
+    def _judge_inline(self, infer_ns: int) -> None:
+        """Back to the thread when the median batch of a window of ``INLINE_WINDOW`` took too long.
+
+        The median, not a mean: when ``session.run`` releases the GIL, another thread
+        may hold it for a whole switch interval (5 ms) before the loop gets it back.
+        Such batches are rare but would push any average over the limit on their own,
+        and one-way, for a model that is tiny on every other batch.
+        """
+        times = self._inline_times
+        times.append(infer_ns)
+        if len(times) < INLINE_WINDOW:
+            return
+        median_ns = sorted(times)[INLINE_WINDOW // 2]
+        times.clear()
+        if median_ns > self._inline_limit_ns:
+            self._inline = None  # slower than measured (bigger inputs, a busy machine): back to its thread
+            log.warning("model %s: batches took %.0f µs on the event loop; they run on a thread from now",
+                        self.spec.name, median_ns / 1e3)  # fmt: skip
+
     def run_inline_below(self, limit_us: int) -> None:
-        """Run batches on the caller's thread (the event loop) until they take 4 times ``limit_us`` on average.
+        """Run batches on the caller's thread (the event loop) until they take 4 times ``limit_us`` (median).
 
         Why: for a model whose batches take microseconds, handing each batch to a
         thread and its answer back (a queue put that wakes the thread, the GIL
@@ -243,7 +259,7 @@ class OnnxRunner:
         """
         self._inline = self._instances.instances[0]
         self._inline_limit_ns = 4 * limit_us * 1000
-        self._inline_ns = limit_us * 1000
+        self._inline_times.clear()
 
     @property
     def inline(self) -> bool:

@@ -1,0 +1,123 @@
+"""A tiny model runs its batches on the event loop, and goes back to its thread only when it is slow.
+
+``OnnxRunner.load`` times the model's largest batch; when it takes at most
+``instance_group.inline_max_microseconds``, batches run on the caller's thread
+(the event loop) instead of being handed to an instance thread and back. When
+the median of ``INLINE_WINDOW`` batches in a row later takes more than four
+times the bound, the model goes back to its thread for good. The fallback tests
+replace the runtime's measured time (``_run_sync``), which the test cannot
+otherwise choose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from infergate.demo import build_matmul16
+from infergate.models.config import ModelConfig
+from infergate.models.runner import INLINE_WINDOW, BatchOutcome, OnnxRunner
+from infergate.models.stats import BatchTimings
+
+# Far above the default (100 µs), so that matmul16 counts as tiny however busy the machine is.
+LIMIT_US = 10_000
+FAST_NS = 10_000  # what a batch of matmul16 takes
+SLOW_NS = 4 * LIMIT_US * 1000 + 1  # just past the fallback bound
+STALL_NS = 1_000_000_000  # the loop preempted for a second
+
+
+@pytest.fixture
+def matmul16(tmp_path: Path) -> Path:
+    path = tmp_path / "model.onnx"
+    onnx.save(build_matmul16(), str(path))
+    return path
+
+
+def load(path: Path, **instance_group: Any) -> OnnxRunner:
+    return OnnxRunner.load(path, ModelConfig(max_batch_size=64, instance_group=instance_group), "matmul16", 1)
+
+
+@pytest.fixture
+def runner(matmul16: Path) -> Iterator[OnnxRunner]:
+    runner = load(matmul16, inline_max_microseconds=LIMIT_US)
+    yield runner
+    runner.close()
+
+
+def run_batches(runner: OnnxRunner, count: int = 1) -> list[tuple[Any, bool]]:
+    """``count`` batches one after another on an event loop: for each, its outcome and whether it
+    was answered before ``start`` returned (run right there, on the caller's thread)."""
+
+    async def one() -> tuple[Any, bool]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        runner.start([{"x": np.ones((1, 16), np.float32)}], [1], future.set_result)
+        at_once = future.done()
+        return await asyncio.wait_for(future, 10.0), at_once
+
+    async def main() -> list[tuple[Any, bool]]:
+        return [await one() for _ in range(count)]
+
+    return asyncio.run(main())
+
+
+def with_runtime_times(runner: OnnxRunner, times_ns: list[int]) -> None:
+    """Make each next batch report the next of ``times_ns`` as its time in the runtime."""
+    real = runner._run_sync
+    pending = list(times_ns)
+
+    def timed(instance: Any, payloads: Any, rows: Any) -> BatchOutcome:
+        results, timings = real(instance, payloads, rows)
+        return results, BatchTimings(timings.input_ns, pending.pop(0), timings.output_ns)
+
+    runner._run_sync = timed  # type: ignore[method-assign]
+
+
+def test_a_tiny_model_runs_its_batches_on_the_callers_thread(runner: OnnxRunner) -> None:
+    assert runner.inline
+    [(outcome, at_once)] = run_batches(runner)
+    assert at_once
+    results, _ = outcome
+    assert results[0]["y"].shape == (1, 16)
+
+
+def test_inline_max_microseconds_zero_keeps_batches_on_the_instance_thread(matmul16: Path) -> None:
+    runner = load(matmul16, inline_max_microseconds=0)
+    try:
+        assert not runner.inline
+        [(outcome, at_once)] = run_batches(runner)
+        assert not at_once
+        assert outcome[0][0]["y"].shape == (1, 16)
+    finally:
+        runner.close()
+
+
+def test_several_instances_never_run_on_the_callers_thread(matmul16: Path) -> None:
+    runner = load(matmul16, count=2, inline_max_microseconds=LIMIT_US)
+    try:
+        assert not runner.inline
+    finally:
+        runner.close()
+
+
+def test_rare_slow_batches_do_not_send_a_tiny_model_back_to_its_thread(runner: OnnxRunner) -> None:
+    # One batch in four stalls (a running average would cross the bound at the first): the median stays fast.
+    times = [STALL_NS if i % 4 == 0 else FAST_NS for i in range(4 * INLINE_WINDOW)]
+    with_runtime_times(runner, times)
+    assert all(at_once for _, at_once in run_batches(runner, len(times)))
+    assert runner.inline
+
+
+def test_a_window_of_slow_batches_sends_the_model_back_to_its_thread_for_good(runner: OnnxRunner) -> None:
+    with_runtime_times(runner, [SLOW_NS] * INLINE_WINDOW + [FAST_NS] * INLINE_WINDOW)
+    run_batches(runner, INLINE_WINDOW - 1)
+    assert runner.inline, "judged before a whole window"
+    run_batches(runner)
+    assert not runner.inline
+    assert not any(at_once for _, at_once in run_batches(runner, INLINE_WINDOW))
+    assert not runner.inline
