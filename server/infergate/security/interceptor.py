@@ -38,7 +38,13 @@ from infergate.security.auth import (
     use_principal,
     visible_models,
 )
-from infergate.serving.interceptors import HandlerCache, StreamBehaviour, UnaryBehaviour, wrap_handler
+from infergate.serving.interceptors import (
+    HandlerCache,
+    MethodHandlerCache,
+    StreamBehaviour,
+    UnaryBehaviour,
+    wrap_handler,
+)
 from infergate.serving.status import abort_with
 
 __all__ = ["METHOD_RULES", "AuthInterceptor", "Rule", "filter_repository_index", "rule_for"]
@@ -140,7 +146,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         # Per method name; only registered methods get here (unknown ones have no handler), so it stays small.
         self._exempt_by_method: dict[str, bool] = {}
         self._refusing = HandlerCache(_refusing)
-        self._authorized: dict[str, HandlerCache] = {}
+        self._authorized = MethodHandlerCache(lambda path: _Authorized(path, rule_for(path), self._on_refusal).wrap)
 
     def _is_exempt(self, method: str) -> bool:
         exempt = self._exempt_by_method.get(method)
@@ -166,11 +172,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             _refusal.set(error)
             return self._refusing(handler)
         use_principal(principal)  # this call's task: the handler and the tasks it starts see it
-        cache = self._authorized.get(method)
-        if cache is None:
-            authorized = _Authorized(method, rule_for(method), self._on_refusal)
-            cache = self._authorized[method] = HandlerCache(authorized.wrap)
-        return cache(handler)
+        return self._authorized(method, handler)
 
 
 class _Authorized:

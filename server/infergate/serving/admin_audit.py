@@ -20,6 +20,7 @@ written as ``anonymous`` with no model: its request is never read.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,7 +29,7 @@ import grpc
 from infergate.audit import AuditLog
 from infergate.security.auth import current_principal
 from infergate.security.interceptor import rule_for
-from infergate.serving.interceptors import Finish, HandlerCache, call_status, observe_handler
+from infergate.serving.interceptors import Finish, MethodHandlerCache, call_status, observe_handler
 
 __all__ = ["AdminAudit", "call_outcome"]
 
@@ -40,8 +41,9 @@ class AdminAudit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ship
 
     def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
-        # One cache per audited method; only registered methods get a handler, so it stays small.
-        self._wrapped: dict[str, HandlerCache] = {}
+        self._wrapped = MethodHandlerCache(
+            lambda path: functools.partial(self._audited, method=path.rsplit("/", 1)[-1])
+        )
 
     async def intercept_service(
         self,
@@ -52,10 +54,7 @@ class AdminAudit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ship
         method: str = details.method
         if handler is None or not rule_for(method).audit:
             return handler
-        cache = self._wrapped.get(method)
-        if cache is None:
-            cache = self._wrapped[method] = HandlerCache(lambda h: self._audited(h, method.rsplit("/", 1)[-1]))
-        return cache(handler)
+        return self._wrapped(method, handler)
 
     def _audited(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         def start(request: Any, context: grpc.aio.ServicerContext) -> Finish:

@@ -17,13 +17,16 @@ Order (a call passes them first to last before reaching its servicer):
 
 Interceptors build nothing per call: gRPC hands every call of a method the
 same handler object, so each interceptor wraps a handler once and keeps the
-result (:class:`HandlerCache`); what differs per call (the caller, a refusal)
-travels in context variables, which belong to the call's own task.
+result (:class:`HandlerCache`; :class:`MethodHandlerCache` keeps one per
+method, for wrappers that depend on the method); what differs per call (the
+caller, a refusal) travels in context variables, which belong to the call's
+own task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -37,6 +40,7 @@ __all__ = [
     "Finish",
     "HandlerCache",
     "MalformedRequests",
+    "MethodHandlerCache",
     "StreamBehaviour",
     "UnaryBehaviour",
     "build_interceptors",
@@ -183,6 +187,26 @@ class HandlerCache:
         return len(self._wrapped)
 
 
+Wrapper = Callable[[grpc.RpcMethodHandler], grpc.RpcMethodHandler]
+
+
+class MethodHandlerCache:
+    """A :class:`HandlerCache` per method path: ``wrapper_for(path)`` makes a method's wrapper once.
+
+    Only registered methods reach an interceptor with a handler, so it stays small.
+    """
+
+    def __init__(self, wrapper_for: Callable[[str], Wrapper]):
+        self._wrapper_for = wrapper_for
+        self._by_method: dict[str, HandlerCache] = {}
+
+    def __call__(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        cache = self._by_method.get(path)
+        if cache is None:
+            cache = self._by_method[path] = HandlerCache(self._wrapper_for(path))
+        return cache(handler)
+
+
 class _Malformed:
     """What a request that does not parse becomes, so that its handler can say so."""
 
@@ -206,7 +230,9 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
     """A request message that does not parse ends its call with INVALID_ARGUMENT naming the method."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, HandlerCache] = {}
+        self._wrapped = MethodHandlerCache(
+            lambda path: functools.partial(_refusing_malformed, method=path.rsplit("/", 1)[-1])
+        )
 
     async def intercept_service(
         self,
@@ -216,11 +242,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        cache = self._wrapped.get(details.method)
-        if cache is None:
-            method = details.method.rsplit("/", 1)[-1]
-            cache = self._wrapped[details.method] = HandlerCache(lambda h: _refusing_malformed(h, method))
-        return cache(handler)
+        return self._wrapped(details.method, handler)
 
 
 def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from infergate.serving.codec import ROUTE_PARAMETER, SHADOWED_PARAMETER
-from infergate.serving.interceptors import Finish, HandlerCache, call_status, observe_handler
+from infergate.serving.interceptors import Finish, MethodHandlerCache, call_status, observe_handler
 from infergate.telemetry.metrics import ServerMetrics
 
 __all__ = ["ACCESS_LOG", "UNTRACED_SERVICES", "TelemetryInterceptor"]
@@ -59,7 +59,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._metrics = metrics
         self._trace_health = trace_health
         # Inner handlers are the same objects call after call (one per method), so each is wrapped once.
-        self._wrapped: dict[str, HandlerCache] = {}
+        self._wrapped = MethodHandlerCache(lambda path: functools.partial(self._wrap, path=path))
 
     def samples_root(self) -> bool:
         """Whether a call that brings no trace context is traced (``sample_ratio`` of them).
@@ -80,10 +80,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return None
-        cache = self._wrapped.get(details.method)
-        if cache is None:
-            cache = self._wrapped[details.method] = HandlerCache(functools.partial(self._wrap, path=details.method))
-        return cache(handler)
+        return self._wrapped(details.method, handler)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, path: str) -> grpc.RpcMethodHandler:
         service, _, method = path.lstrip("/").partition("/")
