@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["build_slow_model"]
+__all__ = ["build_slow_model", "make_model"]
 
 _OPSET = 17
 _IR_VERSION = 8  # the IR version that introduced opset 17; loads in any supported onnxruntime
 
 
-def _make_model(graph: onnx.GraphProto) -> onnx.ModelProto:
+def make_model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """``graph`` as a checked model at opset 17: what every model built in code for tests and load scenarios uses."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=_IR_VERSION)
     onnx.checker.check_model(model)
     return model
@@ -99,4 +100,4 @@ def build_slow_model(milliseconds_hint: int = 100) -> onnx.ModelProto:
             numpy_helper.from_array(np.array(True), "keep_going"),
         ],
     )
-    return _make_model(graph)
+    return make_model(graph)

@@ -36,6 +36,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 
 from .clients import CHANNEL_OPTIONS, CallFailed
 from .loops import Tally, Window, closed_loop, cpu_in_window
+from .models import make_model
 from .report import LoadResult, format_load_table, summarize_load
 from .servers import free_port, running_server
 
@@ -90,7 +91,7 @@ def build_accumulator() -> onnx.ModelProto:
     outputs = [vector("OUTPUT"), vector("OUTPUT_STATE")]
     one = helper.make_tensor("ONE", TensorProto.FLOAT, [], [1.0])
     graph = helper.make_graph(nodes, MODEL, inputs, outputs, initializer=[one])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return make_model(graph)
 
 
 def build_repository(root: pathlib.Path) -> None:

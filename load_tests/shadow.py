@@ -27,6 +27,7 @@ from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
 from infergate.demo import build_mlp
 
 from .generator import LoadConfig, run_closed_loop
+from .models import make_model
 from .report import LoadResult
 from .servers import free_port, running_server
 
@@ -89,7 +90,7 @@ def _refusing_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 513])],
         [numpy_helper.from_array(np.zeros(513, dtype=np.float32), "zero")],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return make_model(graph)
 
 
 def build_repository(root: pathlib.Path, routing: str) -> None:

@@ -47,6 +47,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 
 from .clients import CHANNEL_OPTIONS, CallFailed
 from .loops import Tally, Window, closed_loop, cpu_in_window
+from .models import make_model
 from .report import LoadResult, format_load_table, summarize_load
 from .servers import free_port, running_server
 
@@ -80,7 +81,7 @@ def build_image_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", CLASSES])],
         initializer=[numpy_helper.from_array(_weights(), "W")],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return make_model(graph)
 
 
 def expected_scores(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -14,18 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from load_tests.models import build_slow_model
+from load_tests.models import build_slow_model, make_model
 
 __all__ = ["build_gather_model", "build_slow_model", "save_model"]
-
-_OPSET = 17
-_IR_VERSION = 8  # the IR version that introduced opset 17; loads in any supported onnxruntime
-
-
-def _make_model(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=_IR_VERSION)
-    onnx.checker.check_model(model)
-    return model
 
 
 def build_gather_model() -> onnx.ModelProto:
@@ -44,7 +35,7 @@ def build_gather_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
         initializer=[numpy_helper.from_array(table, "table")],
     )
-    return _make_model(graph)
+    return make_model(graph)
 
 
 def save_model(
