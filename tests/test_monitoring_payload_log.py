@@ -20,6 +20,7 @@ from conftest import eventually
 from monitoring_support import spec, tensor
 
 from infergate.configfile import ConfigError
+from infergate.monitoring.accumulator import Sampler
 from infergate.monitoring.config import PayloadLogConfig
 from infergate.monitoring.payload_log import REDACTED, TOO_LARGE, PayloadLog, open_payload_log
 
@@ -131,7 +132,7 @@ async def test_the_file_rotates_by_size_keeping_the_configured_backups(tmp_path:
 
 async def test_requests_are_sampled_with_the_injected_rng(tmp_path: Path) -> None:
     log = open_payload_log(config(tmp_path / "p.jsonl", sample_fraction=0.01), MODEL, Path("c.yaml"))
-    log._rng = random.Random(5)
+    log._sampler = Sampler(0.01, random.Random(5))  # the sampler open_payload_log made, with a seeded rng
     draws = random.Random(5)
     for _ in range(2000):
         log.offer(request(), {})

@@ -25,11 +25,15 @@ import asyncio
 import functools
 import logging
 import queue
+import random
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-__all__ = ["QUEUE_BYTES", "Accumulator", "tensor_bytes"]
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["QUEUE_BYTES", "Accumulator", "Sampler", "kept_inputs", "tensor_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +172,34 @@ class Accumulator(Generic[T]):
             self.errors += 1
             if self.errors == 1 or self.errors % 1000 == 0:  # the cause once, then a reminder now and then
                 log.exception("%s: background work failed (%d failure(s) so far)", self.name, self.errors)
+
+
+class Sampler:
+    """Counts the requests offered to a consumer and draws the ``fraction`` of them it samples.
+
+    The drift monitor and the payload log each own one; ``requests`` and
+    ``sampled`` are what their status and metrics report.
+    """
+
+    __slots__ = ("_fraction", "_rng", "requests", "sampled")
+
+    def __init__(self, fraction: float, rng: random.Random | None = None) -> None:
+        self._fraction = fraction
+        self._rng = rng or random.Random()
+        self.requests = 0
+        self.sampled = 0
+
+    def draw(self) -> bool:
+        """Count one request; True when it is sampled."""
+        self.requests += 1
+        fraction = self._fraction
+        if fraction <= 0.0 or (fraction < 1.0 and self._rng.random() >= fraction):
+            return False
+        self.sampled += 1
+        return True
+
+
+def kept_inputs(inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    """Copies of a request's inputs to keep past its answer: an input may be a view of a client's
+    shared memory, or of a larger buffer that the copy does not keep alive."""
+    return {name: np.array(array) for name, array in inputs.items()}

@@ -26,14 +26,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import numpy.typing as npt
 
 from infergate.configfile import ConfigError
 from infergate.models.config import ModelConfig
 from infergate.models.runner import ModelLoadError
 from infergate.models.spec import ModelSpec
-from infergate.monitoring.accumulator import QUEUE_BYTES, Accumulator, tensor_bytes
+from infergate.monitoring.accumulator import QUEUE_BYTES, Accumulator, Sampler, kept_inputs, tensor_bytes
 from infergate.monitoring.config import DriftConfig
 from infergate.monitoring.payload_log import PayloadLog, open_payload_log
 from infergate.monitoring.profile import ReferenceProfile, check_profile, read_profile
@@ -96,11 +95,9 @@ class DriftMonitor:
         wall_clock: Callable[[], float] = time.time,
     ):
         self.model, self.version, self.config = model, version, config
-        self.requests = 0
-        self.sampled = 0
+        self._sampler = Sampler(config.sample_fraction, rng)
         self.rejected = 0  # sampled requests whose tensors did not fit the profile
         self.events: DriftEvents | None = None  # set before start (ModelMonitor.report_alerts_to); read on the thread
-        self._rng = rng or random.Random()
         self._clock, self._wall_clock = clock, wall_clock
         self._window = DriftWindow(profile, config.window, batches)
         self._snapshot = DriftSnapshot()
@@ -116,6 +113,14 @@ class DriftMonitor:
         )
 
     @property
+    def requests(self) -> int:
+        return self._sampler.requests
+
+    @property
+    def sampled(self) -> int:
+        return self._sampler.sampled
+
+    @property
     def dropped(self) -> int:
         """Sampled requests dropped because the accumulator's queue was full."""
         return self._accumulator.dropped
@@ -128,13 +133,9 @@ class DriftMonitor:
     def observe(self, inputs: Tensors, outputs: Tensors) -> None:
         """One answered request (all of its inputs and outputs). O(1): samples, then queues references."""
         try:
-            self.requests += 1
-            fraction = self.config.sample_fraction
-            if fraction <= 0.0 or (fraction < 1.0 and self._rng.random() >= fraction):
+            if not self._sampler.draw():
                 return
-            self.sampled += 1
-            # Kept past the answer: a copy, since an input may be a view of the client's shared memory.
-            kept = {name: np.array(array) for name, array in inputs.items()}
+            kept = kept_inputs(inputs)
             self._accumulator.offer((kept, outputs), tensor_bytes(kept, outputs))
         except Exception:  # pragma: no cover - nothing above raises; the caller must never see it if it did
             log.debug("drift observe failed", exc_info=True)

@@ -49,7 +49,7 @@ from opentelemetry import trace
 
 from infergate.configfile import ConfigError
 from infergate.models.spec import ModelSpec
-from infergate.monitoring.accumulator import QUEUE_BYTES, Accumulator, tensor_bytes
+from infergate.monitoring.accumulator import QUEUE_BYTES, Accumulator, Sampler, kept_inputs, tensor_bytes
 from infergate.monitoring.config import PayloadLogConfig
 
 __all__ = ["REDACTED", "TOO_LARGE", "PayloadLog", "PayloadRecord", "PayloadWriter", "format_record", "open_payload_log"]
@@ -262,26 +262,29 @@ class PayloadLog:
         self.model, self.version, self.config = model, version, config
         self.policy = policy
         self.writer = writer
-        self.requests = 0
-        self.sampled = 0
+        self._sampler = Sampler(config.sample_fraction, rng)
         self.dropped = 0
-        self._rng = rng or random.Random()
         self._closed = False
+
+    @property
+    def requests(self) -> int:
+        return self._sampler.requests
+
+    @property
+    def sampled(self) -> int:
+        return self._sampler.sampled
 
     def offer(
         self, inputs: Tensors, outputs: Tensors, *, request_id: str = "", route: str = "", trace_id: str | None = None
     ) -> None:
         """One answered request; ``trace_id`` None: the current span's. O(1) on the loop, never raises."""
         try:
-            self.requests += 1
-            fraction = self.config.sample_fraction
-            if fraction <= 0.0 or (fraction < 1.0 and self._rng.random() >= fraction):
+            if not self._sampler.draw():
                 return
-            self.sampled += 1
             if trace_id is None:
                 context = trace.get_current_span().get_span_context()
                 trace_id = format(context.trace_id, "032x") if context.is_valid else ""
-            kept = {name: np.array(array) for name, array in inputs.items()}  # may be a view of shared memory
+            kept = kept_inputs(inputs)
             record = PayloadRecord(
                 time.time(), self.model, self.version, request_id, trace_id, route, kept, outputs, self.policy
             )
