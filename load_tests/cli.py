@@ -481,6 +481,12 @@ def _ceiling_models(args: argparse.Namespace) -> dict[str, ModelSignature]:
     return {signature.name: signature}
 
 
+def _out_dir(args: argparse.Namespace, prefix: str) -> pathlib.Path:
+    """``--out``, or ``results/PREFIX-<UTC time>`` when it was not given."""
+    out: pathlib.Path | None = args.out
+    return out or pathlib.Path("results") / time.strftime(f"{prefix}-%Y%m%d-%H%M%S", time.gmtime())
+
+
 def _cmd_ceiling(args: argparse.Namespace) -> int:
     from .ceiling import run_ceiling
 
@@ -508,7 +514,7 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     from .suite import DEFAULT_SERVER_COMMAND, SuiteConfig, print_summary, run_suite
 
     signal.signal(signal.SIGTERM, _raise_exit)
-    out = args.out or pathlib.Path("results") / time.strftime("suite-%Y%m%d-%H%M%S", time.gmtime())
+    out = _out_dir(args, "suite")
     config = SuiteConfig(
         out=out,
         duration=args.duration,
@@ -610,7 +616,7 @@ def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
     if args.costs_only:
         return 0
     signal.signal(signal.SIGTERM, _raise_exit)
-    out = args.out or pathlib.Path("results") / time.strftime("overhead-%Y%m%d-%H%M%S", time.gmtime())
+    out = _out_dir(args, "overhead")
     config = OverheadConfig(
         out=out, model=args.model, concurrency=args.concurrency, duration=args.duration,
         warmup=args.warmup, rounds=args.rounds, variants=args.variants,
@@ -625,7 +631,7 @@ def _cmd_drift_overhead(args: argparse.Namespace) -> int:
     from .drift import DriftOverheadConfig, run_drift_overhead
 
     signal.signal(signal.SIGTERM, _raise_exit)
-    out = args.out or pathlib.Path("results") / time.strftime("drift-%Y%m%d-%H%M%S", time.gmtime())
+    out = _out_dir(args, "drift")
     config = DriftOverheadConfig(
         out=out, model=args.model, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
         rounds=args.rounds, window=args.window, variants=args.variants,
@@ -642,7 +648,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     from .soak import SoakConfig, format_report, run_soak
 
     signal.signal(signal.SIGTERM, _raise_exit)
-    out = args.out or pathlib.Path("results") / time.strftime("soak-%Y%m%d-%H%M%S", time.gmtime())
+    out = _out_dir(args, "soak")
     config = SoakConfig(
         minutes=args.minutes, models=parse_mix(args.models), concurrency=args.concurrency,
         sample_seconds=args.sample_seconds, warmup_minutes=args.warmup_minutes, bound_percent=args.bound_percent,
