@@ -24,7 +24,7 @@ from infergate.offline.writers import fsync_directory
 __all__ = ["STATE_FILE", "ResumeError", "RunState", "identity_of"]
 
 STATE_FILE = "state.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: .npz runs record each array's CRC
 
 
 class ResumeError(ValueError):

@@ -19,8 +19,10 @@ the output from the staging folder and moves it into place atomically.
              per chunk, finished by copying the parts into one file, a row
              group each
 ``.npz``     one array per output and one for the ids, as ``np.savez``
-             would write them (uncompressed); staged as raw files; numbers
-             only (no BYTES outputs, numeric ids)
+             would write them (uncompressed); the largest array is written
+             into the archive as the run goes, the others staged as raw
+             files and appended at the end (see :class:`NpzWriter`);
+             numbers only (no BYTES outputs, numeric ids)
 ==========  ================================================================
 """
 
@@ -30,7 +32,8 @@ import json
 import math
 import os
 import shutil
-import zipfile
+import time
+import zlib
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from infergate.models.spec import ModelSpec
+from infergate.offline import npzfile
 from infergate.offline.readers import InputError, RowError, need_pyarrow
 
 __all__ = ["OUTPUT_FORMATS", "ErrorsFile", "Writer", "fsync_directory", "open_writer"]
@@ -221,6 +225,16 @@ class ParquetWriter(Writer):
 
 
 class NpzWriter(Writer):
+    """Writes the largest array (by row size) into the archive itself, the others into raw files.
+
+    The staged archive ``output.npz`` begins with that member's local header and
+    ``.npy`` header, both of a size known from its dtype and per-row shape, and
+    filled in by :meth:`finish`; its data follows as the chunks come. The other
+    arrays (the ids, further outputs), a few bytes a row, are appended after it
+    when the run finishes. Each array's CRC is kept as it is written and
+    recorded with its size at every commit, so a resumed run continues both.
+    """
+
     def __init__(self, output: Path, staging: Path, spec: ModelSpec, id_name: str) -> None:
         super().__init__(output, staging, spec, id_name)
         text = [t.name for t in spec.outputs if t.datatype.name == "BYTES"]
@@ -228,17 +242,43 @@ class NpzWriter(Writer):
             raise InputError(
                 f"{output}: outputs {text} are text (BYTES), which .npz cannot hold: use .jsonl or .parquet"
             )
+        self._archive = staging / "output.npz"
+        self._files: dict[str, IO[bytes]] = {}
+        self._crcs: dict[str, int] = {}
+        self._layout: dict[str, list[Any]] = {}
 
     def resume(self, position: dict[str, Any]) -> None:
-        self._layout: dict[str, list[Any]] = {k: list(v) for k, v in position.get("layout", {}).items()}
-        sizes = position.get("sizes", {})
+        self._layout = {k: list(v) for k, v in position.get("layout", {}).items()}
+        sizes, self._crcs = position.get("sizes", {}), dict(position.get("crcs", {}))
+        if not sizes:
+            self._archive.unlink(missing_ok=True)
         for raw in self.staging.glob("*.raw"):  # first written after the last commit: not in the state
             if raw.stem not in sizes:
                 raw.unlink()
-        self._files = {name: _truncated(self._raw(name), int(size)) for name, size in sizes.items()}
+        for name, size in sizes.items():
+            path, start = self._place(name)
+            self._files[name] = _truncated(path, start + int(size))
 
-    def _raw(self, name: str) -> Path:
-        return self.staging / f"{name}.raw"
+    def _inplace(self) -> str:
+        """The array written into the archive: the most bytes a row (the first of equals)."""
+        return max(self._layout, key=lambda name: _row_bytes(*self._layout[name]))
+
+    def _place(self, name: str) -> tuple[Path, int]:
+        """Where ``name``'s data goes: a file and the offset its data starts at."""
+        if name != self._inplace():
+            return self.staging / f"{name}.raw", 0
+        return self._archive, self._headers_size(name)
+
+    def _headers_size(self, name: str) -> int:
+        descr, shape = self._layout[name]
+        return len(npzfile.local_header(f"{name}.npy", 0, 0, 0)) + npzfile.npy_header_size(np.dtype(descr), shape)
+
+    def _open(self, name: str) -> IO[bytes]:
+        path, start = self._place(name)
+        file = path.open("wb")
+        file.write(bytes(start))  # headers come at finish
+        self._crcs[name] = 0
+        return file
 
     def write(self, ids: Array, outputs: dict[str, Array]) -> None:
         if not len(ids):
@@ -252,35 +292,69 @@ class NpzWriter(Writer):
             raise InputError(f"outputs changed shape between chunks ({self._layout} then {layout}): use .jsonl")
         for name, array in arrays.items():
             if name not in self._files:
-                self._files[name] = self._raw(name).open("ab")
-            self._files[name].write(np.ascontiguousarray(array).tobytes())
+                self._files[name] = self._open(name)
+            data = np.ascontiguousarray(array).data  # no copy beyond the kernel's
+            self._crcs[name] = zlib.crc32(data, self._crcs[name])
+            self._files[name].write(data)
 
     def commit(self) -> dict[str, Any]:
-        sizes = {name: _durable(file) for name, file in self._files.items()}
+        sizes = {name: _durable(file) - self._place(name)[1] for name, file in self._files.items()}
         fsync_directory(self.staging)
-        return {"sizes": sizes, "layout": self._layout}
+        return {"sizes": sizes, "crcs": self._crcs, "layout": self._layout}
 
     def finish(self) -> None:
+        when = time.time()
         for file in self._files.values():
             file.close()
-        staged = self.staging / "output.npz"
-        with zipfile.ZipFile(staged, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, (descr, shape) in self._layout.items():
-                self._member(archive, name, np.dtype(descr), shape)
-        os.replace(staged, self.output)
+        self._files = {}
+        with self._archive.open("r+b" if self._layout else "wb") as archive:
+            members = []
+            if self._layout:
+                first = self._inplace()
+                members.append(self._fill_in(archive, first, when))
+                archive.seek(0, os.SEEK_END)
+                members += [self._append(archive, name, when) for name in self._layout if name != first]
+            at = archive.tell()
+            members.sort(key=lambda m: list(self._layout).index(m.name.removesuffix(".npy")))  # np.savez's order
+            archive.write(npzfile.central_directory(members, at, when))
+            archive.flush()
+            os.fsync(archive.fileno())
+        os.replace(self._archive, self.output)
 
-    def _member(self, archive: zipfile.ZipFile, name: str, dtype: np.dtype[Any], shape: list[int]) -> None:
-        raw = self._raw(name)
-        row_bytes = dtype.itemsize * math.prod(shape)
-        rows = raw.stat().st_size // row_bytes if row_bytes else 0
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *shape)}
-        with archive.open(f"{name}.npy", "w", force_zip64=True) as member, raw.open("rb") as source:
-            np.lib.format.write_array_header_2_0(member, header)
-            shutil.copyfileobj(source, member, _COPY_BLOCK)
+    def _npy_header(self, name: str, data_size: int) -> bytes:
+        descr, shape = self._layout[name]
+        dtype = np.dtype(descr)
+        return npzfile.npy_header(dtype, shape, data_size // _row_bytes(descr, shape) if data_size else 0)
+
+    def _fill_in(self, archive: IO[bytes], name: str, when: float) -> npzfile.Member:
+        """The in-place member's headers, now that its size and CRC are known."""
+        data_size = self._archive.stat().st_size - self._headers_size(name)
+        header = self._npy_header(name, data_size)
+        crc = npzfile.crc32_combine(zlib.crc32(header), self._crcs[name], data_size)
+        size = len(header) + data_size
+        archive.seek(0)
+        archive.write(npzfile.local_header(f"{name}.npy", crc, size, when) + header)
+        return npzfile.Member(f"{name}.npy", crc, size, 0)
+
+    def _append(self, archive: IO[bytes], name: str, when: float) -> npzfile.Member:
+        """A member copied from its raw file at the archive's end."""
+        raw = self.staging / f"{name}.raw"
+        data_size = raw.stat().st_size
+        header = self._npy_header(name, data_size)
+        crc = npzfile.crc32_combine(zlib.crc32(header), self._crcs[name], data_size)
+        offset, size = archive.tell(), len(header) + data_size
+        archive.write(npzfile.local_header(f"{name}.npy", crc, size, when) + header)
+        with raw.open("rb") as source:
+            shutil.copyfileobj(source, archive, _COPY_BLOCK)
+        return npzfile.Member(f"{name}.npy", crc, size, offset)
 
     def close(self) -> None:
         for file in self._files.values():
             file.close()
+
+
+def _row_bytes(descr: str, shape: list[int]) -> int:
+    return np.dtype(descr).itemsize * math.prod(shape)
 
 
 # --------------------------------------------------------------------------- bad rows
