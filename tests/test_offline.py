@@ -376,3 +376,26 @@ def test_reading_parquet_holds_about_one_row_group_whatever_the_files_size(tmp_p
     assert seen == rows * groups
     file_bytes = rows * groups * 16 * 4
     assert held < 8 * file_bytes // groups, f"{held} bytes of Arrow memory held for a {file_bytes}-byte file"
+
+
+# --------------------------------------------------------------------------- the speed benchmark
+
+
+def test_the_documented_speed_benchmark_runs_and_reports_each_bracketed_run(tmp_path: Path) -> None:
+    """docs/offline.md's benchmark, on inputs small enough for the suite (its figures mean nothing here)."""
+    out = tmp_path / "offline.json"
+    command = [
+        sys.executable, "scripts/bench_offline.py", "--workdir", str(tmp_path / "work"), "--out", str(out),
+        "--sizes-mb", "1", "2", "--batch-sizes", "8", "32", "--sweep-rows", "256", "--rounds", "1",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 1), done.stderr  # 1: a check failed, as it may on inputs this small
+    results = json.loads(out.read_text())
+    assert results["infergate_batch_size"] == results["sweep"]["best_batch_size"]
+    for megabytes, rows in (("1", 512), ("2", 1024)):
+        (run,) = results["runs_by_input_mb"][megabytes]
+        assert run["rows"] == rows
+        assert run["ratio"] == pytest.approx(
+            run["samples_per_second"] / ((run["onnxruntime_before"] + run["onnxruntime_after"]) / 2)
+        )
+    assert set(results["checks"]) == {"throughput_at_least_0.9x", "rss_flat_within_20pct"}

@@ -66,7 +66,8 @@ def npy_header(dtype: np.dtype[Any], inner: Sequence[int], rows: int) -> bytes:
 
 def _dos_time(when: float) -> tuple[int, int]:
     t = time.localtime(max(when, _DOS_EPOCH))
-    return (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2), ((t.tm_year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
+    dos_time = (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2)
+    return dos_time, ((t.tm_year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
 
 
 def _flags(name: bytes) -> int:
