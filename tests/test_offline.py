@@ -219,7 +219,9 @@ def slow_input(tmp_path: Path) -> Iterator[tuple[Path, Array]]:
     yield source, x
 
 
-@pytest.mark.parametrize(("sig", "suffix"), [(signal.SIGKILL, ".jsonl"), (signal.SIGINT, ".parquet")])
+@pytest.mark.parametrize(
+    ("sig", "suffix"), [(signal.SIGKILL, ".jsonl"), (signal.SIGINT, ".parquet"), (signal.SIGKILL, ".npz")]
+)
 async def test_a_stopped_run_resumes_and_writes_every_row_exactly_once(
     repository: Path, tmp_path: Path, slow_input: tuple[Path, Array], sig: signal.Signals, suffix: str
 ) -> None:
