@@ -66,7 +66,12 @@ class ServerProcess:
         )
 
     def log(self) -> str:
-        return self.log_path.read_text()
+        """The server's log so far. While it runs, only up to the last complete line: a read may
+        land in the middle of the server writing one (seen in CI as half a JSON audit record)."""
+        text = self.log_path.read_text()
+        if self.process.poll() is not None:
+            return text
+        return text[: text.rfind("\n") + 1]
 
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM, then wait for the drain; returns the exit code."""
