@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """What authentication costs per request: the same server with and without the auth block.
 
-Starts ``infergate serve`` on loopback twice per round (auth off, then RS256
-JWT auth on, alternating which goes first), drives each with the load harness
-(``python -m load_tests closed``, the token sent with ``--token``), and prints
-the harness's tables plus two comparisons: throughput, and the server's own
-CPU time per answered request (from /proc and ModelStatistics), which a busy
-shared machine disturbs far less than throughput. Run from the repository root:
+Starts ``infergate serve`` on loopback twice per round (auth off, then JWT auth
+on with ``--algorithm``, HS256 by default; alternating which goes first), drives
+each with the load harness (``python -m load_tests closed``, the token sent with
+``--token``), and prints the harness's tables plus two comparisons per round:
+throughput, and the server's own CPU time per answered request (from /proc and
+ModelStatistics), which a busy shared machine disturbs less than throughput.
+Last, the mean of each over the rounds with twice its standard error: enough
+rounds make that interval narrower than the effect being asked about. Run from
+the repository root:
 
-    python scripts/bench_auth.py --model matmul16 --concurrency 16 --duration 10 --rounds 2
+    python scripts/bench_auth.py --model matmul16 --concurrency 16 --duration 8 --rounds 12
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,21 +36,34 @@ from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 
 
-def _keys(directory: Path) -> str:
-    """Write an RSA public key for the server; return a token signed with its private half."""
+def _keys(directory: Path, algorithm: str) -> tuple[dict[str, object], str]:
+    """The server's auth block and a token it accepts, for ``algorithm`` (HS256 or RS256)."""
+    claims = {"sub": "bench", "exp": int(time.time()) + 3600, "scope": "infer:* metadata"}
+    if algorithm == "HS256":
+        secret = os.urandom(32).hex()
+        (directory / "secret").write_text(secret)
+        auth = {"enabled": True, "algorithms": ["HS256"], "secret_file": str(directory / "secret")}
+        return auth, jwt.encode(claims, secret, algorithm="HS256")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (directory / "issuer.pem").write_bytes(pem)
-    claims = {"sub": "bench", "exp": int(time.time()) + 3600, "scope": "infer:* metadata"}
-    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"})
-
-
-def _configs(directory: Path) -> dict[str, Path]:
     auth = {"enabled": True, "algorithms": ["RS256"], "public_keys": [{"file": str(directory / "issuer.pem")}]}
-    paths = {"no auth": directory / "plain.yaml", "JWT RS256": directory / "auth.yaml"}
+    return auth, jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"})
+
+
+def _configs(directory: Path, auth: dict[str, object], label: str) -> dict[str, Path]:
+    paths = {"no auth": directory / "plain.yaml", label: directory / "auth.yaml"}
     paths["no auth"].write_text("{}\n")
-    paths["JWT RS256"].write_text(json.dumps({"auth": auth}))
+    paths[label].write_text(json.dumps({"auth": auth}))
     return paths
+
+
+def _mean_and_margin(values: list[float]) -> str:
+    """``mean ± 2 standard errors`` (the margin needs two rounds or more)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {2 * statistics.stdev(values) / len(values) ** 0.5:.3f}"
 
 
 def _serve(repository: Path, config: Path, port: int) -> subprocess.Popen[bytes]:
@@ -97,13 +114,15 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--port", type=int, default=18110)
+    parser.add_argument("--algorithm", choices=["HS256", "RS256"], default="HS256")
     args = parser.parse_args()
     if not args.model_repository.exists():
         subprocess.run([sys.executable, "-m", "infergate", "demo-repository", str(args.model_repository)], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        token = _keys(directory)
-        configs = _configs(directory)
+        auth, token = _keys(directory, args.algorithm)
+        label_on = f"JWT {args.algorithm}"
+        configs = _configs(directory, auth, label_on)
         rates: dict[str, list[float]] = {label: [] for label in configs}
         cpu_us: dict[str, list[float]] = {label: [] for label in configs}
         for round_ in range(args.rounds):
@@ -126,10 +145,13 @@ def main() -> int:
             f"{label:>9}: req/s {', '.join(f'{v:,.0f}' for v in rates[label])}; "
             f"server CPU per request (us) {', '.join(f'{v:,.0f}' for v in cpu_us[label])}"
         )
-    ratio = [a / p for a, p in zip(rates["JWT RS256"], rates["no auth"], strict=True)]
-    extra = [a - p for a, p in zip(cpu_us["JWT RS256"], cpu_us["no auth"], strict=True)]
+    ratio = [a / p for a, p in zip(rates[label_on], rates["no auth"], strict=True)]
+    cpu_ratio = [a / p for a, p in zip(cpu_us[label_on], cpu_us["no auth"], strict=True)]
+    extra = [a - p for a, p in zip(cpu_us[label_on], cpu_us["no auth"], strict=True)]
     print(f"throughput auth / no auth, per round: {', '.join(f'{r:.2f}' for r in ratio)}")
     print(f"server CPU added by auth per request (us), per round: {', '.join(f'{e:+,.0f}' for e in extra)}")
+    print(f"throughput auth / no auth, mean over {len(ratio)} rounds: {_mean_and_margin(ratio)}")
+    print(f"server CPU per request auth / no auth, mean: {_mean_and_margin(cpu_ratio)}")
     print(f"cpus: {os.cpu_count()}, load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
