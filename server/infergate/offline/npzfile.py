@@ -128,24 +128,15 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
     """The CRC-32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)`` (zlib's ``crc32_combine``).
 
     Appending ``length2`` zero bytes to ``a`` is a linear map on its CRC; the map
-    for 2**k bytes is built by squaring, as zlib does. Python's zlib does not expose it.
+    for 2**k bytes is the map for one byte squared k times (zlib's method). Python's zlib does not expose it.
     """
-    if length2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:
-        even = _gf2_square(odd)
+    operator = [0xEDB88320] + [1 << n for n in range(31)]  # appends one zero bit
+    for _ in range(3):
+        operator = _gf2_square(operator)  # two, four, then eight zero bits: one zero byte
+    while length2 > 0:
         if length2 & 1:
-            crc1 = _gf2_times(even, crc1)
+            crc1 = _gf2_times(operator, crc1)
         length2 >>= 1
-        if not length2:
-            break
-        odd = _gf2_square(even)
-        if length2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        length2 >>= 1
-        if not length2:
-            break
+        if length2:
+            operator = _gf2_square(operator)  # twice as many zero bytes
     return crc1 ^ crc2

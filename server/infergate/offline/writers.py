@@ -244,6 +244,7 @@ class NpzWriter(Writer):
             )
         self._archive = staging / "output.npz"
         self._files: dict[str, IO[bytes]] = {}
+        self._starts: dict[str, int] = {}  # where each array's data begins in its file
         self._crcs: dict[str, int] = {}
         self._layout: dict[str, list[Any]] = {}
 
@@ -256,8 +257,8 @@ class NpzWriter(Writer):
             if raw.stem not in sizes:
                 raw.unlink()
         for name, size in sizes.items():
-            path, start = self._place(name)
-            self._files[name] = _truncated(path, start + int(size))
+            path, self._starts[name] = self._place(name)
+            self._files[name] = _truncated(path, self._starts[name] + int(size))
 
     def _inplace(self) -> str:
         """The array written into the archive: the most bytes a row (the first of equals)."""
@@ -274,9 +275,9 @@ class NpzWriter(Writer):
         return len(npzfile.local_header(f"{name}.npy", 0, 0, 0)) + npzfile.npy_header_size(np.dtype(descr), shape)
 
     def _open(self, name: str) -> IO[bytes]:
-        path, start = self._place(name)
+        path, self._starts[name] = self._place(name)
         file = path.open("wb")
-        file.write(bytes(start))  # headers come at finish
+        file.write(bytes(self._starts[name]))  # headers come at finish
         self._crcs[name] = 0
         return file
 
@@ -298,7 +299,7 @@ class NpzWriter(Writer):
             self._files[name].write(data)
 
     def commit(self) -> dict[str, Any]:
-        sizes = {name: _durable(file) - self._place(name)[1] for name, file in self._files.items()}
+        sizes = {name: _durable(file) - self._starts[name] for name, file in self._files.items()}
         fsync_directory(self.staging)
         return {"sizes": sizes, "crcs": self._crcs, "layout": self._layout}
 
@@ -311,42 +312,34 @@ class NpzWriter(Writer):
             members = []
             if self._layout:
                 first = self._inplace()
-                members.append(self._fill_in(archive, first, when))
+                archive.seek(0)
+                written = self._write_member(archive, first, self._archive.stat().st_size - self._starts[first], when)
                 archive.seek(0, os.SEEK_END)
-                members += [self._append(archive, name, when) for name in self._layout if name != first]
-            at = archive.tell()
-            members.sort(key=lambda m: list(self._layout).index(m.name.removesuffix(".npy")))  # np.savez's order
-            archive.write(npzfile.central_directory(members, at, when))
+                members = [  # np.savez's order: the ids, then the outputs
+                    written if name == first else self._append(archive, name, when) for name in self._layout
+                ]
+            archive.write(npzfile.central_directory(members, archive.tell(), when))
             archive.flush()
             os.fsync(archive.fileno())
         os.replace(self._archive, self.output)
 
-    def _npy_header(self, name: str, data_size: int) -> bytes:
+    def _write_member(self, archive: IO[bytes], name: str, data_size: int, when: float) -> npzfile.Member:
+        """``name``'s local header and ``.npy`` header, written where ``archive`` stands; its data follows."""
         descr, shape = self._layout[name]
-        dtype = np.dtype(descr)
-        return npzfile.npy_header(dtype, shape, data_size // _row_bytes(descr, shape) if data_size else 0)
-
-    def _fill_in(self, archive: IO[bytes], name: str, when: float) -> npzfile.Member:
-        """The in-place member's headers, now that its size and CRC are known."""
-        data_size = self._archive.stat().st_size - self._headers_size(name)
-        header = self._npy_header(name, data_size)
+        rows = data_size // _row_bytes(descr, shape) if data_size else 0
+        header = npzfile.npy_header(np.dtype(descr), shape, rows)
         crc = npzfile.crc32_combine(zlib.crc32(header), self._crcs[name], data_size)
-        size = len(header) + data_size
-        archive.seek(0)
+        offset, size = archive.tell(), len(header) + data_size
         archive.write(npzfile.local_header(f"{name}.npy", crc, size, when) + header)
-        return npzfile.Member(f"{name}.npy", crc, size, 0)
+        return npzfile.Member(f"{name}.npy", crc, size, offset)
 
     def _append(self, archive: IO[bytes], name: str, when: float) -> npzfile.Member:
         """A member copied from its raw file at the archive's end."""
         raw = self.staging / f"{name}.raw"
-        data_size = raw.stat().st_size
-        header = self._npy_header(name, data_size)
-        crc = npzfile.crc32_combine(zlib.crc32(header), self._crcs[name], data_size)
-        offset, size = archive.tell(), len(header) + data_size
-        archive.write(npzfile.local_header(f"{name}.npy", crc, size, when) + header)
+        member = self._write_member(archive, name, raw.stat().st_size, when)
         with raw.open("rb") as source:
             shutil.copyfileobj(source, archive, _COPY_BLOCK)
-        return npzfile.Member(f"{name}.npy", crc, size, offset)
+        return member
 
     def close(self) -> None:
         for file in self._files.values():
