@@ -3,9 +3,10 @@
 Used to stop every process a server started (some peers start helpers that
 could outlive it), to prove that a server listens on loopback only, to find
 the process behind a port this harness did not start (:func:`listener_pid`),
-and to read what a server costs: CPU time (:func:`cpu_seconds`) and, over a
-process tree (``--workers N`` forks workers under a supervisor), resident
-memory, open files and threads (:func:`usage`).
+and to read what a server costs: CPU time (:func:`cpu_seconds`, and by
+thread: :func:`thread_cpu`, :func:`cpu_by_role`) and, over a process tree
+(``--workers N`` forks workers under a supervisor), resident memory, open
+files and threads (:func:`usage`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
+    "ROLES",
     "Listener",
     "ProcessUsage",
+    "cpu_by_role",
     "cpu_seconds",
     "descendants",
     "listener_pid",
     "listeners",
     "parse_proc_net_tcp",
     "process_tree",
+    "thread_cpu",
     "usage",
 ]
 
@@ -162,8 +166,68 @@ def listener_pid(port: int) -> int | None:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process: what a server costs, whatever else the machine does."""
-    fields = (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return _stat_cpu((_PROC / str(pid) / "stat").read_text())
+
+
+def _stat_cpu(stat_text: str) -> float:
+    fields = stat_text.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ThreadCpu:
+    """One thread: its process, the name the kernel knows it by, and its user + system CPU seconds."""
+
+    pid: int
+    name: str
+    seconds: float
+
+
+def thread_cpu(pids: Iterable[int]) -> dict[int, ThreadCpu]:
+    """Every thread of ``pids`` now, by thread id (threads that end while this reads are left out)."""
+    threads: dict[int, ThreadCpu] = {}
+    for pid in pids:
+        try:
+            tasks = list((_PROC / str(pid) / "task").iterdir())
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                name = (task / "comm").read_text().strip()
+                seconds = _stat_cpu((task / "stat").read_text())
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            threads[int(task.name)] = ThreadCpu(pid, name, seconds)
+    return threads
+
+
+# How cpu_by_role sorts threads, first match wins: a process's main thread runs its event loop
+# (infergate, the ceiling, grpc.aio servers generally); infergate names the threads that run models
+# "ort-..." (server/infergate/models/threadnames.py); gRPC's core names its own.
+ROLES = ("event loop", "models", "gRPC core", "other")
+_GRPC_THREADS = ("event_engine", "grpc_", "default-executo", "resolver-execut", "timer_manager")
+
+
+def _role(tid: int, thread: ThreadCpu) -> str:
+    if tid == thread.pid:
+        return "event loop"
+    if thread.name.startswith("ort-"):
+        return "models"
+    if thread.name.startswith(_GRPC_THREADS):
+        return "gRPC core"
+    return "other"
+
+
+def cpu_by_role(before: dict[int, ThreadCpu], after: dict[int, ThreadCpu]) -> dict[str, float]:
+    """CPU seconds spent between two :func:`thread_cpu` readings, summed by :data:`ROLES`.
+
+    A thread that started in between counts from zero; one that ended is lost.
+    """
+    spent = dict.fromkeys(ROLES, 0.0)
+    for tid, thread in after.items():
+        start = before.get(tid)
+        spent[_role(tid, thread)] += thread.seconds - (start.seconds if start is not None else 0.0)
+    return spent
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .compute import ComputeResult, compute_rows, format_compute_table, run_comp
 from .generator import GeneratorError, LoadConfig, run_closed_loop
 from .peers.launch import PEERS, peer_models
 from .peers.serve import PeerNotInstalled, running_peer
+from .procfs import ROLES, cpu_by_role, process_tree, thread_cpu
 from .report import (
     HeadlineColumn,
     LoadResult,
@@ -160,6 +162,8 @@ class SuiteReport:
     peers: dict[str, dict[str, LoadResult]] = field(default_factory=dict)  # by peer name, then scenario
     peer_setup: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each peer ran with
     compute: list[ComputeResult] = field(default_factory=list)
+    # Cores each role of threads used (procfs.ROLES), by server (ceiling, infergate), then scenario.
+    server_cpu: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     targets: list[TargetCheck] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -274,21 +278,29 @@ def _progress(message: str) -> None:
     print(f"[suite] {message}", file=sys.stderr, flush=True)
 
 
-Started = Callable[[], AbstractContextManager[str]]  # starts a server, yields its target, stops it
+@dataclass(frozen=True)
+class Serving:
+    """A started server: where to reach it and, for a process this suite started itself, its pid."""
+
+    target: str
+    pid: int | None = None
+
+
+Started = Callable[[], AbstractContextManager[Serving]]  # starts a server, yields it, stops it
 
 
 def _subprocess_server(name: str, argv: Callable[[int], list[str]], config: SuiteConfig) -> Started:
     """Starts ``argv(port)`` on a free port and waits for its ServerReady."""
 
     @contextmanager
-    def start() -> Iterator[str]:
+    def start() -> Iterator[Serving]:
         port = free_port()
         target = f"127.0.0.1:{port}"
         _progress(f"starting {name}: {shlex.join(argv(port))}")
         log = config.out / f"{name}.log"
         with running_server(name, argv(port), target, log, REPO_ROOT, config.ready_timeout) as process:
             _progress(f"{name} listens on {', '.join(check_loopback_only(name, process))}")
-            yield target
+            yield Serving(target, process.pid)
 
     return start
 
@@ -301,9 +313,14 @@ def _scenario_models(config: SuiteConfig) -> list[str]:
 def _load_phase(
     name: str, start: Started, config: SuiteConfig, report: SuiteReport, repo: pathlib.Path | None = None
 ) -> dict[str, LoadResult]:
-    """Start a server, check its answers (when ``repo`` is given), run the scenarios, stop it."""
+    """Start a server, check its answers (when ``repo`` is given), run the scenarios, stop it.
+
+    For a server the suite started itself it also records, per scenario, where the server's CPU
+    went (``report.server_cpu``).
+    """
     results: dict[str, LoadResult] = {}
-    with start() as target:
+    with start() as serving:
+        target = serving.target
         if repo is not None:
             check_answers(target, repo, _scenario_models(config))
             _progress(f"{name} answers as onnxruntime does ({', '.join(_scenario_models(config))})")
@@ -320,13 +337,26 @@ def _load_phase(
                 label=name,
             )
             try:
-                results[scenario.key] = run_closed_loop(load)
+                results[scenario.key], spent = _measured(load, serving.pid)
             except GeneratorError as exc:
                 report.failures.append(f"{name} {scenario.key}: {exc}")
                 _progress(f"FAILED {name} {scenario.key}: {exc}")
                 continue
+            if spent is not None:
+                report.server_cpu.setdefault(name, {})[scenario.key] = spent
             _progress(format_load_table([results[scenario.key]]).splitlines()[1])
     return results
+
+
+def _measured(load: LoadConfig, pid: int | None) -> tuple[LoadResult, dict[str, float] | None]:
+    """Run ``load``; with the server's ``pid``, also its CPU by thread role, in cores (warm-up included)."""
+    if pid is None:
+        return run_closed_loop(load), None
+    before, started = thread_cpu(process_tree(pid)), time.perf_counter()
+    result = run_closed_loop(load)
+    spent = cpu_by_role(before, thread_cpu(process_tree(pid)))
+    wall = time.perf_counter() - started
+    return result, {role: seconds / wall for role, seconds in spent.items()}
 
 
 def _peer_phase(name: str, repo: pathlib.Path, tmp: pathlib.Path, config: SuiteConfig, report: SuiteReport) -> None:
@@ -339,12 +369,12 @@ def _peer_phase(name: str, repo: pathlib.Path, tmp: pathlib.Path, config: SuiteC
     report.peer_setup[name] = setup
 
     @contextmanager
-    def start() -> Iterator[str]:
+    def start() -> Iterator[Serving]:
         _progress(f"starting {name} ({peer.title}) from {peer.venv}")
         with running_peer(peer, models, tmp / name, config.out / f"{name}.log", config.ready_timeout, _progress) as run:
             setup["listening"], setup["start_attempts"] = run.listening, run.attempts
             _progress(f"{name} listens on {', '.join(run.listening)}")
-            yield run.target
+            yield Serving(run.target)  # a peer's threads are its own: no CPU by role
 
     report.peers[name] = {}  # stays empty when the peer fails, so the side-by-side table shows it
     try:
@@ -457,6 +487,7 @@ def report_json(report: SuiteReport) -> dict[str, object]:
         "peers": report.peers,
         "peer_setup": report.peer_setup,
         "compute": report.compute,
+        "server_cpu": report.server_cpu,
         "failures": report.failures,
     }
 
@@ -517,6 +548,28 @@ def _peer_section(report: SuiteReport) -> list[str]:
     return lines
 
 
+def _cpu_section(report: SuiteReport) -> list[str]:
+    """Where each server's CPU went, per scenario, beside the load generator's."""
+    headers = ["server", "scenario", "total", *ROLES, "load generator"]
+    cells = []
+    for server, scenarios in report.server_cpu.items():
+        runs = report.ceiling if server == "ceiling" else report.infergate
+        for key, cores in scenarios.items():
+            generator = runs[key].generator_cpu_pct / 100 if key in runs else math.nan
+            shares = [f"{cores[role]:.2f}" for role in ROLES]
+            cells.append([server, key, f"{sum(cores.values()):.2f}", *shares, f"{generator:.2f}"])
+    return [
+        "## Where the CPU went (cores, over warm-up and measurement)",
+        "",
+        f"This machine has {os.cpu_count()} logical CPUs; the client runs on them too. By thread: the event "
+        "loop (each process's main thread), models (onnxruntime's threads and infergate's instance threads, "
+        "`ort-*`; a model that runs on the event loop counts there), gRPC core's own threads, and other "
+        "threads (grpc.aio's completion-queue poller among them).",
+        "",
+        markdown_table(headers, cells),
+    ]
+
+
 def render_markdown(report: SuiteReport) -> str:
     """suite.md: environment, side by side, targets, closed-loop and compute tables, peers, failures."""
     env, cfg = report.environment, report.config
@@ -548,6 +601,8 @@ def render_markdown(report: SuiteReport) -> str:
         "",
         markdown_table(compute_headers, compute_cells),
     ]
+    if report.server_cpu:
+        parts += ["", *_cpu_section(report)]
     if report.peer_setup:
         parts += ["", *_peer_section(report)]
     if report.failures:

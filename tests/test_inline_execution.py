@@ -12,6 +12,7 @@ otherwise choose.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ import onnx
 import pytest
 
 from infergate.demo import build_matmul16
+from infergate.models import threadnames
 from infergate.models.config import ModelConfig
 from infergate.models.runner import INLINE_WINDOW, BatchOutcome, OnnxRunner
 from infergate.models.stats import BatchTimings
+from tests.conftest import wait_until
 
 # Far above the default (100 µs), so that matmul16 counts as tiny however busy the machine is.
 LIMIT_US = 10_000
@@ -121,3 +124,20 @@ def test_a_window_of_slow_batches_sends_the_model_back_to_its_thread_for_good(ru
     assert not runner.inline
     assert not any(at_once for _, at_once in run_batches(runner, INLINE_WINDOW))
     assert not runner.inline
+
+
+def test_the_threads_that_run_a_model_carry_its_name(matmul16: Path) -> None:
+    """Linux's names (``top -H``, /proc): instance threads ``ort-<model>-<n>``, onnxruntime's pool ``ort-<model>``."""
+    before, own_name = thread_names(), threadnames.current_name()
+    config = ModelConfig(max_batch_size=64, instance_group={"count": 2}, session_options={"intra_op_num_threads": 2})
+    runner = OnnxRunner.load(matmul16, config, "matmul16", 1)
+    expected = Counter({"ort-matmul16": 2, "ort-matmul16-0": 1, "ort-matmul16-1": 1})  # a pool thread per session
+    try:
+        wait_until(lambda: thread_names() - before == expected, f"threads named {dict(expected)}")
+        assert threadnames.current_name() == own_name, "the loading thread keeps its own name"
+    finally:
+        runner.close()
+
+
+def thread_names() -> Counter[str]:
+    return Counter((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())

@@ -29,6 +29,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from infergate.errors import ModelExecutionError
+from infergate.models import threadnames
 from infergate.models.binding import BindingPlan, BoundSession, plan_binding
 from infergate.models.config import PROVIDERS, ModelConfig
 from infergate.models.spec import ModelSpec, Tensors, spec_from_graph
@@ -165,7 +166,16 @@ class OnnxRunner:
 
     @classmethod
     def load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
-        """Create the sessions (blocking: call from a thread) and warm them up."""
+        """Create the sessions (blocking: call from a thread) and warm them up.
+
+        The calling thread is called ``ort-<model>`` meanwhile, so that the threads
+        onnxruntime starts for the sessions carry that name (see threadnames.py).
+        """
+        with threadnames.named(f"ort-{name}"):
+            return cls._load(path, config, name, version)
+
+    @classmethod
+    def _load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
         providers = _providers(config, name)
         options = _session_options(config)
         try:
@@ -385,6 +395,7 @@ class _InstanceThreads:
         self._jobs.put((asyncio.get_running_loop(), callback, payloads, rows))
 
     def _serve(self, instance: Instance) -> None:
+        threadnames.set_name(threading.current_thread().name)
         nice = 0
         while (job := self._jobs.get()) is not None:
             if self.nice != nice:
