@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shlex
 import signal
 import sys
 import time
@@ -333,6 +334,18 @@ def _add_overload(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--factor", type=_positive_float, default=10.0, help="times the capacity (default 10)")
     p.add_argument("--duration", type=_positive_float, default=8.0, help="open-loop seconds (default 8)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/overload"), help="output directory")
+    p.add_argument(
+        "--url",
+        metavar="HOST:PORT",
+        help="measure a server already running there instead of starting one (serve --write-repository's "
+        "models with its server.yaml; pass its limit as --limit): keeps the generator off the server's cores",
+    )
+    p.add_argument(
+        "--write-repository",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="write the models and server.yaml (limit --limit) into DIR, print the serve command, and stop",
+    )
 
 
 def _add_sequences(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -562,12 +575,19 @@ def _cmd_shadow(args: argparse.Namespace) -> int:
 
 
 def _cmd_overload(args: argparse.Namespace) -> int:
-    from .overload import MODELS, format_overload, run_overload
+    from .overload import MODELS, format_overload, run_overload, run_overload_against, write_overload_repository
 
+    if args.write_repository is not None:
+        command = write_overload_repository(args.write_repository, args.limit)
+        print(shlex.join([*command, "--host", "0.0.0.0", "--port", "8001"]))
+        return 0
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if unknown := [m for m in models if m not in MODELS]:
         raise SystemExit(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
-    runs = [run_overload(m, args.limit, args.factor, args.duration, args.out) for m in models]
+    if args.url:
+        runs = [run_overload_against(args.url, m, args.limit, args.factor, args.duration, args.out) for m in models]
+    else:
+        runs = [run_overload(m, args.limit, args.factor, args.duration, args.out) for m in models]
     table = format_overload(runs)
     (args.out / "overload.md").write_text(table + "\n")
     print(table)

@@ -15,6 +15,11 @@ is large the row measures the generator, not the server, and says so.
 
 Two models: ``slow`` is compute-bound (about 20 ms per batch of up to 4),
 ``tiny`` is the demo's 16x16 product, bound by the server's per-call cost.
+
+On one machine the generator takes CPU from the server it measures. To keep
+them apart, write the repository (:func:`write_overload_repository`), serve it
+where you like, and measure it from elsewhere (:func:`run_overload_against`):
+the server's CPU share is then read only when it listens on this machine.
 """
 
 from __future__ import annotations
@@ -39,10 +44,10 @@ from infergate.demo import build_matmul16
 
 from .generator import LoadConfig, run_closed_loop
 from .models import build_slow_model
-from .procfs import cpu_seconds
+from .procfs import cpu_seconds, listener_pid
 from .servers import free_port, running_server
 
-__all__ = ["OverloadRun", "format_overload", "run_overload"]
+__all__ = ["OverloadRun", "format_overload", "run_overload", "run_overload_against", "write_overload_repository"]
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODELS = ("slow", "tiny")
@@ -63,7 +68,7 @@ class OverloadRun:
     admitted_p99_ms: float = math.nan
     refused_p50_ms: float = math.nan
     refused_p99_ms: float = math.nan
-    server_cpu_share: float = math.nan  # of one core, over the open-loop run
+    server_cpu_share: float = math.nan  # of one core, over the open-loop run; NaN for a server elsewhere
     send_lag_p99_ms: float = math.nan  # how late the generator sent calls
 
     @property
@@ -72,7 +77,14 @@ class OverloadRun:
         return not self.send_lag_p99_ms < GENERATOR_LAG_LIMIT_MS
 
 
-def _write_repository(root: pathlib.Path) -> None:
+def write_overload_repository(root: pathlib.Path, limit: int) -> list[str]:
+    """Write ``root/models`` (``slow`` and ``tiny``) and ``root/server.yaml`` (the limit); return the serve command."""
+    _write_models(root / "models")
+    (root / "server.yaml").write_text(f"limits: {{max_inference_calls: {limit}}}\n")
+    return ["infergate", "serve", "--model-repository", str(root / "models"), "--config", str(root / "server.yaml")]
+
+
+def _write_models(root: pathlib.Path) -> None:
     for name, model, config in (
         ("slow", build_slow_model(20), "max_batch_size: 4\nsession_options: {intra_op_num_threads: 1}\n"),
         ("tiny", build_matmul16(), "max_batch_size: 64\n"),
@@ -137,6 +149,10 @@ async def _open_loop(target: str, model: str, rate: float, duration: float, run:
         run.refused_p99_ms = _percentile(refused, 0.99) * 1e3
 
 
+def _share(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0%}"
+
+
 def _percentile(values: list[float], q: float) -> float:
     return sorted(values)[int(q * (len(values) - 1))] if values else math.nan
 
@@ -145,22 +161,41 @@ def run_overload(model: str, limit: int, factor: float, duration: float, out: pa
     """Measure ``model`` (``slow`` or ``tiny``) at ``factor`` times its capacity with ``limit`` calls admitted."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
-        root = pathlib.Path(tmp)
-        _write_repository(root / "models")
-        (root / "server.yaml").write_text(f"limits: {{max_inference_calls: {limit}}}\n")
+        command = write_overload_repository(pathlib.Path(tmp), limit)
         port = free_port()
         target = f"127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(root / "models"),
-                "--port", str(port), "--config", str(root / "server.yaml")]  # fmt: skip
+        argv = [sys.executable, "-m", *command, "--port", str(port)]
         with running_server("infergate", argv, target, out / "overload-server.log", pathlib.Path.cwd()) as server:
-            capacity = run_closed_loop(
-                LoadConfig(target=target, model=model, concurrency=limit, duration=max(duration / 2, 2.0), warmup=1.0)
-            ).requests_per_s
-            run = OverloadRun(model, limit, capacity, factor * capacity, duration)
-            cpu_before, wall_before = cpu_seconds(server.pid), time.perf_counter()
-            asyncio.run(_open_loop(target, model, factor * capacity, duration, run))
-            run.server_cpu_share = (cpu_seconds(server.pid) - cpu_before) / (time.perf_counter() - wall_before)
+            run = _measure(target, model, limit, factor, duration, server.pid)
     (out / f"overload-{model}.json").write_text(json.dumps(asdict(run), indent=2))
+    return run
+
+
+def run_overload_against(
+    target: str, model: str, limit: int, factor: float, duration: float, out: pathlib.Path
+) -> OverloadRun:
+    """The same against a server already serving :func:`write_overload_repository`'s models at ``target``.
+
+    ``limit`` should be the server's ``limits.max_inference_calls``: the capacity is measured with
+    that many calls in flight. Its CPU share is read when it listens on this machine.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    host, _, port = target.rpartition(":")
+    local = host.strip("[]") in ("127.0.0.1", "localhost", "::1")
+    run = _measure(target, model, limit, factor, duration, listener_pid(int(port)) if local else None)
+    (out / f"overload-{model}.json").write_text(json.dumps(asdict(run), indent=2))
+    return run
+
+
+def _measure(target: str, model: str, limit: int, factor: float, duration: float, pid: int | None) -> OverloadRun:
+    capacity = run_closed_loop(
+        LoadConfig(target=target, model=model, concurrency=limit, duration=max(duration / 2, 2.0), warmup=1.0)
+    ).requests_per_s
+    run = OverloadRun(model, limit, capacity, factor * capacity, duration)
+    cpu_before, wall_before = cpu_seconds(pid) if pid else math.nan, time.perf_counter()
+    asyncio.run(_open_loop(target, model, factor * capacity, duration, run))
+    if pid:
+        run.server_cpu_share = (cpu_seconds(pid) - cpu_before) / (time.perf_counter() - wall_before)
     return run
 
 
@@ -174,7 +209,7 @@ def format_overload(runs: list[OverloadRun]) -> str:
         lines.append(
             f"| {r.model} | {r.limit} | {r.capacity_per_s:.0f} | {r.offered_per_s:.0f} | {r.admitted} "
             f"| {r.admitted_p50_ms:.1f} / {r.admitted_p99_ms:.1f} | {r.refused} "
-            f"| {r.refused_p50_ms:.1f} / {r.refused_p99_ms:.1f} | {r.other or '-'} | {r.server_cpu_share:.0%} "
+            f"| {r.refused_p50_ms:.1f} / {r.refused_p99_ms:.1f} | {r.other or '-'} | {_share(r.server_cpu_share)} "
             f"| {r.send_lag_p99_ms:.1f}{' (generator-bound: not a server figure)' if r.generator_bound else ''} |"
         )
     return "\n".join(lines)

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shlex
+import sys
 
+from pytest import CaptureFixture
+
+from load_tests.cli import main
 from load_tests.overload import OverloadRun, format_overload, run_overload
+from load_tests.servers import free_port, running_server
+from load_tests.suite import REPO_ROOT
 
 
 def test_an_overload_run_reports_admitted_and_refused_calls(tmp_path: pathlib.Path) -> None:
@@ -24,3 +31,35 @@ def test_a_row_whose_generator_fell_behind_says_it_is_not_a_server_figure() -> N
     assert "generator-bound" in format_overload([behind])
     on_time = OverloadRun("tiny", 8, 1000.0, 2000.0, 8.0, admitted=1, send_lag_p99_ms=2.0)
     assert not on_time.generator_bound and "generator-bound" not in format_overload([on_time])
+
+
+def test_a_server_started_elsewhere_is_measured_at_its_url(tmp_path: pathlib.Path, capsys: CaptureFixture[str]) -> None:
+    """``--write-repository`` then ``--url``: the generator can run apart from the server it measures."""
+    assert main(["overload", "--write-repository", str(tmp_path / "repo"), "--limit", "2"]) == 0
+    command = shlex.split(capsys.readouterr().out.strip())
+    assert (
+        command[:2] == ["infergate", "serve"] and (tmp_path / "repo" / "models" / "slow" / "1" / "model.onnx").exists()
+    )
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    argv = [sys.executable, "-m", *command[: command.index("--host")], "--host", "127.0.0.1", "--port", str(port)]
+    out = tmp_path / "out"
+    with running_server("infergate", argv, target, tmp_path / "server.log", REPO_ROOT):
+        measure = [
+            "overload",
+            "--url",
+            target,
+            "--limit",
+            "2",
+            "--models",
+            "slow",
+            "--duration",
+            "2",
+            "--out",
+            str(out),
+        ]
+        assert main(measure) == 0
+    run = OverloadRun(**json.loads((out / "overload-slow.json").read_text()))
+    assert run.admitted > 0 and run.refused > 0
+    assert run.server_cpu_share > 0, "a server on this machine is found by its port"
+    assert "| slow | 2 |" in (out / "overload.md").read_text()
