@@ -203,7 +203,7 @@ def thread_cpu(pids: Iterable[int]) -> dict[int, ThreadCpu]:
 
 # How cpu_by_role sorts threads, first match wins: a process's main thread runs its event loop
 # (infergate, the ceiling, grpc.aio servers generally); infergate names the threads that run models
-# "ort-..." (server/infergate/models/threadnames.py); gRPC's core names its own.
+# "ort-..." (server/infergate/threadnames.py); gRPC's core names its own.
 ROLES = ("event loop", "models", "gRPC core", "other")
 _GRPC_THREADS = ("event_engine", "grpc_", "default-executo", "resolver-execut", "timer_manager")
 

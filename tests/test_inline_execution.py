@@ -24,8 +24,8 @@ import onnx
 import pytest
 import yaml
 
+from infergate import threadnames
 from infergate.demo import build_matmul16, write_demo_repository
-from infergate.models import threadnames
 from infergate.models.config import ModelConfig
 from infergate.models.runner import INLINE_WINDOW, BatchOutcome, OnnxRunner
 from infergate.models.stats import BatchTimings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 from conftest import eventually
@@ -77,3 +78,17 @@ async def test_tick_runs_on_the_worker_when_nothing_arrives() -> None:
 
 def test_tensor_bytes_counts_arrays_and_ignores_anything_else() -> None:
     assert tensor_bytes({"x": np.zeros((2, 4), np.float32)}, {"y": np.zeros(3, np.int64), "z": "odd"}) == 56
+
+
+async def test_the_worker_thread_carries_the_accumulators_name_in_linux() -> None:
+    """``top -H`` and /proc show it (cut to 15 bytes, the kernel's limit)."""
+    accumulator: Accumulator[int] = Accumulator("drift mlp:1 of a long name", lambda items: None, capacity=1)
+
+    def linux_names() -> set[str]:
+        return {(task / "comm").read_text().rstrip("\n") for task in Path("/proc/self/task").iterdir()}
+
+    accumulator.start()
+    try:
+        await eventually(lambda: "drift mlp:1 of " in linux_names(), "a thread named 'drift mlp:1 of '")
+    finally:
+        await accumulator.aclose()

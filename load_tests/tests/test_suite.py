@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from infergate.models import threadnames
+from infergate import threadnames
 from load_tests.procfs import ROLES, cpu_by_role, thread_cpu
 from load_tests.suite import REPO_ROOT
 

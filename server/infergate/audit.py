@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from infergate import threadnames
 from infergate.security.auth import current_principal
 
 __all__ = ["ANONYMOUS", "AUDIT_LOGGER", "AuditLog", "Source"]
@@ -260,6 +261,7 @@ class _FileWriter:
                 log.warning("audit log %s is not keeping up: %d event(s) dropped so far", self.path, self.dropped)
 
     def _run(self) -> None:
+        threadnames.set_name("audit-writer")
         while True:
             lines = [self._queue.get()]
             while lines[-1] is not _STOP and len(lines) < 1000:  # one write for a burst

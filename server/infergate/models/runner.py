@@ -29,8 +29,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from infergate import threadnames
 from infergate.errors import ModelExecutionError
-from infergate.models import threadnames
 from infergate.models.binding import BindingPlan, BoundSession, plan_binding
 from infergate.models.config import PROVIDERS, ModelConfig
 from infergate.models.spec import ModelSpec, Tensors, spec_from_graph

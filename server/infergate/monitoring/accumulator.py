@@ -33,6 +33,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from infergate import threadnames
+
 __all__ = ["QUEUE_BYTES", "Accumulator", "Sampler", "kept_inputs", "tensor_bytes"]
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,7 @@ class Accumulator(Generic[T]):
         return thread
 
     def _work(self) -> None:
+        threadnames.set_name(self.name)
         while True:
             try:
                 first = self._queue.get(timeout=self._tick_seconds)

@@ -36,6 +36,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
+from infergate import threadnames
 from infergate.config import ConfigError
 from infergate.security.config import HMAC_ALGORITHMS, AuthConfig, JwksConfig
 from infergate.security.freshness import freshness_seconds
@@ -135,7 +136,9 @@ class JwksUrlSource:
         self._config = config
         self._clock = clock
         self._fetch = fetch or self._fetch_url
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jwks")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="jwks", initializer=threadnames.name_after_python
+        )
         self._lock = asyncio.Lock()
         self._last_attempt: float | None = None
         self._due: float | None = None  # None: never fetched, so due now

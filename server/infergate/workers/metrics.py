@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from infergate import threadnames
 from infergate.telemetry.triton import CUMULATIVE as TRITON_CUMULATIVE
 
 __all__ = ["Family", "WorkerMetrics", "merge", "parse"]
@@ -113,7 +114,9 @@ class WorkerMetrics:
         self._carried: Families = {}  # cumulative totals left by exited workers
         self._restarts = [0] * count
         self._generation = 0
-        self._pool = ThreadPoolExecutor(max_workers=min(count, 16), thread_name_prefix="infergate-scrape")
+        self._pool = ThreadPoolExecutor(
+            max_workers=min(count, 16), thread_name_prefix="infergate-scrape", initializer=threadnames.name_after_python
+        )
 
     def worker_started(self, index: int, url: str, restarted: bool) -> None:
         with self._lock:

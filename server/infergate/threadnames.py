@@ -6,7 +6,10 @@ creates it. infergate names each instance thread ``ort-<model>-<n>`` and
 creates a model's onnxruntime sessions under the name ``ort-<model>``, so the
 pool threads onnxruntime starts for a session carry it too. An operator (and
 ``python -m load_tests suite``) can then tell the CPU that went to models
-from what went to the event loop and to gRPC.
+from what went to the event loop and to gRPC. Its other threads carry their
+Python names: the drift monitors' and payload logs' workers, ``audit-writer``,
+``jwks_0`` (key fetches) and ``infergate-scrape_<n>`` (the supervisor's
+scrapes of its workers).
 
 Anywhere but Linux these do nothing.
 """
@@ -15,10 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["current_name", "named", "set_name"]
+__all__ = ["current_name", "name_after_python", "named", "set_name"]
 
 _PR_SET_NAME = 15
 _PR_GET_NAME = 16
@@ -30,6 +34,11 @@ def set_name(name: str) -> None:
     """Name the calling thread (cut to 15 bytes)."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_NAME, name.encode()[:_LIMIT], 0, 0, 0)
+
+
+def name_after_python() -> None:
+    """Give the calling thread its Python name (a thread pool's ``initializer``)."""
+    set_name(threading.current_thread().name)
 
 
 def current_name() -> str:
