@@ -550,21 +550,25 @@ def _peer_section(report: SuiteReport) -> list[str]:
 
 def _cpu_section(report: SuiteReport) -> list[str]:
     """Where each server's CPU went, per scenario, beside the load generator's."""
-    headers = ["server", "scenario", "total", *ROLES, "load generator"]
+    headers = ["server", "scenario", "total", *ROLES, "load generator", "server CPU µs per request"]
     cells = []
     for server, scenarios in report.server_cpu.items():
         runs = report.ceiling if server == "ceiling" else report.infergate
         for key, cores in scenarios.items():
-            generator = runs[key].generator_cpu_pct / 100 if key in runs else math.nan
+            run = runs.get(key)
+            generator = run.generator_cpu_pct / 100 if run else math.nan
+            total = sum(cores.values())
+            per_request = total / run.requests_per_s * 1e6 if run and run.requests_per_s > 0 else math.nan
             shares = [f"{cores[role]:.2f}" for role in ROLES]
-            cells.append([server, key, f"{sum(cores.values()):.2f}", *shares, f"{generator:.2f}"])
+            cells.append([server, key, f"{total:.2f}", *shares, f"{generator:.2f}", f"{per_request:,.0f}"])
     return [
         "## Where the CPU went (cores, over warm-up and measurement)",
         "",
         f"This machine has {os.cpu_count()} logical CPUs; the client runs on them too. By thread: the event "
         "loop (each process's main thread), models (onnxruntime's threads and infergate's instance threads, "
         "`ort-*`; a model that runs on the event loop counts there), gRPC core's own threads, and other "
-        "threads (grpc.aio's completion-queue poller among them).",
+        "threads (grpc.aio's completion-queue poller among them). CPU per request is the server's cores "
+        "divided by its requests per second: what each call costs it, the per-call budget.",
         "",
         markdown_table(headers, cells),
     ]
