@@ -567,7 +567,8 @@ def _cpu_section(report: SuiteReport) -> list[str]:
         f"This machine has {os.cpu_count()} logical CPUs; the client runs on them too. By thread: the event "
         "loop (each process's main thread), models (onnxruntime's threads and infergate's instance threads, "
         "`ort-*`; a model that runs on the event loop counts there), gRPC core's own threads, and other "
-        "threads (grpc.aio's completion-queue poller among them). CPU per request is the server's cores "
+        "threads (grpc.aio's completion-queue poller among them); the load generator's over the measured "
+        "seconds alone. CPU per request is the server's cores "
         "divided by its requests per second: what each call costs it, the per-call budget.",
         "",
         markdown_table(headers, cells),

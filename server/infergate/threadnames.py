@@ -1,4 +1,4 @@
-"""The names Linux shows for the threads that run models (``top -H``, ``ps -L``, ``/proc/PID/task``).
+"""The names Linux shows for infergate's threads (``top -H``, ``ps -L``, ``/proc/PID/task``).
 
 Python's thread names are its own business; the kernel knows each thread by a
 name of at most 15 bytes, which a new thread copies from the thread that
