@@ -44,7 +44,7 @@ from infergate.demo import build_matmul16
 
 from .generator import LoadConfig, run_closed_loop
 from .models import build_slow_model
-from .procfs import cpu_seconds, listener_pid
+from .procfs import cpu_seconds, listener_pid, process_tree
 from .servers import free_port, running_server
 
 __all__ = ["OverloadRun", "format_overload", "run_overload", "run_overload_against", "write_overload_repository"]
@@ -192,11 +192,22 @@ def _measure(target: str, model: str, limit: int, factor: float, duration: float
         LoadConfig(target=target, model=model, concurrency=limit, duration=max(duration / 2, 2.0), warmup=1.0)
     ).requests_per_s
     run = OverloadRun(model, limit, capacity, factor * capacity, duration)
-    cpu_before, wall_before = cpu_seconds(pid) if pid else math.nan, time.perf_counter()
+    cpu_before, wall_before = _tree_cpu(pid) if pid else math.nan, time.perf_counter()
     asyncio.run(_open_loop(target, model, factor * capacity, duration, run))
     if pid:
-        run.server_cpu_share = (cpu_seconds(pid) - cpu_before) / (time.perf_counter() - wall_before)
+        run.server_cpu_share = (_tree_cpu(pid) - cpu_before) / (time.perf_counter() - wall_before)
     return run
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children (``--workers N`` serves from children of a supervisor)."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            total += cpu_seconds(member)  # a process's figure keeps its ended threads' time
+        except FileNotFoundError:
+            continue  # a worker that just exited
+    return total
 
 
 def format_overload(runs: list[OverloadRun]) -> str:
