@@ -341,6 +341,13 @@ def _add_overload(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "models with its server.yaml; pass its limit as --limit): keeps the generator off the server's cores",
     )
     p.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        help="generator processes sharing the offered rate (default 1; one Python process sends about what "
+        "a server answers on one core, so a server on a bigger machine needs more)",
+    )
+    p.add_argument(
         "--write-repository",
         type=pathlib.Path,
         metavar="DIR",
@@ -585,9 +592,12 @@ def _cmd_overload(args: argparse.Namespace) -> int:
     if unknown := [m for m in models if m not in MODELS]:
         raise SystemExit(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
     if args.url:
-        runs = [run_overload_against(args.url, m, args.limit, args.factor, args.duration, args.out) for m in models]
+        runs = [
+            run_overload_against(args.url, m, args.limit, args.factor, args.duration, args.out, args.processes)
+            for m in models
+        ]
     else:
-        runs = [run_overload(m, args.limit, args.factor, args.duration, args.out) for m in models]
+        runs = [run_overload(m, args.limit, args.factor, args.duration, args.out, args.processes) for m in models]
     table = format_overload(runs)
     (args.out / "overload.md").write_text(table + "\n")
     print(table)

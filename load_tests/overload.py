@@ -27,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import multiprocessing
 import pathlib
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import grpc
@@ -70,6 +72,7 @@ class OverloadRun:
     refused_p99_ms: float = math.nan
     server_cpu_share: float = math.nan  # of one core, over the open-loop run; NaN for a server elsewhere
     send_lag_p99_ms: float = math.nan  # how late the generator sent calls
+    processes: int = 1  # generator processes that shared the offered rate
 
     @property
     def generator_bound(self) -> bool:
@@ -103,28 +106,45 @@ def _request(model: str) -> bytes:
     return message.SerializeToString()
 
 
-async def _open_loop(target: str, model: str, rate: float, duration: float, run: OverloadRun) -> None:
+@dataclass
+class _Samples:
+    """What one generator process saw: seconds from due to answer, by outcome, and how late calls left."""
+
+    admitted: list[float] = field(default_factory=list)
+    refused: list[float] = field(default_factory=list)
+    lags: list[float] = field(default_factory=list)
+    other: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: _Samples) -> None:
+        self.admitted += other.admitted
+        self.refused += other.refused
+        self.lags += other.lags
+        self.other.update(other.other)
+
+
+async def _open_loop(target: str, model: str, rate: float, duration: float, start_at: float) -> _Samples:
+    """Calls at ``rate`` per second for ``duration`` s from wall-clock time ``start_at`` (a shared start)."""
     body = _request(model)
-    admitted: list[float] = []
-    refused: list[float] = []
-    other: Counter[str] = Counter()
-    lags: list[float] = []
+    seen = _Samples()
     channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
     calls = [channel.unary_unary(INFER) for channel in channels]
 
     async def one(index: int, due: float) -> None:
-        lags.append(time.perf_counter() - due)
+        seen.lags.append(time.perf_counter() - due)
         try:
             await calls[index % len(calls)](body, timeout=1.0)
         except grpc.aio.AioRpcError as exc:
             overloaded = exc.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in (exc.details() or "")
             if overloaded:
-                refused.append(time.perf_counter() - due)
+                seen.refused.append(time.perf_counter() - due)
             else:
-                other[exc.code().name] += 1
+                seen.other[exc.code().name] += 1
             return
-        admitted.append(time.perf_counter() - due)
+        seen.admitted.append(time.perf_counter() - due)
 
+    for channel in channels:
+        await channel.channel_ready()
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     pending: set[asyncio.Task[None]] = set()
     start = time.perf_counter()
     index = 0
@@ -139,14 +159,41 @@ async def _open_loop(target: str, model: str, rate: float, duration: float, run:
     await asyncio.gather(*pending)
     for channel in channels:
         await channel.close()
-    run.admitted, run.refused, run.other = len(admitted), len(refused), dict(other)
-    run.send_lag_p99_ms = _percentile(lags, 0.99) * 1e3
-    if admitted:
-        run.admitted_p50_ms = statistics.median(admitted) * 1e3
-        run.admitted_p99_ms = _percentile(admitted, 0.99) * 1e3
-    if refused:
-        run.refused_p50_ms = statistics.median(refused) * 1e3
-        run.refused_p99_ms = _percentile(refused, 0.99) * 1e3
+    return seen
+
+
+def _generator_process(target: str, model: str, rate: float, duration: float, start_at: float) -> _Samples:
+    return asyncio.run(_open_loop(target, model, rate, duration, start_at))
+
+
+# Time for every generator process to start and connect before the shared start.
+_SPAWN_S = 3.0
+
+
+def _offer(target: str, model: str, rate: float, duration: float, processes: int, run: OverloadRun) -> None:
+    """Send ``rate`` calls a second for ``duration`` s from ``processes`` processes; fill ``run``'s outcomes.
+
+    One Python process sends and completes about as many calls a second as a
+    server answers on one core. Beyond that its own event loop falls behind,
+    so a server on a bigger machine needs several.
+    """
+    seen = _Samples()
+    if processes == 1:
+        seen = asyncio.run(_open_loop(target, model, rate, duration, time.time()))
+    else:
+        start_at = time.time() + _SPAWN_S
+        share = (target, model, rate / processes, duration, start_at)
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for part in pool.map(_generator_process, *zip(*[share] * processes, strict=True)):
+                seen.add(part)
+    run.admitted, run.refused, run.other = len(seen.admitted), len(seen.refused), dict(seen.other)
+    run.send_lag_p99_ms = _percentile(seen.lags, 0.99) * 1e3
+    if seen.admitted:
+        run.admitted_p50_ms = statistics.median(seen.admitted) * 1e3
+        run.admitted_p99_ms = _percentile(seen.admitted, 0.99) * 1e3
+    if seen.refused:
+        run.refused_p50_ms = statistics.median(seen.refused) * 1e3
+        run.refused_p99_ms = _percentile(seen.refused, 0.99) * 1e3
 
 
 def _share(value: float) -> str:
@@ -157,7 +204,9 @@ def _percentile(values: list[float], q: float) -> float:
     return sorted(values)[int(q * (len(values) - 1))] if values else math.nan
 
 
-def run_overload(model: str, limit: int, factor: float, duration: float, out: pathlib.Path) -> OverloadRun:
+def run_overload(
+    model: str, limit: int, factor: float, duration: float, out: pathlib.Path, processes: int = 1
+) -> OverloadRun:
     """Measure ``model`` (``slow`` or ``tiny``) at ``factor`` times its capacity with ``limit`` calls admitted."""
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
@@ -166,34 +215,37 @@ def run_overload(model: str, limit: int, factor: float, duration: float, out: pa
         target = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", *command, "--port", str(port)]
         with running_server("infergate", argv, target, out / "overload-server.log", pathlib.Path.cwd()) as server:
-            run = _measure(target, model, limit, factor, duration, server.pid)
+            run = _measure(target, model, limit, factor, duration, server.pid, processes)
     (out / f"overload-{model}.json").write_text(json.dumps(asdict(run), indent=2))
     return run
 
 
 def run_overload_against(
-    target: str, model: str, limit: int, factor: float, duration: float, out: pathlib.Path
+    target: str, model: str, limit: int, factor: float, duration: float, out: pathlib.Path, processes: int = 1
 ) -> OverloadRun:
     """The same against a server already serving :func:`write_overload_repository`'s models at ``target``.
 
     ``limit`` should be the server's ``limits.max_inference_calls``: the capacity is measured with
-    that many calls in flight. Its CPU share is read when it listens on this machine.
+    that many calls in flight. Its CPU share is read when it listens on this machine. ``processes``
+    generator processes share the rate (see :func:`_offer`).
     """
     out.mkdir(parents=True, exist_ok=True)
     host, _, port = target.rpartition(":")
     local = host.strip("[]") in ("127.0.0.1", "localhost", "::1")
-    run = _measure(target, model, limit, factor, duration, listener_pid(int(port)) if local else None)
+    run = _measure(target, model, limit, factor, duration, listener_pid(int(port)) if local else None, processes)
     (out / f"overload-{model}.json").write_text(json.dumps(asdict(run), indent=2))
     return run
 
 
-def _measure(target: str, model: str, limit: int, factor: float, duration: float, pid: int | None) -> OverloadRun:
+def _measure(
+    target: str, model: str, limit: int, factor: float, duration: float, pid: int | None, processes: int = 1
+) -> OverloadRun:
     capacity = run_closed_loop(
         LoadConfig(target=target, model=model, concurrency=limit, duration=max(duration / 2, 2.0), warmup=1.0)
     ).requests_per_s
-    run = OverloadRun(model, limit, capacity, factor * capacity, duration)
+    run = OverloadRun(model, limit, capacity, factor * capacity, duration, processes=processes)
     cpu_before, wall_before = _tree_cpu(pid) if pid else math.nan, time.perf_counter()
-    asyncio.run(_open_loop(target, model, factor * capacity, duration, run))
+    _offer(target, model, factor * capacity, duration, processes, run)
     if pid:
         run.server_cpu_share = (_tree_cpu(pid) - cpu_before) / (time.perf_counter() - wall_before)
     return run
