@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -46,7 +47,7 @@ from infergate.demo import build_matmul16
 
 from .generator import LoadConfig, run_closed_loop
 from .models import build_slow_model
-from .procfs import cpu_seconds, listener_pid, process_tree
+from .procfs import listener_pid, tree_cpu_seconds
 from .servers import free_port, running_server
 
 __all__ = ["OverloadRun", "format_overload", "run_overload", "run_overload_against", "write_overload_repository"]
@@ -170,21 +171,34 @@ def _generator_process(target: str, model: str, rate: float, duration: float, st
 _SPAWN_S = 3.0
 
 
-def _offer(target: str, model: str, rate: float, duration: float, processes: int, run: OverloadRun) -> None:
+def _offer(
+    target: str,
+    model: str,
+    rate: float,
+    duration: float,
+    processes: int,
+    run: OverloadRun,
+    starting: Callable[[], None],
+) -> None:
     """Send ``rate`` calls a second for ``duration`` s from ``processes`` processes; fill ``run``'s outcomes.
 
-    One Python process sends and completes about as many calls a second as a
-    server answers on one core. Beyond that its own event loop falls behind,
-    so a server on a bigger machine needs several.
+    ``starting`` is called as the calls begin (after the processes have had
+    time to start). One Python process sends and completes about as many calls
+    a second as a server answers on one core. Beyond that its own event loop
+    falls behind, so a server on a bigger machine needs several.
     """
-    seen = _Samples()
     if processes == 1:
+        starting()
         seen = asyncio.run(_open_loop(target, model, rate, duration, time.time()))
     else:
+        seen = _Samples()
         start_at = time.time() + _SPAWN_S
         share = (target, model, rate / processes, duration, start_at)
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for part in pool.map(_generator_process, *zip(*[share] * processes, strict=True)):
+            parts = pool.map(_generator_process, *zip(*[share] * processes, strict=True))
+            time.sleep(max(0.0, start_at - time.time()))
+            starting()
+            for part in parts:
                 seen.add(part)
     run.admitted, run.refused, run.other = len(seen.admitted), len(seen.refused), dict(seen.other)
     run.send_lag_p99_ms = _percentile(seen.lags, 0.99) * 1e3
@@ -244,22 +258,17 @@ def _measure(
         LoadConfig(target=target, model=model, concurrency=limit, duration=max(duration / 2, 2.0), warmup=1.0)
     ).requests_per_s
     run = OverloadRun(model, limit, capacity, factor * capacity, duration, processes=processes)
-    cpu_before, wall_before = _tree_cpu(pid) if pid else math.nan, time.perf_counter()
-    _offer(target, model, factor * capacity, duration, processes, run)
+    begun: list[float] = []  # the server's CPU seconds and the clock when the calls began
+
+    def starting() -> None:
+        if pid:
+            begun[:] = [tree_cpu_seconds(pid), time.perf_counter()]
+
+    _offer(target, model, factor * capacity, duration, processes, run, starting)
     if pid:
-        run.server_cpu_share = (_tree_cpu(pid) - cpu_before) / (time.perf_counter() - wall_before)
+        cpu_before, wall_before = begun
+        run.server_cpu_share = (tree_cpu_seconds(pid) - cpu_before) / (time.perf_counter() - wall_before)
     return run
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its children (``--workers N`` serves from children of a supervisor)."""
-    total = 0.0
-    for member in process_tree(pid):
-        try:
-            total += cpu_seconds(member)  # a process's figure keeps its ended threads' time
-        except FileNotFoundError:
-            continue  # a worker that just exited
-    return total
 
 
 def format_overload(runs: list[OverloadRun]) -> str:

@@ -4,7 +4,8 @@ Used to stop every process a server started (some peers start helpers that
 could outlive it), to prove that a server listens on loopback only, to find
 the process behind a port this harness did not start (:func:`listener_pid`),
 and to read what a server costs: CPU time (:func:`cpu_seconds`, and by
-thread: :func:`thread_cpu`, :func:`cpu_by_role`) and, over a process tree
+thread: :func:`thread_cpu`, :func:`cpu_by_role`; by process tree:
+:func:`tree_cpu_seconds`) and, over a process tree
 (``--workers N`` forks workers under a supervisor), resident memory, open
 files and threads (:func:`usage`).
 """
@@ -29,6 +30,7 @@ __all__ = [
     "parse_proc_net_tcp",
     "process_tree",
     "thread_cpu",
+    "tree_cpu_seconds",
     "usage",
 ]
 
@@ -167,6 +169,20 @@ def listener_pid(port: int) -> int | None:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process: what a server costs, whatever else the machine does."""
     return _stat_cpu((_PROC / str(pid) / "stat").read_text())
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """:func:`cpu_seconds` of ``pid`` and its descendants (``--workers N`` serves from a supervisor's children).
+
+    Per process, not per thread: a process's figure keeps the time of its threads that have ended.
+    """
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            total += cpu_seconds(member)
+        except FileNotFoundError:
+            continue  # a child that just exited
+    return total
 
 
 def _stat_cpu(stat_text: str) -> float:
