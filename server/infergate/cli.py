@@ -13,6 +13,7 @@ from typing import Literal, NoReturn
 
 from infergate import __version__
 from infergate.config import ConfigError, ServerConfig, load_server_config
+from infergate.eventloop import run as run_on_loop
 from infergate.monitoring.profiling import add_profile_command, profile_main
 from infergate.offline import command as offline_command
 from infergate.security.config import exposure_warning
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default off)")
     serve.add_argument("--traces", action="store_true", default=None, help="trace requests (exporter: OTEL_*)")
     serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    serve.add_argument(
+        "--event-loop",
+        choices=["auto", "asyncio", "uvloop"],
+        help="the asyncio event loop (default auto: uvloop when installed)",
+    )
     serve.add_argument(
         "--model-control-mode",
         choices=["none", "poll", "explicit"],
@@ -155,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
                     log_format=fmt,
                 )
             )
-        asyncio.run(_serve_async(config, _worker_role(args)))
+        run_on_loop(_serve_async(config, _worker_role(args)), config.event_loop)
     except ConfigError as exc:  # keys and certificates are read when the server is built
         return _fail(str(exc), fmt, 2)
     except (OSError, RuntimeError) as exc:
@@ -173,6 +179,7 @@ def _load_config(args: argparse.Namespace) -> ServerConfig:
             "shutdown_grace_seconds": args.shutdown_grace_seconds,
             "log_level": args.log_level,
             "workers": args.workers,
+            "event_loop": args.event_loop,
             "reuse_port": args.reuse_port,
             "model_control_mode": args.model_control_mode,
             "repository_poll_seconds": args.repository_poll_secs,
@@ -218,6 +225,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         "--audit-log": args.audit_log,
         "--health-port": args.health_port,
         "--health-host": args.health_host,
+        "--event-loop": args.event_loop,
     }
     out = [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
     out += [item for model in args.load_model or () for item in ("--load-model", model)]

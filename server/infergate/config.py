@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from infergate.configfile import ConfigError, Strict, read_yaml, validate
+from infergate.eventloop import EventLoopChoice
 from infergate.security.config import AuthConfig, LimitsConfig, TlsConfig
 
 __all__ = [
@@ -84,6 +85,8 @@ class ServerConfig(Strict):
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     # Set for the workers of --workers N: share the port instead of refusing to.
     reuse_port: bool = False
+    # The asyncio event loop (infergate/eventloop.py): auto is uvloop when installed, else the standard one.
+    event_loop: EventLoopChoice = "auto"
     # Triton's model control modes: load at start only, also watch the repository, or only through the API.
     model_control_mode: Literal["none", "poll", "explicit"] = "none"
     repository_poll_seconds: Annotated[float, Field(gt=0, le=86_400)] = 15.0

@@ -27,6 +27,7 @@ from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
 from infergate._proto import model_config_pb2 as mc
 from infergate.audit import AuditLog
 from infergate.config import ServerConfig
+from infergate.eventloop import describe as describe_loop
 from infergate.monitoring.metrics import DriftReadings
 from infergate.repository.loader import ModelRepository
 from infergate.routing.shadow import ShadowQueue
@@ -203,6 +204,7 @@ class InferGateServer:
         self.telemetry.start()
         await self._server.start()
         log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if tls else "")
+        log.info("event loop: %s", describe_loop(asyncio.get_running_loop()))
         self.audit.server_started(f"{self.config.host}:{self.port}", str(self.config.model_repository))
         return self.port
 

@@ -51,9 +51,9 @@ Guarantees:
 * ``aclose`` refuses new work and returns once every queued and running batch
   has finished.
 
-Time comes from a :class:`Clock`: the running event loop's (``loop.time()``
-and ``loop.call_at``) unless one is injected, as the tests do to step time
-by hand. Loop turns always come from the running loop.
+Time comes from a :class:`Clock`: :class:`LoopClock` (``time.monotonic()``
+and the running loop's timers) unless one is injected, as the tests do to step
+time by hand. Loop turns always come from the running loop.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ import asyncio
 import functools
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -69,7 +70,7 @@ from typing import Generic, Protocol, TypeVar
 from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
 from infergate.models.batch_queue import BatchQueue, Entry
 
-__all__ = ["Batch", "BatchPolicy", "Clock", "Done", "DynamicBatcher", "Execute", "Timer", "from_coroutine"]
+__all__ = ["Batch", "BatchPolicy", "Clock", "Done", "DynamicBatcher", "Execute", "LoopClock", "Timer", "from_coroutine"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -89,6 +90,47 @@ class Clock(Protocol):
     def time(self) -> float: ...
 
     def call_at(self, when: float, callback: Callable[..., object], *args: object) -> Timer: ...
+
+
+class LoopClock:
+    """``time.monotonic()`` and the running loop's timers: the batcher's clock unless one is injected.
+
+    Not ``loop.time()``: uvloop's counts whole milliseconds, too coarse for
+    queue times of tens of microseconds (the standard loop's *is*
+    ``time.monotonic()``, so there nothing changes). uvloop also rounds a
+    timer's delay to the nearest millisecond and runs one under half a
+    millisecond at once; a batch woken before it is due would re-arm and spin
+    until the clock catches up. So on a loop other than the standard one a
+    delay is rounded *up* to whole milliseconds: the batch runs at most a
+    millisecond late, never early.
+    """
+
+    __slots__ = ("_coarse", "_loop")
+
+    time = staticmethod(time.monotonic)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._coarse = not isinstance(loop, asyncio.BaseEventLoop)
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: object) -> Timer:
+        delay = when - time.monotonic()
+        if self._coarse and delay > 0:
+            delay = math.ceil(delay * 1000) / 1000
+        return _LoopTimer(self._loop.call_later(delay, callback, *args), when)
+
+
+class _LoopTimer:
+    __slots__ = ("_handle", "_when")
+
+    def __init__(self, handle: asyncio.Handle, when: float) -> None:
+        self._handle, self._when = handle, when
+
+    def when(self) -> float:
+        return self._when
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +243,7 @@ class DynamicBatcher(Generic[T, R]):
         self._free = list(range(instances))  # instances with no batch running
         self._last_start = [-math.inf] * instances  # clock time each instance last started a batch
         self._running: dict[int, list[Entry[T, R]]] = {}  # instance -> its batch's entries
-        self._clock = clock  # the loop's, from start(), unless injected
+        self._clock = clock  # a LoopClock, from start(), unless injected
         self._timer: Timer | None = None  # wakes a batch that waits to fill
         self._gathering: _Gathering | None = None
         self._dispatching = False
@@ -224,7 +266,7 @@ class DynamicBatcher(Generic[T, R]):
             raise RuntimeError(f"batcher {self._name} already started")
         self._loop = asyncio.get_running_loop()
         if self._clock is None:
-            self._clock = self._loop
+            self._clock = LoopClock(self._loop)
 
     async def submit(
         self,

@@ -508,7 +508,8 @@ class SequenceScheduler:
         waiter: asyncio.Future[int] = loop.create_future()
         self._waiters.append(waiter)
         try:
-            async with asyncio.timeout_at(deadline):
+            # deadline is time.monotonic(), as everywhere; the loop's own clock may be coarser (uvloop's).
+            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
                 return await waiter
         except BaseException as exc:
             if waiter in self._waiters:

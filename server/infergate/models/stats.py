@@ -93,7 +93,7 @@ class ModelObserver(Protocol):
         self, tags: Sequence[object], rows: int, enqueued: Sequence[float], started: float, timings: BatchTimings
     ) -> None:
         """One executed batch: the tags of its requests, when each was queued and when the batch
-        started (``loop.time()``; now is when it finished), and the runner's timings."""
+        started (``time.monotonic()``; now is when it finished), and the runner's timings."""
 
 
 class RepositoryObserver(Protocol):

@@ -119,7 +119,7 @@ def _record(routed: Routed, error: BaseException | None, started_ns: int, expire
 
 
 def _deadline(remaining: float | None, timeout_us: int | None, default_s: float | None) -> tuple[float | None, bool]:
-    """Absolute loop time by which the request must have run (the tightest of the gRPC
+    """The ``time.monotonic()`` by which the request must have run (the tightest of the gRPC
     deadline, the ``timeout`` parameter and the model's default timeout), and whether
     that limit is a server-side one (which nothing but the batcher enforces)."""
     server = timeout_us / 1e6 if timeout_us else default_s
@@ -128,4 +128,4 @@ def _deadline(remaining: float | None, timeout_us: int | None, default_s: float 
     server_side = server is not None and (remaining is None or server < remaining)
     limit = server if server_side else remaining
     assert limit is not None
-    return asyncio.get_running_loop().time() + limit, server_side
+    return time.monotonic() + limit, server_side

@@ -16,7 +16,6 @@ draining are traced but no longer measured, so they cannot bring them back.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -123,11 +122,11 @@ class ModelHooks:
         started: float,
         timings: BatchTimings,
     ) -> None:
-        # Batcher times are loop.time(); spans want the wall clock in ns.
-        now_loop, now_ns = asyncio.get_running_loop().time(), time.time_ns()
+        # Batcher times are time.monotonic(); spans want the wall clock in ns.
+        now_mono, now_ns = time.monotonic(), time.time_ns()
 
         def wall(t: float) -> int:
-            return now_ns - int((now_loop - t) * 1e9)
+            return now_ns - int((now_mono - t) * 1e9)
 
         batch_start = wall(started)
         for span, enqueued in spans:

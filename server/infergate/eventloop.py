@@ -1,0 +1,61 @@
+"""Which asyncio event loop serves: uvloop when it is installed, else the standard library's.
+
+Why uvloop: every call runs a dozen loop callbacks (gRPC's completion
+callbacks, the handler's task steps, the batcher's turns), and uvloop runs
+each in Cython. Alternating on the demo repository it served about 12% more
+requests at 64 in flight and answered one caller alone a few hundred
+microseconds sooner (BENCHMARKS.md, "Event loop"). grpc.aio runs on any
+asyncio loop.
+
+uvloop's ``loop.time()`` counts whole milliseconds, too coarse for queue times
+of tens of microseconds, so nothing in infergate times requests with it:
+deadlines and queue times are ``time.monotonic()`` (which is the standard
+loop's clock), and the batcher sets its timers through
+:class:`infergate.models.batcher.LoopClock`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar
+
+from infergate.configfile import ConfigError
+
+__all__ = ["EventLoopChoice", "describe", "loop_factory", "run"]
+
+EventLoopChoice = Literal["auto", "asyncio", "uvloop"]
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+def loop_factory(choice: EventLoopChoice) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop ``choice`` names; ``auto`` is uvloop when it imports, else asyncio's.
+
+    Raises ConfigError when ``uvloop`` is asked for and not installed (it has no Windows build).
+    """
+    if choice == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("event_loop: uvloop is not installed (pip install uvloop; not on Windows)") from None
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice) -> T:
+    """``asyncio.run`` on the loop ``choice`` names (``asyncio.Runner`` takes a factory from 3.11)."""
+    with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
+        return runner.run(main)
+
+
+def describe(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop 0.23.0`` or ``asyncio``: for the start-up log."""
+    if type(loop).__module__.startswith("uvloop"):
+        return f"uvloop {importlib.metadata.version('uvloop')}"
+    return "asyncio"
