@@ -36,6 +36,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
   drift-overhead      infergate with drift monitoring off and at sample_fraction 0, 0.1, 1.0, same run
   soak      mixed load for N minutes while the server's memory and open files are sampled
+  alternate infergate under different serve flags (--variant NAME=FLAGS), alternating, same run
 
 Everything runs on loopback. Run from the repository root: python -m load_tests ...
 """
@@ -416,6 +417,51 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
     p.add_argument("--costs-only", action="store_true", help="only print each telemetry step's CPU µs per call")
 
 
+def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "alternate",
+        help="infergate under different serve flags, alternating, in one run",
+        description="Per round, start infergate on the demo models once per --variant (in the order given) and "
+        "run matmul16 b1 at 64 and 1 in flight and mlp b8 at 32 against each. Writes alternate.json and "
+        "alternate.md.",
+    )
+    p.add_argument(
+        "--variant", type=_variant, action="append", required=True, metavar="NAME=FLAGS",
+        help='a name and its serve flags, e.g. asyncio="--event-loop asyncio" (repeat; at least two)',
+    )  # fmt: skip
+    p.add_argument("--duration", type=_positive_float, default=6.0, metavar="S", help="measured s (default 6)")
+    p.add_argument("--warmup", type=_non_negative_float, default=1.0, metavar="S", help="warm-up s (default 1)")
+    p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
+    p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/alternate-<time>")
+
+
+def _variant(text: str) -> tuple[str, tuple[str, ...]]:
+    from .alternate import parse_variant
+
+    try:
+        return parse_variant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_alternate(args: argparse.Namespace) -> int:
+    from .alternate import AlternateConfig, run_alternate
+
+    names = [name for name, _ in args.variant]
+    if len(names) < 2 or len(set(names)) != len(names):
+        print("alternate: give at least two --variant, each with its own name", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out = _out_dir(args, "alternate")
+    config = AlternateConfig(
+        out=out, variants=tuple(args.variant), duration=args.duration, warmup=args.warmup, rounds=args.rounds
+    )
+    report = run_alternate(config)
+    print(report.table())
+    print(f"\nwrote {out / 'alternate.json'} and {out / 'alternate.md'}")
+    return 0
+
+
 def _add_drift_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .drift import VARIANTS, variants
 
@@ -483,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_to_add = (
         _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences, _add_overload,
         _add_telemetry_overhead, _add_drift_overhead, _add_soak,
-        _add_shm,
+        _add_shm, _add_alternate,
     )  # fmt: skip
     for add in commands_to_add:
         add(commands)
@@ -698,6 +744,7 @@ _COMMANDS = {
     "ceiling": _cmd_ceiling,
     "compute": _cmd_compute,
     "suite": _cmd_suite,
+    "alternate": _cmd_alternate,
     "shadow": _cmd_shadow,
     "overload": _cmd_overload,
     "sequences": _cmd_sequences,

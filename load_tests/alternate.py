@@ -1,0 +1,138 @@
+"""infergate started with different flags, alternating, on the same scenarios: an A/B in one run.
+
+    python -m load_tests alternate --variant asyncio="--event-loop asyncio" \\
+        --variant uvloop="--event-loop uvloop" --rounds 3 --out results/loop
+
+Each round starts infergate once per variant, in the order given, on the same
+demo repository, and runs every scenario against it with the same closed-loop
+client (``matmul16`` b1 at 64 and at 1 in flight, ``mlp`` b8 at 32: the three
+loads issue 14's batching targets name). Alternating within every round lets
+drift on a shared machine hit the variants alike. Writes alternate.json and
+alternate.md: per scenario, each variant's figure in every round and its mean.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from .generator import LoadConfig, run_closed_loop
+from .report import LoadResult, format_table
+from .servers import free_port, running_server
+from .suite import REPO_ROOT, environment
+
+__all__ = ["SCENARIOS", "AlternateConfig", "AlternateReport", "Scenario", "parse_variant", "run_alternate"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    model: str
+    batch: int
+    concurrency: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_b{self.batch}_c{self.concurrency}"
+
+    @property
+    def latency_bound(self) -> bool:
+        """One in flight: the figure that matters is the p50, not the rate."""
+        return self.concurrency == 1
+
+
+SCENARIOS = (Scenario("matmul16", 1, 64), Scenario("matmul16", 1, 1), Scenario("mlp", 8, 32))
+
+
+@dataclass(frozen=True)
+class AlternateConfig:
+    out: pathlib.Path
+    variants: tuple[tuple[str, tuple[str, ...]], ...]  # (name, serve flags)
+    scenarios: tuple[Scenario, ...] = SCENARIOS
+    duration: float = 6.0
+    warmup: float = 1.0
+    rounds: int = 3
+
+
+@dataclass
+class AlternateReport:
+    config: AlternateConfig
+    runs: dict[str, dict[str, list[LoadResult]]] = field(default_factory=dict)  # scenario -> variant -> rounds
+
+    def table(self) -> str:
+        rows = []
+        for scenario in self.config.scenarios:
+            for variant, results in self.runs[scenario.name].items():
+                if scenario.latency_bound:
+                    unit, fmt, figures = "p50 ms", "{:.3f}", [r.p50_ms for r in results]
+                else:
+                    unit, fmt, figures = "samples/s", "{:,.0f}", [r.samples_per_s for r in results]
+                per_round = " / ".join(fmt.format(f) for f in figures)
+                rows.append([scenario.name, variant, unit, per_round, fmt.format(statistics.fmean(figures))])
+        return format_table(["scenario", "variant", "figure", "per round", "mean"], ["<", "<", "<", ">", ">"], rows)
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """``--variant NAME=FLAGS``: a name and the serve flags it adds (shell words; may be empty)."""
+    name, sep, flags = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"expected NAME=FLAGS, got {text!r}")
+    return name, tuple(shlex.split(flags))
+
+
+def run_alternate(config: AlternateConfig) -> AlternateReport:
+    """Every variant once per round, in order, each on a fresh server; writes alternate.json and alternate.md."""
+    from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
+
+    names = [name for name, _ in config.variants]
+    report = AlternateReport(config, {s.name: {n: [] for n in names} for s in config.scenarios})
+    config.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = pathlib.Path(tmp) / "models"
+        write_demo_repository(repo)
+        for round_ in range(config.rounds):
+            for name, flags in config.variants:
+                port = free_port()
+                argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo)]
+                argv += ["--port", str(port), *flags]
+                models = sorted({s.model for s in config.scenarios})
+                log = config.out / f"{name}.log"
+                with running_server(name, argv, f"127.0.0.1:{port}", log, REPO_ROOT, models=models):
+                    for scenario in config.scenarios:
+                        load = LoadConfig(
+                            target=f"127.0.0.1:{port}", model=scenario.model, batch=scenario.batch,
+                            concurrency=scenario.concurrency, duration=config.duration, warmup=config.warmup,
+                            label=f"{name} {scenario.name}",
+                        )  # fmt: skip
+                        result = run_closed_loop(load)
+                        report.runs[scenario.name][name].append(result)
+                        print(
+                            f"round {round_ + 1} {name} {scenario.name}: {result.samples_per_s:,.0f} samples/s, "
+                            f"p50 {result.p50_ms:.3f} ms",
+                            file=sys.stderr,
+                        )
+    _write(report)
+    return report
+
+
+def _write(report: AlternateReport) -> None:
+    config = report.config
+    data = {
+        "environment": environment(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {
+            "variants": {name: list(flags) for name, flags in config.variants},
+            "scenarios": [s.name for s in config.scenarios],
+            "duration": config.duration,
+            "warmup": config.warmup,
+            "rounds": config.rounds,
+        },
+        "runs": {s: {v: [vars(r) for r in runs] for v, runs in by.items()} for s, by in report.runs.items()},
+    }
+    (config.out / "alternate.json").write_text(json.dumps(data, indent=2, default=str))
+    (config.out / "alternate.md").write_text(report.table() + "\n")

@@ -1,0 +1,46 @@
+"""``python -m load_tests alternate`` end to end, cut short: two variants that differ in one serve flag."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from load_tests.alternate import SCENARIOS, parse_variant
+from load_tests.suite import REPO_ROOT
+
+
+def test_each_variant_serves_every_scenario_in_every_round(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "ab"
+    argv = [sys.executable, "-m", "load_tests", "alternate", "--variant", "asyncio=--event-loop asyncio",
+            "--variant", "uvloop=--event-loop uvloop", "--rounds", "1", "--duration", "0.5", "--warmup", "0",
+            "--out", str(out)]  # fmt: skip
+    run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "alternate.json").read_text())
+    variants = report["config"]["variants"]
+    assert variants == {"asyncio": ["--event-loop", "asyncio"], "uvloop": ["--event-loop", "uvloop"]}
+    for scenario in SCENARIOS:
+        for variant in ("asyncio", "uvloop"):
+            (result,) = report["runs"][scenario.name][variant]
+            assert result["requests"] > 0 and not result["errors"], (scenario.name, variant)
+    assert "event loop: asyncio" in (out / "asyncio.log").read_text()  # each variant really ran its flags
+    assert "event loop: uvloop" in (out / "uvloop.log").read_text()
+    table = (out / "alternate.md").read_text()
+    assert "matmul16_b1_c1" in table and "p50 ms" in table and "samples/s" in table
+
+
+def test_a_variant_is_a_name_and_shell_words() -> None:
+    assert parse_variant('slow=--config "a b.yaml" --workers 2') == ("slow", ("--config", "a b.yaml", "--workers", "2"))
+    assert parse_variant("plain=") == ("plain", ())
+    with pytest.raises(ValueError, match="NAME=FLAGS"):
+        parse_variant("--event-loop asyncio")
+
+
+def test_one_variant_is_refused(tmp_path: pathlib.Path) -> None:
+    argv = [sys.executable, "-m", "load_tests", "alternate", "--variant", "a=", "--out", str(tmp_path)]
+    run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "at least two --variant" in run.stderr
