@@ -139,12 +139,14 @@ async def make_batcher(model: FakeModel, clock: ManualClock) -> AsyncIterator[Ma
     """Build and start batchers over ``model`` on the test's clock; they are closed after the test."""
     made: list[DynamicBatcher[str, str]] = []
 
-    def make(*, instances: int = 1, **policy: Any) -> DynamicBatcher[str, str]:
+    def make(
+        *, instances: int = 1, calls_in_progress: Callable[[], int] | None = None, **policy: Any
+    ) -> DynamicBatcher[str, str]:
         policy.setdefault("max_batch_size", 8)
         batcher: DynamicBatcher[str, str] = DynamicBatcher(
             from_coroutine(model), BatchPolicy(**policy), instances=instances, name=NAME, clock=clock
         )
-        batcher.start()
+        batcher.start(calls_in_progress)
         made.append(batcher)
         return batcher
 
@@ -302,6 +304,34 @@ async def test_gathering_goes_on_while_requests_keep_arriving_but_no_longer_than
     first = model.payloads[0]
     assert 2 <= len(first) <= 4, model.payloads  # gathered over the turns it was allowed, then started
     assert sum(len(b) for b in model.payloads) == 8
+
+
+async def test_a_batch_does_not_gather_when_every_call_the_server_holds_is_already_queued(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    """One caller alone: the server's count of calls in progress says nothing else can arrive."""
+    in_progress = 1
+    batcher = make_batcher(calls_in_progress=lambda: in_progress)
+    async with asyncio.timeout(LIMIT):
+        alone = submit(batcher, "a")
+        await one_loop_pass()  # its submit starts the batch (execute's task is scheduled) ...
+        await one_loop_pass()  # ... which reaches the model: no loop turns spent gathering
+        assert model.payloads == [["a"]]
+        assert await alone == "A"
+
+
+async def test_a_batch_gathers_while_the_server_holds_calls_not_yet_queued(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    in_progress = 3  # "b" and "c" are admitted, on their way to submit
+    batcher = make_batcher(calls_in_progress=lambda: in_progress)
+    async with asyncio.timeout(LIMIT):
+        first = submit(batcher, "a")
+        await one_loop_pass()
+        assert model.payloads == []  # gathering
+        callers = [first, submit(batcher, "b"), submit(batcher, "c")]
+        assert await results(*callers) == ["A", "B", "C"]
+    assert model.payloads == [["a", "b", "c"]]
 
 
 async def test_a_batch_that_follows_a_finished_one_starts_at_once_with_what_waited(

@@ -108,16 +108,20 @@ class InferGateServer:
         # Lifecycle events (docs/governance.md): the repository (with its routers and drift monitors), the
         # shadows and the admin audit interceptor write to it.
         self.audit = AuditLog(config.audit_log)
+        limits = config.limits
+        metrics = self.telemetry.metrics
+        self.admission = Admission(
+            limits.max_inference_calls, metrics.record_admission_refusal if metrics is not None else None
+        )
         self.repository = ModelRepository(
             Path(config.model_repository),
             self.telemetry.observer,
             drain_timeout=config.shutdown_grace_seconds,
             explicit=config.model_control_mode == "explicit",
             audit=self.audit,  # loads, swaps, routing changes; and through it canary steps and drift alerts
+            calls_in_progress=self.admission.calls_in_progress,  # batches gather only while calls may arrive
         )
-        limits = config.limits
         self.readiness = Readiness()
-        metrics = self.telemetry.metrics
         self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None, events=self.audit)
         handler = InferenceHandler(
             self.repository.catalog,
@@ -141,9 +145,6 @@ class InferGateServer:
         shm = config.shared_memory.system
         # Clients' shared-memory regions (Triton's extension); unmapped at stop.
         self.shared_memory = SystemSharedMemory(shm.max_regions, shm.max_bytes) if shm.enabled else None
-        self.admission = Admission(
-            limits.max_inference_calls, metrics.record_admission_refusal if metrics is not None else None
-        )
         observers = self.telemetry.interceptors()
         if worker is not None:
             observers.append(WorkerScopeInterceptor(worker.index, worker.count))

@@ -25,11 +25,15 @@ Batching policy (Triton's ``dynamic_batching``, plus gathering):
   turn — every request that has already reached the server gets to join —
   and keeps turning while new requests keep arriving (it stops after two
   turns in a row bring none), up to ``max_gather_turns`` turns and
-  ``max_gather`` seconds (``max_queue_delay`` when that is set). One caller
-  alone pays two loop turns (microseconds); under load, batches grow to what
-  arrives together, without a fixed delay. It needs no timer: sub-ms
-  timers on an idle loop sleep a whole millisecond. A batch that starts
-  because the one before it finished runs at once with what waited meanwhile.
+  ``max_gather`` seconds (``max_queue_delay`` when that is set). Under load,
+  batches grow to what arrives together, without a fixed delay. It needs no
+  timer: sub-ms timers on an idle loop sleep a whole millisecond. A batch that
+  starts because the one before it finished runs at once with what waited
+  meanwhile. And no batch gathers when nothing can be on its way: given the
+  server's count of calls in progress (``start(calls_in_progress=...)``, the
+  admission count), a batch starts at once while every one of those calls is
+  already queued or running here — so one caller alone pays no loop turns
+  (0.1 ms at one in flight on the benchmark machine, BENCHMARKS.md).
 * With ``max_queue_delay`` > 0, a free instance waits up to that long after the oldest
   request arrived for the batch to fill (Triton's meaning: an upper bound on
   the wait).
@@ -250,6 +254,8 @@ class DynamicBatcher(Generic[T, R]):
         self._closing = False
         self._idle = asyncio.Event()  # set when closing and nothing is queued or running
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._calls_in_progress: Callable[[], int] | None = None
+        self._running_entries = 0
 
     @property
     def policy(self) -> BatchPolicy:
@@ -260,11 +266,17 @@ class DynamicBatcher(Generic[T, R]):
         """Requests waiting (including ones whose callers gave up, until they are swept out)."""
         return len(self._queue)
 
-    def start(self) -> None:
-        """Bind to the running event loop; batches can be dispatched from now on."""
+    def start(self, calls_in_progress: Callable[[], int] | None = None) -> None:
+        """Bind to the running event loop; batches can be dispatched from now on.
+
+        ``calls_in_progress``: how many calls the server holds that may still submit (the admission
+        count). While each of them is already queued or running here, no request can be on its way,
+        so a batch does not gather: it starts at once.
+        """
         if self._loop is not None:
             raise RuntimeError(f"batcher {self._name} already started")
         self._loop = asyncio.get_running_loop()
+        self._calls_in_progress = calls_in_progress
         if self._clock is None:
             self._clock = LoopClock(self._loop)
 
@@ -377,7 +389,7 @@ class DynamicBatcher(Generic[T, R]):
                 return
             if self._gathering is not None:
                 return  # the next loop turn decides
-            if gather and self._should_gather():
+            if gather and self._should_gather() and self._more_may_arrive():
                 self._gathering = _Gathering(now, len(self._queue))
                 self._turn()
                 return
@@ -387,6 +399,11 @@ class DynamicBatcher(Generic[T, R]):
 
     def _should_gather(self) -> bool:
         return not self._closing and self._queue.rows < self._policy.target_rows
+
+    def _more_may_arrive(self) -> bool:
+        """False when every call the server holds is already queued or running here."""
+        calls = self._calls_in_progress
+        return calls is None or calls() > len(self._queue) + self._running_entries
 
     def _turn(self) -> None:
         assert self._loop is not None
@@ -404,7 +421,7 @@ class DynamicBatcher(Generic[T, R]):
             gathering.turns < self._policy.max_gather_turns
             and self._clock.time() - gathering.since < self._policy.gather_limit
         )
-        if gathering.quiet < _QUIET_TURNS and within and self._should_gather():
+        if gathering.quiet < _QUIET_TURNS and within and self._should_gather() and self._more_may_arrive():
             self._turn()
             return
         self._gathering = None
@@ -440,6 +457,7 @@ class DynamicBatcher(Generic[T, R]):
         self._free.remove(instance)
         self._last_start[instance] = now
         self._running[instance] = entries
+        self._running_entries += len(entries)
         batch = Batch(
             payloads=[e.payload for e in entries],
             payload_rows=[e.rows for e in entries],
@@ -458,6 +476,7 @@ class DynamicBatcher(Generic[T, R]):
         if self._running.get(instance) is not entries:
             return  # called twice, or after aclose gave up on it
         del self._running[instance]
+        self._running_entries -= len(entries)
         self._free.append(instance)
         if not isinstance(outcome, BaseException) and len(outcome) != len(entries):
             outcome = RuntimeError(f"execute returned {len(outcome)} results for {len(entries)} requests")

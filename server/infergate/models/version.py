@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +106,11 @@ class ModelVersion:
     def version(self) -> int:
         return self.spec.version
 
-    def start(self, observer: ModelObserver | None = None) -> None:
-        """Serve from the running loop; ``observer`` (telemetry) sees every request and batch."""
+    def start(self, observer: ModelObserver | None = None, calls_in_progress: Callable[[], int] | None = None) -> None:
+        """Serve from the running loop; ``observer`` (telemetry) sees every request and batch;
+        ``calls_in_progress``: the server's count, for the batcher (see ``DynamicBatcher.start``)."""
         self._observer = observer
-        self.batcher.start()
+        self.batcher.start(calls_in_progress)
         if self.monitor is not None:
             self.monitor.start()
 

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -72,8 +73,10 @@ class ModelRepository:
         parallel: int = 4,
         explicit: bool = False,
         audit: AuditLog | None = None,
+        calls_in_progress: Callable[[], int] | None = None,
     ):
-        """``audit``: where lifecycle events go (default: an :class:`AuditLog` writing to the server log)."""
+        """``audit``: where lifecycle events go (default: an :class:`AuditLog` writing to the server log);
+        ``calls_in_progress``: the server's admission count, which every version's batcher reads."""
         self.root = root
         self._observer = observer  # telemetry: load events and each version's observer
         self._audit = audit if audit is not None else AuditLog()
@@ -83,6 +86,7 @@ class ModelRepository:
         self._drain_timeout = drain_timeout
         self._parallel = parallel
         self._retiring: set[asyncio.Task[None]] = set()
+        self._calls_in_progress = calls_in_progress
 
     def discover(self) -> list[str]:
         """Model directory names under root (hidden ones skipped); new ones get an entry."""
@@ -330,7 +334,7 @@ class ModelRepository:
         for model in started:
             if model.monitor is not None:
                 model.monitor.report_alerts_to(self._audit)
-            model.start(self._model_observer(model))
+            model.start(self._model_observer(model), self._calls_in_progress)
         shadow = router.routing.shadow if router is not None else None
         for version, model in serving.items():  # a shadow computes only with the CPU the others leave
             model.runner.set_background(shadow is not None and version == shadow.version)

@@ -26,6 +26,7 @@ task ends, whatever became of the call.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,6 +41,8 @@ INFERENCE_METHODS = frozenset(
     {"/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelStreamInfer"}
 )
 
+_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
 OnRefusal = Callable[[str], None]  # gets "overloaded" or "draining" for every refused call
 
 
@@ -51,6 +54,7 @@ class Admission(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
             raise ValueError("the limit on inference calls in progress must be at least 1")
         self.limit = limit
         self.in_progress = 0
+        self.streams = 0  # ModelStreamInfer calls among them
         self._closing = False
         self.closing = asyncio.Event()  # set by close(): open streams stop reading (serving/stream.py)
         self._idle = asyncio.Event()
@@ -77,13 +81,27 @@ class Admission(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         task = asyncio.current_task()
         assert task is not None  # interceptors run in the call's own task
         self.in_progress += 1
-        task.add_done_callback(self._release)
+        if method == _STREAM:
+            self.streams += 1
+            task.add_done_callback(self._release_stream)
+        else:
+            task.add_done_callback(self._release)
         return await continuation(details)
+
+    def calls_in_progress(self) -> int:
+        """Inference calls admitted and not ended; ``sys.maxsize`` while a stream is open (it may send
+        any number of requests). The batchers read it to tell when no request can be on its way
+        (models/batcher.py, gathering)."""
+        return sys.maxsize if self.streams else self.in_progress
 
     def _refuse(self, reason: str, handlers: dict[str, grpc.RpcMethodHandler], method: str) -> grpc.RpcMethodHandler:
         if self._on_refusal is not None:
             self._on_refusal(reason)
         return handlers[method]
+
+    def _release_stream(self, task: object) -> None:
+        self.streams -= 1
+        self._release(task)
 
     def _release(self, _: object) -> None:
         self.in_progress -= 1
