@@ -15,6 +15,8 @@ request id. ModelMetadata, ModelConfig, ModelStatistics (all zeros), ModelReady,
 ServerLive, ServerReady and ServerMetadata are answered normally, so the harness,
 tritonclient and perf_analyzer can all drive it.
 
+It runs on the event loop infergate would choose (``--event-loop``, default
+``auto``: uvloop when installed), so it keeps every advantage infergate has.
 It binds 127.0.0.1 only. With several processes they share the port through
 SO_REUSEPORT (grpcio's default on Linux) and the kernel spreads connections.
 """
@@ -32,6 +34,9 @@ import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import model_config_pb2 as mc
+from infergate.eventloop import EventLoopChoice, loop_factory
+from infergate.eventloop import describe as describe_loop
+from infergate.eventloop import run as run_on_loop
 from infergate.models.datatypes import DATATYPES
 
 from .payloads import build_infer_response
@@ -182,22 +187,29 @@ async def serve(models: dict[str, ModelSignature], port: int, on_ready: Callable
         await server.stop(grace=1.0)
 
 
-def _child(models: dict[str, ModelSignature], port: int, ready: Any) -> None:
-    asyncio.run(serve(models, port, ready.put))
+def _child(models: dict[str, ModelSignature], port: int, ready: Any, event_loop: EventLoopChoice) -> None:
+    run_on_loop(serve(models, port, ready.put), event_loop)
 
 
-def _announce(port: int, models: dict[str, ModelSignature], processes: int) -> None:
+def _announce(port: int, models: dict[str, ModelSignature], processes: int, event_loop: EventLoopChoice) -> None:
     names = ", ".join(sorted(models))
+    loop = loop_factory(event_loop)()
+    try:
+        described = describe_loop(loop)
+    finally:
+        loop.close()
     print(
-        f"ceiling: listening on {LOOPBACK}:{port} ({processes} process(es); models: {names})",
+        f"ceiling: listening on {LOOPBACK}:{port} ({processes} process(es); event loop: {described}; models: {names})",
         flush=True,
     )
 
 
-def _run_processes(models: dict[str, ModelSignature], port: int, processes: int) -> None:
+def _run_processes(models: dict[str, ModelSignature], port: int, processes: int, event_loop: EventLoopChoice) -> None:
     context = multiprocessing.get_context("spawn")
     ready = context.Queue()
-    children = [context.Process(target=_child, args=(models, port, ready), daemon=True) for _ in range(processes)]
+    children = [
+        context.Process(target=_child, args=(models, port, ready, event_loop), daemon=True) for _ in range(processes)
+    ]
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -206,7 +218,7 @@ def _run_processes(models: dict[str, ModelSignature], port: int, processes: int)
             child.start()
         for _ in children:
             ready.get(timeout=60)
-        _announce(port, models, processes)
+        _announce(port, models, processes, event_loop)
         while not stop.is_set() and all(child.is_alive() for child in children):
             stop.wait(0.5)
     finally:
@@ -219,16 +231,20 @@ def _run_processes(models: dict[str, ModelSignature], port: int, processes: int)
                 child.kill()
 
 
-def run_ceiling(models: dict[str, ModelSignature], port: int, processes: int = 1) -> None:
+def run_ceiling(
+    models: dict[str, ModelSignature], port: int, processes: int = 1, event_loop: EventLoopChoice = "auto"
+) -> None:
     """Serve ``models`` until SIGINT/SIGTERM; prints one 'listening' line once ready.
 
     Several processes need an explicit ``port`` (they share it via SO_REUSEPORT).
+    ``event_loop`` is chosen as infergate's is (``auto``: uvloop when installed), so the ceiling
+    keeps every advantage infergate has and stays an upper bound.
     """
     if not models:
         raise ValueError("the ceiling needs at least one model")
     if processes > 1 and port == 0:
         raise ValueError("--processes > 1 needs an explicit --port")
     if processes <= 1:
-        asyncio.run(serve(models, port, lambda bound: _announce(bound, models, 1)))
+        run_on_loop(serve(models, port, lambda bound: _announce(bound, models, 1, event_loop)), event_loop)
     else:
-        _run_processes(models, port, processes)
+        _run_processes(models, port, processes, event_loop)

@@ -97,6 +97,12 @@ def _add_ceiling(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=0,
         help="port on 127.0.0.1 (default 0: any free)",
     )
+    p.add_argument(
+        "--event-loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="asyncio event loop, chosen as infergate's is (default auto: uvloop when installed)",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--model-repository",
@@ -556,7 +562,7 @@ def _out_dir(args: argparse.Namespace, prefix: str) -> pathlib.Path:
 def _cmd_ceiling(args: argparse.Namespace) -> int:
     from .ceiling import run_ceiling
 
-    run_ceiling(_ceiling_models(args), args.port, args.processes)
+    run_ceiling(_ceiling_models(args), args.port, args.processes, args.event_loop)
     return 0
 
 

@@ -131,6 +131,22 @@ def test_closed_loop_against_the_ceiling(ceiling_target: str, client: str, proce
     assert result.generator_cpu_s > 0
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"), [((), "event loop: uvloop"), (("--event-loop", "asyncio"), "event loop: asyncio")]
+)
+def test_the_ceiling_runs_on_the_loop_infergate_would_choose(
+    tmp_path: pathlib.Path, flags: tuple[str, ...], says: str
+) -> None:
+    """Its default is infergate's (uvloop when installed): it stays an upper bound on what infergate can do."""
+    port = free_port()
+    argv = [sys.executable, "-m", "load_tests", "ceiling", "--port", str(port),
+            "--model", "m", "--input", "x:FP32:-1", "--output", "y:FP32:-1", *flags]  # fmt: skip
+    log = tmp_path / "c.log"
+    with running_server("c", argv, f"127.0.0.1:{port}", log, REPO_ROOT):
+        pass
+    assert says in log.read_text()
+
+
 def test_servers_are_stopped_after_use(tmp_path: pathlib.Path) -> None:
     port = free_port()
     argv = [sys.executable, "-m", "load_tests", "ceiling", "--port", str(port),
