@@ -2,9 +2,9 @@
 
 Why uvloop: every call runs a dozen loop callbacks (gRPC's completion
 callbacks, the handler's task steps, the batcher's turns), and uvloop runs
-each in Cython. Alternating on the demo repository it served about 12% more
-requests at 64 in flight and answered one caller alone a few hundred
-microseconds sooner (BENCHMARKS.md, "Event loop"). grpc.aio runs on any
+each in Cython. Alternating fresh servers on the demo repository, one caller
+alone was answered 0.17-0.27 ms sooner on average and 64 in flight were
+served 3-7% faster (BENCHMARKS.md, "The event loop"). grpc.aio runs on any
 asyncio loop.
 
 uvloop's ``loop.time()`` counts whole milliseconds, too coarse for queue times
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -28,8 +27,6 @@ __all__ = ["EventLoopChoice", "describe", "loop_factory", "run"]
 
 EventLoopChoice = Literal["auto", "asyncio", "uvloop"]
 T = TypeVar("T")
-
-log = logging.getLogger(__name__)
 
 
 def loop_factory(choice: EventLoopChoice) -> Callable[[], asyncio.AbstractEventLoop]:

@@ -32,8 +32,8 @@ Batching policy (Triton's ``dynamic_batching``, plus gathering):
   meanwhile. And no batch gathers when nothing can be on its way: given the
   server's count of calls in progress (``start(calls_in_progress=...)``, the
   admission count), a batch starts at once while every one of those calls is
-  already queued or running here — so one caller alone pays no loop turns
-  (0.1 ms at one in flight on the benchmark machine, BENCHMARKS.md).
+  already queued or running here — so one caller alone pays no loop turns,
+  and a closed loop's batch starts once all its callers are queued.
 * With ``max_queue_delay`` > 0, a free instance waits up to that long after the oldest
   request arrived for the batch to fill (Triton's meaning: an upper bound on
   the wait).
