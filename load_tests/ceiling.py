@@ -34,8 +34,7 @@ import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import model_config_pb2 as mc
-from infergate.eventloop import EventLoopChoice, loop_factory
-from infergate.eventloop import describe as describe_loop
+from infergate.eventloop import EventLoopChoice, describe_choice
 from infergate.eventloop import run as run_on_loop
 from infergate.models.datatypes import DATATYPES
 
@@ -193,11 +192,7 @@ def _child(models: dict[str, ModelSignature], port: int, ready: Any, event_loop:
 
 def _announce(port: int, models: dict[str, ModelSignature], processes: int, event_loop: EventLoopChoice) -> None:
     names = ", ".join(sorted(models))
-    loop = loop_factory(event_loop)()
-    try:
-        described = describe_loop(loop)
-    finally:
-        loop.close()
+    described = describe_choice(event_loop)
     print(
         f"ceiling: listening on {LOOPBACK}:{port} ({processes} process(es); event loop: {described}; models: {names})",
         flush=True,

@@ -445,20 +445,16 @@ def environment() -> dict[str, str]:
         "grpcio": grpc.__version__,
         "onnxruntime": onnxruntime.__version__,
         "numpy": numpy.__version__,
-        "event_loop": _event_loop(),
+        "event_loop": _default_event_loop(),
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.platform()}",
     }
 
 
-def _event_loop() -> str:
+def _default_event_loop() -> str:
     """The loop infergate and the ceiling run on by default (both ``auto``)."""
-    from infergate.eventloop import describe, loop_factory  # type: ignore[import-untyped,unused-ignore]
+    from infergate.eventloop import describe_choice  # type: ignore[import-untyped,unused-ignore]
 
-    loop = loop_factory("auto")()
-    try:
-        return str(describe(loop))
-    finally:
-        loop.close()
+    return str(describe_choice("auto"))
 
 
 def _write_demo(folder: pathlib.Path) -> pathlib.Path:
@@ -597,7 +593,8 @@ def render_markdown(report: SuiteReport) -> str:
         "",
         f"commit `{env['commit']}`; {env['machine']}; Python {env['python']}, "
         f"grpcio {env['grpcio']}, onnxruntime {env['onnxruntime']}; "
-        f"event loop of infergate and the ceiling: {env.get('event_loop', 'asyncio')}.",
+        f"event loop of infergate and the ceiling unless server args say otherwise: "
+        f"{env.get('event_loop', 'asyncio')}.",
         f"Closed loop with the raw client, {cfg.processes} generator process(es), "
         f"{cfg.warmup:g} s warm-up then {cfg.duration:g} s measured; "
         f"server args: `{shlex.join(cfg.server_args) or '(none)'}`; "

@@ -27,7 +27,7 @@ from conftest import running_server
 
 from infergate.config import ConfigError, load_server_config
 from infergate.errors import DeadlineExceeded
-from infergate.eventloop import EventLoopChoice, describe, loop_factory, run
+from infergate.eventloop import EventLoopChoice, describe, describe_choice, loop_factory, run
 from infergate.models.batcher import Batch, BatchPolicy, DynamicBatcher, LoopClock, Timer
 
 LOOPS: list[EventLoopChoice] = ["asyncio", "uvloop"]
@@ -50,6 +50,7 @@ def test_auto_serves_on_uvloop_when_it_is_installed() -> None:
     try:
         assert isinstance(loop, uvloop.Loop)
         assert describe(loop) == f"uvloop {uvloop.__version__}"
+        assert describe_choice("auto") == describe(loop)  # the same words, without making a loop
     finally:
         loop.close()
 
@@ -59,7 +60,7 @@ def test_asyncio_is_the_standard_loop() -> None:
     try:
         assert isinstance(loop, asyncio.BaseEventLoop)
         assert not isinstance(loop, uvloop.Loop)
-        assert describe(loop) == "asyncio"
+        assert describe(loop) == "asyncio" == describe_choice("asyncio")
     finally:
         loop.close()
 
@@ -67,6 +68,7 @@ def test_asyncio_is_the_standard_loop() -> None:
 def test_without_uvloop_auto_falls_back_and_uvloop_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # what a machine without it sees: ImportError
     assert loop_factory("auto") is asyncio.new_event_loop
+    assert describe_choice("auto") == "asyncio"
     with pytest.raises(ConfigError, match="event_loop: uvloop is not installed"):
         loop_factory("uvloop")
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from infergate.configfile import ConfigError
 
-__all__ = ["EventLoopChoice", "describe", "loop_factory", "run"]
+__all__ = ["EventLoopChoice", "describe", "describe_choice", "loop_factory", "run"]
 
 EventLoopChoice = Literal["auto", "asyncio", "uvloop"]
 T = TypeVar("T")
@@ -53,6 +53,13 @@ def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice) -> T:
 
 def describe(loop: asyncio.AbstractEventLoop) -> str:
     """``uvloop 0.23.0`` or ``asyncio``: for the start-up log."""
-    if type(loop).__module__.startswith("uvloop"):
-        return f"uvloop {importlib.metadata.version('uvloop')}"
-    return "asyncio"
+    return _uvloop() if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def describe_choice(choice: EventLoopChoice) -> str:
+    """What :func:`describe` would say of the loop ``choice`` gives here, without making one."""
+    return "asyncio" if loop_factory(choice) is asyncio.new_event_loop else _uvloop()
+
+
+def _uvloop() -> str:
+    return f"uvloop {importlib.metadata.version('uvloop')}"
