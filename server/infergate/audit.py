@@ -261,7 +261,7 @@ class _FileWriter:
                 log.warning("audit log %s is not keeping up: %d event(s) dropped so far", self.path, self.dropped)
 
     def _run(self) -> None:
-        threadnames.set_name("audit-writer")
+        threadnames.name_after_python()
         while True:
             lines = [self._queue.get()]
             while lines[-1] is not _STOP and len(lines) < 1000:  # one write for a burst

@@ -256,7 +256,6 @@ class DynamicBatcher(Generic[T, R]):
         self._idle = asyncio.Event()  # set when closing and nothing is queued or running
         self._loop: asyncio.AbstractEventLoop | None = None
         self._calls_in_progress: Callable[[], int] | None = None
-        self._running_entries = 0
 
     @property
     def policy(self) -> BatchPolicy:
@@ -404,7 +403,7 @@ class DynamicBatcher(Generic[T, R]):
     def _more_may_arrive(self) -> bool:
         """False when every call the server holds is already queued or running here."""
         calls = self._calls_in_progress
-        return calls is None or calls() > len(self._queue) + self._running_entries
+        return calls is None or calls() > len(self._queue) + sum(map(len, self._running.values()))
 
     def _turn(self) -> None:
         assert self._loop is not None
@@ -458,7 +457,6 @@ class DynamicBatcher(Generic[T, R]):
         self._free.remove(instance)
         self._last_start[instance] = now
         self._running[instance] = entries
-        self._running_entries += len(entries)
         batch = Batch(
             payloads=[e.payload for e in entries],
             payload_rows=[e.rows for e in entries],
@@ -477,7 +475,6 @@ class DynamicBatcher(Generic[T, R]):
         if self._running.get(instance) is not entries:
             return  # called twice, or after aclose gave up on it
         del self._running[instance]
-        self._running_entries -= len(entries)
         self._free.append(instance)
         if not isinstance(outcome, BaseException) and len(outcome) != len(entries):
             outcome = RuntimeError(f"execute returned {len(outcome)} results for {len(entries)} requests")

@@ -399,7 +399,7 @@ class _InstanceThreads:
         self._jobs.put((asyncio.get_running_loop(), callback, payloads, rows))
 
     def _serve(self, instance: Instance) -> None:
-        threadnames.set_name(threading.current_thread().name)
+        threadnames.name_after_python()
         nice = 0
         while (job := self._jobs.get()) is not None:
             if self.nice != nice:

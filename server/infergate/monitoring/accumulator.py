@@ -142,7 +142,7 @@ class Accumulator(Generic[T]):
         return thread
 
     def _work(self) -> None:
-        threadnames.set_name(self.name)
+        threadnames.name_after_python()
         while True:
             try:
                 first = self._queue.get(timeout=self._tick_seconds)
