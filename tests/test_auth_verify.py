@@ -299,3 +299,18 @@ async def test_a_tampered_copy_of_a_cached_token_is_still_refused(keys: Keys) ->
         await v.verify(forged)
     with pytest.raises(auth.AlgorithmNotAllowed):
         await v.verify(unsigned("none", claims()))
+
+
+async def test_a_cached_token_is_answered_without_verifying_until_the_cache_lets_go(keys: Keys) -> None:
+    """``cached`` is what the server asks first, synchronously; None sends the call to ``verify``."""
+    clock = Clock()
+    config = AuthConfig(enabled=True, algorithms=["EdDSA"], public_keys=[{"file": "unused.pem"}])
+    v = auth.TokenVerifier(config, KeyStore(None, [VerificationKey(keys.ed.public_key(), "ed")]), clock=clock)
+    signed = token(keys.ed, "EdDSA", kid="ed")
+    assert v.cached(signed) is None  # never verified
+    await v.verify(signed)
+    principal = v.cached(signed)
+    assert principal is not None and principal.subject == "alice"
+    clock.now += auth.CACHE_SECONDS + 1
+    assert v.cached(signed) is None
+    assert v.verified == 1

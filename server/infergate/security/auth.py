@@ -254,15 +254,23 @@ class TokenVerifier:
         self._cache: OrderedDict[str, tuple[Principal, float, int]] = OrderedDict()
         self.verified = 0  # full verifications (cache misses that succeeded)
 
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a token verified before, while that verification holds; else None."""
+        cached = self._cache.get(token)
+        if cached is None:
+            return None
+        principal, until, verified_in = cached
+        if self._clock() < until and verified_in == self._keys.generation:
+            return principal
+        del self._cache[token]
+        return None
+
     async def verify(self, token: str) -> Principal:
         """The principal of a valid token; raise an AuthError subclass otherwise."""
-        now, generation = self._clock(), self._keys.generation
-        cached = self._cache.get(token)
+        cached = self.cached(token)
         if cached is not None:
-            principal, until, verified_in = cached
-            if now < until and verified_in == generation:
-                return principal
-            del self._cache[token]
+            return cached
+        now, generation = self._clock(), self._keys.generation
         principal, expires = await self._verify(token)
         self.verified += 1
         until = min(expires + self._config.leeway_seconds, now + CACHE_SECONDS)

@@ -21,7 +21,6 @@ written as ``anonymous`` with no model: its request is never read.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,14 +28,20 @@ import grpc
 from infergate.audit import AuditLog
 from infergate.security.auth import current_principal
 from infergate.security.interceptor import rule_for
-from infergate.serving.interceptors import Finish, MethodHandlerCache, call_status, observe_handler
+from infergate.serving.interceptors import (
+    Finish,
+    MethodHandlerCache,
+    SelectingInterceptor,
+    call_status,
+    observe_handler,
+)
 
 __all__ = ["AdminAudit", "call_outcome"]
 
 MAX_NAME_CHARS = 256  # of a model name or version a client sent, as written to the audit log
 
 
-class AdminAudit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+class AdminAudit(SelectingInterceptor):
     """Writes one ``admin`` audit event per admin write call (see the module docstring)."""
 
     def __init__(self, audit: AuditLog) -> None:
@@ -45,14 +50,8 @@ class AdminAudit(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ship
             lambda path: functools.partial(self._audited, method=path.rsplit("/", 1)[-1])
         )
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method: str = details.method
-        if handler is None or not rule_for(method).audit:
+    def select(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if not rule_for(method).audit:
             return handler
         return self._wrapped(method, handler)
 

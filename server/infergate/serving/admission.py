@@ -71,9 +71,14 @@ class Admission(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method: str = details.method
+        refusal = self.admit(details.method)
+        return refusal if refusal is not None else await continuation(details)
+
+    def admit(self, method: str) -> grpc.RpcMethodHandler | None:
+        """Count an inference call in (released when its task ends), or return the handler that
+        refuses it; None for every other method. Called in the call's own task."""
         if method not in INFERENCE_METHODS:
-            return await continuation(details)
+            return None
         if self._closing:
             return self._refuse("draining", self._refuse_draining, method)
         if self.in_progress >= self.limit:
@@ -86,7 +91,7 @@ class Admission(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
             task.add_done_callback(self._release_stream)
         else:
             task.add_done_callback(self._release)
-        return await continuation(details)
+        return None
 
     def calls_in_progress(self) -> int:
         """Inference calls admitted and not ended; ``sys.maxsize`` while a stream is open (it may send

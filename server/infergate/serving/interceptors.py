@@ -1,4 +1,4 @@
-"""The server's interceptors, composed in one place (:func:`build_interceptors`), and the one helper
+"""The server's interceptors, composed in one place (:class:`CallPipeline`), and the one helper
 that wraps a method handler's behaviour (:func:`wrap_handler`).
 
 Order (a call passes them first to last before reaching its servicer):
@@ -6,7 +6,7 @@ Order (a call passes them first to last before reaching its servicer):
 0. admission (``admission.py``): an inference call over the server's limit,
    or any once the server drains, is refused before anything else runs;
 1. the observers — telemetry's RPC span, metrics and access log — so that
-   calls a later interceptor refuses are traced and counted too;
+   calls a later stage refuses are traced and counted too;
 2. the admin audit (``admin_audit.py``): every admin write (model load,
    unload) is audited however it ends, so it comes before the two that may
    refuse it; it returns every other method's handler untouched;
@@ -14,6 +14,14 @@ Order (a call passes them first to last before reaching its servicer):
    INVALID_ARGUMENT naming the method (gRPC's own answer is UNKNOWN and a
    Python class name);
 4. the auth interceptor (``security/interceptor.py``) when ``auth.enabled``.
+
+gRPC sees one interceptor, :class:`CallPipeline`. Given several, grpc.aio
+runs each as two coroutines per call (its ``intercept_service`` and the
+continuation to the next); the pipeline asks each stage synchronously
+instead (:class:`HandlerStage`) and keeps the handler they compose, so a
+ModelInfer pays one coroutine and one dictionary lookup for all of them.
+Each stage is still an interceptor of its own (``intercept_service``), for
+whoever wants one alone.
 
 Interceptors build nothing per call: gRPC hands every call of a method the
 same handler object, so each interceptor wraps a handler once and keeps the
@@ -29,7 +37,7 @@ import asyncio
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -37,10 +45,13 @@ from infergate.errors import InvalidArgument
 from infergate.serving.status import abort_with
 
 __all__ = [
+    "CallPipeline",
     "Finish",
     "HandlerCache",
+    "HandlerStage",
     "MalformedRequests",
     "MethodHandlerCache",
+    "SelectingInterceptor",
     "StreamBehaviour",
     "UnaryBehaviour",
     "build_interceptors",
@@ -226,13 +237,14 @@ def _tolerant(deserialize: Deserializer) -> Deserializer:
     return parse
 
 
-class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
-    """A request message that does not parse ends its call with INVALID_ARGUMENT naming the method."""
+class HandlerStage(Protocol):
+    """A stage whose handler for a call depends on nothing but the method and the handler it wraps."""
 
-    def __init__(self) -> None:
-        self._wrapped = MethodHandlerCache(
-            lambda path: functools.partial(_refusing_malformed, method=path.rsplit("/", 1)[-1])
-        )
+    def select(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler: ...
+
+
+class SelectingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """An interceptor made of one :class:`HandlerStage`: ``select`` is all a subclass writes."""
 
     async def intercept_service(
         self,
@@ -240,9 +252,24 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
+        return None if handler is None else self.select(details.method, handler)
+
+    def select(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class MalformedRequests(SelectingInterceptor):
+    """A request message that does not parse ends its call with INVALID_ARGUMENT naming the method."""
+
+    def __init__(self) -> None:
+        self._wrapped = MethodHandlerCache(
+            lambda path: functools.partial(_refusing_malformed, method=path.rsplit("/", 1)[-1])
+        )
+
+    def select(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None:
             return handler
-        return self._wrapped(details.method, handler)
+        return self._wrapped(method, handler)
 
 
 def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -282,11 +309,69 @@ def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.Rpc
     return wrap_handler(handler, unary=unary, stream=stream, deserializer=_tolerant(handler.request_deserializer))
 
 
+class Gate(Protocol):
+    """The first stage (``admission.py``): a refusing handler for a call it does not take, else None."""
+
+    def admit(self, method: str) -> grpc.RpcMethodHandler | None: ...
+
+
+class Authenticator(Protocol):
+    """The last stage (``security/interceptor.py``): the handler that serves, or refuses, this caller."""
+
+    def authorize_now(
+        self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler
+    ) -> grpc.RpcMethodHandler | None:
+        """The handler, or None when the caller's token must first be verified (:meth:`authorize`)."""
+        ...
+
+    async def authorize(
+        self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler
+    ) -> grpc.RpcMethodHandler: ...
+
+
+class CallPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """The one interceptor the server installs: every stage, in the order of the module docstring."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        observers: Sequence[HandlerStage],
+        admin_audit: HandlerStage,
+        auth: Authenticator | None,
+    ):
+        self._gate = gate
+        self._auth = auth
+        # Applied innermost first: the first observer wraps everything after it.
+        self._stages: tuple[HandlerStage, ...] = (MalformedRequests(), admin_audit, *reversed(observers))
+        self._composed = MethodHandlerCache(lambda path: functools.partial(self._compose, method=path))
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = details.method
+        refusal = self._gate.admit(method)
+        if refusal is not None:
+            return refusal
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if self._auth is not None:
+            handler = self._auth.authorize_now(details, handler) or await self._auth.authorize(details, handler)
+        return self._composed(method, handler)
+
+    def _compose(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        for stage in self._stages:
+            handler = stage.select(method, handler)
+        return handler
+
+
 def build_interceptors(
-    admission: grpc.aio.ServerInterceptor,
-    observers: Sequence[grpc.aio.ServerInterceptor],
-    admin_audit: grpc.aio.ServerInterceptor,
-    auth: grpc.aio.ServerInterceptor | None,
+    admission: Gate,
+    observers: Sequence[HandlerStage],
+    admin_audit: HandlerStage,
+    auth: Authenticator | None,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """Every server interceptor, in order (see the module docstring)."""
-    return [admission, *observers, admin_audit, MalformedRequests(), *([auth] if auth is not None else [])]
+    """The server's interceptors: one :class:`CallPipeline` of every stage (see the module docstring)."""
+    return [CallPipeline(admission, observers, admin_audit, auth)]

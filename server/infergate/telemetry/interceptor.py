@@ -19,7 +19,6 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,7 +28,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from infergate.serving.codec import ROUTE_PARAMETER, SHADOWED_PARAMETER
-from infergate.serving.interceptors import Finish, MethodHandlerCache, call_status, observe_handler
+from infergate.serving.interceptors import (
+    Finish,
+    MethodHandlerCache,
+    SelectingInterceptor,
+    call_status,
+    observe_handler,
+)
 from infergate.telemetry.metrics import ServerMetrics
 
 __all__ = ["ACCESS_LOG", "UNTRACED_SERVICES", "TelemetryInterceptor"]
@@ -41,7 +46,7 @@ UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRef
                      "grpc.reflection.v1.ServerReflection")  # fmt: skip
 
 
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TelemetryInterceptor(SelectingInterceptor):
     """Wraps every handler with a :class:`_Call` record; ``tracer``/``metrics`` None turn that part off."""
 
     def __init__(
@@ -72,15 +77,8 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """
         return self._sample_ratio >= 1.0 or self._rng.random() < self._sample_ratio
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        return self._wrapped(details.method, handler)
+    def select(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return self._wrapped(method, handler)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, path: str) -> grpc.RpcMethodHandler:
         service, _, method = path.lstrip("/").partition("/")

@@ -13,12 +13,17 @@ through untouched.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from infergate.serving.interceptors import HandlerCache, StreamBehaviour, UnaryBehaviour, wrap_handler
+from infergate.serving.interceptors import (
+    HandlerCache,
+    SelectingInterceptor,
+    StreamBehaviour,
+    UnaryBehaviour,
+    wrap_handler,
+)
 
 __all__ = ["PER_WORKER_METHODS", "WORKER_HEADER", "WorkerScopeInterceptor"]
 
@@ -28,22 +33,15 @@ PER_WORKER_METHODS = frozenset(
 )
 
 
-class WorkerScopeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class WorkerScopeInterceptor(SelectingInterceptor):
     """Adds ``infergate-worker: INDEX/COUNT`` to the answers of :data:`PER_WORKER_METHODS`."""
 
     def __init__(self, index: int, count: int):
         self._metadata = ((WORKER_HEADER, f"{index}/{count}"),)
         self._wrapped = HandlerCache(self._wrap)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method not in PER_WORKER_METHODS:
-            return handler
-        return self._wrapped(handler)
+    def select(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return self._wrapped(handler) if method in PER_WORKER_METHODS else handler
 
     def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         metadata = self._metadata
