@@ -133,11 +133,14 @@ class _Call:
                 self._span.set_attribute("infergate.request.id", request_id)
 
     def saw_response(self, response: Any) -> None:
-        version = getattr(response, "model_version", "")
-        if version and isinstance(version, str):
-            self.version = version  # the version that answered, when the request named none
+        if not self.version:
+            version = getattr(response, "model_version", "")
+            if version and isinstance(version, str):
+                self.version = version  # the version that answered, when the request named none
+        if self._span is None or not self._span.is_recording():
+            return
         parameters = getattr(response, "parameters", None)
-        if self._span is not None and self._span.is_recording() and parameters is not None:
+        if parameters is not None:
             # The router's decision, as the servicer wrote it into the response (see servicer.py).
             if ROUTE_PARAMETER in parameters:
                 self._span.set_attribute("infergate.route", parameters[ROUTE_PARAMETER].string_param)

@@ -76,9 +76,6 @@ class ServerMetrics:
         self._active: dict[str, int] = {}
         self._streams_paused = 0
         self._drift: DriftSource | None = None
-        self._requests = self._counter(
-            meter, "infergate.requests", "{request}", "RPCs answered, by method, model, version and status"
-        )
         self._loads = self._counter(meter, "infergate.model.loads", "{load}", "Model loads, by model and outcome")
         self._auth_refusals = self._counter(
             meter, "infergate.auth.refusals", "{request}", "Calls refused by authentication, by reason"
@@ -101,6 +98,12 @@ class ServerMetrics:
         )
         self._request_duration = histograms.create(
             "infergate.request.duration", "s", "Time from receiving an RPC to answering it", SECONDS
+        )
+        meter.create_observable_counter(  # the duration histogram's counts: one record per request, not two
+            "infergate.requests",
+            [self._request_duration.observe_counts],
+            unit="{request}",
+            description="RPCs answered, by method, model, version and status",
         )
         self._queue_duration = histograms.create(
             "infergate.queue.duration", "s", "Time a request waited in its model's queue", SECONDS
@@ -174,8 +177,7 @@ class ServerMetrics:
         """One answered RPC; ``model``/``version`` are empty for calls that name none."""
         self._active[method] -= 1
         key = (("rpc.method", method), ("model", model), ("model_version", version), ("rpc.grpc.status_code", status))
-        self._requests.add(key)
-        self._request_duration.record(key, seconds)
+        self._request_duration.record(key, seconds)  # and counts it in infergate.requests
 
     # --- models (the batcher's events, the same ones ModelStatistics counts) --------------
 
