@@ -57,3 +57,10 @@ async def test_refusals_are_counted_by_reason(observed: Observed) -> None:
         if point.attributes.get("rpc.method") == "ModelMetadata"
     }
     assert refused[grpc.StatusCode.UNAUTHENTICATED.value[0]] == 3  # refused calls are traced and counted too
+    answered = [
+        point.attributes
+        for point in observed.points("infergate.requests")
+        if point.attributes.get("rpc.method") == "ModelMetadata"
+        and point.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
+    ]
+    assert [a["model"] for a in answered] == ["matmul16"]  # ModelMetadataRequest names it in `name`

@@ -162,11 +162,13 @@ def call_status(context: grpc.aio.ServicerContext, error: BaseException | None) 
     """The status a call ended with: the one its handler set or aborted with; DEADLINE_EXCEEDED or
     CANCELLED when gRPC cancelled it (at its deadline, or when its client went away); else
     OK (answered) or UNKNOWN (an exception no translation handled)."""
+    code = context.code()
+    if code is None and error is None:
+        return grpc.StatusCode.OK  # the common case first: answered, nothing set
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         remaining = context.time_remaining()
         expired = remaining is not None and remaining <= 0
         return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-    code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
     if isinstance(code, int):  # some grpc versions keep the raw integer

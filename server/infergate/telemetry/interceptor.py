@@ -93,6 +93,20 @@ class TelemetryInterceptor(SelectingInterceptor):
         return observe_handler(handler, start)
 
 
+@functools.cache
+def _naming_fields(message: type) -> tuple[str | None, str | None]:
+    """The fields of a request message type that name a model and a version (ModelInfer's
+    ``model_name``/``model_version``, the other calls' ``name``/``version``), read once per type:
+    asking a message for a field it lacks costs an exception each time."""
+    descriptor = getattr(message, "DESCRIPTOR", None)
+    fields = getattr(descriptor, "fields_by_name", None) or {}
+
+    def first(*names: str) -> str | None:
+        return next((name for name in names if name in fields), None)
+
+    return first("model_name", "name"), first("model_version", "version")
+
+
 class _Call:
     """One RPC being served: its span (if tracing), start time and what it named."""
 
@@ -123,8 +137,12 @@ class _Call:
             self._token = context_api.attach(trace.set_span_in_context(self._span))
 
     def saw_request(self, request: Any) -> None:
-        self.model = str(getattr(request, "model_name", "") or getattr(request, "name", "") or "")
-        self.version = str(getattr(request, "model_version", "") or getattr(request, "version", "") or "")
+        kind: type = type(request)
+        model_field, version_field = _naming_fields(kind)
+        if model_field is not None:
+            self.model = str(getattr(request, model_field))
+        if version_field is not None:
+            self.version = str(getattr(request, version_field))
         if self._span is not None and self._span.is_recording():
             if self.model:
                 self._span.set_attribute("infergate.model.name", self.model)
