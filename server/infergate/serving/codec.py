@@ -161,9 +161,8 @@ def decode_request(
     names regions, which it reaches through this.
     """
     tensors = request.inputs
-    label = f"model {spec.name}"
     if max_inputs is not None and len(tensors) > max_inputs:
-        raise InvalidArgument(f"{label}: {len(tensors)} inputs, more than the limit of {max_inputs}")
+        raise InvalidArgument(f"model {spec.name}: {len(tensors)} inputs, more than the limit of {max_inputs}")
     if shared_memory is not None:
         sources: Sequence[Buffer | None] = input_sources(request, spec.name, shared_memory)
     else:
@@ -171,47 +170,56 @@ def decode_request(
     inputs: Tensors = {}
     rows = -1
     for index, tensor in enumerate(tensors):
-        ts = spec.input_by_name.get(tensor.name)
-        where = f"{label} input {tensor.name!r}"
+        name = tensor.name  # protobuf makes a new str at each read of a field
+        ts = spec.input_by_name.get(name)
         if ts is None:
             raise InvalidArgument(
-                f"unexpected inference input '{tensor.name}' for model '{spec.name}' (inputs: {_names(spec.inputs)})"
+                f"unexpected inference input '{name}' for model '{spec.name}' (inputs: {_names(spec.inputs)})"
             )
-        if tensor.name in inputs:
-            raise InvalidArgument(f"{where} appears twice")
-        if tensor.datatype != ts.datatype.name:
+        if name in inputs:
+            raise InvalidArgument(f"{_where(spec, name)} appears twice")
+        datatype = tensor.datatype
+        if datatype != ts.datatype.name:
             raise InvalidArgument(
-                f"inference input '{tensor.name}' data-type is '{tensor.datatype}', but model '{spec.name}' "
+                f"inference input '{name}' data-type is '{datatype}', but model '{spec.name}' "
                 f"expects '{ts.datatype.name}'"
             )
         shape = tuple(tensor.shape)
-        count = _check_shape(shape, ts, spec, where, max_elements, max_rows)
+        count = _check_shape(shape, ts, spec, name, max_elements, max_rows)
         if spec.batches:
             if rows == -1:
                 rows = shape[0]
             elif shape[0] != rows:
-                raise InvalidArgument(f"{where}: batch dimension {shape[0]} differs from the other inputs' {rows}")
+                raise InvalidArgument(
+                    f"{_where(spec, name)}: batch dimension {shape[0]} differs from the other inputs' {rows}"
+                )
         data = sources[index] if sources else None
         if data is not None:
-            array = _from_raw(data, ts.datatype, shape, count, f"input '{tensor.name}' for model '{spec.name}'")
+            array = _from_raw(data, ts.datatype, shape, count, spec, name)
         else:
-            array = _from_contents(tensor, ts.datatype, shape, count, where)
-        inputs[tensor.name] = array
+            array = _from_contents(tensor, ts.datatype, shape, count, _where(spec, name))
+        inputs[name] = array
     if len(inputs) != len(spec.inputs):
         raise InvalidArgument(_missing_inputs(spec, inputs))
-    outputs = tuple(o.name for o in request.outputs)
-    for name in outputs:
-        if name not in spec.output_by_name:
+    requested = request.outputs
+    outputs = tuple(o.name for o in requested) if requested else ()
+    for output in outputs:
+        if output not in spec.output_by_name:
             raise InvalidArgument(
-                f"unexpected inference output '{name}' for model '{spec.name}' (outputs: {_names(spec.outputs)})"
+                f"unexpected inference output '{output}' for model '{spec.name}' (outputs: {_names(spec.outputs)})"
             )
-    classes = classification_counts(request.outputs)
+    classes = classification_counts(requested) if requested else {}
     check_classifiable(classes, spec)
     # In the spec's input order: the request's own order must not matter.
     group = tuple(inputs[t.name].shape[1:] for t in spec.inputs) if spec.variable_inner_dims else None
-    return DecodedRequest(
-        inputs, rows if spec.batches else 1, group, outputs, sequence_params(request.parameters), classes
-    )
+    parameters = request.parameters
+    sequence = sequence_params(parameters) if parameters else None
+    return DecodedRequest(inputs, rows if spec.batches else 1, group, outputs, sequence, classes)
+
+
+def _where(spec: ModelSpec, name: str) -> str:
+    """How an error names an input (built only when there is an error to name it in)."""
+    return f"model {spec.name} input {name!r}"
 
 
 def _raw_sources(request: pb.ModelInferRequest, model: str) -> Sequence[bytes]:
@@ -248,21 +256,30 @@ def _names(tensors: Sequence[TensorSpec]) -> list[str]:
 
 
 def _check_shape(
-    shape: tuple[int, ...], ts: TensorSpec, spec: ModelSpec, where: str, max_elements: int, max_rows: int | None
+    shape: tuple[int, ...], ts: TensorSpec, spec: ModelSpec, name: str, max_elements: int, max_rows: int | None
 ) -> int:
     """Check rank and dims against the spec; return the element count."""
     expected = ts.shape
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension")
-    if len(shape) != len(expected) or any(d < 0 or (e >= 0 and d != e) for d, e in zip(shape, expected, strict=True)):
-        raise InvalidArgument(f"{where}: shape {list(shape)}, expected {_pretty(expected)}")
-    if spec.batches and not 1 <= shape[0] <= spec.max_batch_size:
-        raise InvalidArgument(f"{where}: batch of {shape[0]} rows; this model takes 1 to {spec.max_batch_size}")
-    if spec.batches and max_rows is not None and shape[0] > max_rows:
-        raise InvalidArgument(f"{where}: batch of {shape[0]} rows, more than the server's limit of {max_rows}")
+    for d in shape:  # loops, not any(): no generator per request
+        if d < 0:
+            raise InvalidArgument(f"{_where(spec, name)}: shape {list(shape)} has a negative dimension")
+    if len(shape) != len(expected):
+        raise InvalidArgument(f"{_where(spec, name)}: shape {list(shape)}, expected {_pretty(expected)}")
+    for d, e in zip(shape, expected, strict=True):
+        if e >= 0 and d != e:
+            raise InvalidArgument(f"{_where(spec, name)}: shape {list(shape)}, expected {_pretty(expected)}")
+    if spec.batches:
+        if not 1 <= shape[0] <= spec.max_batch_size:
+            raise InvalidArgument(
+                f"{_where(spec, name)}: batch of {shape[0]} rows; this model takes 1 to {spec.max_batch_size}"
+            )
+        if max_rows is not None and shape[0] > max_rows:
+            raise InvalidArgument(
+                f"{_where(spec, name)}: batch of {shape[0]} rows, more than the server's limit of {max_rows}"
+            )
     count = math.prod(shape)
     if count > max_elements:
-        raise InvalidArgument(f"{where}: {count} elements, more than the limit of {max_elements}")
+        raise InvalidArgument(f"{_where(spec, name)}: {count} elements, more than the limit of {max_elements}")
     return count
 
 
@@ -270,14 +287,16 @@ def _pretty(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join("-1" if d < 0 else str(d) for d in shape) + "]"
 
 
-def _from_raw(data: Buffer, datatype: Datatype, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
+def _from_raw(
+    data: Buffer, datatype: Datatype, shape: tuple[int, ...], count: int, spec: ModelSpec, name: str
+) -> npt.NDArray[Any]:
     if datatype.name == BYTES:
-        return decode_bytes_tensor(data, count, where).reshape(shape)
+        return decode_bytes_tensor(data, count, f"input '{name}' for model '{spec.name}'").reshape(shape)
     expected = count * datatype.itemsize
     if len(data) != expected:
         raise InvalidArgument(
-            f"input byte size mismatch for {where}. Expected {expected}, got {len(data)} "
-            f"(shape {list(shape)} of {datatype.name})"
+            f"input byte size mismatch for input '{name}' for model '{spec.name}'. Expected {expected}, "
+            f"got {len(data)} (shape {list(shape)} of {datatype.name})"
         )
     return np.frombuffer(data, dtype=datatype.numpy).reshape(shape)
 
