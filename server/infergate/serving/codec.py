@@ -81,8 +81,9 @@ class WireRequest:
         self.model: str = message.model_name
         self.version: str = message.model_version
         self.id: str = message.id
-        self.timeout_us = request_timeout_us(message)
-        self.priority = request_priority(message)
+        has_parameters = bool(message.parameters)  # most requests have none: skip both look-ups
+        self.timeout_us = request_timeout_us(message) if has_parameters else None
+        self.priority = request_priority(message) if has_parameters else 0
         self._metadata = metadata  # read only when a sticky header is configured
 
     def routing_key(self, header: str | None, parameter: str | None) -> str | None:
