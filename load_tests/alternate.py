@@ -3,6 +3,14 @@
     python -m load_tests alternate --variant asyncio="--event-loop asyncio" \\
         --variant uvloop="--event-loop uvloop" --rounds 3 --out results/loop
 
+A variant may also run another checkout of infergate, to measure a change of
+code rather than of flags (``--checkout NAME=DIR``: DIR's ``server/`` goes
+first on that variant's PYTHONPATH)::
+
+    git worktree add /tmp/before HEAD~3
+    python -m load_tests alternate --variant before= --checkout before=/tmp/before \
+        --variant after= --rounds 6 --out results/change
+
 Each round starts infergate once per variant, in the order given, on the same
 demo repository, and runs every scenario against it with the same closed-loop
 client (``matmul16`` b1 at 64 and at 1 in flight, ``mlp`` b8 at 32: the three
@@ -17,6 +25,7 @@ import json
 import pathlib
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +36,15 @@ from .report import LoadResult, format_table
 from .servers import free_port, running_server
 from .suite import REPO_ROOT, environment
 
-__all__ = ["SCENARIOS", "AlternateConfig", "AlternateReport", "Scenario", "parse_variant", "run_alternate"]
+__all__ = [
+    "SCENARIOS",
+    "AlternateConfig",
+    "AlternateReport",
+    "Scenario",
+    "parse_checkout",
+    "parse_variant",
+    "run_alternate",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,7 @@ SCENARIOS = (Scenario("matmul16", 1, 64), Scenario("matmul16", 1, 1), Scenario("
 class AlternateConfig:
     out: pathlib.Path
     variants: tuple[tuple[str, tuple[str, ...]], ...]  # (name, serve flags)
+    checkouts: tuple[tuple[str, pathlib.Path], ...] = ()  # (variant name, checkout it serves from)
     scenarios: tuple[Scenario, ...] = SCENARIOS
     duration: float = 6.0
     warmup: float = 1.0
@@ -85,6 +103,22 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
     return name, tuple(shlex.split(flags))
 
 
+def parse_checkout(text: str) -> tuple[str, pathlib.Path]:
+    """``--checkout NAME=DIR``: the variant NAME serves infergate from DIR, a checkout of this repository."""
+    name, sep, directory = text.partition("=")
+    if not sep or not name or not directory:
+        raise ValueError(f"expected NAME=DIR, got {text!r}")
+    path = pathlib.Path(directory).resolve()
+    if not (path / "server" / "infergate" / "__init__.py").is_file():
+        raise ValueError(f"{directory}: not a checkout of infergate (no server/infergate/__init__.py)")
+    return name, path
+
+
+def _commit(checkout: pathlib.Path) -> str:
+    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else "unknown"
+
+
 def run_alternate(config: AlternateConfig) -> AlternateReport:
     """Every variant once per round, in order, each on a fresh server; writes alternate.json and alternate.md."""
     from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
@@ -95,14 +129,16 @@ def run_alternate(config: AlternateConfig) -> AlternateReport:
     with tempfile.TemporaryDirectory() as tmp:
         repo = pathlib.Path(tmp) / "models"
         write_demo_repository(repo)
+        checkouts = dict(config.checkouts)
         for round_ in range(config.rounds):
             for name, flags in config.variants:
+                env = {"PYTHONPATH": str(checkouts[name] / "server")} if name in checkouts else None
                 port = free_port()
                 argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo)]
                 argv += ["--port", str(port), *flags]
                 models = sorted({s.model for s in config.scenarios})
                 log = config.out / f"{name}.log"
-                with running_server(name, argv, f"127.0.0.1:{port}", log, REPO_ROOT, models=models):
+                with running_server(name, argv, f"127.0.0.1:{port}", log, REPO_ROOT, env=env, models=models):
                     for scenario in config.scenarios:
                         load = LoadConfig(
                             target=f"127.0.0.1:{port}", model=scenario.model, batch=scenario.batch,
@@ -127,6 +163,7 @@ def _write(report: AlternateReport) -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {
             "variants": {name: list(flags) for name, flags in config.variants},
+            "checkouts": {name: {"path": str(path), "commit": _commit(path)} for name, path in config.checkouts},
             "scenarios": [s.name for s in config.scenarios],
             "duration": config.duration,
             "warmup": config.warmup,

@@ -36,7 +36,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
   drift-overhead      infergate with drift monitoring off and at sample_fraction 0, 0.1, 1.0, same run
   soak      mixed load for N minutes while the server's memory and open files are sampled
-  alternate infergate under different serve flags (--variant NAME=FLAGS), alternating, same run
+  alternate infergate under different serve flags (--variant NAME=FLAGS) or checkouts, alternating, same run
 
 Everything runs on loopback. Run from the repository root: python -m load_tests ...
 """
@@ -435,10 +435,23 @@ def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         "--variant", type=_variant, action="append", required=True, metavar="NAME=FLAGS",
         help='a name and its serve flags, e.g. asyncio="--event-loop asyncio" (repeat; at least two)',
     )  # fmt: skip
+    p.add_argument(
+        "--checkout", type=_checkout, action="append", default=[], metavar="NAME=DIR",
+        help="the variant NAME serves infergate from DIR, another checkout (e.g. a git worktree of an older commit)",
+    )  # fmt: skip
     p.add_argument("--duration", type=_positive_float, default=6.0, metavar="S", help="measured s (default 6)")
     p.add_argument("--warmup", type=_non_negative_float, default=1.0, metavar="S", help="warm-up s (default 1)")
     p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/alternate-<time>")
+
+
+def _checkout(text: str) -> tuple[str, pathlib.Path]:
+    from .alternate import parse_checkout
+
+    try:
+        return parse_checkout(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _variant(text: str) -> tuple[str, tuple[str, ...]]:
@@ -457,10 +470,19 @@ def _cmd_alternate(args: argparse.Namespace) -> int:
     if len(names) < 2 or len(set(names)) != len(names):
         print("alternate: give at least two --variant, each with its own name", file=sys.stderr)
         return 2
+    unknown = [name for name, _ in args.checkout if name not in names]
+    if unknown:
+        print(f"alternate: --checkout names no --variant: {', '.join(unknown)}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _raise_exit)
     out = _out_dir(args, "alternate")
     config = AlternateConfig(
-        out=out, variants=tuple(args.variant), duration=args.duration, warmup=args.warmup, rounds=args.rounds
+        out=out,
+        variants=tuple(args.variant),
+        checkouts=tuple(args.checkout),
+        duration=args.duration,
+        warmup=args.warmup,
+        rounds=args.rounds,
     )
     report = run_alternate(config)
     print(report.table())

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from load_tests.alternate import SCENARIOS, parse_variant
+from load_tests.alternate import SCENARIOS, parse_checkout, parse_variant
 from load_tests.suite import REPO_ROOT
 
 
 def test_each_variant_serves_every_scenario_in_every_round(tmp_path: pathlib.Path) -> None:
+    """The second variant also serves from another checkout: a copy of this one that announces itself."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO_ROOT / "server", checkout / "server", ignore=shutil.ignore_patterns("__pycache__"))
+    with (checkout / "server" / "infergate" / "__init__.py").open("a") as package:
+        package.write('\nimport sys\n\nprint("infergate from the other checkout", file=sys.stderr)\n')
     out = tmp_path / "ab"
     argv = [sys.executable, "-m", "load_tests", "alternate", "--variant", "asyncio=--event-loop asyncio",
-            "--variant", "uvloop=--event-loop uvloop", "--rounds", "1", "--duration", "0.5", "--warmup", "0",
-            "--out", str(out)]  # fmt: skip
+            "--variant", "uvloop=--event-loop uvloop", "--checkout", f"uvloop={checkout}", "--rounds", "1",
+            "--duration", "0.5", "--warmup", "0", "--out", str(out)]  # fmt: skip
     run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "alternate.json").read_text())
@@ -29,6 +35,9 @@ def test_each_variant_serves_every_scenario_in_every_round(tmp_path: pathlib.Pat
             assert result["requests"] > 0 and not result["errors"], (scenario.name, variant)
     assert "event loop: asyncio" in (out / "asyncio.log").read_text()  # each variant really ran its flags
     assert "event loop: uvloop" in (out / "uvloop.log").read_text()
+    assert "from the other checkout" in (out / "uvloop.log").read_text()  # and its code
+    assert "from the other checkout" not in (out / "asyncio.log").read_text()
+    assert report["config"]["checkouts"]["uvloop"]["path"] == str(checkout.resolve())
     table = (out / "alternate.md").read_text()
     assert "matmul16_b1_c1" in table and "p50 ms" in table and "samples/s" in table
 
@@ -38,6 +47,18 @@ def test_a_variant_is_a_name_and_shell_words() -> None:
     assert parse_variant("plain=") == ("plain", ())
     with pytest.raises(ValueError, match="NAME=FLAGS"):
         parse_variant("--event-loop asyncio")
+
+
+def test_a_checkout_must_be_one_of_infergate(tmp_path: pathlib.Path) -> None:
+    assert parse_checkout(f"now={REPO_ROOT}") == ("now", REPO_ROOT.resolve())
+    with pytest.raises(ValueError, match="not a checkout of infergate"):
+        parse_checkout(f"old={tmp_path}")
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        parse_checkout(str(REPO_ROOT))
+    argv = [sys.executable, "-m", "load_tests", "alternate", "--variant", "a=", "--variant", "b=",
+            "--checkout", f"c={REPO_ROOT}", "--out", str(tmp_path)]  # fmt: skip
+    run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--checkout names no --variant: c" in run.stderr
 
 
 def test_one_variant_is_refused(tmp_path: pathlib.Path) -> None:
