@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import fnmatch
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -169,8 +170,15 @@ def permissions_from_claims(claims: dict[str, Any], claim: str) -> frozenset[str
 
 def may_infer(principal: Principal, model: str) -> bool:
     """Does an ``infer:<pattern>`` permission match ``model``?"""
+    return _may_infer(principal.permissions, model)
+
+
+@functools.lru_cache(maxsize=4096)
+def _may_infer(permissions: frozenset[str], model: str) -> bool:
+    # Asked on every inference request, by callers whose permissions repeat: a cached answer
+    # costs one look-up instead of matching each pattern (a frozenset keeps its hash).
     return any(
-        p.startswith(INFER_PREFIX) and fnmatch.fnmatchcase(model, p[len(INFER_PREFIX) :]) for p in principal.permissions
+        p.startswith(INFER_PREFIX) and fnmatch.fnmatchcase(model, p[len(INFER_PREFIX) :]) for p in permissions
     )
 
 

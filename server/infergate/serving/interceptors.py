@@ -33,6 +33,7 @@ own task.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import functools
 import inspect
@@ -256,8 +257,9 @@ class SelectingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         handler = await continuation(details)
         return None if handler is None else self.select(details.method, handler)
 
+    @abc.abstractmethod
     def select(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        raise NotImplementedError
+        """The handler this stage serves ``method``'s calls with, given the one it wraps."""
 
 
 class MalformedRequests(SelectingInterceptor):
