@@ -11,10 +11,11 @@ first on that variant's PYTHONPATH)::
     python -m load_tests alternate --variant before= --checkout before=/tmp/before \
         --variant after= --rounds 6 --out results/change
 
-Each round starts infergate once per variant, in the order given, on the same
+Each round starts infergate once per variant, in the order given but each
+round starting one variant later (``servers.round_order``), on the same
 demo repository, and runs every scenario against it with the same closed-loop
 client (``matmul16`` b1 at 64 and at 1 in flight, ``mlp`` b8 at 32: the three
-loads issue 14's batching targets name). Alternating within every round lets
+loads the batching targets in BENCHMARKS.md name). Alternating within every round lets
 drift on a shared machine hit the variants alike. Writes alternate.json and
 alternate.md: per scenario, each variant's figure in every round and its mean.
 """
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 from .generator import LoadConfig, run_closed_loop
 from .report import LoadResult, format_table
-from .servers import free_port, running_server
+from .servers import free_port, round_order, running_server
 from .suite import REPO_ROOT, environment
 
 __all__ = [
@@ -120,7 +121,8 @@ def _commit(checkout: pathlib.Path) -> str:
 
 
 def run_alternate(config: AlternateConfig) -> AlternateReport:
-    """Every variant once per round, in order, each on a fresh server; writes alternate.json and alternate.md."""
+    """Every variant once per round (each round starting one later), each on a fresh server; writes
+    alternate.json and alternate.md."""
     from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
 
     names = [name for name, _ in config.variants]
@@ -131,7 +133,7 @@ def run_alternate(config: AlternateConfig) -> AlternateReport:
         write_demo_repository(repo)
         checkouts = dict(config.checkouts)
         for round_ in range(config.rounds):
-            for name, flags in config.variants:
+            for name, flags in round_order(config.variants, round_):
                 env = {"PYTHONPATH": str(checkouts[name] / "server")} if name in checkouts else None
                 port = free_port()
                 argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo)]

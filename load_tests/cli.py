@@ -427,9 +427,9 @@ def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     p = commands.add_parser(
         "alternate",
         help="infergate under different serve flags, alternating, in one run",
-        description="Per round, start infergate on the demo models once per --variant (in the order given) and "
-        "run matmul16 b1 at 64 and 1 in flight and mlp b8 at 32 against each. Writes alternate.json and "
-        "alternate.md.",
+        description="Per round, start infergate on the demo models once per --variant (in the order given, each "
+        "round starting one later) and run matmul16 b1 at 64 and 1 in flight and mlp b8 at 32 against each. Writes "
+        "alternate.json and alternate.md.",
     )
     p.add_argument(
         "--variant", type=_variant, action="append", required=True, metavar="NAME=FLAGS",

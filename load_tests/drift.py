@@ -38,7 +38,7 @@ from infergate.monitoring.profiling import profile_version
 from .generator import LoadConfig, run_closed_loop
 from .procfs import cpu_seconds
 from .report import LoadResult, format_table, parse_variants
-from .servers import free_port, running_server
+from .servers import free_port, round_order, running_server
 from .suite import REPO_ROOT, environment
 
 __all__ = ["VARIANTS", "DriftOverheadConfig", "DriftOverheadReport", "build_repositories", "run_drift_overhead"]
@@ -118,14 +118,15 @@ def _width(model_dir: pathlib.Path) -> int:
 
 
 def run_drift_overhead(config: DriftOverheadConfig) -> DriftOverheadReport:
-    """Every variant once per round, in order, each on a fresh server; writes drift-overhead.json and .md."""
+    """Every variant once per round (each round starting one variant later), each on a fresh server;
+    writes drift-overhead.json and .md."""
     report = DriftOverheadReport(config, {v: [] for v in config.variants}, {v: [] for v in config.variants},
                                  {v: [] for v in config.variants})  # fmt: skip
     config.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="drift-overhead-") as tmp:
         repositories = build_repositories(pathlib.Path(tmp), config.model, config.window, config.variants)
         for round_ in range(config.rounds):
-            for variant in config.variants:
+            for variant in round_order(config.variants, round_):
                 _one_run(config, report, variant, repositories[variant])
                 result = report.runs[variant][-1]
                 line = f"round {round_ + 1} sample_fraction {variant}: {result.requests_per_s:,.0f} req/s"

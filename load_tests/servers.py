@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import grpc
 
@@ -25,7 +26,15 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 
 from .procfs import descendants, listeners, process_tree
 
-__all__ = ["ServerFailed", "check_loopback_only", "free_port", "running_server", "stop_process", "wait_ready"]
+__all__ = [
+    "ServerFailed",
+    "check_loopback_only",
+    "free_port",
+    "round_order",
+    "running_server",
+    "stop_process",
+    "wait_ready",
+]
 
 _POLL_S = 0.1
 _STOP_GRACE_S = 10.0
@@ -175,3 +184,19 @@ def running_server(
         yield process
     finally:
         stop_process(process)
+
+
+Variant = TypeVar("Variant")
+
+
+def round_order(variants: Sequence[Variant], round_: int) -> list[Variant]:
+    """The variants in the order round ``round_`` (from 0) runs them: each round starts one later.
+
+    Alternating A/B runs start a fresh server per variant and round. With one
+    fixed order the same variant always follows the same other one (whose
+    server may still be letting go of the CPU) and sits at the same point of
+    every round; rotating puts every variant in every position equally often
+    over ``len(variants)`` rounds.
+    """
+    shift = round_ % len(variants) if variants else 0
+    return [*variants[shift:], *variants[:shift]]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from .generator import LoadConfig, run_closed_loop
 from .procfs import cpu_seconds
 from .report import LoadResult, format_table, parse_variants
-from .servers import free_port, running_server
+from .servers import free_port, round_order, running_server
 from .suite import REPO_ROOT, environment
 
 __all__ = ["VARIANTS", "OverheadConfig", "OverheadReport", "run_overhead", "serve_sink", "variants"]
@@ -123,7 +123,8 @@ def _argv(variant: str, repo: pathlib.Path, port: int, sink_port: int, folder: p
 
 
 def run_overhead(config: OverheadConfig) -> OverheadReport:
-    """Every variant once per round, in order, each on a fresh server; writes overhead.json."""
+    """Every variant once per round (each round starting one variant later), each on a fresh server;
+    writes overhead.json."""
     from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
 
     report = OverheadReport(config, {v: [] for v in config.variants}, {v: [] for v in config.variants})
@@ -133,7 +134,7 @@ def run_overhead(config: OverheadConfig) -> OverheadReport:
         repo = pathlib.Path(tmp) / "models"
         write_demo_repository(repo)
         for round_ in range(config.rounds):
-            for variant in config.variants:
+            for variant in round_order(config.variants, round_):
                 port = free_port()
                 argv = _argv(variant, repo, port, sink_port, pathlib.Path(tmp))
                 log = config.out / f"{variant}.log"
