@@ -177,9 +177,7 @@ def may_infer(principal: Principal, model: str) -> bool:
 def _may_infer(permissions: frozenset[str], model: str) -> bool:
     # Asked on every inference request, by callers whose permissions repeat: a cached answer
     # costs one look-up instead of matching each pattern (a frozenset keeps its hash).
-    return any(
-        p.startswith(INFER_PREFIX) and fnmatch.fnmatchcase(model, p[len(INFER_PREFIX) :]) for p in permissions
-    )
+    return any(p.startswith(INFER_PREFIX) and fnmatch.fnmatchcase(model, p[len(INFER_PREFIX) :]) for p in permissions)
 
 
 def visible_models(principal: Principal, names: Iterable[str]) -> list[str]:
