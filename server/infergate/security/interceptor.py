@@ -178,23 +178,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             principal = self._verifier.cached(bearer_token(details.invocation_metadata))
         except AuthError as error:
             return self._refuse(method, handler, error)
-        if principal is None:
-            return None
-        use_principal(principal)  # this call's task: the handler and the tasks it starts see it
-        return self._authorized(method, handler)
+        return None if principal is None else self._accept(principal, method, handler)
 
     async def authorize(
         self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler
     ) -> grpc.RpcMethodHandler:
-        """The handler that serves this caller (after verifying the token), or the one that refuses it."""
+        """For a call :meth:`authorize_now` could not choose for (a token not in the cache): verify
+        the token, then the handler that serves this caller, or the one that refuses it."""
         method: str = details.method
-        if self._is_exempt(method):
-            return handler
         try:
             principal = await self._verifier.verify(bearer_token(details.invocation_metadata))
         except AuthError as error:
             return self._refuse(method, handler, error)
-        use_principal(principal)
+        return self._accept(principal, method, handler)
+
+    def _accept(self, principal: Principal, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        use_principal(principal)  # this call's task: the handler and the tasks it starts see it
         return self._authorized(method, handler)
 
     def _refuse(self, method: str, handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMethodHandler:

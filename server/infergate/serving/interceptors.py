@@ -330,7 +330,9 @@ class Authenticator(Protocol):
 
     async def authorize(
         self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler
-    ) -> grpc.RpcMethodHandler: ...
+    ) -> grpc.RpcMethodHandler:
+        """For a call :meth:`authorize_now` answered None for: verify the token, then choose."""
+        ...
 
 
 class CallPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
