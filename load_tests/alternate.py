@@ -132,13 +132,13 @@ def run_alternate(config: AlternateConfig) -> AlternateReport:
         repo = pathlib.Path(tmp) / "models"
         write_demo_repository(repo)
         checkouts = dict(config.checkouts)
+        models = sorted({s.model for s in config.scenarios})
         for round_ in range(config.rounds):
             for name, flags in round_order(config.variants, round_):
                 env = {"PYTHONPATH": str(checkouts[name] / "server")} if name in checkouts else None
                 port = free_port()
                 argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo)]
                 argv += ["--port", str(port), *flags]
-                models = sorted({s.model for s in config.scenarios})
                 log = config.out / f"{name}.log"
                 with running_server(name, argv, f"127.0.0.1:{port}", log, REPO_ROOT, env=env, models=models):
                     for scenario in config.scenarios:

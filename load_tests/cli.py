@@ -80,6 +80,8 @@ def _tensor(text: str) -> TensorSpec:
 
 
 def _add_ceiling(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from infergate.eventloop import EVENT_LOOPS  # type: ignore[import-untyped,unused-ignore]
+
     p = commands.add_parser(
         "ceiling",
         help="transport-ceiling server: one pre-serialised reply, request unparsed",
@@ -99,7 +101,7 @@ def _add_ceiling(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument(
         "--event-loop",
-        choices=["auto", "asyncio", "uvloop"],
+        choices=EVENT_LOOPS,
         default="auto",
         help="asyncio event loop, chosen as infergate's is (default auto: uvloop when installed)",
     )

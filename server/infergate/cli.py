@@ -13,6 +13,7 @@ from typing import Literal, NoReturn
 
 from infergate import __version__
 from infergate.config import ConfigError, ServerConfig, load_server_config
+from infergate.eventloop import EVENT_LOOPS
 from infergate.eventloop import run as run_on_loop
 from infergate.monitoring.profiling import add_profile_command, profile_main
 from infergate.offline import command as offline_command
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     serve.add_argument(
         "--event-loop",
-        choices=["auto", "asyncio", "uvloop"],
+        choices=EVENT_LOOPS,
         help="the asyncio event loop (default auto: uvloop when installed)",
     )
     serve.add_argument(

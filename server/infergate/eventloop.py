@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from infergate.configfile import ConfigError
 
-__all__ = ["EventLoopChoice", "describe", "describe_choice", "loop_factory", "run"]
+__all__ = ["EVENT_LOOPS", "EventLoopChoice", "describe", "describe_choice", "loop_factory", "run"]
 
 EventLoopChoice = Literal["auto", "asyncio", "uvloop"]
+EVENT_LOOPS: tuple[EventLoopChoice, ...] = get_args(EventLoopChoice)  # for command-line choices
 T = TypeVar("T")
 
 
