@@ -11,13 +11,15 @@ first on that variant's PYTHONPATH)::
     python -m load_tests alternate --variant before= --checkout before=/tmp/before \
         --variant after= --rounds 6 --out results/change
 
-Each round starts infergate once per variant, in the order given but each
-round starting one variant later (``servers.round_order``), on the same
-demo repository, and runs every scenario against it with the same closed-loop
-client (``matmul16`` b1 at 64 and at 1 in flight, ``mlp`` b8 at 32: the three
-loads the batching targets in BENCHMARKS.md name). Alternating within every round lets
+Each round starts infergate once per variant on the same demo repository,
+keeps them all up, and runs every scenario against each in turn with the same
+closed-loop client (``matmul16`` b1 at 64 and at 1 in flight, ``mlp`` b8 at
+32: the three loads the batching targets in BENCHMARKS.md name), ``--slices``
+times with the order rotating (``interleave``). Alternating so closely lets
 drift on a shared machine hit the variants alike. Writes alternate.json and
-alternate.md: per scenario, each variant's figure in every round and its mean.
+alternate.md: per scenario, each variant's figure in every slot, its mean, and
+its ratio to the first variant's averaged slot by slot (with twice its
+standard error).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .generator import LoadConfig, run_closed_loop
+from .generator import LoadConfig, run_load
+from .interleave import Ratio, Variant, interleaved, paired
 from .report import LoadResult, format_table
-from .servers import free_port, round_order, running_server
 from .suite import REPO_ROOT, environment
 
 __all__ = [
@@ -76,24 +78,38 @@ class AlternateConfig:
     duration: float = 6.0
     warmup: float = 1.0
     rounds: int = 3
+    slices: int = 1
 
 
 @dataclass
 class AlternateReport:
     config: AlternateConfig
-    runs: dict[str, dict[str, list[LoadResult]]] = field(default_factory=dict)  # scenario -> variant -> rounds
+    runs: dict[str, dict[str, list[LoadResult]]] = field(default_factory=dict)  # scenario -> variant -> slots
+
+    def figures(self, scenario: Scenario) -> dict[str, list[float]]:
+        """Each variant's figure per slot: the p50 (ms) at one in flight, else samples/s."""
+        runs = self.runs[scenario.name]
+        if scenario.latency_bound:
+            return {variant: [r.p50_ms for r in results] for variant, results in runs.items()}
+        return {variant: [r.samples_per_s for r in results] for variant, results in runs.items()}
+
+    def paired(self, scenario: Scenario) -> dict[str, Ratio]:
+        """Each variant's figure ÷ the first variant's, slot by slot (see ``interleave``)."""
+        figures = self.figures(scenario)
+        return paired(figures, next(iter(figures)))
 
     def table(self) -> str:
         rows = []
         for scenario in self.config.scenarios:
-            for variant, results in self.runs[scenario.name].items():
-                if scenario.latency_bound:
-                    unit, fmt, figures = "p50 ms", "{:.3f}", [r.p50_ms for r in results]
-                else:
-                    unit, fmt, figures = "samples/s", "{:,.0f}", [r.samples_per_s for r in results]
-                per_round = " / ".join(fmt.format(f) for f in figures)
-                rows.append([scenario.name, variant, unit, per_round, fmt.format(statistics.fmean(figures))])
-        return format_table(["scenario", "variant", "figure", "per round", "mean"], ["<", "<", "<", ">", ">"], rows)
+            unit, fmt = ("p50 ms", "{:.3f}") if scenario.latency_bound else ("samples/s", "{:,.0f}")
+            ratios = self.paired(scenario)
+            for variant, figures in self.figures(scenario).items():
+                per_slot = " / ".join(fmt.format(f) for f in figures)
+                mean = fmt.format(statistics.fmean(figures))
+                rows.append([scenario.name, variant, unit, per_slot, mean, str(ratios[variant])])
+        first = self.config.variants[0][0]
+        headers = ["scenario", "variant", "figure", "per slot", "mean", f"paired ÷ {first}"]
+        return format_table(headers, ["<", "<", "<", ">", ">", ">"], rows)
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
@@ -121,8 +137,7 @@ def _commit(checkout: pathlib.Path) -> str:
 
 
 def run_alternate(config: AlternateConfig) -> AlternateReport:
-    """Every variant once per round (each round starting one later), each on a fresh server; writes
-    alternate.json and alternate.md."""
+    """Every variant in every slot of every round (see ``interleave``); writes alternate.json and alternate.md."""
     from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
 
     names = [name for name, _ in config.variants]
@@ -131,29 +146,25 @@ def run_alternate(config: AlternateConfig) -> AlternateReport:
     with tempfile.TemporaryDirectory() as tmp:
         repo = pathlib.Path(tmp) / "models"
         write_demo_repository(repo)
-        checkouts = dict(config.checkouts)
+        serve = (sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo))
+        paths = {name: {"PYTHONPATH": str(checkout / "server")} for name, checkout in config.checkouts}
+        variants = [Variant(name, (*serve, *flags), paths.get(name)) for name, flags in config.variants]
         models = sorted({s.model for s in config.scenarios})
-        for round_ in range(config.rounds):
-            for name, flags in round_order(config.variants, round_):
-                env = {"PYTHONPATH": str(checkouts[name] / "server")} if name in checkouts else None
-                port = free_port()
-                argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo)]
-                argv += ["--port", str(port), *flags]
-                log = config.out / f"{name}.log"
-                with running_server(name, argv, f"127.0.0.1:{port}", log, REPO_ROOT, env=env, models=models):
-                    for scenario in config.scenarios:
-                        load = LoadConfig(
-                            target=f"127.0.0.1:{port}", model=scenario.model, batch=scenario.batch,
-                            concurrency=scenario.concurrency, duration=config.duration, warmup=config.warmup,
-                            label=f"{name} {scenario.name}",
-                        )  # fmt: skip
-                        result = run_closed_loop(load)
-                        report.runs[scenario.name][name].append(result)
-                        print(
-                            f"round {round_ + 1} {name} {scenario.name}: {result.samples_per_s:,.0f} samples/s, "
-                            f"p50 {result.p50_ms:.3f} ms",
-                            file=sys.stderr,
-                        )
+        for slot in interleaved(variants, config.rounds, config.slices, config.out, REPO_ROOT, models):
+            name = slot.variant.name
+            for scenario in config.scenarios:
+                load = LoadConfig(
+                    target=slot.target, model=scenario.model, batch=scenario.batch,
+                    concurrency=scenario.concurrency, duration=config.duration, warmup=config.warmup,
+                    label=f"{name} {scenario.name}",
+                )  # fmt: skip
+                result = run_load(load)
+                report.runs[scenario.name][name].append(result)
+                print(
+                    f"round {slot.round + 1} slice {slot.slice + 1} {name} {scenario.name}: "
+                    f"{result.samples_per_s:,.0f} samples/s, p50 {result.p50_ms:.3f} ms",
+                    file=sys.stderr,
+                )
     _write(report)
     return report
 
@@ -170,7 +181,9 @@ def _write(report: AlternateReport) -> None:
             "duration": config.duration,
             "warmup": config.warmup,
             "rounds": config.rounds,
+            "slices": config.slices,
         },
+        "paired": {s.name: {v: vars(r) for v, r in report.paired(s).items()} for s in config.scenarios},
         "runs": {s: {v: [vars(r) for r in runs] for v, runs in by.items()} for s, by in report.runs.items()},
     }
     (config.out / "alternate.json").write_text(json.dumps(data, indent=2, default=str))

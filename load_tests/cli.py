@@ -35,6 +35,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   shm       a batch of 16 224x224 images over the wire and through system shared memory, same run
   telemetry-overhead  infergate with tracing and metrics off vs on, alternating, same run
   drift-overhead      infergate with drift monitoring off and at sample_fraction 0, 0.1, 1.0, same run
+  auth-overhead       infergate with JWT auth off vs on (one cached token), interleaved, same run
   soak      mixed load for N minutes while the server's memory and open files are sampled
   alternate infergate under different serve flags (--variant NAME=FLAGS) or checkouts, alternating, same run
 
@@ -412,14 +413,18 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
         "telemetry-overhead",
         help="infergate with tracing and metrics off vs on, in one run",
         description="Per round, start infergate once per variant (off, metrics, and traces sampled at "
-        "100, 10 and 1%% with metrics; spans go over OTLP to a sink process) and load each the same way. "
-        "Writes overhead.json and overhead.md.",
+        "100, 10 and 1%% with metrics; spans go over OTLP to a sink process), all kept up, and load each in "
+        "turn the same way (--slices times, the order rotating). Writes overhead.json and overhead.md.",
     )
     p.add_argument("--model", default="matmul16", help="model to load (default matmul16)")
     p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N", help="in flight (default 64)")
     p.add_argument("--duration", type=_positive_float, default=8.0, metavar="S", help="measured s (default 8)")
     p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
     p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
+    p.add_argument(
+        "--slices", type=_positive_int, default=1, metavar="K",
+        help="per round, load every variant K times in turn, servers kept up (default 1)",
+    )  # fmt: skip
     p.add_argument("--variants", type=variants, default=VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/overhead-<time>")
     p.add_argument("--costs-only", action="store_true", help="only print each telemetry step's CPU µs per call")
@@ -429,9 +434,9 @@ def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     p = commands.add_parser(
         "alternate",
         help="infergate under different serve flags, alternating, in one run",
-        description="Per round, start infergate on the demo models once per --variant (in the order given, each "
-        "round starting one later) and run matmul16 b1 at 64 and 1 in flight and mlp b8 at 32 against each. Writes "
-        "alternate.json and alternate.md.",
+        description="Per round, start infergate on the demo models once per --variant, all kept up, and run "
+        "matmul16 b1 at 64 and 1 in flight and mlp b8 at 32 against each in turn (--slices times, the order "
+        "rotating). Writes alternate.json and alternate.md.",
     )
     p.add_argument(
         "--variant", type=_variant, action="append", required=True, metavar="NAME=FLAGS",
@@ -444,6 +449,10 @@ def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--duration", type=_positive_float, default=6.0, metavar="S", help="measured s (default 6)")
     p.add_argument("--warmup", type=_non_negative_float, default=1.0, metavar="S", help="warm-up s (default 1)")
     p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
+    p.add_argument(
+        "--slices", type=_positive_int, default=1, metavar="K",
+        help="per round, load every variant K times in turn, servers kept up (default 1)",
+    )  # fmt: skip
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/alternate-<time>")
 
 
@@ -485,10 +494,49 @@ def _cmd_alternate(args: argparse.Namespace) -> int:
         duration=args.duration,
         warmup=args.warmup,
         rounds=args.rounds,
+        slices=args.slices,
     )
     report = run_alternate(config)
     print(report.table())
     print(f"\nwrote {out / 'alternate.json'} and {out / 'alternate.md'}")
+    return 0
+
+
+def _add_auth_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .auth import ALGORITHMS
+
+    p = commands.add_parser(
+        "auth-overhead",
+        help="infergate with JWT auth off vs on, interleaved, in one run",
+        description="Per round, start infergate on the demo models twice, without auth and with JWT auth "
+        "(every call carries the same token), keep both up and load each in turn --slices times. Prints and "
+        "writes auth ÷ off, throughput and server CPU per request, averaged slot by slot with twice its "
+        "standard error (auth-overhead.json, auth-overhead.md).",
+    )
+    p.add_argument("--model", default="matmul16", help="model to load (default matmul16)")
+    p.add_argument("--concurrency", type=_positive_int, default=16, metavar="N", help="in flight (default 16)")
+    p.add_argument(
+        "--duration", type=_positive_float, default=3.0, metavar="S", help="measured s per slice (default 3)"
+    )
+    p.add_argument("--warmup", type=_non_negative_float, default=0.5, metavar="S", help="warm-up s (default 0.5)")
+    p.add_argument("--rounds", type=_positive_int, default=4, metavar="R", help="rounds (default 4)")
+    p.add_argument("--slices", type=_positive_int, default=6, metavar="K", help="slices per round (default 6)")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="HS256", help="token signature (default HS256)")
+    p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/auth-<time>")
+
+
+def _cmd_auth_overhead(args: argparse.Namespace) -> int:
+    from .auth import AuthOverheadConfig, run_auth_overhead
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    out = _out_dir(args, "auth")
+    config = AuthOverheadConfig(
+        out=out, model=args.model, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
+        rounds=args.rounds, slices=args.slices, algorithm=args.algorithm,
+    )  # fmt: skip
+    report = run_auth_overhead(config)
+    print(report.table())
+    print(f"\nwrote {out / 'auth-overhead.json'} and {out / 'auth-overhead.md'}")
     return 0
 
 
@@ -559,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_to_add = (
         _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences, _add_overload,
         _add_telemetry_overhead, _add_drift_overhead, _add_soak,
-        _add_shm, _add_alternate,
+        _add_shm, _add_alternate, _add_auth_overhead,
     )  # fmt: skip
     for add in commands_to_add:
         add(commands)
@@ -725,7 +773,7 @@ def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
     out = _out_dir(args, "overhead")
     config = OverheadConfig(
         out=out, model=args.model, concurrency=args.concurrency, duration=args.duration,
-        warmup=args.warmup, rounds=args.rounds, variants=args.variants,
+        warmup=args.warmup, rounds=args.rounds, variants=args.variants, slices=args.slices,
     )  # fmt: skip
     report = run_overhead(config)
     print(report.table())
@@ -781,6 +829,7 @@ _COMMANDS = {
     "shm": _cmd_shm,
     "telemetry-overhead": _cmd_telemetry_overhead,
     "drift-overhead": _cmd_drift_overhead,
+    "auth-overhead": _cmd_auth_overhead,
     "soak": _cmd_soak,
 }
 

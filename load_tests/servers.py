@@ -59,17 +59,23 @@ def _log_tail(log_path: pathlib.Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _ready(stub: pb_grpc.GRPCInferenceServiceStub, models: Sequence[str]) -> bool:
+def _ready(stub: pb_grpc.GRPCInferenceServiceStub, models: Sequence[str], token: str) -> bool:
+    metadata = [("authorization", f"Bearer {token}")] if token else None
     try:
-        if not stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready:
+        if not stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0, metadata=metadata).ready:
             return False
-        return all(stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=1.0).ready for name in models)
+        ready = (stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=1.0, metadata=metadata) for name in models)
+        return all(answer.ready for answer in ready)
     except grpc.RpcError:
         return False
 
 
-def wait_ready(target: str, process: subprocess.Popen[bytes], timeout: float, models: Sequence[str] = ()) -> None:
+def wait_ready(
+    target: str, process: subprocess.Popen[bytes], timeout: float, models: Sequence[str] = (), token: str = ""
+) -> None:
     """Poll ServerReady, then ModelReady for each of ``models``, at ``target`` until all answer true.
+
+    ``token`` is sent as a bearer token (a server with auth on answers ModelReady only to a caller).
 
     Raises ServerFailed if ``process`` exits first or ``timeout`` seconds pass.
     """
@@ -79,7 +85,7 @@ def wait_ready(target: str, process: subprocess.Popen[bytes], timeout: float, mo
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise ServerFailed(f"exited with code {process.returncode} before it was ready")
-            if _ready(stub, models):
+            if _ready(stub, models, token):
                 return
             time.sleep(_POLL_S)
     waited_for = f" (models: {', '.join(models)})" if models else ""
@@ -155,10 +161,12 @@ def running_server(
     *,
     env: Mapping[str, str] | None = None,
     models: Sequence[str] = (),
+    token: str = "",
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``argv``, wait until ``target`` (and each of ``models``) is ready, yield the process, always stop it.
 
-    ``env`` adds to (or overrides) this process's environment. Raises
+    ``env`` adds to (or overrides) this process's environment; ``token`` is the
+    bearer token the readiness calls send. Raises
     ServerFailed (with the log's last lines) if it never becomes ready.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +186,7 @@ def running_server(
         )
     try:
         try:
-            wait_ready(target, process, ready_timeout, models)
+            wait_ready(target, process, ready_timeout, models, token)
         except ServerFailed as exc:
             raise ServerFailed(f"{name}: {exc}; last lines of {log_path}:\n{_log_tail(log_path)}") from None
         yield process

@@ -1,14 +1,16 @@
 """Telemetry overhead: infergate with tracing and metrics off versus on, in one run.
 
 Each round starts infergate once per variant on the same demo repository and
-loads it with the same closed-loop client (matmul16, batch 1, 64 in flight by
-default: the overhead-bound case, where per-request costs show most). Variants
-alternate within every round, so drift on a shared machine hits them alike.
+loads each in turn with the same closed-loop client (matmul16, batch 1, 64 in
+flight by default: the overhead-bound case, where per-request costs show most),
+``slices`` times with the order rotating (``interleave``), so drift on a shared
+machine hits them alike. The table's "paired ÷ off" averages the ratio to
+``off`` slot by slot, with twice its standard error.
 
 Variants:
 
 * ``off``: the default server (no interceptor, no hooks);
-* ``metrics``: ``--metrics-port`` (the Prometheus reader; nobody scrapes during the run);
+* ``metrics``: ``--metrics-port 0`` (the Prometheus reader on a free port; nobody scrapes during the run);
 * ``traces100+metrics``: ``--traces --metrics-port``, every request sampled, spans
   sent by the real OTLP gRPC exporter to a sink in another process (it answers
   and drops them, like a collector elsewhere would);
@@ -18,6 +20,7 @@ Variants:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -29,10 +32,10 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
-from .generator import LoadConfig, run_closed_loop
-from .procfs import cpu_seconds
+from .generator import LoadConfig
+from .interleave import Ratio, Variant, interleaved, measure, paired
 from .report import LoadResult, format_table, parse_variants
-from .servers import free_port, round_order, running_server
+from .servers import free_port
 from .suite import REPO_ROOT, environment
 
 __all__ = ["VARIANTS", "OverheadConfig", "OverheadReport", "run_overhead", "serve_sink", "variants"]
@@ -49,32 +52,42 @@ class OverheadConfig:
     warmup: float = 2.0
     rounds: int = 3
     variants: tuple[str, ...] = VARIANTS
+    slices: int = 1
 
 
 @dataclass
 class OverheadReport:
     config: OverheadConfig
-    runs: dict[str, list[LoadResult]] = field(default_factory=dict)
-    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per round
+    runs: dict[str, list[LoadResult]] = field(default_factory=dict)  # per slot, in slot order
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per slot
 
     def mean_rps(self, variant: str) -> float:
         return statistics.fmean(r.requests_per_s for r in self.runs[variant])
 
+    def paired(self) -> dict[str, Ratio]:
+        """Each variant's throughput ÷ off's, slot by slot (see ``interleave``)."""
+        if "off" not in self.runs:
+            return {}
+        return paired({v: [r.requests_per_s for r in runs] for v, runs in self.runs.items()}, "off")
+
     def table(self) -> str:
         base = self.mean_rps("off") if "off" in self.runs else float("nan")
+        ratios = self.paired()
         rows = []
         for variant, runs in self.runs.items():
             mean = self.mean_rps(variant)
-            per_round = " / ".join(f"{r.requests_per_s:,.0f}" for r in runs)
+            per_slot = " / ".join(f"{r.requests_per_s:,.0f}" for r in runs)
             p50 = statistics.fmean(r.p50_ms for r in runs)
             cpu = statistics.fmean(self.cpu_us[variant])
             cpu_base = statistics.fmean(self.cpu_us["off"]) if "off" in self.cpu_us else float("nan")
+            pairs = str(ratios[variant]) if variant in ratios else "-"
             rows.append(
-                [variant, f"{mean:,.0f}", per_round, f"{mean / base:.3f}", f"{p50:.2f}", f"{cpu:.0f}",
+                [variant, f"{mean:,.0f}", per_slot, f"{mean / base:.3f}", pairs, f"{p50:.2f}", f"{cpu:.0f}",
                  f"{cpu / cpu_base:.3f}"]
             )  # fmt: skip
-        headers = ["variant", "mean req/s", "per round", "÷ off", "mean p50 ms", "server CPU µs/req", "÷ off"]
-        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">"], rows)
+        headers = ["variant", "mean req/s", "per slot", "÷ off", "paired ÷ off", "mean p50 ms", "server CPU µs/req",
+                   "÷ off"]  # fmt: skip
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">"], rows)
 
 
 def serve_sink(port: int) -> None:
@@ -108,49 +121,42 @@ def _sink(port: int) -> Iterator[None]:
         process.wait(timeout=30)
 
 
-def _argv(variant: str, repo: pathlib.Path, port: int, sink_port: int, folder: pathlib.Path) -> list[str]:
-    serve = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo), "--port", str(port)]
-    if variant == "off":
-        return serve
-    serve += ["--metrics-port", str(free_port())]
-    if variant == "metrics":
-        return serve
-    config = folder / f"{variant}.yaml"
-    ratio = int(variant.removeprefix("traces").removesuffix("+metrics")) / 100
+def _variant(name: str, repo: pathlib.Path, sink_port: int, folder: pathlib.Path) -> Variant:
+    serve: tuple[str, ...] = (sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo))
+    if name == "off":
+        return Variant(name, serve)
+    serve += ("--metrics-port", "0")
+    if name == "metrics":
+        return Variant(name, serve)
+    config = folder / f"{name}.yaml"
+    ratio = int(name.removeprefix("traces").removesuffix("+metrics")) / 100
     config.write_text(f"telemetry: {{traces: true, sample_ratio: {ratio}}}\n")
-    env = ["env", "OTEL_TRACES_EXPORTER=otlp", f"OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{sink_port}"]
-    return [*env, *serve, "--config", str(config)]
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"}
+    return Variant(name, (*serve, "--config", str(config)), env)
 
 
 def run_overhead(config: OverheadConfig) -> OverheadReport:
-    """Every variant once per round (each round starting one variant later), each on a fresh server;
-    writes overhead.json."""
+    """Every variant in every slot of every round (see ``interleave``); writes overhead.json and overhead.md."""
     from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
 
     report = OverheadReport(config, {v: [] for v in config.variants}, {v: [] for v in config.variants})
     config.out.mkdir(parents=True, exist_ok=True)
     sink_port = free_port()
     with tempfile.TemporaryDirectory() as tmp, _sink(sink_port):
-        repo = pathlib.Path(tmp) / "models"
+        folder = pathlib.Path(tmp)
+        repo = folder / "models"
         write_demo_repository(repo)
-        for round_ in range(config.rounds):
-            for variant in round_order(config.variants, round_):
-                port = free_port()
-                argv = _argv(variant, repo, port, sink_port, pathlib.Path(tmp))
-                log = config.out / f"{variant}.log"
-                with running_server(variant, argv, f"127.0.0.1:{port}", log, REPO_ROOT) as process:
-                    load = LoadConfig(
-                        target=f"127.0.0.1:{port}", model=config.model, concurrency=config.concurrency,
-                        duration=config.duration, warmup=config.warmup, label=variant,
-                    )  # fmt: skip
-                    cpu_before = cpu_seconds(process.pid)
-                    result = run_closed_loop(load)
-                    cpu = cpu_seconds(process.pid) - cpu_before
-                report.runs[variant].append(result)
-                # CPU covers warm-up and window; requests are counted in the window only.
-                served = result.requests * (config.warmup + config.duration) / config.duration
-                report.cpu_us[variant].append(cpu / max(served, 1) * 1e6)
-                print(f"round {round_ + 1} {variant}: {result.requests_per_s:,.0f} req/s", file=sys.stderr)
+        variants = [_variant(name, repo, sink_port, folder) for name in config.variants]
+        load = LoadConfig(
+            target="", model=config.model, concurrency=config.concurrency, duration=config.duration,
+            warmup=config.warmup,
+        )  # fmt: skip
+        for slot in interleaved(variants, config.rounds, config.slices, config.out, REPO_ROOT, (config.model,)):
+            sample = measure(slot, dataclasses.replace(load, label=slot.variant.name))
+            report.runs[slot.variant.name].append(sample.result)
+            report.cpu_us[slot.variant.name].append(sample.server_cpu_us)
+            where = f"round {slot.round + 1} slice {slot.slice + 1}"
+            print(f"{where} {slot.variant.name}: {sample.result.requests_per_s:,.0f} req/s", file=sys.stderr)
     _write(report)
     return report
 
@@ -162,6 +168,7 @@ def _write(report: OverheadReport) -> None:
         "config": {k: str(v) for k, v in vars(report.config).items()},
         "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
         "mean_rps": {v: report.mean_rps(v) for v in report.runs},
+        "paired_ratio_to_off": {v: vars(r) for v, r in report.paired().items()},
         "server_cpu_us_per_request": report.cpu_us,
     }
     (report.config.out / "overhead.json").write_text(json.dumps(data, indent=2, default=str))

@@ -1,0 +1,140 @@
+"""What authentication costs: infergate with auth off and with JWT auth on, interleaved in one run.
+
+    python -m load_tests auth-overhead --rounds 4 --slices 6 --duration 3 --warmup 0.5
+
+Variants, each serving the demo repository:
+
+* ``off``: no ``auth`` block;
+* ``jwt``: ``auth.enabled`` with one HS256 secret (``--algorithm RS256``: one
+  RSA public key), every call carrying the same bearer token, so after the
+  first call the server finds its caller in the verifier's cache.
+
+The token's scope is ``infer:* metadata``. Servers run side by side and are
+loaded in turn (``interleave``): the table gives throughput and the server's
+own CPU per answered request, and auth ÷ off averaged slot by slot with twice
+its standard error, the interval the "within 3%" target is read from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from .generator import LoadConfig
+from .interleave import Ratio, Variant, interleaved, measure, paired
+from .report import LoadResult, format_table
+from .suite import REPO_ROOT, environment
+
+__all__ = ["ALGORITHMS", "AuthOverheadConfig", "AuthOverheadReport", "auth_block", "run_auth_overhead"]
+
+ALGORITHMS = ("HS256", "RS256")
+SCOPE = "infer:* metadata"
+
+
+@dataclass(frozen=True)
+class AuthOverheadConfig:
+    out: pathlib.Path
+    model: str = "matmul16"
+    concurrency: int = 16
+    duration: float = 3.0
+    warmup: float = 0.5
+    rounds: int = 4
+    slices: int = 6
+    algorithm: str = "HS256"
+
+
+@dataclass
+class AuthOverheadReport:
+    config: AuthOverheadConfig
+    runs: dict[str, list[LoadResult]] = field(default_factory=dict)  # per slot, in slot order
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per slot
+
+    def paired(self) -> tuple[dict[str, Ratio], dict[str, Ratio]]:
+        """Throughput and server CPU per request, each ÷ off's, slot by slot."""
+        rates = {v: [r.requests_per_s for r in runs] for v, runs in self.runs.items()}
+        return paired(rates, "off"), paired(self.cpu_us, "off")
+
+    def table(self) -> str:
+        rates, cpu = self.paired()
+        rows = []
+        for variant, runs in self.runs.items():
+            mean = statistics.fmean(r.requests_per_s for r in runs)
+            p50 = statistics.fmean(r.p50_ms for r in runs)
+            rows.append(
+                [variant, f"{mean:,.0f}", str(rates[variant]), f"{p50:.3f}",
+                 f"{statistics.fmean(self.cpu_us[variant]):.0f}", str(cpu[variant])]
+            )  # fmt: skip
+        headers = ["variant", "mean req/s", "paired ÷ off", "mean p50 ms", "server CPU µs/req", "paired ÷ off"]
+        return format_table(headers, ["<", ">", ">", ">", ">", ">"], rows)
+
+
+def auth_block(folder: pathlib.Path, algorithm: str) -> tuple[dict[str, object], str]:
+    """The server's ``auth`` block for ``algorithm`` (its key written into ``folder``) and a token it accepts."""
+    import jwt
+
+    claims = {"sub": "load-tests", "exp": int(time.time()) + 24 * 3600, "scope": SCOPE}
+    if algorithm == "HS256":
+        secret = os.urandom(32).hex()
+        (folder / "secret").write_text(secret)
+        auth = {"enabled": True, "algorithms": ["HS256"], "secret_file": str(folder / "secret")}
+        return auth, jwt.encode(claims, secret, algorithm="HS256")
+    if algorithm != "RS256":
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (folder / "issuer.pem").write_bytes(public)
+    auth = {"enabled": True, "algorithms": ["RS256"], "public_keys": [{"file": str(folder / "issuer.pem")}]}
+    return auth, jwt.encode(claims, key, algorithm="RS256", headers={"kid": "load-tests"})
+
+
+def run_auth_overhead(config: AuthOverheadConfig) -> AuthOverheadReport:
+    """Auth off and on in every slot of every round; writes auth-overhead.json and auth-overhead.md."""
+    from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
+
+    report = AuthOverheadReport(config, {"off": [], "jwt": []}, {"off": [], "jwt": []})
+    config.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp)
+        repo = folder / "models"
+        write_demo_repository(repo)
+        auth, token = auth_block(folder, config.algorithm)
+        (folder / "auth.yaml").write_text(json.dumps({"auth": auth}))  # YAML reads JSON
+        serve = (sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo))
+        variants = [Variant("off", serve), Variant("jwt", (*serve, "--config", str(folder / "auth.yaml")), token=token)]
+        load = LoadConfig(
+            target="", model=config.model, concurrency=config.concurrency, duration=config.duration,
+            warmup=config.warmup,
+        )  # fmt: skip
+        for slot in interleaved(variants, config.rounds, config.slices, config.out, REPO_ROOT, (config.model,)):
+            sample = measure(slot, dataclasses.replace(load, label=slot.variant.name))
+            report.runs[slot.variant.name].append(sample.result)
+            report.cpu_us[slot.variant.name].append(sample.server_cpu_us)
+            where = f"round {slot.round + 1} slice {slot.slice + 1}"
+            print(f"{where} {slot.variant.name}: {sample.result.requests_per_s:,.0f} req/s", file=sys.stderr)
+    _write(report)
+    return report
+
+
+def _write(report: AuthOverheadReport) -> None:
+    rates, cpu = report.paired()
+    data = {
+        "environment": environment(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {k: str(v) for k, v in vars(report.config).items()},
+        "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
+        "server_cpu_us_per_request": report.cpu_us,
+        "paired_throughput_to_off": {v: vars(r) for v, r in rates.items()},
+        "paired_server_cpu_to_off": {v: vars(r) for v, r in cpu.items()},
+    }
+    (report.config.out / "auth-overhead.json").write_text(json.dumps(data, indent=2, default=str))
+    (report.config.out / "auth-overhead.md").write_text(report.table() + "\n")

@@ -1,0 +1,134 @@
+"""Variants of infergate up side by side and loaded in short alternating slices: A/B runs that drift cannot sway.
+
+An A/B run that starts a fresh server per variant and loads it for ten seconds
+compares figures taken minutes apart. On a shared two-core machine throughput
+drifts by a quarter over a few minutes, and such rounds scatter by ±10%, more
+than the few percent being asked about. So every round here starts one server
+per variant, all of them, and then loads them in turn, one short slice each,
+``slices`` times; the order rotates slice by slice (:func:`servers.round_order`).
+Each slot (a round and a slice) gives every variant a figure taken seconds from
+the others', so their ratio is one paired sample the drift hardly touches; a
+fresh set of processes each round averages out what one process's luck
+(memory layout, hash seed) gives. A server not being loaded waits in epoll and
+takes nothing measurable from the one that is.
+
+:func:`paired` turns the per-slot figures into each variant's mean ratio to a
+base variant, with twice its standard error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import pathlib
+import statistics
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from .generator import LoadConfig, run_load
+from .procfs import cpu_seconds
+from .report import LoadResult
+from .servers import free_port, round_order, running_server
+
+__all__ = ["Ratio", "Sample", "Slot", "Variant", "interleaved", "measure", "paired"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One server configuration: its serve command (without ``--port``), added environment, and the
+    bearer token its clients send (empty: none)."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str] | None = None
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One variant's turn: round and slice (from 0), and the server that is up for it."""
+
+    round: int
+    slice: int
+    variant: Variant
+    target: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One slot's load and the server's own CPU per answered request (µs, warm-up included)."""
+
+    result: LoadResult
+    server_cpu_us: float
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A variant's figure ÷ the base's, averaged over paired slots; ``margin`` is twice the standard error."""
+
+    mean: float
+    margin: float
+    pairs: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f}" if math.isnan(self.margin) else f"{self.mean:.3f} ± {self.margin:.3f}"
+
+
+def interleaved(
+    variants: Sequence[Variant],
+    rounds: int,
+    slices: int,
+    logs: pathlib.Path,
+    cwd: pathlib.Path,
+    models: Sequence[str] = (),
+) -> Iterator[Slot]:
+    """Each variant's slot, round by round and slice by slice, with every server of the round up.
+
+    Starts the round's servers one after another (each ready, ``models`` too,
+    before the next starts) and stops them all when the round's last slot is
+    done; logs go to ``logs/NAME.log``, one file per variant over the rounds.
+    """
+    for round_ in range(rounds):
+        with contextlib.ExitStack() as up:
+            targets: dict[str, tuple[str, int]] = {}
+            for variant in variants:
+                port = free_port()
+                target = f"127.0.0.1:{port}"
+                argv = [*variant.argv, "--port", str(port)]
+                log = logs / f"{variant.name}.log"
+                server = running_server(
+                    variant.name, argv, target, log, cwd, env=variant.env, models=models, token=variant.token
+                )
+                targets[variant.name] = (target, up.enter_context(server).pid)
+            for slice_ in range(slices):
+                for variant in round_order(variants, round_ * slices + slice_):
+                    target, pid = targets[variant.name]
+                    yield Slot(round_, slice_, variant, target, pid)
+
+
+def measure(slot: Slot, load: LoadConfig) -> Sample:
+    """Run ``load`` (its target and token are the slot's) and read the server's CPU around it."""
+    load = dataclasses.replace(load, target=slot.target, token=slot.variant.token)
+    before = cpu_seconds(slot.pid)
+    result = run_load(load)
+    cpu = cpu_seconds(slot.pid) - before
+    served = result.requests * (load.warmup + load.duration) / load.duration  # CPU covers the warm-up too
+    return Sample(result, cpu / max(served, 1.0) * 1e6)
+
+
+def paired(figures: Mapping[str, Sequence[float]], base: str) -> dict[str, Ratio]:
+    """Every variant's figure ÷ ``base``'s, slot by slot (the sequences are in slot order), averaged."""
+    reference = figures[base]
+    ratios = {}
+    for name, values in figures.items():
+        if len(values) != len(reference):
+            raise ValueError(f"{name} has {len(values)} figures and {base} {len(reference)}: not paired")
+        each = [v / r for v, r in zip(values, reference, strict=True) if r > 0]
+        if not each:
+            ratios[name] = Ratio(math.nan, math.nan, 0)
+            continue
+        margin = 2 * statistics.stdev(each) / math.sqrt(len(each)) if len(each) > 1 else math.nan
+        ratios[name] = Ratio(statistics.fmean(each), margin, len(each))
+    return ratios

@@ -1,0 +1,46 @@
+"""``python -m load_tests auth-overhead`` end to end, cut short: both variants serve every slot without an error."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jwt
+import pytest
+
+from load_tests.auth import SCOPE, auth_block
+from load_tests.cli import build_parser
+from load_tests.suite import REPO_ROOT
+
+
+def test_both_variants_answer_every_slot_and_the_ratios_are_paired(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "auth"
+    argv = [sys.executable, "-m", "load_tests", "auth-overhead", "--rounds", "1", "--slices", "2",
+            "--duration", "0.5", "--warmup", "0", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "auth-overhead.json").read_text())
+    for variant in ("off", "jwt"):
+        runs = report["runs"][variant]
+        assert len(runs) == 2, variant  # one per slot
+        assert all(r["requests"] > 0 and not r["errors"] for r in runs), variant  # the token was accepted
+        assert report["paired_throughput_to_off"][variant]["pairs"] == 2
+    assert report["paired_throughput_to_off"]["off"]["mean"] == 1.0
+    assert "paired ÷ off" in (out / "auth-overhead.md").read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "RS256"])
+def test_the_token_carries_the_scope_the_server_needs(tmp_path: pathlib.Path, algorithm: str) -> None:
+    auth, token = auth_block(tmp_path, algorithm)
+    assert auth["enabled"] is True and auth["algorithms"] == [algorithm]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["scope"] == SCOPE == "infer:* metadata"
+
+
+def test_the_command_parses() -> None:
+    args = build_parser().parse_args(["auth-overhead", "--rounds", "2", "--algorithm", "RS256"])
+    assert (args.command, args.rounds, args.slices, args.algorithm) == ("auth-overhead", 2, 6, "RS256")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["auth-overhead", "--algorithm", "none"])

@@ -1,0 +1,94 @@
+"""Interleaved A/B runs: every variant's server up for every slot of its round, the order rotating, ratios paired.
+
+The servers are real (``infergate serve`` on the demo models, one with JWT auth
+on), and so are the loads and the calls that check auth is really on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+
+import grpc
+import pytest
+
+from infergate._proto import grpc_service_pb2 as pb
+from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate.demo import write_demo_repository
+from load_tests.auth import auth_block
+from load_tests.generator import LoadConfig
+from load_tests.interleave import Ratio, Slot, Variant, interleaved, measure, paired
+from load_tests.suite import REPO_ROOT
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie still answers kill(0): it is gone once its state says so
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _ready_code(target: str, token: str) -> grpc.StatusCode:
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="matmul16"), metadata=metadata, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_every_server_of_a_round_is_up_for_each_of_its_slots(tmp_path: pathlib.Path) -> None:
+    repo = tmp_path / "models"
+    write_demo_repository(repo)
+    auth, token = auth_block(tmp_path, "HS256")
+    (tmp_path / "auth.yaml").write_text(json.dumps({"auth": auth}))  # YAML reads JSON
+    serve = (sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo))
+    variants = [Variant("off", serve), Variant("jwt", (*serve, "--config", str(tmp_path / "auth.yaml")), token=token)]
+    load = LoadConfig(target="", model="matmul16", concurrency=2, duration=0.3, warmup=0)
+    seen: list[Slot] = []
+    for slot in interleaved(variants, rounds=2, slices=2, logs=tmp_path / "logs", cwd=REPO_ROOT, models=["matmul16"]):
+        round_pids = {s.pid for s in seen if s.round == slot.round} | {slot.pid}
+        assert all(_alive(pid) for pid in round_pids), "a server of the round stopped before its last slot"
+        if slot.slice == 0:
+            sample = measure(slot, load)  # the slot's target and token, whatever the load named
+            assert sample.result.requests > 0 and not sample.result.errors, slot.variant.name
+            assert sample.server_cpu_us > 0
+            expected = grpc.StatusCode.UNAUTHENTICATED if slot.variant.token else grpc.StatusCode.OK
+            assert _ready_code(slot.target, "") == expected  # the jwt variant really runs with auth on
+        seen.append(slot)
+    order = [(s.round, s.slice, s.variant.name) for s in seen]
+    # The order rotates slot after slot, across rounds too: every variant goes first equally often.
+    assert order == [(0, 0, "off"), (0, 0, "jwt"), (0, 1, "jwt"), (0, 1, "off"),
+                     (1, 0, "off"), (1, 0, "jwt"), (1, 1, "jwt"), (1, 1, "off")]  # fmt: skip
+    first, second = ({s.pid for s in seen if s.round == r} for r in (0, 1))
+    assert len(first) == len(second) == 2 and not first & second  # fresh servers every round
+    assert not any(_alive(pid) for pid in first | second)  # and none left behind
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {"off.log", "jwt.log"}
+
+
+def test_ratios_are_paired_slot_by_slot() -> None:
+    ratios = paired({"off": [100.0, 200.0, 50.0], "on": [90.0, 190.0, 45.0]}, "off")
+    assert ratios["off"] == Ratio(1.0, 0.0, 3)
+    on = ratios["on"]
+    each = [0.9, 0.95, 0.9]
+    assert on.pairs == 3 and on.mean == pytest.approx(sum(each) / 3)
+    spread = math.sqrt(sum((r - on.mean) ** 2 for r in each) / 2)
+    assert on.margin == pytest.approx(2 * spread / math.sqrt(3))
+    assert str(on) == f"{on.mean:.3f} ± {on.margin:.3f}"
+
+
+def test_a_single_pair_has_no_margin_and_unpaired_figures_are_refused() -> None:
+    (one,) = [paired({"a": [2.0], "b": [1.0]}, "a")["b"]]
+    assert one.mean == 0.5 and math.isnan(one.margin) and str(one) == "0.500"
+    with pytest.raises(ValueError, match="not paired"):
+        paired({"a": [1.0, 2.0], "b": [1.0]}, "a")
+    assert paired({"a": [0.0], "b": [1.0]}, "a")["b"].pairs == 0  # a slot where the base served nothing
