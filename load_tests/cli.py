@@ -547,8 +547,9 @@ def _add_drift_overhead(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "drift-overhead",
         help="infergate with drift monitoring off and at sample_fraction 0, 0.1 and 1.0, in one run",
         description="Per round, start infergate once per variant (no monitoring block, then monitoring.drift "
-        "at each sample_fraction, with a reference profile of the generator's distribution) and load each the "
-        "same way. Writes drift-overhead.json and drift-overhead.md.",
+        "at each sample_fraction, with a reference profile of the generator's distribution), all kept up, and "
+        "load each in turn the same way (--slices times, the order rotating). Writes drift-overhead.json and "
+        "drift-overhead.md.",
     )
     p.add_argument("--model", default="matmul16", help="demo model with one [batch, N] input (default matmul16)")
     p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N", help="in flight (default 64)")
@@ -556,6 +557,10 @@ def _add_drift_overhead(commands: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
     p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
     p.add_argument("--window", type=_positive_int, default=2000, metavar="ROWS", help="drift window (default 2000)")
+    p.add_argument(
+        "--slices", type=_positive_int, default=1, metavar="K",
+        help="per round, load every variant K times in turn, servers kept up (default 1)",
+    )  # fmt: skip
     p.add_argument("--variants", type=variants, default=tuple(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/drift-<time>")
 
@@ -788,7 +793,7 @@ def _cmd_drift_overhead(args: argparse.Namespace) -> int:
     out = _out_dir(args, "drift")
     config = DriftOverheadConfig(
         out=out, model=args.model, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
-        rounds=args.rounds, window=args.window, variants=args.variants,
+        rounds=args.rounds, window=args.window, variants=args.variants, slices=args.slices,
     )  # fmt: skip
     report = run_drift_overhead(config)
     print(report.table())

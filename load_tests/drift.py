@@ -7,10 +7,12 @@ Each variant serves the demo model from its own repository: ``off`` has no
 ``sample_fraction`` and a reference profile written by ``infergate profile``
 from a standard-normal sample (the distribution the generator sends, so the
 scores stay low and the monitor does its steady-state work). Every round
-starts each variant once, in turn, on a fresh server, so drift on a shared
-machine hits them alike; throughput, latency and the server's CPU per request
-are reported side by side, with what the monitor sampled and dropped (from
-DriftStatus; "-" where the server does not answer it).
+starts a fresh server per variant, keeps them all up and loads each in turn,
+``--slices`` times with the order rotating (``interleave``), so drift on a
+shared machine hits them alike; throughput (also paired slot by slot, with
+twice its standard error), latency and the server's CPU per request are
+reported side by side, with what the monitor has sampled and dropped so far
+(from DriftStatus; "-" where the server does not answer it).
 
 The overhead of ``sample_fraction: 0`` is the per-request check alone; 0.1 is
 the recommended setting; 1.0 hands every request to the accumulator.
@@ -18,6 +20,7 @@ the recommended setting; 1.0 hands every request to the accumulator.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -35,10 +38,9 @@ from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
 from infergate.demo import write_demo_repository
 from infergate.monitoring.profiling import profile_version
 
-from .generator import LoadConfig, run_closed_loop
-from .procfs import cpu_seconds
+from .generator import LoadConfig
+from .interleave import Ratio, Variant, interleaved, measure, paired
 from .report import LoadResult, format_table, parse_variants
-from .servers import free_port, round_order, running_server
 from .suite import REPO_ROOT, environment
 
 __all__ = ["VARIANTS", "DriftOverheadConfig", "DriftOverheadReport", "build_repositories", "run_drift_overhead"]
@@ -58,30 +60,39 @@ class DriftOverheadConfig:
     rounds: int = 3
     window: int = 2000
     variants: tuple[str, ...] = tuple(VARIANTS)
+    slices: int = 1
 
 
 @dataclass
 class DriftOverheadReport:
     config: DriftOverheadConfig
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)
-    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per round
-    monitor: dict[str, list[str]] = field(default_factory=dict)  # "sampled/dropped" per round
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per slot
+    monitor: dict[str, list[str]] = field(default_factory=dict)  # "sampled/dropped" so far, per slot
+
+    def paired(self) -> dict[str, Ratio]:
+        """Each variant's throughput ÷ off's, slot by slot (see ``interleave``)."""
+        if "off" not in self.runs:
+            return {}
+        return paired({v: [r.requests_per_s for r in runs] for v, runs in self.runs.items()}, "off")
 
     def table(self) -> str:
         base = statistics.fmean(r.requests_per_s for r in self.runs["off"]) if self.runs.get("off") else float("nan")
         cpu_base = statistics.fmean(self.cpu_us["off"]) if self.cpu_us.get("off") else float("nan")
+        ratios = self.paired()
         rows = []
         for variant, runs in self.runs.items():
             mean = statistics.fmean(r.requests_per_s for r in runs)
             cpu = statistics.fmean(self.cpu_us[variant])
             rows.append([
                 variant, f"{mean:,.0f}", " / ".join(f"{r.requests_per_s:,.0f}" for r in runs), f"{mean / base:.3f}",
+                str(ratios[variant]) if variant in ratios else "-",
                 f"{statistics.fmean(r.p50_ms for r in runs):.2f}", f"{statistics.fmean(r.p99_ms for r in runs):.2f}",
                 f"{cpu:.0f}", f"{cpu / cpu_base:.3f}", " ".join(self.monitor[variant]),
             ])  # fmt: skip
-        headers = ["sample_fraction", "mean req/s", "per round", "÷ off", "p50 ms", "p99 ms", "server CPU µs/req",
-                   "÷ off", "sampled/dropped per round"]  # fmt: skip
-        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">", "<"], rows)
+        headers = ["sample_fraction", "mean req/s", "per slot", "÷ off", "paired ÷ off", "p50 ms", "p99 ms",
+                   "server CPU µs/req", "÷ off", "sampled/dropped so far, per slot"]  # fmt: skip
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">", ">", "<"], rows)
 
 
 def build_repositories(
@@ -118,40 +129,29 @@ def _width(model_dir: pathlib.Path) -> int:
 
 
 def run_drift_overhead(config: DriftOverheadConfig) -> DriftOverheadReport:
-    """Every variant once per round (each round starting one variant later), each on a fresh server;
-    writes drift-overhead.json and .md."""
+    """Every variant in every slot of every round (see ``interleave``); writes drift-overhead.json and .md."""
     report = DriftOverheadReport(config, {v: [] for v in config.variants}, {v: [] for v in config.variants},
                                  {v: [] for v in config.variants})  # fmt: skip
     config.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="drift-overhead-") as tmp:
         repositories = build_repositories(pathlib.Path(tmp), config.model, config.window, config.variants)
-        for round_ in range(config.rounds):
-            for variant in round_order(config.variants, round_):
-                _one_run(config, report, variant, repositories[variant])
-                result = report.runs[variant][-1]
-                line = f"round {round_ + 1} sample_fraction {variant}: {result.requests_per_s:,.0f} req/s"
-                print(line, file=sys.stderr)
+        serve = (sys.executable, "-m", "infergate", "serve", "--model-repository")
+        variants = [Variant(name, (*serve, str(repositories[name]))) for name in config.variants]
+        load = LoadConfig(
+            target="", model=config.model, concurrency=config.concurrency, duration=config.duration,
+            warmup=config.warmup,
+        )  # fmt: skip
+        for slot in interleaved(variants, config.rounds, config.slices, config.out, REPO_ROOT, (config.model,)):
+            name = slot.variant.name
+            sample = measure(slot, dataclasses.replace(load, label=f"sample_fraction {name}"))
+            report.runs[name].append(sample.result)
+            report.cpu_us[name].append(sample.server_cpu_us)
+            monitored = VARIANTS[name] is not None
+            report.monitor[name].append(_monitor_counters(slot.target, config.model) if monitored else "-")
+            where = f"round {slot.round + 1} slice {slot.slice + 1}"
+            print(f"{where} sample_fraction {name}: {sample.result.requests_per_s:,.0f} req/s", file=sys.stderr)
     _write(report)
     return report
-
-
-def _one_run(config: DriftOverheadConfig, report: DriftOverheadReport, variant: str, repo: pathlib.Path) -> None:
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo), "--port", str(port)]
-    with running_server(variant, argv, target, config.out / f"server-{variant}.log", REPO_ROOT) as process:
-        load = LoadConfig(
-            target=target, model=config.model, concurrency=config.concurrency, duration=config.duration,
-            warmup=config.warmup, label=f"sample_fraction {variant}",
-        )  # fmt: skip
-        cpu_before = cpu_seconds(process.pid)
-        result = run_closed_loop(load)
-        cpu = cpu_seconds(process.pid) - cpu_before
-        monitored = VARIANTS[variant] is not None
-        report.monitor[variant].append(_monitor_counters(target, config.model) if monitored else "-")
-    report.runs[variant].append(result)
-    served = result.requests * (config.warmup + config.duration) / config.duration  # CPU covers the warm-up too
-    report.cpu_us[variant].append(cpu / max(served, 1) * 1e6)
 
 
 def _monitor_counters(target: str, model: str) -> str:
@@ -173,6 +173,7 @@ def _write(report: DriftOverheadReport) -> None:
         "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
         "server_cpu_us_per_request": report.cpu_us,
         "monitor_sampled_dropped": report.monitor,
+        "paired_ratio_to_off": {v: vars(r) for v, r in report.paired().items()},
     }
     (report.config.out / "drift-overhead.json").write_text(json.dumps(data, indent=2, default=str))
     (report.config.out / "drift-overhead.md").write_text(report.table() + "\n")
