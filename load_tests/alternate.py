@@ -45,6 +45,7 @@ __all__ = [
     "AlternateReport",
     "Scenario",
     "parse_checkout",
+    "parse_scenario",
     "parse_variant",
     "run_alternate",
 ]
@@ -62,8 +63,14 @@ class Scenario:
 
     @property
     def latency_bound(self) -> bool:
-        """One in flight: the figure that matters is the p50, not the rate."""
+        """One in flight: the figures that matter are the latencies, not the rate."""
         return self.concurrency == 1
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The figures reported (:class:`LoadResult` fields): the p50 and the tail at one in flight,
+        else the rate and the p99."""
+        return ("p50_ms", "p99_ms", "max_ms") if self.latency_bound else ("samples_per_s", "p99_ms")
 
 
 SCENARIOS = (Scenario("matmul16", 1, 64), Scenario("matmul16", 1, 1), Scenario("mlp", 8, 32))
@@ -86,30 +93,41 @@ class AlternateReport:
     config: AlternateConfig
     runs: dict[str, dict[str, list[LoadResult]]] = field(default_factory=dict)  # scenario -> variant -> slots
 
-    def figures(self, scenario: Scenario) -> dict[str, list[float]]:
-        """Each variant's figure per slot: the p50 (ms) at one in flight, else samples/s."""
+    def figures(self, scenario: Scenario, metric: str) -> dict[str, list[float]]:
+        """Each variant's ``metric`` (a :class:`LoadResult` field) per slot."""
         runs = self.runs[scenario.name]
-        if scenario.latency_bound:
-            return {variant: [r.p50_ms for r in results] for variant, results in runs.items()}
-        return {variant: [r.samples_per_s for r in results] for variant, results in runs.items()}
+        return {variant: [getattr(r, metric) for r in results] for variant, results in runs.items()}
 
-    def paired(self, scenario: Scenario) -> dict[str, Ratio]:
-        """Each variant's figure ÷ the first variant's, slot by slot (see ``interleave``)."""
-        figures = self.figures(scenario)
+    def paired(self, scenario: Scenario, metric: str) -> dict[str, Ratio]:
+        """Each variant's ``metric`` ÷ the first variant's, slot by slot (see ``interleave``)."""
+        figures = self.figures(scenario, metric)
         return paired(figures, next(iter(figures)))
 
     def table(self) -> str:
         rows = []
         for scenario in self.config.scenarios:
-            unit, fmt = ("p50 ms", "{:.3f}") if scenario.latency_bound else ("samples/s", "{:,.0f}")
-            ratios = self.paired(scenario)
-            for variant, figures in self.figures(scenario).items():
-                per_slot = " / ".join(fmt.format(f) for f in figures)
-                mean = fmt.format(statistics.fmean(figures))
-                rows.append([scenario.name, variant, unit, per_slot, mean, str(ratios[variant])])
+            for metric in scenario.metrics:
+                unit, fmt = _UNITS[metric]
+                ratios = self.paired(scenario, metric)
+                for variant, figures in self.figures(scenario, metric).items():
+                    per_slot = " / ".join(fmt.format(f) for f in figures)
+                    mean = fmt.format(statistics.fmean(figures))
+                    rows.append([scenario.name, variant, unit, per_slot, mean, str(ratios[variant])])
         first = self.config.variants[0][0]
         headers = ["scenario", "variant", "figure", "per slot", "mean", f"paired ÷ {first}"]
         return format_table(headers, ["<", "<", "<", ">", ">", ">"], rows)
+
+
+_UNITS = {"samples_per_s": ("samples/s", "{:,.0f}"), "p50_ms": ("p50 ms", "{:.3f}"),
+          "p99_ms": ("p99 ms", "{:.3f}"), "max_ms": ("max ms", "{:.1f}")}  # fmt: skip
+
+
+def parse_scenario(text: str) -> Scenario:
+    """``--scenario MODEL:BATCH:CONCURRENCY``, e.g. ``matmul16:1:1``."""
+    model, batch, concurrency = text.split(":") if text.count(":") == 2 else ("", "", "")
+    if not model or not batch.isdigit() or not concurrency.isdigit() or int(batch) < 1 or int(concurrency) < 1:
+        raise ValueError(f"expected MODEL:BATCH:CONCURRENCY with whole numbers >= 1, got {text!r}")
+    return Scenario(model, int(batch), int(concurrency))
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
@@ -183,7 +201,10 @@ def _write(report: AlternateReport) -> None:
             "rounds": config.rounds,
             "slices": config.slices,
         },
-        "paired": {s.name: {v: vars(r) for v, r in report.paired(s).items()} for s in config.scenarios},
+        "paired": {
+            s.name: {m: {v: vars(r) for v, r in report.paired(s, m).items()} for m in s.metrics}
+            for s in config.scenarios
+        },
         "runs": {s: {v: [vars(r) for r in runs] for v, runs in by.items()} for s, by in report.runs.items()},
     }
     (config.out / "alternate.json").write_text(json.dumps(data, indent=2, default=str))

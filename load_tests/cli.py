@@ -13,10 +13,13 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .cli_load import add_load_commands, cmd_compare, cmd_load
 from .signature import NUMPY_DTYPES, ModelSignature, TensorSpec
+
+if TYPE_CHECKING:
+    from .alternate import Scenario
 
 __all__ = ["build_parser", "main"]
 
@@ -446,6 +449,10 @@ def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         "--checkout", type=_checkout, action="append", default=[], metavar="NAME=DIR",
         help="the variant NAME serves infergate from DIR, another checkout (e.g. a git worktree of an older commit)",
     )  # fmt: skip
+    p.add_argument(
+        "--scenario", type=_scenario, action="append", default=[], metavar="MODEL:BATCH:CONCURRENCY",
+        help="a load to run instead of the three default ones, e.g. matmul16:1:1 (repeat)",
+    )  # fmt: skip
     p.add_argument("--duration", type=_positive_float, default=6.0, metavar="S", help="measured s (default 6)")
     p.add_argument("--warmup", type=_non_negative_float, default=1.0, metavar="S", help="warm-up s (default 1)")
     p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
@@ -461,6 +468,15 @@ def _checkout(text: str) -> tuple[str, pathlib.Path]:
 
     try:
         return parse_checkout(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _scenario(text: str) -> Scenario:
+    from .alternate import parse_scenario
+
+    try:
+        return parse_scenario(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -495,6 +511,7 @@ def _cmd_alternate(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         rounds=args.rounds,
         slices=args.slices,
+        **({"scenarios": tuple(args.scenario)} if args.scenario else {}),
     )
     report = run_alternate(config)
     print(report.table())

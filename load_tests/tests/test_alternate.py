@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from load_tests.alternate import SCENARIOS, parse_checkout, parse_variant
+from load_tests.alternate import SCENARIOS, Scenario, parse_checkout, parse_scenario, parse_variant
 from load_tests.servers import round_order
 from load_tests.suite import REPO_ROOT
 
@@ -41,6 +41,28 @@ def test_each_variant_serves_every_scenario_in_every_round(tmp_path: pathlib.Pat
     assert report["config"]["checkouts"]["uvloop"]["path"] == str(checkout.resolve())
     table = (out / "alternate.md").read_text()
     assert "matmul16_b1_c1" in table and "p50 ms" in table and "samples/s" in table
+    assert "max ms" in table and "p99 ms" in table  # the tail is reported too
+    assert set(report["paired"]["matmul16_b1_c1"]) == {"p50_ms", "p99_ms", "max_ms"}
+    assert report["paired"]["mlp_b8_c32"]["samples_per_s"]["asyncio"]["mean"] == 1.0  # the first variant is the base
+
+
+def test_scenarios_can_replace_the_default_three(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "c1"
+    argv = [sys.executable, "-m", "load_tests", "alternate", "--variant", "a=", "--variant", "b=--event-loop asyncio",
+            "--scenario", "matmul16:1:1", "--rounds", "1", "--slices", "2", "--duration", "0.3", "--warmup", "0",
+            "--out", str(out)]  # fmt: skip
+    run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "alternate.json").read_text())
+    assert report["config"]["scenarios"] == ["matmul16_b1_c1"] and report["config"]["slices"] == 2
+    assert [len(report["runs"]["matmul16_b1_c1"][v]) for v in ("a", "b")] == [2, 2]  # one per slice
+
+
+def test_a_scenario_is_model_batch_and_concurrency() -> None:
+    assert parse_scenario("mlp:8:32") == Scenario("mlp", 8, 32)
+    for bad in ("mlp:8", "mlp:0:1", "mlp:x:1", ":1:1", "mlp:1:1:1"):
+        with pytest.raises(ValueError, match="MODEL:BATCH:CONCURRENCY"):
+            parse_scenario(bad)
 
 
 def test_a_variant_is_a_name_and_shell_words() -> None:
