@@ -244,12 +244,13 @@ def _worker_role(args: argparse.Namespace) -> WorkerRole | None:
 async def _serve_async(config: ServerConfig, worker: WorkerRole | None = None) -> None:
     from infergate.server import InferGateServer, run_until_signalled  # only serve needs it: check starts faster
 
-    server = InferGateServer(config, worker=worker)  # grpc.aio objects belong to the running loop
+    # grpc.aio objects belong to the running loop; the process is the server alone, so its heap may freeze.
+    server = InferGateServer(config, worker=worker, freeze_heap=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_until_signalled(server, stop, close_port=False, freeze_heap=True)
+    await run_until_signalled(server, stop, close_port=False)
     _exit_leaving_connections()
 
 

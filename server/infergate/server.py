@@ -11,7 +11,6 @@ dropped, then batchers drain and sessions close — in that order.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from infergate._proto import model_config_pb2 as mc
 from infergate.audit import AuditLog
 from infergate.config import ServerConfig
 from infergate.eventloop import describe as describe_loop
+from infergate.heap import FrozenHeap
 from infergate.monitoring.metrics import DriftReadings
 from infergate.repository.loader import ModelRepository
 from infergate.routing.shadow import ShadowQueue
@@ -100,8 +100,17 @@ class GenericHandlersOnly:
 class InferGateServer:
     """An infergate server over one model repository."""
 
-    def __init__(self, config: ServerConfig, telemetry: Telemetry | None = None, *, worker: WorkerRole | None = None):
-        """``worker``: this process is one worker of ``--workers N`` (model control goes through the supervisor)."""
+    def __init__(
+        self,
+        config: ServerConfig,
+        telemetry: Telemetry | None = None,
+        *,
+        worker: WorkerRole | None = None,
+        freeze_heap: bool = False,
+    ):
+        """``worker``: this process is one worker of ``--workers N`` (model control goes through the supervisor).
+        ``freeze_heap``: the process is this server alone; freeze its heap once the models are loaded
+        (``heap.py``)."""
         if config.model_repository is None:
             raise ValueError("a model repository is required")
         self.config = config
@@ -109,6 +118,7 @@ class InferGateServer:
         # Lifecycle events (docs/governance.md): the repository (with its routers and drift monitors), the
         # shadows and the admin audit interceptor write to it.
         self.audit = AuditLog(config.audit_log)
+        self._heap = FrozenHeap() if freeze_heap else None
         limits = config.limits
         metrics = self.telemetry.metrics
         self.admission = Admission(
@@ -121,6 +131,7 @@ class InferGateServer:
             explicit=config.model_control_mode == "explicit",
             audit=self.audit,  # loads, swaps, routing changes; and through it canary steps and drift alerts
             calls_in_progress=self.admission.calls_in_progress,  # batches gather only while calls may arrive
+            on_retired=self._heap.retired if self._heap is not None else None,  # frozen versions need a collection
         )
         self.readiness = Readiness()
         self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None, events=self.audit)
@@ -219,6 +230,8 @@ class InferGateServer:
         # A worker first applies what was loaded and unloaded through the API since the start.
         if self._worker_control is not None and not await self._worker_control.join():
             return False  # the supervisor is gone: this worker is stopping
+        if self._heap is not None:
+            log.info("start-up heap frozen: %d objects the garbage collector will not walk again", self._heap.freeze())
         failed = self.repository.catalog.not_ready() if self.config.model_control_mode != "explicit" else []
         ready = not failed or not self.config.strict_readiness
         self.readiness.ready = ready
@@ -313,24 +326,6 @@ class InferGateServer:
         log.info("stopped")
 
 
-def freeze_start_up_heap() -> None:
-    """Collect once, then move everything alive to the permanent generation (``gc.freeze``).
-
-    Why: a serving process holds some 70,000 objects from its start (modules,
-    protobuf descriptors, grpc, onnxruntime bindings, the loaded models) that
-    live as long as it does. Every full collection walked all of them: about
-    70 ms on the 2-core development VM, every few seconds under load, with
-    every request in flight waiting (measured with ``gc.callbacks``; see
-    BENCHMARKS.md). Frozen, they are never walked again. What they free by
-    reference counting is still freed; only a reference cycle among them that
-    becomes garbage later stays, which is at most what the start-up built.
-    Models loaded later are collected as usual.
-    """
-    gc.collect()
-    gc.freeze()
-    log.info("start-up heap frozen: %d objects the garbage collector will not walk again", gc.get_freeze_count())
-
-
 def check_startable(config: ServerConfig) -> None:
     """Raise ConfigError for what ``InferGateServer(config)`` would refuse: keys, certificates, exporters.
 
@@ -343,14 +338,8 @@ def check_startable(config: ServerConfig) -> None:
     check_exporters(config.telemetry)
 
 
-async def run_until_signalled(
-    server: InferGateServer, stop: asyncio.Event, *, close_port: bool = True, freeze_heap: bool = False
-) -> None:
-    """Start, load, serve until ``stop`` is set, then drain (see ``InferGateServer.stop``).
-
-    ``freeze_heap``: once the start-up load is done, :func:`freeze_start_up_heap`
-    (for a process that is only this server: the freeze is process-wide).
-    """
+async def run_until_signalled(server: InferGateServer, stop: asyncio.Event, *, close_port: bool = True) -> None:
+    """Start, load, serve until ``stop`` is set, then drain (see ``InferGateServer.stop``)."""
     await server.start()
     fmt = server.config.logging.format
     address = f"{server.config.host}:{server.port}"
@@ -362,8 +351,6 @@ async def run_until_signalled(
         health_address = f"{server.config.health_host or server.config.host}:{server.health_port}"
         print(announcement(HEALTH + health_address, fmt, address=health_address), flush=True)
     loader = asyncio.create_task(server.load_models())
-    if freeze_heap:
-        loader.add_done_callback(lambda _: freeze_start_up_heap())
     await stop.wait()
     if not loader.done():
         loader.cancel()

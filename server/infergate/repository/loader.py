@@ -74,9 +74,11 @@ class ModelRepository:
         explicit: bool = False,
         audit: AuditLog | None = None,
         calls_in_progress: Callable[[], int] | None = None,
+        on_retired: Callable[[], None] | None = None,
     ):
         """``audit``: where lifecycle events go (default: an :class:`AuditLog` writing to the server log);
-        ``calls_in_progress``: the server's admission count, which every version's batcher reads."""
+        ``calls_in_progress``: the server's admission count, which every version's batcher reads;
+        ``on_retired``: called on the event loop each time a retired version has closed."""
         self.root = root
         self._observer = observer  # telemetry: load events and each version's observer
         self._audit = audit if audit is not None else AuditLog()
@@ -87,6 +89,7 @@ class ModelRepository:
         self._parallel = parallel
         self._retiring: set[asyncio.Task[None]] = set()
         self._calls_in_progress = calls_in_progress
+        self._on_retired = on_retired
 
     def discover(self) -> list[str]:
         """Model directory names under root (hidden ones skipped); new ones get an entry."""
@@ -397,6 +400,9 @@ class ModelRepository:
         task = asyncio.create_task(model.aclose(self._drain_timeout), name=f"retire {model.name}:{model.version}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        if self._on_retired is not None:
+            on_retired = self._on_retired
+            task.add_done_callback(lambda _: on_retired())
 
     async def unload(self, name: str, *, source: Source = "api") -> None:
         """Stop serving ``name``; in-flight requests finish. Raises NotFound."""

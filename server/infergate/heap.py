@@ -1,0 +1,61 @@
+"""The serving process's start-up heap, kept out of the garbage collector's full walks.
+
+A serving process holds some 70,000 objects from its start (modules, protobuf
+descriptors, grpc, onnxruntime bindings, the loaded models) that live as long
+as it does. Every full collection walked all of them: about 70 ms on the
+2-core development VM, every 10 to 15 s under load, with every request in flight
+waiting (BENCHMARKS.md, "Garbage-collection pauses"). :meth:`FrozenHeap.freeze`
+collects once and moves everything alive to the permanent generation
+(``gc.freeze``), which the collector never walks.
+
+What frozen objects free by reference counting is still freed, but a
+reference cycle among them is never collected. A model version is such a
+cycle (its batcher calls back into it), so a version loaded before the freeze
+and later retired would keep its onnxruntime sessions for good. So once a
+retired version has closed, :meth:`FrozenHeap.retired` thaws the heap,
+collects and freezes again: one full collection per reload or unload, which
+are rare, instead of one every few seconds.
+
+The freeze is process-wide, so only a process that is nothing but the server
+(``infergate serve``) asks for it; a server embedded in another program
+leaves that program's heap alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+
+__all__ = ["FrozenHeap"]
+
+log = logging.getLogger(__name__)
+
+
+class FrozenHeap:
+    """Freezes the heap once the start-up load is done, and again after each retired version closed."""
+
+    def __init__(self) -> None:
+        self.frozen = False
+        self._refreezing = False
+
+    def freeze(self) -> int:
+        """Collect, then freeze everything alive; returns how many objects are frozen."""
+        gc.collect()
+        gc.freeze()
+        self.frozen = True
+        return gc.get_freeze_count()
+
+    def retired(self) -> None:
+        """A retired model version has closed (on the event loop): thaw, collect and freeze again, once
+        for all the versions that close in the same turn of the loop."""
+        if not self.frozen or self._refreezing:
+            return
+        self._refreezing = True
+        asyncio.get_running_loop().call_soon(self._refreeze)
+
+    def _refreeze(self) -> None:
+        self._refreezing = False
+        gc.unfreeze()
+        count = self.freeze()
+        log.info("heap frozen again after a model version closed: %d objects", count)
