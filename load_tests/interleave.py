@@ -9,8 +9,8 @@ per variant, all of them, and then loads them in turn, one short slice each,
 Each slot (a round and a slice) gives every variant a figure taken seconds from
 the others', so their ratio is one paired sample the drift hardly touches; a
 fresh set of processes each round averages out what one process's luck
-(memory layout, hash seed) gives. A server not being loaded waits in epoll and
-takes nothing measurable from the one that is.
+(memory layout, hash seed) gives. A server not being loaded waits in epoll,
+using no CPU of its own meanwhile.
 
 :func:`paired` turns the per-slot figures into each variant's mean ratio to a
 base variant, with twice its standard error.
@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .generator import LoadConfig, run_load
-from .procfs import cpu_seconds
+from .procfs import tree_cpu_seconds
 from .report import LoadResult
 from .servers import free_port, round_order, running_server
 
@@ -111,9 +111,9 @@ def interleaved(
 def measure(slot: Slot, load: LoadConfig) -> Sample:
     """Run ``load`` (its target and token are the slot's) and read the server's CPU around it."""
     load = dataclasses.replace(load, target=slot.target, token=slot.variant.token)
-    before = cpu_seconds(slot.pid)
+    before = tree_cpu_seconds(slot.pid)  # the tree: a --workers N variant serves from child processes
     result = run_load(load)
-    cpu = cpu_seconds(slot.pid) - before
+    cpu = tree_cpu_seconds(slot.pid) - before
     served = result.requests * (load.warmup + load.duration) / load.duration  # CPU covers the warm-up too
     return Sample(result, cpu / max(served, 1.0) * 1e6)
 
