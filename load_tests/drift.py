@@ -20,7 +20,6 @@ the recommended setting; 1.0 hands every request to the accumulator.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import shutil
@@ -39,7 +38,7 @@ from infergate.demo import write_demo_repository
 from infergate.monitoring.profiling import profile_version
 
 from .generator import LoadConfig
-from .interleave import Ratio, Variant, interleaved, measure, paired
+from .interleave import Ratio, Variant, measured, paired
 from .report import LoadResult, format_table, parse_variants
 from .suite import REPO_ROOT, environment
 
@@ -141,15 +140,13 @@ def run_drift_overhead(config: DriftOverheadConfig) -> DriftOverheadReport:
             target="", model=config.model, concurrency=config.concurrency, duration=config.duration,
             warmup=config.warmup,
         )  # fmt: skip
-        for slot in interleaved(variants, config.rounds, config.slices, config.out, REPO_ROOT, (config.model,)):
+        describe = "sample_fraction {}".format
+        for slot, sample in measured(variants, load, config.rounds, config.slices, config.out, REPO_ROOT, describe):
             name = slot.variant.name
-            sample = measure(slot, dataclasses.replace(load, label=f"sample_fraction {name}"))
             report.runs[name].append(sample.result)
             report.cpu_us[name].append(sample.server_cpu_us)
             monitored = VARIANTS[name] is not None
             report.monitor[name].append(_monitor_counters(slot.target, config.model) if monitored else "-")
-            where = f"round {slot.round + 1} slice {slot.slice + 1}"
-            print(f"{where} sample_fraction {name}: {sample.result.requests_per_s:,.0f} req/s", file=sys.stderr)
     _write(report)
     return report
 

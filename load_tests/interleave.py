@@ -23,7 +23,8 @@ import dataclasses
 import math
 import pathlib
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .generator import LoadConfig, run_load
@@ -31,7 +32,7 @@ from .procfs import tree_cpu_seconds
 from .report import LoadResult
 from .servers import free_port, round_order, running_server
 
-__all__ = ["Ratio", "Sample", "Slot", "Variant", "interleaved", "measure", "paired"]
+__all__ = ["Ratio", "Sample", "Slot", "Variant", "interleaved", "measure", "measured", "paired"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,25 @@ def measure(slot: Slot, load: LoadConfig) -> Sample:
     cpu = tree_cpu_seconds(slot.pid) - before
     served = result.requests * (load.warmup + load.duration) / load.duration  # CPU covers the warm-up too
     return Sample(result, cpu / max(served, 1.0) * 1e6)
+
+
+def measured(
+    variants: Sequence[Variant],
+    load: LoadConfig,
+    rounds: int,
+    slices: int,
+    logs: pathlib.Path,
+    cwd: pathlib.Path,
+    describe: Callable[[str], str] = str,
+) -> Iterator[tuple[Slot, Sample]]:
+    """:func:`measure` ``load`` in every slot of :func:`interleaved` (servers ready with ``load``'s model),
+    saying each figure on stderr with ``describe(variant name)``."""
+    for slot in interleaved(variants, rounds, slices, logs, cwd, (load.model,)):
+        label = describe(slot.variant.name)
+        sample = measure(slot, dataclasses.replace(load, label=label))
+        where = f"round {slot.round + 1} slice {slot.slice + 1}"
+        print(f"{where} {label}: {sample.result.requests_per_s:,.0f} req/s", file=sys.stderr)
+        yield slot, sample
 
 
 def paired(figures: Mapping[str, Sequence[float]], base: str) -> dict[str, Ratio]:

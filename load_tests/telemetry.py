@@ -20,7 +20,6 @@ Variants:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import pathlib
 import statistics
@@ -33,7 +32,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 from .generator import LoadConfig
-from .interleave import Ratio, Variant, interleaved, measure, paired
+from .interleave import Ratio, Variant, measured, paired
 from .report import LoadResult, format_table, parse_variants
 from .servers import free_port
 from .suite import REPO_ROOT, environment
@@ -151,12 +150,9 @@ def run_overhead(config: OverheadConfig) -> OverheadReport:
             target="", model=config.model, concurrency=config.concurrency, duration=config.duration,
             warmup=config.warmup,
         )  # fmt: skip
-        for slot in interleaved(variants, config.rounds, config.slices, config.out, REPO_ROOT, (config.model,)):
-            sample = measure(slot, dataclasses.replace(load, label=slot.variant.name))
+        for slot, sample in measured(variants, load, config.rounds, config.slices, config.out, REPO_ROOT):
             report.runs[slot.variant.name].append(sample.result)
             report.cpu_us[slot.variant.name].append(sample.server_cpu_us)
-            where = f"round {slot.round + 1} slice {slot.slice + 1}"
-            print(f"{where} {slot.variant.name}: {sample.result.requests_per_s:,.0f} req/s", file=sys.stderr)
     _write(report)
     return report
 
