@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from load_tests.alternate import SCENARIOS, Scenario, parse_checkout, parse_scenario, parse_variant
+from load_tests.alternate import AlternateConfig, Scenario, parse_checkout, parse_scenario, parse_variant
 from load_tests.servers import round_order
 from load_tests.suite import REPO_ROOT
 
@@ -22,15 +22,18 @@ def test_each_variant_serves_every_scenario_in_every_round(tmp_path: pathlib.Pat
     with (checkout / "server" / "infergate" / "__init__.py").open("a") as package:
         package.write('\nimport sys\n\nprint("infergate from the other checkout", file=sys.stderr)\n')
     out = tmp_path / "ab"
+    scenarios = [Scenario("matmul16", 1, 64), Scenario("matmul16", 1, 1)]  # --scenario: two loads, not the three
     argv = [sys.executable, "-m", "load_tests", "alternate", "--variant", "asyncio=--event-loop asyncio",
             "--variant", "uvloop=--event-loop uvloop", "--checkout", f"uvloop={checkout}", "--rounds", "1",
+            "--scenario", "matmul16:1:64", "--scenario", "matmul16:1:1",
             "--duration", "0.5", "--warmup", "0", "--out", str(out)]  # fmt: skip
     run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "alternate.json").read_text())
     variants = report["config"]["variants"]
     assert variants == {"asyncio": ["--event-loop", "asyncio"], "uvloop": ["--event-loop", "uvloop"]}
-    for scenario in SCENARIOS:
+    assert report["config"]["scenarios"] == [s.name for s in scenarios]
+    for scenario in scenarios:
         for variant in ("asyncio", "uvloop"):
             (result,) = report["runs"][scenario.name][variant]
             assert result["requests"] > 0 and not result["errors"], (scenario.name, variant)
@@ -43,22 +46,14 @@ def test_each_variant_serves_every_scenario_in_every_round(tmp_path: pathlib.Pat
     assert "matmul16_b1_c1" in table and "p50 ms" in table and "samples/s" in table
     assert "max ms" in table and "p99 ms" in table  # the tail is reported too
     assert set(report["paired"]["matmul16_b1_c1"]) == {"p50_ms", "p99_ms", "max_ms"}
-    assert report["paired"]["mlp_b8_c32"]["samples_per_s"]["asyncio"]["mean"] == 1.0  # the first variant is the base
-
-
-def test_scenarios_can_replace_the_default_three(tmp_path: pathlib.Path) -> None:
-    out = tmp_path / "c1"
-    argv = [sys.executable, "-m", "load_tests", "alternate", "--variant", "a=", "--variant", "b=--event-loop asyncio",
-            "--scenario", "matmul16:1:1", "--rounds", "1", "--slices", "2", "--duration", "0.3", "--warmup", "0",
-            "--out", str(out)]  # fmt: skip
-    run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads((out / "alternate.json").read_text())
-    assert report["config"]["scenarios"] == ["matmul16_b1_c1"] and report["config"]["slices"] == 2
-    assert [len(report["runs"]["matmul16_b1_c1"][v]) for v in ("a", "b")] == [2, 2]  # one per slice
+    assert report["paired"]["matmul16_b1_c64"]["samples_per_s"]["asyncio"]["mean"] == 1.0  # the first is the base
 
 
 def test_a_scenario_is_model_batch_and_concurrency() -> None:
+    """Without --scenario, the three loads the batching targets name."""
+    assert [s.name for s in AlternateConfig(pathlib.Path("."), ()).scenarios] == [
+        "matmul16_b1_c64", "matmul16_b1_c1", "mlp_b8_c32"
+    ]  # fmt: skip
     assert parse_scenario("mlp:8:32") == Scenario("mlp", 8, 32)
     for bad in ("mlp:8", "mlp:0:1", "mlp:x:1", ":1:1", "mlp:1:1:1"):
         with pytest.raises(ValueError, match="MODEL:BATCH:CONCURRENCY"):

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import jwt
 import pytest
 
-from load_tests.auth import SCOPE, auth_block
+from load_tests.auth import SCOPE, AuthOverheadConfig, auth_block, run_auth_overhead
 from load_tests.cli import build_parser
-from load_tests.suite import REPO_ROOT
 
 
 def test_both_variants_answer_every_slot_and_the_ratios_are_paired(tmp_path: pathlib.Path) -> None:
+    """In this process: the command line adds only the parsing tested below."""
     out = tmp_path / "auth"
-    argv = [sys.executable, "-m", "load_tests", "auth-overhead", "--rounds", "1", "--slices", "2",
-            "--duration", "0.5", "--warmup", "0", "--out", str(out)]  # fmt: skip
-    run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    config = AuthOverheadConfig(out, concurrency=4, duration=0.3, warmup=0, rounds=1, slices=2)
+    run_auth_overhead(config)
     report = json.loads((out / "auth-overhead.json").read_text())
     for variant in ("off", "jwt"):
         runs = report["runs"][variant]

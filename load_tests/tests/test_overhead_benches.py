@@ -1,30 +1,19 @@
-"""``telemetry-overhead`` and ``drift-overhead`` end to end, cut short: every variant serves every slot."""
+"""``telemetry-overhead`` and ``drift-overhead`` end to end, cut short: every variant serves every slot.
+
+Run in this process (the command line adds only argument parsing, which
+``test_drift_bench`` covers, and telemetry's in-process cost table).
+"""
 
 from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
-import pytest
-
-from load_tests.suite import REPO_ROOT
+from load_tests.drift import DriftOverheadConfig, run_drift_overhead
+from load_tests.telemetry import OverheadConfig, run_overhead
 
 
-@pytest.mark.parametrize(
-    ("command", "variants", "report"),
-    [("telemetry-overhead", ("off", "traces1+metrics"), "overhead.json"),
-     ("drift-overhead", ("off", "0.1"), "drift-overhead.json")],
-)  # fmt: skip
-def test_every_variant_answers_every_slot_and_is_paired_with_off(
-    tmp_path: pathlib.Path, command: str, variants: tuple[str, str], report: str
-) -> None:
-    out = tmp_path / command
-    argv = [sys.executable, "-m", "load_tests", command, "--variants", ",".join(variants), "--rounds", "1",
-            "--slices", "2", "--concurrency", "4", "--duration", "0.3", "--warmup", "0", "--out", str(out)]  # fmt: skip
-    run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+def _check(out: pathlib.Path, report: str, variants: tuple[str, ...]) -> None:
     data = json.loads((out / report).read_text())
     for variant in variants:
         runs = data["runs"][variant]
@@ -32,3 +21,18 @@ def test_every_variant_answers_every_slot_and_is_paired_with_off(
         assert len(data["server_cpu_us_per_request"][variant]) == 2
         assert data["paired_ratio_to_off"][variant]["pairs"] == 2
     assert {p.name for p in out.glob("*.log")} == {f"{v}.log" for v in variants}  # one log per variant
+
+
+def test_telemetry_overhead_loads_every_variant_in_every_slot(tmp_path: pathlib.Path) -> None:
+    variants = ("off", "traces1+metrics")  # the traced one exports over OTLP to the sink process
+    config = OverheadConfig(tmp_path, concurrency=4, duration=0.3, warmup=0, rounds=1, slices=2, variants=variants)
+    run_overhead(config)
+    _check(tmp_path, "overhead.json", variants)
+
+
+def test_drift_overhead_loads_every_variant_in_every_slot(tmp_path: pathlib.Path) -> None:
+    variants = ("off", "0.1")
+    config = DriftOverheadConfig(tmp_path, concurrency=4, duration=0.3, warmup=0, rounds=1, slices=2, variants=variants)
+    report = run_drift_overhead(config)
+    _check(tmp_path, "drift-overhead.json", variants)
+    assert report.monitor["off"] == ["-", "-"] and all("/" in m for m in report.monitor["0.1"])  # DriftStatus read
