@@ -26,8 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .generator import LoadConfig
-from .interleave import Ratio, Variant, measured, paired
+from .interleave import OverheadRun, Ratio, SlotFigures, Variant, measured, paired
 from .report import LoadResult, format_table
 from .suite import REPO_ROOT, environment
 
@@ -38,9 +37,7 @@ SCOPE = "infer:* metadata"
 
 
 @dataclass(frozen=True)
-class AuthOverheadConfig:
-    out: pathlib.Path
-    model: str = "matmul16"
+class AuthOverheadConfig(OverheadRun):
     concurrency: int = 16
     duration: float = 3.0
     warmup: float = 0.5
@@ -50,15 +47,14 @@ class AuthOverheadConfig:
 
 
 @dataclass
-class AuthOverheadReport:
+class AuthOverheadReport(SlotFigures):
     config: AuthOverheadConfig
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)  # per slot, in slot order
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per slot
 
     def paired(self) -> tuple[dict[str, Ratio], dict[str, Ratio]]:
         """Throughput and server CPU per request, each ÷ off's, slot by slot."""
-        rates = {v: [r.requests_per_s for r in runs] for v, runs in self.runs.items()}
-        return paired(rates, "off"), paired(self.cpu_us, "off")
+        return self.paired_rates(), paired(self.cpu_us, "off")
 
     def table(self) -> str:
         rates, cpu = self.paired()
@@ -110,13 +106,8 @@ def run_auth_overhead(config: AuthOverheadConfig) -> AuthOverheadReport:
         (folder / "auth.yaml").write_text(json.dumps({"auth": auth}))  # YAML reads JSON
         serve = (sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo))
         variants = [Variant("off", serve), Variant("jwt", (*serve, "--config", str(folder / "auth.yaml")), token=token)]
-        load = LoadConfig(
-            target="", model=config.model, concurrency=config.concurrency, duration=config.duration,
-            warmup=config.warmup,
-        )  # fmt: skip
-        for slot, sample in measured(variants, load, config.rounds, config.slices, config.out, REPO_ROOT):
-            report.runs[slot.variant.name].append(sample.result)
-            report.cpu_us[slot.variant.name].append(sample.server_cpu_us)
+        for slot, sample in measured(variants, config, REPO_ROOT):
+            report.add(slot, sample)
     _write(report)
     return report
 
@@ -127,8 +118,7 @@ def _write(report: AuthOverheadReport) -> None:
         "environment": environment(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {k: str(v) for k, v in vars(report.config).items()},
-        "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
-        "server_cpu_us_per_request": report.cpu_us,
+        **report.figures_json(),
         "paired_throughput_to_off": {v: vars(r) for v, r in rates.items()},
         "paired_server_cpu_to_off": {v: vars(r) for v, r in cpu.items()},
     }

@@ -37,8 +37,7 @@ from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
 from infergate.demo import write_demo_repository
 from infergate.monitoring.profiling import profile_version
 
-from .generator import LoadConfig
-from .interleave import Ratio, Variant, measured, paired
+from .interleave import OverheadRun, SlotFigures, Variant, measured
 from .report import LoadResult, format_table, parse_variants
 from .suite import REPO_ROOT, environment
 
@@ -50,35 +49,22 @@ SAMPLE_ROWS = 4000
 
 
 @dataclass(frozen=True)
-class DriftOverheadConfig:
-    out: pathlib.Path
-    model: str = "matmul16"
-    concurrency: int = 64
-    duration: float = 8.0
-    warmup: float = 2.0
-    rounds: int = 3
+class DriftOverheadConfig(OverheadRun):
     window: int = 2000
     variants: tuple[str, ...] = tuple(VARIANTS)
-    slices: int = 1
 
 
 @dataclass
-class DriftOverheadReport:
+class DriftOverheadReport(SlotFigures):
     config: DriftOverheadConfig
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per slot
     monitor: dict[str, list[str]] = field(default_factory=dict)  # "sampled/dropped" so far, per slot
 
-    def paired(self) -> dict[str, Ratio]:
-        """Each variant's throughput ÷ off's, slot by slot (see ``interleave``)."""
-        if "off" not in self.runs:
-            return {}
-        return paired({v: [r.requests_per_s for r in runs] for v, runs in self.runs.items()}, "off")
-
     def table(self) -> str:
         base = statistics.fmean(r.requests_per_s for r in self.runs["off"]) if self.runs.get("off") else float("nan")
         cpu_base = statistics.fmean(self.cpu_us["off"]) if self.cpu_us.get("off") else float("nan")
-        ratios = self.paired()
+        ratios = self.paired_rates()
         rows = []
         for variant, runs in self.runs.items():
             mean = statistics.fmean(r.requests_per_s for r in runs)
@@ -136,17 +122,10 @@ def run_drift_overhead(config: DriftOverheadConfig) -> DriftOverheadReport:
         repositories = build_repositories(pathlib.Path(tmp), config.model, config.window, config.variants)
         serve = (sys.executable, "-m", "infergate", "serve", "--model-repository")
         variants = [Variant(name, (*serve, str(repositories[name]))) for name in config.variants]
-        load = LoadConfig(
-            target="", model=config.model, concurrency=config.concurrency, duration=config.duration,
-            warmup=config.warmup,
-        )  # fmt: skip
-        describe = "sample_fraction {}".format
-        for slot, sample in measured(variants, load, config.rounds, config.slices, config.out, REPO_ROOT, describe):
-            name = slot.variant.name
-            report.runs[name].append(sample.result)
-            report.cpu_us[name].append(sample.server_cpu_us)
-            monitored = VARIANTS[name] is not None
-            report.monitor[name].append(_monitor_counters(slot.target, config.model) if monitored else "-")
+        for slot, sample in measured(variants, config, REPO_ROOT, "sample_fraction {}".format):
+            report.add(slot, sample)
+            monitored = VARIANTS[slot.variant.name] is not None
+            report.monitor[slot.variant.name].append(_monitor_counters(slot.target, config.model) if monitored else "-")
     _write(report)
     return report
 
@@ -167,10 +146,9 @@ def _write(report: DriftOverheadReport) -> None:
         "environment": environment(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {k: str(v) for k, v in vars(report.config).items()},
-        "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
-        "server_cpu_us_per_request": report.cpu_us,
+        **report.figures_json(),
         "monitor_sampled_dropped": report.monitor,
-        "paired_ratio_to_off": {v: vars(r) for v, r in report.paired().items()},
+        "paired_ratio_to_off": {v: vars(r) for v, r in report.paired_rates().items()},
     }
     (report.config.out / "drift-overhead.json").write_text(json.dumps(data, indent=2, default=str))
     (report.config.out / "drift-overhead.md").write_text(report.table() + "\n")

@@ -32,7 +32,18 @@ from .procfs import tree_cpu_seconds
 from .report import LoadResult
 from .servers import free_port, round_order, running_server
 
-__all__ = ["Ratio", "Sample", "Slot", "Variant", "interleaved", "measure", "measured", "paired"]
+__all__ = [
+    "OverheadRun",
+    "Ratio",
+    "Sample",
+    "Slot",
+    "SlotFigures",
+    "Variant",
+    "interleaved",
+    "measure",
+    "measured",
+    "paired",
+]
 
 
 @dataclass(frozen=True)
@@ -119,18 +130,56 @@ def measure(slot: Slot, load: LoadConfig) -> Sample:
     return Sample(result, cpu / max(served, 1.0) * 1e6)
 
 
+@dataclass(frozen=True)
+class OverheadRun:
+    """What the overhead commands share: where they write, the closed loop each slot runs, how many slots."""
+
+    out: pathlib.Path
+    model: str = "matmul16"
+    concurrency: int = 64
+    duration: float = 8.0
+    warmup: float = 2.0
+    rounds: int = 3
+    slices: int = 1
+
+    def load(self) -> LoadConfig:
+        """The load of one slot (its target is the slot's: see :func:`measure`)."""
+        return LoadConfig(
+            target="", model=self.model, concurrency=self.concurrency, duration=self.duration, warmup=self.warmup
+        )
+
+
+class SlotFigures:
+    """A report's loads and server CPU per request, per variant in slot order (the report declares both)."""
+
+    runs: dict[str, list[LoadResult]]
+    cpu_us: dict[str, list[float]]
+
+    def add(self, slot: Slot, sample: Sample) -> None:
+        self.runs[slot.variant.name].append(sample.result)
+        self.cpu_us[slot.variant.name].append(sample.server_cpu_us)
+
+    def figures_json(self) -> dict[str, object]:
+        """The per-slot figures, as the reports write them."""
+        return {
+            "runs": {v: [vars(r) for r in runs] for v, runs in self.runs.items()},
+            "server_cpu_us_per_request": self.cpu_us,
+        }
+
+    def paired_rates(self, base: str = "off") -> dict[str, Ratio]:
+        """Each variant's throughput ÷ ``base``'s, slot by slot; empty when ``base`` did not run."""
+        if base not in self.runs:
+            return {}
+        return paired({v: [r.requests_per_s for r in runs] for v, runs in self.runs.items()}, base)
+
+
 def measured(
-    variants: Sequence[Variant],
-    load: LoadConfig,
-    rounds: int,
-    slices: int,
-    logs: pathlib.Path,
-    cwd: pathlib.Path,
-    describe: Callable[[str], str] = str,
+    variants: Sequence[Variant], run: OverheadRun, cwd: pathlib.Path, describe: Callable[[str], str] = str
 ) -> Iterator[tuple[Slot, Sample]]:
-    """:func:`measure` ``load`` in every slot of :func:`interleaved` (servers ready with ``load``'s model),
+    """:func:`measure` ``run``'s load in every slot of :func:`interleaved` (servers ready with its model),
     saying each figure on stderr with ``describe(variant name)``."""
-    for slot in interleaved(variants, rounds, slices, logs, cwd, (load.model,)):
+    load = run.load()
+    for slot in interleaved(variants, run.rounds, run.slices, run.out, cwd, (run.model,)):
         label = describe(slot.variant.name)
         sample = measure(slot, dataclasses.replace(load, label=label))
         where = f"round {slot.round + 1} slice {slot.slice + 1}"

@@ -31,8 +31,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
-from .generator import LoadConfig
-from .interleave import Ratio, Variant, measured, paired
+from .interleave import OverheadRun, SlotFigures, Variant, measured
 from .report import LoadResult, format_table, parse_variants
 from .servers import free_port
 from .suite import REPO_ROOT, environment
@@ -43,19 +42,12 @@ VARIANTS = ("off", "metrics", "traces100+metrics", "traces10+metrics", "traces1+
 
 
 @dataclass(frozen=True)
-class OverheadConfig:
-    out: pathlib.Path
-    model: str = "matmul16"
-    concurrency: int = 64
-    duration: float = 8.0
-    warmup: float = 2.0
-    rounds: int = 3
+class OverheadConfig(OverheadRun):
     variants: tuple[str, ...] = VARIANTS
-    slices: int = 1
 
 
 @dataclass
-class OverheadReport:
+class OverheadReport(SlotFigures):
     config: OverheadConfig
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)  # per slot, in slot order
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per slot
@@ -63,15 +55,9 @@ class OverheadReport:
     def mean_rps(self, variant: str) -> float:
         return statistics.fmean(r.requests_per_s for r in self.runs[variant])
 
-    def paired(self) -> dict[str, Ratio]:
-        """Each variant's throughput ÷ off's, slot by slot (see ``interleave``)."""
-        if "off" not in self.runs:
-            return {}
-        return paired({v: [r.requests_per_s for r in runs] for v, runs in self.runs.items()}, "off")
-
     def table(self) -> str:
         base = self.mean_rps("off") if "off" in self.runs else float("nan")
-        ratios = self.paired()
+        ratios = self.paired_rates()
         rows = []
         for variant, runs in self.runs.items():
             mean = self.mean_rps(variant)
@@ -146,13 +132,8 @@ def run_overhead(config: OverheadConfig) -> OverheadReport:
         repo = folder / "models"
         write_demo_repository(repo)
         variants = [_variant(name, repo, sink_port, folder) for name in config.variants]
-        load = LoadConfig(
-            target="", model=config.model, concurrency=config.concurrency, duration=config.duration,
-            warmup=config.warmup,
-        )  # fmt: skip
-        for slot, sample in measured(variants, load, config.rounds, config.slices, config.out, REPO_ROOT):
-            report.runs[slot.variant.name].append(sample.result)
-            report.cpu_us[slot.variant.name].append(sample.server_cpu_us)
+        for slot, sample in measured(variants, config, REPO_ROOT):
+            report.add(slot, sample)
     _write(report)
     return report
 
@@ -162,10 +143,9 @@ def _write(report: OverheadReport) -> None:
         "environment": environment(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {k: str(v) for k, v in vars(report.config).items()},
-        "runs": {v: [vars(r) for r in runs] for v, runs in report.runs.items()},
+        **report.figures_json(),
         "mean_rps": {v: report.mean_rps(v) for v in report.runs},
-        "paired_ratio_to_off": {v: vars(r) for v, r in report.paired().items()},
-        "server_cpu_us_per_request": report.cpu_us,
+        "paired_ratio_to_off": {v: vars(r) for v, r in report.paired_rates().items()},
     }
     (report.config.out / "overhead.json").write_text(json.dumps(data, indent=2, default=str))
     (report.config.out / "overhead.md").write_text(report.table() + "\n")
