@@ -7,21 +7,24 @@ request); 2 bad arguments or the run could not be carried out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import shlex
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .cli_load import add_load_commands, cmd_compare, cmd_load
 from .signature import NUMPY_DTYPES, ModelSignature, TensorSpec
 
 if TYPE_CHECKING:
-    from .alternate import Scenario
+    from .interleave import OverheadRun
 
 __all__ = ["build_parser", "main"]
+
+T = TypeVar("T")
 
 _DESCRIPTION = """\
 Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
@@ -409,8 +412,39 @@ def _add_shm(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/shm"), help="output directory")
 
 
+def _add_overhead_run(p: argparse.ArgumentParser, config: type[OverheadRun], model_help: str) -> None:
+    """The options every overhead command shares (``interleave.OverheadRun``), defaulting as ``config`` does."""
+    default = {f.name: f.default for f in dataclasses.fields(config)}
+    p.add_argument("--model", default=default["model"], help=f"{model_help} (default {default['model']})")
+    p.add_argument(
+        "--concurrency", type=_positive_int, default=default["concurrency"], metavar="N",
+        help=f"in flight (default {default['concurrency']})",
+    )  # fmt: skip
+    p.add_argument(
+        "--duration", type=_positive_float, default=default["duration"], metavar="S",
+        help=f"measured s per slice (default {default['duration']:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--warmup", type=_non_negative_float, default=default["warmup"], metavar="S",
+        help=f"warm-up s per slice (default {default['warmup']:g})",
+    )  # fmt: skip
+    p.add_argument("--rounds", type=_positive_int, default=default["rounds"], metavar="R",
+                   help=f"rounds, each with fresh servers (default {default['rounds']})")  # fmt: skip
+    p.add_argument(
+        "--slices", type=_positive_int, default=default["slices"], metavar="K",
+        help=f"per round, load every variant K times in turn, servers kept up (default {default['slices']})",
+    )  # fmt: skip
+
+
+def _overhead_run(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``OverheadRun`` fields :func:`_add_overhead_run`'s options gave (all but ``out``)."""
+    from .interleave import OverheadRun
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(OverheadRun) if f.name != "out"}
+
+
 def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .telemetry import VARIANTS, variants
+    from .telemetry import VARIANTS, OverheadConfig, variants
 
     p = commands.add_parser(
         "telemetry-overhead",
@@ -419,21 +453,15 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
         "100, 10 and 1%% with metrics; spans go over OTLP to a sink process), all kept up, and load each in "
         "turn the same way (--slices times, the order rotating). Writes overhead.json and overhead.md.",
     )
-    p.add_argument("--model", default="matmul16", help="model to load (default matmul16)")
-    p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N", help="in flight (default 64)")
-    p.add_argument("--duration", type=_positive_float, default=8.0, metavar="S", help="measured s (default 8)")
-    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
-    p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
-    p.add_argument(
-        "--slices", type=_positive_int, default=1, metavar="K",
-        help="per round, load every variant K times in turn, servers kept up (default 1)",
-    )  # fmt: skip
+    _add_overhead_run(p, OverheadConfig, "model to load")
     p.add_argument("--variants", type=variants, default=VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/overhead-<time>")
     p.add_argument("--costs-only", action="store_true", help="only print each telemetry step's CPU µs per call")
 
 
 def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .alternate import parse_checkout, parse_scenario, parse_variant
+
     p = commands.add_parser(
         "alternate",
         help="infergate under different serve flags, alternating, in one run",
@@ -442,15 +470,15 @@ def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         "rotating). Writes alternate.json and alternate.md.",
     )
     p.add_argument(
-        "--variant", type=_variant, action="append", required=True, metavar="NAME=FLAGS",
+        "--variant", type=_argument(parse_variant), action="append", required=True, metavar="NAME=FLAGS",
         help='a name and its serve flags, e.g. asyncio="--event-loop asyncio" (repeat; at least two)',
     )  # fmt: skip
     p.add_argument(
-        "--checkout", type=_checkout, action="append", default=[], metavar="NAME=DIR",
+        "--checkout", type=_argument(parse_checkout), action="append", default=[], metavar="NAME=DIR",
         help="the variant NAME serves infergate from DIR, another checkout (e.g. a git worktree of an older commit)",
     )  # fmt: skip
     p.add_argument(
-        "--scenario", type=_scenario, action="append", default=[], metavar="MODEL:BATCH:CONCURRENCY",
+        "--scenario", type=_argument(parse_scenario), action="append", default=[], metavar="MODEL:BATCH:CONCURRENCY",
         help="a load to run instead of the three default ones, e.g. matmul16:1:1 (repeat)",
     )  # fmt: skip
     p.add_argument("--duration", type=_positive_float, default=6.0, metavar="S", help="measured s (default 6)")
@@ -463,31 +491,17 @@ def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/alternate-<time>")
 
 
-def _checkout(text: str) -> tuple[str, pathlib.Path]:
-    from .alternate import parse_checkout
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` as an argparse ``type``: its ValueError becomes the option's error message."""
 
-    try:
-        return parse_checkout(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-
-def _scenario(text: str) -> Scenario:
-    from .alternate import parse_scenario
-
-    try:
-        return parse_scenario(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _variant(text: str) -> tuple[str, tuple[str, ...]]:
-    from .alternate import parse_variant
-
-    try:
-        return parse_variant(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__  # argparse names the type in some messages
+    return convert
 
 
 def _cmd_alternate(args: argparse.Namespace) -> int:
@@ -520,7 +534,7 @@ def _cmd_alternate(args: argparse.Namespace) -> int:
 
 
 def _add_auth_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .auth import ALGORITHMS
+    from .auth import ALGORITHMS, AuthOverheadConfig
 
     p = commands.add_parser(
         "auth-overhead",
@@ -530,14 +544,7 @@ def _add_auth_overhead(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "writes auth ÷ off, throughput and server CPU per request, averaged slot by slot with twice its "
         "standard error (auth-overhead.json, auth-overhead.md).",
     )
-    p.add_argument("--model", default="matmul16", help="model to load (default matmul16)")
-    p.add_argument("--concurrency", type=_positive_int, default=16, metavar="N", help="in flight (default 16)")
-    p.add_argument(
-        "--duration", type=_positive_float, default=3.0, metavar="S", help="measured s per slice (default 3)"
-    )
-    p.add_argument("--warmup", type=_non_negative_float, default=0.5, metavar="S", help="warm-up s (default 0.5)")
-    p.add_argument("--rounds", type=_positive_int, default=4, metavar="R", help="rounds (default 4)")
-    p.add_argument("--slices", type=_positive_int, default=6, metavar="K", help="slices per round (default 6)")
+    _add_overhead_run(p, AuthOverheadConfig, "model to load")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="HS256", help="token signature (default HS256)")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/auth-<time>")
 
@@ -547,10 +554,7 @@ def _cmd_auth_overhead(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _raise_exit)
     out = _out_dir(args, "auth")
-    config = AuthOverheadConfig(
-        out=out, model=args.model, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
-        rounds=args.rounds, slices=args.slices, algorithm=args.algorithm,
-    )  # fmt: skip
+    config = AuthOverheadConfig(out=out, algorithm=args.algorithm, **_overhead_run(args))
     report = run_auth_overhead(config)
     print(report.table())
     print(f"\nwrote {out / 'auth-overhead.json'} and {out / 'auth-overhead.md'}")
@@ -558,7 +562,7 @@ def _cmd_auth_overhead(args: argparse.Namespace) -> int:
 
 
 def _add_drift_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .drift import VARIANTS, variants
+    from .drift import VARIANTS, DriftOverheadConfig, variants
 
     p = commands.add_parser(
         "drift-overhead",
@@ -568,16 +572,8 @@ def _add_drift_overhead(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "load each in turn the same way (--slices times, the order rotating). Writes drift-overhead.json and "
         "drift-overhead.md.",
     )
-    p.add_argument("--model", default="matmul16", help="demo model with one [batch, N] input (default matmul16)")
-    p.add_argument("--concurrency", type=_positive_int, default=64, metavar="N", help="in flight (default 64)")
-    p.add_argument("--duration", type=_positive_float, default=8.0, metavar="S", help="measured s (default 8)")
-    p.add_argument("--warmup", type=_non_negative_float, default=2.0, metavar="S", help="warm-up s (default 2)")
-    p.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="rounds (default 3)")
+    _add_overhead_run(p, DriftOverheadConfig, "demo model with one [batch, N] input")
     p.add_argument("--window", type=_positive_int, default=2000, metavar="ROWS", help="drift window (default 2000)")
-    p.add_argument(
-        "--slices", type=_positive_int, default=1, metavar="K",
-        help="per round, load every variant K times in turn, servers kept up (default 1)",
-    )  # fmt: skip
     p.add_argument("--variants", type=variants, default=tuple(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/drift-<time>")
 
@@ -793,10 +789,7 @@ def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
         return 0
     signal.signal(signal.SIGTERM, _raise_exit)
     out = _out_dir(args, "overhead")
-    config = OverheadConfig(
-        out=out, model=args.model, concurrency=args.concurrency, duration=args.duration,
-        warmup=args.warmup, rounds=args.rounds, variants=args.variants, slices=args.slices,
-    )  # fmt: skip
+    config = OverheadConfig(out=out, variants=args.variants, **_overhead_run(args))
     report = run_overhead(config)
     print(report.table())
     print(f"\nwrote {out / 'overhead.json'} and {out / 'overhead.md'}")
@@ -808,10 +801,7 @@ def _cmd_drift_overhead(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _raise_exit)
     out = _out_dir(args, "drift")
-    config = DriftOverheadConfig(
-        out=out, model=args.model, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
-        rounds=args.rounds, window=args.window, variants=args.variants, slices=args.slices,
-    )  # fmt: skip
+    config = DriftOverheadConfig(out=out, window=args.window, variants=args.variants, **_overhead_run(args))
     report = run_drift_overhead(config)
     print(report.table())
     print(f"\nwrote {out / 'drift-overhead.json'} and {out / 'drift-overhead.md'}")
