@@ -5,7 +5,7 @@ compares figures taken minutes apart. On a shared two-core machine throughput
 drifts by a quarter over a few minutes, and such rounds scatter by ±10%, more
 than the few percent being asked about. So every round here starts one server
 per variant, all of them, and then loads them in turn, one short slice each,
-``slices`` times; the order rotates slice by slice (:func:`servers.round_order`).
+``slices`` times; the order rotates slot by slot (:func:`slot_order`).
 Each slot (a round and a slice) gives every variant a figure taken seconds from
 the others', so their ratio is one paired sample the drift hardly touches; a
 fresh set of processes each round averages out what one process's luck
@@ -26,11 +26,12 @@ import statistics
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .generator import LoadConfig, run_load
 from .procfs import tree_cpu_seconds
 from .report import LoadResult
-from .servers import free_port, round_order, running_server
+from .servers import free_port, running_server
 
 __all__ = [
     "OverheadRun",
@@ -43,6 +44,7 @@ __all__ = [
     "measure",
     "measured",
     "paired",
+    "slot_order",
 ]
 
 
@@ -88,6 +90,22 @@ class Ratio:
         return f"{self.mean:.3f}" if math.isnan(self.margin) else f"{self.mean:.3f} ± {self.margin:.3f}"
 
 
+V = TypeVar("V")
+
+
+def slot_order(variants: Sequence[V], index: int) -> list[V]:
+    """The variants in the order slot ``index`` (from 0, counted over the whole run) loads them.
+
+    Each slot starts one variant later than the one before. With one fixed
+    order the same variant would always follow the same other one (whose load
+    may still be letting go of the CPU) and sit at the same place in every
+    slot; rotating puts every variant in every place equally often over
+    ``len(variants)`` slots.
+    """
+    shift = index % len(variants) if variants else 0
+    return [*variants[shift:], *variants[:shift]]
+
+
 def interleaved(
     variants: Sequence[Variant],
     rounds: int,
@@ -115,7 +133,7 @@ def interleaved(
                 )
                 targets[variant.name] = (target, up.enter_context(server).pid)
             for slice_ in range(slices):
-                for variant in round_order(variants, round_ * slices + slice_):
+                for variant in slot_order(variants, round_ * slices + slice_):
                     target, pid = targets[variant.name]
                     yield Slot(round_, slice_, variant, target, pid)
 

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TypeVar
 
 import grpc
 
@@ -30,7 +29,6 @@ __all__ = [
     "ServerFailed",
     "check_loopback_only",
     "free_port",
-    "round_order",
     "running_server",
     "stop_process",
     "wait_ready",
@@ -192,19 +190,3 @@ def running_server(
         yield process
     finally:
         stop_process(process)
-
-
-Variant = TypeVar("Variant")
-
-
-def round_order(variants: Sequence[Variant], round_: int) -> list[Variant]:
-    """The variants in the order round ``round_`` (from 0) runs them: each round starts one later.
-
-    Alternating A/B runs start a fresh server per variant and round. With one
-    fixed order the same variant always follows the same other one (whose
-    server may still be letting go of the CPU) and sits at the same point of
-    every round; rotating puts every variant in every position equally often
-    over ``len(variants)`` rounds.
-    """
-    shift = round_ % len(variants) if variants else 0
-    return [*variants[shift:], *variants[:shift]]

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from load_tests.alternate import AlternateConfig, Scenario, parse_checkout, parse_scenario, parse_variant
-from load_tests.servers import round_order
 from load_tests.suite import REPO_ROOT
 
 
@@ -83,11 +82,3 @@ def test_one_variant_is_refused(tmp_path: pathlib.Path) -> None:
     argv = [sys.executable, "-m", "load_tests", "alternate", "--variant", "a=", "--out", str(tmp_path)]
     run = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "at least two --variant" in run.stderr
-
-
-def test_every_variant_takes_every_place_in_the_round_order() -> None:
-    """A fixed order would always start one variant right after the same other one."""
-    orders = [round_order(["a", "b", "c"], round_) for round_ in range(3)]
-    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
-    assert round_order(["a", "b"], 5) == ["b", "a"]
-    assert round_order([], 2) == []

@@ -20,7 +20,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.demo import write_demo_repository
 from load_tests.auth import auth_block
 from load_tests.generator import LoadConfig
-from load_tests.interleave import Ratio, Slot, Variant, interleaved, measure, paired
+from load_tests.interleave import Ratio, Slot, Variant, interleaved, measure, paired, slot_order
 from load_tests.suite import REPO_ROOT
 
 
@@ -92,3 +92,11 @@ def test_a_single_pair_has_no_margin_and_unpaired_figures_are_refused() -> None:
     with pytest.raises(ValueError, match="not paired"):
         paired({"a": [1.0, 2.0], "b": [1.0]}, "a")
     assert paired({"a": [0.0], "b": [1.0]}, "a")["b"].pairs == 0  # a slot where the base served nothing
+
+
+def test_every_variant_takes_every_place_in_the_slot_order() -> None:
+    """A fixed order would always load one variant right after the same other one."""
+    orders = [slot_order(["a", "b", "c"], slot) for slot in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert slot_order(["a", "b"], 5) == ["b", "a"]
+    assert slot_order([], 2) == []
