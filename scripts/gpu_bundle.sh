@@ -35,7 +35,10 @@ wanted=()
 [[ -n "$PERF" ]] && wanted+=("$PERF")
 while IFS= read -r pin; do
     name="${pin%%==*}"
-    [[ " $SKIP " == *" $name "* ]] || wanted+=("$pin")
+    [[ " $SKIP " == *" $name "* ]] && continue
+    # The CUDA libraries' own pins come only with CUDA=1 (below, where the host lacks them).
+    [[ "$name" == nvidia-* ]] && ((!CUDA)) && continue
+    wanted+=("$pin")
 done < <(grep -v '^#' "$ROOT/requirements/runtime-cuda.txt" | sed '/^$/d')
 ((CUDA)) && wanted+=("${CUDA_WHEELS[@]}")
 
