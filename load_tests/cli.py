@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .cli_load import add_load_commands, cmd_compare, cmd_load
+from .procfs import parse_cpu_list
 from .signature import NUMPY_DTYPES, ModelSignature, TensorSpec
 
 if TYPE_CHECKING:
@@ -362,6 +363,13 @@ def _add_overload(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         default=1,
         help="generator processes sharing the offered rate (default 1; one Python process sends about what "
         "a server answers on one core, so a server on a bigger machine needs more)",
+    )
+    p.add_argument(
+        "--server-cpus",
+        type=_argument(parse_cpu_list),
+        metavar="LIST",
+        help="pin the server this command starts to these cores (taskset's list form, e.g. 0,1 or 0-3) and "
+        "the generator to the others, so that on one machine the generator does not take the server's CPU",
     )
     p.add_argument(
         "--write-repository",
@@ -733,13 +741,18 @@ def _cmd_overload(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if unknown := [m for m in models if m not in MODELS]:
         raise SystemExit(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
+    if args.url and args.server_cpus is not None:
+        raise SystemExit("--server-cpus pins a server this command starts; with --url, pin yours with taskset")
     if args.url:
         runs = [
             run_overload_against(args.url, m, args.limit, args.factor, args.duration, args.out, args.processes)
             for m in models
         ]
     else:
-        runs = [run_overload(m, args.limit, args.factor, args.duration, args.out, args.processes) for m in models]
+        runs = [
+            run_overload(m, args.limit, args.factor, args.duration, args.out, args.processes, args.server_cpus)
+            for m in models
+        ]
     table = format_overload(runs)
     (args.out / "overload.md").write_text(table + "\n")
     print(table)

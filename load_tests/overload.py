@@ -17,24 +17,29 @@ Two models: ``slow`` is compute-bound (about 20 ms per batch of up to 4),
 ``tiny`` is the demo's 16x16 product, bound by the server's per-call cost.
 
 On one machine the generator takes CPU from the server it measures. To keep
-them apart, write the repository (:func:`write_overload_repository`), serve it
-where you like, and measure it from elsewhere (:func:`run_overload_against`):
-the server's CPU share is then read only when it listens on this machine.
+them apart, either pin the server to some of the cores and the generator to
+the rest (``server_cpus``), or write the repository
+(:func:`write_overload_repository`), serve it where you like, and measure it
+from elsewhere (:func:`run_overload_against`): the server's CPU share is then
+read only when it listens on this machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing
+import os
 import pathlib
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -48,9 +53,15 @@ from infergate.demo import build_matmul16
 from .generator import LoadConfig, run_closed_loop
 from .models import build_slow_model
 from .procfs import listener_pid, tree_cpu_seconds
-from .servers import free_port, running_server
+from .servers import free_port, running_server, wait_ready
 
-__all__ = ["OverloadRun", "format_overload", "run_overload", "run_overload_against", "write_overload_repository"]
+__all__ = [
+    "OverloadRun",
+    "format_overload",
+    "run_overload",
+    "run_overload_against",
+    "write_overload_repository",
+]
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODELS = ("slow", "tiny")
@@ -74,6 +85,8 @@ class OverloadRun:
     server_cpu_share: float = math.nan  # of one core, over the open-loop run; NaN for a server elsewhere
     send_lag_p99_ms: float = math.nan  # how late the generator sent calls
     processes: int = 1  # generator processes that shared the offered rate
+    server_cpus: list[int] | None = None  # the cores the server was pinned to, read back from it (None: not pinned)
+    generator_cpus: list[int] | None = None  # the cores left to the generator then
 
     @property
     def generator_bound(self) -> bool:
@@ -218,32 +231,75 @@ def _percentile(values: list[float], q: float) -> float:
     return sorted(values)[int(q * (len(values) - 1))] if values else math.nan
 
 
+@contextlib.contextmanager
+def _generator_pinned(server_cpus: frozenset[int] | None) -> Iterator[frozenset[int] | None]:
+    """Keep this process (and the generator processes it spawns) off ``server_cpus`` while inside; yield its cores."""
+    if server_cpus is None:
+        yield None
+        return
+    allowed = frozenset(os.sched_getaffinity(0))
+    if not server_cpus < allowed:
+        raise ValueError(
+            f"server CPUs {sorted(server_cpus)} must be a proper subset of this process's {sorted(allowed)}"
+        )
+    os.sched_setaffinity(0, allowed - server_cpus)
+    try:
+        yield allowed - server_cpus
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 def run_overload(
-    model: str, limit: int, factor: float, duration: float, out: pathlib.Path, processes: int = 1
+    model: str,
+    limit: int,
+    factor: float,
+    duration: float,
+    out: pathlib.Path,
+    processes: int = 1,
+    server_cpus: frozenset[int] | None = None,
 ) -> OverloadRun:
-    """Measure ``model`` (``slow`` or ``tiny``) at ``factor`` times its capacity with ``limit`` calls admitted."""
+    """Measure ``model`` (``slow`` or ``tiny``) at ``factor`` times its capacity with ``limit`` calls admitted.
+
+    ``server_cpus`` pins the server to those cores (taskset) and the generator to the others, so
+    that on one machine the generator does not take the server's CPU.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="overload-") as tmp, _generator_pinned(server_cpus) as generator_cpus:
         command = write_overload_repository(pathlib.Path(tmp), limit)
         port = free_port()
         target = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", *command, "--port", str(port)]
+        if server_cpus is not None:
+            taskset = shutil.which("taskset") or "taskset"
+            argv = [taskset, "--cpu-list", ",".join(map(str, sorted(server_cpus))), *argv]  # it execs the server
         with running_server("infergate", argv, target, out / "overload-server.log", pathlib.Path.cwd()) as server:
             run = _measure(target, model, limit, factor, duration, server.pid, processes)
+            if server_cpus is not None and generator_cpus is not None:
+                run.server_cpus = sorted(os.sched_getaffinity(server.pid))
+                run.generator_cpus = sorted(generator_cpus)
     (out / f"overload-{model}.json").write_text(json.dumps(asdict(run), indent=2))
     return run
 
 
 def run_overload_against(
-    target: str, model: str, limit: int, factor: float, duration: float, out: pathlib.Path, processes: int = 1
+    target: str,
+    model: str,
+    limit: int,
+    factor: float,
+    duration: float,
+    out: pathlib.Path,
+    processes: int = 1,
+    ready_timeout: float = 60.0,
 ) -> OverloadRun:
     """The same against a server already serving :func:`write_overload_repository`'s models at ``target``.
 
     ``limit`` should be the server's ``limits.max_inference_calls``: the capacity is measured with
     that many calls in flight. Its CPU share is read when it listens on this machine. ``processes``
-    generator processes share the rate (see :func:`_offer`).
+    generator processes share the rate (see :func:`_offer`). It waits up to ``ready_timeout``
+    seconds for the model to be ready first.
     """
     out.mkdir(parents=True, exist_ok=True)
+    wait_ready(target, None, ready_timeout, (model,))  # a server started beside this command may still be loading
     host, _, port = target.rpartition(":")
     local = host.strip("[]") in ("127.0.0.1", "localhost", "::1")
     run = _measure(target, model, limit, factor, duration, listener_pid(int(port)) if local else None, processes)
@@ -284,4 +340,13 @@ def format_overload(runs: list[OverloadRun]) -> str:
             f"| {r.refused_p50_ms:.1f} / {r.refused_p99_ms:.1f} | {r.other or '-'} | {_share(r.server_cpu_share)} "
             f"| {r.send_lag_p99_ms:.1f}{' (generator-bound: not a server figure)' if r.generator_bound else ''} |"
         )
+    lines += [
+        f"\n{r.model}: server pinned to cores {_cores(r.server_cpus)}, generator to {_cores(r.generator_cpus or [])}"
+        for r in runs
+        if r.server_cpus is not None
+    ]
     return "\n".join(lines)
+
+
+def _cores(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))

@@ -7,7 +7,8 @@ and to read what a server costs: CPU time (:func:`cpu_seconds`, and by
 thread: :func:`thread_cpu`, :func:`cpu_by_role`; by process tree:
 :func:`tree_cpu_seconds`) and, over a process tree
 (``--workers N`` forks workers under a supervisor), resident memory, open
-files and threads (:func:`usage`).
+files and threads (:func:`usage`). :func:`parse_cpu_list` reads a list of
+cores as taskset writes it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "descendants",
     "listener_pid",
     "listeners",
+    "parse_cpu_list",
     "parse_proc_net_tcp",
     "process_tree",
     "thread_cpu",
@@ -277,3 +279,17 @@ def usage(pid: int) -> ProcessUsage:
 def _status(pid: int) -> dict[str, str]:
     text = (_PROC / str(pid) / "status").read_text()
     return {key: value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """``0,1`` or ``0-3,8`` (taskset's list form) as a set of core numbers; ValueError if malformed."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        low, high = int(first), int(last or first)
+        if low < 0 or high < low:
+            raise ValueError(f"bad CPU range {part!r} in {text!r}")
+        cpus.update(range(low, high + 1))
+    if not cpus:
+        raise ValueError(f"no CPUs in {text!r}")
+    return frozenset(cpus)

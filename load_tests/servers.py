@@ -69,11 +69,16 @@ def _ready(stub: pb_grpc.GRPCInferenceServiceStub, models: Sequence[str], token:
 
 
 def wait_ready(
-    target: str, process: subprocess.Popen[bytes], timeout: float, models: Sequence[str] = (), token: str = ""
+    target: str,
+    process: subprocess.Popen[bytes] | None,
+    timeout: float,
+    models: Sequence[str] = (),
+    token: str = "",
 ) -> None:
     """Poll ServerReady, then ModelReady for each of ``models``, at ``target`` until all answer true.
 
     ``token`` is sent as a bearer token (a server with auth on answers ModelReady only to a caller).
+    ``process`` is the server's, when this process started it (None: a server started elsewhere).
 
     Raises ServerFailed if ``process`` exits first or ``timeout`` seconds pass.
     """
@@ -81,7 +86,7 @@ def wait_ready(
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         while time.monotonic() < deadline:
-            if process.poll() is not None:
+            if process is not None and process.poll() is not None:
                 raise ServerFailed(f"exited with code {process.returncode} before it was ready")
             if _ready(stub, models, token):
                 return
