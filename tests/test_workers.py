@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import launch_server, wait_until
+from models import save_model
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from load_tests.models import build_slow_model
 
 
 def _worker_pids(log: str) -> dict[int, int]:
@@ -71,6 +73,39 @@ def test_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm(
     assert code == 0, server.log()
     for pid in live:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_worker_takes_connections_only_once_its_models_are_loaded(tmp_path: Path, log_dir: Path) -> None:
+    """The kernel spreads new connections over every socket bound to the port, loading or not.
+
+    So a worker binds only after its start-up load: from the supervisor's
+    "listening on" line on, every connection reaches a worker whose model is
+    ready, and so does every connection opened while a crashed worker reloads.
+    The model takes about 0.3 s to load (its warm-up runs 15 times), long enough to be seen.
+    """
+    config = "max_batch_size: 4\nwarmup: {batch_sizes: [1], iterations: 15}\n"
+    save_model(build_slow_model(20), tmp_path / "models", "slow", config_yaml=config)
+    server = launch_server(tmp_path / "models", log_dir, "--workers", "2", wait=False)  # returns at "listening on"
+    try:
+        first = _connections(server.url, {"0/2", "1/2"})
+        assert all(c.ready("slow") for c in first), server.log()
+
+        crashed = _worker_pids(server.log())[0]
+        os.kill(crashed, signal.SIGKILL)
+        during: list[Connection] = []
+        while not ("worker 0 restarted" in server.log() and "0/2" in {c.worker for c in during[-8:]}):
+            assert len(during) < 2000, "the restarted worker never took a connection"
+            try:
+                during.append(Connection(server.url))
+            except grpc.RpcError as exc:  # a connection the killed worker had queued but not accepted: reset
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and "reset" in str(exc.details()), exc
+                continue
+            assert during[-1].ready("slow"), f"connection {len(during)} reached a worker still loading"
+        for connection in first + during:
+            connection.close()
+    finally:
+        code = server.terminate()
+    assert code == 0, server.log()
 
 
 # --------------------------------------------------------------------------- one server, not N

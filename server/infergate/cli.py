@@ -250,7 +250,7 @@ async def _serve_async(config: ServerConfig, worker: WorkerRole | None = None) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_until_signalled(server, stop, close_port=False)
+    await run_until_signalled(server, stop, close_port=False, load_first=worker is not None)
     _exit_leaving_connections()
 
 

@@ -196,10 +196,18 @@ class InferGateServer:
 
     async def start(self) -> int:
         """Bind and start serving; models load afterwards (see ``load_models``). Returns the port."""
+        await self.prepare()
+        return await self.listen()
+
+    async def prepare(self) -> None:
+        """What must happen before models load or the port opens: the repository's index, the audit log, keys."""
         self.repository.discover()
         self.audit.start()  # before the port opens: an audit log that cannot be written stops the start
         if self._keys is not None:
             await self._keys.start()  # a JWKS URL's first fetch (off the loop), then its refresh schedule
+
+    async def listen(self) -> int:
+        """Bind and start serving (after ``prepare``; before or after ``load_models``). Returns the port."""
         address = f"{self.config.host}:{self.config.port}"
         tls = self.config.tls
         if tls is None:
@@ -208,7 +216,8 @@ class InferGateServer:
             self.port = self._server.add_secure_port(address, server_credentials(tls))
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if not self.readiness.ready:  # loaded already (a worker's load comes first): stays SERVING
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._health_port is not None and self.config.health_port is not None:
             host = self.config.health_host or self.config.host
             self.health_port = await self._health_port.start(host, self.config.health_port)
@@ -338,9 +347,41 @@ def check_startable(config: ServerConfig) -> None:
     check_exporters(config.telemetry)
 
 
-async def run_until_signalled(server: InferGateServer, stop: asyncio.Event, *, close_port: bool = True) -> None:
-    """Start, load, serve until ``stop`` is set, then drain (see ``InferGateServer.stop``)."""
-    await server.start()
+async def run_until_signalled(
+    server: InferGateServer, stop: asyncio.Event, *, close_port: bool = True, load_first: bool = False
+) -> None:
+    """Start, load, serve until ``stop`` is set, then drain (see ``InferGateServer.stop``).
+
+    By default the port opens first, so that health answers (NOT_SERVING) while the models load.
+    ``load_first`` opens it only once the start-up load is done: a worker of ``--workers N`` shares
+    its port with the others (SO_REUSEPORT), and the kernel would hand a loading worker its share
+    of new connections, whose calls it could only refuse.
+    """
+    if load_first:
+        await server.prepare()
+        loader = asyncio.create_task(server.load_models())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((loader, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if stop.is_set():
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            await server.stop(close_port=close_port)
+            return
+        loader.result()  # a load that raised ends the start, as it would a single server's
+        await server.listen()
+    else:
+        await server.start()
+        loader = asyncio.create_task(server.load_models())
+    _announce(server)
+    await stop.wait()
+    if not loader.done():
+        loader.cancel()
+    await server.stop(close_port=close_port)
+
+
+def _announce(server: InferGateServer) -> None:
+    """The "listening on" line (and the metrics and health ports' lines) that scripts and the supervisor read."""
     fmt = server.config.logging.format
     address = f"{server.config.host}:{server.port}"
     print(announcement(LISTENING + address, fmt, address=address), flush=True)
@@ -350,8 +391,3 @@ async def run_until_signalled(server: InferGateServer, stop: asyncio.Event, *, c
     if server.health_port is not None:
         health_address = f"{server.config.health_host or server.config.host}:{server.health_port}"
         print(announcement(HEALTH + health_address, fmt, address=health_address), flush=True)
-    loader = asyncio.create_task(server.load_models())
-    await stop.wait()
-    if not loader.done():
-        loader.cancel()
-    await server.stop(close_port=close_port)
