@@ -20,7 +20,8 @@ is a bucket whose inputs and outputs stay bound to fixed device buffers, as
 replay requires. A batch is padded with zero rows up to the next captured size
 here, where it is collated, its graph replays (run option ``gpu_graph_id``),
 and the padding rows are cut off the outputs. Graphs are captured at load, in
-:meth:`BoundSession.warm_up`. Batches larger than the largest captured size
+:meth:`BoundSession.warm_up`, with the rest of the process's CUDA work held
+back (device_gate.py). Batches larger than the largest captured size
 use ordinary buckets.
 
 The same code runs with the CPU execution provider (``device_execution.io_binding:
@@ -47,6 +48,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from infergate.models.config import DeviceExecution
+from infergate.models.device_gate import CUDA_GATE
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 
 __all__ = ["DEVICE_OF_PROVIDER", "BindingPlan", "BoundSession", "Staged", "bucket_sizes", "plan_binding"]
@@ -296,8 +298,9 @@ class BoundSession:
         """
         for bucket in self._buckets:
             if bucket.graph_id is not None:
-                for _ in range(GRAPH_WARMUP_RUNS):
-                    self.execute(self.stage([zeros(bucket.size)], bucket.size))
+                with CUDA_GATE.exclusive():  # no other CUDA work in the process while a graph is captured
+                    for _ in range(GRAPH_WARMUP_RUNS):
+                        self.execute(self.stage([zeros(bucket.size)], bucket.size))
         largest = max(self._buckets[-1].size, 1)
         for count in rows:
             count = min(max(count, 1), largest)

@@ -14,6 +14,7 @@ instead of ``session.run``; see binding.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -31,8 +32,9 @@ import onnxruntime as ort
 
 from infergate import threadnames
 from infergate.errors import ModelExecutionError
-from infergate.models.binding import BindingPlan, BoundSession, plan_binding
+from infergate.models.binding import DEVICE_OF_PROVIDER, BindingPlan, BoundSession, plan_binding
 from infergate.models.config import PROVIDERS, ModelConfig
+from infergate.models.device_gate import CUDA_GATE, CudaGate
 from infergate.models.spec import ModelSpec, Tensors, spec_from_graph
 from infergate.models.stats import BatchTimings
 from infergate.models.warmup import describe_feeds, valid_inputs, warmup_runs
@@ -160,6 +162,8 @@ class OnnxRunner:
         instances = [Instance(s, bound[i] if bound else None) for i, s in enumerate(sessions)]
         # How batches run, for logs and checks: "session.run" or BindingPlan.describe().
         self.execution = bound[0].plan.describe() if bound else "session.run"
+        # On a CUDA device, batches keep clear of graph captures (device_gate.py); on the CPU, no gate.
+        self._gate: CudaGate | None = CUDA_GATE if self.providers[0] in DEVICE_OF_PROVIDER else None
         self._instances = _InstanceThreads(instances, self._run_sync, name=f"ort-{spec.name}")
         self._inline: Instance | None = None  # set by run_inline_below: batches run on the caller's thread
         self._inline_limit_ns = 0
@@ -172,7 +176,9 @@ class OnnxRunner:
         The calling thread is called ``ort-<model>`` meanwhile, so that the threads
         onnxruntime starts for the sessions carry that name (see threadnames.py).
         """
-        with threadnames.named(f"ort-{name}"):
+        # A model that asks for a CUDA device loads in turn with the others there (device_gate.py).
+        on_device = _providers(config, name)[0][0] in DEVICE_OF_PROVIDER
+        with threadnames.named(f"ort-{name}"), CUDA_GATE.loading() if on_device else contextlib.nullcontext():
             return cls._load(path, config, name, version)
 
     @classmethod
@@ -289,6 +295,12 @@ class OnnxRunner:
             self._inline = None
 
     def _run_sync(self, instance: Instance, payloads: list[Tensors], rows: list[int]) -> BatchOutcome:
+        if self._gate is None:
+            return self._run_batch(instance, payloads, rows)
+        with self._gate.shared():
+            return self._run_batch(instance, payloads, rows)
+
+    def _run_batch(self, instance: Instance, payloads: list[Tensors], rows: list[int]) -> BatchOutcome:
         if instance.bound is not None:
             return self._run_bound(instance, instance.bound, payloads, rows)
         t0 = time.perf_counter_ns()
@@ -348,8 +360,14 @@ class OnnxRunner:
         return error
 
     def close(self) -> None:
-        """Stop the threads (after the batcher drained) and drop the sessions."""
-        self._instances.close()
+        """Stop the threads (after the batcher drained) and drop the sessions.
+
+        On a CUDA device, in turn with loads: a session destroyed while another model captures
+        a graph would abort the process (device_gate.py).
+        """
+        with self._gate.loading() if self._gate is not None else contextlib.nullcontext():
+            self._instances.close()
+            self._instances.instances.clear()  # the last references to a device's sessions: destroyed here
 
 
 def _bind(
