@@ -49,14 +49,17 @@ def find_perf_analyzer() -> tuple[list[str] | None, str]:
     if found := shutil.which("perf_analyzer"):
         candidates.append([found])
     for command in candidates:
-        try:
-            probe = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=30, check=False)
-        except (OSError, subprocess.SubprocessError) as exc:
-            reason = f"{command[0]}: {exc}"
-            continue
-        if "concurrency-range" in probe.stdout + probe.stderr:
-            return command, command[0]
-        reason = f"{command[0]} does not run: {(probe.stdout + probe.stderr).strip().splitlines()[-1:]}"
+        # Builds differ in how they show their usage: tritonclient's prints it for --help; the
+        # perf-analyzer 2.60 wheel's refuses --help ("Invalid long option") and takes -h.
+        for flag in ("-h", "--help"):
+            try:
+                probe = subprocess.run([*command, flag], capture_output=True, text=True, timeout=30, check=False)
+            except (OSError, subprocess.SubprocessError) as exc:
+                reason = f"{command[0]}: {exc}"
+                break
+            if "concurrency-range" in probe.stdout + probe.stderr:
+                return command, command[0]
+            reason = f"{command[0]} does not run: {(probe.stdout + probe.stderr).strip().splitlines()[-1:]}"
     if not candidates:
         return None, "not installed (scripts/install_perf_analyzer.sh, or the perf-analyzer wheel)"
     return None, reason
