@@ -50,10 +50,10 @@ def find_perf_analyzer() -> tuple[list[str] | None, str]:
         candidates.append([found])
     for command in candidates:
         # Builds differ in how they show their usage: tritonclient's prints it for --help; the
-        # perf-analyzer 2.60 wheel's refuses --help ("Invalid long option") and takes -h.
-        for flag in ("-h", "--help"):
+        # perf-analyzer 2.60 wheel's refuses --help and -h ("Invalid option") and prints it when run bare.
+        for flags in ([], ["--help"]):
             try:
-                probe = subprocess.run([*command, flag], capture_output=True, text=True, timeout=30, check=False)
+                probe = subprocess.run([*command, *flags], capture_output=True, text=True, timeout=30, check=False)
             except (OSError, subprocess.SubprocessError) as exc:
                 reason = f"{command[0]}: {exc}"
                 break
