@@ -168,6 +168,10 @@ class InferGateServer:
                 ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
                 # Share the port only among --workers; never by accident with another server.
                 ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+                # gRPC's own defaults (1,000 and 3,000) let a backlog of seconds build up at a few
+                # thousand calls a second: every call then expired in the queue (docs/deploy.md, Overload).
+                ("grpc.server.max_pending_requests", limits.max_pending_calls),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * limits.max_pending_calls),
             ],
         )
         servicer = InferenceServicer(

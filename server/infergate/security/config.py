@@ -136,6 +136,10 @@ class LimitsConfig(Strict):
     # Inference calls (a stream counts as one) the whole server takes on at once; beyond it, calls are
     # refused at once with UNAVAILABLE (serving/admission.py; the default is sized in docs/deploy.md).
     max_inference_calls: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    # Calls gRPC's core holds for the server before its event loop takes them
+    # (grpc.server.max_pending_requests). Beyond it gRPC refuses new calls, more of them the closer the
+    # backlog gets to twice this (its hard limit), before any Python runs. Sized in docs/deploy.md.
+    max_pending_calls: Annotated[int, Field(ge=1, le=1_000_000)] = 512
 
 
 def is_loopback(host: str) -> bool:
