@@ -34,8 +34,11 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check server tests load_tests scripts clients/python
 	$(BIN)/mypy
 
+# The suite in two processes (a test file stays in one), then the tests marked `alone`, which compare
+# latencies under load, with the machine to themselves.
 test: tools lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not alone"
+	$(BIN)/python -m pytest -m alone
 
 # Not part of `make test`: building both images takes minutes (docs/deploy.md has the costs).
 image-test: $(BIN)/.installed

@@ -21,10 +21,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from conftest import eventually, running_server
 from models import build_slow_model, save_model
 
 from infergate._proto import grpc_service_pb2 as pb
+
+pytestmark = pytest.mark.alone  # compares latencies under load: make test runs it with the machine to itself
 
 LIMIT = 8
 INTERVAL_S = 0.0005  # ten times the model's ~200 calls/s

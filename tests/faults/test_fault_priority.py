@@ -21,6 +21,8 @@ from models import build_slow_model, save_model
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+pytestmark = pytest.mark.alone  # compares latencies under load: make test runs it with the machine to itself
+
 CONFIG = """\
 max_batch_size: 4
 dynamic_batching: {max_queue_size: 32, priority_levels: 2, default_priority_level: 2}
