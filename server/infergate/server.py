@@ -209,6 +209,7 @@ class InferGateServer:
         self.audit.start()  # before the port opens: an audit log that cannot be written stops the start
         if self._keys is not None:
             await self._keys.start()  # a JWKS URL's first fetch (off the loop), then its refresh schedule
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)  # until load_models says otherwise
 
     async def listen(self) -> int:
         """Bind and start serving (after ``prepare``; before or after ``load_models``). Returns the port."""
@@ -220,8 +221,6 @@ class InferGateServer:
             self.port = self._server.add_secure_port(address, server_credentials(tls))
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
-        if not self.readiness.ready:  # loaded already (a worker's load comes first): stays SERVING
-            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._health_port is not None and self.config.health_port is not None:
             host = self.config.health_host or self.config.host
             self.health_port = await self._health_port.start(host, self.config.health_port)
