@@ -21,6 +21,7 @@ import os
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,12 @@ class OnnxRunner:
         # A model that asks for a CUDA device loads in turn with the others there (device_gate.py).
         on_device = _providers(config, name)[0][0] in DEVICE_OF_PROVIDER
         with threadnames.named(f"ort-{name}"), CUDA_GATE.loading() if on_device else contextlib.nullcontext():
-            return cls._load(path, config, name, version)
+            try:
+                return cls._load(path, config, name, version)
+            except BaseException as exc:
+                # The failed load's sessions live on in the traceback's frames: destroy them now, in turn.
+                traceback.clear_frames(exc.__traceback__)
+                raise
 
     @classmethod
     def _load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
