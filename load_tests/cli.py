@@ -732,7 +732,14 @@ def _cmd_shadow(args: argparse.Namespace) -> int:
 
 
 def _cmd_overload(args: argparse.Namespace) -> int:
-    from .overload import MODELS, format_overload, run_overload, run_overload_against, write_overload_repository
+    from .overload import (
+        MODELS,
+        OverloadPlan,
+        format_overload,
+        run_overload,
+        run_overload_against,
+        write_overload_repository,
+    )
 
     if args.write_repository is not None:
         command = write_overload_repository(args.write_repository, args.limit)
@@ -743,16 +750,11 @@ def _cmd_overload(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
     if args.url and args.server_cpus is not None:
         raise SystemExit("--server-cpus pins a server this command starts; with --url, pin yours with taskset")
+    plans = [OverloadPlan(m, args.limit, args.factor, args.duration, args.processes) for m in models]
     if args.url:
-        runs = [
-            run_overload_against(args.url, m, args.limit, args.factor, args.duration, args.out, args.processes)
-            for m in models
-        ]
+        runs = [run_overload_against(args.url, plan, args.out) for plan in plans]
     else:
-        runs = [
-            run_overload(m, args.limit, args.factor, args.duration, args.out, args.processes, args.server_cpus)
-            for m in models
-        ]
+        runs = [run_overload(plan, args.out, args.server_cpus) for plan in plans]
     table = format_overload(runs)
     (args.out / "overload.md").write_text(table + "\n")
     print(table)

@@ -56,6 +56,7 @@ from .procfs import listener_pid, tree_cpu_seconds
 from .servers import free_port, running_server, wait_ready
 
 __all__ = [
+    "OverloadPlan",
     "OverloadRun",
     "format_overload",
     "run_overload",
@@ -66,6 +67,18 @@ __all__ = [
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODELS = ("slow", "tiny")
 GENERATOR_LAG_LIMIT_MS = 50.0
+
+
+@dataclass(frozen=True)
+class OverloadPlan:
+    """One overload measurement: ``model`` at ``factor`` times its capacity with ``limit`` calls admitted,
+    open loop for ``duration`` s from ``processes`` generator processes."""
+
+    model: str
+    limit: int = 8
+    factor: float = 10.0
+    duration: float = 8.0
+    processes: int = 1
 
 
 @dataclass
@@ -249,23 +262,15 @@ def _generator_pinned(server_cpus: frozenset[int] | None) -> Iterator[frozenset[
         os.sched_setaffinity(0, allowed)
 
 
-def run_overload(
-    model: str,
-    limit: int,
-    factor: float,
-    duration: float,
-    out: pathlib.Path,
-    processes: int = 1,
-    server_cpus: frozenset[int] | None = None,
-) -> OverloadRun:
-    """Measure ``model`` (``slow`` or ``tiny``) at ``factor`` times its capacity with ``limit`` calls admitted.
+def run_overload(plan: OverloadPlan, out: pathlib.Path, server_cpus: frozenset[int] | None = None) -> OverloadRun:
+    """Start a server whose limit is ``plan.limit`` and measure ``plan`` against it.
 
     ``server_cpus`` pins the server to those cores (taskset) and the generator to the others, so
     that on one machine the generator does not take the server's CPU.
     """
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp, _generator_pinned(server_cpus) as generator_cpus:
-        command = write_overload_repository(pathlib.Path(tmp), limit)
+        command = write_overload_repository(pathlib.Path(tmp), plan.limit)
         port = free_port()
         target = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", *command, "--port", str(port)]
@@ -273,47 +278,39 @@ def run_overload(
             taskset = shutil.which("taskset") or "taskset"
             argv = [taskset, "--cpu-list", ",".join(map(str, sorted(server_cpus))), *argv]  # it execs the server
         with running_server("infergate", argv, target, out / "overload-server.log", pathlib.Path.cwd()) as server:
-            run = _measure(target, model, limit, factor, duration, server.pid, processes)
+            run = _measure(target, plan, server.pid)
             if server_cpus is not None and generator_cpus is not None:
                 run.server_cpus = sorted(os.sched_getaffinity(server.pid))
                 run.generator_cpus = sorted(generator_cpus)
-    (out / f"overload-{model}.json").write_text(json.dumps(asdict(run), indent=2))
+    (out / f"overload-{plan.model}.json").write_text(json.dumps(asdict(run), indent=2))
     return run
 
 
 def run_overload_against(
-    target: str,
-    model: str,
-    limit: int,
-    factor: float,
-    duration: float,
-    out: pathlib.Path,
-    processes: int = 1,
-    ready_timeout: float = 60.0,
+    target: str, plan: OverloadPlan, out: pathlib.Path, ready_timeout: float = 60.0
 ) -> OverloadRun:
     """The same against a server already serving :func:`write_overload_repository`'s models at ``target``.
 
-    ``limit`` should be the server's ``limits.max_inference_calls``: the capacity is measured with
-    that many calls in flight. Its CPU share is read when it listens on this machine. ``processes``
-    generator processes share the rate (see :func:`_offer`). It waits up to ``ready_timeout``
-    seconds for the model to be ready first.
+    ``plan.limit`` should be the server's ``limits.max_inference_calls``: the capacity is measured
+    with that many calls in flight. Its CPU share is read when it listens on this machine.
+    ``plan.processes`` generator processes share the rate (see :func:`_offer`). It waits up to
+    ``ready_timeout`` seconds for the model to be ready first.
     """
     out.mkdir(parents=True, exist_ok=True)
-    wait_ready(target, None, ready_timeout, (model,))  # a server started beside this command may still be loading
+    wait_ready(target, None, ready_timeout, (plan.model,))  # a server started beside this command may still load
     host, _, port = target.rpartition(":")
     local = host.strip("[]") in ("127.0.0.1", "localhost", "::1")
-    run = _measure(target, model, limit, factor, duration, listener_pid(int(port)) if local else None, processes)
-    (out / f"overload-{model}.json").write_text(json.dumps(asdict(run), indent=2))
+    run = _measure(target, plan, listener_pid(int(port)) if local else None)
+    (out / f"overload-{plan.model}.json").write_text(json.dumps(asdict(run), indent=2))
     return run
 
 
-def _measure(
-    target: str, model: str, limit: int, factor: float, duration: float, pid: int | None, processes: int = 1
-) -> OverloadRun:
+def _measure(target: str, plan: OverloadPlan, pid: int | None) -> OverloadRun:
+    model, factor, duration, processes = plan.model, plan.factor, plan.duration, plan.processes
     capacity = run_closed_loop(
-        LoadConfig(target=target, model=model, concurrency=limit, duration=max(duration / 2, 2.0), warmup=1.0)
+        LoadConfig(target=target, model=model, concurrency=plan.limit, duration=max(duration / 2, 2.0), warmup=1.0)
     ).requests_per_s
-    run = OverloadRun(model, limit, capacity, factor * capacity, duration, processes=processes)
+    run = OverloadRun(model, plan.limit, capacity, factor * capacity, duration, processes=processes)
     begun: list[float] = []  # the server's CPU seconds and the clock when the calls began
 
     def starting() -> None:

@@ -12,7 +12,7 @@ import pytest
 from pytest import CaptureFixture
 
 from load_tests.cli import main
-from load_tests.overload import OverloadRun, format_overload, run_overload
+from load_tests.overload import OverloadPlan, OverloadRun, format_overload, run_overload
 from load_tests.procfs import parse_cpu_list
 from load_tests.servers import free_port, running_server
 from load_tests.suite import REPO_ROOT
@@ -23,7 +23,8 @@ def test_an_overload_run_reports_admitted_and_refused_calls(tmp_path: pathlib.Pa
     cores = sorted(os.sched_getaffinity(0))
     assert len(cores) >= 2, "pinning the server apart from the generator needs two cores"
     before = os.sched_getaffinity(0)
-    run = run_overload("slow", limit=2, factor=10.0, duration=2.0, out=tmp_path, server_cpus=frozenset(cores[:1]))
+    plan = OverloadPlan("slow", limit=2, factor=10.0, duration=2.0)
+    run = run_overload(plan, tmp_path, server_cpus=frozenset(cores[:1]))
     assert run.capacity_per_s > 0 and run.offered_per_s == 10.0 * run.capacity_per_s
     assert run.admitted > 0 and run.refused > 0
     assert run.server_cpus == cores[:1] and run.generator_cpus == cores[1:]
