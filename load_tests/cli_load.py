@@ -61,6 +61,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", metavar="S", type=float, default=2.0, help="unmeasured seconds first (default 2)")
     p.add_argument("--processes", metavar="K", type=int, default=1, help="generator processes sharing the load")
     p.add_argument(
+        "--connections",
+        metavar="C",
+        type=int,
+        default=1,
+        help="connections per process (raw client; default 1): the kernel spreads connections, not calls, "
+        "over the workers of a --workers N server, so use many more than N",
+    )
+    p.add_argument(
         "--client",
         choices=("raw", "tritonclient", "sdk"),
         default="raw",
@@ -146,7 +154,7 @@ def _configs(args: argparse.Namespace) -> list[Any]:
         target=args.target, model=args.model, batch=args.batch, duration=args.duration, warmup=args.warmup,
         processes=args.processes, client=args.client, timeout=args.timeout, seed=args.seed, label=args.label,
         requests=args.requests, token=args.token, inputs=tuple(args.input), progress=progress, mode=args.command,
-        deadline=args.deadline,
+        deadline=args.deadline, connections=args.connections,
     )  # fmt: skip
     if args.command == "closed":
         return [LoadConfig(**common, concurrency=c) for c in args.concurrency]

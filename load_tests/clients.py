@@ -94,11 +94,14 @@ class RawClient:
         arrays: dict[str, Array],
         timeout: float | None,
         metadata: Metadata = (),
+        own_connection: bool = False,
     ) -> None:
         self._payload = build_infer_request(signature, arrays).SerializeToString()
         self._timeout = timeout
         self._metadata = metadata or None
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        # Channels to one target share a connection unless each keeps its own subchannels.
+        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if own_connection else CHANNEL_OPTIONS
+        self._channel = grpc.aio.insecure_channel(target, options=options)
         self._call = self._channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
 
     async def first(self) -> pb.ModelInferResponse:
@@ -215,10 +218,16 @@ def open_client(
     arrays: dict[str, Array],
     timeout: float | None,
     metadata: Metadata = (),
+    own_connection: bool = False,
 ) -> Client:
-    """A ``raw``, ``tritonclient`` or ``sdk`` client for ``signature``'s model at ``target``."""
+    """A ``raw``, ``tritonclient`` or ``sdk`` client for ``signature``'s model at ``target``.
+
+    ``own_connection``: a connection of its own, not shared with this process's other channels (raw only).
+    """
     if kind == "raw":
-        return RawClient(target, signature, arrays, timeout, metadata)
+        return RawClient(target, signature, arrays, timeout, metadata, own_connection)
+    if own_connection:
+        raise ValueError("only the raw client opens a connection of its own")
     if kind == "tritonclient":
         return TritonClient(target, signature, arrays, timeout, metadata)
     if kind == "sdk":

@@ -88,6 +88,7 @@ class LoadConfig:
     max_in_flight: int = 10_000
     progress: bool = False
     deadline: bool = True
+    connections: int = 1  # per process and model: several spread over the workers of a --workers N server
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.concurrency < 1 or self.processes < 1:
@@ -104,6 +105,10 @@ class LoadConfig:
             raise ValueError("an open-loop run needs a rate > 0 requests/s")
         if self.requests is not None and self.requests < self.processes:
             raise ValueError(f"{self.requests} requests cannot be split over {self.processes} processes")
+        if self.connections < 1:
+            raise ValueError("connections must be at least 1")
+        if self.connections > 1 and self.client != "raw":
+            raise ValueError("several connections per process need the raw client")
         parse_mix(self.model)
 
 
@@ -188,20 +193,27 @@ async def _worker(
 ) -> _WorkerResult:
     metadata = auth_metadata(config.token)
     clients: list[Client] = []
+    weights: list[float] = []
     summaries = []
+    connections = config.connections
     try:
-        for name, _ in parse_mix(config.model):
+        for name, weight in parse_mix(config.model):
             signature = signatures[name]
             arrays = load_inputs(signature, config.batch, dict(config.inputs), config.seed)
             timeout = config.timeout if config.deadline else None
-            clients.append(open_client(config.client, config.target, signature, arrays, timeout, metadata))
             batch = next(iter(arrays.values())).shape[0] if signature.batched else config.batch
-            try:
-                summaries.append(validate_response(await clients[-1].first(), signature, batch))
-            except (CallFailed, InvalidResponse) as exc:
-                raise GeneratorError(f"first ModelInfer of {name!r}: {exc}") from None
+            for _ in range(connections):  # each one its own connection when there are several
+                client = open_client(config.client, config.target, signature, arrays, timeout, metadata,
+                                     own_connection=connections > 1)  # fmt: skip
+                clients.append(client)
+                weights.append(weight / connections)
+                try:
+                    summary = validate_response(await client.first(), signature, batch)
+                except (CallFailed, InvalidResponse) as exc:
+                    raise GeneratorError(f"first ModelInfer of {name!r}: {exc}") from None
+            summaries.append(summary)
         on_ready()
-        mix = Mix(clients, [w for _, w in parse_mix(config.model)], config.seed + share.index)
+        mix = Mix(clients, weights, config.seed + share.index)
         result = await _measure(mix.send, config, share)
         result.response = "; ".join(summaries)
         return result

@@ -91,6 +91,7 @@ class RunRecord:
     batch: int
     concurrency: int
     processes: int
+    connections: int = 1  # per process
     requests_per_s: float = math.nan
     samples_per_s: float = math.nan
     p50_ms: float = math.nan
@@ -149,10 +150,13 @@ def serve(repo: pathlib.Path, out: pathlib.Path, label: str, workers: int = 1) -
         yield f"127.0.0.1:{port}", process.pid
 
 
-def load_run(target: str, scenario: Scenario, timing: Timing, processes: int, variant: str, workers: int) -> RunRecord:
-    """One load-harness run (raw client, no gRPC deadline, as perf_analyzer sends)."""
+def load_run(
+    target: str, scenario: Scenario, timing: Timing, processes: int, variant: str, workers: int, connections: int = 1
+) -> RunRecord:
+    """One load-harness run (raw client, no gRPC deadline, as perf_analyzer sends); ``connections`` per process."""
     processes = max(1, min(processes, scenario.concurrency))
     record = RunRecord("load_tests", variant, workers, scenario.model, scenario.batch, scenario.concurrency, processes)
+    record.connections = connections
     config = LoadConfig(
         target=target,
         model=scenario.model,
@@ -164,6 +168,7 @@ def load_run(target: str, scenario: Scenario, timing: Timing, processes: int, va
         client="raw",
         label=variant,
         deadline=False,
+        connections=connections,
     )
     with sampling() as sampler:
         try:
@@ -304,6 +309,15 @@ def _worker_pids(pid: int, workers: int) -> list[int]:
     return [pid] if workers == 1 else children(pid)
 
 
+# Connections per worker the clients open in all: the kernel hashes each connection to a worker, so a
+# few connections leave some workers idle (seen on the H200: 8 connections, 8 workers, one got none).
+CONNECTIONS_PER_WORKER = 8
+
+
+def _connections_per_client(workers: int, clients: int) -> int:
+    return 1 if workers == 1 else -(-CONNECTIONS_PER_WORKER * workers // clients)
+
+
 def worker_runs(
     repo: pathlib.Path,
     out: pathlib.Path,
@@ -327,7 +341,8 @@ def worker_runs(
             with serve(repo, out, f"workers-{n}", workers=n) as (target, pid):
                 pids = _worker_pids(pid, n)
                 before, began = {p: cpu_seconds(p) for p in pids}, time.monotonic()
-                record.runs = [load_run(target, s, timing, clients(n), variant, n) for s in runs]
+                connections = _connections_per_client(n, clients(n))
+                record.runs = [load_run(target, s, timing, clients(n), variant, n, connections) for s in runs]
                 wall = time.monotonic() - began
                 record.batches = worker_batches(target, sorted({s.model for s in runs}), n)
                 gpu = gpu_memory_by_pid()
