@@ -177,19 +177,21 @@ class OnnxRunner:
         The calling thread is called ``ort-<model>`` meanwhile, so that the threads
         onnxruntime starts for the sessions carry that name (see threadnames.py).
         """
-        # A model that asks for a CUDA device loads in turn with the others there (device_gate.py).
-        on_device = _providers(config, name)[0][0] in DEVICE_OF_PROVIDER
+        providers = _providers(config, name)
+        # A model whose first provider is a CUDA device loads in turn with the others there (device_gate.py).
+        on_device = providers[0][0] in DEVICE_OF_PROVIDER
         with threadnames.named(f"ort-{name}"), CUDA_GATE.loading() if on_device else contextlib.nullcontext():
             try:
-                return cls._load(path, config, name, version)
+                return cls._load(path, config, name, version, providers)
             except BaseException as exc:
                 # The failed load's sessions live on in the traceback's frames: destroy them now, in turn.
                 traceback.clear_frames(exc.__traceback__)
                 raise
 
     @classmethod
-    def _load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
-        providers = _providers(config, name)
+    def _load(
+        cls, path: Path, config: ModelConfig, name: str, version: int, providers: list[tuple[str, dict[str, str]]]
+    ) -> OnnxRunner:
         options = _session_options(config)
         try:
             sessions = [
