@@ -30,6 +30,7 @@ from .signature import ModelSignature, signature_from_metadata
 
 __all__ = [
     "CHANNEL_OPTIONS",
+    "OWN_CONNECTION",
     "CallFailed",
     "Client",
     "RawClient",
@@ -45,6 +46,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
 ]
+# A channel with its own subchannel pool opens its own TCP connection instead of sharing this process's,
+# so the kernel may hand it to another worker of a --workers N server.
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 
 
 class CallFailed(Exception):
@@ -99,8 +103,7 @@ class RawClient:
         self._payload = build_infer_request(signature, arrays).SerializeToString()
         self._timeout = timeout
         self._metadata = metadata or None
-        # Channels to one target share a connection unless each keeps its own subchannels.
-        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if own_connection else CHANNEL_OPTIONS
+        options = [*CHANNEL_OPTIONS, OWN_CONNECTION] if own_connection else CHANNEL_OPTIONS
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self._call = self._channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
 

@@ -50,6 +50,7 @@ import onnx
 from infergate._proto import grpc_service_pb2 as pb
 from infergate.demo import build_matmul16
 
+from .clients import OWN_CONNECTION
 from .generator import LoadConfig, run_closed_loop
 from .models import build_slow_model
 from .procfs import listener_pid, tree_cpu_seconds
@@ -153,7 +154,7 @@ async def _open_loop(target: str, model: str, rate: float, duration: float, star
     """Calls at ``rate`` per second for ``duration`` s from wall-clock time ``start_at`` (a shared start)."""
     body = _request(model)
     seen = _Samples()
-    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+    channels = [grpc.aio.insecure_channel(target, options=[OWN_CONNECTION]) for _ in range(4)]
     calls = [channel.unary_unary(INFER) for channel in channels]
 
     async def one(index: int, due: float) -> None:

@@ -28,6 +28,7 @@ import grpc
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 
+from ..clients import OWN_CONNECTION
 from ..generator import GeneratorError, LoadConfig, run_closed_loop
 from ..servers import free_port, running_server
 from .perf import run_perf_analyzer
@@ -263,8 +264,7 @@ WORKER_HEADER = "infergate-worker"
 def _statistics(target: str, models: Sequence[str]) -> tuple[str, tuple[tuple[int, int] | None, ...]]:
     """The worker a fresh connection reaches ('' if it does not say) and each model's
     (inference_count, execution_count) there, all asked on that one connection."""
-    # A channel with its own subchannel pool opens its own TCP connection, so the kernel may pick another worker.
-    options = [("grpc.use_local_subchannel_pool", 1)]
+    options = [OWN_CONNECTION]  # a connection of its own, so the kernel may pick another worker
     counts: list[tuple[int, int] | None] = []
     worker = ""
     with grpc.insecure_channel(target, options=options) as channel:
