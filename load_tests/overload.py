@@ -76,9 +76,9 @@ class OverloadPlan:
     open loop for ``duration`` s from ``processes`` generator processes."""
 
     model: str
-    limit: int = 8
-    factor: float = 10.0
-    duration: float = 8.0
+    limit: int
+    factor: float
+    duration: float
     processes: int = 1
 
 
@@ -277,10 +277,10 @@ def run_overload(plan: OverloadPlan, out: pathlib.Path, server_cpus: frozenset[i
         argv = [sys.executable, "-m", *command, "--port", str(port)]
         if server_cpus is not None:
             taskset = shutil.which("taskset") or "taskset"
-            argv = [taskset, "--cpu-list", ",".join(map(str, sorted(server_cpus))), *argv]  # it execs the server
+            argv = [taskset, "--cpu-list", _cores(sorted(server_cpus)), *argv]  # it execs the server
         with running_server("infergate", argv, target, out / "overload-server.log", pathlib.Path.cwd()) as server:
             run = _measure(target, plan, server.pid)
-            if server_cpus is not None and generator_cpus is not None:
+            if generator_cpus is not None:  # pinned
                 run.server_cpus = sorted(os.sched_getaffinity(server.pid))
                 run.generator_cpus = sorted(generator_cpus)
     (out / f"overload-{plan.model}.json").write_text(json.dumps(asdict(run), indent=2))
