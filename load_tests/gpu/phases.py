@@ -156,8 +156,9 @@ def load_run(
 ) -> RunRecord:
     """One load-harness run (raw client, no gRPC deadline, as perf_analyzer sends); ``connections`` per process."""
     processes = max(1, min(processes, scenario.concurrency))
-    record = RunRecord("load_tests", variant, workers, scenario.model, scenario.batch, scenario.concurrency, processes)
-    record.connections = connections
+    record = RunRecord(
+        "load_tests", variant, workers, scenario.model, scenario.batch, scenario.concurrency, processes, connections
+    )
     config = LoadConfig(
         target=target,
         model=scenario.model,
