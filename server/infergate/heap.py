@@ -16,6 +16,12 @@ retired version has closed, :meth:`FrozenHeap.retired` thaws the heap,
 collects and freezes again: one full collection per reload or unload, which
 are rare, instead of one every few seconds.
 
+A thread of asyncio's pool keeps its work item (function, arguments and
+result) a moment after the result is set, and the event loop may resume first.
+A version loaded or closed there, and retired while that thread still refers to
+it, would be frozen again with it and kept. :func:`in_thread` runs a call in
+the pool without leaving the thread any reference to its arguments or result.
+
 The freeze is process-wide, so only a process that is nothing but the server
 (``infergate serve``) asks for it; a server embedded in another program
 leaves that program's heap alone.
@@ -26,8 +32,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
-__all__ = ["FrozenHeap"]
+__all__ = ["FrozenHeap", "in_thread"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +69,17 @@ class FrozenHeap:
         gc.unfreeze()
         count = self.freeze()
         log.info("heap frozen again after a model version closed: %d objects", count)
+
+
+async def in_thread(function: Callable[..., T], *args: object) -> T:
+    """``asyncio.to_thread(function, *args)``, except that the pool thread holds none of ``function``,
+    ``args`` or the result once this returns: they pass through lists emptied on either side."""
+    call: list[tuple[Callable[..., T], tuple[object, ...]]] = [(function, args)]
+    result: list[T] = []
+
+    def run() -> None:  # its frame, and with it the last of the call, is gone before the result is set
+        taken, given = call.pop()
+        result.append(taken(*given))
+
+    await asyncio.to_thread(run)
+    return result.pop()

@@ -13,7 +13,6 @@ out those server-filled tensors (``runner.spec`` is the whole graph).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy.typing as npt
 
 from infergate.errors import InvalidArgument
+from infergate.heap import in_thread
 from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
 from infergate.models.config import Metadata, ModelConfig
 from infergate.models.governance import verify_version
@@ -177,7 +177,7 @@ class ModelVersion:
             self.sequences.close()
         if self.monitor is not None:
             await self.monitor.aclose()
-        await asyncio.to_thread(self.runner.close)
+        await in_thread(self.runner.close)  # not asyncio.to_thread: heap.py
 
 
 def load_model_version(directory: Path, name: str, version: int, config: ModelConfig) -> ModelVersion:

@@ -36,6 +36,7 @@ from typing import NoReturn
 from infergate.audit import AuditLog, Source
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
+from infergate.heap import in_thread
 from infergate.models.config import ModelConfig, load_model_config
 from infergate.models.overrides import FILE_PREFIX, LoadOverride, PollFailed, stage_files
 from infergate.models.runner import ModelLoadError
@@ -248,9 +249,8 @@ class ModelRepository:
     ) -> tuple[dict[int, ModelVersion], list[str]]:
         async def one(version: int) -> ModelVersion | str:
             try:
-                return await asyncio.to_thread(
-                    load_model_version, directory / str(version), entry.name, version, config
-                )
+                # not asyncio.to_thread: the pool would hold the version a moment (heap.py)
+                return await in_thread(load_model_version, directory / str(version), entry.name, version, config)
             except (ModelLoadError, FileNotFoundError) as exc:
                 return str(exc)
             except Exception as exc:  # a bug or an unexpected runtime error: keep serving the rest
