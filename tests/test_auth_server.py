@@ -310,6 +310,25 @@ def test_admin_calls_need_admin_and_are_audited(
     ]
 
 
+def test_log_settings_need_admin_to_read_or_change_and_are_audited(
+    auth_server: AuthServer, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    verbose = pb.LogSettingsRequest(settings={"log_verbose_level": pb.LogSettingsRequest.SettingValue(uint32_param=1)})
+    user = [("authorization", f"Bearer {auth_server.token('infer:* metadata')}")]
+    for request in (pb.LogSettingsRequest(), verbose):
+        code, message = stub_status(lambda r=request: stub.LogSettings(r, metadata=user))  # type: ignore[misc]
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "'admin'" in message
+    admin = [("authorization", f"Bearer {auth_server.token('admin')}")]
+    assert stub.LogSettings(pb.LogSettingsRequest(), metadata=admin).settings["log_verbose_level"].uint32_param == 0
+
+    records = audit_lines(auth_server.server, "LogSettings", 3)
+    assert [(r["principal"], r["outcome"]) for r in records[-3:]] == [
+        ("alice", "PERMISSION_DENIED"),
+        ("alice", "PERMISSION_DENIED"),
+        ("alice", "OK"),
+    ]
+
+
 # --------------------------------------------------------------------------- grpcurl
 
 

@@ -107,6 +107,7 @@ async def test_server_metadata_names_infergate_and_exactly_its_extensions(client
     assert metadata.version
     assert list(metadata.extensions) == [
         "classification",
+        "logging",
         "model_configuration",
         "model_repository",
         "sequence",

@@ -434,8 +434,6 @@ async def test_tritonclient_sees_the_status_and_message(
         ("register_cuda_shared_memory", ("region", b"aGFuZGxl", 0, 64), "cuda_shared_memory"),
         ("get_trace_settings", (), "trace"),
         ("update_trace_settings", ("matmul16", {"trace_rate": "1"}), "trace"),
-        ("get_log_settings", (), "logging"),
-        ("update_log_settings", ({"log_verbose_level": 1},), "logging"),
     ],
 )
 async def test_tritonclient_hears_which_extension_infergate_does_not_implement(

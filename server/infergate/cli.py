@@ -19,7 +19,7 @@ from infergate.monitoring.profiling import add_profile_command, profile_main
 from infergate.offline import command as offline_command
 from infergate.security.config import exposure_warning
 from infergate.telemetry import configure_logging
-from infergate.telemetry.logs import announcement
+from infergate.telemetry.logs import LogControl, announcement
 from infergate.workers import WorkerRole, supervise
 
 __all__ = ["main"]
@@ -140,7 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
     fmt = config.logging.format
     if config.model_repository is None:
         return _fail("--model-repository (or model_repository in --config) is required", fmt, 2)
-    configure_logging(config.log_level, fmt)
+    logs = configure_logging(config.log_level, fmt)
     if (warning := exposure_warning(config.host, config.auth)) is not None:
         _say(warning, fmt, logging.WARNING)
     try:
@@ -162,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
                     log_format=fmt,
                 )
             )
-        run_on_loop(_serve_async(config, _worker_role(args)), config.event_loop)
+        run_on_loop(_serve_async(config, logs, _worker_role(args)), config.event_loop)
     except ConfigError as exc:  # keys and certificates are read when the server is built
         return _fail(str(exc), fmt, 2)
     except (OSError, RuntimeError) as exc:
@@ -241,11 +241,12 @@ def _worker_role(args: argparse.Namespace) -> WorkerRole | None:
     return WorkerRole(args.worker_index or 0, args.worker_count or 1, args.control_socket)
 
 
-async def _serve_async(config: ServerConfig, worker: WorkerRole | None = None) -> None:
+async def _serve_async(config: ServerConfig, logs: LogControl, worker: WorkerRole | None = None) -> None:
     from infergate.server import InferGateServer, run_until_signalled  # only serve needs it: check starts faster
 
     # grpc.aio objects belong to the running loop; the process is the server alone, so its heap may freeze.
-    server = InferGateServer(config, worker=worker, freeze_heap=True)
+    # The process's logging is the server's too: LogSettings may change it.
+    server = InferGateServer(config, worker=worker, freeze_heap=True, logs=logs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -42,12 +42,13 @@ from infergate.serving.admission import Admission
 from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.health_port import HealthPort
-from infergate.serving.interceptors import build_interceptors
+from infergate.serving.interceptors import CallPipeline
+from infergate.serving.log_settings import LocalLogSettings
 from infergate.serving.request import RequestLimits
 from infergate.serving.servicer import InferenceServicer, Readiness
 from infergate.serving.shared_memory import SystemSharedMemory
 from infergate.telemetry import Telemetry, check_exporters
-from infergate.telemetry.logs import HEALTH, LISTENING, METRICS, announcement
+from infergate.telemetry.logs import HEALTH, LISTENING, METRICS, LogControl, LogLevels, announcement
 from infergate.telemetry.triton import TritonRow
 from infergate.workers.control import WorkerControl, WorkerRole
 from infergate.workers.scope import WorkerScopeInterceptor
@@ -107,10 +108,11 @@ class InferGateServer:
         *,
         worker: WorkerRole | None = None,
         freeze_heap: bool = False,
+        logs: LogControl | None = None,
     ):
         """``worker``: this process is one worker of ``--workers N`` (model control goes through the supervisor).
         ``freeze_heap``: the process is this server alone; freeze its heap once the models are loaded
-        (``heap.py``)."""
+        (``heap.py``). ``logs``: the process's logging, which this server may change (LogSettings)."""
         if config.model_repository is None:
             raise ValueError("a model repository is required")
         self.config = config
@@ -160,8 +162,9 @@ class InferGateServer:
         observers = self.telemetry.interceptors()
         if worker is not None:
             observers.append(WorkerScopeInterceptor(worker.index, worker.count))
+        self._pipeline = CallPipeline(self.admission, observers, AdminAudit(self.audit), auth)
         self._server = grpc.aio.server(
-            interceptors=build_interceptors(self.admission, observers, AdminAudit(self.audit), auth),
+            interceptors=[self._pipeline],
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -183,6 +186,7 @@ class InferGateServer:
             closing=self.admission.closing,
             control=control,
             shared_memory=self.shared_memory,
+            logs=LocalLogSettings(logs, self._log_levels_changed) if logs is not None else None,
         )
         services_only = GenericHandlersOnly(self._server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, services_only)  # type: ignore[no-untyped-call]
@@ -266,6 +270,10 @@ class InferGateServer:
         """Each model's canary as the metrics report it (read on the scrape thread: lookups only)."""
         statuses = ((name, router.canary) for name, router in self.repository.catalog.routers())
         return [(name, c.version, c.weight, c.state) for name, c in statuses if c is not None]
+
+    def _log_levels_changed(self, levels: LogLevels) -> None:
+        """LogSettings changed the levels: per-call access lines while verbose, as at ``log_level: debug``."""
+        self._pipeline.observe_also(self.telemetry.access_log_when(levels.verbose > 0))
 
     def _startup_models(self) -> list[str] | None:
         if self.config.model_control_mode != "explicit" or "*" in self.config.load_models:

@@ -88,6 +88,8 @@ METHOD_RULES: dict[str, Rule] = {
     _INFERENCE + "SystemSharedMemoryStatus": Rule("shared_memory"),
     _INFERENCE + "CudaSharedMemoryUnregister": Rule("shared_memory", audit=True),
     _INFERENCE + "CudaSharedMemoryStatus": Rule("shared_memory"),
+    # What the server writes to its log, and so what an incident leaves behind: operators only, audited.
+    _INFERENCE + "LogSettings": Rule("admin", audit=True),
     # The operator API: reading the routing state is for operators, but it changes nothing, so it is not audited.
     "/infergate.admin.InferGateAdmin/RoutingStatus": Rule("admin", "name"),
     "/infergate.admin.InferGateAdmin/DriftStatus": Rule("admin", "name"),

@@ -11,7 +11,7 @@ list. Admin reads (RoutingStatus, DriftStatus) and everything else pass
 untouched: this interceptor looks only at the method name and hands their
 handler back as it got it, so inference calls pay nothing for it.
 
-It sits before the auth interceptor (see :func:`~infergate.serving.interceptors.build_interceptors`)
+It sits before the auth interceptor (see :class:`~infergate.serving.interceptors.CallPipeline`)
 so that the calls auth refuses are audited too; the caller auth verified is
 read from :func:`~infergate.security.auth.current_principal`, which auth sets in
 the call's task before the handler runs. A call refused as unauthenticated is

@@ -55,7 +55,6 @@ __all__ = [
     "SelectingInterceptor",
     "StreamBehaviour",
     "UnaryBehaviour",
-    "build_interceptors",
     "call_status",
     "observe_handler",
     "wrap_handler",
@@ -350,6 +349,18 @@ class CallPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc sh
         # Applied innermost first: the first observer wraps everything after it.
         self._stages: tuple[HandlerStage, ...] = (MalformedRequests(), admin_audit, *reversed(observers))
         self._composed = MethodHandlerCache(lambda path: functools.partial(self._compose, method=path))
+        self._outermost: HandlerStage | None = None
+
+    def observe_also(self, stage: HandlerStage | None) -> None:
+        """Put ``stage`` outside every other stage (None: take it away again), for the calls that
+        start from now on: the access log while LogSettings asks for verbose lines on a server that
+        started without one. The handlers composed so far are dropped, and composed again as calls come."""
+        if stage is self._outermost:
+            return
+        stages = self._stages[:-1] if self._outermost is not None else self._stages
+        self._stages = (*stages, stage) if stage is not None else stages
+        self._outermost = stage
+        self._composed = MethodHandlerCache(lambda path: functools.partial(self._compose, method=path))
 
     async def intercept_service(
         self,
@@ -371,13 +382,3 @@ class CallPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc sh
         for stage in self._stages:
             handler = stage.select(method, handler)
         return handler
-
-
-def build_interceptors(
-    admission: Gate,
-    observers: Sequence[HandlerStage],
-    admin_audit: HandlerStage,
-    auth: Authenticator | None,
-) -> list[grpc.aio.ServerInterceptor]:
-    """The server's interceptors: one :class:`CallPipeline` of every stage (see the module docstring)."""
-    return [CallPipeline(admission, observers, admin_audit, auth)]

@@ -25,6 +25,12 @@ from infergate.repository.loader import ModelRepository
 from infergate.serving.codec import encode_answer, wire_request
 from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
+from infergate.serving.log_settings import (
+    LogSettings,
+    LogSettingsChange,
+    log_settings_message,
+    requested_log_settings,
+)
 from infergate.serving.protocol import model_config_message, model_metadata_message, model_statistics_message
 from infergate.serving.shared_memory import SystemSharedMemory
 from infergate.serving.shm_tensors import SharedMemoryAccess
@@ -45,8 +51,8 @@ SYSTEM_SHARED_MEMORY = "system_shared_memory"
 NOT_IMPLEMENTED = {
     "CudaSharedMemoryRegister": "cuda_shared_memory",
     "TraceSetting": "trace",
-    "LogSettings": "logging",
 }
+LOGGING = "logging"  # Triton's logging extension: listed when the server owns its process's logging
 
 # How many requests of one stream may be in progress or answered but unread by its client; beyond
 # that the stream stops reading requests until the client reads (see stream.py).
@@ -74,11 +80,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         closing: asyncio.Event | None = None,
         control: ModelControl | None = None,
         shared_memory: SystemSharedMemory | None = None,
+        logs: LogSettings | None = None,
     ):
-        """``shared_memory``: the system shared-memory registry (None: the extension is off)."""
+        """``shared_memory``: the system shared-memory registry (None: the extension is off).
+        ``logs``: the process's log settings (None: the server is embedded in a program that owns them)."""
         self._shared_memory = shared_memory
         self._shm_access = SharedMemoryAccess(shared_memory)
-        self._extensions = tuple(sorted((*EXTENSIONS, SYSTEM_SHARED_MEMORY))) if shared_memory else EXTENSIONS
+        self._logs = logs
+        optional = (SYSTEM_SHARED_MEMORY,) * (shared_memory is not None) + (LOGGING,) * (logs is not None)
+        self._extensions = tuple(sorted((*EXTENSIONS, *optional)))
         self._on_stream_pause = on_stream_pause  # telemetry: streams waiting for their client to read
         self._closing = closing  # set when the server drains: streams stop reading
         self._repository = repository
@@ -286,7 +296,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def LogSettings(
         self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext
     ) -> pb.LogSettingsResponse:
-        raise _not_implemented("LogSettings")
+        """Read the log settings, or change the ones named, all or none (serving/log_settings.py)."""
+        if self._logs is None:
+            raise FailedPrecondition(
+                f"LogSettings: the {LOGGING} extension is off: this server is embedded in a program "
+                "that owns its process's logging"
+            )
+        if request.settings:
+            change = requested_log_settings(self._logs.current, request.settings)
+            await self._logs.change(change)
+            log.info("log settings changed: %s", _settings_line(change))
+        return log_settings_message(self._logs.current)
+
+
+def _settings_line(settings: LogSettingsChange) -> str:
+    levels = settings.levels
+    return (
+        f"log_info={levels.info} log_warning={levels.warning} log_error={levels.error} "
+        f"log_verbose_level={levels.verbose} log_format={settings.format}"
+    )
 
 
 def _not_implemented(method: str) -> Unimplemented:

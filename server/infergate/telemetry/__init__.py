@@ -133,6 +133,14 @@ class Telemetry:
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [self._interceptor] if self._interceptor is not None else []
 
+    def access_log_when(self, verbose: bool) -> grpc.aio.ServerInterceptor | None:
+        """The stage that writes the access log while DEBUG lines are on, for a server whose logging turned
+        verbose after it started (LogSettings); None when not ``verbose``, or when :meth:`interceptors`
+        already writes it (they write it whenever DEBUG lines are on)."""
+        if not verbose or self._interceptor is not None:
+            return None
+        return TelemetryInterceptor(None, None)
+
     def start(self) -> None:
         """Open the Prometheus endpoint (when configured); ``metrics_port`` is then the bound port."""
         if self._registry is None or self.config.metrics_port is None:

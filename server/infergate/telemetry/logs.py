@@ -5,6 +5,10 @@ Every line written while a traced request is being served carries its
 log search and a trace view find each other. Log calls in infergate pass
 names, numbers and statuses only: never metadata (tokens live there) and never
 tensor contents.
+
+:func:`configure_logging` returns the :class:`LogControl` of what it set up,
+which Triton's LogSettings call (``serving/log_settings.py``) reads and
+changes while the server runs: which levels are written and in which format.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
@@ -20,8 +25,11 @@ from opentelemetry import trace
 __all__ = [
     "HEALTH",
     "LISTENING",
+    "LOG_FORMATS",
     "METRICS",
     "JsonFormatter",
+    "LogControl",
+    "LogLevels",
     "TextFormatter",
     "TraceContextFilter",
     "announced",
@@ -53,10 +61,17 @@ class TraceContextFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """The familiar one-line format, with ``trace_id=… span_id=…`` appended inside a request."""
+    """The familiar one-line format, with ``trace_id=… span_id=…`` appended inside a request;
+    ``iso8601``: times as ``2026-11-30T18:10:53.368Z`` (UTC), as Triton's ISO8601 log format."""
 
-    def __init__(self) -> None:
+    def __init__(self, iso8601: bool = False) -> None:
         super().__init__(TEXT_FORMAT)
+        self._iso8601 = iso8601
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if not self._iso8601:
+            return super().formatTime(record, datefmt)
+        return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -86,16 +101,97 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str, fmt: Literal["text", "json"], stream: TextIO | None = None) -> None:
-    """Send every logger's records to ``stream`` (stderr) in ``fmt``, with trace ids; call once at start."""
+# The log formats, by the names LogSettings uses: Triton's two, and infergate's JSON lines.
+LOG_FORMATS = ("default", "ISO8601", "json")
+_CONFIG_FORMATS = {"text": "default", "json": "json"}  # logging.format in the server config
+
+
+@dataclass(frozen=True)
+class LogLevels:
+    """Which records are written, as Triton's log settings say it: INFO, WARNING and ERROR (with
+    CRITICAL) each on or off, and DEBUG from ``verbose`` 1 up (infergate has one verbose level;
+    the number is kept as set)."""
+
+    info: bool = True
+    warning: bool = True
+    error: bool = True
+    verbose: int = 0
+
+    @classmethod
+    def at(cls, level: str) -> LogLevels:
+        """The settings of a ``log_level`` (debug, info, warning, error): it and every level above."""
+        order = ("debug", "info", "warning", "error")
+        rank = order.index(level.lower())
+        return cls(info=rank <= 1, warning=rank <= 2, error=True, verbose=1 if rank == 0 else 0)
+
+    def writes(self, levelno: int) -> bool:
+        if levelno >= logging.ERROR:
+            return self.error
+        if levelno >= logging.WARNING:
+            return self.warning
+        if levelno >= logging.INFO:
+            return self.info
+        return self.verbose > 0
+
+    def lowest(self) -> int:
+        """The lowest level written: the root logger's level, so that nothing below is even formatted."""
+        for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
+            if self.writes(level):
+                return level
+        return logging.CRITICAL + 1
+
+
+class _LevelSwitch(logging.Filter):
+    """Drops the records of levels switched off between the lowest written and the highest."""
+
+    def __init__(self, levels: LogLevels):
+        super().__init__()
+        self.levels = levels
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.levels.writes(record.levelno)
+
+
+class LogControl:
+    """The handler :func:`configure_logging` installed: its levels and format, changeable at run time."""
+
+    def __init__(self, handler: logging.Handler, levels: LogLevels, fmt: str):
+        self._handler = handler
+        self._switch = _LevelSwitch(levels)
+        handler.addFilter(self._switch)
+        self._format = ""
+        self.apply(levels, fmt)
+
+    @property
+    def levels(self) -> LogLevels:
+        return self._switch.levels
+
+    @property
+    def format(self) -> str:
+        """One of :data:`LOG_FORMATS`."""
+        return self._format
+
+    def apply(self, levels: LogLevels, fmt: str) -> None:
+        if fmt not in LOG_FORMATS:
+            raise ValueError(f"unknown log format {fmt!r}; known: {', '.join(LOG_FORMATS)}")
+        if fmt != self._format:
+            self._handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(iso8601=fmt == "ISO8601"))
+            self._format = fmt
+        self._switch.levels = levels
+        logging.getLogger().setLevel(levels.lowest())
+
+
+def configure_logging(level: str, fmt: Literal["text", "json"], stream: TextIO | None = None) -> LogControl:
+    """Send every logger's records to ``stream`` (stderr) in ``fmt``, with trace ids; call once at start.
+
+    Returns the control of what it set up, for changes while the process runs (LogSettings)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(TraceContextFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    return LogControl(handler, LogLevels.at(level), _CONFIG_FORMATS[fmt])
 
 
 def announcement(message: str, fmt: Literal["text", "json"], level: int = logging.INFO, **fields: object) -> str:
