@@ -199,6 +199,42 @@ def test_workers_load_and_unload_together_and_one_scrape_sums_them(demo_reposito
     assert code == 0, server.log()
 
 
+def test_log_settings_changed_through_one_worker_hold_in_every_worker_and_a_restarted_one(
+    demo_repository: Path, log_dir: Path
+) -> None:
+    server = launch_server(demo_repository, log_dir, "--workers", "2", wait=False)
+    both = {"0/2", "1/2"}
+    verbose = pb.LogSettingsRequest(settings={"log_verbose_level": pb.LogSettingsRequest.SettingValue(uint32_param=1)})
+
+    def verbosity(connection: Connection) -> int:
+        reply = connection.stub.LogSettings(pb.LogSettingsRequest(), timeout=GUARD_S)
+        return int(reply.settings["log_verbose_level"].uint32_param)
+
+    try:
+        wait_until(lambda: len(_worker_pids(server.log())) == 2, "two workers started")
+        for pid in _worker_pids(server.log()).values():
+            wait_until(lambda pid=pid: _ready(server.log(), pid), f"worker {pid} ready")
+        changer = Connection(server.url)
+        assert changer.stub.LogSettings(verbose, timeout=GUARD_S).settings["log_verbose_level"].uint32_param == 1
+        connections = _connections(server.url, both)
+        assert {c.worker: verbosity(c) for c in connections} == {"0/2": 1, "1/2": 1}
+        for connection in connections:
+            connection.infer()  # every worker writes its access line
+        pids = _worker_pids(server.log())
+        assert all(re.search(rf"\[{pid}\] DEBUG infergate.access: ModelInfer", server.log()) for pid in pids.values())
+
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: "worker 0 restarted" in server.log(), "worker 0 restarted")
+        wait_until(lambda: _ready(server.log(), _worker_pids(server.log())[0]), "the replacement worker ready")
+        fresh = _connections(server.url, {"0/2"}, at_least=1)
+        assert verbosity(fresh[-1]) == 1  # replayed to it on joining
+        for c in [changer, *connections, *fresh]:
+            c.close()
+    finally:
+        code = server.terminate()
+    assert code == 0, server.log()
+
+
 # --------------------------------------------------------------------------- what workers print
 
 

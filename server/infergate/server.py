@@ -147,7 +147,8 @@ class InferGateServer:
             metrics.watch_canaries(self._canaries)
         self.telemetry.serve_triton_metrics(self._triton_rows)
         local = LocalModelControl(self.repository)
-        self._worker_control = WorkerControl(worker, local) if worker is not None else None
+        local_logs = LocalLogSettings(logs, self._log_levels_changed) if logs is not None else None
+        self._worker_control = WorkerControl(worker, local, logs=local_logs) if worker is not None else None
         control: ModelControl = self._worker_control or local
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
@@ -186,7 +187,7 @@ class InferGateServer:
             closing=self.admission.closing,
             control=control,
             shared_memory=self.shared_memory,
-            logs=LocalLogSettings(logs, self._log_levels_changed) if logs is not None else None,
+            logs=self._worker_control.log_settings if self._worker_control is not None else local_logs,
         )
         services_only = GenericHandlersOnly(self._server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, services_only)  # type: ignore[no-untyped-call]

@@ -52,6 +52,22 @@ class LogSettingsChange:
     levels: LogLevels
     format: str
 
+    def as_message(self) -> dict[str, Any]:
+        """As JSON for the workers' control channel (``workers/control.py``)."""
+        return {**dataclasses.asdict(self.levels), "format": self.format}
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any]) -> LogSettingsChange:
+        """What :meth:`as_message` wrote; InvalidArgument for anything else."""
+        try:
+            levels = LogLevels(**{field.name: message[field.name] for field in dataclasses.fields(LogLevels)})
+            fmt = message["format"]
+        except (KeyError, TypeError) as exc:
+            raise InvalidArgument(f"log settings: not a settings message {dict(message)!r}") from exc
+        if fmt not in LOG_FORMATS:
+            raise InvalidArgument(f"log settings: unknown format {fmt!r}")
+        return cls(levels, fmt)
+
 
 class LogSettings(Protocol):
     """The seam LogSettings calls: this process's :class:`LocalLogSettings`, or under ``--workers N``

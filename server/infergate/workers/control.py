@@ -1,4 +1,4 @@
-"""Model control across ``--workers N``: the supervisor is the one control point.
+"""Model control and log settings across ``--workers N``: the supervisor is the one control point.
 
 A client's RepositoryModelLoad/Unload lands on whichever worker got its
 connection. That worker does not act alone: :class:`WorkerControl` (its
@@ -19,6 +19,10 @@ can open (``mkdtemp``, mode 0700); nothing listens on a network port.
   ``{"ok": false, "status": "NOT_FOUND", "message": "..."}``.
 * A worker serving a control call opens a short connection, sends
   ``{"call": "load"|"unload", "model": NAME}`` and relays the hub's answer.
+* LogSettings goes the same way: ``{"call": "log", "settings": {...}}`` from
+  the worker that took the call (which checked it), ``{"op": "log", "settings":
+  {...}}`` to every worker, and the last settings are replayed to a worker that
+  joins, so every worker logs alike.
 
 One lock in the hub orders calls and joins, so every worker applies the same
 calls in the same order. A call that fails in some workers only (a worker out
@@ -49,12 +53,14 @@ from infergate.errors import (
 )
 from infergate.models.overrides import LoadOverride
 from infergate.serving.control import ModelControl
+from infergate.serving.log_settings import LogSettings, LogSettingsChange
 
 __all__ = ["ControlHub", "WorkerControl", "WorkerRole"]
 
 log = logging.getLogger(__name__)
 
 OPS = ("load", "unload")
+LOG = "log"  # the op and call that carry log settings
 # Replies that mean the call changed nothing anywhere (no such model): such a call is not replayed.
 _NAMED_NOTHING = frozenset({"NOT_FOUND", "INVALID_ARGUMENT"})
 _ERRORS: dict[str, type[InferGateError]] = {
@@ -115,10 +121,10 @@ class _Agent:
     writer: asyncio.StreamWriter
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def ask(self, op: str, model: str) -> Message | None:
-        """Have the worker apply ``op``; its reply, or None when it has gone (it replays on its return)."""
+    async def ask(self, request: Message) -> Message | None:
+        """Have the worker apply ``request`` (an op); its reply, or None when it has gone (it replays on its return)."""
         try:
-            await _send(self.writer, {"op": op, "model": model})
+            await _send(self.writer, request)
             reply = await _receive(self.reader)
         except ConnectionError:
             reply = None
@@ -139,6 +145,7 @@ class ControlHub:
         self._lock = asyncio.Lock()
         self._agents: dict[int, _Agent] = {}
         self._calls: dict[str, str] = {}  # model -> the last op asked for it, in the order asked
+        self._log_settings: Message | None = None  # the last LogSettings change, for workers that join later
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -163,6 +170,8 @@ class ControlHub:
                 await self._join(_Agent(message["hello"], reader, writer))
             elif message.get("call") in OPS and isinstance(message.get("model"), str):
                 await _send(writer, await self.apply(message["call"], message["model"]))
+            elif message.get("call") == LOG and isinstance(message.get("settings"), dict):
+                await _send(writer, await self.apply_log_settings(message["settings"]))
             else:
                 log.error("control: unexpected message %r", message)
         except ConnectionError as exc:
@@ -173,12 +182,15 @@ class ControlHub:
     async def _join(self, agent: _Agent) -> None:
         """Replay the calls so far to a worker that (re)started, then count it in until it goes."""
         async with self._lock:
-            for model, op in list(self._calls.items()):
-                reply = await agent.ask(op, model)
+            replay: list[tuple[Message, str]] = [({"op": op, "model": m}, f"{op} {m}") for m, op in self._calls.items()]
+            if self._log_settings is not None:
+                replay.append(({"op": LOG, "settings": self._log_settings}, "log settings"))
+            for request, what in replay:
+                reply = await agent.ask(request)
                 if reply is None:
                     return
                 if not reply.get("ok"):
-                    log.warning("worker %d: %s %s on joining: %s", agent.index, op, model, reply.get("message"))
+                    log.warning("worker %d: %s on joining: %s", agent.index, what, reply.get("message"))
             await _send(agent.writer, {"joined": True})
             previous = self._agents.pop(agent.index, None)
             if previous is not None:
@@ -190,17 +202,30 @@ class ControlHub:
     async def apply(self, op: str, model: str) -> Message:
         """Apply ``op`` to ``model`` in every joined worker; one reply for the caller."""
         async with self._lock:
-            agents = sorted(self._agents.values(), key=lambda a: a.index)
-            replies = await asyncio.gather(*(a.ask(op, model) for a in agents))
-            for agent, reply in zip(agents, replies, strict=True):
-                if reply is None and self._agents.get(agent.index) is agent:
-                    del self._agents[agent.index]  # it died: it replays everything when it is back
-            answered = [(a.index, r) for a, r in zip(agents, replies, strict=True) if r is not None]
+            answered = await self._ask_all({"op": op, "model": model})
             if not answered or not all(r.get("status") in _NAMED_NOTHING for _, r in answered):
                 self._calls.pop(model, None)  # kept for workers that join later, in the order asked
                 self._calls[model] = op
         log.info("%s %s: applied in %d worker(s)", op, model, len(answered))
         return _combine(answered)
+
+    async def apply_log_settings(self, settings: Message) -> Message:
+        """Apply LogSettings' ``settings`` (checked by the worker that took the call) in every joined worker."""
+        async with self._lock:
+            answered = await self._ask_all({"op": LOG, "settings": settings})
+            self._log_settings = settings  # for workers that join later
+        log.info("log settings: applied in %d worker(s)", len(answered))
+        return _combine(answered)
+
+    async def _ask_all(self, request: Message) -> list[tuple[int, Message]]:
+        """Every joined worker's reply to ``request`` (under the lock), by worker index; workers that
+        went away are counted out (they replay everything when they are back)."""
+        agents = sorted(self._agents.values(), key=lambda a: a.index)
+        replies = await asyncio.gather(*(a.ask(request) for a in agents))
+        for agent, reply in zip(agents, replies, strict=True):
+            if reply is None and self._agents.get(agent.index) is agent:
+                del self._agents[agent.index]
+        return [(a.index, r) for a, r in zip(agents, replies, strict=True) if r is not None]
 
 
 def _combine(replies: list[tuple[int, Message]]) -> Message:
@@ -236,10 +261,20 @@ class WorkerControl:
     so an orphaned worker drains and exits instead of serving on alone).
     """
 
-    def __init__(self, role: WorkerRole, local: ModelControl, on_lost: Callable[[], None] = _stop_this_process):
+    def __init__(
+        self,
+        role: WorkerRole,
+        local: ModelControl,
+        on_lost: Callable[[], None] = _stop_this_process,
+        logs: LogSettings | None = None,
+    ):
+        """``logs``: this worker's own log settings, which the hub's log ops change."""
         self.role = role
         self._local = local
         self._on_lost = on_lost
+        self._logs = logs
+        # What LogSettings calls in this worker: read here, changed in every worker through the hub.
+        self.log_settings: LogSettings | None = _SharedLogSettings(self, logs) if logs is not None else None
         self._follower: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -251,18 +286,21 @@ class WorkerControl:
                 f"failed to load '{name}': a config or file override is not supported with --workers; "
                 "put the config and files in the model repository instead"
             )
-        await self._ask("load", name)
+        await self._ask({"call": "load", "model": name})
 
     async def unload(self, name: str) -> None:
-        await self._ask("unload", name)
+        await self._ask({"call": "unload", "model": name})
 
-    async def _ask(self, op: str, model: str) -> None:
+    async def change_log_settings(self, change: LogSettingsChange) -> None:
+        await self._ask({"call": LOG, "settings": change.as_message()})
+
+    async def _ask(self, call: Message) -> None:
         try:
             reader, writer = await asyncio.open_unix_connection(str(self.role.socket))
         except OSError as exc:
             raise Unavailable(f"model control: the supervisor cannot be reached ({exc})") from exc
         try:
-            await _send(writer, {"call": op, "model": model})
+            await _send(writer, call)
             reply = await _receive(reader)
         finally:
             _close(writer)
@@ -309,9 +347,12 @@ class WorkerControl:
     async def _apply(self, message: Message, writer: asyncio.StreamWriter) -> None:
         op, model = message.get("op"), message.get("model")
         try:
-            if op not in OPS or not isinstance(model, str):
+            if op == LOG and self._logs is not None and isinstance(message.get("settings"), dict):
+                await self._logs.change(LogSettingsChange.from_message(message["settings"]))
+            elif op not in OPS or not isinstance(model, str):
                 raise InvalidArgument(f"model control: unknown request {message!r}")
-            await (self._local.load(model) if op == "load" else self._local.unload(model))
+            else:
+                await (self._local.load(model) if op == "load" else self._local.unload(model))
             reply: Message = {"ok": True}
         except InferGateError as exc:
             reply = {"ok": False, "status": exc.status.name, "message": exc.message}
@@ -326,3 +367,18 @@ class WorkerControl:
         if self._follower is not None:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
+
+
+class _SharedLogSettings:
+    """LogSettings in a worker: read from this worker, changed in every worker by the hub."""
+
+    def __init__(self, control: WorkerControl, local: LogSettings):
+        self._control = control
+        self._local = local
+
+    @property
+    def current(self) -> LogSettingsChange:
+        return self._local.current
+
+    async def change(self, change: LogSettingsChange) -> None:
+        await self._control.change_log_settings(change)
