@@ -1,4 +1,5 @@
-"""Who is refused and why: authentication refusals are counted by reason, never by token."""
+"""Who is refused and why: authentication refusals are counted by reason, never by token; a traced
+call names its caller (the token's subject and client id), never the token."""
 
 from __future__ import annotations
 
@@ -64,3 +65,16 @@ async def test_refusals_are_counted_by_reason(observed: Observed) -> None:
         and point.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
     ]
     assert [a["model"] for a in answered] == ["matmul16"]  # ModelMetadataRequest names it in `name`
+
+
+async def test_a_traced_call_names_its_caller_and_a_refused_one_names_none(observed: Observed) -> None:
+    signed = token(SECRET, "HS256", claims())
+    async with grpc.aio.insecure_channel(observed.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert await status(stub, bearer(signed)) == grpc.StatusCode.OK
+        assert await status(stub, {}) == grpc.StatusCode.UNAUTHENTICATED
+    spans = [s for s in observed.finished_spans() if s.name.endswith("/ModelMetadata")]
+    callers = [(s.attributes or {}).get("enduser.id") for s in spans]
+    assert callers == ["alice", None]
+    assert (spans[0].attributes or {}).get("infergate.client.id") == "svc-a"
+    assert not any(signed in str(value) for s in spans for value in (s.attributes or {}).values())

@@ -5,7 +5,10 @@ The span follows the gRPC semantic conventions (``rpc.system``, ``rpc.service``,
 W3C ``traceparent``/``tracestate`` metadata, and is the current span while the
 servicer runs, so the batch hooks and log lines inside the request see it.
 Model, version served and request id are read from the request and response
-messages (ModelInfer and the other calls that name a model).
+messages (ModelInfer and the other calls that name a model). With auth on, a
+traced call also names its caller: ``enduser.id`` (the token's subject, as
+OpenTelemetry's conventions name it) and ``infergate.client.id`` when the
+token has one; the token itself never reaches a span.
 
 Health and reflection calls pass through untouched unless ``trace_health``.
 The interceptor sits outermost, so calls another interceptor refuses are
@@ -27,6 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from infergate.security.auth import current_principal
 from infergate.serving.codec import ROUTE_PARAMETER, SHADOWED_PARAMETER
 from infergate.serving.interceptors import (
     Finish,
@@ -149,6 +153,11 @@ class _Call:
             request_id = getattr(request, "id", "")
             if request_id and isinstance(request_id, str):
                 self._span.set_attribute("infergate.request.id", request_id)
+            caller = current_principal()  # set by auth before any handler runs; None when auth is off
+            if caller is not None:
+                self._span.set_attribute("enduser.id", caller.subject)
+                if caller.client_id:
+                    self._span.set_attribute("infergate.client.id", caller.client_id)
 
     def saw_response(self, response: Any) -> None:
         if not self.version:
