@@ -7,6 +7,7 @@ tracer provider writes to OpenTelemetry's in-memory span exporter.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
+from conftest import eventually
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
@@ -195,3 +197,56 @@ async def test_a_stream_gets_one_span_and_its_requests_queue_under_it(
     (batch,) = _named(spans, "batch batch4")
     assert [link.context.span_id for link in batch.links] == [stream.context.span_id] * 4
     assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]  # e.g. "Failed to detach context"
+
+
+MIRRORED_CONFIG = """\
+max_batch_size: 8
+version_policy: {all: {}}
+routing:
+  weights: {1: 100}
+  shadow: {version: 2, fraction: 1.0, max_busy_fraction: 1.0}
+"""
+UNSAMPLED = f"00-{TRACEPARENT_TRACE_ID}-{TRACEPARENT_SPAN_ID}-00"  # the caller decided not to sample
+
+
+@pytest.fixture
+async def mirrored(demo_repository: Path, tmp_path: Path) -> AsyncIterator[Observed]:
+    """``mirrored``: matmul16 as version 1, answering, and again as version 2, its shadow."""
+    for version in ("1", "2"):
+        shutil.copytree(demo_repository / "matmul16" / "1", tmp_path / "mirrored" / version)
+    (tmp_path / "mirrored" / "config.yaml").write_text(MIRRORED_CONFIG)
+    async with observed_server(tmp_path) as observed:
+        yield observed
+
+
+async def test_a_traced_requests_shadow_call_is_a_span_of_its_own_linked_to_it(mirrored: Observed) -> None:
+    client = aioclient.InferenceServerClient(mirrored.url)
+    try:
+        await client.infer("mirrored", _x(), headers={"traceparent": TRACEPARENT})
+        await eventually(lambda: _named(mirrored.finished_spans(), "shadow mirrored"), "the shadow call's span")
+        await client.infer("mirrored", _x(), headers={"traceparent": UNSAMPLED})
+        await eventually(lambda: _compared(mirrored) == 2, "the second shadow call compared")
+    finally:
+        await client.close()
+
+    spans = mirrored.finished_spans()
+    (request,) = _named(spans, INFER_SPAN)  # the unsampled request made none
+    (shadow,) = _named(spans, "shadow mirrored")  # nor did its shadow call
+    assert shadow.parent is None  # a root: it runs after the request's trace ended
+    assert [link.context.span_id for link in shadow.links] == [request.context.span_id]
+    assert dict(shadow.attributes or {}) == {
+        "infergate.model.name": "mirrored",
+        "infergate.model.version": "2",
+        "infergate.shadow.agreed": True,  # the same model twice
+        "infergate.shadow.max_abs_diff": 0.0,
+        "infergate.batch.size": 1,  # the shadow version's batch that ran it, as for a request
+    }
+    assert shadow.status.status_code is StatusCode.UNSET
+    shadow_batches = [
+        s for s in _named(spans, "batch mirrored") if (s.attributes or {})["infergate.model.version"] == "2"
+    ]
+    assert [link.context.span_id for b in shadow_batches for link in b.links] == [shadow.context.span_id]
+
+
+def _compared(observed: Observed) -> float:
+    return sum(p.value for p in observed.points("infergate.shadow.comparisons") if p.attributes["model"] == "mirrored")

@@ -136,7 +136,11 @@ class InferGateServer:
             on_retired=self._heap.retired if self._heap is not None else None,  # frozen versions need a collection
         )
         self.readiness = Readiness()
-        self.shadows = ShadowQueue(recorder=metrics.record_shadow if metrics is not None else None, events=self.audit)
+        self.shadows = ShadowQueue(
+            recorder=metrics.record_shadow if metrics is not None else None,
+            events=self.audit,
+            spans=self.telemetry.shadow_spans(),
+        )
         handler = InferenceHandler(
             self.repository.catalog,
             RequestLimits(limits.max_elements_per_tensor, limits.max_batch_rows, limits.max_inputs_per_request),

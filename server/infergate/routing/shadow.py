@@ -9,6 +9,9 @@ are counted in :class:`ShadowStats`, never returned to anyone; a shadow that
 fails ten times in a row is paused (its calls dropped) for a back-off that
 doubles from 0.5 s up to 30 s, so a broken shadow costs next to nothing.
 Each pause is told to an optional :class:`ShadowEvents` (the audit log).
+With :class:`ShadowSpans` (telemetry, when tracing), a shadow call of a traced
+request gets a span of its own, linked to the request's (``offer`` captures it
+in the caller's context), as a root: it runs after the caller's trace ended.
 
 Lowering the shadow's thread priority (runner.py) is not enough on its own:
 on a small machine the shadow still competes for caches, memory bandwidth and
@@ -36,6 +39,8 @@ __all__ = [
     "ShadowJob",
     "ShadowQueue",
     "ShadowRecorder",
+    "ShadowSpan",
+    "ShadowSpans",
     "ShadowStats",
     "compare_outputs",
 ]
@@ -176,6 +181,24 @@ class ShadowEvents(Protocol):
     def shadow_paused(self, model: str, version: int, seconds: float, reason: str) -> None: ...
 
 
+class ShadowSpan(Protocol):
+    """One shadow call's span, current while the call runs."""
+
+    def finish(self, *, agreed: bool | None, max_abs_diff: float | None, error: BaseException | None) -> None:
+        """The call ended: compared (``agreed``: whether every output agreed; the largest difference)
+        or failed with ``error``."""
+
+
+class ShadowSpans(Protocol):
+    """Traces shadow calls (``telemetry/shadows.py``)."""
+
+    def capture(self) -> object | None:
+        """In the caller's request: what links its shadow call to it; None when the request is not traced."""
+
+    def open(self, captured: object, model: str, version: int) -> ShadowSpan:
+        """A shadow call of the request ``captured`` starts, on ``version`` of ``model``."""
+
+
 class ShadowQueue:
     """A bounded queue of shadow calls and the tasks that run them."""
 
@@ -185,10 +208,13 @@ class ShadowQueue:
         concurrency: int = 4,
         recorder: ShadowRecorder | None = None,
         events: ShadowEvents | None = None,
+        spans: ShadowSpans | None = None,
     ):
         self._recorder = recorder
         self._events = events
-        self._queue: asyncio.Queue[ShadowJob] = asyncio.Queue(max_size)
+        self._spans = spans
+        # Each job with what links it to its caller's trace (None: not traced).
+        self._queue: asyncio.Queue[tuple[ShadowJob, object | None]] = asyncio.Queue(max_size)
         self._concurrency = concurrency  # shadow calls running at once
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -204,7 +230,7 @@ class ShadowQueue:
             self._dropped(job.stats)
             return False
         try:
-            self._queue.put_nowait(job)
+            self._queue.put_nowait((job, self._spans.capture() if self._spans is not None else None))
         except asyncio.QueueFull:
             self._dropped(job.stats)
             return False
@@ -213,24 +239,34 @@ class ShadowQueue:
 
     async def _work(self) -> None:
         while True:
-            job = await self._queue.get()
+            job, captured = await self._queue.get()
             started = time.monotonic()
+            span = None
+            if self._spans is not None and captured is not None:
+                span = self._spans.open(captured, job.stats.model, job.stats.version)
+            agreed: bool | None = None
+            largest: float | None = None
+            error: BaseException | None = None
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that races a finished call.
                 async with asyncio.timeout(job.timeout_s):
                     shadow = await job.call()
                 agreed, largest = job.stats.record(job.primary, shadow)
                 self._record(job.stats, agreement=agreed, max_abs_diff=largest, error=False, dropped=False)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
+                error = exc
                 self._dropped(job.stats)  # stopped by aclose: never compared
                 raise
             except Exception as exc:  # a shadow's failure is counted, never anyone else's problem
+                error = exc
                 pause = job.stats.failed(time.monotonic())
                 self._record(job.stats, agreement=None, max_abs_diff=None, error=True, dropped=False)
                 log.debug("shadow call to version %d failed: %s", job.stats.version, exc)
                 if pause is not None:
                     self._paused(job.stats, pause, exc)
             finally:
+                if span is not None:
+                    span.finish(agreed=agreed, max_abs_diff=largest, error=error)
                 job.stats.busy_credit_s -= time.monotonic() - started
                 self._queue.task_done()
 
@@ -258,4 +294,5 @@ class ShadowQueue:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         while not self._queue.empty():
-            self._dropped(self._queue.get_nowait().stats)
+            job, _ = self._queue.get_nowait()
+            self._dropped(job.stats)

@@ -45,6 +45,7 @@ from infergate.telemetry.providers import (
     sdk_disabled,
     traces_requested,
 )
+from infergate.telemetry.shadows import ShadowTracer
 from infergate.telemetry.triton import TritonMetrics, TritonRow
 
 __all__ = ["ServerMetrics", "Telemetry", "check_exporters", "configure_logging"]
@@ -80,6 +81,7 @@ class Telemetry:
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.metrics_port: int | None = None
         tracer = tracer_provider.get_tracer(_SCOPE) if tracer_provider is not None else None
+        self._tracer = tracer
         self.histograms = histograms or Histograms(_SCOPE)  # readers of ``meter_provider`` must add these
         self.metrics = (
             ServerMetrics(meter_provider.get_meter(_SCOPE), self.histograms) if meter_provider is not None else None
@@ -132,6 +134,10 @@ class Telemetry:
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [self._interceptor] if self._interceptor is not None else []
+
+    def shadow_spans(self) -> ShadowTracer | None:
+        """What traces shadow calls (a span per shadow call of a traced request); None without tracing."""
+        return ShadowTracer(self._tracer) if self._tracer is not None else None
 
     def access_log_when(self, verbose: bool) -> grpc.aio.ServerInterceptor | None:
         """The stage that writes the access log while DEBUG lines are on, for a server whose logging turned
