@@ -112,6 +112,7 @@ async def test_server_metadata_names_infergate_and_exactly_its_extensions(client
         "model_repository",
         "sequence",
         "statistics",
+        "trace",
     ]
 
 

@@ -432,8 +432,6 @@ async def test_tritonclient_sees_the_status_and_message(
     [
         # System shared memory is off on this server; test_shared_memory.py covers what it then says.
         ("register_cuda_shared_memory", ("region", b"aGFuZGxl", 0, 64), "cuda_shared_memory"),
-        ("get_trace_settings", (), "trace"),
-        ("update_trace_settings", ("matmul16", {"trace_rate": "1"}), "trace"),
     ],
 )
 async def test_tritonclient_hears_which_extension_infergate_does_not_implement(

@@ -199,16 +199,23 @@ def test_workers_load_and_unload_together_and_one_scrape_sums_them(demo_reposito
     assert code == 0, server.log()
 
 
-def test_log_settings_changed_through_one_worker_hold_in_every_worker_and_a_restarted_one(
+def test_log_and_trace_settings_changed_through_one_worker_hold_in_every_worker_and_a_restarted_one(
     demo_repository: Path, log_dir: Path
 ) -> None:
-    server = launch_server(demo_repository, log_dir, "--workers", "2", wait=False)
+    # Traces made but sent nowhere: only their settings are under test.
+    env = {"OTEL_TRACES_EXPORTER": "none"}
+    server = launch_server(demo_repository, log_dir, "--workers", "2", "--traces", wait=False, env=env)
     both = {"0/2", "1/2"}
     verbose = pb.LogSettingsRequest(settings={"log_verbose_level": pb.LogSettingsRequest.SettingValue(uint32_param=1)})
+    off = pb.TraceSettingRequest(
+        model_name="matmul16", settings={"trace_level": pb.TraceSettingRequest.SettingValue(value=["OFF"])}
+    )
 
-    def verbosity(connection: Connection) -> int:
+    def verbosity(connection: Connection) -> tuple[int, list[str]]:
+        """The worker's log verbosity and matmul16's trace level."""
         reply = connection.stub.LogSettings(pb.LogSettingsRequest(), timeout=GUARD_S)
-        return int(reply.settings["log_verbose_level"].uint32_param)
+        traces = connection.stub.TraceSetting(pb.TraceSettingRequest(model_name="matmul16"), timeout=GUARD_S)
+        return int(reply.settings["log_verbose_level"].uint32_param), list(traces.settings["trace_level"].value)
 
     try:
         wait_until(lambda: len(_worker_pids(server.log())) == 2, "two workers started")
@@ -216,8 +223,9 @@ def test_log_settings_changed_through_one_worker_hold_in_every_worker_and_a_rest
             wait_until(lambda pid=pid: _ready(server.log(), pid), f"worker {pid} ready")
         changer = Connection(server.url)
         assert changer.stub.LogSettings(verbose, timeout=GUARD_S).settings["log_verbose_level"].uint32_param == 1
+        assert list(changer.stub.TraceSetting(off, timeout=GUARD_S).settings["trace_level"].value) == ["OFF"]
         connections = _connections(server.url, both)
-        assert {c.worker: verbosity(c) for c in connections} == {"0/2": 1, "1/2": 1}
+        assert {c.worker: verbosity(c) for c in connections} == {"0/2": (1, ["OFF"]), "1/2": (1, ["OFF"])}
         for connection in connections:
             connection.infer()  # every worker writes its access line
         pids = _worker_pids(server.log())
@@ -227,7 +235,7 @@ def test_log_settings_changed_through_one_worker_hold_in_every_worker_and_a_rest
         wait_until(lambda: "worker 0 restarted" in server.log(), "worker 0 restarted")
         wait_until(lambda: _ready(server.log(), _worker_pids(server.log())[0]), "the replacement worker ready")
         fresh = _connections(server.url, {"0/2"}, at_least=1)
-        assert verbosity(fresh[-1]) == 1  # replayed to it on joining
+        assert verbosity(fresh[-1]) == (1, ["OFF"])  # replayed to it on joining
         for c in [changer, *connections, *fresh]:
             c.close()
     finally:

@@ -47,6 +47,7 @@ from infergate.serving.log_settings import LocalLogSettings
 from infergate.serving.request import RequestLimits
 from infergate.serving.servicer import InferenceServicer, Readiness
 from infergate.serving.shared_memory import SystemSharedMemory
+from infergate.serving.trace_settings import LocalTraceSettings
 from infergate.telemetry import Telemetry, check_exporters
 from infergate.telemetry.logs import HEALTH, LISTENING, METRICS, LogControl, LogLevels, announcement
 from infergate.telemetry.triton import TritonRow
@@ -152,7 +153,11 @@ class InferGateServer:
         self.telemetry.serve_triton_metrics(self._triton_rows)
         local = LocalModelControl(self.repository)
         local_logs = LocalLogSettings(logs, self._log_levels_changed) if logs is not None else None
-        self._worker_control = WorkerControl(worker, local, logs=local_logs) if worker is not None else None
+        sampler = self.telemetry.trace_sampler
+        local_traces = LocalTraceSettings(sampler) if sampler is not None else None
+        self._worker_control = (
+            WorkerControl(worker, local, logs=local_logs, traces=local_traces) if worker is not None else None
+        )
         control: ModelControl = self._worker_control or local
         self._poller: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
@@ -192,6 +197,7 @@ class InferGateServer:
             control=control,
             shared_memory=self.shared_memory,
             logs=self._worker_control.log_settings if self._worker_control is not None else local_logs,
+            traces=self._worker_control.trace_settings if self._worker_control is not None else local_traces,
         )
         services_only = GenericHandlersOnly(self._server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, services_only)  # type: ignore[no-untyped-call]

@@ -90,6 +90,8 @@ METHOD_RULES: dict[str, Rule] = {
     _INFERENCE + "CudaSharedMemoryStatus": Rule("shared_memory"),
     # What the server writes to its log, and so what an incident leaves behind: operators only, audited.
     _INFERENCE + "LogSettings": Rule("admin", audit=True),
+    # Which calls are traced: an operator's lever, as the log settings are.
+    _INFERENCE + "TraceSetting": Rule("admin", "model_name", audit=True),
     # The operator API: reading the routing state is for operators, but it changes nothing, so it is not audited.
     "/infergate.admin.InferGateAdmin/RoutingStatus": Rule("admin", "name"),
     "/infergate.admin.InferGateAdmin/DriftStatus": Rule("admin", "name"),

@@ -36,13 +36,20 @@ from infergate.serving.shared_memory import SystemSharedMemory
 from infergate.serving.shm_tensors import SharedMemoryAccess
 from infergate.serving.status import abort_with, guarded, status_of
 from infergate.serving.stream import OnPause, answer_concurrently
+from infergate.serving.trace_settings import (
+    TRACING_OFF,
+    TraceSettings,
+    requested_trace_change,
+    trace_settings_line,
+    trace_settings_message,
+)
 
 __all__ = ["EXTENSIONS", "NOT_IMPLEMENTED", "SYSTEM_SHARED_MEMORY", "InferenceServicer", "Readiness"]
 
 log = logging.getLogger(__name__)
 
 # Exactly the protocol extensions that work (ServerMetadata.extensions); plus SYSTEM_SHARED_MEMORY when on.
-EXTENSIONS = ("classification", "model_configuration", "model_repository", "sequence", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "sequence", "statistics", "trace")
 SYSTEM_SHARED_MEMORY = "system_shared_memory"
 
 # Triton's RPCs of the extensions infergate does not implement, and the extension each belongs to.
@@ -50,7 +57,6 @@ SYSTEM_SHARED_MEMORY = "system_shared_memory"
 # them all has nothing to do, as on a Triton built without GPUs; Triton's shm examples call both.)
 NOT_IMPLEMENTED = {
     "CudaSharedMemoryRegister": "cuda_shared_memory",
-    "TraceSetting": "trace",
 }
 LOGGING = "logging"  # Triton's logging extension: listed when the server owns its process's logging
 
@@ -81,12 +87,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         control: ModelControl | None = None,
         shared_memory: SystemSharedMemory | None = None,
         logs: LogSettings | None = None,
+        traces: TraceSettings | None = None,
     ):
         """``shared_memory``: the system shared-memory registry (None: the extension is off).
-        ``logs``: the process's log settings (None: the server is embedded in a program that owns them)."""
+        ``logs``: the process's log settings (None: the server is embedded in a program that owns them).
+        ``traces``: which calls are traced (None: the server runs without tracing)."""
         self._shared_memory = shared_memory
         self._shm_access = SharedMemoryAccess(shared_memory)
         self._logs = logs
+        self._traces = traces
         optional = (SYSTEM_SHARED_MEMORY,) * (shared_memory is not None) + (LOGGING,) * (logs is not None)
         self._extensions = tuple(sorted((*EXTENSIONS, *optional)))
         self._on_stream_pause = on_stream_pause  # telemetry: streams waiting for their client to read
@@ -290,7 +299,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def TraceSetting(
         self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext
     ) -> pb.TraceSettingResponse:
-        raise _not_implemented("TraceSetting")
+        """Read which calls are traced, server-wide or for a model, or change it (serving/trace_settings.py)."""
+        model = request.model_name
+        if model:
+            self._catalog.get(model, "")  # NotFound for a model that is not served
+        traces = self._traces
+        if request.settings:
+            change = requested_trace_change(model, request.settings)
+            if traces is None:
+                raise FailedPrecondition(
+                    "TraceSetting: this server runs without tracing; start it with --traces (telemetry.traces) "
+                    "or OTEL_TRACES_EXPORTER=otlp to change what is traced"
+                )
+            await traces.change(change)
+            log.info("trace settings changed for %s: %s", model or "the server", trace_settings_line(change))
+        return trace_settings_message(traces.rule(model) if traces is not None else TRACING_OFF)
 
     @guarded
     async def LogSettings(

@@ -45,6 +45,7 @@ from infergate.telemetry.providers import (
     sdk_disabled,
     traces_requested,
 )
+from infergate.telemetry.sampling import TraceSampler
 from infergate.telemetry.shadows import ShadowTracer
 from infergate.telemetry.triton import TritonMetrics, TritonRow
 
@@ -134,6 +135,11 @@ class Telemetry:
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [self._interceptor] if self._interceptor is not None else []
+
+    @property
+    def trace_sampler(self) -> TraceSampler | None:
+        """Which calls without a caller's decision are traced (TraceSetting changes it); None without tracing."""
+        return self._interceptor.sampler if self._interceptor is not None and self._tracer is not None else None
 
     def shadow_spans(self) -> ShadowTracer | None:
         """What traces shadow calls (a span per shadow call of a traced request); None without tracing."""

@@ -40,6 +40,7 @@ from infergate.serving.interceptors import (
     observe_handler,
 )
 from infergate.telemetry.metrics import ServerMetrics
+from infergate.telemetry.sampling import TraceSampler
 
 __all__ = ["ACCESS_LOG", "UNTRACED_SERVICES", "TelemetryInterceptor"]
 
@@ -63,15 +64,14 @@ class TelemetryInterceptor(SelectingInterceptor):
         rng: random.Random | None = None,
     ):
         self._tracer = tracer
-        self._sample_ratio = sample_ratio
-        self._rng = rng or random.Random()
+        self.sampler = TraceSampler(sample_ratio, rng)  # TraceSetting changes it, server-wide and per model
         self._metrics = metrics
         self._trace_health = trace_health
         # Inner handlers are the same objects call after call (one per method), so each is wrapped once.
         self._wrapped = MethodHandlerCache(lambda path: functools.partial(self._wrap, path=path))
 
-    def samples_root(self) -> bool:
-        """Whether a call that brings no trace context is traced (``sample_ratio`` of them).
+    def samples_root(self, model: str = "") -> bool:
+        """Whether a call naming ``model`` that brings no trace context is traced (``sampling.py``).
 
         Why here and not only in the SDK's sampler: a call that is not sampled then
         costs no span, no id generation and no context switch at all. On the
@@ -79,7 +79,7 @@ class TelemetryInterceptor(SelectingInterceptor):
         of throughput. The tracer provider's root sampler is therefore always-on
         (see ``Telemetry.from_config``) and the ratio is applied once, here.
         """
-        return self._sample_ratio >= 1.0 or self._rng.random() < self._sample_ratio
+        return self.sampler.sample(model)
 
     def select(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return self._wrapped(method, handler)
@@ -90,9 +90,7 @@ class TelemetryInterceptor(SelectingInterceptor):
             return handler
 
         def start(request: Any, context: grpc.aio.ServicerContext) -> Finish:
-            call = _Call(self, service, method, context)
-            call.saw_request(request)
-            return call.finish
+            return _Call(self, service, method, context, request).finish
 
         return observe_handler(handler, start)
 
@@ -116,20 +114,25 @@ class _Call:
 
     __slots__ = ("_context", "_owner", "_span", "_started", "_token", "method", "model", "service", "version")
 
-    def __init__(self, owner: TelemetryInterceptor, service: str, method: str, context: grpc.aio.ServicerContext):
+    def __init__(
+        self, owner: TelemetryInterceptor, service: str, method: str, context: grpc.aio.ServicerContext, request: Any
+    ):
         self._owner = owner
         self._context = context
         self.service, self.method = service, method
-        self.model = self.version = ""
         self._started = time.perf_counter()
         self._span: trace.Span | None = None
         self._token: object | None = None
+        kind: type = type(request)
+        model_field, version_field = _naming_fields(kind)  # a stream's request iterator names none
+        self.model = str(getattr(request, model_field)) if model_field is not None else ""
+        self.version = str(getattr(request, version_field)) if version_field is not None else ""
         if owner._metrics is not None:
             owner._metrics.request_started(method)
         if owner._tracer is not None:
             metadata = context.invocation_metadata() or ()
             carrier = {k: v for k, v in metadata if k in _TRACE_KEYS and isinstance(v, str)}
-            if not carrier and not owner.samples_root():
+            if not carrier and not owner.sampler.sample(self.model):
                 return  # a root call outside the sample: no span at all (the caller's decision always counts)
             parent = _W3C.extract(carrier) if carrier else None
             self._span = owner._tracer.start_span(
@@ -139,14 +142,10 @@ class _Call:
                 attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
             )
             self._token = context_api.attach(trace.set_span_in_context(self._span))
+            self._describe(request)
 
-    def saw_request(self, request: Any) -> None:
-        kind: type = type(request)
-        model_field, version_field = _naming_fields(kind)
-        if model_field is not None:
-            self.model = str(getattr(request, model_field))
-        if version_field is not None:
-            self.version = str(getattr(request, version_field))
+    def _describe(self, request: Any) -> None:
+        """The request's model, id and caller on a recording span."""
         if self._span is not None and self._span.is_recording():
             if self.model:
                 self._span.set_attribute("infergate.model.name", self.model)

@@ -22,7 +22,9 @@ can open (``mkdtemp``, mode 0700); nothing listens on a network port.
 * LogSettings goes the same way: ``{"call": "log", "settings": {...}}`` from
   the worker that took the call (which checked it), ``{"op": "log", "settings":
   {...}}`` to every worker, and the last settings are replayed to a worker that
-  joins, so every worker logs alike.
+  joins, so every worker logs alike. TraceSetting too, as ``"trace"`` with a
+  change: the changes of each scope (server-wide, a model) are kept merged
+  into one and replayed.
 
 One lock in the hub orders calls and joins, so every worker applies the same
 calls in the same order. A call that fails in some workers only (a worker out
@@ -54,6 +56,8 @@ from infergate.errors import (
 from infergate.models.overrides import LoadOverride
 from infergate.serving.control import ModelControl
 from infergate.serving.log_settings import LogSettings, LogSettingsChange
+from infergate.serving.trace_settings import TraceChange, TraceSettings
+from infergate.telemetry.sampling import TraceRule
 
 __all__ = ["ControlHub", "WorkerControl", "WorkerRole"]
 
@@ -61,6 +65,7 @@ log = logging.getLogger(__name__)
 
 OPS = ("load", "unload")
 LOG = "log"  # the op and call that carry log settings
+TRACE = "trace"  # and trace settings
 # Replies that mean the call changed nothing anywhere (no such model): such a call is not replayed.
 _NAMED_NOTHING = frozenset({"NOT_FOUND", "INVALID_ARGUMENT"})
 _ERRORS: dict[str, type[InferGateError]] = {
@@ -146,6 +151,7 @@ class ControlHub:
         self._agents: dict[int, _Agent] = {}
         self._calls: dict[str, str] = {}  # model -> the last op asked for it, in the order asked
         self._log_settings: Message | None = None  # the last LogSettings change, for workers that join later
+        self._trace_changes: dict[str, TraceChange] = {}  # per scope, every TraceSetting change merged
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -172,6 +178,13 @@ class ControlHub:
                 await _send(writer, await self.apply(message["call"], message["model"]))
             elif message.get("call") == LOG and isinstance(message.get("settings"), dict):
                 await _send(writer, await self.apply_log_settings(message["settings"]))
+            elif message.get("call") == TRACE and isinstance(message.get("change"), dict):
+                try:
+                    change = TraceChange.from_message(message["change"])
+                except InvalidArgument as exc:
+                    await _send(writer, {"ok": False, "status": exc.status.name, "message": exc.message})
+                    return
+                await _send(writer, await self.apply_trace_change(change))
             else:
                 log.error("control: unexpected message %r", message)
         except ConnectionError as exc:
@@ -185,6 +198,10 @@ class ControlHub:
             replay: list[tuple[Message, str]] = [({"op": op, "model": m}, f"{op} {m}") for m, op in self._calls.items()]
             if self._log_settings is not None:
                 replay.append(({"op": LOG, "settings": self._log_settings}, "log settings"))
+            for scope, change in self._trace_changes.items():
+                replay.append(
+                    ({"op": TRACE, "change": change.as_message()}, f"trace settings of {scope or 'the server'}")
+                )
             for request, what in replay:
                 reply = await agent.ask(request)
                 if reply is None:
@@ -215,6 +232,15 @@ class ControlHub:
             answered = await self._ask_all({"op": LOG, "settings": settings})
             self._log_settings = settings  # for workers that join later
         log.info("log settings: applied in %d worker(s)", len(answered))
+        return _combine(answered)
+
+    async def apply_trace_change(self, change: TraceChange) -> Message:
+        """Apply a TraceSetting change (checked by the worker that took the call) in every joined worker."""
+        async with self._lock:
+            answered = await self._ask_all({"op": TRACE, "change": change.as_message()})
+            before = self._trace_changes.get(change.model)
+            self._trace_changes[change.model] = before.then(change) if before is not None else change
+        log.info("trace settings of %s: applied in %d worker(s)", change.model or "the server", len(answered))
         return _combine(answered)
 
     async def _ask_all(self, request: Message) -> list[tuple[int, Message]]:
@@ -267,14 +293,17 @@ class WorkerControl:
         local: ModelControl,
         on_lost: Callable[[], None] = _stop_this_process,
         logs: LogSettings | None = None,
+        traces: TraceSettings | None = None,
     ):
-        """``logs``: this worker's own log settings, which the hub's log ops change."""
+        """``logs``, ``traces``: this worker's own log and trace settings, which the hub's ops change."""
         self.role = role
         self._local = local
         self._on_lost = on_lost
         self._logs = logs
-        # What LogSettings calls in this worker: read here, changed in every worker through the hub.
+        self._traces = traces
+        # What LogSettings and TraceSetting call in this worker: read here, changed in every worker by the hub.
         self.log_settings: LogSettings | None = _SharedLogSettings(self, logs) if logs is not None else None
+        self.trace_settings: TraceSettings | None = _SharedTraceSettings(self, traces) if traces is not None else None
         self._follower: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -293,6 +322,9 @@ class WorkerControl:
 
     async def change_log_settings(self, change: LogSettingsChange) -> None:
         await self._ask({"call": LOG, "settings": change.as_message()})
+
+    async def change_trace_settings(self, change: TraceChange) -> None:
+        await self._ask({"call": TRACE, "change": change.as_message()})
 
     async def _ask(self, call: Message) -> None:
         try:
@@ -349,6 +381,8 @@ class WorkerControl:
         try:
             if op == LOG and self._logs is not None and isinstance(message.get("settings"), dict):
                 await self._logs.change(LogSettingsChange.from_message(message["settings"]))
+            elif op == TRACE and self._traces is not None and isinstance(message.get("change"), dict):
+                await self._traces.change(TraceChange.from_message(message["change"]))
             elif op not in OPS or not isinstance(model, str):
                 raise InvalidArgument(f"model control: unknown request {message!r}")
             else:
@@ -382,3 +416,17 @@ class _SharedLogSettings:
 
     async def change(self, change: LogSettingsChange) -> None:
         await self._control.change_log_settings(change)
+
+
+class _SharedTraceSettings:
+    """TraceSetting in a worker: read from this worker, changed in every worker by the hub."""
+
+    def __init__(self, control: WorkerControl, local: TraceSettings):
+        self._control = control
+        self._local = local
+
+    def rule(self, model: str) -> TraceRule:
+        return self._local.rule(model)
+
+    async def change(self, change: TraceChange) -> None:
+        await self._control.change_trace_settings(change)
