@@ -22,6 +22,7 @@ import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate.telemetry.logs import announced
 
 from .procfs import descendants, listeners, process_tree
 
@@ -95,6 +96,19 @@ def wait_ready(
     raise ServerFailed(f"not ready at {target} within {timeout:.0f}s{waited_for}")
 
 
+def wait_announced(log_path: pathlib.Path, prefix: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until the log at ``log_path`` has a line announcing ``prefix`` (text or JSON); ServerFailed if
+    ``process`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(announced(line, prefix) is not None for line in log_path.read_text(errors="replace").splitlines()):
+            return
+        if process.poll() is not None:
+            raise ServerFailed(f"exited with code {process.returncode} before it printed {prefix!r}")
+        time.sleep(_POLL_S)
+    raise ServerFailed(f"printed no {prefix!r} line within {timeout:.0f}s")
+
+
 def check_loopback_only(name: str, process: subprocess.Popen[bytes]) -> list[str]:
     """The ``address:port`` pairs that ``process`` and its descendants listen on, all loopback.
 
@@ -165,12 +179,16 @@ def running_server(
     env: Mapping[str, str] | None = None,
     models: Sequence[str] = (),
     token: str = "",
+    announces: str | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``argv``, wait until ``target`` (and each of ``models``) is ready, yield the process, always stop it.
 
     ``env`` adds to (or overrides) this process's environment; ``token`` is the
-    bearer token the readiness calls send. Raises
-    ServerFailed (with the log's last lines) if it never becomes ready.
+    bearer token the readiness calls send. ``announces``: first wait for the server to
+    print a line starting so (text or JSON); infergate's ``LISTENING`` line, which under
+    ``--workers N`` comes once every worker listens, while the first worker alone already
+    answers readiness and would take every connection opened before the others bind.
+    Raises ServerFailed (with the log's last lines) if it never becomes ready.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
@@ -189,6 +207,8 @@ def running_server(
         )
     try:
         try:
+            if announces is not None:
+                wait_announced(log_path, announces, process, ready_timeout)
             wait_ready(target, process, ready_timeout, models, token)
         except ServerFailed as exc:
             raise ServerFailed(f"{name}: {exc}; last lines of {log_path}:\n{_log_tail(log_path)}") from None

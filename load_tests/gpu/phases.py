@@ -27,6 +27,7 @@ import grpc
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate.telemetry.logs import LISTENING
 
 from ..clients import OWN_CONNECTION
 from ..generator import GeneratorError, LoadConfig, run_closed_loop
@@ -147,8 +148,9 @@ def serve(repo: pathlib.Path, out: pathlib.Path, label: str, workers: int = 1) -
     argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo), "--config", str(config)]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     log = out / "logs" / f"{label}.log"
-    with running_server(label, argv, f"127.0.0.1:{port}", log, REPO_ROOT, _READY_TIMEOUT_S) as process:
-        yield f"127.0.0.1:{port}", process.pid
+    target = f"127.0.0.1:{port}"
+    with running_server(label, argv, target, log, REPO_ROOT, _READY_TIMEOUT_S, announces=LISTENING) as process:
+        yield target, process.pid
 
 
 def load_run(

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from infergate.demo import write_demo_repository
+from infergate.telemetry.logs import LISTENING
 from load_tests.generator import LoadConfig, run_closed_loop
 from load_tests.gpu.phases import worker_batches
 from load_tests.servers import free_port, running_server
@@ -22,7 +23,9 @@ def test_one_process_with_many_connections_reaches_every_worker(tmp_path: pathli
     target = f"127.0.0.1:{port}"
     argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(tmp_path / "models"),
             "--port", str(port), "--workers", "2"]  # fmt: skip
-    with running_server("infergate", argv, target, tmp_path / "server.log", REPO_ROOT, models=("matmul16",)):
+    log = tmp_path / "server.log"
+    # Every worker listens once the supervisor says so; before that, the first alone takes every connection.
+    with running_server("infergate", argv, target, log, REPO_ROOT, models=("matmul16",), announces=LISTENING):
         # 16 connections: each lands on either worker, so both get some but with odds of 2 in 65,536.
         config = LoadConfig(target=target, model="matmul16", concurrency=16, connections=16, duration=1.0, warmup=0.2)
         result = run_closed_loop(config)
