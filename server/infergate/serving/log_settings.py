@@ -30,7 +30,14 @@ from infergate._proto import grpc_service_pb2 as pb
 from infergate.errors import InvalidArgument, Unimplemented
 from infergate.telemetry.logs import LOG_FORMATS, LogControl, LogLevels
 
-__all__ = ["LocalLogSettings", "LogSettings", "LogSettingsChange", "log_settings_message", "requested_log_settings"]
+__all__ = [
+    "LocalLogSettings",
+    "LogSettings",
+    "LogSettingsChange",
+    "log_settings_line",
+    "log_settings_message",
+    "requested_log_settings",
+]
 
 _KINDS = {"bool_param": "a bool", "uint32_param": "an unsigned integer", "string_param": "a string"}
 # Setting -> (its LogLevels field, or "format"; the value kind it takes).
@@ -148,4 +155,13 @@ def log_settings_message(settings: LogSettingsChange) -> pb.LogSettingsResponse:
             "log_verbose_level": value(uint32_param=levels.verbose),
             "log_format": value(string_param=settings.format),
         }
+    )
+
+
+def log_settings_line(settings: LogSettingsChange) -> str:
+    """Every setting, for the log (Triton's names)."""
+    levels = settings.levels
+    return (
+        f"log_info={levels.info} log_warning={levels.warning} log_error={levels.error} "
+        f"log_verbose_level={levels.verbose} log_format={settings.format}"
     )

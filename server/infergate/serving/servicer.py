@@ -27,7 +27,7 @@ from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.log_settings import (
     LogSettings,
-    LogSettingsChange,
+    log_settings_line,
     log_settings_message,
     requested_log_settings,
 )
@@ -328,16 +328,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.settings:
             change = requested_log_settings(self._logs.current, request.settings)
             await self._logs.change(change)
-            log.info("log settings changed: %s", _settings_line(change))
+            log.info("log settings changed: %s", log_settings_line(change))
         return log_settings_message(self._logs.current)
-
-
-def _settings_line(settings: LogSettingsChange) -> str:
-    levels = settings.levels
-    return (
-        f"log_info={levels.info} log_warning={levels.warning} log_error={levels.error} "
-        f"log_verbose_level={levels.verbose} log_format={settings.format}"
-    )
 
 
 def _not_implemented(method: str) -> Unimplemented:
