@@ -106,7 +106,7 @@ class Telemetry:
         if sdk_disabled() or not (wants_traces or wants_metrics):
             return cls(config, access_log=access_log)
         resource = build_resource()
-        # Roots are sampled by the interceptor (TelemetryInterceptor.samples_root), so the SDK keeps what it starts.
+        # Roots are sampled by the interceptor (telemetry/sampling.py), so the SDK keeps what it starts.
         tracer_provider = build_tracer_provider(1.0, resource) if wants_traces else None
         registry = CollectorRegistry(auto_describe=True) if config.metrics_port is not None else None
         histograms = Histograms(_SCOPE)

@@ -70,17 +70,6 @@ class TelemetryInterceptor(SelectingInterceptor):
         # Inner handlers are the same objects call after call (one per method), so each is wrapped once.
         self._wrapped = MethodHandlerCache(lambda path: functools.partial(self._wrap, path=path))
 
-    def samples_root(self, model: str = "") -> bool:
-        """Whether a call naming ``model`` that brings no trace context is traced (``sampling.py``).
-
-        Why here and not only in the SDK's sampler: a call that is not sampled then
-        costs no span, no id generation and no context switch at all. On the
-        overhead-bound model, creating and ending non-recording spans cost about 5%
-        of throughput. The tracer provider's root sampler is therefore always-on
-        (see ``Telemetry.from_config``) and the ratio is applied once, here.
-        """
-        return self.sampler.sample(model)
-
     def select(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return self._wrapped(method, handler)
 

@@ -15,6 +15,12 @@ sets any of the three for that model alone; what it leaves unset is the
 server-wide rule's. A model's ``count`` counts that model's traces; otherwise
 the server-wide count counts every call it applies to. Calls whose caller sent
 a ``traceparent`` follow the caller's decision and never reach the sampler.
+
+Why the interceptor samples, and not only the SDK's sampler: a call that is not
+sampled then costs no span, no id generation and no context switch at all. On
+the overhead-bound model, creating and ending non-recording spans cost about 5%
+of throughput. The tracer provider's root sampler is therefore always-on (see
+``Telemetry.from_config``) and the draw is made once, here.
 """
 
 from __future__ import annotations
@@ -84,9 +90,6 @@ class TraceSampler:
         budget = self._model_budgets.get(model, self._server_budget)
         ratio = own.ratio if own.ratio is not None else self._ratio
         return TraceRule(own.level or self._level, ratio, budget.left)
-
-    def has_rule(self, model: str) -> bool:
-        return model in self._models
 
     def update(self, model: str, changes: TraceRule, cleared: frozenset[str] = frozenset()) -> None:
         """Set the fields ``changes`` sets, for ``model`` ("" server-wide); a model's ``cleared`` fields
