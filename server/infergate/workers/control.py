@@ -1,4 +1,4 @@
-"""Model control and log settings across ``--workers N``: the supervisor is the one control point.
+"""Model control, log settings and trace settings across ``--workers N``: the supervisor is the one control point.
 
 A client's RepositoryModelLoad/Unload lands on whichever worker got its
 connection. That worker does not act alone: :class:`WorkerControl` (its
