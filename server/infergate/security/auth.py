@@ -206,15 +206,23 @@ def require(principal: Principal, permission: str, model: str | None, action: st
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    """The token of the one ``authorization: Bearer <token>`` header; MissingToken or MalformedToken."""
-    values = [v for k, v in metadata or () if k == "authorization" or k.lower() == "authorization"]
-    if not values:
+    """The token of the one ``authorization: Bearer <token>`` header; MissingToken or MalformedToken.
+
+    Read on every call with auth on, so the usual header (``Bearer <token>``, exactly) is
+    taken apart with one comparison and one slice; anything else goes the long way.
+    """
+    value: str | bytes | None = None
+    for key, item in metadata or ():
+        if key == "authorization" or (len(key) == 13 and key.lower() == "authorization"):
+            if value is not None:
+                raise MalformedToken("more than one authorization header")
+            value = item
+    if value is None:
         raise MissingToken("missing authorization metadata (expected 'Bearer <JWT>')")
-    if len(values) > 1:
-        raise MalformedToken("more than one authorization header")
-    value = values[0]
     if isinstance(value, bytes):
         value = value.decode("latin-1")
+    if value.startswith("Bearer ") and len(value) > 7 and not value[7].isspace() and not value[-1].isspace():
+        return value[7:]
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise MalformedToken("authorization metadata must be 'Bearer <JWT>'")

@@ -214,14 +214,17 @@ class _Authorized:
     def __init__(self, method: str, rule: Rule, on_refusal: OnRefusal | None = None) -> None:
         self.method, self.rule = method, rule
         self.on_refusal = on_refusal
+        self._action = _short(method)
 
     def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         streaming_requests = handler.request_streaming
 
         def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
-            # A partial, not a coroutine that awaits this one: one coroutine less per call
-            # (gRPC sees through a partial to the coroutine function it wraps).
-            return functools.partial(self.unary_response, inner, streaming_requests)
+            if streaming_requests or self.rule.filter_index:
+                # A partial, not a coroutine that awaits this one: one coroutine less per call
+                # (gRPC sees through a partial to the coroutine function it wraps).
+                return functools.partial(self.unary_response, inner, streaming_requests)
+            return self.checked_unary(inner)
 
         def stream(inner: StreamBehaviour) -> StreamBehaviour:
             # An async generator function: gRPC tells streaming behaviours apart by that.
@@ -233,13 +236,33 @@ class _Authorized:
 
         return wrap_handler(handler, unary=unary, stream=stream)
 
+    def checked_unary(self, inner: UnaryBehaviour) -> UnaryBehaviour:
+        """The behaviour of a unary call (ModelInfer and most others): checked, then ``inner``.
+
+        Its own coroutine function rather than a partial of :meth:`unary_response`: gRPC asks
+        each call's behaviour whether it is a coroutine function, which costs twice as much for
+        a partial, and the general method's branches are for streams and RepositoryIndex.
+        """
+        check, action = self.check, self._action
+
+        async def authorized(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            principal = current_principal()
+            assert principal is not None  # set by intercept_service in this call's task
+            try:
+                check(principal, request)
+            except AuthError as refusal:
+                await abort_with(context, refusal, action)
+            return await inner(request, context)
+
+        return authorized
+
     def check(self, principal: Principal, request: Any) -> None:
         rule = self.rule
         if rule.permission is None:
             return
         model = getattr(request, rule.model_field, None) if rule.model_field else None
         try:
-            require(principal, rule.permission, model, _short(self.method))
+            require(principal, rule.permission, model, self._action)
         except AuthError as error:
             if self.on_refusal is not None:
                 self.on_refusal(error.reason)
