@@ -33,7 +33,10 @@ import tritonclient.grpc.aio as aiogrpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate.config import ServerConfig
 from infergate.demo import write_demo_repository
+from infergate.server import InferGateServer
 from infergate.telemetry.logs import METRICS, announced, listening_address
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -154,6 +157,19 @@ def running_server(repository: Path, log_dir: Path, *args: str, wait: bool = Tru
     finally:
         code = server.terminate()
         assert code == 0, f"server exited {code}\n{server.log()}"
+
+
+@contextlib.asynccontextmanager
+async def embedded_server(repository: Path) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
+    """A server embedded in this process, as a program that owns its own logging would run one
+    (``InferGateServer`` on 127.0.0.1:0, no telemetry): a stub over a real channel to it."""
+    server = InferGateServer(ServerConfig(model_repository=repository, port=0))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        await server.stop()
 
 
 @pytest.fixture(scope="session")

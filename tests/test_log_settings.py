@@ -24,13 +24,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ServerProcess, running_server
+from conftest import ServerProcess, embedded_server, running_server
 from tritonclient.utils import InferenceServerException
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
-from infergate.config import ServerConfig
-from infergate.server import InferGateServer
 
 STARTED = {
     "log_file": "",
@@ -176,16 +174,10 @@ def test_tritonclient_hears_a_typo_instead_of_nothing(client: grpcclient.Inferen
 
 
 async def test_an_embedded_server_leaves_its_programs_logging_alone(demo_repository: Path) -> None:
-    embedded = InferGateServer(ServerConfig(model_repository=demo_repository, port=0))
-    await embedded.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{embedded.port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.LogSettings(pb.LogSettingsRequest(), timeout=30)
-            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "owns its process's logging" in str(refused.value.details())
-            metadata = await stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=30)
-            assert "logging" not in metadata.extensions
-    finally:
-        await embedded.stop()
+    async with embedded_server(demo_repository) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.LogSettings(pb.LogSettingsRequest(), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "owns its process's logging" in str(refused.value.details())
+        metadata = await stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=30)
+        assert "logging" not in metadata.extensions

@@ -23,15 +23,13 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
+from conftest import embedded_server
 from telemetry_support import TRACEPARENT, Observed, observed_server, telemetry_repository
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from infergate._proto import grpc_service_pb2 as pb
-from infergate._proto import grpc_service_pb2_grpc as pb_grpc
-from infergate.config import ServerConfig
 from infergate.errors import InvalidArgument, Unimplemented
-from infergate.server import InferGateServer
 from infergate.serving.trace_settings import TraceChange, requested_trace_change
 from infergate.telemetry.sampling import UNLIMITED, TraceRule, TraceSampler
 
@@ -204,17 +202,11 @@ async def test_a_refused_request_changes_nothing_and_an_unknown_model_is_not_fou
 
 
 async def test_a_server_without_tracing_reads_off_and_refuses_changes(demo_repository: Path) -> None:
-    server = InferGateServer(ServerConfig(model_repository=demo_repository, port=0))
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            read = await stub.TraceSetting(pb.TraceSettingRequest(), timeout=30)
-            assert _settings(read) == {**SERVER_WIDE, "trace_level": ["OFF"]}
-            change = pb.TraceSettingRequest(settings=_values(trace_level=["TIMESTAMPS"]))
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.TraceSetting(change, timeout=30)
-            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "--traces" in str(refused.value.details())
-    finally:
-        await server.stop()
+    async with embedded_server(demo_repository) as stub:
+        read = await stub.TraceSetting(pb.TraceSettingRequest(), timeout=30)
+        assert _settings(read) == {**SERVER_WIDE, "trace_level": ["OFF"]}
+        change = pb.TraceSettingRequest(settings=_values(trace_level=["TIMESTAMPS"]))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.TraceSetting(change, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--traces" in str(refused.value.details())
