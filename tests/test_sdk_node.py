@@ -2,23 +2,28 @@
 
 The client runs as ``node dist/cli.js REQUEST_JSON``; its numbers must equal
 what the Python SDK gets for the same inputs. ``scripts/build_node_client.sh``
-runs ``npm ci`` (once per package-lock.json) and ``tsc`` first.
+runs ``npm ci`` (once per package-lock.json) and ``tsc`` first. Its retries
+follow the Python SDK's policy: UNAVAILABLE only, within ``maxAttempts``, the
+client's budget and the call's deadline; the CLI reports each on stderr.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, launch_server
 from test_sdk_client import slow_server  # noqa: F401 -- a fixture
 from test_sdk_connection import EchoServer, echo  # noqa: F401 -- a fixture
 
 from infergate_client import Client
+from load_tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_CLI = ROOT / "clients" / "node" / "dist" / "cli.js"
@@ -96,6 +101,69 @@ def test_node_errors_carry_the_status_code(node_client: Path, demo_server: Serve
     done = _node(node_client, {"url": demo_server.url, "model": "matmul16", "inputs": {"x": _tensor(x, "FP32")}})
     assert done.returncode == 4
     assert "INVALID_ARGUMENT" in done.stderr and "expected [-1, 16]" in done.stderr
+    assert "retry" not in done.stderr  # only UNAVAILABLE is retried
+
+
+def _matmul16(url: str, **extra: Any) -> dict[str, Any]:
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    return {"url": url, "model": "matmul16", "inputs": {"x": _tensor(x, "FP32")}, **extra}
+
+
+@pytest.mark.parametrize(
+    ("retry", "retried"),
+    [
+        ({"maxAttempts": 3, "initialBackoffMs": 10}, [1, 2]),  # attempts 1 and 2 are retried, 3 is the last
+        ({"maxAttempts": 100, "initialBackoffMs": 10, "budgetTokens": 4}, [1]),  # 4 tokens: 3 left, then 2 (half)
+        ({"maxAttempts": 1}, []),
+    ],
+)
+def test_node_retries_unavailable_within_max_attempts_and_its_budget(
+    node_client: Path, retry: dict[str, Any], retried: list[int]
+) -> None:
+    nothing_listens = f"127.0.0.1:{free_port()}"
+    done = _node(node_client, _matmul16(nothing_listens, retry=retry))
+    assert done.returncode == 4 and "UNAVAILABLE" in done.stderr
+    reported = [line.split()[1].rstrip(":") for line in done.stderr.splitlines() if line.startswith("retry ")]
+    assert [int(attempt) for attempt in reported] == retried
+
+
+def test_node_retries_until_a_server_comes_up(node_client: Path, demo_repository: Path, log_dir: Path) -> None:
+    port = free_port()
+    retry = {"maxAttempts": 1000, "initialBackoffMs": 50, "maxBackoffMs": 500, "budgetTokens": 10_000}
+    request = _matmul16(f"127.0.0.1:{port}", retry=retry, deadlineMs=120_000)
+    call = subprocess.Popen(["node", str(node_client), json.dumps(request)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert call.stdout is not None and call.stderr is not None
+    first_retry = threading.Event()
+    errors: list[str] = []
+
+    def read_stderr() -> None:
+        assert call.stderr is not None
+        for line in call.stderr:
+            errors.append(line)
+            if line.startswith("retry 1:"):
+                first_retry.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    server = None
+    try:
+        assert first_retry.wait(60), f"the call never failed over to a retry: {errors}"
+        server = launch_server(demo_repository, log_dir, "--port", str(port))
+        out = call.stdout.read()  # stderr is the reader's
+        assert call.wait(timeout=120) == 0, errors
+        with Client(server.url) as client:
+            want = client.infer("matmul16", {"x": np.arange(16, dtype=np.float32).reshape(1, 16)})["y"]
+    finally:
+        if call.poll() is None:
+            call.kill()
+            call.wait()
+        reader.join(timeout=10)
+        call.stdout.close()
+        call.stderr.close()
+        if server is not None:
+            assert server.terminate() == 0
+    assert json.loads(out)["outputs"]["y"]["data"] == want.reshape(-1).tolist()
 
 
 def test_node_calls_have_a_deadline(node_client: Path, slow_server: ServerProcess) -> None:  # noqa: F811
@@ -103,3 +171,31 @@ def test_node_calls_have_a_deadline(node_client: Path, slow_server: ServerProces
     request = {"url": slow_server.url, "model": "slow", "deadlineMs": 200, "inputs": {"x": _tensor(x, "FP32")}}
     done = _node(node_client, request)
     assert done.returncode == 4 and "DEADLINE_EXCEEDED" in done.stderr
+
+
+# --------------------------------------------------------------------------- the examples in docs/client.md
+
+TYPESCRIPT_BLOCK = re.compile(r"```typescript\n(.*?)```", re.S)
+# Strip the types (typescript's own transpileModule) and run with top-level await, from the repository
+# root, so that the examples' "./clients/node/dist" imports resolve.
+RUN_TYPESCRIPT = """
+const ts = require("./clients/node/node_modules/typescript");
+const source = require("fs").readFileSync(0, "utf8");
+const options = { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2020 };
+const js = ts.transpileModule(source, { compilerOptions: options }).outputText;
+eval("(async () => {" + js + "\\n})()").catch((error) => {
+  console.error(error);
+  process.exit(1);
+});
+"""
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_the_docs_node_examples_run(node_client: Path, demo_server: ServerProcess, index: int) -> None:
+    blocks = TYPESCRIPT_BLOCK.findall((ROOT / "docs" / "client.md").read_text())
+    assert len(blocks) == 2, "docs/client.md's TypeScript examples changed: update this test's count"
+    source = blocks[index].replace("127.0.0.1:8001", demo_server.url)
+    done = subprocess.run(["node", "-e", RUN_TYPESCRIPT], input=source, capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), "the example printed nothing"

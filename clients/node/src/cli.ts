@@ -5,11 +5,14 @@
  *   node dist/cli.js '{"url": "127.0.0.1:8001", "model": "matmul16",
  *     "inputs": {"x": {"datatype": "FP32", "shape": [1, 16], "data": [0, 1, ...]}}}'
  *
- * Optional keys: token, deadlineMs, outputs, modelVersion, metadata. Prints
+ * Optional keys: token, deadlineMs, outputs, modelVersion, metadata, and retry (the client's
+ * RetryPolicy: maxAttempts, initialBackoffMs, maxBackoffMs, multiplier, jitter, and budgetTokens
+ * for the RetryBudget's size; each retry is
+ * reported on stderr as "retry N: CODE: details"). Prints
  * {"modelVersion": ..., "outputs": {name: {datatype, shape, data}}}; BYTES as strings,
  * 64-bit integers as decimal strings. Exit codes: 0 done, 2 bad request JSON, 4 the call failed.
  */
-import { InferenceClient, InferGateError, Tensor, TensorData } from "./index";
+import { InferenceClient, InferGateError, RetryBudget, Tensor, TensorData } from "./index";
 
 const BUILD: Record<string, (values: any[]) => TensorData> = {
   BOOL: (v) => Uint8Array.from(v.map((x) => (x ? 1 : 0))),
@@ -49,10 +52,13 @@ async function main(): Promise<number> {
     }
     inputs[name] = { datatype: tensor.datatype, shape: tensor.shape, data: build(tensor.data) };
   }
+  const retry = request.retry ?? {};
   const client = new InferenceClient(request.url, {
     token: request.token,
     deadlineMs: request.deadlineMs,
     metadata: request.metadata,
+    retry: { ...retry, onRetry: (attempt, error) => console.error(`retry ${attempt}: ${error.message}`) },
+    retryBudget: retry.budgetTokens !== undefined ? new RetryBudget(retry.budgetTokens) : undefined,
   });
   try {
     const result = await client.infer(request.model, inputs, {

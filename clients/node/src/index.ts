@@ -52,7 +52,60 @@ export interface ClientOptions {
   credentials?: grpc.ChannelCredentials;
   /** Folder holding grpc_service.proto (default: the repository's proto/). */
   protoDir?: string;
+  /** Retries of calls that failed with UNAVAILABLE (the Python SDK's policy and defaults). */
+  retry?: RetryPolicy;
+  /** The client-wide budget that stops retry storms (default: 10 tokens, 0.1 back per success). */
+  retryBudget?: RetryBudget;
 }
+
+/**
+ * Retries of calls that failed with UNAVAILABLE, and only those (a server restarting, a
+ * connection refused): never INVALID_ARGUMENT, DEADLINE_EXCEEDED or the rest. Attempt n (from 1)
+ * is followed by a pause of min(maxBackoffMs, initialBackoffMs * multiplier^(n-1)), scaled by a
+ * random factor in [1 - jitter, 1 + jitter]; no pause runs past the call's deadline, which covers
+ * every attempt. `onRetry(attempt, error)` is told of each retry.
+ */
+export interface RetryPolicy {
+  maxAttempts?: number; // default 5; 1 turns retries off
+  initialBackoffMs?: number; // default 100
+  maxBackoffMs?: number; // default 5000
+  multiplier?: number; // default 2
+  jitter?: number; // default 0.2
+  onRetry?: (attempt: number, error: InferGateError) => void;
+}
+
+/**
+ * gRPC's retry throttling: a bucket that starts full at `maxTokens`; each UNAVAILABLE costs one
+ * token and each success gives `tokenRatio` back; retries are allowed only while more than half
+ * the tokens are left. Share one between clients to throttle them together.
+ */
+export class RetryBudget {
+  private tokens: number;
+
+  constructor(
+    readonly maxTokens = 10,
+    readonly tokenRatio = 0.1,
+  ) {
+    if (!(maxTokens > 0) || !(tokenRatio >= 0)) throw new RangeError("maxTokens must be > 0 and tokenRatio >= 0");
+    this.tokens = maxTokens;
+  }
+
+  get left(): number {
+    return this.tokens;
+  }
+
+  onSuccess(): void {
+    this.tokens = Math.min(this.maxTokens, this.tokens + this.tokenRatio);
+  }
+
+  /** Spend a token for a failure; true when a retry is still allowed. */
+  onFailure(): boolean {
+    this.tokens = Math.max(0, this.tokens - 1);
+    return this.tokens > this.maxTokens / 2;
+  }
+}
+
+const UNAVAILABLE = 14;
 
 export interface InferOptions {
   outputs?: string[];
@@ -167,9 +220,11 @@ type Unary = (request: object, metadata: grpc.Metadata, options: grpc.CallOption
 export class InferenceClient {
   private readonly stub: grpc.Client & Record<string, Unary>;
   private readonly options: ClientOptions;
+  private readonly budget: RetryBudget;
 
   constructor(url: string, options: ClientOptions = {}) {
     this.options = options;
+    this.budget = options.retryBudget ?? new RetryBudget();
     const definition = protoLoader.loadSync("grpc_service.proto", {
       includeDirs: [options.protoDir ?? defaultProtoDir()],
       keepCase: true,
@@ -199,14 +254,44 @@ export class InferenceClient {
   }
 
   private async call<T>(method: string, request: object, deadlineMs?: number, extra?: Record<string, string>): Promise<T> {
-    const metadata = await this.metadata(extra);
     const deadline = Date.now() + (deadlineMs ?? this.options.deadlineMs ?? 30_000);
+    for (let attempt = 1; ; attempt++) {
+      const metadata = await this.metadata(extra); // a refreshing token is asked again for each attempt
+      try {
+        const reply = await this.attempt<T>(method, request, metadata, deadline);
+        this.budget.onSuccess();
+        return reply;
+      } catch (error) {
+        const pause = this.retryPause(error, attempt, deadline);
+        if (pause === undefined) throw error;
+        await new Promise((resolve) => setTimeout(resolve, pause));
+      }
+    }
+  }
+
+  private attempt<T>(method: string, request: object, metadata: grpc.Metadata, deadline: number): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       this.stub[method](request, metadata, { deadline }, (error: grpc.ServiceError | null, reply: T) => {
         if (error) reject(new InferGateError(error.code, grpc.status[error.code] ?? "UNKNOWN", error.details));
         else resolve(reply);
       });
     });
+  }
+
+  /** Milliseconds to wait before the next attempt, or undefined to give up and throw `error`. */
+  private retryPause(error: unknown, attempt: number, deadline: number): number | undefined {
+    if (!(error instanceof InferGateError) || error.code !== UNAVAILABLE) return undefined;
+    const policy = this.options.retry ?? {};
+    if (!this.budget.onFailure() || attempt >= (policy.maxAttempts ?? 5)) return undefined;
+    const base = Math.min(
+      policy.maxBackoffMs ?? 5000,
+      (policy.initialBackoffMs ?? 100) * (policy.multiplier ?? 2) ** (attempt - 1),
+    );
+    const jitter = policy.jitter ?? 0.2;
+    const pause = base * (1 - jitter + 2 * jitter * Math.random());
+    if (Date.now() + pause >= deadline) return undefined;
+    policy.onRetry?.(attempt, error);
+    return pause;
   }
 
   async isServerReady(): Promise<boolean> {
