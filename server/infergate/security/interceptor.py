@@ -220,10 +220,10 @@ class _Authorized:
         streaming_requests = handler.request_streaming
 
         def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
-            if streaming_requests or self.rule.filter_index:
+            if streaming_requests:
                 # A partial, not a coroutine that awaits this one: one coroutine less per call
                 # (gRPC sees through a partial to the coroutine function it wraps).
-                return functools.partial(self.unary_response, inner, streaming_requests)
+                return functools.partial(self.request_stream, inner)
             return self.checked_unary(inner)
 
         def stream(inner: StreamBehaviour) -> StreamBehaviour:
@@ -239,11 +239,10 @@ class _Authorized:
     def checked_unary(self, inner: UnaryBehaviour) -> UnaryBehaviour:
         """The behaviour of a unary call (ModelInfer and most others): checked, then ``inner``.
 
-        Its own coroutine function rather than a partial of :meth:`unary_response`: gRPC asks
-        each call's behaviour whether it is a coroutine function, which costs twice as much for
-        a partial, and the general method's branches are for streams and RepositoryIndex.
+        A coroutine function of its own rather than a partial: gRPC asks each call's behaviour
+        whether it is a coroutine function, which costs twice as much for a partial.
         """
-        check, action = self.check, self._action
+        check, action, filter_index = self.check, self._action, self.rule.filter_index
 
         async def authorized(request: Any, context: grpc.aio.ServicerContext) -> Any:
             principal = current_principal()
@@ -252,7 +251,8 @@ class _Authorized:
                 check(principal, request)
             except AuthError as refusal:
                 await abort_with(context, refusal, action)
-            return await inner(request, context)
+            response = await inner(request, context)
+            return filter_repository_index(principal, response) if filter_index else response
 
         return authorized
 
@@ -280,25 +280,15 @@ class _Authorized:
                 return
             yield request
 
-    async def unary_response(
-        self, inner: UnaryBehaviour, streaming_requests: bool, request: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
+    async def request_stream(self, inner: UnaryBehaviour, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        """A stream of requests answered once: each request is checked as it arrives."""
         principal = current_principal()
         assert principal is not None  # set by intercept_service in this call's task
         denied: list[AuthError] = []
-        if streaming_requests:
-            response = await inner(self._checked(principal, request, denied), context)
-        else:
-            try:
-                self.check(principal, request)
-            except AuthError as refusal:
-                await abort_with(context, refusal, _short(self.method))
-            response = await inner(request, context)
+        response = await inner(self._checked(principal, requests, denied), context)
         if denied:
-            await abort_with(context, denied[0], _short(self.method))
-        if self.rule.filter_index:
-            response = filter_repository_index(principal, response)
-        return response
+            await abort_with(context, denied[0], self._action)
+        return filter_repository_index(principal, response) if self.rule.filter_index else response
 
     async def streaming_responses(
         self, inner: StreamBehaviour, streaming_requests: bool, request: Any, context: grpc.aio.ServicerContext
@@ -312,8 +302,8 @@ class _Authorized:
             try:
                 self.check(principal, request)
             except AuthError as refusal:
-                await abort_with(context, refusal, _short(self.method))
+                await abort_with(context, refusal, self._action)
         async for response in inner(request, context):
             yield response
         if denied:
-            await abort_with(context, denied[0], _short(self.method))
+            await abort_with(context, denied[0], self._action)
