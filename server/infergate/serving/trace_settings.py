@@ -60,10 +60,8 @@ class TraceChange:
 
     def then(self, later: TraceChange) -> TraceChange:
         """This change and then ``later`` (same scope) as one: what a worker that joins late replays."""
-        kept = {name: None for name in later.cleared}
-        now = {f.name: v for f in dataclasses.fields(TraceRule) if (v := getattr(later.rule, f.name)) is not None}
-        rule = dataclasses.replace(self.rule, **{**kept, **now})
-        return TraceChange(self.model, rule, (self.cleared - now.keys()) | later.cleared)
+        rule = self.rule.changed(later.rule, later.cleared)
+        return TraceChange(self.model, rule, (self.cleared - later.rule.given().keys()) | later.cleared)
 
     def as_message(self) -> dict[str, Any]:
         """As JSON for the workers' control channel (``workers/control.py``)."""

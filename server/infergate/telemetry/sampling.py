@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["UNLIMITED", "TraceLevel", "TraceRule", "TraceSampler"]
 
@@ -43,6 +43,14 @@ class TraceRule:
     level: TraceLevel | None = None
     ratio: float | None = None
     count: int | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The fields this rule sets, by name."""
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def changed(self, changes: TraceRule, cleared: frozenset[str] = frozenset()) -> TraceRule:
+        """This rule with the fields ``changes`` sets, and the ``cleared`` ones unset."""
+        return dataclasses.replace(self, **{**dict.fromkeys(cleared), **changes.given()})
 
 
 @dataclass
@@ -86,10 +94,8 @@ class TraceSampler:
 
     def rule(self, model: str = "") -> TraceRule:
         """The settings that apply to ``model`` ("" for the server-wide ones), every field set."""
-        own = self._models.get(model, TraceRule())
-        budget = self._model_budgets.get(model, self._server_budget)
-        ratio = own.ratio if own.ratio is not None else self._ratio
-        return TraceRule(own.level or self._level, ratio, budget.left)
+        level, ratio = self._effective(self._models.get(model, TraceRule()))
+        return TraceRule(level, ratio, self._model_budgets.get(model, self._server_budget).left)
 
     def update(self, model: str, changes: TraceRule, cleared: frozenset[str] = frozenset()) -> None:
         """Set the fields ``changes`` sets, for ``model`` ("" server-wide); a model's ``cleared`` fields
@@ -100,7 +106,7 @@ class TraceSampler:
             if changes.count is not None:
                 self._server_budget.left = changes.count
         else:
-            rule = _merged(self._models.get(model, TraceRule()), changes, cleared)
+            rule = self._models.get(model, TraceRule()).changed(changes, cleared)
             if changes.count is not None:
                 self._model_budgets[model] = _Budget(changes.count)
             elif "count" in cleared:
@@ -113,12 +119,9 @@ class TraceSampler:
         self._scopes = {name: self._resolve(rule, self._model_budgets.get(name)) for name, rule in self._models.items()}
 
     def _resolve(self, own: TraceRule, budget: _Budget | None = None) -> _Scope:
-        level = own.level or self._level
-        ratio = own.ratio if own.ratio is not None else self._ratio
+        level, ratio = self._effective(own)
         return _Scope(level != "OFF" and ratio > 0, ratio, budget or self._server_budget)
 
-
-def _merged(rule: TraceRule, changes: TraceRule, cleared: frozenset[str]) -> TraceRule:
-    kept = {name: None for name in cleared}
-    set_now = {f.name: v for f in dataclasses.fields(TraceRule) if (v := getattr(changes, f.name)) is not None}
-    return dataclasses.replace(rule, **{**kept, **set_now})
+    def _effective(self, own: TraceRule) -> tuple[TraceLevel, float]:
+        """The level and ratio of a scope whose own rule is ``own``: its own, else the server-wide ones."""
+        return own.level or self._level, own.ratio if own.ratio is not None else self._ratio
