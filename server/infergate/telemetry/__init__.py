@@ -96,6 +96,9 @@ class Telemetry:
             if on or access_log
             else None
         )
+        # What writes the access log while LogSettings has verbose lines on, when the interceptor above does
+        # not exist: one stage, so that a settings call that leaves verbose on keeps the pipeline as it is.
+        self._late_access_log = TelemetryInterceptor(None, None) if self._interceptor is None else None
 
     @classmethod
     def from_config(cls, config: TelemetryConfig, *, access_log: bool = False) -> Telemetry:
@@ -149,9 +152,7 @@ class Telemetry:
         """The stage that writes the access log while DEBUG lines are on, for a server whose logging turned
         verbose after it started (LogSettings); None when not ``verbose``, or when :meth:`interceptors`
         already writes it (they write it whenever DEBUG lines are on)."""
-        if not verbose or self._interceptor is not None:
-            return None
-        return TelemetryInterceptor(None, None)
+        return self._late_access_log if verbose else None
 
     def start(self) -> None:
         """Open the Prometheus endpoint (when configured); ``metrics_port`` is then the bound port."""
