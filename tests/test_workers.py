@@ -7,10 +7,13 @@ keeps opening them until every worker got one, so what is checked held on each.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import launch_server, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from models import save_model
 
 from infergate._proto import grpc_service_pb2 as pb
@@ -108,10 +112,69 @@ def test_a_worker_takes_connections_only_once_its_models_are_loaded(tmp_path: Pa
     assert code == 0, server.log()
 
 
+def _worker_children(supervisor: int) -> dict[int, int]:
+    """The supervisor's workers that have started Python (their command line names their index): index -> pid."""
+    out: dict[int, int] = {}
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    for pid in map(int, children):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except FileNotFoundError:
+            continue
+        if "--worker-index" in argv:
+            out[int(argv[argv.index("--worker-index") + 1])] = pid
+    return out
+
+
+def test_no_worker_reports_serving_before_every_worker_listens(demo_repository: Path, log_dir: Path) -> None:
+    """A readiness probe must not admit the port while one worker would get every new connection.
+
+    Worker 1 is held (SIGSTOP) from the moment it runs, long before it can
+    listen. Worker 0 loads and listens, and answers NOT_SERVING: the kernel
+    would give it every connection opened now, and a gRPC client keeps its
+    connection. Once worker 1 runs again and listens, both answer SERVING.
+    """
+    log_path = log_dir / "server-readiness.log"
+    command = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(demo_repository), "--port", "0"]
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen([*command, "--workers", "2"], stdout=subprocess.PIPE, stderr=log_file, text=True)
+    assert process.stdout is not None
+    held: int | None = None
+    try:
+        wait_until(lambda: 1 in _worker_children(process.pid), "worker 1 started")
+        held = _worker_children(process.pid)[1]
+        os.kill(held, signal.SIGSTOP)
+        wait_until(lambda: 0 in _worker_children(process.pid), "worker 0 started")
+        first = _worker_children(process.pid)[0]
+        listening = rf"\[{first}\] .*listening on 127\.0\.0\.1:(\d+)"
+        wait_until(lambda: re.search(listening, log_path.read_text()), "worker 0 listening")
+        log = log_path.read_text()
+        assert not re.search(rf"\[{held}\] .*listening on", log), "worker 1 was held too late to test anything"
+        url = f"127.0.0.1:{int(re.findall(listening, log)[0])}"
+        alone = Connection(url)
+        assert (alone.worker, alone.serving()) == ("0/2", (NOT_SERVING, False))
+        alone.close()
+
+        os.kill(held, signal.SIGCONT)
+        assert f"listening on {url}" in process.stdout.readline()  # the supervisor's line: both workers listen
+        for connection in _connections(url, {"0/2", "1/2"}):
+            assert connection.serving() == (SERVING, True), connection.worker
+            connection.close()
+    finally:
+        if held is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(held, signal.SIGCONT)
+        process.terminate()
+        code = process.wait(timeout=GUARD_S)
+        process.stdout.close()
+    assert code == 0, log_path.read_text()
+
+
 # --------------------------------------------------------------------------- one server, not N
 
 
 X = np.arange(16, dtype=np.float32).reshape(1, 16)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 LOCAL_POOL = [("grpc.use_local_subchannel_pool", 1)]  # a new channel is a new connection
 GUARD_S = 60.0
 
@@ -133,6 +196,11 @@ class Connection:
 
     def ready(self, model: str = "matmul16") -> bool:
         return bool(self.stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=GUARD_S).ready)
+
+    def serving(self) -> tuple[int, bool]:
+        """What a readiness probe sees: health ("", the server) and ServerReady."""
+        health = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(), timeout=GUARD_S)
+        return health.status, bool(self.stub.ServerReady(pb.ServerReadyRequest(), timeout=GUARD_S).ready)
 
     def successes(self, model: str = "matmul16") -> int:
         reply = self.stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=GUARD_S)

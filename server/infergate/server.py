@@ -160,6 +160,7 @@ class InferGateServer:
         )
         control: ModelControl = self._worker_control or local
         self._poller: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None  # a worker's SERVING, once every worker listens
         self._health = health.aio.HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
         auth = None
@@ -252,6 +253,7 @@ class InferGateServer:
         """Load the models; report SERVING when all loaded (or, not strict, when done).
 
         Explicit mode loads only ``load_models`` ("*": all) and is ready without models.
+        A worker of ``--workers N`` reports only once every worker listens (``WorkerControl.all_listen``).
         """
         await self.repository.load_all(self._startup_models(), source="startup")
         # A worker first applies what was loaded and unloaded through the API since the start.
@@ -261,6 +263,15 @@ class InferGateServer:
             log.info("start-up heap frozen: %d objects the garbage collector will not walk again", self._heap.freeze())
         failed = self.repository.catalog.not_ready() if self.config.model_control_mode != "explicit" else []
         ready = not failed or not self.config.strict_readiness
+        if self._worker_control is None or self._worker_control.all_listen.is_set():
+            await self._report(ready, failed)
+        else:  # this worker listens next; the others may not yet
+            self._reporter = asyncio.create_task(self._report_once_all_listen(ready, failed), name="readiness")
+        if self.config.model_control_mode == "poll":
+            self._poller = asyncio.create_task(self._poll(), name="repository poll")
+        return ready
+
+    async def _report(self, ready: bool, failed: list[str]) -> None:
         self.readiness.ready = ready
         # The inference service answers for the models that loaded, whatever failed: clients that
         # balance on its health (the SDK) keep their calls to them. "" is readiness, strict or not.
@@ -273,9 +284,11 @@ class InferGateServer:
             f", failed: {', '.join(failed)}" if failed else "",
             "ready" if ready else "NOT ready (strict readiness)",
         )
-        if self.config.model_control_mode == "poll":
-            self._poller = asyncio.create_task(self._poll(), name="repository poll")
-        return ready
+
+    async def _report_once_all_listen(self, ready: bool, failed: list[str]) -> None:
+        assert self._worker_control is not None
+        await self._worker_control.all_listen.wait()
+        await self._report(ready, failed)
 
     def _canaries(self) -> list[tuple[str, int, float, str]]:
         """Each model's canary as the metrics report it (read on the scrape thread: lookups only)."""
@@ -327,9 +340,10 @@ class InferGateServer:
         await self._health.enter_graceful_shutdown()
         if self._worker_control is not None:
             await self._worker_control.aclose()  # leave model control before the supervisor notices
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        for task in (self._reporter, self._poller):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.config.shutdown_delay_seconds > 0:
             log.info("NOT_SERVING; still serving for %.1fs", self.config.shutdown_delay_seconds)
             await asyncio.sleep(self.config.shutdown_delay_seconds)

@@ -17,6 +17,13 @@ can open (``mkdtemp``, mode 0700); nothing listens on a network port.
   then on the hub sends ``{"op": "load"|"unload", "model": NAME}`` on that
   connection and the worker answers ``{"ok": true}`` or
   ``{"ok": false, "status": "NOT_FOUND", "message": "..."}``.
+* **Readiness is the server's, not one worker's.** A worker listens once it
+  joined, but reports SERVING (health, ServerReady) only when the hub says that
+  every worker listens: ``{"op": "serve"}``, sent once the supervisor read
+  every worker's "listening on" line, or ``"serve": true`` in the ``joined``
+  message of a worker that joins after that (a restart). Otherwise the first
+  worker up would pass a readiness probe while the kernel still gave it every
+  new connection, and long-lived connections would stay on it.
 * A worker serving a control call opens a short connection, sends
   ``{"call": "load"|"unload", "model": NAME}`` and relays the hub's answer.
 * LogSettings goes the same way: ``{"call": "log", "settings": {...}}`` from
@@ -66,6 +73,7 @@ log = logging.getLogger(__name__)
 OPS = ("load", "unload")
 LOG = "log"  # the op and call that carry log settings
 TRACE = "trace"  # and trace settings
+SERVE = "serve"  # every worker listens: report SERVING
 # Replies that mean the call changed nothing anywhere (no such model): such a call is not replayed.
 _NAMED_NOTHING = frozenset({"NOT_FOUND", "INVALID_ARGUMENT"})
 _ERRORS: dict[str, type[InferGateError]] = {
@@ -152,6 +160,7 @@ class ControlHub:
         self._calls: dict[str, str] = {}  # model -> the last op asked for it, in the order asked
         self._log_settings: Message | None = None  # the last LogSettings change, for workers that join later
         self._trace_changes: dict[str, TraceChange] = {}  # per scope, every TraceSetting change merged
+        self._all_listen = False  # once set, a worker that joins reports SERVING at once
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -208,13 +217,20 @@ class ControlHub:
                     return
                 if not reply.get("ok"):
                     log.warning("worker %d: %s on joining: %s", agent.index, what, reply.get("message"))
-            await _send(agent.writer, {"joined": True})
+            await _send(agent.writer, {"joined": True, SERVE: self._all_listen})
             previous = self._agents.pop(agent.index, None)
             if previous is not None:
                 previous.close()
             self._agents[agent.index] = agent
         log.info("worker %d joined model control (%d call(s) replayed)", agent.index, len(self._calls))
         await agent.closed.wait()  # the connection stays open while the worker lives
+
+    async def all_listen(self) -> None:
+        """Every worker listens on the port: have each report SERVING (one that joins later does so at once)."""
+        async with self._lock:
+            self._all_listen = True
+            answered = await self._ask_all({"op": SERVE})
+        log.info("every worker listens: %d worker(s) report SERVING", len(answered))
 
     async def apply(self, op: str, model: str) -> Message:
         """Apply ``op`` to ``model`` in every joined worker; one reply for the caller."""
@@ -281,8 +297,9 @@ class WorkerControl:
     """A worker's :class:`~infergate.serving.control.ModelControl`: every call goes through the hub.
 
     ``local`` applies what the hub sends. :meth:`join` (after the start-up
-    models loaded, before the worker reports ready) catches up with the calls
-    made so far. If the hub's connection drops while the worker serves, the
+    models loaded, before the worker listens) catches up with the calls made
+    so far; ``all_listen`` is set once every worker listens, and the worker
+    reports SERVING only then. If the hub's connection drops while the worker serves, the
     supervisor is gone: ``on_lost`` runs (by default SIGTERM to this process,
     so an orphaned worker drains and exits instead of serving on alone).
     """
@@ -304,6 +321,7 @@ class WorkerControl:
         # What LogSettings and TraceSetting call in this worker: read here, changed in every worker by the hub.
         self.log_settings: LogSettings | None = _SharedLogSettings(self, logs) if logs is not None else None
         self.trace_settings: TraceSettings | None = _SharedTraceSettings(self, traces) if traces is not None else None
+        self.all_listen = asyncio.Event()  # the hub said every worker listens on the port
         self._follower: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -361,6 +379,8 @@ class WorkerControl:
             log.error("the supervisor closed model control while this worker joined; stopping it")
             self._on_lost()
             return False
+        if message.get(SERVE):
+            self.all_listen.set()
         self._follower = asyncio.create_task(self._follow(reader, writer), name="model control")
         return True
 
@@ -379,7 +399,9 @@ class WorkerControl:
     async def _apply(self, message: Message, writer: asyncio.StreamWriter) -> None:
         op, model = message.get("op"), message.get("model")
         try:
-            if op == LOG and self._logs is not None and isinstance(message.get("settings"), dict):
+            if op == SERVE:
+                self.all_listen.set()
+            elif op == LOG and self._logs is not None and isinstance(message.get("settings"), dict):
                 await self._logs.change(LogSettingsChange.from_message(message["settings"]))
             elif op == TRACE and self._traces is not None and isinstance(message.get("change"), dict):
                 await self._traces.change(TraceChange.from_message(message["change"]))

@@ -13,7 +13,10 @@ The supervisor is also what makes N processes one server:
   any worker is applied in every worker before the call returns, and replayed
   to a worker restarted after a crash (``control.py``);
 * **metrics**: with ``--metrics-port`` it serves the one Prometheus endpoint,
-  merging every worker's series (``metrics.py``).
+  merging every worker's series (``metrics.py``);
+* **readiness**: a worker reports SERVING only once every worker listens
+  (``ControlHub.all_listen``), so a readiness probe never admits the port
+  while one worker would take every new connection.
 
 Note that a gRPC client keeps one connection, so one client lands on one
 worker; spread calls over several channels (or clients) to use them all.
@@ -229,6 +232,7 @@ async def supervise(
             raise
         finally:
             reserved.close()
+        await shared.hub.all_listen()  # before "listening on": from that line on, every worker is SERVING
         address = f"{host}:{port}"
         print(announcement(LISTENING + address, log_format, address=address), flush=True)
         if shared.metrics is not None and metrics_address is not None:
