@@ -18,6 +18,7 @@ from infergate.security.config import AuthConfig, LimitsConfig, TlsConfig
 
 __all__ = [
     "ConfigError",
+    "ConnectionsConfig",
     "LoggingConfig",
     "ServerConfig",
     "SharedMemoryConfig",
@@ -57,6 +58,40 @@ class SystemSharedMemoryConfig(Strict):
     enabled: bool = False
     max_regions: Annotated[int, Field(ge=1, le=4096)] = 64  # registered at once
     max_bytes: Annotated[int, Field(ge=1)] = 1 << 30  # mapped at once, all regions together
+
+
+Seconds = Annotated[float, Field(ge=0.001, le=7 * 86_400)]  # gRPC takes whole milliseconds in a C int
+
+
+class ConnectionsConfig(Strict):
+    """How long a client connection lives (docs/deploy.md, "Balancing gRPC calls").
+
+    A gRPC client keeps one connection, and a Service or ``--workers`` spreads
+    connections, not calls: pods added by a scale-out, or a restarted worker,
+    get nothing from clients already connected. With ``max_age_seconds`` each
+    connection is told to go (GOAWAY) after that long, give or take 10%; the
+    client opens a new one, which may land elsewhere. Calls in flight get
+    ``max_age_grace_seconds`` to finish before the connection is closed, and a
+    stream still open then ends with UNAVAILABLE.
+    """
+
+    max_age_seconds: Seconds | None = None  # grpc.max_connection_age_ms; unset: connections live on
+    max_age_grace_seconds: Annotated[float, Field(ge=0, le=7 * 86_400)] = 30.0  # grpc.max_connection_age_grace_ms
+    max_idle_seconds: Seconds | None = None  # grpc.max_connection_idle_ms: close one without calls this long
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC server options for these settings (none for what is unset)."""
+        options: list[tuple[str, int]] = []
+        if self.max_age_seconds is not None:
+            options.append(("grpc.max_connection_age_ms", _ms(self.max_age_seconds)))
+            options.append(("grpc.max_connection_age_grace_ms", _ms(self.max_age_grace_seconds)))
+        if self.max_idle_seconds is not None:
+            options.append(("grpc.max_connection_idle_ms", _ms(self.max_idle_seconds)))
+        return options
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
 
 
 class SharedMemoryConfig(Strict):
@@ -104,6 +139,7 @@ class ServerConfig(Strict):
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None
     limits: LimitsConfig = LimitsConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
     shared_memory: SharedMemoryConfig = SharedMemoryConfig()
 
     @model_validator(mode="after")

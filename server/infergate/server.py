@@ -186,6 +186,7 @@ class InferGateServer:
                 # thousand calls a second: every call then expired in the queue (docs/deploy.md, Overload).
                 ("grpc.server.max_pending_requests", limits.max_pending_calls),
                 ("grpc.server.max_pending_requests_hard_limit", 2 * limits.max_pending_calls),
+                *config.connections.grpc_options(),
             ],
         )
         servicer = InferenceServicer(
