@@ -5,14 +5,20 @@ spreads connections, not calls. With ``max_age_seconds`` the server tells each
 connection to go (GOAWAY) after that long; the client reconnects, and the new
 connection may land elsewhere, while no call fails. Calls in flight get
 ``max_age_grace_seconds``; a stream still open after that ends with UNAVAILABLE.
-``max_idle_seconds`` closes a connection that carried no call for that long.
+``max_idle_seconds`` closes a connection that carried no call for that long,
+and keepalive pings close one whose client stopped answering, freeing its calls.
 Each test runs a real server and real clients; what is waited for is observable
 (which worker answered, the channel's state, a stream's end), never a sleep.
 """
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,12 +123,70 @@ def test_a_connection_without_calls_is_closed_and_the_next_call_reconnects(serve
         client.close()
 
 
+# A client that opens a stream, gets one answer, says so and then holds the stream open.
+STREAMING_CLIENT = textwrap.dedent("""
+    import queue, sys
+    import grpc, numpy as np
+    from infergate._proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 16])
+    request = pb.ModelInferRequest(model_name="matmul16", inputs=[tensor],
+                                   raw_input_contents=[np.ones((1, 16), np.float32).tobytes()])
+    requests = queue.Queue()
+    requests.put(request)
+    channel = grpc.insecure_channel(sys.argv[1])
+    replies = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests.get, None))
+    assert next(replies).error_message == ""
+    print("streaming", flush=True)
+    sys.stdin.read()
+""")
+
+
+@pytest.mark.parametrize(
+    "server",
+    [("{keepalive_time_seconds: 0.5, keepalive_timeout_seconds: 0.5}\nlimits: {max_inference_calls: 1}",)],
+    indirect=True,
+)
+def test_a_client_that_stops_answering_loses_its_stream_and_the_call_slot_it_held(server: ServerProcess) -> None:
+    """The client holds the server's one inference call slot with an open stream, then freezes
+    (SIGSTOP: its host hung; TCP still answers, gRPC does not). The server's keepalive ping goes
+    unanswered, it closes the connection, and the slot serves others again."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", STREAMING_CLIENT, server.url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert client.stdout is not None
+    try:
+        assert client.stdout.readline() == "streaming\n"
+        with grpc.insecure_channel(server.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(_request(), timeout=GUARD_S)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the stream holds the one slot
+            os.kill(client.pid, signal.SIGSTOP)
+
+            def served() -> bool:
+                try:
+                    stub.ModelInfer(_request(), timeout=GUARD_S)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                    return False
+                return True
+
+            wait_until(served, "the frozen client's slot freed")
+    finally:
+        client.kill()
+        client.wait()
+        client.stdout.close()
+        if client.stdin is not None:
+            client.stdin.close()
+
+
 @pytest.mark.parametrize(
     ("block", "field"),
     [
         ("{max_age_seconds: 0}", "connections.max_age_seconds"),
         ("{max_idle_seconds: -1}", "connections.max_idle_seconds"),
         ("{max_age_grace_seconds: -1}", "connections.max_age_grace_seconds"),
+        ("{keepalive_timeout_seconds: 0}", "connections.keepalive_timeout_seconds"),
         ("{max_age: 60}", "connections.max_age"),
     ],
 )

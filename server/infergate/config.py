@@ -73,15 +73,30 @@ class ConnectionsConfig(Strict):
     client opens a new one, which may land elsewhere. Calls in flight get
     ``max_age_grace_seconds`` to finish before the connection is closed, and a
     stream still open then ends with UNAVAILABLE.
+
+    A client whose host died or hung leaves its connection open, and its
+    stream (an inference call slot, a sequence) with it: TCP alone may not
+    notice for hours. The server pings each connection that has calls open
+    every ``keepalive_time_seconds`` and closes it when a ping is unanswered
+    for ``keepalive_timeout_seconds``, which cancels its calls. (gRPC's own
+    default is two hours.)
     """
 
     max_age_seconds: Seconds | None = None  # grpc.max_connection_age_ms; unset: connections live on
     max_age_grace_seconds: Annotated[float, Field(ge=0, le=7 * 86_400)] = 30.0  # grpc.max_connection_age_grace_ms
     max_idle_seconds: Seconds | None = None  # grpc.max_connection_idle_ms: close one without calls this long
+    keepalive_time_seconds: Seconds = 60.0  # grpc.keepalive_time_ms
+    keepalive_timeout_seconds: Seconds = 20.0  # grpc.keepalive_timeout_ms
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """The gRPC server options for these settings (none for what is unset)."""
-        options: list[tuple[str, int]] = []
+        options = [
+            ("grpc.keepalive_time_ms", _ms(self.keepalive_time_seconds)),
+            ("grpc.keepalive_timeout_ms", _ms(self.keepalive_timeout_seconds)),
+            # gRPC 1.85 waits for a keepalive ping's ack for its general ping timeout (a minute), not
+            # for keepalive_timeout_ms alone (tested: a frozen client was never dropped without this).
+            ("grpc.http2.ping_timeout_ms", _ms(self.keepalive_timeout_seconds)),
+        ]
         if self.max_age_seconds is not None:
             options.append(("grpc.max_connection_age_ms", _ms(self.max_age_seconds)))
             options.append(("grpc.max_connection_age_grace_ms", _ms(self.max_age_grace_seconds)))
