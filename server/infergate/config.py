@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "ConnectionsConfig",
     "LoggingConfig",
+    "ResponseCacheConfig",
     "ServerConfig",
     "SharedMemoryConfig",
     "SystemSharedMemoryConfig",
@@ -109,6 +110,13 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
+class ResponseCacheConfig(Strict):
+    """The one response cache that models with ``response_cache: {enable: true}`` share
+    (models/response_cache.py); 0 turns it off for every model."""
+
+    max_bytes: Annotated[int, Field(ge=0)] = 256 * 1024 * 1024
+
+
 class SharedMemoryConfig(Strict):
     """Tensors passed through shared memory instead of the request (CUDA: not implemented)."""
 
@@ -155,6 +163,7 @@ class ServerConfig(Strict):
     tls: TlsConfig | None = None
     limits: LimitsConfig = LimitsConfig()
     connections: ConnectionsConfig = ConnectionsConfig()
+    response_cache: ResponseCacheConfig = ResponseCacheConfig()
     shared_memory: SharedMemoryConfig = SharedMemoryConfig()
 
     @model_validator(mode="after")

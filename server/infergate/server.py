@@ -29,6 +29,7 @@ from infergate.audit import AuditLog
 from infergate.config import ServerConfig
 from infergate.eventloop import describe as describe_loop
 from infergate.heap import FrozenHeap
+from infergate.models.response_cache import ResponseCache
 from infergate.monitoring.metrics import DriftReadings
 from infergate.repository.loader import ModelRepository
 from infergate.routing.shadow import ShadowQueue
@@ -146,6 +147,7 @@ class InferGateServer:
             self.repository.catalog,
             RequestLimits(limits.max_elements_per_tensor, limits.max_batch_rows, limits.max_inputs_per_request),
             self.shadows,
+            ResponseCache(config.response_cache.max_bytes) if config.response_cache.max_bytes else None,
         )
         if metrics is not None:
             metrics.watch_drift(DriftReadings(self.repository.catalog.served))

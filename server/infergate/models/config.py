@@ -356,6 +356,13 @@ class SequenceBatching(Strict):
         return None
 
 
+class ResponseCache(Strict):
+    """Triton's ``response_cache``: answer a request seen before from the server's cache
+    (models/response_cache.py). Only for a model whose answer depends on its inputs alone."""
+
+    enable: bool = False
+
+
 class LatestPolicy(Strict):
     num_versions: Annotated[int, Field(ge=1, le=1000)] = 1
 
@@ -448,6 +455,7 @@ class ModelConfig(Strict):
     metadata: Metadata = Metadata()
     # Triton's names: scheduling of stateful models, warm-up samples, and what the graph cannot say about tensors.
     sequence_batching: SequenceBatching | None = None
+    response_cache: ResponseCache = ResponseCache()
     model_warmup: list[WarmupSample] = []
     input: list[InputConfig] = []
     output: list[OutputConfig] = []
@@ -456,6 +464,11 @@ class ModelConfig(Strict):
     def _one_scheduler(self) -> ModelConfig:
         if self.sequence_batching is not None and "dynamic_batching" in self.model_fields_set:
             raise ValueError("choose one of dynamic_batching and sequence_batching (Triton's scheduling_choice)")
+        if self.sequence_batching is not None and self.response_cache.enable:
+            raise ValueError(
+                "response_cache.enable needs a model without sequence_batching: a stateful model's answer "
+                "depends on its sequence's state, not on the request alone"
+            )
         for kind, entries in (("input", self.input), ("output", self.output)):
             names = [e.name for e in entries]
             twice = sorted({n for n in names if names.count(n) > 1})

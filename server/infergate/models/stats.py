@@ -50,6 +50,9 @@ class ModelStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    # Response cache: answers found (time to look up) and not found (time to look up and keep).
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     inference_count: int = 0  # rows
     execution_count: int = 0  # batches
     last_inference_ms: int = 0

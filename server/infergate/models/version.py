@@ -65,6 +65,9 @@ class ModelVersion:
         self.spec: ModelSpec = runner.spec if sequences is None else request_spec(runner.spec, sequences)
         self.labels: Mapping[str, tuple[str, ...]] = labels or {}
         self.stats = ModelStats()
+        # This load's part of every response-cache key: a reload of the same version never answers
+        # from the one it replaced. A plain object, so the cache keeps no version alive.
+        self.cache_token: object | None = object() if config.response_cache.enable else None
         self._observer: ModelObserver | None = None
         batching = (
             config.dynamic_batching

@@ -9,7 +9,9 @@ here and knows no gRPC:
 2. **decode**: the request's tensors, checked against that version's spec;
 3. **infer**: the version's batcher queues them and its runner executes the batch
    (a stateful model's requests go through its sequence scheduler, which adds
-   the control and state inputs); outputs asked for as classes become top-k strings;
+   the control and state inputs); outputs asked for as classes become top-k strings.
+   A model with ``response_cache`` enabled first looks for the same inputs in the
+   server's response cache, and keeps what it computes there;
 4. **record**: the outcome goes to the version's statistics and to the router (canary),
    and an answered request is offered to the version's monitor (drift, payload log:
    sampled, handed to a background thread, never waited on);
@@ -28,6 +30,7 @@ import functools
 import time
 
 from infergate.errors import Cancelled, InvalidArgument, NotFound
+from infergate.models.response_cache import ResponseCache, request_digest
 from infergate.models.sequence import refuse_sequence
 from infergate.models.spec import Tensors
 from infergate.repository.catalog import ModelCatalog, Routed, ShadowTarget
@@ -47,10 +50,14 @@ _EXPIRY_SLACK_NS = 5_000_000
 class InferenceHandler:
     """Serves inference requests from the models in ``catalog``."""
 
-    def __init__(self, catalog: ModelCatalog, limits: RequestLimits, shadows: ShadowQueue):
+    def __init__(
+        self, catalog: ModelCatalog, limits: RequestLimits, shadows: ShadowQueue, cache: ResponseCache | None = None
+    ):
+        """``cache``: the response cache of the models that enable one (None: none of them caches)."""
         self._catalog = catalog
         self._limits = limits
         self._shadows = shadows
+        self._cache = cache
 
     async def infer(self, request: InferenceRequest, remaining: float | None) -> InferenceResult:
         """Run ``request``; ``remaining`` is the caller's deadline in seconds from now, if any.
@@ -64,7 +71,10 @@ class InferenceHandler:
         model = routed.model
         try:
             decoded = request.decode(model.spec, self._limits)
-            outputs = await self._run(routed, decoded, request, remaining)
+            if model.cache_token is not None and self._cache is not None:
+                outputs = await self._cached(self._cache, routed, decoded, request, remaining)
+            else:
+                outputs = await self._run(routed, decoded, request, remaining)
             answer = classify_outputs(outputs, decoded.classes, model.spec, model.labels)
         except BaseException as exc:  # a cancelled call (CancelledError) is an outcome too: never a success
             error = exc
@@ -76,6 +86,32 @@ class InferenceHandler:
         if routed.shadow is not None and model.sequences is None:
             self._mirror(routed.shadow, decoded, outputs)
         return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id)
+
+    async def _cached(
+        self,
+        cache: ResponseCache,
+        routed: Routed,
+        decoded: DecodedRequest,
+        request: InferenceRequest,
+        remaining: float | None,
+    ) -> Tensors:
+        """The answer kept for the same inputs, or the computed one, kept for next time."""
+        model = routed.model
+        refuse_sequence(model.name, decoded.sequence)  # a request the model would refuse is refused, kept or not
+        model.priority_level(request.priority)
+        stats = model.stats
+        started = time.perf_counter_ns()
+        key = (model.cache_token, request_digest(decoded.inputs))
+        kept = cache.get(key)
+        if kept is not None:
+            stats.cache_hit.add(time.perf_counter_ns() - started)
+            return dict(kept)
+        looked_up = time.perf_counter_ns() - started
+        outputs = await self._run(routed, decoded, request, remaining)
+        keeping = time.perf_counter_ns()
+        cache.put(key, outputs)
+        stats.cache_miss.add(looked_up + time.perf_counter_ns() - keeping)
+        return outputs
 
     @staticmethod
     async def _run(

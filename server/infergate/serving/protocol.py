@@ -77,6 +77,7 @@ def model_config_message(model: ModelVersion) -> mc.ModelConfig:
         # Governance metadata (owner, source_run, sha256…), as Triton's string parameters.
         parameters={k: mc.ModelParameter(string_value=v) for k, v in metadata_parameters(model.metadata).items()},
         model_warmup=[_warmup_message(sample) for sample in config.model_warmup],
+        response_cache=mc.ModelResponseCache(enable=config.response_cache.enable),
     )
     if config.sequence_batching is not None:
         message.sequence_batching.CopyFrom(sequence_batching_message(config.sequence_batching))
@@ -128,6 +129,8 @@ def model_statistics_message(model: ModelVersion) -> pb.ModelStatistics:
             compute_input=_duration(s.compute_input),
             compute_infer=_duration(s.compute_infer),
             compute_output=_duration(s.compute_output),
+            cache_hit=_duration(s.cache_hit),
+            cache_miss=_duration(s.cache_miss),
         ),
         batch_stats=[
             pb.InferBatchStatistics(

@@ -78,6 +78,16 @@ _COUNTERS: dict[str, tuple[str, Callable[[ModelStats], int]]] = {
         "Cumulative inference compute output duration in microseconds (each request charged its batch's time)",
         lambda s: _us(s.compute_output.ns),
     ),
+    "nv_cache_num_hits_per_model": ("Number of response cache hits per model", lambda s: s.cache_hit.count),
+    "nv_cache_num_misses_per_model": ("Number of response cache misses per model", lambda s: s.cache_miss.count),
+    "nv_cache_hit_duration_per_model": (
+        "Total cache hit duration per model, in microseconds",
+        lambda s: _us(s.cache_hit.ns),
+    ),
+    "nv_cache_miss_duration_per_model": (
+        "Total cache miss duration per model, in microseconds (looking up, then keeping the answer)",
+        lambda s: _us(s.cache_miss.ns),
+    ),
 }
 
 # The untyped families that only ever grow (a merge of several processes sums them and

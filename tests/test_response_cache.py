@@ -1,0 +1,221 @@
+"""Triton's response cache: a model with ``response_cache: {enable: true}`` answers a request it
+has answered before without running it, and ModelStatistics and Triton's metrics count it as
+Triton does (``cache_hit``/``cache_miss``; no execution, no inference counted for a hit).
+
+Against a real server with tritonclient, except the cache's own bound and the digest, which
+are read directly. The cache never answers for a version that a reload replaced, never
+answers a request the model would refuse, and keeps at most ``response_cache.max_bytes``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import ServerProcess, running_server
+from onnx import TensorProto, helper, numpy_helper
+from tritonclient.utils import InferenceServerException
+
+from infergate.config import load_server_config
+from infergate.configfile import ConfigError
+from infergate.models.config import load_model_config
+from infergate.models.response_cache import ResponseCache, request_digest
+
+CACHED = "response_cache: {enable: true}\n"
+
+
+def build_scale_model(factor: float) -> onnx.ModelProto:
+    """``y = x * factor`` for ``x`` FP32 [batch, 4]."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.array(factor, dtype=np.float32), "k")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def write_model(root: Path, name: str, factor: float, config: str = CACHED) -> None:
+    """Version 1 of ``name`` (written aside, then renamed into place) and its config.yaml."""
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "config.yaml").write_text(config)
+    staging = root / f".{name}-model.onnx"
+    staging.write_bytes(build_scale_model(factor).SerializeToString())
+    (root / name / "1").mkdir(exist_ok=True)
+    os.replace(staging, root / name / "1" / "model.onnx")
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    write_model(root, "cached", 2.0)
+    write_model(root, "plain", 2.0, config="max_batch_size: 8\n")
+    return root
+
+
+@pytest.fixture
+def server(repository: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    with running_server(repository, tmp_path, "--metrics-port", "0") as server:
+        yield server
+
+
+def infer(client: grpcclient.InferenceServerClient, model: str, x: np.ndarray, **kwargs: object) -> np.ndarray:
+    tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(model, [tensor], **kwargs)  # type: ignore[arg-type]
+    return result.as_numpy("y")  # type: ignore[no-any-return]
+
+
+def statistics(client: grpcclient.InferenceServerClient, model: str) -> dict[str, int]:
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    inference = stats["inference_stats"]
+    return {
+        "hits": int(inference["cache_hit"].get("count", 0)),
+        "misses": int(inference["cache_miss"].get("count", 0)),
+        "successes": int(inference["success"].get("count", 0)),
+        "executions": int(stats.get("execution_count", 0)),
+        "inferences": int(stats.get("inference_count", 0)),
+    }
+
+
+ONES = np.ones((1, 4), np.float32)
+TWOS = np.full((1, 4), 2.0, np.float32)
+
+
+def test_a_repeated_request_is_answered_from_the_cache_and_counted_as_triton_counts_it(server: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        first, again = infer(client, "cached", ONES), infer(client, "cached", ONES)
+        np.testing.assert_array_equal(first, ONES * 2)
+        np.testing.assert_array_equal(again, first)
+        assert statistics(client, "cached") == {
+            "hits": 1, "misses": 1, "successes": 2, "executions": 1, "inferences": 1,
+        }  # fmt: skip
+
+        np.testing.assert_array_equal(infer(client, "cached", TWOS), TWOS * 2)  # other inputs: computed
+        assert statistics(client, "cached")["misses"] == 2
+        assert client.get_model_config("cached").config.response_cache.enable  # tritonclient's own proto
+        assert server.metric("nv_cache_num_hits_per_model", model="cached") == 1
+        assert server.metric("nv_cache_num_misses_per_model", model="cached") == 2
+    finally:
+        client.close()
+
+
+def test_a_model_that_does_not_enable_the_cache_runs_every_request(server: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        infer(client, "plain", ONES)
+        infer(client, "plain", ONES)
+        assert statistics(client, "plain") == {
+            "hits": 0, "misses": 0, "successes": 2, "executions": 2, "inferences": 2,
+        }  # fmt: skip
+        assert not client.get_model_config("plain").config.response_cache.enable
+    finally:
+        client.close()
+
+
+def test_a_request_the_model_refuses_is_refused_though_its_inputs_are_cached(server: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        infer(client, "cached", ONES)
+        with pytest.raises(InferenceServerException) as refused:
+            infer(client, "cached", ONES, priority=1)  # the model has no priority levels
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "priority" in str(refused.value.message())
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "hits"),
+    [
+        (1 << 20, 1),  # A, B, A: the second A is a hit
+        (40, 0),  # room for one answer (16 bytes of y, 16 of key): B pushes A out
+        (0, 0),  # off for every model
+    ],
+)
+def test_response_cache_max_bytes_bounds_what_is_kept(
+    repository: Path, tmp_path: Path, max_bytes: int, hits: int
+) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text(f"response_cache: {{max_bytes: {max_bytes}}}\n")
+    with running_server(repository, tmp_path, "--config", str(config)) as server:
+        client = grpcclient.InferenceServerClient(server.url)
+        try:
+            for x in (ONES, TWOS, ONES):
+                infer(client, "cached", x)
+            counted = statistics(client, "cached")
+        finally:
+            client.close()
+    assert (counted["hits"], counted["executions"]) == (hits, 3 - hits)
+
+
+def test_a_reloaded_version_never_answers_from_the_one_it_replaced(repository: Path, tmp_path: Path) -> None:
+    """Version 1 is replaced in place (new weights, same number) and loaded again: same inputs, new answer."""
+    with running_server(repository, tmp_path, "--model-control-mode", "explicit", "--load-model", "cached") as server:
+        client = grpcclient.InferenceServerClient(server.url)
+        try:
+            np.testing.assert_array_equal(infer(client, "cached", ONES), ONES * 2)
+            np.testing.assert_array_equal(infer(client, "cached", ONES), ONES * 2)  # kept
+            write_model(repository, "cached", 3.0)
+            client.load_model("cached")
+            np.testing.assert_array_equal(infer(client, "cached", ONES), ONES * 3)
+            assert statistics(client, "cached")["misses"] == 1  # the new version's own count
+        finally:
+            client.close()
+
+
+def test_response_cache_on_a_stateful_model_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("sequence_batching: {max_sequence_idle_microseconds: 1000000}\n" + CACHED)
+    with pytest.raises(ConfigError) as refused:
+        load_model_config(path)
+    assert str(path) in str(refused.value) and "response_cache" in str(refused.value)
+
+
+def test_a_negative_max_bytes_is_refused_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "server.yaml"
+    path.write_text("response_cache: {max_bytes: -1}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_server_config(path, {})
+    assert str(path) in str(refused.value) and "response_cache.max_bytes" in str(refused.value)
+
+
+# --------------------------------------------------------------------------- the cache and its key, directly
+
+
+def test_the_digest_tells_apart_names_types_shapes_and_values() -> None:
+    base = {"x": np.zeros((2, 2), np.float32)}
+    variants = [
+        {"y": np.zeros((2, 2), np.float32)},
+        {"x": np.zeros((2, 2), np.float64)},
+        {"x": np.zeros((4,), np.float32)},
+        {"x": np.ones((2, 2), np.float32)},
+        {"x": np.array([b"a", b"b"], dtype=object)},
+    ]
+    digests = {request_digest(base), *(request_digest(v) for v in variants)}
+    assert len(digests) == 1 + len(variants)
+    assert request_digest({"x": np.zeros((2, 2), np.float32)}) == request_digest(base)
+    assert request_digest({"x": np.array(["a", "b"], dtype=object)}) == request_digest(variants[-1])
+
+
+def test_the_cache_keeps_read_only_copies_and_drops_the_least_recently_used_first() -> None:
+    cache = ResponseCache(max_bytes=2 * (16 + 16))  # two answers of 16 bytes with 16-byte keys
+    batch = np.arange(8, dtype=np.float32).reshape(2, 4)
+    cache.put(("v", b"a" * 16), {"y": batch[:1]})
+    cache.put(("v", b"b" * 16), {"y": batch[1:]})
+    kept = cache.get(("v", b"a" * 16))  # a is now the most recently used
+    assert kept is not None and kept["y"].base is None and not kept["y"].flags.writeable
+    batch[0] = -1  # the batch it came from changes: the kept answer does not
+    np.testing.assert_array_equal(kept["y"], [[0, 1, 2, 3]])
+    cache.put(("v", b"c" * 16), {"y": batch[:1]})
+    assert cache.get(("v", b"b" * 16)) is None and cache.get(("v", b"a" * 16)) is not None
+    assert len(cache) == 2 and cache.bytes <= cache.max_bytes
+    cache.put(("v", b"d" * 16), {"y": np.zeros(64, np.float32)})  # larger than the whole cache: not kept
+    assert cache.get(("v", b"d" * 16)) is None and len(cache) == 2
