@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ServerProcess, running_server
 
+from infergate.demo import write_demo_repository
+
 PERF_ANALYZER = Path(__file__).resolve().parent.parent / "scripts" / "perf_analyzer"
 
 
@@ -74,3 +76,16 @@ def test_perf_analyzer_passes_tensors_through_system_shared_memory(demo_reposito
     assert throughput and float(throughput.group(1)) > 0, output
     served = re.search(r"Inference count: (\d+)", output)
     assert served and int(served.group(1)) > 0, output
+
+
+def test_perf_analyzer_reports_infergates_response_cache(tmp_path: Path, log_dir: Path) -> None:
+    """Zero inputs, sent again and again, to a model with the response cache on: perf_analyzer reads
+    the hits and misses from ModelStatistics as it reads Triton's."""
+    write_demo_repository(tmp_path)
+    config = tmp_path / "matmul16" / "config.yaml"
+    config.write_text(config.read_text() + "\nresponse_cache: {enable: true}\n")
+    with running_server(tmp_path, log_dir) as server:
+        output = _perf_analyzer(server, "-m", "matmul16", "--input-data", "zero", "--concurrency-range", "1")
+    hits = re.search(r"Cache hit count: (\d+)", output)
+    assert hits and int(hits.group(1)) > 0, output
+    assert "Average Cache Hit Latency" in output, output
