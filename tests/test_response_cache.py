@@ -14,31 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ServerProcess, running_server
-from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
 from infergate.config import load_server_config
 from infergate.configfile import ConfigError
 from infergate.models.config import load_model_config
 from infergate.models.response_cache import ResponseCache, request_digest
+from tests.test_model_control import build_scale_model  # y = x * factor, x FP32 [batch, 4]
 
 CACHED = "response_cache: {enable: true}\n"
-
-
-def build_scale_model(factor: float) -> onnx.ModelProto:
-    """``y = x * factor`` for ``x`` FP32 [batch, 4]."""
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "k"], ["y"])],
-        "scale",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(np.array(factor, dtype=np.float32), "k")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def write_model(root: Path, name: str, factor: float, config: str = CACHED) -> None:
