@@ -190,12 +190,63 @@ eval("(async () => {" + js + "\\n})()").catch((error) => {
 """
 
 
-@pytest.mark.parametrize("index", range(2))
+@pytest.mark.parametrize("index", range(3))
 def test_the_docs_node_examples_run(node_client: Path, demo_server: ServerProcess, index: int) -> None:
     blocks = TYPESCRIPT_BLOCK.findall((ROOT / "docs" / "client.md").read_text())
-    assert len(blocks) == 2, "docs/client.md's TypeScript examples changed: update this test's count"
+    assert len(blocks) == 3, "docs/client.md's TypeScript examples changed: update this test's count"
     source = blocks[index].replace("127.0.0.1:8001", demo_server.url)
     done = subprocess.run(["node", "-e", RUN_TYPESCRIPT], input=source, capture_output=True, text=True, cwd=ROOT,
                           timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the example printed nothing"
+
+
+STREAM = """
+import { InferenceClient, InferenceFailed } from "./clients/node/dist";
+const client = new InferenceClient("URL");
+const shapes: number[][] = SHAPES;
+const requests = shapes.map((shape, i) => ({
+  model: "matmul16",
+  inputs: { x: { data: new Float32Array(shape[0] * shape[1]).fill(i), shape } },
+  options: { requestId: `r${i}` },
+}));
+const results: Record<string, number[]> = {};
+try {
+  for await (const result of client.streamInfer(requests)) {
+    results[result.id] = Array.from(result.outputs.y.data as Float32Array);
+  }
+  console.log(JSON.stringify({ results }));
+} catch (error) {
+  const failed = error as InferenceFailed;
+  console.log(JSON.stringify({ results, error: failed.name, requestId: failed.requestId, details: failed.details }));
+} finally {
+  client.close();
+}
+"""
+
+
+def _stream(demo_server: ServerProcess, shapes: list[list[int]]) -> dict[str, Any]:
+    source = STREAM.replace("URL", demo_server.url).replace("SHAPES", json.dumps(shapes))
+    done = subprocess.run(["node", "-e", RUN_TYPESCRIPT], input=source, capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_node_streams_requests_on_one_stream_and_matches_the_python_sdk(
+    node_client: Path, demo_server: ServerProcess
+) -> None:
+    streamed = _stream(demo_server, [[1, 16]] * 3)
+    assert "error" not in streamed, streamed
+    with Client(demo_server.url) as client:
+        for i in range(3):
+            expected = client.infer("matmul16", {"x": np.full((1, 16), i, np.float32)})["y"]
+            np.testing.assert_array_equal(np.float32(streamed["results"][f"r{i}"]), expected.reshape(-1))
+
+
+def test_a_failed_request_of_a_node_stream_throws_inference_failed_naming_it(
+    node_client: Path, demo_server: ServerProcess
+) -> None:
+    streamed = _stream(demo_server, [[1, 16], [1, 15]])  # the second has the wrong shape
+    assert streamed["error"] == "InferenceFailed" and streamed["requestId"] == "r1", streamed
+    assert "x" in streamed["details"] and "r0" in streamed["results"], streamed

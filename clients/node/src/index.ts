@@ -122,6 +122,13 @@ export interface InferResult {
   outputs: Record<string, OutputTensor>;
 }
 
+/** One request of a stream to send: what `infer` takes, as one value. */
+export interface StreamRequest {
+  model: string;
+  inputs: Record<string, Tensor>;
+  options?: Omit<InferOptions, "deadlineMs" | "metadata">; // the stream's own deadline and metadata apply
+}
+
 /** A failed call: `code` is the gRPC status number, `codeName` its name (e.g. "INVALID_ARGUMENT"). */
 export class InferGateError extends Error {
   constructor(
@@ -131,6 +138,20 @@ export class InferGateError extends Error {
   ) {
     super(`${codeName}: ${details}`);
     this.name = "InferGateError";
+  }
+}
+
+/**
+ * One request of a stream failed (a stream reply carries a message, not a status code: `code` is
+ * 2, UNKNOWN); `requestId` names the request when it had an id. As the Python SDK's InferenceFailed.
+ */
+export class InferenceFailed extends InferGateError {
+  constructor(
+    details: string,
+    readonly requestId: string,
+  ) {
+    super(2, "INFERENCE_FAILED", details);
+    this.name = "InferenceFailed";
   }
 }
 
@@ -304,22 +325,65 @@ export class InferenceClient {
 
   /** Run `model` on `inputs` (typed arrays by name); resolves to the outputs by name. */
   async infer(model: string, inputs: Record<string, Tensor>, options: InferOptions = {}): Promise<InferResult> {
-    const names = Object.keys(inputs);
-    const request = {
-      model_name: model,
-      model_version: options.modelVersion ?? "",
-      id: options.requestId ?? "",
-      inputs: names.map((name) => ({ name, datatype: datatypeOf(inputs[name]), shape: inputs[name].shape })),
-      outputs: (options.outputs ?? []).map((name) => ({ name })),
-      raw_input_contents: names.map((name) => encodeTensor(inputs[name])),
-    };
-    const reply = await this.call<any>("ModelInfer", request, options.deadlineMs, options.metadata);
-    const outputs: Record<string, OutputTensor> = {};
-    reply.outputs.forEach((tensor: any, i: number) => {
-      const shape = tensor.shape.map(Number);
-      const data = decodeTensor(tensor.datatype, shape, reply.raw_output_contents[i]);
-      outputs[tensor.name] = { datatype: tensor.datatype, shape, data };
-    });
-    return { modelName: reply.model_name, modelVersion: reply.model_version, id: reply.id, outputs };
+    const request = inferRequest(model, inputs, options);
+    return inferResult(await this.call<any>("ModelInfer", request, options.deadlineMs, options.metadata));
   }
+
+  /**
+   * Send `requests` on one ModelStreamInfer stream; yields each result as it comes (possibly out
+   * of order: match them by `options.requestId`). The Python SDK's contract: a failed request
+   * throws InferenceFailed and ends the stream, a failed stream throws InferGateError, and
+   * streams are not retried. `deadlineMs` covers the whole stream.
+   */
+  async *streamInfer(
+    requests: Iterable<StreamRequest> | AsyncIterable<StreamRequest>,
+    options: { deadlineMs?: number; metadata?: Record<string, string> } = {},
+  ): AsyncGenerator<InferResult> {
+    const deadline = Date.now() + (options.deadlineMs ?? this.options.deadlineMs ?? 30_000);
+    const call: grpc.ClientDuplexStream<object, any> = (this.stub as any).ModelStreamInfer(
+      await this.metadata(options.metadata),
+      { deadline },
+    );
+    const writing = (async () => {
+      for await (const r of requests) call.write(inferRequest(r.model, r.inputs, r.options ?? {}));
+      call.end();
+    })();
+    writing.catch((error) => call.destroy(error)); // a request that cannot be built ends the stream
+    try {
+      for await (const reply of call) {
+        if (reply.error_message) throw new InferenceFailed(reply.error_message, reply.infer_response?.id ?? "");
+        yield inferResult(reply.infer_response);
+      }
+      await writing;
+    } catch (error) {
+      if (error instanceof InferGateError) throw error;
+      const failed = error as grpc.ServiceError;
+      if (typeof failed.code !== "number") throw error;
+      throw new InferGateError(failed.code, grpc.status[failed.code] ?? "UNKNOWN", failed.details);
+    } finally {
+      call.cancel();
+    }
+  }
+}
+
+function inferRequest(model: string, inputs: Record<string, Tensor>, options: InferOptions): object {
+  const names = Object.keys(inputs);
+  return {
+    model_name: model,
+    model_version: options.modelVersion ?? "",
+    id: options.requestId ?? "",
+    inputs: names.map((name) => ({ name, datatype: datatypeOf(inputs[name]), shape: inputs[name].shape })),
+    outputs: (options.outputs ?? []).map((name) => ({ name })),
+    raw_input_contents: names.map((name) => encodeTensor(inputs[name])),
+  };
+}
+
+function inferResult(reply: any): InferResult {
+  const outputs: Record<string, OutputTensor> = {};
+  reply.outputs.forEach((tensor: any, i: number) => {
+    const shape = tensor.shape.map(Number);
+    const data = decodeTensor(tensor.datatype, shape, reply.raw_output_contents[i]);
+    outputs[tensor.name] = { datatype: tensor.datatype, shape, data };
+  });
+  return { modelName: reply.model_name, modelVersion: reply.model_version, id: reply.id, outputs };
 }
