@@ -7,7 +7,7 @@
  *
  *   const client = new InferenceClient("127.0.0.1:8001", { token: "..." });
  *   const out = await client.infer("matmul16", { x: { data: new Float32Array(16), shape: [1, 16] } });
- *   out.y.data; // Float32Array
+ *   out.outputs.y.data; // Float32Array
  */
 import * as path from "path";
 import * as grpc from "@grpc/grpc-js";
