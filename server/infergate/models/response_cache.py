@@ -1,9 +1,9 @@
 """Triton's response cache: a model that opts in (``response_cache: {enable: true}``) answers a
 request it has answered before from memory, without queueing or running it.
 
-One cache per server, bounded in bytes (``response_cache.max_bytes`` in the
-server config), shared by every model that opts in and emptied least recently
-used first. A key is a version's token and a 128-bit BLAKE2b digest of the
+One cache per server process (each worker of ``--workers N`` has its own),
+bounded in bytes (``response_cache.max_bytes`` in the server config), shared
+by every model that opts in and emptied least recently used first. A key is a version's token and a 128-bit BLAKE2b digest of the
 request's inputs (names, types, shapes and bytes), so a reload of the same
 version number never answers from the version it replaced: the new one has a
 token of its own, and the old one's entries age out. What is kept is every
