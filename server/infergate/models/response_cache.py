@@ -3,13 +3,14 @@ request it has answered before from memory, without queueing or running it.
 
 One cache per server process (each worker of ``--workers N`` has its own),
 bounded in bytes (``response_cache.max_bytes`` in the server config), shared
-by every model that opts in and emptied least recently used first. A key is a version's token and a 128-bit BLAKE2b digest of the
-request's inputs (names, types, shapes and bytes), so a reload of the same
-version number never answers from the version it replaced: the new one has a
-token of its own, and the old one's entries age out. What is kept is every
-output of the model, copied out of the batch it came from and made read-only;
-the outputs a request asks for, and their classification, are picked per
-request as for any answer.
+by every model that opts in and emptied least recently used first. A key is
+a version's token and a 128-bit BLAKE2b digest of the request's inputs
+(names, types, shapes and bytes), so a reload of the same version number
+never answers from the version it replaced: the new one has a token of its
+own, and the old one's entries age out. What is kept is every output of the
+model, copied out of the batch it came from and made read-only; the outputs a
+request asks for, and their classification, are picked per request as for
+any answer.
 
 Hand-written, not a library: an LRU over ``OrderedDict`` is a few lines, and
 the cost that matters is the digest (onnxruntime's outputs must be copied
