@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 # Niceness of a background (shadow) version's instance threads: the lowest CPU priority.
 BACKGROUND_NICE = 19
+# _batch_cost_us gives up on inline execution after one run this many times over the limit: the first
+# (untimed: it pays allocations) or any later one.
+_FIRST_RUN_FACTOR = 1000
+_RUN_FACTOR = 10
 # Inline batches judged at a time (OnnxRunner._judge_inline): enough that a median ignores the outliers.
 INLINE_WINDOW = 32
 
@@ -225,10 +229,10 @@ class OnnxRunner:
             # onnxruntime's choice of threads: on the event loop a tiny model runs on one thread, since waiting
             # for a pool thread to wake up would hold the loop longer than the whole product takes. The calling
             # thread's share of the work screens out the models that are not tiny before a second session.
-            if threads == 0 and _batch_cost_us(sessions[0], spec, thread_cpu=True) <= limit_us:
+            if threads == 0 and _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=True) <= limit_us:
                 options.intra_op_num_threads = threads = 1
                 sessions = [ort.InferenceSession(str(path), sess_options=options, providers=providers)]
-            cost_us = _batch_cost_us(sessions[0], spec, thread_cpu=threads == 1) if threads != 0 else math.inf
+            cost_us = _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=threads == 1) if threads != 0 else math.inf
             if cost_us <= limit_us:
                 runner = cls(sessions, spec, bound)
                 runner.run_inline_below(limit_us)
@@ -453,8 +457,13 @@ class _InstanceThreads:
             thread.join()
 
 
-def _batch_cost_us(session: ort.InferenceSession, spec: ModelSpec, thread_cpu: bool) -> float:
+def _batch_cost_us(session: ort.InferenceSession, spec: ModelSpec, limit_us: int, thread_cpu: bool) -> float:
     """What the largest batch (64 rows at most) costs, in µs: the fastest of five runs, after one untimed run.
+
+    A model far over ``limit_us`` stops early, with the time of the run that showed it: an untimed
+    run over ``_FIRST_RUN_FACTOR`` times the limit (a first run pays allocations, so the margin is
+    wide), or a timed one over ``_RUN_FACTOR`` times. Five more runs of a large model's largest
+    batch would add seconds to every load and reload, to learn what one run already said.
 
     The fastest, because models loading beside this one, each in its own thread,
     make some runs wait for the GIL or for a core and never make one faster.
@@ -468,13 +477,15 @@ def _batch_cost_us(session: ort.InferenceSession, spec: ModelSpec, thread_cpu: b
     feeds = zero_inputs(spec, min(max(spec.max_batch_size, 1), 64))
     clock = time.thread_time_ns if thread_cpu else time.perf_counter_ns
     times = []
-    for _ in range(6):
+    for run in range(6):
         started = clock()
         try:
             session.run(None, feeds)
         except Exception:  # zeros do not suit every model (warm-up has its own data): not inline then
             return float("inf")
         times.append(clock() - started)
+        if times[-1] / 1e3 > limit_us * (_FIRST_RUN_FACTOR if run == 0 else _RUN_FACTOR):
+            return times[-1] / 1e3
     return min(times[1:]) / 1e3
 
 
