@@ -13,12 +13,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ServerProcess, running_server
+from telemetry_support import observed_server
 from tritonclient.utils import InferenceServerException
 
+from infergate._proto import grpc_service_pb2 as pb
+from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.config import load_server_config
 from infergate.configfile import ConfigError
 from infergate.models.config import load_model_config
@@ -172,6 +176,21 @@ def test_a_negative_max_bytes_is_refused_naming_the_field(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as refused:
         load_server_config(path, {})
     assert str(path) in str(refused.value) and "response_cache.max_bytes" in str(refused.value)
+
+
+async def test_traces_and_metrics_tell_a_hit_from_a_miss(repository: Path) -> None:
+    """The request's span says ``infergate.cache.hit``; infergate.response_cache.lookups counts by result."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4])
+    request = pb.ModelInferRequest(model_name="cached", inputs=[tensor], raw_input_contents=[ONES.tobytes()])
+    async with observed_server(repository) as observed:
+        async with grpc.aio.insecure_channel(observed.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(2):
+                await stub.ModelInfer(request)
+        counted = {p.attributes["result"]: p.value for p in observed.points("infergate.response_cache.lookups")}
+        spans = [s for s in observed.finished_spans() if s.name.endswith("/ModelInfer")]
+    assert [s.attributes.get("infergate.cache.hit") for s in spans] == [False, True]
+    assert counted == {"miss": 1, "hit": 1}
 
 
 # --------------------------------------------------------------------------- the cache and its key, directly

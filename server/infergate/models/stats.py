@@ -98,6 +98,9 @@ class ModelObserver(Protocol):
         """One executed batch: the tags of its requests, when each was queued and when the batch
         started (``time.monotonic()``; now is when it finished), and the runner's timings."""
 
+    def cache_lookup(self, hit: bool) -> None:
+        """The current request was looked up in the response cache (and found, with ``hit``)."""
+
 
 class RepositoryObserver(Protocol):
     """Sees model loads and hands each loaded version its :class:`ModelObserver`."""

@@ -135,6 +135,11 @@ class ModelVersion:
             inputs, rows=rows, group=group, deadline=deadline, watch=watch, tag=tag, level=level
         )
 
+    def cache_looked_up(self, hit: bool) -> None:
+        """Tell telemetry that the current request was answered from the response cache, or not."""
+        if self._observer is not None:
+            self._observer.cache_lookup(hit)
+
     def priority_level(self, priority: int) -> int:
         """The batcher level of a request's ``priority`` (Triton's: 1 is the highest, 0 the model's default).
 

@@ -103,6 +103,7 @@ class InferenceHandler:
         started = time.perf_counter_ns()
         key = (model.cache_token, request_digest(decoded.inputs))
         kept = cache.get(key)
+        model.cache_looked_up(kept is not None)
         if kept is not None:
             stats.cache_hit.add(time.perf_counter_ns() - started)
             return dict(kept)

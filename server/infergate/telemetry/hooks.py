@@ -113,6 +113,14 @@ class ModelHooks:
             if spans:
                 self._trace_batch(self._tracer, spans, rows, len(tags), started, timings)
 
+    def cache_lookup(self, hit: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.record_cache_lookup(self._name, hit)
+        if self._tracer is not None:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attribute("infergate.cache.hit", hit)
+
     def _trace_batch(
         self,
         tracer: Tracer,

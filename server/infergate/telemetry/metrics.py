@@ -77,6 +77,9 @@ class ServerMetrics:
         self._streams_paused = 0
         self._drift: DriftSource | None = None
         self._loads = self._counter(meter, "infergate.model.loads", "{load}", "Model loads, by model and outcome")
+        self._cache_lookups = self._counter(
+            meter, "infergate.response_cache.lookups", "{request}", "Response cache lookups, by model and result"
+        )
         self._auth_refusals = self._counter(
             meter, "infergate.auth.refusals", "{request}", "Calls refused by authentication, by reason"
         )
@@ -187,6 +190,10 @@ class ServerMetrics:
         self._queue_duration.record_many(key, queue_seconds)
         self._compute_duration.record(key, compute)
         self._batch_size.record(key, rows)
+
+    def record_cache_lookup(self, model: str, hit: bool) -> None:
+        """A request of a model with the response cache on, answered from it (``hit``) or not."""
+        self._cache_lookups.add((("model", model), ("result", "hit" if hit else "miss")))
 
     def record_model_load(self, model: str, ok: bool) -> None:
         self._loads.add((("model", model), ("outcome", "success" if ok else "failure")))
