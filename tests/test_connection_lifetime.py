@@ -26,7 +26,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from conftest import ServerProcess, running_server, wait_until
 
 from infergate._proto import grpc_service_pb2 as pb
@@ -111,16 +110,14 @@ def test_a_stream_open_past_max_age_and_grace_ends_with_unavailable(server: Serv
 @pytest.mark.parametrize("server", [("{max_idle_seconds: 0.5}",)], indirect=True)
 def test_a_connection_without_calls_is_closed_and_the_next_call_reconnects(server: ServerProcess) -> None:
     states: list[grpc.ChannelConnectivity] = []
-    client = grpcclient.InferenceServerClient(server.url)
-    try:
-        client._channel.subscribe(states.append)  # tritonclient's own channel
-        assert client.is_server_ready()
+    with grpc.insecure_channel(server.url) as channel:
+        channel.subscribe(states.append)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=GUARD_S).ready
         wait_until(lambda: grpc.ChannelConnectivity.READY in states, "connected")
         ready_at = states.index(grpc.ChannelConnectivity.READY)
         wait_until(lambda: grpc.ChannelConnectivity.IDLE in states[ready_at:], "the idle connection closed")
-        assert client.is_server_ready()  # a new connection, at once
-    finally:
-        client.close()
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=GUARD_S).ready  # a new connection, at once
 
 
 # A client that opens a stream, gets one answer, says so and then holds the stream open.
