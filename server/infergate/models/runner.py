@@ -460,10 +460,11 @@ class _InstanceThreads:
 def _batch_cost_us(session: ort.InferenceSession, spec: ModelSpec, limit_us: int, thread_cpu: bool) -> float:
     """What the largest batch (64 rows at most) costs, in µs: the fastest of five runs, after one untimed run.
 
-    A model far over ``limit_us`` stops early, with the time of the run that showed it: an untimed
-    run over ``_FIRST_RUN_FACTOR`` times the limit (a first run pays allocations, so the margin is
-    wide), or a timed one over ``_RUN_FACTOR`` times. Five more runs of a large model's largest
-    batch would add seconds to every load and reload, to learn what one run already said.
+    On the thread's CPU clock, a model far over ``limit_us`` stops early, with the time of the run
+    that showed it: an untimed run over ``_FIRST_RUN_FACTOR`` times the limit (a first run pays
+    allocations, so the margin is wide), or a timed one over ``_RUN_FACTOR`` times. Five more runs
+    of a large model's largest batch would add seconds to every load and reload, to learn what one
+    run already said. (A wall-clock run can be slow because the machine is busy: no early stop.)
 
     The fastest, because models loading beside this one, each in its own thread,
     make some runs wait for the GIL or for a core and never make one faster.
@@ -484,7 +485,7 @@ def _batch_cost_us(session: ort.InferenceSession, spec: ModelSpec, limit_us: int
         except Exception:  # zeros do not suit every model (warm-up has its own data): not inline then
             return float("inf")
         times.append(clock() - started)
-        if times[-1] / 1e3 > limit_us * (_FIRST_RUN_FACTOR if run == 0 else _RUN_FACTOR):
+        if thread_cpu and times[-1] / 1e3 > limit_us * (_FIRST_RUN_FACTOR if run == 0 else _RUN_FACTOR):
             return times[-1] / 1e3
     return min(times[1:]) / 1e3
 
