@@ -28,6 +28,7 @@ from models import save_model
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from load_tests.models import build_slow_model
+from load_tests.procfs import descendants
 
 
 def _worker_pids(log: str) -> dict[int, int]:
@@ -115,8 +116,7 @@ def test_a_worker_takes_connections_only_once_its_models_are_loaded(tmp_path: Pa
 def _worker_children(supervisor: int) -> dict[int, int]:
     """The supervisor's workers that have started Python (their command line names their index): index -> pid."""
     out: dict[int, int] = {}
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    for pid in map(int, children):
+    for pid in descendants(supervisor):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except FileNotFoundError:
