@@ -319,7 +319,7 @@ class InferGateServer:
     def _triton_rows(self) -> list[TritonRow]:
         """Every loaded version for Triton's metrics (read on the scrape thread: lookups only)."""
         loaded = self.repository.catalog.statistics("", "")
-        return [TritonRow(m.name, m.version, m.stats, m.batcher.depth) for m in loaded]
+        return [TritonRow(m.name, m.version, m.stats, m.queue_depth) for m in loaded]
 
     async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:

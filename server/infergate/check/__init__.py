@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from infergate.check.findings import Finding, Report
 from infergate.check.smoke import smoke_test
 from infergate.config import ServerConfig, load_server_config
 from infergate.configfile import ConfigError
+from infergate.errors import FailedPrecondition
 from infergate.models.config import PROVIDERS, ModelConfig, load_model_config
+from infergate.models.ensemble import check_steps, load_ensemble_version
 from infergate.models.governance import ChecksumMismatch, MetadataError, resolve_metadata
 from infergate.models.runner import ModelLoadError
+from infergate.models.spec import ModelSpec
 from infergate.models.version import ModelVersion, load_model_version
 from infergate.repository.catalog import is_version_name
 from infergate.routing.router import RoutingError, check_routing
@@ -44,9 +48,48 @@ async def check_repository(
     report = Report()
     config = _check_server_config(root, server_config, report)
     names = _model_names(root, models, config, report)
+    served: dict[str, dict[int, _Served]] = {}
+    ensembles: list[tuple[str, ModelConfig, list[int]]] = []
     for name in names:
-        await _check_model(root / name, name, smoke, report)
+        ensemble = await _check_model(root / name, name, smoke, report, served)
+        if ensemble is not None:
+            ensembles.append((name, *ensemble))
+    for name, model_config, wanted in ensembles:  # after the models their steps run
+        for version in wanted:
+            _check_ensemble(root / name, name, version, model_config, served, report)
     return report
+
+
+@dataclass(frozen=True, slots=True)
+class _Served:
+    """What an ensemble's check reads of a version that loaded (which is closed by then)."""
+
+    spec: ModelSpec
+    sequences: object | None
+
+
+def _check_ensemble(
+    directory: Path, name: str, version: int, config: ModelConfig, served: dict[str, dict[int, _Served]], report: Report
+) -> None:
+    """An ensemble version against the versions of its step models that loaded in this check."""
+
+    def step_model(model: str, wanted: str) -> _Served:
+        versions = served.get(model)
+        if not versions:
+            raise FailedPrecondition(f"model '{model}' did not load in this check (or is not in it)")
+        chosen = int(wanted) if wanted else max(versions)
+        if chosen not in versions:
+            raise FailedPrecondition(f"model '{model}' version {chosen} did not load in this check")
+        return versions[chosen]
+
+    try:
+        ensemble = load_ensemble_version(directory / str(version), name, version, config)
+        check_steps(ensemble, step_model)
+    except (ModelLoadError, MetadataError) as exc:
+        report.add("ensemble", "error", f"{directory / 'config.yaml'}: {exc}", name, version)
+        return
+    steps = " -> ".join("+".join(step.model for step in wave) for wave in ensemble.waves)
+    report.add("ensemble", "ok", f"steps fit the models they run: {steps}", name, version)
 
 
 def _check_server_config(root: Path, path: Path | None, report: Report) -> ServerConfig | None:
@@ -83,32 +126,39 @@ def _model_names(root: Path, wanted: list[str] | None, config: ServerConfig | No
     return [n for n in found if wanted is None or n in wanted]
 
 
-async def _check_model(directory: Path, name: str, smoke: bool, report: Report) -> None:
+async def _check_model(
+    directory: Path, name: str, smoke: bool, report: Report, served: dict[str, dict[int, _Served]]
+) -> tuple[ModelConfig, list[int]] | None:
+    """Check one model; an ensemble's config and versions are returned, to check after the rest."""
     path = directory / "config.yaml"
     try:
         config, found, has_file = await asyncio.to_thread(_read_model, directory)
     except ConfigError as exc:
         report.errors("config", str(exc), name)
-        return
+        return None
     report.add("config", "ok", str(path) if has_file else "no config.yaml: every default", name)
     wanted = config.version_policy.select(found)
     if not wanted:
         message = f"no version directory matches the version policy (found: {', '.join(map(str, found)) or 'none'})"
         report.add("version-policy", "error", f"{path}: version_policy: {message}", name)
-        return
+        return None
     report.add("version-policy", "ok", f"serves {_list(wanted)} of {_list(found)}", name)
-    loaded = [v for v in wanted if await _check_version(directory, name, v, config, smoke, report)]
+    if config.is_ensemble:
+        return config, wanted
+    versions = served.setdefault(name, {})
+    loaded = [v for v in wanted if await _check_version(directory, name, v, config, smoke, report, versions)]
     if config.routing is None:
-        return
+        return None
     if not loaded:
         report.add("routing", "error", f"{path}: routing: no version loaded to route to", name)
-        return
+        return None
     try:
         check_routing(config.routing, loaded)
     except RoutingError as exc:
         report.add("routing", "error", f"{path}: {exc}", name)
-        return
+        return None
     report.add("routing", "ok", f"fits the versions that load ({_list(loaded)})", name)
+    return None
 
 
 def _read_model(directory: Path) -> tuple[ModelConfig, list[int], bool]:
@@ -120,9 +170,16 @@ def _read_model(directory: Path) -> tuple[ModelConfig, list[int], bool]:
 
 
 async def _check_version(
-    directory: Path, name: str, version: int, config: ModelConfig, smoke: bool, report: Report
+    directory: Path,
+    name: str,
+    version: int,
+    config: ModelConfig,
+    smoke: bool,
+    report: Report,
+    served: dict[int, _Served],
 ) -> bool:
-    """Load (checksum, providers, warm-up) and smoke-test one version; True when it would serve."""
+    """Load (checksum, providers, warm-up) and smoke-test one version; True when it would serve
+    (and then ``served[version]`` says what an ensemble's steps may read of it)."""
     version_dir = directory / str(version)
     try:
         given = (await asyncio.to_thread(resolve_metadata, version_dir, config)).sha256 is not None
@@ -140,6 +197,7 @@ async def _check_version(
         log.debug("model %s version %d failed to load", name, version, exc_info=True)
         report.add("load", "error", f"unexpected error: {type(exc).__name__}: {exc}", name, version)
         return False
+    served[version] = _Served(model.spec, model.sequences)
     try:
         _report_loaded(model, config, given, report)
         if smoke:

@@ -15,7 +15,8 @@ Level = Literal["ok", "warning", "error"]
 class Finding:
     """The outcome of one check; ``message`` names the file and field when there is one."""
 
-    check: str  # server-config | models | config | version-policy | metadata | checksum | load | routing | smoke
+    # server-config | models | config | version-policy | metadata | checksum | load | routing | ensemble | smoke
+    check: str
     level: Level
     message: str
     model: str = ""

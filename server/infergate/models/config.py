@@ -22,6 +22,8 @@ __all__ = [
     "ControlInput",
     "DeviceExecution",
     "DynamicBatching",
+    "EnsembleScheduling",
+    "EnsembleStep",
     "ExecutionProvider",
     "InitialState",
     "InputConfig",
@@ -42,6 +44,7 @@ __all__ = [
     "Warmup",
     "WarmupInput",
     "WarmupSample",
+    "ensemble_plan",
     "load_model_config",
     "model_config_from_data",
 ]
@@ -363,6 +366,26 @@ class ResponseCache(Strict):
     enable: bool = False
 
 
+class EnsembleStep(Strict):
+    """Triton's ``ensemble_scheduling.step``: run ``model_name`` on ensemble tensors.
+
+    ``input_map`` maps each input of the step's model to the ensemble tensor it
+    reads; ``output_map`` maps outputs of the step's model to the ensemble
+    tensors they become. ``model_version`` -1 lets the step model's router choose.
+    """
+
+    model_name: str = Field(min_length=1)
+    model_version: Annotated[int, Field(ge=-1)] = -1
+    input_map: dict[Annotated[str, Field(min_length=1)], Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    output_map: dict[Annotated[str, Field(min_length=1)], Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+
+
+class EnsembleScheduling(Strict):
+    """Triton's ``ensemble_scheduling``: the steps of a pipeline of models (``platform: ensemble``)."""
+
+    step: list[EnsembleStep] = Field(min_length=1, max_length=64)
+
+
 class LatestPolicy(Strict):
     num_versions: Annotated[int, Field(ge=1, le=1000)] = 1
 
@@ -439,6 +462,9 @@ class ModelConfig(Strict):
     # None: 64 when every input and output has a symbolic first dimension, else 0.
     # 0: the model does not batch and requests carry its full shape.
     max_batch_size: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    # "ensemble": a pipeline of other models (ensemble_scheduling), with no model file of its own.
+    platform: Literal["onnxruntime_onnx", "ensemble"] = "onnxruntime_onnx"
+    ensemble_scheduling: EnsembleScheduling | None = None
     dynamic_batching: DynamicBatching = DynamicBatching()
     instance_group: InstanceGroup = InstanceGroup()
     execution_providers: list[ExecutionProvider] = Field(
@@ -474,11 +500,82 @@ class ModelConfig(Strict):
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
                 raise ValueError(f"{kind} lists {twice} more than once")
+        if self.platform == "ensemble" or self.ensemble_scheduling is not None:
+            _check_ensemble(self)
         return self
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.platform == "ensemble"
 
     def without_routing(self) -> ModelConfig:
         """The part of the config that decides how versions load (routing changes need no reload)."""
         return self.model_copy(update={"routing": None})
+
+
+# What an ensemble's config may set: the rest belongs to the models its steps run.
+_ENSEMBLE_FIELDS = frozenset(
+    ("platform", "ensemble_scheduling", "max_batch_size", "input", "output", "version_policy", "metadata")
+)
+
+
+def _check_ensemble(config: ModelConfig) -> None:
+    """An ensemble: typed inputs and outputs, and steps that form a pipeline from the one to the other.
+
+    Every tensor a step reads is an ensemble input or written by another step;
+    no tensor is written twice (an ensemble input included); every ensemble
+    output is written; no step waits on itself through others. Raises ValueError
+    naming what is wrong.
+    """
+    if config.ensemble_scheduling is None:
+        raise ValueError("platform: ensemble needs ensemble_scheduling (its steps)")
+    if config.platform != "ensemble":
+        raise ValueError("ensemble_scheduling is for platform: ensemble")
+    other = sorted(config.model_fields_set - _ENSEMBLE_FIELDS)
+    if other:
+        raise ValueError(f"an ensemble takes no {', '.join(other)}: set them on the models its steps run")
+    if not config.input or not config.output:
+        raise ValueError("an ensemble lists its input and output tensors (it has no graph to read them from)")
+    tensors: list[InputConfig | OutputConfig] = [*config.input, *config.output]
+    untyped = [t.name for t in tensors if t.data_type is None or t.dims is None]
+    if untyped:
+        raise ValueError(f"ensemble tensors {untyped} need data_type and dims")
+    steps = config.ensemble_scheduling.step
+    writers: dict[str, int] = {t.name: -1 for t in config.input}  # tensor -> step that writes it (-1: the caller)
+    for i, step in enumerate(steps):
+        for tensor in step.output_map.values():
+            if tensor in writers:
+                first = "an ensemble input" if writers[tensor] < 0 else f"step {writers[tensor]}"
+                raise ValueError(f"step {i} writes tensor {tensor!r}, which {first} already provides")
+            writers[tensor] = i
+    for i, step in enumerate(steps):
+        unknown = sorted(t for t in step.input_map.values() if t not in writers)
+        if unknown:
+            raise ValueError(f"step {i} ({step.model_name}) reads {unknown}, which no input or step provides")
+    unwritten = sorted(t.name for t in config.output if t.name not in writers or writers[t.name] < 0)
+    if unwritten:
+        raise ValueError(f"ensemble outputs {unwritten} are not written by any step")
+    ensemble_plan(steps, writers)
+
+
+def ensemble_plan(steps: list[EnsembleStep], writers: dict[str, int] | None = None) -> list[list[int]]:
+    """The steps in waves: each wave's steps read only ensemble inputs and earlier waves' outputs.
+
+    Raises ValueError naming the steps that wait on one another.
+    """
+    if writers is None:
+        writers = {t: i for i, step in enumerate(steps) for t in step.output_map.values()}
+    needs = [{writers.get(t, -1) for t in step.input_map.values()} - {-1} for step in steps]
+    done: set[int] = set()
+    waves: list[list[int]] = []
+    while len(done) < len(steps):
+        wave = [i for i in range(len(steps)) if i not in done and needs[i] <= done]
+        if not wave:
+            stuck = sorted(f"{i} ({steps[i].model_name})" for i in range(len(steps)) if i not in done)
+            raise ValueError(f"steps {', '.join(stuck)} wait on each other's outputs (a cycle)")
+        waves.append(wave)
+        done.update(wave)
+    return waves
 
 
 def load_model_config(path: Path) -> ModelConfig:

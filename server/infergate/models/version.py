@@ -109,6 +109,15 @@ class ModelVersion:
     def version(self) -> int:
         return self.spec.version
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting in the batcher's queue (read from any thread)."""
+        return self.batcher.depth
+
+    def set_background(self, background: bool) -> None:
+        """Run this version's batches at background priority (a shadow's): see ``OnnxRunner.set_background``."""
+        self.runner.set_background(background)
+
     def start(self, observer: ModelObserver | None = None, calls_in_progress: Callable[[], int] | None = None) -> None:
         """Serve from the running loop; ``observer`` (telemetry) sees every request and batch;
         ``calls_in_progress``: the server's count, for the batcher (see ``DynamicBatcher.start``)."""

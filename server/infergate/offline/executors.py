@@ -95,6 +95,10 @@ class LocalExecutor:
         """
         directory = repository / name
         config, found = await asyncio.to_thread(_read_model, directory)
+        if config.is_ensemble:
+            raise InputError(
+                f"model {name} is an ensemble: score it against a server that serves it and its steps (--server)"
+            )
         if version is None:
             version = _default_version(name, config, found)
         elif version not in found:

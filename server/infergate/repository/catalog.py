@@ -23,6 +23,7 @@ from typing import Protocol
 
 from infergate.errors import InvalidArgument, NotFound, Unavailable
 from infergate.models.config import ModelConfig
+from infergate.models.ensemble import EnsembleVersion
 from infergate.models.version import ModelVersion
 from infergate.routing.config import ShadowRouting
 from infergate.routing.router import Decision, Router
@@ -36,11 +37,13 @@ __all__ = [
     "Routed",
     "RoutingView",
     "ServedModel",
+    "ServedVersion",
     "ShadowTarget",
     "is_version_name",
     "unknown_model",
 ]
 
+ServedVersion = ModelVersion | EnsembleVersion  # a version of a model, or of an ensemble of models
 Fingerprint = tuple[int, int]  # (mtime_ns, size) of a version's model file
 Rejected = tuple[ModelConfig, dict[int, Fingerprint]]  # a config and the files it was refused with
 
@@ -58,7 +61,7 @@ class ModelEntry:
     name: str
     state: ModelState = ModelState.LOADING
     reason: str = ""
-    versions: dict[int, ModelVersion] = field(default_factory=dict)  # serving; replaced, never mutated
+    versions: dict[int, ServedVersion] = field(default_factory=dict)  # serving; replaced, never mutated
     router: Router | None = None
     config: ModelConfig | None = None
     files: dict[int, Fingerprint] = field(default_factory=dict)  # of the serving versions
@@ -90,7 +93,7 @@ class Routed:
     """Where one inference request goes: the version, the decision, the router that made it
     (fed the outcome, for the canary) and the shadow copy's target when the decision mirrors it."""
 
-    model: ModelVersion
+    model: ServedVersion
     decision: Decision
     router: Router
     shadow: ShadowTarget | None = None
@@ -101,7 +104,7 @@ class ServedModel:
     """A model and the versions it serves now."""
 
     name: str
-    versions: Mapping[int, ModelVersion]
+    versions: Mapping[int, ServedVersion]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +138,7 @@ class ModelCatalog:
             )
         return entry
 
-    def get(self, name: str, version: str = "") -> ModelVersion:
+    def get(self, name: str, version: str = "") -> ServedVersion:
         """The model version a request names; with none, the router's primary (never a shadow or canary)."""
         entry = self._entry(name)
         if not version:
@@ -156,12 +159,12 @@ class ModelCatalog:
             return Routed(model, decision, router)
         return Routed(model, decision, router, _shadow_target(entry, router, decision.shadow))
 
-    def versions(self, name: str) -> list[ModelVersion]:
+    def versions(self, name: str) -> list[ServedVersion]:
         """Every loaded version of a model, oldest first."""
         entry = self._entry(name)
         return [entry.versions[v] for v in sorted(entry.versions)]
 
-    def statistics(self, name: str, version: str) -> list[ModelVersion]:
+    def statistics(self, name: str, version: str) -> list[ServedVersion]:
         """The versions ModelStatistics reports: one, every version of a model, or every loaded version."""
         if name:
             return [self.get(name, version)] if version else self.versions(name)
@@ -208,7 +211,7 @@ class ModelCatalog:
         names = [name] if name else sorted(self._entries)
         return [ServedModel(n, self._entries[n].versions) for n in names]
 
-    def served(self) -> list[ModelVersion]:
+    def served(self) -> list[ServedVersion]:
         """Every version served now; safe to call from another thread (a metrics reader's).
 
         The loop replaces an entry's ``versions`` map, never mutates it, so copying
@@ -229,7 +232,7 @@ def _shadow_target(entry: ModelEntry, router: Router, version: int) -> ShadowTar
     spec = router.routing.shadow
     model = entry.versions.get(version)
     stats = entry.shadows.get(version)
-    if spec is None or model is None or stats is None:
+    if spec is None or not isinstance(model, ModelVersion) or stats is None:  # ensembles take no routing
         return None
     return ShadowTarget(model, stats, spec)
 
@@ -244,7 +247,7 @@ def unknown_model(name: str) -> str:
     return f"Request for unknown model: '{name}' is not found"
 
 
-def _named_version(entry: ModelEntry, version: str) -> ModelVersion:
+def _named_version(entry: ModelEntry, version: str) -> ServedVersion:
     loaded = ", ".join(str(v) for v in sorted(entry.versions))
     if not is_version_name(version):
         raise InvalidArgument(

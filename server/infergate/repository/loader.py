@@ -38,16 +38,18 @@ from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.heap import in_thread
 from infergate.models.config import ModelConfig, load_model_config
+from infergate.models.ensemble import check_steps, load_ensemble_version
 from infergate.models.overrides import FILE_PREFIX, LoadOverride, PollFailed, stage_files
 from infergate.models.runner import ModelLoadError
 from infergate.models.stats import ModelObserver, RepositoryObserver
-from infergate.models.version import ModelVersion, load_model_version
+from infergate.models.version import load_model_version
 from infergate.repository.catalog import (
     Fingerprint,
     ModelCatalog,
     ModelEntry,
     ModelState,
     Rejected,
+    ServedVersion,
     is_version_name,
     unknown_model,
 )
@@ -108,14 +110,30 @@ class ModelRepository:
         return ModelEntry(name)
 
     async def load_all(self, names: list[str] | None = None, *, source: Source = "startup") -> None:
-        """Reconcile ``names`` (default: every discovered model), ``parallel`` at a time."""
+        """Reconcile ``names`` (default: every discovered model), ``parallel`` at a time; ensembles
+        after the rest, since each is checked against the models its steps run."""
         limit = asyncio.Semaphore(self._parallel)
 
         async def one(name: str) -> None:
             async with limit:
                 await self._reconcile_quietly(name, source)
 
-        await asyncio.gather(*(one(n) for n in (self.discover() if names is None else names)))
+        names = self.discover() if names is None else names
+        pipelines = set(await asyncio.to_thread(self._ensembles, names))
+        await asyncio.gather(*(one(n) for n in names if n not in pipelines))
+        await asyncio.gather(*(one(n) for n in names if n in pipelines))
+
+    def _ensembles(self, names: list[str]) -> list[str]:
+        """The models whose config.yaml looks like an ensemble's (a guess for ordering only: loading reads it)."""
+        found = []
+        for name in names:
+            try:
+                text = (self.root / name / "config.yaml").read_text(errors="replace")
+            except OSError:
+                continue
+            if "ensemble_scheduling" in text:
+                found.append(name)
+        return found
 
     async def rescan(self, *, source: Source = "poll") -> None:
         """One poll: new model directories load, removed ones unload, changed ones reload."""
@@ -213,7 +231,9 @@ class ModelRepository:
         entry.failed = {v: f for v, f in entry.failed.items() if v in on_disk}
         wanted = config.version_policy.select(list(on_disk))
         reload_all = entry.config is None or entry.config.without_routing() != config.without_routing()
-        if reload_all:
+        # An ensemble fails for want of its step models, which may have loaded since: a load request or a
+        # restart tries it again; a poll only when its config changed (a failure is written once, not per poll).
+        if reload_all or (config.is_ensemble and source != "poll"):
             entry.failed.clear()
         to_load = [v for v in wanted if reload_all or entry.files.get(v) != on_disk[v]]
         to_load = [v for v in to_load if entry.failed.get(v, (None,))[0] != on_disk[v]]
@@ -246,9 +266,15 @@ class ModelRepository:
         versions: list[int],
         on_disk: dict[int, Fingerprint],
         source: Source,
-    ) -> tuple[dict[int, ModelVersion], list[str]]:
-        async def one(version: int) -> ModelVersion | str:
+    ) -> tuple[dict[int, ServedVersion], list[str]]:
+        async def one(version: int) -> ServedVersion | str:
             try:
+                if config.is_ensemble:  # no file to read: its steps are checked against the models they run
+                    ensemble = await in_thread(
+                        load_ensemble_version, directory / str(version), entry.name, version, config
+                    )
+                    check_steps(ensemble, self.catalog.get)
+                    return ensemble
                 # not asyncio.to_thread: the pool would hold the version a moment (heap.py)
                 return await in_thread(load_model_version, directory / str(version), entry.name, version, config)
             except (ModelLoadError, FileNotFoundError) as exc:
@@ -258,11 +284,11 @@ class ModelRepository:
                 return f"unexpected error: {exc}"
 
         results = await asyncio.gather(*(one(v) for v in versions))
-        loaded: dict[int, ModelVersion] = {}
+        loaded: dict[int, ServedVersion] = {}
         failures: list[str] = []
         for version, result in zip(versions, results, strict=True):
-            self._loaded(entry.name, ok=isinstance(result, ModelVersion))
-            if isinstance(result, ModelVersion):
+            self._loaded(entry.name, ok=not isinstance(result, str))
+            if not isinstance(result, str):
                 loaded[version] = result
                 entry.failed.pop(version, None)
                 self._audit.loaded(entry.name, version, source=source)
@@ -274,7 +300,7 @@ class ModelRepository:
         return loaded, failures
 
     def _router(
-        self, entry: ModelEntry, config: ModelConfig, serving: dict[int, ModelVersion], directory: Path
+        self, entry: ModelEntry, config: ModelConfig, serving: dict[int, ServedVersion], directory: Path
     ) -> tuple[Router | None, str]:
         """A router for ``serving`` and the routing error, if any; None when no routing fits.
 
@@ -302,7 +328,7 @@ class ModelRepository:
     def _reject(
         self,
         entry: ModelEntry,
-        loaded: dict[int, ModelVersion],
+        loaded: dict[int, ServedVersion],
         attempt: Rejected,
         problems: list[str],
         source: Source,
@@ -326,7 +352,7 @@ class ModelRepository:
     def _switch(
         self,
         entry: ModelEntry,
-        serving: dict[int, ModelVersion],
+        serving: dict[int, ServedVersion],
         router: Router | None,
         config: ModelConfig,
         on_disk: dict[int, Fingerprint],
@@ -340,7 +366,7 @@ class ModelRepository:
             model.start(self._model_observer(model), self._calls_in_progress)
         shadow = router.routing.shadow if router is not None else None
         for version, model in serving.items():  # a shadow computes only with the CPU the others leave
-            model.runner.set_background(shadow is not None and version == shadow.version)
+            model.set_background(shadow is not None and version == shadow.version)
         if shadow is not None:  # its comparisons are counted across reloads
             entry.shadows.setdefault(shadow.version, ShadowStats(shadow.version, entry.name))
         retired = [m for v, m in entry.versions.items() if serving.get(v) is not m]
@@ -366,10 +392,10 @@ class ModelRepository:
         if self._observer is not None:
             self._observer.model_loaded(name, ok)
 
-    def _model_observer(self, model: ModelVersion) -> ModelObserver | None:
+    def _model_observer(self, model: ServedVersion) -> ModelObserver | None:
         if self._observer is None:
             return None
-        return self._observer.for_model(model.name, model.version, lambda: model.batcher.depth, model)
+        return self._observer.for_model(model.name, model.version, lambda: model.queue_depth, model)
 
     def _fail(self, entry: ModelEntry, reason: str, source: Source) -> None:
         """The model's config (or its files) could not be used: nothing of it is applied."""
@@ -393,7 +419,7 @@ class ModelRepository:
         entry.state, entry.reason = ModelState.UNAVAILABLE, reason
         self._audit.unloaded(entry.name, source=source, reason=reason)
 
-    def _retire(self, model: ModelVersion) -> None:
+    def _retire(self, model: ServedVersion) -> None:
         """Close ``model`` in the background once its queue has drained."""
         if self._observer is not None:
             self._observer.forget(model.name, model.version, model)  # its series leave the scrape now
@@ -436,7 +462,7 @@ def _as_sent(text: str, staged: Path) -> str:
     return text.replace(f"{staged}/", FILE_PREFIX).replace(str(staged), FILE_PREFIX)
 
 
-def _retired_because(version: int, serving: dict[int, ModelVersion], on_disk: dict[int, Fingerprint]) -> str:
+def _retired_because(version: int, serving: dict[int, ServedVersion], on_disk: dict[int, Fingerprint]) -> str:
     if version in serving:
         return "replaced by a reload of the same version"
     if version not in on_disk:

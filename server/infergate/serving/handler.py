@@ -11,7 +11,9 @@ here and knows no gRPC:
    (a stateful model's requests go through its sequence scheduler, which adds
    the control and state inputs); outputs asked for as classes become top-k strings.
    A model with ``response_cache`` enabled first looks for the same inputs in the
-   server's response cache, and keeps what it computes there;
+   server's response cache, and keeps what it computes there. An ensemble's request
+   runs each of its steps through 1–5 on the step's model (its routing, batcher,
+   statistics, monitor and shadow), feeding each step the tensors of the steps before;
 4. **record**: the outcome goes to the version's statistics and to the router (canary),
    and an answered request is offered to the version's monitor (drift, payload log:
    sampled, handed to a background thread, never waited on);
@@ -28,11 +30,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Coroutine
 
-from infergate.errors import Cancelled, InvalidArgument, NotFound
+from infergate.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from infergate.models.ensemble import EnsembleStep, EnsembleVersion, step_request
 from infergate.models.response_cache import ResponseCache, request_digest
 from infergate.models.sequence import refuse_sequence
 from infergate.models.spec import Tensors
+from infergate.models.version import ModelVersion
 from infergate.repository.catalog import ModelCatalog, Routed, ShadowTarget
 from infergate.routing.shadow import ShadowJob, ShadowQueue
 from infergate.serving.classification import classify_outputs
@@ -71,32 +76,93 @@ class InferenceHandler:
         model = routed.model
         try:
             decoded = request.decode(model.spec, self._limits)
-            if model.cache_token is not None and self._cache is not None:
-                outputs = await self._cached(self._cache, routed, decoded, request, remaining)
-            else:
-                outputs = await self._run(routed, decoded, request, remaining)
+            outputs = await self._outputs(routed, decoded, request, expires)
             answer = classify_outputs(outputs, decoded.classes, model.spec, model.labels)
         except BaseException as exc:  # a cancelled call (CancelledError) is an outcome too: never a success
             error = exc
             raise
         finally:
             _record(routed, error, started, expires)
+        self._answered(routed, decoded, outputs, request.id)
+        return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id)
+
+    def _outputs(
+        self, routed: Routed, decoded: DecodedRequest, request: InferenceRequest, expires: int | None
+    ) -> Coroutine[None, None, Tensors]:
+        """The routed version's outputs for ``decoded`` (to await): from its steps, from the cache, or run.
+        Not a coroutine function itself: the request path pays for one coroutine, not two."""
+        model = routed.model
+        if isinstance(model, EnsembleVersion):
+            return self._ensemble(model, decoded, request, expires)
+        remaining = _remaining(expires)
+        if model.cache_token is not None and self._cache is not None:
+            return self._cached(self._cache, model, decoded, request, remaining)
+        return self._run(model, decoded, request, remaining)
+
+    def _answered(self, routed: Routed, decoded: DecodedRequest, outputs: Tensors, request_id: str) -> None:
+        """Offer an answered request to its version's monitor, and mirror it when routing chose to."""
+        model = routed.model
         if model.monitor is not None:
-            model.monitor.record(decoded.inputs, outputs, request_id=request.id, route=routed.decision.arm)
+            model.monitor.record(decoded.inputs, outputs, request_id=request_id, route=routed.decision.arm)
         if routed.shadow is not None and model.sequences is None:
             self._mirror(routed.shadow, decoded, outputs)
-        return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id)
+
+    async def _ensemble(
+        self, ensemble: EnsembleVersion, decoded: DecodedRequest, request: InferenceRequest, expires: int | None
+    ) -> Tensors:
+        """Run an ensemble's steps, each wave's together, and return the ensemble's outputs."""
+        tensors = dict(decoded.inputs)
+        for wave in ensemble.waves:
+            if len(wave) == 1:
+                results = [await self._step(ensemble, wave[0], tensors, request, expires)]
+            else:
+                results = await asyncio.gather(*(self._step(ensemble, s, tensors, request, expires) for s in wave))
+            for step, outputs in zip(wave, results, strict=True):
+                for inner, outer in step.outputs:
+                    tensors[outer] = outputs[inner]
+        return {t.name: tensors[t.name] for t in ensemble.spec.outputs}
+
+    async def _step(
+        self,
+        ensemble: EnsembleVersion,
+        step: EnsembleStep,
+        tensors: Tensors,
+        request: InferenceRequest,
+        expires: int | None,
+    ) -> Tensors:
+        """One step, served as a request to its model is: routed, run, counted, monitored, mirrored."""
+        started = time.perf_counter_ns()
+        try:
+            routed = self._catalog.route(step.model, step.version, request)
+        except (NotFound, Unavailable, InvalidArgument) as exc:
+            raise Unavailable(f"ensemble '{ensemble.name}' {step.where}: {exc.message}") from None
+        if isinstance(routed.model, EnsembleVersion) or routed.model.sequences is not None:
+            raise FailedPrecondition(
+                f"ensemble '{ensemble.name}' {step.where}: the model is now an ensemble or a stateful model, "
+                "which a step cannot run"
+            )
+        error: BaseException | None = None
+        try:
+            part = step_request(ensemble.name, step, routed.model.spec, tensors)
+            decoded = DecodedRequest(part.inputs, part.rows, part.group, ())
+            outputs = await self._outputs(routed, decoded, request, expires)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _record(routed, error, started, expires)
+        self._answered(routed, decoded, outputs, request.id)
+        return outputs
 
     async def _cached(
         self,
         cache: ResponseCache,
-        routed: Routed,
+        model: ModelVersion,
         decoded: DecodedRequest,
         request: InferenceRequest,
         remaining: float | None,
     ) -> Tensors:
         """The answer kept for the same inputs, or the computed one, kept for next time."""
-        model = routed.model
         refuse_sequence(model.name, decoded.sequence)  # a request the model would refuse is refused, kept or not
         model.priority_level(request.priority)
         stats = model.stats
@@ -108,7 +174,7 @@ class InferenceHandler:
             stats.cache_hit.add(time.perf_counter_ns() - started)
             return dict(kept)
         looked_up = time.perf_counter_ns() - started
-        outputs = await self._run(routed, decoded, request, remaining)
+        outputs = await self._run(model, decoded, request, remaining)
         keeping = time.perf_counter_ns()
         cache.put(key, outputs)
         stats.cache_miss.add(looked_up + time.perf_counter_ns() - keeping)
@@ -116,11 +182,10 @@ class InferenceHandler:
 
     @staticmethod
     async def _run(
-        routed: Routed, decoded: DecodedRequest, request: InferenceRequest, remaining: float | None
+        model: ModelVersion, decoded: DecodedRequest, request: InferenceRequest, remaining: float | None
     ) -> Tensors:
         """Run the request on the routed version. Nothing here awaits before the request is queued
         (on the batcher, or in its sequence's order): requests of one sequence keep their order."""
-        model = routed.model
         deadline, server_side = _deadline(remaining, request.timeout_us, model.default_timeout_s)
         # gRPC cancels the call at its own deadline; the batcher times only server-side timeouts.
         if model.sequences is not None:
@@ -153,6 +218,11 @@ def _record(routed: Routed, error: BaseException | None, started_ns: int, expire
         return  # the client hung up in time: no judgement
     served_ok = error is None or isinstance(error, _CALLER_ERRORS)
     routed.router.observe(routed.decision, served_ok, elapsed_ns / 1e9)
+
+
+def _remaining(expires_ns: int | None) -> float | None:
+    """Seconds left until ``expires_ns`` (``time.perf_counter_ns``), if the call has a deadline."""
+    return None if expires_ns is None else (expires_ns - time.perf_counter_ns()) / 1e9
 
 
 def _deadline(remaining: float | None, timeout_us: int | None, default_s: float | None) -> tuple[float | None, bool]:

@@ -9,10 +9,11 @@ from google.protobuf import json_format
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import model_config_pb2 as mc
 from infergate.models.config import SequenceBatching, WarmupSample
+from infergate.models.ensemble import EnsembleVersion
 from infergate.models.governance import metadata_parameters
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.models.stats import Duration
-from infergate.models.version import ModelVersion
+from infergate.repository.catalog import ServedVersion
 
 __all__ = [
     "model_config_message",
@@ -38,12 +39,15 @@ def _dims(t: TensorSpec, spec: ModelSpec) -> tuple[int, ...]:
     return t.shape[1:] if spec.batches else t.shape
 
 
-def model_config_message(model: ModelVersion) -> mc.ModelConfig:
+def model_config_message(model: ServedVersion) -> mc.ModelConfig:
     """The model's configuration in Triton's ModelConfig form (what perf_analyzer reads).
 
     A sequence model lists the tensors its clients send and get, not the control
     and state tensors the server fills; its scheduling is ``sequence_batching``.
+    An ensemble's is ``ensemble_scheduling``, its steps.
     """
+    if isinstance(model, EnsembleVersion):
+        return _ensemble_config_message(model)
     spec, config = model.spec, model.config  # the spec clients see: without server-filled tensors
     formats = {i.name: i.format for i in config.input}
     labels = {o.name: o.label_filename or "" for o in config.output}
@@ -97,6 +101,24 @@ def model_config_message(model: ModelVersion) -> mc.ModelConfig:
     return message
 
 
+def _ensemble_config_message(model: EnsembleVersion) -> mc.ModelConfig:
+    spec, config = model.spec, model.config
+    message = mc.ModelConfig(
+        name=spec.name,
+        platform=spec.platform,
+        max_batch_size=spec.max_batch_size,
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        input=[mc.ModelInput(name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec)) for t in spec.inputs],
+        output=[mc.ModelOutput(name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec)) for t in spec.outputs],
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in metadata_parameters(model.metadata).items()},
+    )
+    assert config.ensemble_scheduling is not None
+    message.ensemble_scheduling.CopyFrom(
+        json_format.ParseDict(config.ensemble_scheduling.model_dump(), mc.ModelEnsembling())
+    )
+    return message
+
+
 def sequence_batching_message(block: SequenceBatching) -> mc.ModelSequenceBatching:
     """config.yaml's ``sequence_batching`` as Triton's message (its keys are Triton's field names)."""
     data = block.model_dump(exclude_none=True, exclude={"max_backlog_sequences"})
@@ -114,7 +136,7 @@ def _duration(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
-def model_statistics_message(model: ModelVersion) -> pb.ModelStatistics:
+def model_statistics_message(model: ServedVersion) -> pb.ModelStatistics:
     s = model.stats
     return pb.ModelStatistics(
         name=model.name,

@@ -1,0 +1,263 @@
+"""Ensembles: Triton's pipelines of models (``platform: ensemble`` with ``ensemble_scheduling``).
+
+An ensemble has no model file, runner or batcher of its own. Each request's
+steps run on the models they name, through the same path a request to that
+model takes (routing, its batcher, its statistics, its canary and shadow): the
+handler does it (serving/handler.py). So a step model batches the rows of
+ensemble requests with its own callers' rows, and the tensors passed between
+steps never leave the process.
+
+Checked once, at load: the config forms a pipeline (``config.py``), and each
+step's model is loaded and fits (:func:`check_steps`): it is no ensemble and
+no stateful model, its every input is fed, the datatypes and dims of the
+tensors that link the steps agree, and it takes at least as many rows as the
+ensemble does. The handler still checks each step's tensors against the
+version that runs it (:func:`step_request`): a step model reloaded with other
+tensors answers FAILED_PRECONDITION naming the step, not a wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from infergate.errors import FailedPrecondition, InferGateError, InvalidArgument
+from infergate.models.config import Metadata, ModelConfig, ensemble_plan
+from infergate.models.datatypes import DATATYPES, Datatype
+from infergate.models.governance import resolve_metadata
+from infergate.models.runner import ModelLoadError
+from infergate.models.spec import ModelSpec, Tensors, TensorSpec
+from infergate.models.stats import ModelObserver, ModelStats
+
+__all__ = ["EnsembleStep", "EnsembleVersion", "check_steps", "load_ensemble_version", "step_request"]
+
+ENSEMBLE_PLATFORM = "ensemble"
+_BY_TRITON: dict[str, Datatype] = {d.triton: d for d in DATATYPES.values()}
+
+
+@dataclass(frozen=True, slots=True)
+class EnsembleStep:
+    """One step: run ``model`` (``version``; empty: its router chooses) on ensemble tensors."""
+
+    index: int
+    model: str
+    version: str
+    inputs: tuple[tuple[str, str], ...]  # (the step model's input, the ensemble tensor it reads)
+    outputs: tuple[tuple[str, str], ...]  # (the step model's output, the ensemble tensor it becomes)
+
+    @property
+    def where(self) -> str:
+        return f"step {self.index} ({self.model})"
+
+
+class EnsembleVersion:
+    """One version of an ensemble: its tensors, its steps in waves, and its own statistics.
+
+    It has what the request path and the protocol read of a served version
+    (``spec``, ``stats``, ``config``, ``metadata``…); what belongs to a model
+    that runs (a monitor, a response cache, sequences, a queue) is absent.
+    """
+
+    monitor = None
+    sequences = None
+    cache_token = None
+    default_timeout_s = None
+    queue_depth = 0
+
+    def __init__(self, spec: ModelSpec, config: ModelConfig, metadata: Metadata):
+        assert config.ensemble_scheduling is not None
+        self.spec = spec
+        self.config = config
+        self.metadata = metadata
+        self.labels: dict[str, tuple[str, ...]] = {}
+        self.stats = ModelStats()
+        configured = config.ensemble_scheduling.step
+        self.steps = tuple(
+            EnsembleStep(
+                i,
+                step.model_name,
+                "" if step.model_version < 0 else str(step.model_version),
+                tuple(step.input_map.items()),
+                tuple(step.output_map.items()),
+            )
+            for i, step in enumerate(configured)
+        )
+        self.waves = tuple(tuple(self.steps[i] for i in wave) for wave in ensemble_plan(configured))
+        self._observer: ModelObserver | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> int:
+        return self.spec.version
+
+    def start(self, observer: ModelObserver | None = None, calls_in_progress: Callable[[], int] | None = None) -> None:
+        self._observer = observer  # kept so that telemetry's series for this version live as long as it does
+
+    def set_background(self, background: bool) -> None:
+        """A shadow ensemble's steps run on their models, at those models' priority."""
+
+    def priority_level(self, priority: int) -> int:
+        """An ensemble queues nothing itself: a request's priority goes to its steps' models."""
+        return 0
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Nothing to drain: requests in flight finish on the step models."""
+
+
+def ensemble_spec(name: str, version: int, config: ModelConfig) -> ModelSpec:
+    """What clients send and get: the config's tensors, with the batch dimension when it batches."""
+    batches = bool(config.max_batch_size)
+
+    def tensor(entry_name: str, data_type: str | None, dims: list[int] | None) -> TensorSpec:
+        assert data_type is not None and dims is not None  # config.py requires both for an ensemble
+        return TensorSpec(entry_name, _BY_TRITON[data_type], ((-1,) if batches else ()) + tuple(dims))
+
+    return ModelSpec(
+        name=name,
+        version=version,
+        inputs=tuple(tensor(t.name, t.data_type, t.dims) for t in config.input),
+        outputs=tuple(tensor(t.name, t.data_type, t.dims) for t in config.output),
+        max_batch_size=config.max_batch_size or 0,
+        platform=ENSEMBLE_PLATFORM,
+    )
+
+
+def load_ensemble_version(directory: Path, name: str, version: int, config: ModelConfig) -> EnsembleVersion:
+    """Version ``version`` of ensemble ``name`` (its version directory holds no model file; it may hold
+    a metadata.yaml). Raises ModelLoadError."""
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory} does not exist")
+    return EnsembleVersion(ensemble_spec(name, version, config), config, resolve_metadata(directory, config))
+
+
+class StepModel(Protocol):
+    """What the load-time check reads of a step's model (a served version)."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def sequences(self) -> object | None: ...
+
+
+def check_steps(ensemble: EnsembleVersion, served: Callable[[str, str], StepModel]) -> None:
+    """Check every step against the model it runs now; raises ModelLoadError listing what does not fit.
+
+    ``served(name, version)`` returns the step model's served version or raises InferGateError.
+    """
+    known: dict[str, tuple[Datatype, tuple[int, ...], str]] = {
+        t.name: (t.datatype, _inner(t, ensemble.spec), "the ensemble input") for t in ensemble.spec.inputs
+    }
+    problems: list[str] = []
+    for wave in ensemble.waves:
+        for step in wave:
+            problems += _check_step(ensemble.spec, step, served, known)
+    for t in ensemble.spec.outputs:
+        written = known.get(t.name)
+        if written is not None:
+            problems += _link(f"ensemble output {t.name!r}", (t.datatype, _inner(t, ensemble.spec)), written)
+    if problems:
+        raise ModelLoadError("; ".join(problems))
+
+
+def _check_step(
+    ensemble: ModelSpec,
+    step: EnsembleStep,
+    served: Callable[[str, str], StepModel],
+    known: dict[str, tuple[Datatype, tuple[int, ...], str]],
+) -> list[str]:
+    try:
+        model = served(step.model, step.version)
+    except InferGateError as exc:
+        return [f"{step.where}: {exc.message}"]
+    spec = model.spec
+    if spec.platform == ENSEMBLE_PLATFORM:
+        return [f"{step.where}: a step cannot run another ensemble"]
+    if model.sequences is not None:
+        return [f"{step.where}: a step cannot run a model with sequence_batching (its requests carry no sequence)"]
+    problems: list[str] = []
+    if ensemble.batches and spec.max_batch_size < ensemble.max_batch_size:
+        problems.append(
+            f"{step.where}: the model takes at most {spec.max_batch_size} rows a request, the ensemble "
+            f"{ensemble.max_batch_size} (max_batch_size)"
+        )
+    unfed = sorted(set(spec.input_by_name) - {inner for inner, _ in step.inputs})
+    if unfed:
+        problems.append(f"{step.where}: input_map leaves the model's inputs {unfed} unfed")
+    for inner, outer in step.inputs:
+        tensor = spec.input_by_name.get(inner)
+        if tensor is None:
+            problems.append(
+                f"{step.where}: input_map names {inner!r}; the model's inputs are {sorted(spec.input_by_name)}"
+            )
+        elif outer in known:
+            problems += _link(f"{step.where} input {inner!r}", (tensor.datatype, _inner(tensor, spec)), known[outer])
+    for inner, outer in step.outputs:
+        tensor = spec.output_by_name.get(inner)
+        if tensor is None:
+            problems.append(
+                f"{step.where}: output_map names {inner!r}; the model's outputs are {sorted(spec.output_by_name)}"
+            )
+        else:
+            known[outer] = (tensor.datatype, _inner(tensor, spec), f"{step.where} output {inner!r}")
+    return problems
+
+
+def _inner(tensor: TensorSpec, spec: ModelSpec) -> tuple[int, ...]:
+    return tensor.shape[1:] if spec.batches else tensor.shape
+
+
+def _link(
+    reader: str, wanted: tuple[Datatype, tuple[int, ...]], given: tuple[Datatype, tuple[int, ...], str]
+) -> list[str]:
+    """Problems with ``reader`` taking the tensor ``given`` describes (datatype, dims without the batch, source)."""
+    (datatype, dims), (given_type, given_dims, source) = wanted, given
+    if datatype is not given_type:
+        return [f"{reader} is {datatype.name}, {source} {given_type.name}"]
+    fits = len(dims) == len(given_dims) and all(a == b or -1 in (a, b) for a, b in zip(dims, given_dims, strict=True))
+    return [] if fits else [f"{reader} has dims {list(dims)}, {source} {list(given_dims)}"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepRequest:
+    """A step's tensors as the step model's request: what the handler's run path needs."""
+
+    inputs: Tensors
+    rows: int
+    group: Hashable
+
+
+def step_request(ensemble: str, step: EnsembleStep, spec: ModelSpec, tensors: Tensors) -> StepRequest:
+    """The step's inputs, read from ``tensors`` and checked against the version that runs the step.
+
+    The load-time check makes a mismatch a changed step model, not the caller's
+    doing: FailedPrecondition naming ensemble and step. Too many rows is the caller's: InvalidArgument.
+    """
+    inputs: Tensors = {}
+    for inner, outer in step.inputs:
+        array = tensors[outer]
+        tensor = spec.input_by_name.get(inner)
+        if tensor is None or array.dtype != tensor.datatype.numpy or not _fits(array.shape, tensor.shape):
+            wanted = "no such input" if tensor is None else f"{tensor.datatype.name} {list(tensor.shape)}"
+            raise FailedPrecondition(
+                f"ensemble '{ensemble}' {step.where}: input {inner!r} takes {wanted}, the pipeline gives "
+                f"{array.dtype} {list(array.shape)}; was the model changed? (reload the ensemble to check it)"
+            )
+        inputs[inner] = array
+    first = next(iter(inputs.values()))
+    rows = first.shape[0] if spec.batches and first.ndim else 1
+    if spec.batches and rows > spec.max_batch_size:
+        raise InvalidArgument(
+            f"ensemble '{ensemble}' {step.where}: batch of {rows} rows; the model takes 1 to {spec.max_batch_size}"
+        )
+    group = tuple(inputs[t.name].shape[1:] for t in spec.inputs) if spec.variable_inner_dims else None
+    return StepRequest(inputs, rows, group)
+
+
+def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    return len(shape) == len(expected) and all(e < 0 or d == e for d, e in zip(shape, expected, strict=True))

@@ -1,0 +1,293 @@
+"""Ensembles (Triton's ``platform: ensemble``): one request runs a pipeline of models on the server.
+
+The pipeline under test: ``double`` (y = 2x) and ``triple`` (y = 3x) read the
+ensemble's input side by side, ``add`` sums their outputs, so ``pipeline``
+answers 5x. Against a real server (explicit model control, so models can be
+loaded and unloaded) with tritonclient, as a Triton user would call it: the
+answer, metadata and config, each step counted in its model's statistics,
+steps batched with one another on the step model, bad requests and broken
+pipelines refused with the step named. Config checks and ``infergate check``
+are read directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from conftest import ServerProcess, running_server
+from onnx import TensorProto, helper
+from tritonclient.utils import InferenceServerException
+
+from infergate.check import check_repository
+from infergate.configfile import ConfigError
+from infergate.models.config import model_config_from_data
+from tests.test_model_control import build_scale_model  # y = x * factor, x FP32 [batch, 4]
+
+PIPELINE = """
+platform: ensemble
+max_batch_size: 8
+input: [{name: INPUT, data_type: TYPE_FP32, dims: [4]}]
+output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [4]}]
+ensemble_scheduling:
+  step:
+    - {model_name: double, model_version: -1, input_map: {x: INPUT}, output_map: {y: doubled}}
+    - {model_name: triple, model_version: 1, input_map: {x: INPUT}, output_map: {y: tripled}}
+    - {model_name: add, input_map: {a: doubled, b: tripled}, output_map: {sum: OUTPUT}}
+"""
+
+# One step, on a model that waits for a full batch of 8 (or 10 s): requests to the ensemble share its batches.
+BATCHED = """
+platform: ensemble
+max_batch_size: 8
+input: [{name: INPUT, data_type: TYPE_FP32, dims: [4]}]
+output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [4]}]
+ensemble_scheduling:
+  step: [{model_name: gathered, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
+"""
+
+# The add model's inputs are a and b: this step leaves b unfed and names an input it lacks.
+BROKEN = """
+platform: ensemble
+max_batch_size: 8
+input: [{name: INPUT, data_type: TYPE_FP32, dims: [4]}]
+output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [4]}]
+ensemble_scheduling:
+  step: [{model_name: add, input_map: {a: INPUT, c: INPUT}, output_map: {sum: OUTPUT}}]
+"""
+
+STEP_MODELS = ["double", "triple", "add", "gathered"]
+
+
+def build_add_model() -> onnx.ModelProto:
+    """``sum = a + b`` for FP32 [batch, 4]."""
+    tensor = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in ("a", "b", "sum")]
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["sum"])], "add", tensor[:2], tensor[2:])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def write(root: Path, name: str, config: str, model: onnx.ModelProto | None = None) -> None:
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "config.yaml").write_text(textwrap.dedent(config))
+    if model is not None:
+        (root / name / "1" / "model.onnx").write_bytes(model.SerializeToString())
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ensembles") / "models"
+    write(root, "double", "max_batch_size: 8\n", build_scale_model(2.0))
+    write(root, "triple", "max_batch_size: 8\n", build_scale_model(3.0))
+    write(root, "add", "max_batch_size: 16\n", build_add_model())
+    gather = (
+        "max_batch_size: 8\ndynamic_batching: {preferred_batch_size: [8], max_queue_delay_microseconds: 10000000}\n"
+    )
+    write(root, "gathered", gather, build_scale_model(1.0))
+    write(root, "pipeline", PIPELINE)
+    write(root, "batched", BATCHED)
+    write(root, "broken", BROKEN)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    loads = [arg for name in [*STEP_MODELS, "pipeline", "batched"] for arg in ("--load-model", name)]
+    with running_server(repository, tmp_path_factory.mktemp("logs"), "--model-control-mode", "explicit", *loads) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(server.url) as c:
+        yield c
+
+
+def infer(client: grpcclient.InferenceServerClient, model: str, x: np.ndarray) -> np.ndarray:
+    tensor = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return client.infer(model, [tensor]).as_numpy("OUTPUT")  # type: ignore[no-any-return]
+
+
+def counts(client: grpcclient.InferenceServerClient, model: str) -> tuple[int, int]:
+    """(requests answered, batches run) of a model, from ModelStatistics."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0)), int(stats.get("execution_count", 0))
+
+
+X = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+
+def test_an_ensemble_answers_with_its_last_step_fed_by_the_steps_before(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
+
+
+def test_every_step_is_counted_by_its_own_model_and_the_ensemble_by_itself(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    before = {m: counts(client, m)[0] for m in ["pipeline", "double", "triple", "add"]}
+    infer(client, "pipeline", X)
+    infer(client, "pipeline", X[:1])
+    after = {m: counts(client, m)[0] for m in before}
+    assert {m: after[m] - before[m] for m in before} == {"pipeline": 2, "double": 2, "triple": 2, "add": 2}
+
+
+def test_metadata_and_config_describe_the_pipeline_as_triton_does(client: grpcclient.InferenceServerClient) -> None:
+    metadata = client.get_model_metadata("pipeline", as_json=True)
+    assert metadata["platform"] == "ensemble"
+    assert [(t["name"], t["datatype"], t["shape"]) for t in metadata["inputs"]] == [("INPUT", "FP32", ["-1", "4"])]
+    config = client.get_model_config("pipeline", as_json=True)["config"]
+    assert config["platform"] == "ensemble"
+    assert config["max_batch_size"] == 8
+    steps = config["ensemble_scheduling"]["step"]
+    assert [(s["model_name"], s["model_version"]) for s in steps] == [("double", "-1"), ("triple", "1"), ("add", "-1")]
+    assert steps[2]["input_map"] == {"a": "doubled", "b": "tripled"}
+    assert steps[2]["output_map"] == {"sum": "OUTPUT"}
+
+
+async def test_requests_to_an_ensemble_share_batches_on_its_step_model(server: ServerProcess) -> None:
+    async with aioclient.InferenceServerClient(server.url) as client:
+        before = await client.get_inference_statistics("gathered", as_json=True)
+
+        async def one(i: int) -> np.ndarray:
+            tensor = aioclient.InferInput("INPUT", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.full((1, 4), i, np.float32))
+            return (await client.infer("batched", [tensor])).as_numpy("OUTPUT")  # type: ignore[no-any-return]
+
+        answers = await asyncio.gather(*(one(i) for i in range(8)))
+        after = await client.get_inference_statistics("gathered", as_json=True)
+    assert [a.tolist() for a in answers] == [[[float(i)] * 4] for i in range(8)]
+    executions = int(after["model_stats"][0].get("execution_count", 0)) - int(
+        before["model_stats"][0].get("execution_count", 0)
+    )
+    assert executions == 1  # eight ensemble requests, one batch of 8 on the step model
+
+
+def test_a_request_that_does_not_fit_the_ensemble_is_refused_naming_it(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    tensor = grpcclient.InferInput("INPUT", [1, 5], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 5), np.float32))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("pipeline", [tensor])
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "pipeline" in caught.value.message() and "INPUT" in caught.value.message()
+    too_many = np.ones((9, 4), np.float32)
+    with pytest.raises(InferenceServerException) as caught:
+        infer(client, "pipeline", too_many)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_an_ensemble_whose_steps_do_not_fit_their_models_does_not_load(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        client.load_model("broken")
+    message = caught.value.message()
+    assert "step 0 (add)" in message
+    assert "input_map leaves the model's inputs ['b'] unfed" in message
+    assert "input_map names 'c'" in message
+    assert not client.is_model_ready("broken")
+    np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)  # the others keep serving
+
+
+def test_a_step_whose_model_is_unloaded_fails_unavailable_naming_the_step(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    client.unload_model("triple")
+    try:
+        with pytest.raises(InferenceServerException) as caught:
+            infer(client, "pipeline", X)
+        assert caught.value.status() == "StatusCode.UNAVAILABLE"
+        assert "ensemble 'pipeline' step 1 (triple)" in caught.value.message()
+    finally:
+        client.load_model("triple")
+    np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
+
+
+def test_an_ensemble_loaded_before_its_step_models_is_refused_naming_the_step(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    client.unload_model("pipeline")
+    client.unload_model("add")
+    try:
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model("pipeline")
+        assert "step 2 (add)" in caught.value.message()
+    finally:
+        client.load_model("add")
+        client.load_model("pipeline")
+    np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"platform": "onnxruntime_onnx"}, "ensemble_scheduling is for platform: ensemble"),
+        ({"ensemble_scheduling": None}, "platform: ensemble needs ensemble_scheduling"),
+        ({"instance_group": {"count": 2}}, "an ensemble takes no instance_group"),
+        (
+            {"input": [{"name": "INPUT", "data_type": "TYPE_FP32"}]},
+            "ensemble tensors ['INPUT'] need data_type and dims",
+        ),
+        ({"output": [{"name": "OTHER", "data_type": "TYPE_FP32", "dims": [4]}]}, "outputs ['OTHER'] are not written"),
+    ],
+)
+def test_an_ensemble_config_that_is_no_pipeline_is_refused_naming_the_file(change: dict, message: str) -> None:
+    data = {**_pipeline(), **change}
+    if data["ensemble_scheduling"] is None:
+        del data["ensemble_scheduling"]
+    with pytest.raises(ConfigError) as caught:
+        model_config_from_data(data, "models/pipeline/config.yaml")
+    assert str(caught.value).startswith("models/pipeline/config.yaml")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        (
+            [{"model_name": "m", "input_map": {"x": "INPUT"}, "output_map": {"y": "INPUT"}}],
+            "step 0 writes tensor 'INPUT', which an ensemble input already provides",
+        ),
+        (
+            [{"model_name": "m", "input_map": {"x": "nowhere"}, "output_map": {"y": "OUTPUT"}}],
+            "step 0 (m) reads ['nowhere'], which no input or step provides",
+        ),
+        (
+            [
+                {"model_name": "m", "input_map": {"x": "b"}, "output_map": {"y": "a"}},
+                {"model_name": "n", "input_map": {"x": "a"}, "output_map": {"y": "b", "z": "OUTPUT"}},
+            ],
+            "steps 0 (m), 1 (n) wait on each other's outputs (a cycle)",
+        ),
+    ],
+)
+def test_steps_must_form_a_pipeline_from_the_inputs_to_the_outputs(steps: list[dict], message: str) -> None:
+    data = {**_pipeline(), "ensemble_scheduling": {"step": steps}}
+    with pytest.raises(ConfigError) as caught:
+        model_config_from_data(data, "models/pipeline/config.yaml")
+    assert message in str(caught.value)
+
+
+def _pipeline() -> dict:
+    import yaml
+
+    return dict(yaml.safe_load(PIPELINE))
+
+
+async def test_check_fits_each_ensemble_against_the_step_models_it_loaded(repository: Path) -> None:
+    report = await check_repository(repository)
+    ensemble = {(f.model, f.level): f.message for f in report.findings if f.check == "ensemble"}
+    assert ensemble[("pipeline", "ok")] == "steps fit the models they run: double+triple -> add"
+    assert ensemble[("batched", "ok")] == "steps fit the models they run: gathered"
+    assert "input_map names 'c'" in ensemble[("broken", "error")]
+    assert str(repository / "broken" / "config.yaml") in ensemble[("broken", "error")]
