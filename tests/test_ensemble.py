@@ -22,12 +22,15 @@ import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+import yaml
 from conftest import ServerProcess, running_server
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from infergate.check import check_repository
+from infergate.cli import main
 from infergate.configfile import ConfigError
+from infergate.demo import write_demo_repository
 from infergate.models.config import model_config_from_data
 from tests.test_model_control import build_scale_model  # y = x * factor, x FP32 [batch, 4]
 
@@ -98,7 +101,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    loads = [arg for name in [*STEP_MODELS, "pipeline", "batched"] for arg in ("--load-model", name)]
+    # Named before their step models: ensembles load after the rest whatever the order.
+    loads = [arg for name in ["pipeline", "batched", *STEP_MODELS] for arg in ("--load-model", name)]
     with running_server(repository, tmp_path_factory.mktemp("logs"), "--model-control-mode", "explicit", *loads) as s:
         yield s
 
@@ -153,7 +157,9 @@ def test_metadata_and_config_describe_the_pipeline_as_triton_does(client: grpccl
     assert steps[2]["output_map"] == {"sum": "OUTPUT"}
 
 
-async def test_requests_to_an_ensemble_share_batches_on_its_step_model(server: ServerProcess) -> None:
+async def eight_requests_to_batched(server: ServerProcess) -> int:
+    """Send eight one-row requests to ``batched`` at once; check the answers; return the batches
+    its step model ran for them."""
     async with aioclient.InferenceServerClient(server.url) as client:
         before = await client.get_inference_statistics("gathered", as_json=True)
 
@@ -165,10 +171,25 @@ async def test_requests_to_an_ensemble_share_batches_on_its_step_model(server: S
         answers = await asyncio.gather(*(one(i) for i in range(8)))
         after = await client.get_inference_statistics("gathered", as_json=True)
     assert [a.tolist() for a in answers] == [[[float(i)] * 4] for i in range(8)]
-    executions = int(after["model_stats"][0].get("execution_count", 0)) - int(
-        before["model_stats"][0].get("execution_count", 0)
-    )
-    assert executions == 1  # eight ensemble requests, one batch of 8 on the step model
+    executions = [int(stats["model_stats"][0].get("execution_count", 0)) for stats in (before, after)]
+    return executions[1] - executions[0]
+
+
+async def test_requests_to_an_ensemble_share_batches_on_its_step_model(server: ServerProcess) -> None:
+    assert await eight_requests_to_batched(server) == 1  # eight ensemble requests, one batch of 8
+
+
+async def test_the_callers_deadline_covers_the_steps_and_drops_what_they_queued(
+    client: grpcclient.InferenceServerClient, server: ServerProcess
+) -> None:
+    tensor = grpcclient.InferInput("INPUT", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("batched", [tensor], client_timeout=0.5)  # the step waits for 8 rows, up to 10 s
+    assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    # Had the step's request stayed queued, it would take a place in the next batch of 8 and the
+    # eighth of these requests would wait for a second one.
+    assert await eight_requests_to_batched(server) == 1
 
 
 def test_a_request_that_does_not_fit_the_ensemble_is_refused_naming_it(
@@ -279,8 +300,6 @@ def test_steps_must_form_a_pipeline_from_the_inputs_to_the_outputs(steps: list[d
 
 
 def _pipeline() -> dict:
-    import yaml
-
     return dict(yaml.safe_load(PIPELINE))
 
 
@@ -291,3 +310,41 @@ async def test_check_fits_each_ensemble_against_the_step_models_it_loaded(reposi
     assert ensemble[("batched", "ok")] == "steps fit the models they run: gathered"
     assert "input_map names 'c'" in ensemble[("broken", "error")]
     assert str(repository / "broken" / "config.yaml") in ensemble[("broken", "error")]
+
+
+def readme_example() -> tuple[str, str]:
+    """The README's ensemble: its config.yaml block and the Python lines that call it."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Ensembles: pipelines of models") :]
+    config = section[section.index("```yaml\n") + len("```yaml\n") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    return config[: config.index("```")], code[: code.index("```")]
+
+
+def test_the_readme_ensemble_applies_matmul16_twice(tmp_path: Path) -> None:
+    config, code = readme_example()
+    assert config.startswith("# DIR/twice/config.yaml")
+    write_demo_repository(tmp_path / "models")
+    (tmp_path / "models" / "twice" / "1").mkdir(parents=True)
+    (tmp_path / "models" / "twice" / "config.yaml").write_text(config)
+    loads = ("--model-control-mode", "explicit", "--load-model", "matmul16", "--load-model", "twice")
+    with running_server(tmp_path / "models", tmp_path, *loads) as server:
+        with grpcclient.InferenceServerClient(server.url) as client:
+            scope = {"client": client, "grpcclient": grpcclient, "np": np}
+            exec(code, scope)  # the README's own lines
+            x = grpcclient.InferInput("x", [1, 16], "FP32")
+            x.set_data_from_numpy(np.ones((1, 16), np.float32))
+            once = client.infer("matmul16", [x]).as_numpy("y")
+            x.set_data_from_numpy(once)
+            expected = client.infer("matmul16", [x]).as_numpy("y")
+    np.testing.assert_array_equal(scope["twice"], expected)
+
+
+def test_offline_scoring_of_an_ensemble_in_process_is_refused_pointing_at_url(
+    repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.npy"
+    np.save(source, np.zeros((3, 4), dtype=np.float32))
+    args = ["--model", "pipeline", "--input", str(source), "--output", str(tmp_path / "out.jsonl")]
+    assert main(["batch", "--model-repository", str(repository), *args]) == 2
+    assert "model pipeline is an ensemble: score it with --url" in capsys.readouterr().err

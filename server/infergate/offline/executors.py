@@ -97,7 +97,7 @@ class LocalExecutor:
         config, found = await asyncio.to_thread(_read_model, directory)
         if config.is_ensemble:
             raise InputError(
-                f"model {name} is an ensemble: score it against a server that serves it and its steps (--server)"
+                f"model {name} is an ensemble: score it with --url against a server that serves it and its step models"
             )
         if version is None:
             version = _default_version(name, config, found)

@@ -12,7 +12,7 @@ here and knows no gRPC:
    the control and state inputs); outputs asked for as classes become top-k strings.
    A model with ``response_cache`` enabled first looks for the same inputs in the
    server's response cache, and keeps what it computes there. An ensemble's request
-   runs each of its steps through 1–5 on the step's model (its routing, batcher,
+   runs each of its steps through steps 1 to 5 on the step's model (its routing, batcher,
    statistics, monitor and shadow), feeding each step the tensors of the steps before;
 4. **record**: the outcome goes to the version's statistics and to the router (canary),
    and an answered request is offered to the version's monitor (drift, payload log:
