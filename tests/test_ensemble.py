@@ -13,6 +13,7 @@ are read directly.
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +24,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 import yaml
-from conftest import ServerProcess, running_server
+from conftest import ServerProcess, launch_server, running_server
 from onnx import TensorProto, helper
+from security import AUDIENCE, ISSUER, SECRET, bearer, claims, token
 from tritonclient.utils import InferenceServerException
 
 from infergate.check import check_repository
@@ -348,3 +350,27 @@ def test_offline_scoring_of_an_ensemble_in_process_is_refused_pointing_at_url(
     args = ["--model", "pipeline", "--input", str(source), "--output", str(tmp_path / "out.jsonl")]
     assert main(["batch", "--model-repository", str(repository), *args]) == 2
     assert "model pipeline is an ensemble: score it with --url" in capsys.readouterr().err
+
+
+def test_permission_on_the_ensemble_runs_its_steps_without_permission_on_them(repository: Path, tmp_path: Path) -> None:
+    config = tmp_path / "server.yaml"
+    auth = {"enabled": True, "algorithms": ["HS256"], "secret_env": "INFERGATE_TEST_JWT_SECRET"}
+    config.write_text(json.dumps({"auth": {**auth, "issuer": ISSUER, "audience": AUDIENCE}}))
+    loads = [arg for name in ["pipeline", *STEP_MODELS] for arg in ("--load-model", name)]
+    args = ("--config", str(config), "--model-control-mode", "explicit", *loads)
+    server = launch_server(repository, tmp_path, *args, env={"INFERGATE_TEST_JWT_SECRET": SECRET.decode()})
+    try:
+        headers = bearer(token(SECRET, "HS256", claims("infer:pipeline")))
+        with grpcclient.InferenceServerClient(server.url) as client:
+            tensor = grpcclient.InferInput("INPUT", list(X.shape), "FP32")
+            tensor.set_data_from_numpy(X)
+            answer = client.infer("pipeline", [tensor], headers=headers).as_numpy("OUTPUT")
+            tensor = grpcclient.InferInput("x", list(X.shape), "FP32")
+            tensor.set_data_from_numpy(X)
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("double", [tensor], headers=headers)
+    finally:
+        assert server.terminate() == 0, server.log()
+    np.testing.assert_array_equal(answer, X * 5)
+    assert caught.value.status() == "StatusCode.PERMISSION_DENIED"
+    assert "needs permission 'infer:double'" in caught.value.message()

@@ -124,15 +124,18 @@ class ModelRepository:
         await asyncio.gather(*(one(n) for n in names if n in pipelines))
 
     def _ensembles(self, names: list[str]) -> list[str]:
-        """The models whose config.yaml looks like an ensemble's (a guess for ordering only: loading reads it)."""
+        """The models whose config.yaml looks like an ensemble's (a guess for ordering only: loading reads it).
+
+        Only regular files are read: a config that is a pipe (or a device) would be consumed by this look.
+        """
         found = []
         for name in names:
+            path = self.root / name / "config.yaml"
             try:
-                text = (self.root / name / "config.yaml").read_text(errors="replace")
+                if path.is_file() and "ensemble_scheduling" in path.read_text(errors="replace"):
+                    found.append(name)
             except OSError:
                 continue
-            if "ensemble_scheduling" in text:
-                found.append(name)
         return found
 
     async def rescan(self, *, source: Source = "poll") -> None:
