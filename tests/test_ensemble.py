@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ import yaml
 from conftest import ServerProcess, launch_server, running_server
 from onnx import TensorProto, helper
 from security import AUDIENCE, ISSUER, SECRET, bearer, claims, token
+from test_perf_analyzer import _perf_analyzer
 from tritonclient.utils import InferenceServerException
 
 from infergate.check import check_repository
@@ -144,6 +146,41 @@ def test_every_step_is_counted_by_its_own_model_and_the_ensemble_by_itself(
     infer(client, "pipeline", X[:1])
     after = {m: counts(client, m)[0] for m in before}
     assert {m: after[m] - before[m] for m in before} == {"pipeline": 2, "double": 2, "triple": 2, "add": 2}
+
+
+def test_the_ensembles_statistics_sum_its_steps_queue_and_compute_as_triton_does(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    def totals(model: str) -> dict[str, int]:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        inference = stats["inference_stats"]
+        figures = {f"{k}_ns": int(inference[k].get("ns", 0)) for k in ("queue", "compute_infer")}
+        figures |= {f"{k}_count": int(inference[k].get("count", 0)) for k in ("queue", "compute_infer")}
+        return figures | {"rows": int(stats.get("inference_count", 0)), "runs": int(stats.get("execution_count", 0))}
+
+    models = ["pipeline", "double", "triple", "add"]
+    before = {m: totals(m) for m in models}
+    infer(client, "pipeline", X)
+    infer(client, "pipeline", X[:1])
+    grew = {m: {k: v - before[m][k] for k, v in totals(m).items()} for m in models}
+    ensemble, steps = grew["pipeline"], [grew[m] for m in models[1:]]
+    assert (ensemble["rows"], ensemble["runs"], ensemble["queue_count"], ensemble["compute_infer_count"]) == (
+        4,
+        2,
+        2,
+        2,
+    )
+    # Each step ran alone here (one request in flight), so the ensemble's times are its steps', summed.
+    assert ensemble["queue_ns"] == sum(step["queue_ns"] for step in steps)
+    assert ensemble["compute_infer_ns"] == sum(step["compute_infer_ns"] for step in steps) > 0
+
+
+def test_perf_analyzer_measures_the_ensemble_and_each_composing_model(server: ServerProcess) -> None:
+    output = _perf_analyzer(server, "-m", "pipeline", "--concurrency-range", "2")
+    assert "Composing models:" in output, output
+    for model in ["add", "double", "triple"]:
+        served = re.search(rf"{model}, version: 1\n\s+Inference count: (\d+)", output)
+        assert served and int(served.group(1)) > 0, output
 
 
 def test_metadata_and_config_describe_the_pipeline_as_triton_does(client: grpcclient.InferenceServerClient) -> None:

@@ -41,6 +41,31 @@ class BatchSizeStats:
 
 
 @dataclass(slots=True)
+class StepTimes:
+    """What the steps of one ensemble request spent queued and computing, summed over the steps."""
+
+    queue_ns: int = 0
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+
+    def add(self, queue_ns: int, timings: BatchTimings) -> None:
+        self.queue_ns += queue_ns
+        self.input_ns += timings.input_ns
+        self.infer_ns += timings.infer_ns
+        self.output_ns += timings.output_ns
+
+
+@dataclass(frozen=True, slots=True)
+class Accrued:
+    """A request's batcher tag when it is an ensemble's step: the observer's own tag, and where the
+    step's times go (:class:`~infergate.models.version.ModelVersion` unwraps it when its batch ran)."""
+
+    tag: object
+    times: StepTimes
+
+
+@dataclass(slots=True)
 class ModelStats:
     """Counters for one model version; field names follow Triton's statistics extension."""
 
@@ -76,6 +101,16 @@ class ModelStats:
         per_size.compute_input.add(timings.input_ns)
         per_size.compute_infer.add(timings.infer_ns)
         per_size.compute_output.add(timings.output_ns)
+
+    def record_ensemble(self, rows: int, steps: StepTimes) -> None:
+        """One answered ensemble request: its steps' queue and compute times, summed, as Triton reports them."""
+        self.execution_count += 1
+        self.inference_count += rows
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.queue.add(steps.queue_ns)
+        self.compute_input.add(steps.input_ns)
+        self.compute_infer.add(steps.infer_ns)
+        self.compute_output.add(steps.output_ns)
 
     def record_request(self, ok: bool, ns: int) -> None:
         """One finished request and its end-to-end time inside the server."""

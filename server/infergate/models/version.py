@@ -35,7 +35,7 @@ from infergate.models.sequence import (
     request_spec,
 )
 from infergate.models.spec import ModelSpec, Tensors, check_tensor_config
-from infergate.models.stats import ModelObserver, ModelStats
+from infergate.models.stats import Accrued, BatchTimings, ModelObserver, ModelStats, StepTimes
 from infergate.monitoring.monitor import ModelMonitor, load_monitor
 
 __all__ = ["ModelVersion", "load_model_version"]
@@ -69,6 +69,7 @@ class ModelVersion:
         # from the one it replaced. A plain object, so the cache keeps no version alive.
         self.cache_token: object | None = object() if config.response_cache.enable else None
         self._observer: ModelObserver | None = None
+        self._accruing = 0  # ensemble steps waiting on this version (their tags carry where their times go)
         batching = (
             config.dynamic_batching
             if sequences is None
@@ -134,15 +135,25 @@ class ModelVersion:
         deadline: float | None,
         watch: bool = True,
         level: int = 0,
+        accrue: StepTimes | None = None,
     ) -> Tensors:
         """Queue validated inputs and return this request's outputs (all of them); see ``DynamicBatcher.submit``.
 
         ``level`` is the batcher's priority level (:meth:`priority_level` turns a request's priority into one).
+        ``accrue``: an ensemble step's request adds its queue and compute times there.
         """
         tag = self._observer.capture() if self._observer is not None else None
-        return await self.batcher.submit(
-            inputs, rows=rows, group=group, deadline=deadline, watch=watch, tag=tag, level=level
-        )
+        if accrue is None:
+            return await self.batcher.submit(
+                inputs, rows=rows, group=group, deadline=deadline, watch=watch, tag=tag, level=level
+            )
+        self._accruing += 1
+        try:
+            return await self.batcher.submit(
+                inputs, rows=rows, group=group, deadline=deadline, watch=watch, tag=Accrued(tag, accrue), level=level
+            )
+        finally:
+            self._accruing -= 1
 
     def cache_looked_up(self, hit: bool) -> None:
         """Tell telemetry that the current request was answered from the response cache, or not."""
@@ -177,8 +188,9 @@ class ModelVersion:
             results, timings = outcome
             queue_ns = int(sum(batch.started - t for t in batch.enqueued) * 1e9)
             self.stats.record_batch(batch.rows, len(batch.payloads), queue_ns, timings)
+            tags = batch.tags if not self._accruing else _accrue(batch.tags, batch.enqueued, batch.started, timings)
             if self._observer is not None:
-                self._observer.batch(batch.tags, batch.rows, batch.enqueued, batch.started, timings)
+                self._observer.batch(tags, batch.rows, batch.enqueued, batch.started, timings)
             done(results)
 
         self.runner.start(batch.payloads, batch.payload_rows, finished)
@@ -195,6 +207,17 @@ class ModelVersion:
         if self.monitor is not None:
             await self.monitor.aclose()
         await in_thread(self.runner.close)  # not asyncio.to_thread: heap.py
+
+
+def _accrue(tags: list[object], enqueued: list[float], started: float, timings: BatchTimings) -> list[object]:
+    """Add each ensemble step's queue and compute times to its request's; the tags as the observer knows them."""
+    unwrapped = []
+    for tag, queued in zip(tags, enqueued, strict=True):
+        if isinstance(tag, Accrued):
+            tag.times.add(int((started - queued) * 1e9), timings)
+            tag = tag.tag
+        unwrapped.append(tag)
+    return unwrapped
 
 
 def load_model_version(directory: Path, name: str, version: int, config: ModelConfig) -> ModelVersion:

@@ -37,6 +37,7 @@ from infergate.models.ensemble import EnsembleStep, EnsembleVersion, step_reques
 from infergate.models.response_cache import ResponseCache, request_digest
 from infergate.models.sequence import refuse_sequence
 from infergate.models.spec import Tensors
+from infergate.models.stats import StepTimes
 from infergate.models.version import ModelVersion
 from infergate.repository.catalog import ModelCatalog, Routed, ShadowTarget
 from infergate.routing.shadow import ShadowJob, ShadowQueue
@@ -87,17 +88,23 @@ class InferenceHandler:
         return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id)
 
     def _outputs(
-        self, routed: Routed, decoded: DecodedRequest, request: InferenceRequest, expires: int | None
+        self,
+        routed: Routed,
+        decoded: DecodedRequest,
+        request: InferenceRequest,
+        expires: int | None,
+        accrue: StepTimes | None = None,
     ) -> Coroutine[None, None, Tensors]:
         """The routed version's outputs for ``decoded`` (to await): from its steps, from the cache, or run.
-        Not a coroutine function itself: the request path pays for one coroutine, not two."""
+        Not a coroutine function itself: the request path pays for one coroutine, not two.
+        ``accrue``: an ensemble's step adds its queue and compute times there."""
         model = routed.model
         if isinstance(model, EnsembleVersion):
             return self._ensemble(model, decoded, request, expires)
         remaining = _remaining(expires)
         if model.cache_token is not None and self._cache is not None:
-            return self._cached(self._cache, model, decoded, request, remaining)
-        return self._run(model, decoded, request, remaining)
+            return self._cached(self._cache, model, decoded, request, remaining, accrue)
+        return self._run(model, decoded, request, remaining, accrue)
 
     def _answered(self, routed: Routed, decoded: DecodedRequest, outputs: Tensors, request_id: str) -> None:
         """Offer an answered request to its version's monitor, and mirror it when routing chose to."""
@@ -110,16 +117,22 @@ class InferenceHandler:
     async def _ensemble(
         self, ensemble: EnsembleVersion, decoded: DecodedRequest, request: InferenceRequest, expires: int | None
     ) -> Tensors:
-        """Run an ensemble's steps, each wave's together, and return the ensemble's outputs."""
+        """Run an ensemble's steps, each wave's together, and return the ensemble's outputs.
+
+        The ensemble's statistics count the request with its steps' queue and compute times summed, as Triton's.
+        """
         tensors = dict(decoded.inputs)
+        times = StepTimes()
         for wave in ensemble.waves:
             if len(wave) == 1:
-                results = [await self._step(ensemble, wave[0], tensors, request, expires)]
+                results = [await self._step(ensemble, wave[0], tensors, request, expires, times)]
             else:
-                results = await asyncio.gather(*(self._step(ensemble, s, tensors, request, expires) for s in wave))
+                steps = (self._step(ensemble, s, tensors, request, expires, times) for s in wave)
+                results = await asyncio.gather(*steps)
             for step, outputs in zip(wave, results, strict=True):
                 for inner, outer in step.outputs:
                     tensors[outer] = outputs[inner]
+        ensemble.stats.record_ensemble(decoded.rows, times)
         return {t.name: tensors[t.name] for t in ensemble.spec.outputs}
 
     async def _step(
@@ -129,6 +142,7 @@ class InferenceHandler:
         tensors: Tensors,
         request: InferenceRequest,
         expires: int | None,
+        times: StepTimes,
     ) -> Tensors:
         """One step, served as a request to its model is: routed, run, counted, monitored, mirrored."""
         started = time.perf_counter_ns()
@@ -145,7 +159,7 @@ class InferenceHandler:
         try:
             part = step_request(ensemble.name, step, routed.model.spec, tensors)
             decoded = DecodedRequest(part.inputs, part.rows, part.group, ())
-            outputs = await self._outputs(routed, decoded, request, expires)
+            outputs = await self._outputs(routed, decoded, request, expires, times)
         except BaseException as exc:
             error = exc
             raise
@@ -161,6 +175,7 @@ class InferenceHandler:
         decoded: DecodedRequest,
         request: InferenceRequest,
         remaining: float | None,
+        accrue: StepTimes | None = None,
     ) -> Tensors:
         """The answer kept for the same inputs, or the computed one, kept for next time."""
         refuse_sequence(model.name, decoded.sequence)  # a request the model would refuse is refused, kept or not
@@ -174,7 +189,7 @@ class InferenceHandler:
             stats.cache_hit.add(time.perf_counter_ns() - started)
             return dict(kept)
         looked_up = time.perf_counter_ns() - started
-        outputs = await self._run(model, decoded, request, remaining)
+        outputs = await self._run(model, decoded, request, remaining, accrue)
         keeping = time.perf_counter_ns()
         cache.put(key, outputs)
         stats.cache_miss.add(looked_up + time.perf_counter_ns() - keeping)
@@ -182,7 +197,11 @@ class InferenceHandler:
 
     @staticmethod
     async def _run(
-        model: ModelVersion, decoded: DecodedRequest, request: InferenceRequest, remaining: float | None
+        model: ModelVersion,
+        decoded: DecodedRequest,
+        request: InferenceRequest,
+        remaining: float | None,
+        accrue: StepTimes | None = None,
     ) -> Tensors:
         """Run the request on the routed version. Nothing here awaits before the request is queued
         (on the batcher, or in its sequence's order): requests of one sequence keep their order."""
@@ -192,7 +211,7 @@ class InferenceHandler:
             return await model.sequences.infer(decoded.sequence, decoded.inputs, deadline, watch=server_side)
         refuse_sequence(model.name, decoded.sequence)
         level = model.priority_level(request.priority)
-        return await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, server_side, level)
+        return await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, server_side, level, accrue)
 
     def _mirror(self, shadow: ShadowTarget, decoded: DecodedRequest, outputs: Tensors) -> None:
         """Queue the same inputs for the shadow version; never waits, never fails the caller."""
