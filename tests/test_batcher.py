@@ -469,6 +469,25 @@ async def test_when_the_batch_interval_has_passed_a_partial_batch_runs(
     assert model.payloads == [["a"], ["b", "c"]]
 
 
+async def test_the_batch_interval_is_not_waited_when_every_call_the_server_holds_is_here(
+    make_batcher: MakeBatcher, model: FakeModel, clock: ManualClock
+) -> None:
+    """One caller (or an ensemble's next step on the same model): no wait could fill the batch.
+    The clock never moves: had "b" waited for the interval, the test would time out."""
+    in_progress = 1
+    batcher = make_batcher(max_batch_size=4, min_batch_interval=60.0, calls_in_progress=lambda: in_progress)
+    async with asyncio.timeout(LIMIT):
+        assert await batcher.submit("a", rows=1) == "A"
+        assert await batcher.submit("b", rows=1) == "B"
+        in_progress = 2  # another call is on its way: now the interval holds the next batch
+        waiting = submit(batcher, "c")
+        await one_loop_pass()
+        assert clock.pending() == [clock.now + 60.0]
+        clock.advance(60.0)
+        assert await waiting == "C"
+    assert model.payloads == [["a"], ["b"], ["c"]]
+
+
 # --------------------------------------------------------------------------- bounded queue
 
 

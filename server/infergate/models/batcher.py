@@ -38,7 +38,9 @@ Batching policy (Triton's ``dynamic_batching``, plus gathering):
   request arrived for the batch to fill (Triton's meaning: an upper bound on
   the wait).
 * With ``min_batch_interval`` > 0, an instance starts batches no more often than
-  that (a full batch always starts at once).
+  that (a full batch always starts at once), while another call may still
+  submit (see gathering: with every call the server holds already here, no
+  wait could fill the batch).
 
 Guarantees:
 
@@ -443,14 +445,17 @@ class DynamicBatcher(Generic[T, R]):
 
         A full batch runs at once. Otherwise it waits for ``max_queue_delay``
         after its oldest request arrived, and for ``min_batch_interval`` after
-        this instance's previous batch started, whichever ends later.
+        this instance's previous batch started, whichever ends later. The
+        interval is waited only while another call may still submit: it exists
+        to share a batch's fixed cost, and with every call already here (one
+        caller, or an ensemble's next step) nothing could join.
         """
         if self._closing or self._queue.rows >= self._policy.target_rows:
             return None
-        until = max(
-            self._queue.oldest().enqueued + self._policy.max_queue_delay,
-            last_start + self._policy.min_batch_interval,
-        )
+        until = self._queue.oldest().enqueued + self._policy.max_queue_delay
+        interval_ends = last_start + self._policy.min_batch_interval
+        if interval_ends > until and interval_ends > now and self._more_may_arrive():
+            until = interval_ends
         return until if now < until else None
 
     def _launch(self, instance: int, entries: list[Entry[T, R]], now: float) -> None:
