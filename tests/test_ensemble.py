@@ -273,6 +273,30 @@ def test_a_step_whose_model_is_unloaded_fails_unavailable_naming_the_step(
     np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
 
 
+def test_a_step_model_reloaded_with_other_tensors_fails_the_step_not_the_answer(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """``triple`` replaced by a model whose input is not ``x``: the ensemble is not reloaded, so
+    its next request finds the mismatch and says which step and input, instead of running."""
+    other = build_add_model().SerializeToString()
+    client.load_model("triple", config='{"max_batch_size": 8}', files={"file:1/model.onnx": other})
+    try:
+
+        def failed() -> int:
+            stats = client.get_inference_statistics("triple", as_json=True)["model_stats"][0]
+            return int(stats["inference_stats"]["fail"].get("count", 0))
+
+        before = failed()
+        with pytest.raises(InferenceServerException) as caught:
+            infer(client, "pipeline", X)
+        assert caught.value.status() == "StatusCode.FAILED_PRECONDITION"
+        assert "ensemble 'pipeline' step 1 (triple): input 'x' takes no such input" in caught.value.message()
+        assert failed() == before  # the pipeline's fault: not counted against the model (nor its canary)
+    finally:
+        client.load_model("triple")
+    np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
+
+
 def test_an_ensemble_loaded_before_its_step_models_is_refused_naming_the_step(
     client: grpcclient.InferenceServerClient,
 ) -> None:

@@ -155,10 +155,11 @@ class InferenceHandler:
                 f"ensemble '{ensemble.name}' {step.where}: the model is now an ensemble or a stateful model, "
                 "which a step cannot run"
             )
+        # Checked before it counts as the step model's request: a mismatch is the pipeline's, not the model's.
+        part = step_request(ensemble.name, step, routed.model.spec, tensors)
+        decoded = DecodedRequest(part.inputs, part.rows, part.group, ())
         error: BaseException | None = None
         try:
-            part = step_request(ensemble.name, step, routed.model.spec, tensors)
-            decoded = DecodedRequest(part.inputs, part.rows, part.group, ())
             outputs = await self._outputs(routed, decoded, request, expires, times)
         except BaseException as exc:
             error = exc
