@@ -21,6 +21,7 @@ import pytest
 from conftest import ServerProcess, launch_server
 from test_sdk_client import slow_server  # noqa: F401 -- a fixture
 from test_sdk_connection import EchoServer, echo  # noqa: F401 -- a fixture
+from test_tls import Pki, mtls_server, pki, tls_server  # noqa: F401 -- fixtures
 
 from infergate_client import Client
 from load_tests.servers import free_port
@@ -173,6 +174,67 @@ def test_node_calls_have_a_deadline(node_client: Path, slow_server: ServerProces
     assert done.returncode == 4 and "DEADLINE_EXCEEDED" in done.stderr
 
 
+# --------------------------------------------------------------------------- TLS
+
+
+def test_node_infers_over_tls_trusting_the_servers_ca(
+    node_client: Path,
+    tls_server: ServerProcess,  # noqa: F811
+    pki: Pki,  # noqa: F811
+) -> None:
+    done = _node(node_client, _matmul16(tls_server.url, tls={"rootCertificates": pki.path("ca.crt")}))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outputs"]["y"]["shape"] == [1, 16]
+
+
+def test_node_refuses_a_server_whose_certificate_it_does_not_trust(
+    node_client: Path,
+    tls_server: ServerProcess,  # noqa: F811
+    pki: Pki,  # noqa: F811
+) -> None:
+    untrusted = {"rootCertificates": pki.path("client-ca.crt")}  # another CA signed the server's certificate
+    done = _node(node_client, _matmul16(tls_server.url, tls=untrusted, retry={"maxAttempts": 1}))
+    assert done.returncode == 4 and "UNAVAILABLE" in done.stderr
+
+
+def test_node_presents_a_client_certificate_for_mutual_tls(
+    node_client: Path,
+    mtls_server: ServerProcess,  # noqa: F811
+    pki: Pki,  # noqa: F811
+) -> None:
+    mutual = {
+        "rootCertificates": pki.path("ca.crt"),
+        "privateKey": pki.path("client.key"),
+        "certificateChain": pki.path("client.crt"),
+    }
+    done = _node(node_client, _matmul16(mtls_server.url, tls=mutual))
+    assert done.returncode == 0, done.stderr
+    anonymous = {"rootCertificates": pki.path("ca.crt")}
+    done = _node(node_client, _matmul16(mtls_server.url, tls=anonymous, retry={"maxAttempts": 1}))
+    assert done.returncode == 4 and "UNAVAILABLE" in done.stderr
+
+
+def test_node_checks_the_server_name_it_is_given(
+    node_client: Path,
+    tls_server: ServerProcess,  # noqa: F811
+    pki: Pki,  # noqa: F811
+) -> None:
+    """The server's certificate names localhost and 127.0.0.1: a name it does not carry is refused."""
+    tls = {"rootCertificates": pki.path("ca.crt"), "serverName": "localhost"}
+    done = _node(node_client, _matmul16(tls_server.url, tls=tls))
+    assert done.returncode == 0, done.stderr
+    wrong = {"rootCertificates": pki.path("ca.crt"), "serverName": "someone-else"}
+    done = _node(node_client, _matmul16(tls_server.url, tls=wrong, retry={"maxAttempts": 1}))
+    assert done.returncode == 4 and "UNAVAILABLE" in done.stderr
+
+
+def test_node_refuses_a_key_without_its_certificate_chain(node_client: Path, pki: Pki) -> None:  # noqa: F811
+    half = {"rootCertificates": pki.path("ca.crt"), "privateKey": pki.path("client.key")}
+    done = _node(node_client, _matmul16("127.0.0.1:1", tls=half))
+    assert done.returncode != 0
+    assert "privateKey and certificateChain go together" in done.stderr
+
+
 # --------------------------------------------------------------------------- the examples in docs/client.md
 
 TYPESCRIPT_BLOCK = re.compile(r"```typescript\n(.*?)```", re.S)
@@ -190,15 +252,36 @@ eval("(async () => {" + js + "\\n})()").catch((error) => {
 """
 
 
-@pytest.mark.parametrize("index", range(3))
-def test_the_docs_node_examples_run(node_client: Path, demo_server: ServerProcess, index: int) -> None:
+def _docs_examples() -> list[str]:
     blocks = TYPESCRIPT_BLOCK.findall((ROOT / "docs" / "client.md").read_text())
-    assert len(blocks) == 3, "docs/client.md's TypeScript examples changed: update this test's count"
-    source = blocks[index].replace("127.0.0.1:8001", demo_server.url)
+    assert len(blocks) == 4, "docs/client.md's TypeScript examples changed: update this test's count"
+    return list(blocks)
+
+
+def _run_example(source: str) -> None:
     done = subprocess.run(["node", "-e", RUN_TYPESCRIPT], input=source, capture_output=True, text=True, cwd=ROOT,
                           timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the example printed nothing"
+
+
+TLS_EXAMPLE = 2  # the others run against the plaintext demo server
+
+
+@pytest.mark.parametrize("index", [0, 1, 3])
+def test_the_docs_node_examples_run(node_client: Path, demo_server: ServerProcess, index: int) -> None:
+    _run_example(_docs_examples()[index].replace("127.0.0.1:8001", demo_server.url))
+
+
+def test_the_docs_node_tls_example_runs_against_a_mutual_tls_server(
+    node_client: Path,
+    mtls_server: ServerProcess,  # noqa: F811
+    pki: Pki,  # noqa: F811
+) -> None:
+    source = _docs_examples()[TLS_EXAMPLE].replace("127.0.0.1:8443", mtls_server.url)
+    for name, file in [("ca.pem", "ca.crt"), ("client.key", "client.key"), ("client.pem", "client.crt")]:
+        source = source.replace(f'"{name}"', json.dumps(pki.path(file)))
+    _run_example(source)
 
 
 STREAM = """

@@ -5,7 +5,8 @@
  *   node dist/cli.js '{"url": "127.0.0.1:8001", "model": "matmul16",
  *     "inputs": {"x": {"datatype": "FP32", "shape": [1, 16], "data": [0, 1, ...]}}}'
  *
- * Optional keys: token, deadlineMs, outputs, modelVersion, metadata, and retry (the client's
+ * Optional keys: token, deadlineMs, outputs, modelVersion, metadata, tls (the client's TlsOptions:
+ * rootCertificates, privateKey, certificateChain as PEM file paths, serverName), and retry (the client's
  * RetryPolicy: maxAttempts, initialBackoffMs, maxBackoffMs, multiplier, jitter, and budgetTokens
  * for the RetryBudget's size; each retry is
  * reported on stderr as "retry N: CODE: details"). Prints
@@ -57,6 +58,7 @@ async function main(): Promise<number> {
     token: request.token,
     deadlineMs: request.deadlineMs,
     metadata: request.metadata,
+    tls: request.tls,
     retry: { ...retry, onRetry: (attempt, error) => console.error(`retry ${attempt}: ${error.message}`) },
     retryBudget: retry.budgetTokens !== undefined ? new RetryBudget(retry.budgetTokens) : undefined,
   });

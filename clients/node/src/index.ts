@@ -9,6 +9,7 @@
  *   const out = await client.infer("matmul16", { x: { data: new Float32Array(16), shape: [1, 16] } });
  *   out.outputs.y.data; // Float32Array
  */
+import * as fs from "fs";
 import * as path from "path";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
@@ -48,7 +49,9 @@ export interface ClientOptions {
   token?: string | (() => string | Promise<string>);
   /** Metadata sent with every call, e.g. { "x-user-id": "alice" }. */
   metadata?: Record<string, string>;
-  /** TLS credentials; plaintext when left out. */
+  /** TLS from PEM files or their contents (the Python SDK's `Tls`); plaintext when neither this nor `credentials`. */
+  tls?: TlsOptions;
+  /** Channel credentials built by hand with `@grpc/grpc-js` (instead of `tls`). */
   credentials?: grpc.ChannelCredentials;
   /** Folder holding grpc_service.proto (default: the repository's proto/). */
   protoDir?: string;
@@ -56,6 +59,41 @@ export interface ClientOptions {
   retry?: RetryPolicy;
   /** The client-wide budget that stops retry storms (default: 10 tokens, 0.1 back per success). */
   retryBudget?: RetryBudget;
+}
+
+/**
+ * TLS settings, as the Python SDK's `Tls`: each certificate or key is a PEM file's path or its
+ * contents (a Buffer). `rootCertificates` left out trusts the system's roots; `privateKey` and
+ * `certificateChain` together present a client certificate (mutual TLS); `serverName` is the name
+ * checked in the server's certificate when it differs from the host in the URL.
+ */
+export interface TlsOptions {
+  rootCertificates?: string | Buffer;
+  privateKey?: string | Buffer;
+  certificateChain?: string | Buffer;
+  serverName?: string;
+}
+
+function pem(value: string | Buffer | undefined): Buffer | undefined {
+  return value === undefined || Buffer.isBuffer(value) ? value : fs.readFileSync(value);
+}
+
+/** Channel credentials and options for `tls`; throws an Error saying what is wrong with it. */
+function tlsCredentials(tls: TlsOptions): [grpc.ChannelCredentials, Record<string, string>] {
+  if ((tls.privateKey === undefined) !== (tls.certificateChain === undefined)) {
+    throw new Error("tls: privateKey and certificateChain go together (a client certificate needs both)");
+  }
+  const credentials = grpc.credentials.createSsl(
+    pem(tls.rootCertificates) ?? null,
+    pem(tls.privateKey) ?? null,
+    pem(tls.certificateChain) ?? null,
+  );
+  const names: Record<string, string> = {};
+  if (tls.serverName) {
+    names["grpc.ssl_target_name_override"] = tls.serverName;
+    names["grpc.default_authority"] = tls.serverName;
+  }
+  return [credentials, names];
 }
 
 /**
@@ -255,8 +293,14 @@ export class InferenceClient {
     });
     const loaded = grpc.loadPackageDefinition(definition) as any;
     const Service = loaded.inference.GRPCInferenceService as grpc.ServiceClientConstructor;
-    const channelOptions = { "grpc.max_receive_message_length": -1, "grpc.max_send_message_length": -1 };
-    const credentials = options.credentials ?? grpc.credentials.createInsecure();
+    if (options.tls !== undefined && options.credentials !== undefined) {
+      throw new Error("give tls or credentials, not both");
+    }
+    const [credentials, names] =
+      options.tls !== undefined
+        ? tlsCredentials(options.tls)
+        : [options.credentials ?? grpc.credentials.createInsecure(), {}];
+    const channelOptions = { "grpc.max_receive_message_length": -1, "grpc.max_send_message_length": -1, ...names };
     this.stub = new Service(url, credentials, channelOptions) as unknown as grpc.Client & Record<string, Unary>;
   }
 
