@@ -6,8 +6,10 @@ model's ``config.yaml`` and each version's ``metadata.yaml`` (every bad field
 reported, each naming file and field), version policies, checksums, loading
 each version with its execution providers — falling back as the server would —
 and warm-up (``load_model_version``), routing blocks against the versions that
-loaded (``check_routing``), and with ``smoke`` one inference per version
-checked for NaN/Inf (:mod:`infergate.check.smoke`).
+loaded (``check_routing``), each ensemble's steps against the versions of
+its step models that loaded (``check_steps``, after every other model), and
+with ``smoke`` one inference per version checked for NaN/Inf
+(:mod:`infergate.check.smoke`).
 
 Versions are checked one at a time and closed before the next, so memory stays
 that of the largest version.
