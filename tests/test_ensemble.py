@@ -435,3 +435,11 @@ def test_permission_on_the_ensemble_runs_its_steps_without_permission_on_them(re
     np.testing.assert_array_equal(answer, X * 5)
     assert caught.value.status() == "StatusCode.PERMISSION_DENIED"
     assert "needs permission 'infer:double'" in caught.value.message()
+
+
+async def test_check_of_one_ensemble_checks_the_models_its_steps_run(repository: Path) -> None:
+    report = await check_repository(repository, models=["pipeline"])
+    assert report.ok, report.as_table()
+    loaded = {f.model for f in report.findings if f.check == "load" and f.level == "ok"}
+    assert loaded == {"double", "triple", "add"}  # not gathered: no step of pipeline runs it
+    assert [(f.model, f.level) for f in report.findings if f.check == "ensemble"] == [("pipeline", "ok")]

@@ -27,7 +27,7 @@ from infergate.check.smoke import smoke_test
 from infergate.config import ServerConfig, load_server_config
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition
-from infergate.models.config import PROVIDERS, ModelConfig, load_model_config
+from infergate.models.config import PROVIDERS, EnsembleStep, ModelConfig, load_model_config
 from infergate.models.ensemble import check_steps, load_ensemble_version
 from infergate.models.governance import ChecksumMismatch, MetadataError, resolve_metadata
 from infergate.models.runner import ModelLoadError
@@ -56,10 +56,19 @@ async def check_repository(
         ensemble = await _check_model(root / name, name, smoke, report, served)
         if ensemble is not None:
             ensembles.append((name, *ensemble))
+    # The step models of an ensemble that --model named without them are checked too: its check needs them.
+    steps = {step.model_name for _, ensemble_config, _ in ensembles for step in _steps(ensemble_config)}
+    for name in sorted(steps - set(names)):
+        if (root / name).is_dir():
+            await _check_model(root / name, name, smoke, report, served)
     for name, model_config, wanted in ensembles:  # after the models their steps run
         for version in wanted:
             _check_ensemble(root / name, name, version, model_config, served, report)
     return report
+
+
+def _steps(config: ModelConfig) -> list[EnsembleStep]:
+    return config.ensemble_scheduling.step if config.ensemble_scheduling is not None else []
 
 
 @dataclass(frozen=True, slots=True)
