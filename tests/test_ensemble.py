@@ -60,6 +60,16 @@ ensemble_scheduling:
   step: [{model_name: gathered, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
 """
 
+# One step, on a model with a response cache.
+RECALL = """
+platform: ensemble
+max_batch_size: 8
+input: [{name: INPUT, data_type: TYPE_FP32, dims: [4]}]
+output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [4]}]
+ensemble_scheduling:
+  step: [{model_name: remembered, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
+"""
+
 # The add model's inputs are a and b: this step leaves b unfed and names an input it lacks.
 BROKEN = """
 platform: ensemble
@@ -70,7 +80,7 @@ ensemble_scheduling:
   step: [{model_name: add, input_map: {a: INPUT, c: INPUT}, output_map: {sum: OUTPUT}}]
 """
 
-STEP_MODELS = ["double", "triple", "add", "gathered"]
+STEP_MODELS = ["double", "triple", "add", "gathered", "remembered"]
 
 
 def build_add_model() -> onnx.ModelProto:
@@ -97,6 +107,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "max_batch_size: 8\ndynamic_batching: {preferred_batch_size: [8], max_queue_delay_microseconds: 10000000}\n"
     )
     write(root, "gathered", gather, build_scale_model(1.0))
+    write(root, "remembered", "max_batch_size: 8\nresponse_cache: {enable: true}\n", build_scale_model(4.0))
+    write(root, "recall", RECALL)
     write(root, "pipeline", PIPELINE)
     write(root, "batched", BATCHED)
     write(root, "broken", BROKEN)
@@ -106,7 +118,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # Named before their step models: ensembles load after the rest whatever the order.
-    loads = [arg for name in ["pipeline", "batched", *STEP_MODELS] for arg in ("--load-model", name)]
+    loads = [arg for name in ["pipeline", "batched", "recall", *STEP_MODELS] for arg in ("--load-model", name)]
     with running_server(repository, tmp_path_factory.mktemp("logs"), "--model-control-mode", "explicit", *loads) as s:
         yield s
 
@@ -229,6 +241,21 @@ async def test_the_callers_deadline_covers_the_steps_and_drops_what_they_queued(
     # Had the step's request stayed queued, it would take a place in the next batch of 8 and the
     # eighth of these requests would wait for a second one.
     assert await eight_requests_to_batched(server) == 1
+
+
+def test_a_step_model_with_a_response_cache_answers_a_repeated_step_from_it(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    def hits() -> int:
+        stats = client.get_inference_statistics("remembered", as_json=True)["model_stats"][0]
+        return int(stats["inference_stats"]["cache_hit"].get("count", 0))
+
+    before = hits()
+    x = np.full((1, 4), 7.0, np.float32)
+    first, second = infer(client, "recall", x), infer(client, "recall", x)
+    np.testing.assert_array_equal(first, x * 4)
+    np.testing.assert_array_equal(second, x * 4)
+    assert hits() == before + 1
 
 
 def test_a_request_that_does_not_fit_the_ensemble_is_refused_naming_it(
