@@ -70,6 +70,26 @@ ensemble_scheduling:
   step: [{model_name: remembered, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
 """
 
+# An ensemble that does not batch, on a model that does: its [2, 4] is the model's [-1, 4].
+FLAT = """
+platform: ensemble
+max_batch_size: 0
+input: [{name: INPUT, data_type: TYPE_FP32, dims: [2, 4]}]
+output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [2, 4]}]
+ensemble_scheduling:
+  step: [{model_name: double, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
+"""
+
+# Five values where the step's model takes four, and an INT64 output where it gives FP32.
+MISFIT = """
+platform: ensemble
+max_batch_size: 8
+input: [{name: INPUT, data_type: TYPE_FP32, dims: [5]}]
+output: [{name: OUTPUT, data_type: TYPE_INT64, dims: [4]}]
+ensemble_scheduling:
+  step: [{model_name: double, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
+"""
+
 # The add model's inputs are a and b: this step leaves b unfed and names an input it lacks.
 BROKEN = """
 platform: ensemble
@@ -109,16 +129,19 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write(root, "gathered", gather, build_scale_model(1.0))
     write(root, "remembered", "max_batch_size: 8\nresponse_cache: {enable: true}\n", build_scale_model(4.0))
     write(root, "recall", RECALL)
+    write(root, "flat", FLAT)
     write(root, "pipeline", PIPELINE)
     write(root, "batched", BATCHED)
     write(root, "broken", BROKEN)
+    write(root, "misfit", MISFIT)
     return root
 
 
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # Named before their step models: ensembles load after the rest whatever the order.
-    loads = [arg for name in ["pipeline", "batched", "recall", *STEP_MODELS] for arg in ("--load-model", name)]
+    ensembles = ["pipeline", "batched", "recall", "flat"]
+    loads = [arg for name in [*ensembles, *STEP_MODELS] for arg in ("--load-model", name)]
     with running_server(repository, tmp_path_factory.mktemp("logs"), "--model-control-mode", "explicit", *loads) as s:
         yield s
 
@@ -258,6 +281,12 @@ def test_a_step_model_with_a_response_cache_answers_a_repeated_step_from_it(
     assert hits() == before + 1
 
 
+def test_an_ensemble_that_does_not_batch_feeds_a_model_that_does(client: grpcclient.InferenceServerClient) -> None:
+    np.testing.assert_array_equal(infer(client, "flat", X[:2]), X[:2] * 2)
+    metadata = client.get_model_metadata("flat", as_json=True)
+    assert metadata["inputs"][0]["shape"] == ["2", "4"]
+
+
 def test_a_request_that_does_not_fit_the_ensemble_is_refused_naming_it(
     client: grpcclient.InferenceServerClient,
 ) -> None:
@@ -283,6 +312,11 @@ def test_an_ensemble_whose_steps_do_not_fit_their_models_does_not_load(
     assert "input_map leaves the model's inputs ['b'] unfed" in message
     assert "input_map names 'c'" in message
     assert not client.is_model_ready("broken")
+    with pytest.raises(InferenceServerException) as caught:
+        client.load_model("misfit")
+    message = caught.value.message()
+    assert "step 0 (double) input 'x' has shape [-1, 4], the ensemble input [-1, 5]" in message
+    assert "ensemble output 'OUTPUT' is INT64, step 0 (double) output 'y' FP32" in message
     np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)  # the others keep serving
 
 

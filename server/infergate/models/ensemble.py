@@ -151,7 +151,7 @@ def check_steps(ensemble: EnsembleVersion, served: Callable[[str, str], StepMode
     ``served(name, version)`` returns the step model's served version or raises InferGateError.
     """
     known: dict[str, tuple[Datatype, tuple[int, ...], str]] = {
-        t.name: (t.datatype, _inner(t, ensemble.spec), "the ensemble input") for t in ensemble.spec.inputs
+        t.name: (t.datatype, t.shape, "the ensemble input") for t in ensemble.spec.inputs
     }
     problems: list[str] = []
     for wave in ensemble.waves:
@@ -160,7 +160,7 @@ def check_steps(ensemble: EnsembleVersion, served: Callable[[str, str], StepMode
     for t in ensemble.spec.outputs:
         written = known.get(t.name)
         if written is not None:
-            problems += _link(f"ensemble output {t.name!r}", (t.datatype, _inner(t, ensemble.spec)), written)
+            problems += _link(f"ensemble output {t.name!r}", (t.datatype, t.shape), written)
     if problems:
         raise ModelLoadError("; ".join(problems))
 
@@ -196,7 +196,7 @@ def _check_step(
                 f"{step.where}: input_map names {inner!r}; the model's inputs are {sorted(spec.input_by_name)}"
             )
         elif outer in known:
-            problems += _link(f"{step.where} input {inner!r}", (tensor.datatype, _inner(tensor, spec)), known[outer])
+            problems += _link(f"{step.where} input {inner!r}", (tensor.datatype, tensor.shape), known[outer])
     for inner, outer in step.outputs:
         tensor = spec.output_by_name.get(inner)
         if tensor is None:
@@ -204,23 +204,25 @@ def _check_step(
                 f"{step.where}: output_map names {inner!r}; the model's outputs are {sorted(spec.output_by_name)}"
             )
         else:
-            known[outer] = (tensor.datatype, _inner(tensor, spec), f"{step.where} output {inner!r}")
+            known[outer] = (tensor.datatype, tensor.shape, f"{step.where} output {inner!r}")
     return problems
-
-
-def _inner(tensor: TensorSpec, spec: ModelSpec) -> tuple[int, ...]:
-    return tensor.shape[1:] if spec.batches else tensor.shape
 
 
 def _link(
     reader: str, wanted: tuple[Datatype, tuple[int, ...]], given: tuple[Datatype, tuple[int, ...], str]
 ) -> list[str]:
-    """Problems with ``reader`` taking the tensor ``given`` describes (datatype, dims without the batch, source)."""
-    (datatype, dims), (given_type, given_dims, source) = wanted, given
+    """Problems with ``reader`` taking the tensor ``given`` describes (datatype, full shape, source).
+
+    Full shapes, the batch dimension included (-1 in a model that batches), so an ensemble that
+    does not batch may feed a model that does: its [1, 4] fits the model's [-1, 4].
+    """
+    (datatype, shape), (given_type, given_shape, source) = wanted, given
     if datatype is not given_type:
         return [f"{reader} is {datatype.name}, {source} {given_type.name}"]
-    fits = len(dims) == len(given_dims) and all(a == b or -1 in (a, b) for a, b in zip(dims, given_dims, strict=True))
-    return [] if fits else [f"{reader} has dims {list(dims)}, {source} {list(given_dims)}"]
+    fits = len(shape) == len(given_shape) and all(
+        a == b or -1 in (a, b) for a, b in zip(shape, given_shape, strict=True)
+    )
+    return [] if fits else [f"{reader} has shape {list(shape)}, {source} {list(given_shape)}"]
 
 
 @dataclass(frozen=True, slots=True)
