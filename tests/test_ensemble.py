@@ -36,6 +36,7 @@ from infergate.cli import main
 from infergate.configfile import ConfigError
 from infergate.demo import write_demo_repository
 from infergate.models.config import model_config_from_data
+from infergate.models.ensemble import load_order
 from tests.test_model_control import build_scale_model  # y = x * factor, x FP32 [batch, 4]
 
 PIPELINE = """
@@ -90,6 +91,18 @@ ensemble_scheduling:
   step: [{model_name: double, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
 """
 
+# An ensemble as a step of another: pipeline (5x), then double: 10x.
+OUTER = """
+platform: ensemble
+max_batch_size: 8
+input: [{name: INPUT, data_type: TYPE_FP32, dims: [4]}]
+output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [4]}]
+ensemble_scheduling:
+  step:
+    - {model_name: pipeline, input_map: {INPUT: INPUT}, output_map: {OUTPUT: fivefold}}
+    - {model_name: double, input_map: {x: fivefold}, output_map: {y: OUTPUT}}
+"""
+
 # The add model's inputs are a and b: this step leaves b unfed and names an input it lacks.
 BROKEN = """
 platform: ensemble
@@ -130,6 +143,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write(root, "remembered", "max_batch_size: 8\nresponse_cache: {enable: true}\n", build_scale_model(4.0))
     write(root, "recall", RECALL)
     write(root, "flat", FLAT)
+    write(root, "outer", OUTER)
     write(root, "pipeline", PIPELINE)
     write(root, "batched", BATCHED)
     write(root, "broken", BROKEN)
@@ -140,7 +154,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # Named before their step models: ensembles load after the rest whatever the order.
-    ensembles = ["pipeline", "batched", "recall", "flat"]
+    ensembles = ["outer", "pipeline", "batched", "recall", "flat"]  # outer runs pipeline: it loads after it
     loads = [arg for name in [*ensembles, *STEP_MODELS] for arg in ("--load-model", name)]
     with running_server(repository, tmp_path_factory.mktemp("logs"), "--model-control-mode", "explicit", *loads) as s:
         yield s
@@ -287,6 +301,43 @@ def test_an_ensemble_that_does_not_batch_feeds_a_model_that_does(client: grpccli
     assert metadata["inputs"][0]["shape"] == ["2", "4"]
 
 
+def test_an_ensemble_runs_as_a_step_of_another_and_its_times_count_in_both(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    def requests_and_compute(model: str) -> tuple[int, int]:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+        return int(stats["success"].get("count", 0)), int(stats["compute_infer"].get("ns", 0))
+
+    before = {m: requests_and_compute(m) for m in ["outer", "pipeline", "double"]}
+    np.testing.assert_array_equal(infer(client, "outer", X), X * 10)
+    after = {m: requests_and_compute(m) for m in before}
+    assert {m: after[m][0] - before[m][0] for m in before} == {"outer": 1, "pipeline": 1, "double": 2}
+    compute = {m: after[m][1] - before[m][1] for m in before}
+    assert compute["outer"] > compute["pipeline"] > 0  # the inner ensemble's steps, and double once more
+
+
+def test_an_ensemble_whose_steps_would_lead_back_to_it_is_refused_naming_the_cycle(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """pipeline reloaded to run outer, which runs pipeline: refused, and the old pipeline keeps serving."""
+    looping = yaml.safe_load(OUTER)
+    looping["ensemble_scheduling"]["step"][0]["model_name"] = "outer"
+    with pytest.raises(InferenceServerException) as caught:
+        client.load_model("pipeline", config=json.dumps(looping))
+    assert "its steps lead back to ensemble 'pipeline' (pipeline -> outer -> pipeline): a cycle" in (
+        caught.value.message()
+    )
+    np.testing.assert_array_equal(infer(client, "outer", X), X * 10)
+
+
+def test_the_config_tritonclient_reads_loads_again_as_an_override(client: grpcclient.InferenceServerClient) -> None:
+    """Triton's JSON for an ensemble (int64 versions as strings, no backend) is a valid load override."""
+    config = client.get_model_config("pipeline", as_json=True)["config"]
+    assert config["ensemble_scheduling"]["step"][0]["model_version"] == "-1"
+    client.load_model("pipeline", config=json.dumps(config))
+    np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
+
+
 def test_a_request_that_does_not_fit_the_ensemble_is_refused_naming_it(
     client: grpcclient.InferenceServerClient,
 ) -> None:
@@ -431,6 +482,7 @@ async def test_check_fits_each_ensemble_against_the_step_models_it_loaded(reposi
     report = await check_repository(repository)
     ensemble = {(f.model, f.level): f.message for f in report.findings if f.check == "ensemble"}
     assert ensemble[("pipeline", "ok")] == "steps fit the models they run: double+triple -> add"
+    assert ensemble[("outer", "ok")] == "steps fit the models they run: pipeline -> double"
     assert ensemble[("batched", "ok")] == "steps fit the models they run: gathered"
     assert "input_map names 'c'" in ensemble[("broken", "error")]
     assert str(repository / "broken" / "config.yaml") in ensemble[("broken", "error")]
@@ -504,3 +556,10 @@ async def test_check_of_one_ensemble_checks_the_models_its_steps_run(repository:
     loaded = {f.model for f in report.findings if f.check == "load" and f.level == "ok"}
     assert loaded == {"double", "triple", "add"}  # not gathered: no step of pipeline runs it
     assert [(f.model, f.level) for f in report.findings if f.check == "ensemble"] == [("pipeline", "ok")]
+
+
+def test_ensembles_load_after_the_ensembles_their_steps_run() -> None:
+    pipelines = {"outer": {"pipeline", "double"}, "pipeline": {"double", "add"}, "top": {"outer"}, "flat": {"double"}}
+    assert load_order(pipelines) == [["flat", "pipeline"], ["outer"], ["top"]]
+    # Ensembles that run each other come last, together: their loads say what is wrong.
+    assert load_order({"a": {"b"}, "b": {"a"}, "c": set()}) == [["c"], ["a", "b"]]

@@ -28,12 +28,13 @@ from infergate.config import ServerConfig, load_server_config
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition
 from infergate.models.config import PROVIDERS, EnsembleStep, ModelConfig, load_model_config
-from infergate.models.ensemble import check_steps, load_ensemble_version
+from infergate.models.ensemble import StepModel, check_steps, load_ensemble_version, load_order
 from infergate.models.governance import ChecksumMismatch, MetadataError, resolve_metadata
 from infergate.models.runner import ModelLoadError
 from infergate.models.spec import ModelSpec
 from infergate.models.version import ModelVersion, load_model_version
 from infergate.repository.catalog import is_version_name
+from infergate.repository.loader import is_model_name
 from infergate.routing.router import RoutingError, check_routing
 from infergate.security.keys import build_key_store
 from infergate.security.tls import server_credentials
@@ -50,20 +51,24 @@ async def check_repository(
     report = Report()
     config = _check_server_config(root, server_config, report)
     names = _model_names(root, models, config, report)
-    served: dict[str, dict[int, _Served]] = {}
-    ensembles: list[tuple[str, ModelConfig, list[int]]] = []
-    for name in names:
-        ensemble = await _check_model(root / name, name, smoke, report, served)
-        if ensemble is not None:
-            ensembles.append((name, *ensemble))
-    # The step models of an ensemble that --model named without them are checked too: its check needs them.
-    steps = {step.model_name for _, ensemble_config, _ in ensembles for step in _steps(ensemble_config)}
-    for name in sorted(steps - set(names)):
-        if (root / name).is_dir():
-            await _check_model(root / name, name, smoke, report, served)
-    for name, model_config, wanted in ensembles:  # after the models their steps run
-        for version in wanted:
-            _check_ensemble(root / name, name, version, model_config, served, report)
+    served: dict[str, dict[int, StepModel]] = {}
+    configs: dict[str, tuple[ModelConfig, list[int]]] = {}  # the ensembles, checked after the rest
+    checked: set[str] = set()
+    while names:
+        for name in names:
+            ensemble = await _check_model(root / name, name, smoke, report, served)
+            if ensemble is not None:
+                configs[name] = ensemble
+        checked.update(names)
+        # The step models of an ensemble that --model named without them are checked too: its check needs them.
+        steps = {step.model_name for config, _ in configs.values() for step in _steps(config)}
+        names = sorted(name for name in steps - checked if is_model_name(name) and (root / name).is_dir())
+    pipelines = {name: {step.model_name for step in _steps(config)} for name, (config, _) in configs.items()}
+    for layer in load_order(pipelines):  # after the models their steps run, ensembles included
+        for name in layer:
+            model_config, wanted = configs[name]
+            for version in wanted:
+                _check_ensemble(root / name, name, version, model_config, served, report)
     return report
 
 
@@ -80,11 +85,17 @@ class _Served:
 
 
 def _check_ensemble(
-    directory: Path, name: str, version: int, config: ModelConfig, served: dict[str, dict[int, _Served]], report: Report
+    directory: Path,
+    name: str,
+    version: int,
+    config: ModelConfig,
+    served: dict[str, dict[int, StepModel]],
+    report: Report,
 ) -> None:
-    """An ensemble version against the versions of its step models that loaded in this check."""
+    """An ensemble version against the versions of its step models that loaded in this check; one that
+    fits serves as a step of the ensembles checked after it."""
 
-    def step_model(model: str, wanted: str) -> _Served:
+    def step_model(model: str, wanted: str) -> StepModel:
         versions = served.get(model)
         if not versions:
             raise FailedPrecondition(f"model '{model}' did not load in this check (or is not in it)")
@@ -101,6 +112,7 @@ def _check_ensemble(
         return
     steps = " -> ".join("+".join(step.model for step in wave) for wave in ensemble.waves)
     report.add("ensemble", "ok", f"steps fit the models they run: {steps}", name, version)
+    served.setdefault(name, {})[version] = ensemble
 
 
 def _check_server_config(root: Path, path: Path | None, report: Report) -> ServerConfig | None:
@@ -138,7 +150,7 @@ def _model_names(root: Path, wanted: list[str] | None, config: ServerConfig | No
 
 
 async def _check_model(
-    directory: Path, name: str, smoke: bool, report: Report, served: dict[str, dict[int, _Served]]
+    directory: Path, name: str, smoke: bool, report: Report, served: dict[str, dict[int, StepModel]]
 ) -> tuple[ModelConfig, list[int]] | None:
     """Check one model; an ensemble's config and versions are returned, to check after the rest."""
     path = directory / "config.yaml"
@@ -187,7 +199,7 @@ async def _check_version(
     config: ModelConfig,
     smoke: bool,
     report: Report,
-    served: dict[int, _Served],
+    served: dict[int, StepModel],
 ) -> bool:
     """Load (checksum, providers, warm-up) and smoke-test one version; True when it would serve
     (and then ``served[version]`` says what an ensemble's steps may read of it)."""

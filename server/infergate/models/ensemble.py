@@ -8,12 +8,14 @@ ensemble requests with its own callers' rows, and the tensors passed between
 steps never leave the process.
 
 Checked once, at load: the config forms a pipeline (``config.py``), and each
-step's model is loaded and fits (:func:`check_steps`): it is no ensemble and
-no stateful model, its every input is fed, the datatypes and dims of the
-tensors that link the steps agree, and it takes at least as many rows as the
-ensemble does. The handler still checks each step's tensors against the
-version that runs it (:func:`step_request`): a step model reloaded with other
-tensors answers FAILED_PRECONDITION naming the step, not a wrong answer.
+step's model is loaded and fits (:func:`check_steps`): it is no stateful
+model, and no ensemble whose steps lead back to this one; its every input is
+fed, the datatypes and shapes of the tensors that link the steps agree, and
+it takes at least as many rows as the ensemble does. An ensemble may be a
+step of another (Triton's nesting), up to :data:`MAX_NESTING` deep. The
+handler still checks each step's tensors against the version that runs it
+(:func:`step_request`): a step model reloaded with other tensors answers
+FAILED_PRECONDITION naming the step, not a wrong answer.
 """
 
 from __future__ import annotations
@@ -31,9 +33,19 @@ from infergate.models.runner import ModelLoadError
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 from infergate.models.stats import ModelObserver, ModelStats
 
-__all__ = ["EnsembleStep", "EnsembleVersion", "check_steps", "load_ensemble_version", "step_request"]
+__all__ = [
+    "MAX_NESTING",
+    "EnsembleStep",
+    "EnsembleVersion",
+    "StepModel",
+    "check_steps",
+    "load_ensemble_version",
+    "load_order",
+    "step_request",
+]
 
 ENSEMBLE_PLATFORM = "ensemble"
+MAX_NESTING = 8  # ensembles inside ensembles; deeper is refused at load and, after reloads, per request
 _BY_TRITON: dict[str, Datatype] = {d.triton: d for d in DATATYPES.values()}
 
 
@@ -109,6 +121,20 @@ class EnsembleVersion:
         """Nothing to drain: requests in flight finish on the step models."""
 
 
+def load_order(pipelines: dict[str, set[str]]) -> list[list[str]]:
+    """Ensembles (by name, with the models their steps run) in the order to load them: each layer runs
+    no ensemble of its own layer or later. Ensembles that run each other end up in the last layer,
+    where their loads say so."""
+    left = dict(pipelines)
+    layers: list[list[str]] = []
+    while left:
+        ready = sorted(name for name, steps in left.items() if not steps & left.keys()) or sorted(left)
+        layers.append(ready)
+        for name in ready:
+            del left[name]
+    return layers
+
+
 def ensemble_spec(name: str, version: int, config: ModelConfig) -> ModelSpec:
     """What clients send and get: the config's tensors, with the batch dimension when it batches."""
     batches = bool(config.max_batch_size)
@@ -136,7 +162,7 @@ def load_ensemble_version(directory: Path, name: str, version: int, config: Mode
 
 
 class StepModel(Protocol):
-    """What the load-time check reads of a step's model (a served version)."""
+    """What the load-time check reads of a step's model (a served version; an EnsembleVersion is one)."""
 
     @property
     def spec(self) -> ModelSpec: ...
@@ -145,7 +171,10 @@ class StepModel(Protocol):
     def sequences(self) -> object | None: ...
 
 
-def check_steps(ensemble: EnsembleVersion, served: Callable[[str, str], StepModel]) -> None:
+Served = Callable[[str, str], StepModel]
+
+
+def check_steps(ensemble: EnsembleVersion, served: Served) -> None:
     """Check every step against the model it runs now; raises ModelLoadError listing what does not fit.
 
     ``served(name, version)`` returns the step model's served version or raises InferGateError.
@@ -168,7 +197,7 @@ def check_steps(ensemble: EnsembleVersion, served: Callable[[str, str], StepMode
 def _check_step(
     ensemble: ModelSpec,
     step: EnsembleStep,
-    served: Callable[[str, str], StepModel],
+    served: Served,
     known: dict[str, tuple[Datatype, tuple[int, ...], str]],
 ) -> list[str]:
     try:
@@ -176,8 +205,10 @@ def _check_step(
     except InferGateError as exc:
         return [f"{step.where}: {exc.message}"]
     spec = model.spec
-    if spec.platform == ENSEMBLE_PLATFORM:
-        return [f"{step.where}: a step cannot run another ensemble"]
+    if isinstance(model, EnsembleVersion):
+        nesting = _nesting(ensemble.name, model, served)
+        if nesting:
+            return [f"{step.where}: {nesting}"]
     if model.sequences is not None:
         return [f"{step.where}: a step cannot run a model with sequence_batching (its requests carry no sequence)"]
     problems: list[str] = []
@@ -206,6 +237,28 @@ def _check_step(
         else:
             known[outer] = (tensor.datatype, tensor.shape, f"{step.where} output {inner!r}")
     return problems
+
+
+def _nesting(name: str, inner: EnsembleVersion, served: Served) -> str:
+    """What is wrong with running ensemble ``inner`` as a step of ensemble ``name`` ("" if nothing):
+    a path of steps that leads back to ``name`` (a cycle), or ensembles nested too deep."""
+    level = [(inner, [inner.name])]
+    for _ in range(MAX_NESTING):
+        below = []
+        for ensemble, path in level:
+            for step in ensemble.steps:
+                if step.model == name:
+                    return f"its steps lead back to ensemble '{name}' ({' -> '.join([name, *path, name])}): a cycle"
+                try:
+                    model = served(step.model, step.version)
+                except InferGateError:
+                    continue  # the inner ensemble fails on its own; not this load's concern
+                if isinstance(model, EnsembleVersion):
+                    below.append((model, [*path, model.name]))
+        if not below:
+            return ""
+        level = below
+    return f"ensembles nest more than {MAX_NESTING} deep below it"
 
 
 def _link(

@@ -19,7 +19,9 @@ Triton's JSON (``ModelConfig`` from model_config.proto) and config.yaml:
 Triton JSON                             config.yaml
 ======================================  ============================================
 ``name``, ``platform``, ``backend``     must be the model's name / ``onnxruntime_onnx`` /
-                                        ``onnxruntime``; then dropped
+                                        ``onnxruntime``; then dropped (``platform: ensemble``
+                                        stays, with no backend)
+``ensemble_scheduling.step.model_version``  a number (Triton's JSON writes ``"-1"``)
 ``max_batch_size`` (also ``"16"``)      ``max_batch_size``
 ``instance_group: [{count, kind}]``     ``instance_group: {count: <sum>}`` (KIND_CPU /
                                         KIND_AUTO only; GPUs are ``execution_providers``)
@@ -58,6 +60,7 @@ FILE_PREFIX = "file:"
 NAME_MAX = 255  # bytes in one path component on Linux filesystems
 
 _PLATFORM = "onnxruntime_onnx"
+_ENSEMBLE = "ensemble"
 _BACKEND = "onnxruntime"
 _CPU_KINDS = ("KIND_CPU", "KIND_AUTO")
 
@@ -130,9 +133,18 @@ def config_from_json(model: str, text: str) -> ModelConfig:
 def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
     """Translate the parts of Triton's JSON that config.yaml writes differently (see the module table)."""
     out = dict(data)
-    for key, expected in (("name", model), ("platform", _PLATFORM), ("backend", _BACKEND)):
+    checks: list[tuple[str, str]] = [("name", model)]
+    if out.get("platform") == _ENSEMBLE:  # kept: it is config.yaml's too; an ensemble has no backend
+        if out.pop("backend", "") != "":
+            raise ValueError("backend: an ensemble has none (leave it out)")
+        if "ensemble_scheduling" in out:
+            out["ensemble_scheduling"] = _ensemble_scheduling(out["ensemble_scheduling"])
+    else:
+        checks += [("platform", _PLATFORM), ("backend", _BACKEND)]
+    for key, expected in checks:
         if key in out and out.pop(key) != expected:
-            raise ValueError(f"{key}: must be {expected!r} (or left out)")
+            hint = f" or {_ENSEMBLE!r}" if key == "platform" else ""
+            raise ValueError(f"{key}: must be {expected!r}{hint} (or left out)")
     if isinstance(out.get("instance_group"), list):
         out["instance_group"] = _instance_group(out["instance_group"])
     batching = out.get("dynamic_batching")
@@ -146,6 +158,23 @@ def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 _CAMEL = re.compile(r"[a-z][A-Z]")
+
+
+def _ensemble_scheduling(block: Any) -> Any:
+    """Triton's JSON writes a step's int64 ``model_version`` as a string (``"-1"``): config.yaml's is a number."""
+    steps = block.get("step") if isinstance(block, dict) else None
+    if not isinstance(steps, list):
+        return block
+    fixed = []
+    for i, step in enumerate(steps):
+        version = step.get("model_version") if isinstance(step, dict) else None
+        if isinstance(version, str):
+            try:
+                step = {**step, "model_version": int(version)}
+            except ValueError:
+                raise ValueError(f"ensemble_scheduling.step.{i}.model_version: {version!r} is not a number") from None
+        fixed.append(step)
+    return {**block, "step": fixed}
 
 
 def _snake(key: str) -> str:

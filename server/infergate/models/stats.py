@@ -55,6 +55,13 @@ class StepTimes:
         self.infer_ns += timings.infer_ns
         self.output_ns += timings.output_ns
 
+    def absorb(self, other: StepTimes) -> None:
+        """Add the times of an ensemble that ran as one of this ensemble's steps."""
+        self.queue_ns += other.queue_ns
+        self.input_ns += other.input_ns
+        self.infer_ns += other.infer_ns
+        self.output_ns += other.output_ns
+
 
 @dataclass(frozen=True, slots=True)
 class Accrued:

@@ -33,12 +33,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+import yaml
+
 from infergate.audit import AuditLog, Source
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.heap import in_thread
 from infergate.models.config import ModelConfig, load_model_config
-from infergate.models.ensemble import check_steps, load_ensemble_version
+from infergate.models.ensemble import check_steps, load_ensemble_version, load_order
 from infergate.models.overrides import FILE_PREFIX, LoadOverride, PollFailed, stage_files
 from infergate.models.runner import ModelLoadError
 from infergate.models.stats import ModelObserver, RepositoryObserver
@@ -119,23 +121,28 @@ class ModelRepository:
                 await self._reconcile_quietly(name, source)
 
         names = self.discover() if names is None else names
-        pipelines = set(await asyncio.to_thread(self._ensembles, names))
+        pipelines = await asyncio.to_thread(self._ensembles, names)
         await asyncio.gather(*(one(n) for n in names if n not in pipelines))
-        await asyncio.gather(*(one(n) for n in names if n in pipelines))
+        for layer in load_order(pipelines):  # an ensemble that runs another loads after it
+            await asyncio.gather(*(one(n) for n in layer))
 
-    def _ensembles(self, names: list[str]) -> list[str]:
-        """The models whose config.yaml looks like an ensemble's (a guess for ordering only: loading reads it).
+    def _ensembles(self, names: list[str]) -> dict[str, set[str]]:
+        """The models whose config.yaml looks like an ensemble's, with the models their steps name
+        (a guess for ordering only: loading reads and checks the file).
 
         Only regular files are read: a config that is a pipe (or a device) would be consumed by this look.
         """
-        found = []
+        found: dict[str, set[str]] = {}
         for name in names:
             path = self.root / name / "config.yaml"
             try:
-                if path.is_file() and "ensemble_scheduling" in path.read_text(errors="replace"):
-                    found.append(name)
+                if not path.is_file():
+                    continue
+                text = path.read_text(errors="replace")
             except OSError:
                 continue
+            if "ensemble_scheduling" in text:
+                found[name] = _step_models(text)
         return found
 
     async def rescan(self, *, source: Source = "poll") -> None:
@@ -449,6 +456,15 @@ class ModelRepository:
             entry.versions, entry.router = {}, None
             entry.state = ModelState.UNAVAILABLE
             entry.reason = "server stopped"
+
+
+def _step_models(text: str) -> set[str]:
+    """The model names an ensemble's config text gives its steps (none when it cannot be read)."""
+    try:
+        steps = yaml.safe_load(text)["ensemble_scheduling"]["step"]
+        return {str(step["model_name"]) for step in steps}
+    except (yaml.YAMLError, TypeError, KeyError):
+        return set()
 
 
 def _checked_name(name: str) -> str:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Coroutine
 
 from infergate.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from infergate.models.ensemble import EnsembleStep, EnsembleVersion, step_request
+from infergate.models.ensemble import MAX_NESTING, EnsembleStep, EnsembleVersion, step_request
 from infergate.models.response_cache import ResponseCache, request_digest
 from infergate.models.sequence import refuse_sequence
 from infergate.models.spec import Tensors
@@ -94,13 +94,15 @@ class InferenceHandler:
         request: InferenceRequest,
         expires: int | None,
         accrue: StepTimes | None = None,
+        depth: int = 0,
     ) -> Coroutine[None, None, Tensors]:
         """The routed version's outputs for ``decoded`` (to await): from its steps, from the cache, or run.
         Not a coroutine function itself: the request path pays for one coroutine, not two.
-        ``accrue``: an ensemble's step adds its queue and compute times there."""
+        ``accrue``: an ensemble's step adds its queue and compute times there; ``depth``: how many
+        ensembles this request is inside."""
         model = routed.model
         if isinstance(model, EnsembleVersion):
-            return self._ensemble(model, decoded, request, expires)
+            return self._ensemble(model, decoded, request, expires, accrue, depth)
         remaining = _remaining(expires)
         if model.cache_token is not None and self._cache is not None:
             return self._cached(self._cache, model, decoded, request, remaining, accrue)
@@ -115,24 +117,38 @@ class InferenceHandler:
             self._mirror(routed.shadow, decoded, outputs)
 
     async def _ensemble(
-        self, ensemble: EnsembleVersion, decoded: DecodedRequest, request: InferenceRequest, expires: int | None
+        self,
+        ensemble: EnsembleVersion,
+        decoded: DecodedRequest,
+        request: InferenceRequest,
+        expires: int | None,
+        accrue: StepTimes | None,
+        depth: int,
     ) -> Tensors:
         """Run an ensemble's steps, each wave's together, and return the ensemble's outputs.
 
-        The ensemble's statistics count the request with its steps' queue and compute times summed, as Triton's.
+        The ensemble's statistics count the request with its steps' queue and compute times summed, as
+        Triton's; an ensemble run as a step of another adds them to that one's too (``accrue``).
         """
+        if depth >= MAX_NESTING:  # checked at load; only reloads of several ensembles at once get here
+            raise FailedPrecondition(
+                f"ensemble '{ensemble.name}' runs inside {depth} ensembles, more than {MAX_NESTING}: "
+                "reload the ensembles to have their steps checked"
+            )
         tensors = dict(decoded.inputs)
         times = StepTimes()
         for wave in ensemble.waves:
             if len(wave) == 1:
-                results = [await self._step(ensemble, wave[0], tensors, request, expires, times)]
+                results = [await self._step(ensemble, wave[0], tensors, request, expires, times, depth)]
             else:
-                steps = (self._step(ensemble, s, tensors, request, expires, times) for s in wave)
+                steps = (self._step(ensemble, s, tensors, request, expires, times, depth) for s in wave)
                 results = await asyncio.gather(*steps)
             for step, outputs in zip(wave, results, strict=True):
                 for inner, outer in step.outputs:
                     tensors[outer] = outputs[inner]
         ensemble.stats.record_ensemble(decoded.rows, times)
+        if accrue is not None:
+            accrue.absorb(times)
         return {t.name: tensors[t.name] for t in ensemble.spec.outputs}
 
     async def _step(
@@ -143,6 +159,7 @@ class InferenceHandler:
         request: InferenceRequest,
         expires: int | None,
         times: StepTimes,
+        depth: int,
     ) -> Tensors:
         """One step, served as a request to its model is: routed, run, counted, monitored, mirrored."""
         started = time.perf_counter_ns()
@@ -150,17 +167,16 @@ class InferenceHandler:
             routed = self._catalog.route(step.model, step.version, request)
         except (NotFound, Unavailable, InvalidArgument) as exc:
             raise Unavailable(f"ensemble '{ensemble.name}' {step.where}: {exc.message}") from None
-        if isinstance(routed.model, EnsembleVersion) or routed.model.sequences is not None:
+        if routed.model.sequences is not None:
             raise FailedPrecondition(
-                f"ensemble '{ensemble.name}' {step.where}: the model is now an ensemble or a stateful model, "
-                "which a step cannot run"
+                f"ensemble '{ensemble.name}' {step.where}: the model is now a stateful model, which a step cannot run"
             )
         # Checked before it counts as the step model's request: a mismatch is the pipeline's, not the model's.
         part = step_request(ensemble.name, step, routed.model.spec, tensors)
         decoded = DecodedRequest(part.inputs, part.rows, part.group, ())
         error: BaseException | None = None
         try:
-            outputs = await self._outputs(routed, decoded, request, expires, times)
+            outputs = await self._outputs(routed, decoded, request, expires, times, depth + 1)
         except BaseException as exc:
             error = exc
             raise
