@@ -409,19 +409,35 @@ def test_a_step_model_reloaded_with_other_tensors_fails_the_step_not_the_answer(
     np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
 
 
-def test_an_ensemble_loaded_before_its_step_models_is_refused_naming_the_step(
+def test_loading_an_ensemble_loads_the_models_its_steps_run_as_triton_does(
     client: grpcclient.InferenceServerClient,
 ) -> None:
     client.unload_model("pipeline")
     client.unload_model("add")
-    try:
-        with pytest.raises(InferenceServerException) as caught:
-            client.load_model("pipeline")
-        assert "step 2 (add)" in caught.value.message()
-    finally:
-        client.load_model("add")
-        client.load_model("pipeline")
+    assert not client.is_model_ready("add")
+    client.load_model("pipeline")
+    assert client.is_model_ready("add")
     np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
+
+
+def test_an_ensemble_whose_step_model_does_not_exist_is_refused_naming_the_step(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    nowhere = yaml.safe_load(PIPELINE)
+    nowhere["ensemble_scheduling"]["step"][2]["model_name"] = "nowhere"
+    with pytest.raises(InferenceServerException) as caught:
+        client.load_model("pipeline", config=json.dumps(nowhere))
+    assert "step 2 (nowhere): Request for unknown model: 'nowhere' is not found" in caught.value.message()
+    np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)  # the loaded pipeline keeps serving
+
+
+def test_a_server_told_to_load_an_ensemble_loads_its_step_models_too(repository: Path, tmp_path: Path) -> None:
+    with running_server(repository, tmp_path, "--model-control-mode", "explicit", "--load-model", "outer") as server:
+        with grpcclient.InferenceServerClient(server.url) as client:
+            ready = {m: client.is_model_ready(m) for m in ["outer", "pipeline", "double", "triple", "add", "gathered"]}
+            answer = infer(client, "outer", X)
+    assert ready == {"outer": True, "pipeline": True, "double": True, "triple": True, "add": True, "gathered": False}
+    np.testing.assert_array_equal(answer, X * 10)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import NoReturn
 
@@ -64,6 +65,8 @@ __all__ = ["ModelRepository", "is_model_name"]
 log = logging.getLogger(__name__)
 
 _NAME_MAX = 255  # bytes in a file name (NAME_MAX on Linux and macOS)
+# The ensembles whose loads, in this task, are loading their step models first (see _load_step_models).
+_ENSEMBLE_LOADS: ContextVar[frozenset[str]] = ContextVar("infergate_ensemble_loads", default=frozenset())
 
 
 class ModelRepository:
@@ -235,6 +238,8 @@ class ModelRepository:
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {exc}") from None
 
     async def _apply(self, entry: ModelEntry, directory: Path, config: ModelConfig, source: Source) -> None:
+        if config.is_ensemble and self._explicit and source != "poll":
+            await self._load_step_models(entry.name, config, source)
         on_disk = await asyncio.to_thread(_fingerprints, directory, config.default_model_filename)
         if entry.rejected == (config, on_disk):  # nothing changed since it was refused: refuse it again, unloaded
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
@@ -267,6 +272,29 @@ class ModelRepository:
         entry.reason = "; ".join(problems)
         if problems:
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
+
+    async def _load_step_models(self, name: str, config: ModelConfig, source: Source) -> None:
+        """Explicit model control: an ensemble's load first loads the models its steps run that serve
+        nothing, as Triton's does. One whose load fails is named by the ensemble's own check.
+
+        Skipped: a model already on this chain of ensemble loads (a cycle, which the check refuses), and one
+        whose load another request holds (waiting on it could deadlock two loads of ensembles that run
+        each other; that load decides).
+        """
+        assert config.ensemble_scheduling is not None
+        chain = _ENSEMBLE_LOADS.get() | {name}
+        token = _ENSEMBLE_LOADS.set(chain)
+        try:
+            for step in dict.fromkeys(step.model_name for step in config.ensemble_scheduling.step):
+                entry = self._entries.get(step)
+                if step in chain or (entry is not None and (entry.versions or entry.lock.locked())):
+                    continue
+                try:
+                    await self.reconcile(step, source=source)
+                except (FailedPrecondition, NotFound, InvalidArgument) as exc:
+                    log.error("model %s, a step of ensemble %s: %s", step, name, exc)
+        finally:
+            _ENSEMBLE_LOADS.reset(token)
 
     async def _load_versions(
         self,
