@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -26,9 +28,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 import yaml
 from conftest import ServerProcess, launch_server, running_server
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from security import AUDIENCE, ISSUER, SECRET, bearer, claims, token
 from test_perf_analyzer import _perf_analyzer
+from triton_models import running_sum, stand_in, write_stand_in
 from tritonclient.utils import InferenceServerException
 
 from infergate.check import check_repository
@@ -103,6 +106,32 @@ ensemble_scheduling:
     - {model_name: double, input_map: {x: fivefold}, output_map: {y: OUTPUT}}
 """
 
+# A stateless step, then a stateful one: the running sum of the doubled inputs, per sequence.
+STATEFUL = """
+platform: ensemble
+max_batch_size: 8
+input: [{name: INPUT, data_type: TYPE_INT32, dims: [1]}]
+output: [{name: OUTPUT, data_type: TYPE_INT32, dims: [1]}]
+ensemble_scheduling:
+  step:
+    - {model_name: double_int, input_map: {x: INPUT}, output_map: {y: doubled}}
+    - {model_name: simple_sequence_implicit, input_map: {INPUT: doubled}, output_map: {OUTPUT: OUTPUT}}
+"""
+
+# The same on a model that does not batch, runs two requests at once, and takes longer on larger
+# inputs: without the ensemble keeping a sequence's requests in order, a small input sent after a
+# large one would reach the stateful step first.
+ORDERED = """
+platform: ensemble
+max_batch_size: 0
+input: [{name: INPUT, data_type: TYPE_INT32, dims: [1, 1]}]
+output: [{name: OUTPUT, data_type: TYPE_INT32, dims: [1, 1]}]
+ensemble_scheduling:
+  step:
+    - {model_name: timed_double, input_map: {x: INPUT}, output_map: {y: doubled}}
+    - {model_name: simple_sequence_implicit, input_map: {INPUT: doubled}, output_map: {OUTPUT: OUTPUT}}
+"""
+
 # The add model's inputs are a and b: this step leaves b unfed and names an input it lacks.
 BROKEN = """
 platform: ensemble
@@ -113,7 +142,64 @@ ensemble_scheduling:
   step: [{model_name: add, input_map: {a: INPUT, c: INPUT}, output_map: {sum: OUTPUT}}]
 """
 
-STEP_MODELS = ["double", "triple", "add", "gathered", "remembered"]
+STEP_MODELS = [
+    *["double", "triple", "add", "gathered", "remembered"],
+    *["double_int", "timed_double", "simple_sequence_implicit"],
+]
+
+
+def build_double_int_model() -> onnx.ModelProto:
+    """``y = 2 x`` for ``x`` INT32 [batch, 1]."""
+    tensor = [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", 1]) for n in ("x", "y")]
+    nodes = [helper.make_node("Add", ["x", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "double_int", tensor[:1], tensor[1:])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def build_timed_double_model() -> onnx.ModelProto:
+    """``y = 2 x`` for ``x`` INT32 [1, 1] (no batching), taking about ``x`` ms: a Loop of 3x iterations of a
+    256x256 MatMul and Tanh (about 0.3 ms each here) that ``y`` depends on, so it must run."""
+    loop_body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["state_in", "A"], ["product"]),
+            helper.make_node("Tanh", ["product"], ["state_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, None),
+        ],
+    )
+    rng = np.random.default_rng(7)
+    matrix = (rng.standard_normal((256, 256)) / 16).astype(np.float32)
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["largest"], keepdims=0),
+        helper.make_node("Cast", ["largest"], ["largest64"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["largest64", "three"], ["trips"]),
+        helper.make_node("Loop", ["trips", "keep_going", "A"], ["state"], body=loop_body),
+        helper.make_node("ReduceSum", ["state"], ["total"], keepdims=0),
+        helper.make_node("IsNaN", ["total"], ["is_nan"]),
+        helper.make_node("Add", ["x", "x"], ["twice"]),
+        helper.make_node("Where", ["is_nan", "twice", "twice"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "timed_double",
+        [helper.make_tensor_value_info("x", TensorProto.INT32, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])],
+        initializer=[
+            numpy_helper.from_array(matrix, "A"),
+            numpy_helper.from_array(np.array(3, dtype=np.int64), "three"),
+            numpy_helper.from_array(np.array(True), "keep_going"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def build_add_model() -> onnx.ModelProto:
@@ -144,6 +230,12 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write(root, "recall", RECALL)
     write(root, "flat", FLAT)
     write(root, "outer", OUTER)
+    write(root, "double_int", "max_batch_size: 8\n", build_double_int_model())
+    write_stand_in(root, stand_in("simple_sequence_implicit"))
+    write(root, "stateful", STATEFUL)
+    timed = "max_batch_size: 0\ninstance_group: {count: 2}\nsession_options: {intra_op_num_threads: 1}\n"
+    write(root, "timed_double", timed, build_timed_double_model())
+    write(root, "ordered", ORDERED)
     write(root, "pipeline", PIPELINE)
     write(root, "batched", BATCHED)
     write(root, "broken", BROKEN)
@@ -154,7 +246,15 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # Named before their step models: ensembles load after the rest whatever the order.
-    ensembles = ["outer", "pipeline", "batched", "recall", "flat"]  # outer runs pipeline: it loads after it
+    ensembles = [
+        "outer",
+        "pipeline",
+        "batched",
+        "recall",
+        "flat",
+        "stateful",
+        "ordered",
+    ]  # outer runs pipeline: it loads after it
     loads = [arg for name in [*ensembles, *STEP_MODELS] for arg in ("--load-model", name)]
     with running_server(repository, tmp_path_factory.mktemp("logs"), "--model-control-mode", "explicit", *loads) as s:
         yield s
@@ -179,6 +279,7 @@ def counts(client: grpcclient.InferenceServerClient, model: str) -> tuple[int, i
 
 
 X = np.arange(12, dtype=np.float32).reshape(3, 4)
+HANG_GUARD_S = 30.0  # how long an answer may take before the test calls it a hang; not a performance bound
 
 
 def test_an_ensemble_answers_with_its_last_step_fed_by_the_steps_before(
@@ -336,6 +437,55 @@ def test_the_config_tritonclient_reads_loads_again_as_an_override(client: grpccl
     assert config["ensemble_scheduling"]["step"][0]["model_version"] == "-1"
     client.load_model("pipeline", config=json.dumps(config))
     np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
+
+
+def one_int(value: int, module: Any = grpcclient) -> list[Any]:
+    tensor = module.InferInput("INPUT", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+    return [tensor]
+
+
+def test_a_stateful_step_keeps_each_sequences_state_as_triton_does(client: grpcclient.InferenceServerClient) -> None:
+    """The sequence parameters go to the stateful step; two sequences interleaved keep their own sums."""
+    values = {101: [3, 1, 4, 1, 5], 202: [2, 7, 1, 8, 2]}
+    answers: dict[int, list[int]] = {101: [], 202: []}
+    for i in range(5):
+        for sequence, sent in values.items():
+            ends = {"sequence_start": i == 0, "sequence_end": i == 4}
+            result = client.infer("stateful", one_int(sent[i]), sequence_id=sequence, **ends)
+            answers[sequence].append(int(result.as_numpy("OUTPUT")[0, 0]))
+    assert answers == {sequence: running_sum([2 * v for v in sent]) for sequence, sent in values.items()}
+
+
+def test_a_sequence_streamed_without_waiting_reaches_its_stateful_step_in_order(server: ServerProcess) -> None:
+    """Every request of a sequence sent on one stream before any answer. Its first request takes
+    the first step 60 ms, the others under 1 ms, on a model with two instances: only the ensemble
+    keeping the sequence's order makes the first reach the stateful step first."""
+    sent = [60, 1, 1, 1]
+    answers: queue.Queue[Any] = queue.Queue()
+    with grpcclient.InferenceServerClient(server.url) as client:
+        client.start_stream(callback=lambda result, error: answers.put(error or result))
+        for i, value in enumerate(sent):
+            tensor = grpcclient.InferInput("INPUT", [1, 1], "INT32")
+            tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+            ends = {"sequence_start": i == 0, "sequence_end": i == len(sent) - 1}
+            client.async_stream_infer("ordered", [tensor], sequence_id=77, request_id=str(i), **ends)
+        results = [answers.get(timeout=HANG_GUARD_S) for _ in sent]
+        client.stop_stream()
+    assert not [r for r in results if isinstance(r, InferenceServerException)], results
+    got = {int(r.get_response().id): int(r.as_numpy("OUTPUT")[0, 0]) for r in results}
+    assert [got[i] for i in range(len(sent))] == running_sum([2 * v for v in sent])
+
+
+def test_sequence_parameters_on_an_ensemble_with_no_stateful_step_are_refused(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    tensor = grpcclient.InferInput("INPUT", list(X.shape), "FP32")
+    tensor.set_data_from_numpy(X)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("pipeline", [tensor], sequence_id=5, sequence_start=True)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "ensemble 'pipeline' runs no stateful model, so it cannot take sequence_id 5" in caught.value.message()
 
 
 def test_a_request_that_does_not_fit_the_ensemble_is_refused_naming_it(

@@ -8,19 +8,27 @@ ensemble requests with its own callers' rows, and the tensors passed between
 steps never leave the process.
 
 Checked once, at load: the config forms a pipeline (``config.py``), and each
-step's model is loaded and fits (:func:`check_steps`): it is no stateful
-model, and no ensemble whose steps lead back to this one; its every input is
-fed, the datatypes and shapes of the tensors that link the steps agree, and
-it takes at least as many rows as the ensemble does. An ensemble may be a
+step's model is loaded and fits (:func:`check_steps`): it is no ensemble
+whose steps lead back to this one; its every input is fed, the datatypes
+and shapes of the tensors that link the steps agree, and it takes at least
+as many rows as the ensemble does. An ensemble may be a
 step of another (Triton's nesting), up to :data:`MAX_NESTING` deep. The
 handler still checks each step's tensors against the version that runs it
 (:func:`step_request`): a step model reloaded with other tensors answers
 FAILED_PRECONDITION naming the step, not a wrong answer.
+
+A step may run a stateful model (``sequence_batching``): the request's
+sequence parameters go to it, as in Triton, and the requests of one sequence
+go through the ensemble one at a time, in the order they came
+(:meth:`EnsembleVersion.in_turn`), so the steps before the stateful one
+cannot reorder them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +38,7 @@ from infergate.models.config import Metadata, ModelConfig, ensemble_plan
 from infergate.models.datatypes import DATATYPES, Datatype
 from infergate.models.governance import resolve_metadata
 from infergate.models.runner import ModelLoadError
+from infergate.models.sequence import CorrelationId
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 from infergate.models.stats import ModelObserver, ModelStats
 
@@ -42,6 +51,7 @@ __all__ = [
     "load_ensemble_version",
     "load_order",
     "step_request",
+    "takes_sequences",
 ]
 
 ENSEMBLE_PLATFORM = "ensemble"
@@ -78,6 +88,10 @@ class EnsembleVersion:
     default_timeout_s = None
     queue_depth = 0
 
+    # Set by check_steps: some step runs a stateful model (or a stateful ensemble), which takes the
+    # request's sequence parameters.
+    stateful = False
+
     def __init__(self, spec: ModelSpec, config: ModelConfig, metadata: Metadata):
         assert config.ensemble_scheduling is not None
         self.spec = spec
@@ -98,6 +112,8 @@ class EnsembleVersion:
         )
         self.waves = tuple(tuple(self.steps[i] for i in wave) for wave in ensemble_plan(configured))
         self._observer: ModelObserver | None = None
+        # Per sequence in progress: its lock, and how many requests hold or wait for it.
+        self._turns: dict[CorrelationId, tuple[asyncio.Lock, int]] = {}
 
     @property
     def name(self) -> str:
@@ -119,6 +135,27 @@ class EnsembleVersion:
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Nothing to drain: requests in flight finish on the step models."""
+
+    @contextlib.asynccontextmanager
+    async def in_turn(self, sequence: CorrelationId) -> AsyncIterator[None]:
+        """Run the block when the requests of ``sequence`` that came before have gone through.
+
+        Entered in the order requests arrive (nothing awaits before it), so a sequence's requests
+        reach its stateful step in that order. The lock is dropped with its last user.
+        """
+        lock, users = self._turns.get(sequence, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._turns[sequence] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            _, users = self._turns[sequence]
+            if users == 1:
+                del self._turns[sequence]
+            else:
+                self._turns[sequence] = (lock, users - 1)
 
 
 def load_order(pipelines: dict[str, set[str]]) -> list[list[str]]:
@@ -183,15 +220,17 @@ def check_steps(ensemble: EnsembleVersion, served: Served) -> None:
         t.name: (t.datatype, t.shape, "the ensemble input") for t in ensemble.spec.inputs
     }
     problems: list[str] = []
+    stateful: list[bool] = []
     for wave in ensemble.waves:
         for step in wave:
-            problems += _check_step(ensemble.spec, step, served, known)
+            problems += _check_step(ensemble.spec, step, served, known, stateful)
     for t in ensemble.spec.outputs:
         written = known.get(t.name)
         if written is not None:
             problems += _link(f"ensemble output {t.name!r}", (t.datatype, t.shape), written)
     if problems:
         raise ModelLoadError("; ".join(problems))
+    ensemble.stateful = any(stateful)
 
 
 def _check_step(
@@ -199,7 +238,10 @@ def _check_step(
     step: EnsembleStep,
     served: Served,
     known: dict[str, tuple[Datatype, tuple[int, ...], str]],
+    stateful: list[bool],
 ) -> list[str]:
+    """Problems with ``step`` as its model is served now; adds to ``known`` the tensors it writes, and
+    to ``stateful`` whether it runs a stateful model."""
     try:
         model = served(step.model, step.version)
     except InferGateError as exc:
@@ -209,8 +251,7 @@ def _check_step(
         nesting = _nesting(ensemble.name, model, served)
         if nesting:
             return [f"{step.where}: {nesting}"]
-    if model.sequences is not None:
-        return [f"{step.where}: a step cannot run a model with sequence_batching (its requests carry no sequence)"]
+    stateful.append(takes_sequences(model))
     problems: list[str] = []
     if ensemble.batches and spec.max_batch_size < ensemble.max_batch_size:
         problems.append(
@@ -237,6 +278,12 @@ def _check_step(
         else:
             known[outer] = (tensor.datatype, tensor.shape, f"{step.where} output {inner!r}")
     return problems
+
+
+def takes_sequences(model: object) -> bool:
+    """Whether a served version takes a request's sequence parameters: a stateful model, or an ensemble
+    with a stateful step."""
+    return getattr(model, "sequences", None) is not None or (isinstance(model, EnsembleVersion) and model.stateful)
 
 
 def _nesting(name: str, inner: EnsembleVersion, served: Served) -> str:

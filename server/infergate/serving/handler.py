@@ -33,9 +33,9 @@ import time
 from collections.abc import Coroutine
 
 from infergate.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from infergate.models.ensemble import MAX_NESTING, EnsembleStep, EnsembleVersion, step_request
+from infergate.models.ensemble import MAX_NESTING, EnsembleStep, EnsembleVersion, step_request, takes_sequences
 from infergate.models.response_cache import ResponseCache, request_digest
-from infergate.models.sequence import refuse_sequence
+from infergate.models.sequence import SequenceParams, refuse_sequence
 from infergate.models.spec import Tensors
 from infergate.models.stats import StepTimes
 from infergate.models.version import ModelVersion
@@ -135,13 +135,34 @@ class InferenceHandler:
                 f"ensemble '{ensemble.name}' runs inside {depth} ensembles, more than {MAX_NESTING}: "
                 "reload the ensembles to have their steps checked"
             )
+        sequence = decoded.sequence
+        if sequence is None or not (sequence.in_sequence or sequence.start or sequence.end):
+            return await self._steps(ensemble, decoded, request, expires, accrue, depth, None)
+        if not ensemble.stateful:
+            raise InvalidArgument(
+                f"ensemble '{ensemble.name}' runs no stateful model, so it cannot take sequence_id "
+                f"{sequence.correlation_id!r}; send the request without sequence parameters"
+            )
+        async with ensemble.in_turn(sequence.correlation_id):  # a sequence's requests in the order they came
+            return await self._steps(ensemble, decoded, request, expires, accrue, depth, sequence)
+
+    async def _steps(
+        self,
+        ensemble: EnsembleVersion,
+        decoded: DecodedRequest,
+        request: InferenceRequest,
+        expires: int | None,
+        accrue: StepTimes | None,
+        depth: int,
+        sequence: SequenceParams | None,
+    ) -> Tensors:
         tensors = dict(decoded.inputs)
         times = StepTimes()
         for wave in ensemble.waves:
             if len(wave) == 1:
-                results = [await self._step(ensemble, wave[0], tensors, request, expires, times, depth)]
+                results = [await self._step(ensemble, wave[0], tensors, request, expires, times, depth, sequence)]
             else:
-                steps = (self._step(ensemble, s, tensors, request, expires, times, depth) for s in wave)
+                steps = (self._step(ensemble, s, tensors, request, expires, times, depth, sequence) for s in wave)
                 results = await asyncio.gather(*steps)
             for step, outputs in zip(wave, results, strict=True):
                 for inner, outer in step.outputs:
@@ -160,20 +181,19 @@ class InferenceHandler:
         expires: int | None,
         times: StepTimes,
         depth: int,
+        sequence: SequenceParams | None,
     ) -> Tensors:
-        """One step, served as a request to its model is: routed, run, counted, monitored, mirrored."""
+        """One step, served as a request to its model is: routed, run, counted, monitored, mirrored.
+        ``sequence``: the request's sequence parameters, which go to a stateful step's model only."""
         started = time.perf_counter_ns()
         try:
             routed = self._catalog.route(step.model, step.version, request)
         except (NotFound, Unavailable, InvalidArgument) as exc:
             raise Unavailable(f"ensemble '{ensemble.name}' {step.where}: {exc.message}") from None
-        if routed.model.sequences is not None:
-            raise FailedPrecondition(
-                f"ensemble '{ensemble.name}' {step.where}: the model is now a stateful model, which a step cannot run"
-            )
         # Checked before it counts as the step model's request: a mismatch is the pipeline's, not the model's.
         part = step_request(ensemble.name, step, routed.model.spec, tensors)
-        decoded = DecodedRequest(part.inputs, part.rows, part.group, ())
+        stateful = sequence if takes_sequences(routed.model) else None
+        decoded = DecodedRequest(part.inputs, part.rows, part.group, (), stateful)
         error: BaseException | None = None
         try:
             outputs = await self._outputs(routed, decoded, request, expires, times, depth + 1)
