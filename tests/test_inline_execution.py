@@ -133,19 +133,31 @@ def test_a_window_of_slow_batches_sends_the_model_back_to_its_thread_for_good(ru
 
 def test_the_threads_that_run_a_model_carry_its_name(matmul16: Path) -> None:
     """Linux's names (``top -H``, /proc): instance threads ``ort-<model>-<n>``, onnxruntime's pool ``ort-<model>``."""
-    before, own_name = thread_names(), threadnames.current_name()
+    before, own_name = set(threads()), threadnames.current_name()
     config = ModelConfig(max_batch_size=64, instance_group={"count": 2}, session_options={"intra_op_num_threads": 2})
     runner = OnnxRunner.load(matmul16, config, "matmul16", 1)
     expected = Counter({"ort-matmul16": 2, "ort-matmul16-0": 1, "ort-matmul16-1": 1})  # a pool thread per session
+
+    def new_model_threads() -> Counter[str]:
+        """Threads started since ``before`` (by thread id: an earlier test's may still be exiting), of models."""
+        return Counter(name for tid, name in threads().items() if tid not in before and name.startswith("ort-"))
+
     try:
-        wait_until(lambda: thread_names() - before == expected, f"threads named {dict(expected)}")
+        wait_until(lambda: new_model_threads() == expected, f"threads named {dict(expected)}")
         assert threadnames.current_name() == own_name, "the loading thread keeps its own name"
     finally:
         runner.close()
 
 
-def thread_names() -> Counter[str]:
-    return Counter((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+def threads() -> dict[str, str]:
+    """This process's threads: Linux thread id to name."""
+    named = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            named[task.name] = (task / "comm").read_text().strip()
+        except OSError:  # exited meanwhile
+            continue
+    return named
 
 
 @pytest.fixture(scope="module")
