@@ -27,7 +27,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 import yaml
-from conftest import ServerProcess, launch_server, running_server
+from conftest import ServerProcess, launch_server, running_server, wait_until
 from onnx import TensorProto, helper, numpy_helper
 from security import AUDIENCE, ISSUER, SECRET, bearer, claims, token
 from test_perf_analyzer import _perf_analyzer
@@ -729,3 +729,26 @@ def test_ensembles_load_after_the_ensembles_their_steps_run() -> None:
     assert load_order(pipelines) == [["flat", "pipeline"], ["outer"], ["top"]]
     # Ensembles that run each other come last, together: their loads say what is wrong.
     assert load_order({"a": {"b"}, "b": {"a"}, "c": set()}) == [["c"], ["a", "b"]]
+
+
+def test_a_polled_ensemble_that_waited_for_its_step_model_loads_when_the_model_arrives(tmp_path: Path) -> None:
+    """The ensemble reaches the repository before its step model (a rollout copying files in that
+    order): it fails, naming the step, and the poll that loads the step model loads it too."""
+    root = tmp_path / "models"
+    solo = yaml.safe_load(BATCHED)
+    solo["ensemble_scheduling"]["step"][0]["model_name"] = "double"
+    write(root, "solo", json.dumps(solo))  # JSON is YAML
+    polling = ("--model-control-mode", "poll", "--repository-poll-secs", "0.2")
+    with running_server(root, tmp_path, *polling, wait=False) as server:
+        with grpcclient.InferenceServerClient(server.url) as client:
+
+            def solo_reason() -> str:
+                rows = client.get_model_repository_index(as_json=True).get("models", [])
+                return next((row.get("reason", "") for row in rows if row["name"] == "solo"), "")
+
+            wait_until(lambda: "step 0 (double)" in solo_reason(), "solo refused for want of double")
+            staging = tmp_path / "double"
+            write(staging, "double", "max_batch_size: 8\n", build_scale_model(2.0))
+            (staging / "double").rename(root / "double")  # the whole directory at once, as a rollout would
+            wait_until(lambda: client.is_model_ready("solo"), "solo loaded once double arrived")
+            np.testing.assert_array_equal(infer(client, "solo", X), X * 2)

@@ -68,6 +68,9 @@ class ModelEntry:
     failed: dict[int, tuple[Fingerprint, str]] = field(default_factory=dict)  # not retried until the file changes
     shadows: dict[int, ShadowStats] = field(default_factory=dict)  # kept across reloads, by shadow version
     rejected: Rejected | None = None  # not retried until the config or a version's file changes
+    # An ensemble's step models as its last load saw them (by version object): a poll tries a failed
+    # ensemble again once they changed.
+    steps_seen: tuple[tuple[str, tuple[int, ...]], ...] = ()
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 

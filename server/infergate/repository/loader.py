@@ -247,8 +247,13 @@ class ModelRepository:
         wanted = config.version_policy.select(list(on_disk))
         reload_all = entry.config is None or entry.config.without_routing() != config.without_routing()
         # An ensemble fails for want of its step models, which may have loaded since: a load request or a
-        # restart tries it again; a poll only when its config changed (a failure is written once, not per poll).
-        if reload_all or (config.is_ensemble and source != "poll"):
+        # restart tries it again; a poll when its config or its step models changed (a failure is written
+        # once, not per poll).
+        if config.is_ensemble:
+            steps_seen, entry.steps_seen = entry.steps_seen, self._steps_now(config)
+            if source != "poll" or steps_seen != entry.steps_seen:
+                entry.failed.clear()
+        if reload_all:
             entry.failed.clear()
         to_load = [v for v in wanted if reload_all or entry.files.get(v) != on_disk[v]]
         to_load = [v for v in to_load if entry.failed.get(v, (None,))[0] != on_disk[v]]
@@ -272,6 +277,13 @@ class ModelRepository:
         entry.reason = "; ".join(problems)
         if problems:
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
+
+    def _steps_now(self, config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """The ensemble's step models and the version objects they serve now (a reload makes new ones)."""
+        assert config.ensemble_scheduling is not None
+        names = sorted({step.model_name for step in config.ensemble_scheduling.step})
+        entries = [(name, self._entries.get(name)) for name in names]
+        return tuple((name, tuple(id(v) for v in e.versions.values()) if e else ()) for name, e in entries)
 
     async def _load_step_models(self, name: str, config: ModelConfig, source: Source) -> None:
         """Explicit model control: an ensemble's load first loads the models its steps run that serve
