@@ -54,36 +54,43 @@ ensemble_scheduling:
     - {model_name: add, input_map: {a: doubled, b: tripled}, output_map: {sum: OUTPUT}}
 """
 
+
+def ensemble(*steps: str, batch: int = 8, datatype: str = "TYPE_FP32", dims: str = "[4]") -> str:
+    """An ensemble's config.yaml: ``INPUT`` to ``OUTPUT`` (same datatype and dims) through ``steps``."""
+    return (
+        f"platform: ensemble\nmax_batch_size: {batch}\n"
+        f"input: [{{name: INPUT, data_type: {datatype}, dims: {dims}}}]\n"
+        f"output: [{{name: OUTPUT, data_type: {datatype}, dims: {dims}}}]\n"
+        "ensemble_scheduling:\n  step:\n" + "".join(f"    - {step}\n" for step in steps)
+    )
+
+
 # One step, on a model that waits for a full batch of 8 (or 10 s): requests to the ensemble share its batches.
-BATCHED = """
-platform: ensemble
-max_batch_size: 8
-input: [{name: INPUT, data_type: TYPE_FP32, dims: [4]}]
-output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [4]}]
-ensemble_scheduling:
-  step: [{model_name: gathered, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
-"""
-
+BATCHED = ensemble("{model_name: gathered, input_map: {x: INPUT}, output_map: {y: OUTPUT}}")
 # One step, on a model with a response cache.
-RECALL = """
-platform: ensemble
-max_batch_size: 8
-input: [{name: INPUT, data_type: TYPE_FP32, dims: [4]}]
-output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [4]}]
-ensemble_scheduling:
-  step: [{model_name: remembered, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
-"""
-
+RECALL = ensemble("{model_name: remembered, input_map: {x: INPUT}, output_map: {y: OUTPUT}}")
 # An ensemble that does not batch, on a model that does: its [2, 4] is the model's [-1, 4].
-FLAT = """
-platform: ensemble
-max_batch_size: 0
-input: [{name: INPUT, data_type: TYPE_FP32, dims: [2, 4]}]
-output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [2, 4]}]
-ensemble_scheduling:
-  step: [{model_name: double, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
-"""
-
+FLAT = ensemble("{model_name: double, input_map: {x: INPUT}, output_map: {y: OUTPUT}}", batch=0, dims="[2, 4]")
+# An ensemble as a step of another: pipeline (5x), then double: 10x.
+OUTER = ensemble(
+    "{model_name: pipeline, input_map: {INPUT: INPUT}, output_map: {OUTPUT: fivefold}}",
+    "{model_name: double, input_map: {x: fivefold}, output_map: {y: OUTPUT}}",
+)
+# A stateless step, then a stateful one: the running sum of the doubled inputs, per sequence.
+RUNNING_SUM = "{model_name: simple_sequence_implicit, input_map: {INPUT: doubled}, output_map: {OUTPUT: OUTPUT}}"
+STATEFUL = ensemble(
+    "{model_name: double_int, input_map: {x: INPUT}, output_map: {y: doubled}}", RUNNING_SUM, datatype="TYPE_INT32",
+    dims="[1]",
+)  # fmt: skip
+# The same on a model that does not batch, runs two requests at once, and takes longer on larger
+# inputs: without the ensemble keeping a sequence's requests in order, a small input sent after a
+# large one would reach the stateful step first.
+ORDERED = ensemble(
+    "{model_name: timed_double, input_map: {x: INPUT}, output_map: {y: doubled}}", RUNNING_SUM, batch=0,
+    datatype="TYPE_INT32", dims="[1, 1]",
+)  # fmt: skip
+# The add model's inputs are a and b: this step leaves b unfed and names an input it lacks.
+BROKEN = ensemble("{model_name: add, input_map: {a: INPUT, c: INPUT}, output_map: {sum: OUTPUT}}")
 # Five values where the step's model takes four, and an INT64 output where it gives FP32.
 MISFIT = """
 platform: ensemble
@@ -92,54 +99,6 @@ input: [{name: INPUT, data_type: TYPE_FP32, dims: [5]}]
 output: [{name: OUTPUT, data_type: TYPE_INT64, dims: [4]}]
 ensemble_scheduling:
   step: [{model_name: double, input_map: {x: INPUT}, output_map: {y: OUTPUT}}]
-"""
-
-# An ensemble as a step of another: pipeline (5x), then double: 10x.
-OUTER = """
-platform: ensemble
-max_batch_size: 8
-input: [{name: INPUT, data_type: TYPE_FP32, dims: [4]}]
-output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [4]}]
-ensemble_scheduling:
-  step:
-    - {model_name: pipeline, input_map: {INPUT: INPUT}, output_map: {OUTPUT: fivefold}}
-    - {model_name: double, input_map: {x: fivefold}, output_map: {y: OUTPUT}}
-"""
-
-# A stateless step, then a stateful one: the running sum of the doubled inputs, per sequence.
-STATEFUL = """
-platform: ensemble
-max_batch_size: 8
-input: [{name: INPUT, data_type: TYPE_INT32, dims: [1]}]
-output: [{name: OUTPUT, data_type: TYPE_INT32, dims: [1]}]
-ensemble_scheduling:
-  step:
-    - {model_name: double_int, input_map: {x: INPUT}, output_map: {y: doubled}}
-    - {model_name: simple_sequence_implicit, input_map: {INPUT: doubled}, output_map: {OUTPUT: OUTPUT}}
-"""
-
-# The same on a model that does not batch, runs two requests at once, and takes longer on larger
-# inputs: without the ensemble keeping a sequence's requests in order, a small input sent after a
-# large one would reach the stateful step first.
-ORDERED = """
-platform: ensemble
-max_batch_size: 0
-input: [{name: INPUT, data_type: TYPE_INT32, dims: [1, 1]}]
-output: [{name: OUTPUT, data_type: TYPE_INT32, dims: [1, 1]}]
-ensemble_scheduling:
-  step:
-    - {model_name: timed_double, input_map: {x: INPUT}, output_map: {y: doubled}}
-    - {model_name: simple_sequence_implicit, input_map: {INPUT: doubled}, output_map: {OUTPUT: OUTPUT}}
-"""
-
-# The add model's inputs are a and b: this step leaves b unfed and names an input it lacks.
-BROKEN = """
-platform: ensemble
-max_batch_size: 8
-input: [{name: INPUT, data_type: TYPE_FP32, dims: [4]}]
-output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [4]}]
-ensemble_scheduling:
-  step: [{model_name: add, input_map: {a: INPUT, c: INPUT}, output_map: {sum: OUTPUT}}]
 """
 
 STEP_MODELS = [
