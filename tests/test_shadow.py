@@ -355,6 +355,21 @@ async def test_offers_for_a_paused_shadow_are_dropped(queue: ShadowQueue) -> Non
     assert (stats.sent, stats.dropped) == (0, 1)
 
 
+async def test_jobs_queued_before_their_shadow_was_paused_are_dropped_not_run(queue: ShadowQueue) -> None:
+    """A pause drops the copies already waiting too: they would fail as well, and start another pause."""
+    shadow, stats = FakeShadow(), ShadowStats(version=2)
+    shadow.hold()
+    async with asyncio.timeout(LIMIT):
+        assert queue.offer(job(shadow, stats), limit=3)
+        await shadow.started()
+        assert queue.offer(job(shadow, stats), limit=3) and queue.offer(job(shadow, stats), limit=3)
+        stats.paused_until = time.monotonic() + LONG  # as the running call's failure would set it
+        shadow.release()
+        await drain(queue)
+    assert shadow.calls == 1
+    assert (stats.sent, stats.dropped, stats.compared) == (1, 2, 1)
+
+
 async def test_jobs_of_several_shadow_versions_are_counted_apart(queue: ShadowQueue) -> None:
     shadow, two, three = FakeShadow(), Watched(version=2), Watched(version=3)
     async with asyncio.timeout(LIMIT):

@@ -6,8 +6,9 @@ A fixed number of tasks — created in :meth:`ShadowQueue.start`, stopped
 by :meth:`ShadowQueue.aclose` — run the jobs through the shadow version's own
 batcher and compare its outputs with the primary's. Shadow errors and slowness
 are counted in :class:`ShadowStats`, never returned to anyone; a shadow that
-fails ten times in a row is paused (its calls dropped) for a back-off that
-doubles from 0.5 s up to 30 s, so a broken shadow costs next to nothing.
+fails ten times in a row is paused (its calls dropped, those already queued
+too) for a back-off that doubles from 0.5 s up to 30 s, so a broken shadow
+costs next to nothing.
 Each pause is told to an optional :class:`ShadowEvents` (the audit log).
 With :class:`ShadowSpans` (telemetry, when tracing), a shadow call of a traced
 request gets a span of its own, linked to the request's (``offer`` captures it
@@ -241,6 +242,11 @@ class ShadowQueue:
         while True:
             job, captured = await self._queue.get()
             started = time.monotonic()
+            if started < job.stats.paused_until:  # queued before its shadow was paused: dropped, never sent
+                job.stats.sent -= 1
+                self._dropped(job.stats)
+                self._queue.task_done()
+                continue
             span = None
             if self._spans is not None and captured is not None:
                 span = self._spans.open(captured, job.stats.model, job.stats.version)
