@@ -27,9 +27,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 import yaml
-from conftest import ServerProcess, launch_server, running_server, wait_until
+from conftest import ServerProcess, eventually, launch_server, running_server, wait_until
 from onnx import TensorProto, helper, numpy_helper
 from security import AUDIENCE, ISSUER, SECRET, bearer, claims, token
+from telemetry_support import observed_server
 from test_perf_analyzer import _perf_analyzer
 from triton_models import running_sum, stand_in, write_stand_in
 from tritonclient.utils import InferenceServerException
@@ -711,3 +712,31 @@ def test_a_polled_ensemble_that_waited_for_its_step_model_loads_when_the_model_a
             (staging / "double").rename(root / "double")  # the whole directory at once, as a rollout would
             wait_until(lambda: client.is_model_ready("solo"), "solo loaded once double arrived")
             np.testing.assert_array_equal(infer(client, "solo", X), X * 2)
+
+
+async def test_an_ensemble_requests_trace_holds_each_steps_queue_wait_and_batch(tmp_path: Path) -> None:
+    """Traced as a request to each step model would be: a queue span per step under the request's span,
+    and each step model's batch span linked to it."""
+    root = tmp_path / "models"
+    write(root, "double", "max_batch_size: 8\n", build_scale_model(2.0))
+    write(root, "triple", "max_batch_size: 8\n", build_scale_model(3.0))
+    write(root, "add", "max_batch_size: 16\n", build_add_model())
+    write(root, "pipeline", PIPELINE)
+    async with observed_server(root, sample_ratio=1.0) as observed:
+        async with aioclient.InferenceServerClient(observed.url) as client:
+            tensor = aioclient.InferInput("INPUT", list(X.shape), "FP32")
+            tensor.set_data_from_numpy(X)
+            await client.infer("pipeline", [tensor])
+
+        def request_span() -> Any:
+            return next((s for s in observed.finished_spans() if s.name.endswith("/ModelInfer")), None)
+
+        await eventually(request_span, "the ensemble request's span")
+        spans, rpc = observed.finished_spans(), request_span()
+    queues = [
+        s for s in spans if s.name == "queue" and s.parent is not None and s.parent.span_id == rpc.context.span_id
+    ]
+    assert sorted(str(q.attributes["infergate.model.name"]) for q in queues) == ["add", "double", "triple"]
+    batches = {s.name: s for s in spans if s.name in ("batch double", "batch triple", "batch add")}
+    assert set(batches) == {"batch double", "batch triple", "batch add"}
+    assert all(rpc.context.span_id in [link.context.span_id for link in b.links] for b in batches.values())
