@@ -77,15 +77,15 @@ class EnsembleStep:
 class EnsembleVersion:
     """One version of an ensemble: its tensors, its steps in waves, and its own statistics.
 
-    It has what the request path and the protocol read of a served version
-    (``spec``, ``stats``, ``config``, ``metadata``…); what belongs to a model
-    that runs (a monitor, a response cache, sequences, a queue) is absent.
+    It has what the loader, the protocol and the handler read of any served
+    version (``spec``, ``stats``, ``config``, ``metadata``, ``labels``…);
+    what belongs to a model that runs (a monitor, sequences, a queue) is
+    absent. The handler never runs an ensemble as a model (no batcher, no
+    cache, no timeout or priority of its own): it runs its steps.
     """
 
     monitor = None
     sequences = None
-    cache_token = None
-    default_timeout_s = None
     queue_depth = 0
 
     # Set by check_steps: some step runs a stateful model (or a stateful ensemble), which takes the
@@ -127,11 +127,7 @@ class EnsembleVersion:
         self._observer = observer  # kept so that telemetry's series for this version live as long as it does
 
     def set_background(self, background: bool) -> None:
-        """A shadow ensemble's steps run on their models, at those models' priority."""
-
-    def priority_level(self, priority: int) -> int:
-        """An ensemble queues nothing itself: a request's priority goes to its steps' models."""
-        return 0
+        """Nothing runs here to lower; an ensemble takes no routing, so it is never a shadow anyway."""
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Nothing to drain: requests in flight finish on the step models."""
