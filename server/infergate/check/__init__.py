@@ -27,7 +27,7 @@ from infergate.check.smoke import smoke_test
 from infergate.config import ServerConfig, load_server_config
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition
-from infergate.models.config import PROVIDERS, EnsembleStep, ModelConfig, load_model_config
+from infergate.models.config import PROVIDERS, ModelConfig, load_model_config
 from infergate.models.ensemble import StepModel, check_steps, load_ensemble_version, load_order
 from infergate.models.governance import ChecksumMismatch, MetadataError, resolve_metadata
 from infergate.models.runner import ModelLoadError
@@ -61,19 +61,15 @@ async def check_repository(
                 configs[name] = ensemble
         checked.update(names)
         # The step models of an ensemble that --model named without them are checked too: its check needs them.
-        steps = {step.model_name for config, _ in configs.values() for step in _steps(config)}
+        steps = {step for config, _ in configs.values() for step in config.step_models}
         names = sorted(name for name in steps - checked if is_model_name(name) and (root / name).is_dir())
-    pipelines = {name: {step.model_name for step in _steps(config)} for name, (config, _) in configs.items()}
+    pipelines = {name: set(config.step_models) for name, (config, _) in configs.items()}
     for layer in load_order(pipelines):  # after the models their steps run, ensembles included
         for name in layer:
             model_config, wanted = configs[name]
             for version in wanted:
                 _check_ensemble(root / name, name, version, model_config, served, report)
     return report
-
-
-def _steps(config: ModelConfig) -> list[EnsembleStep]:
-    return config.ensemble_scheduling.step if config.ensemble_scheduling is not None else []
 
 
 @dataclass(frozen=True, slots=True)

@@ -508,6 +508,12 @@ class ModelConfig(Strict):
     def is_ensemble(self) -> bool:
         return self.platform == "ensemble"
 
+    @property
+    def step_models(self) -> tuple[str, ...]:
+        """The models an ensemble's steps run, each once, in step order (none for another model)."""
+        steps = self.ensemble_scheduling.step if self.ensemble_scheduling is not None else []
+        return tuple(dict.fromkeys(step.model_name for step in steps))
+
     def without_routing(self) -> ModelConfig:
         """The part of the config that decides how versions load (routing changes need no reload)."""
         return self.model_copy(update={"routing": None})

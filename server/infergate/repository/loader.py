@@ -40,7 +40,7 @@ from infergate.audit import AuditLog, Source
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.heap import in_thread
-from infergate.models.config import ModelConfig, load_model_config
+from infergate.models.config import ModelConfig, load_model_config, model_config_from_data
 from infergate.models.ensemble import check_steps, load_ensemble_version, load_order
 from infergate.models.overrides import FILE_PREFIX, LoadOverride, PollFailed, stage_files
 from infergate.models.runner import ModelLoadError
@@ -145,7 +145,10 @@ class ModelRepository:
             except OSError:
                 continue
             if "ensemble_scheduling" in text:
-                found[name] = _step_models(text)
+                try:
+                    found[name] = set(model_config_from_data(yaml.safe_load(text), path).step_models)
+                except (ConfigError, yaml.YAMLError):
+                    found[name] = set()  # its load will say what is wrong
         return found
 
     async def rescan(self, *, source: Source = "poll") -> None:
@@ -280,9 +283,7 @@ class ModelRepository:
 
     def _steps_now(self, config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """The ensemble's step models and the version objects they serve now (a reload makes new ones)."""
-        assert config.ensemble_scheduling is not None
-        names = sorted({step.model_name for step in config.ensemble_scheduling.step})
-        entries = [(name, self._entries.get(name)) for name in names]
+        entries = [(name, self._entries.get(name)) for name in config.step_models]
         return tuple((name, tuple(id(v) for v in e.versions.values()) if e else ()) for name, e in entries)
 
     async def _load_step_models(self, name: str, config: ModelConfig, source: Source) -> None:
@@ -293,11 +294,10 @@ class ModelRepository:
         whose load another request holds (waiting on it could deadlock two loads of ensembles that run
         each other; that load decides).
         """
-        assert config.ensemble_scheduling is not None
         chain = _ENSEMBLE_LOADS.get() | {name}
         token = _ENSEMBLE_LOADS.set(chain)
         try:
-            for step in dict.fromkeys(step.model_name for step in config.ensemble_scheduling.step):
+            for step in config.step_models:
                 entry = self._entries.get(step)
                 if step in chain or (entry is not None and (entry.versions or entry.lock.locked())):
                     continue
@@ -496,15 +496,6 @@ class ModelRepository:
             entry.versions, entry.router = {}, None
             entry.state = ModelState.UNAVAILABLE
             entry.reason = "server stopped"
-
-
-def _step_models(text: str) -> set[str]:
-    """The model names an ensemble's config text gives its steps (none when it cannot be read)."""
-    try:
-        steps = yaml.safe_load(text)["ensemble_scheduling"]["step"]
-        return {str(step["model_name"]) for step in steps}
-    except (yaml.YAMLError, TypeError, KeyError):
-        return set()
 
 
 def _checked_name(name: str) -> str:
