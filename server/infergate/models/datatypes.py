@@ -25,6 +25,7 @@ __all__ = [
     "decode_bytes_tensor",
     "encode_bytes_tensor",
     "from_onnx_type",
+    "from_triton_type",
 ]
 
 BYTES = "BYTES"
@@ -70,6 +71,7 @@ DATATYPES: dict[str, Datatype] = {
 }
 
 _BY_ONNX = {d.onnx: d for d in DATATYPES.values()}
+_BY_TRITON = {d.triton: d for d in DATATYPES.values()}
 
 
 def from_onnx_type(onnx_type: str) -> Datatype:
@@ -81,6 +83,12 @@ def from_onnx_type(onnx_type: str) -> Datatype:
         return _BY_ONNX[onnx_type]
     except KeyError:
         raise ValueError(f"onnxruntime type {onnx_type} has no Open Inference Protocol datatype") from None
+
+
+def from_triton_type(triton_type: str) -> Datatype:
+    """Datatype for a Triton model-config type name such as ``TYPE_FP32`` (config.py's ``TritonType``
+    admits only names this knows)."""
+    return _BY_TRITON[triton_type]
 
 
 _LENGTH = struct.Struct("<I")

@@ -35,7 +35,7 @@ from typing import Protocol
 
 from infergate.errors import FailedPrecondition, InferGateError, InvalidArgument
 from infergate.models.config import Metadata, ModelConfig, ensemble_plan
-from infergate.models.datatypes import DATATYPES, Datatype
+from infergate.models.datatypes import Datatype, from_triton_type
 from infergate.models.governance import resolve_metadata
 from infergate.models.runner import ModelLoadError
 from infergate.models.sequence import CorrelationId
@@ -56,7 +56,6 @@ __all__ = [
 
 ENSEMBLE_PLATFORM = "ensemble"
 MAX_NESTING = 8  # ensembles inside ensembles; deeper is refused at load and, after reloads, per request
-_BY_TRITON: dict[str, Datatype] = {d.triton: d for d in DATATYPES.values()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +173,7 @@ def ensemble_spec(name: str, version: int, config: ModelConfig) -> ModelSpec:
 
     def tensor(entry_name: str, data_type: str | None, dims: list[int] | None) -> TensorSpec:
         assert data_type is not None and dims is not None  # config.py requires both for an ensemble
-        return TensorSpec(entry_name, _BY_TRITON[data_type], ((-1,) if batches else ()) + tuple(dims))
+        return TensorSpec(entry_name, from_triton_type(data_type), ((-1,) if batches else ()) + tuple(dims))
 
     return ModelSpec(
         name=name,

@@ -52,7 +52,7 @@ import numpy.typing as npt
 
 from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
 from infergate.models.config import DynamicBatching, SequenceBatching, SequenceControl
-from infergate.models.datatypes import BYTES, DATATYPES, Datatype
+from infergate.models.datatypes import BYTES, DATATYPES, Datatype, from_triton_type
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 from infergate.models.warmup import read_raw_tensor
 
@@ -75,7 +75,6 @@ START, READY, END, CORRID = (
     "CONTROL_SEQUENCE_END",
     "CONTROL_SEQUENCE_CORRID",
 )
-_BY_TRITON: dict[str, Datatype] = {d.triton: d for d in DATATYPES.values()}
 _FLAG_TYPES = {"int32_false_true": "INT32", "fp32_false_true": "FP32", "bool_false_true": "BOOL"}
 # Expired ids remembered so that a late request hears why its sequence is gone.
 _REMEMBERED_EXPIRIES = 4096
@@ -173,7 +172,7 @@ def check_sequence_config(spec: ModelSpec, config: SequenceBatching) -> None:
         where = f"sequence_batching.control_input {entry.name!r} ({control.kind})"
         problems += _tensor_problems(spec.input_by_name.get(entry.name), "input", where, datatype, control_shape)
     for state in config.state:
-        datatype = _BY_TRITON[state.data_type]
+        datatype = from_triton_type(state.data_type)
         shape = (-1, *state.dims) if spec.batches else tuple(state.dims)
         where = "sequence_batching.state"
         problems += _tensor_problems(spec.input_by_name.get(state.input_name), "input", where, datatype, shape)
@@ -205,7 +204,7 @@ def _tensor_problems(
 def _control_datatype(control: SequenceControl) -> Datatype:
     if control.kind == CORRID:
         assert control.data_type is not None  # the config requires it for CORRID
-        return _BY_TRITON[control.data_type]
+        return from_triton_type(control.data_type)
     field_name = next(n for n in _FLAG_TYPES if getattr(control, n) is not None)
     return DATATYPES[_FLAG_TYPES[field_name]]
 
@@ -221,7 +220,7 @@ def load_initial_states(config: SequenceBatching, model_dir: Path | None) -> dic
     """
     states: dict[str, npt.NDArray[Any]] = {}
     for state in config.state:
-        datatype = _BY_TRITON[state.data_type]
+        datatype = from_triton_type(state.data_type)
         if not state.initial_state:
             states[state.input_name] = _zeros(datatype, [1 if d < 0 else d for d in state.dims])
             continue

@@ -28,12 +28,11 @@ import numpy as np
 import numpy.typing as npt
 
 from infergate.models.config import ModelConfig, WarmupSample
-from infergate.models.datatypes import BYTES, DATATYPES, Datatype, decode_bytes_tensor
+from infergate.models.datatypes import BYTES, DATATYPES, Datatype, decode_bytes_tensor, from_triton_type
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 
 __all__ = ["WarmupRun", "describe_feeds", "read_raw_tensor", "valid_inputs", "warmup_runs"]
 
-_BY_TRITON: dict[str, Datatype] = {d.triton: d for d in DATATYPES.values()}
 # The text of zero: a BYTES element any numeric parser accepts.
 BYTES_ZERO = "0"
 _SEED = 0  # random_data is reproducible from load to load
@@ -87,7 +86,7 @@ def _sample_run(spec: ModelSpec, sample: WarmupSample, model_dir: Path) -> Warmu
     rng = np.random.default_rng(_SEED)
     for t in spec.inputs:
         item = sample.inputs[t.name]
-        datatype = _BY_TRITON[item.data_type]
+        datatype = from_triton_type(item.data_type)
         _check_fits(t, datatype, item.dims, spec, f"{where} input {t.name!r}")
         if item.input_data_file is not None:
             one = read_raw_tensor(model_dir / "warmup" / item.input_data_file, datatype, item.dims)
