@@ -73,8 +73,7 @@ def _rows_and_group(spec: ModelSpec, inputs: Tensors, where: str) -> tuple[int, 
     rows = counts.pop()
     if not 1 <= rows <= spec.max_batch_size:
         raise SmokeError(f"{where}: {rows} rows; the model takes 1 to {spec.max_batch_size}")
-    group = tuple(inputs[t.name].shape[1:] for t in spec.inputs) if spec.variable_inner_dims else None
-    return rows, group
+    return rows, spec.batch_group(inputs)
 
 
 def non_finite(outputs: Tensors) -> list[str]:

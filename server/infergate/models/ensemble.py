@@ -352,8 +352,7 @@ def step_request(ensemble: str, step: EnsembleStep, spec: ModelSpec, tensors: Te
         raise InvalidArgument(
             f"ensemble '{ensemble}' {step.where}: batch of {rows} rows; the model takes 1 to {spec.max_batch_size}"
         )
-    group = tuple(inputs[t.name].shape[1:] for t in spec.inputs) if spec.variable_inner_dims else None
-    return StepRequest(inputs, rows, group)
+    return StepRequest(inputs, rows, spec.batch_group(inputs))
 
 
 def _fits(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:

@@ -8,6 +8,7 @@ stands for the request's rows; -1 elsewhere is a variable dimension.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,12 @@ class ModelSpec:
     @property
     def batches(self) -> bool:
         return self.max_batch_size > 0
+
+    def batch_group(self, inputs: Tensors) -> Hashable:
+        """The group of a request's ``inputs``: requests may share a batch when their groups are equal.
+        Their non-batch shapes, in the spec's input order (the request's own order must not matter);
+        None, one group for all, when no input has a variable dimension besides the batch."""
+        return tuple(inputs[t.name].shape[1:] for t in self.inputs) if self.variable_inner_dims else None
 
 
 def _dims(shape: list[Any]) -> tuple[int, ...]:

@@ -16,7 +16,6 @@ went away).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -119,7 +118,7 @@ class LocalExecutor:
         return cls(model, min(batch_size or model.spec.max_batch_size, model.spec.max_batch_size))
 
     async def infer(self, inputs: Tensors, rows: int) -> Tensors:
-        return await self.model.infer(inputs, rows, _group(self.spec, inputs), deadline=None)
+        return await self.model.infer(inputs, rows, self.spec.batch_group(inputs), deadline=None)
 
     def is_row_error(self, error: Exception) -> bool:
         return isinstance(error, ModelExecutionError | InvalidArgument)
@@ -138,11 +137,6 @@ def _read_model(directory: Path) -> tuple[ModelConfig, list[int]]:
         raise InputError(f"no model directory {directory}")
     config = load_model_config(directory / "config.yaml")
     return config, sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and is_version_name(p.name))
-
-
-def _group(spec: ModelSpec, inputs: Tensors) -> Hashable:
-    """Requests may share a batch when their non-batch shapes agree (as the server's codec groups them)."""
-    return tuple(inputs[t.name].shape[1:] for t in spec.inputs) if spec.variable_inner_dims else None
 
 
 class RemoteExecutor:

@@ -211,11 +211,9 @@ def decode_request(
             )
     classes = classification_counts(requested) if requested else {}
     check_classifiable(classes, spec)
-    # In the spec's input order: the request's own order must not matter.
-    group = tuple(inputs[t.name].shape[1:] for t in spec.inputs) if spec.variable_inner_dims else None
     parameters = request.parameters
     sequence = sequence_params(parameters) if parameters else None
-    return DecodedRequest(inputs, rows if spec.batches else 1, group, outputs, sequence, classes)
+    return DecodedRequest(inputs, rows if spec.batches else 1, spec.batch_group(inputs), outputs, sequence, classes)
 
 
 def _where(spec: ModelSpec, name: str) -> str:
