@@ -39,7 +39,7 @@ from infergate.models.datatypes import Datatype, from_triton_type
 from infergate.models.governance import resolve_metadata
 from infergate.models.runner import ModelLoadError
 from infergate.models.sequence import CorrelationId
-from infergate.models.spec import ModelSpec, Tensors, TensorSpec
+from infergate.models.spec import ModelSpec, Tensors, TensorSpec, dims_match
 from infergate.models.stats import ModelObserver, ModelStats
 
 __all__ = [
@@ -314,10 +314,7 @@ def _link(
     (datatype, shape), (given_type, given_shape, source) = wanted, given
     if datatype is not given_type:
         return [f"{reader} is {datatype.name}, {source} {given_type.name}"]
-    fits = len(shape) == len(given_shape) and all(
-        a == b or -1 in (a, b) for a, b in zip(shape, given_shape, strict=True)
-    )
-    return [] if fits else [f"{reader} has shape {list(shape)}, {source} {list(given_shape)}"]
+    return [] if dims_match(shape, given_shape) else [f"{reader} has shape {list(shape)}, {source} {list(given_shape)}"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ stands for the request's rows; -1 elsewhere is a variable dimension.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,15 @@ import numpy.typing as npt
 from infergate.models.config import InputConfig, OutputConfig
 from infergate.models.datatypes import Datatype, from_onnx_type
 
-__all__ = ["DEFAULT_MAX_BATCH_SIZE", "ModelSpec", "TensorSpec", "Tensors", "check_tensor_config", "spec_from_graph"]
+__all__ = [
+    "DEFAULT_MAX_BATCH_SIZE",
+    "ModelSpec",
+    "TensorSpec",
+    "Tensors",
+    "check_tensor_config",
+    "dims_match",
+    "spec_from_graph",
+]
 
 DEFAULT_MAX_BATCH_SIZE = 64
 
@@ -123,13 +131,14 @@ def check_tensor_config(spec: ModelSpec, inputs: list[InputConfig], outputs: lis
             if entry.data_type is not None and entry.data_type != tensor.datatype.triton:
                 problems.append(f"{where}: data_type {entry.data_type}, the model's is {tensor.datatype.triton}")
             inner = tensor.shape[1:] if spec.batches else tensor.shape
-            if entry.dims is not None and not _dims_match(entry.dims, inner):
+            if entry.dims is not None and not dims_match(entry.dims, inner):
                 problems.append(f"{where}: dims {entry.dims}, the model's are {list(inner)}")
     if problems:
         raise ValueError("; ".join(problems))
 
 
-def _dims_match(configured: list[int], actual: tuple[int, ...]) -> bool:
+def dims_match(configured: Sequence[int], actual: Sequence[int]) -> bool:
+    """Same rank, and each dimension equal or -1 (variable) on either side."""
     return len(configured) == len(actual) and all(
         c == -1 or a == -1 or c == a for c, a in zip(configured, actual, strict=True)
     )
