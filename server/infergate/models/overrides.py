@@ -21,8 +21,8 @@ Triton JSON                             config.yaml
 ``name``, ``platform``, ``backend``     must be the model's name / ``onnxruntime_onnx`` /
                                         ``onnxruntime``; then dropped (``platform: ensemble``
                                         stays, with no backend)
-``ensemble_scheduling.step.model_version``  a number (Triton's JSON writes ``"-1"``)
-``max_batch_size`` (also ``"16"``)      ``max_batch_size``
+``max_batch_size`` (also ``"16"``)      ``max_batch_size`` (as every number: Triton's JSON writes
+                                        int64 as strings, ``dims: ["4"]``, ``model_version: "-1"``)
 ``instance_group: [{count, kind}]``     ``instance_group: {count: <sum>}`` (KIND_CPU /
                                         KIND_AUTO only; GPUs are ``execution_providers``)
 ``dynamic_batching.default_queue_policy``  its ``max_queue_size`` and
@@ -137,8 +137,6 @@ def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
     if out.get("platform") == _ENSEMBLE:  # kept: it is config.yaml's too; an ensemble has no backend
         if out.pop("backend", "") != "":
             raise ValueError("backend: an ensemble has none (leave it out)")
-        if "ensemble_scheduling" in out:
-            out["ensemble_scheduling"] = _ensemble_scheduling(out["ensemble_scheduling"])
     else:
         checks += [("platform", _PLATFORM), ("backend", _BACKEND)]
     for key, expected in checks:
@@ -158,23 +156,6 @@ def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 _CAMEL = re.compile(r"[a-z][A-Z]")
-
-
-def _ensemble_scheduling(block: Any) -> Any:
-    """Triton's JSON writes a step's int64 ``model_version`` as a string (``"-1"``): config.yaml's is a number."""
-    steps = block.get("step") if isinstance(block, dict) else None
-    if not isinstance(steps, list):
-        return block
-    fixed = []
-    for i, step in enumerate(steps):
-        version = step.get("model_version") if isinstance(step, dict) else None
-        if isinstance(version, str):
-            try:
-                step = {**step, "model_version": int(version)}
-            except ValueError:
-                raise ValueError(f"ensemble_scheduling.step.{i}.model_version: {version!r} is not a number") from None
-        fixed.append(step)
-    return {**block, "step": fixed}
 
 
 def _snake(key: str) -> str:
