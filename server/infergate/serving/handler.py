@@ -28,6 +28,7 @@ Unary ModelInfer and every request of a ModelStreamInfer stream go through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Coroutine
@@ -136,37 +137,24 @@ class InferenceHandler:
                 "reload the ensembles to have their steps checked"
             )
         sequence = decoded.sequence
-        if sequence is None or not (sequence.in_sequence or sequence.start or sequence.end):
-            return await self._steps(ensemble, decoded, request, expires, accrue, depth, None)
-        if not ensemble.stateful:
+        if sequence is not None and not (sequence.in_sequence or sequence.start or sequence.end):
+            sequence = None
+        if sequence is not None and not ensemble.stateful:
             raise InvalidArgument(
                 f"ensemble '{ensemble.name}' runs no stateful model, so it cannot take sequence_id "
                 f"{sequence.correlation_id!r}; send the request without sequence parameters"
             )
-        async with ensemble.in_turn(sequence.correlation_id):  # a sequence's requests in the order they came
-            return await self._steps(ensemble, decoded, request, expires, accrue, depth, sequence)
-
-    async def _steps(
-        self,
-        ensemble: EnsembleVersion,
-        decoded: DecodedRequest,
-        request: InferenceRequest,
-        expires: int | None,
-        accrue: StepTimes | None,
-        depth: int,
-        sequence: SequenceParams | None,
-    ) -> Tensors:
-        tensors = dict(decoded.inputs)
-        times = StepTimes()
-        for wave in ensemble.waves:
-            if len(wave) == 1:
-                results = [await self._step(ensemble, wave[0], tensors, request, expires, times, depth, sequence)]
-            else:
-                steps = (self._step(ensemble, s, tensors, request, expires, times, depth, sequence) for s in wave)
-                results = await asyncio.gather(*steps)
-            for step, outputs in zip(wave, results, strict=True):
-                for inner, outer in step.outputs:
-                    tensors[outer] = outputs[inner]
+        # A sequence's requests go through in the order they came (see EnsembleVersion.in_turn).
+        turn = ensemble.in_turn(sequence.correlation_id) if sequence is not None else contextlib.nullcontext()
+        async with turn:
+            tensors = dict(decoded.inputs)
+            times = StepTimes()
+            for wave in ensemble.waves:
+                steps = [self._step(ensemble, s, tensors, request, expires, times, depth, sequence) for s in wave]
+                results = [await steps[0]] if len(steps) == 1 else await asyncio.gather(*steps)
+                for step, outputs in zip(wave, results, strict=True):
+                    for inner, outer in step.outputs:
+                        tensors[outer] = outputs[inner]
         ensemble.stats.record_ensemble(decoded.rows, times)
         if accrue is not None:
             accrue.absorb(times)
