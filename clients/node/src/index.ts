@@ -318,8 +318,13 @@ export class InferenceClient {
     return metadata;
   }
 
+  /** When a call (or a stream) started now must end: its own deadline, the client's, or 30 s. */
+  private deadline(deadlineMs?: number): number {
+    return Date.now() + (deadlineMs ?? this.options.deadlineMs ?? 30_000);
+  }
+
   private async call<T>(method: string, request: object, deadlineMs?: number, extra?: Record<string, string>): Promise<T> {
-    const deadline = Date.now() + (deadlineMs ?? this.options.deadlineMs ?? 30_000);
+    const deadline = this.deadline(deadlineMs);
     for (let attempt = 1; ; attempt++) {
       const metadata = await this.metadata(extra); // a refreshing token is asked again for each attempt
       try {
@@ -383,7 +388,7 @@ export class InferenceClient {
     requests: Iterable<StreamRequest> | AsyncIterable<StreamRequest>,
     options: { deadlineMs?: number; metadata?: Record<string, string> } = {},
   ): AsyncGenerator<InferResult> {
-    const deadline = Date.now() + (options.deadlineMs ?? this.options.deadlineMs ?? 30_000);
+    const deadline = this.deadline(options.deadlineMs);
     const call: grpc.ClientDuplexStream<object, any> = (this.stub as any).ModelStreamInfer(
       await this.metadata(options.metadata),
       { deadline },
