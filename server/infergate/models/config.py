@@ -6,9 +6,10 @@ Keys follow Triton's model configuration names wherever the concept exists.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
@@ -44,6 +45,7 @@ __all__ = [
     "Warmup",
     "WarmupInput",
     "WarmupSample",
+    "dependency_layers",
     "ensemble_plan",
     "load_model_config",
     "model_config_from_data",
@@ -571,17 +573,29 @@ def ensemble_plan(steps: list[EnsembleStep], writers: dict[str, int] | None = No
     """
     if writers is None:
         writers = {t: i for i, step in enumerate(steps) for t in step.output_map.values()}
-    needs = [{writers.get(t, -1) for t in step.input_map.values()} - {-1} for step in steps]
-    done: set[int] = set()
-    waves: list[list[int]] = []
-    while len(done) < len(steps):
-        wave = [i for i in range(len(steps)) if i not in done and needs[i] <= done]
-        if not wave:
-            stuck = sorted(f"{i} ({steps[i].model_name})" for i in range(len(steps)) if i not in done)
-            raise ValueError(f"steps {', '.join(stuck)} wait on each other's outputs (a cycle)")
-        waves.append(wave)
-        done.update(wave)
+    needs = {i: {writers.get(t, -1) for t in step.input_map.values()} - {-1} for i, step in enumerate(steps)}
+    waves, stuck = dependency_layers(needs)
+    if stuck:
+        names = ", ".join(f"{i} ({steps[i].model_name})" for i in stuck)
+        raise ValueError(f"steps {names} wait on each other's outputs (a cycle)")
     return waves
+
+
+Node = TypeVar("Node", int, str)
+
+
+def dependency_layers(needs: Mapping[Node, set[Node]]) -> tuple[list[list[Node]], list[Node]]:
+    """``needs`` (each node: the nodes it must come after, all among the keys) in layers, each needing
+    only the layers before it; and, sorted, the nodes left when the rest wait on one another (a cycle)."""
+    left = dict(needs)
+    done: set[Node] = set()
+    layers: list[list[Node]] = []
+    while layer := sorted(node for node, after in left.items() if after <= done):
+        layers.append(layer)
+        done.update(layer)
+        for node in layer:
+            del left[node]
+    return layers, sorted(left)
 
 
 def load_model_config(path: Path) -> ModelConfig:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from infergate.errors import FailedPrecondition, InferGateError, InvalidArgument
-from infergate.models.config import Metadata, ModelConfig, ensemble_plan
+from infergate.models.config import Metadata, ModelConfig, dependency_layers, ensemble_plan
 from infergate.models.datatypes import Datatype, from_triton_type
 from infergate.models.governance import resolve_metadata
 from infergate.models.runner import ModelLoadError
@@ -157,14 +157,8 @@ def load_order(pipelines: dict[str, set[str]]) -> list[list[str]]:
     """Ensembles (by name, with the models their steps run) in the order to load them: each layer runs
     no ensemble of its own layer or later. Ensembles that run each other end up in the last layer,
     where their loads say so."""
-    left = dict(pipelines)
-    layers: list[list[str]] = []
-    while left:
-        ready = sorted(name for name, steps in left.items() if not steps & left.keys()) or sorted(left)
-        layers.append(ready)
-        for name in ready:
-            del left[name]
-    return layers
+    layers, stuck = dependency_layers({name: steps & pipelines.keys() for name, steps in pipelines.items()})
+    return [*layers, stuck] if stuck else layers
 
 
 def ensemble_spec(name: str, version: int, config: ModelConfig) -> ModelSpec:
