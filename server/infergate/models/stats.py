@@ -119,6 +119,16 @@ class ModelStats:
         self.compute_infer.add(steps.infer_ns)
         self.compute_output.add(steps.output_ns)
 
+    def record_cache_hit(self, lookup_ns: int) -> None:
+        """A request answered from the response cache in ``lookup_ns``.
+
+        Triton counts a hit in ``queue`` too, with the time it waited before its lookup (none here: a
+        request is looked up as it reaches its model). perf_analyzer relies on it: it takes the version
+        whose queue count grew as the one it measured, and reports nothing for a window of hits only.
+        """
+        self.cache_hit.add(lookup_ns)
+        self.queue.add(0)
+
     def record_request(self, ok: bool, ns: int) -> None:
         """One finished request and its end-to-end time inside the server."""
         (self.success if ok else self.fail).add(ns)

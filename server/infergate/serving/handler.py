@@ -211,7 +211,7 @@ class InferenceHandler:
         kept = cache.get(key)
         model.cache_looked_up(kept is not None)
         if kept is not None:
-            stats.cache_hit.add(time.perf_counter_ns() - started)
+            stats.record_cache_hit(time.perf_counter_ns() - started)
             return dict(kept)
         looked_up = time.perf_counter_ns() - started
         outputs = await self._run(model, decoded, request, remaining, accrue)
