@@ -18,6 +18,7 @@ import queue
 import re
 import textwrap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -435,6 +436,36 @@ def test_a_sequence_streamed_without_waiting_reaches_its_stateful_step_in_order(
     assert not [r for r in results if isinstance(r, InferenceServerException)], results
     got = {int(r.get_response().id): int(r.as_numpy("OUTPUT")[0, 0]) for r in results}
     assert [got[i] for i in range(len(sent))] == running_sum([2 * v for v in sent])
+
+
+def test_a_sequence_keeps_its_order_across_a_reload_of_the_ensemble(repository: Path, tmp_path: Path) -> None:
+    """The sequence's first request is in the first step (about 1 s) when the ensemble is reloaded; the
+    next ones reach the new version, where the first step takes them under 1 ms on the model's other
+    instance. They still wait for the first: an ensemble's versions share its sequences' order."""
+    sent = [1000, 1, 1, 1]
+    explicit = ("--model-control-mode", "explicit", "--load-model", "ordered", "--metrics-port", "0")
+    with (
+        running_server(repository, tmp_path, *explicit) as server,
+        grpcclient.InferenceServerClient(server.url) as client,
+    ):
+
+        def send(i: int) -> int:
+            ends = {"sequence_start": i == 0, "sequence_end": i == len(sent) - 1}
+            result = client.infer("ordered", one_int(sent[i]), sequence_id=88, **ends)
+            return int(result.as_numpy("OUTPUT")[0, 0])
+
+        def in_flight() -> float:
+            return server.metric("infergate_requests_active", rpc_method="ModelInfer")
+
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(send, 0)
+            wait_until(lambda: in_flight() == 1, "the first request is in the ensemble")
+            config = yaml.safe_load(ORDERED) | {"metadata": {"description": "reloaded"}}
+            client.load_model("ordered", config=json.dumps(config))
+            assert client.get_model_config("ordered").config.parameters["description"].string_value == "reloaded"
+            answers = {i: send(i) for i in range(1, len(sent))}  # each waits for its answer
+            answers[0] = first.result(timeout=HANG_GUARD_S)
+    assert [answers[i] for i in range(len(sent))] == running_sum([2 * v for v in sent])
 
 
 def test_sequence_parameters_on_an_ensemble_with_no_stateful_step_are_refused(

@@ -28,7 +28,7 @@ from infergate.config import ServerConfig, load_server_config
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition
 from infergate.models.config import PROVIDERS, ModelConfig, load_model_config
-from infergate.models.ensemble import StepModel, check_steps, load_ensemble_version, load_order
+from infergate.models.ensemble import SequenceTurns, StepModel, check_steps, load_ensemble_version, load_order
 from infergate.models.governance import ChecksumMismatch, MetadataError, resolve_metadata
 from infergate.models.runner import ModelLoadError
 from infergate.models.spec import ModelSpec
@@ -101,7 +101,7 @@ def _check_ensemble(
         return versions[chosen]
 
     try:
-        ensemble = load_ensemble_version(directory / str(version), name, version, config)
+        ensemble = load_ensemble_version(directory / str(version), name, version, config, SequenceTurns())
         check_steps(ensemble, step_model)
     except (ModelLoadError, MetadataError) as exc:
         report.add("ensemble", "error", f"{directory / 'config.yaml'}: {exc}", name, version)

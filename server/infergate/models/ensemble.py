@@ -20,7 +20,8 @@ FAILED_PRECONDITION naming the step, not a wrong answer.
 A step may run a stateful model (``sequence_batching``): the request's
 sequence parameters go to it, as in Triton, and the requests of one sequence
 go through the ensemble one at a time, in the order they came
-(:meth:`EnsembleVersion.in_turn`), so the steps before the stateful one
+(:meth:`SequenceTurns.in_turn`, shared by the ensemble's versions, so a
+reload does not reorder them either), so the steps before the stateful one
 cannot reorder them.
 """
 
@@ -46,6 +47,7 @@ __all__ = [
     "MAX_NESTING",
     "EnsembleStep",
     "EnsembleVersion",
+    "SequenceTurns",
     "StepModel",
     "check_steps",
     "load_ensemble_version",
@@ -73,63 +75,16 @@ class EnsembleStep:
         return f"step {self.index} ({self.model})"
 
 
-class EnsembleVersion:
-    """One version of an ensemble: its tensors, its steps in waves, and its own statistics.
+class SequenceTurns:
+    """The order of each sequence in progress through one ensemble, across its versions and reloads.
 
-    It has what the loader, the protocol and the handler read of any served
-    version (``spec``, ``stats``, ``config``, ``metadata``, ``labels``…);
-    what belongs to a model that runs (a monitor, sequences, a queue) is
-    absent. The handler never runs an ensemble as a model (no batcher, no
-    cache, no timeout or priority of its own): it runs its steps.
+    Held by the ensemble's catalog entry and handed to each version it loads, so a request that reaches a
+    reloaded version still waits for its sequence's earlier requests in the version before.
     """
 
-    monitor = None
-    sequences = None
-    queue_depth = 0
-
-    # Set by check_steps: some step runs a stateful model (or a stateful ensemble), which takes the
-    # request's sequence parameters.
-    stateful = False
-
-    def __init__(self, spec: ModelSpec, config: ModelConfig, metadata: Metadata):
-        assert config.ensemble_scheduling is not None
-        self.spec = spec
-        self.config = config
-        self.metadata = metadata
-        self.labels: dict[str, tuple[str, ...]] = {}
-        self.stats = ModelStats()
-        configured = config.ensemble_scheduling.step
-        self.steps = tuple(
-            EnsembleStep(
-                i,
-                step.model_name,
-                "" if step.model_version < 0 else str(step.model_version),
-                tuple(step.input_map.items()),
-                tuple(step.output_map.items()),
-            )
-            for i, step in enumerate(configured)
-        )
-        self.waves = tuple(tuple(self.steps[i] for i in wave) for wave in ensemble_plan(configured))
-        self._observer: ModelObserver | None = None
+    def __init__(self) -> None:
         # Per sequence in progress: its lock, and how many requests hold or wait for it.
         self._turns: dict[CorrelationId, tuple[asyncio.Lock, int]] = {}
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def version(self) -> int:
-        return self.spec.version
-
-    def start(self, observer: ModelObserver | None = None, calls_in_progress: Callable[[], int] | None = None) -> None:
-        self._observer = observer  # kept so that telemetry's series for this version live as long as it does
-
-    def set_background(self, background: bool) -> None:
-        """Nothing runs here to lower; an ensemble takes no routing, so it is never a shadow anyway."""
-
-    async def aclose(self, timeout: float | None = None) -> None:
-        """Nothing to drain: requests in flight finish on the step models."""
 
     @contextlib.asynccontextmanager
     async def in_turn(self, sequence: CorrelationId) -> AsyncIterator[None]:
@@ -151,6 +106,65 @@ class EnsembleVersion:
                 del self._turns[sequence]
             else:
                 self._turns[sequence] = (lock, users - 1)
+
+
+class EnsembleVersion:
+    """One version of an ensemble: its tensors, its steps in waves, and its own statistics.
+
+    It has what the loader, the protocol and the handler read of any served
+    version (``spec``, ``stats``, ``config``, ``metadata``, ``labels``…);
+    what belongs to a model that runs (a monitor, sequences, a queue) is
+    absent. The handler never runs an ensemble as a model (no batcher, no
+    cache, no timeout or priority of its own): it runs its steps.
+    """
+
+    monitor = None
+    sequences = None
+    queue_depth = 0
+
+    # Set by check_steps: some step runs a stateful model (or a stateful ensemble), which takes the
+    # request's sequence parameters.
+    stateful = False
+
+    def __init__(self, spec: ModelSpec, config: ModelConfig, metadata: Metadata, turns: SequenceTurns):
+        """``turns``: where the ensemble's sequences keep their order (every version shares one)."""
+        assert config.ensemble_scheduling is not None
+        self.spec = spec
+        self.config = config
+        self.metadata = metadata
+        self.labels: dict[str, tuple[str, ...]] = {}
+        self.stats = ModelStats()
+        configured = config.ensemble_scheduling.step
+        self.steps = tuple(
+            EnsembleStep(
+                i,
+                step.model_name,
+                "" if step.model_version < 0 else str(step.model_version),
+                tuple(step.input_map.items()),
+                tuple(step.output_map.items()),
+            )
+            for i, step in enumerate(configured)
+        )
+        self.waves = tuple(tuple(self.steps[i] for i in wave) for wave in ensemble_plan(configured))
+        self._observer: ModelObserver | None = None
+        self.turns = turns
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> int:
+        return self.spec.version
+
+    def start(self, observer: ModelObserver | None = None, calls_in_progress: Callable[[], int] | None = None) -> None:
+        self._observer = observer  # kept so that telemetry's series for this version live as long as it does
+
+    def set_background(self, background: bool) -> None:
+        """Nothing runs here to lower; an ensemble takes no routing, so it is never a shadow anyway."""
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Nothing to drain: requests in flight finish on the step models."""
 
 
 def load_order(pipelines: dict[str, set[str]]) -> list[list[str]]:
@@ -179,12 +193,15 @@ def ensemble_spec(name: str, version: int, config: ModelConfig) -> ModelSpec:
     )
 
 
-def load_ensemble_version(directory: Path, name: str, version: int, config: ModelConfig) -> EnsembleVersion:
+def load_ensemble_version(
+    directory: Path, name: str, version: int, config: ModelConfig, turns: SequenceTurns
+) -> EnsembleVersion:
     """Version ``version`` of ensemble ``name`` (its version directory holds no model file; it may hold
-    a metadata.yaml). Raises ModelLoadError."""
+    a metadata.yaml), keeping its sequences' order in ``turns``. Raises ModelLoadError."""
     if not directory.is_dir():
         raise ModelLoadError(f"{directory} does not exist")
-    return EnsembleVersion(ensemble_spec(name, version, config), config, resolve_metadata(directory, config))
+    metadata = resolve_metadata(directory, config)
+    return EnsembleVersion(ensemble_spec(name, version, config), config, metadata, turns)
 
 
 class StepModel(Protocol):

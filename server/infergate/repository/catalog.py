@@ -23,7 +23,7 @@ from typing import Protocol
 
 from infergate.errors import InvalidArgument, NotFound, Unavailable
 from infergate.models.config import ModelConfig
-from infergate.models.ensemble import EnsembleVersion
+from infergate.models.ensemble import EnsembleVersion, SequenceTurns
 from infergate.models.version import ModelVersion
 from infergate.routing.config import ShadowRouting
 from infergate.routing.router import Decision, Router
@@ -71,6 +71,8 @@ class ModelEntry:
     # An ensemble's step models as its last load saw them (by version object): a poll tries a failed
     # ensemble again once they changed.
     steps_seen: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # An ensemble's sequences in progress, in order: every version it loads shares them.
+    turns: SequenceTurns = field(default_factory=SequenceTurns)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 

@@ -321,7 +321,7 @@ class ModelRepository:
             try:
                 if config.is_ensemble:  # no file to read: its steps are checked against the models they run
                     ensemble = await in_thread(
-                        load_ensemble_version, directory / str(version), entry.name, version, config
+                        load_ensemble_version, directory / str(version), entry.name, version, config, entry.turns
                     )
                     check_steps(ensemble, self.catalog.get)
                     return ensemble

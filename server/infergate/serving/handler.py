@@ -144,8 +144,8 @@ class InferenceHandler:
                 f"ensemble '{ensemble.name}' runs no stateful model, so it cannot take sequence_id "
                 f"{sequence.correlation_id!r}; send the request without sequence parameters"
             )
-        # A sequence's requests go through in the order they came (see EnsembleVersion.in_turn).
-        turn = ensemble.in_turn(sequence.correlation_id) if sequence is not None else contextlib.nullcontext()
+        # A sequence's requests go through in the order they came (see SequenceTurns.in_turn).
+        turn = ensemble.turns.in_turn(sequence.correlation_id) if sequence is not None else contextlib.nullcontext()
         async with turn:
             tensors = dict(decoded.inputs)
             times = StepTimes()
