@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ServerProcess, running_server
+from triton_models import stand_in, write_stand_in
 
 from infergate.demo import write_demo_repository
 
@@ -96,3 +97,16 @@ def test_perf_analyzer_reports_infergates_response_cache(tmp_path: Path, log_dir
     served = re.search(r"Successful request count: (\d+)", output)
     assert client and served and int(served.group(1)) >= int(client.group(1)) // 2, output
     assert "Average Cache Hit Latency" in output, output
+
+
+@pytest.mark.parametrize("mode", [[], ["--async"], ["--streaming"]], ids=["sync", "async", "streaming"])
+def test_perf_analyzer_drives_a_stateful_model_in_sequences(tmp_path: Path, log_dir: Path, mode: list[str]) -> None:
+    """perf_analyzer reads ``sequence_batching`` from the model config and sends sequences (an id, a
+    start and an end each), as it does to Triton; the server answers them all and counts them."""
+    write_stand_in(tmp_path, stand_in("simple_sequence_implicit"))
+    with running_server(tmp_path, log_dir) as server:
+        output = _perf_analyzer(server, "-m", "simple_sequence_implicit", "--concurrency-range", "2", *mode)
+    sequences = re.search(r"Sequence count: (\d+)", output)
+    assert sequences and int(sequences.group(1)) > 0, output
+    served = re.search(r"Successful request count: (\d+)", output)
+    assert served and int(served.group(1)) > 0, output
