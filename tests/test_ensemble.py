@@ -645,6 +645,46 @@ async def test_check_fits_each_ensemble_against_the_step_models_it_loaded(reposi
     assert str(repository / "broken" / "config.yaml") in ensemble[("broken", "error")]
 
 
+# One step on ``double`` at model_version -1, whose routing splits its requests between two versions.
+SPLIT = ensemble("{model_name: double, model_version: -1, input_map: {x: INPUT}, output_map: {y: OUTPUT}}")
+
+
+def split_repository(root: Path, first: onnx.ModelProto) -> Path:
+    """``double`` with version 1 (``first``) and version 2 (y = 2x), 10% of requests to version 1,
+    and ``split``, an ensemble whose one step runs ``double`` as routed."""
+    config = "max_batch_size: 8\nversion_policy: {all: {}}\nrouting: {weights: {1: 10, 2: 90}}\n"
+    write(root, "double", config, first)
+    (root / "double" / "2").mkdir()
+    (root / "double" / "2" / "model.onnx").write_bytes(build_scale_model(2.0).SerializeToString())
+    write(root, "split", SPLIT)
+    return root
+
+
+def test_an_ensemble_step_must_fit_every_version_its_routing_may_choose(tmp_path: Path) -> None:
+    """Version 1 of ``double`` takes ``a`` and ``b``: one request in ten would fail in the step, though
+    the primary (version 2, also the newest) fits. The ensemble is refused at load, naming the step and
+    the version, and the CI gate says the same."""
+    root = split_repository(tmp_path / "models", build_add_model())
+    explicit = ("--model-control-mode", "explicit", "--load-model", "double")
+    with running_server(root, tmp_path, *explicit) as server, grpcclient.InferenceServerClient(server.url) as client:
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model("split")
+    message = str(refused.value.message())
+    assert "step 0 (double) on version 1 (its routing may choose it): input_map leaves the model's inputs" in message
+    assert "input_map names 'x'; the model's inputs are ['a', 'b']" in message
+    report = asyncio.run(check_repository(root))
+    found = [f.message for f in report.findings if f.check == "ensemble" and f.level == "error"]
+    assert len(found) == 1 and "step 0 (double) on version 1 (its routing may choose it)" in found[0], found
+
+
+def test_an_ensemble_step_on_a_split_model_whose_versions_all_fit_loads(tmp_path: Path) -> None:
+    root = split_repository(tmp_path / "models", build_scale_model(2.0))
+    with running_server(root, tmp_path) as server, grpcclient.InferenceServerClient(server.url) as client:
+        for _ in range(20):
+            np.testing.assert_array_equal(infer(client, "split", X), X * 2)
+    assert asyncio.run(check_repository(root)).ok
+
+
 def readme_example() -> tuple[str, str]:
     """The README's ensemble: its config.yaml block and the Python lines that call it."""
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")

@@ -88,6 +88,29 @@ def test_a_router_without_a_routing_block_behaves_as_an_empty_one() -> None:
     assert (r.sticky_header, r.sticky_parameter, r.canary) == (None, None, None)
 
 
+@pytest.mark.parametrize(
+    ("routing", "loaded", "answering"),
+    [
+        pytest.param(Routing(), [1, 2, 3], (3,), id="the newest"),
+        pytest.param(Routing(weights={1: 10, 2: 90}), [1, 2, 3], (2, 1), id="the weighted, largest first"),
+        pytest.param(Routing(weights={1: 50, 2: 50, 3: 0}), [1, 2, 3], (2, 1), id="a tie: the newest first"),
+        pytest.param(
+            Routing(shadow=ShadowRouting(version=3, fraction=1.0)), [1, 2, 3], (2,), id="a shadow only gets copies"
+        ),
+        pytest.param(
+            Routing(weights={1: 100}, canary=CanaryRouting(version=2, steps=[5])), [1, 2], (1, 2), id="and a canary"
+        ),
+    ],
+)
+def test_the_versions_that_may_answer_a_request_naming_none_start_with_the_primary(
+    routing: Routing, loaded: list[int], answering: tuple[int, ...]
+) -> None:
+    """What an ensemble step at ``model_version: -1`` may run on (checked at load, see test_ensemble.py)."""
+    r = router(routing, loaded)
+    assert r.answering == answering
+    assert r.primary == answering[0]
+
+
 def test_a_router_needs_a_loaded_version() -> None:
     with pytest.raises(ValueError, match="at least one loaded version"):
         router(None, [])

@@ -35,7 +35,8 @@ from infergate.models.spec import ModelSpec
 from infergate.models.version import ModelVersion, load_model_version
 from infergate.repository.catalog import is_version_name
 from infergate.repository.loader import is_model_name
-from infergate.routing.router import RoutingError, check_routing
+from infergate.routing.config import Routing
+from infergate.routing.router import RoutingError, answering_versions, check_routing
 from infergate.security.keys import build_key_store
 from infergate.security.tls import server_credentials
 
@@ -52,11 +53,12 @@ async def check_repository(
     config = _check_server_config(root, server_config, report)
     names = _model_names(root, models, config, report)
     served: dict[str, dict[int, StepModel]] = {}
+    routes: dict[str, Routing] = {}  # of the models whose routing fits the versions that loaded
     configs: dict[str, tuple[ModelConfig, list[int]]] = {}  # the ensembles, checked after the rest
     checked: set[str] = set()
     while names:
         for name in names:
-            ensemble = await _check_model(root / name, name, smoke, report, served)
+            ensemble = await _check_model(root / name, name, smoke, report, served, routes)
             if ensemble is not None:
                 configs[name] = ensemble
         checked.update(names)
@@ -68,7 +70,7 @@ async def check_repository(
         for name in layer:
             model_config, wanted = configs[name]
             for version in wanted:
-                _check_ensemble(root / name, name, version, model_config, served, report)
+                _check_ensemble(root / name, name, version, model_config, served, routes, report)
     return report
 
 
@@ -86,23 +88,26 @@ def _check_ensemble(
     version: int,
     config: ModelConfig,
     served: dict[str, dict[int, StepModel]],
+    routes: dict[str, Routing],
     report: Report,
 ) -> None:
     """An ensemble version against the versions of its step models that loaded in this check; one that
     fits serves as a step of the ensembles checked after it."""
 
-    def step_model(model: str, wanted: str) -> StepModel:
+    def step_models(model: str, wanted: str) -> list[StepModel]:
         versions = served.get(model)
         if not versions:
             raise FailedPrecondition(f"model '{model}' did not load in this check (or is not in it)")
-        chosen = int(wanted) if wanted else max(versions)
-        if chosen not in versions:
-            raise FailedPrecondition(f"model '{model}' version {chosen} did not load in this check")
-        return versions[chosen]
+        # Naming none: each version the model's routing may choose, as the server routes them.
+        chosen = [int(wanted)] if wanted else answering_versions(routes.get(model) or Routing(), list(versions))
+        missing = [v for v in chosen if v not in versions]
+        if missing:
+            raise FailedPrecondition(f"model '{model}' version {missing[0]} did not load in this check")
+        return [versions[v] for v in chosen]
 
     try:
         ensemble = load_ensemble_version(directory / str(version), name, version, config, SequenceTurns())
-        check_steps(ensemble, step_model)
+        check_steps(ensemble, step_models)
     except (ModelLoadError, MetadataError) as exc:
         report.add("ensemble", "error", f"{directory / 'config.yaml'}: {exc}", name, version)
         return
@@ -146,7 +151,12 @@ def _model_names(root: Path, wanted: list[str] | None, config: ServerConfig | No
 
 
 async def _check_model(
-    directory: Path, name: str, smoke: bool, report: Report, served: dict[str, dict[int, StepModel]]
+    directory: Path,
+    name: str,
+    smoke: bool,
+    report: Report,
+    served: dict[str, dict[int, StepModel]],
+    routes: dict[str, Routing],
 ) -> tuple[ModelConfig, list[int]] | None:
     """Check one model; an ensemble's config and versions are returned, to check after the rest."""
     path = directory / "config.yaml"
@@ -177,6 +187,7 @@ async def _check_model(
         report.add("routing", "error", f"{path}: {exc}", name)
         return None
     report.add("routing", "ok", f"fits the versions that load ({_list(loaded)})", name)
+    routes[name] = config.routing
     return None
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -214,14 +214,14 @@ class StepModel(Protocol):
     def sequences(self) -> object | None: ...
 
 
-Served = Callable[[str, str], StepModel]
+# The versions of model ``name`` that may run a step naming ``version`` (empty: each its routing may
+# choose), the primary first; raises InferGateError when it serves none.
+Served = Callable[[str, str], Sequence[StepModel]]
 
 
 def check_steps(ensemble: EnsembleVersion, served: Served) -> None:
-    """Check every step against the model it runs now; raises ModelLoadError listing what does not fit.
-
-    ``served(name, version)`` returns the step model's served version or raises InferGateError.
-    """
+    """Check every step against the model it runs now, each version its routing may choose included;
+    raises ModelLoadError listing what does not fit."""
     known: dict[str, tuple[Datatype, tuple[int, ...], str]] = {
         t.name: (t.datatype, t.shape, "the ensemble input") for t in ensemble.spec.inputs
     }
@@ -247,42 +247,70 @@ def _check_step(
     stateful: list[bool],
 ) -> list[str]:
     """Problems with ``step`` as its model is served now; adds to ``known`` the tensors it writes, and
-    to ``stateful`` whether it runs a stateful model."""
+    to ``stateful`` whether it runs a stateful model.
+
+    When the step names no version, each version the model's routing may choose (a split, a canary)
+    must fit as the primary does and give the same outputs: a request may reach any of them.
+    """
     try:
-        model = served(step.model, step.version)
+        model, *others = served(step.model, step.version)
     except InferGateError as exc:
         return [f"{step.where}: {exc.message}"]
-    spec = model.spec
     if isinstance(model, EnsembleVersion):
         nesting = _nesting(ensemble.name, model, served)
         if nesting:
             return [f"{step.where}: {nesting}"]
     stateful.append(takes_sequences(model))
+    problems = _step_fits(ensemble, step, model.spec, known, step.where)
+    for other in others:
+        where = f"{step.where} on version {other.spec.version} (its routing may choose it)"
+        problems += _step_fits(ensemble, step, other.spec, known, where)
+        problems += _same_outputs(step, other.spec, model.spec, where)
+    for inner, outer in step.outputs:
+        tensor = model.spec.output_by_name.get(inner)
+        if tensor is not None:
+            known[outer] = (tensor.datatype, tensor.shape, f"{step.where} output {inner!r}")
+    return problems
+
+
+def _step_fits(
+    ensemble: ModelSpec,
+    step: EnsembleStep,
+    spec: ModelSpec,
+    known: dict[str, tuple[Datatype, tuple[int, ...], str]],
+    where: str,
+) -> list[str]:
+    """Problems with the step's maps and the tensors it reads, against the model version ``spec``."""
     problems: list[str] = []
     if ensemble.batches and spec.max_batch_size < ensemble.max_batch_size:
         problems.append(
-            f"{step.where}: the model takes at most {spec.max_batch_size} rows a request, the ensemble "
+            f"{where}: the model takes at most {spec.max_batch_size} rows a request, the ensemble "
             f"{ensemble.max_batch_size} (max_batch_size)"
         )
     unfed = sorted(set(spec.input_by_name) - {inner for inner, _ in step.inputs})
     if unfed:
-        problems.append(f"{step.where}: input_map leaves the model's inputs {unfed} unfed")
+        problems.append(f"{where}: input_map leaves the model's inputs {unfed} unfed")
     for inner, outer in step.inputs:
         tensor = spec.input_by_name.get(inner)
         if tensor is None:
-            problems.append(
-                f"{step.where}: input_map names {inner!r}; the model's inputs are {sorted(spec.input_by_name)}"
-            )
+            problems.append(f"{where}: input_map names {inner!r}; the model's inputs are {sorted(spec.input_by_name)}")
         elif outer in known:
-            problems += _link(f"{step.where} input {inner!r}", (tensor.datatype, tensor.shape), known[outer])
-    for inner, outer in step.outputs:
-        tensor = spec.output_by_name.get(inner)
-        if tensor is None:
-            problems.append(
-                f"{step.where}: output_map names {inner!r}; the model's outputs are {sorted(spec.output_by_name)}"
-            )
-        else:
-            known[outer] = (tensor.datatype, tensor.shape, f"{step.where} output {inner!r}")
+            problems += _link(f"{where} input {inner!r}", (tensor.datatype, tensor.shape), known[outer])
+    for inner, _ in step.outputs:
+        if inner not in spec.output_by_name:
+            outputs = sorted(spec.output_by_name)
+            problems.append(f"{where}: output_map names {inner!r}; the model's outputs are {outputs}")
+    return problems
+
+
+def _same_outputs(step: EnsembleStep, spec: ModelSpec, primary: ModelSpec, where: str) -> list[str]:
+    """Problems with version ``spec`` giving the step's outputs otherwise than the primary does."""
+    problems: list[str] = []
+    for inner, _ in step.outputs:
+        tensor, wanted = spec.output_by_name.get(inner), primary.output_by_name.get(inner)
+        if tensor is not None and wanted is not None:
+            given = (wanted.datatype, wanted.shape, f"version {primary.version}'s")
+            problems += _link(f"{where} output {inner!r}", (tensor.datatype, tensor.shape), given)
     return problems
 
 
@@ -303,7 +331,7 @@ def _nesting(name: str, inner: EnsembleVersion, served: Served) -> str:
                 if step.model == name:
                     return f"its steps lead back to ensemble '{name}' ({' -> '.join([name, *path, name])}): a cycle"
                 try:
-                    model = served(step.model, step.version)
+                    model = served(step.model, step.version)[0]
                 except InferGateError:
                     continue  # the inner ensemble fails on its own; not this load's concern
                 if isinstance(model, EnsembleVersion):

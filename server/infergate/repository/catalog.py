@@ -145,10 +145,17 @@ class ModelCatalog:
 
     def get(self, name: str, version: str = "") -> ServedVersion:
         """The model version a request names; with none, the router's primary (never a shadow or canary)."""
+        return self.answering(name, version)[0]
+
+    def answering(self, name: str, version: str = "") -> list[ServedVersion]:
+        """The versions that may answer a request naming ``version``: that one, or (naming none) each
+        version the model's routing may choose, its primary first."""
         entry = self._entry(name)
-        if not version:
-            return entry.versions[entry.router.primary] if entry.router else entry.versions[max(entry.versions)]
-        return _named_version(entry, version)
+        if version:
+            return [_named_version(entry, version)]
+        if entry.router is None:
+            return [entry.versions[max(entry.versions)]]
+        return [entry.versions[v] for v in entry.router.answering]
 
     def route(self, name: str, version: str, request: RoutingKeySource) -> Routed:
         """The version that serves one inference request; ``request`` gives its sticky key when asked."""

@@ -323,7 +323,7 @@ class ModelRepository:
                     ensemble = await in_thread(
                         load_ensemble_version, directory / str(version), entry.name, version, config, entry.turns
                     )
-                    check_steps(ensemble, self.catalog.get)
+                    check_steps(ensemble, self.catalog.answering)
                     return ensemble
                 # not asyncio.to_thread: the pool would hold the version a moment (heap.py)
                 return await in_thread(load_model_version, directory / str(version), entry.name, version, config)

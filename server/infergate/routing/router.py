@@ -34,7 +34,16 @@ from typing import Protocol
 
 from infergate.routing.config import CanaryRouting, Routing
 
-__all__ = ["CanaryEvents", "CanaryStatus", "Decision", "Router", "RoutingError", "check_routing", "rendezvous"]
+__all__ = [
+    "CanaryEvents",
+    "CanaryStatus",
+    "Decision",
+    "Router",
+    "RoutingError",
+    "answering_versions",
+    "check_routing",
+    "rendezvous",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,22 @@ def check_routing(routing: Routing, loaded: Sequence[int]) -> None:
     if not routing.weights and set(loaded) <= routing.side_versions():
         where = "shadow.version" if routing.shadow is not None else "canary.version"
         raise RoutingError(where, "no other version is loaded to answer callers: it would shadow itself")
+
+
+def answering_versions(routing: Routing, loaded: Sequence[int]) -> list[int]:
+    """The versions that may answer a request naming none, the primary first: the weighted ones (the
+    largest weight, the newest on a tie, is the primary), else the newest that is neither shadow nor
+    canary; then a canary. A shadow only gets copies. ``routing`` fits ``loaded`` (:func:`check_routing`)."""
+    weights = {v: w for v, w in routing.weights.items() if w > 0}
+    if weights:
+        answering = sorted(weights, key=lambda v: (weights[v], v), reverse=True)
+    else:
+        side = routing.side_versions()
+        answering = [max(v for v in loaded if v not in side)]
+    canary = routing.canary
+    if canary is not None and canary.version not in answering:
+        answering.append(canary.version)
+    return answering
 
 
 def _unit_hash(*parts: str) -> float:
@@ -215,14 +240,13 @@ class Router:
         self._cumulative = _cumulative(self._weights)
         canary = self.routing.canary
         self._canary = _Canary(canary, model, events) if canary is not None else None
+        self.answering: tuple[int, ...] = tuple(answering_versions(self.routing, loaded))
 
     @property
     def primary(self) -> int:
         """The version that stands for the model when a request names none and is not routed
         (metadata, config): the one with the largest weight (the newest on a tie), else the default."""
-        if not self._weights:
-            return self._newest
-        return max(self._weights, key=lambda v: (self._weights[v], v))
+        return self.answering[0]
 
     @property
     def sticky_header(self) -> str | None:
