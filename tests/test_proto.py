@@ -77,8 +77,17 @@ def _field_signature(field: FieldDescriptor) -> dict[str, object]:
         "repeated": field.is_repeated,
         "message": field.message_type.full_name if field.message_type else None,
         "enum": field.enum_type.full_name if field.enum_type else None,
-        "oneof": field.containing_oneof.name if field.containing_oneof else None,
+        "oneof": _real_oneof(field),
     }
+
+
+def _real_oneof(field: FieldDescriptor) -> str | None:
+    """The field's oneof, but not the one of its own that proto3's ``optional`` declares: that one
+    only tracks presence (our ``max_batch_size``, to tell a config.pbtxt's 0 from none), same wire form."""
+    oneof = field.containing_oneof
+    if oneof is None or (oneof.name == f"_{field.name}" and len(oneof.fields) == 1):
+        return None
+    return str(oneof.name)
 
 
 def _method_signature(method: MethodDescriptor) -> dict[str, object]:

@@ -27,7 +27,8 @@ from infergate.check.smoke import smoke_test
 from infergate.config import ServerConfig, load_server_config
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition
-from infergate.models.config import PROVIDERS, ModelConfig, load_model_config
+from infergate.models.config import PROVIDERS, ModelConfig
+from infergate.models.config_files import config_file, read_model_config
 from infergate.models.ensemble import SequenceTurns, StepModel, check_steps, load_ensemble_version, load_order
 from infergate.models.governance import ChecksumMismatch, MetadataError, resolve_metadata
 from infergate.models.runner import ModelLoadError
@@ -109,7 +110,7 @@ def _check_ensemble(
         ensemble = load_ensemble_version(directory / str(version), name, version, config, SequenceTurns())
         check_steps(ensemble, step_models)
     except (ModelLoadError, MetadataError) as exc:
-        report.add("ensemble", "error", f"{directory / 'config.yaml'}: {exc}", name, version)
+        report.add("ensemble", "error", f"{config_file(directory)}: {exc}", name, version)
         return
     steps = " -> ".join("+".join(step.model for step in wave) for wave in ensemble.waves)
     report.add("ensemble", "ok", f"steps fit the models they run: {steps}", name, version)
@@ -159,13 +160,13 @@ async def _check_model(
     routes: dict[str, Routing],
 ) -> tuple[ModelConfig, list[int]] | None:
     """Check one model; an ensemble's config and versions are returned, to check after the rest."""
-    path = directory / "config.yaml"
+    path = config_file(directory)  # config.yaml, or Triton's config.pbtxt
     try:
         config, found, has_file = await asyncio.to_thread(_read_model, directory)
     except ConfigError as exc:
         report.errors("config", str(exc), name)
         return None
-    report.add("config", "ok", str(path) if has_file else "no config.yaml: every default", name)
+    report.add("config", "ok", str(path) if has_file else "no config.yaml or config.pbtxt: every default", name)
     wanted = config.version_policy.select(found)
     if not wanted:
         message = f"no version directory matches the version policy (found: {', '.join(map(str, found)) or 'none'})"
@@ -192,11 +193,10 @@ async def _check_model(
 
 
 def _read_model(directory: Path) -> tuple[ModelConfig, list[int], bool]:
-    """The model's config, its version directories, and whether config.yaml exists. Raises ConfigError."""
-    path = directory / "config.yaml"
-    config = load_model_config(path)
+    """The model's config, its version directories, and whether its config file exists. Raises ConfigError."""
+    config = read_model_config(directory)
     found = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and is_version_name(p.name))
-    return config, found, path.exists()
+    return config, found, config_file(directory).exists()
 
 
 async def _check_version(

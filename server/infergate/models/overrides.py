@@ -13,7 +13,8 @@ Triton's model repository extension lets a load request carry:
 
 Any other parameter is refused, as Triton does.
 
-Triton's JSON (``ModelConfig`` from model_config.proto) and config.yaml:
+Triton's JSON (``ModelConfig`` from model_config.proto) and config.yaml (a
+model's config.pbtxt is translated the same way: ``config_files.py``):
 
 ======================================  ============================================
 Triton JSON                             config.yaml
@@ -28,6 +29,8 @@ Triton JSON                             config.yaml
 ``dynamic_batching.default_queue_policy``  its ``max_queue_size`` and
   ``{max_queue_size, default_timeout_microseconds}``  ``default_timeout_microseconds`` move up into
                                         ``dynamic_batching``
+``parameters`` of the onnxruntime backend  ``session_options``: ``intra_op_thread_count``,
+                                        ``inter_op_thread_count``, ``execution_mode`` (0, 1)
 ``sequence_batching``, ``model_warmup``,  the same
 ``input``, ``output``, ``version_policy``,
 ``default_model_filename``
@@ -145,6 +148,8 @@ def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key}: must be {expected!r}{hint} (or left out)")
     if isinstance(out.get("instance_group"), list):
         out["instance_group"] = _instance_group(out["instance_group"])
+    if "parameters" in out:
+        out["session_options"] = _session_options(out.pop("parameters"), out.get("session_options"))
     batching = out.get("dynamic_batching")
     if isinstance(batching, dict) and isinstance(batching.get("default_queue_policy"), dict):
         out["dynamic_batching"] = _flatten_queue_policy(batching)
@@ -176,6 +181,30 @@ def _instance_group(groups: list[Any]) -> dict[str, int]:
             raise ValueError(f"instance_group.{i}: {extra} are not taken")
         count += int(group.get("count", 1))
     return {"count": count}
+
+
+# The onnxruntime backend's model parameters, as session_options.
+_THREAD_PARAMETERS = {"intra_op_thread_count": "intra_op_num_threads", "inter_op_thread_count": "inter_op_num_threads"}
+_EXECUTION_MODES = {"0": "sequential", "1": "parallel"}
+
+
+def _session_options(parameters: Any, given: Any) -> dict[str, Any]:
+    """The onnxruntime backend's ``parameters`` ({name: {string_value}}) as config.yaml's ``session_options``."""
+    if given is not None:
+        raise ValueError("parameters: give onnxruntime's options either as parameters or as session_options")
+    if not isinstance(parameters, dict):
+        raise ValueError("parameters: must be a mapping of names to {string_value: ...}")
+    options: dict[str, Any] = {}
+    for name, parameter in parameters.items():
+        value = parameter.get("string_value", "") if isinstance(parameter, dict) else None
+        if name in _THREAD_PARAMETERS and isinstance(value, str) and value.isdigit():
+            options[_THREAD_PARAMETERS[name]] = int(value)
+        elif name == "execution_mode" and value in _EXECUTION_MODES:
+            options["execution_mode"] = _EXECUTION_MODES[value]
+        else:
+            taken = ", ".join([*_THREAD_PARAMETERS, "execution_mode"])
+            raise ValueError(f"parameters.{name}: not taken (infergate takes {taken}; see session_options)")
+    return options
 
 
 def _flatten_queue_policy(batching: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,8 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from infergate.configfile import ConfigError
-from infergate.models.config import ModelConfig, load_model_config
+from infergate.models.config import ModelConfig
+from infergate.models.config_files import read_model_config
 from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner
 from infergate.monitoring.config import DEFAULT_PROFILE_NAME
 from infergate.monitoring.profile import DEFAULT_BINS, build_profile, write_profile
@@ -104,7 +105,7 @@ def profile_version(
     directory = repository / model
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such model directory")
-    config = load_model_config(directory / "config.yaml")
+    config = read_model_config(directory)
     version = version if version is not None else _newest(directory)
     model_file = directory / str(version) / config.default_model_filename
     if not model_file.is_file():

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from infergate.errors import InvalidArgument, ModelExecutionError
-from infergate.models.config import InstanceGroup, ModelConfig, load_model_config
+from infergate.models.config import InstanceGroup, ModelConfig
+from infergate.models.config_files import read_model_config
 from infergate.models.datatypes import DATATYPES
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 from infergate.models.version import ModelVersion, load_model_version
@@ -135,7 +136,7 @@ class LocalExecutor:
 def _read_model(directory: Path) -> tuple[ModelConfig, list[int]]:
     if not directory.is_dir():
         raise InputError(f"no model directory {directory}")
-    config = load_model_config(directory / "config.yaml")
+    config = read_model_config(directory)
     return config, sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and is_version_name(p.name))
 
 

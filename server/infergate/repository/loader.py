@@ -34,13 +34,12 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import NoReturn
 
-import yaml
-
 from infergate.audit import AuditLog, Source
 from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.heap import in_thread
-from infergate.models.config import ModelConfig, load_model_config, model_config_from_data
+from infergate.models.config import ModelConfig
+from infergate.models.config_files import config_file, read_model_config
 from infergate.models.ensemble import check_steps, load_ensemble_version, load_order
 from infergate.models.overrides import FILE_PREFIX, LoadOverride, PollFailed, stage_files
 from infergate.models.runner import ModelLoadError
@@ -137,7 +136,7 @@ class ModelRepository:
         """
         found: dict[str, set[str]] = {}
         for name in names:
-            path = self.root / name / "config.yaml"
+            path = config_file(self.root / name)  # config.yaml or config.pbtxt
             try:
                 if not path.is_file():
                     continue
@@ -146,8 +145,8 @@ class ModelRepository:
                 continue
             if "ensemble_scheduling" in text:
                 try:
-                    found[name] = set(model_config_from_data(yaml.safe_load(text), path).step_models)
-                except (ConfigError, yaml.YAMLError):
+                    found[name] = set(read_model_config(path.parent).step_models)
+                except ConfigError:
                     found[name] = set()  # its load will say what is wrong
         return found
 
@@ -178,7 +177,7 @@ class ModelRepository:
         async with entry.lock:
             if not entry.versions:
                 entry.state = ModelState.LOADING
-            config = await self._read_config(entry, directory / "config.yaml", source)
+            config = await self._read_config(entry, directory, source)
             await self._apply(entry, directory, config, source)
 
     async def load(self, name: str, override: LoadOverride, *, source: Source = "api") -> None:
@@ -233,9 +232,9 @@ class ModelRepository:
             )
         return directory
 
-    async def _read_config(self, entry: ModelEntry, path: Path, source: Source) -> ModelConfig:
+    async def _read_config(self, entry: ModelEntry, directory: Path, source: Source) -> ModelConfig:
         try:
-            return await asyncio.to_thread(load_model_config, path)
+            return await asyncio.to_thread(read_model_config, directory)
         except ConfigError as exc:
             self._fail(entry, f"config not applied: {exc}", source)
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {exc}") from None
@@ -364,7 +363,7 @@ class ModelRepository:
         try:
             return Router(entry.name, config.routing, list(serving), events=self._audit), ""
         except RoutingError as exc:
-            error = f"{directory / 'config.yaml'}: {exc}"
+            error = f"{config_file(directory)}: {exc}"
         if old is not None:
             try:
                 router = Router(entry.name, old.routing, list(serving), events=self._audit)

@@ -91,6 +91,8 @@ def model_config_message(model: ServedVersion) -> mc.ModelConfig:
             mc.ModelDynamicBatching(
                 preferred_batch_size=batching.preferred_batch_size,
                 max_queue_delay_microseconds=batching.max_queue_delay_microseconds,
+                priority_levels=batching.priority_levels,
+                default_priority_level=batching.default_priority_level,
                 default_queue_policy=mc.ModelQueuePolicy(
                     max_queue_size=batching.max_queue_size,
                     default_timeout_microseconds=batching.default_timeout_microseconds,

@@ -1,0 +1,189 @@
+"""A model directory copied from a Triton repository serves with its config.pbtxt.
+
+infergate reads Triton's protobuf text format with the fields it takes and
+validates the result as it validates a config.yaml: a field it does not take
+is refused naming the file and the line, never ignored. Against a real server
+with tritonclient, and through ``infergate check`` (the CI gate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import running_server
+
+from infergate.check import check_repository
+from infergate.configfile import ConfigError
+from infergate.models.config_files import read_model_config
+from tests.test_model_control import build_scale_model  # y = x * factor, x FP32 [batch, 4]
+
+# What a Triton user writes for an onnxruntime model, comments and both list spellings included.
+TRITON_CONFIG = """
+name: "scale"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "x", data_type: TYPE_FP32, dims: [ 4 ] } ]
+output {
+  name: "y"
+  data_type: TYPE_FP32
+  dims: [ 4 ]
+}
+instance_group [ { count: 2, kind: KIND_CPU } ]
+dynamic_batching {
+  preferred_batch_size: [ 4, 8 ]
+  max_queue_delay_microseconds: 200
+  priority_levels: 2
+  default_priority_level: 2
+  default_queue_policy { max_queue_size: 64 }
+}
+version_policy: { latest: { num_versions: 2 } }
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+"""
+
+
+def write_model(root: Path, config: str, name: str = "scale", file: str = "config.pbtxt") -> Path:
+    directory = root / name
+    (directory / "1").mkdir(parents=True)
+    (directory / "1" / "model.onnx").write_bytes(build_scale_model(3.0).SerializeToString())
+    (directory / file).write_text(textwrap.dedent(config))
+    return directory
+
+
+def test_a_triton_config_pbtxt_serves_as_triton_would_serve_it(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_model(root, TRITON_CONFIG)
+    with running_server(root, tmp_path) as server, grpcclient.InferenceServerClient(server.url) as client:
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        np.testing.assert_array_equal(client.infer("scale", [tensor], priority=1).as_numpy("y"), x * 3)
+        config = client.get_model_config("scale").config
+    assert config.max_batch_size == 8
+    assert [g.count for g in config.instance_group] == [2]
+    batching = config.dynamic_batching
+    assert list(batching.preferred_batch_size) == [4, 8]
+    assert batching.max_queue_delay_microseconds == 200
+    assert (batching.priority_levels, batching.default_priority_level) == (2, 2)
+    assert batching.default_queue_policy.max_queue_size == 64
+
+
+def test_the_onnxruntime_backends_parameters_become_session_options(tmp_path: Path) -> None:
+    config = read_model_config(write_model(tmp_path, TRITON_CONFIG))
+    assert config.session_options.intra_op_num_threads == 1
+    assert config.version_policy.select([1, 2, 3]) == [2, 3]
+
+
+# Triton's ensemble syntax: ``scale`` twice. Named to sort before its step model: it still loads after it.
+ENSEMBLE = """
+name: "a_pipeline"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "INPUT", data_type: TYPE_FP32, dims: [ 4 ] } ]
+output [ { name: "OUTPUT", data_type: TYPE_FP32, dims: [ 4 ] } ]
+ensemble_scheduling {
+  step [
+    {
+      model_name: "scale"
+      model_version: -1
+      input_map { key: "x" value: "INPUT" }
+      output_map { key: "y" value: "tripled" }
+    },
+    {
+      model_name: "scale"
+      model_version: 1
+      input_map { key: "x" value: "tripled" }
+      output_map { key: "y" value: "OUTPUT" }
+    }
+  ]
+}
+"""
+
+
+def test_an_ensemble_in_a_config_pbtxt_runs_its_steps(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_model(root, TRITON_CONFIG)
+    (root / "a_pipeline" / "1").mkdir(parents=True)
+    (root / "a_pipeline" / "config.pbtxt").write_text(ENSEMBLE)
+    with running_server(root, tmp_path) as server, grpcclient.InferenceServerClient(server.url) as client:
+        x = np.ones((1, 4), dtype=np.float32)
+        tensor = grpcclient.InferInput("INPUT", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        np.testing.assert_array_equal(client.infer("a_pipeline", [tensor]).as_numpy("OUTPUT"), x * 9)
+        assert client.get_model_metadata("a_pipeline").platform == "ensemble"
+
+
+def test_max_batch_size_0_written_does_not_batch_and_left_out_takes_infergates_default(tmp_path: Path) -> None:
+    """Triton's 0 is "no batching"; leaving it out gets what a config.yaml without it gets."""
+    written = read_model_config(write_model(tmp_path, "max_batch_size: 0\n", name="written"))
+    left_out = read_model_config(write_model(tmp_path, 'platform: "onnxruntime_onnx"\n', name="left_out"))
+    assert written.max_batch_size == 0
+    assert left_out.max_batch_size is None
+
+
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        pytest.param(
+            'name: "scale"\noptimization { graph { level: 1 } }\n',
+            'config.pbtxt: 2:1 : Message type "inference.ModelConfig" has no field named "optimization"',
+            id="a field infergate does not take",
+        ),
+        pytest.param(
+            "max_batch_size: eight\n",
+            "config.pbtxt: 1:17 : 'max_batch_size: eight': Couldn't parse integer",
+            id="a value of the wrong type",
+        ),
+        pytest.param(
+            "instance_group [ { kind: KIND_GPU, gpus: [ 0 ] } ]\n",
+            "config.pbtxt: instance_group.0.kind: KIND_GPU is not taken; choose devices with execution_providers",
+            id="a GPU instance group",
+        ),
+        pytest.param(
+            'parameters { key: "enable_mem_arena" value: { string_value: "0" } }\n',
+            "config.pbtxt: parameters.enable_mem_arena: not taken",
+            id="an onnxruntime parameter infergate does not take",
+        ),
+        pytest.param('name: "other"\n', "config.pbtxt: name: must be 'scale' (or left out)", id="another model's name"),
+        pytest.param(
+            "dynamic_batching { preferred_batch_size: [ 0 ] }\n",
+            "config.pbtxt: dynamic_batching.preferred_batch_size.0",
+            id="a value the config.yaml check refuses",
+        ),
+    ],
+)
+def test_what_infergate_cannot_honour_is_refused_naming_the_file(tmp_path: Path, config: str, said: str) -> None:
+    directory = write_model(tmp_path, config)
+    with pytest.raises(ConfigError) as refused:
+        read_model_config(directory)
+    assert said in str(refused.value)
+    assert str(directory / "config.pbtxt") in str(refused.value)
+
+
+def test_a_directory_with_both_config_files_is_refused(tmp_path: Path) -> None:
+    directory = write_model(tmp_path, "max_batch_size: 8\n")
+    (directory / "config.yaml").write_text("max_batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"both config\.yaml and config\.pbtxt; keep one"):
+        read_model_config(directory)
+
+
+def test_the_ci_gate_reads_config_pbtxt_as_the_server_does(tmp_path: Path) -> None:
+    write_model(tmp_path, TRITON_CONFIG)
+    write_model(tmp_path, 'name: "broken"\noptimization { }\n', name="broken")
+    report = asyncio.run(check_repository(tmp_path))
+    config = {(f.model, f.level): f.message for f in report.findings if f.check == "config"}
+    assert config[("scale", "ok")] == str(tmp_path / "scale" / "config.pbtxt")
+    assert 'has no field named "optimization"' in config[("broken", "error")]
+    assert {f.model for f in report.findings if f.check == "load" and f.level == "ok"} == {"scale"}
+
+
+def test_the_example_in_the_docs_reads_as_documented(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "triton.md").read_text(encoding="utf-8")
+    example = text[text.index("## config.pbtxt") :].split("```")[1]
+    config = read_model_config(write_model(tmp_path, example))
+    assert (config.max_batch_size, config.instance_group.count) == (8, 2)
+    assert (config.dynamic_batching.priority_levels, config.session_options.intra_op_num_threads) == (2, 1)
