@@ -9,6 +9,7 @@ with tritonclient, and through ``infergate check`` (the CI gate).
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import running_server
+from triton_models import stand_in, write_stand_in
 
 from infergate.check import check_repository
 from infergate.configfile import ConfigError
 from infergate.models.config_files import read_model_config
+from infergate.models.overrides import config_from_json
 from tests.test_model_control import build_scale_model  # y = x * factor, x FP32 [batch, 4]
 
 # What a Triton user writes for an onnxruntime model, comments and both list spellings included.
@@ -187,3 +190,77 @@ def test_the_example_in_the_docs_reads_as_documented(tmp_path: Path) -> None:
     config = read_model_config(write_model(tmp_path, example))
     assert (config.max_batch_size, config.instance_group.count) == (8, 2)
     assert (config.dynamic_batching.priority_levels, config.session_options.intra_op_num_threads) == (2, 1)
+
+
+# Triton's example models configured in Triton's own syntax (the stand-ins' ONNX graphs, see
+# triton_models.py), against the same models configured with config.yaml.
+_BOOL = "int32_false_true: [ 0, 1 ]"
+TRITON_EXAMPLES = {
+    "simple": """
+        name: "simple"
+        platform: "onnxruntime_onnx"
+        max_batch_size: 8
+        input [
+          { name: "INPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+          { name: "INPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+        ]
+        output [
+          { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 16 ] },
+          { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
+        ]
+    """,
+    "simple_sequence": f"""
+        name: "simple_sequence"
+        max_batch_size: 8
+        sequence_batching {{
+          control_input [
+            {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START {_BOOL} }} ] }},
+            {{ name: "READY" control [ {{ kind: CONTROL_SEQUENCE_READY {_BOOL} }} ] }}
+          ]
+        }}
+    """,
+    "simple_dyna_sequence": f"""
+        name: "simple_dyna_sequence"
+        max_batch_size: 8
+        instance_group [ {{ kind: KIND_CPU count: 2 }} ]
+        sequence_batching {{
+          max_sequence_idle_microseconds: 10000000
+          oldest {{ max_candidate_sequences: 1024 max_queue_delay_microseconds: 10000 }}
+          control_input [
+            {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START {_BOOL} }} ] }},
+            {{ name: "END" control [ {{ kind: CONTROL_SEQUENCE_END {_BOOL} }} ] }},
+            {{ name: "READY" control [ {{ kind: CONTROL_SEQUENCE_READY {_BOOL} }} ] }},
+            {{ name: "CORRID" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}
+          ]
+        }}
+    """,
+    "densenet_onnx": """
+        name: "densenet_onnx"
+        platform: "onnxruntime_onnx"
+        max_batch_size: 0
+        input [ { name: "data_0" format: FORMAT_NCHW } ]
+        output [ { name: "fc6_1" label_filename: "densenet_labels.txt" } ]
+    """,
+}
+
+
+def test_triton_s_example_models_configure_alike_from_config_pbtxt_and_config_yaml(tmp_path: Path) -> None:
+    """The ModelConfig each server answers (tritonclient's JSON) is the same, model by model."""
+    answers = []
+    for kind in ("yaml", "pbtxt"):
+        root = tmp_path / kind
+        for name, pbtxt in TRITON_EXAMPLES.items():
+            directory = write_stand_in(root, stand_in(name))
+            if kind == "pbtxt":
+                (directory / "config.yaml").unlink()
+                (directory / "config.pbtxt").write_text(textwrap.dedent(pbtxt))
+        with running_server(root, tmp_path) as server, grpcclient.InferenceServerClient(server.url) as client:
+            answers.append({name: client.get_model_config(name, as_json=True) for name in TRITON_EXAMPLES})
+    from_yaml, from_pbtxt = answers
+    assert from_pbtxt == from_yaml
+    # What tritonclient's JSON leaves out (a control's kind at CONTROL_SEQUENCE_START, enum value 0)
+    # still loads back as an override, as a config.pbtxt's does.
+    sequence = from_pbtxt["simple_dyna_sequence"]["config"]
+    assert "kind" not in sequence["sequence_batching"]["control_input"][0]["control"][0]
+    loaded = config_from_json("simple_dyna_sequence", json.dumps(sequence)).sequence_batching
+    assert loaded is not None and loaded.control_input[0].control[0].kind == "CONTROL_SEQUENCE_START"

@@ -6,6 +6,7 @@ match on) and go on to say what was wrong.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,24 @@ def test_triton_s_example_override_sets_max_batch_size_even_as_a_string() -> Non
     override = parse_load_parameters(MODEL, params({"config": '{"max_batch_size":"16"}'}))
     assert override.config is not None and override.config.max_batch_size == 16
     assert override.files == {}
+
+
+def test_the_parameters_model_config_answers_with_load_back_as_metadata() -> None:
+    """ModelConfig serves governance metadata as string parameters (and the file's sha256, which the
+    server computes itself and this drops): tritonclient's JSON of a model loads back as its override."""
+    served = {
+        "owner": "risk-team",
+        "tags": "fraud,tabular",
+        "label.stage": "prod",
+        "sha256": "ab" * 32,
+        "intra_op_thread_count": "2",
+    }
+    text = json.dumps({"max_batch_size": "8", "parameters": {k: {"string_value": v} for k, v in served.items()}})
+    config = parse_load_parameters(MODEL, params({"config": text})).config
+    assert config is not None
+    assert (config.metadata.owner, config.metadata.tags) == ("risk-team", ["fraud", "tabular"])
+    assert (config.metadata.labels, config.metadata.sha256) == ({"stage": "prod"}, None)
+    assert config.session_options.intra_op_num_threads == 2
 
 
 def test_a_sequence_model_config_is_taken_in_json() -> None:

@@ -104,12 +104,13 @@ def metadata_parameters(metadata: Metadata) -> dict[str, str]:
 
     ``tags`` are joined with commas; each label ``KEY`` becomes ``label.KEY``.
     """
-    params = {
-        name: value
-        for name in ("owner", "description", "source_run", "training_data", "license", "created", "sha256")
-        if (value := getattr(metadata, name)) is not None
-    }
+    params = {name: value for name in TEXT_PARAMETERS if (value := getattr(metadata, name)) is not None}
     if metadata.tags:
         params["tags"] = ",".join(metadata.tags)
-    params.update({f"label.{key}": value for key, value in metadata.labels.items()})
+    params.update({f"{LABEL_PREFIX}{key}": value for key, value in metadata.labels.items()})
     return params
+
+
+# The metadata fields served as a parameter each, as they are; and the prefix of each label's parameter.
+TEXT_PARAMETERS = ("owner", "description", "source_run", "training_data", "license", "created", "sha256")
+LABEL_PREFIX = "label."

@@ -31,6 +31,8 @@ Triton JSON                             config.yaml
                                         ``dynamic_batching``
 ``parameters`` of the onnxruntime backend  ``session_options``: ``intra_op_thread_count``,
                                         ``inter_op_thread_count``, ``execution_mode`` (0, 1)
+``parameters`` ModelConfig answers with  ``metadata`` (``owner``, ``tags``, ``label.KEY``…;
+                                        ``sha256``, the served file's digest, is dropped)
 ``sequence_batching``, ``model_warmup``,  the same
 ``input``, ``output``, ``version_policy``,
 ``default_model_filename``
@@ -55,6 +57,7 @@ from typing import Any
 from infergate.configfile import ConfigError
 from infergate.errors import InferGateError, InvalidArgument
 from infergate.models.config import ModelConfig, model_config_from_data
+from infergate.models.governance import LABEL_PREFIX, TEXT_PARAMETERS
 
 __all__ = ["CONFIG_PARAMETER", "FILE_PREFIX", "LoadOverride", "PollFailed", "parse_load_parameters", "stage_files"]
 
@@ -148,8 +151,15 @@ def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key}: must be {expected!r}{hint} (or left out)")
     if isinstance(out.get("instance_group"), list):
         out["instance_group"] = _instance_group(out["instance_group"])
+    if isinstance(out.get("sequence_batching"), dict):
+        out["sequence_batching"] = _control_kinds(out["sequence_batching"])
     if "parameters" in out:
-        out["session_options"] = _session_options(out.pop("parameters"), out.get("session_options"))
+        options, metadata = _parameters(out.pop("parameters"))
+        for key, value in (("session_options", options), ("metadata", metadata)):
+            if value and key in out:
+                raise ValueError(f"parameters: give {key} either as parameters or as {key}")
+            if value:
+                out[key] = value
     batching = out.get("dynamic_batching")
     if isinstance(batching, dict) and isinstance(batching.get("default_queue_policy"), dict):
         out["dynamic_batching"] = _flatten_queue_policy(batching)
@@ -183,28 +193,61 @@ def _instance_group(groups: list[Any]) -> dict[str, int]:
     return {"count": count}
 
 
+def _control_kinds(batching: dict[str, Any]) -> dict[str, Any]:
+    """Protobuf's JSON leaves out an enum field at its first value: a control with no ``kind`` is
+    Triton's CONTROL_SEQUENCE_START (as tritonclient's JSON and a config.pbtxt parsed here write it)."""
+    inputs = batching.get("control_input")
+    if not isinstance(inputs, list):
+        return batching
+    filled = []
+    for entry in inputs:
+        if isinstance(entry, dict) and isinstance(entry.get("control"), list):
+            controls = [{"kind": _FIRST_CONTROL, **c} if isinstance(c, dict) else c for c in entry["control"]]
+            entry = {**entry, "control": controls}
+        filled.append(entry)
+    return {**batching, "control_input": filled}
+
+
+_FIRST_CONTROL = "CONTROL_SEQUENCE_START"  # value 0 of Triton's Control.Kind
+
+
 # The onnxruntime backend's model parameters, as session_options.
 _THREAD_PARAMETERS = {"intra_op_thread_count": "intra_op_num_threads", "inter_op_thread_count": "inter_op_num_threads"}
 _EXECUTION_MODES = {"0": "sequential", "1": "parallel"}
 
 
-def _session_options(parameters: Any, given: Any) -> dict[str, Any]:
-    """The onnxruntime backend's ``parameters`` ({name: {string_value}}) as config.yaml's ``session_options``."""
-    if given is not None:
-        raise ValueError("parameters: give onnxruntime's options either as parameters or as session_options")
+def _parameters(parameters: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``parameters`` ({name: {string_value}}) as config.yaml's ``session_options`` (the onnxruntime
+    backend's) and ``metadata`` (infergate's governance metadata, which ModelConfig answers with: so
+    tritonclient's JSON of a model loads back). ``sha256`` is dropped: the server answers with the
+    digest of the version's file, which it computes itself (a checksum to enforce is metadata.yaml's)."""
     if not isinstance(parameters, dict):
         raise ValueError("parameters: must be a mapping of names to {string_value: ...}")
     options: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
     for name, parameter in parameters.items():
         value = parameter.get("string_value", "") if isinstance(parameter, dict) else None
-        if name in _THREAD_PARAMETERS and isinstance(value, str) and value.isdigit():
+        if not isinstance(value, str):
+            raise ValueError(f"parameters.{name}: must be {{string_value: ...}}")
+        if name in _THREAD_PARAMETERS and value.isdigit():
             options[_THREAD_PARAMETERS[name]] = int(value)
         elif name == "execution_mode" and value in _EXECUTION_MODES:
             options["execution_mode"] = _EXECUTION_MODES[value]
+        elif name == "sha256":
+            continue
+        elif name in TEXT_PARAMETERS:
+            metadata[name] = value
+        elif name == "tags":
+            metadata["tags"] = value.split(",") if value else []
+        elif name.startswith(LABEL_PREFIX):
+            metadata.setdefault("labels", {})[name.removeprefix(LABEL_PREFIX)] = value
         else:
             taken = ", ".join([*_THREAD_PARAMETERS, "execution_mode"])
-            raise ValueError(f"parameters.{name}: not taken (infergate takes {taken}; see session_options)")
-    return options
+            raise ValueError(
+                f"parameters.{name}: not taken (infergate takes onnxruntime's {taken}, as session_options, "
+                "and its own metadata)"
+            )
+    return options, metadata
 
 
 def _flatten_queue_policy(batching: dict[str, Any]) -> dict[str, Any]:
