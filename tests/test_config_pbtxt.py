@@ -142,9 +142,9 @@ def test_max_batch_size_0_written_does_not_batch_and_left_out_takes_infergates_d
             id="a value of the wrong type",
         ),
         pytest.param(
-            "instance_group [ { kind: KIND_GPU, gpus: [ 0 ] } ]\n",
-            "config.pbtxt: instance_group.0.kind: KIND_GPU is not taken; choose devices with execution_providers",
-            id="a GPU instance group",
+            "instance_group [ { kind: KIND_GPU, gpus: [ 0, 1 ] } ]\n",
+            "config.pbtxt: instance_group.0.gpus: [0, 1]: infergate runs a model on one GPU",
+            id="instances on two GPUs",
         ),
         pytest.param(
             'parameters { key: "enable_mem_arena" value: { string_value: "0" } }\n',
@@ -264,3 +264,9 @@ def test_triton_s_example_models_configure_alike_from_config_pbtxt_and_config_ya
     assert "kind" not in sequence["sequence_batching"]["control_input"][0]["control"][0]
     loaded = config_from_json("simple_dyna_sequence", json.dumps(sequence)).sequence_batching
     assert loaded is not None and loaded.control_input[0].control[0].kind == "CONTROL_SEQUENCE_START"
+
+
+def test_a_gpu_instance_group_runs_the_model_with_cuda(tmp_path: Path) -> None:
+    """What the server makes of it; running it needs a GPU (docs/gpu.md has the GPU runs)."""
+    config = read_model_config(write_model(tmp_path, "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]\n"))
+    assert [(p.name, p.options) for p in config.execution_providers] == [("cuda", {"device_id": 0})]

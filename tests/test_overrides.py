@@ -83,9 +83,19 @@ def test_a_sequence_model_config_is_taken_in_json() -> None:
             '{"maxBatchSize": 4}', "snake_case as config.yaml does (maxBatchSize -> max_batch_size)", id="camel"
         ),
         pytest.param(
-            '{"instance_group": [{"count": 1, "kind": "KIND_GPU"}]}',
-            "instance_group.0.kind: KIND_GPU is not taken; choose devices with execution_providers",
-            id="gpu instances",
+            '{"instance_group": [{"count": 1, "kind": "KIND_MODEL"}]}',
+            "instance_group.0.kind: KIND_MODEL is not taken; choose devices with execution_providers",
+            id="instances the model places",
+        ),
+        pytest.param(
+            '{"instance_group": [{"kind": "KIND_GPU", "gpus": [0, 1]}]}',
+            "instance_group.0.gpus: [0, 1]: infergate runs a model on one GPU",
+            id="instances on two GPUs",
+        ),
+        pytest.param(
+            '{"instance_group": [{"kind": "KIND_GPU"}, {"kind": "KIND_CPU"}]}',
+            "instance_group: infergate runs a model's instances on one device",
+            id="instances on a GPU and on the CPU",
         ),
         pytest.param(
             '{"max_batch_size": 4, "dynamic_batching": {"preferred_batch_size": [8]}}',
@@ -99,6 +109,20 @@ def test_a_bad_config_override_is_refused_saying_what(text: str, says: str) -> N
         parse_load_parameters(MODEL, params({"config": text}))
     assert "failed to load 'simple'" in refused.value.message
     assert says in refused.value.message, refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("group", "provider"),
+    [
+        pytest.param('{"count": 2, "kind": "KIND_GPU", "gpus": ["1"]}', {"device_id": 1}, id="on GPU 1"),
+        pytest.param('{"count": 2, "kind": "KIND_GPU"}', {}, id="on the GPU onnxruntime picks (device 0)"),
+    ],
+)
+def test_gpu_instances_run_on_cuda_as_in_triton(group: str, provider: dict[str, int]) -> None:
+    """Triton's onnxruntime backend runs a KIND_GPU instance with CUDA; nothing falls back to the CPU."""
+    config = parse_load_parameters(MODEL, params({"config": f'{{"instance_group": [{group}]}}'})).config
+    assert config is not None and config.instance_group.count == 2
+    assert [(p.name, p.options) for p in config.execution_providers] == [("cuda", provider)]
 
 
 def test_triton_s_json_shapes_are_translated() -> None:

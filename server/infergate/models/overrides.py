@@ -24,8 +24,8 @@ Triton JSON                             config.yaml
                                         stays, with no backend)
 ``max_batch_size`` (also ``"16"``)      ``max_batch_size`` (as every number: Triton's JSON writes
                                         int64 as strings, ``dims: ["4"]``, ``model_version: "-1"``)
-``instance_group: [{count, kind}]``     ``instance_group: {count: <sum>}`` (KIND_CPU /
-                                        KIND_AUTO only; GPUs are ``execution_providers``)
+``instance_group: [{count, kind}]``     ``instance_group: {count: <sum>}``; KIND_GPU (one GPU:
+                                        ``gpus: [n]`` or none) adds ``execution_providers: [cuda]``
 ``dynamic_batching.default_queue_policy``  its ``max_queue_size`` and
   ``{max_queue_size, default_timeout_microseconds}``  ``default_timeout_microseconds`` move up into
                                         ``dynamic_batching``
@@ -150,7 +150,11 @@ def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
             hint = f" or {_ENSEMBLE!r}" if key == "platform" else ""
             raise ValueError(f"{key}: must be {expected!r}{hint} (or left out)")
     if isinstance(out.get("instance_group"), list):
-        out["instance_group"] = _instance_group(out["instance_group"])
+        out["instance_group"], providers = _instance_group(out["instance_group"])
+        if providers is not None:
+            if "execution_providers" in out:
+                raise ValueError("instance_group: a KIND_GPU group and execution_providers; give one of them")
+            out["execution_providers"] = providers
     if isinstance(out.get("sequence_batching"), dict):
         out["sequence_batching"] = _control_kinds(out["sequence_batching"])
     if "parameters" in out:
@@ -177,20 +181,43 @@ def _snake(key: str) -> str:
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
 
 
-def _instance_group(groups: list[Any]) -> dict[str, int]:
+def _instance_group(groups: list[Any]) -> tuple[dict[str, int], list[dict[str, Any]] | None]:
+    """Triton's instance groups as config.yaml's ``instance_group`` and, for KIND_GPU, the
+    ``execution_providers`` that put the instances on that GPU (CUDA, no CPU fallback: as in Triton, a
+    GPU model does not load without one)."""
     count = 0
+    devices: set[int | None] = set()
+    kinds: set[bool] = set()  # on a GPU or not
     for i, group in enumerate(groups):
         if not isinstance(group, dict):
             raise ValueError(f"instance_group.{i}: must be a mapping")
-        if group.get("kind", "KIND_AUTO") not in _CPU_KINDS:
-            raise ValueError(
-                f"instance_group.{i}.kind: {group['kind']} is not taken; choose devices with execution_providers"
-            )
-        extra = sorted(set(group) - {"count", "kind", "name"})
+        kind = group.get("kind", "KIND_AUTO")
+        if kind not in (*_CPU_KINDS, _GPU_KIND):
+            raise ValueError(f"instance_group.{i}.kind: {kind} is not taken; choose devices with execution_providers")
+        extra = sorted(set(group) - {"count", "kind", "name", "gpus"})
         if extra:
             raise ValueError(f"instance_group.{i}: {extra} are not taken")
+        gpus = [int(g) for g in group.get("gpus", [])]
+        if kind != _GPU_KIND and gpus:
+            raise ValueError(f"instance_group.{i}.gpus: only a KIND_GPU group names GPUs")
+        if len(gpus) > 1:
+            raise ValueError(
+                f"instance_group.{i}.gpus: {gpus}: infergate runs a model on one GPU (docs/gpu.md: one per model)"
+            )
+        kinds.add(kind == _GPU_KIND)
+        if kind == _GPU_KIND:
+            devices.add(gpus[0] if gpus else None)
         count += int(group.get("count", 1))
-    return {"count": count}
+    if len(kinds) > 1 or len(devices) > 1:
+        raise ValueError("instance_group: infergate runs a model's instances on one device; these groups name several")
+    if not devices:
+        return {"count": count}, None
+    (device,) = devices
+    cuda: dict[str, Any] = {"name": "cuda"} if device is None else {"name": "cuda", "options": {"device_id": device}}
+    return {"count": count}, [cuda]
+
+
+_GPU_KIND = "KIND_GPU"
 
 
 def _control_kinds(batching: dict[str, Any]) -> dict[str, Any]:
