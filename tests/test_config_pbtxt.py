@@ -132,8 +132,8 @@ def test_max_batch_size_0_written_does_not_batch_and_left_out_takes_infergates_d
     ("config", "said"),
     [
         pytest.param(
-            'name: "scale"\noptimization { graph { level: 1 } }\n',
-            'config.pbtxt: 2:1 : Message type "inference.ModelConfig" has no field named "optimization"',
+            'name: "scale"\nmodel_transaction_policy { decoupled: true }\n',
+            'config.pbtxt: 2:1 : Message type "inference.ModelConfig" has no field named "model_transaction_policy"',
             id="a field infergate does not take",
         ),
         pytest.param(
@@ -176,11 +176,11 @@ def test_a_directory_with_both_config_files_is_refused(tmp_path: Path) -> None:
 
 def test_the_ci_gate_reads_config_pbtxt_as_the_server_does(tmp_path: Path) -> None:
     write_model(tmp_path, TRITON_CONFIG)
-    write_model(tmp_path, 'name: "broken"\noptimization { }\n', name="broken")
+    write_model(tmp_path, 'name: "broken"\nmodel_transaction_policy { }\n', name="broken")
     report = asyncio.run(check_repository(tmp_path))
     config = {(f.model, f.level): f.message for f in report.findings if f.check == "config"}
     assert config[("scale", "ok")] == str(tmp_path / "scale" / "config.pbtxt")
-    assert 'has no field named "optimization"' in config[("broken", "error")]
+    assert 'has no field named "model_transaction_policy"' in config[("broken", "error")]
     assert {f.model for f in report.findings if f.check == "load" and f.level == "ok"} == {"scale"}
 
 
@@ -270,3 +270,28 @@ def test_a_gpu_instance_group_runs_the_model_with_cuda(tmp_path: Path) -> None:
     """What the server makes of it; running it needs a GPU (docs/gpu.md has the GPU runs)."""
     config = read_model_config(write_model(tmp_path, "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]\n"))
     assert [(p.name, p.options) for p in config.execution_providers] == [("cuda", {"device_id": 0})]
+
+
+# What a Triton user's GPU config for an onnxruntime model commonly says.
+TRITON_GPU_CONFIG = """
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+instance_group [ { count: 2, kind: KIND_GPU, gpus: [ 0 ] } ]
+optimization { execution_accelerators {
+  gpu_execution_accelerator : [ {
+    name : "tensorrt"
+    parameters { key: "precision_mode" value: "FP16" }
+    parameters { key: "max_workspace_size_bytes" value: "1073741824" }
+  } ]
+} }
+"""
+
+
+def test_a_tensorrt_accelerator_runs_the_model_with_tensorrt_then_cuda(tmp_path: Path) -> None:
+    """What the server makes of it, as Triton's onnxruntime backend would; running it needs a GPU."""
+    config = read_model_config(write_model(tmp_path, TRITON_GPU_CONFIG))
+    assert config.instance_group.count == 2
+    assert [(p.name, p.options) for p in config.execution_providers] == [
+        ("tensorrt", {"device_id": 0, "trt_fp16_enable": "1", "trt_max_workspace_size": "1073741824"}),
+        ("cuda", {"device_id": 0}),
+    ]

@@ -125,6 +125,96 @@ def test_gpu_instances_run_on_cuda_as_in_triton(group: str, provider: dict[str, 
     assert [(p.name, p.options) for p in config.execution_providers] == [("cuda", provider)]
 
 
+TENSORRT = {
+    "name": "tensorrt",
+    "parameters": {
+        "precision_mode": "FP16",
+        "max_workspace_size_bytes": "1073741824",
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": "/cache",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "providers"),
+    [
+        pytest.param(
+            {"instance_group": [{"kind": "KIND_GPU", "gpus": [1]}], "optimization": {"execution_accelerators": {
+                "gpu_execution_accelerator": [TENSORRT]}}},
+            [
+                ("tensorrt", {"device_id": 1, "trt_fp16_enable": "1", "trt_max_workspace_size": "1073741824",
+                              "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/cache"}),
+                ("cuda", {"device_id": 1}),
+            ],
+            id="TensorRT on GPU 1, then CUDA",
+        ),
+        pytest.param(
+            {"optimization": {"execution_accelerators": {"gpu_execution_accelerator": [{"name": "tensorrt"}]}}},
+            [("tensorrt", {}), ("cuda", {})],
+            id="TensorRT with no instance group (KIND_AUTO: the GPU)",
+        ),
+        pytest.param(
+            {"instance_group": [{"kind": "KIND_CPU"}], "optimization": {"execution_accelerators": {
+                "cpu_execution_accelerator": [{"name": "openvino"}]}}},
+            [("openvino", {}), ("cpu", {})],
+            id="OpenVINO, then the CPU",
+        ),
+    ],
+)  # fmt: skip
+def test_triton_s_execution_accelerators_become_execution_providers(
+    config: dict[str, Any], providers: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """As Triton's onnxruntime backend runs them (checked as configuration: running TensorRT needs a GPU)."""
+    loaded = parse_load_parameters(MODEL, params({"config": json.dumps(config)})).config
+    assert loaded is not None
+    assert [(p.name, p.options) for p in loaded.execution_providers] == providers
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        pytest.param(
+            {"optimization": {"graph": {"level": 1}}},
+            "optimization: ['graph'] not taken (execution_accelerators is)",
+            id="graph optimization",
+        ),
+        pytest.param(
+            {"optimization": {"execution_accelerators": {"gpu_execution_accelerator": [{"name": "cuda"}]}}},
+            "gpu_execution_accelerator: ['cuda'] not taken (infergate takes one, 'tensorrt')",
+            id="another GPU accelerator",
+        ),
+        pytest.param(
+            {"instance_group": [{"kind": "KIND_CPU"}],
+             "optimization": {"execution_accelerators": {"gpu_execution_accelerator": [TENSORRT]}}},
+            "gpu_execution_accelerator: the instance_group is KIND_CPU",
+            id="TensorRT on CPU instances",
+        ),
+        pytest.param(
+            {"optimization": {"execution_accelerators": {"gpu_execution_accelerator": [
+                {"name": "tensorrt", "parameters": {"precision_mode": "FP8"}}]}}},
+            "parameters.precision_mode: 'FP8' not taken (FP32, FP16, INT8)",
+            id="a precision TensorRT is not given",
+        ),
+        pytest.param(
+            {"optimization": {"execution_accelerators": {"gpu_execution_accelerator": [
+                {"name": "tensorrt", "parameters": {"minimum_segment_size": "3"}}]}}},
+            "gpu_execution_accelerator.0.parameters.minimum_segment_size: not taken",
+            id="TensorFlow's TensorRT parameter",
+        ),
+        pytest.param(
+            {"instance_group": [{"kind": "KIND_GPU"}], "execution_providers": [{"name": "cpu"}]},
+            "a KIND_GPU instance_group or an accelerator, and execution_providers: give one of them",
+            id="GPU instances and providers of its own",
+        ),
+    ],
+)  # fmt: skip
+def test_accelerators_infergate_cannot_honour_are_refused_naming_them(config: dict[str, Any], says: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        parse_load_parameters(MODEL, params({"config": json.dumps(config)}))
+    assert says in refused.value.message, refused.value.message
+
+
 def test_triton_s_json_shapes_are_translated() -> None:
     text = (
         '{"name": "simple", "platform": "onnxruntime_onnx", "backend": "onnxruntime", "max_batch_size": 8,'

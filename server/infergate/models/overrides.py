@@ -26,6 +26,9 @@ Triton JSON                             config.yaml
                                         int64 as strings, ``dims: ["4"]``, ``model_version: "-1"``)
 ``instance_group: [{count, kind}]``     ``instance_group: {count: <sum>}``; KIND_GPU (one GPU:
                                         ``gpus: [n]`` or none) adds ``execution_providers: [cuda]``
+``optimization.execution_accelerators``  ``execution_providers``: GPU ``tensorrt`` (its parameters
+                                        as onnxruntime's ``trt_*`` options), then ``cuda``; CPU
+                                        ``openvino``, then ``cpu``
 ``dynamic_batching.default_queue_policy``  its ``max_queue_size`` and
   ``{max_queue_size, default_timeout_microseconds}``  ``default_timeout_microseconds`` move up into
                                         ``dynamic_batching``
@@ -68,7 +71,6 @@ NAME_MAX = 255  # bytes in one path component on Linux filesystems
 _PLATFORM = "onnxruntime_onnx"
 _ENSEMBLE = "ensemble"
 _BACKEND = "onnxruntime"
-_CPU_KINDS = ("KIND_CPU", "KIND_AUTO")
 
 
 class PollFailed(InferGateError):
@@ -149,12 +151,14 @@ def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
         if key in out and out.pop(key) != expected:
             hint = f" or {_ENSEMBLE!r}" if key == "platform" else ""
             raise ValueError(f"{key}: must be {expected!r}{hint} (or left out)")
+    kind, device = "auto", None
     if isinstance(out.get("instance_group"), list):
-        out["instance_group"], providers = _instance_group(out["instance_group"])
-        if providers is not None:
-            if "execution_providers" in out:
-                raise ValueError("instance_group: a KIND_GPU group and execution_providers; give one of them")
-            out["execution_providers"] = providers
+        out["instance_group"], kind, device = _instance_group(out["instance_group"])
+    providers = _execution_providers(kind, device, out.pop("optimization", None))
+    if providers is not None:
+        if "execution_providers" in out:
+            raise ValueError("a KIND_GPU instance_group or an accelerator, and execution_providers: give one of them")
+        out["execution_providers"] = providers
     if isinstance(out.get("sequence_batching"), dict):
         out["sequence_batching"] = _control_kinds(out["sequence_batching"])
     if "parameters" in out:
@@ -181,43 +185,130 @@ def _snake(key: str) -> str:
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
 
 
-def _instance_group(groups: list[Any]) -> tuple[dict[str, int], list[dict[str, Any]] | None]:
-    """Triton's instance groups as config.yaml's ``instance_group`` and, for KIND_GPU, the
-    ``execution_providers`` that put the instances on that GPU (CUDA, no CPU fallback: as in Triton, a
-    GPU model does not load without one)."""
+def _instance_group(groups: list[Any]) -> tuple[dict[str, int], str, int | None]:
+    """Triton's instance groups as config.yaml's ``instance_group``, with where they run: ``cpu``,
+    ``gpu`` (and the GPU named, if any) or ``auto`` (KIND_AUTO: on a GPU when the model asks for one)."""
     count = 0
-    devices: set[int | None] = set()
-    kinds: set[bool] = set()  # on a GPU or not
+    devices: set[int] = set()
+    kinds: set[str] = set()
     for i, group in enumerate(groups):
         if not isinstance(group, dict):
             raise ValueError(f"instance_group.{i}: must be a mapping")
         kind = group.get("kind", "KIND_AUTO")
-        if kind not in (*_CPU_KINDS, _GPU_KIND):
+        if kind not in _KINDS:
             raise ValueError(f"instance_group.{i}.kind: {kind} is not taken; choose devices with execution_providers")
         extra = sorted(set(group) - {"count", "kind", "name", "gpus"})
         if extra:
             raise ValueError(f"instance_group.{i}: {extra} are not taken")
         gpus = [int(g) for g in group.get("gpus", [])]
-        if kind != _GPU_KIND and gpus:
+        if gpus and kind != "KIND_GPU":
             raise ValueError(f"instance_group.{i}.gpus: only a KIND_GPU group names GPUs")
         if len(gpus) > 1:
             raise ValueError(
                 f"instance_group.{i}.gpus: {gpus}: infergate runs a model on one GPU (docs/gpu.md: one per model)"
             )
-        kinds.add(kind == _GPU_KIND)
-        if kind == _GPU_KIND:
-            devices.add(gpus[0] if gpus else None)
+        kinds.add(_KINDS[kind])
+        devices.update(gpus)
         count += int(group.get("count", 1))
-    if len(kinds) > 1 or len(devices) > 1:
+    if {"cpu", "gpu"} <= kinds or len(devices) > 1:
         raise ValueError("instance_group: infergate runs a model's instances on one device; these groups name several")
-    if not devices:
-        return {"count": count}, None
-    (device,) = devices
+    kind = "gpu" if "gpu" in kinds else "cpu" if "cpu" in kinds else "auto"
+    return {"count": count}, kind, next(iter(devices), None)
+
+
+_KINDS = {"KIND_CPU": "cpu", "KIND_AUTO": "auto", "KIND_GPU": "gpu"}
+
+
+def _execution_providers(kind: str, device: int | None, optimization: Any) -> list[dict[str, Any]] | None:
+    """The execution providers that Triton's onnxruntime backend would use for these instances and
+    accelerators (None: config.yaml's default, the CPU). On a GPU: CUDA, after TensorRT when that is
+    the accelerator, and no CPU fallback (a GPU model does not load without a GPU, as in Triton)."""
+    gpu, cpu = _accelerators(optimization)
     cuda: dict[str, Any] = {"name": "cuda"} if device is None else {"name": "cuda", "options": {"device_id": device}}
-    return {"count": count}, [cuda]
+    where = "optimization.execution_accelerators"
+    if gpu and cpu:
+        raise ValueError(f"{where}: GPU and CPU accelerators; infergate runs a model on one device")
+    if gpu:
+        if kind == "cpu":
+            raise ValueError(f"{where}.gpu_execution_accelerator: the instance_group is KIND_CPU")
+        return [_tensorrt(gpu, device), cuda]
+    if cpu:
+        if kind == "gpu":
+            raise ValueError(f"{where}.cpu_execution_accelerator: the instance_group is KIND_GPU")
+        return [_openvino(cpu), {"name": "cpu"}]
+    return [cuda] if kind == "gpu" else None
 
 
-_GPU_KIND = "KIND_GPU"
+def _accelerators(optimization: Any) -> tuple[list[Any], list[Any]]:
+    """``optimization``'s GPU and CPU accelerators (it may hold nothing else)."""
+    if optimization is None:
+        return [], []
+    if not isinstance(optimization, dict) or set(optimization) - {"execution_accelerators"}:
+        others = sorted(set(optimization) - {"execution_accelerators"}) if isinstance(optimization, dict) else []
+        raise ValueError(f"optimization: {others or 'it'} not taken (execution_accelerators is)")
+    accelerators = optimization.get("execution_accelerators") or {}
+    if not isinstance(accelerators, dict):
+        raise ValueError("optimization.execution_accelerators: must be a mapping")
+    return list(accelerators.get("gpu_execution_accelerator", [])), list(
+        accelerators.get("cpu_execution_accelerator", [])
+    )
+
+
+def _one_accelerator(accelerators: list[Any], kind: str, name: str) -> dict[str, str]:
+    """The parameters of the one accelerator ``name`` in ``accelerators``; refuses anything else."""
+    where = f"optimization.execution_accelerators.{kind}_execution_accelerator"
+    if len(accelerators) != 1 or not isinstance(accelerators[0], dict) or accelerators[0].get("name") != name:
+        given = [a.get("name") if isinstance(a, dict) else a for a in accelerators]
+        raise ValueError(f"{where}: {given} not taken (infergate takes one, {name!r})")
+    parameters = accelerators[0].get("parameters", {})
+    if not isinstance(parameters, dict) or not all(isinstance(v, str) for v in parameters.values()):
+        raise ValueError(f"{where}.0.parameters: must map names to strings")
+    return parameters
+
+
+def _tensorrt(accelerators: list[Any], device: int | None) -> dict[str, Any]:
+    """Triton's TensorRT accelerator as onnxruntime's TensorRT execution provider and its options."""
+    options: dict[str, Any] = {} if device is None else {"device_id": device}
+    for key, value in _one_accelerator(accelerators, "gpu", "tensorrt").items():
+        if key == "precision_mode":
+            if value not in _PRECISIONS:
+                raise ValueError(
+                    "optimization.execution_accelerators.gpu_execution_accelerator.0.parameters.precision_mode: "
+                    f"{value!r} not taken ({', '.join(_PRECISIONS)})"
+                )
+            options.update(_PRECISIONS[value])
+        elif key in _TENSORRT_RENAMED:
+            options[_TENSORRT_RENAMED[key]] = value
+        elif key.startswith("trt_"):  # onnxruntime's own names (trt_engine_cache_path…); it refuses unknown ones
+            options[key] = value
+        else:
+            raise ValueError(
+                f"optimization.execution_accelerators.gpu_execution_accelerator.0.parameters.{key}: not taken"
+            )
+    return {"name": "tensorrt", "options": options}
+
+
+_PRECISIONS: dict[str, dict[str, str]] = {
+    "FP32": {},
+    "FP16": {"trt_fp16_enable": "1"},
+    "INT8": {"trt_int8_enable": "1"},
+}
+# Triton's names for onnxruntime's TensorRT options.
+_TENSORRT_RENAMED = {
+    "max_workspace_size_bytes": "trt_max_workspace_size",
+    "int8_calibration_table_name": "trt_int8_calibration_table_name",
+    "int8_use_native_calibration_table": "trt_int8_use_native_calibration_table",
+}
+
+
+def _openvino(accelerators: list[Any]) -> dict[str, Any]:
+    parameters = _one_accelerator(accelerators, "cpu", "openvino")
+    if parameters:
+        raise ValueError(
+            f"optimization.execution_accelerators.cpu_execution_accelerator.0.parameters: {sorted(parameters)} "
+            "not taken (give OpenVINO's options in config.yaml's execution_providers)"
+        )
+    return {"name": "openvino"}
 
 
 def _control_kinds(batching: dict[str, Any]) -> dict[str, Any]:
