@@ -243,9 +243,11 @@ def _accelerators(optimization: Any) -> tuple[list[Any], list[Any]]:
     """``optimization``'s GPU and CPU accelerators (it may hold nothing else)."""
     if optimization is None:
         return [], []
-    if not isinstance(optimization, dict) or set(optimization) - {"execution_accelerators"}:
-        others = sorted(set(optimization) - {"execution_accelerators"}) if isinstance(optimization, dict) else []
-        raise ValueError(f"optimization: {others or 'it'} not taken (execution_accelerators is)")
+    if not isinstance(optimization, dict):
+        raise ValueError("optimization: must be a mapping")
+    others = sorted(set(optimization) - {"execution_accelerators"})
+    if others:
+        raise ValueError(f"optimization: {others} not taken (execution_accelerators is)")
     accelerators = optimization.get("execution_accelerators") or {}
     if not isinstance(accelerators, dict):
         raise ValueError("optimization.execution_accelerators: must be a mapping")
