@@ -20,6 +20,7 @@ from conftest import running_server
 from triton_models import stand_in, write_stand_in
 
 from infergate.check import check_repository
+from infergate.cli import main
 from infergate.configfile import ConfigError
 from infergate.models.config_files import read_model_config
 from infergate.models.overrides import config_from_json
@@ -295,3 +296,23 @@ def test_a_tensorrt_accelerator_runs_the_model_with_tensorrt_then_cuda(tmp_path:
         ("tensorrt", {"device_id": 0, "trt_fp16_enable": "1", "trt_max_workspace_size": "1073741824"}),
         ("cuda", {"device_id": 0}),
     ]
+
+
+@pytest.mark.parametrize("pbtxt", [TRITON_CONFIG, TRITON_GPU_CONFIG, ENSEMBLE], ids=["cpu", "gpu", "ensemble"])
+def test_infergate_config_prints_a_config_yaml_that_reads_back_the_same(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pbtxt: str
+) -> None:
+    """To move a model from its config.pbtxt to a config.yaml (and to infergate's own keys)."""
+    name = "a_pipeline" if "ensemble" in pbtxt else "scale"
+    source = write_model(tmp_path / "pbtxt", pbtxt, name=name)
+    assert main(["config", str(source)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"# {name}/config.yaml\n")
+    moved = write_model(tmp_path / "yaml", printed, name=name, file="config.yaml")
+    assert read_model_config(moved) == read_model_config(source)
+
+
+def test_infergate_config_of_a_config_it_refuses_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_model(tmp_path, "model_transaction_policy { decoupled: true }\n")
+    assert main(["config", str(source)]) == 1
+    assert 'has no field named "model_transaction_policy"' in capsys.readouterr().err

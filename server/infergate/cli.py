@@ -1,4 +1,5 @@
-"""The ``infergate`` command: ``serve``, ``check``, ``batch``, ``profile``, ``demo-repository`` and ``--version``."""
+"""The ``infergate`` command: ``serve``, ``check``, ``batch``, ``profile``, ``config``, ``demo-repository``
+and ``--version``."""
 
 from __future__ import annotations
 
@@ -93,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--smoke", action="store_true", help="also run one inference per version, checked for NaN/Inf")
     check.add_argument("--format", choices=["text", "json"], default="text", help="json: for pipelines")
 
+    config = commands.add_parser(
+        "config",
+        help="print a model's configuration as config.yaml (say, to move a Triton config.pbtxt to one)",
+        description="Read DIR/<model>'s config.yaml or config.pbtxt as the server does and print it as "
+        "config.yaml, every default left out. Exit 1 when it does not validate. See docs/triton.md.",
+    )
+    config.add_argument("model_directory", type=Path, metavar="MODEL_DIR", help="the model's directory")
+
     offline_command.add_parser(commands)
     return parser
 
@@ -105,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return profile_main(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "config":
+        return _print_config(args.model_directory)
     if args.command == "batch":
         configure_logging("warning", "text")
         return offline_command.main(args)
@@ -121,6 +132,25 @@ def _check(args: argparse.Namespace) -> int:
     report = asyncio.run(check_repository(args.model_repository, args.config, args.model, args.smoke))
     print(report.as_json() if args.format == "json" else report.as_table())
     return 0 if report.ok else 1
+
+
+def _print_config(directory: Path) -> int:
+    import yaml
+
+    from .models.config_files import read_model_config
+
+    if not directory.is_dir():
+        print(f"infergate: {directory} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        config = read_model_config(directory)
+    except ConfigError as exc:
+        print(f"infergate: {exc}", file=sys.stderr)
+        return 1
+    settings = config.model_dump(mode="json", exclude_defaults=True)
+    print(f"# {directory.name}/config.yaml")
+    print(yaml.safe_dump(settings, sort_keys=False) if settings else "{}", end="")
+    return 0
 
 
 def _demo_repository(directory: Path) -> int:
