@@ -316,3 +316,22 @@ def test_infergate_config_of_a_config_it_refuses_says_why(tmp_path: Path, capsys
     source = write_model(tmp_path, "model_transaction_policy { decoupled: true }\n")
     assert main(["config", str(source)]) == 1
     assert 'has no field named "model_transaction_policy"' in capsys.readouterr().err
+
+
+def test_triton_s_command_line_serves_a_triton_repository(tmp_path: Path) -> None:
+    """docs/triton.md, "Moving a Triton deployment": Triton's flags, as Triton spells them, on config.pbtxt files."""
+    root = tmp_path / "models"
+    for name in ("simple", "simple_sequence"):
+        directory = write_stand_in(root, stand_in(name))
+        (directory / "config.yaml").unlink()
+        (directory / "config.pbtxt").write_text(textwrap.dedent(TRITON_EXAMPLES[name]))
+    flags = ("--model-control-mode=explicit", "--load-model=simple", "--grpc-port=0")
+    with running_server(root, tmp_path, *flags) as server, grpcclient.InferenceServerClient(server.url) as client:
+        assert client.is_model_ready("simple") and not client.is_model_ready("simple_sequence")
+        a, b = np.arange(16, dtype=np.int32).reshape(1, 16), np.ones((1, 16), dtype=np.int32)
+        inputs = [grpcclient.InferInput(name, [1, 16], "INT32") for name in ("INPUT0", "INPUT1")]
+        inputs[0].set_data_from_numpy(a)
+        inputs[1].set_data_from_numpy(b)
+        result = client.infer("simple", inputs)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)

@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a model repository over gRPC")
     serve.add_argument("--model-repository", type=Path, help="DIR holding <model>/<version>/model.onnx")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
+    serve.add_argument(
+        "--port", "--grpc-port", type=int, help="gRPC port (default 8001; 0 picks a free one; Triton's --grpc-port)"
+    )
     serve.add_argument("--config", type=Path, help="server configuration file (YAML)")
     serve.add_argument("--shutdown-grace-seconds", type=float, help="time in-flight requests get on SIGTERM")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
