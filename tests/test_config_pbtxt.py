@@ -335,3 +335,16 @@ def test_triton_s_command_line_serves_a_triton_repository(tmp_path: Path) -> Non
         result = client.infer("simple", inputs)
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
         np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+
+
+def test_strict_readiness_false_readies_the_server_though_a_model_failed(tmp_path: Path) -> None:
+    """Triton's ``--strict-readiness=false``: ServerReady once loading finished, the failed model unready."""
+    root = tmp_path / "models"
+    directory = write_stand_in(root, stand_in("simple"))
+    (directory / "config.yaml").unlink()
+    (directory / "config.pbtxt").write_text(textwrap.dedent(TRITON_EXAMPLES["simple"]))
+    write_model(root, "model_transaction_policy { decoupled: true }\n", name="broken")
+    with running_server(root, tmp_path, "--strict-readiness=false") as server:
+        with grpcclient.InferenceServerClient(server.url) as client:
+            assert client.is_server_ready()
+            assert client.is_model_ready("simple") and not client.is_model_ready("broken")

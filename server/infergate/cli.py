@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         "--load-model", action="append", help="explicit mode: a model to load at start (repeatable; '*' for all)"
     )
     serve.add_argument(
+        "--strict-readiness",
+        type=_true_or_false,
+        metavar="{true,false}",
+        help="ServerReady (and health) only once every model loaded (default true, as Triton's)",
+    )
+    serve.add_argument(
         "--health-port",
         type=int,
         help="also serve grpc.health.v1, plaintext and without auth, on this port (for probes when TLS is on)",
@@ -202,6 +208,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _true_or_false(text: str) -> bool:
+    """A boolean flag's value as Triton's command line writes it (``--strict-readiness=false``)."""
+    value = text.lower()
+    if value not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"{text!r}: true or false")
+    return value in ("true", "1")
+
+
 def _load_config(args: argparse.Namespace) -> ServerConfig:
     return load_server_config(
         args.config,
@@ -220,6 +234,7 @@ def _load_config(args: argparse.Namespace) -> ServerConfig:
             "audit_log": args.audit_log,
             "health_port": args.health_port,
             "health_host": args.health_host,
+            "strict_readiness": args.strict_readiness,
             "telemetry": {
                 "metrics_port": args.metrics_port,
                 # A worker's own endpoint is private: the supervisor merges it into the one it serves.
@@ -259,6 +274,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         "--health-port": args.health_port,
         "--health-host": args.health_host,
         "--event-loop": args.event_loop,
+        "--strict-readiness": args.strict_readiness,
     }
     out = [item for flag, value in flags.items() if value is not None for item in (flag, str(value))]
     out += [item for model in args.load_model or () for item in ("--load-model", model)]
