@@ -348,3 +348,14 @@ def test_strict_readiness_false_readies_the_server_though_a_model_failed(tmp_pat
         with grpcclient.InferenceServerClient(server.url) as client:
             assert client.is_server_ready()
             assert client.is_model_ready("simple") and not client.is_model_ready("broken")
+
+
+def test_model_config_answers_with_the_onnxruntime_parameters_and_loads_back_the_same(tmp_path: Path) -> None:
+    """ModelConfig names onnxruntime's thread options as Triton's backend does; its JSON loads back to them."""
+    options = "session_options: {intra_op_num_threads: 1, execution_mode: parallel}\n"
+    directory = write_model(tmp_path / "models", f"max_batch_size: 8\n{options}", file="config.yaml")
+    with running_server(directory.parent, tmp_path) as server, grpcclient.InferenceServerClient(server.url) as client:
+        served = client.get_model_config("scale", as_json=True)["config"]
+    parameters = {k: v["string_value"] for k, v in served["parameters"].items() if k != "sha256"}
+    assert parameters == {"intra_op_thread_count": "1", "execution_mode": "1"}
+    assert config_from_json("scale", json.dumps(served)).session_options == read_model_config(directory).session_options

@@ -59,10 +59,18 @@ from typing import Any
 
 from infergate.configfile import ConfigError
 from infergate.errors import InferGateError, InvalidArgument
-from infergate.models.config import ModelConfig, model_config_from_data
+from infergate.models.config import ModelConfig, SessionOptions, model_config_from_data
 from infergate.models.governance import LABEL_PREFIX, TEXT_PARAMETERS
 
-__all__ = ["CONFIG_PARAMETER", "FILE_PREFIX", "LoadOverride", "PollFailed", "parse_load_parameters", "stage_files"]
+__all__ = [
+    "CONFIG_PARAMETER",
+    "FILE_PREFIX",
+    "LoadOverride",
+    "PollFailed",
+    "parse_load_parameters",
+    "session_parameters",
+    "stage_files",
+]
 
 CONFIG_PARAMETER = "config"
 FILE_PREFIX = "file:"
@@ -329,6 +337,15 @@ def _control_kinds(batching: dict[str, Any]) -> dict[str, Any]:
 
 
 _FIRST_CONTROL = "CONTROL_SEQUENCE_START"  # value 0 of Triton's Control.Kind
+
+
+def session_parameters(options: SessionOptions) -> dict[str, str]:
+    """``session_options`` as the onnxruntime backend's parameters (those set to other than their
+    default): what ModelConfig answers with, so that its JSON loads back with the same options."""
+    params = {name: str(getattr(options, key)) for name, key in _THREAD_PARAMETERS.items() if getattr(options, key)}
+    if options.execution_mode != "sequential":
+        params["execution_mode"] = next(k for k, v in _EXECUTION_MODES.items() if v == options.execution_mode)
+    return params
 
 
 # The onnxruntime backend's model parameters, as session_options.

@@ -11,6 +11,7 @@ from infergate._proto import model_config_pb2 as mc
 from infergate.models.config import SequenceBatching, WarmupSample
 from infergate.models.ensemble import EnsembleVersion
 from infergate.models.governance import metadata_parameters
+from infergate.models.overrides import session_parameters
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.models.stats import Duration
 from infergate.repository.catalog import ServedVersion
@@ -78,8 +79,12 @@ def model_config_message(model: ServedVersion) -> mc.ModelConfig:
             )
         ],
         default_model_filename=config.default_model_filename,
-        # Governance metadata (owner, source_run, sha256…), as Triton's string parameters.
-        parameters={k: mc.ModelParameter(string_value=v) for k, v in metadata_parameters(model.metadata).items()},
+        # Governance metadata (owner, source_run, sha256…) and onnxruntime's thread options, as Triton's
+        # string parameters (its onnxruntime backend's names for the latter).
+        parameters={
+            k: mc.ModelParameter(string_value=v)
+            for k, v in (metadata_parameters(model.metadata) | session_parameters(config.session_options)).items()
+        },
         model_warmup=[_warmup_message(sample) for sample in config.model_warmup],
         response_cache=mc.ModelResponseCache(enable=config.response_cache.enable),
     )
