@@ -355,3 +355,24 @@ def _spans(lines: list[str]) -> list[dict[str, object]]:
     """The ModelInfer server spans among the printed lines (one JSON object per line)."""
     spans = [json.loads(line) for line in list(lines) if line.startswith("{")]
     return [s for s in spans if s.get("name") == "inference.GRPCInferenceService/ModelInfer"]
+
+
+def test_a_sigterm_while_the_workers_start_stops_them_and_exits_cleanly(demo_repository: Path, log_dir: Path) -> None:
+    """Kubernetes may stop a pod that is still starting. The supervisor takes SIGTERM from before its first
+    worker starts (it once did only after its "listening on" line, and died of the signal before it)."""
+    log = log_dir / "starting-workers.log"
+    command = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(demo_repository),
+               "--port", "0", "--workers", "2"]  # fmt: skip
+    with log.open("w") as stderr:
+        supervisor = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_until(lambda: len(_worker_children(supervisor.pid)) == 2, "both workers started")
+        workers = list(_worker_children(supervisor.pid).values())
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

@@ -209,6 +209,12 @@ async def supervise(
     ``metrics_address`` (host, port): serve the workers' merged metrics there. ``log_format``: the
     format of the "listening on" and "metrics on" lines printed once the workers are up.
     """
+    # Before anything starts: a SIGTERM during start-up (or just after the "listening on" line) stops the
+    # workers and ends in 0 like any other, instead of killing the supervisor with the signal's default.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     reserved = _reserve_port(host, port)
     port = reserved.getsockname()[1]
     directory = Path(tempfile.mkdtemp(prefix="infergate-"))  # mode 0700: only this user reaches the socket
@@ -241,7 +247,7 @@ async def supervise(
             print(announcement(METRICS + url, log_format, url=url), flush=True)
         shared.announced.set()
         log.info("%d workers serving on %s:%d", count, host, port)
-        return await _run(workers, shared, grace)
+        return await _run(workers, shared, grace, stopping)
     finally:
         if http is not None:
             http[0].shutdown()
@@ -252,12 +258,8 @@ async def supervise(
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def _run(workers: list[_Worker], shared: _Shared, grace: float) -> int:
-    """Keep the workers alive until SIGTERM or Ctrl-C, then stop them; 0 when all drained cleanly."""
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+async def _run(workers: list[_Worker], shared: _Shared, grace: float, stopping: asyncio.Event) -> int:
+    """Keep the workers alive until ``stopping`` (SIGTERM or Ctrl-C), then stop them; 0 when all drained cleanly."""
     keepers = [asyncio.create_task(_keep_alive(w, shared, stopping)) for w in workers]
     await stopping.wait()
     log.info("stopping %d workers", len(workers))
