@@ -43,8 +43,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shm-models")
     write_triton_repository(root, ["simple", "simple_string"])
     save_model(build_matmul16(), root, "matmul16", config_yaml="max_batch_size: 8\n")
-    # One request at a time, each for about a second: the next one waits in the queue.
-    save_model(build_slow_model(1000), root, "slow", config_yaml="max_batch_size: 1\n")
+    # Runs only full batches of 8 (or after 10 s): a request waits in the queue until 7 more come.
+    held = "max_batch_size: 8\ndynamic_batching: {preferred_batch_size: [8], max_queue_delay_microseconds: 10000000}\n"
+    save_model(build_slow_model(1), root, "held", config_yaml=held)
     return root
 
 
@@ -375,39 +376,37 @@ def _maps(server: ServerProcess, handle: Any) -> bool:
 
 
 def _queued(server: ServerProcess) -> float:
-    return server.metric("infergate_queue_depth", model="slow")
-
-
-def _active(server: ServerProcess) -> float:
-    return server.metric("infergate_requests_active", rpc_method="ModelInfer")
+    return server.metric("infergate_queue_depth", model="held")
 
 
 async def test_a_region_unregistered_while_its_request_waits_is_still_read_and_written(
     server: ServerProcess, client: grpcclient.InferenceServerClient
 ) -> None:
-    """The request keeps the memory it was given; the server unmaps it when the request is answered."""
+    """The request keeps the memory it was given; the server unmaps it when the request is answered.
+
+    It waits in the queue of ``held`` until seven more requests fill its batch: nothing here depends on
+    how long a model runs (an earlier version raced a one-second model on a busy machine)."""
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
-    with regions(client, slow_in=16, slow_out=16) as r:
-        shm.set_shared_memory_region(r["slow_in"], [x])
+    with regions(client, held_in=16, held_out=16) as r:
+        shm.set_shared_memory_region(r["held_in"], [x])
         async with aioclient.InferenceServerClient(server.url) as aio:
-            inputs = [aioclient.InferInput("x", [1, 4], "FP32").set_shared_memory("slow_in", 16)]
+            inputs = [aioclient.InferInput("x", [1, 4], "FP32").set_shared_memory("held_in", 16)]
             outputs = [aioclient.InferRequestedOutput("y")]
-            outputs[0].set_shared_memory("slow_out", 16)
-            busy = aioclient.InferInput("x", [1, 4], "FP32").set_data_from_numpy(np.zeros((1, 4), np.float32))
-            first = asyncio.create_task(aio.infer("slow", [busy]))
-            await eventually(lambda: _active(server) == 1 and _queued(server) == 0, "the first request running")
-            waiting = asyncio.create_task(aio.infer("slow", inputs, outputs=outputs))
-            await eventually(lambda: _active(server) == 2 and _queued(server) == 1, "the shm request queued")
+            outputs[0].set_shared_memory("held_out", 16)
+            waiting = asyncio.create_task(aio.infer("held", inputs, outputs=outputs))
+            await eventually(lambda: _queued(server) == 1, "the shm request queued")
             client.unregister_system_shared_memory()
             assert not client.get_system_shared_memory_status().regions
-            with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'slow_in'"):
-                await aio.infer("slow", inputs)
-            assert _maps(server, r["slow_in"]) and _maps(server, r["slow_out"])  # held by the queued request
-            await first
+            with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'held_in'"):
+                await aio.infer("held", inputs)
+            assert _maps(server, r["held_in"]) and _maps(server, r["held_out"])  # held by the queued request
+            assert not waiting.done()
+            fillers = [aioclient.InferInput("x", [1, 4], "FP32").set_data_from_numpy(np.zeros((1, 4), np.float32))]
+            await asyncio.gather(*(aio.infer("held", fillers) for _ in range(7)))  # the batch of 8 runs
             result = await waiting
-        np.testing.assert_array_equal(shm.get_contents_as_numpy(r["slow_out"], np.float32, [1, 4]), x)
-        assert result.get_output("y").parameters["shared_memory_region"].string_param == "slow_out"
-        await eventually(lambda: not _maps(server, r["slow_in"]) and not _maps(server, r["slow_out"]), "unmapped")
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(r["held_out"], np.float32, [1, 4]), x)
+        assert result.get_output("y").parameters["shared_memory_region"].string_param == "held_out"
+        await eventually(lambda: not _maps(server, r["held_in"]) and not _maps(server, r["held_out"]), "unmapped")
 
 
 # --------------------------------------------------------------------------- switched off, and auth
