@@ -232,15 +232,14 @@ class Router:
         self.routing = routing or Routing()
         check_routing(self.routing, loaded)
         self._rng = rng or random.Random()
-        # Without weights the newest version answers; check_routing made sure one is not shadow or canary.
-        side = self.routing.side_versions()
-        self._newest = max(v for v in loaded if v not in side)
+        # Primary first: without weights, the newest version that is neither shadow nor canary (check_routing
+        # made sure there is one), which answers every request the canary does not take.
+        self.answering: tuple[int, ...] = tuple(answering_versions(self.routing, loaded))
         self._weights = {v: w for v, w in self.routing.weights.items() if w > 0}
         self._versions = list(self._weights)
         self._cumulative = _cumulative(self._weights)
         canary = self.routing.canary
         self._canary = _Canary(canary, model, events) if canary is not None else None
-        self.answering: tuple[int, ...] = tuple(answering_versions(self.routing, loaded))
 
     @property
     def primary(self) -> int:
@@ -277,7 +276,7 @@ class Router:
             if draw * 100 < canary.status.weight:
                 return canary.spec.version, "canary"
         if not self._weights:
-            return self._newest, "default"
+            return self.answering[0], "default"
         if key is not None:
             return rendezvous(key, self._weights), "sticky"
         point = self._rng.random() * self._cumulative[-1]
