@@ -162,11 +162,11 @@ async def _check_model(
     """Check one model; an ensemble's config and versions are returned, to check after the rest."""
     path = config_file(directory)  # config.yaml, or Triton's config.pbtxt
     try:
-        config, found, has_file = await asyncio.to_thread(_read_model, directory)
+        config, found = await asyncio.to_thread(_read_model, directory)
     except ConfigError as exc:
         report.errors("config", str(exc), name)
         return None
-    report.add("config", "ok", str(path) if has_file else "no config.yaml or config.pbtxt: every default", name)
+    report.add("config", "ok", str(path) if path.exists() else "no config.yaml or config.pbtxt: every default", name)
     wanted = config.version_policy.select(found)
     if not wanted:
         message = f"no version directory matches the version policy (found: {', '.join(map(str, found)) or 'none'})"
@@ -192,11 +192,11 @@ async def _check_model(
     return None
 
 
-def _read_model(directory: Path) -> tuple[ModelConfig, list[int], bool]:
-    """The model's config, its version directories, and whether its config file exists. Raises ConfigError."""
+def _read_model(directory: Path) -> tuple[ModelConfig, list[int]]:
+    """The model's config and its version directories. Raises ConfigError."""
     config = read_model_config(directory)
     found = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and is_version_name(p.name))
-    return config, found, config_file(directory).exists()
+    return config, found
 
 
 async def _check_version(
