@@ -18,7 +18,9 @@ file does not hold up the event loop.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from infergate.configfile import ConfigError, read_yaml, validate
 from infergate.models.config import Metadata, ModelConfig
@@ -104,13 +106,34 @@ def metadata_parameters(metadata: Metadata) -> dict[str, str]:
 
     ``tags`` are joined with commas; each label ``KEY`` becomes ``label.KEY``.
     """
-    params = {name: value for name in TEXT_PARAMETERS if (value := getattr(metadata, name)) is not None}
+    params = {name: value for name in _TEXT_PARAMETERS if (value := getattr(metadata, name)) is not None}
     if metadata.tags:
         params["tags"] = ",".join(metadata.tags)
-    params.update({f"{LABEL_PREFIX}{key}": value for key, value in metadata.labels.items()})
+    params.update({f"{_LABEL_PREFIX}{key}": value for key, value in metadata.labels.items()})
     return params
 
 
+def metadata_from_parameters(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """What :func:`metadata_parameters` served, read back (a ModelConfig's JSON loaded as an override):
+    the ``metadata`` mapping, and the names of the parameters that are not metadata. ``sha256`` is
+    dropped: it is the digest of the served version's file, which the server computes itself (a
+    checksum to enforce is metadata.yaml's)."""
+    metadata: dict[str, Any] = {}
+    others: list[str] = []
+    for name, value in params.items():
+        if name == "sha256":
+            continue
+        if name in _TEXT_PARAMETERS:
+            metadata[name] = value
+        elif name == "tags":
+            metadata["tags"] = value.split(",") if value else []
+        elif name.startswith(_LABEL_PREFIX):
+            metadata.setdefault("labels", {})[name.removeprefix(_LABEL_PREFIX)] = value
+        else:
+            others.append(name)
+    return metadata, others
+
+
 # The metadata fields served as a parameter each, as they are; and the prefix of each label's parameter.
-TEXT_PARAMETERS = ("owner", "description", "source_run", "training_data", "license", "created", "sha256")
-LABEL_PREFIX = "label."
+_TEXT_PARAMETERS = ("owner", "description", "source_run", "training_data", "license", "created", "sha256")
+_LABEL_PREFIX = "label."

@@ -60,7 +60,7 @@ from typing import Any
 from infergate.configfile import ConfigError
 from infergate.errors import InferGateError, InvalidArgument
 from infergate.models.config import ModelConfig, SessionOptions, model_config_from_data
-from infergate.models.governance import LABEL_PREFIX, TEXT_PARAMETERS
+from infergate.models.governance import metadata_from_parameters
 
 __all__ = [
     "CONFIG_PARAMETER",
@@ -356,12 +356,11 @@ _EXECUTION_MODES = {"0": "sequential", "1": "parallel"}
 def _parameters(parameters: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """``parameters`` ({name: {string_value}}) as config.yaml's ``session_options`` (the onnxruntime
     backend's) and ``metadata`` (infergate's governance metadata, which ModelConfig answers with: so
-    tritonclient's JSON of a model loads back). ``sha256`` is dropped: the server answers with the
-    digest of the version's file, which it computes itself (a checksum to enforce is metadata.yaml's)."""
+    tritonclient's JSON of a model loads back; see ``governance.metadata_from_parameters``)."""
     if not isinstance(parameters, dict):
         raise ValueError("parameters: must be a mapping of names to {string_value: ...}")
     options: dict[str, Any] = {}
-    metadata: dict[str, Any] = {}
+    rest: dict[str, str] = {}
     for name, parameter in parameters.items():
         value = parameter.get("string_value", "") if isinstance(parameter, dict) else None
         if not isinstance(value, str):
@@ -370,20 +369,15 @@ def _parameters(parameters: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             options[_THREAD_PARAMETERS[name]] = int(value)
         elif name == "execution_mode" and value in _EXECUTION_MODES:
             options["execution_mode"] = _EXECUTION_MODES[value]
-        elif name == "sha256":
-            continue
-        elif name in TEXT_PARAMETERS:
-            metadata[name] = value
-        elif name == "tags":
-            metadata["tags"] = value.split(",") if value else []
-        elif name.startswith(LABEL_PREFIX):
-            metadata.setdefault("labels", {})[name.removeprefix(LABEL_PREFIX)] = value
         else:
-            taken = ", ".join([*_THREAD_PARAMETERS, "execution_mode"])
-            raise ValueError(
-                f"parameters.{name}: not taken (infergate takes onnxruntime's {taken}, as session_options, "
-                "and its own metadata)"
-            )
+            rest[name] = value
+    metadata, others = metadata_from_parameters(rest)
+    if others:
+        taken = ", ".join([*_THREAD_PARAMETERS, "execution_mode"])
+        raise ValueError(
+            f"parameters.{others[0]}: not taken (infergate takes onnxruntime's {taken}, as session_options, "
+            "and its own metadata)"
+        )
     return options, metadata
 
 
