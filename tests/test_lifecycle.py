@@ -61,3 +61,25 @@ async def test_a_stopped_server_refuses_new_requests(slow_repository: Path, log_
     async with aioclient.InferenceServerClient(server.url) as client:
         with pytest.raises(Exception, match=r"UNAVAILABLE|failed to connect|Connection refused"):
             await client.is_server_live()
+
+
+async def test_a_watch_hears_of_shutdown_though_another_watch_of_its_service_ended(
+    slow_repository: Path, log_dir: Path
+) -> None:
+    """Two clients watch the server's health; one stops. The other still hears NOT_SERVING at SIGTERM
+    (grpcio-health-checking's own servicer dropped the watchers' shared condition with the first to go)."""
+    server = launch_server(slow_repository, log_dir)
+    try:
+        async with grpc.aio.insecure_channel(server.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            leaving = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            staying = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            for watch in (leaving, staying):
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            leaving.cancel()
+            await stub.Check(health_pb2.HealthCheckRequest(service=""))  # a call after the cancel, answered
+            server.process.send_signal(signal.SIGTERM)
+            assert (await staying.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await asyncio.to_thread(server.process.wait, 60) == 0
+    finally:
+        server.terminate()

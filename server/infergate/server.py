@@ -43,6 +43,7 @@ from infergate.serving.admission import Admission
 from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.health_port import HealthPort
+from infergate.serving.health_watch import HealthServicer
 from infergate.serving.interceptors import CallPipeline
 from infergate.serving.log_settings import LocalLogSettings
 from infergate.serving.request import RequestLimits
@@ -163,7 +164,7 @@ class InferGateServer:
         control: ModelControl = self._worker_control or local
         self._poller: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None  # a worker's SERVING, once every worker listens
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self._keys: KeyStore | None = build_key_store(config.auth) if config.auth.enabled else None
         auth = None
         if self._keys is not None:
