@@ -45,6 +45,21 @@ STARTUP_TIMEOUT = 60.0
 WAIT_S = 60.0  # how long the pollers wait before they fail: a hang guard for a busy machine
 
 
+@dataclass(frozen=True)
+class Scrape:
+    """The samples of one scrape."""
+
+    samples: list[Any]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
+        return sum(
+            sample.value
+            for sample in self.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+
 @dataclass
 class ServerProcess:
     process: subprocess.Popen[str]
@@ -58,15 +73,14 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples of ``name`` whose labels include ``labels``, from a real scrape (0 if none)."""
+        return self.scrape().metric(name, **labels)
+
+    def scrape(self) -> Scrape:
+        """One real scrape of the metrics endpoint: several figures read from it agree with each other."""
         assert self.metrics_url is not None, "start the server with --metrics-port"
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             text = response.read().decode()
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        )
+        return Scrape([sample for family in text_string_to_metric_families(text) for sample in family.samples])
 
     def log(self) -> str:
         """The server's log so far. While it runs, only up to the last complete line: a read may

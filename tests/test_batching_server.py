@@ -37,9 +37,10 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> 
     repo = tmp_path_factory.mktemp("batching-repo")
     window = "dynamic_batching: {max_queue_delay_microseconds: 300000}\n"
     save_model(build_slow_model(50), repo, "slow_batched", config_yaml="max_batch_size: 16\n" + window)
-    # A batch window long enough for a test to see, in a scrape, that its requests are all queued.
-    long_window = "dynamic_batching: {max_queue_delay_microseconds: 1000000}\n"
-    save_model(build_slow_model(50), repo, "slow_window", config_yaml="max_batch_size: 16\n" + long_window)
+    # Runs a batch only when 8 rows wait (or after 10 s): requests stay queued until a test completes the batch,
+    # so no scrape has to catch a window.
+    held = "dynamic_batching: {max_queue_delay_microseconds: 10000000}\n"
+    save_model(build_slow_model(50), repo, "held", config_yaml="max_batch_size: 8\n" + held)
     save_model(
         build_slow_model(500),
         repo,
@@ -116,17 +117,19 @@ async def test_one_request_that_fails_at_run_time_does_not_fail_its_batch(batchi
 
 async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_answered(batching_server: ServerProcess) -> None:
     async with aioclient.InferenceServerClient(batching_server.url) as client:
-        inputs = [np.full((1, 4), 10 + i, dtype=np.float32) for i in range(6)]
-        tasks = [asyncio.create_task(_infer(client, "slow_window", "x", x)) for x in inputs]
-        await eventually(lambda: _queued(batching_server, "slow_window") == 6, "six requests queued")
+        inputs = [np.full((1, 4), 10 + i, dtype=np.float32) for i in range(8)]
+        tasks = [asyncio.create_task(_infer(client, "held", "x", x)) for x in inputs[:6]]
+        await eventually(lambda: _queued(batching_server, "held") == 6, "six requests queued")
         tasks[2].cancel()
+        await eventually(lambda: _active(batching_server) == 5, "the server saw the cancellation")
+        # Two more complete the batch of 8 rows (the cancelled one's included): it runs without it.
+        tasks += [asyncio.create_task(_infer(client, "held", "x", x)) for x in inputs[6:]]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert isinstance(results[2], asyncio.CancelledError)
-        for i in (0, 1, 3, 4, 5):
+        for i in (0, 1, 3, 4, 5, 6, 7):
             np.testing.assert_array_equal(results[i].as_numpy("y"), inputs[i])
-        # The server keeps serving.
-        after = await _infer(client, "slow_window", "x", inputs[0])
-        np.testing.assert_array_equal(after.as_numpy("y"), inputs[0])
+        sizes = await _batch_sizes(client, "held")
+    assert sizes == {7: 1}, f"the cancelled request ran, or the batch split: {sizes}"
 
 
 async def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(

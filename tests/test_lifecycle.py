@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
-from conftest import eventually, launch_server
+from conftest import ServerProcess, eventually, launch_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from models import build_slow_model, save_model
 from tritonclient.grpc import InferInput
@@ -18,8 +18,15 @@ from tritonclient.grpc import InferInput
 
 @pytest.fixture
 def slow_repository(tmp_path: Path) -> Path:
-    save_model(build_slow_model(100), tmp_path, "slow", config_yaml="max_batch_size: 4\n")
+    save_model(build_slow_model(300), tmp_path, "slow", config_yaml="max_batch_size: 4\n")
     return tmp_path
+
+
+def _all_arrived_some_running(server: ServerProcess, calls: int) -> bool:
+    scrape = server.scrape()
+    running = scrape.metric("infergate_requests_active", rpc_method="ModelInfer")
+    answered = scrape.metric("infergate_requests_total", rpc_method="ModelInfer", model="slow")
+    return running > 0 and running + answered == calls
 
 
 async def _infer(client: aioclient.InferenceServerClient, value: float) -> np.ndarray:
@@ -37,11 +44,11 @@ async def test_sigterm_drains_in_flight_requests_then_exits_zero(slow_repository
             async with grpc.aio.insecure_channel(server.url) as channel:
                 watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
                 assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-                # 16 requests on a model that runs 4 rows per ~100 ms batch: several batches of work.
+                # 16 requests on a model that runs 4 rows per ~300 ms batch: several batches of work.
                 calls = [asyncio.create_task(_infer(client, float(i))) for i in range(16)]
-                # Every call has reached the server (queued or running) before the signal.
-                active = lambda: server.metric("infergate_requests_active", rpc_method="ModelInfer")  # noqa: E731
-                await eventually(lambda: active() == 16, "16 calls in the server")
+                # Every call has reached the server before the signal, and some are still there: a condition
+                # that holds for the whole second of work, not a moment a slow scrape could miss.
+                await eventually(lambda: _all_arrived_some_running(server, 16), "16 calls in the server")
                 server.process.send_signal(signal.SIGTERM)
                 assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
                 results = await asyncio.gather(*calls, return_exceptions=True)

@@ -34,7 +34,12 @@ def x(width: int = 4) -> list[InferInput]:
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("outcomes")
-    save_model(build_slow_model(100), repo, "slow", config_yaml="max_batch_size: 8\n")
+    # Several times the 50 ms deadlines below on any machine (the hint is ms on a slow core; a fast one
+    # ran a 100 ms hint in 48 ms, and calls meant to expire were answered).
+    save_model(build_slow_model(400), repo, "slow", config_yaml="max_batch_size: 8\n")
+    # Runs only batches of 8 rows (or after 10 s): a few requests stay queued as long as a test needs.
+    held = "max_batch_size: 8\ndynamic_batching: {max_queue_delay_microseconds: 10000000}\n"
+    save_model(build_slow_model(1), repo, "held", config_yaml=held)
     with running_server(repo, log_dir, "--metrics-port", "0") as server:
         yield server
 
@@ -58,6 +63,10 @@ def active(server: ServerProcess) -> float:
     return server.metric("infergate_requests_active", rpc_method="ModelInfer")
 
 
+def queued(server: ServerProcess, model: str) -> float:
+    return server.metric("infergate_queue_depth", model=model)
+
+
 def idle(server: ServerProcess) -> bool:
     """No inference call is being served: every outcome has been recorded."""
     return active(server) == 0
@@ -66,25 +75,29 @@ def idle(server: ServerProcess) -> bool:
 async def test_calls_that_expire_or_are_cancelled_count_as_failures_never_as_successes(
     slow_server: ServerProcess,
 ) -> None:
+    models = ("slow", "held")
     async with aioclient.InferenceServerClient(slow_server.url) as client:
         await client.infer("slow", x())  # connected: the calls below reach the server before their deadline
-        success, fail = await statistics(client, "slow")
-        failed_before = failures(slow_server, "slow")
+        before = {model: await statistics(client, model) for model in models}
+        failed_before = {model: failures(slow_server, model) for model in models}
         expired = await asyncio.gather(
             *(client.infer("slow", x(), client_timeout=0.05) for _ in range(20)), return_exceptions=True
         )
         assert all(isinstance(e, InferenceServerException) and "DEADLINE" in str(e.status()) for e in expired)
         await eventually(lambda: idle(slow_server), "the expired calls finished on the server")
-        hung_up = [asyncio.create_task(client.infer("slow", x())) for _ in range(5)]
-        await eventually(lambda: active(slow_server) == 5, "five calls in the server")
+        hung_up = [asyncio.create_task(client.infer("held", x())) for _ in range(5)]
+        # They stay queued (held runs full batches of 8 only): the hang-up surely reaches waiting calls.
+        await eventually(lambda: queued(slow_server, "held") == 5, "five calls queued")
         for task in hung_up:
             task.cancel()
         await asyncio.gather(*hung_up, return_exceptions=True)
         await eventually(lambda: idle(slow_server), "every call finished on the server")
-        after_success, after_fail = await statistics(client, "slow")
-    assert after_success == success, "a cancelled or expired call was counted as a success"
-    assert after_fail - fail == failures(slow_server, "slow") - failed_before > 0
-    assert requests(slow_server, "slow", EXPIRED) > 0 and requests(slow_server, "slow", CANCELLED) > 0
+        after = {model: await statistics(client, model) for model in models}
+    for model in models:
+        (success, fail), (after_success, after_fail) = before[model], after[model]
+        assert after_success == success, f"a cancelled or expired call was counted as a success on {model}"
+        assert after_fail - fail == failures(slow_server, model) - failed_before[model] > 0
+    assert requests(slow_server, "slow", EXPIRED) > 0 and requests(slow_server, "held", CANCELLED) == 5
 
 
 async def test_metrics_and_model_statistics_agree_on_every_outcome(slow_server: ServerProcess) -> None:
