@@ -41,8 +41,9 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> 
     # so no scrape has to catch a window.
     held = "dynamic_batching: {max_queue_delay_microseconds: 10000000}\n"
     save_model(build_slow_model(50), repo, "held", config_yaml="max_batch_size: 8\n" + held)
+    # A hint of 1000 runs for 0.5 s on a fast core: long enough for a scrape to see the first request running.
     save_model(
-        build_slow_model(500),
+        build_slow_model(1000),
         repo,
         "slow_serial",
         config_yaml="max_batch_size: 1\ndynamic_batching: {max_queue_size: 2}\n",
@@ -138,7 +139,7 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(
     async with aioclient.InferenceServerClient(batching_server.url) as client:
         before = (await client.get_inference_statistics("slow_serial")).model_stats[0].execution_count
         x = np.ones((1, 4), dtype=np.float32)
-        # The first request occupies the only instance for ~500 ms; the others wait behind it.
+        # The first request occupies the only instance for 0.5-1 s; the others wait behind it.
         first = asyncio.create_task(_infer(client, "slow_serial", "x", x))
         running = lambda: _active(batching_server) == 1 and _queued(batching_server, "slow_serial") == 0  # noqa: E731
         await eventually(running, "the first request running on the instance")
