@@ -14,7 +14,8 @@ import pytest
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate.errors import InvalidArgument, Status
-from infergate.models.overrides import LoadOverride, PollFailed, parse_load_parameters, stage_files
+from infergate.models.config import PROVIDERS, model_config_from_data
+from infergate.models.overrides import LoadOverride, PollFailed, parse_load_parameters, placement, stage_files
 
 MODEL = "simple"
 
@@ -169,6 +170,48 @@ def test_triton_s_execution_accelerators_become_execution_providers(
     loaded = parse_load_parameters(MODEL, params({"config": json.dumps(config)})).config
     assert loaded is not None
     assert [(p.name, p.options) for p in loaded.execution_providers] == providers
+
+
+TENSORRT_OPTIONS = {
+    "device_id": 1,
+    "trt_fp16_enable": True,
+    "trt_max_workspace_size": 1073741824,
+    "trt_engine_cache_path": "/cache",
+}
+
+
+@pytest.mark.parametrize(
+    ("providers", "running", "loads_back_as"),
+    [
+        pytest.param([{"name": "cuda", "options": {"device_id": 1}}], "cuda", [("cuda", {"device_id": 1})],
+                     id="CUDA on GPU 1"),
+        pytest.param([{"name": "cuda"}, {"name": "cpu"}], "cuda", [("cuda", {"device_id": 0})],
+                     id="CUDA with a CPU fallback: the GPU (a Triton GPU instance has no fallback)"),
+        pytest.param([{"name": "cuda"}, {"name": "cpu"}], "cpu", [("cpu", {})],
+                     id="CUDA asked for, fell back to the CPU: the CPU"),
+        pytest.param(
+            [{"name": "tensorrt", "options": TENSORRT_OPTIONS}, {"name": "cuda", "options": {"device_id": 1}}],
+            "tensorrt",
+            [("tensorrt", {"device_id": 1, "trt_fp16_enable": "1", "trt_max_workspace_size": "1073741824",
+                           "trt_engine_cache_path": "/cache"}), ("cuda", {"device_id": 1})],
+            id="TensorRT in FP16 on GPU 1, then CUDA",
+        ),
+        pytest.param([{"name": "openvino"}, {"name": "cpu"}], "openvino", [("openvino", {}), ("cpu", {})],
+                     id="OpenVINO: the CPU with an accelerator, never a GPU"),
+        pytest.param([{"name": "cpu"}], "cpu", [("cpu", {})], id="the CPU"),
+    ],
+)  # fmt: skip
+def test_model_config_names_where_a_model_runs_and_its_json_loads_back_there(
+    providers: list[dict[str, Any]], running: str, loads_back_as: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """ModelConfig's instance group and accelerators, from the providers configured and the one the
+    session runs on. Checked as configuration: no GPU, TensorRT or OpenVINO session runs here."""
+    configured = model_config_from_data({"execution_providers": providers}, "config.yaml").execution_providers
+    group, optimization = placement(configured, PROVIDERS[running])
+    answered = {"instance_group": [{"count": 1, **group}], "optimization": optimization}
+    loaded = parse_load_parameters(MODEL, params({"config": json.dumps(answered)})).config
+    assert loaded is not None
+    assert [(p.name, p.options) for p in loaded.execution_providers] == loads_back_as
 
 
 @pytest.mark.parametrize(

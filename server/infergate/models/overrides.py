@@ -59,7 +59,7 @@ from typing import Any
 
 from infergate.configfile import ConfigError
 from infergate.errors import InferGateError, InvalidArgument
-from infergate.models.config import ModelConfig, SessionOptions, model_config_from_data
+from infergate.models.config import PROVIDERS, ExecutionProvider, ModelConfig, SessionOptions, model_config_from_data
 from infergate.models.governance import metadata_from_parameters
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "LoadOverride",
     "PollFailed",
     "parse_load_parameters",
+    "placement",
     "session_parameters",
     "stage_files",
 ]
@@ -319,6 +320,40 @@ def _openvino(accelerators: list[Any]) -> dict[str, Any]:
             "not taken (give OpenVINO's options in config.yaml's execution_providers)"
         )
     return {"name": "openvino"}
+
+
+def placement(providers: list[ExecutionProvider], running: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Where a model runs, as Triton writes it: an instance group's ``kind`` and ``gpus``, and the
+    ``optimization`` naming its accelerator. The inverse of the instance groups and accelerators above,
+    so that the JSON ModelConfig answers with loads back onto the same device. ``running`` is the
+    session's first onnxruntime provider (what it runs on, after any fallback)."""
+    options = next((p.options for p in providers if PROVIDERS[p.name] == running), {})
+    device = int(options.get("device_id", 0))
+    if running == PROVIDERS["cuda"]:
+        return {"kind": "KIND_GPU", "gpus": [device]}, {}
+    if running == PROVIDERS["tensorrt"]:
+        tensorrt = {"name": "tensorrt", "parameters": _tensorrt_parameters(options)}
+        return {"kind": "KIND_GPU", "gpus": [device]}, {
+            "execution_accelerators": {"gpu_execution_accelerator": [tensorrt]}
+        }
+    if running == PROVIDERS["openvino"]:
+        return {"kind": "KIND_CPU"}, {"execution_accelerators": {"cpu_execution_accelerator": [{"name": "openvino"}]}}
+    # The CPU, and providers Triton's configuration has no words for (ROCm, oneDNN, CoreML).
+    return {"kind": "KIND_CPU"}, {}
+
+
+def _tensorrt_parameters(options: dict[str, str | int | float | bool]) -> dict[str, str]:
+    """onnxruntime's TensorRT options as Triton's accelerator parameters (the inverse of ``_tensorrt``)."""
+    on = {key for key, value in options.items() if str(value).lower() in ("1", "true")}
+    renamed = {ours: theirs for theirs, ours in _TENSORRT_RENAMED.items()}
+    parameters = {
+        "precision_mode": "INT8" if "trt_int8_enable" in on else "FP16" if "trt_fp16_enable" in on else "FP32"
+    }
+    for key, value in options.items():
+        if key in ("device_id", "trt_fp16_enable", "trt_int8_enable"):
+            continue
+        parameters[renamed.get(key, key)] = str(int(value)) if isinstance(value, bool) else str(value)
+    return parameters
 
 
 def _control_kinds(batching: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from infergate._proto import model_config_pb2 as mc
 from infergate.models.config import SequenceBatching, WarmupSample
 from infergate.models.ensemble import EnsembleVersion
 from infergate.models.governance import metadata_parameters
-from infergate.models.overrides import session_parameters
+from infergate.models.overrides import placement, session_parameters
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.models.stats import Duration
 from infergate.repository.catalog import ServedVersion
@@ -52,7 +52,7 @@ def model_config_message(model: ServedVersion) -> mc.ModelConfig:
     spec, config = model.spec, model.config  # the spec clients see: without server-filled tensors
     formats = {i.name: i.format for i in config.input}
     labels = {o.name: o.label_filename or "" for o in config.output}
-    gpu = config.execution_providers[0].name != "cpu" and model.runner.providers[0] != "CPUExecutionProvider"
+    group, optimization = placement(config.execution_providers, model.runner.providers[0])
     message = mc.ModelConfig(
         name=spec.name,
         platform=spec.platform,
@@ -74,10 +74,12 @@ def model_config_message(model: ServedVersion) -> mc.ModelConfig:
         instance_group=[
             mc.ModelInstanceGroup(
                 name=f"{spec.name}_0",
-                kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
+                kind=group["kind"],
+                gpus=group.get("gpus", []),
                 count=config.instance_group.count,
             )
         ],
+        optimization=json_format.ParseDict(optimization, mc.ModelOptimizationPolicy()),
         default_model_filename=config.default_model_filename,
         # Governance metadata (owner, source_run, sha256…) and onnxruntime's thread options, as Triton's
         # string parameters (its onnxruntime backend's names for the latter).
