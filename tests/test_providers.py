@@ -18,6 +18,7 @@ from conftest import ServerProcess, running_server
 from models import save_model
 
 from infergate.demo import build_matmul16
+from infergate.models.runner import plain_run
 
 pytestmark = pytest.mark.skipif(
     "CUDAExecutionProvider" in ort.get_available_providers(),
@@ -59,3 +60,30 @@ def test_a_listed_fallback_serves_on_the_cpu(server: ServerProcess) -> None:
     config = client.get_model_config("cuda_then_cpu").config
     assert config.instance_group[0].kind == 2  # KIND_CPU
     assert "providers ['cuda'] unavailable, using CPUExecutionProvider" in server.log()
+
+
+def test_a_cpu_only_session_runs_without_the_python_wrapper_and_answers_the_same() -> None:
+    """Batches on a CPU-only session call onnxruntime's binding directly (the wrapper's checks and
+    provider fallback cost as much as a tiny model's run); the outputs are the wrapper's."""
+    session = ort.InferenceSession(build_matmul16().SerializeToString(), providers=["CPUExecutionProvider"])
+    run = plain_run(session)
+    assert run == session._sess.run
+    x = {"x": np.arange(32, dtype=np.float32).reshape(2, 16)}
+    np.testing.assert_array_equal(run(["y"], x, None)[0], session.run(["y"], x)[0])
+
+
+class _GpuSession:
+    """Stands in for a CUDA session, which cannot be created on this machine (no GPU)."""
+
+    _sess = object()
+
+    def get_providers(self) -> list[str]:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def run(self, *args: object) -> list[object]:
+        return []
+
+
+def test_a_session_on_another_provider_keeps_the_wrapper_and_its_fallback() -> None:
+    session = _GpuSession()
+    assert plain_run(session) == session.run  # type: ignore[arg-type]

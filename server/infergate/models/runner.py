@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +149,34 @@ def _providers(config: ModelConfig, name: str) -> list[tuple[str, dict[str, str]
     return chosen
 
 
+Run = Callable[[list[str], Tensors, Any], list[Any]]  # (output names, feeds, run options or None): outputs
+
+
+def plain_run(session: ort.InferenceSession) -> Run:
+    """How a batch calls ``session``: its ``run``, or on a CPU-only session the binding underneath.
+
+    Why not always ``session.run``: its Python wrapper checks the feed's names (the request's decode
+    did, and onnxruntime's C++ checks them again) and catches EPFail to fall back to other providers,
+    which a CPU-only session has none of. On a tiny model that doubles the call: about 10 µs against
+    4 µs in a warm loop, 46 to 70 against 32 to 37 µs with cold caches, as one request in flight runs.
+    Sessions with any other provider keep the wrapper, fallback and all.
+    """
+    inner = getattr(session, "_sess", None)
+    if inner is None or session.get_providers() != ["CPUExecutionProvider"]:
+        return session.run  # type: ignore[no-any-return]
+    return inner.run  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class Instance:
-    """What one instance thread owns: a session and, with IO binding, its bound buffers."""
+    """What one instance thread owns: a session, how to run it, and with IO binding, its bound buffers."""
 
     session: ort.InferenceSession
     bound: BoundSession | None = None
+    run: Run = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run", plain_run(self.session))
 
 
 class OnnxRunner:
@@ -319,7 +341,7 @@ class OnnxRunner:
         feeds = collate(payloads)
         t1 = time.perf_counter_ns()
         try:
-            outputs = instance.session.run(self._output_names, feeds)
+            outputs = instance.run(self._output_names, feeds, None)
         except Exception as exc:
             results = self._isolate(instance, payloads, exc)
             t2 = time.perf_counter_ns()
