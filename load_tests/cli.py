@@ -465,6 +465,11 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
     p.add_argument("--variants", type=variants, default=VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/overhead-<time>")
     p.add_argument("--costs-only", action="store_true", help="only print each telemetry step's CPU µs per call")
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="time each step's call alone after evicting the CPU caches, as a server between requests",
+    )
 
 
 def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -798,8 +803,8 @@ def _cmd_shm(args: argparse.Namespace) -> int:
 def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
     from .telemetry import OverheadConfig, per_call_costs, run_overhead
 
-    for step, micros in per_call_costs().items():
-        print(f"{micros:8.1f} µs  {step}")
+    for step, micros in per_call_costs(cold=args.cold).items():
+        print(f"{micros:8.1f} µs  {step}{' (cold caches)' if args.cold else ''}")
     if args.costs_only:
         return 0
     signal.signal(signal.SIGTERM, _raise_exit)

@@ -10,7 +10,7 @@ import json
 import pathlib
 
 from load_tests.drift import DriftOverheadConfig, run_drift_overhead
-from load_tests.telemetry import OverheadConfig, run_overhead
+from load_tests.telemetry import OverheadConfig, per_call_costs, per_call_steps, run_overhead
 
 
 def _check(out: pathlib.Path, report: str, variants: tuple[str, ...]) -> None:
@@ -36,3 +36,11 @@ def test_drift_overhead_loads_every_variant_in_every_slot(tmp_path: pathlib.Path
     report = run_drift_overhead(config)
     _check(tmp_path, "drift-overhead.json", variants)
     assert report.monitor["off"] == ["-", "-"] and all("/" in m for m in report.monitor["0.1"])  # DriftStatus read
+
+
+def test_the_cost_table_times_every_step_warm_and_with_cold_caches() -> None:
+    steps = set(per_call_steps())
+    for cold in (False, True):
+        costs = per_call_costs(calls=20, cold=cold)
+        assert set(costs) == steps
+        assert all(micros >= 0 for micros in costs.values()), costs
