@@ -26,11 +26,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from .costs import Step, step_costs
 from .interleave import OverheadRun, Ratio, SlotFigures, Variant, measured, paired
 from .report import LoadResult, format_table
 from .suite import REPO_ROOT, environment
 
-__all__ = ["ALGORITHMS", "AuthOverheadConfig", "AuthOverheadReport", "auth_block", "run_auth_overhead"]
+__all__ = [
+    "ALGORITHMS",
+    "AuthOverheadConfig",
+    "AuthOverheadReport",
+    "auth_block",
+    "auth_step_costs",
+    "auth_steps",
+    "run_auth_overhead",
+]
 
 ALGORITHMS = ("HS256", "RS256")
 SCOPE = "infer:* metadata"
@@ -90,6 +99,61 @@ def auth_block(folder: pathlib.Path, algorithm: str) -> tuple[dict[str, object],
     (folder / "issuer.pem").write_bytes(public)
     auth = {"enabled": True, "algorithms": ["RS256"], "public_keys": [{"file": str(folder / "issuer.pem")}]}
     return auth, jwt.encode(claims, key, algorithm="RS256", headers={"kid": "load-tests"})
+
+
+def auth_step_costs(calls: int = 20_000, cold: bool = False) -> dict[str, float]:
+    """CPU µs per call of what auth does for a ModelInfer with a cached HS256 token, in-process,
+    warm or with ``cold`` caches (``costs.step_costs``)."""
+    return step_costs(auth_steps(), calls, cold)
+
+
+def auth_steps() -> dict[str, Step]:
+    """Auth's two steps per call, each as a call that runs it once, and the bare call to subtract."""
+    import asyncio
+
+    import grpc
+    import jwt
+
+    from infergate._proto import grpc_service_pb2 as pb  # type: ignore[import-untyped,unused-ignore]
+    from infergate.security.auth import TokenVerifier  # type: ignore[import-untyped,unused-ignore]
+    from infergate.security.config import AuthConfig  # type: ignore[import-untyped,unused-ignore]
+    from infergate.security.interceptor import AuthInterceptor  # type: ignore[import-untyped,unused-ignore]
+    from infergate.security.keys import KeyStore  # type: ignore[import-untyped,unused-ignore]
+
+    secret = os.urandom(32)
+    config = AuthConfig(enabled=True, algorithms=["HS256"], secret_env="UNUSED")  # the secret is handed over below
+    interceptor = AuthInterceptor(TokenVerifier(config, KeyStore(secret)), [])
+    claims = {"sub": "load-tests", "exp": int(time.time()) + 3600, "scope": SCOPE}
+    token = jwt.encode(claims, secret, algorithm="HS256")
+    response = pb.ModelInferResponse(model_name="matmul16", model_version="1")
+
+    async def behavior(request: object, context: object) -> object:
+        return response
+
+    handler = grpc.unary_unary_rpc_method_handler(behavior)
+
+    class _Details:  # what gRPC hands an interceptor; a stand-in, since no RPC runs here
+        method = "/inference.GRPCInferenceService/ModelInfer"
+        invocation_metadata = (("authorization", f"Bearer {token}"),)
+
+    details, request = _Details(), pb.ModelInferRequest(model_name="matmul16", id="x")
+    authorized = asyncio.run(interceptor.authorize(details, handler))  # verified once: cached from now on
+
+    def cached() -> None:
+        interceptor.authorize_now(details, handler)
+
+    async def checked() -> None:
+        interceptor.authorize_now(details, handler)  # sets this call's caller, as the interceptor does
+        await authorized.unary_unary(request, None)
+
+    async def bare() -> None:
+        await handler.unary_unary(request, None)
+
+    return {
+        "the caller from the verifier's cache, and the handler that checks it": cached,
+        "the same, then the permission check around a unary ModelInfer": checked,
+        "the same unary call without auth (subtract it)": bare,
+    }
 
 
 def run_auth_overhead(config: AuthOverheadConfig) -> AuthOverheadReport:

@@ -559,12 +559,22 @@ def _add_auth_overhead(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     _add_overhead_run(p, AuthOverheadConfig, "model to load")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="HS256", help="token signature (default HS256)")
+    p.add_argument("--costs-only", action="store_true", help="only print auth's CPU µs per call, in-process")
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="with --costs-only: time each call alone after evicting the CPU caches, as a server between requests",
+    )
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/auth-<time>")
 
 
 def _cmd_auth_overhead(args: argparse.Namespace) -> int:
-    from .auth import AuthOverheadConfig, run_auth_overhead
+    from .auth import AuthOverheadConfig, auth_step_costs, run_auth_overhead
 
+    if args.costs_only:
+        for step, micros in auth_step_costs(cold=args.cold).items():
+            print(f"{micros:8.1f} µs  {step}{' (cold caches)' if args.cold else ''}")
+        return 0
     signal.signal(signal.SIGTERM, _raise_exit)
     out = _out_dir(args, "auth")
     config = AuthOverheadConfig(out=out, algorithm=args.algorithm, **_overhead_run(args))

@@ -27,10 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
+from .costs import Step, step_costs
 from .interleave import OverheadRun, SlotFigures, Variant, measured
 from .report import LoadResult, format_table, parse_variants
 from .servers import free_port
@@ -157,70 +158,13 @@ def variants(text: str) -> tuple[str, ...]:
 
 
 def per_call_costs(calls: int = 20_000, cold: bool = False) -> dict[str, float]:
-    """CPU µs per call of each telemetry step, measured in-process with ``time.process_time``.
+    """CPU µs per call of each telemetry step, measured in-process, warm or with ``cold`` caches
+    (``costs.step_costs``).
 
     No server and no network: these isolate what telemetry adds to a request
     when the machine is too busy for a throughput comparison to resolve a few percent.
-
-    In a loop, each step runs with its code and data in the CPU's caches. A server
-    answering one request at a time does not: between two requests the kernel, gRPC's
-    threads and the client run, and the next request finds the caches cold. With
-    ``cold`` every call follows an eviction (writing a buffer larger than the last-level
-    cache) and is timed alone, the timer's own cost taken off: the figure a served
-    request pays (see BENCHMARKS.md, "Cold caches").
     """
-    steps = per_call_steps()
-    if cold:
-        evict = _evictor()
-        timer = _cost(lambda: None, min(calls, 2_000), evict)
-        return {name: max(_cost(step, min(calls, 2_000), evict) - timer, 0.0) for name, step in steps.items()}
-    return {name: _cost(step, calls) for name, step in steps.items()}
-
-
-Step = Callable[[], object]  # a plain function, or a coroutine function (awaited inside one event loop)
-EVICTION_BYTES = 64 * 1024 * 1024  # more than any last-level cache of the machines this runs on
-
-
-def _evictor() -> Callable[[], object]:
-    import numpy as np
-
-    buffer = np.zeros(EVICTION_BYTES // 8)
-    return lambda: np.add(buffer, 1.0, out=buffer)
-
-
-def _cost(step: Step, calls: int, evict: Callable[[], object] | None = None) -> float:
-    """CPU µs per call: the whole loop timed (warm), or with ``evict``, each call timed alone after it."""
-    import asyncio
-    import inspect
-
-    async def run_async() -> float:
-        if evict is None:
-            started = time.process_time()
-            for _ in range(calls):
-                await step()  # type: ignore[misc]
-            return (time.process_time() - started) / calls * 1e6
-        total = 0
-        for _ in range(calls):
-            evict()
-            begun = time.thread_time_ns()
-            await step()  # type: ignore[misc]
-            total += time.thread_time_ns() - begun
-        return total / calls / 1e3
-
-    if inspect.iscoroutinefunction(step):
-        return asyncio.run(run_async())
-    if evict is None:
-        started = time.process_time()
-        for _ in range(calls):
-            step()
-        return (time.process_time() - started) / calls * 1e6
-    total = 0
-    for _ in range(calls):
-        evict()
-        begun = time.thread_time_ns()
-        step()
-        total += time.thread_time_ns() - begun
-    return total / calls / 1e3
+    return step_costs(per_call_steps(), calls, cold)
 
 
 def per_call_steps() -> dict[str, Step]:

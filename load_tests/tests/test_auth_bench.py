@@ -8,7 +8,7 @@ import pathlib
 import jwt
 import pytest
 
-from load_tests.auth import SCOPE, AuthOverheadConfig, auth_block, run_auth_overhead
+from load_tests.auth import SCOPE, AuthOverheadConfig, auth_block, auth_step_costs, auth_steps, run_auth_overhead
 from load_tests.cli import build_parser
 
 
@@ -40,3 +40,11 @@ def test_the_command_parses() -> None:
     assert (args.command, args.rounds, args.slices, args.algorithm) == ("auth-overhead", 2, 6, "RS256")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["auth-overhead", "--algorithm", "none"])
+
+
+def test_the_cost_table_runs_auth_s_real_steps_warm_and_with_cold_caches() -> None:
+    """The steps verify a real token once and then check each call (a refused call would raise here)."""
+    for cold in (False, True):
+        costs = auth_step_costs(calls=20, cold=cold)
+        assert set(costs) == set(auth_steps())
+        assert all(micros >= 0 for micros in costs.values()), costs
