@@ -82,6 +82,14 @@ def test_the_onnxruntime_backends_parameters_become_session_options(tmp_path: Pa
     assert config.version_policy.select([1, 2, 3]) == [2, 3]
 
 
+@pytest.mark.parametrize(("level", "session_level"), [(-1, "basic"), (1, "extended"), (2, "disable"), (0, "all")])
+def test_the_graph_optimization_level_is_read_as_the_onnxruntime_backend_reads_it(
+    tmp_path: Path, level: int, session_level: str
+) -> None:
+    config = read_model_config(write_model(tmp_path, f"optimization {{ graph {{ level: {level} }} }}\n"))
+    assert config.session_options.graph_optimization_level == session_level
+
+
 # Triton's ensemble syntax: ``scale`` twice. Named to sort before its step model: it still loads after it.
 ENSEMBLE = """
 name: "a_pipeline"
@@ -351,11 +359,13 @@ def test_strict_readiness_false_readies_the_server_though_a_model_failed(tmp_pat
 
 
 def test_model_config_answers_with_the_onnxruntime_parameters_and_loads_back_the_same(tmp_path: Path) -> None:
-    """ModelConfig names onnxruntime's thread options as Triton's backend does; its JSON loads back to them."""
-    options = "session_options: {intra_op_num_threads: 1, execution_mode: parallel}\n"
+    """ModelConfig names onnxruntime's thread options and graph optimization level as Triton's backend
+    does; its JSON loads back to them."""
+    options = "session_options: {intra_op_num_threads: 1, execution_mode: parallel, graph_optimization_level: basic}\n"
     directory = write_model(tmp_path / "models", f"max_batch_size: 8\n{options}", file="config.yaml")
     with running_server(directory.parent, tmp_path) as server, grpcclient.InferenceServerClient(server.url) as client:
         served = client.get_model_config("scale", as_json=True)["config"]
     parameters = {k: v["string_value"] for k, v in served["parameters"].items() if k != "sha256"}
     assert parameters == {"intra_op_thread_count": "1", "execution_mode": "1"}
+    assert served["optimization"]["graph"] == {"level": -1}
     assert config_from_json("scale", json.dumps(served)).session_options == read_model_config(directory).session_options

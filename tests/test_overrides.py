@@ -218,9 +218,14 @@ def test_model_config_names_where_a_model_runs_and_its_json_loads_back_there(
     ("config", "says"),
     [
         pytest.param(
-            {"optimization": {"graph": {"level": 1}}},
-            "optimization: ['graph'] not taken (execution_accelerators is)",
-            id="graph optimization",
+            {"optimization": {"cuda": {"graphs": True}}},
+            "optimization: ['cuda'] not taken (execution_accelerators and graph are)",
+            id="Triton's CUDA graphs (infergate's are device_execution.cuda_graph_batch_sizes)",
+        ),
+        pytest.param(
+            {"optimization": {"graph": {"level": 3}}},
+            "optimization.graph.level: 3 not taken (-1 basic, 1 extended, 2 none, 0 all)",
+            id="a graph level the onnxruntime backend does not define",
         ),
         pytest.param(
             {"optimization": {"execution_accelerators": {"gpu_execution_accelerator": [{"name": "cuda"}]}}},

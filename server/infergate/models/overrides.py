@@ -29,6 +29,8 @@ Triton JSON                             config.yaml
 ``optimization.execution_accelerators``  ``execution_providers``: GPU ``tensorrt`` (its parameters
                                         as onnxruntime's ``trt_*`` options), then ``cuda``; CPU
                                         ``openvino``, then ``cpu``
+``optimization.graph.level``            ``session_options.graph_optimization_level``: -1 basic,
+                                        1 extended, 2 disable, 0 all (the onnxruntime backend's)
 ``dynamic_batching.default_queue_policy``  its ``max_queue_size`` and
   ``{max_queue_size, default_timeout_microseconds}``  ``default_timeout_microseconds`` move up into
                                         ``dynamic_batching``
@@ -67,6 +69,7 @@ __all__ = [
     "FILE_PREFIX",
     "LoadOverride",
     "PollFailed",
+    "graph_optimization",
     "parse_load_parameters",
     "placement",
     "session_parameters",
@@ -163,20 +166,23 @@ def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
     kind, device = "auto", None
     if isinstance(out.get("instance_group"), list):
         out["instance_group"], kind, device = _instance_group(out["instance_group"])
-    providers = _execution_providers(kind, device, out.pop("optimization", None))
+    optimization = out.pop("optimization", None)
+    providers = _execution_providers(kind, device, optimization)
     if providers is not None:
         if "execution_providers" in out:
             raise ValueError("a KIND_GPU instance_group or an accelerator, and execution_providers: give one of them")
         out["execution_providers"] = providers
     if isinstance(out.get("sequence_batching"), dict):
         out["sequence_batching"] = _control_kinds(out["sequence_batching"])
-    if "parameters" in out:
-        options, metadata = _parameters(out.pop("parameters"))
-        for key, value in (("session_options", options), ("metadata", metadata)):
-            if value and key in out:
-                raise ValueError(f"parameters: give {key} either as parameters or as {key}")
-            if value:
-                out[key] = value
+    options, metadata = _parameters(out.pop("parameters")) if "parameters" in out else ({}, {})
+    level = _graph_level(optimization)
+    if level is not None:
+        options["graph_optimization_level"] = level
+    for key, value in (("session_options", options), ("metadata", metadata)):
+        if value and key in out:
+            raise ValueError(f"parameters or optimization.graph: give {key} either Triton's way or as {key}")
+        if value:
+            out[key] = value
     batching = out.get("dynamic_batching")
     if isinstance(batching, dict) and isinstance(batching.get("default_queue_policy"), dict):
         out["dynamic_batching"] = _flatten_queue_policy(batching)
@@ -254,15 +260,41 @@ def _accelerators(optimization: Any) -> tuple[list[Any], list[Any]]:
         return [], []
     if not isinstance(optimization, dict):
         raise ValueError("optimization: must be a mapping")
-    others = sorted(set(optimization) - {"execution_accelerators"})
+    others = sorted(set(optimization) - {"execution_accelerators", "graph"})
     if others:
-        raise ValueError(f"optimization: {others} not taken (execution_accelerators is)")
+        raise ValueError(f"optimization: {others} not taken (execution_accelerators and graph are)")
     accelerators = optimization.get("execution_accelerators") or {}
     if not isinstance(accelerators, dict):
         raise ValueError("optimization.execution_accelerators: must be a mapping")
     return list(accelerators.get("gpu_execution_accelerator", [])), list(
         accelerators.get("cpu_execution_accelerator", [])
     )
+
+
+# The onnxruntime backend's optimization.graph.level: -1 basic, 1 extended, 2 none, 0 (its default) all.
+_GRAPH_LEVELS = {-1: "basic", 0: "all", 1: "extended", 2: "disable"}
+
+
+def _graph_level(optimization: Any) -> str | None:
+    """``optimization.graph.level`` as ``session_options.graph_optimization_level`` (None: not given).
+    Triton's backend takes any other number as the default; infergate refuses it."""
+    graph = optimization.get("graph") if isinstance(optimization, dict) else None
+    if graph is None:
+        return None
+    level = graph.get("level", 0) if isinstance(graph, dict) else None
+    try:
+        return _GRAPH_LEVELS[int(level)]  # type: ignore[arg-type]  # Triton's JSON may write it as a string
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"optimization.graph.level: {level!r} not taken (-1 basic, 1 extended, 2 none, 0 all)"
+        ) from None
+
+
+def graph_optimization(options: SessionOptions) -> dict[str, Any]:
+    """``session_options.graph_optimization_level`` as Triton's ``optimization.graph`` (empty for all,
+    the default of both): what ModelConfig answers with."""
+    level = next(k for k, v in _GRAPH_LEVELS.items() if v == options.graph_optimization_level)
+    return {"graph": {"level": level}} if level else {}
 
 
 def _one_accelerator(accelerators: list[Any], kind: str, name: str) -> dict[str, str]:

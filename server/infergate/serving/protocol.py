@@ -11,7 +11,7 @@ from infergate._proto import model_config_pb2 as mc
 from infergate.models.config import SequenceBatching, WarmupSample
 from infergate.models.ensemble import EnsembleVersion
 from infergate.models.governance import metadata_parameters
-from infergate.models.overrides import placement, session_parameters
+from infergate.models.overrides import graph_optimization, placement, session_parameters
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.models.stats import Duration
 from infergate.repository.catalog import ServedVersion
@@ -79,7 +79,9 @@ def model_config_message(model: ServedVersion) -> mc.ModelConfig:
                 count=config.instance_group.count,
             )
         ],
-        optimization=json_format.ParseDict(optimization, mc.ModelOptimizationPolicy()),
+        optimization=json_format.ParseDict(
+            optimization | graph_optimization(config.session_options), mc.ModelOptimizationPolicy()
+        ),
         default_model_filename=config.default_model_filename,
         # Governance metadata (owner, source_run, sha256…) and onnxruntime's thread options, as Triton's
         # string parameters (its onnxruntime backend's names for the latter).
