@@ -108,7 +108,8 @@ def auth_step_costs(calls: int = 20_000, cold: bool = False) -> dict[str, float]
 
 
 def auth_steps() -> dict[str, Step]:
-    """Auth's two steps per call, each as a call that runs it once, and the bare call to subtract."""
+    """Auth's two steps per call, each as a coroutine function that runs it once, and the bare call
+    to subtract."""
     import asyncio
 
     import grpc
@@ -139,7 +140,9 @@ def auth_steps() -> dict[str, Step]:
     details, request = _Details(), pb.ModelInferRequest(model_name="matmul16", id="x")
     authorized = asyncio.run(interceptor.authorize(details, handler))  # verified once: cached from now on
 
-    def cached() -> None:
+    # Coroutine functions, all three: the cost loop runs them in a task of its own, so the caller that
+    # authorize_now sets stays in that task's context instead of leaking into the process's.
+    async def cached() -> None:
         interceptor.authorize_now(details, handler)
 
     async def checked() -> None:

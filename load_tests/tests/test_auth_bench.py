@@ -8,6 +8,7 @@ import pathlib
 import jwt
 import pytest
 
+from infergate.security.auth import current_principal
 from load_tests.auth import SCOPE, AuthOverheadConfig, auth_block, auth_step_costs, auth_steps, run_auth_overhead
 from load_tests.cli import build_parser
 
@@ -48,3 +49,9 @@ def test_the_cost_table_runs_auth_s_real_steps_warm_and_with_cold_caches() -> No
         costs = auth_step_costs(calls=20, cold=cold)
         assert set(costs) == set(auth_steps())
         assert all(micros >= 0 for micros in costs.values()), costs
+
+
+def test_the_cost_table_leaves_no_caller_behind_in_this_process() -> None:
+    """Auth sets the verified caller in the current context: the steps must keep it in their own."""
+    auth_step_costs(calls=5)
+    assert current_principal() is None
