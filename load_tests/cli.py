@@ -464,12 +464,22 @@ def _add_telemetry_overhead(commands: argparse._SubParsersAction[argparse.Argume
     _add_overhead_run(p, OverheadConfig, "model to load")
     p.add_argument("--variants", type=variants, default=VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/overhead-<time>")
-    p.add_argument("--costs-only", action="store_true", help="only print each telemetry step's CPU µs per call")
+    _add_cost_table(p, "each telemetry step's")
+
+
+def _add_cost_table(p: argparse.ArgumentParser, whose: str) -> None:
+    """``--costs-only`` and ``--cold``: the in-process cost table of an overhead command (costs.py)."""
+    p.add_argument("--costs-only", action="store_true", help=f"only print {whose} CPU µs per call, in-process")
     p.add_argument(
         "--cold",
         action="store_true",
-        help="time each step's call alone after evicting the CPU caches, as a server between requests",
+        help="time each call of the cost table alone after evicting the CPU caches, as a server between requests",
     )
+
+
+def _print_costs(costs: dict[str, float], cold: bool) -> None:
+    for step, micros in costs.items():
+        print(f"{micros:8.1f} µs  {step}{' (cold caches)' if cold else ''}")
 
 
 def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -559,12 +569,7 @@ def _add_auth_overhead(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     _add_overhead_run(p, AuthOverheadConfig, "model to load")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="HS256", help="token signature (default HS256)")
-    p.add_argument("--costs-only", action="store_true", help="only print auth's CPU µs per call, in-process")
-    p.add_argument(
-        "--cold",
-        action="store_true",
-        help="with --costs-only: time each call alone after evicting the CPU caches, as a server between requests",
-    )
+    _add_cost_table(p, "auth's")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/auth-<time>")
 
 
@@ -572,8 +577,7 @@ def _cmd_auth_overhead(args: argparse.Namespace) -> int:
     from .auth import AuthOverheadConfig, auth_step_costs, run_auth_overhead
 
     if args.costs_only:
-        for step, micros in auth_step_costs(cold=args.cold).items():
-            print(f"{micros:8.1f} µs  {step}{' (cold caches)' if args.cold else ''}")
+        _print_costs(auth_step_costs(cold=args.cold), args.cold)
         return 0
     signal.signal(signal.SIGTERM, _raise_exit)
     out = _out_dir(args, "auth")
@@ -813,8 +817,7 @@ def _cmd_shm(args: argparse.Namespace) -> int:
 def _cmd_telemetry_overhead(args: argparse.Namespace) -> int:
     from .telemetry import OverheadConfig, per_call_costs, run_overhead
 
-    for step, micros in per_call_costs(cold=args.cold).items():
-        print(f"{micros:8.1f} µs  {step}{' (cold caches)' if args.cold else ''}")
+    _print_costs(per_call_costs(cold=args.cold), args.cold)
     if args.costs_only:
         return 0
     signal.signal(signal.SIGTERM, _raise_exit)

@@ -5,8 +5,8 @@ It is read with protobuf's text format against the part of Triton's
 ``ModelConfig`` infergate implements (proto/model_config.proto), then
 translated as a RepositoryModelLoad JSON override is (``overrides.from_triton_json``)
 and validated exactly as a config.yaml: a field infergate does not take is
-refused naming the file and the line (``model_transaction_policy``, a
-``graph`` optimization), never ignored. A directory with both files is
+refused naming the file and the line (``model_transaction_policy``,
+``optimization.cuda``), never ignored. A directory with both files is
 refused: which one applies would be a guess.
 
 As in Triton, a config.pbtxt that writes ``max_batch_size: 0`` does not batch;
