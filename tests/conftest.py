@@ -75,6 +75,10 @@ class ServerProcess:
         """The sum of the samples of ``name`` whose labels include ``labels``, from a real scrape (0 if none)."""
         return self.scrape().metric(name, **labels)
 
+    def queued(self, model: str) -> float:
+        """Requests waiting in ``model``'s batch queue, from a real scrape."""
+        return self.metric("infergate_queue_depth", model=model)
+
     def scrape(self) -> Scrape:
         """One real scrape of the metrics endpoint: several figures read from it agree with each other."""
         assert self.metrics_url is not None, "start the server with --metrics-port"

@@ -54,10 +54,6 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> 
         yield server
 
 
-def _queued(server: ServerProcess, model: str) -> float:
-    return server.metric("infergate_queue_depth", model=model)
-
-
 def _active(server: ServerProcess) -> float:
     return server.metric("infergate_requests_active", rpc_method="ModelInfer")
 
@@ -120,7 +116,7 @@ async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_answered(batching
     async with aioclient.InferenceServerClient(batching_server.url) as client:
         inputs = [np.full((1, 4), 10 + i, dtype=np.float32) for i in range(8)]
         tasks = [asyncio.create_task(_infer(client, "held", "x", x)) for x in inputs[:6]]
-        await eventually(lambda: _queued(batching_server, "held") == 6, "six requests queued")
+        await eventually(lambda: batching_server.queued("held") == 6, "six requests queued")
         tasks[2].cancel()
         await eventually(lambda: _active(batching_server) == 5, "the server saw the cancellation")
         # Two more complete the batch of 8 rows (the cancelled one's included): it runs without it.
@@ -141,7 +137,7 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_never_executed(
         x = np.ones((1, 4), dtype=np.float32)
         # The first request occupies the only instance for 0.5-1 s; the others wait behind it.
         first = asyncio.create_task(_infer(client, "slow_serial", "x", x))
-        running = lambda: _active(batching_server) == 1 and _queued(batching_server, "slow_serial") == 0  # noqa: E731
+        running = lambda: _active(batching_server) == 1 and batching_server.queued("slow_serial") == 0  # noqa: E731
         await eventually(running, "the first request running on the instance")
         grpc_deadline = _infer(client, "slow_serial", "x", x, client_timeout=0.05)
         timeout_param = _infer(client, "slow_serial", "x", x, timeout=50_000)  # microseconds

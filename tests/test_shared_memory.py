@@ -375,10 +375,6 @@ def _maps(server: ServerProcess, handle: Any) -> bool:
     return target in Path(f"/proc/{server.process.pid}/maps").read_text()
 
 
-def _queued(server: ServerProcess) -> float:
-    return server.metric("infergate_queue_depth", model="held")
-
-
 async def test_a_region_unregistered_while_its_request_waits_is_still_read_and_written(
     server: ServerProcess, client: grpcclient.InferenceServerClient
 ) -> None:
@@ -394,7 +390,7 @@ async def test_a_region_unregistered_while_its_request_waits_is_still_read_and_w
             outputs = [aioclient.InferRequestedOutput("y")]
             outputs[0].set_shared_memory("held_out", 16)
             waiting = asyncio.create_task(aio.infer("held", inputs, outputs=outputs))
-            await eventually(lambda: _queued(server) == 1, "the shm request queued")
+            await eventually(lambda: server.queued("held") == 1, "the shm request queued")
             client.unregister_system_shared_memory()
             assert not client.get_system_shared_memory_status().regions
             with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'held_in'"):

@@ -63,10 +63,6 @@ def active(server: ServerProcess) -> float:
     return server.metric("infergate_requests_active", rpc_method="ModelInfer")
 
 
-def queued(server: ServerProcess, model: str) -> float:
-    return server.metric("infergate_queue_depth", model=model)
-
-
 def idle(server: ServerProcess) -> bool:
     """No inference call is being served: every outcome has been recorded."""
     return active(server) == 0
@@ -87,7 +83,7 @@ async def test_calls_that_expire_or_are_cancelled_count_as_failures_never_as_suc
         await eventually(lambda: idle(slow_server), "the expired calls finished on the server")
         hung_up = [asyncio.create_task(client.infer("held", x())) for _ in range(5)]
         # They stay queued (held runs full batches of 8 only): the hang-up surely reaches waiting calls.
-        await eventually(lambda: queued(slow_server, "held") == 5, "five calls queued")
+        await eventually(lambda: slow_server.queued("held") == 5, "five calls queued")
         for task in hung_up:
             task.cancel()
         await asyncio.gather(*hung_up, return_exceptions=True)

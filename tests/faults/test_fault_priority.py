@@ -66,7 +66,7 @@ async def test_a_priority_1_stream_keeps_its_latency_while_priority_2_traffic_ov
 
     async with aioclient.InferenceServerClient(server.url) as client:
         flood = [asyncio.create_task(low(client)) for _ in range(40)]
-        await eventually(lambda: server.metric("infergate_queue_depth", model="slow") >= 30, "the queue full")
+        await eventually(lambda: server.queued("slow") >= 30, "the queue full")
         high_latencies = []
         for _ in range(15):
             started = time.perf_counter()
