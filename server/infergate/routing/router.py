@@ -43,6 +43,7 @@ __all__ = [
     "answering_versions",
     "check_routing",
     "rendezvous",
+    "split_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,16 @@ def check_routing(routing: Routing, loaded: Sequence[int]) -> None:
         raise RoutingError(where, "no other version is loaded to answer callers: it would shadow itself")
 
 
+def split_weights(routing: Routing) -> dict[int, float]:
+    """The versions the weighted split sends traffic to, with their weights (a zero weight takes none)."""
+    return {v: w for v, w in routing.weights.items() if w > 0}
+
+
 def answering_versions(routing: Routing, loaded: Sequence[int]) -> list[int]:
     """The versions that may answer a request naming none, the primary first: the weighted ones (the
     largest weight, the newest on a tie, is the primary), else the newest that is neither shadow nor
     canary; then a canary. A shadow only gets copies. ``routing`` fits ``loaded`` (:func:`check_routing`)."""
-    weights = {v: w for v, w in routing.weights.items() if w > 0}
+    weights = split_weights(routing)
     if weights:
         answering = sorted(weights, key=lambda v: (weights[v], v), reverse=True)
     else:
@@ -235,7 +241,7 @@ class Router:
         # Primary first: without weights, the newest version that is neither shadow nor canary (check_routing
         # made sure there is one), which answers every request the canary does not take.
         self.answering: tuple[int, ...] = tuple(answering_versions(self.routing, loaded))
-        self._weights = {v: w for v, w in self.routing.weights.items() if w > 0}
+        self._weights = split_weights(self.routing)
         self._versions = list(self._weights)
         self._cumulative = _cumulative(self._weights)
         canary = self.routing.canary

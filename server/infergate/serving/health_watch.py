@@ -3,8 +3,8 @@
 grpcio-health-checking's aio ``HealthServicer`` keeps one ``asyncio.Condition`` per watched service
 and deletes it when *any* Watch of that service ends. The watches still waiting on that condition
 then never hear of a later change: a client watching "" could miss NOT_SERVING at shutdown because
-another client (a probe, a load balancer) stopped watching first. Found as a rare CI failure of
-``test_lifecycle.py``. This subclass counts each service's watches and puts the condition back while
+another client (a probe, a load balancer) stopped watching first (``test_lifecycle.py`` has both
+kinds of watcher). This subclass counts each service's watches and puts the condition back while
 any remain; the rest is the library's.
 """
 
