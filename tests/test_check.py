@@ -109,7 +109,7 @@ def test_a_broken_repository_reports_every_problem_with_its_file_and_field(broke
     assert badyaml.startswith(f"{broken / 'badyaml' / 'config.yaml'}: not valid YAML")
     unknown = broken / "unknown" / "config.yaml"
     assert sorted(_errors(findings, "unknown", "config")) == [
-        f"{unknown}: instance_group.count: Input should be greater than or equal to 1",
+        f"{unknown}: instance_group.count: Value error, expected a number of instances from 1 to 64, or auto; got 0",
         f"{unknown}: max_batch_sise: Extra inputs are not permitted",
     ]
     assert _errors(findings, "routed", "routing") == [

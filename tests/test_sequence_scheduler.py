@@ -84,7 +84,7 @@ async def load(tmp_path: Path) -> AsyncIterator[Load]:
             version.runner.spec,
             config.sequence_batching,
             version.infer,
-            instances=config.instance_group.count,
+            instances=version.runner.instance_count,
             initial_states=load_initial_states(config.sequence_batching, directory),
             clock=asyncio.get_running_loop().time if loop_clock else clock,
         )

@@ -91,14 +91,28 @@ class DynamicBatching(Strict):
         return self
 
 
+MAX_INSTANCES = 64
+
+
 class InstanceGroup(Strict):
     """How many sessions run batches of this model in parallel, and where a tiny model's batches run."""
 
-    count: Annotated[int, Field(ge=1, le=64)] = 1
+    # auto: as Triton's onnxruntime backend with a group that gives no count, two instances of a model on
+    # the CPU, each with half the CPUs as intra-op threads, unless its batches run on the event loop, it is
+    # stateful or it binds its inputs (one); one on any other device. The loaded version's config carries
+    # the count it runs with.
+    count: int | Literal["auto"] = 1
     # infergate's own: with one CPU instance, a model whose largest batch runs in at most this many µs
     # (measured at load) runs its batches on the event loop, where the hop to a thread and back costs more
     # than the model; a batch that ever takes four times as long sends it back to its thread. 0: never.
     inline_max_microseconds: Annotated[int, Field(ge=0, le=10_000)] = 100
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _count(cls, value: object) -> object:
+        if value == "auto" or (type(value) is int and 1 <= value <= MAX_INSTANCES):
+            return value
+        raise ValueError(f"expected a number of instances from 1 to {MAX_INSTANCES}, or auto; got {value!r}")
 
 
 class ExecutionProvider(Strict):

@@ -24,8 +24,9 @@ Triton JSON                             config.yaml
                                         stays, with no backend)
 ``max_batch_size`` (also ``"16"``)      ``max_batch_size`` (as every number: Triton's JSON writes
                                         int64 as strings, ``dims: ["4"]``, ``model_version: "-1"``)
-``instance_group: [{count, kind}]``     ``instance_group: {count: <sum>}``; KIND_GPU (one GPU:
-                                        ``gpus: [n]`` or none) adds ``execution_providers: [cuda]``
+``instance_group: [{count, kind}]``     ``instance_group: {count: <sum>}`` (``auto`` when no
+                                        group gives one); KIND_GPU (one GPU: ``gpus: [n]`` or none)
+                                        adds ``execution_providers: [cuda]``
 ``optimization.execution_accelerators``  ``execution_providers``: GPU ``tensorrt`` (its parameters
                                         as onnxruntime's ``trt_*`` options), then ``cuda``; CPU
                                         ``openvino``, then ``cpu``
@@ -200,7 +201,7 @@ def _snake(key: str) -> str:
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
 
 
-def _instance_group(groups: list[Any]) -> tuple[dict[str, int], str, int | None]:
+def _instance_group(groups: list[Any]) -> tuple[dict[str, int | str], str, int | None]:
     """Triton's instance groups as config.yaml's ``instance_group``, with where they run: ``cpu``,
     ``gpu`` (and the GPU named, if any) or ``auto`` (KIND_AUTO: on a GPU when the model asks for one)."""
     count = 0
@@ -228,7 +229,9 @@ def _instance_group(groups: list[Any]) -> tuple[dict[str, int], str, int | None]
     if {"cpu", "gpu"} <= kinds or len(devices) > 1:
         raise ValueError("instance_group: infergate runs a model's instances on one device; these groups name several")
     kind = "gpu" if "gpu" in kinds else "cpu" if "cpu" in kinds else "auto"
-    return {"count": count}, kind, next(iter(devices), None)
+    # No count anywhere: the server chooses, as Triton's onnxruntime backend does (config.py, ``auto``).
+    counted = count if any("count" in group for group in groups) else "auto"
+    return {"count": counted}, kind, next(iter(devices), None)
 
 
 _KINDS = {"KIND_CPU": "cpu", "KIND_AUTO": "auto", "KIND_GPU": "gpu"}

@@ -1,7 +1,7 @@
 """onnxruntime execution: sessions, providers, warm-up, and running one batch.
 
 ``session.run`` never runs on the event loop: each model version owns one
-thread per instance (``instance_group.count``), each with its own session, so
+thread per instance (``instance_group.count``; ``auto``: see ``AUTO_CPU_INSTANCES``), each with its own session, so
 instances run batches in parallel while the loop keeps serving.
 Collating inputs and splitting outputs happen on that thread too, so a batch
 costs the loop a single hop.
@@ -40,7 +40,7 @@ from infergate.models.spec import ModelSpec, Tensors, spec_from_graph
 from infergate.models.stats import BatchTimings
 from infergate.models.warmup import describe_feeds, valid_inputs, warmup_runs
 
-__all__ = ["Instance", "ModelLoadError", "OnnxRunner", "collate", "split", "zero_inputs"]
+__all__ = ["AUTO_CPU_INSTANCES", "Instance", "ModelLoadError", "OnnxRunner", "collate", "split", "zero_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,49 @@ def _warm_up(sessions: list[ort.InferenceSession], spec: ModelSpec, config: Mode
                     raise ModelLoadError(
                         f"warm-up {run.name} failed: {_first_line(exc)}; it fed {describe_feeds(run.feeds)}"
                     ) from exc
+
+
+def _sessions(
+    path: Path, options: ort.SessionOptions, providers: list[tuple[str, dict[str, str]]], count: int
+) -> list[ort.InferenceSession]:
+    try:
+        return [ort.InferenceSession(str(path), sess_options=options, providers=providers) for _ in range(count)]
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+
+
+def _cpu_instances(
+    path: Path,
+    options: ort.SessionOptions,
+    providers: list[tuple[str, dict[str, str]]],
+    spec: ModelSpec,
+    config: ModelConfig,
+) -> list[ort.InferenceSession]:
+    """The sessions of a CPU model with ``instance_group.count: auto``: ``AUTO_CPU_INSTANCES``, warmed up."""
+    threads = _intra_op_threads(config.session_options.intra_op_num_threads, AUTO_CPU_INSTANCES, on_cpu=True)
+    options.intra_op_num_threads = threads
+    sessions = _sessions(path, options, providers, AUTO_CPU_INSTANCES)
+    _warm_up(sessions, spec, config, path.parent.parent)
+    log.info("model %s version %d: %d instances, %d intra-op thread(s) each (instance_group.count auto)",
+             spec.name, spec.version, AUTO_CPU_INSTANCES, threads)  # fmt: skip
+    return sessions
+
+
+def _intra_op_threads(configured: int, instances: int, on_cpu: bool) -> int:
+    """Each session's intra-op threads: as configured; unset (0) with several instances on the CPU, the
+    process's CPUs shared out among them. onnxruntime's own choice gives every session all the cores,
+    and instances running batches at once would then fight over them."""
+    if configured or instances == 1 or not on_cpu:
+        return configured
+    return max(1, _usable_cpus() // instances)
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _session_options(config: ModelConfig) -> ort.SessionOptions:
@@ -179,6 +222,10 @@ class Instance:
         object.__setattr__(self, "run", plain_run(self.session))
 
 
+# Instances of a CPU model with ``instance_group.count: auto`` (Triton's default for onnxruntime models).
+AUTO_CPU_INSTANCES = 2
+
+
 class OnnxRunner:
     """``instance_count`` onnxruntime sessions of one model file and the threads that run them."""
 
@@ -219,13 +266,11 @@ class OnnxRunner:
         cls, path: Path, config: ModelConfig, name: str, version: int, providers: list[tuple[str, dict[str, str]]]
     ) -> OnnxRunner:
         options = _session_options(config)
-        try:
-            sessions = [
-                ort.InferenceSession(str(path), sess_options=options, providers=providers)
-                for _ in range(config.instance_group.count)
-            ]
-        except Exception as exc:  # onnxruntime raises several unrelated types
-            raise ModelLoadError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+        requested = None if config.instance_group.count == "auto" else config.instance_group.count
+        on_cpu = providers[0][0] == "CPUExecutionProvider"
+        count = requested or 1  # auto: one session first; a CPU model that proves not tiny gets more (below)
+        options.intra_op_num_threads = _intra_op_threads(config.session_options.intra_op_num_threads, count, on_cpu)
+        sessions = _sessions(path, options, providers, count)
         actual = sessions[0].get_providers()[0]
         if actual not in [p for p, _ in providers]:
             raise ModelLoadError(f"onnxruntime fell back to {actual}, which the config does not list")
@@ -263,7 +308,15 @@ class OnnxRunner:
                 return runner
             log.info("model %s version %d: batches run on a thread (largest batch over %d µs)", name, version,
                      limit_us)  # fmt: skip
+        if requested is None and actual == "CPUExecutionProvider" and plan is None and config.sequence_batching is None:
+            sessions.clear()  # the probe's memory goes before the instances' comes (a large model's twice over)
+            sessions = _cpu_instances(path, options, providers, spec, config)
         return cls(sessions, spec, bound)
+
+    @property
+    def instance_count(self) -> int:
+        """Sessions running batches in parallel: ``instance_group.count``, or what ``auto`` came to."""
+        return len(self._instances.instances)
 
     def start(self, payloads: list[Tensors], rows: list[int], callback: Callback) -> None:
         """Run one batch on a free instance, off the event loop (an inline model's: right here).

@@ -89,7 +89,7 @@ class ModelVersion:
         self.batcher: DynamicBatcher[Tensors, Tensors] = DynamicBatcher(
             self._execute,
             policy,
-            instances=config.instance_group.count,
+            instances=runner.instance_count,
             name=f"{self.spec.name}:{self.spec.version}",
         )
         self.sequences: SequenceScheduler | None = None
@@ -98,7 +98,7 @@ class ModelVersion:
                 runner.spec,
                 sequences,
                 self.infer,
-                instances=config.instance_group.count,
+                instances=runner.instance_count,
                 initial_states=initial_states,
             )
 
@@ -247,7 +247,7 @@ def load_model_version(directory: Path, name: str, version: int, config: ModelCo
         name,
         version,
         runner.spec.max_batch_size,
-        config.instance_group.count,
+        runner.instance_count,
         runner.providers[0],
     )
     return model

@@ -80,7 +80,7 @@ class LocalExecutor:
         self.batch_size = batch_size
         # One request queued behind each busy instance, so an instance never waits for the loop;
         # never more than the model's queue holds beside the running ones (it would refuse them).
-        count = model.config.instance_group.count
+        count = model.runner.instance_count
         self.in_flight = min(2 * count, count + model.config.dynamic_batching.max_queue_size)
 
     @classmethod

@@ -76,7 +76,7 @@ def model_config_message(model: ServedVersion) -> mc.ModelConfig:
                 name=f"{spec.name}_0",
                 kind=group["kind"],
                 gpus=group.get("gpus", []),
-                count=config.instance_group.count,
+                count=model.runner.instance_count,
             )
         ],
         optimization=json_format.ParseDict(

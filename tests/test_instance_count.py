@@ -1,0 +1,142 @@
+"""``instance_group.count: auto``: the server chooses, as Triton's onnxruntime backend does.
+
+With ``auto`` (and in a Triton config whose instance groups give no count), a
+model on the CPU gets two instances, each with half the CPUs this process may
+use as intra-op threads (when ``intra_op_num_threads`` is 0). A model whose
+batches run on the event loop, a stateful model and a model with
+``device_execution`` get one. A number is kept (1 by default), and several
+instances with ``intra_op_num_threads: 0`` share the CPUs out among them.
+The sessions are real onnxruntime sessions, read back through onnxruntime's
+own ``get_session_options``; the last tests serve a real repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as grpcclient
+
+from infergate.demo import build_matmul16
+from infergate.models.config import ModelConfig
+from infergate.models.config_files import read_model_config
+from infergate.models.runner import AUTO_CPU_INSTANCES, OnnxRunner
+from load_tests.models import build_slow_model
+from tests.conftest import running_server
+from tests.models import save_model
+
+CPUS = len(os.sched_getaffinity(0))
+SLOW_MS = 2  # far over the 100 µs under which a model's batches run on the event loop
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slow") / "model.onnx"
+    onnx.save(build_slow_model(SLOW_MS), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def matmul16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("matmul16") / "model.onnx"
+    onnx.save(build_matmul16(), str(path))
+    return path
+
+
+@contextlib.contextmanager
+def loaded(path: Path, **config: Any) -> Iterator[OnnxRunner]:
+    runner = OnnxRunner.load(path, ModelConfig.model_validate({"max_batch_size": 8, **config}), "m", 1)
+    try:
+        yield runner
+    finally:
+        runner.close()
+
+
+def threads_of(runner: OnnxRunner) -> list[int]:
+    """Each instance's intra-op threads, as onnxruntime holds them."""
+    return [i.session.get_session_options().intra_op_num_threads for i in runner._instances.instances]
+
+
+def test_an_auto_count_gives_a_cpu_model_two_instances_that_share_the_cpus(slow_model: Path) -> None:
+    with loaded(slow_model, instance_group={"count": "auto"}) as runner:
+        assert AUTO_CPU_INSTANCES == 2
+        assert runner.instance_count == 2
+        assert not runner.inline
+        assert threads_of(runner) == [max(1, CPUS // 2)] * 2
+
+
+def test_threads_that_are_set_stay_as_set(slow_model: Path) -> None:
+    with loaded(slow_model, instance_group={"count": "auto"}, session_options={"intra_op_num_threads": 3}) as runner:
+        assert threads_of(runner) == [3, 3]
+
+
+def test_a_number_is_kept_and_its_instances_share_the_cpus(slow_model: Path) -> None:
+    with loaded(slow_model, instance_group={"count": 3}) as runner:
+        assert runner.instance_count == 3
+        assert threads_of(runner) == [max(1, CPUS // 3)] * 3
+    with loaded(slow_model) as runner:  # the default: one
+        assert runner.instance_count == 1
+        assert threads_of(runner) == [0]  # one instance: onnxruntime's own choice
+
+
+def test_a_tiny_model_with_an_auto_count_keeps_one_instance_on_the_event_loop(matmul16: Path) -> None:
+    with loaded(matmul16, instance_group={"count": "auto", "inline_max_microseconds": 10_000}) as runner:
+        assert runner.instance_count == 1
+        assert runner.inline
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param({"sequence_batching": {"max_sequence_idle_microseconds": 1_000_000}}, id="stateful"),
+        pytest.param({"device_execution": {"io_binding": True}}, id="io binding"),
+    ],
+)
+def test_other_models_with_an_auto_count_get_one_instance(slow_model: Path, config: dict[str, Any]) -> None:
+    with loaded(slow_model, instance_group={"count": "auto"}, **config) as runner:
+        assert runner.instance_count == 1
+
+
+@pytest.mark.parametrize(
+    ("groups", "count"),
+    [
+        ("instance_group [ { kind: KIND_CPU } ]", "auto"),
+        ("instance_group [ { kind: KIND_CPU count: 3 } ]", 3),
+        ("instance_group [ { kind: KIND_CPU count: 1 }, { kind: KIND_CPU } ]", 2),
+    ],
+)
+def test_a_triton_config_without_counts_leaves_the_count_to_the_server(
+    tmp_path: Path, groups: str, count: object
+) -> None:
+    directory = tmp_path / "scale"
+    directory.mkdir()
+    (directory / "config.pbtxt").write_text(f'name: "scale"\nmax_batch_size: 8\n{groups}\n')
+    assert read_model_config(directory).instance_group.count == count
+
+
+def test_modelconfig_answers_with_the_count_each_model_runs_with(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    save_model(
+        build_slow_model(SLOW_MS), repo, "slow", config_yaml="max_batch_size: 8\ninstance_group: {count: auto}\n"
+    )
+    save_model(build_slow_model(SLOW_MS), repo, "single", config_yaml="max_batch_size: 8\n")
+    # On the event loop however busy the machine is, so one instance.
+    tiny = "max_batch_size: 8\ninstance_group: {count: auto, inline_max_microseconds: 10000}\n"
+    save_model(build_matmul16(), repo, "tiny", config_yaml=tiny)
+    with running_server(repo, tmp_path) as server, grpcclient.InferenceServerClient(server.url) as client:
+        counts = {
+            name: client.get_model_config(name, as_json=True)["config"]["instance_group"][0]["count"]
+            for name in ("slow", "single", "tiny")
+        }
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        request = grpcclient.InferInput("x", [2, 4], "FP32")
+        request.set_data_from_numpy(x)
+        answer = client.infer("slow", [request])
+    assert counts == {"slow": 2, "single": 1, "tiny": 1}
+    np.testing.assert_array_equal(answer.as_numpy("y"), x)  # the two-instance model answers as it should
