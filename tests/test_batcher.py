@@ -724,6 +724,35 @@ async def test_two_instances_run_two_batches_at_the_same_time(make_batcher: Make
         assert await results(a, b) == ["A", "B"]
 
 
+async def test_with_parallel_at_half_a_second_instance_starts_only_once_half_a_batch_waits(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(instances=2, max_batch_size=8, parallel_at_half=True, gather=False)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)  # nothing else ran: the first batch starts at once
+        waiting = [submit(batcher, p) for p in "abc"]
+        await one_loop_pass()
+        assert model.payloads == [["busy"]]  # three rows of eight: the second instance stays free
+        waiting.append(submit(batcher, "d"))
+        assert await model.started() == ["a", "b", "c", "d"]  # half of eight: it starts
+        model.release()
+        assert await results(busy, *waiting) == ["BUSY", "A", "B", "C", "D"]
+
+
+async def test_with_parallel_at_half_what_waits_goes_to_the_instance_that_comes_free(
+    make_batcher: MakeBatcher, model: FakeModel
+) -> None:
+    batcher = make_batcher(instances=2, max_batch_size=8, parallel_at_half=True, gather=False)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        waiting = [submit(batcher, p) for p in "ab"]
+        await one_loop_pass()
+        assert model.payloads == [["busy"]]
+        model.release()
+        assert await results(busy, *waiting) == ["BUSY", "A", "B"]
+    assert model.payloads == [["busy"], ["a", "b"]]  # one batch, once "busy" was done
+
+
 # --------------------------------------------------------------------------- closing
 
 

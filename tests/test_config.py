@@ -44,7 +44,7 @@ def test_the_model_defaults_are_safe() -> None:
     assert config.dynamic_batching == DynamicBatching(
         max_queue_delay_microseconds=0, preferred_batch_size=[], max_queue_size=1024, default_timeout_microseconds=0
     )
-    assert config.instance_group.count == 1
+    assert config.instance_group.count == "auto"  # decided at load (runner.py: AUTO_CPU_INSTANCES)
     assert config.execution_providers == [ExecutionProvider(name="cpu")]
     assert config.session_options.allow_spinning is False
     assert config.default_model_filename == "model.onnx"

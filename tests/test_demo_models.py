@@ -82,7 +82,6 @@ def test_each_model_has_version_1_and_a_config(repository: Path, name: str) -> N
                     "max_queue_size": 1024,
                     "min_batch_interval_microseconds": 500,
                 },
-                "instance_group": {"count": 1},
                 "session_options": {"intra_op_num_threads": 1},
             },
         ),
@@ -91,7 +90,6 @@ def test_each_model_has_version_1_and_a_config(repository: Path, name: str) -> N
             {
                 "max_batch_size": 64,
                 "dynamic_batching": {"max_queue_delay_microseconds": 0, "max_queue_size": 1024},
-                "instance_group": {"count": 1},
             },
         ),
         (
@@ -99,7 +97,6 @@ def test_each_model_has_version_1_and_a_config(repository: Path, name: str) -> N
             {
                 "max_batch_size": 32,
                 "dynamic_batching": {"max_queue_delay_microseconds": 0, "max_queue_size": 1024},
-                "instance_group": {"count": 1},
             },
         ),
         ("multi_io", {"max_batch_size": 16}),

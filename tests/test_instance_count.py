@@ -4,8 +4,9 @@ With ``auto`` (and in a Triton config whose instance groups give no count), a
 model on the CPU gets two instances, each with half the CPUs this process may
 use as intra-op threads (when ``intra_op_num_threads`` is 0). A model whose
 batches run on the event loop, a stateful model and a model with
-``device_execution`` get one. A number is kept (1 by default), and several
-instances with ``intra_op_num_threads: 0`` share the CPUs out among them.
+``device_execution`` get one. ``auto`` is the default; a number is kept, and
+several instances with ``intra_op_num_threads: 0`` share the CPUs out among
+them. How auto's two instances share the work is the batcher's (test_batcher.py).
 The sessions are real onnxruntime sessions, read back through onnxruntime's
 own ``get_session_options``; the last tests serve a real repository.
 """
@@ -27,6 +28,7 @@ from infergate.demo import build_matmul16
 from infergate.models.config import ModelConfig
 from infergate.models.config_files import read_model_config
 from infergate.models.runner import AUTO_CPU_INSTANCES, OnnxRunner
+from infergate.models.version import load_model_version
 from load_tests.models import build_slow_model
 from tests.conftest import running_server
 from tests.models import save_model
@@ -80,7 +82,7 @@ def test_a_number_is_kept_and_its_instances_share_the_cpus(slow_model: Path) -> 
     with loaded(slow_model, instance_group={"count": 3}) as runner:
         assert runner.instance_count == 3
         assert threads_of(runner) == [max(1, CPUS // 3)] * 3
-    with loaded(slow_model) as runner:  # the default: one
+    with loaded(slow_model, instance_group={"count": 1}) as runner:
         assert runner.instance_count == 1
         assert threads_of(runner) == [0]  # one instance: onnxruntime's own choice
 
@@ -103,6 +105,20 @@ def test_other_models_with_an_auto_count_get_one_instance(slow_model: Path, conf
         assert runner.instance_count == 1
 
 
+@pytest.mark.parametrize(("group", "parallel_at_half"), [("", True), ("instance_group: {count: 2}\n", False)])
+async def test_auto_s_second_instance_waits_for_half_a_batch_and_a_set_count_s_does_not(
+    tmp_path: Path, group: str, parallel_at_half: bool
+) -> None:
+    save_model(build_slow_model(SLOW_MS), tmp_path, "slow", config_yaml="max_batch_size: 8\n" + group)
+    config = read_model_config(tmp_path / "slow")
+    version = load_model_version(tmp_path / "slow" / "1", "slow", 1, config)
+    try:
+        assert version.runner.instance_count == 2
+        assert version.batcher.policy.parallel_at_half is parallel_at_half
+    finally:
+        await version.aclose()
+
+
 @pytest.mark.parametrize(
     ("groups", "count"),
     [
@@ -122,10 +138,9 @@ def test_a_triton_config_without_counts_leaves_the_count_to_the_server(
 
 def test_modelconfig_answers_with_the_count_each_model_runs_with(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    save_model(
-        build_slow_model(SLOW_MS), repo, "slow", config_yaml="max_batch_size: 8\ninstance_group: {count: auto}\n"
-    )
-    save_model(build_slow_model(SLOW_MS), repo, "single", config_yaml="max_batch_size: 8\n")
+    save_model(build_slow_model(SLOW_MS), repo, "slow", config_yaml="max_batch_size: 8\n")  # auto, the default
+    single = "max_batch_size: 8\ninstance_group: {count: 1}\n"
+    save_model(build_slow_model(SLOW_MS), repo, "single", config_yaml=single)
     # On the event loop however busy the machine is, so one instance.
     tiny = "max_batch_size: 8\ninstance_group: {count: auto, inline_max_microseconds: 10000}\n"
     save_model(build_matmul16(), repo, "tiny", config_yaml=tiny)

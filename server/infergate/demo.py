@@ -255,9 +255,7 @@ max_batch_size: {max_batch_size}
 dynamic_batching:
   max_queue_delay_microseconds: 0
   max_queue_size: 1024
-{pacing}instance_group:
-  count: 1
-"""
+{pacing}"""
 
 
 def _batching_config(purpose: str, max_batch_size: int, min_batch_interval_us: int = 0) -> str:

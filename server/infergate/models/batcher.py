@@ -41,6 +41,12 @@ Batching policy (Triton's ``dynamic_batching``, plus gathering):
   that (a full batch always starts at once), while another call may still
   submit (see gathering: with every call the server holds already here, no
   wait could fill the batch).
+* With ``parallel_at_half``, while one instance runs a batch another starts
+  one only once half a full batch (``target_rows // 2``) waits; otherwise
+  what waits goes to the first instance to come free. Light traffic is then
+  served in the larger batches of one instance, and heavy traffic by all of
+  them. A request waits no longer than the running batch takes (BENCHMARKS.md,
+  "Two instances or one").
 
 Guarantees:
 
@@ -153,6 +159,7 @@ class BatchPolicy:
     gather: bool = True  # let the loop turn while requests keep arriving (see the module docstring)
     max_gather: float = 0.0005  # seconds of gathering at most, when max_queue_delay is 0
     max_gather_turns: int = 8
+    parallel_at_half: bool = False  # a second instance starts a batch only once half a full batch waits
 
     def __post_init__(self) -> None:
         if (
@@ -395,9 +402,15 @@ class DynamicBatcher(Generic[T, R]):
                 self._gathering = _Gathering(now, len(self._queue))
                 self._turn()
                 return
+            if self._running and self._holds_for_running():
+                return  # the instance that comes free first takes it (see parallel_at_half)
             entries = self._queue.take(now, self._policy.target_rows)
             if entries:
                 self._launch(instance, entries, now)
+
+    def _holds_for_running(self) -> bool:
+        policy = self._policy
+        return policy.parallel_at_half and not self._closing and self._queue.rows < policy.target_rows // 2
 
     def _should_gather(self) -> bool:
         return not self._closing and self._queue.rows < self._policy.target_rows

@@ -99,9 +99,9 @@ class InstanceGroup(Strict):
 
     # auto: as Triton's onnxruntime backend with a group that gives no count, two instances of a model on
     # the CPU, each with half the CPUs as intra-op threads, unless its batches run on the event loop, it is
-    # stateful or it binds its inputs (one); one on any other device. The loaded version's config carries
-    # the count it runs with.
-    count: int | Literal["auto"] = 1
+    # stateful or it binds its inputs (one); one on any other device. The second instance starts a batch
+    # only once half a full batch waits (batcher.py, parallel_at_half).
+    count: int | Literal["auto"] = "auto"
     # infergate's own: with one CPU instance, a model whose largest batch runs in at most this many µs
     # (measured at load) runs its batches on the event loop, where the hop to a thread and back costs more
     # than the model; a batch that ever takes four times as long sends it back to its thread. 0: never.

@@ -83,6 +83,8 @@ class ModelVersion:
             min_batch_interval=batching.min_batch_interval_microseconds / 1e6,
             priority_levels=max(batching.priority_levels, 1),
             gather=batching.gather,
+            # auto's second instance runs only when the first has more than it can take (batcher.py).
+            parallel_at_half=config.instance_group.count == "auto" and runner.instance_count > 1,
         )
         self._priorities = (batching.priority_levels, batching.default_priority_level)
         self.default_timeout_s = batching.default_timeout_microseconds / 1e6 or None
