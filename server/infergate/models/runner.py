@@ -298,7 +298,7 @@ class OnnxRunner:
             # thread's share of the work screens out the models that are not tiny before a second session.
             if threads == 0 and _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=True) <= limit_us:
                 options.intra_op_num_threads = threads = 1
-                sessions = [ort.InferenceSession(str(path), sess_options=options, providers=providers)]
+                sessions = _sessions(path, options, providers, 1)
             cost_us = _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=threads == 1) if threads != 0 else math.inf
             if cost_us <= limit_us:
                 runner = cls(sessions, spec, bound)
