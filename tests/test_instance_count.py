@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
@@ -71,6 +72,34 @@ def test_an_auto_count_gives_a_cpu_model_two_instances_that_share_the_cpus(slow_
         assert runner.instance_count == 2
         assert not runner.inline
         assert threads_of(runner) == [max(1, CPUS // 2)] * 2
+
+
+@pytest.fixture
+def sessions_opened(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The intra-op threads of each onnxruntime session opened meanwhile, in order (real sessions,
+    of a subclass that notes them)."""
+    opened: list[int] = []
+
+    class Noted(ort.InferenceSession):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self.get_session_options().intra_op_num_threads)
+
+    monkeypatch.setattr(ort, "InferenceSession", Noted)
+    return opened
+
+
+def test_a_model_that_is_not_tiny_opens_each_of_its_sessions_once(slow_model: Path, sessions_opened: list[int]) -> None:
+    """The session that measures the model is opened as the first instance and stays one."""
+    with loaded(slow_model, instance_group={"count": "auto"}) as runner:
+        assert sessions_opened == threads_of(runner) == [max(1, CPUS // 2)] * 2
+
+
+def test_a_tiny_model_ends_on_one_single_threaded_session(matmul16: Path, sessions_opened: list[int]) -> None:
+    with loaded(matmul16, instance_group={"count": "auto", "inline_max_microseconds": 10_000}) as runner:
+        assert runner.inline and threads_of(runner) == [1]
+        # Opened with an instance's share of the CPUs, then once more on one thread where that share is more.
+        assert sessions_opened == ([1] if CPUS // 2 <= 1 else [CPUS // 2, 1])
 
 
 def test_threads_that_are_set_stay_as_set(slow_model: Path) -> None:

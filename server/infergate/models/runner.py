@@ -123,12 +123,21 @@ def _cpu_instances(
     providers: list[tuple[str, dict[str, str]]],
     spec: ModelSpec,
     config: ModelConfig,
+    probe: list[ort.InferenceSession],
 ) -> list[ort.InferenceSession]:
-    """The sessions of a CPU model with ``instance_group.count: auto``: ``AUTO_CPU_INSTANCES``, warmed up."""
+    """The sessions of a CPU model with ``instance_group.count: auto``: ``AUTO_CPU_INSTANCES``, warmed up.
+
+    ``probe`` holds the warmed-up session the load measured (it is emptied). Opened with an
+    instance's threads, it becomes the first instance; otherwise it is freed before the others load
+    (a large model's memory is not held twice over).
+    """
     threads = _intra_op_threads(config.session_options.intra_op_num_threads, AUTO_CPU_INSTANCES, on_cpu=True)
+    kept = [s for s in probe if s.get_session_options().intra_op_num_threads == threads][:1]
+    probe.clear()
     options.intra_op_num_threads = threads
-    sessions = _sessions(path, options, providers, AUTO_CPU_INSTANCES)
-    _warm_up(sessions, spec, config, path.parent.parent)
+    added = _sessions(path, options, providers, AUTO_CPU_INSTANCES - len(kept))
+    _warm_up(added, spec, config, path.parent.parent)
+    sessions = kept + added
     log.info("model %s version %d: %d instances, %d intra-op thread(s) each (instance_group.count auto)",
              spec.name, spec.version, AUTO_CPU_INSTANCES, threads)  # fmt: skip
     return sessions
@@ -269,7 +278,13 @@ class OnnxRunner:
         requested = None if config.instance_group.count == "auto" else config.instance_group.count
         on_cpu = providers[0][0] == "CPUExecutionProvider"
         count = requested or 1  # auto: one session first; a CPU model that proves not tiny gets more (below)
-        options.intra_op_num_threads = _intra_op_threads(config.session_options.intra_op_num_threads, count, on_cpu)
+        # One that may end as several instances opens its first with an instance's share of the CPUs, so
+        # that it can stay as the first instance: a model that is not tiny then loads each session once.
+        may_grow = (
+            requested is None and config.sequence_batching is None and config.device_execution.io_binding is not True
+        )
+        configured = config.session_options.intra_op_num_threads
+        options.intra_op_num_threads = _intra_op_threads(configured, AUTO_CPU_INSTANCES if may_grow else count, on_cpu)
         sessions = _sessions(path, options, providers, count)
         actual = sessions[0].get_providers()[0]
         if actual not in [p for p, _ in providers]:
@@ -293,13 +308,17 @@ class OnnxRunner:
         limit_us = config.instance_group.inline_max_microseconds
         if limit_us and len(sessions) == 1 and actual == "CPUExecutionProvider" and bound is None:
             threads = options.intra_op_num_threads
-            # onnxruntime's choice of threads: on the event loop a tiny model runs on one thread, since waiting
+            chosen = threads != configured or threads == 0  # by onnxruntime or by the share above, not the config
+            # Threads not set in the config: on the event loop a tiny model runs on one thread, since waiting
             # for a pool thread to wake up would hold the loop longer than the whole product takes. The calling
-            # thread's share of the work screens out the models that are not tiny before a second session.
-            if threads == 0 and _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=True) <= limit_us:
-                options.intra_op_num_threads = threads = 1
-                sessions = _sessions(path, options, providers, 1)
-            cost_us = _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=threads == 1) if threads != 0 else math.inf
+            # thread's share of the work screens out the models that are not tiny before another session.
+            if chosen and threads != 1:
+                if _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=True) <= limit_us:
+                    options.intra_op_num_threads = threads = 1
+                    sessions = _sessions(path, options, providers, 1)
+                    _warm_up(sessions, spec, config, path.parent.parent)
+            measured = threads == 1 or not chosen
+            cost_us = _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=threads == 1) if measured else math.inf
             if cost_us <= limit_us:
                 runner = cls(sessions, spec, bound)
                 runner.run_inline_below(limit_us)
@@ -309,8 +328,7 @@ class OnnxRunner:
             log.info("model %s version %d: batches run on a thread (largest batch over %d µs)", name, version,
                      limit_us)  # fmt: skip
         if requested is None and actual == "CPUExecutionProvider" and plan is None and config.sequence_batching is None:
-            sessions.clear()  # the probe's memory goes before the instances' comes (a large model's twice over)
-            sessions = _cpu_instances(path, options, providers, spec, config)
+            sessions = _cpu_instances(path, options, providers, spec, config, probe=sessions)
         return cls(sessions, spec, bound)
 
     @property
