@@ -295,6 +295,14 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="onnxruntime intra-op threads in every peer (default 1; 0: onnxruntime's own choice)",
     )
     p.add_argument(
+        "--peer-instances",
+        metavar="N",
+        type=_positive_int,
+        default=1,
+        help="onnxruntime sessions per model in the peers that have model instances: Triton's "
+        "instance group, MLServer's parallel workers (default 1; KServe always runs one)",
+    )
+    p.add_argument(
         "--peer-queue-delay-us",
         metavar="US",
         type=_non_negative_int,
@@ -719,6 +727,7 @@ def _cmd_suite(args: argparse.Namespace) -> int:
         scenarios=args.scenarios,
         peers=args.peers or (),
         peer_intra_op_threads=args.peer_intra_op_threads,
+        peer_instances=args.peer_instances,
         peer_queue_delay_us=args.peer_queue_delay_us,
     )
     _check_peers_installed(config.peers)

@@ -118,6 +118,7 @@ class SuiteConfig:
     scenarios: tuple[str, ...] = ()  # keys of SCENARIOS to run; empty: all
     peers: tuple[str, ...] = ()  # names in load_tests.peers.launch.PEERS, run in this order
     peer_intra_op_threads: int = 1
+    peer_instances: int = 1  # sessions per model in the peers that have model instances (Triton, MLServer)
     peer_queue_delay_us: int | None = None  # None: each model's own max_queue_delay_microseconds
 
     def __post_init__(self) -> None:
@@ -362,10 +363,13 @@ def _measured(load: LoadConfig, pid: int | None) -> tuple[LoadResult, dict[str, 
 def _peer_phase(name: str, repo: pathlib.Path, tmp: pathlib.Path, config: SuiteConfig, report: SuiteReport) -> None:
     """Serve the scenarios' models on peer ``name`` and load it; a peer that fails is recorded, not raised."""
     peer = PEERS[name]
-    models = peer_models(repo, _scenario_models(config), config.peer_intra_op_threads, config.peer_queue_delay_us)
+    models = peer_models(
+        repo, _scenario_models(config), config.peer_intra_op_threads, config.peer_queue_delay_us, config.peer_instances
+    )
     setup: dict[str, Any] = {"title": peer.title, "versions": peer.versions(), "configuration": peer.configuration}
     setup["models"] = {m.name: {"max_batch_size": m.max_batch_size, "max_queue_delay_us": m.max_queue_delay_us,
-                                "intra_op_threads": m.intra_op_threads} for m in models}  # fmt: skip
+                                "intra_op_threads": m.intra_op_threads, "instances": m.instances}
+                       for m in models}  # fmt: skip
     report.peer_setup[name] = setup
 
     @contextmanager
@@ -539,7 +543,8 @@ def _peer_section(report: SuiteReport) -> list[str]:
     lines = [
         "## Peers",
         "",
-        f"Each serves the same ONNX files with onnxruntime ({cfg.peer_intra_op_threads} intra-op thread(s)); "
+        f"Each serves the same ONNX files with onnxruntime ({cfg.peer_intra_op_threads} intra-op thread(s), "
+        f"{cfg.peer_instances} instance(s) per model where the peer has model instances); "
         f"max batch size and queue delay: {delay} (below).",
         "",
     ]

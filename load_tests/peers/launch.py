@@ -153,8 +153,12 @@ def _tensors(tensors: tuple[Tensor, ...]) -> list[dict[str, Any]]:
     return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
 
 
-def mlserver_settings(ports: Ports, root: pathlib.Path) -> dict[str, Any]:
-    """MLServer's ``settings.json``: loopback only, no per-call log, no metrics, its default single worker."""
+def mlserver_settings(ports: Ports, root: pathlib.Path, workers: int = 1) -> dict[str, Any]:
+    """MLServer's ``settings.json``: loopback only, no per-call log, no metrics, ``workers`` worker processes.
+
+    MLServer's model instances are its parallel workers, server-wide: each loads every model, and
+    batches go to them in turn. One (its default) unless the models ask for more instances.
+    """
     return {
         "host": LOOPBACK,
         "http_port": ports.http,
@@ -162,7 +166,7 @@ def mlserver_settings(ports: Ports, root: pathlib.Path) -> dict[str, Any]:
         "metrics_port": ports.metrics,  # unused while metrics are off; never MLServer's fixed default
         "metrics_endpoint": None,  # off, as infergate's are by default (it also drops a per-call interceptor)
         "debug": False,  # True (MLServer's default) logs every call
-        "parallel_workers": 1,  # MLServer's default: inference runs in one worker process
+        "parallel_workers": workers,  # 1, MLServer's default: inference runs in one worker process
         "model_repository_root": str(root),
         "load_models_at_startup": True,
     }
@@ -189,7 +193,8 @@ def _write_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
 
 def _prepare_mlserver(peer: Peer, workdir: pathlib.Path, models: Sequence[PeerModel], ports: Ports) -> Launch:
     root = workdir / "mlserver"
-    _write_json(root / "settings.json", mlserver_settings(ports, root))
+    workers = max((model.instances for model in models), default=1)
+    _write_json(root / "settings.json", mlserver_settings(ports, root, workers))
     for model in models:
         _write_json(root / model.name / "model-settings.json", mlserver_model_settings(model))
     # cwd is the working folder: MLServer keeps its .metrics and .envs folders in its current directory.
@@ -216,7 +221,8 @@ PEERS: dict[str, Peer] = {
             batches=True,
             start_attempts=2,  # about 1 start in 8 failed under heavy load (a boost interprocess lock)
             configuration="tritonserver's C++ gRPC frontend and dynamic batcher (max_batch_size, "
-            "max_queue_delay_microseconds); a PyTriton @batch function runs onnxruntime; metrics off",
+            "max_queue_delay_microseconds); a PyTriton @batch function per model instance runs onnxruntime; "
+            "metrics off",
             _prepare=_prepare_triton,
         ),
         Peer(
@@ -226,8 +232,8 @@ PEERS: dict[str, Peer] = {
             batches=False,
             start_attempts=1,
             configuration="kserve.ModelServer (grpc.aio), a kserve.Model whose predict runs onnxruntime "
-            "on each request; no in-process batching; per-request log lines off (its Prometheus "
-            "histograms cannot be turned off)",
+            "on each request; no in-process batching and no model instances (one session per model); "
+            "per-request log lines off (its Prometheus histograms cannot be turned off)",
             _prepare=_prepare_kserve,
         ),
         Peer(
@@ -236,8 +242,9 @@ PEERS: dict[str, Peer] = {
             "mlserver",
             batches=True,
             start_attempts=1,
-            configuration="MLServer with one parallel worker (its default) and adaptive batching "
-            "(max_batch_size, max_batch_time = the queue delay; off at 0); an MLModel runs onnxruntime; "
+            configuration="MLServer with one parallel worker per model instance (one, its default, "
+            "unless more instances are asked for) and adaptive batching (max_batch_size, "
+            "max_batch_time = the queue delay; off at 0); an MLModel runs onnxruntime; "
             "metrics and access log off",
             _prepare=_prepare_mlserver,
         ),
@@ -261,8 +268,9 @@ def peer_models(
     names: Sequence[str],
     intra_op_threads: int = 1,
     queue_delay_us: int | None = None,
+    instances: int = 1,
 ) -> list[PeerModel]:
-    """``names`` from ``repository`` as peers serve them.
+    """``names`` from ``repository`` as peers serve them, each with ``instances`` sessions where a peer can.
 
     Batch size and queue delay come from each model's ``config.yaml`` (validated
     by infergate's own loader); ``queue_delay_us`` overrides the delay.
@@ -283,6 +291,7 @@ def peer_models(
                     config.dynamic_batching.max_queue_delay_microseconds if queue_delay_us is None else queue_delay_us
                 ),
                 intra_op_threads=intra_op_threads,
+                instances=instances,
             )
         )
     return models

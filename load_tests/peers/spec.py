@@ -9,7 +9,8 @@ Example::
     {"models": [{"name": "mlp", "file": "/tmp/.../mlp/1/model.onnx",
                  "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 512]}],
                  "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 512]}],
-                 "max_batch_size": 64, "max_queue_delay_us": 0, "intra_op_threads": 1}]}
+                 "max_batch_size": 64, "max_queue_delay_us": 0, "intra_op_threads": 1,
+                 "instances": 1}]}
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class PeerModel:
     """One model as every peer must serve it.
 
     ``max_batch_size`` and ``max_queue_delay_us`` apply where the peer batches;
-    ``intra_op_threads`` is onnxruntime's ``intra_op_num_threads`` (0: its own choice).
+    ``intra_op_threads`` is onnxruntime's ``intra_op_num_threads`` (0: its own choice);
+    ``instances`` how many sessions run batches in parallel where the peer has model
+    instances (Triton's instance group, MLServer's parallel workers).
     """
 
     name: str
@@ -52,6 +55,7 @@ class PeerModel:
     max_batch_size: int
     max_queue_delay_us: int = 0
     intra_op_threads: int = 1
+    instances: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -60,6 +64,8 @@ class PeerModel:
             raise ValueError(f"model {self.name!r}: every tensor needs a variable first (batch) dimension")
         if self.max_queue_delay_us < 0 or self.intra_op_threads < 0:
             raise ValueError(f"model {self.name!r}: delay and threads must be >= 0")
+        if self.instances < 1:
+            raise ValueError(f"model {self.name!r}: instances must be >= 1")
 
 
 def _tensor(item: dict[str, Any]) -> Tensor:
@@ -81,6 +87,7 @@ def model_from_dict(item: dict[str, Any]) -> PeerModel:
         max_batch_size=int(item["max_batch_size"]),
         max_queue_delay_us=int(item.get("max_queue_delay_us", 0)),
         intra_op_threads=int(item.get("intra_op_threads", 1)),
+        instances=int(item.get("instances", 1)),
     )
 
 

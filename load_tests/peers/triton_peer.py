@@ -4,7 +4,9 @@ Runs in ``.tools/peers/triton`` (``python -m load_tests.peers.triton_peer``), st
 by the suite. PyTriton starts the ``tritonserver`` binary it bundles (C++ gRPC
 frontend and dynamic batcher); each model is a ``@batch`` Python function that
 runs :class:`~load_tests.peers.onnx_runner.OnnxRunner`, bound with the model's
-``max_batch_size`` and a dynamic batcher with its ``max_queue_delay_us``.
+``max_batch_size`` and a dynamic batcher with its ``max_queue_delay_us``. A model
+with ``instances`` N is bound with N such functions, each with its own session:
+PyTriton makes them N model instances (Triton's ``instance_group`` count).
 
 Both endpoints (gRPC, HTTP) bind 127.0.0.1; metrics are off, as infergate's
 are by default (``allow_metrics=False``). The environment must
@@ -46,7 +48,7 @@ def _bind(triton: Any, model: PeerModel) -> None:
 
     triton.bind(
         model_name=model.name,
-        infer_func=_infer_function(OnnxRunner(model)),
+        infer_func=[_infer_function(OnnxRunner(model)) for _ in range(model.instances)],
         inputs=tensors(model.inputs),
         outputs=tensors(model.outputs),
         config=ModelConfig(

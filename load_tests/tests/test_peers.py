@@ -97,7 +97,14 @@ def test_an_unknown_peer_is_refused(text: str) -> None:
 def test_suite_takes_peers_as_a_bare_flag_or_a_list(argv: list[str], peers: tuple[str, ...] | None) -> None:
     args = build_parser().parse_args(["suite", *argv])
     assert args.peers == peers
-    assert args.peer_intra_op_threads == 1 and args.peer_queue_delay_us is None
+    assert args.peer_intra_op_threads == 1 and args.peer_queue_delay_us is None and args.peer_instances == 1
+
+
+def test_suite_takes_a_number_of_peer_instances_from_one_up(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args(["suite", "--peers", "--peer-instances", "2"]).peer_instances == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["suite", "--peers", "--peer-instances", "0"])
+    assert "--peer-instances" in capsys.readouterr().err
 
 
 def test_suite_refuses_an_unknown_peer_or_scenario(capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,7 +129,14 @@ def test_peers_serve_each_model_with_its_own_batch_size_and_delay(repository: pa
 
 def test_a_delay_given_for_peers_overrides_the_models_own(repository: pathlib.Path) -> None:
     models = peer_models(repository, MODELS, intra_op_threads=2, queue_delay_us=2000)
-    assert [(m.max_queue_delay_us, m.intra_op_threads) for m in models] == [(2000, 2), (2000, 2)]
+    assert [(m.max_queue_delay_us, m.intra_op_threads, m.instances) for m in models] == [(2000, 2, 1), (2000, 2, 1)]
+
+
+def test_peers_serve_each_model_with_the_instances_asked_for(repository: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    models = peer_models(repository, MODELS, instances=2)
+    assert [m.instances for m in models] == [2, 2]
+    write_models(tmp_path / "models.json", models)
+    assert [m.instances for m in read_models(tmp_path / "models.json")] == [2, 2]
 
 
 def test_the_models_file_reads_back_as_written(repository: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -133,7 +147,7 @@ def test_the_models_file_reads_back_as_written(repository: pathlib.Path, tmp_pat
 
 @pytest.mark.parametrize(
     "change",
-    [{"max_batch_size": 0}, {"inputs": (Tensor("x", "FP32", (16,)),)}, {"max_queue_delay_us": -1}],
+    [{"max_batch_size": 0}, {"inputs": (Tensor("x", "FP32", (16,)),)}, {"max_queue_delay_us": -1}, {"instances": 0}],
 )
 def test_a_model_peers_cannot_batch_is_refused(repository: pathlib.Path, change: dict[str, object]) -> None:
     model = peer_models(repository, ["matmul16"])[0]
@@ -189,6 +203,22 @@ def test_mlserver_gets_a_loopback_settings_file_and_one_folder_per_model(
     assert (mlp["max_batch_size"], mlp["max_batch_time"]) == (64, 0.002)
     assert mlp["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 512]}]
     assert launch.env["PYTHONPATH"].split(":")[0] == str(REPO_ROOT)
+    assert settings["parallel_workers"] == 1  # MLServer's default: one worker process
+
+
+def test_mlserver_runs_one_worker_process_per_model_instance(
+    repository: pathlib.Path, fake_venvs: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    launch = _plan("mlserver", fake_venvs, tmp_path / "work", peer_models(repository, MODELS, instances=2))
+    settings = json.loads((pathlib.Path(launch.argv[-1]) / "settings.json").read_text())
+    assert settings["parallel_workers"] == 2
+
+
+def test_triton_reads_each_models_instances_from_its_models_file(
+    repository: pathlib.Path, fake_venvs: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    launch = _plan("triton", fake_venvs, tmp_path / "work", peer_models(repository, MODELS, instances=2))
+    assert [m.instances for m in read_models(pathlib.Path(launch.argv[4]))] == [2, 2]
 
 
 def test_mlservers_runtime_is_importable_by_the_name_it_is_given(repository: pathlib.Path) -> None:
