@@ -42,11 +42,12 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> 
     held = "dynamic_batching: {max_queue_delay_microseconds: 10000000}\n"
     save_model(build_slow_model(50), repo, "held", config_yaml="max_batch_size: 8\n" + held)
     # A hint of 1000 runs for 0.5 s on a fast core: long enough for a scrape to see the first request running.
+    # One instance (auto would give it two): what queues behind a running request is what these tests are about.
     save_model(
         build_slow_model(1000),
         repo,
         "slow_serial",
-        config_yaml="max_batch_size: 1\ndynamic_batching: {max_queue_size: 2}\n",
+        config_yaml="max_batch_size: 1\ndynamic_batching: {max_queue_size: 2}\ninstance_group: {count: 1}\n",
     )
     save_model(build_gather_model(), repo, "gather", config_yaml="max_batch_size: 16\n" + window)
     save_model(_identity_variable_model(), repo, "identity", config_yaml="max_batch_size: 16\n" + window)

@@ -12,6 +12,7 @@ otherwise choose.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -188,8 +189,8 @@ def test_a_model_far_over_the_bound_is_judged_on_one_or_two_runs_not_six(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Timing a large model's largest batch six times would add seconds to every load; one run far over
-    the bound settles it. A tiny model still gets its six (one untimed, the fastest of five), twice: on
-    onnxruntime's default threads, then on the one thread it runs with on the event loop."""
+    the bound settles it. A tiny model still gets its six (one untimed, the fastest of five): on the one
+    thread it runs with on the event loop, and first on its share of the CPUs where that is more."""
     runs: Counter[str] = Counter()
     run = ort.InferenceSession.run
 
@@ -207,4 +208,5 @@ def test_a_model_far_over_the_bound_is_judged_on_one_or_two_runs_not_six(
             assert runner.inline == (name == "matmul16")
         finally:
             runner.close()
-    assert 1 <= runs["slow"] <= 2 and runs["matmul16"] == 12, runs
+    timings = 1 if max(1, len(os.sched_getaffinity(0)) // 2) == 1 else 2
+    assert 1 <= runs["slow"] <= 2 and runs["matmul16"] == 6 * timings, runs
