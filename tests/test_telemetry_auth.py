@@ -8,6 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import eventually
+from opentelemetry.sdk.trace import ReadableSpan
 from security import AUDIENCE, ISSUER, SECRET, bearer, claims, token
 from telemetry_support import Observed, observed_server, telemetry_repository
 
@@ -73,7 +75,13 @@ async def test_a_traced_call_names_its_caller_and_a_refused_one_names_none(obser
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert await status(stub, bearer(signed)) == grpc.StatusCode.OK
         assert await status(stub, {}) == grpc.StatusCode.UNAUTHENTICATED
-    spans = [s for s in observed.finished_spans() if s.name.endswith("/ModelMetadata")]
+
+    def metadata_spans() -> list[ReadableSpan]:
+        return [s for s in observed.finished_spans() if s.name.endswith("/ModelMetadata")]
+
+    # A refused call's status leaves with its abort, before the span around it ends: wait for its span.
+    await eventually(lambda: len(metadata_spans()) == 2, "the refused call's span")
+    spans = metadata_spans()
     callers = [(s.attributes or {}).get("enduser.id") for s in spans]
     assert callers == ["alice", None]
     assert (spans[0].attributes or {}).get("infergate.client.id") == "svc-a"

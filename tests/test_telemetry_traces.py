@@ -116,6 +116,8 @@ async def test_a_refused_call_is_traced_with_its_status(observed: Observed) -> N
     finally:
         await client.close()
 
+    # A refused call's status leaves with its abort, before the span around it ends: wait for the span.
+    await eventually(lambda: _named(observed.finished_spans(), INFER_SPAN), "the refused call's span")
     (span,) = _named(observed.finished_spans(), INFER_SPAN)
     assert span.attributes is not None
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
