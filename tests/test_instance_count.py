@@ -102,6 +102,26 @@ def test_a_tiny_model_ends_on_one_single_threaded_session(matmul16: Path, sessio
         assert sessions_opened == ([1] if CPUS // 2 <= 1 else [CPUS // 2, 1])
 
 
+@pytest.mark.parametrize(("cpus", "threads"), [(1, [1, 1]), (4, [2, 2]), (6, [3, 3])])
+def test_instances_share_the_cpus_the_process_gives_its_models(slow_model: Path, cpus: int, threads: list[int]) -> None:
+    """What a worker of ``--workers N``, or a process under a CPU quota, gives its models (tests/test_cpus.py)."""
+    config = ModelConfig.model_validate({"max_batch_size": 8})
+    runner = OnnxRunner.load(slow_model, config, "m", 1, cpus=cpus)
+    try:
+        assert threads_of(runner) == threads
+    finally:
+        runner.close()
+
+
+def test_one_instance_takes_the_cpus_it_is_given_instead_of_onnxruntimes_choice(slow_model: Path) -> None:
+    config = ModelConfig.model_validate({"max_batch_size": 8, "instance_group": {"count": 1}})
+    runner = OnnxRunner.load(slow_model, config, "m", 1, cpus=3)
+    try:
+        assert threads_of(runner) == [3]
+    finally:
+        runner.close()
+
+
 def test_threads_that_are_set_stay_as_set(slow_model: Path) -> None:
     with loaded(slow_model, instance_group={"count": "auto"}, session_options={"intra_op_num_threads": 3}) as runner:
         assert threads_of(runner) == [3, 3]

@@ -27,6 +27,7 @@ from models import save_model
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate.models.cpus import model_cpus
 from load_tests.models import build_slow_model
 from load_tests.procfs import descendants
 
@@ -227,6 +228,9 @@ def test_workers_load_and_unload_together_and_one_scrape_sums_them(demo_reposito
         wait_until(lambda: len(_worker_pids(server.log())) == 2, "two workers started")
         for pid in _worker_pids(server.log()).values():
             wait_until(lambda pid=pid: _ready(server.log(), pid), f"worker {pid} ready")
+        # Each worker's models get half the CPUs for onnxruntime's threads, not all of them each.
+        shares = re.findall(r"worker (\d) of 2: its models' onnxruntime threads share (\S+) of the", server.log())
+        assert sorted(shares) == [(w, str(model_cpus(2) or "all")) for w in ("0", "1")], server.log()
 
         loader = Connection(server.url)
         loader.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="matmul16"), timeout=GUARD_S)

@@ -29,6 +29,7 @@ from infergate.audit import AuditLog
 from infergate.config import ServerConfig
 from infergate.eventloop import describe as describe_loop
 from infergate.heap import FrozenHeap
+from infergate.models.cpus import model_cpus, usable_cpus
 from infergate.models.response_cache import ResponseCache
 from infergate.monitoring.metrics import DriftReadings
 from infergate.repository.loader import ModelRepository
@@ -137,6 +138,7 @@ class InferGateServer:
             audit=self.audit,  # loads, swaps, routing changes; and through it canary steps and drift alerts
             calls_in_progress=self.admission.calls_in_progress,  # batches gather only while calls may arrive
             on_retired=self._heap.retired if self._heap is not None else None,  # frozen versions need a collection
+            model_cpus=_worker_cpus(worker),
         )
         self.readiness = Readiness()
         self.shadows = ShadowQueue(
@@ -431,3 +433,15 @@ def _announce(server: InferGateServer) -> None:
     if server.health_port is not None:
         health_address = f"{server.config.health_host or server.config.host}:{server.health_port}"
         print(announcement(HEALTH + health_address, fmt, address=health_address), flush=True)
+
+
+def _worker_cpus(worker: WorkerRole | None) -> int | None:
+    """The CPUs a worker's models share: an Nth of the process's, for N workers on the same CPUs."""
+    if worker is None or worker.count <= 1:
+        return None
+    cpus = model_cpus(worker.count)
+    log.info(
+        "worker %d of %d: its models' onnxruntime threads share %s of the %d CPU(s) this process may use",
+        worker.index, worker.count, cpus if cpus is not None else "all", usable_cpus(),
+    )  # fmt: skip
+    return cpus

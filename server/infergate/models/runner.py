@@ -35,6 +35,7 @@ from infergate import threadnames
 from infergate.errors import ModelExecutionError
 from infergate.models.binding import DEVICE_OF_PROVIDER, BindingPlan, BoundSession, plan_binding
 from infergate.models.config import PROVIDERS, ModelConfig
+from infergate.models.cpus import affinity_cpus, model_cpus
 from infergate.models.device_gate import CUDA_GATE, CudaGate
 from infergate.models.spec import ModelSpec, Tensors, spec_from_graph
 from infergate.models.stats import BatchTimings
@@ -124,6 +125,7 @@ def _cpu_instances(
     spec: ModelSpec,
     config: ModelConfig,
     probe: list[ort.InferenceSession],
+    cpus: int | None,
 ) -> list[ort.InferenceSession]:
     """The sessions of a CPU model with ``instance_group.count: auto``: ``AUTO_CPU_INSTANCES``, warmed up.
 
@@ -131,7 +133,7 @@ def _cpu_instances(
     instance's threads, it becomes the first instance; otherwise it is freed before the others load
     (a large model's memory is not held twice over).
     """
-    threads = _intra_op_threads(config.session_options.intra_op_num_threads, AUTO_CPU_INSTANCES, on_cpu=True)
+    threads = _intra_op_threads(config.session_options.intra_op_num_threads, AUTO_CPU_INSTANCES, True, cpus)
     kept = [s for s in probe if s.get_session_options().intra_op_num_threads == threads][:1]
     probe.clear()
     options.intra_op_num_threads = threads
@@ -143,21 +145,15 @@ def _cpu_instances(
     return sessions
 
 
-def _intra_op_threads(configured: int, instances: int, on_cpu: bool) -> int:
-    """Each session's intra-op threads: as configured; unset (0) with several instances on the CPU, the
-    process's CPUs shared out among them. onnxruntime's own choice gives every session all the cores,
-    and instances running batches at once would then fight over them."""
-    if configured or instances == 1 or not on_cpu:
+def _intra_op_threads(configured: int, instances: int, on_cpu: bool, cpus: int | None) -> int:
+    """Each session's intra-op threads: as configured; unset (0) on the CPU, the models' CPUs (``cpus``,
+    see cpus.py; None: every CPU the process may run on) shared out among the instances. One instance
+    with every CPU keeps onnxruntime's own choice; several would fight over the cores with it."""
+    if configured or not on_cpu:
         return configured
-    return max(1, _usable_cpus() // instances)
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    if cpus is None:
+        return 0 if instances == 1 else max(1, affinity_cpus() // instances)
+    return max(1, cpus // instances)
 
 
 def _session_options(config: ModelConfig) -> ort.SessionOptions:
@@ -253,18 +249,22 @@ class OnnxRunner:
         self._inline_times: list[int] = []  # the runtime's ns for each inline batch of the current window
 
     @classmethod
-    def load(cls, path: Path, config: ModelConfig, name: str, version: int) -> OnnxRunner:
+    def load(cls, path: Path, config: ModelConfig, name: str, version: int, cpus: int | None = None) -> OnnxRunner:
         """Create the sessions (blocking: call from a thread) and warm them up.
 
-        The calling thread is called ``ort-<model>`` meanwhile, so that the threads
+        ``cpus``: how many CPUs the sessions' threads share when the config leaves their number to the
+        server (``intra_op_num_threads`` 0); None: :func:`~infergate.models.cpus.model_cpus` of this
+        process. The calling thread is called ``ort-<model>`` meanwhile, so that the threads
         onnxruntime starts for the sessions carry that name (see threadnames.py).
         """
+        if cpus is None:
+            cpus = model_cpus()
         providers = _providers(config, name)
         # A model whose first provider is a CUDA device loads in turn with the others there (device_gate.py).
         on_device = providers[0][0] in DEVICE_OF_PROVIDER
         with threadnames.named(f"ort-{name}"), CUDA_GATE.loading() if on_device else contextlib.nullcontext():
             try:
-                return cls._load(path, config, name, version, providers)
+                return cls._load(path, config, name, version, providers, cpus)
             except BaseException as exc:
                 # The failed load's sessions live on in the traceback's frames: destroy them now, in turn.
                 traceback.clear_frames(exc.__traceback__)
@@ -272,7 +272,13 @@ class OnnxRunner:
 
     @classmethod
     def _load(
-        cls, path: Path, config: ModelConfig, name: str, version: int, providers: list[tuple[str, dict[str, str]]]
+        cls,
+        path: Path,
+        config: ModelConfig,
+        name: str,
+        version: int,
+        providers: list[tuple[str, dict[str, str]]],
+        cpus: int | None,
     ) -> OnnxRunner:
         options = _session_options(config)
         requested = None if config.instance_group.count == "auto" else config.instance_group.count
@@ -284,7 +290,8 @@ class OnnxRunner:
             requested is None and config.sequence_batching is None and config.device_execution.io_binding is not True
         )
         configured = config.session_options.intra_op_num_threads
-        options.intra_op_num_threads = _intra_op_threads(configured, AUTO_CPU_INSTANCES if may_grow else count, on_cpu)
+        instances = AUTO_CPU_INSTANCES if may_grow else count
+        options.intra_op_num_threads = _intra_op_threads(configured, instances, on_cpu, cpus)
         sessions = _sessions(path, options, providers, count)
         actual = sessions[0].get_providers()[0]
         if actual not in [p for p, _ in providers]:
@@ -328,7 +335,7 @@ class OnnxRunner:
             log.info("model %s version %d: batches run on a thread (largest batch over %d µs)", name, version,
                      limit_us)  # fmt: skip
         if requested is None and actual == "CPUExecutionProvider" and plan is None and config.sequence_batching is None:
-            sessions = _cpu_instances(path, options, providers, spec, config, probe=sessions)
+            sessions = _cpu_instances(path, options, providers, spec, config, probe=sessions, cpus=cpus)
         return cls(sessions, spec, bound)
 
     @property

@@ -222,18 +222,20 @@ def _accrue(tags: list[object], enqueued: list[float], started: float, timings: 
     return unwrapped
 
 
-def load_model_version(directory: Path, name: str, version: int, config: ModelConfig) -> ModelVersion:
+def load_model_version(
+    directory: Path, name: str, version: int, config: ModelConfig, cpus: int | None = None
+) -> ModelVersion:
     """Load ``directory/<default_model_filename>`` (blocking: call from a thread).
 
     The model directory (``directory``'s parent) holds the files the config
-    names: labels files and initial state. Raises ModelLoadError saying what
-    does not fit.
+    names: labels files and initial state. ``cpus``: the CPUs its sessions
+    share (``OnnxRunner.load``). Raises ModelLoadError saying what does not fit.
     """
     path = directory / config.default_model_filename
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
     metadata = verify_version(path, config)  # before onnxruntime reads a file that is not the one named
-    runner = OnnxRunner.load(path, config, name, version)
+    runner = OnnxRunner.load(path, config, name, version, cpus)
     try:
         monitor = load_monitor(directory, config, runner.spec)  # refuses monitoring.drift without a profile
         model = _assemble(runner, config, directory.parent, monitor)

@@ -82,10 +82,12 @@ class ModelRepository:
         audit: AuditLog | None = None,
         calls_in_progress: Callable[[], int] | None = None,
         on_retired: Callable[[], None] | None = None,
+        model_cpus: int | None = None,
     ):
         """``audit``: where lifecycle events go (default: an :class:`AuditLog` writing to the server log);
         ``calls_in_progress``: the server's admission count, which every version's batcher reads;
-        ``on_retired``: called on the event loop each time a retired version has closed."""
+        ``on_retired``: called on the event loop each time a retired version has closed;
+        ``model_cpus``: the CPUs each version's sessions share (None: this process's, models/cpus.py)."""
         self.root = root
         self._observer = observer  # telemetry: load events and each version's observer
         self._audit = audit if audit is not None else AuditLog()
@@ -97,6 +99,7 @@ class ModelRepository:
         self._retiring: set[asyncio.Task[None]] = set()
         self._calls_in_progress = calls_in_progress
         self._on_retired = on_retired
+        self._model_cpus = model_cpus
 
     def discover(self) -> list[str]:
         """Model directory names under root (hidden ones skipped); new ones get an entry."""
@@ -325,7 +328,9 @@ class ModelRepository:
                     check_steps(ensemble, self.catalog.answering)
                     return ensemble
                 # not asyncio.to_thread: the pool would hold the version a moment (heap.py)
-                return await in_thread(load_model_version, directory / str(version), entry.name, version, config)
+                return await in_thread(
+                    load_model_version, directory / str(version), entry.name, version, config, self._model_cpus
+                )
             except (ModelLoadError, FileNotFoundError) as exc:
                 return str(exc)
             except Exception as exc:  # a bug or an unexpected runtime error: keep serving the rest
