@@ -286,8 +286,12 @@ class OnnxRunner:
         count = requested or 1  # auto: one session first; a CPU model that proves not tiny gets more (below)
         # One that may end as several instances opens its first with an instance's share of the CPUs, so
         # that it can stay as the first instance: a model that is not tiny then loads each session once.
+        # On one CPU a second instance would only hold the weights twice.
         may_grow = (
-            requested is None and config.sequence_batching is None and config.device_execution.io_binding is not True
+            requested is None
+            and config.sequence_batching is None
+            and config.device_execution.io_binding is not True
+            and (cpus if cpus is not None else affinity_cpus()) >= AUTO_CPU_INSTANCES
         )
         configured = config.session_options.intra_op_num_threads
         instances = AUTO_CPU_INSTANCES if may_grow else count
@@ -334,7 +338,7 @@ class OnnxRunner:
                 return runner
             log.info("model %s version %d: batches run on a thread (largest batch over %d µs)", name, version,
                      limit_us)  # fmt: skip
-        if requested is None and actual == "CPUExecutionProvider" and plan is None and config.sequence_batching is None:
+        if may_grow and actual == "CPUExecutionProvider" and plan is None:
             sessions = _cpu_instances(path, options, providers, spec, config, probe=sessions, cpus=cpus)
         return cls(sessions, spec, bound)
 
