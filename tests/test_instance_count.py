@@ -53,8 +53,8 @@ def matmul16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def loaded(path: Path, **config: Any) -> Iterator[OnnxRunner]:
-    runner = OnnxRunner.load(path, ModelConfig.model_validate({"max_batch_size": 8, **config}), "m", 1)
+def loaded(path: Path, cpus: int | None = None, **config: Any) -> Iterator[OnnxRunner]:
+    runner = OnnxRunner.load(path, ModelConfig.model_validate({"max_batch_size": 8, **config}), "m", 1, cpus)
     try:
         yield runner
     finally:
@@ -106,21 +106,13 @@ def test_a_tiny_model_ends_on_one_single_threaded_session(matmul16: Path, sessio
 def test_instances_share_the_cpus_the_process_gives_its_models(slow_model: Path, cpus: int, threads: list[int]) -> None:
     """What a worker of ``--workers N``, or a process under a CPU quota, gives its models (tests/test_cpus.py).
     With one CPU, auto keeps one instance: a second would hold the weights twice for nothing."""
-    config = ModelConfig.model_validate({"max_batch_size": 8})
-    runner = OnnxRunner.load(slow_model, config, "m", 1, cpus=cpus)
-    try:
+    with loaded(slow_model, cpus=cpus) as runner:
         assert threads_of(runner) == threads
-    finally:
-        runner.close()
 
 
 def test_one_instance_takes_the_cpus_it_is_given_instead_of_onnxruntimes_choice(slow_model: Path) -> None:
-    config = ModelConfig.model_validate({"max_batch_size": 8, "instance_group": {"count": 1}})
-    runner = OnnxRunner.load(slow_model, config, "m", 1, cpus=3)
-    try:
+    with loaded(slow_model, cpus=3, instance_group={"count": 1}) as runner:
         assert threads_of(runner) == [3]
-    finally:
-        runner.close()
 
 
 def test_threads_that_are_set_stay_as_set(slow_model: Path) -> None:

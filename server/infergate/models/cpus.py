@@ -92,9 +92,11 @@ def cgroup_cpu_limit(proc_cgroup: Path = _PROC_CGROUP, root: Path = _CGROUP_ROOT
 
 def usable_cpus() -> int:
     """The CPUs this process may keep busy: its affinity, cut to its CPU quota (rounded up)."""
-    cpus = affinity_cpus()
-    limit = cgroup_cpu_limit()
-    return cpus if limit is None else max(1, min(cpus, math.ceil(limit)))
+    return _cut_to_quota(affinity_cpus(), cgroup_cpu_limit())
+
+
+def _cut_to_quota(affinity: int, limit: float | None) -> int:
+    return affinity if limit is None else max(1, min(affinity, math.ceil(limit)))
 
 
 def model_cpus(workers: int = 1) -> int | None:
@@ -107,6 +109,5 @@ def model_cpus(workers: int = 1) -> int | None:
 def cpu_share(affinity: int, limit: float | None, workers: int) -> int | None:
     """:func:`model_cpus` for a process with ``affinity`` CPUs, a quota of ``limit`` CPUs (None: none)
     and ``workers`` processes sharing them."""
-    usable = affinity if limit is None else max(1, min(affinity, math.ceil(limit)))
-    share = max(1, usable // max(1, workers))
+    share = max(1, _cut_to_quota(affinity, limit) // max(1, workers))
     return None if share == affinity else share
