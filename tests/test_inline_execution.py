@@ -12,7 +12,6 @@ otherwise choose.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ import yaml
 from infergate import threadnames
 from infergate.demo import build_matmul16, write_demo_repository
 from infergate.models.config import ModelConfig
+from infergate.models.cpus import usable_cpus
 from infergate.models.runner import INLINE_WINDOW, BatchOutcome, OnnxRunner
 from infergate.models.stats import BatchTimings
 from load_tests.models import build_slow_model
@@ -208,5 +208,5 @@ def test_a_model_far_over_the_bound_is_judged_on_one_or_two_runs_not_six(
             assert runner.inline == (name == "matmul16")
         finally:
             runner.close()
-    timings = 1 if max(1, len(os.sched_getaffinity(0)) // 2) == 1 else 2
+    timings = 1 if max(1, usable_cpus() // 2) == 1 else 2
     assert 1 <= runs["slow"] <= 2 and runs["matmul16"] == 6 * timings, runs

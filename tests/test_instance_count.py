@@ -14,7 +14,6 @@ own ``get_session_options``; the last tests serve a real repository.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,14 @@ import tritonclient.grpc as grpcclient
 from infergate.demo import build_matmul16
 from infergate.models.config import ModelConfig
 from infergate.models.config_files import read_model_config
+from infergate.models.cpus import model_cpus, usable_cpus
 from infergate.models.runner import AUTO_CPU_INSTANCES, OnnxRunner
 from infergate.models.version import load_model_version
 from load_tests.models import build_slow_model
 from tests.conftest import running_server
 from tests.models import save_model
 
-CPUS = len(os.sched_getaffinity(0))
+CPUS = usable_cpus()  # what the runner shares out: this process's CPUs, cut to any CPU quota (test_cpus.py)
 SLOW_MS = 2  # far over the 100 µs under which a model's batches run on the event loop
 
 
@@ -126,7 +126,8 @@ def test_a_number_is_kept_and_its_instances_share_the_cpus(slow_model: Path) -> 
         assert threads_of(runner) == [max(1, CPUS // 3)] * 3
     with loaded(slow_model, instance_group={"count": 1}) as runner:
         assert runner.instance_count == 1
-        assert threads_of(runner) == [0]  # one instance: onnxruntime's own choice
+        # One instance: onnxruntime's own choice, unless a CPU quota leaves the process fewer CPUs than it sees.
+        assert threads_of(runner) == [model_cpus() or 0]
 
 
 def test_a_tiny_model_with_an_auto_count_keeps_one_instance_on_the_event_loop(matmul16: Path) -> None:
