@@ -2,17 +2,22 @@
 
     python -m load_tests auth-overhead --rounds 4 --slices 6 --duration 3 --warmup 0.5
 
-Variants, each serving the demo repository:
+Variants (``--variants``, all three by default), each serving the demo repository:
 
-* ``off``: no ``auth`` block;
+* ``off``: no ``auth`` block, and calls without a token;
+* ``header``: the same server, and every call carrying the token anyway (the
+  server ignores it): what gRPC's carrying the header costs client and
+  server, apart from auth's own work;
 * ``jwt``: ``auth.enabled`` with one HS256 secret (``--algorithm RS256``: one
   RSA public key), every call carrying the same bearer token, so after the
   first call the server finds its caller in the verifier's cache.
 
 The token's scope is ``infer:* metadata``. Servers run side by side and are
-loaded in turn (``interleave``): the table gives throughput and the server's
-own CPU per answered request, and auth ÷ off averaged slot by slot with twice
-its standard error, the interval the "within 3%" target is read from.
+loaded in turn (``interleave``): the table gives throughput, the server's own
+CPU and the client's per answered request, and each ÷ off averaged slot by slot
+with twice its standard error, the interval the "within 3%" target is read
+from. On a machine whose cores the client shares, the client's CPU is
+throughput too: what it adds per request the server cannot serve.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ from dataclasses import dataclass, field
 
 from .costs import Step, step_costs
 from .interleave import OverheadRun, Ratio, SlotFigures, Variant, measured, paired
-from .report import LoadResult, format_table
+from .report import LoadResult, format_table, parse_variants
 from .suite import REPO_ROOT, environment
 
 __all__ = [
     "ALGORITHMS",
+    "VARIANTS",
     "AuthOverheadConfig",
     "AuthOverheadReport",
     "auth_block",
@@ -42,6 +48,7 @@ __all__ = [
 ]
 
 ALGORITHMS = ("HS256", "RS256")
+VARIANTS = ("off", "header", "jwt")
 SCOPE = "infer:* metadata"
 
 
@@ -53,6 +60,7 @@ class AuthOverheadConfig(OverheadRun):
     rounds: int = 4
     slices: int = 6
     algorithm: str = "HS256"
+    variants: tuple[str, ...] = VARIANTS
 
 
 @dataclass
@@ -60,6 +68,7 @@ class AuthOverheadReport(SlotFigures):
     config: AuthOverheadConfig
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)  # per slot, in slot order
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per slot
+    client_cpu_us: dict[str, list[float]] = field(default_factory=dict)  # the client's, per slot
 
     def paired(self) -> tuple[dict[str, Ratio], dict[str, Ratio]]:
         """Throughput and server CPU per request, each ÷ off's, slot by slot."""
@@ -73,10 +82,11 @@ class AuthOverheadReport(SlotFigures):
             p50 = statistics.fmean(r.p50_ms for r in runs)
             rows.append(
                 [variant, f"{mean:,.0f}", str(rates[variant]), f"{p50:.3f}",
-                 f"{statistics.fmean(self.cpu_us[variant]):.0f}", str(cpu[variant])]
+                 f"{statistics.fmean(self.cpu_us[variant]):.0f}", str(cpu[variant]), self.mean_client_cpu(variant)]
             )  # fmt: skip
-        headers = ["variant", "mean req/s", "paired ÷ off", "mean p50 ms", "server CPU µs/req", "paired ÷ off"]
-        return format_table(headers, ["<", ">", ">", ">", ">", ">"], rows)
+        headers = ["variant", "mean req/s", "paired ÷ off", "mean p50 ms", "server CPU µs/req", "paired ÷ off",
+                   "client CPU µs/req"]  # fmt: skip
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">"], rows)
 
 
 def auth_block(folder: pathlib.Path, algorithm: str) -> tuple[dict[str, object], str]:
@@ -99,6 +109,14 @@ def auth_block(folder: pathlib.Path, algorithm: str) -> tuple[dict[str, object],
     (folder / "issuer.pem").write_bytes(public)
     auth = {"enabled": True, "algorithms": ["RS256"], "public_keys": [{"file": str(folder / "issuer.pem")}]}
     return auth, jwt.encode(claims, key, algorithm="RS256", headers={"kid": "load-tests"})
+
+
+def variants(text: str) -> tuple[str, ...]:
+    """``--variants``: a comma list of :data:`VARIANTS`, ``off`` (the base of every ratio) among them."""
+    names = parse_variants(text, VARIANTS)
+    if "off" not in names:
+        raise ValueError(f"the variants must include off, the base of every ratio; got {text!r}")
+    return names
 
 
 def auth_step_costs(calls: int = 20_000, cold: bool = False) -> dict[str, float]:
@@ -160,10 +178,10 @@ def auth_steps() -> dict[str, Step]:
 
 
 def run_auth_overhead(config: AuthOverheadConfig) -> AuthOverheadReport:
-    """Auth off and on in every slot of every round; writes auth-overhead.json and auth-overhead.md."""
+    """Every variant in every slot of every round; writes auth-overhead.json and auth-overhead.md."""
     from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
 
-    report = AuthOverheadReport(config, {"off": [], "jwt": []}, {"off": [], "jwt": []})
+    report = AuthOverheadReport(config, {v: [] for v in config.variants}, {v: [] for v in config.variants})
     config.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
@@ -172,8 +190,12 @@ def run_auth_overhead(config: AuthOverheadConfig) -> AuthOverheadReport:
         auth, token = auth_block(folder, config.algorithm)
         (folder / "auth.yaml").write_text(json.dumps({"auth": auth}))  # YAML reads JSON
         serve = (sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo))
-        variants = [Variant("off", serve), Variant("jwt", (*serve, "--config", str(folder / "auth.yaml")), token=token)]
-        for slot, sample in measured(variants, config, REPO_ROOT):
+        every = {
+            "off": Variant("off", serve),
+            "header": Variant("header", serve, token=token),  # auth off: the server ignores the header
+            "jwt": Variant("jwt", (*serve, "--config", str(folder / "auth.yaml")), token=token),
+        }
+        for slot, sample in measured([every[name] for name in config.variants], config, REPO_ROOT):
             report.add(slot, sample)
     _write(report)
     return report
@@ -188,6 +210,7 @@ def _write(report: AuthOverheadReport) -> None:
         **report.figures_json(),
         "paired_throughput_to_off": {v: vars(r) for v, r in rates.items()},
         "paired_server_cpu_to_off": {v: vars(r) for v, r in cpu.items()},
+        "paired_client_cpu_to_off": {v: vars(r) for v, r in paired(report.client_cpu_us, "off").items()},
     }
     (report.config.out / "auth-overhead.json").write_text(json.dumps(data, indent=2, default=str))
     (report.config.out / "auth-overhead.md").write_text(report.table() + "\n")

@@ -565,18 +565,22 @@ def _cmd_alternate(args: argparse.Namespace) -> int:
 
 
 def _add_auth_overhead(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .auth import ALGORITHMS, AuthOverheadConfig
+    from .auth import ALGORITHMS, VARIANTS, AuthOverheadConfig, variants
 
     p = commands.add_parser(
         "auth-overhead",
         help="infergate with JWT auth off vs on, interleaved, in one run",
-        description="Per round, start infergate on the demo models twice, without auth and with JWT auth "
-        "(every call carries the same token), keep both up and load each in turn --slices times. Prints and "
-        "writes auth ÷ off, throughput and server CPU per request, averaged slot by slot with twice its "
-        "standard error (auth-overhead.json, auth-overhead.md).",
+        description="Per round, start infergate on the demo models once per variant (off: no auth, no token; "
+        "header: no auth, every call carrying the token anyway; jwt: JWT auth, every call carrying the same "
+        "token), keep all up and load each in turn --slices times. Prints and writes each ÷ off, throughput "
+        "and server CPU per request, averaged slot by slot with twice its standard error, and the client's "
+        "CPU per request (auth-overhead.json, auth-overhead.md).",
     )
     _add_overhead_run(p, AuthOverheadConfig, "model to load")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="HS256", help="token signature (default HS256)")
+    p.add_argument(
+        "--variants", type=variants, default=VARIANTS, help=f"comma list of {', '.join(VARIANTS)}, off among them"
+    )
     _add_cost_table(p, "auth's")
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/auth-<time>")
 
@@ -589,7 +593,7 @@ def _cmd_auth_overhead(args: argparse.Namespace) -> int:
         return 0
     signal.signal(signal.SIGTERM, _raise_exit)
     out = _out_dir(args, "auth")
-    config = AuthOverheadConfig(out=out, algorithm=args.algorithm, **_overhead_run(args))
+    config = AuthOverheadConfig(out=out, algorithm=args.algorithm, variants=args.variants, **_overhead_run(args))
     report = run_auth_overhead(config)
     print(report.table())
     print(f"\nwrote {out / 'auth-overhead.json'} and {out / 'auth-overhead.md'}")

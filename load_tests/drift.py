@@ -59,6 +59,7 @@ class DriftOverheadReport(SlotFigures):
     config: DriftOverheadConfig
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per slot
+    client_cpu_us: dict[str, list[float]] = field(default_factory=dict)  # the client's, per slot
     monitor: dict[str, list[str]] = field(default_factory=dict)  # "sampled/dropped" so far, per slot
 
     def table(self) -> str:
@@ -116,7 +117,7 @@ def _width(model_dir: pathlib.Path) -> int:
 def run_drift_overhead(config: DriftOverheadConfig) -> DriftOverheadReport:
     """Every variant in every slot of every round (see ``interleave``); writes drift-overhead.json and .md."""
     report = DriftOverheadReport(config, {v: [] for v in config.variants}, {v: [] for v in config.variants},
-                                 {v: [] for v in config.variants})  # fmt: skip
+                                 monitor={v: [] for v in config.variants})  # fmt: skip
     config.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="drift-overhead-") as tmp:
         repositories = build_repositories(pathlib.Path(tmp), config.model, config.window, config.variants)

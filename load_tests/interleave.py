@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import pathlib
 import statistics
 import sys
@@ -72,10 +73,12 @@ class Slot:
 
 @dataclass(frozen=True)
 class Sample:
-    """One slot's load and the server's own CPU per answered request (µs, warm-up included)."""
+    """One slot's load and the CPU per answered request (µs, warm-up included) of the server and of
+    the client (this process and the load processes it ran)."""
 
     result: LoadResult
     server_cpu_us: float
+    client_cpu_us: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -141,11 +144,19 @@ def interleaved(
 def measure(slot: Slot, load: LoadConfig) -> Sample:
     """Run ``load`` (its target and token are the slot's) and read the server's CPU around it."""
     load = dataclasses.replace(load, target=slot.target, token=slot.variant.token)
-    before = tree_cpu_seconds(slot.pid)  # the tree: a --workers N variant serves from child processes
+    before, client_before = tree_cpu_seconds(slot.pid), _client_cpu_seconds()
     result = run_load(load)
-    cpu = tree_cpu_seconds(slot.pid) - before
-    served = result.requests * (load.warmup + load.duration) / load.duration  # CPU covers the warm-up too
-    return Sample(result, cpu / max(served, 1.0) * 1e6)
+    cpu = tree_cpu_seconds(slot.pid) - before  # the tree: a --workers N variant serves from child processes
+    client = _client_cpu_seconds() - client_before
+    served = max(result.requests * (load.warmup + load.duration) / load.duration, 1.0)  # CPU covers the warm-up
+    return Sample(result, cpu / served * 1e6, client / served * 1e6)
+
+
+def _client_cpu_seconds() -> float:
+    """This process's CPU (every thread) and its reaped children's: the load processes a slot ran
+    are reaped before it ends, the servers (children too) only when their round does."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 @dataclass(frozen=True)
@@ -168,21 +179,31 @@ class OverheadRun:
 
 
 class SlotFigures:
-    """A report's loads and server CPU per request, per variant in slot order (the report declares both)."""
+    """A report's loads and the server's and client's CPU per request, per variant in slot order
+    (the report declares all three)."""
 
     runs: dict[str, list[LoadResult]]
     cpu_us: dict[str, list[float]]
+    client_cpu_us: dict[str, list[float]]
 
     def add(self, slot: Slot, sample: Sample) -> None:
-        self.runs[slot.variant.name].append(sample.result)
-        self.cpu_us[slot.variant.name].append(sample.server_cpu_us)
+        name = slot.variant.name
+        self.runs[name].append(sample.result)
+        self.cpu_us[name].append(sample.server_cpu_us)
+        self.client_cpu_us.setdefault(name, []).append(sample.client_cpu_us)
 
     def figures_json(self) -> dict[str, object]:
         """The per-slot figures, as the reports write them."""
         return {
             "runs": {v: [vars(r) for r in runs] for v, runs in self.runs.items()},
             "server_cpu_us_per_request": self.cpu_us,
+            "client_cpu_us_per_request": self.client_cpu_us,
         }
+
+    def mean_client_cpu(self, variant: str) -> str:
+        """The client's mean CPU µs per request in ``variant``'s slots, for a table ("-" before any)."""
+        figures = self.client_cpu_us.get(variant, [])
+        return f"{statistics.fmean(figures):.0f}" if figures else "-"
 
     def paired_rates(self, base: str = "off") -> dict[str, Ratio]:
         """Each variant's throughput ÷ ``base``'s, slot by slot; empty when ``base`` did not run."""

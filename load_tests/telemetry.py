@@ -52,6 +52,7 @@ class OverheadReport(SlotFigures):
     config: OverheadConfig
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)  # per slot, in slot order
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # server CPU µs per request, per slot
+    client_cpu_us: dict[str, list[float]] = field(default_factory=dict)  # the client's, per slot
 
     def mean_rps(self, variant: str) -> float:
         return statistics.fmean(r.requests_per_s for r in self.runs[variant])
@@ -69,11 +70,11 @@ class OverheadReport(SlotFigures):
             pairs = str(ratios[variant]) if variant in ratios else "-"
             rows.append(
                 [variant, f"{mean:,.0f}", per_slot, f"{mean / base:.3f}", pairs, f"{p50:.2f}", f"{cpu:.0f}",
-                 f"{cpu / cpu_base:.3f}"]
+                 f"{cpu / cpu_base:.3f}", self.mean_client_cpu(variant)]
             )  # fmt: skip
         headers = ["variant", "mean req/s", "per slot", "÷ off", "paired ÷ off", "mean p50 ms", "server CPU µs/req",
-                   "÷ off"]  # fmt: skip
-        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">"], rows)
+                   "÷ off", "client CPU µs/req"]  # fmt: skip
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">", ">"], rows)
 
 
 def serve_sink(port: int) -> None:

@@ -61,7 +61,7 @@ def test_every_server_of_a_round_is_up_for_each_of_its_slots(tmp_path: pathlib.P
         if slot.slice == 0:
             sample = measure(slot, load)  # the slot's target and token, whatever the load named
             assert sample.result.requests > 0 and not sample.result.errors, slot.variant.name
-            assert sample.server_cpu_us > 0
+            assert sample.server_cpu_us > 0 and sample.client_cpu_us > 0
             expected = grpc.StatusCode.UNAUTHENTICATED if slot.variant.token else grpc.StatusCode.OK
             assert _ready_code(slot.target, "") == expected  # the jwt variant really runs with auth on
         seen.append(slot)
