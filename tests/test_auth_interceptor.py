@@ -18,6 +18,7 @@ import pytest
 from security import SECRET, bearer, claims, token
 
 from infergate._proto import grpc_service_pb2 as pb
+from infergate.security import interceptor as interceptor_module
 from infergate.security.auth import Principal, TokenVerifier, current_principal, visible_models
 from infergate.security.config import AuthConfig
 from infergate.security.interceptor import METHOD_RULES, AuthInterceptor, filter_repository_index, rule_for
@@ -71,6 +72,23 @@ def metadata(scope: str) -> list[tuple[str, str]]:
 async def test_the_handler_sees_the_verified_principal(channel: grpc.aio.Channel) -> None:
     assert await channel.unary_unary(WHO)(b"", metadata=metadata("admin")) == b"alice"
     assert current_principal() is None  # nothing leaks out of a call
+
+
+async def test_callers_on_one_connection_are_each_seen_as_themselves_call_after_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The interceptor remembers the token in each header value it has read, and forgets them all
+    when it holds too many (here two): three callers taking turns still get their own principal."""
+    monkeypatch.setattr(interceptor_module, "TOKENS_REMEMBERED", 2)
+    server, port = await serve(exempt=[])
+    callers = {name: list(bearer(token(SECRET, "HS256", claims("admin", sub=name))).items()) for name in "abc"}
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            who_is = channel.unary_unary(WHO)
+            seen = [await who_is(b"", metadata=callers[name]) for name in "abcabcaa"]
+    finally:
+        await server.stop(None)
+    assert seen == [name.encode() for name in "abcabcaa"]
 
 
 async def test_tasks_of_a_streaming_handler_see_the_principal(channel: grpc.aio.Channel) -> None:

@@ -56,12 +56,14 @@ __all__ = [
     "UnknownKey",
     "WrongAudience",
     "WrongIssuer",
+    "authorization",
     "bearer_token",
     "current_principal",
     "may_infer",
     "permissions_from_claims",
     "require",
     "reset_principal",
+    "token_of",
     "use_principal",
     "visible_models",
 ]
@@ -141,14 +143,13 @@ class Principal:
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("infergate_principal", default=None)
 
 
-def current_principal() -> Principal | None:
-    """The verified caller of the request being handled; None when auth is off or the method is exempt."""
-    return _current.get()
-
-
-def use_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
-    """Make ``principal`` current (the interceptor does this); undo with :func:`reset_principal`."""
-    return _current.set(principal)
+# current_principal(): the verified caller of the request being handled; None when auth is off or
+# the method is exempt. use_principal(principal): make it current (the interceptor does this); undo
+# with reset_principal. The context variable's own methods rather than functions around them: both
+# run on every call, and each Python frame a served request enters costs it microseconds with cold
+# caches (BENCHMARKS.md, "cold caches").
+current_principal: Callable[[], Principal | None] = _current.get
+use_principal: Callable[[Principal | None], contextvars.Token[Principal | None]] = _current.set
 
 
 def reset_principal(token: contextvars.Token[Principal | None]) -> None:
@@ -191,7 +192,7 @@ def require(principal: Principal, permission: str, model: str | None, action: st
     """Raise PermissionDenied naming the missing permission. ``permission``: infer, metadata or admin."""
     if permission == "infer":
         model = model or ""
-        if may_infer(principal, model):
+        if _may_infer(principal.permissions, model):  # may_infer's look-up, a frame fewer on every request
             return
         needed = f"{INFER_PREFIX}{model}"
     elif permission in principal.permissions:
@@ -206,11 +207,13 @@ def require(principal: Principal, permission: str, model: str | None, action: st
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    """The token of the one ``authorization: Bearer <token>`` header; MissingToken or MalformedToken.
+    """The token of the one ``authorization: Bearer <token>`` header; MissingToken or MalformedToken."""
+    return token_of(authorization(metadata))
 
-    Read on every call with auth on, so the usual header (``Bearer <token>``, exactly) is
-    taken apart with one comparison and one slice; anything else goes the long way.
-    """
+
+def authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | bytes:
+    """The value of the one ``authorization`` header, as received; MissingToken, or MalformedToken
+    when there are two."""
     value: str | bytes | None = None
     for key, item in metadata or ():
         if key == "authorization" or (len(key) == 13 and key.lower() == "authorization"):
@@ -219,10 +222,13 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
             value = item
     if value is None:
         raise MissingToken("missing authorization metadata (expected 'Bearer <JWT>')")
+    return value
+
+
+def token_of(value: str | bytes) -> str:
+    """The token of an ``authorization`` header's value, ``Bearer <token>``; MalformedToken otherwise."""
     if isinstance(value, bytes):
         value = value.decode("latin-1")
-    if value.startswith("Bearer ") and len(value) > 7 and not value[7].isspace() and not value[-1].isspace():
-        return value[7:]
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise MalformedToken("authorization metadata must be 'Bearer <JWT>'")
