@@ -78,7 +78,7 @@ class Sample:
 
     result: LoadResult
     server_cpu_us: float
-    client_cpu_us: float = math.nan
+    client_cpu_us: float
 
 
 @dataclass(frozen=True)
