@@ -319,7 +319,7 @@ class OnnxRunner:
         limit_us = config.instance_group.inline_max_microseconds
         if limit_us and len(sessions) == 1 and actual == "CPUExecutionProvider" and bound is None:
             threads = options.intra_op_num_threads
-            chosen = threads != configured or threads == 0  # by onnxruntime or by the share above, not the config
+            chosen = configured == 0  # threads chosen by onnxruntime or by the share above, not by the config
             # Threads not set in the config: on the event loop a tiny model runs on one thread, since waiting
             # for a pool thread to wake up would hold the loop longer than the whole product takes. The calling
             # thread's share of the work screens out the models that are not tiny before another session.
