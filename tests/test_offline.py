@@ -45,7 +45,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("offline-models")
     add_version(root, "scale", int(FACTOR))
     save_model(build_gather_model(), root, "gather")
-    save_model(build_slow_model(10), root, "slow", config_yaml="session_options: {intra_op_num_threads: 1}\n")
+    # About 20-50 ms a batch (by the machine): slow enough that a run of 20 batches cannot finish between the
+    # resume tests seeing two chunks committed and their signal arriving.
+    save_model(build_slow_model(50), root, "slow", config_yaml="session_options: {intra_op_num_threads: 1}\n")
     return root
 
 
