@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 from .generator import LoadConfig, run_load
-from .interleave import Ratio, Variant, interleaved, paired
+from .interleave import Ratio, Variant, interleaved, paired, pinning_note
 from .report import LoadResult, format_table
 from .suite import REPO_ROOT, environment
 
@@ -86,6 +86,7 @@ class AlternateConfig:
     warmup: float = 1.0
     rounds: int = 3
     slices: int = 1
+    server_cpus: tuple[int, ...] | None = None  # the servers' cores, the client on the others (None: not pinned)
 
 
 @dataclass
@@ -115,7 +116,7 @@ class AlternateReport:
                     rows.append([scenario.name, variant, unit, per_slot, mean, str(ratios[variant])])
         first = self.config.variants[0][0]
         headers = ["scenario", "variant", "figure", "per slot", "mean", f"paired ÷ {first}"]
-        return format_table(headers, ["<", "<", "<", ">", ">", ">"], rows)
+        return format_table(headers, ["<", "<", "<", ">", ">", ">"], rows) + pinning_note(self.config.server_cpus)
 
 
 _UNITS = {"samples_per_s": ("samples/s", "{:,.0f}"), "p50_ms": ("p50 ms", "{:.3f}"),
@@ -168,7 +169,8 @@ def run_alternate(config: AlternateConfig) -> AlternateReport:
         paths = {name: {"PYTHONPATH": str(checkout / "server")} for name, checkout in config.checkouts}
         variants = [Variant(name, (*serve, *flags), paths.get(name)) for name, flags in config.variants]
         models = sorted({s.model for s in config.scenarios})
-        for slot in interleaved(variants, config.rounds, config.slices, config.out, REPO_ROOT, models):
+        slots = interleaved(variants, config.rounds, config.slices, config.out, REPO_ROOT, models, config.server_cpus)
+        for slot in slots:
             name = slot.variant.name
             for scenario in config.scenarios:
                 load = LoadConfig(
@@ -200,6 +202,7 @@ def _write(report: AlternateReport) -> None:
             "warmup": config.warmup,
             "rounds": config.rounds,
             "slices": config.slices,
+            "server_cpus": config.server_cpus,
         },
         "paired": {
             s.name: {m: {v: vars(r) for v, r in report.paired(s, m).items()} for m in s.metrics}

@@ -86,7 +86,7 @@ class AuthOverheadReport(SlotFigures):
             )  # fmt: skip
         headers = ["variant", "mean req/s", "paired ÷ off", "mean p50 ms", "server CPU µs/req", "paired ÷ off",
                    "client CPU µs/req"]  # fmt: skip
-        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">"], rows)
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">"], rows) + self.config.pinning()
 
 
 def auth_block(folder: pathlib.Path, algorithm: str) -> tuple[dict[str, object], str]:

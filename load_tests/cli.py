@@ -450,6 +450,20 @@ def _add_overhead_run(p: argparse.ArgumentParser, config: type[OverheadRun], mod
         "--slices", type=_positive_int, default=default["slices"], metavar="K",
         help=f"per round, load every variant K times in turn, servers kept up (default {default['slices']})",
     )  # fmt: skip
+    _add_pinned_servers(p)
+
+
+def _add_pinned_servers(p: argparse.ArgumentParser) -> None:
+    """``--server-cpus``, for the commands that start servers and load them in alternating slots."""
+    p.add_argument(
+        "--server-cpus", type=_argument(_sorted_cpu_list), metavar="LIST",
+        help="run the servers on these cores only (taskset's list form, e.g. 0) and the client on the others, "
+        "so that the client takes no CPU from them, as when clients run elsewhere (default: not pinned)",
+    )  # fmt: skip
+
+
+def _sorted_cpu_list(text: str) -> tuple[int, ...]:
+    return tuple(sorted(parse_cpu_list(text)))
 
 
 def _overhead_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -519,6 +533,7 @@ def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         "--slices", type=_positive_int, default=1, metavar="K",
         help="per round, load every variant K times in turn, servers kept up (default 1)",
     )  # fmt: skip
+    _add_pinned_servers(p)
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/alternate-<time>")
 
 
@@ -556,6 +571,7 @@ def _cmd_alternate(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         rounds=args.rounds,
         slices=args.slices,
+        server_cpus=args.server_cpus,
         **({"scenarios": tuple(args.scenario)} if args.scenario else {}),
     )
     report = run_alternate(config)

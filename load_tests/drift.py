@@ -78,7 +78,7 @@ class DriftOverheadReport(SlotFigures):
             ])  # fmt: skip
         headers = ["sample_fraction", "mean req/s", "per slot", "÷ off", "paired ÷ off", "p50 ms", "p99 ms",
                    "server CPU µs/req", "÷ off", "sampled/dropped so far, per slot"]  # fmt: skip
-        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">", ">", "<"], rows)
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">", ">", "<"], rows) + self.config.pinning()
 
 
 def build_repositories(

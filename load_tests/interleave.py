@@ -13,7 +13,9 @@ fresh set of processes each round averages out what one process's luck
 using no CPU of its own meanwhile.
 
 :func:`paired` turns the per-slot figures into each variant's mean ratio to a
-base variant, with twice its standard error.
+base variant, with twice its standard error. On one machine the servers can
+have cores of their own (``server_cpus``): the client then takes no CPU from
+them, as when clients run elsewhere.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import os
 import pathlib
 import statistics
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from .generator import LoadConfig, run_load
+from .pinning import cpu_list, generator_pinned, on_cpus
 from .procfs import tree_cpu_seconds
 from .report import LoadResult
 from .servers import free_port, running_server
@@ -45,6 +48,7 @@ __all__ = [
     "measure",
     "measured",
     "paired",
+    "pinning_note",
     "slot_order",
 ]
 
@@ -116,13 +120,29 @@ def interleaved(
     logs: pathlib.Path,
     cwd: pathlib.Path,
     models: Sequence[str] = (),
+    server_cpus: Iterable[int] | None = None,
 ) -> Iterator[Slot]:
     """Each variant's slot, round by round and slice by slice, with every server of the round up.
 
     Starts the round's servers one after another (each ready, ``models`` too,
     before the next starts) and stops them all when the round's last slot is
     done; logs go to ``logs/NAME.log``, one file per variant over the rounds.
+    ``server_cpus``: the servers run on those cores only, and this process and
+    its load on the others (``pinning.py``), for as long as the slots last.
     """
+    with generator_pinned(server_cpus):
+        yield from _interleaved(variants, rounds, slices, logs, cwd, models, server_cpus)
+
+
+def _interleaved(
+    variants: Sequence[Variant],
+    rounds: int,
+    slices: int,
+    logs: pathlib.Path,
+    cwd: pathlib.Path,
+    models: Sequence[str],
+    server_cpus: Iterable[int] | None,
+) -> Iterator[Slot]:
     for round_ in range(rounds):
         with contextlib.ExitStack() as up:
             targets: dict[str, tuple[str, int]] = {}
@@ -130,6 +150,8 @@ def interleaved(
                 port = free_port()
                 target = f"127.0.0.1:{port}"
                 argv = [*variant.argv, "--port", str(port)]
+                if server_cpus is not None:
+                    argv = on_cpus(argv, server_cpus)
                 log = logs / f"{variant.name}.log"
                 server = running_server(
                     variant.name, argv, target, log, cwd, env=variant.env, models=models, token=variant.token
@@ -170,6 +192,11 @@ class OverheadRun:
     warmup: float = 2.0
     rounds: int = 3
     slices: int = 1
+    server_cpus: tuple[int, ...] | None = None  # the servers' cores, the client on the others (None: not pinned)
+
+    def pinning(self) -> str:
+        """What a report says under its table about where the servers ran ("" when not pinned)."""
+        return pinning_note(self.server_cpus)
 
     def load(self) -> LoadConfig:
         """The load of one slot (its target is the slot's: see :func:`measure`)."""
@@ -218,12 +245,19 @@ def measured(
     """:func:`measure` ``run``'s load in every slot of :func:`interleaved` (servers ready with its model),
     saying each figure on stderr with ``describe(variant name)``."""
     load = run.load()
-    for slot in interleaved(variants, run.rounds, run.slices, run.out, cwd, (run.model,)):
+    for slot in interleaved(variants, run.rounds, run.slices, run.out, cwd, (run.model,), run.server_cpus):
         label = describe(slot.variant.name)
         sample = measure(slot, dataclasses.replace(load, label=label))
         where = f"round {slot.round + 1} slice {slot.slice + 1}"
         print(f"{where} {label}: {sample.result.requests_per_s:,.0f} req/s", file=sys.stderr)
         yield slot, sample
+
+
+def pinning_note(server_cpus: Iterable[int] | None) -> str:
+    """The line a report adds under its table when the servers had cores of their own ("" when not)."""
+    if server_cpus is None:
+        return ""
+    return f"\n\nServers pinned to cores {cpu_list(server_cpus)}; the client ran on the others."
 
 
 def paired(figures: Mapping[str, Sequence[float]], base: str) -> dict[str, Ratio]:

@@ -27,19 +27,17 @@ read only when it listens on this machine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import multiprocessing
 import os
 import pathlib
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -53,6 +51,7 @@ from infergate.demo import build_matmul16
 from .clients import OWN_CONNECTION
 from .generator import LoadConfig, run_closed_loop
 from .models import build_slow_model
+from .pinning import cpu_list, generator_pinned, on_cpus
 from .procfs import listener_pid, tree_cpu_seconds
 from .servers import free_port, running_server, wait_ready
 
@@ -245,24 +244,6 @@ def _percentile(values: list[float], q: float) -> float:
     return sorted(values)[int(q * (len(values) - 1))] if values else math.nan
 
 
-@contextlib.contextmanager
-def _generator_pinned(server_cpus: frozenset[int] | None) -> Iterator[frozenset[int] | None]:
-    """Keep this process (and the generator processes it spawns) off ``server_cpus`` while inside; yield its cores."""
-    if server_cpus is None:
-        yield None
-        return
-    allowed = frozenset(os.sched_getaffinity(0))
-    if not server_cpus < allowed:
-        raise ValueError(
-            f"server CPUs {sorted(server_cpus)} must be a proper subset of this process's {sorted(allowed)}"
-        )
-    os.sched_setaffinity(0, allowed - server_cpus)
-    try:
-        yield allowed - server_cpus
-    finally:
-        os.sched_setaffinity(0, allowed)
-
-
 def run_overload(plan: OverloadPlan, out: pathlib.Path, server_cpus: frozenset[int] | None = None) -> OverloadRun:
     """Start a server whose limit is ``plan.limit`` and measure ``plan`` against it.
 
@@ -270,14 +251,13 @@ def run_overload(plan: OverloadPlan, out: pathlib.Path, server_cpus: frozenset[i
     that on one machine the generator does not take the server's CPU.
     """
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="overload-") as tmp, _generator_pinned(server_cpus) as generator_cpus:
+    with tempfile.TemporaryDirectory(prefix="overload-") as tmp, generator_pinned(server_cpus) as generator_cpus:
         command = write_overload_repository(pathlib.Path(tmp), plan.limit)
         port = free_port()
         target = f"127.0.0.1:{port}"
         argv = [sys.executable, "-m", *command, "--port", str(port)]
         if server_cpus is not None:
-            taskset = shutil.which("taskset") or "taskset"
-            argv = [taskset, "--cpu-list", _cores(sorted(server_cpus)), *argv]  # it execs the server
+            argv = on_cpus(argv, server_cpus)
         with running_server("infergate", argv, target, out / "overload-server.log", pathlib.Path.cwd()) as server:
             run = _measure(target, plan, server.pid)
             if generator_cpus is not None:  # pinned
@@ -339,12 +319,9 @@ def format_overload(runs: list[OverloadRun]) -> str:
             f"| {r.send_lag_p99_ms:.1f}{' (generator-bound: not a server figure)' if r.generator_bound else ''} |"
         )
     lines += [
-        f"\n{r.model}: server pinned to cores {_cores(r.server_cpus)}, generator to {_cores(r.generator_cpus or [])}"
+        f"\n{r.model}: server pinned to cores {cpu_list(r.server_cpus)}, "
+        f"generator to {cpu_list(r.generator_cpus or [])}"
         for r in runs
         if r.server_cpus is not None
     ]
     return "\n".join(lines)
-
-
-def _cores(cpus: list[int]) -> str:
-    return ",".join(map(str, cpus))

@@ -74,7 +74,7 @@ class OverheadReport(SlotFigures):
             )  # fmt: skip
         headers = ["variant", "mean req/s", "per slot", "÷ off", "paired ÷ off", "mean p50 ms", "server CPU µs/req",
                    "÷ off", "client CPU µs/req"]  # fmt: skip
-        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">", ">"], rows)
+        return format_table(headers, ["<", ">", ">", ">", ">", ">", ">", ">", ">"], rows) + self.config.pinning()
 
 
 def serve_sink(port: int) -> None:

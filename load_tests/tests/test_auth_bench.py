@@ -60,7 +60,10 @@ def test_the_command_parses() -> None:
     assert (args.command, args.rounds, args.slices, args.algorithm) == ("auth-overhead", 2, 6, "RS256")
     assert args.variants == VARIANTS
     assert build_parser().parse_args(["auth-overhead", "--variants", "off,jwt"]).variants == ("off", "jwt")
-    for wrong in (["--algorithm", "none"], ["--variants", "off,rbac"], ["--variants", "header,jwt"]):
+    assert args.server_cpus is None  # not pinned unless asked
+    assert build_parser().parse_args(["auth-overhead", "--server-cpus", "1,0"]).server_cpus == (0, 1)
+    wrong_ones = (["--algorithm", "none"], ["--server-cpus", "3-1"], ["--variants", "off,rbac"])
+    for wrong in (*wrong_ones, ["--variants", "header,jwt"]):
         with pytest.raises(SystemExit):  # the last: no off, the base of every ratio
             build_parser().parse_args(["auth-overhead", *wrong])
 

@@ -20,7 +20,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.demo import write_demo_repository
 from load_tests.auth import auth_block
 from load_tests.generator import LoadConfig
-from load_tests.interleave import Ratio, Slot, Variant, interleaved, measure, paired, slot_order
+from load_tests.interleave import Ratio, Slot, Variant, interleaved, measure, paired, pinning_note, slot_order
 from load_tests.suite import REPO_ROOT
 
 
@@ -73,6 +73,27 @@ def test_every_server_of_a_round_is_up_for_each_of_its_slots(tmp_path: pathlib.P
     assert len(first) == len(second) == 2 and not first & second  # fresh servers every round
     assert not any(_alive(pid) for pid in first | second)  # and none left behind
     assert {p.name for p in (tmp_path / "logs").iterdir()} == {"off.log", "jwt.log"}
+
+
+def test_pinned_servers_run_on_their_cores_and_the_client_on_the_others(tmp_path: pathlib.Path) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    assert len(cores) >= 2, "pinning the servers apart from the client needs two cores"
+    before = os.sched_getaffinity(0)
+    repo = tmp_path / "models"
+    write_demo_repository(repo)
+    serve = (sys.executable, "-m", "infergate", "serve", "--model-repository", str(repo))
+    load = LoadConfig(target="", model="matmul16", concurrency=2, duration=0.3, warmup=0)
+    slots = interleaved(
+        [Variant("off", serve)], rounds=1, slices=1, logs=tmp_path, cwd=REPO_ROOT, models=["matmul16"],
+        server_cpus=cores[:1],
+    )  # fmt: skip
+    for slot in slots:
+        assert os.sched_getaffinity(slot.pid) == set(cores[:1])  # the server itself, not a taskset left running
+        assert os.sched_getaffinity(0) == set(cores[1:])  # and the load processes this one starts
+        assert measure(slot, load).result.requests > 0
+    assert os.sched_getaffinity(0) == before, "the client's pinning ends with the slots"
+    assert pinning_note(cores[:1]).strip() == f"Servers pinned to cores {cores[0]}; the client ran on the others."
+    assert pinning_note(None) == ""
 
 
 def test_ratios_are_paired_slot_by_slot() -> None:
