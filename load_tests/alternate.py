@@ -19,7 +19,9 @@ times with the order rotating (``interleave``). Alternating so closely lets
 drift on a shared machine hit the variants alike. Writes alternate.json and
 alternate.md: per scenario, each variant's figure in every slot, its mean, and
 its ratio to the first variant's averaged slot by slot (with twice its
-standard error).
+standard error). The figures are the load's (rate or latencies) and the
+server's CPU per answered request, read from /proc around each slot: on a
+noisy machine the CPU a change saves shows sooner than the rate it buys.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .generator import LoadConfig, run_load
-from .interleave import Ratio, Variant, interleaved, paired, pinning_note
+from .generator import LoadConfig
+from .interleave import Ratio, Variant, interleaved, measure, paired, pinning_note
 from .report import LoadResult, format_table
 from .suite import REPO_ROOT, environment
 
@@ -68,12 +70,14 @@ class Scenario:
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        """The figures reported (:class:`LoadResult` fields): the p50 and the tail at one in flight,
-        else the rate and the p99."""
-        return ("p50_ms", "p99_ms", "max_ms") if self.latency_bound else ("samples_per_s", "p99_ms")
+        """The figures reported (:class:`LoadResult` fields, and the server's CPU per request): the p50
+        and the tail at one in flight, else the rate and the p99."""
+        load = ("p50_ms", "p99_ms", "max_ms") if self.latency_bound else ("samples_per_s", "p99_ms")
+        return (*load, SERVER_CPU)
 
 
 SCENARIOS = (Scenario("matmul16", 1, 64), Scenario("matmul16", 1, 1), Scenario("mlp", 8, 32))
+SERVER_CPU = "server_cpu_us"  # the metric that is not a LoadResult field: µs of server CPU per answered request
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,12 @@ class AlternateConfig:
 class AlternateReport:
     config: AlternateConfig
     runs: dict[str, dict[str, list[LoadResult]]] = field(default_factory=dict)  # scenario -> variant -> slots
+    cpu_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # the server's CPU µs per request, alike
 
     def figures(self, scenario: Scenario, metric: str) -> dict[str, list[float]]:
-        """Each variant's ``metric`` (a :class:`LoadResult` field) per slot."""
+        """Each variant's ``metric`` (a :class:`LoadResult` field, or :data:`SERVER_CPU`) per slot."""
+        if metric == SERVER_CPU:
+            return self.cpu_us[scenario.name]
         runs = self.runs[scenario.name]
         return {variant: [getattr(r, metric) for r in results] for variant, results in runs.items()}
 
@@ -120,7 +127,8 @@ class AlternateReport:
 
 
 _UNITS = {"samples_per_s": ("samples/s", "{:,.0f}"), "p50_ms": ("p50 ms", "{:.3f}"),
-          "p99_ms": ("p99 ms", "{:.3f}"), "max_ms": ("max ms", "{:.1f}")}  # fmt: skip
+          "p99_ms": ("p99 ms", "{:.3f}"), "max_ms": ("max ms", "{:.1f}"),
+          SERVER_CPU: ("server CPU µs/req", "{:.0f}")}  # fmt: skip
 
 
 def parse_scenario(text: str) -> Scenario:
@@ -160,7 +168,11 @@ def run_alternate(config: AlternateConfig) -> AlternateReport:
     from infergate.demo import write_demo_repository  # type: ignore[import-untyped,unused-ignore]
 
     names = [name for name, _ in config.variants]
-    report = AlternateReport(config, {s.name: {n: [] for n in names} for s in config.scenarios})
+    report = AlternateReport(
+        config,
+        {s.name: {n: [] for n in names} for s in config.scenarios},
+        {s.name: {n: [] for n in names} for s in config.scenarios},
+    )
     config.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         repo = pathlib.Path(tmp) / "models"
@@ -178,11 +190,14 @@ def run_alternate(config: AlternateConfig) -> AlternateReport:
                     concurrency=scenario.concurrency, duration=config.duration, warmup=config.warmup,
                     label=f"{name} {scenario.name}",
                 )  # fmt: skip
-                result = run_load(load)
+                sample = measure(slot, load)
+                result = sample.result
                 report.runs[scenario.name][name].append(result)
+                report.cpu_us[scenario.name][name].append(sample.server_cpu_us)
                 print(
                     f"round {slot.round + 1} slice {slot.slice + 1} {name} {scenario.name}: "
-                    f"{result.samples_per_s:,.0f} samples/s, p50 {result.p50_ms:.3f} ms",
+                    f"{result.samples_per_s:,.0f} samples/s, p50 {result.p50_ms:.3f} ms, "
+                    f"server CPU {sample.server_cpu_us:.0f} µs/req",
                     file=sys.stderr,
                 )
     _write(report)
@@ -209,6 +224,7 @@ def _write(report: AlternateReport) -> None:
             for s in config.scenarios
         },
         "runs": {s: {v: [vars(r) for r in runs] for v, runs in by.items()} for s, by in report.runs.items()},
+        "server_cpu_us_per_request": report.cpu_us,
     }
     (config.out / "alternate.json").write_text(json.dumps(data, indent=2, default=str))
     (config.out / "alternate.md").write_text(report.table() + "\n")

@@ -44,7 +44,12 @@ def test_each_variant_serves_every_scenario_in_every_round(tmp_path: pathlib.Pat
     table = (out / "alternate.md").read_text()
     assert "matmul16_b1_c1" in table and "p50 ms" in table and "samples/s" in table
     assert "max ms" in table and "p99 ms" in table  # the tail is reported too
-    assert set(report["paired"]["matmul16_b1_c1"]) == {"p50_ms", "p99_ms", "max_ms"}
+    assert set(report["paired"]["matmul16_b1_c1"]) == {"p50_ms", "p99_ms", "max_ms", "server_cpu_us"}
+    assert "server CPU µs/req" in table  # what each request cost the server, read around every slot
+    for scenario in scenarios:
+        for variant in ("asyncio", "uvloop"):
+            (cpu,) = report["server_cpu_us_per_request"][scenario.name][variant]
+            assert cpu > 0, (scenario.name, variant)
     assert report["paired"]["matmul16_b1_c64"]["samples_per_s"]["asyncio"]["mean"] == 1.0  # the first is the base
 
 
