@@ -385,6 +385,21 @@ async def test_a_full_queue_sheds_the_newest_request_of_a_lower_priority_for_a_h
     assert model.payloads == [["busy"], ["u", "a"]]
 
 
+async def test_a_request_already_past_its_deadline_sheds_nobody_from_a_full_queue(
+    make_batcher: MakeBatcher, model: FakeModel, clock: ManualClock
+) -> None:
+    batcher = make_batcher(priority_levels=2, max_queue_size=1, max_batch_size=1)
+    async with asyncio.timeout(LIMIT):
+        busy = await occupy(batcher, model)
+        low = submit(batcher, "low", level=1)
+        await one_loop_pass()
+        with pytest.raises(DeadlineExceeded, match="before queueing"):
+            await batcher.submit("urgent", rows=1, level=0, deadline=clock.now - 1)  # it would never run
+        assert batcher.depth == 1 and not low.done()  # so it took nobody's place
+        model.release()
+        assert await results(busy, low) == ["BUSY", "LOW"]
+
+
 async def test_a_priority_level_outside_the_policy_is_an_invalid_argument(make_batcher: MakeBatcher) -> None:
     batcher = make_batcher(priority_levels=2)
     with pytest.raises(InvalidArgument, match="priority level 2"):

@@ -317,12 +317,12 @@ class DynamicBatcher(Generic[T, R]):
             raise InvalidArgument(
                 f"model {self._name}: priority level {level} outside 0..{self._policy.priority_levels}"
             )
-        if self._queue.full():
-            self._make_room(level)
         clock = self._clock
         now = clock.time()
-        if deadline is not None and deadline <= now:
+        if deadline is not None and deadline <= now:  # before making room: it would take a place it never uses
             raise DeadlineExceeded(f"model {self._name}: deadline passed before queueing")
+        if self._queue.full():
+            self._make_room(level)
         future: asyncio.Future[R] = self._loop.create_future()
         self._queue.push(Entry(payload, rows, group, deadline, now, future, tag, level))
         self._dispatch(gather=self._policy.gather)
