@@ -306,6 +306,11 @@ REFUSALS = [
             on_typed("BYTES", typed_input("value", "BYTES", [1, 2], [b"ab", b"\xc3("]))),
     refusal("more elements than max_elements", "classifier", "image",
             lambda: (request(image(2), scale(2)), CLASSIFIER, 5)),
+    # No elements at all, yet numpy cannot make an array of that shape (its size overflows).
+    refusal("a zero dim beside a huge one", "grid", "cells",
+            lambda: (request(typed_input("cells", "FP32", [0, 2**62], [])), GRID, MAX_ELEMENTS)),
+    refusal("a zero dim beside a huge one, raw", "grid", "cells",
+            lambda: (request(raw_input("cells", "FP32", [0, 2**62]), raw=[b""]), GRID, MAX_ELEMENTS)),
     refusal("unknown requested output", "classifier", "heatmap",
             on_classifier(image(), scale(), outputs=["score", "heatmap"])),
 ]

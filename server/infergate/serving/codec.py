@@ -279,6 +279,10 @@ def _check_shape(
     count = math.prod(shape)
     if count > max_elements:
         raise InvalidArgument(f"{_where(spec, name)}: {count} elements, more than the limit of {max_elements}")
+    if count == 0 and max(shape, default=0) > max_elements:  # no elements, but no array has such a shape
+        raise InvalidArgument(
+            f"{_where(spec, name)}: shape {list(shape)} has a dimension over the limit of {max_elements} elements"
+        )
     return count
 
 
