@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from infergate._proto import grpc_service_pb2 as pb
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
+from infergate.models.datatypes import DATATYPES
 from infergate.serving.shared_memory import SHM_ROOT, RegionStatus, SystemSharedMemory, detach_shared, shm_path
+from infergate.serving.shm_tensors import OutputTarget, TensorRegion, write_output
 
 MakeFile = Callable[[bytes], str]
 
@@ -147,6 +150,20 @@ def test_a_file_that_shrank_after_registration_is_refused_not_read(make_file: Ma
     os.truncate(SHM_ROOT / key.lstrip("/"), 100)  # reading past the end of a mapped file is SIGBUS
     with pytest.raises(InvalidArgument, match="shrank to 100 bytes since it was registered"):
         registry.get("r").view(4096, 16, writable=False, what="input 'x'")
+    registry.close()
+
+
+def test_an_output_region_whose_file_shrank_while_the_model_ran_is_refused_not_written(make_file: MakeFile) -> None:
+    key = make_file(bytes(8192))
+    registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
+    registry.register("r", key, 0, 8192)
+    where = TensorRegion("r", 4096, 4096)
+    target = OutputTarget(where, registry.get("r").view(4096, 4096, writable=True, what="output 'y'"))
+    os.truncate(SHM_ROOT / key.lstrip("/"), 0)  # after the request was decoded; writing now would be SIGBUS
+    tensor = pb.ModelInferResponse().outputs.add(name="y")
+    with pytest.raises(InvalidArgument, match="shrank to 0 bytes since it was registered"):
+        write_output(target, tensor, np.ones(1024, dtype=np.float32), DATATYPES["FP32"])
+    del target
     registry.close()
 
 

@@ -167,6 +167,12 @@ class RegionView:
         self.region = region
         self.memory = memory
 
+    def check(self) -> None:
+        """Raise InvalidArgument when the region's file no longer covers it: touching the view then would
+        end the process with SIGBUS. For a write that comes long after the view was taken (an output,
+        written once the model ran)."""
+        self.region._check_file()
+
     def array(self, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.NDArray[Any]:
         """The bytes as an array, in place (no copy); read-only unless the view is writable."""
         return np.frombuffer(self.memory, dtype=dtype).reshape(shape)

@@ -210,6 +210,7 @@ def write_output(
             f"shared memory size specified with the request for output '{tensor.name}' ({len(memory)} bytes) "
             f"should be at least {size} bytes to hold the results"
         )
+    target.view.check()  # the file may have shrunk while the request waited and ran
     if data is not None:
         memory[:size] = data
     else:
