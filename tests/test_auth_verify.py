@@ -181,6 +181,11 @@ REFUSED: dict[str, tuple[Callable[[Keys], str], type[auth.AuthError], str]] = {
         auth.MissingClaim,
         "missing_claim",
     ),
+    "exp too large to be a time": (
+        lambda k: token(k.rsa, "RS256", claims(exp=10**400), kid="rsa"),  # a valid integer to PyJWT
+        auth.MalformedToken,
+        "malformed",
+    ),
     "no sub": (
         lambda k: token(k.rsa, "RS256", {key: v for key, v in claims().items() if key != "sub"}, kid="rsa"),
         auth.MissingClaim,

@@ -310,7 +310,7 @@ class TokenVerifier:
         if kid is not None and not isinstance(kid, str):
             raise MalformedToken("kid must be a string")
         claims = self._decode(token, alg, await self._keys_for(alg, kid))
-        return self._principal(claims), float(claims["exp"])
+        return self._principal(claims), _expiry(claims)
 
     async def _keys_for(self, alg: str, kid: str | None) -> list[Any]:
         if alg in HMAC_ALGORITHMS:
@@ -361,6 +361,14 @@ class TokenVerifier:
             client_id=client if isinstance(client, str) else None,
             permissions=permissions_from_claims(claims, self._config.permissions_claim),
         )
+
+
+def _expiry(claims: dict[str, Any]) -> float:
+    """The token's ``exp`` as a time (PyJWT has checked that it is an integer and not past)."""
+    try:
+        return float(claims["exp"])
+    except OverflowError:  # an integer of hundreds of digits: no clock reaches it
+        raise MalformedToken("'exp' is too large to be a time") from None
 
 
 def _translate(exc: jwt.PyJWTError) -> AuthError:
