@@ -118,6 +118,21 @@ async def test_the_principal_is_the_callers_subject_else_anonymous(tmp_path: Pat
     assert [line["principal"] for line in _lines(path)] == ["anonymous", "alice"]
 
 
+async def test_what_the_server_decides_while_serving_a_call_is_not_that_callers(tmp_path: Path) -> None:
+    """A canary step is judged inside the request that completes its window: the server's decision."""
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    audit.start()
+    token = use_principal(Principal("alice"))
+    try:
+        audit.canary_step("fraud", 2, step=1, weight=0.2)
+        audit.canary_rolled_back("fraud", 2, "error rate 0.5")
+    finally:
+        reset_principal(token)
+    await audit.aclose()
+    assert [(line["source"], line["principal"]) for line in _lines(path)] == [("runtime", "anonymous")] * 2
+
+
 async def test_lines_are_appended_to_an_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     for model in ("a", "b"):

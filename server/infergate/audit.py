@@ -6,8 +6,10 @@ Every line has the same keys::
      "version": "3", "principal": "alice", "source": "api", "outcome": "failed",
      "reason": "…sha256 mismatch…", "detail": {}}
 
-``principal`` is the verified caller's subject when auth is on (taken from the
-request's context unless given), else ``"anonymous"``. ``source`` says what set
+``principal`` is the verified caller's subject when auth is on (for ``api``
+events, taken from the request's context unless given), else ``"anonymous"``;
+events the server sets off itself are never a caller's, even when they happen
+while serving one. ``source`` says what set
 the event off: ``api`` (a gRPC call), ``poll`` (the repository poller),
 ``startup``, or ``runtime`` (the server deciding by itself while serving: canary
 steps, shadow pauses, drift alerts, shutdown). ``outcome`` is ``ok``,
@@ -217,7 +219,9 @@ class AuditLog:
                     "event": event,
                     "model": model,
                     "version": "" if version is None else str(version),
-                    "principal": principal or _current_subject(),
+                    # Only a call's own events are the caller's: a canary step judged inside some
+                    # request is the server's decision, whoever sent that request.
+                    "principal": principal or (_current_subject() if source == "api" else ANONYMOUS),
                     "source": source,
                     "outcome": outcome,
                     "reason": reason,
