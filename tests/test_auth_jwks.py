@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import eventually, launch_server
+from conftest import WAIT_S, eventually, launch_server
 from security import bearer, claims, ec_key, ed25519_key, issue, jwk, make_ca, rsa_key, token
 
 from infergate._proto import grpc_service_pb2 as pb
@@ -30,7 +30,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.security import auth
 from infergate.security.config import AuthConfig, JwksConfig
 from infergate.security.freshness import freshness_seconds
-from infergate.security.keys import JwksUrlSource, KeyStore
+from infergate.security.keys import FetchedKeySet, JwksUrlSource, KeyStore
 
 
 @dataclass
@@ -135,6 +135,34 @@ async def test_an_unknown_kid_refetches_the_key_set_at_most_once_per_interval(ke
         assert (await verifier.verify(token(third, "EdDSA", kid="k3"))).subject == "alice"
         assert source.fetches == 3 == key_set_server.requests
     finally:
+        store.close()
+
+
+async def test_a_caller_that_gives_up_does_not_throw_away_the_key_set_its_token_fetched() -> None:
+    """Its deadline passes while the fetch runs; the rate limit would then refuse a second fetch for a minute."""
+    key, release = rsa_key(), threading.Event()
+
+    def slow_fetch() -> FetchedKeySet:  # the issuer's endpoint, answering slowly
+        release.wait(WAIT_S)
+        return FetchedKeySet(json.dumps({"keys": [jwk(key, "rotated")]}).encode())
+
+    jwks = JwksConfig(url="https://keys.invalid/jwks.json", min_refresh_seconds=60, fetch_timeout_seconds=60)
+    source = JwksUrlSource(jwks, clock=Clock(), fetch=slow_fetch)
+    store = KeyStore(None, [], source)
+    verifier = auth.TokenVerifier(AuthConfig(enabled=True, algorithms=["RS256"], jwks=jwks), store)
+    rotated = token(key, "RS256", kid="rotated")
+    try:
+        impatient = asyncio.create_task(verifier.verify(rotated))  # an unknown kid: fetch the set
+        await eventually(lambda: source.fetches == 1, "the fetch started")
+        impatient.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await impatient
+        release.set()
+        await eventually(lambda: store.candidates("RS256", "rotated"), "the fetched keys kept")
+        assert (await verifier.verify(rotated)).subject == "alice"
+        assert source.fetches == 1
+    finally:
+        release.set()
         store.close()
 
 

@@ -226,6 +226,7 @@ class KeyStore:
         self._jwks_url = jwks_url
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
+        self._fetching: asyncio.Task[bool] | None = None  # a fetch a caller started (see refresh)
         self.generation = 0
 
     def candidates(self, alg: str, kid: str | None) -> list[VerificationKey]:
@@ -255,9 +256,21 @@ class KeyStore:
                 log.exception("jwks.url: scheduled refresh failed")
 
     async def refresh(self) -> bool:
-        """Refetch the JWKS URL (rate-limited); True when a fetch succeeded."""
+        """Refetch the JWKS URL (rate-limited); True when a fetch succeeded.
+
+        The fetch runs in a task of its own, which callers that arrive meanwhile share: a caller
+        whose call ends (its deadline, a hang-up) must not take with it the keys fetched for
+        everyone, since the rate limit would then keep the next caller from fetching them again.
+        """
         if self._jwks_url is None:
             return False
+        fetching = self._fetching
+        if fetching is None or fetching.done():
+            fetching = self._fetching = asyncio.create_task(self._fetch_and_take(), name="jwks fetch")
+        return await asyncio.shield(fetching)
+
+    async def _fetch_and_take(self) -> bool:
+        assert self._jwks_url is not None
         return self._take(await self._jwks_url.refresh())
 
     def _take(self, keys: list[VerificationKey] | None) -> bool:
@@ -272,18 +285,20 @@ class KeyStore:
 
     def close(self) -> None:
         """Stop refreshing and release the fetch thread (on a running loop, prefer :meth:`aclose`)."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        for task in (self._task, self._fetching):
+            if task is not None:
+                task.cancel()
+        self._task = self._fetching = None
         if self._jwks_url is not None:
             self._jwks_url.close()
 
     async def aclose(self) -> None:
         """Stop the refresh task, wait for it to end, and release the fetch thread."""
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = [t for t in (self._task, self._fetching) if t is not None]
+        self._task = self._fetching = None
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.close()
 
 
