@@ -51,12 +51,14 @@ class ModelSpec:
     output_by_name: dict[str, TensorSpec] = field(init=False, repr=False)
     # True when some non-batch input dimension is variable, so requests must be grouped by shape.
     variable_inner_dims: bool = field(init=False, repr=False)
+    bytes_inputs: bool = field(init=False, repr=False)  # some input is BYTES (decoded element by element)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_by_name", {t.name: t for t in self.inputs})
         object.__setattr__(self, "output_by_name", {t.name: t for t in self.outputs})
         inner = (t.shape[1:] if self.max_batch_size else t.shape for t in self.inputs)
         object.__setattr__(self, "variable_inner_dims", any(-1 in s for s in inner))
+        object.__setattr__(self, "bytes_inputs", any(t.datatype.name == "BYTES" for t in self.inputs))
 
     @property
     def batches(self) -> bool:

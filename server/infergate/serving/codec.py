@@ -103,6 +103,15 @@ class WireRequest:
             self.message, spec, limits.max_elements, max_rows=limits.max_rows, max_inputs=limits.max_inputs
         )
 
+    def decode_elements(self, spec: ModelSpec) -> int:
+        if not spec.bytes_inputs:
+            return 0  # the common case, answered without reading the message
+        total = 0
+        for tensor in self.message.inputs:
+            if tensor.datatype == BYTES:
+                total += math.prod(max(d, 0) for d in tensor.shape)
+        return total
+
 
 class SharedMemoryWireRequest(WireRequest):
     """A ModelInferRequest that names system shared memory for an input or an output.
@@ -129,6 +138,10 @@ class SharedMemoryWireRequest(WireRequest):
         )
         self.targets = output_targets(self.message.outputs, spec.name, self._access)
         return decoded
+
+    def decode_elements(self, spec: ModelSpec) -> int:
+        """0: always decoded on the event loop, which registers and unregisters the regions it reads."""
+        return 0
 
 
 def wire_request(message: pb.ModelInferRequest, metadata: Metadata, access: SharedMemoryAccess) -> WireRequest:

@@ -6,7 +6,8 @@ The servicer reads the wire message into an
 here and knows no gRPC:
 
 1. **route**: the catalog picks the version (and resolves the shadow copy's target);
-2. **decode**: the request's tensors, checked against that version's spec;
+2. **decode**: the request's tensors, checked against that version's spec (on a thread when they hold
+   many BYTES elements: ``offload.py``);
 3. **infer**: the version's batcher queues them and its runner executes the batch
    (a stateful model's requests go through its sequence scheduler, which adds
    the control and state inputs); outputs asked for as classes become top-k strings.
@@ -34,6 +35,7 @@ import time
 from collections.abc import Coroutine
 
 from infergate.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from infergate.heap import in_thread
 from infergate.models.ensemble import MAX_NESTING, EnsembleStep, EnsembleVersion, step_request, takes_sequences
 from infergate.models.response_cache import ResponseCache, request_digest
 from infergate.models.sequence import SequenceParams, refuse_sequence
@@ -43,6 +45,7 @@ from infergate.models.version import ModelVersion
 from infergate.repository.catalog import ModelCatalog, Routed, ShadowTarget
 from infergate.routing.shadow import ShadowJob, ShadowQueue
 from infergate.serving.classification import classify_outputs
+from infergate.serving.offload import ELEMENTS_ON_LOOP, class_strings
 from infergate.serving.request import DecodedRequest, InferenceRequest, InferenceResult, RequestLimits
 from infergate.serving.shared_memory import detach_shared
 
@@ -77,9 +80,16 @@ class InferenceHandler:
         error: BaseException | None = None
         model = routed.model
         try:
-            decoded = request.decode(model.spec, self._limits)
+            spec = model.spec
+            if not spec.bytes_inputs or request.decode_elements(spec) <= ELEMENTS_ON_LOOP:
+                decoded = request.decode(spec, self._limits)
+            else:
+                decoded = await in_thread(request.decode, spec, self._limits)  # see offload.py
             outputs = await self._outputs(routed, decoded, request, expires)
-            answer = classify_outputs(outputs, decoded.classes, model.spec, model.labels)
+            if not decoded.classes or class_strings(outputs, decoded.classes, spec) <= ELEMENTS_ON_LOOP:
+                answer = classify_outputs(outputs, decoded.classes, spec, model.labels)
+            else:
+                answer = await in_thread(classify_outputs, outputs, decoded.classes, spec, model.labels)
         except BaseException as exc:  # a cancelled call (CancelledError) is an outcome too: never a success
             error = exc
             raise

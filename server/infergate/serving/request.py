@@ -68,6 +68,10 @@ class InferenceRequest(Protocol):
         """The tensors and the parameters that shape the answer (sequence, classification), validated
         against ``spec``; raises InvalidArgument naming model and tensor."""
 
+    def decode_elements(self, spec: ModelSpec) -> int:
+        """How many elements :meth:`decode` will convert one by one (BYTES): past
+        ``offload.ELEMENTS_ON_LOOP`` it runs on a thread. 0 when it must run on the event loop."""
+
 
 @dataclass(frozen=True, slots=True)
 class InferenceResult:

@@ -20,6 +20,7 @@ from infergate import __version__
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.errors import FailedPrecondition, InferGateError, NotFound, Unimplemented
+from infergate.heap import in_thread
 from infergate.models.overrides import parse_load_parameters
 from infergate.repository.loader import ModelRepository
 from infergate.serving.codec import encode_answer, wire_request
@@ -31,6 +32,7 @@ from infergate.serving.log_settings import (
     log_settings_message,
     requested_log_settings,
 )
+from infergate.serving.offload import ELEMENTS_ON_LOOP, object_elements
 from infergate.serving.protocol import model_config_message, model_metadata_message, model_statistics_message
 from infergate.serving.shared_memory import SystemSharedMemory
 from infergate.serving.shm_tensors import SharedMemoryAccess
@@ -167,7 +169,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             wire = wire_request(request, context.invocation_metadata, self._shm_access)
             result = await self._handler.infer(wire, context.time_remaining())
-            return encode_answer(result, wire)
+            if object_elements(result.outputs) <= ELEMENTS_ON_LOOP:
+                return encode_answer(result, wire)
+            return await in_thread(encode_answer, result, wire)  # see offload.py
         except Exception as exc:
             await abort_with(context, exc, "ModelInfer")
 
@@ -181,7 +185,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 wire = wire_request(request, metadata, self._shm_access)
                 result = await self._handler.infer(wire, None)
-                return pb.ModelStreamInferResponse(infer_response=encode_answer(result, wire))
+                if object_elements(result.outputs) <= ELEMENTS_ON_LOOP:
+                    return pb.ModelStreamInferResponse(infer_response=encode_answer(result, wire))
+                return pb.ModelStreamInferResponse(infer_response=await in_thread(encode_answer, result, wire))
             except Exception as exc:
                 _, message = status_of(exc, "ModelStreamInfer")
             echo = pb.ModelInferResponse(

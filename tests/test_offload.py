@@ -1,0 +1,114 @@
+"""Per-element work a request can make large (BYTES, classification) runs off the event loop when it is.
+
+The server here is embedded: it serves on this test's own event loop, so a
+ticker task on that loop sees whether the loop kept turning while a request
+of a million BYTES elements was being decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import struct
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from infergate._proto import grpc_service_pb2 as pb
+from infergate._proto import grpc_service_pb2_grpc as pb_grpc
+from infergate.config import ServerConfig
+from infergate.models.datatypes import DATATYPES
+from infergate.models.spec import ModelSpec, TensorSpec
+from infergate.server import InferGateServer
+from infergate.serving.codec import WireRequest
+from infergate.serving.offload import ELEMENTS_ON_LOOP, class_strings, object_elements
+
+Tensor = pb.ModelInferRequest.InferInputTensor
+
+
+@pytest.fixture
+async def identity(demo_repository: Path, tmp_path: Path) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
+    """An embedded server of the demo's identity_all model alone."""
+    shutil.copytree(demo_repository / "identity_all", tmp_path / "identity_all")
+    server = InferGateServer(ServerConfig(model_repository=tmp_path, port=0))
+    await server.start()
+    try:
+        assert await server.load_models()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        await server.stop()
+
+
+def bytes_request(count: int) -> pb.ModelInferRequest:
+    """identity_all with ``count`` empty BYTES elements and none of its other inputs: refused once decoded."""
+    return pb.ModelInferRequest(
+        model_name="identity_all",
+        inputs=[Tensor(name="in_BYTES", datatype="BYTES", shape=[1, count])],
+        raw_input_contents=[struct.pack("<I", 0) * count],
+    )
+
+
+async def test_decoding_a_million_bytes_elements_leaves_the_event_loop_free(
+    identity: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """No wall-clock bound: the loop's longest pause is compared with the call's own length."""
+    turns: list[float] = []
+    call = asyncio.ensure_future(identity.ModelInfer(bytes_request(1_000_000), timeout=120))
+    started = time.perf_counter()
+    while not call.done():
+        await asyncio.sleep(0)
+        turns.append(time.perf_counter())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # decoded in full, then: inputs missing
+    assert "missing required input" in str(refused.value.details())
+    gaps = np.diff([started, *turns])
+    # On the loop, the decoding (most of the call) would be one pause; on a thread, the loop gets the
+    # interpreter back every switch interval.
+    assert gaps.max() < (turns[-1] - started) / 4, f"the loop stopped for {gaps.max():.3f} s"
+
+
+async def test_a_large_bytes_tensor_decoded_and_encoded_on_threads_comes_back_whole(
+    identity: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    count = 2 * ELEMENTS_ON_LOOP  # past the bound both ways: the input decoded, the output encoded, on threads
+    words = [f"w{i}".encode() for i in range(count)]
+    raw = {"BYTES": b"".join(struct.pack("<I", len(w)) + w for w in words)}
+    inputs, contents = [], []
+    for name, datatype in DATATYPES.items():
+        if name == "BYTES":
+            inputs.append(Tensor(name="in_BYTES", datatype="BYTES", shape=[1, count]))
+            contents.append(raw["BYTES"])
+        else:
+            inputs.append(Tensor(name=f"in_{name}", datatype=name, shape=[1, 1]))
+            contents.append(np.zeros(1, dtype=datatype.numpy).tobytes())
+    request = pb.ModelInferRequest(model_name="identity_all", inputs=inputs, raw_input_contents=contents)
+    request.outputs.add(name="out_BYTES")
+    reply = await identity.ModelInfer(request, timeout=120)
+    assert list(reply.outputs[0].shape) == [1, count]
+    assert reply.raw_output_contents[0] == raw["BYTES"]
+
+
+def spec(*inputs: tuple[str, str], batches: bool = True) -> ModelSpec:
+    tensors = tuple(TensorSpec(name, DATATYPES[datatype], (-1, -1)) for name, datatype in inputs)
+    return ModelSpec("m", 1, tensors, (TensorSpec("y", DATATYPES["FP32"], (-1, 10)),), 8 if batches else 0)
+
+
+def test_the_work_counted_is_the_elements_converted_one_by_one() -> None:
+    text = spec(("text", "BYTES"), ("x", "FP32"))
+    request = pb.ModelInferRequest(
+        model_name="m",
+        inputs=[Tensor(name="text", datatype="BYTES", shape=[2, 300]), Tensor(name="x", datatype="FP32", shape=[2, 5])],
+    )
+    assert WireRequest(request, lambda: ()).decode_elements(text) == 600  # the FP32 input is one copy
+    assert WireRequest(request, lambda: ()).decode_elements(spec(("x", "FP32"))) == 0  # no BYTES: not even looked at
+    outputs = {"scores": np.zeros((4, 1000), np.float32), "labels": np.array([["a"] * 3] * 4, dtype=object)}
+    assert object_elements(outputs) == 12
+    assert class_strings(outputs, {"scores": 5}, text) == 4 * 5
+    assert class_strings(outputs, {"scores": 10**9}, text) == 4 * 1000  # no more classes than scores
+    assert class_strings(outputs, {"scores": 3}, spec(("x", "FP32"), batches=False)) == 3  # one row
