@@ -20,8 +20,8 @@ drift on a shared machine hit the variants alike. Writes alternate.json and
 alternate.md: per scenario, each variant's figure in every slot, its mean, and
 its ratio to the first variant's averaged slot by slot (with twice its
 standard error). The figures are the load's (rate or latencies) and the
-server's CPU per answered request, read from /proc around each slot: on a
-noisy machine the CPU a change saves shows sooner than the rate it buys.
+server's CPU per answered request, read from /proc around each slot: what a
+change does to the work per request, beside what it does to the rate.
 """
 
 from __future__ import annotations
