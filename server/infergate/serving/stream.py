@@ -79,17 +79,22 @@ async def _read(
     """Read and answer until the requests end; True if ``closing`` cut the reading short."""
     tasks: set[asyncio.Task[None]] = set()
 
+    def start(request: Req) -> None:
+        task = asyncio.create_task(one(request))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     async def one(request: Req) -> None:
         answers.put_nowait(await answer(request))
 
     closed = False
+    waiting: list[Req] = []  # a request read that waits for a slot
     try:
         try:
             async for request in requests:
+                waiting.append(request)
                 await _acquire(slots, on_pause)
-                task = asyncio.create_task(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                start(waiting.pop())
             reading.on = False
         except asyncio.CancelledError:
             if not closing.is_set():
@@ -98,6 +103,8 @@ async def _read(
             assert current is not None
             current.uncancel()  # the server is closing: read no more, but answer what was read
             reading.on, closed = False, True
+            for request in waiting:  # read, so answered too: one over the window, once
+                start(request)
         await asyncio.gather(*tasks)
         return closed
     finally:
