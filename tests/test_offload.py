@@ -8,8 +8,10 @@ of a million BYTES elements was being decoded.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import WAIT_S, eventually
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
@@ -25,23 +28,30 @@ from infergate.models.datatypes import DATATYPES
 from infergate.models.spec import ModelSpec, TensorSpec
 from infergate.server import InferGateServer
 from infergate.serving.codec import WireRequest
+from infergate.serving.handler import InferenceHandler
 from infergate.serving.offload import ELEMENTS_ON_LOOP, class_strings, object_elements
+from infergate.serving.request import DecodedRequest, RequestLimits
 
 Tensor = pb.ModelInferRequest.InferInputTensor
 
 
 @pytest.fixture
-async def identity(demo_repository: Path, tmp_path: Path) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
+async def embedded(demo_repository: Path, tmp_path: Path) -> AsyncIterator[InferGateServer]:
     """An embedded server of the demo's identity_all model alone."""
     shutil.copytree(demo_repository / "identity_all", tmp_path / "identity_all")
     server = InferGateServer(ServerConfig(model_repository=tmp_path, port=0))
     await server.start()
     try:
         assert await server.load_models()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.GRPCInferenceServiceStub(channel)
+        yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def identity(embedded: InferGateServer) -> AsyncIterator[pb_grpc.GRPCInferenceServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{embedded.port}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 def bytes_request(count: int) -> pb.ModelInferRequest:
@@ -77,21 +87,65 @@ async def test_a_large_bytes_tensor_decoded_and_encoded_on_threads_comes_back_wh
     identity: pb_grpc.GRPCInferenceServiceStub,
 ) -> None:
     count = 2 * ELEMENTS_ON_LOOP  # past the bound both ways: the input decoded, the output encoded, on threads
-    words = [f"w{i}".encode() for i in range(count)]
-    raw = {"BYTES": b"".join(struct.pack("<I", len(w)) + w for w in words)}
+    request = identity_request([f"w{i}".encode() for i in range(count)])
+    reply = await identity.ModelInfer(request, timeout=120)
+    assert list(reply.outputs[0].shape) == [1, count]
+    assert reply.raw_output_contents[0] == request.raw_input_contents[list(DATATYPES).index("BYTES")]
+
+
+def identity_request(words: list[bytes]) -> pb.ModelInferRequest:
+    """identity_all with ``words`` as its BYTES input and one zero for every other input; asks for out_BYTES."""
     inputs, contents = [], []
     for name, datatype in DATATYPES.items():
         if name == "BYTES":
-            inputs.append(Tensor(name="in_BYTES", datatype="BYTES", shape=[1, count]))
-            contents.append(raw["BYTES"])
+            inputs.append(Tensor(name="in_BYTES", datatype="BYTES", shape=[1, len(words)]))
+            contents.append(b"".join(struct.pack("<I", len(w)) + w for w in words))
         else:
             inputs.append(Tensor(name=f"in_{name}", datatype=name, shape=[1, 1]))
             contents.append(np.zeros(1, dtype=datatype.numpy).tobytes())
     request = pb.ModelInferRequest(model_name="identity_all", inputs=inputs, raw_input_contents=contents)
     request.outputs.add(name="out_BYTES")
-    reply = await identity.ModelInfer(request, timeout=120)
-    assert list(reply.outputs[0].shape) == [1, count]
-    assert reply.raw_output_contents[0] == raw["BYTES"]
+    return request
+
+
+class HeldDecode(WireRequest):
+    """A real ModelInfer request, taken as large, whose decoding (on its thread) waits for the test."""
+
+    def __init__(self, message: pb.ModelInferRequest):
+        super().__init__(message, lambda: ())
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.decodes = 0
+
+    def decode_elements(self, spec: ModelSpec) -> int:
+        return ELEMENTS_ON_LOOP + 1
+
+    def decode(self, spec: ModelSpec, limits: RequestLimits) -> DecodedRequest:
+        self.decodes += 1
+        self.entered.set()
+        self.release.wait(WAIT_S)
+        return super().decode(spec, limits)
+
+
+async def test_a_reload_while_a_request_decodes_on_its_thread_sends_it_to_the_version_now_serving(
+    embedded: InferGateServer, tmp_path: Path
+) -> None:
+    """A version takes new work only in the step that routes to it; the decoding's await is not that step."""
+    catalog = embedded.repository.catalog
+    handler = InferenceHandler(catalog, RequestLimits(), embedded.shadows)
+    request = HeldDecode(identity_request(words=[b"a", b"b"]))
+    call = asyncio.create_task(handler.infer(request, None))
+    try:
+        await eventually(request.entered.is_set, "the decoding started")
+        before = catalog.get("identity_all")
+        model_file = tmp_path / "identity_all" / "1" / "model.onnx"
+        os.utime(model_file, ns=(time.time_ns(), model_file.stat().st_mtime_ns + 10**9))  # a new file there
+        await embedded.repository.reconcile("identity_all")
+        assert catalog.get("identity_all") is not before  # the version it was routed to is switched out
+    finally:
+        request.release.set()
+    result = await call
+    assert result.outputs["out_BYTES"].tolist() == [["a", "b"]]
+    assert request.decodes == 2  # decoded again, for the version that serves now
 
 
 def spec(*inputs: tuple[str, str], batches: bool = True) -> ModelSpec:

@@ -143,6 +143,12 @@ class ModelCatalog:
             )
         return entry
 
+    def serves(self, model: ServedVersion) -> bool:
+        """Whether ``model`` is still the version its number names: false once a reload or an unload
+        switched it out (a request that awaited between routing and queueing must route again)."""
+        entry = self._entries.get(model.name)
+        return entry is not None and entry.versions.get(model.version) is model
+
     def get(self, name: str, version: str = "") -> ServedVersion:
         """The model version a request names; with none, the router's primary (never a shadow or canary)."""
         return self.answering(name, version)[0]

@@ -84,7 +84,8 @@ class InferenceHandler:
             if not spec.bytes_inputs or request.decode_elements(spec) <= ELEMENTS_ON_LOOP:
                 decoded = request.decode(spec, self._limits)
             else:
-                decoded = await in_thread(request.decode, spec, self._limits)  # see offload.py
+                routed, decoded = await self._decoded_on_thread(request, routed)
+                model, spec = routed.model, routed.model.spec
             outputs = await self._outputs(routed, decoded, request, expires)
             if not decoded.classes or class_strings(outputs, decoded.classes, spec) <= ELEMENTS_ON_LOOP:
                 answer = classify_outputs(outputs, decoded.classes, spec, model.labels)
@@ -97,6 +98,19 @@ class InferenceHandler:
             _record(routed, error, started, expires)
         self._answered(routed, decoded, outputs, request.id)
         return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id)
+
+    async def _decoded_on_thread(self, request: InferenceRequest, routed: Routed) -> tuple[Routed, DecodedRequest]:
+        """``request`` decoded on a thread (``offload.py``), and the version it is for.
+
+        A version takes new work only in the step that routes to it (``catalog.py``): a reload
+        may switch it out while the decoding runs. Then the request is routed again, and decoded
+        again for the version that now serves, as if it had arrived after the reload.
+        """
+        while True:
+            decoded = await in_thread(request.decode, routed.model.spec, self._limits)
+            if self._catalog.serves(routed.model):
+                return routed, decoded
+            routed = self._catalog.route(request.model, request.version, request)
 
     def _outputs(
         self,
