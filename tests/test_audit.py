@@ -133,6 +133,19 @@ async def test_what_the_server_decides_while_serving_a_call_is_not_that_callers(
     assert [(line["source"], line["principal"]) for line in _lines(path)] == [("runtime", "anonymous")] * 2
 
 
+async def test_a_name_that_is_not_utf8_is_written_escaped_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """A model directory named with bytes that are not UTF-8 reaches Python as a lone surrogate."""
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    audit.start()
+    audit.load_failed(os.fsdecode(b"caf\xe9"), 1, "no model file", source="poll")
+    audit.unloaded("next", source="api")
+    await audit.aclose()
+    first, second = _lines(path)
+    assert first["event"] == "load_failed" and first["model"] == os.fsdecode(b"caf\xe9")  # escaped, read back
+    assert second["model"] == "next"  # the writer outlived it
+
+
 async def test_lines_are_appended_to_an_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     for model in ("a", "b"):

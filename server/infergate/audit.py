@@ -273,7 +273,9 @@ class _FileWriter:
                     lines.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._write("".join(line for line in lines if line is not _STOP).encode())
+            # A name from the disk that is not UTF-8 reaches here as a lone surrogate: written as its JSON
+            # escape (which reads back as the same string), where a plain encode() would end this thread.
+            self._write("".join(line for line in lines if line is not _STOP).encode("utf-8", "backslashreplace"))
             if lines[-1] is _STOP:
                 return
 
