@@ -20,6 +20,8 @@ from telemetry_support import Observed, observed_server, telemetry_repository
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from infergate.telemetry.metrics import MAX_MODEL_LABELS, OTHER_MODELS
+
 
 @pytest.fixture(scope="module")
 def repository(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -118,6 +120,25 @@ async def test_process_cpu_and_memory_are_reported(observed: Observed) -> None:
     assert memory.value > 10 * 1024 * 1024  # a Python process with onnxruntime loaded
 
 
+async def test_model_names_a_caller_invents_add_no_series_without_end(observed: Observed) -> None:
+    async with aioclient.InferenceServerClient(observed.url) as client:
+        for i in range(20):
+            with pytest.raises(InferenceServerException, match="unknown model"):
+                await client.infer(f"no-such-model-{i}", _x())
+    not_found = _where(observed.points("infergate.request.duration"), **{"rpc.grpc.status_code": 5})
+    assert [(p.attributes["model"], p.count) for p in not_found] == [("", 20)]  # one series counts them all
+
+    metrics = observed.server.telemetry.metrics
+    assert metrics is not None
+    for i in range(MAX_MODEL_LABELS + 50):  # version strings a caller made up, for a model that exists
+        metrics.request_started("ModelInfer")
+        metrics.request_finished("ModelInfer", "mlp", f"v{i}", 3, 0.001)
+    points = observed.points("infergate.request.duration")
+    labels = {(p.attributes["model"], p.attributes["model_version"]) for p in points}
+    assert len(labels) <= MAX_MODEL_LABELS + 2 and (OTHER_MODELS, "") in labels  # + no model, + the rest
+    assert sum(p.count for p in _where(points, model=OTHER_MODELS)) >= 50  # counted all the same
+
+
 async def test_auth_refusals_and_shadow_comparisons_have_recorders(observed: Observed) -> None:
     metrics = observed.server.telemetry.metrics
     assert metrics is not None
@@ -134,7 +155,10 @@ async def test_auth_refusals_and_shadow_comparisons_have_recorders(observed: Obs
     assert {p.attributes["reason"]: p.value for p in refusals} == {"expired": 2, "missing_token": 1}
     comparisons = observed.points("infergate.shadow.comparisons")
     assert {p.attributes["agreement"]: p.value for p in comparisons} == {"true": 1, "false": 1, "unknown": 1}
+    metrics.record_shadow(
+        "mlp", agreement=False, max_abs_diff=float("inf"), error=False, dropped=False
+    )  # shapes differ
     (diff,) = observed.points("infergate.shadow.max_abs_diff")
-    assert diff.count == 2 and diff.max == 0.5
+    assert diff.count == 2 and diff.max == 0.5 and diff.sum == pytest.approx(0.5 + 1e-7)  # the sum stays finite
     assert _one(observed.points("infergate.shadow.errors"), model="mlp").value == 1
     assert _one(observed.points("infergate.shadow.dropped"), model="mlp").value == 1

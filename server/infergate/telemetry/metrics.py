@@ -18,6 +18,7 @@ durations are per RPC, labelled with what the call named, and stay.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import threading
@@ -29,7 +30,16 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from infergate.telemetry.aggregate import Counter, Histograms, Key
 
-__all__ = ["BATCH_ROWS", "SECONDS", "CanarySource", "DriftSource", "QueueSource", "ServerMetrics"]
+__all__ = [
+    "BATCH_ROWS",
+    "MAX_MODEL_LABELS",
+    "OTHER_MODELS",
+    "SECONDS",
+    "CanarySource",
+    "DriftSource",
+    "QueueSource",
+    "ServerMetrics",
+]
 
 # Sub-millisecond to seconds: a small model answers in 100 µs, a big batch in seconds.
 SECONDS: tuple[float, ...] = (
@@ -62,6 +72,12 @@ class QueueSource(Protocol):
         ...
 
 
+MAX_MODEL_LABELS = 1024  # model and version pairs that label request metrics; the rest share OTHER_MODELS
+OTHER_MODELS = "_other"
+# NOT_FOUND, PERMISSION_DENIED, UNAUTHENTICATED: the call's model name is not one the server serves to it.
+_UNSERVED_NAME = frozenset({5, 7, 16})
+
+
 class ServerMetrics:
     """Every instrument infergate records; one per server, from its ``Meter`` and ``Histograms``.
 
@@ -74,6 +90,7 @@ class ServerMetrics:
         self._canaries: CanarySource | None = None
         self._lock = threading.Lock()  # the depth table is read from the reader's thread
         self._active: dict[str, int] = {}
+        self._labelled: set[tuple[str, str]] = set()  # model and version labels in use (see request_finished)
         self._streams_paused = 0
         self._drift: DriftSource | None = None
         self._loads = self._counter(meter, "infergate.model.loads", "{load}", "Model loads, by model and outcome")
@@ -177,8 +194,21 @@ class ServerMetrics:
         self._active[method] = self._active.get(method, 0) + 1
 
     def request_finished(self, method: str, model: str, version: str, status: int, seconds: float) -> None:
-        """One answered RPC; ``model``/``version`` are empty for calls that name none."""
+        """One answered RPC; ``model``/``version`` are empty for calls that name none.
+
+        The names come from the caller: a call for a model the server does not serve, or may not
+        show this caller, is labelled with none, and past ``MAX_MODEL_LABELS`` model and version
+        pairs the rest are labelled ``OTHER_MODELS`` (a caller inventing names would otherwise add
+        series without end: a bad version string, a call refused before it was routed).
+        """
         self._active[method] -= 1
+        if status in _UNSERVED_NAME:
+            model = version = ""
+        elif (model, version) not in self._labelled:
+            if len(self._labelled) < MAX_MODEL_LABELS:
+                self._labelled.add((model, version))
+            else:
+                model, version = OTHER_MODELS, ""
         key = (("rpc.method", method), ("model", model), ("model_version", version), ("rpc.grpc.status_code", status))
         self._request_duration.record(key, seconds)  # and counts it in infergate.requests
 
@@ -252,7 +282,9 @@ class ServerMetrics:
             return
         label = "unknown" if agreement is None else str(agreement).lower()
         self._shadow_comparisons.add((("model", model), ("agreement", label)))
-        if max_abs_diff is not None:
+        # Infinite (shapes differ, NaN on one side only): counted as a disagreement above, kept out of the
+        # histogram, whose sum would otherwise stay infinite until the server restarts.
+        if max_abs_diff is not None and math.isfinite(max_abs_diff):
             self._shadow_diff.record(key, max_abs_diff)
 
     def stream_paused(self, delta: int) -> None:
