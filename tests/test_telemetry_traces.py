@@ -151,17 +151,19 @@ async def test_trace_health_traces_health_checks_too(repository: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("traceparent", "expected"),
+    ("headers", "expected"),
     [
         (None, []),  # a root request loses the 0% draw: nothing is recorded, nothing is linked
-        (TRACEPARENT, [INFER_SPAN, "queue", "batch batch4"]),  # the caller sampled it: parent-based keeps it
-        (TRACEPARENT[:-2] + "00", []),  # the caller decided not to sample
+        ({"traceparent": TRACEPARENT}, [INFER_SPAN, "queue", "batch batch4"]),  # sampled by the caller: kept
+        ({"traceparent": TRACEPARENT[:-2] + "00"}, []),  # the caller decided not to sample
+        # No parent to follow: roots, so the draw decides (they were recorded whatever the ratio).
+        ({"tracestate": "vendor=1"}, []),
+        ({"traceparent": "00-not-a-trace-context"}, []),
     ],
 )
 async def test_sampling_is_parent_based_with_a_ratio_for_roots(
-    repository: Path, traceparent: str | None, expected: list[str]
+    repository: Path, headers: dict[str, str] | None, expected: list[str]
 ) -> None:
-    headers = {"traceparent": traceparent} if traceparent else None
     async with observed_server(repository, sample_ratio=0.0) as observed:
         client = aioclient.InferenceServerClient(observed.url)
         try:

@@ -121,9 +121,11 @@ class _Call:
         if owner._tracer is not None:
             metadata = context.invocation_metadata() or ()
             carrier = {k: v for k, v in metadata if k in _TRACE_KEYS and isinstance(v, str)}
-            if not carrier and not owner.sampler.sample(self.model):
-                return  # a root call outside the sample: no span at all (the caller's decision always counts)
             parent = _W3C.extract(carrier) if carrier else None
+            if parent is not None and not trace.get_current_span(parent).get_span_context().is_valid:
+                parent = None  # a tracestate alone, or a traceparent that does not parse: no caller's decision
+            if parent is None and not owner.sampler.sample(self.model):
+                return  # a root call outside the sample: no span at all (the caller's decision always counts)
             self._span = owner._tracer.start_span(
                 f"{service}/{method}",
                 parent,
