@@ -311,6 +311,22 @@ def test_the_shm_flag_turns_it_on_and_the_file_keeps_its_bounds(tmp_path: Path) 
     assert load_server_config(path, unset).shared_memory.system.enabled is False
 
 
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        pytest.param({"port": 8001, "health_port": 8001}, "8001 is the serving port too", id="the same port"),
+        pytest.param({"workers": 2, "health_port": 0}, "gives each worker a different one", id="any port, workers"),
+    ],
+)
+def test_the_health_port_must_be_one_a_probe_can_reach_and_not_the_serving_port(
+    settings: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says) as refused:
+        load_server_config(None, settings)
+    assert "health_port" in str(refused.value)
+    assert load_server_config(None, {"port": 0, "health_port": 0}).health_port == 0  # two free ports: fine
+
+
 def test_shared_memory_is_refused_with_several_workers(tmp_path: Path) -> None:
     path = write(tmp_path, "workers: 2\nshared_memory: {system: {enabled: true}}\n", name="server.yaml")
     with pytest.raises(ConfigError, match=r"shared_memory\.system\.enabled needs workers: 1"):

@@ -167,6 +167,20 @@ class ServerConfig(Strict):
     shared_memory: SharedMemoryConfig = SharedMemoryConfig()
 
     @model_validator(mode="after")
+    def _health_port_of_its_own(self) -> ServerConfig:
+        health = self.health_port
+        if health is not None and health != 0 and health == self.port:
+            # One server fails to bind it twice; --workers share both ports (SO_REUSEPORT), so the kernel
+            # would hand some inference connections to health-only servers.
+            raise ValueError(
+                f"health_port: {health} is the serving port too; give the health service a port of its own"
+            )
+        if health == 0 and self.workers > 1:
+            raise ValueError("health_port: 0 (any free port) with workers > 1 gives each worker a different one, "
+                             "which no probe can name; choose a port")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _shared_memory_in_one_process(self) -> ServerConfig:
         # Each worker would hold its own regions, and a client's calls may reach any of them.
         if self.shared_memory.system.enabled and self.workers > 1:
