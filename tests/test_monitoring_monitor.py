@@ -175,6 +175,29 @@ async def test_a_request_that_does_not_fit_the_profile_is_counted_and_never_rais
         await drift.aclose()
 
 
+async def test_a_row_with_no_elements_never_stops_scoring_of_an_integer_categorical_feature() -> None:
+    """A [1, 0] row (accepted by the server) has no row mean; it must not freeze scoring until it leaves."""
+    model = spec(tensor("mask", "INT64", -1, -1), tensor("x", "FP32", -1, 2))
+    rng = np.random.default_rng(0)
+    sample = {"mask": np.ones((2000, 5), np.int64), "x": rng.standard_normal((2000, 2)).astype(np.float32)}
+    profile = build_profile(model, sample, {}, source="s")
+    config = DriftConfig(sample_fraction=1.0, window=1000, min_rows=100, update_every=1)
+    drift = DriftMonitor("m", 1, profile, config, batches=True, rng=random.Random(0))
+
+    def request(mask: np.ndarray, shift: float, rows: int = 50) -> None:
+        drift.observe({"mask": mask, "x": (rng.standard_normal((rows, 2)) + shift).astype(np.float32)}, {})
+
+    request(np.ones((1, 0), np.int64), 0.0, rows=1)
+    for _ in range(15):  # x moved by three sigmas: an alert by any measure
+        request(np.ones((50, 5), np.int64), 3.0)
+    drift.start()
+    await drift.aclose()  # the worker scores everything queued before it stops
+    snapshot = drift.snapshot()
+    assert (snapshot.scored_rows, snapshot.alert) == (751, True)
+    mask = next(s for s in snapshot.scores if s.tensor == "mask")
+    assert mask.score == pytest.approx(0.0)  # the empty row is left out, the others match the reference
+
+
 # --- load -------------------------------------------------------------------------------------
 
 

@@ -98,6 +98,33 @@ async def test_non_finite_numbers_are_written_as_strings_so_every_line_is_json(p
     assert record["outputs"] == {"score": [["inf", "-inf"]]}
 
 
+async def test_scalar_tensors_are_written_hashed_and_as_text_like_any_other(payloads: PayloadLog) -> None:
+    inputs = {"amount": np.array(2.5, np.float32), "user": np.array(b"alice", dtype=object), "ssn": np.array(b"x")}
+    outputs = {"label": np.array("spam", dtype=object), "score": np.array(np.nan, np.float32)}
+    payloads.offer(inputs, outputs)
+    await payloads.aclose()  # writes what is queued
+    (record,) = records(payloads.writer.path)
+    user = hmac.new(SALT.encode(), b"alice", hashlib.sha256).hexdigest()
+    assert record["inputs"] == {"amount": 2.5, "user": user, "ssn": REDACTED}
+    assert record["outputs"] == {"label": "spam", "score": "nan"}
+
+
+async def test_a_record_that_cannot_be_written_is_dropped_alone_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "p.jsonl"
+    log = open_payload_log(config(path), MODEL, Path("c.yaml"))
+    log.offer(request(), {}, request_id="before")
+    log.offer(request(), {"z": np.array([1j])}, request_id="bad")  # JSON has no complex numbers
+    log.offer(request(), {}, request_id="after")
+    log.start()  # all three reach the writer in one batch
+    await log.aclose()
+    assert [r["id"] for r in records(path)] == ["before", "after"]
+    assert (log.writer.written, log.writer.failed) == (2, 1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("model m version 1 request bad" in message for message in warnings), warnings
+
+
 async def test_a_record_over_the_size_limit_keeps_its_fields_but_not_its_values(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
     log = open_payload_log(config(path, redact=["ssn"], max_bytes_per_record=400), MODEL, Path("c.yaml"))

@@ -11,7 +11,7 @@ from monitoring_support import spec, tensor
 from infergate.models.spec import TensorSpec
 from infergate.monitoring import drift
 from infergate.monitoring.features import choose_reduction, extract
-from infergate.monitoring.profile import NumericFeature, build_profile
+from infergate.monitoring.profile import CategoricalFeature, NumericFeature, build_profile
 from infergate.monitoring.window import DriftWindow
 
 REFERENCE = np.random.default_rng(7).standard_normal(20_000)
@@ -169,6 +169,16 @@ def test_the_window_of_a_model_that_does_not_batch_takes_one_row_per_request() -
     window = DriftWindow(build_profile(model, {"x": np.zeros((10, 2))}, {}, source="t"), 10, batches=False)
     assert window.add({"x": np.array([1.0, 2.0], np.float32)}, {}) == 1
     assert window.fill == 1 and window.tensors[0]._buffer[0].tolist() == [1.0, 2.0]
+
+
+def test_a_row_with_no_elements_is_left_out_of_an_integer_categorical_feature() -> None:
+    model = spec(tensor("ids", "INT32", -1, -1))
+    profile = build_profile(model, {"ids": np.array([[1, 1], [2, 2]] * 50, np.int32)}, {}, source="t")
+    assert isinstance(profile.inputs["ids"].features[0], CategoricalFeature)
+    window = DriftWindow(profile, 100, batches=True)
+    window.add({"ids": np.zeros((1, 0), np.int32)}, {})
+    window.add({"ids": np.array([[1, 1], [2, 2]] * 10, np.int32)}, {})
+    assert [s.score for s in window.scores("psi", 0.2)] == [pytest.approx(0.0)]
 
 
 def test_the_window_scores_many_features_as_each_would_score_alone() -> None:

@@ -8,7 +8,8 @@ reduced to a few scalar features:
 * ``columns``: the item is a vector of fixed length F ([batch, F]): F features, one per column;
 * ``channel_mean``: a numeric item of rank 2 or more with a fixed first axis C
   ([batch, C, H, W], NCHW): C features, each channel's mean over the remaining axes;
-* ``row_mean``: a numeric item of variable length: one feature, ``mean``, the item's mean;
+* ``row_mean``: a numeric item of variable length: one feature, ``mean``, the item's mean
+  (NaN, a missing value that scores leave out, for an item with no elements);
 * ``argmax``: a floating-point output [batch, C] with C >= 2 (classifier-shaped):
   one categorical feature, ``class``, the index of the largest score.
 
@@ -118,9 +119,15 @@ def _numeric(rows: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 
 def category_keys(values: npt.NDArray[Any]) -> list[str]:
-    """The category names of a column of categorical values: text as is, booleans and integers as text."""
+    """The category names of a column of categorical values: text as is, booleans and integers as text.
+
+    Integer features arrive as floats; a NaN there is a missing value (the mean of a row with no
+    elements) and is left out, as numeric scores leave out non-finite values.
+    """
     if values.dtype == np.bool_:
         return ["true" if v else "false" for v in values.tolist()]
     if values.dtype == object:
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.tolist()]
+    if values.dtype.kind == "f":
+        values = values[np.isfinite(values)]
     return [str(int(v)) for v in values.tolist()]

@@ -37,7 +37,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,7 +122,7 @@ def _input_value(name: str, array: npt.NDArray[Any], policy: Policy) -> Any:
 def _values(array: npt.NDArray[Any]) -> Any:
     """Nested lists; text as text, and NaN or infinities as the strings "nan", "inf", "-inf" (JSON has none)."""
     if array.dtype == object:
-        return np.frompyfunc(_text, 1, 1)(array).tolist() if array.size else array.tolist()
+        return _each(_text, array)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         out = array.astype(object)
         mask = ~np.isfinite(array)
@@ -147,9 +147,16 @@ def _hashed(array: npt.NDArray[Any], salt: bytes) -> Any:
             data = str(value.item() if isinstance(value, np.generic) else value).encode("utf-8")
         return hmac.new(salt, data, hashlib.sha256).hexdigest()
 
+    return _each(one, array.astype(object))
+
+
+def _each(function: Callable[[Any], str], array: npt.NDArray[Any]) -> Any:
+    """``function`` of every element, as nested lists in the array's shape (a 0-d array: one value)."""
     if array.size == 0:
         return array.tolist()
-    return np.frompyfunc(one, 1, 1)(array.astype(object)).tolist()
+    # frompyfunc gives a plain value, not an array, for a 0-d input
+    mapped = np.asarray(np.frompyfunc(function, 1, 1)(array), dtype=object)
+    return mapped.tolist()
 
 
 class PayloadWriter:
@@ -160,6 +167,7 @@ class PayloadWriter:
         self.max_file_bytes = max_file_bytes
         self.backups = backups
         self.written = 0
+        self.failed = 0  # records dropped because they could not be formatted
         self.rotations = 0
         self._file = _open(path)  # here, at load: a path that cannot be written fails the load
         self._size = self._file.tell()
@@ -182,13 +190,29 @@ class PayloadWriter:
 
     def _write(self, records: list[PayloadRecord]) -> None:
         for record in records:
-            data = format_record(record).encode("utf-8")
+            data = self._format(record)
+            if data is None:
+                continue
             if self._size and self._size + len(data) > self.max_file_bytes:
                 self._rotate()
             self._file.write(data)
             self._size += len(data)
             self.written += 1
         self._file.flush()
+
+    def _format(self, record: PayloadRecord) -> bytes | None:
+        """The record's line, or None (logged, counted) when it cannot be formatted: one odd record
+        must not cost the others in its batch."""
+        try:
+            return format_record(record).encode("utf-8")
+        except Exception as exc:
+            self.failed += 1
+            if self.failed == 1 or self.failed % 1000 == 0:  # once, then a reminder now and then
+                # the exception's type only: its message could quote a value that must not be logged
+                log.warning("payload log %s: model %s version %d request %s: record dropped, cannot be written "
+                            "(%s; %d dropped so far)", self.path, record.model, record.version, record.request_id,
+                            type(exc).__name__, self.failed)  # fmt: skip
+            return None
 
     def _rotate(self) -> None:
         self._file.close()
