@@ -241,6 +241,12 @@ BAD_ROUTING = [
     ),
     pytest.param("routing: [1, 2]\n", "routing", "", id="a list for a block"),
     pytest.param("routing:\n  weights: {1: .inf, 2: 1}\n", "routing.weights.1", "", id="an infinite weight"),
+    pytest.param(
+        "routing:\n  weights: {1: 1.0e+308, 2: 1.0e+308}\n",
+        "routing.weights",
+        "sum to a finite total",
+        id="finite weights with an infinite sum",
+    ),
 ]
 
 

@@ -6,9 +6,10 @@ Checked for coherence here, at load; whether the versions it names are loaded is
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from infergate.configfile import Strict
 
@@ -65,6 +66,15 @@ class Routing(Strict):
     sticky: StickyRouting | None = None
     shadow: ShadowRouting | None = None
     canary: CanaryRouting | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_total(cls, weights: dict[int, float]) -> dict[int, float]:
+        # Each weight is finite, but two near the largest float add up to inf: the router's running
+        # total would then send every request to the version past the overflow.
+        if not math.isfinite(sum(weights.values())):
+            raise ValueError("weights must sum to a finite total")
+        return weights
 
     @model_validator(mode="after")
     def _coherent(self) -> Routing:
