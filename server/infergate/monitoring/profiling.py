@@ -30,6 +30,7 @@ from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner
 from infergate.monitoring.config import DEFAULT_PROFILE_NAME
 from infergate.monitoring.profile import DEFAULT_BINS, build_profile, write_profile
 from infergate.monitoring.readers import Sample, SampleError, read_sample
+from infergate.repository.catalog import version_directory
 
 __all__ = ["ProfileError", "add_profile_command", "profile_main", "profile_version", "run_model"]
 
@@ -107,7 +108,7 @@ def profile_version(
         raise ConfigError(f"{directory}: no such model directory")
     config = read_model_config(directory)
     version = version if version is not None else _newest(directory)
-    model_file = directory / str(version) / config.default_model_filename
+    model_file = version_directory(directory, version) / config.default_model_filename
     if not model_file.is_file():
         raise ConfigError(f"{model_file}: no such file (is version {version} in the repository?)")
     runner = OnnxRunner.load(model_file, config, model, version)
@@ -119,7 +120,7 @@ def profile_version(
     profile = build_profile(
         runner.spec, sample.inputs, outputs, source=data.name, bins=bins, feature_names=sample.feature_names
     )
-    path = output or directory / str(version) / _profile_name(config)
+    path = output or version_directory(directory, version) / _profile_name(config)
     write_profile(profile, path)
     return path
 

@@ -26,7 +26,7 @@ from infergate.models.datatypes import DATATYPES
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 from infergate.models.version import ModelVersion, load_model_version
 from infergate.offline.readers import InputError
-from infergate.repository.catalog import is_version_name
+from infergate.repository.catalog import is_version_name, version_directory
 from infergate.routing.router import Router, RoutingError
 
 __all__ = ["Executor", "LocalExecutor", "RemoteExecutor"]
@@ -102,14 +102,16 @@ class LocalExecutor:
         if version is None:
             version = _default_version(name, config, found)
         elif version not in found:
-            raise InputError(f"model {name} has no version directory {directory / str(version)}")
+            raise InputError(f"model {name} has no version directory {version_directory(directory, version)}")
         overrides: dict[str, Any] = {}
         if instances is not None:
             overrides["instance_group"] = InstanceGroup(count=instances)
         if batch_size is not None and (config.max_batch_size is None or batch_size > config.max_batch_size):
             overrides["max_batch_size"] = batch_size
         config = config.model_copy(update=overrides)
-        model = await asyncio.to_thread(load_model_version, directory / str(version), name, version, config)
+        model = await asyncio.to_thread(
+            load_model_version, version_directory(directory, version), name, version, config
+        )
         try:
             _need_batching(model.spec)
         except InputError:

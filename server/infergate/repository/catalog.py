@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Protocol
 
 from infergate.errors import InvalidArgument, NotFound, Unavailable
@@ -41,10 +42,12 @@ __all__ = [
     "ShadowTarget",
     "is_version_name",
     "unknown_model",
+    "version_directory",
+    "version_dirs",
 ]
 
 ServedVersion = ModelVersion | EnsembleVersion  # a version of a model, or of an ensemble of models
-Fingerprint = tuple[int, int]  # (mtime_ns, size) of a version's model file
+Fingerprint = tuple[int, int]  # (mtime_ns, size) of a version's model file, or (digest, size) of all its files
 Rejected = tuple[ModelConfig, dict[int, Fingerprint]]  # a config and the files it was refused with
 
 
@@ -65,7 +68,7 @@ class ModelEntry:
     router: Router | None = None
     config: ModelConfig | None = None
     files: dict[int, Fingerprint] = field(default_factory=dict)  # of the serving versions
-    failed: dict[int, tuple[Fingerprint, str]] = field(default_factory=dict)  # not retried until the file changes
+    failed: dict[int, tuple[Fingerprint, str]] = field(default_factory=dict)  # a poll retries once its files change
     shadows: dict[int, ShadowStats] = field(default_factory=dict)  # kept across reloads, by shadow version
     rejected: Rejected | None = None  # not retried until the config or a version's file changes
     # An ensemble's step models as its last load saw them (by version object): a poll tries a failed
@@ -258,6 +261,22 @@ def _shadow_target(entry: ModelEntry, router: Router, version: int) -> ShadowTar
 def is_version_name(text: str) -> bool:
     """A version directory's name: ASCII digits only (str.isdigit() also accepts '²', which int() refuses)."""
     return text.isascii() and text.isdecimal()
+
+
+def version_directory(directory: Path, version: int) -> Path:
+    """The directory of ``version`` under the model ``directory`` as found on disk (``01/`` for
+    version 1, as the loader reads it); ``directory/<version>`` when there is none."""
+    found = version_dirs(directory).get(version) if directory.is_dir() else None
+    return found[0] if found else directory / str(version)
+
+
+def version_dirs(directory: Path) -> dict[int, list[Path]]:
+    """The version directories under ``directory`` by the integer value of their names, in name order."""
+    found: dict[int, list[Path]] = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() and is_version_name(path.name):
+            found.setdefault(int(path.name), []).append(path)
+    return found
 
 
 def unknown_model(name: str) -> str:

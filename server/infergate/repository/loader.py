@@ -26,7 +26,9 @@ which reads the table this module writes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -39,7 +41,7 @@ from infergate.configfile import ConfigError
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.heap import in_thread
 from infergate.models.config import ModelConfig
-from infergate.models.config_files import config_file, read_model_config
+from infergate.models.config_files import CONFIG_PBTXT, CONFIG_YAML, config_file, read_model_config
 from infergate.models.ensemble import check_steps, load_ensemble_version, load_order
 from infergate.models.overrides import FILE_PREFIX, LoadOverride, PollFailed, stage_files
 from infergate.models.runner import ModelLoadError
@@ -52,8 +54,8 @@ from infergate.repository.catalog import (
     ModelState,
     Rejected,
     ServedVersion,
-    is_version_name,
     unknown_model,
+    version_dirs,
 )
 from infergate.routing.config import Routing
 from infergate.routing.router import Router, RoutingError
@@ -245,24 +247,28 @@ class ModelRepository:
     async def _apply(self, entry: ModelEntry, directory: Path, config: ModelConfig, source: Source) -> None:
         if config.is_ensemble and self._explicit and source != "poll":
             await self._load_step_models(entry.name, config, source)
-        on_disk = await asyncio.to_thread(_fingerprints, directory, config.default_model_filename)
-        if entry.rejected == (config, on_disk):  # nothing changed since it was refused: refuse it again, unloaded
+        directories = await self._version_directories(entry, directory, source)
+        on_disk = await asyncio.to_thread(_fingerprints, directories, config.default_model_filename)
+        contents = await asyncio.to_thread(_contents, directory, directories)
+        # Nothing changed since it was refused: a poll refuses it again, unloaded; a load request tries again.
+        if source == "poll" and entry.rejected == (config, contents):
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
         entry.failed = {v: f for v, f in entry.failed.items() if v in on_disk}
         wanted = config.version_policy.select(list(on_disk))
         reload_all = entry.config is None or entry.config.without_routing() != config.without_routing()
-        # An ensemble fails for want of its step models, which may have loaded since: a load request or a
-        # restart tries it again; a poll when its config or its step models changed (a failure is written
-        # once, not per poll).
+        # A failed version is tried again by a load request or a restart, whatever failed (a file, or a
+        # passing cause); a poll tries it again once one of the files its load reads changed, not before
+        # (a failure is written once, not per poll). An ensemble fails for want of its step models, which
+        # may have loaded since: a poll tries it again when they changed.
+        if source != "poll" or reload_all:
+            entry.failed.clear()
         if config.is_ensemble:
             steps_seen, entry.steps_seen = entry.steps_seen, self._steps_now(config)
-            if source != "poll" or steps_seen != entry.steps_seen:
+            if steps_seen != entry.steps_seen:
                 entry.failed.clear()
-        if reload_all:
-            entry.failed.clear()
         to_load = [v for v in wanted if reload_all or entry.files.get(v) != on_disk[v]]
-        to_load = [v for v in to_load if entry.failed.get(v, (None,))[0] != on_disk[v]]
-        loaded, failures = await self._load_versions(entry, directory, config, to_load, on_disk, source)
+        to_load = [v for v in to_load if entry.failed.get(v, (None,))[0] != contents[v]]
+        loaded, failures = await self._load_versions(entry, directories, config, to_load, contents, source)
         serving = {v: entry.versions[v] for v in wanted if v in entry.versions and v not in loaded}
         serving.update(loaded)
         if failures or any(v in entry.failed for v in wanted):  # keep the good versions that would have gone
@@ -274,7 +280,7 @@ class ModelRepository:
                 self._audit.load_failed(entry.name, None, none, source=source)
         router, routing_error = self._router(entry, config, serving, directory) if serving else (None, "")
         if serving and router is None:  # no routing fits what would serve: apply nothing
-            self._reject(entry, loaded, (config, on_disk), [*failures, routing_error], source)
+            self._reject(entry, loaded, (config, contents), [*failures, routing_error], source)
         if routing_error and not self._repeated(entry, routing_error, source):
             self._audit.routing_rejected(entry.name, f"{routing_error}; the previous routing stays", source=source)
         self._switch(entry, serving, router, config, on_disk, source)
@@ -287,6 +293,24 @@ class ModelRepository:
         """The ensemble's step models and the version objects they serve now (a reload makes new ones)."""
         entries = [(name, self._entries.get(name)) for name in config.step_models]
         return tuple((name, tuple(id(v) for v in e.versions.values()) if e else ()) for name, e in entries)
+
+    async def _version_directories(self, entry: ModelEntry, directory: Path, source: Source) -> dict[int, Path]:
+        """Each version's directory as found on disk (``01/`` is version 1, as Triton reads it).
+
+        Two directories naming one version (``1/`` and ``01/``) refuse the model's load, since which
+        one serves would depend on the order of a directory listing; what serves keeps serving.
+        """
+        found = await asyncio.to_thread(version_dirs, directory)
+        clashes = [
+            f"version {version} is named by {len(paths)} directories: {', '.join(str(p) for p in paths)}"
+            for version, paths in sorted(found.items())
+            if len(paths) > 1
+        ]
+        if clashes:
+            reason = "; ".join(clashes)
+            self._fail(entry, reason, source)
+            raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {reason}")
+        return {version: paths[0] for version, paths in found.items()}
 
     async def _load_step_models(self, name: str, config: ModelConfig, source: Source) -> None:
         """Explicit model control: an ensemble's load first loads the models its steps run that serve
@@ -313,23 +337,26 @@ class ModelRepository:
     async def _load_versions(
         self,
         entry: ModelEntry,
-        directory: Path,
+        directories: dict[int, Path],
         config: ModelConfig,
         versions: list[int],
-        on_disk: dict[int, Fingerprint],
+        contents: dict[int, Fingerprint],
         source: Source,
     ) -> tuple[dict[int, ServedVersion], list[str]]:
+        """Load ``versions``, each from its directory in ``directories``; a failure is remembered with
+        the version's ``contents`` (what a poll compares before trying it again)."""
+
         async def one(version: int) -> ServedVersion | str:
             try:
                 if config.is_ensemble:  # no file to read: its steps are checked against the models they run
                     ensemble = await in_thread(
-                        load_ensemble_version, directory / str(version), entry.name, version, config, entry.turns
+                        load_ensemble_version, directories[version], entry.name, version, config, entry.turns
                     )
                     check_steps(ensemble, self.catalog.answering)
                     return ensemble
                 # not asyncio.to_thread: the pool would hold the version a moment (heap.py)
                 return await in_thread(
-                    load_model_version, directory / str(version), entry.name, version, config, self._model_cpus
+                    load_model_version, directories[version], entry.name, version, config, self._model_cpus
                 )
             except (ModelLoadError, FileNotFoundError) as exc:
                 return str(exc)
@@ -346,8 +373,8 @@ class ModelRepository:
                 loaded[version] = result
                 entry.failed.pop(version, None)
                 self._audit.loaded(entry.name, version, source=source)
-            else:  # not retried (so not written again) until its file changes
-                entry.failed[version] = (on_disk[version], result)
+            else:  # not retried by a poll (so not written again) until one of its files changes
+                entry.failed[version] = (contents[version], result)
                 failures.append(f"version {version}: {result}")
                 log.error("model %s version %d failed to load: %s", entry.name, version, result)
                 self._audit.load_failed(entry.name, version, result, source=source)
@@ -369,6 +396,11 @@ class ModelRepository:
             return Router(entry.name, config.routing, list(serving), events=self._audit), ""
         except RoutingError as exc:
             error = f"{config_file(directory)}: {exc}"
+        if old is not None and serving == entry.versions:
+            # The refused block stays in the config, so every poll refuses it again: a fresh router each
+            # time would restart a canary at its first step, or bring back one that was rolled back.
+            log.error("model %s: routing not applied, keeping the one in force: %s", entry.name, error)
+            return old, error
         if old is not None:
             try:
                 router = Router(entry.name, old.routing, list(serving), events=self._audit)
@@ -542,14 +574,56 @@ def is_model_name(text: str) -> bool:
     return "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
 
 
-def _fingerprints(directory: Path, filename: str) -> dict[int, Fingerprint]:
-    """Each version directory's model file identity; a missing file counts (its load will say so)."""
+def _fingerprints(directories: dict[int, Path], filename: str) -> dict[int, Fingerprint]:
+    """Each version's model file identity, which decides whether a serving version reloads; a missing
+    file counts (its load will say so)."""
     out: dict[int, Fingerprint] = {}
-    for path in directory.iterdir():
-        if path.is_dir() and is_version_name(path.name):
-            try:
-                stat = (path / filename).stat()
-                out[int(path.name)] = (stat.st_mtime_ns, stat.st_size)
-            except OSError:
-                out[int(path.name)] = (0, -1)
+    for version, path in directories.items():
+        try:
+            stat = (path / filename).stat()
+            out[version] = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            out[version] = (0, -1)
     return out
+
+
+def _contents(directory: Path, directories: dict[int, Path]) -> dict[int, Fingerprint]:
+    """Each version's files as a load reads them, which decides whether a poll tries a failed version again.
+
+    Covers every file of the version directory (the model file, metadata.yaml, external weights,
+    a drift profile) and the model directory's own files that every version reads (labels, warmup/,
+    initial_state/): fixing any of them is worth a new attempt. Not the config file: what it says is
+    compared field by field (a change of routing alone tries nothing again). Each is a digest of the
+    files' names, modification times and sizes, and their total size.
+    """
+    configs = {directory / CONFIG_YAML, directory / CONFIG_PBTXT}
+    shared = _file_stats(directory, skip=configs | set(directories.values()))
+    return {version: _digest(shared + _file_stats(path, skip=set())) for version, path in directories.items()}
+
+
+_FileStat = tuple[str, int, int]  # path, mtime_ns, size (-1: could not be read)
+
+
+def _file_stats(top: Path, skip: set[Path]) -> list[_FileStat]:
+    """Every file under ``top``, recursively, except the files and directories in ``skip``.
+
+    Symbolic links to files count as their targets; links to directories are not followed (a loop).
+    """
+    stats: list[_FileStat] = []
+    for folder, subdirs, files in os.walk(top):
+        subdirs[:] = sorted(d for d in subdirs if Path(folder, d) not in skip)
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if Path(path) in skip:
+                continue
+            try:
+                stat = os.stat(path)
+                stats.append((path, stat.st_mtime_ns, stat.st_size))
+            except OSError:
+                stats.append((path, 0, -1))
+    return stats
+
+
+def _digest(stats: list[_FileStat]) -> Fingerprint:
+    digest = hashlib.blake2b(repr(stats).encode(errors="backslashreplace"), digest_size=8).digest()
+    return int.from_bytes(digest), sum(size for _, _, size in stats)
