@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -74,10 +75,26 @@ def collate(payloads: Sequence[Tensors]) -> Tensors:
     return {name: np.concatenate([p[name] for p in payloads]) for name in payloads[0]}
 
 
-def split(names: Sequence[str], outputs: Sequence[npt.NDArray[Any]], rows: Sequence[int]) -> list[Tensors]:
-    """Cut batched outputs back into one dict per request (views, no copy)."""
+class UnbatchedOutput(Exception):
+    """A batch's output whose first dimension is not the batch's rows: it cannot be cut per request."""
+
+
+def split(
+    names: Sequence[str], outputs: Sequence[npt.NDArray[Any]], rows: Sequence[int], *, padded: bool = False
+) -> list[Tensors]:
+    """Cut batched outputs back into one dict per request (views, no copy).
+
+    Raises UnbatchedOutput when an output does not have the batch's rows first (``padded``: at least
+    them): a graph whose symbolic first dimensions made it look batchable (a transpose, a count that
+    depends on the data) would otherwise hand one request rows of another's.
+    """
     if len(rows) == 1:
         return [dict(zip(names, outputs, strict=True))]
+    total = sum(rows)
+    for name, output in zip(names, outputs, strict=True):
+        first = output.shape[0] if output.ndim else -1
+        if first < total or (first != total and not padded):
+            raise UnbatchedOutput(f"output {name!r} has {first} rows for a batch of {total}")
     results: list[Tensors] = []
     start = 0
     for count in rows:
@@ -85,6 +102,29 @@ def split(names: Sequence[str], outputs: Sequence[npt.NDArray[Any]], rows: Seque
         results.append({n: o[start:stop] for n, o in zip(names, outputs, strict=True)})
         start = stop
     return results
+
+
+def _batching_probed(session: ort.InferenceSession, spec: ModelSpec) -> ModelSpec:
+    """``spec``, or ``spec`` without batching when the graph only looked batchable.
+
+    With no ``max_batch_size`` in its config, a graph batches when all its first dimensions are
+    symbolic; but an output's need not be the batch (a transpose, a count that depends on the data),
+    and batching such a model would hand requests each other's rows. Two small batches of valid
+    inputs tell. A graph that cannot run them keeps its spec (``split`` still checks every batch).
+    """
+    names = [o.name for o in session.get_outputs()]
+    for rows in (2, 3):
+        try:
+            outputs = session.run(names, valid_inputs(spec, rows))
+        except Exception:  # zeros do not suit every model
+            return spec
+        for name, output in zip(names, outputs, strict=True):
+            if output.ndim == 0 or output.shape[0] != rows:
+                log.warning("model %s: output %r has %s rows for a batch of %d: its first dimension is not the "
+                            "batch, so it is served without batching (set max_batch_size in config.yaml to say "
+                            "otherwise)", spec.name, name, output.shape[0] if output.ndim else "no", rows)  # fmt: skip
+                return dataclasses.replace(spec, max_batch_size=0)
+    return spec
 
 
 def zero_inputs(spec: ModelSpec, rows: int) -> Tensors:
@@ -247,6 +287,7 @@ class OnnxRunner:
         self._inline: Instance | None = None  # set by run_inline_below: batches run on the caller's thread
         self._inline_limit_ns = 0
         self._inline_times: list[int] = []  # the runtime's ns for each inline batch of the current window
+        self._unbatched = False  # an output was found not to follow the batch (see _one_by_one)
 
     @classmethod
     def load(cls, path: Path, config: ModelConfig, name: str, version: int, cpus: int | None = None) -> OnnxRunner:
@@ -307,6 +348,8 @@ class OnnxRunner:
             plan = plan_binding(config.device_execution, actual, dict(providers)[actual], spec)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
+        if config.max_batch_size is None and spec.batches and plan is None:
+            spec = _batching_probed(sessions[0], spec)
         if plan is None or not plan.graph_sizes:
             # A session with CUDA graphs must not run outside its buckets (session.run would capture a graph
             # on buffers that change); its warm-up is the buckets' own, below. Before any thread starts: a
@@ -429,7 +472,10 @@ class OnnxRunner:
             t2 = time.perf_counter_ns()
             return results, BatchTimings(t1 - t0, t2 - t1, 0)
         t2 = time.perf_counter_ns()
-        results_ok: list[Tensors | Exception] = list(split(self._output_names, outputs, rows))
+        try:
+            results_ok: list[Tensors | Exception] = list(split(self._output_names, outputs, rows))
+        except UnbatchedOutput as exc:
+            results_ok = self._one_by_one(instance, payloads, exc)
         t3 = time.perf_counter_ns()
         return results_ok, BatchTimings(t1 - t0, t2 - t1, t3 - t2)
 
@@ -447,15 +493,32 @@ class OnnxRunner:
             results = self._isolate(instance, payloads, exc)
             return results, BatchTimings(t1 - t0, time.perf_counter_ns() - t1, 0)
         t2 = time.perf_counter_ns()
-        results_ok: list[Tensors | Exception] = list(split(self._output_names, outputs, rows))
+        try:
+            results_ok: list[Tensors | Exception] = list(split(self._output_names, outputs, rows, padded=True))
+        except UnbatchedOutput as exc:
+            results_ok = self._one_by_one(instance, payloads, exc)
         t3 = time.perf_counter_ns()
         return results_ok, BatchTimings(t1 - t0, t2 - t1, t3 - t2)
+
+    def _one_by_one(
+        self, instance: Instance, payloads: list[Tensors], cause: UnbatchedOutput
+    ) -> list[Tensors | Exception]:
+        """The batch again, one request at a time: its outputs could not be cut per request."""
+        if not self._unbatched:  # said once: every batch of several requests of this model is run so
+            self._unbatched = True
+            log.warning("model %s: %s, so its first dimension is not the batch; batches of several requests "
+                        "run one request at a time (set max_batch_size: 0 in its config.yaml)", self.spec.name,
+                        cause)  # fmt: skip
+        return self._each_alone(instance, payloads)
 
     def _isolate(self, instance: Instance, payloads: list[Tensors], error: Exception) -> list[Tensors | Exception]:
         """After a failed batch, run each request alone so only the ones that fail get an error."""
         if len(payloads) == 1:
             return [self._execution_error(error)]
         log.warning("model %s: a batch of %d failed; retrying one by one", self.spec.name, len(payloads))
+        return self._each_alone(instance, payloads)
+
+    def _each_alone(self, instance: Instance, payloads: list[Tensors]) -> list[Tensors | Exception]:
         run_options = instance.bound.plain_run_options if instance.bound is not None else None
         results: list[Tensors | Exception] = []
         for payload in payloads:
