@@ -40,8 +40,11 @@ from infergate.check import check_repository
 from infergate.cli import main
 from infergate.configfile import ConfigError
 from infergate.demo import write_demo_repository
+from infergate.errors import InvalidArgument
 from infergate.models.config import model_config_from_data
-from infergate.models.ensemble import load_order
+from infergate.models.datatypes import DATATYPES
+from infergate.models.ensemble import EnsembleStep, load_order, step_request
+from infergate.models.spec import ModelSpec, TensorSpec
 from tests.test_model_control import build_scale_model  # y = x * factor, x FP32 [batch, 4]
 
 PIPELINE = """
@@ -812,3 +815,16 @@ async def test_an_ensemble_requests_trace_holds_each_steps_queue_wait_and_batch(
     batches = {s.name: s for s in spans if s.name in ("batch double", "batch triple", "batch add")}
     assert set(batches) == {"batch double", "batch triple", "batch add"}
     assert all(rpc.context.span_id in [link.context.span_id for link in b.links] for b in batches.values())
+
+
+def test_a_steps_inputs_with_different_rows_are_refused_before_they_can_share_a_batch() -> None:
+    """An ensemble that does not batch passes its inputs through whole; a batching step model would cut
+    a batch of such requests back by the first input's rows, handing one request another's."""
+    fp32 = DATATYPES["FP32"]
+    spec = ModelSpec("concat", 1, (TensorSpec("a", fp32, (-1, 2)), TensorSpec("b", fp32, (-1, 2))), (), 8)
+    step = EnsembleStep(0, "concat", "", (("a", "A"), ("b", "B")), ())
+    tensors = {"A": np.zeros((1, 2), np.float32), "B": np.zeros((2, 2), np.float32)}
+    with pytest.raises(InvalidArgument, match="input 'b' has 2 rows and the step's other inputs 1"):
+        step_request("pipeline", step, spec, tensors)
+    tensors["B"] = np.zeros((1, 2), np.float32)
+    assert step_request("pipeline", step, spec, tensors).rows == 1

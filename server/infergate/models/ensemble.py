@@ -384,6 +384,13 @@ def step_request(ensemble: str, step: EnsembleStep, spec: ModelSpec, tensors: Te
         inputs[inner] = array
     first = next(iter(inputs.values()))
     rows = first.shape[0] if spec.batches and first.ndim else 1
+    if spec.batches:  # as the codec checks a request's: a batch would otherwise mix rows across requests
+        for inner, array in inputs.items():
+            if array.ndim == 0 or array.shape[0] != rows:
+                raise InvalidArgument(
+                    f"ensemble '{ensemble}' {step.where}: input {inner!r} has {array.shape[0] if array.ndim else 0} "
+                    f"rows and the step's other inputs {rows}; a batching model's inputs share their first dimension"
+                )
     if spec.batches and rows > spec.max_batch_size:
         raise InvalidArgument(
             f"ensemble '{ensemble}' {step.where}: batch of {rows} rows; the model takes 1 to {spec.max_batch_size}"
