@@ -34,7 +34,7 @@ from infergate.models.governance import ChecksumMismatch, MetadataError, resolve
 from infergate.models.runner import ModelLoadError
 from infergate.models.spec import ModelSpec
 from infergate.models.version import ModelVersion, load_model_version
-from infergate.repository.catalog import is_version_name
+from infergate.repository.catalog import version_clashes, version_dirs
 from infergate.repository.loader import is_model_name
 from infergate.routing.config import Routing
 from infergate.routing.router import RoutingError, answering_versions, check_routing
@@ -55,7 +55,7 @@ async def check_repository(
     names = _model_names(root, models, config, report)
     served: dict[str, dict[int, StepModel]] = {}
     routes: dict[str, Routing] = {}  # of the models whose routing fits the versions that loaded
-    configs: dict[str, tuple[ModelConfig, list[int]]] = {}  # the ensembles, checked after the rest
+    configs: dict[str, tuple[ModelConfig, dict[int, Path]]] = {}  # the ensembles, checked after the rest
     checked: set[str] = set()
     while names:
         for name in names:
@@ -70,8 +70,8 @@ async def check_repository(
     for layer in load_order(pipelines):  # after the models their steps run, ensembles included
         for name in layer:
             model_config, wanted = configs[name]
-            for version in wanted:
-                _check_ensemble(root / name, name, version, model_config, served, routes, report)
+            for version, version_dir in wanted.items():
+                _check_ensemble(root / name, name, version, version_dir, model_config, served, routes, report)
     return report
 
 
@@ -87,13 +87,14 @@ def _check_ensemble(
     directory: Path,
     name: str,
     version: int,
+    version_dir: Path,
     config: ModelConfig,
     served: dict[str, dict[int, StepModel]],
     routes: dict[str, Routing],
     report: Report,
 ) -> None:
-    """An ensemble version against the versions of its step models that loaded in this check; one that
-    fits serves as a step of the ensembles checked after it."""
+    """An ensemble version (in ``version_dir``) against the versions of its step models that loaded in
+    this check; one that fits serves as a step of the ensembles checked after it."""
 
     def step_models(model: str, wanted: str) -> list[StepModel]:
         versions = served.get(model)
@@ -107,7 +108,7 @@ def _check_ensemble(
         return [versions[v] for v in chosen]
 
     try:
-        ensemble = load_ensemble_version(directory / str(version), name, version, config, SequenceTurns())
+        ensemble = load_ensemble_version(version_dir, name, version, config, SequenceTurns())
         check_steps(ensemble, step_models)
     except (ModelLoadError, MetadataError) as exc:
         report.add("ensemble", "error", f"{config_file(directory)}: {exc}", name, version)
@@ -158,8 +159,9 @@ async def _check_model(
     report: Report,
     served: dict[str, dict[int, StepModel]],
     routes: dict[str, Routing],
-) -> tuple[ModelConfig, list[int]] | None:
-    """Check one model; an ensemble's config and versions are returned, to check after the rest."""
+) -> tuple[ModelConfig, dict[int, Path]] | None:
+    """Check one model; an ensemble's config and the directories of its versions are returned, to check
+    after the rest."""
     path = config_file(directory)  # config.yaml, or Triton's config.pbtxt
     try:
         config, found = await asyncio.to_thread(_read_model, directory)
@@ -167,16 +169,21 @@ async def _check_model(
         report.errors("config", str(exc), name)
         return None
     report.add("config", "ok", str(path) if path.exists() else "no config.yaml or config.pbtxt: every default", name)
-    wanted = config.version_policy.select(found)
+    clashes = _clashes(directory, found)
+    if clashes:  # the server refuses the model's load: none of its versions would serve
+        report.add("version-policy", "error", clashes, name)
+        return None
+    directories = {version: paths[0] for version, paths in found.items()}
+    wanted = config.version_policy.select(sorted(found))
     if not wanted:
-        message = f"no version directory matches the version policy (found: {', '.join(map(str, found)) or 'none'})"
+        message = f"no version directory matches the version policy (found: {_list(sorted(found))})"
         report.add("version-policy", "error", f"{path}: version_policy: {message}", name)
         return None
-    report.add("version-policy", "ok", f"serves {_list(wanted)} of {_list(found)}", name)
+    report.add("version-policy", "ok", f"serves {_list(wanted)} of {_list(sorted(found))}", name)
     if config.is_ensemble:
-        return config, wanted
+        return config, {version: directories[version] for version in wanted}
     versions = served.setdefault(name, {})
-    loaded = [v for v in wanted if await _check_version(directory, name, v, config, smoke, report, versions)]
+    loaded = [v for v in wanted if await _check_version(directories[v], name, v, config, smoke, report, versions)]
     if config.routing is None:
         return None
     if not loaded:
@@ -192,15 +199,21 @@ async def _check_model(
     return None
 
 
-def _read_model(directory: Path) -> tuple[ModelConfig, list[int]]:
-    """The model's config and its version directories. Raises ConfigError."""
-    config = read_model_config(directory)
-    found = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and is_version_name(p.name))
-    return config, found
+def _read_model(directory: Path) -> tuple[ModelConfig, dict[int, list[Path]]]:
+    """The model's config and its version directories by version, as the server's loader finds them
+    (``01/`` is version 1). Raises ConfigError."""
+    return read_model_config(directory), version_dirs(directory)
+
+
+def _clashes(directory: Path, found: dict[int, list[Path]]) -> str:
+    """What the server's loader refuses the model for: each version named by several directories
+    (``1/`` and ``01/``), naming them; empty when there is none."""
+    clashes = version_clashes(found)
+    return f"{directory}: {'; '.join(clashes)}; the server loads no version of this model" if clashes else ""
 
 
 async def _check_version(
-    directory: Path,
+    version_dir: Path,
     name: str,
     version: int,
     config: ModelConfig,
@@ -210,7 +223,6 @@ async def _check_version(
 ) -> bool:
     """Load (checksum, providers, warm-up) and smoke-test one version; True when it would serve
     (and then ``served[version]`` says what an ensemble's steps may read of it)."""
-    version_dir = directory / str(version)
     try:
         given = (await asyncio.to_thread(resolve_metadata, version_dir, config)).sha256 is not None
         model = await asyncio.to_thread(load_model_version, version_dir, name, version, config)

@@ -42,6 +42,7 @@ __all__ = [
     "ShadowTarget",
     "is_version_name",
     "unknown_model",
+    "version_clashes",
     "version_directory",
     "version_dirs",
 ]
@@ -277,6 +278,16 @@ def version_dirs(directory: Path) -> dict[int, list[Path]]:
         if path.is_dir() and is_version_name(path.name):
             found.setdefault(int(path.name), []).append(path)
     return found
+
+
+def version_clashes(found: dict[int, list[Path]]) -> list[str]:
+    """Each version that several directories name (``1/`` and ``01/``), naming them: the loader refuses
+    such a model, since which one serves would depend on the order of a directory listing."""
+    return [
+        f"version {version} is named by {len(paths)} directories: {', '.join(str(p) for p in paths)}"
+        for version, paths in sorted(found.items())
+        if len(paths) > 1
+    ]
 
 
 def unknown_model(name: str) -> str:

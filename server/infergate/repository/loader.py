@@ -55,6 +55,7 @@ from infergate.repository.catalog import (
     Rejected,
     ServedVersion,
     unknown_model,
+    version_clashes,
     version_dirs,
 )
 from infergate.routing.config import Routing
@@ -301,11 +302,7 @@ class ModelRepository:
         one serves would depend on the order of a directory listing; what serves keeps serving.
         """
         found = await asyncio.to_thread(version_dirs, directory)
-        clashes = [
-            f"version {version} is named by {len(paths)} directories: {', '.join(str(p) for p in paths)}"
-            for version, paths in sorted(found.items())
-            if len(paths) > 1
-        ]
+        clashes = version_clashes(found)
         if clashes:
             reason = "; ".join(clashes)
             self._fail(entry, reason, source)
