@@ -102,10 +102,18 @@ def datatype_of(array: Array) -> str:
         raise TypeError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype") from None
 
 
+def _element_bytes(item: object) -> bytes:
+    """One BYTES element as sent: bytes as they are, str in UTF-8, any other object (an int, a float...)
+    as the UTF-8 of ``str(item)``, as Triton's client sends it (``bytes(3)`` would be three NUL bytes)."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    return str(item).encode("utf-8")
+
+
 def _encode_bytes(array: Array) -> bytes:
     parts: list[bytes] = []
     for item in array.reshape(-1):
-        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        data = _element_bytes(item)
         parts.append(_LENGTH.pack(len(data)))
         parts.append(data)
     return b"".join(parts)
@@ -160,15 +168,29 @@ def build_infer_request(request: InferRequest) -> pb.ModelInferRequest:
     return message
 
 
-def _decode_bytes(raw: bytes, count: int, name: str) -> Array:
+def _decode_bytes(raw: bytes, shape: tuple[int, ...], name: str) -> Array:
+    """The ``prod(shape)`` elements of a BYTES output, each after its 4-byte length; raises ValueError
+    when an element runs past the data or bytes are left over after the last."""
+    count = int(np.prod(shape, dtype=np.int64))
     out = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):
         if offset + 4 > len(raw):
             raise ValueError(f"output {name!r}: BYTES data ends after {i} of {count} elements")
         (length,) = _LENGTH.unpack_from(raw, offset)
-        out[i] = bytes(raw[offset + 4 : offset + 4 + length])
-        offset += 4 + length
+        start = offset + 4
+        if start + length > len(raw):
+            raise ValueError(
+                f"output {name!r}: BYTES element {i} of {count} says {length} bytes but {len(raw) - start} follow"
+                " its length"
+            )
+        out[i] = raw[start : start + length]
+        offset = start + length
+    if offset != len(raw):
+        raise ValueError(
+            f"output {name!r}: {len(raw) - offset} bytes left over after the {count} BYTES element(s)"
+            f" of shape {list(shape)}"
+        )
     return out
 
 
@@ -191,7 +213,7 @@ def _decode_output(tensor: Any, raw: bytes | None) -> Array:
     if raw is None:
         flat = _typed_contents(tensor, tensor.datatype)
     elif tensor.datatype == BYTES:
-        flat = _decode_bytes(raw, count, tensor.name)
+        flat = _decode_bytes(raw, shape, tensor.name)
     else:
         flat = np.frombuffer(raw, dtype=DATATYPES[tensor.datatype])
     if flat.size != count:
