@@ -19,6 +19,12 @@ run fails naming the row; with ``"skip"`` bad rows go to the errors file.
 ``stop`` (Ctrl-C) ends reading; the chunks already being scored are finished
 and written, so the state file names the last of them and ``--resume`` goes on
 from there.
+
+A reader that fails part-way through (whatever it raises) ends the run with an
+:class:`InputError` naming the file. Finishing builds the output in the staging
+folder, records in the state that the run is finished, and only then moves the
+output into place and removes the staging folder: a resume after a crash in
+between completes those last steps and never touches an output already in place.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from infergate.offline.executors import Executor
 from infergate.offline.progress import Progress
 from infergate.offline.readers import Chunk, InputError, Reader, RowError, open_reader
 from infergate.offline.state import ResumeError, RunState, identity_of
-from infergate.offline.writers import ErrorsFile, Writer, open_writer
+from infergate.offline.writers import ErrorsFile, Writer, open_writer, publish
 
 __all__ = ["WINDOW", "BadRowError", "RunSettings", "Summary", "run"]
 
@@ -150,6 +156,10 @@ async def run(settings: RunSettings, executor: Executor, stop: asyncio.Event) ->
         raise
     summary.resumed_from = state.next_row
     errors_path = _errors_path(settings)
+    if state.finished:  # a crash after the output was built: only its last steps are left
+        reader.close()
+        await asyncio.to_thread(_complete_finished, writer, settings, errors_path, staging, state, summary)
+        return summary
     errors = ErrorsFile(errors_path, state.errors_size) if errors_path is not None else None
     progress = Progress(reader.total_rows, state.next_row)
     started = time.monotonic()
@@ -159,7 +169,7 @@ async def run(settings: RunSettings, executor: Executor, stop: asyncio.Event) ->
         await _pipeline(reader, executor, writer, errors, state, staging, progress, settings, stop)
         summary.interrupted = stop.is_set()
         if not summary.interrupted:
-            await asyncio.to_thread(_finish, writer, errors, errors_path, settings, staging)
+            await asyncio.to_thread(_finish, writer, errors, errors_path, settings, staging, state)
             finished = True
     finally:
         summary.seconds = time.monotonic() - started
@@ -176,13 +186,50 @@ async def run(settings: RunSettings, executor: Executor, stop: asyncio.Event) ->
     return summary
 
 
-def _finish(writer: Writer, errors: ErrorsFile | None, path: Path | None, settings: RunSettings, staging: Path) -> None:
-    writer.finish()
-    if errors is not None and path is not None:
+def _finish(
+    writer: Writer,
+    errors: ErrorsFile | None,
+    path: Path | None,
+    settings: RunSettings,
+    staging: Path,
+    state: RunState,
+) -> None:
+    """Build the output, record that the run is finished, then put the output in place (see :func:`_complete`)."""
+    writer.build()
+    if errors is not None:
         errors.close()
-        if settings.errors is None and path.stat().st_size == 0:  # the default file, and no bad row
-            path.unlink()
+    state.finished = True
+    state.save(staging)  # from here on a resume only completes the steps below
+    _complete(writer.staged, settings, path, staging)
+
+
+def _complete(staged: Path, settings: RunSettings, errors_path: Path | None, staging: Path) -> bool:
+    """Move the built output into place (unless a crash came after that), drop the default errors file
+    when no row went to it, remove the staging folder. True when the output was moved now."""
+    moved = staged.exists()
+    if moved:
+        publish(staged, settings.output)
+    elif not settings.output.exists():
+        raise ResumeError(
+            f"{staging} records a finished run but neither {settings.output} nor {staged} exists; "
+            f"delete {staging} to run again"
+        )
+    if settings.errors is None and errors_path is not None and errors_path.exists():
+        if errors_path.stat().st_size == 0:  # the default file, and no bad row
+            errors_path.unlink()
     shutil.rmtree(staging)
+    return moved
+
+
+def _complete_finished(
+    writer: Writer, settings: RunSettings, errors_path: Path | None, staging: Path, state: RunState, summary: Summary
+) -> None:
+    """Resuming a run whose output was already built: complete it without rewriting anything."""
+    moved = _complete(writer.staged, settings, errors_path, staging)
+    summary.rows_written, summary.bad_rows = state.rows_written, state.bad_rows
+    summary.errors_file = str(errors_path) if errors_path is not None and errors_path.exists() else None
+    done = f"moved {settings.output} into place" if moved else f"{settings.output} is left as it was"
+    summary.notes.append(f"the run was already complete: {done}")
 
 
 _Item = tuple[Chunk, "asyncio.Task[_Scored]"] | BaseException | None
@@ -201,7 +248,9 @@ async def _pipeline(
 ) -> None:
     window: asyncio.Queue[_Item] = asyncio.Queue(WINDOW)
     limiter = asyncio.Semaphore(executor.in_flight)
-    producer = asyncio.create_task(_produce(reader, state, executor, limiter, window, stop), name="batch reader")
+    producer = asyncio.create_task(
+        _produce(reader, settings.input, state, executor, limiter, window, stop), name="batch reader"
+    )
     try:
         while (item := await window.get()) is not None:
             if isinstance(item, BaseException):
@@ -228,23 +277,36 @@ async def _pipeline(
 
 async def _produce(
     reader: Reader,
+    path: Path,
     state: RunState,
     executor: Executor,
     limiter: asyncio.Semaphore,
     window: asyncio.Queue[_Item],
     stop: asyncio.Event,
 ) -> None:
-    chunks = reader.chunks(state.next_row, state.reader)
+    row = state.next_row  # the first row of the chunk being read
     try:
+        chunks = reader.chunks(state.next_row, state.reader)
         while not stop.is_set():
             chunk = await asyncio.to_thread(next, chunks, None)
             if chunk is None or stop.is_set():
                 break
+            row = chunk.stop
             await window.put((chunk, asyncio.create_task(_score(chunk, executor, limiter))))
     except InputError as exc:  # the reader found the file unusable part-way through
         await window.put(exc)
         return
+    except Exception as exc:  # what the reader's library raises (pyarrow, zipfile, numpy...): the same, unnamed
+        await window.put(_unreadable(path, row, exc))
+        return
     await window.put(None)
+
+
+def _unreadable(path: Path, row: int, error: Exception) -> InputError:
+    """An InputError for a reader's unexpected failure at ``row``, chained to it."""
+    wrapped = InputError(f"{path}: cannot read the rows from {row}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 async def _score(chunk: Chunk, executor: Executor, limiter: asyncio.Semaphore) -> _Scored:

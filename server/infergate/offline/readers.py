@@ -31,6 +31,9 @@ import csv
 import io
 import itertools
 import json
+import math
+import os
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -156,11 +159,15 @@ class _NpyStream:
     """One .npy array read row block by row block from a stream positioned at its data."""
 
     stream: IO[bytes]
+    where: str  # the file (and member) in messages
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
+    row: int = 0  # the next row read
 
     @classmethod
-    def open(cls, stream: IO[bytes], where: str) -> _NpyStream:
+    def open(cls, stream: IO[bytes], where: str, size: int) -> _NpyStream:
+        """The array whose ``.npy`` file (``size`` bytes) ``stream`` begins. Raises InputError, also when
+        the file is shorter than its header says."""
         try:
             version = np.lib.format.read_magic(stream)
             if version == (1, 0):
@@ -174,7 +181,17 @@ class _NpyStream:
         shape, fortran, dtype = header
         if fortran or dtype.hasobject or not shape:
             raise InputError(f"{where}: needs a C-ordered array of numbers with rows first (got {dtype} {shape})")
-        return cls(stream, dtype, tuple(shape))
+        array = cls(stream, where, dtype, tuple(shape))
+        array._check_size(size - stream.tell())
+        return array
+
+    def _check_size(self, data_bytes: int) -> None:
+        rows, row_bytes = self.shape[0], self.row_bytes
+        if row_bytes and data_bytes < rows * row_bytes:
+            raise InputError(
+                f"{self.where}: truncated: the header says {rows} rows of {row_bytes} bytes; "
+                f"the data holds {data_bytes // row_bytes} complete rows"
+            )
 
     @property
     def row_bytes(self) -> int:
@@ -182,9 +199,15 @@ class _NpyStream:
 
     def skip(self, rows: int) -> None:
         self.stream.seek(rows * self.row_bytes, io.SEEK_CUR)
+        self.row += rows
 
     def read(self, rows: int) -> Array:
+        """The next ``rows`` rows. Raises InputError when the file ends before them (it shrank since it was opened)."""
         data = self.stream.read(rows * self.row_bytes)
+        if len(data) < rows * self.row_bytes:
+            ends = self.row + len(data) // self.row_bytes
+            raise InputError(f"{self.where}: the data ends in row {ends}; the header says {self.shape[0]} rows")
+        self.row += rows
         return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self.shape[1:])
 
 
@@ -233,7 +256,7 @@ class NpyReader(_NumpyReader):
             raise InputError(f"{path}: a .npy file holds one array; the model has inputs {names}: use .npz")
         self._file = path.open("rb")
         try:
-            self._array = _NpyStream.open(self._file, str(path))
+            self._array = _NpyStream.open(self._file, str(path), os.fstat(self._file.fileno()).st_size)
             self._check({spec.inputs[0].name: self._array})
         except BaseException:
             self._file.close()
@@ -263,12 +286,26 @@ class NpzReader(_NumpyReader):
             for name in wanted:
                 self._arrays[name] = self._open(name)
             self._check({t.name: self._arrays[t.name] for t in spec.inputs})
+            if id_column:
+                self._check_ids(id_column, self._arrays[id_column])
         except BaseException:
             self.close()
             raise
 
     def _open(self, name: str) -> _NpyStream:
-        return _NpyStream.open(self._zip.open(f"{name}.npy"), f"{self.path}:{name}")
+        member = f"{name}.npy"
+        return _NpyStream.open(self._zip.open(member), f"{self.path}:{name}", self._zip.getinfo(member).file_size)
+
+    def _check_ids(self, name: str, ids: _NpyStream) -> None:
+        """One id a row, for every row of the inputs."""
+        if ids.shape[0] != self.total_rows:
+            raise InputError(
+                f"{self.path}: the id column {name} has {ids.shape[0]} rows; the inputs have {self.total_rows}"
+            )
+        if math.prod(ids.shape[1:]) != 1:
+            raise InputError(
+                f"{self.path}: the id column {name} has shape {list(ids.shape)}: one value a row is needed"
+            )
 
     def chunks(self, start: int, resume: dict[str, Any]) -> Iterator[Chunk]:
         return self._iterate(self._arrays, start)
@@ -396,19 +433,41 @@ class CsvReader(_TableReader):
             refused[number] = f"row has {row.actual_columns} field(s); the header has {row.expected_columns}"
             return "skip"
 
-        reader = pcsv.open_csv(
-            self.path,
-            # Single-threaded: only then does the parser number the rows it refuses (the model has the cores).
-            # 1 MiB blocks: the reader decodes a few blocks ahead, so the block size bounds its memory.
-            read_options=pcsv.ReadOptions(use_threads=False, block_size=1 << 20),
-            parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
-            convert_options=pcsv.ConvertOptions(
-                column_types=dict.fromkeys(self._columns, pa.string()),
-                include_columns=self._needed(),
-                strings_can_be_null=False,
-            ),
-        )
-        return self._with_refused(self._rebatch(iter(reader), 0, _kept(refused)), refused, start)
+        try:
+            reader = pcsv.open_csv(
+                self.path,
+                # Single-threaded: only then does the parser number the rows it refuses (the model has the cores).
+                # 1 MiB blocks: the reader decodes a few blocks ahead, so the block size bounds its memory.
+                read_options=pcsv.ReadOptions(use_threads=False, block_size=1 << 20),
+                parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
+                convert_options=pcsv.ConvertOptions(
+                    column_types=dict.fromkeys(self._columns, pa.string()),
+                    include_columns=self._needed(),
+                    strings_can_be_null=False,
+                ),
+            )
+        except pa.ArrowInvalid as exc:  # the first block is decoded on opening
+            raise self._unreadable(exc) from None
+        return self._with_refused(self._rebatch(self._decoded(reader), 0, _kept(refused)), refused, start)
+
+    def _decoded(self, reader: Iterator[Any]) -> Iterator[Any]:
+        """The reader's record batches; a block it cannot decode (invalid UTF-8...) raises InputError."""
+        import pyarrow as pa
+
+        try:
+            yield from reader
+        except pa.ArrowInvalid as exc:
+            raise self._unreadable(exc) from None
+
+    def _unreadable(self, error: Exception) -> InputError:
+        """pyarrow's error as an InputError naming the file, and the row and column when pyarrow says them."""
+        found = _ARROW_CSV_ERROR.match(str(error))
+        if found is None:
+            return InputError(f"{self.path}: {error}")
+        column, record, what = int(found[1]), int(found[2]), found[3]  # record: from 1, the header included
+        name = self._columns[column] if column < len(self._columns) else f"#{column}"
+        where = f"row {record - 2}, column {name}" if record >= 2 else f"column {name}"
+        return InputError(f"{self.path}: {where}: {what}")
 
     @staticmethod
     def _with_refused(chunks: Iterator[Chunk], refused: dict[int, str], start: int) -> Iterator[Chunk]:
@@ -425,6 +484,9 @@ class CsvReader(_TableReader):
             last = Chunk(previous, max(trailing) + 1, empty, empty, {})
             _add_refused(last, refused)
             yield last
+
+
+_ARROW_CSV_ERROR = re.compile(r"In CSV column #(\d+): Row #(-?\d+): (.*)", re.DOTALL)
 
 
 def _kept(refused: dict[int, str]) -> Iterator[int]:

@@ -4,8 +4,10 @@ A run writes into ``OUTPUT.partial/`` next to the output. After each chunk the
 writer's :meth:`Writer.commit` makes what it wrote durable (``fsync``) and
 returns its *position*, which the run records in its state file; a resumed run
 hands that position to :meth:`Writer.resume`, which throws away anything
-written after it (a chunk cut short by a crash). :meth:`Writer.finish` builds
-the output from the staging folder and moves it into place atomically.
+written after it (a chunk cut short by a crash). :meth:`Writer.build` assembles
+the complete output in the staging folder (:attr:`Writer.staged`), durably, and
+:func:`publish` moves it into place atomically; the run records in between that
+it is finished, so that a resume after a crash only completes the move.
 
 ==========  ================================================================
 ``.jsonl``   one object per row: the id and every output (numbers as
@@ -44,7 +46,7 @@ from infergate.models.spec import ModelSpec
 from infergate.offline import npzfile
 from infergate.offline.readers import InputError, RowError, need_pyarrow
 
-__all__ = ["OUTPUT_FORMATS", "ErrorsFile", "Writer", "fsync_directory", "open_writer"]
+__all__ = ["OUTPUT_FORMATS", "ErrorsFile", "Writer", "fsync_directory", "open_writer", "publish"]
 
 Array = npt.NDArray[Any]
 OUTPUT_FORMATS = (".parquet", ".npz", ".jsonl")
@@ -60,8 +62,16 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def publish(staged: Path, output: Path) -> None:
+    """Move a built output into place (atomically, durably)."""
+    os.replace(staged, output)
+    fsync_directory(output.parent)
+
+
 class Writer:
     """One output format (see the module docstring)."""
+
+    staged_name = ""  # the complete output's name in the staging folder, before it is moved into place
 
     def __init__(self, output: Path, staging: Path, spec: ModelSpec, id_name: str) -> None:
         self.output, self.staging, self.spec, self.id_name = output, staging, spec, id_name
@@ -77,9 +87,19 @@ class Writer:
         """Make everything written so far durable; the position to resume from."""
         raise NotImplementedError
 
-    def finish(self) -> None:
-        """Build the output from the staging folder and move it into place."""
+    @property
+    def staged(self) -> Path:
+        """Where :meth:`build` leaves the complete output."""
+        return self.staging / self.staged_name
+
+    def build(self) -> None:
+        """Assemble the complete output from the staging folder at :attr:`staged`, durably; closes the files."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """Build the output and move it into place."""
+        self.build()
+        publish(self.staged, self.output)
 
     def close(self) -> None:
         """Release files (the staging folder stays, for a resume)."""
@@ -124,8 +144,10 @@ def _json_value(array: Array) -> list[Any]:
 
 
 class JsonlWriter(Writer):
+    staged_name = "output.jsonl"  # written in place: building is closing it
+
     def resume(self, position: dict[str, Any]) -> None:
-        self._file = _truncated(self.staging / "output.jsonl", int(position.get("size", 0)))
+        self._file = _truncated(self.staged, int(position.get("size", 0)))
 
     def write(self, ids: Array, outputs: dict[str, Array]) -> None:
         columns = {self.id_name: ids.tolist()} | {name: _json_value(array) for name, array in outputs.items()}
@@ -137,9 +159,9 @@ class JsonlWriter(Writer):
     def commit(self) -> dict[str, Any]:
         return {"size": _durable(self._file)}
 
-    def finish(self) -> None:
+    def build(self) -> None:
+        _durable(self._file)
         self._file.close()
-        os.replace(self.staging / "output.jsonl", self.output)
 
     def close(self) -> None:
         self._file.close()
@@ -163,6 +185,8 @@ def _arrow_column(array: Array) -> Any:
 
 
 class ParquetWriter(Writer):
+    staged_name = "output.parquet"
+
     def resume(self, position: dict[str, Any]) -> None:
         self._parts = int(position.get("parts", 0))
         self._shapes: dict[str, list[int]] = dict(position.get("shapes", {}))
@@ -197,18 +221,18 @@ class ParquetWriter(Writer):
         fsync_directory(self.staging)
         return {"parts": self._parts, "shapes": self._shapes}
 
-    def finish(self) -> None:
+    def build(self) -> None:
         import pyarrow.parquet as pq
 
-        staged = self.staging / "output.parquet"
         if self._parts == 0:
-            self._write_empty(staged)
+            self._write_empty(self.staged)
         else:
             schema = pq.read_schema(self._part(0))
-            with pq.ParquetWriter(staged, schema) as out:
+            with pq.ParquetWriter(self.staged, schema) as out:
                 for index in range(self._parts):  # one part in memory at a time
                     out.write_table(pq.read_table(self._part(index)))
-        os.replace(staged, self.output)
+        with self.staged.open("rb+") as file:
+            os.fsync(file.fileno())
 
     def _write_empty(self, path: Path) -> None:
         import pyarrow as pa
@@ -229,11 +253,13 @@ class NpzWriter(Writer):
 
     The staged archive ``output.npz`` begins with that member's local header and
     ``.npy`` header, both of a size known from its dtype and per-row shape, and
-    filled in by :meth:`finish`; its data follows as the chunks come. The other
+    filled in by :meth:`build`; its data follows as the chunks come. The other
     arrays (the ids, further outputs), a few bytes a row, are appended after it
-    when the run finishes. Each array's CRC is kept as it is written and
+    when the run is built. Each array's CRC is kept as it is written and
     recorded with its size at every commit, so a resumed run continues both.
     """
+
+    staged_name = "output.npz"
 
     def __init__(self, output: Path, staging: Path, spec: ModelSpec, id_name: str) -> None:
         super().__init__(output, staging, spec, id_name)
@@ -242,7 +268,7 @@ class NpzWriter(Writer):
             raise InputError(
                 f"{output}: outputs {text} are text (BYTES), which .npz cannot hold: use .jsonl or .parquet"
             )
-        self._archive = staging / "output.npz"
+        self._archive = self.staged
         self._files: dict[str, IO[bytes]] = {}
         self._starts: dict[str, int] = {}  # where each array's data begins in its file
         self._crcs: dict[str, int] = {}
@@ -277,7 +303,7 @@ class NpzWriter(Writer):
     def _open(self, name: str) -> IO[bytes]:
         path, self._starts[name] = self._place(name)
         file = path.open("wb")
-        file.write(bytes(self._starts[name]))  # headers come at finish
+        file.write(bytes(self._starts[name]))  # headers come when the archive is built
         self._crcs[name] = 0
         return file
 
@@ -303,7 +329,7 @@ class NpzWriter(Writer):
         fsync_directory(self.staging)
         return {"sizes": sizes, "crcs": self._crcs, "layout": self._layout}
 
-    def finish(self) -> None:
+    def build(self) -> None:
         when = time.time()
         for file in self._files.values():
             file.close()
@@ -321,7 +347,6 @@ class NpzWriter(Writer):
             archive.write(npzfile.central_directory(members, archive.tell(), when))
             archive.flush()
             os.fsync(archive.fileno())
-        os.replace(self._archive, self.output)
 
     def _write_member(self, archive: IO[bytes], name: str, data_size: int, when: float) -> npzfile.Member:
         """``name``'s local header and ``.npy`` header, written where ``archive`` stands; its data follows."""
