@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import re
 import subprocess
@@ -21,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pyarrow.parquet as pq
 import pytest
 
 from infergate.cli import main
@@ -31,6 +29,7 @@ from infergate.offline.engine import RunSettings, run
 from infergate.offline.executors import LocalExecutor
 from infergate.offline.readers import InputError, open_reader
 from tests.test_model_control import add_version
+from tests.test_offline import _read
 
 Array = npt.NDArray[Any]
 FACTOR = 3.0  # the test model computes y = x * 3
@@ -199,17 +198,6 @@ def _die_while_finishing(repository: Path, source: Path, output: Path, when: str
     assert done.returncode == 9, done.stderr
 
 
-def _rows(output: Path) -> tuple[list[int], Array]:
-    if output.suffix == ".npz":
-        with np.load(output) as archive:
-            return archive["row_id"].tolist(), archive["y"]
-    if output.suffix == ".parquet":
-        table = pq.read_table(output)
-        return table.column("row_id").to_pylist(), np.array(table.column("y").to_pylist(), dtype=np.float32)
-    lines = [json.loads(line) for line in output.read_text().splitlines()]
-    return [line["row_id"] for line in lines], np.array([line["y"] for line in lines], dtype=np.float32)
-
-
 @pytest.mark.parametrize("suffix", [".jsonl", ".npz", ".parquet"])
 def test_a_run_that_died_after_moving_its_output_into_place_is_complete_on_resume(
     repository: Path, tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
@@ -226,7 +214,7 @@ def test_a_run_that_died_after_moving_its_output_into_place_is_complete_on_resum
     assert "the run was already complete" in capsys.readouterr().err
     assert not staging.exists()
     assert not errors.exists()  # the default errors file, empty: removed as a finished run removes it
-    ids, y = _rows(output)
+    ids, y = _read(output)
     assert ids == list(range(ROWS))
     np.testing.assert_allclose(y, _x() * FACTOR, rtol=1e-6)
 
@@ -243,6 +231,6 @@ def test_a_run_that_died_just_before_moving_its_output_into_place_finishes_on_re
     assert _batch(repository, *_args(source, output), "--resume") == 0
     assert f"the run was already complete: moved {output} into place" in capsys.readouterr().err
     assert not output.with_name(output.name + ".partial").exists()
-    ids, y = _rows(output)
+    ids, y = _read(output)
     assert ids == list(range(ROWS))
     np.testing.assert_allclose(y, _x() * FACTOR, rtol=1e-6)
