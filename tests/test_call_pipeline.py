@@ -131,8 +131,9 @@ async def test_the_gate_counts_admitted_inference_calls_until_they_end(served: A
 
 async def test_a_method_is_composed_once_and_a_token_verified_once(served: Any) -> None:
     pipeline, channel = served
+    same_token = metadata()  # built once: a token built again in a later second differs (its iat)
     for _ in range(5):
-        assert await channel.unary_unary(ECHO)(b"", metadata=metadata()) == b"alice"
+        assert await channel.unary_unary(ECHO)(b"", metadata=same_token) == b"alice"
     assert (pipeline.observer.built, pipeline.audit.built) == (1, 1)
     assert pipeline.verifier.verified == 1
 
