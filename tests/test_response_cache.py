@@ -10,6 +10,7 @@ answers a request the model would refuse, and keeps at most ``response_cache.max
 from __future__ import annotations
 
 import os
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,3 +227,22 @@ def test_the_cache_keeps_read_only_copies_and_drops_the_least_recently_used_firs
     assert len(cache) == 2 and cache.bytes <= cache.max_bytes
     cache.put(("v", b"d" * 16), {"y": np.zeros(64, np.float32)})  # larger than the whole cache: not kept
     assert cache.get(("v", b"d" * 16)) is None and len(cache) == 2
+
+
+def test_text_answers_count_against_max_bytes_with_the_memory_their_strings_take() -> None:
+    """A short string takes some 50 bytes besides its characters: counted by characters, a cache of
+    text answers would hold several times its bound."""
+    bound = 200_000
+    tracemalloc.start()
+    try:
+        cache = ResponseCache(max_bytes=bound)
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(60):
+            words = np.array([f"w{i}-{j}" for j in range(1000)], dtype=object)  # held by the cache alone
+            cache.put(("v", i.to_bytes(16)), {"labels": words})
+            del words
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0 < len(cache) < 60 and cache.bytes <= bound
+    assert held <= bound * 1.1, f"the cache holds {held:,} bytes for a bound of {bound:,}"

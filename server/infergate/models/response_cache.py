@@ -20,6 +20,7 @@ anyway, to be kept apart from their batch).
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
@@ -89,6 +90,8 @@ def _frozen_copy(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 
 def _size(array: npt.NDArray[Any]) -> int:
+    """The memory an answer's tensor holds; for text, its strings' as well as their references (a short
+    string takes some 50 bytes besides its characters)."""
     if array.dtype == object:
-        return array.nbytes + sum(len(element) for element in array.flat)
+        return array.nbytes + sum(sys.getsizeof(element) for element in array.flat)
     return array.nbytes
