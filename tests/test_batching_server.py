@@ -50,6 +50,7 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> 
         config_yaml="max_batch_size: 1\ndynamic_batching: {max_queue_size: 2}\ninstance_group: {count: 1}\n",
     )
     save_model(build_gather_model(), repo, "gather", config_yaml="max_batch_size: 16\n" + window)
+    save_model(build_gather_model(), repo, "gather_held", config_yaml="max_batch_size: 8\n" + held)
     save_model(_identity_variable_model(), repo, "identity", config_yaml="max_batch_size: 16\n" + window)
     with running_server(repo, log_dir, "--metrics-port", "0") as server:
         yield server
@@ -111,6 +112,22 @@ async def test_one_request_that_fails_at_run_time_does_not_fail_its_batch(batchi
     assert isinstance(bad, InferenceServerException)
     assert bad.status() == "StatusCode.INTERNAL"
     assert "gather" in bad.message() and "failed to execute" in bad.message()
+
+
+async def test_a_request_that_fails_in_its_batch_counts_as_a_failure_not_an_inference(
+    batching_server: ServerProcess,
+) -> None:
+    """Eight requests in one batch (it runs only once 8 rows wait); one fails when run alone after it."""
+    async with aioclient.InferenceServerClient(batching_server.url) as client:
+        indices = [np.array([[i]], dtype=np.int64) for i in range(7)] + [np.array([[100]], dtype=np.int64)]
+        results = await asyncio.gather(
+            *(_infer(client, "gather_held", "idx", idx) for idx in indices), return_exceptions=True
+        )
+        assert [isinstance(r, InferenceServerException) for r in results] == [False] * 7 + [True]
+        stats = (await client.get_inference_statistics("gather_held")).model_stats[0]
+    assert stats.inference_count == 7  # Triton's: successful inferences only
+    assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (7, 1)
+    assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(7, 1)]
 
 
 async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_answered(batching_server: ServerProcess) -> None:

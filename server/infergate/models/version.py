@@ -188,14 +188,32 @@ class ModelVersion:
                 done(outcome)
                 return
             results, timings = outcome
-            queue_ns = int(sum(batch.started - t for t in batch.enqueued) * 1e9)
-            self.stats.record_batch(batch.rows, len(batch.payloads), queue_ns, timings)
+            self._record_answered(batch, results, timings)
             tags = batch.tags if not self._accruing else _accrue(batch.tags, batch.enqueued, batch.started, timings)
             if self._observer is not None:
                 self._observer.batch(tags, batch.rows, batch.enqueued, batch.started, timings)
             done(results)
 
         self.runner.start(batch.payloads, batch.payload_rows, finished)
+
+    def _record_answered(
+        self, batch: Batch[Tensors], results: list[Tensors | Exception], timings: BatchTimings
+    ) -> None:
+        """Count the batch's answered requests in the statistics: as in Triton, inferences and compute times
+        are the successful ones' (a request that failed when its batch was run again one by one, runner.py,
+        counts as a failure where its call ends)."""
+        for result in results:  # a loop, not any() over a generator: this runs for every batch
+            if isinstance(result, BaseException):
+                break
+        else:
+            queue_ns = int(sum(batch.started - t for t in batch.enqueued) * 1e9)
+            self.stats.record_batch(batch.rows, len(batch.payloads), queue_ns, timings)
+            return
+        answered = [i for i, result in enumerate(results) if not isinstance(result, BaseException)]
+        if answered:
+            rows = sum(batch.payload_rows[i] for i in answered)
+            queue_ns = int(sum(batch.started - batch.enqueued[i] for i in answered) * 1e9)
+            self.stats.record_batch(rows, len(answered), queue_ns, timings)
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Drain the queue (up to ``timeout``), drop the sequences, then release threads and sessions.
