@@ -238,7 +238,7 @@ async def test_the_leeway_is_configurable(keys: Keys) -> None:
     ],
 )
 def test_the_bearer_token_is_read_from_metadata(metadata: list[tuple[str, Any]], expected: str) -> None:
-    assert auth.bearer_token(metadata) == expected
+    assert auth.token_of(auth.authorization(metadata)) == expected
 
 
 @pytest.mark.parametrize(
@@ -256,7 +256,7 @@ def test_the_bearer_token_is_read_from_metadata(metadata: list[tuple[str, Any]],
 )
 def test_a_missing_or_malformed_header_is_refused(metadata: Any, error: type[auth.AuthError]) -> None:
     with pytest.raises(error):
-        auth.bearer_token(metadata)
+        auth.token_of(auth.authorization(metadata))
 
 
 # --------------------------------------------------------------------------- the cache of verified tokens

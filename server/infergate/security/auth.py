@@ -57,7 +57,6 @@ __all__ = [
     "WrongAudience",
     "WrongIssuer",
     "authorization",
-    "bearer_token",
     "current_principal",
     "may_infer",
     "permissions_from_claims",
@@ -204,11 +203,6 @@ def require(principal: Principal, permission: str, model: str | None, action: st
 
 
 # --- tokens -------------------------------------------------------------------------------
-
-
-def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    """The token of the one ``authorization: Bearer <token>`` header; MissingToken or MalformedToken."""
-    return token_of(authorization(metadata))
 
 
 def authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | bytes:
