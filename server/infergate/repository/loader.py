@@ -249,8 +249,7 @@ class ModelRepository:
         if config.is_ensemble and self._explicit and source != "poll":
             await self._load_step_models(entry.name, config, source)
         directories = await self._version_directories(entry, directory, source)
-        on_disk = await asyncio.to_thread(_fingerprints, directories, config.default_model_filename)
-        contents = await asyncio.to_thread(_contents, directory, directories)
+        on_disk, contents = await asyncio.to_thread(_scan, directory, directories, config.default_model_filename)
         # Nothing changed since it was refused: a poll refuses it again, unloaded; a load request tries again.
         if source == "poll" and entry.rejected == (config, contents):
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
@@ -569,6 +568,13 @@ def is_model_name(text: str) -> bool:
     if not text or len(text.encode(errors="replace")) > _NAME_MAX:
         return False
     return "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
+
+
+def _scan(
+    directory: Path, directories: dict[int, Path], filename: str
+) -> tuple[dict[int, Fingerprint], dict[int, Fingerprint]]:
+    """The versions' files, read in one trip off the event loop: :func:`_fingerprints` and :func:`_contents`."""
+    return _fingerprints(directories, filename), _contents(directory, directories)
 
 
 def _fingerprints(directories: dict[int, Path], filename: str) -> dict[int, Fingerprint]:
