@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -163,6 +164,25 @@ def test_a_worker_restarting_when_sigterm_comes_is_stopped_with_the_others(
         running.process.send_signal(signal.SIGTERM)
         _assert_never_listened(running, replacement)
         _stopped_and_gone(running, [replacement], 0)
+
+
+def test_a_worker_whose_restart_cannot_be_spawned_is_restarted_once_it_can(
+    demo_repository: Path, log_dir: Path
+) -> None:
+    """Out of file descriptors, the supervisor cannot even create a replacement's pipe (OSError): it says so
+    and tries again later (once, that ended the worker's keeper, and the pod served on one worker short)."""
+    with supervisor(demo_repository, log_dir / "spawn-fails.log") as running:
+        wait_until(lambda: any(line.startswith(LISTENING) for line in running.printed), "the supervisor listening")
+        crashed = running.workers()[0]
+        soft, hard = resource.prlimit(running.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(running.pid, resource.RLIMIT_NOFILE, (3, hard))  # no new descriptor: no pipe
+        os.kill(crashed, signal.SIGKILL)
+        wait_until(lambda: "worker 0 could not be restarted" in running.log(), "the failed spawn logged")
+        resource.prlimit(running.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        wait_until(lambda: "worker 0 restarted" in running.log(), "worker 0 restarted", timeout=GUARD_S)
+        assert running.workers()[0] != crashed
+        running.process.send_signal(signal.SIGTERM)
+        assert running.exit_code() == 0, running.log()
 
 
 def test_a_worker_failing_to_start_stops_the_workers_still_starting(demo_repository: Path, log_dir: Path) -> None:

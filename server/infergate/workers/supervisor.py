@@ -195,6 +195,9 @@ async def _keep_alive(worker: _Worker, shared: _Shared, stopping: asyncio.Event)
         except RuntimeError as exc:
             log.error("%s", exc)
             continue
+        except OSError as exc:  # the spawn itself failed (out of file descriptors, memory): try again later
+            log.error("worker %d could not be restarted: %s", worker.index, exc)
+            continue
         log.info("worker %d restarted (pid %d)", worker.index, worker.process.pid)
 
 
