@@ -262,21 +262,23 @@ def test_every_step_is_counted_by_its_own_model_and_the_ensemble_by_itself(
     assert {m: after[m] - before[m] for m in before} == {"pipeline": 2, "double": 2, "triple": 2, "add": 2}
 
 
+def totals(client: grpcclient.InferenceServerClient, model: str) -> dict[str, int]:
+    """A model's queue and compute times and counts, rows and batches, from ModelStatistics."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    inference = stats["inference_stats"]
+    figures = {f"{k}_ns": int(inference[k].get("ns", 0)) for k in ("queue", "compute_infer")}
+    figures |= {f"{k}_count": int(inference[k].get("count", 0)) for k in ("queue", "compute_infer")}
+    return figures | {"rows": int(stats.get("inference_count", 0)), "runs": int(stats.get("execution_count", 0))}
+
+
 def test_the_ensembles_statistics_sum_its_steps_queue_and_compute_as_triton_does(
     client: grpcclient.InferenceServerClient,
 ) -> None:
-    def totals(model: str) -> dict[str, int]:
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-        inference = stats["inference_stats"]
-        figures = {f"{k}_ns": int(inference[k].get("ns", 0)) for k in ("queue", "compute_infer")}
-        figures |= {f"{k}_count": int(inference[k].get("count", 0)) for k in ("queue", "compute_infer")}
-        return figures | {"rows": int(stats.get("inference_count", 0)), "runs": int(stats.get("execution_count", 0))}
-
     models = ["pipeline", "double", "triple", "add"]
-    before = {m: totals(m) for m in models}
+    before = {m: totals(client, m) for m in models}
     infer(client, "pipeline", X)
     infer(client, "pipeline", X[:1])
-    grew = {m: {k: v - before[m][k] for k, v in totals(m).items()} for m in models}
+    grew = {m: {k: v - before[m][k] for k, v in totals(client, m).items()} for m in models}
     ensemble, steps = grew["pipeline"], [grew[m] for m in models[1:]]
     assert (ensemble["rows"], ensemble["runs"], ensemble["queue_count"], ensemble["compute_infer_count"]) == (
         4,
@@ -419,6 +421,18 @@ def test_a_stateful_step_keeps_each_sequences_state_as_triton_does(client: grpcc
             result = client.infer("stateful", one_int(sent[i]), sequence_id=sequence, **ends)
             answers[sequence].append(int(result.as_numpy("OUTPUT")[0, 0]))
     assert answers == {sequence: running_sum([2 * v for v in sent]) for sequence, sent in values.items()}
+
+
+def test_the_ensembles_statistics_sum_its_stateful_steps_times_too(client: grpcclient.InferenceServerClient) -> None:
+    models = ["stateful", "double_int", "simple_sequence_implicit"]
+    before = {m: totals(client, m) for m in models}
+    for i, value in enumerate([3, 1, 4]):
+        client.infer("stateful", one_int(value), sequence_id=303, sequence_start=i == 0, sequence_end=i == 2)
+    grew = {m: {k: v - before[m][k] for k, v in totals(client, m).items()} for m in models}
+    ensemble, steps = grew["stateful"], [grew[m] for m in models[1:]]
+    assert [step["compute_infer_count"] for step in steps] == [3, 3]
+    assert ensemble["queue_ns"] == sum(step["queue_ns"] for step in steps)
+    assert ensemble["compute_infer_ns"] == sum(step["compute_infer_ns"] for step in steps) > 0
 
 
 def test_a_sequence_streamed_without_waiting_reaches_its_stateful_step_in_order(server: ServerProcess) -> None:

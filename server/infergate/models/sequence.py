@@ -54,6 +54,7 @@ from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unava
 from infergate.models.config import DynamicBatching, SequenceBatching, SequenceControl
 from infergate.models.datatypes import BYTES, DATATYPES, Datatype, from_triton_type
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
+from infergate.models.stats import StepTimes
 from infergate.models.warmup import read_raw_tensor
 
 __all__ = [
@@ -84,7 +85,14 @@ class Run(Protocol):
     """``ModelVersion.infer``: queue full inputs (controls and state included) and return all outputs."""
 
     def __call__(
-        self, inputs: Tensors, rows: int, group: Hashable, deadline: float | None, watch: bool = True
+        self,
+        inputs: Tensors,
+        rows: int,
+        group: Hashable,
+        deadline: float | None,
+        watch: bool = True,
+        *,
+        accrue: StepTimes | None = None,
     ) -> Awaitable[Tensors]: ...
 
 
@@ -335,12 +343,17 @@ class SequenceScheduler:
         return sum(1 for w in self._waiters if not w.done())
 
     async def infer(
-        self, params: SequenceParams | None, inputs: Tensors, deadline: float | None = None, watch: bool = True
+        self,
+        params: SequenceParams | None,
+        inputs: Tensors,
+        deadline: float | None = None,
+        watch: bool = True,
+        accrue: StepTimes | None = None,
     ) -> Tensors:
         """Run one request of a sequence; returns the model's outputs without the state outputs.
 
         ``inputs`` are the request's decoded inputs (see :func:`request_spec`),
-        ``deadline``/``watch`` as for ``ModelVersion.infer``. Requests of one
+        ``deadline``/``watch``/``accrue`` as for ``ModelVersion.infer``. Requests of one
         sequence run in the order of the calls: nothing here awaits before the
         request takes its place in the sequence's queue.
         """
@@ -364,7 +377,7 @@ class SequenceScheduler:
         self._touch(seq)
         try:
             async with seq.lock:
-                return await self._step(seq, params, inputs, deadline, watch)
+                return await self._step(seq, params, inputs, deadline, watch, accrue)
         finally:
             seq.pending -= 1
             self._touch(seq)
@@ -410,7 +423,13 @@ class SequenceScheduler:
     # ----------------------------------------------------------------- one request
 
     async def _step(
-        self, seq: _Sequence, params: SequenceParams, inputs: Tensors, deadline: float | None, watch: bool
+        self,
+        seq: _Sequence,
+        params: SequenceParams,
+        inputs: Tensors,
+        deadline: float | None,
+        watch: bool,
+        accrue: StepTimes | None,
     ) -> Tensors:
         if self._closed:
             raise Unavailable(f"model {self._spec.name} is unloading: its sequences were dropped; start them again")
@@ -422,7 +441,7 @@ class SequenceScheduler:
             raise InvalidArgument(self._needs_start(seq.key))
         feeds = {**inputs, **self._controls(params), **self._batched(seq.state)}
         try:
-            outputs = await self._run(feeds, 1, self._group(feeds), deadline, watch=watch)
+            outputs = await self._run(feeds, 1, self._group(feeds), deadline, watch=watch, accrue=accrue)
         finally:
             if params.end:
                 self._end(seq)

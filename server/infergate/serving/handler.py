@@ -257,7 +257,7 @@ class InferenceHandler:
         deadline, server_side = _deadline(remaining, request.timeout_us, model.default_timeout_s)
         # gRPC cancels the call at its own deadline; the batcher times only server-side timeouts.
         if model.sequences is not None:
-            return await model.sequences.infer(decoded.sequence, decoded.inputs, deadline, watch=server_side)
+            return await model.sequences.infer(decoded.sequence, decoded.inputs, deadline, server_side, accrue)
         refuse_sequence(model.name, decoded.sequence)
         level = model.priority_level(request.priority)
         return await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, server_side, level, accrue)
