@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.config import ServerConfig
 from infergate.demo import write_demo_repository
 from infergate.server import InferGateServer
+from infergate.serving.shared_memory import SHM_ROOT
 from infergate.telemetry.logs import METRICS, announced, listening_address
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -200,6 +202,30 @@ def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
+
+
+MakeFile = Callable[[bytes], str]
+
+
+@pytest.fixture
+def make_file() -> Iterator[MakeFile]:
+    """``make_file(data)`` writes a new /dev/shm file holding ``data`` and returns its key."""
+    made: list[Path] = []
+
+    def make(data: bytes) -> str:
+        name = f"infergate-test-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+        path = SHM_ROOT / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        made.append(path)
+        return "/" + name
+
+    yield make
+    for path in made:
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

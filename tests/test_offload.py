@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import WAIT_S, eventually
+from conftest import WAIT_S, MakeFile, eventually
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
@@ -37,9 +37,10 @@ Tensor = pb.ModelInferRequest.InferInputTensor
 
 @pytest.fixture
 async def embedded(demo_repository: Path, tmp_path: Path) -> AsyncIterator[InferGateServer]:
-    """An embedded server of the demo's identity_all model alone."""
+    """An embedded server of the demo's identity_all model alone, with system shared memory on."""
     shutil.copytree(demo_repository / "identity_all", tmp_path / "identity_all")
-    server = InferGateServer(ServerConfig(model_repository=tmp_path, port=0))
+    shared_memory = {"system": {"enabled": True}}
+    server = InferGateServer(ServerConfig(model_repository=tmp_path, port=0, shared_memory=shared_memory))
     await server.start()
     try:
         assert await server.load_models()
@@ -66,9 +67,33 @@ def bytes_request(count: int) -> pb.ModelInferRequest:
 async def test_decoding_a_million_bytes_elements_leaves_the_event_loop_free(
     identity: pb_grpc.GRPCInferenceServiceStub,
 ) -> None:
-    """No wall-clock bound: the loop's longest pause is compared with the call's own length."""
+    await assert_loop_kept_turning(identity, bytes_request(1_000_000))
+
+
+async def test_a_million_bytes_elements_read_from_shared_memory_are_decoded_off_the_event_loop_too(
+    identity: pb_grpc.GRPCInferenceServiceStub, make_file: MakeFile
+) -> None:
+    """The regions are taken on the loop, which owns the registry; the elements are decoded on a thread."""
+    size = 4 * 1_000_000
+    key = make_file(struct.pack("<I", 0) * 1_000_000)
+    await identity.SystemSharedMemoryRegister(
+        pb.SystemSharedMemoryRegisterRequest(name="words", key=key, offset=0, byte_size=size)
+    )
+    request = bytes_request(1_000_000)
+    del request.raw_input_contents[:]
+    parameters = request.inputs[0].parameters
+    parameters["shared_memory_region"].string_param = "words"
+    parameters["shared_memory_byte_size"].int64_param = size
+    await assert_loop_kept_turning(identity, request)
+
+
+async def assert_loop_kept_turning(identity: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest) -> None:
+    """``request`` (refused once decoded, for its missing inputs) leaves the loop turning while it decodes.
+
+    No wall-clock bound: the loop's longest pause is compared with the call's own length.
+    """
     turns: list[float] = []
-    call = asyncio.ensure_future(identity.ModelInfer(bytes_request(1_000_000), timeout=120))
+    call = asyncio.ensure_future(identity.ModelInfer(request, timeout=120))
     started = time.perf_counter()
     while not call.done():
         await asyncio.sleep(0)

@@ -8,40 +8,17 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MakeFile
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
 from infergate.models.datatypes import DATATYPES
 from infergate.serving.shared_memory import SHM_ROOT, RegionStatus, SystemSharedMemory, detach_shared, shm_path
 from infergate.serving.shm_tensors import OutputTarget, TensorRegion, write_output
-
-MakeFile = Callable[[bytes], str]
-
-
-@pytest.fixture
-def make_file() -> Iterator[MakeFile]:
-    """``make_file(data)`` writes a new /dev/shm file holding ``data`` and returns its key."""
-    made: list[Path] = []
-
-    def make(data: bytes) -> str:
-        name = f"infergate-test-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-        path = SHM_ROOT / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        made.append(path)
-        return "/" + name
-
-    yield make
-    for path in made:
-        path.unlink(missing_ok=True)
 
 
 def mapped(key: str) -> bool:

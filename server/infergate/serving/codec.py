@@ -103,6 +103,9 @@ class WireRequest:
             self.message, spec, limits.max_elements, max_rows=limits.max_rows, max_inputs=limits.max_inputs
         )
 
+    def attach(self, spec: ModelSpec, limits: RequestLimits) -> None:
+        """Nothing to take hold of: the message holds every tensor."""
+
     def decode_elements(self, spec: ModelSpec) -> int:
         if not spec.bytes_inputs:
             return 0  # the common case, answered without reading the message
@@ -116,32 +119,36 @@ class WireRequest:
 class SharedMemoryWireRequest(WireRequest):
     """A ModelInferRequest that names system shared memory for an input or an output.
 
-    :meth:`decode` reads those inputs in place from their regions and resolves
-    the regions of the outputs (``targets``), which :func:`encode_answer` fills.
+    :meth:`attach` takes views of the regions its inputs are read from (in place)
+    and of those its outputs go to (``targets``, which :func:`encode_answer`
+    fills). The registry belongs to the event loop (it is not locked): attach
+    there; :meth:`decode` then reads the views anywhere, a thread included.
     """
 
-    __slots__ = ("_access", "targets")
+    __slots__ = ("_access", "_sources", "targets")
 
     def __init__(self, message: pb.ModelInferRequest, metadata: Metadata, access: SharedMemoryAccess):
         super().__init__(message, metadata)
         self._access = access
+        self._sources: Sequence[Buffer | None] | None = None
         self.targets: Mapping[str, OutputTarget] = {}
 
+    def attach(self, spec: ModelSpec, limits: RequestLimits) -> None:
+        check_input_count(self.message, spec, limits.max_inputs)  # before a view is taken for each
+        self._sources = input_sources(self.message, spec.name, self._access)
+        self.targets = output_targets(self.message.outputs, spec.name, self._access)
+
     def decode(self, spec: ModelSpec, limits: RequestLimits) -> DecodedRequest:
-        decoded = decode_request(
+        if self._sources is None:
+            self.attach(spec, limits)
+        return decode_request(
             self.message,
             spec,
             limits.max_elements,
             max_rows=limits.max_rows,
             max_inputs=limits.max_inputs,
-            shared_memory=self._access,
+            sources=self._sources,
         )
-        self.targets = output_targets(self.message.outputs, spec.name, self._access)
-        return decoded
-
-    def decode_elements(self, spec: ModelSpec) -> int:
-        """0: always decoded on the event loop, which registers and unregisters the regions it reads."""
-        return 0
 
 
 def wire_request(message: pb.ModelInferRequest, metadata: Metadata, access: SharedMemoryAccess) -> WireRequest:
@@ -165,21 +172,19 @@ def decode_request(
     *,
     max_rows: int | None = None,
     max_inputs: int | None = None,
-    shared_memory: SharedMemoryAccess | None = None,
+    sources: Sequence[Buffer | None] | None = None,
 ) -> DecodedRequest:
     """Validate ``request`` against ``spec`` and decode its tensors.
 
     ``max_elements`` bounds the elements of any one tensor, ``max_rows`` the
     batch dimension (besides the model's own ``max_batch_size``) and
-    ``max_inputs`` the number of input tensors. ``shared_memory``: the request
-    names regions, which it reaches through this.
+    ``max_inputs`` the number of input tensors. ``sources``: each input's bytes
+    when the request names shared memory (``input_sources``); otherwise they
+    come from ``raw_input_contents``.
     """
     tensors = request.inputs
-    if max_inputs is not None and len(tensors) > max_inputs:
-        raise InvalidArgument(f"model {spec.name}: {len(tensors)} inputs, more than the limit of {max_inputs}")
-    if shared_memory is not None:
-        sources: Sequence[Buffer | None] = input_sources(request, spec.name, shared_memory)
-    else:
+    check_input_count(request, spec, max_inputs)
+    if sources is None:
         sources = _raw_sources(request, spec.name)
     inputs: Tensors = {}
     rows = -1
@@ -227,6 +232,11 @@ def decode_request(
     parameters = request.parameters
     sequence = sequence_params(parameters) if parameters else None
     return DecodedRequest(inputs, rows if spec.batches else 1, spec.batch_group(inputs), outputs, sequence, classes)
+
+
+def check_input_count(request: pb.ModelInferRequest, spec: ModelSpec, max_inputs: int | None) -> None:
+    if max_inputs is not None and len(request.inputs) > max_inputs:
+        raise InvalidArgument(f"model {spec.name}: {len(request.inputs)} inputs, more than the limit of {max_inputs}")
 
 
 def _where(spec: ModelSpec, name: str) -> str:

@@ -107,6 +107,7 @@ class InferenceHandler:
         again for the version that now serves, as if it had arrived after the reload.
         """
         while True:
+            request.attach(routed.model.spec, self._limits)
             decoded = await in_thread(request.decode, routed.model.spec, self._limits)
             if self._catalog.serves(routed.model):
                 return routed, decoded

@@ -70,7 +70,11 @@ class InferenceRequest(Protocol):
 
     def decode_elements(self, spec: ModelSpec) -> int:
         """How many elements :meth:`decode` will convert one by one (BYTES): past
-        ``offload.ELEMENTS_ON_LOOP`` it runs on a thread. 0 when it must run on the event loop."""
+        ``offload.ELEMENTS_ON_LOOP`` it runs on a thread, after :meth:`attach`."""
+
+    def attach(self, spec: ModelSpec, limits: RequestLimits) -> None:
+        """Take hold, on the event loop, of what the request reads outside its message (shared-memory
+        regions), so that :meth:`decode` may run on a thread; raises InvalidArgument as it would."""
 
 
 @dataclass(frozen=True, slots=True)
