@@ -173,6 +173,44 @@ async def test_a_refused_routing_keeps_the_router_in_force_with_its_canary_rolle
     assert len(await audit_events(audit, "routing_rejected")) == 1
 
 
+async def test_a_rolled_back_canary_stays_rolled_back_when_another_version_is_added_or_reloaded(
+    root: Path, open_repository: RepositoryFactory
+) -> None:
+    """Only a change of the routing block starts a canary over (docs/routing.md); a new version once
+    built a fresh router, and a canary rolled back for its latency took half the traffic again."""
+    save_model(build_gather_model(), root, "m", 1, CANARY)
+    save_model(build_gather_model(), root, "m", 2)
+    repository = open_repository()
+    await repository.load_all()
+    for _ in range(20):
+        router_of(repository, "m").observe(Decision(2, "canary"), False, 0.01)
+    save_model(build_gather_model(), root, "m", 3)  # a version the routing does not name
+    await repository.reconcile("m", source="poll")
+    assert served(repository, "m") == [1, 2, 3]
+    canary = router_of(repository, "m").canary
+    assert canary is not None and (canary.state, canary.weight) == ("rolled_back", 0.0)
+    assert {router_of(repository, "m").route().version for _ in range(50)} == {3}
+
+
+async def test_a_ramping_canary_keeps_its_step_when_the_primary_is_reloaded(
+    root: Path, open_repository: RepositoryFactory
+) -> None:
+    save_model(build_gather_model(), root, "m", 1, CANARY)
+    save_model(build_gather_model(), root, "m", 2)
+    repository = open_repository()
+    await repository.load_all()
+    for _ in range(20):  # a healthy first step: raised to 50%
+        router_of(repository, "m").observe(Decision(2, "canary"), True, 0.01)
+    primary = repository.catalog.models("m")[0].versions[1]
+    rebuilt = build_gather_model()
+    rebuilt.doc_string = "rebuilt"
+    save_model(rebuilt, root, "m", 1, CANARY)  # the primary's model file changed: reloaded
+    await repository.reconcile("m", source="poll")
+    assert repository.catalog.models("m")[0].versions[1] is not primary  # reloaded
+    canary = router_of(repository, "m").canary
+    assert canary is not None and (canary.state, canary.step, canary.weight) == ("ramping", 1, 50.0)
+
+
 # --------------------------------------------------------------------------- version directory names
 
 

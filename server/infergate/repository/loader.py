@@ -389,9 +389,13 @@ class ModelRepository:
         if old is not None and old.routing == (config.routing or Routing()) and serving == entry.versions:
             return old, ""  # nothing changed: keep the canary's progress
         try:
-            return Router(entry.name, config.routing, list(serving), events=self._audit), ""
+            router = Router(entry.name, config.routing, list(serving), events=self._audit)
         except RoutingError as exc:
             error = f"{config_file(directory)}: {exc}"
+        else:
+            if old is not None:
+                router.carry_canary(old)
+            return router, ""
         if old is not None and serving == entry.versions:
             # The refused block stays in the config, so every poll refuses it again: a fresh router each
             # time would restart a canary at its first step, or bring back one that was rolled back.
@@ -403,6 +407,7 @@ class ModelRepository:
             except RoutingError:
                 pass
             else:
+                router.carry_canary(old)
                 log.error("model %s: routing not applied, keeping the previous one: %s", entry.name, error)
                 return router, error
         return None, error

@@ -265,6 +265,13 @@ class Router:
     def canary(self) -> CanaryStatus | None:
         return self._canary.status if self._canary is not None else None
 
+    def carry_canary(self, previous: Router) -> None:
+        """Go on with ``previous``'s canary (its step, its windows, a rollback) when it is the same canary:
+        only a change of the routing block starts a canary over, not a version added or reloaded beside it."""
+        mine, theirs = self._canary, previous._canary
+        if mine is not None and theirs is not None and mine.spec == theirs.spec:
+            self._canary = theirs
+
     def route(self, requested: int | None = None, key: str | None = None) -> Decision:
         """The version for one request; ``key`` is the sticky key when the request has one."""
         if requested is not None:
