@@ -5,9 +5,9 @@ one :class:`AuthError` subclass per reason, each with a short stable
 ``reason`` (for metrics and logs) and a message that says what was wrong
 without any key material::
 
-    AuthError (infergate.errors.InferGateError)   UNAUTHENTICATED
+    AuthError (infergate.errors.InferGateError)   UNAUTHENTICATED   invalid_token (catch-all)
     ├── MissingToken          missing_token
-    ├── MalformedToken        malformed
+    ├── MalformedToken        malformed           (includes a claim of the wrong type)
     ├── AlgorithmNotAllowed   alg_not_allowed
     ├── UnknownKey            unknown_kid
     ├── BadSignature          bad_signature
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import jwt
+from jwt.exceptions import InvalidJTIError, InvalidSubjectError  # not exported by jwt itself
 
 from infergate.errors import InferGateError, Status
 from infergate.security.config import HMAC_ALGORITHMS, AuthConfig
@@ -229,16 +230,30 @@ def token_of(value: str | bytes) -> str:
     return token.strip()
 
 
-# PyJWT's own exception for each refusal (most specific first: subclasses come before bases).
-_PYJWT_ERRORS: tuple[tuple[type[Exception], type[AuthError], str], ...] = (
-    (jwt.ExpiredSignatureError, Expired, "token expired"),
-    (jwt.ImmatureSignatureError, NotYetValid, "token not yet valid (nbf or iat in the future)"),
-    (jwt.InvalidIssuerError, WrongIssuer, "wrong issuer"),
-    (jwt.InvalidAudienceError, WrongAudience, "wrong audience"),
-    (jwt.InvalidSignatureError, BadSignature, "signature verification failed"),
-    (jwt.InvalidAlgorithmError, AlgorithmNotAllowed, "algorithm not allowed"),
-    (jwt.InvalidKeyError, BadSignature, "signature verification failed"),
-    (jwt.DecodeError, MalformedToken, "malformed token"),
+# PyJWT's own exception for each refusal, with the AuthError and message it becomes: the first row
+# whose class the exception is an instance of (subclasses come before their bases) and whose
+# fragment is in PyJWT's message ("" for any). The fragments only choose between messages for one
+# PyJWT class (a claim of the wrong type, or a wrong value); they never decide a reason. PyJWT's
+# own message is never shown: it may quote the token. Every class PyJWT 2.x raises while decoding
+# has a row; MissingRequiredClaimError is translated in _translate, as its message names the claim.
+_PYJWT_ERRORS: tuple[tuple[type[Exception], str, type[AuthError], str], ...] = (
+    (jwt.ExpiredSignatureError, "", Expired, "token expired"),
+    (jwt.ImmatureSignatureError, "", NotYetValid, "token not yet valid (nbf or iat in the future)"),
+    (jwt.InvalidIssuedAtError, "", MalformedToken, "claim 'iat' must be a number"),
+    (InvalidSubjectError, "", MalformedToken, "claim 'sub' must be a string"),  # no subject= is passed: a type check
+    (InvalidJTIError, "", MalformedToken, "claim 'jti' must be a string"),
+    (jwt.InvalidIssuerError, "must be a string", WrongIssuer, "claim 'iss' must be a string"),
+    (jwt.InvalidIssuerError, "", WrongIssuer, "wrong issuer"),
+    (jwt.InvalidAudienceError, "format", WrongAudience, "claim 'aud' must be a string or a list of strings"),
+    (jwt.InvalidAudienceError, "", WrongAudience, "wrong audience"),
+    (jwt.InvalidSignatureError, "", BadSignature, "signature verification failed"),  # a DecodeError
+    (jwt.InvalidAlgorithmError, "", AlgorithmNotAllowed, "algorithm not allowed"),
+    (jwt.InvalidKeyError, "", BadSignature, "signature verification failed"),
+    (jwt.DecodeError, "(exp)", MalformedToken, "claim 'exp' must be a number"),
+    (jwt.DecodeError, "(nbf)", MalformedToken, "claim 'nbf' must be a number"),
+    (jwt.DecodeError, "payload string", MalformedToken, "malformed token (the payload is not a JSON object)"),
+    (jwt.InvalidTokenError, "b64", MalformedToken, "malformed token (header 'b64' is not supported)"),
+    (jwt.InvalidTokenError, "", MalformedToken, "malformed token"),  # any other refusal of the token
 )
 
 
@@ -296,8 +311,10 @@ class TokenVerifier:
     async def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except jwt.DecodeError:
             raise MalformedToken("malformed token (not a JWS compact serialisation)") from None
+        except jwt.PyJWTError:  # InvalidTokenError: a kid that is not a string, or a crit PyJWT refuses
+            raise MalformedToken("malformed token header ('kid' or 'crit')") from None
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg not in self._allowed:
             raise AlgorithmNotAllowed(f"algorithm {str(alg)[:16]!r} is not allowed")
@@ -366,9 +383,13 @@ def _expiry(claims: dict[str, Any]) -> float:
 
 
 def _translate(exc: jwt.PyJWTError) -> AuthError:
+    """The AuthError for what PyJWT raised; always UNAUTHENTICATED (never PermissionDenied)."""
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return MissingClaim(f"token has no {exc.claim!r} claim")
-    for kind, error, message in _PYJWT_ERRORS:
-        if isinstance(exc, kind):
+    said = str(exc)
+    for kind, fragment, error, message in _PYJWT_ERRORS:
+        if isinstance(exc, kind) and fragment in said:
             return error(message)
+    # Not a refusal of the token PyJWT 2.x raises while decoding (a PyJWK error, or a class a later
+    # PyJWT adds outside InvalidTokenError): still a refusal, with the catch-all reason 'invalid_token'.
     return AuthError("invalid token")
