@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 import pytest
 import tritonclient.grpc.model_config_pb2 as triton_mc
+from google.protobuf import json_format
 from triton_models import stand_in
 
 from infergate.models.config import load_model_config
@@ -94,3 +95,21 @@ async def test_warm_up_samples_are_reported(config_of: Load) -> None:
     [warmup] = config.model_warmup
     assert (warmup.name, warmup.batch_size) == ("noise", 2)
     assert warmup.inputs["INPUT1"].random_data and list(warmup.inputs["INPUT1"].dims) == [16]
+
+
+@pytest.mark.parametrize(
+    ("policy_yaml", "expected"),
+    [
+        ("", {"latest": {"num_versions": 1}}),
+        ("version_policy: {latest: {num_versions: 2}}\n", {"latest": {"num_versions": 2}}),
+        ("version_policy: {all: {}}\n", {"all": {}}),
+        # int64 versions: strings in protobuf's JSON form
+        ("version_policy: {specific: {versions: [1, 3]}}\n", {"specific": {"versions": ["1", "3"]}}),
+    ],
+)
+async def test_the_version_policy_reported_is_the_models_own(
+    config_of: Load, policy_yaml: str, expected: dict[str, object]
+) -> None:
+    """A config read back and sent to RepositoryModelLoad must serve the same versions."""
+    config = await config_of("simple", policy_yaml)
+    assert json_format.MessageToDict(config.version_policy, preserving_proto_field_name=True) == expected

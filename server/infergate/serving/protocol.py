@@ -8,7 +8,7 @@ from google.protobuf import json_format
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import model_config_pb2 as mc
-from infergate.models.config import SequenceBatching, WarmupSample
+from infergate.models.config import LatestPolicy, SequenceBatching, VersionPolicy, WarmupSample
 from infergate.models.ensemble import EnsembleVersion
 from infergate.models.governance import metadata_parameters
 from infergate.models.overrides import graph_optimization, placement, session_parameters
@@ -58,7 +58,7 @@ def model_config_message(model: ServedVersion) -> mc.ModelConfig:
         platform=spec.platform,
         backend="onnxruntime",
         max_batch_size=spec.max_batch_size,
-        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        version_policy=version_policy_message(config.version_policy),
         input=[
             mc.ModelInput(
                 name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec), format=formats.get(t.name, "FORMAT_NONE")
@@ -112,13 +112,24 @@ def model_config_message(model: ServedVersion) -> mc.ModelConfig:
     return message
 
 
+def version_policy_message(policy: VersionPolicy) -> mc.ModelVersionPolicy:
+    """config.yaml's ``version_policy`` as Triton's message: a config read back and sent to
+    RepositoryModelLoad serves the same versions."""
+    if policy.all is not None:
+        return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
+    if policy.specific is not None:
+        return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=policy.specific.versions))
+    latest = policy.latest or LatestPolicy()
+    return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=latest.num_versions))
+
+
 def _ensemble_config_message(model: EnsembleVersion) -> mc.ModelConfig:
     spec, config = model.spec, model.config
     message = mc.ModelConfig(
         name=spec.name,
         platform=spec.platform,
         max_batch_size=spec.max_batch_size,
-        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        version_policy=version_policy_message(config.version_policy),
         input=[mc.ModelInput(name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec)) for t in spec.inputs],
         output=[mc.ModelOutput(name=t.name, data_type=t.datatype.triton, dims=_dims(t, spec)) for t in spec.outputs],
         parameters={k: mc.ModelParameter(string_value=v) for k, v in metadata_parameters(model.metadata).items()},
