@@ -313,6 +313,8 @@ REFUSALS = [
             lambda: (request(raw_input("cells", "FP32", [0, 2**62]), raw=[b""]), GRID, MAX_ELEMENTS)),
     refusal("unknown requested output", "classifier", "heatmap",
             on_classifier(image(), scale(), outputs=["score", "heatmap"])),
+    refusal("an output requested twice", "classifier", "score",
+            on_classifier(image(), scale(), outputs=["score", "label", "score"])),
 ]
 # fmt: on
 

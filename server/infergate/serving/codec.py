@@ -227,6 +227,9 @@ def decode_request(
             raise InvalidArgument(
                 f"unexpected inference output '{output}' for model '{spec.name}' (outputs: {_names(spec.outputs)})"
             )
+    if len(outputs) > 1 and len(set(outputs)) != len(outputs):
+        twice = next(name for i, name in enumerate(outputs) if name in outputs[:i])
+        raise InvalidArgument(f"output '{twice}' already exists in request (model '{spec.name}')")
     classes = classification_counts(requested) if requested else {}
     check_classifiable(classes, spec)
     parameters = request.parameters
