@@ -118,9 +118,9 @@ def test_a_request_the_model_refuses_is_refused_though_its_inputs_are_cached(ser
     try:
         infer(client, "cached", ONES)
         with pytest.raises(InferenceServerException) as refused:
-            infer(client, "cached", ONES, priority=1)  # the model has no priority levels
+            infer(client, "cached", ONES, sequence_id=5)  # the model takes no sequences
         assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
-        assert "priority" in str(refused.value.message())
+        assert "sequence" in str(refused.value.message())
     finally:
         client.close()
 

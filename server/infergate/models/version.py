@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy.typing as npt
 
-from infergate.errors import InvalidArgument
 from infergate.heap import in_thread
 from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
 from infergate.models.config import Metadata, ModelConfig
@@ -163,21 +162,15 @@ class ModelVersion:
             self._observer.cache_lookup(hit)
 
     def priority_level(self, priority: int) -> int:
-        """The batcher level of a request's ``priority`` (Triton's: 1 is the highest, 0 the model's default).
+        """The batcher level of a request's ``priority`` (Triton's: 1 is the highest).
 
-        Raises InvalidArgument for a priority the model does not have.
+        As in Triton, 0 and a priority past the model's levels (a model without levels included) take the
+        model's default level: a client that sends priorities to every model works against each of them.
         """
         levels, default = self._priorities
         if not levels:
-            if priority:
-                raise InvalidArgument(
-                    f"model {self.name}: priority {priority} requested, but the model has no priority levels"
-                    " (dynamic_batching.priority_levels in its config.yaml)"
-                )
             return 0
-        chosen = priority or default
-        if not 1 <= chosen <= levels:
-            raise InvalidArgument(f"model {self.name}: priority {priority} outside 1..{levels}")
+        chosen = priority if 1 <= priority <= levels else default
         return chosen - 1
 
     def _execute(self, batch: Batch[Tensors], done: Done[Tensors]) -> None:

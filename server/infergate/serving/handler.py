@@ -229,7 +229,6 @@ class InferenceHandler:
     ) -> Tensors:
         """The answer kept for the same inputs, or the computed one, kept for next time."""
         refuse_sequence(model.name, decoded.sequence)  # a request the model would refuse is refused, kept or not
-        model.priority_level(request.priority)
         stats = model.stats
         started = time.perf_counter_ns()
         key = (model.cache_token, request_digest(decoded.inputs))
