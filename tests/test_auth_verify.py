@@ -253,6 +253,12 @@ REFUSED: dict[str, tuple[Callable[[Keys], str], type[auth.AuthError], str, str]]
         "malformed",
         "'exp' is too large to be a time",
     ),
+    "exp a string of digits (PyJWT takes it; RFC 7519 wants a number)": (
+        lambda k: token(k.rsa, "RS256", claims(exp="9" * 400), kid="rsa"),  # as a float: infinity
+        auth.MalformedToken,
+        "malformed",
+        "claim 'exp' must be a number",
+    ),
     "no sub": (
         lambda k: token(k.rsa, "RS256", without("sub"), kid="rsa"),
         auth.MissingClaim,

@@ -375,9 +375,16 @@ class TokenVerifier:
 
 
 def _expiry(claims: dict[str, Any]) -> float:
-    """The token's ``exp`` as a time (PyJWT has checked that it is an integer and not past)."""
+    """The token's ``exp`` as a time (PyJWT has checked that it converts to an integer and is not past).
+
+    PyJWT also takes a string of digits, which RFC 7519's NumericDate is not; a long one would be an
+    infinite time here.
+    """
+    exp = claims["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise MalformedToken("claim 'exp' must be a number")
     try:
-        return float(claims["exp"])
+        return float(exp)
     except OverflowError:  # an integer of hundreds of digits: no clock reaches it
         raise MalformedToken("'exp' is too large to be a time") from None
 
