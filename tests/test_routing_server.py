@@ -103,15 +103,24 @@ def test_a_sticky_key_always_lands_on_the_same_version(client: tc.InferenceServe
     assert {v for versions in assignments.values() for v in versions} == {"1", "2"}
 
 
+def outcomes(client: tc.InferenceServerClient, version: str) -> tuple[int, int]:
+    """(successes, failures) of one version of ``scale``, from ModelStatistics."""
+    stats = client.get_inference_statistics("scale", version, as_json=True)["model_stats"][0]["inference_stats"]
+    return int(stats["success"].get("count", 0)), int(stats["fail"].get("count", 0))
+
+
 def test_the_shadow_is_compared_and_reported_but_never_answers(
     client: tc.InferenceServerClient, server: ServerProcess
 ) -> None:
+    before = routing_status(server).shadow.compared, outcomes(client, "3")
     for _ in range(50):
         assert infer(client)[0] in {"1", "2"}
     # Every request is mirrored (fraction 1.0); on a busy machine the busy-time budget may drop a few copies.
     accounted = lambda: routing_status(server).shadow  # noqa: E731
     wait_until(lambda: accounted().compared + accounted().dropped >= 50, "all 50 shadow copies compared or dropped")
     status = routing_status(server)
+    # The shadow version's statistics count its calls as requests, as its batches and rows are counted.
+    assert outcomes(client, "3") == (before[1][0] + status.shadow.compared - before[0], before[1][1])
     assert status.shadow.version == "3"
     assert status.shadow.errors == 0
     assert status.shadow.compared >= 10
@@ -142,6 +151,7 @@ def test_a_shadow_that_always_fails_is_counted_and_never_seen_by_callers(
     status = routing_status(server).shadow
     assert status.compared == 0
     assert status.dropped >= 1
+    assert outcomes(client, "4") == (0, status.errors)
     assert status.errors + status.dropped + status.compared <= 60
 
 

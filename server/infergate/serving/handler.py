@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Hashable
 
 from infergate.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from infergate.heap import in_thread
@@ -266,9 +266,22 @@ class InferenceHandler:
         """Queue the same inputs for the shadow version; never waits, never fails the caller."""
         # The shadow runs after the answer: inputs read in place from shared memory must be copied first.
         inputs = detach_shared(decoded.inputs)
-        call = functools.partial(shadow.model.infer, inputs, decoded.rows, decoded.group, None)
+        call = functools.partial(_shadow_call, shadow.model, inputs, decoded.rows, decoded.group)
         job = ShadowJob(call, outputs, shadow.stats, shadow.spec.timeout_seconds, shadow.spec.max_busy_fraction)
         self._shadows.offer(job, limit=shadow.spec.queue_size)
+
+
+async def _shadow_call(model: ModelVersion, inputs: Tensors, rows: int, group: Hashable) -> Tensors:
+    """A shadow's inference, counted in its version's statistics as a request that succeeded or failed
+    (its batches and rows are counted by the version as any others)."""
+    started = time.perf_counter_ns()
+    answered = False
+    try:
+        outputs = await model.infer(inputs, rows, group, None)
+        answered = True
+        return outputs
+    finally:
+        model.stats.record_request(answered, time.perf_counter_ns() - started)
 
 
 def _record(routed: Routed, error: BaseException | None, started_ns: int, expires_ns: int | None) -> None:
