@@ -127,6 +127,38 @@ def test_thresholds_come_from_the_values() -> None:
     assert drift["for"] == "15m" and 'service="infergate-full"' in drift["expr"]  # docs/monitoring.md's wait
 
 
+@pytest.mark.parametrize(("alert", "fires"), [(0, False), (1, True), (2, True)])
+def test_the_drift_alert_fires_on_any_positive_alert_series(alert: int, fires: bool, tmp_path: Path) -> None:
+    """promtool runs the rendered rule over a pod whose infergate_drift_alert says ``alert`` for 30 minutes:
+    2 is as much an alert as 1 (a --workers supervisor from before its merge took the max summed its
+    workers' 1s into N, and an ``== 1`` rule went silent exactly when every worker was in alert)."""
+    rules = _rules(render(FULL_VALUES))
+    (drift,) = [r for group in rules["groups"] for r in group["rules"] if r["alert"] == "InfergateModelDrift"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "drift", "rules": [drift]}]}))
+    labels = {"model": "m", "version": "1"}
+    annotations = {
+        key: re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m[1]], text)
+        for key, text in drift["annotations"].items()
+    }
+    expected = [{"exp_labels": {"severity": "warning", **labels}, "exp_annotations": annotations}] if fires else []
+    test = {
+        "interval": "1m",
+        "input_series": [
+            {
+                "series": 'infergate_drift_alert{namespace="inference", service="infergate-full", '
+                'model="m", version="1"}',
+                "values": f"{alert}x30",
+            }
+        ],
+        "alert_rule_test": [{"eval_time": "20m", "alertname": "InfergateModelDrift", "exp_alerts": expected}],
+    }
+    suite = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [test]}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(suite))
+    command = [require(PROMTOOL, "install_promtool.sh"), "test", "rules", "test.yaml"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_dashboard_is_grafana_json_with_a_query_in_every_panel() -> None:
     dashboard = _dashboard(render(TELEMETRY_VALUES))
     assert dashboard["uid"] == "infergate"

@@ -15,21 +15,25 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import launch_server, wait_until
+from conftest import launch_server, running_server, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from models import save_model
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.models.cpus import model_cpus
+from infergate.workers import metrics as worker_metrics
+from infergate.workers.metrics import Families, parse
 from load_tests.models import build_slow_model
 from load_tests.procfs import descendants
+from tests.test_model_control import add_version, write_config
 
 
 def _worker_pids(log: str) -> dict[int, int]:
@@ -269,6 +273,46 @@ def test_workers_load_and_unload_together_and_one_scrape_sums_them(demo_reposito
     finally:
         code = server.terminate()
     assert code == 0, server.log()
+
+
+CANARY_AT_30 = """\
+version_policy: {all: {}}
+routing:
+  weights: {1: 1}
+  canary: {version: 2, steps: [30, 60], step_requests: 100000}
+"""
+
+
+def test_one_scrape_of_two_workers_gives_their_canary_step_not_its_double(tmp_path: Path, log_dir: Path) -> None:
+    """Both workers run the same canary at its 30% step: the pod's scrape says 30 (a sum said 60), and
+    every gauge the workers export is merged by a rule of its own (infergate.workers.metrics.GAUGES)."""
+    root = tmp_path / "models"
+    for version in (1, 2):
+        add_version(root, "scale", version)
+    write_config(root, "scale", CANARY_AT_30)
+    with running_server(root, log_dir, "--workers", "2", "--metrics-port", "0") as server:
+        url = server.metrics_url
+        assert url is not None
+        scraped: Families = {}
+
+        def both_answered() -> bool:
+            with urllib.request.urlopen(url, timeout=GUARD_S) as response:
+                scraped.clear()
+                scraped.update(parse(response.read().decode()))
+            return list(scraped["infergate_worker_up"].samples.values()) == [1.0, 1.0]
+
+        wait_until(both_answered, "a scrape that both workers answered")
+        canary = {"model": "scale", "model_version": "2"}
+
+        def values(family: str) -> list[float]:
+            samples = scraped[family].samples.items()
+            return [v for (_, labels), v in samples if canary.items() <= dict(labels).items()]
+
+        assert values("infergate_canary_weight_percent") == [30.0]
+        assert values("infergate_canary_rolled_back") == [0.0]
+        gauges = {name for name, family in scraped.items() if not family.cumulative} - {"infergate_worker_up"}
+        rules = set(worker_metrics.GAUGES)
+        assert "nv_inference_pending_request_count" in gauges and gauges <= rules, gauges - rules
 
 
 def test_log_and_trace_settings_changed_through_one_worker_hold_in_every_worker_and_a_restarted_one(

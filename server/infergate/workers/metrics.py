@@ -1,4 +1,4 @@
-"""The supervisor's Prometheus endpoint: every worker's series in one scrape, summed.
+"""The supervisor's Prometheus endpoint: every worker's series in one scrape, merged family by family.
 
 Why not prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``):
 it aggregates only what is recorded through prometheus_client's own Counter,
@@ -16,10 +16,17 @@ worker and merges what they report:
   leaves its last scraped values behind (carried over), so the sum never goes
   backwards when a crashed worker is restarted, which Prometheus would read
   as a counter reset. Only what a worker counted after its last scrape is lost.
-* **gauges** — queue depth, requests in flight, resident memory — are summed
-  over the workers that answered: each is an amount, and the pod's total is
-  what dashboards and autoscalers want. ``target_info`` stays one series per
-  worker (each has its own ``service_instance_id``).
+* **gauges** — over the workers that answered, each family by its rule in
+  :data:`GAUGES`: an amount (queue depth, requests in flight, resident
+  memory) is **summed**, since the pod's total is what dashboards and
+  autoscalers want; a flag, score, ratio or setting (canary weight and
+  rollback, drift score and alert, ``target_info``) is each worker's own
+  reading of one shared thing, so it takes the **max**: two workers both at
+  the canary's 30% step are a pod at 30%, not 60%, and two workers in drift
+  alert are a pod in alert (1), not 2. A gauge the table does not name is
+  merged with max (see :data:`GAUGES` for why).
+  ``target_info`` stays one series per worker (each has its own
+  ``service_instance_id``).
 * **per worker**: ``infergate_worker_up{worker}`` (1 when that worker's endpoint
   answered this scrape) and ``infergate_worker_restarts_total{worker}``.
 
@@ -32,7 +39,7 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from infergate import threadnames
 from infergate.telemetry.triton import CUMULATIVE as TRITON_CUMULATIVE
 
-__all__ = ["Family", "WorkerMetrics", "merge", "parse"]
+__all__ = ["GAUGES", "Family", "WorkerMetrics", "merge", "parse"]
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +84,57 @@ def parse(text: str) -> Families:
     return out
 
 
+Combine = Callable[[float, float], float]
+
+
+def _sum(total: float, value: float) -> float:
+    return total + value
+
+
+def _max(total: float, value: float) -> float:
+    return value if value > total else total
+
+
+# How the workers' values of one series of a gauge family (any family that is not cumulative) become the
+# pod's. The question for each: is the value an amount this worker holds (the pod holds the sum), or this
+# worker's reading of something every worker shares (the pod's reading is one of theirs, not their sum)?
+# Every gauge a worker exports must be named here (tests/test_worker_metrics.py and tests/test_workers.py
+# check a real worker's scrape against this table).
+GAUGES: dict[str, Combine] = {
+    # Amounts: each worker holds its own, and the pod holds them all.
+    "infergate_queue_depth": _sum,  # requests waiting in this worker's batch queues
+    "nv_inference_pending_request_count": _sum,  # Triton's name for the same
+    "infergate_requests_active": _sum,  # RPCs this worker is serving now
+    "infergate_streams_paused": _sum,  # this worker's paused streams
+    "process_memory_usage_bytes": _sum,  # this worker's resident memory: the pod's is the total
+    # Settings, flags and scores: every worker runs the same config on its share of the traffic, so each
+    # reports its own reading of one thing. Summing made them N times too large (a canary at 30% read 60%,
+    # an alert read 2); max gives what at least one worker reports, which is the right reading for each:
+    "infergate_canary_weight_percent": _max,  # in lockstep, the step itself; out of it, the furthest step
+    # reached (the traffic each version really got is in infergate_requests_total by model_version)
+    "infergate_canary_rolled_back": _max,  # 1 once any worker rolled its canary back (docs/workers.md)
+    "infergate_drift_alert": _max,  # 1 while any worker's traffic is in alert: the pod sees drifted traffic
+    "infergate_drift_score": _max,  # the worst score any worker's sample of the traffic reaches; alert and
+    # score then agree (a score above threshold somewhere is an alert somewhere)
+    "target_info": _max,  # an info series (always 1), one per worker by its service_instance_id
+}
+# A gauge not named above (one added to the server without a rule here: the tests check that none is)
+# is merged with max. Of the two possible mistakes, max is the milder: an amount merged with max reads as
+# the busiest worker's, too low but a value a worker really has, and still 0 when all are 0; a flag, ratio
+# or setting summed reads as a value no worker reported (N, N times 30%), out of its range, which silently
+# breaks ``== 1`` rules and thresholds.
+_DEFAULT: Combine = _max
+
+
 def merge(into: Families, part: Iterable[Family]) -> None:
-    """Add ``part``'s samples to ``into`` (metadata from the first family of each name)."""
+    """Combine ``part``'s samples into ``into`` (metadata from the first family of each name): cumulative
+    families are summed, gauges combined by their rule in :data:`GAUGES`."""
     for family in part:
         total = into.setdefault(family.name, Family(family.name, family.type, family.documentation))
+        combine = _sum if family.cumulative else GAUGES.get(family.name, _DEFAULT)
         for key, value in family.samples.items():
-            total.samples[key] = total.samples.get(key, 0.0) + value
+            previous = total.samples.get(key)
+            total.samples[key] = value if previous is None else combine(previous, value)
 
 
 def _metric(family: Family) -> Metric:
