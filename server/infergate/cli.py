@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Literal, NoReturn
 
@@ -21,6 +22,7 @@ from infergate.offline import command as offline_command
 from infergate.security.config import exposure_warning
 from infergate.telemetry import configure_logging
 from infergate.telemetry.logs import LogControl, announcement
+from infergate.unsent import wait_until_delivered
 from infergate.workers import WorkerRole, supervise
 
 __all__ = ["main"]
@@ -296,18 +298,28 @@ async def _serve_async(config: ServerConfig, logs: LogControl, worker: WorkerRol
     # The process's logging is the server's too: LogSettings may change it.
     server = InferGateServer(config, worker=worker, freeze_heap=True, logs=logs)
     stop = asyncio.Event()
+    signalled: list[float] = []
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not signalled:
+            signalled.append(time.monotonic())
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await run_until_signalled(server, stop, close_port=False, load_first=worker is not None)
+    # The answers are in the kernel's hands, not yet all in the clients' (unsent.py); within the grace.
+    await wait_until_delivered(signalled[0] + config.shutdown_delay_seconds + config.shutdown_grace_seconds)
     _exit_leaving_connections()
 
 
 def _exit_leaving_connections() -> NoReturn:
     """End the process once it has drained, without shutting gRPC's server down.
 
-    Why: by now every call the server admitted has been answered, and new ones
-    have been refused with UNAVAILABLE. But calls still in flight to the
+    Why: by now every call the server admitted has been answered (and every
+    byte of the answers acknowledged by its client, unless the grace ran out:
+    unsent.py), and new ones have been refused with UNAVAILABLE. But calls still in flight to the
     process (sent, not yet taken by the server) are cut off by gRPC's own
     shutdown with CANCELLED, which clients must not retry. When the process
     simply ends, the kernel closes its connections and those calls fail with
