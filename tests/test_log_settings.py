@@ -96,6 +96,23 @@ def test_verbose_turns_the_access_log_on_and_off_on_a_server_started_without_it(
     assert server.log().count(ACCESS) == 1, "an access line after verbose went back to 0"
 
 
+def test_a_caller_cannot_write_a_line_of_its_own_into_the_text_log(
+    server: ServerProcess, client: grpcclient.InferenceServerClient
+) -> None:
+    """A model name is the caller's text; a newline in it must not start a line that looks like the server's."""
+    forged = "2026-01-01 00:00:00,000 [1] ERROR infergate.server: forged"
+    client.update_log_settings({"log_verbose_level": 1})  # the access log names every call's model
+    try:
+        x = grpcclient.InferInput("x", [1, 16], "FP32")
+        x.set_data_from_numpy(np.ones((1, 16), np.float32))
+        with pytest.raises(InferenceServerException, match="Request for unknown model"):
+            client.infer(f"nobody\n{forged}", [x])
+    finally:
+        client.update_log_settings({"log_verbose_level": 0})
+    assert "nobody\\n" + forged in server.log()  # written, on the caller's line
+    assert not any(line.startswith(forged) for line in server.log().splitlines())
+
+
 def test_log_info_off_hides_info_lines_until_it_is_on_again(
     server: ServerProcess, client: grpcclient.InferenceServerClient
 ) -> None:

@@ -73,6 +73,14 @@ class TextFormatter(logging.Formatter):
             return super().formatTime(record, datefmt)
         return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """One line per message: a line break in it (a model name is the caller's text) is written as
+        ``\\n``, so no caller can start a line that reads as the server's. Tracebacks keep their lines."""
+        message = record.message
+        if "\n" in message or "\r" in message:
+            record.message = message.replace("\r", "\\r").replace("\n", "\\n")
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         trace_id = getattr(record, "trace_id", "")
