@@ -151,7 +151,7 @@ class AsyncClient(ClientBase):
     ) -> AsyncIterator[InferResult]:
         """Send ``requests`` on one ModelStreamInfer stream; an async iterator of results.
 
-        The same contract as ``Client.stream_infer``: replies may be out of order,
+        The same contract as ``Client.stream_infer``: replies in the requests' order,
         a failed request raises ``InferenceFailed``, streams are not retried.
         """
         deadline = self._deadline(timeout)

@@ -144,8 +144,9 @@ class Client(ClientBase):
     ) -> Iterator[InferResult]:
         """Send ``requests`` on one ModelStreamInfer stream; yields results as they arrive.
 
-        Replies may come back in another order than the requests: give each
-        request a ``request_id``. A failed request raises ``InferenceFailed`` and
+        An infergate server answers in the order the requests were sent (a Triton
+        server too, for a model that is not decoupled); each reply carries its
+        request's ``request_id``. A failed request raises ``InferenceFailed`` and
         ends the stream. Streams are not retried; ``timeout`` covers the whole stream.
         """
         deadline = self._deadline(timeout)

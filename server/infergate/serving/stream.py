@@ -1,8 +1,15 @@
-"""A bidirectional stream's requests answered concurrently (so that they batch), with backpressure.
+"""A bidirectional stream's requests answered concurrently (so that they batch), in order, with backpressure.
 
 :func:`answer_concurrently` reads requests in a task of its own and answers
-several at once; answers are yielded as soon as they are ready (so they may
-come back out of order: each carries its request's id).
+several at once, but yields the answers in the order the requests arrived, as
+Triton answers a non-decoupled model's requests on a stream (its
+``stream_infer_handler.cc`` queues each for its response as it is read):
+tritonclient users who send no request id pair answers with requests by
+position. Each request read becomes a task, appended to a FIFO; the answers
+side takes the FIFO's head and awaits it. So a slow request holds back the
+answers behind it (they are ready and wait), as in Triton, while the requests
+behind it still run, and batch, concurrently. A failure is an answer too
+(``answer`` turns it into one), so it takes its place in the order.
 
 Backpressure: at most ``window`` requests of one stream are in progress or
 answered but not yet taken by gRPC. A slot is freed only when gRPC asks for
@@ -10,18 +17,28 @@ the next answer, which it does once it has handed the previous one to the
 transport; a client that stops reading fills its flow-control window, gRPC
 stops asking, and the reader stops reading requests until the client reads
 again. So a stream holds at most ``window`` answers in memory, whatever its
-client sends.
+client sends; answers waiting behind a slow one count too.
+
+Why order and window cannot wait for each other forever: the head of the FIFO
+is always a request already read and running (a slot is taken before its task
+starts, and every task is in the FIFO), so the answers side waits only for the
+model, never for the reader; the reader waits only for the answers side. A
+request's model finishes it without any later request of its stream, or within
+a bound the model's config sets when a later one would help (a batch waiting
+to fill waits at most ``max_queue_delay_microseconds``; a sequence that waits
+for a slot gets one when a sequence ends or idles out,
+``max_sequence_idle_microseconds``), so the head is always answered.
 
 Draining: when ``closing`` is set, the stream reads no more requests, answers
-every request it has read, and then ends with UNAVAILABLE, so the client
-knows to send the rest elsewhere.
+every request it has read, in order, and then ends with UNAVAILABLE, so the
+client knows to send the rest elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 
 from infergate.errors import Unavailable
 
@@ -30,25 +47,25 @@ __all__ = ["answer_concurrently"]
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-OnPause = Callable[[int], None]  # +1 when a stream stops reading for its client, -1 when it resumes
-
-_END = object()  # the reader's last word: no more answers will come
+OnPause = Callable[[int], None]  # +1 when a stream stops reading (its window is full), -1 when it resumes
 
 
 async def answer_concurrently(
     requests: AsyncIterator[Req],
-    answer: Callable[[Req], Awaitable[Resp]],
+    answer: Callable[[Req], Coroutine[Any, Any, Resp]],
     window: int,
     on_pause: OnPause | None = None,
     closing: asyncio.Event | None = None,
 ) -> AsyncIterator[Resp]:
-    """Yield ``answer(request)`` for every request; ``answer`` must turn failures into answers.
+    """Yield ``answer(request)`` for every request, in the requests' order; ``answer`` must turn
+    failures into answers.
 
     Raises Unavailable after the last answer when ``closing`` stopped the reading.
     The reader task is cancelled and awaited on every way out (the stream ends,
-    the client cancels, the server stops), so nothing it started outlives the call.
+    the client cancels, the server stops), and it cancels and awaits every answer
+    it started, so nothing the call started outlives it.
     """
-    answers: asyncio.Queue[object] = asyncio.Queue()
+    answers: asyncio.Queue[asyncio.Task[Resp] | None] = asyncio.Queue()  # in arrival order; None: the end
     slots = asyncio.Semaphore(window)
     stop = closing or asyncio.Event()
     reading = _Reading()
@@ -56,8 +73,8 @@ async def answer_concurrently(
     watcher = asyncio.create_task(stop.wait())
     watcher.add_done_callback(lambda _: reader.cancel() if reading.on else None)  # only a reader still reading
     try:
-        while (response := await answers.get()) is not _END:
-            yield response  # type: ignore[misc]  # everything but _END is an answer
+        while (next_answer := await answers.get()) is not None:
+            yield await next_answer  # at once when it is done; else it waits, and so do the ones behind it
             slots.release()  # gRPC took the previous answer: room for one more request
         if await reader:
             raise Unavailable("the server is shutting down: the stream's later requests were not read; send them again")
@@ -69,23 +86,24 @@ async def answer_concurrently(
 
 async def _read(
     requests: AsyncIterator[Req],
-    answer: Callable[[Req], Awaitable[Resp]],
-    answers: asyncio.Queue[object],
+    answer: Callable[[Req], Coroutine[Any, Any, Resp]],
+    answers: asyncio.Queue[asyncio.Task[Resp] | None],
     slots: asyncio.Semaphore,
     on_pause: OnPause | None,
     closing: asyncio.Event,
     reading: _Reading,
 ) -> bool:
-    """Read and answer until the requests end; True if ``closing`` cut the reading short."""
-    tasks: set[asyncio.Task[None]] = set()
+    """Read and start answering until the requests end; True if ``closing`` cut the reading short.
+
+    Returns (and puts the end in ``answers``) once every answer it started is done: it owns them,
+    and cancels them when it is cancelled."""
+    tasks: set[asyncio.Task[Resp]] = set()
 
     def start(request: Req) -> None:
-        task = asyncio.create_task(one(request))
+        task = asyncio.create_task(answer(request))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-
-    async def one(request: Req) -> None:
-        answers.put_nowait(await answer(request))
+        answers.put_nowait(task)  # its place in the order: the order requests were read
 
     closed = False
     waiting: list[Req] = []  # a request read that waits for a slot
@@ -105,13 +123,13 @@ async def _read(
             reading.on, closed = False, True
             for request in waiting:  # read, so answered too: one over the window, once
                 start(request)
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)  # a failure (a bug) is raised in its place in the order
         return closed
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        answers.put_nowait(_END)
+        answers.put_nowait(None)
 
 
 class _Reading:
