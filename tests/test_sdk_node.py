@@ -330,8 +330,7 @@ def test_node_streams_requests_on_one_stream_and_matches_the_python_sdk(
 def test_a_failed_request_of_a_node_stream_throws_inference_failed_naming_it(
     node_client: Path, demo_server: ServerProcess
 ) -> None:
-    # The first has the wrong shape. (Replies may come out of order: the refusal, made before any
-    # queueing, can overtake the answer to a good request sent before it.)
+    # The first has the wrong shape: its refusal is the first reply (replies come in the requests' order).
     streamed = _stream(demo_server, [[1, 15], [1, 16]])
     assert streamed["error"] == "InferenceFailed" and streamed["requestId"] == "r0", streamed
     assert "'x'" in streamed["details"] and "[1, 15]" in streamed["details"], streamed
