@@ -793,14 +793,20 @@ async def test_aclose_drains_the_queue_and_then_refuses_new_work(make_batcher: M
 async def test_aclose_with_a_timeout_cancels_stuck_work_and_its_callers_get_unavailable(
     make_batcher: MakeBatcher, model: FakeModel
 ) -> None:
+    """Each caller is told whether its request ran: the one whose batch was running was once told that the
+    batcher "was closed before the request ran", which a client may read as "safe, it never ran"."""
     batcher = make_batcher()
     async with asyncio.timeout(LIMIT):
         stuck = await occupy(batcher, model)  # the gate never opens
         queued = submit(batcher, "a")
         await one_loop_pass()
         await batcher.aclose(timeout=0.05)
-        outcome = await results(stuck, queued)
-    assert all(isinstance(r, Unavailable) for r in outcome), outcome
+        running, waiting = await results(stuck, queued)
+    assert isinstance(running, Unavailable) and isinstance(waiting, Unavailable), (running, waiting)
+    assert running.message == (
+        f"model {NAME} was closed while the request ran: the time allowed for the close ran out before it finished"
+    )
+    assert waiting.message == f"model {NAME} was closed before the request ran"
     assert model.payloads == [["busy"]]
 
 

@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
 from conftest import wait_until
 from models import save_model
+from tritonclient.utils import InferenceServerException
 
+from infergate.telemetry.logs import listening_address
 from load_tests.models import build_slow_model
 from load_tests.procfs import descendants
 
@@ -265,3 +268,61 @@ def test_a_worker_told_to_stop_while_it_loads_stops_the_server_cleanly(slow_repo
         os.kill(stopped, signal.SIGCONT)
         _stopped_and_gone(running, [other], 0)
         assert "failed to start" not in running.log()
+
+
+def _load_on_a_thread(url: str, model: str) -> tuple[threading.Thread, dict[str, str]]:
+    """RepositoryModelLoad of ``model`` from tritonclient, on a thread; its outcome: status (and message)."""
+    outcome: dict[str, str] = {}
+
+    def load() -> None:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            client.load_model(model, client_timeout=GUARD_S)
+            outcome["status"] = "OK"
+        except InferenceServerException as exc:
+            outcome.update(status=str(exc.status()), message=str(exc.message()))
+        finally:
+            client.close()
+
+    caller = threading.Thread(target=load, daemon=True)
+    caller.start()
+    return caller, outcome
+
+
+def _logged(running: Supervisor, pid: int, text: str) -> bool:
+    return re.search(rf"\[{pid}\] .*{re.escape(text)}", running.log()) is not None
+
+
+@pytest.mark.parametrize("loaded_in_worker_0", [False, True], ids=["loading-in-both", "loaded-in-worker-0"])
+def test_a_load_cut_short_by_sigterm_is_answered_unavailable_not_applied(
+    slow_repository: Path, log_dir: Path, loaded_in_worker_0: bool
+) -> None:
+    """A RepositoryModelLoad still loading when the pod is told to stop: each worker's stop cancels its load.
+    The call once came back OK ("load slow: applied in 0 worker(s)"), though no worker had the model. Now it
+    is UNAVAILABLE, like a single server's, and says which workers applied it: none, or worker 0 only."""
+    name = "load-at-stop-partial.log" if loaded_in_worker_0 else "load-at-stop.log"
+    with supervisor(slow_repository, log_dir / name, "--model-control-mode", "explicit") as running:
+        wait_until(lambda: any(listening_address(line) for line in running.printed), "the supervisor listening")
+        url = next(a for line in running.printed if (a := listening_address(line)))
+        workers = running.workers()
+        caller, outcome = _load_on_a_thread(url, "slow")
+        for pid in workers.values():
+            wait_until(lambda pid=pid: _logged(running, pid, "load slow: applying"), f"worker {pid} loading")
+        if loaded_in_worker_0:
+            held = [workers[1]]
+            _stop_process(workers[1])
+            wait_until(lambda: _logged(running, workers[0], "loaded model slow"), "worker 0 loaded the model")
+        else:
+            held = list(workers.values())
+            for pid in held:
+                _stop_process(pid)
+        for pid in held:
+            assert not _logged(running, pid, "loaded model slow"), f"{pid} was held too late to test anything"
+        running.process.send_signal(signal.SIGTERM)
+        _stopped_and_gone(running, held, 0)
+        caller.join(GUARD_S)
+        hub = [line for line in running.log().splitlines() if f"[{running.pid}] " in line and "load slow" in line]
+        expected = "applied in worker(s) 0 only" if loaded_in_worker_0 else "not applied in any worker"
+        assert len(hub) == 1 and "the server is stopping" in hub[0] and expected in hub[0], running.log()
+        # The caller hears the hub's answer, or, when its worker exited first, "Socket closed": never OK.
+        assert outcome.get("status") == "StatusCode.UNAVAILABLE", outcome

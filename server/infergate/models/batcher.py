@@ -61,7 +61,8 @@ Guarantees:
   caller of that batch and nobody else; ``done`` may also carry an exception in
   place of one result.
 * ``aclose`` refuses new work and returns once every queued and running batch
-  has finished.
+  has finished (or its ``timeout`` ran out: then each caller still waiting is
+  told whether its request ran).
 
 Time comes from a :class:`Clock`: :class:`LoopClock` (``time.monotonic()``
 and the running loop's timers) unless one is injected, as the tests do to step
@@ -354,8 +355,9 @@ class DynamicBatcher(Generic[T, R]):
     async def aclose(self, timeout: float | None = None) -> None:
         """Refuse new work and wait until every queued and running batch finished.
 
-        After ``timeout`` seconds, callers still waiting get Unavailable (a batch
-        already running on an instance finishes there, unobserved).
+        After ``timeout`` seconds, callers still waiting get Unavailable, each told whether its
+        request ran: "closed before the request ran" (queued: never executed) or "closed while
+        the request ran" (its batch was running; it finishes there, unobserved).
         """
         self._closing = True
         if self._loop is None:  # never started: nothing can be queued or running
@@ -364,10 +366,16 @@ class DynamicBatcher(Generic[T, R]):
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
-            error = Unavailable(f"model {self._name} was closed before the request ran")
+            # A running batch's callers are answered now, not when it finishes: ``timeout`` is the caller's
+            # bound (a server's shutdown grace), and this batcher cannot know that an ``execute`` will
+            # ever call ``done``. But they are not told their request never ran: it did, or still does.
+            running = Unavailable(
+                f"model {self._name} was closed while the request ran: "
+                "the time allowed for the close ran out before it finished"
+            )
             for entries in self._running.values():
-                self._resolve_all(entries, error)
-            self._resolve_all(list(self._queue), error)
+                self._resolve_all(entries, running)
+            self._resolve_all(list(self._queue), Unavailable(f"model {self._name} was closed before the request ran"))
             self._queue.clear()
         if self._timer is not None:
             self._timer.cancel()

@@ -36,6 +36,16 @@ can open (``mkdtemp``, mode 0700); nothing listens on a network port.
 One lock in the hub orders calls and joins, so every worker applies the same
 calls in the same order. A call that fails in some workers only (a worker out
 of memory) is reported with the workers it failed in; retrying it is safe.
+
+**A stop cuts calls short, and says so.** A worker that is stopping leaves
+model control: a call it is applying is cancelled, and it answers
+``{"ok": false, "status": "UNAVAILABLE", "stopping": true, ...}`` instead.
+While the supervisor is not stopping, such a worker (like one that crashed)
+is counted out: it is restarted and replays the call. Once the supervisor is
+stopping, none comes back: the call is answered UNAVAILABLE, "the server is
+stopping", naming the workers that applied it, if any (a single server's
+caller gets UNAVAILABLE too, its connection closed). A call no worker applied
+is never answered OK.
 """
 
 from __future__ import annotations
@@ -74,6 +84,7 @@ OPS = ("load", "unload")
 LOG = "log"  # the op and call that carry log settings
 TRACE = "trace"  # and trace settings
 SERVE = "serve"  # every worker listens: report SERVING
+STOPPING = "stopping"  # in a reply: the worker stopped before it applied the op (it leaves model control)
 # Replies that mean the call changed nothing anywhere (no such model): such a call is not replayed.
 _NAMED_NOTHING = frozenset({"NOT_FOUND", "INVALID_ARGUMENT"})
 _ERRORS: dict[str, type[InferGateError]] = {
@@ -151,10 +162,15 @@ class _Agent:
 
 
 class ControlHub:
-    """The supervisor's control point: applies each load/unload in every joined worker."""
+    """The supervisor's control point: applies each load/unload in every joined worker.
 
-    def __init__(self, path: Path):
+    ``stopping``: the supervisor's stop, once set (before any worker is told to stop): a worker that
+    leaves from then on is not restarted, so a call it did not apply is not applied there at all.
+    """
+
+    def __init__(self, path: Path, stopping: asyncio.Event | None = None):
         self.path = path
+        self._stopping = stopping if stopping is not None else asyncio.Event()
         self._lock = asyncio.Lock()
         self._agents: dict[int, _Agent] = {}
         self._calls: dict[str, str] = {}  # model -> the last op asked for it, in the order asked
@@ -229,45 +245,88 @@ class ControlHub:
         """Every worker listens on the port: have each report SERVING (one that joins later does so at once)."""
         async with self._lock:
             self._all_listen = True
-            answered = await self._ask_all({"op": SERVE})
-        log.info("every worker listens: %d worker(s) report SERVING", len(answered))
+            replies = await self._ask_all({"op": SERVE})
+        log.info("every worker listens: %d worker(s) report SERVING", len(_answered(replies)))
 
     async def apply(self, op: str, model: str) -> Message:
         """Apply ``op`` to ``model`` in every joined worker; one reply for the caller."""
         async with self._lock:
-            answered = await self._ask_all({"op": op, "model": model})
+            replies = await self._ask_all({"op": op, "model": model})
+            answered = _answered(replies)
             if not answered or not all(r.get("status") in _NAMED_NOTHING for _, r in answered):
                 self._calls.pop(model, None)  # kept for workers that join later, in the order asked
                 self._calls[model] = op
-        log.info("%s %s: applied in %d worker(s)", op, model, len(answered))
-        return _combine(answered)
+        return self._answer(f"{op} {model}", replies)
 
     async def apply_log_settings(self, settings: Message) -> Message:
         """Apply LogSettings' ``settings`` (checked by the worker that took the call) in every joined worker."""
         async with self._lock:
-            answered = await self._ask_all({"op": LOG, "settings": settings})
+            replies = await self._ask_all({"op": LOG, "settings": settings})
             self._log_settings = settings  # for workers that join later
-        log.info("log settings: applied in %d worker(s)", len(answered))
-        return _combine(answered)
+        return self._answer("log settings", replies)
 
     async def apply_trace_change(self, change: TraceChange) -> Message:
         """Apply a TraceSetting change (checked by the worker that took the call) in every joined worker."""
         async with self._lock:
-            answered = await self._ask_all({"op": TRACE, "change": change.as_message()})
+            replies = await self._ask_all({"op": TRACE, "change": change.as_message()})
             before = self._trace_changes.get(change.model)
             self._trace_changes[change.model] = before.then(change) if before is not None else change
-        log.info("trace settings of %s: applied in %d worker(s)", change.model or "the server", len(answered))
-        return _combine(answered)
+        return self._answer(f"trace settings of {change.model or 'the server'}", replies)
 
-    async def _ask_all(self, request: Message) -> list[tuple[int, Message]]:
-        """Every joined worker's reply to ``request`` (under the lock), by worker index; workers that
-        went away are counted out (they replay everything when they are back)."""
+    async def _ask_all(self, request: Message) -> list[tuple[int, Message | None]]:
+        """Every joined worker's reply to ``request`` (under the lock), by worker index: None for a worker
+        that went away, a ``stopping`` reply for one that left while applying it. Either leaves the hub."""
         agents = sorted(self._agents.values(), key=lambda a: a.index)
         replies = await asyncio.gather(*(a.ask(request) for a in agents))
         for agent, reply in zip(agents, replies, strict=True):
-            if reply is None and self._agents.get(agent.index) is agent:
-                del self._agents[agent.index]
-        return [(a.index, r) for a, r in zip(agents, replies, strict=True) if r is not None]
+            if reply is None or reply.get(STOPPING):
+                agent.close()
+                if self._agents.get(agent.index) is agent:
+                    del self._agents[agent.index]
+        return [(a.index, r) for a, r in zip(agents, replies, strict=True)]
+
+    def _answer(self, what: str, replies: list[tuple[int, Message | None]]) -> Message:
+        """The caller's answer to ``what``, logged.
+
+        A worker that did not answer (gone, or stopping) is counted out while the supervisor serves on: it
+        is restarted and replays the call. Once the supervisor is stopping it is not, and the call is
+        answered UNAVAILABLE saying where it was applied, if anywhere; never OK for a call no worker applied.
+        """
+        answered = _answered(replies)
+        left = [index for index, reply in replies if reply is None or reply.get(STOPPING)]
+        applied = [index for index, reply in answered if reply.get("ok")]
+        if left and self._stopping.is_set():
+            where = _indices(left)
+            message = (
+                f"the server is stopping: {what} was applied in worker(s) {_indices(applied)} only; worker(s) "
+                f"{where} stopped before applying it"
+                if applied
+                else f"the server is stopping: {what} was not applied in any worker (worker(s) {where} stopped "
+                "before applying it)"
+            )
+            failed = [(index, reply) for index, reply in answered if not reply.get("ok")]
+            message += "".join(f"; worker {index}: {reply.get('message')}" for index, reply in failed)
+        elif not answered:
+            # No worker to apply it (every one crashed at once): those restarting replay it, but not yet.
+            message = f"{what} was not applied: no worker answered"
+        else:
+            answer = _combine(answered)
+            if answer.get("ok"):
+                log.info("%s: applied in %d worker(s)", what, len(answered))
+            else:
+                log.info("%s: %s", what, answer.get("message"))
+            return answer
+        log.warning("model control: %s", message)
+        return {"ok": False, "status": "UNAVAILABLE", "message": message}
+
+
+def _answered(replies: list[tuple[int, Message | None]]) -> list[tuple[int, Message]]:
+    """The replies of workers that applied the call or failed to: not of those gone or stopping."""
+    return [(index, reply) for index, reply in replies if reply is not None and not reply.get(STOPPING)]
+
+
+def _indices(indices: list[int]) -> str:
+    return ", ".join(str(index) for index in indices)
 
 
 def _combine(replies: list[tuple[int, Message]]) -> Message:
@@ -398,6 +457,7 @@ class WorkerControl:
 
     async def _apply(self, message: Message, writer: asyncio.StreamWriter) -> None:
         op, model = message.get("op"), message.get("model")
+        reply: Message
         try:
             if op == SERVE:
                 self.all_listen.set()
@@ -408,8 +468,20 @@ class WorkerControl:
             elif op not in OPS or not isinstance(model, str):
                 raise InvalidArgument(f"model control: unknown request {message!r}")
             else:
+                log.info("%s %s: applying in this worker (model control)", op, model)
                 await (self._local.load(model) if op == "load" else self._local.unload(model))
-            reply: Message = {"ok": True}
+            reply = {"ok": True}
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # aclose: this worker is stopping. Its op did not finish (a load, say, may be half done), and the
+            # hub must not count it as applied: say so before leaving.
+            what = f"{op} {model}" if op in OPS else str(op)
+            reply = {"ok": False, "status": "UNAVAILABLE", STOPPING: True,
+                     "message": f"worker {self.role.index} stopped before {what} finished"}  # fmt: skip
+            with contextlib.suppress(ConnectionError):
+                await _send(writer, reply)
+            raise
         except InferGateError as exc:
             reply = {"ok": False, "status": exc.status.name, "message": exc.message}
         except Exception:

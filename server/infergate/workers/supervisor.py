@@ -324,7 +324,8 @@ async def supervise(
     reserved = _reserve_port(host, port)
     port = reserved.getsockname()[1]
     directory = Path(tempfile.mkdtemp(prefix="infergate-"))  # mode 0700: only this user reaches the socket
-    shared = _Shared(ControlHub(directory / "control.sock"), WorkerMetrics(count) if metrics_address else None)
+    hub = ControlHub(directory / "control.sock", stopping)  # a call cut short by the stop is not answered OK
+    shared = _Shared(hub, WorkerMetrics(count) if metrics_address else None)
     command = [sys.executable, "-m", "infergate", "serve", *worker_args, "--port", str(port), "--reuse-port"]
     if metrics_address is not None:
         command += ["--metrics-port", "0"]  # each worker's own endpoint, on 127.0.0.1
