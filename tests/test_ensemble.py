@@ -544,6 +544,30 @@ def test_a_step_whose_model_is_unloaded_fails_unavailable_naming_the_step(
     np.testing.assert_array_equal(infer(client, "pipeline", X), X * 5)
 
 
+def test_unloading_a_step_model_with_its_dependents_unloads_the_ensembles_that_run_it(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """Triton's unload_dependents: ``triple`` runs in ``pipeline``, which runs in ``outer``; ``flat`` does not."""
+    client.unload_model("triple", unload_dependents=True)
+    try:
+        ready = {m: client.is_model_ready(m) for m in ["triple", "pipeline", "outer", "flat", "double"]}
+        assert ready == {"triple": False, "pipeline": False, "outer": False, "flat": True, "double": True}
+    finally:
+        for model in ["triple", "pipeline", "outer"]:  # steps first
+            client.load_model(model)
+    np.testing.assert_array_equal(infer(client, "outer", X), X * 10)
+
+
+def test_unloading_a_step_model_without_its_dependents_leaves_the_ensembles_loaded(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    client.unload_model("triple")
+    try:
+        assert not client.is_model_ready("triple") and client.is_model_ready("pipeline")
+    finally:
+        client.load_model("triple")
+
+
 def test_a_step_model_reloaded_with_other_tensors_fails_the_step_not_the_answer(
     client: grpcclient.InferenceServerClient,
 ) -> None:

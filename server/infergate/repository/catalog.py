@@ -245,6 +245,23 @@ class ModelCatalog:
         """Each model's router now, by model name; safe to call from another thread, like ``served``."""
         return [(entry.name, router) for entry in list(self._entries.values()) if (router := entry.router) is not None]
 
+    def dependents(self, name: str) -> list[str]:
+        """The ensembles served now that run ``name`` in a step, directly or through other ensembles,
+        outermost first (Triton's ``unload_dependents`` unloads them with it)."""
+        found: list[str] = []
+        frontier = [name]
+        while frontier:
+            step = frontier.pop()
+            for entry in self._entries.values():
+                if entry.name in found or entry.name == name:
+                    continue
+                for version in entry.versions.values():
+                    if isinstance(version, EnsembleVersion) and any(s.model == step for s in version.steps):
+                        found.append(entry.name)
+                        frontier.append(entry.name)
+                        break
+        return found[::-1]
+
     def not_ready(self) -> list[str]:
         """Names of the models that are not serving (failed, or still loading)."""
         return [e.name for e in self._entries.values() if e.state is not ModelState.READY]

@@ -19,7 +19,7 @@ import grpc
 from infergate import __version__
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
-from infergate.errors import FailedPrecondition, InferGateError, NotFound, Unimplemented
+from infergate.errors import FailedPrecondition, InferGateError, InvalidArgument, NotFound, Unimplemented
 from infergate.heap import in_thread
 from infergate.models.overrides import parse_load_parameters
 from infergate.repository.loader import ModelRepository
@@ -228,7 +228,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         self._explicit_control("RepositoryModelUnload")
-        await self._control.unload(request.model_name)
+        name = request.model_name
+        if _unload_dependents(request):  # the ensembles that run it first, as Triton's unload_dependents
+            for ensemble in self._catalog.dependents(name):
+                await self._control.unload(ensemble)
+        await self._control.unload(name)
         return pb.RepositoryModelUnloadResponse()
 
     def _explicit_control(self, method: str) -> None:
@@ -360,6 +364,17 @@ def _final_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamI
     echo = response.infer_response
     echo.model_name, echo.model_version, echo.id = request.model_name, request.model_version, request.id
     return response
+
+
+def _unload_dependents(request: pb.RepositoryModelUnloadRequest) -> bool:
+    """RepositoryModelUnload's ``unload_dependents`` parameter (tritonclient's ``unload_dependents=True``)."""
+    parameters = request.parameters
+    if "unload_dependents" not in parameters:
+        return False
+    given = parameters["unload_dependents"]
+    if given.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidArgument("RepositoryModelUnload: the 'unload_dependents' parameter must be a bool")
+    return given.bool_param
 
 
 def _not_implemented(method: str) -> Unimplemented:
