@@ -11,6 +11,7 @@ it names.
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -268,6 +269,26 @@ def test_a_stream_of_allowed_models_is_answered(
     metadata = [("authorization", f"Bearer {auth_server.token('infer:matmul16')}")]
     answers = list(stub.ModelStreamInfer(iter([infer_request()] * 3), metadata=metadata, timeout=HANG_GUARD_S))
     assert [a.error_message for a in answers] == ["", "", ""]
+
+
+def test_a_stream_ends_unauthenticated_once_its_token_expires(
+    auth_server: AuthServer, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """A stream keeps the rights of its token only while the token is valid: the request after it
+    expired (plus the server's 30 s leeway) ends the stream, as a new call with it would be refused."""
+    valid_until = int(time.time()) + 2  # exp 28 s ago: valid for 2 s more, within the leeway
+    metadata = [("authorization", f"Bearer {auth_server.token('infer:matmul16', exp=valid_until - 30)}")]
+    sent: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+    sent.put(infer_request())
+    call = stub.ModelStreamInfer(iter(sent.get, None), metadata=metadata, timeout=HANG_GUARD_S)
+    assert next(call).error_message == ""
+    wait_until(lambda: time.time() > valid_until + 0.5, "the token's time over")
+    sent.put(infer_request())
+    with pytest.raises(grpc.RpcError) as caught:
+        next(call)
+    error: Any = caught.value
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+    assert "expired" in error.details()
 
 
 # --------------------------------------------------------------------------- admin and audit

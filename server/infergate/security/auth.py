@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextvars
 import fnmatch
 import functools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -138,6 +139,9 @@ class Principal:
     subject: str
     client_id: str | None = None
     permissions: frozenset[str] = field(default_factory=frozenset)
+    # When the token stops being valid (its exp plus the leeway; wall clock, as exp is): a stream
+    # opened with it is refused its next request from then on (interceptor.py).
+    valid_until: float = field(default=math.inf, compare=False)
 
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("infergate_principal", default=None)
@@ -321,7 +325,8 @@ class TokenVerifier:
         if kid is not None and not isinstance(kid, str):
             raise MalformedToken("kid must be a string")
         claims = self._decode(token, alg, await self._keys_for(alg, kid))
-        return self._principal(claims), _expiry(claims)
+        expires = _expiry(claims)
+        return self._principal(claims, expires + self._config.leeway_seconds), expires
 
     async def _keys_for(self, alg: str, kid: str | None) -> list[Any]:
         if alg in HMAC_ALGORITHMS:
@@ -362,7 +367,7 @@ class TokenVerifier:
         assert error is not None
         raise error
 
-    def _principal(self, claims: dict[str, Any]) -> Principal:
+    def _principal(self, claims: dict[str, Any], valid_until: float) -> Principal:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise MissingClaim("token has no 'sub' claim")
@@ -371,6 +376,7 @@ class TokenVerifier:
             subject=subject,
             client_id=client if isinstance(client, str) else None,
             permissions=permissions_from_claims(claims, self._config.permissions_claim),
+            valid_until=valid_until,
         )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -31,6 +32,7 @@ import grpc
 from infergate._proto import grpc_service_pb2 as pb
 from infergate.security.auth import (
     AuthError,
+    Expired,
     Principal,
     TokenVerifier,
     authorization,
@@ -290,11 +292,16 @@ class _Authorized:
     async def _checked(
         self, principal: Principal, requests: AsyncIterator[Any], denied: list[AuthError]
     ) -> AsyncIterator[Any]:
-        """Pass requests on until one is not allowed; then end the stream and remember why."""
+        """Pass requests on until one is not allowed, or the stream's token expired; then end the stream
+        and remember why (the token was verified when the stream opened: a stream lives longer)."""
         async for request in requests:
             try:
+                if time.time() >= principal.valid_until:
+                    raise Expired("token expired while its stream was open; open a new stream with a new token")
                 self.check(principal, request)
             except AuthError as error:
+                if self.on_refusal is not None and isinstance(error, Expired):
+                    self.on_refusal(error.reason)
                 denied.append(error)
                 return
             yield request
