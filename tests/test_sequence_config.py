@@ -426,6 +426,19 @@ def test_a_bad_initial_state_file_is_named(tmp_path: Path, content: bytes | None
     assert says in str(refused.value)
 
 
+@pytest.mark.parametrize("name", ["/etc/hostname", "../secret.bin", "../../secret.bin"])
+def test_an_initial_state_file_outside_the_initial_state_directory_is_not_read(tmp_path: Path, name: str) -> None:
+    """A config can come over the API: it must not read, nor probe the size of, any other file of the host."""
+    (tmp_path / "initial_state").mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\x00" * 8)
+    block = sequences(
+        "state: [{input_name: B, output_name: B2, data_type: TYPE_FP32, dims: [2],"
+        f" initial_state: [{{data_type: TYPE_FP32, dims: [2], data_file: '{name}'}}]}}]"
+    )
+    with pytest.raises(ValueError, match=r"initial_state data_file .* leads out of the 'initial_state' directory"):
+        load_initial_states(block, tmp_path)
+
+
 def test_a_bytes_initial_state_file_holds_length_prefixed_elements(tmp_path: Path) -> None:
     (tmp_path / "initial_state").mkdir()
     data = encode_bytes_tensor(np.array(["ab", "c"], dtype=object))

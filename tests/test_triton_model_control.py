@@ -124,6 +124,38 @@ async def test_a_bad_config_override_is_refused_and_the_loaded_version_keeps_ser
     assert (await client.infer("simple", pair())).as_numpy("OUTPUT0")[0, 1] == 2
 
 
+def _warmup_reading(path: str) -> str:
+    zeros = {"data_type": "TYPE_INT32", "dims": [16], "zero_data": True}
+    read = {"data_type": "TYPE_INT32", "dims": [16], "input_data_file": path}
+    return json.dumps(
+        {
+            "max_batch_size": 8,
+            "model_warmup": [{"name": "w", "batch_size": 1, "inputs": {"INPUT0": read, "INPUT1": zeros}}],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        pytest.param('{"default_model_filename": "/etc/hostname"}', "default_model_filename", id="an absolute model"),
+        pytest.param('{"default_model_filename": "../../densenet_onnx/1/model.onnx"}', "default_model", id="up"),
+        pytest.param(_warmup_reading("/etc/hostname"), "warm-up input_data_file", id="absolute warm-up data"),
+        pytest.param(_warmup_reading("../config.yaml"), "warm-up input_data_file", id="warm-up data up"),
+    ],
+)
+async def test_a_config_override_cannot_name_a_file_outside_the_model_directory(
+    client: aioclient.InferenceServerClient, config: str, says: str
+) -> None:
+    """A config sent over the API reads no file of the host, nor tells whether one exists or its size."""
+    await client.load_model("simple")
+    refused = await refusal(client.load_model("simple", config=config))
+    message = str(refused.message())
+    assert says in message and "leads out of the" in message, message
+    assert "hostname" not in message.replace("'/etc/hostname'", "") and "bytes" not in message
+    assert await client.is_model_ready("simple")
+
+
 async def test_a_config_override_the_graph_cannot_take_is_refused_and_the_loaded_version_keeps_serving(
     client: aioclient.InferenceServerClient,
 ) -> None:

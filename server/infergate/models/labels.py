@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from infergate.models.config import ModelConfig
+from infergate.models.paths import named_file
 
 __all__ = ["load_labels", "output_labels"]
 
@@ -28,8 +29,6 @@ def output_labels(config: ModelConfig, model_dir: Path) -> dict[str, tuple[str, 
     for output in config.output:
         if output.label_filename is None:
             continue
-        path = model_dir / output.label_filename
-        if not path.resolve().is_relative_to(model_dir.resolve()):
-            raise ValueError(f"output {output.name!r}: label_filename {output.label_filename!r} leaves {model_dir}")
+        path = named_file(model_dir, output.label_filename, f"output {output.name!r}: label_filename")
         labels[output.name] = load_labels(path)
     return labels

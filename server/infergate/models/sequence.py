@@ -53,6 +53,7 @@ import numpy.typing as npt
 from infergate.errors import DeadlineExceeded, InvalidArgument, QueueFull, Unavailable
 from infergate.models.config import DynamicBatching, SequenceBatching, SequenceControl
 from infergate.models.datatypes import BYTES, DATATYPES, Datatype, from_triton_type
+from infergate.models.paths import named_file
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 from infergate.models.stats import StepTimes
 from infergate.models.warmup import read_raw_tensor
@@ -239,7 +240,7 @@ def load_initial_states(config: SequenceBatching, model_dir: Path | None) -> dic
             assert initial.data_file is not None  # the config allows exactly one of the two
             if model_dir is None:
                 raise ValueError(f"state {state.input_name!r}: initial_state.data_file needs the model directory")
-            path = model_dir / "initial_state" / initial.data_file
+            path = named_file(model_dir / "initial_state", initial.data_file, "initial_state data_file")
             states[state.input_name] = read_raw_tensor(path, datatype, initial.dims)
     return states
 

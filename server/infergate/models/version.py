@@ -25,6 +25,7 @@ from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
 from infergate.models.config import Metadata, ModelConfig
 from infergate.models.governance import verify_version
 from infergate.models.labels import output_labels
+from infergate.models.paths import named_file
 from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner
 from infergate.models.sequence import (
     SequenceScheduler,
@@ -242,7 +243,10 @@ def load_model_version(
     names: labels files and initial state. ``cpus``: the CPUs its sessions
     share (``OnnxRunner.load``). Raises ModelLoadError saying what does not fit.
     """
-    path = directory / config.default_model_filename
+    try:
+        path = named_file(directory, config.default_model_filename, "default_model_filename")
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
     metadata = verify_version(path, config)  # before onnxruntime reads a file that is not the one named

@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from infergate.models.config import ModelConfig, WarmupSample
 from infergate.models.datatypes import BYTES, DATATYPES, Datatype, decode_bytes_tensor, from_triton_type
+from infergate.models.paths import named_file
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 
 __all__ = ["WarmupRun", "describe_feeds", "read_raw_tensor", "valid_inputs", "warmup_runs"]
@@ -89,7 +90,8 @@ def _sample_run(spec: ModelSpec, sample: WarmupSample, model_dir: Path) -> Warmu
         datatype = from_triton_type(item.data_type)
         _check_fits(t, datatype, item.dims, spec, f"{where} input {t.name!r}")
         if item.input_data_file is not None:
-            one = read_raw_tensor(model_dir / "warmup" / item.input_data_file, datatype, item.dims)
+            path = named_file(model_dir / "warmup", item.input_data_file, "warm-up input_data_file")
+            one = read_raw_tensor(path, datatype, item.dims)
         elif item.random_data is not None:
             one = _random(datatype, item.dims, rng)
         else:
