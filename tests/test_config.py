@@ -329,5 +329,7 @@ def test_the_health_port_must_be_one_a_probe_can_reach_and_not_the_serving_port(
 
 def test_shared_memory_is_refused_with_several_workers(tmp_path: Path) -> None:
     path = write(tmp_path, "workers: 2\nshared_memory: {system: {enabled: true}}\n", name="server.yaml")
-    with pytest.raises(ConfigError, match=r"shared_memory\.system\.enabled needs workers: 1"):
+    with pytest.raises(
+        ConfigError, match=r"server\.yaml: shared_memory\.system\.enabled: Value error, needs workers: 1"
+    ):
         load_server_config(path, {})

@@ -10,9 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from infergate.configfile import ConfigError, Strict, read_yaml, validate
+from infergate.configfile import (
+    ConfigError,
+    FieldError,
+    FilePath,
+    Strict,
+    error_loc,
+    explain,
+    is_cross_field,
+    model_validate,
+    read_yaml,
+    validate,
+    where,
+)
 from infergate.eventloop import EventLoopChoice
 from infergate.security.config import AuthConfig, LimitsConfig, TlsConfig
 
@@ -126,7 +138,7 @@ class SharedMemoryConfig(Strict):
 class ServerConfig(Strict):
     """Server options, from ``--config FILE`` (YAML) and command-line flags."""
 
-    model_repository: Path | None = None
+    model_repository: FilePath | None = None
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8001
     # Queued and running requests get this long to finish after SIGTERM.
@@ -141,7 +153,8 @@ class ServerConfig(Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Processes sharing the port (SO_REUSEPORT), each with its own loop and batchers.
     workers: Annotated[int, Field(ge=1, le=256)] = 1
-    # Set for the workers of --workers N: share the port instead of refusing to.
+    # Set for the workers of --workers N (the supervisor's --reuse-port): share the port instead of refusing
+    # to. Not a user setting: a configuration file that sets it is refused (load_server_config).
     reuse_port: bool = False
     # The asyncio event loop (infergate/eventloop.py): auto is uvloop when installed, else the standard one.
     event_loop: EventLoopChoice = "auto"
@@ -157,7 +170,7 @@ class ServerConfig(Strict):
     telemetry: TelemetryConfig = TelemetryConfig()
     logging: LoggingConfig = LoggingConfig()
     # The audit trail (infergate.audit): appended to this file; unset, it goes to the server log.
-    audit_log: Path | None = None
+    audit_log: FilePath | None = None
     # Security and hardening (security_config.py, docs/security.md).
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None
@@ -172,11 +185,11 @@ class ServerConfig(Strict):
         if health is not None and health != 0 and health == self.port:
             # One server fails to bind it twice; --workers share both ports (SO_REUSEPORT), so the kernel
             # would hand some inference connections to health-only servers.
-            raise ValueError(
-                f"health_port: {health} is the serving port too; give the health service a port of its own"
+            raise FieldError(
+                "health_port", f"{health} is the serving port too; give the health service a port of its own"
             )
         if health == 0 and self.workers > 1:
-            raise ValueError("health_port: 0 (any free port) with workers > 1 gives each worker a different one, "
+            raise FieldError("health_port", "0 (any free port) with workers > 1 gives each worker a different one, "
                              "which no probe can name; choose a port")  # fmt: skip
         return self
 
@@ -184,22 +197,70 @@ class ServerConfig(Strict):
     def _shared_memory_in_one_process(self) -> ServerConfig:
         # Each worker would hold its own regions, and a client's calls may reach any of them.
         if self.shared_memory.system.enabled and self.workers > 1:
-            raise ValueError(
-                "shared_memory.system.enabled needs workers: 1 (each of the --workers processes would hold "
-                "its own registered regions)"
+            raise FieldError(
+                ("shared_memory", "system", "enabled"),
+                "needs workers: 1 (each of the --workers processes would hold its own registered regions)",
             )
         return self
 
 
+# Set by the --workers supervisor for the processes it starts (--reuse-port), never by a file: a single
+# server that shared its port would let another process take part of its connections unnoticed.
+_SUPERVISOR_ONLY = ("reuse_port",)
+
+COMMAND_LINE = "<command line>"
+
+
 def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
-    """Read ``path`` (if given) and apply command-line ``overrides`` (None values ignored)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        loaded = read_yaml(path)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data.update(loaded or {})
-    return validate(ServerConfig, _merged(data, overrides), path or Path("<command line>"))
+    """Read ``path`` (if given) and apply command-line ``overrides`` (None values ignored).
+
+    The file is validated alone first, so that its errors name it; then with the
+    overrides, whose errors name ``<command line>``. A check across fields that the
+    file alone fails (``health_port`` is the default ``port``) may be settled by
+    a flag (``--port``). A float may be written as a string (``"0.5"``): Helm's ``--set`` writes
+    fractional numbers so into the server.yaml the chart renders.
+    """
+    if path is None:
+        return validate(ServerConfig, _merged({}, overrides), COMMAND_LINE)
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
+    for key in _SUPERVISOR_ONLY:
+        if key in data:
+            raise ConfigError(
+                f"{path}: {key}: set only by the --workers supervisor for its worker processes, not in a "
+                "configuration file (workers: N shares the port between N processes)"
+            )
+    file_alone_valid = True
+    try:
+        model_validate(ServerConfig, data, float_strings=True)
+    except ValidationError as exc:
+        if not all(is_cross_field(item) for item in exc.errors()):
+            raise explain(path, exc) from None
+        file_alone_valid = False  # only checks across fields, which the flags may settle
+    try:
+        return model_validate(ServerConfig, _merged(data, overrides), float_strings=True)
+    except ValidationError as exc:
+        flags = _set_paths(overrides)
+        lines = []
+        for item in exc.errors():
+            loc = error_loc(item)
+            by_flag = file_alone_valid or any(loc[: len(flag)] == flag for flag in flags)
+            lines.append(f"{COMMAND_LINE if by_flag else path}: {where(loc)}: {item['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _set_paths(overrides: dict[str, Any], parent: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The field paths that the non-None ``overrides`` set."""
+    paths: list[tuple[str, ...]] = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            paths += _set_paths(value, (*parent, key))
+        elif value is not None:
+            paths.append((*parent, key))
+    return paths
 
 
 def _merged(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -3,29 +3,109 @@
 :func:`validate` raises :class:`ConfigError` whose message names the file and
 the field path, e.g. ``models/mlp/config.yaml: dynamic_batching.max_queue_size:
 Input should be greater than or equal to 1``.
+
+Nothing is coerced: ``true`` or ``"8"`` is not an integer (pydantic's strict
+mode), and a key given twice in a mapping is refused by :func:`read_yaml`
+(YAML itself would keep the last one and drop the other silently).
 """
 
 from __future__ import annotations
 
+import copy
+import re
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
-__all__ = ["ConfigError", "Strict", "read_yaml", "validate"]
+__all__ = [
+    "ConfigError",
+    "FieldError",
+    "FilePath",
+    "Strict",
+    "error_loc",
+    "explain",
+    "is_cross_field",
+    "model_validate",
+    "read_yaml",
+    "validate",
+    "where",
+]
 
 M = TypeVar("M", bound=BaseModel)
+
+Loc = tuple[int | str, ...]
 
 
 class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid; the message names file and field."""
 
 
-class Strict(BaseModel):
-    """Frozen, and unknown keys are errors: a typo in a config is never silently ignored."""
+class FieldError(ValueError):
+    """Raised by a model validator (a check across fields) to name the field it is about.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    ``loc`` is relative to the model the validator belongs to, e.g. ``("input",)``
+    or ``("ensemble_scheduling", "step", 0, "input_map")``; the error is then
+    reported at that path instead of at the model's own.
+    """
+
+    def __init__(self, loc: str | Loc, message: str) -> None:
+        super().__init__(message)
+        self.loc: Loc = (loc,) if isinstance(loc, str) else tuple(loc)
+
+
+class Strict(BaseModel):
+    """Frozen, unknown keys are errors, and nothing is coerced: a mistake in a config is never silently
+    ignored or turned into something else (``true`` is not 1, ``"8"`` is not 8, ``8.0`` is not 8)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# A path in a config: YAML gives text, which strict mode would refuse for a Path.
+FilePath = Annotated[Path, Field(strict=False)]
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, where: str, line: int, first: int) -> None:
+        super().__init__(where)
+        self.where, self.line, self.first = where, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a mapping that gives a key twice is refused with both lines.
+
+    Merge keys (``<<: *anchor``) may still be overridden by the mapping's own keys.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        # id of a node -> where it is, to name a duplicate key's field
+        self._paths: dict[int, tuple[Hashable, ...]] = {}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        parent = self._paths.get(id(node), ())
+        seen: dict[Hashable, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class refuses it
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(where((*parent, key)), line, seen[key])
+            seen[key] = line
+            self._paths.setdefault(id(value_node), (*parent, key))
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> list[Any]:
+        parent = self._paths.get(id(node), ())
+        for i, item in enumerate(node.value):
+            self._paths.setdefault(id(item), (*parent, i))
+        return super().construct_sequence(node, deep=deep)
 
 
 def read_yaml(path: Path) -> Any:
@@ -33,30 +113,102 @@ def read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    loader = _UniqueKeyLoader(text)
     try:
-        return yaml.safe_load(text)
+        return loader.get_single_data()
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"{path}: {exc.where}: duplicate key on line {exc.line} (first on line {exc.first})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
 
 
-def _explain(path: Path | str, error: ValidationError) -> ConfigError:
-    lines = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{path}: {where}: {item['msg']}")
-    return ConfigError("\n".join(lines))
+def where(loc: tuple[object, ...]) -> str:
+    """A field's dotted path, as messages write it."""
+    return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def validate(kind: type[M], data: Any, path: Path | str) -> M:
+def error_loc(item: ErrorDetails) -> Loc:
+    """Where an error is: pydantic's location, made precise by a :class:`FieldError`'s own."""
+    cause = item.get("ctx", {}).get("error")
+    loc = tuple(item["loc"])
+    return (*loc, *cause.loc) if isinstance(cause, FieldError) else loc
+
+
+def is_cross_field(item: ErrorDetails) -> bool:
+    """Whether the error comes from a check across fields (a :class:`FieldError`)."""
+    return isinstance(item.get("ctx", {}).get("error"), FieldError)
+
+
+def explain(path: Path | str, error: ValidationError) -> ConfigError:
+    """``error`` as one ``path: field.path: message`` line per problem."""
+    return ConfigError("\n".join(f"{path}: {where(error_loc(item))}: {item['msg']}" for item in error.errors()))
+
+
+def validate(kind: type[M], data: Any, path: Path | str, *, int_strings: bool = False) -> M:
     """``data`` (parsed YAML) as ``kind``; None means all defaults.
 
     ``path`` names the source in messages: a file, or e.g. a request parameter.
+    ``int_strings``: see :func:`model_validate`.
     """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
     try:
-        return kind.model_validate(data)
+        return model_validate(kind, data, int_strings=int_strings)
     except ValidationError as exc:
-        raise _explain(path, exc) from None
+        raise explain(path, exc) from None
+
+
+def model_validate(kind: type[M], data: dict[str, Any], *, int_strings: bool = False, float_strings: bool = False) -> M:
+    """``kind.model_validate(data)``, where a number may also be written as a string, and nothing else is coerced:
+
+    ``int_strings``: an integer field takes ``"16"``, as protobuf's JSON writes int64 (Triton's JSON, a
+    config.pbtxt). ``float_strings``: a float field takes ``"0.5"``, as Helm's ``--set`` writes a
+    fractional number into the server config it renders. Raises ValidationError.
+    """
+    kinds = {"int_type": _INTEGER if int_strings else None, "float_type": _DECIMAL if float_strings else None}
+    for _ in range(_MAX_ROUNDS):
+        try:
+            return kind.model_validate(data)
+        except ValidationError as exc:
+            fixed = _numbers_from_strings(data, exc, kinds)
+            if fixed is None:
+                raise
+            data = fixed
+    return kind.model_validate(data)  # pragma: no cover - each round turns at least one string for good
+
+
+# Fixing strings can let validation reach further (a model validator) and find more; each round fixes some.
+_MAX_ROUNDS = 16
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")
+_DECIMAL = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+
+
+def _numbers_from_strings(
+    data: dict[str, Any], error: ValidationError, kinds: dict[str, re.Pattern[str] | None]
+) -> dict[str, Any] | None:
+    """A copy of ``data`` with the numbers written as strings that ``error`` refuses as numbers (of a kind in
+    ``kinds`` whose pattern they match) made numbers; None when there are none."""
+    fixed = copy.deepcopy(data)
+    changed = False
+    for item in error.errors():
+        pattern = kinds.get(item["type"])
+        if pattern is None or not isinstance(item["input"], str) or not pattern.match(item["input"]):
+            continue
+        parent: Any = None
+        key: Any = None
+        node: Any = fixed
+        for part in item["loc"]:  # a part that indexes nothing is a union member's tag: skipped
+            if isinstance(node, dict) and part in node:
+                parent, key, node = node, part, node[part]
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                parent, key, node = node, part, node[part]
+        if parent is not None and node == item["input"] and isinstance(node, str):
+            parent[key] = int(node) if item["type"] == "int_type" else float(node)
+            changed = True
+    return fixed if changed else None

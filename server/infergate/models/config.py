@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from infergate.configfile import ConfigError, Strict, read_yaml, validate
+from infergate.configfile import ConfigError, FieldError, Strict, read_yaml, validate
 from infergate.monitoring.config import Monitoring
 from infergate.routing.config import Routing
 
@@ -85,9 +85,9 @@ class DynamicBatching(Strict):
     def _priorities(self) -> DynamicBatching:
         levels, default = self.priority_levels, self.default_priority_level
         if levels and not 1 <= default <= levels:
-            raise ValueError(f"default_priority_level must be in 1..{levels} when priority_levels is {levels}")
+            raise FieldError("default_priority_level", f"must be in 1..{levels} when priority_levels is {levels}")
         if not levels and default:
-            raise ValueError("default_priority_level is set but priority_levels is 0")
+            raise FieldError("default_priority_level", "is set but priority_levels is 0")
         return self
 
 
@@ -504,18 +504,22 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _one_scheduler(self) -> ModelConfig:
+        # Each error names the field it is about (FieldError), not the top level.
         if self.sequence_batching is not None and "dynamic_batching" in self.model_fields_set:
-            raise ValueError("choose one of dynamic_batching and sequence_batching (Triton's scheduling_choice)")
+            raise FieldError(
+                "sequence_batching", "choose one of dynamic_batching and sequence_batching (Triton's scheduling_choice)"
+            )
         if self.sequence_batching is not None and self.response_cache.enable:
-            raise ValueError(
-                "response_cache.enable needs a model without sequence_batching: a stateful model's answer "
-                "depends on its sequence's state, not on the request alone"
+            raise FieldError(
+                ("response_cache", "enable"),
+                "needs a model without sequence_batching: a stateful model's answer "
+                "depends on its sequence's state, not on the request alone",
             )
         for kind, entries in (("input", self.input), ("output", self.output)):
             names = [e.name for e in entries]
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
-                raise ValueError(f"{kind} lists {twice} more than once")
+                raise FieldError(kind, f"{twice} listed more than once")
         if self.platform == "ensemble" or self.ensemble_scheduling is not None:
             _check_ensemble(self)
         return self
@@ -546,38 +550,54 @@ def _check_ensemble(config: ModelConfig) -> None:
 
     Every tensor a step reads is an ensemble input or written by another step;
     no tensor is written twice (an ensemble input included); every ensemble
-    output is written; no step waits on itself through others. Raises ValueError
-    naming what is wrong.
+    output is written; no step waits on itself through others. Raises FieldError
+    naming what is wrong and the field it is about.
     """
     if config.ensemble_scheduling is None:
-        raise ValueError("platform: ensemble needs ensemble_scheduling (its steps)")
+        raise FieldError("ensemble_scheduling", "platform: ensemble needs ensemble_scheduling (its steps)")
     if config.platform != "ensemble":
-        raise ValueError("ensemble_scheduling is for platform: ensemble")
+        raise FieldError("platform", "ensemble_scheduling is for platform: ensemble")
     other = sorted(config.model_fields_set - _ENSEMBLE_FIELDS)
     if other:
-        raise ValueError(f"an ensemble takes no {', '.join(other)}: set them on the models its steps run")
+        raise FieldError(other[0], f"an ensemble takes no {', '.join(other)}: set them on the models its steps run")
     if not config.input or not config.output:
-        raise ValueError("an ensemble lists its input and output tensors (it has no graph to read them from)")
-    tensors: list[InputConfig | OutputConfig] = [*config.input, *config.output]
-    untyped = [t.name for t in tensors if t.data_type is None or t.dims is None]
+        raise FieldError(
+            "output" if config.input else "input",
+            "an ensemble lists its input and output tensors (it has no graph to read them from)",
+        )
+    tensors: list[tuple[str, int, InputConfig | OutputConfig]] = [
+        *(("input", i, t) for i, t in enumerate(config.input)),
+        *(("output", i, t) for i, t in enumerate(config.output)),
+    ]
+    untyped = [(kind, i, t.name) for kind, i, t in tensors if t.data_type is None or t.dims is None]
     if untyped:
-        raise ValueError(f"ensemble tensors {untyped} need data_type and dims")
+        kind, index, _ = untyped[0]
+        raise FieldError((kind, index), f"ensemble tensors {[name for _, _, name in untyped]} need data_type and dims")
     steps = config.ensemble_scheduling.step
     writers: dict[str, int] = {t.name: -1 for t in config.input}  # tensor -> step that writes it (-1: the caller)
     for i, step in enumerate(steps):
         for tensor in step.output_map.values():
             if tensor in writers:
                 first = "an ensemble input" if writers[tensor] < 0 else f"step {writers[tensor]}"
-                raise ValueError(f"step {i} writes tensor {tensor!r}, which {first} already provides")
+                raise FieldError(
+                    ("ensemble_scheduling", "step", i, "output_map"),
+                    f"step {i} writes tensor {tensor!r}, which {first} already provides",
+                )
             writers[tensor] = i
     for i, step in enumerate(steps):
         unknown = sorted(t for t in step.input_map.values() if t not in writers)
         if unknown:
-            raise ValueError(f"step {i} ({step.model_name}) reads {unknown}, which no input or step provides")
+            raise FieldError(
+                ("ensemble_scheduling", "step", i, "input_map"),
+                f"step {i} ({step.model_name}) reads {unknown}, which no input or step provides",
+            )
     unwritten = sorted(t.name for t in config.output if t.name not in writers or writers[t.name] < 0)
     if unwritten:
-        raise ValueError(f"ensemble outputs {unwritten} are not written by any step")
-    ensemble_plan(steps, writers)
+        raise FieldError("output", f"ensemble outputs {unwritten} are not written by any step")
+    try:
+        ensemble_plan(steps, writers)
+    except ValueError as exc:
+        raise FieldError(("ensemble_scheduling", "step"), str(exc)) from None
 
 
 def ensemble_plan(steps: list[EnsembleStep], writers: dict[str, int] | None = None) -> list[list[int]]:
@@ -616,12 +636,16 @@ def load_model_config(path: Path) -> ModelConfig:
     """Read and validate a model's config.yaml; a missing file means all defaults."""
     if not path.exists():
         return ModelConfig()
-    return model_config_from_data(read_yaml(path), path)
+    return model_config_from_data(read_yaml(path), path, int_strings=False)
 
 
-def model_config_from_data(data: Any, source: Path | str) -> ModelConfig:
-    """Validate parsed config data exactly as config.yaml is; errors start with ``source``."""
-    config = validate(ModelConfig, data, source)
+def model_config_from_data(data: Any, source: Path | str, *, int_strings: bool = True) -> ModelConfig:
+    """Validate parsed config data exactly as config.yaml is; errors start with ``source``.
+
+    ``int_strings``: integers may be written as strings (``dims: ["4"]``), as protobuf's JSON writes
+    int64: Triton's JSON config and a config.pbtxt come this way. config.yaml takes real integers only.
+    """
+    config = validate(ModelConfig, data, source, int_strings=int_strings)
     _check_preferred_sizes(config, source)
     _check_sequence_routing(config, source)
     _check_cuda_graphs(config, source)

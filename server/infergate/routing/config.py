@@ -9,11 +9,20 @@ from __future__ import annotations
 import math
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from infergate.configfile import Strict
 
 __all__ = ["CanaryRouting", "Routing", "ShadowRouting", "StickyRouting"]
+
+
+def _version_key(value: object) -> object:
+    """A version number written as a mapping key in quotes is still one: Helm renders every map key as a
+    string (``weights: {"1": 90}``). Anything else is left for the (strict) integer check to refuse."""
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else value
+
+
+VersionKey = Annotated[int, BeforeValidator(_version_key), Field(ge=0)]
 
 
 class StickyRouting(Strict):
@@ -62,7 +71,7 @@ class CanaryRouting(Strict):
 class Routing(Strict):
     """How requests that name no version are spread over the loaded versions."""
 
-    weights: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=0, allow_inf_nan=False)]] = {}
+    weights: dict[VersionKey, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = {}
     sticky: StickyRouting | None = None
     shadow: ShadowRouting | None = None
     canary: CanaryRouting | None = None

@@ -9,12 +9,11 @@ loopback), no TLS, and limits that stop one request from hurting the others.
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from infergate.configfile import Strict
+from infergate.configfile import FilePath, Strict
 
 __all__ = [
     "ALGORITHMS",
@@ -49,17 +48,17 @@ _DEFAULT_ALGORITHMS: list[Algorithm] = ["RS256", "ES256", "EdDSA"]
 class PublicKeyConfig(Strict):
     """A PEM public key file; ``kid`` matches the token header's ``kid`` (optional)."""
 
-    file: Path
+    file: FilePath
     kid: str | None = None
 
 
 class JwksConfig(Strict):
     """A JSON Web Key Set, from a file or an HTTPS URL (fetched off the event loop)."""
 
-    file: Path | None = None
+    file: FilePath | None = None
     url: Annotated[str, Field(pattern=r"^https://")] | None = None
     # Trust anchors for the URL (PEM); default: the system's.
-    ca_file: Path | None = None
+    ca_file: FilePath | None = None
     # The URL is fetched again this often, sooner when its Cache-Control max-age runs out first, so
     # a key withdrawn from the set stops verifying within refresh_seconds + fetch_timeout_seconds.
     refresh_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0
@@ -82,7 +81,7 @@ class AuthConfig(Strict):
     algorithms: list[Algorithm] = Field(default_factory=lambda: _DEFAULT_ALGORITHMS[:], min_length=1)
     # The HMAC secret comes from the environment or a file, never from this file itself.
     secret_env: str | None = None
-    secret_file: Path | None = None
+    secret_file: FilePath | None = None
     public_keys: list[PublicKeyConfig] = []
     jwks: JwksConfig | None = None
     issuer: str | None = None
@@ -114,9 +113,9 @@ class AuthConfig(Strict):
 class TlsConfig(Strict):
     """TLS on the gRPC port; with ``client_ca_file``, mutual TLS (client certificates required)."""
 
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path | None = None
+    cert_file: FilePath
+    key_file: FilePath
+    client_ca_file: FilePath | None = None
     # Re-read the files when they change (checked at each new connection), so rotation needs no restart.
     reload: bool = True
 
