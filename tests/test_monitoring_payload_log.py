@@ -5,14 +5,18 @@ inference handler calls it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import multiprocessing
+import os
 import random
 import stat
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +30,7 @@ from infergate.monitoring.payload_log import REDACTED, TOO_LARGE, PayloadLog, op
 
 MODEL = spec(tensor("amount", "FP32", -1, 1), tensor("user", "BYTES", -1, 1), tensor("ssn", "BYTES", -1, 1))
 SALT = "a-long-random-test-salt"
+GUARD_S = 120.0  # a hang guard for a busy machine, not a duration under test
 
 
 @pytest.fixture(autouse=True)
@@ -155,6 +160,59 @@ async def test_the_file_rotates_by_size_keeping_the_configured_backups(tmp_path:
     assert file_sizes(tmp_path) == {"p.jsonl": 1024, "p.jsonl.1": 1024, "p.jsonl.2": 1024}
     ids = [r["id"] for name in ("p.jsonl.2", "p.jsonl.1", "p.jsonl") for r in records(tmp_path / name)]
     assert ids == [f"r{i}" for i in range(40 - len(ids), 40)]  # the newest, in order; the oldest rotated out
+
+
+async def test_a_record_larger_than_a_file_is_cut_to_fit_one(tmp_path: Path) -> None:
+    """max_file_bytes bounds every file, whatever max_bytes_per_record says (64 KiB by default)."""
+    path = tmp_path / "p.jsonl"
+    log = open_payload_log(config(path, max_file_bytes=1024, backups=1), MODEL, Path("c.yaml"))
+    log.start()
+    try:
+        wide = request() | {"amount": np.arange(800, dtype=np.float32).reshape(1, 800)}
+        for i in range(10):
+            log.offer(wide, {}, request_id=f"r{i}")
+        await eventually(lambda: log.writer.written == 10, "every record written")
+    finally:
+        await log.aclose()
+    assert file_sizes(tmp_path) == {"p.jsonl": 1024, "p.jsonl.1": 1024}
+    assert all(r.get("truncated") for r in records(path))
+
+
+def write_from_another_process(path: str, first: int, count: int, together: Any) -> None:
+    """A worker of --workers N: its own writer of the shared file (run in a process of its own); ``together``
+    (a barrier) starts both writing at once."""
+
+    async def write() -> None:
+        log = open_payload_log(config(Path(path), max_file_bytes=2048, backups=1000), MODEL, Path("c.yaml"))
+        log.start()
+        together.wait(GUARD_S)
+        for i in range(first, first + count):
+            log.offer(request(), {}, request_id=f"r{i}")
+            await asyncio.sleep(0)  # let the writer thread take records as they come, as a server's does
+        await log.aclose()
+
+    os.environ["INFERGATE_PAYLOAD_SALT"] = SALT
+    asyncio.run(write())
+
+
+def test_processes_writing_one_file_keep_every_file_within_max_file_bytes(tmp_path: Path) -> None:
+    """Each worker of --workers N has its own writer of the same path: rotation counts the file's real size.
+    Enough backups to keep every record: none may be lost, nor any file grow past the bound."""
+    spawn = multiprocessing.get_context("spawn")
+    path = tmp_path / "p.jsonl"
+    together = spawn.Barrier(2)
+    workers = [
+        spawn.Process(target=write_from_another_process, args=(str(path), i * 10_000, 1000, together)) for i in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(GUARD_S)
+        assert worker.exitcode == 0
+    sizes = file_sizes(tmp_path, at_most=2048)
+    assert set(sizes.values()) == {2048}, {name: size for name, size in sizes.items() if size != 2048}
+    ids = sorted(str(r["id"]) for name in sizes for r in records(tmp_path / name))  # every line whole JSON
+    assert ids == sorted(f"r{first + i}" for first in (0, 10_000) for i in range(1000))
 
 
 async def test_requests_are_sampled_with_the_injected_rng(tmp_path: Path) -> None:

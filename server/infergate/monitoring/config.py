@@ -76,7 +76,7 @@ class PayloadLogConfig(Strict):
     hash: list[TensorName] = []
     # The environment variable holding the salt (never the salt itself: configs end up in git).
     salt_env: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = DEFAULT_SALT_ENV
-    # A record longer than this keeps its metadata but not its tensor values.
+    # A record longer than this (or than max_file_bytes, if smaller) keeps its metadata but not its tensor values.
     max_bytes_per_record: Annotated[int, Field(ge=256, le=64 * 1024 * 1024)] = 64 * 1024
     # Rotation: past this size the file becomes PATH.1 (PATH.1 becomes PATH.2, ...), ``backups`` kept.
     max_file_bytes: Annotated[int, Field(ge=1024)] = 100 * 1024 * 1024

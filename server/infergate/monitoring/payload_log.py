@@ -15,20 +15,27 @@ One record per line::
 * inputs listed in ``hash`` become, element by element, the hex HMAC-SHA256 of the
   element's text keyed with the salt from ``salt_env`` (the same value always gives
   the same hash, so records can be joined without the value itself);
-* a record whose JSON would exceed ``max_bytes_per_record`` keeps its fields but
+* a record whose JSON would exceed ``max_bytes_per_record`` (or ``max_file_bytes``,
+  when smaller) keeps its fields but
   its tensors become ``"<omitted: record too large>"`` and it gets ``"truncated": true``;
 * request metadata (the ``authorization`` header included) and parameters are
   never written: the record has exactly the fields above.
 
 The file is created with mode 0600. Past ``max_file_bytes`` it is rotated
-(PATH -> PATH.1 -> ... -> PATH.<backups>, the oldest deleted). One writer (one
-thread, one open file) serves every model version that names the same path, so
-versions served side by side and a version being replaced by its reload never
-interleave rotations.
+(PATH -> PATH.1 -> ... -> PATH.<backups>, the oldest deleted); a record longer
+than ``max_file_bytes`` is dropped (counted with ``failed``), so no file grows
+past it. One writer (one thread, one open file) serves every model version
+that names the same path in a process. Processes share the file too (the
+workers of ``--workers N`` name the same path): each batch of records is
+written, and the file rotated, holding an exclusive ``flock`` on the file's
+directory, sizes are read from the file itself, and a writer whose file another
+process rotated away reopens PATH, so no file passes ``max_file_bytes``
+whoever wrote it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -170,7 +177,10 @@ class PayloadWriter:
         self.failed = 0  # records dropped because they could not be formatted
         self.rotations = 0
         self._file = _open(path)  # here, at load: a path that cannot be written fails the load
-        self._size = self._file.tell()
+        # Another process may write the same file (--workers): an exclusive flock on the directory orders
+        # the writes and rotations of every writer of it (a lock on the file itself would not survive its
+        # rotation, and a lock file of its own would sit among the logs).
+        self._directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._accumulator: Accumulator[PayloadRecord] = Accumulator(
             f"payload-log {path.name}", self._write, capacity=capacity, max_bytes=QUEUE_BYTES
         )
@@ -187,18 +197,45 @@ class PayloadWriter:
         """Write what is queued, then close the file."""
         await self._accumulator.aclose()
         self._file.close()
+        os.close(self._directory)
 
     def _write(self, records: list[PayloadRecord]) -> None:
-        for record in records:
-            data = self._format(record)
-            if data is None:
-                continue
-            if self._size and self._size + len(data) > self.max_file_bytes:
-                self._rotate()
-            self._file.write(data)
-            self._size += len(data)
-            self.written += 1
-        self._file.flush()
+        lines = [data for data in map(self._format, records) if data is not None]
+        if not lines:
+            return
+        fcntl.flock(self._directory, fcntl.LOCK_EX)
+        try:
+            self._follow()
+            size = os.fstat(self._file.fileno()).st_size  # the file's, whoever wrote it
+            for data in lines:
+                if len(data) > self.max_file_bytes:
+                    self._dropped_as_too_long(len(data))
+                    continue
+                if size and size + len(data) > self.max_file_bytes:
+                    self._rotate()
+                    size = 0
+                self._file.write(data)
+                size += len(data)
+                self.written += 1
+            self._file.flush()  # before another writer may look at the file's size
+        finally:
+            fcntl.flock(self._directory, fcntl.LOCK_UN)
+
+    def _follow(self) -> None:
+        """Reopen PATH when another process rotated the file this writer has open (or removed it)."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            now = None
+        mine = os.fstat(self._file.fileno())
+        if now is None or (now.st_ino, now.st_dev) != (mine.st_ino, mine.st_dev):
+            self._file.close()
+            self._file = _open(self.path)
+
+    def _dropped_as_too_long(self, length: int) -> None:
+        self.failed += 1
+        log.warning("payload log %s: a record of %d bytes dropped: longer than max_file_bytes (%d)",
+                    self.path, length, self.max_file_bytes)  # fmt: skip
 
     def _format(self, record: PayloadRecord) -> bytes | None:
         """The record's line, or None (logged, counted) when it cannot be formatted: one odd record
@@ -225,7 +262,6 @@ class PayloadWriter:
                     older.replace(self.path.with_name(f"{self.path.name}.{index + 1}"))
             self.path.replace(self.path.with_name(f"{self.path.name}.1"))
         self._file = _open(self.path)
-        self._size = 0
         self.rotations += 1
 
 
@@ -343,5 +379,6 @@ def open_payload_log(config: PayloadLogConfig, spec: ModelSpec, config_path: Pat
             f"{where}.hash: hashing needs a salt: set the environment variable {config.salt_env} "
             "(named by monitoring.payload_log.salt_env) to a long random secret"
         )
-    policy = Policy(frozenset(config.redact), frozenset(config.hash), salt.encode("utf-8"), config.max_bytes_per_record)
+    longest = min(config.max_bytes_per_record, config.max_file_bytes)  # a record fits in a file
+    policy = Policy(frozenset(config.redact), frozenset(config.hash), salt.encode("utf-8"), longest)
     return PayloadLog(spec.name, spec.version, config, policy, _WRITERS.acquire(config, where))
