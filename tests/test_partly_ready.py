@@ -81,3 +81,26 @@ def test_cli_infer_still_runs_the_model_that_loaded(partly_ready: ServerProcess)
     done = _cli("--url", partly_ready.url, "infer", "good", "-i", f"x={json.dumps(X.tolist())}")
     assert done.returncode == 0, done.stderr
     assert np.asarray(json.loads(done.stdout)["y"]).shape == (1, 16)
+
+
+def test_in_poll_mode_the_server_becomes_ready_once_its_broken_model_is_fixed(tmp_path: Path, log_dir: Path) -> None:
+    """A pod started while a model was half copied must not stay out of its Service for good."""
+    (tmp_path / "late" / "1").mkdir(parents=True)
+    model_file = tmp_path / "late" / "1" / "model.onnx"
+    model_file.write_bytes(b"\x08\x07 half copied")
+    with running_server(
+        tmp_path, log_dir, "--model-control-mode", "poll", "--repository-poll-secs", "1", wait=False
+    ) as s:
+        with grpc.insecure_channel(s.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=HANG_GUARD_S)
+            assert any(u.status == health_pb2.HealthCheckResponse.SERVING for u in watch)  # loading is over
+            watch.cancel()
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service="")).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            onnx.save_model(build_matmul16(), str(model_file))  # the copy completes
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=HANG_GUARD_S)
+            assert any(u.status == health_pb2.HealthCheckResponse.SERVING for u in watch)
+            watch.cancel()

@@ -315,9 +315,25 @@ class InferGateServer:
         while True:
             await asyncio.sleep(self.config.repository_poll_seconds)
             try:
-                await self.repository.rescan(source="poll")
+                present = await self.repository.rescan(source="poll")
             except Exception:
                 log.exception("repository poll failed")
+                continue
+            await self._ready_once_every_model_serves(present)
+
+    async def _ready_once_every_model_serves(self, present: list[str]) -> None:
+        """Strict readiness in poll mode: a server that started with a model it could not load becomes
+        ready once a poll has loaded every model in the repository (fixed in place, or removed). Without
+        this, a pod started while a model was still being copied stayed out of its Service for good,
+        its liveness passing. Only this way: a model broken later keeps its version serving (loader.py).
+        """
+        if self.readiness.ready or self.readiness.draining:
+            return
+        if self._reporter is not None and not self._reporter.done():
+            return  # a worker whose first report waits for the other workers to listen
+        failed = set(self.repository.catalog.not_ready()) & set(present)
+        if not failed:
+            await self._report(True, [])
 
     def _triton_rows(self) -> list[TritonRow]:
         """Every loaded version for Triton's metrics (read on the scrape thread: lookups only)."""

@@ -156,8 +156,9 @@ class ModelRepository:
                     found[name] = set()  # its load will say what is wrong
         return found
 
-    async def rescan(self, *, source: Source = "poll") -> None:
-        """One poll: new model directories load, removed ones unload, changed ones reload."""
+    async def rescan(self, *, source: Source = "poll") -> list[str]:
+        """One poll: new model directories load, removed ones unload, changed ones reload. Returns the
+        models in the repository now."""
         present = set(self.discover())
         for name in set(self._entries) - present:
             entry = self._entries[name]
@@ -166,6 +167,7 @@ class ModelRepository:
                     self._unload(entry, "removed from the repository", source)
                 log.info("model %s removed from the repository: unloading", name)
         await self.load_all(sorted(present), source=source)
+        return sorted(present)
 
     async def _reconcile_quietly(self, name: str, source: Source) -> None:
         try:
