@@ -32,6 +32,7 @@ from infergate.heap import FrozenHeap
 from infergate.models.cpus import model_cpus, usable_cpus
 from infergate.models.response_cache import ResponseCache
 from infergate.monitoring.metrics import DriftReadings
+from infergate.netaddr import host_port
 from infergate.repository.loader import ModelRepository
 from infergate.routing.shadow import ShadowQueue
 from infergate.security.auth import TokenVerifier
@@ -235,7 +236,7 @@ class InferGateServer:
 
     async def listen(self) -> int:
         """Bind and start serving (after ``prepare``; before or after ``load_models``). Returns the port."""
-        address = f"{self.config.host}:{self.config.port}"
+        address = host_port(self.config.host, self.config.port)
         tls = self.config.tls
         if tls is None:
             self.port = self._server.add_insecure_port(address)
@@ -246,13 +247,13 @@ class InferGateServer:
         if self._health_port is not None and self.config.health_port is not None:
             host = self.config.health_host or self.config.host
             self.health_port = await self._health_port.start(host, self.config.health_port)
-            log.info("health on %s:%d (plaintext, grpc.health.v1 only)", host, self.health_port)
+            log.info("health on %s (plaintext, grpc.health.v1 only)", host_port(host, self.health_port))
         self.shadows.start()
         self.telemetry.start()
         await self._server.start()
-        log.info("listening on %s:%d%s", self.config.host, self.port, " (TLS)" if tls else "")
+        log.info("listening on %s%s", host_port(self.config.host, self.port), " (TLS)" if tls else "")
         log.info("event loop: %s", describe_loop(asyncio.get_running_loop()))
-        self.audit.server_started(f"{self.config.host}:{self.port}", str(self.config.model_repository))
+        self.audit.server_started(host_port(self.config.host, self.port), str(self.config.model_repository))
         return self.port
 
     async def load_models(self) -> bool:
@@ -441,13 +442,13 @@ async def run_until_signalled(
 def _announce(server: InferGateServer) -> None:
     """The "listening on" line (and the metrics and health ports' lines) that scripts and the supervisor read."""
     fmt = server.config.logging.format
-    address = f"{server.config.host}:{server.port}"
+    address = host_port(server.config.host, server.port)
     print(announcement(LISTENING + address, fmt, address=address), flush=True)
     if server.telemetry.metrics_port is not None:
-        url = f"http://{server.config.telemetry.metrics_host}:{server.telemetry.metrics_port}/metrics"
+        url = f"http://{host_port(server.config.telemetry.metrics_host, server.telemetry.metrics_port)}/metrics"
         print(announcement(METRICS + url, fmt, url=url), flush=True)
     if server.health_port is not None:
-        health_address = f"{server.config.health_host or server.config.host}:{server.health_port}"
+        health_address = host_port(server.config.health_host or server.config.host, server.health_port)
         print(announcement(HEALTH + health_address, fmt, address=health_address), flush=True)
 
 

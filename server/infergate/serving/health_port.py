@@ -16,6 +16,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from infergate.netaddr import host_port
+
 __all__ = ["HealthPort"]
 
 
@@ -34,7 +36,7 @@ class HealthPort:
 
     async def start(self, host: str, port: int) -> int:
         """Bind ``host:port`` (0 picks a free port) and serve; returns the bound port."""
-        address = f"{host}:{port}"
+        address = host_port(host, port)
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address} (health port)")

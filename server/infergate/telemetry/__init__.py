@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from infergate.config import TelemetryConfig
 from infergate.models.stats import RepositoryObserver
+from infergate.netaddr import host_port
 from infergate.telemetry.aggregate import Histograms
 from infergate.telemetry.hooks import RepositoryHooks
 from infergate.telemetry.interceptor import TelemetryInterceptor
@@ -161,7 +162,7 @@ class Telemetry:
         server, thread = start_http_server(self.config.metrics_port, self.config.metrics_host, self._registry)
         self._http = (server, thread)
         self.metrics_port = server.server_port
-        log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+        log.info("metrics on http://%s/metrics", host_port(self.config.metrics_host, self.metrics_port))
 
     def shutdown(self) -> None:
         """Close the endpoint and flush spans and metrics (blocking: call from a thread)."""

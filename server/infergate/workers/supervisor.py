@@ -41,6 +41,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from infergate.netaddr import host_port
 from infergate.telemetry.logs import LISTENING, METRICS, announced, announcement
 from infergate.telemetry.providers import sdk_disabled
 from infergate.workers.control import ControlHub
@@ -350,14 +351,14 @@ async def supervise(
             shared.announced.set()
             return 0 if await _stop(workers, grace) else 1
         await shared.hub.all_listen()  # before "listening on": from that line on, every worker is SERVING
-        address = f"{host}:{port}"
+        address = host_port(host, port)
         print(announcement(LISTENING + address, log_format, address=address), flush=True)
         if shared.metrics is not None and metrics_address is not None:
             http = _serve_metrics(shared.metrics, *metrics_address)
-            url = f"http://{metrics_address[0]}:{http[0].server_port}/metrics"
+            url = f"http://{host_port(metrics_address[0], http[0].server_port)}/metrics"
             print(announcement(METRICS + url, log_format, url=url), flush=True)
         shared.announced.set()
-        log.info("%d workers serving on %s:%d", count, host, port)
+        log.info("%d workers serving on %s", count, host_port(host, port))
         return await _run(workers, shared, grace, stopping)
     finally:
         if http is not None:
