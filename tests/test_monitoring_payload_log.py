@@ -30,6 +30,7 @@ from infergate.monitoring.payload_log import REDACTED, TOO_LARGE, PayloadLog, op
 
 MODEL = spec(tensor("amount", "FP32", -1, 1), tensor("user", "BYTES", -1, 1), tensor("ssn", "BYTES", -1, 1))
 SALT = "a-long-random-test-salt"
+DATATYPE_OF = {np.float32: "FP32", np.float64: "FP64", np.int64: "INT64"}
 GUARD_S = 120.0  # a hang guard for a busy machine, not a duration under test
 
 
@@ -90,6 +91,25 @@ async def test_redacted_inputs_are_never_written_and_hashed_ones_are_salted_hmac
     assert inputs["ssn"] == REDACTED
     assert inputs["user"] == [[hmac.new(SALT.encode(), b"alice", hashlib.sha256).hexdigest()]]
     assert inputs["amount"] == [[12.5]]
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(np.float32(0.1), "0.1"), (np.float32(42), "42.0"), (np.int64(42), "42"), (np.float64(1e-7), "1e-07")],
+)
+async def test_a_hashed_number_is_the_hmac_of_its_shortest_text_in_its_datatype(
+    tmp_path: Path, value: np.generic, text: str
+) -> None:
+    """What docs/privacy.md tells an operator to compute to find a person's records."""
+    path = tmp_path / "p.jsonl"
+    model = spec(tensor("account", str(DATATYPE_OF[type(value)]), -1, 1))
+    log = open_payload_log(config(path, hash=["account"]), model, Path("c.yaml"))
+    log.start()
+    log.offer({"account": np.array([[value]])}, {})
+    await eventually(lambda: log.writer.written == 1, "the record written")
+    await log.aclose()
+    [record] = records(path)
+    assert record["inputs"] == {"account": [[hmac.new(SALT.encode(), text.encode(), hashlib.sha256).hexdigest()]]}
 
 
 async def test_the_file_is_readable_by_the_server_user_only(payloads: PayloadLog) -> None:

@@ -151,9 +151,13 @@ def _hashed(array: npt.NDArray[Any], salt: bytes) -> Any:
         elif isinstance(value, bool | np.bool_):
             data = b"true" if value else b"false"
         else:
-            data = str(value.item() if isinstance(value, np.generic) else value).encode("utf-8")
+            data = str(value).encode("utf-8")
         return hmac.new(salt, data, hashlib.sha256).hexdigest()
 
+    if array.dtype.kind in "iuf":
+        # Numbers as the shortest text of their own datatype ("0.1" for an FP32 0.1, not the "0.10000000149011612"
+        # of its float64 value): the text a caller would compute the HMAC of to find a record (docs/privacy.md).
+        return _each(one, array.astype(str).astype(object))
     return _each(one, array.astype(object))
 
 
