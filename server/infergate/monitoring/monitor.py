@@ -131,7 +131,8 @@ class DriftMonitor:
     # --- the event loop ----------------------------------------------------------------------
 
     def observe(self, inputs: Tensors, outputs: Tensors) -> None:
-        """One answered request (all of its inputs and outputs). O(1): samples, then queues references."""
+        """One answered request (all of its inputs and outputs): sampled, then queued, its inputs copied
+        (``kept_inputs``); everything else happens on the monitor's thread."""
         try:
             if not self._sampler.draw():
                 return

@@ -1,8 +1,8 @@
 """Payload logging: a sample of requests and their responses, appended as JSON lines, off the request path.
 
 Off unless a model's config has ``monitoring.payload_log``. :meth:`PayloadLog.offer`
-(on the event loop, after the answer is ready) samples, and queues references to
-the tensors with the request's id, trace id and route; everything else —
+(on the event loop, after the answer is ready) samples, and queues copies of the
+inputs (``kept_inputs``: they may be views of shared memory) and the outputs with the request's id, trace id and route; everything else —
 redaction, hashing, JSON, the write — happens on the file's writer thread.
 
 One record per line::
