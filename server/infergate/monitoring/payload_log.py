@@ -2,8 +2,9 @@
 
 Off unless a model's config has ``monitoring.payload_log``. :meth:`PayloadLog.offer`
 (on the event loop, after the answer is ready) samples, and queues copies of the
-inputs (``kept_inputs``: they may be views of shared memory) and the outputs with the request's id, trace id and route; everything else —
-redaction, hashing, JSON, the write — happens on the file's writer thread.
+inputs (``kept_inputs``: they may be views of shared memory) and the outputs
+with the request's id, trace id and route; everything else — redaction,
+hashing, JSON, the write — happens on the file's writer thread.
 
 One record per line::
 
