@@ -146,6 +146,20 @@ async def test_a_name_that_is_not_utf8_is_written_escaped_and_the_writer_goes_on
     assert second["model"] == "next"  # the writer outlived it
 
 
+async def test_every_line_is_ascii_so_no_name_a_caller_sends_can_split_it(tmp_path: Path) -> None:
+    """U+2028, U+2029 and U+0085 end a line for str.splitlines() and some log readers; a caller picks a
+    model name that is written even when refused."""
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    audit.start()
+    name = "fraud\u2028{forged}\u2029\x85\u00e9"
+    audit.load_failed(name, 1, "no such model", source="api")
+    await audit.aclose()
+    raw = path.read_bytes()
+    assert raw.isascii() and len(raw.decode().splitlines()) == 1
+    assert json.loads(raw)["model"] == name
+
+
 async def test_lines_are_appended_to_an_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     for model in ("a", "b"):

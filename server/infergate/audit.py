@@ -227,7 +227,9 @@ class AuditLog:
                     "reason": reason,
                     "detail": dict(detail or {}),
                 },
-                ensure_ascii=False,
+                # ASCII only: a name a caller sends (written even when refused) may hold U+2028 or U+0085,
+                # which end a line for some readers; escaped, every event stays one line.
+                ensure_ascii=True,
                 default=str,  # a stray non-JSON value must not cost the event
             )
             if self._writer is not None:
