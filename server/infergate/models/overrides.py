@@ -145,6 +145,13 @@ def config_from_json(model: str, text: str) -> ModelConfig:
         translated = from_triton_json(model, data)
     except ValueError as exc:
         raise InvalidArgument(f"{source}: {exc}") from None
+    if isinstance(translated.get("monitoring"), dict) and "payload_log" in translated["monitoring"]:
+        # It names a file of the server that the writer appends to, rotates and deletes: an operator's
+        # choice, in config.yaml on the server, never a caller's over the API.
+        raise InvalidArgument(
+            f"{source}: monitoring.payload_log names a file on the server; set it in the model's config.yaml, "
+            "not in a load request"
+        )
     try:
         return model_config_from_data(translated, source)
     except ConfigError as exc:
