@@ -3,7 +3,8 @@
 #   docker build -t infergate:0.1.0 .                                  # CPU (onnxruntime)
 #   docker build -t infergate:0.1.0-cuda --build-arg VARIANT=cuda .   # GPU: onnxruntime-gpu with CUDA 13 and
 #       cuDNN 9 as pip wheels, so the host needs only the NVIDIA driver (R580 or newer; docs/deploy.md)
-#   docker run --rm -p 8001:8001 -v "$PWD/demo-models:/models:ro" --read-only --stop-timeout 40 infergate:0.1.0
+#   docker run --rm -p 8001:8001 -v "$PWD/demo-models:/models:ro" --read-only --tmpfs /tmp --stop-timeout 40 \
+#       infergate:0.1.0                    # --read-only needs a writable /tmp: the server's temporary files
 #   docker run --rm --gpus all --entrypoint /opt/infergate/check/scripts/gpu_check.sh infergate:0.1.0-cuda \
 #       --out /tmp/gpu-check                                             # the GPU check (docs/gpu.md)
 #

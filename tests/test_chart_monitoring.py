@@ -122,9 +122,9 @@ def test_thresholds_come_from_the_values() -> None:
     rules = _rules(render(FULL_VALUES))["groups"][0]["rules"]
     error_rate = next(r for r in rules if r["alert"] == "InfergateHighErrorRate")
     assert error_rate["expr"].rstrip().endswith("> 0.005") and error_rate["for"] == "10m"
-    assert 'namespace="inference", service="infergate-full"' in error_rate["expr"]  # this release's pods only
+    assert 'namespace="inference", service="infergate-full-metrics"' in error_rate["expr"]  # this release's pods only
     drift = next(r for r in rules if r["alert"] == "InfergateModelDrift")
-    assert drift["for"] == "15m" and 'service="infergate-full"' in drift["expr"]  # docs/monitoring.md's wait
+    assert drift["for"] == "15m" and 'service="infergate-full-metrics"' in drift["expr"]  # docs/monitoring.md's wait
 
 
 @pytest.mark.parametrize(("alert", "fires"), [(0, False), (1, True), (2, True)])
@@ -145,7 +145,7 @@ def test_the_drift_alert_fires_on_any_positive_alert_series(alert: int, fires: b
         "interval": "1m",
         "input_series": [
             {
-                "series": 'infergate_drift_alert{namespace="inference", service="infergate-full", '
+                "series": 'infergate_drift_alert{namespace="inference", service="infergate-full-metrics", '
                 'model="m", version="1"}',
                 "values": f"{alert}x30",
             }

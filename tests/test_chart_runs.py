@@ -90,14 +90,35 @@ class Pod:
         raise AssertionError(f"{pod_path} is on no volume the pod mounts: it would not exist in the container")
 
     def add_model_configs(self) -> None:
-        """config.yaml mounted over /models/<model>/: copy version 1 for each other version it names."""
+        """config.yaml mounted over /models/<model>/: copy version 1 for each other version it names, and
+        point the paths in it (a payload log's) at the pod's volumes here."""
         models = self.local("/models")
         for model_dir in models.iterdir():
             config_path = model_dir / "config.yaml"
             config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+            if f"{model_dir.name}.yaml" in self.config_map:
+                config = self.localize_paths(config)
+                config_path.write_text(yaml.safe_dump(config))
             for version in _named_versions(config or {}):
                 if not (model_dir / str(version)).exists():
                     shutil.copytree(model_dir / "1", model_dir / str(version))
+
+    def localize_paths(self, node: Any) -> Any:
+        """``node`` with every absolute path replaced by where it lives here (:meth:`local`)."""
+        if isinstance(node, dict):
+            return {k: self.localize_paths(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.localize_paths(v) for v in node]
+        return str(self.local(node)) if isinstance(node, str) and node.startswith("/") else node
+
+    def written(self) -> list[str]:
+        """Pod paths of the files the server writes: the audit trail and the models' payload logs."""
+        paths = [yaml.safe_load(self.config_map["server.yaml"]).get("audit_log")]
+        for key, text in self.config_map.items():
+            if key != "server.yaml":
+                monitoring = (yaml.safe_load(text) or {}).get("monitoring") or {}
+                paths.append((monitoring.get("payload_log") or {}).get("path"))
+        return [path for path in paths if path]
 
 
 def _named_versions(config: dict[str, Any]) -> set[int]:
@@ -249,6 +270,8 @@ def test_the_rendered_pod_spec_starts_a_server_its_probes_find_serving(running_p
     if "metrics" in addresses:  # what Prometheus scrapes
         with urllib.request.urlopen(f"http://{addresses['metrics']}/metrics", timeout=HANG_GUARD_S) as scrape:
             assert scrape.status == 200 and b"infergate_model_loads_total" in scrape.read()
+    for path in pod.written():  # opened at start (audit trail) or at load (payload log), on the pod's volumes
+        assert pod.local(path).is_file(), path
 
 
 @pytest.mark.parametrize("values", [None, CI_VALUES_BY_NAME["tls-values"]], ids=["serving-port", "tls-health-port"])

@@ -287,7 +287,7 @@ def test_the_headless_service_lists_pods_for_client_side_balancing() -> None:
         ("probes.readiness.service=inference.GRPCInferenceServic", "service"),  # one the server does not report
         ("autoscaling.targetCPUUtilizationPercentage=150", "targetCPUUtilizationPercentage"),
         ("resources.limits.memory=lots", "memory"),
-        ("modelConfigs.Bad_Name.max_batch_size=1", "Bad_Name"),
+        ("modelConfigs.bad name.max_batch_size=1", "bad name"),  # not a ConfigMap key
     ],
 )
 def test_the_values_schema_refuses_bad_values(setting: str, message: str) -> None:

@@ -29,6 +29,11 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* The metrics Service: Prometheus labels what it scrapes through it service="<this name>". */}}
+{{- define "infergate.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "infergate.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "infergate.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "infergate.fullname" .) .Values.serviceAccount.name }}
