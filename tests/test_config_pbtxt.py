@@ -314,7 +314,7 @@ def test_a_tensorrt_accelerator_runs_the_model_with_tensorrt_then_cuda(tmp_path:
     config = read_model_config(write_model(tmp_path, TRITON_GPU_CONFIG))
     assert config.instance_group.count == 2
     assert [(p.name, p.options) for p in config.execution_providers] == [
-        ("tensorrt", {"device_id": 0, "trt_fp16_enable": "1", "trt_max_workspace_size": "1073741824"}),
+        ("tensorrt", {"device_id": 0, "trt_fp16_enable": "True", "trt_max_workspace_size": "1073741824"}),
         ("cuda", {"device_id": 0}),
     ]
 

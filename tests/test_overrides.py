@@ -144,8 +144,9 @@ TENSORRT = {
             {"instance_group": [{"kind": "KIND_GPU", "gpus": [1]}], "optimization": {"execution_accelerators": {
                 "gpu_execution_accelerator": [TENSORRT]}}},
             [
-                ("tensorrt", {"device_id": 1, "trt_fp16_enable": "1", "trt_max_workspace_size": "1073741824",
-                              "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/cache"}),
+                # onnxruntime's Python bindings take a switch as "True", never Triton's "1"
+                ("tensorrt", {"device_id": 1, "trt_fp16_enable": "True", "trt_max_workspace_size": "1073741824",
+                              "trt_engine_cache_enable": "True", "trt_engine_cache_path": "/cache"}),
                 ("cuda", {"device_id": 1}),
             ],
             id="TensorRT on GPU 1, then CUDA",
@@ -192,7 +193,7 @@ TENSORRT_OPTIONS = {
         pytest.param(
             [{"name": "tensorrt", "options": TENSORRT_OPTIONS}, {"name": "cuda", "options": {"device_id": 1}}],
             "tensorrt",
-            [("tensorrt", {"device_id": 1, "trt_fp16_enable": "1", "trt_max_workspace_size": "1073741824",
+            [("tensorrt", {"device_id": 1, "trt_fp16_enable": "True", "trt_max_workspace_size": "1073741824",
                            "trt_engine_cache_path": "/cache"}), ("cuda", {"device_id": 1})],
             id="TensorRT in FP16 on GPU 1, then CUDA",
         ),

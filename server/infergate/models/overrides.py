@@ -333,7 +333,7 @@ def _tensorrt(accelerators: list[Any], device: int | None) -> dict[str, Any]:
         elif key in _TENSORRT_RENAMED:
             options[_TENSORRT_RENAMED[key]] = value
         elif key.startswith("trt_"):  # onnxruntime's own names (trt_engine_cache_path…); it refuses unknown ones
-            options[key] = value
+            options[key] = _trt_switch(key, value)
         else:
             raise ValueError(
                 f"optimization.execution_accelerators.gpu_execution_accelerator.0.parameters.{key}: not taken"
@@ -341,10 +341,28 @@ def _tensorrt(accelerators: list[Any], device: int | None) -> dict[str, Any]:
     return {"name": "tensorrt", "options": options}
 
 
+# onnxruntime's TensorRT options that are switches: its Python bindings take only "True"/"true" or
+# "False"/"false" for them and refuse the "1" and "0" Triton's configs write (onnxruntime_pybind_state.cc).
+_TRT_SWITCHES = frozenset({
+    "trt_int8_use_native_calibration_table", "trt_dump_subgraphs", "trt_force_sequential_engine_build",
+    "trt_layer_norm_fp32_fallback", "trt_force_timing_cache", "trt_detailed_build_log",
+})  # fmt: skip
+
+
+def _trt_switch(key: str, value: str) -> str:
+    """A Triton TensorRT parameter as onnxruntime takes it: a switch's "1"/"0" as "True"/"False"."""
+    if key.endswith("_enable") or key in _TRT_SWITCHES:
+        if value.lower() in ("1", "true"):
+            return "True"
+        if value.lower() in ("0", "false"):
+            return "False"
+    return value
+
+
 _PRECISIONS: dict[str, dict[str, str]] = {
     "FP32": {},
-    "FP16": {"trt_fp16_enable": "1"},
-    "INT8": {"trt_int8_enable": "1"},
+    "FP16": {"trt_fp16_enable": "True"},
+    "INT8": {"trt_int8_enable": "True"},
 }
 # Triton's names for onnxruntime's TensorRT options.
 _TENSORRT_RENAMED = {
