@@ -488,6 +488,8 @@ class WorkerControl:
             log.exception("model control: %s %s failed", op, model)
             reply = {"ok": False, "status": "INTERNAL", "message": f"{op} {model}: internal error (see the log)"}
         await _send(writer, reply)
+        if reply.get("ok") and op in OPS:  # the hub has its answer: the op is applied here, whatever comes next
+            log.info("%s %s: applied in this worker (model control)", op, model)
 
     async def aclose(self) -> None:
         """Leave model control (the server is stopping)."""
