@@ -10,11 +10,14 @@ cannot exist on this machine is replaced:
   version 1 for every other version a model config names); files in the mounted Secrets
   (keys and certificates generated here, of the kind each config key asks for);
 * addresses and ports: every address becomes 127.0.0.1 (tests bind loopback only, so
-  ``$(POD_IP)`` is 127.0.0.1) and every port 0; the ports the server prints are mapped back
-  to the container ports they stand for.
+  ``$(POD_IP)`` is 127.0.0.1) and every port 0 (the health port with ``--workers`` a free one:
+  workers share it, so it must be fixed); the ports the server prints are mapped back to the
+  container ports they stand for.
 
 Then it probes like the kubelet: grpc.health.v1 on each probe's port and service, in
-plaintext, watching the readiness service until SERVING. It scrapes the metrics port when
+plaintext, watching the readiness service until SERVING. Every probe's port is the pod's
+``health`` port, which the server announces and answers on (health alone: the serving port's
+pending-call backlog, full in a spike, is not the probes'). It scrapes the metrics port when
 the pod has one, and finally sends SIGTERM (exit 0 after the drain). With a broken model in
 the repository, the pod must pass its startup and liveness probes (it is not restarted) and
 fail readiness (it gets no traffic and the rollout stops).
@@ -28,6 +31,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -151,6 +155,22 @@ class Secrets:
         path.write_bytes(contents[key]())
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _localize_server_config(config: dict[str, Any], pod: Pod, made: Secrets) -> dict[str, Any]:
+    """server.yaml localised (:func:`_localize`). With workers the health port cannot be 0 (each worker
+    would bind another), so it gets a port free now, which the workers then share."""
+    local: dict[str, Any] = _localize(config, pod, made)
+    if local.get("health_port") is not None and local.get("workers", 1) > 1:
+        local["health_port"] = _free_port()
+    return local
+
+
 def _localize(node: Any, pod: Pod, made: Secrets, key: str = "") -> Any:
     """server.yaml with pod paths, addresses and ports replaced (see the module docstring)."""
     if isinstance(node, dict):
@@ -235,7 +255,7 @@ def running_pod(
 def _run(pod: Pod, tmp_path: Path) -> Iterator[dict[str, str]]:
     """The pod's server, started as the container would be; yields the addresses it announced."""
     config_path = tmp_path / "server.yaml"
-    config = _localize(yaml.safe_load(pod.config_map["server.yaml"]), pod, Secrets())
+    config = _localize_server_config(yaml.safe_load(pod.config_map["server.yaml"]), pod, Secrets())
     config_path.write_text(yaml.safe_dump(config))
     env = _environment(pod)
     log = tmp_path / "server.log"
@@ -264,8 +284,11 @@ def _run(pod: Pod, tmp_path: Path) -> Iterator[dict[str, str]]:
 def test_the_rendered_pod_spec_starts_a_server_its_probes_find_serving(running_pod: tuple[Pod, dict[str, str]]) -> None:
     pod, addresses = running_pod
     by_number = {p["containerPort"]: addresses[p["name"]] for p in pod.server["ports"]}
+    health = _health_container_port(pod)
+    assert addresses["health"] != addresses["grpc"]  # a listener of its own, announced by the server
     for name in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = pod.server[name]["grpc"]
+        assert probe["port"] == health, name  # never the serving port, whose backlog a spike fills
         _probe_until_serving(by_number[probe["port"]], probe["service"])
     if "metrics" in addresses:  # what Prometheus scrapes
         with urllib.request.urlopen(f"http://{addresses['metrics']}/metrics", timeout=HANG_GUARD_S) as scrape:
@@ -274,7 +297,12 @@ def test_the_rendered_pod_spec_starts_a_server_its_probes_find_serving(running_p
         assert pod.local(path).is_file(), path
 
 
-@pytest.mark.parametrize("values", [None, CI_VALUES_BY_NAME["tls-values"]], ids=["serving-port", "tls-health-port"])
+def _health_container_port(pod: Pod) -> int:
+    (port,) = [p["containerPort"] for p in pod.server["ports"] if p["name"] == "health"]
+    return port
+
+
+@pytest.mark.parametrize("values", [None, CI_VALUES_BY_NAME["tls-values"]], ids=["default", "tls"])
 def test_a_broken_model_fails_readiness_but_not_startup_or_liveness(
     values: Path | None, tmp_path: Path, demo_repository: Path
 ) -> None:
@@ -285,6 +313,7 @@ def test_a_broken_model_fails_readiness_but_not_startup_or_liveness(
         by_number = {p["containerPort"]: addresses[p["name"]] for p in pod.server["ports"]}
         for name in ("startupProbe", "livenessProbe"):  # pass once loading is over: no restart loop
             probe = pod.server[name]["grpc"]
+            assert probe["port"] == _health_container_port(pod), name
             _probe_until_serving(by_number[probe["port"]], probe["service"])
         readiness = pod.server["readinessProbe"]["grpc"]
         with grpc.insecure_channel(by_number[readiness["port"]]) as channel:

@@ -4,7 +4,7 @@ Checked offline: ``helm lint --strict``, ``helm template`` for the default value
 every file in ci/ (full-values.yaml switches every option on; the others one feature each),
 the rendered manifests against Kubernetes 1.30's schemas (kubernetes-validate --strict),
 values.schema.json refusing bad values, and the contracts between chart and server: probes
-ask the health services the server reports (on the plaintext health port when TLS is on),
+ask the health services the server reports, on the plaintext health port,
 metrics listen where Prometheus can scrape, the grace period outlasts the drain, the
 rendered server.yaml loads with infergate's own validator. test_chart_runs.py goes further
 and starts a server from each rendered pod spec. ``make test`` installs helm
@@ -149,8 +149,17 @@ TLS = (
 )
 
 
-def test_with_tls_every_probe_asks_the_plaintext_health_port_on_the_pod_ip(tmp_path: Path) -> None:
-    manifests = render(None, *TLS)
+@pytest.mark.parametrize(
+    ("values", "sets"),
+    [(None, ()), (None, TLS), *((v, ()) for v in CI_VALUES)],
+    ids=["default", "tls-set", *(v.stem for v in CI_VALUES)],
+)
+def test_every_probe_asks_the_plaintext_health_port_on_the_pod_ip(
+    values: Path | None, sets: tuple[str, ...], tmp_path: Path
+) -> None:
+    """With or without TLS: on the serving port, probes would share gRPC's pending-call backlog
+    (limits.max_pending_calls) with every call, and a spike would fail them and empty the Service."""
+    manifests = render(values, *sets)
     server = container(manifests)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == 8003, probe
@@ -160,18 +169,34 @@ def test_with_tls_every_probe_asks_the_plaintext_health_port_on_the_pod_ip(tmp_p
     (pod_ip,) = [e for e in server["env"] if e["name"] == "POD_IP"]
     assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     config = yaml.safe_load(server_config_map(manifests)["server.yaml"])
-    assert config["health_port"] == 8003 and config["tls"]["cert_file"] == "/etc/infergate/tls/tls.crt"
-    assert server_yaml(manifests, tmp_path).health_port == 8003  # a key the server knows
+    assert config["health_port"] == 8003 and config["port"] == 8001
+    loaded = server_yaml(manifests, tmp_path)  # keys the server knows, a port --workers can share
+    assert loaded.health_port == 8003 and loaded.health_port != loaded.port
     services = [m for m in manifests if m["kind"] == "Service"]
     assert all(p["name"] != "health" for s in services for p in s["spec"]["ports"])  # only the kubelet needs it
+    if sets:
+        assert config["tls"]["cert_file"] == "/etc/infergate/tls/tls.crt"
 
 
-def test_without_tls_the_probes_ask_the_serving_port_and_no_health_port_is_opened() -> None:
-    manifests = render()
+def test_the_health_port_follows_probes_health_port(tmp_path: Path) -> None:
+    manifests = render(None, "probes.healthPort=8080")
     server = container(manifests)
-    assert {server[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {8001}
-    assert "--health-host" not in server["args"] and "env" not in server
-    assert "health_port" not in yaml.safe_load(server_config_map(manifests)["server.yaml"])
+    assert {server[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {8080}
+    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in server["ports"]
+    assert server_yaml(manifests, tmp_path).health_port == 8080
+
+
+@pytest.mark.parametrize(
+    ("sets", "port"),
+    [
+        (("probes.healthPort=8001",), "service.port"),
+        (("metrics.enabled=true", "probes.healthPort=9464"), "metrics.port"),
+    ],
+    ids=["serving-port", "metrics-port"],
+)
+def test_the_health_port_must_be_a_port_of_its_own(sets: tuple[str, ...], port: str) -> None:
+    error = refused(None, *sets)
+    assert "probes.healthPort" in error and port in error
 
 
 def test_with_metrics_on_the_server_listens_for_scrapes_on_every_address(tmp_path: Path) -> None:
@@ -186,7 +211,8 @@ def test_with_metrics_on_the_server_listens_for_scrapes_on_every_address(tmp_pat
 
 def test_extra_environment_reaches_the_server_container() -> None:
     env = container(render(None, "env[0].name=OTEL_SERVICE_NAME", "env[0].value=fraud"))["env"]
-    assert env == [{"name": "OTEL_SERVICE_NAME", "value": "fraud"}]
+    assert [e["name"] for e in env] == ["POD_IP", "OTEL_SERVICE_NAME"]  # the health port's address, then yours
+    assert env[1] == {"name": "OTEL_SERVICE_NAME", "value": "fraud"}
 
 
 def test_pods_run_non_root_with_a_read_only_root_filesystem_and_no_capabilities() -> None:

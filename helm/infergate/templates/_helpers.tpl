@@ -46,26 +46,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* "true" when the server config turns TLS on: the probes then use the plaintext health port. */}}
+{{/* "true" when the server config turns TLS on (NOTES.txt shows how to call it). */}}
 {{- define "infergate.tls" -}}
 {{- if .Values.serverConfig.tls }}true{{ end }}
 {{- end }}
 
-{{/* The port the kubelet's gRPC probes connect to. */}}
+{{/* The port the kubelet's gRPC probes connect to: always the plaintext health port, never the serving
+     port. There the probes would share gRPC's pending-call backlog (limits.max_pending_calls) with every
+     call, and a traffic spike would fail them and take the pods out of the Service; with TLS the kubelet
+     could not speak to it at all. */}}
 {{- define "infergate.probePort" -}}
-{{- if include "infergate.tls" . }}{{ .Values.probes.healthPort }}{{ else }}{{ .Values.service.port }}{{ end }}
+{{- .Values.probes.healthPort }}
 {{- end }}
 
 {{/* The server config file: the user's serverConfig plus what the chart owns (the chart's keys win).
-     Metrics listen on every address so Prometheus can scrape the pod; with TLS, health is also
-     served in plaintext on probes.healthPort (its address, the pod IP, comes as --health-host). */}}
+     Metrics listen on every address so Prometheus can scrape the pod; grpc.health.v1 is also served
+     alone, in plaintext, on probes.healthPort (its address, the pod IP, comes as --health-host). With
+     --workers every worker shares that fixed port, as they share the serving port. */}}
 {{- define "infergate.serverConfig" -}}
-{{- $owned := dict "model_repository" "/models" "host" "0.0.0.0" "port" (int .Values.service.port) }}
+{{- $owned := dict "model_repository" "/models" "host" "0.0.0.0" "port" (int .Values.service.port) "health_port" (int .Values.probes.healthPort) }}
 {{- if .Values.metrics.enabled }}
 {{- $_ := set $owned "telemetry" (dict "metrics_host" "0.0.0.0") }}
-{{- end }}
-{{- if include "infergate.tls" . }}
-{{- $_ := set $owned "health_port" (int .Values.probes.healthPort) }}
 {{- end }}
 {{- toYaml (merge $owned (deepCopy .Values.serverConfig)) }}
 {{- end }}
