@@ -88,6 +88,50 @@ def test_errors_say_what_was_wrong_with_documented_exit_codes(
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[[1,2,3,99999999999999999999]]", "--input b: [[1,2,3,99999999999999999999]] cannot be INT64:"),
+        ('[["one",2,3,4]]', '--input b: [["one",2,3,4]] cannot be INT64:'),
+        ("[[1,2],[3]]", "--input b: [[1,2],[3]] cannot be INT64:"),
+    ],
+)
+def test_a_json_input_that_does_not_fit_its_datatype_exits_2_with_one_line(
+    demo_server: ServerProcess, value: str, message: str
+) -> None:
+    done = _run(
+        "--url", demo_server.url, "infer", "multi_io", "-i", "a=[[1,2,3,4]]", "-i", f"b={value}",
+        "-i", "flag=[[true]]", "-i", 'text=[["a","b"]]',
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"infergate-client: {message}") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_an_input_file_the_sdk_cannot_send_exits_2(demo_server: ServerProcess, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((1, 16), np.complex64))
+    done = _run("--url", demo_server.url, "infer", "matmul16", "-i", f"x=@{tmp_path / 'x.npy'}")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (
+        "infergate-client: InvalidArgument: infer('matmul16'): input 'x': numpy dtype complex64 has no"
+        " Open Inference Protocol datatype\n"
+    )
+
+
+def test_nan_and_infinite_outputs_are_printed_as_strings_in_strict_json(demo_server: ServerProcess) -> None:
+    done = _run(
+        "--url", demo_server.url, "infer", "multi_io", "-i", "a=[[NaN, Infinity, -Infinity, 1.5]]",
+        "-i", "b=[[0,0,0,0]]", "-i", "flag=[[true]]", "-i", 'text=[["a","b"]]', "-o", "sum", "-o", "half",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    body = json.loads(done.stdout, parse_constant=refuse)
+    assert body == {"sum": [["nan", "inf", "-inf", 1.5]], "half": [["nan", "inf", "-inf", 1.5]]}
+    assert np.array(body["sum"], dtype=np.float32)[0, 1] == np.inf  # numpy reads them back
+
+
 def test_an_unreachable_server_exits_3() -> None:
     done = _run("--url", f"127.0.0.1:{free_port()}", "--timeout", "2", "health")
     assert done.returncode == 3

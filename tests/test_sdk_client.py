@@ -9,7 +9,7 @@ the same model files.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +214,90 @@ async def test_round_robin_spreads_calls_over_two_real_servers(
 async def _served(server: ServerProcess) -> int:
     with Client(server.url) as direct:
         return int(direct.model_statistics("matmul16").model_stats[0].inference_stats.success.count)
+
+
+# --------------------------------------------------------------------------- errors found before sending
+
+
+def _matmul(i: int) -> InferRequest:
+    return InferRequest("matmul16", {"x": np.full((1, 16), i, np.float32)}, request_id=f"r{i}")
+
+
+async def _stream_until_error(client: EitherClient, requests: Any) -> tuple[list[str], BaseException | None]:
+    """The request ids answered before the stream raised, and what it raised (``None`` if it did not)."""
+    answered: list[str] = []
+    try:
+        if client.flavour == "aio":
+            async for result in client.raw.stream_infer(requests):
+                answered.append(result.request_id)
+        else:
+            for result in client.raw.stream_infer(requests):
+                answered.append(result.request_id)
+    except BaseException as exc:  # a CancelledError too: it must not be what the caller sees
+        return answered, exc
+    return answered, None
+
+
+async def test_a_stream_request_that_cannot_be_encoded_raises_invalid_argument_after_the_earlier_replies(
+    demo_server: ServerProcess, flavour: str
+) -> None:
+    bad = InferRequest("matmul16", {"x": np.zeros((1, 16), np.complex64)}, request_id="bad")
+    client = EitherClient(flavour, demo_server.url)
+    try:
+        answered, error = await _stream_until_error(client, [_matmul(0), _matmul(1), bad, _matmul(3)])
+    finally:
+        await client.close()
+    assert isinstance(error, InvalidArgument), repr(error)
+    assert error.code is None and "complex64" in error.details
+    assert isinstance(error.__cause__, TypeError)
+    assert answered == ["r0", "r1"]  # what was sent before the bad request is answered; nothing after it
+
+
+async def test_a_request_iterable_that_raises_ends_the_stream_with_its_own_error(
+    demo_server: ServerProcess, flavour: str
+) -> None:
+    def source() -> Iterator[InferRequest]:
+        yield _matmul(0)
+        raise RuntimeError("the request source failed")
+
+    async def async_source() -> AsyncIterator[InferRequest]:
+        for request in source():
+            yield request
+
+    client = EitherClient(flavour, demo_server.url)
+    try:
+        seen = [await _stream_until_error(client, source())]
+        if flavour == "aio":
+            seen.append(await _stream_until_error(client, async_source()))
+    finally:
+        await client.close()
+    for answered, error in seen:
+        assert type(error) is RuntimeError and str(error) == "the request source failed", repr(error)
+        assert answered == ["r0"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "parameters", "message", "cause"),
+    [
+        ({"x": np.zeros((1, 16), np.complex64)}, {}, "numpy dtype complex64 has no", TypeError),
+        ({}, {}, "needs at least one input", None),
+        ({"x": np.zeros((1, 16), np.float32)}, {"p": np.int64(3)}, "'p': int64 is not bool", TypeError),
+    ],
+)
+async def test_a_request_that_cannot_be_encoded_raises_invalid_argument_without_a_code(
+    demo_server: ServerProcess,
+    flavour: str,
+    inputs: dict[str, Any],
+    parameters: dict[str, Any],
+    message: str,
+    cause: type[Exception] | None,
+) -> None:
+    client = EitherClient(flavour, demo_server.url)
+    try:
+        with pytest.raises(InvalidArgument, match=message) as caught:
+            await client.infer("matmul16", inputs, parameters=parameters)
+    finally:
+        await client.close()
+    assert caught.value.code is None  # the SDK refused it: nothing was sent
+    assert str(caught.value).startswith("InvalidArgument: infer('matmul16'")
+    assert (type(caught.value.__cause__) if cause else caught.value.__cause__) == cause

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from conftest import ServerProcess, launch_server
+from security import SECRET, token
 from test_sdk_client import EitherClient
 
 from infergate._proto import grpc_service_pb2 as pb
@@ -166,6 +169,53 @@ async def test_client_and_call_metadata_and_a_static_token_are_sent(echo: EchoSe
         await client.close()
     assert received["authorization"] == "Bearer s3cret"
     assert received["x-user-id"] == "alice" and received["traceparent"] == traceparent
+
+
+async def test_a_calls_metadata_replaces_the_clients_for_the_same_key(echo: EchoServer, flavour: str) -> None:
+    """One value per key: sticky routing reads the first ``x-user-id``; two ``authorization`` headers are refused."""
+    client = EitherClient(flavour, echo.url, token="client-token", metadata={"x-user-id": "alice", "x-team": "ml"})
+    try:
+        sent = [
+            sorted((await client.server_metadata(metadata=metadata)).extensions)
+            for metadata in (
+                {"X-User-Id": "bob"},
+                [("authorization", "Bearer call-token"), ("x-tag", "1"), ("x-tag", "2")],
+                None,
+            )
+        ]
+    finally:
+        await client.close()
+    assert sent == [
+        ["authorization=Bearer client-token", "x-team=ml", "x-user-id=bob"],
+        ["authorization=Bearer call-token", "x-tag=1", "x-tag=2", "x-team=ml", "x-user-id=alice"],
+        ["authorization=Bearer client-token", "x-team=ml", "x-user-id=alice"],
+    ]
+
+
+@pytest.fixture(scope="module")
+def auth_server(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    directory = tmp_path_factory.mktemp("sdk-auth")
+    config = directory / "server.yaml"
+    config.write_text('{"auth": {"enabled": true, "algorithms": ["HS256"], "secret_env": "SDK_TEST_JWT_SECRET"}}')
+    server = launch_server(
+        demo_repository, directory, "--config", str(config), env={"SDK_TEST_JWT_SECRET": SECRET.decode()}
+    )
+    yield server
+    assert server.terminate() == 0, server.log()
+
+
+async def test_a_calls_own_token_is_sent_instead_of_the_clients(auth_server: ServerProcess, flavour: str) -> None:
+    """A service with its own token calls on behalf of a user with theirs: one authorization header, the call's."""
+    service = token(SECRET, "HS256", {"sub": "service", "exp": int(time.time()) + 600, "scope": "infer:*"})
+    user = token(SECRET, "HS256", {"sub": "user", "exp": int(time.time()) + 600, "scope": "infer:matmul16"})
+    client = EitherClient(flavour, auth_server.url, token=service)
+    try:
+        result = await client.infer(
+            "matmul16", {"x": np.ones((1, 16), np.float32)}, metadata={"Authorization": f"Bearer {user}"}
+        )
+    finally:
+        await client.close()
+    assert result["y"].shape == (1, 16)
 
 
 async def test_a_refreshing_token_is_fetched_once_and_renewed_before_expiry(echo: EchoServer, flavour: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -37,6 +38,18 @@ def _pairs(metadata: Metadata | None) -> list[tuple[str, str]]:
     return [(str(key).lower(), str(value)) for key, value in items]
 
 
+# An infergate server's UNAVAILABLE for a model that is not loaded, by name (its state is UNAVAILABLE:
+# it failed to load, or was unloaded; not LOADING) or by version (it failed to load). Waiting a few
+# seconds does not mend a broken model file, so such a call is not retried and costs the budget nothing.
+_NOT_LOADED = re.compile(r"has no available versions \(UNAVAILABLE\)|is not ready: it failed to load: ")
+
+
+def model_not_loaded(error: grpc.RpcError) -> bool:
+    """Whether ``error`` (an UNAVAILABLE) is an infergate server saying the model is not loaded."""
+    details = error.details() if callable(getattr(error, "details", None)) else None
+    return bool(details) and _NOT_LOADED.search(str(details)) is not None
+
+
 class ClientBase:
     """Settings and decisions shared by both clients.
 
@@ -44,7 +57,8 @@ class ClientBase:
     several ``IP:PORT`` addresses (a list or comma-separated) to balance round-robin.
     ``timeout``: the default deadline of each call in seconds, retries included.
     ``token``: a bearer token, or a callable returning one (see ``RefreshingToken``).
-    ``metadata``: headers sent with every call (``x-user-id``, ``traceparent``...).
+    ``metadata``: headers sent with every call (``x-user-id``, ``traceparent``...); a key
+    that a call's own ``metadata=`` sends replaces the client's for that call.
     ``health_check``: send calls only to servers whose inference service reports SERVING
     (see ``options.channel_options``); off, calls reach a server that is loading or draining.
     """
@@ -87,9 +101,16 @@ class ClientBase:
         return isinstance(self._token, RefreshingToken) and self._token.needs_refresh()
 
     def _call_metadata(self, extra: Metadata | None) -> list[tuple[str, str]]:
-        """Client metadata, then the call's, then ``authorization`` from the token."""
-        pairs = self._metadata + _pairs(extra)
-        if self._token is not None:
+        """The client's metadata, then the call's, then ``authorization`` from the token.
+
+        A key the call sends replaces the client's values for it (servers read one
+        ``x-user-id``, and refuse two ``authorization`` headers); a call that sends
+        ``authorization`` itself gets no token added.
+        """
+        call = _pairs(extra)
+        replaced = {key for key, _ in call}
+        pairs = [(key, value) for key, value in self._metadata if key not in replaced] + call
+        if self._token is not None and "authorization" not in replaced:
             token = self._token() if callable(self._token) else self._token
             pairs.append(("authorization", f"Bearer {token}"))
         return pairs
@@ -103,10 +124,11 @@ class ClientBase:
         """Seconds to wait before the next attempt, or None to give up and raise.
 
         Only UNAVAILABLE is retried (never INVALID_ARGUMENT, DEADLINE_EXCEEDED...),
-        within ``max_attempts``, the client's budget and the call's deadline.
+        within ``max_attempts``, the client's budget and the call's deadline; and
+        not when the server says the model is not loaded (see ``model_not_loaded``).
         """
         code = error.code() if callable(getattr(error, "code", None)) else None
-        if code != grpc.StatusCode.UNAVAILABLE:
+        if code != grpc.StatusCode.UNAVAILABLE or model_not_loaded(error):
             return None
         if not self._budget.on_failure() or attempt >= self._retry.max_attempts:
             return None

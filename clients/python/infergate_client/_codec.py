@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._proto import grpc_service_pb2 as pb
-from .errors import InferenceFailed
+from .errors import InferenceFailed, InvalidArgument
 
 __all__ = [
     "BYTES",
@@ -152,19 +152,34 @@ def decode_parameters(source: Any) -> dict[str, ParameterValue]:
 
 
 def build_infer_request(request: InferRequest) -> pb.ModelInferRequest:
-    """The ModelInferRequest for ``request``, every input as raw contents."""
+    """The ModelInferRequest for ``request``, every input as raw contents.
+
+    Raises ``InvalidArgument`` with ``code`` None (nothing was sent) for a request
+    that cannot be encoded: no inputs, an array with no V2 datatype (complex...),
+    a parameter that is not bool, int, float or str; ``__cause__`` is the original error.
+    """
+    where = f"infer({request.model!r})"
     if not request.inputs:
-        raise ValueError(f"infer({request.model!r}) needs at least one input")
-    version = "" if request.model_version is None else str(request.model_version)
-    message = pb.ModelInferRequest(model_name=request.model, model_version=version, id=request.request_id)
-    encode_parameters(request.parameters, message.parameters)
+        raise InvalidArgument(f"{where} needs at least one input")
+    try:
+        version = "" if request.model_version is None else str(request.model_version)
+        message = pb.ModelInferRequest(model_name=request.model, model_version=version, id=request.request_id)
+        encode_parameters(request.parameters, message.parameters)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{where}: {exc}") from exc
     for name, value in request.inputs.items():
-        array = np.asarray(value)
-        datatype = datatype_of(array)
-        message.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        message.raw_input_contents.append(_tensor_bytes(datatype, array))
-    for name in request.outputs:
-        message.outputs.add(name=name)
+        try:
+            array = np.asarray(value)
+            datatype = datatype_of(array)
+            message.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            message.raw_input_contents.append(_tensor_bytes(datatype, array))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"{where}: input {name!r}: {exc}") from exc
+    try:
+        for name in request.outputs:
+            message.outputs.add(name=name)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{where}: outputs: {exc}") from exc
     return message
 
 

@@ -13,10 +13,11 @@ import grpc.aio
 
 from . import _calls as calls
 from ._base import ClientBase, Metadata
-from ._codec import Array, InferRequest, InferResult, ParameterValue, build_infer_request, decode_stream_reply
+from ._codec import Array, InferRequest, InferResult, ParameterValue, decode_stream_reply
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
 from ._proto import model_config_pb2 as mc
+from ._stream import Outgoing
 from .errors import from_rpc_error
 
 __all__ = ["AsyncClient"]
@@ -152,11 +153,14 @@ class AsyncClient(ClientBase):
         """Send ``requests`` on one ModelStreamInfer stream; an async iterator of results.
 
         The same contract as ``Client.stream_infer``: replies in the requests' order,
-        a failed request raises ``InferenceFailed``, streams are not retried.
+        a failed request raises ``InferenceFailed``, a request that cannot be encoded
+        (or an exception from ``requests``) is raised after the replies to the
+        requests before it, streams are not retried.
         """
         deadline = self._deadline(timeout)
+        outgoing = Outgoing()
         stream = self._stub.ModelStreamInfer(
-            _messages(requests),
+            outgoing.async_messages(requests),
             timeout=max(0.0, deadline - time.monotonic()),
             metadata=await self._metadata_for_call(metadata),
         )
@@ -167,14 +171,4 @@ class AsyncClient(ClientBase):
             raise from_rpc_error(exc) from exc
         finally:
             stream.cancel()
-
-
-async def _messages(
-    requests: AsyncIterable[InferRequest] | Iterable[InferRequest],
-) -> AsyncIterator[pb.ModelInferRequest]:
-    if isinstance(requests, AsyncIterable):
-        async for request in requests:
-            yield build_infer_request(request)
-    else:
-        for request in requests:
-            yield build_infer_request(request)
+        outgoing.raise_error()

@@ -5,7 +5,7 @@ Exit codes:
 - 0: done (``health``: the server is live and ready);
 - 1: ``health`` got an answer, but the server (or the model) is not ready: the JSON
   lists each model that is not ready and why (``not_ready``), also said on stderr;
-- 2: bad command line or input file (nothing was sent);
+- 2: bad command line, input file or input value (nothing was sent);
 - 3: the server could not be reached in time (UNAVAILABLE, DEADLINE_EXCEEDED);
 - 4: the server refused or failed the call (NOT_FOUND, INVALID_ARGUMENT, UNAUTHENTICATED...).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 from ._calls import ModelMetadata, TensorMetadata
 from ._codec import DATATYPES, Array
 from .client import Client
-from .errors import DeadlineExceeded, InferGateError, Unavailable, Unimplemented
+from .errors import DeadlineExceeded, InferGateError, InvalidArgument, Unavailable, Unimplemented
 from .options import Tls
 
 __all__ = ["build_parser", "main"]
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _INFER_HELP = """Send one ModelInfer. Each --input is NAME=@FILE.npy (the array as saved) or
 NAME=JSON (nested lists, cast to the input's datatype from ModelMetadata), e.g.
--i x='[[1,2,3]]'. Outputs are printed as JSON, or saved with --output-dir."""
+-i x='[[1,2,3]]'. Outputs are printed as JSON (NaN and infinities as the strings
+"nan", "inf" and "-inf"), or saved with --output-dir."""
 
 
 def _client(args: argparse.Namespace, health_check: bool = True) -> Client:
@@ -104,7 +105,9 @@ def _cmd_health(client: Client, args: argparse.Namespace) -> int:
     if all(status.values()):
         print(json.dumps(status))
         return OK
-    status["not_ready"] = reasons = _not_ready(client, args.model)
+    # A ready server with a model that is not: that model. A server that is not ready: every model that
+    # is not (the one asked about may be fine while another failed to load).
+    status["not_ready"] = reasons = _not_ready(client, args.model if ready else None)
     print(json.dumps(status))
     why = "; ".join(f"model {r['model']}{' version ' + r['version'] if r['version'] else ''}: {r['reason']}"
                     for r in reasons)  # fmt: skip
@@ -178,15 +181,29 @@ def parse_input(text: str, metadata: ModelMetadata) -> tuple[str, Array]:
     datatype = next((t.datatype for t in metadata.inputs if t.name == name), None)
     if datatype is None:
         raise UsageError(f"--input {name}: model {metadata.name!r} has no such input")
-    if datatype == "BYTES":
-        return name, np.array(data, dtype=object)
-    return name, np.array(data, dtype=DATATYPES[datatype])
+    try:
+        if datatype == "BYTES":
+            return name, np.array(data, dtype=object)
+        return name, np.array(data, dtype=DATATYPES[datatype])
+    except (ArithmeticError, TypeError, ValueError) as exc:  # 2**70 for INT64, "one" for FP32, ragged lists
+        raise UsageError(f"--input {name}: {value} cannot be {datatype}: {exc}") from None
+
+
+NON_FINITE: dict[str, Callable[[Array], Array]] = {"nan": np.isnan, "inf": np.isposinf, "-inf": np.isneginf}
 
 
 def _jsonable(value: Any) -> Any:
-    """An output as nested lists; BYTES elements as text."""
+    """An output as nested lists; BYTES elements as text, NaN and infinities as "nan", "inf" and "-inf"
+    (strict JSON has no number for them; numpy reads those strings back as floats)."""
     if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value] if value.dtype == object else value.tolist()
+        if value.dtype == object:
+            return [_jsonable(v) for v in value]
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            text = value.astype(object)
+            for word, where in NON_FINITE.items():
+                text[where(value)] = word
+            return text.tolist()
+        return value.tolist()
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
@@ -199,7 +216,7 @@ def _cmd_infer(client: Client, args: argparse.Namespace) -> int:
         args.model, inputs, outputs=args.output, model_version=args.model_version, request_id=args.request_id
     )
     if args.output_dir is None:
-        print(json.dumps({name: _jsonable(array) for name, array in result.items()}))
+        print(json.dumps({name: _jsonable(array) for name, array in result.items()}, allow_nan=False))
         return OK
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for name, array in result.items():
@@ -227,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return UNREACHABLE
     except InferGateError as exc:
         print(f"infergate-client: {exc}", file=sys.stderr)
-        return REFUSED
+        refused_here = isinstance(exc, InvalidArgument) and exc.code is None  # the SDK could not encode it
+        return USAGE if refused_here else REFUSED
     except (OSError, ValueError) as exc:  # an unreadable PEM file, a malformed URL
         print(f"infergate-client: {exc}", file=sys.stderr)
         return USAGE

@@ -11,10 +11,11 @@ import grpc
 
 from . import _calls as calls
 from ._base import ClientBase, Metadata
-from ._codec import Array, InferRequest, InferResult, ParameterValue, build_infer_request, decode_stream_reply
+from ._codec import Array, InferRequest, InferResult, ParameterValue, decode_stream_reply
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
 from ._proto import model_config_pb2 as mc
+from ._stream import Outgoing
 from .errors import from_rpc_error
 
 __all__ = ["Client"]
@@ -147,11 +148,15 @@ class Client(ClientBase):
         An infergate server answers in the order the requests were sent (a Triton
         server too, for a model that is not decoupled); each reply carries its
         request's ``request_id``. A failed request raises ``InferenceFailed`` and
-        ends the stream. Streams are not retried; ``timeout`` covers the whole stream.
+        ends the stream. A request that cannot be encoded, or an exception from
+        ``requests`` itself, ends what is sent: the requests before it are answered,
+        then it is raised (``InvalidArgument`` with ``code`` None, or the iterable's
+        own exception). Streams are not retried; ``timeout`` covers the whole stream.
         """
         deadline = self._deadline(timeout)
+        outgoing = Outgoing()
         replies = self._stub.ModelStreamInfer(
-            (build_infer_request(r) for r in requests),
+            outgoing.messages(requests),
             timeout=max(0.0, deadline - time.monotonic()),
             metadata=self._call_metadata(metadata),
         )
@@ -162,3 +167,4 @@ class Client(ClientBase):
             raise from_rpc_error(exc) from exc
         finally:
             replies.cancel()
+        outgoing.raise_error()

@@ -3,7 +3,8 @@
 ::
 
     InferGateError                 every error this package raises; .code, .details
-    ├── InvalidArgument            INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION: fix the request
+    ├── InvalidArgument            INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION: fix the request;
+    │                              code None: the SDK could not encode it, nothing was sent
     ├── NotFound                   NOT_FOUND: no such model or version
     ├── Unauthenticated            UNAUTHENTICATED: missing, bad or expired token
     ├── PermissionDenied           PERMISSION_DENIED: the token may not call this
@@ -15,8 +16,9 @@
     ├── ServerError                INTERNAL, UNKNOWN, DATA_LOSS, ABORTED, ALREADY_EXISTS
     └── InferenceFailed            one request of a stream failed (the stream has no status code)
 
-``code`` is the ``grpc.StatusCode`` (``None`` for ``InferenceFailed``),
-``details`` the server's message, and ``__cause__`` the original exception.
+``code`` is the ``grpc.StatusCode`` (``None`` for ``InferenceFailed`` and for an
+``InvalidArgument`` raised before sending), ``details`` the server's message (or
+the SDK's), and ``__cause__`` the original exception.
 """
 
 from __future__ import annotations
@@ -51,7 +53,12 @@ class InferGateError(Exception):
 
 
 class InvalidArgument(InferGateError):
-    """The request was wrong (datatype, shape, unknown input...): retrying cannot help."""
+    """The request was wrong (datatype, shape, unknown input...): retrying cannot help.
+
+    ``code`` is None when the SDK refused it before sending (no inputs, a dtype with
+    no V2 datatype, a parameter of another type); ``__cause__`` then is the
+    ``TypeError`` or ``ValueError`` that said why.
+    """
 
 
 class NotFound(InferGateError):

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from infergate_client import InferRequest
+from infergate_client import InferRequest, InvalidArgument
 from infergate_client._codec import (
     build_infer_request,
     datatype_of,
@@ -89,8 +89,26 @@ def test_the_request_carries_version_outputs_and_parameters() -> None:
 
 
 def test_a_request_needs_an_input() -> None:
-    with pytest.raises(ValueError, match="at least one input"):
+    with pytest.raises(InvalidArgument, match="at least one input") as caught:
         build_infer_request(InferRequest("m", {}))
+    assert caught.value.code is None
+
+
+@pytest.mark.parametrize(
+    ("request_", "message", "cause"),
+    [
+        (InferRequest("m", {"x": np.array([1j])}), "infer\\('m'\\): input 'x': numpy dtype complex128", TypeError),
+        (InferRequest("m", {"x": np.zeros(1)}, parameters={"p": np.int64(3)}), "parameter 'p': int64", TypeError),
+        (InferRequest("m", {"x": np.zeros(1)}, parameters={"p": 2**70}), "infer\\('m'\\): ", ValueError),
+        (InferRequest("m", {"x": [[1, 2], [3]]}), "input 'x': setting an array element", ValueError),
+    ],
+)
+def test_a_request_that_cannot_be_encoded_is_refused_with_its_cause(
+    request_: InferRequest, message: str, cause: type[Exception]
+) -> None:
+    with pytest.raises(InvalidArgument, match=message) as caught:
+        build_infer_request(request_)
+    assert caught.value.code is None and isinstance(caught.value.__cause__, cause)
 
 
 @pytest.mark.parametrize(
