@@ -2,7 +2,8 @@
 
 ``OnnxRunner.load`` times the model's largest batch; when it takes at most
 ``instance_group.inline_max_microseconds``, batches run on the caller's thread
-(the event loop) instead of being handed to an instance thread and back. When
+(the event loop) instead of being handed to an instance thread and back, as long as
+no input has more elements than in that timed batch. When
 the median of ``INLINE_WINDOW`` batches in a row later takes more than four
 times the bound, the model goes back to its thread for good. The fallback tests
 replace the runtime's measured time (``_run_sync``), which the test cannot
@@ -210,3 +211,32 @@ def test_a_model_far_over_the_bound_is_judged_on_one_or_two_runs_not_six(
             runner.close()
     timings = 1 if max(1, usable_cpus() // 2) == 1 else 2
     assert 1 <= runs["slow"] <= 2 and runs["matmul16"] == 6 * timings, runs
+
+
+def run_one(runner: OnnxRunner, rows: int) -> tuple[Any, bool]:
+    """One batch of ``rows`` rows of matmul16 on an event loop: its outcome, and whether it ran right there."""
+
+    async def main() -> tuple[Any, bool]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        runner.start([{"x": np.ones((rows, 16), np.float32)}], [rows], future.set_result)
+        at_once = future.done()
+        return await asyncio.wait_for(future, 10.0), at_once
+
+    return asyncio.run(main())
+
+
+def test_only_a_batch_within_the_one_timed_at_load_runs_on_the_callers_thread(matmul16: Path) -> None:
+    """The load times 64 rows (max_batch_size 100 allows more): 65 rows were never timed, so they go to
+    the thread; the model stays inline for the batches it was measured for."""
+    runner = OnnxRunner.load(
+        matmul16, ModelConfig(max_batch_size=100, instance_group={"inline_max_microseconds": LIMIT_US}), "m", 1
+    )
+    try:
+        assert runner.inline
+        for rows, inline in ((64, True), (65, False), (100, False), (1, True)):
+            (results, _), at_once = run_one(runner, rows)
+            assert at_once == inline, f"a batch of {rows} rows"
+            assert results[0]["y"].shape == (rows, 16)
+        assert runner.inline
+    finally:
+        runner.close()

@@ -13,7 +13,10 @@ every output back inside the call, allocating device memory each time. A
   the rows it needs and no device memory is allocated per batch;
 - outputs that onnxruntime writes straight into host arrays allocated for the
   batch (one device→host copy; the arrays outlive the batch, so they are new
-  each time, and the callers get views of them).
+  each time, and the callers get views of them). An output whose shape is not
+  known before the run (variable dimensions besides the batch, or a first
+  dimension that is not the batch: the load's probe says which) is bound by
+  device alone, and onnxruntime allocates it.
 
 CUDA graphs (``device_execution.cuda_graph_batch_sizes``): every captured size
 is a bucket whose inputs and outputs stay bound to fixed device buffers, as
@@ -39,7 +42,7 @@ A BoundSession belongs to one instance thread; it is not thread-safe.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +54,15 @@ from infergate.models.config import DeviceExecution
 from infergate.models.device_gate import CUDA_GATE
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 
-__all__ = ["DEVICE_OF_PROVIDER", "BindingPlan", "BoundSession", "Staged", "bucket_sizes", "plan_binding"]
+__all__ = [
+    "DEVICE_OF_PROVIDER",
+    "BindingPlan",
+    "BoundSession",
+    "Staged",
+    "bucket_sizes",
+    "plan_binding",
+    "skip_graph_run_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,13 @@ DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvide
 # replays from the one after: warm-up runs each captured size this often.
 GRAPH_WARMUP_RUNS = 4
 _SKIP_GRAPH = "-1"  # gpu_graph_id of a run that must neither capture nor replay
+
+
+def skip_graph_run_options() -> Any:
+    """Run options for a ``session.run`` of a session with CUDA graphs that must neither capture nor replay."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", _SKIP_GRAPH)
+    return options
 
 
 @dataclass(frozen=True)
@@ -195,17 +213,21 @@ class Staged:
 class BoundSession:
     """One session, its staging buffers and its buckets; see the module docstring."""
 
-    def __init__(self, session: Any, spec: ModelSpec, plan: BindingPlan) -> None:
+    def __init__(self, session: Any, spec: ModelSpec, plan: BindingPlan, unbatched: Collection[str] = ()) -> None:
+        """``unbatched``: outputs whose first dimension is not the batch's rows, though the model batches
+        (the load's probe found them); bound without a shape, and the runner's ``split`` tells."""
         self.session = session
         self.plan = plan
-        batches = spec.batches
+        batches = self._batches = spec.batches
+        if plan.graph_sizes and unbatched:
+            raise ValueError(f"outputs {sorted(unbatched)} do not have the batch's rows first; a graph needs them")
         self._inputs = [_Slot(t.name, t.datatype.numpy, _inner(t) if batches else None) for t in spec.inputs]
-        self._outputs = [_Slot(t.name, t.datatype.numpy, _inner(t) if batches else None) for t in spec.outputs]
+        self._outputs = [
+            _Slot(t.name, t.datatype.numpy, _inner(t) if batches and t.name not in unbatched else None)
+            for t in spec.outputs
+        ]
         # Runs outside the buckets (a failed batch retried request by request) must not touch a graph.
-        self.plain_run_options: Any = None
-        if plan.graph_sizes:
-            self.plain_run_options = ort.RunOptions()
-            self.plain_run_options.add_run_config_entry("gpu_graph_id", _SKIP_GRAPH)
+        self.plain_run_options: Any = skip_graph_run_options() if plan.graph_sizes else None
         capacity = spec.max_batch_size if batches else 0
         self._staging = {
             s.name: np.zeros((capacity, *s.inner), dtype=s.dtype) for s in self._inputs if s.inner is not None
@@ -290,21 +312,20 @@ class BoundSession:
             hosts[slot.name] = host
         return hosts
 
-    def warm_up(self, zeros: Callable[[int], Tensors], rows: Sequence[int]) -> None:
-        """Run zero batches (``zeros(n)`` gives one of ``n`` rows): every graph size often enough to
-        capture its graph, then each of ``rows`` once.
-
-        A binding that cannot work for this model fails here, at load, not on the first request.
-        """
+    def capture_graphs(self, zeros: Callable[[int], Tensors]) -> None:
+        """Run zero batches (``zeros(n)`` gives one of ``n`` rows) of every graph size, often enough to
+        capture its graph. Zeros: a graph replays whatever its buffers hold, so the data need not suit the
+        model; its warm-up (``warmup`` or ``model_warmup``, :meth:`run`) is the config's, after this."""
         for bucket in self._buckets:
             if bucket.graph_id is not None:
                 with CUDA_GATE.exclusive():  # no other CUDA work in the process while a graph is captured
                     for _ in range(GRAPH_WARMUP_RUNS):
                         self.execute(self.stage([zeros(bucket.size)], bucket.size))
-        largest = max(self._buckets[-1].size, 1)
-        for count in rows:
-            count = min(max(count, 1), largest)
-            self.execute(self.stage([zeros(count)], count))
+
+    def run(self, feeds: Tensors) -> list[npt.NDArray[Any]]:
+        """One request as a batch of its own, as the runner runs one (a warm-up run, at load)."""
+        rows = len(next(iter(feeds.values()))) if self._batches and feeds else 1
+        return self.execute(self.stage([feeds], rows))
 
 
 def _collate(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:

@@ -34,7 +34,13 @@ import onnxruntime as ort
 
 from infergate import threadnames
 from infergate.errors import ModelExecutionError
-from infergate.models.binding import DEVICE_OF_PROVIDER, BindingPlan, BoundSession, plan_binding
+from infergate.models.binding import (
+    DEVICE_OF_PROVIDER,
+    BindingPlan,
+    BoundSession,
+    plan_binding,
+    skip_graph_run_options,
+)
 from infergate.models.config import PROVIDERS, ModelConfig
 from infergate.models.cpus import affinity_cpus, model_cpus
 from infergate.models.device_gate import CUDA_GATE, CudaGate
@@ -104,27 +110,29 @@ def split(
     return results
 
 
-def _batching_probed(session: ort.InferenceSession, spec: ModelSpec) -> ModelSpec:
-    """``spec``, or ``spec`` without batching when the graph only looked batchable.
+def _unbatched_outputs(session: ort.InferenceSession, spec: ModelSpec, run_options: Any = None) -> dict[str, str]:
+    """The outputs whose first dimension is not the batch, each with what showed it; {} when none is.
 
-    With no ``max_batch_size`` in its config, a graph batches when all its first dimensions are
-    symbolic; but an output's need not be the batch (a transpose, a count that depends on the data),
-    and batching such a model would hand requests each other's rows. Two small batches of valid
-    inputs tell. A graph that cannot run them keeps its spec (``split`` still checks every batch).
+    A graph batches when all its first dimensions are symbolic (or when its config sets
+    ``max_batch_size``); but an output's need not be the batch (a transpose, a count that depends on
+    the data), and batching such a model would hand requests each other's rows, or, bound to
+    ``[rows, ...]`` buffers (IO binding), fail every batch. Two small batches of valid inputs tell.
+    A graph that cannot run them gives {} (``split`` still checks every batch).
     """
     names = [o.name for o in session.get_outputs()]
     for rows in (2, 3):
         try:
-            outputs = session.run(names, valid_inputs(spec, rows))
+            outputs = session.run(names, valid_inputs(spec, rows), run_options)
         except Exception:  # zeros do not suit every model
-            return spec
-        for name, output in zip(names, outputs, strict=True):
-            if output.ndim == 0 or output.shape[0] != rows:
-                log.warning("model %s: output %r has %s rows for a batch of %d: its first dimension is not the "
-                            "batch, so it is served without batching (set max_batch_size in config.yaml to say "
-                            "otherwise)", spec.name, name, output.shape[0] if output.ndim else "no", rows)  # fmt: skip
-                return dataclasses.replace(spec, max_batch_size=0)
-    return spec
+            return {}
+        found = {
+            name: f"{output.shape[0] if output.ndim else 'no'} rows for a batch of {rows}"
+            for name, output in zip(names, outputs, strict=True)
+            if output.ndim == 0 or output.shape[0] != rows
+        }
+        if found:
+            return found
+    return {}
 
 
 def zero_inputs(spec: ModelSpec, rows: int) -> Tensors:
@@ -149,13 +157,72 @@ def _warm_up(sessions: list[ort.InferenceSession], spec: ModelSpec, config: Mode
                     ) from exc
 
 
-def _sessions(
-    path: Path, options: ort.SessionOptions, providers: list[tuple[str, dict[str, str]]], count: int
-) -> list[ort.InferenceSession]:
+Providers = list[tuple[str, dict[str, str]]]  # onnxruntime's names and their options, in order
+
+
+def _new_session(model: Path | bytes, options: ort.SessionOptions, providers: Providers) -> ort.InferenceSession:
+    """An onnxruntime session without its Python wrapper's provider fallback.
+
+    That fallback, on by default, re-creates a session whose provider raised at creation on the CPU (or
+    TensorRT's on CUDA, device 0), without the providers' options and only printing why; and on an
+    EPFail in ``run`` it re-creates the C session on them, under every IO binding made from the old one.
+    Off, the error reaches the load (:func:`_first_session`) or the batch.
+    """
+    model_arg = str(model) if isinstance(model, Path) else model
+    session = ort.InferenceSession(model_arg, sess_options=options, providers=providers, enable_fallback=0)
+    session.disable_fallback()  # the run-time half (enable_fallback=0 sets it too, in the versions that read it)
+    return session
+
+
+def _sessions(path: Path, options: ort.SessionOptions, providers: Providers, count: int) -> list[ort.InferenceSession]:
     try:
-        return [ort.InferenceSession(str(path), sess_options=options, providers=providers) for _ in range(count)]
+        return [_new_session(path, options, providers) for _ in range(count)]
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise ModelLoadError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+
+
+def _first_session(
+    path: Path, options: ort.SessionOptions, providers: Providers, config: ModelConfig, name: str
+) -> tuple[ort.InferenceSession, Providers]:
+    """The first session and the providers it came up with: a configured one that did not come up
+    (it raised, or onnxruntime left it out of the session) fails the load, naming its field
+    ``execution_providers.N`` and onnxruntime's reason; where the config lists ``cpu`` after it,
+    a warning says so and the session is opened on the providers after it."""
+    remaining = list(providers)
+    while True:
+        try:
+            session = _new_session(path, options, remaining)
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            failed = next((p for p, _ in remaining if p != "CPUExecutionProvider"), None)
+            if failed is None or not _opens_on_cpu(path, options):  # the model's fault, not a provider's
+                raise ModelLoadError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+            reason = _first_line(exc)
+        else:
+            came_up = session.get_providers()
+            failed = next((p for p, _ in remaining if p not in came_up), None)
+            if failed is None:
+                return session, remaining
+            del session
+            reason = "onnxruntime left it out of the session (its log may say why)"
+        index = _config_index(config, failed)
+        field_name = f"execution_providers.{index} ({config.execution_providers[index].name})"
+        if not any(p.name == "cpu" for p in config.execution_providers[index + 1 :]):
+            raise ModelLoadError(f"{field_name} did not come up: {reason}")
+        remaining = [(p, o) for p, o in remaining if p != failed]
+        log.warning("model %s: %s did not come up: %s; running on %s, listed after it", name, field_name, reason,
+                    remaining[0][0] if remaining else "CPUExecutionProvider")  # fmt: skip
+
+
+def _opens_on_cpu(path: Path, options: ort.SessionOptions) -> bool:
+    try:
+        _new_session(path, options, [("CPUExecutionProvider", {})])
+    except Exception:
+        return False
+    return True
+
+
+def _config_index(config: ModelConfig, ort_name: str) -> int:
+    return next(i for i, p in enumerate(config.execution_providers) if PROVIDERS[p.name] == ort_name)
 
 
 def _cpu_instances(
@@ -244,10 +311,10 @@ def plain_run(session: ort.InferenceSession) -> Run:
     """How a batch calls ``session``: its ``run``, or on a CPU-only session the binding underneath.
 
     Why not always ``session.run``: its Python wrapper checks the feed's names (the request's decode
-    did, and onnxruntime's C++ checks them again) and catches EPFail to fall back to other providers,
-    which a CPU-only session has none of. On a tiny model that doubles the call: about 10 µs against
+    did, and onnxruntime's C++ checks them again) and catches EPFail (its fallback, off: see
+    :func:`_new_session`). On a tiny model that doubles the call: about 10 µs against
     4 µs in a warm loop, 46 to 70 against 32 to 37 µs with cold caches, as one request in flight runs.
-    Sessions with any other provider keep the wrapper, fallback and all.
+    Sessions with any other provider keep the wrapper.
     """
     inner = getattr(session, "_sess", None)
     if inner is None or session.get_providers() != ["CPUExecutionProvider"]:
@@ -286,6 +353,7 @@ class OnnxRunner:
         self._instances = _InstanceThreads(instances, self._run_sync, name=f"ort-{spec.name}")
         self._inline: Instance | None = None  # set by run_inline_below: batches run on the caller's thread
         self._inline_limit_ns = 0
+        self._inline_elements: dict[str, int] = {}  # per input, the most elements of a batch run inline
         self._inline_times: list[int] = []  # the runtime's ns for each inline batch of the current window
         self._unbatched = False  # an output was found not to follow the batch (see _one_by_one)
 
@@ -337,26 +405,39 @@ class OnnxRunner:
         configured = config.session_options.intra_op_num_threads
         instances = AUTO_CPU_INSTANCES if may_grow else count
         options.intra_op_num_threads = _intra_op_threads(configured, instances, on_cpu, cpus)
-        sessions = _sessions(path, options, providers, count)
+        first, providers = _first_session(path, options, providers, config, name)
+        sessions = [first, *_sessions(path, options, providers, count - 1)]
         actual = sessions[0].get_providers()[0]
         if actual not in [p for p, _ in providers]:
             raise ModelLoadError(f"onnxruntime fell back to {actual}, which the config does not list")
+        unbatched: dict[str, str] = {}
         try:
             spec = spec_from_graph(
                 name, version, sessions[0].get_inputs(), sessions[0].get_outputs(), config.max_batch_size
             )
             plan = plan_binding(config.device_execution, actual, dict(providers)[actual], spec)
+            # Probed where the config leaves batching to the graph, or where batches bind their outputs.
+            if spec.batches and (config.max_batch_size is None or plan is not None):
+                # A session with CUDA graphs must not run outside its buckets: session.run would capture a
+                # graph on buffers that change.
+                run_options = skip_graph_run_options() if plan is not None and plan.graph_sizes else None
+                unbatched = _unbatched_outputs(sessions[0], spec, run_options)
+            if unbatched and config.max_batch_size is None:
+                output, seen = next(iter(unbatched.items()))
+                log.warning("model %s: output %r has %s: its first dimension is not the batch, so it is served "
+                            "without batching (set max_batch_size in config.yaml to say otherwise)", name, output,
+                            seen)  # fmt: skip
+                spec = dataclasses.replace(spec, max_batch_size=0)
+                unbatched = {}
+                plan = plan_binding(config.device_execution, actual, dict(providers)[actual], spec)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
-        if config.max_batch_size is None and spec.batches and plan is None:
-            spec = _batching_probed(sessions[0], spec)
-        if plan is None or not plan.graph_sizes:
-            # A session with CUDA graphs must not run outside its buckets (session.run would capture a graph
-            # on buffers that change); its warm-up is the buckets' own, below. Before any thread starts: a
-            # failure leaves nothing behind. The repository keeps a version's files in <model>/<version>/,
-            # so <model>/warmup/ is two levels up.
-            _warm_up(sessions, spec, config, path.parent.parent)
-        bound = _bind(sessions, spec, plan, config) if plan is not None else None
+        # The repository keeps a version's files in <model>/<version>/, so <model>/warmup/ is two levels up.
+        model_dir = path.parent.parent
+        if plan is None:
+            # Before any thread starts: a failure leaves nothing behind.
+            _warm_up(sessions, spec, config, model_dir)
+        bound = _bind(sessions, spec, plan, config, model_dir, set(unbatched)) if plan is not None else None
         if plan is not None:
             log.info("model %s version %d: %s", name, version, plan.describe())
         limit_us = config.instance_group.inline_max_microseconds
@@ -375,7 +456,7 @@ class OnnxRunner:
             cost_us = _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=threads == 1) if measured else math.inf
             if cost_us <= limit_us:
                 runner = cls(sessions, spec, bound)
-                runner.run_inline_below(limit_us)
+                runner.run_inline_below(limit_us, {n: a.size for n, a in _timed_batch(spec).items()})
                 log.info("model %s version %d: batches run on the event loop (%.0f µs each)", name, version,
                          cost_us)  # fmt: skip
                 return runner
@@ -391,12 +472,13 @@ class OnnxRunner:
         return len(self._instances.instances)
 
     def start(self, payloads: list[Tensors], rows: list[int], callback: Callback) -> None:
-        """Run one batch on a free instance, off the event loop (an inline model's: right here).
+        """Run one batch on a free instance, off the event loop (an inline model's, when no larger than
+        the batch timed at load: right here).
 
         ``callback`` gets ``(results, timings)`` or the exception, on the event loop.
         """
         inline = self._inline
-        if inline is None:
+        if inline is None or not self._within_timed(payloads):
             self._instances.submit(payloads, rows, callback)
             return
         outcome: BatchOutcome | BaseException
@@ -407,6 +489,25 @@ class OnnxRunner:
         else:
             self._judge_inline(outcome[1].infer_ns)
         callback(outcome)
+
+    def _within_timed(self, payloads: list[Tensors]) -> bool:
+        """Whether no input of the batch has more elements than in the batch timed at load.
+
+        Why: the load times one batch (``_timed_batch``: the largest, 64 rows at most, and 1 for every other
+        variable dimension), and says nothing of a larger one. A request with a variable dimension can be
+        millions of elements, and on the event loop its run would stop everything else the server does.
+        Within those elements a batch's cost stays within the timed one's (the models' cost grows with their
+        inputs); past them it goes to the instance thread, whatever it turns out to cost.
+        """
+        for name, most in self._inline_elements.items():
+            elements = 0
+            for payload in payloads:
+                array = payload.get(name)
+                if array is not None:
+                    elements += array.size
+            if elements > most:
+                return False
+        return True
 
     def _judge_inline(self, infer_ns: int) -> None:
         """Back to the thread when the median batch of a window of ``INLINE_WINDOW`` took too long.
@@ -427,8 +528,9 @@ class OnnxRunner:
             log.warning("model %s: batches took %.0f µs on the event loop; they run on a thread from now",
                         self.spec.name, median_ns / 1e3)  # fmt: skip
 
-    def run_inline_below(self, limit_us: int) -> None:
-        """Run batches on the caller's thread (the event loop) until they take 4 times ``limit_us`` (median).
+    def run_inline_below(self, limit_us: int, elements: dict[str, int]) -> None:
+        """Run batches on the caller's thread (the event loop) until they take 4 times ``limit_us`` (median);
+        only those with at most ``elements`` in each input (the batch timed at load), the others on the thread.
 
         Why: for a model whose batches take microseconds, handing each batch to a
         thread and its answer back (a queue put that wakes the thread, the GIL
@@ -438,6 +540,7 @@ class OnnxRunner:
         """
         self._inline = self._instances.instances[0]
         self._inline_limit_ns = 4 * limit_us * 1000
+        self._inline_elements = dict(elements)
         self._inline_times.clear()
 
     @property
@@ -494,7 +597,8 @@ class OnnxRunner:
             return results, BatchTimings(t1 - t0, time.perf_counter_ns() - t1, 0)
         t2 = time.perf_counter_ns()
         try:
-            results_ok: list[Tensors | Exception] = list(split(self._output_names, outputs, rows, padded=True))
+            # execute() cuts a graph's padding rows off: an output with more rows than the batch does not follow it.
+            results_ok: list[Tensors | Exception] = list(split(self._output_names, outputs, rows))
         except UnbatchedOutput as exc:
             results_ok = self._one_by_one(instance, payloads, exc)
         t3 = time.perf_counter_ns()
@@ -550,17 +654,36 @@ class OnnxRunner:
 
 
 def _bind(
-    sessions: list[ort.InferenceSession], spec: ModelSpec, plan: BindingPlan, config: ModelConfig
+    sessions: list[ort.InferenceSession],
+    spec: ModelSpec,
+    plan: BindingPlan,
+    config: ModelConfig,
+    model_dir: Path,
+    unbatched: set[str],
 ) -> list[BoundSession]:
-    """Allocate each session's bound buffers and warm them up (capturing CUDA graphs)."""
-    sizes = config.warmup.batch_sizes if spec.batches else [1]
+    """Allocate each session's bound buffers, capture its CUDA graphs, and run the configured warm-up
+    (``model_warmup``, else ``warmup``) through them, as batches run: a session with graphs must not run
+    outside its buckets, and a binding that cannot work for this model fails here, not on a request."""
+    try:
+        runs = warmup_runs(spec, config, model_dir)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     bound = []
     for session in sessions:
         try:
-            instance = BoundSession(session, spec, plan)
-            instance.warm_up(lambda rows: zero_inputs(spec, rows), sizes)
+            instance = BoundSession(session, spec, plan, unbatched)
+            instance.capture_graphs(lambda rows: zero_inputs(spec, rows))
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise ModelLoadError(f"{plan.describe()} failed at load: {_first_line(exc)}") from exc
+        for run in runs:
+            for _ in range(run.count):
+                try:
+                    instance.run(run.feeds)
+                except Exception as exc:
+                    raise ModelLoadError(
+                        f"warm-up {run.name} failed ({plan.describe()}): {_first_line(exc)}; "
+                        f"it fed {describe_feeds(run.feeds)}"
+                    ) from exc
         bound.append(instance)
     return bound
 
@@ -642,7 +765,7 @@ def _batch_cost_us(session: ort.InferenceSession, spec: ModelSpec, limit_us: int
     more on the event loop later, the runtime check (``OnnxRunner._judge_inline``)
     sends the model back.
     """
-    feeds = zero_inputs(spec, min(max(spec.max_batch_size, 1), 64))
+    feeds = _timed_batch(spec)
     clock = time.thread_time_ns if thread_cpu else time.perf_counter_ns
     times = []
     for run in range(6):
@@ -655,6 +778,11 @@ def _batch_cost_us(session: ort.InferenceSession, spec: ModelSpec, limit_us: int
         if thread_cpu and times[-1] / 1e3 > limit_us * (_FIRST_RUN_FACTOR if run == 0 else _RUN_FACTOR):
             return times[-1] / 1e3
     return min(times[1:]) / 1e3
+
+
+def _timed_batch(spec: ModelSpec) -> Tensors:
+    """The batch ``_batch_cost_us`` times: the largest, 64 rows at most, 1 for every other variable dimension."""
+    return zero_inputs(spec, min(max(spec.max_batch_size, 1), 64))
 
 
 def _set_thread_nice(nice: int) -> None:
