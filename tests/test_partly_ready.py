@@ -1,6 +1,8 @@
 """A server that is up with one broken model: not ready (strict readiness), yet every client
 keeps serving the models that loaded — tritonclient, the SDK over its health-checked
-channel, and ``infergate-client``, whose ``health`` exits 1 naming the model and why."""
+channel, and ``infergate-client``, whose ``health`` exits 1 naming the model and why (also
+``health --model`` of the good one); the SDK does not retry a call to the broken model (the
+server's message says it failed to load: retrying cannot help)."""
 
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ServerProcess, running_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_sdk_client import EitherClient
 
 from infergate.demo import build_matmul16
 from infergate.server import SERVICE_NAME
-from infergate_client import Client
+from infergate_client import Client, RetryBudget, RetryPolicy
 from infergate_client.errors import Unavailable
 
 CLI = Path(sys.executable).parent / "infergate-client"
@@ -104,3 +107,44 @@ def test_in_poll_mode_the_server_becomes_ready_once_its_broken_model_is_fixed(tm
             watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=HANG_GUARD_S)
             assert any(u.status == health_pb2.HealthCheckResponse.SERVING for u in watch)
             watch.cancel()
+
+
+@pytest.fixture(params=["sync", "aio"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_health_of_a_good_model_on_a_server_not_ready_names_the_broken_model(partly_ready: ServerProcess) -> None:
+    done = _cli("--url", partly_ready.url, "health", "--model", "good")
+    assert done.returncode == 1, done.stderr
+    status = json.loads(done.stdout)
+    assert (status["live"], status["ready"], status["model good ready"]) == (True, False, True)
+    [row] = status["not_ready"]
+    assert (row["model"], row["version"], row["state"]) == ("corrupt", "1", "UNAVAILABLE")
+    assert "model.onnx" in row["reason"]
+    assert done.stderr.startswith("infergate-client: not ready: model corrupt version 1: "), done.stderr
+
+
+def test_health_of_the_broken_model_names_it(partly_ready: ServerProcess) -> None:
+    done = _cli("--url", partly_ready.url, "health", "--model", "corrupt")
+    assert done.returncode == 1, done.stderr
+    status = json.loads(done.stdout)
+    assert status["model corrupt ready"] is False
+    assert [row["model"] for row in status["not_ready"]] == ["corrupt"]
+
+
+async def test_a_call_to_a_model_that_failed_to_load_is_not_retried(partly_ready: ServerProcess, flavour: str) -> None:
+    retries: list[int] = []
+    budget = RetryBudget(max_tokens=4)
+    client = EitherClient(
+        flavour, partly_ready.url, retry=RetryPolicy(on_retry=lambda n, e: retries.append(n)), retry_budget=budget
+    )
+    try:
+        for version in (None, 1):
+            with pytest.raises(Unavailable, match=r"corrupt.*(no available versions|failed to load)"):
+                await client.infer("corrupt", {"x": X}, model_version=version)
+        assert (await client.infer("good", {"x": X}))["y"].shape == (1, 16)
+    finally:
+        await client.close()
+    assert retries == []
+    assert budget.tokens == 4  # untouched: the next transient failure may still be retried
