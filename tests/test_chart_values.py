@@ -269,3 +269,15 @@ def test_read_only_docker_examples_give_the_server_a_writable_tmp(doc: str) -> N
     assert runs, f"{doc} has no read-only docker run example"
     for line in runs:
         assert "--tmpfs /tmp" in line, line
+
+
+def test_the_listen_address_is_a_value_for_ipv6_clusters() -> None:
+    """0.0.0.0 by default; "::" on a cluster whose pods have IPv6 addresses only (the server brackets it)."""
+
+    def listening(*sets: str) -> tuple[str, str]:
+        server = yaml.safe_load(server_config_map(render(None, "metrics.enabled=true", *sets))["server.yaml"])
+        return server["host"], server["telemetry"]["metrics_host"]
+
+    assert listening() == ("0.0.0.0", "0.0.0.0")
+    assert listening("listenAddress=::") == ("::", "::")
+    assert "listenAddress" in refused(None, "listenAddress=")

@@ -64,9 +64,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
      alone, in plaintext, on probes.healthPort (its address, the pod IP, comes as --health-host). With
      --workers every worker shares that fixed port, as they share the serving port. */}}
 {{- define "infergate.serverConfig" -}}
-{{- $owned := dict "model_repository" "/models" "host" "0.0.0.0" "port" (int .Values.service.port) "health_port" (int .Values.probes.healthPort) }}
+{{- $owned := dict "model_repository" "/models" "host" .Values.listenAddress "port" (int .Values.service.port) "health_port" (int .Values.probes.healthPort) }}
 {{- if .Values.metrics.enabled }}
-{{- $_ := set $owned "telemetry" (dict "metrics_host" "0.0.0.0") }}
+{{- $_ := set $owned "telemetry" (dict "metrics_host" .Values.listenAddress) }}
 {{- end }}
 {{- toYaml (merge $owned (deepCopy .Values.serverConfig)) }}
 {{- end }}
