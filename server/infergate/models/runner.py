@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -46,7 +47,7 @@ from infergate.models.cpus import affinity_cpus, model_cpus
 from infergate.models.device_gate import CUDA_GATE, CudaGate
 from infergate.models.spec import ModelSpec, Tensors, spec_from_graph
 from infergate.models.stats import BatchTimings
-from infergate.models.warmup import describe_feeds, valid_inputs, warmup_runs
+from infergate.models.warmup import WarmupRun, describe_feeds, valid_inputs, warmup_runs
 
 __all__ = ["AUTO_CPU_INSTANCES", "Instance", "ModelLoadError", "OnnxRunner", "collate", "split", "zero_inputs"]
 
@@ -141,20 +142,30 @@ def zero_inputs(spec: ModelSpec, rows: int) -> Tensors:
 
 
 def _warm_up(sessions: list[ort.InferenceSession], spec: ModelSpec, config: ModelConfig, model_dir: Path) -> None:
-    """Run the warm-up requests on every session; a failure names the run and each input's value."""
+    """Run the warm-up requests on every session."""
+    runs = _configured_warmup(spec, config, model_dir)
+    for session in sessions:
+        _run_warmup(functools.partial(session.run, None), runs)
+
+
+def _configured_warmup(spec: ModelSpec, config: ModelConfig, model_dir: Path) -> list[WarmupRun]:
     try:
-        runs = warmup_runs(spec, config, model_dir)
+        return warmup_runs(spec, config, model_dir)
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
+
+
+def _run_warmup(run_batch: Callable[[Tensors], object], runs: Sequence[WarmupRun], how: str = "") -> None:
+    """Each of ``runs``, ``count`` times, through ``run_batch``; a failure names the run (and ``how`` it
+    ran) and each input's value."""
     for run in runs:
-        for session in sessions:
-            for _ in range(run.count):
-                try:
-                    session.run(None, run.feeds)
-                except Exception as exc:
-                    raise ModelLoadError(
-                        f"warm-up {run.name} failed: {_first_line(exc)}; it fed {describe_feeds(run.feeds)}"
-                    ) from exc
+        for _ in range(run.count):
+            try:
+                run_batch(run.feeds)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"warm-up {run.name} failed{how}: {_first_line(exc)}; it fed {describe_feeds(run.feeds)}"
+                ) from exc
 
 
 Providers = list[tuple[str, dict[str, str]]]  # onnxruntime's names and their options, in order
@@ -407,9 +418,7 @@ class OnnxRunner:
         options.intra_op_num_threads = _intra_op_threads(configured, instances, on_cpu, cpus)
         first, providers = _first_session(path, options, providers, config, name)
         sessions = [first, *_sessions(path, options, providers, count - 1)]
-        actual = sessions[0].get_providers()[0]
-        if actual not in [p for p, _ in providers]:
-            raise ModelLoadError(f"onnxruntime fell back to {actual}, which the config does not list")
+        actual = sessions[0].get_providers()[0]  # one of ``providers``: _first_session saw each come up
         unbatched: dict[str, str] = {}
         try:
             spec = spec_from_graph(
@@ -664,10 +673,7 @@ def _bind(
     """Allocate each session's bound buffers, capture its CUDA graphs, and run the configured warm-up
     (``model_warmup``, else ``warmup``) through them, as batches run: a session with graphs must not run
     outside its buckets, and a binding that cannot work for this model fails here, not on a request."""
-    try:
-        runs = warmup_runs(spec, config, model_dir)
-    except ValueError as exc:
-        raise ModelLoadError(str(exc)) from None
+    runs = _configured_warmup(spec, config, model_dir)
     bound = []
     for session in sessions:
         try:
@@ -675,15 +681,7 @@ def _bind(
             instance.capture_graphs(lambda rows: zero_inputs(spec, rows))
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise ModelLoadError(f"{plan.describe()} failed at load: {_first_line(exc)}") from exc
-        for run in runs:
-            for _ in range(run.count):
-                try:
-                    instance.run(run.feeds)
-                except Exception as exc:
-                    raise ModelLoadError(
-                        f"warm-up {run.name} failed ({plan.describe()}): {_first_line(exc)}; "
-                        f"it fed {describe_feeds(run.feeds)}"
-                    ) from exc
+        _run_warmup(instance.run, runs, f" ({plan.describe()})")
         bound.append(instance)
     return bound
 
