@@ -11,18 +11,20 @@ tested here as a table.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from security import SECRET, bearer, claims, token
+from security import SECRET, bearer, claims, ed25519_key, jwk, token
+from test_auth_verify import documented_reasons
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate.security import interceptor as interceptor_module
 from infergate.security.auth import Principal, TokenVerifier, current_principal, visible_models
-from infergate.security.config import AuthConfig
+from infergate.security.config import AuthConfig, JwksConfig
 from infergate.security.interceptor import METHOD_RULES, AuthInterceptor, filter_repository_index, rule_for
-from infergate.security.keys import KeyStore
+from infergate.security.keys import FetchedKeySet, JwksUrlSource, KeyStore
 from infergate.serving.servicer import NOT_IMPLEMENTED
 
 WHO = "/test.Echo/Who"
@@ -43,9 +45,10 @@ async def who_stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerC
         yield await asyncio.create_task(asyncio.sleep(0, _subject()))  # a task copies the context
 
 
-async def serve(exempt: list[str]) -> tuple[grpc.aio.Server, int]:
-    config = AuthConfig(enabled=True, algorithms=["HS256"], secret_env="UNUSED", exempt_methods=exempt)
-    interceptor = AuthInterceptor(TokenVerifier(config, KeyStore(SECRET)), exempt)
+async def serve(exempt: list[str], interceptor: AuthInterceptor | None = None) -> tuple[grpc.aio.Server, int]:
+    if interceptor is None:
+        config = AuthConfig(enabled=True, algorithms=["HS256"], secret_env="UNUSED", exempt_methods=exempt)
+        interceptor = AuthInterceptor(TokenVerifier(config, KeyStore(SECRET)), exempt)
     server = grpc.aio.server(interceptors=[interceptor])
     handlers = {
         "Who": grpc.unary_unary_rpc_method_handler(who),
@@ -97,6 +100,45 @@ async def test_tasks_of_a_streaming_handler_see_the_principal(channel: grpc.aio.
         await call.write(b"")
     await call.done_writing()
     assert [answer async for answer in call] == [b"alice"] * 3
+
+
+async def test_a_stream_whose_key_is_withdrawn_ends_at_its_next_request_and_counts_key_withdrawn() -> None:
+    """The refusal counter gets the stream's reason once; a new call with the same token is an unknown kid."""
+    key = ed25519_key()
+    published = {"keys": [jwk(key, "k1")]}  # what the issuer's endpoint answers (read on the fetch thread)
+    jwks = JwksConfig(url="https://keys.invalid/jwks.json", min_refresh_seconds=0)
+    store = KeyStore(None, [], JwksUrlSource(jwks, fetch=lambda: FetchedKeySet(json.dumps(published).encode())))
+    reasons: list[str] = []
+    verifier = TokenVerifier(AuthConfig(enabled=True, algorithms=["EdDSA"], jwks=jwks), store)
+    server, port = await serve([], AuthInterceptor(verifier, [], on_refusal=reasons.append))
+    signed = list(bearer(token(key, "EdDSA", claims("admin"), kid="k1")).items())
+    try:
+        assert await store.refresh()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(WHO_STREAM)(metadata=signed)
+            await call.write(b"")
+            assert await call.read() == b"alice"
+            assert await store.refresh()  # the same set: the key stays
+            await call.write(b"")
+            assert await call.read() == b"alice"
+
+            published["keys"] = [jwk(ed25519_key(), "k2")]  # the issuer withdraws k1
+            assert await store.refresh()
+            await call.write(b"")
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "withdrawn from the key set" in (ended.value.details() or "")
+            assert reasons == ["key_withdrawn"]
+            assert "key_withdrawn" in documented_reasons()
+
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(WHO)(b"", metadata=signed)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert reasons == ["key_withdrawn", "unknown_kid"]
+    finally:
+        await server.stop(None)
+        await store.aclose()
 
 
 async def test_unlisted_methods_are_admin_actions(channel: grpc.aio.Channel) -> None:

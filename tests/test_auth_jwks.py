@@ -13,6 +13,7 @@ import asyncio
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -341,3 +342,95 @@ async def test_a_server_refuses_a_withdrawn_key_once_its_refresh_schedule_fetche
     finally:
         assert server.terminate() == 0, server.log()
     assert "key(s) withdrawn from the key set" in server.log()
+
+
+def _infer_request() -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(
+        model_name="matmul16",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 16])],
+        raw_input_contents=[np.ones(16, dtype=np.float32).tobytes()],
+    )
+
+
+def _jwks_server_config(key_set_server: KeySetServer, tmp_path: Path) -> Path:
+    """A server that verifies EdDSA tokens with the keys of ``key_set_server``, fetched every 0.5 s."""
+    config = tmp_path / "server.yaml"
+    jwks = {"url": key_set_server.url, "ca_file": str(key_set_server.ca_file), "refresh_seconds": 0.5}
+    config.write_text(json.dumps({"auth": {"enabled": True, "algorithms": ["EdDSA"], "jwks": jwks}}))
+    return config
+
+
+def _metadata(key: Any, kid: str) -> tuple[tuple[str, str], ...]:
+    """A token for ``kid`` that is valid for a day: only the key set can end its rights."""
+    return tuple(bearer(token(key, "EdDSA", claims("infer:*", exp=int(time.time()) + 86400), kid=kid)).items())
+
+
+async def _accepted(stub: pb_grpc.GRPCInferenceServiceStub, metadata: tuple[tuple[str, str], ...]) -> bool:
+    """Does a unary call with this token get an answer? (False: refused UNAUTHENTICATED.)"""
+    try:
+        await stub.ModelInfer(_infer_request(), metadata=metadata, timeout=30)
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+        return False
+    return True
+
+
+async def _refused(stub: pb_grpc.GRPCInferenceServiceStub, metadata: tuple[tuple[str, str], ...]) -> bool:
+    return not await _accepted(stub, metadata)
+
+
+async def test_a_stream_ends_unauthenticated_once_the_key_that_signed_its_token_is_withdrawn(
+    key_set_server: KeySetServer, demo_repository: Path, tmp_path: Path
+) -> None:
+    """The token is valid for a day, but its key is gone from the key set: the stream keeps no right
+    a new call with the same token would be refused."""
+    withdrawn, kept = ed25519_key(), ed25519_key()
+    key_set_server.document = {"keys": [jwk(withdrawn, "old"), jwk(kept, "new")]}
+    server = launch_server(demo_repository, tmp_path, "--config", str(_jwks_server_config(key_set_server, tmp_path)))
+    old = _metadata(withdrawn, "old")
+    try:
+        async with grpc.aio.insecure_channel(server.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stream = stub.ModelStreamInfer(metadata=old, timeout=60)
+            await stream.write(_infer_request())
+            assert (await stream.read()).error_message == ""
+
+            key_set_server.document = {"keys": [jwk(kept, "new")]}  # the issuer withdraws "old"
+            await eventually(lambda: _refused(stub, old), "a new call with the withdrawn key's token refused")
+
+            await stream.write(_infer_request())
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await stream.read()
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED, ended.value
+            assert "withdrawn from the key set" in (ended.value.details() or "")
+            assert await _accepted(stub, _metadata(kept, "new"))
+    finally:
+        assert server.terminate() == 0, server.log()
+
+
+async def test_a_stream_whose_key_stays_in_the_key_set_keeps_working_after_a_fetch_withdraws_another(
+    key_set_server: KeySetServer, demo_repository: Path, tmp_path: Path
+) -> None:
+    kept, withdrawn, added = ed25519_key(), ed25519_key(), ed25519_key()
+    key_set_server.document = {"keys": [jwk(kept, "kept"), jwk(withdrawn, "old")]}
+    server = launch_server(demo_repository, tmp_path, "--config", str(_jwks_server_config(key_set_server, tmp_path)))
+    try:
+        async with grpc.aio.insecure_channel(server.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stream = stub.ModelStreamInfer(metadata=_metadata(kept, "kept"), timeout=60)
+            await stream.write(_infer_request())
+            assert (await stream.read()).error_message == ""
+
+            key_set_server.document = {"keys": [jwk(kept, "kept"), jwk(added, "added")]}  # "old" out, "added" in
+            old = _metadata(withdrawn, "old")
+            await eventually(lambda: _refused(stub, old), "a new call with the withdrawn key's token refused")
+            assert await _accepted(stub, _metadata(added, "added"))
+
+            for _ in range(2):
+                await stream.write(_infer_request())
+                assert (await stream.read()).error_message == ""
+            await stream.done_writing()
+            assert await stream.read() == grpc.aio.EOF
+            assert await stream.code() == grpc.StatusCode.OK
+    finally:
+        assert server.terminate() == 0, server.log()

@@ -12,6 +12,7 @@ without any key material::
     ├── UnknownKey            unknown_kid
     ├── BadSignature          bad_signature
     ├── Expired               expired
+    ├── KeyWithdrawn          key_withdrawn       (a stream's token, once its key leaves the JWKS)
     ├── NotYetValid           not_yet_valid
     ├── WrongIssuer           wrong_issuer
     ├── WrongAudience         wrong_audience
@@ -41,13 +42,14 @@ from jwt.exceptions import InvalidJTIError, InvalidSubjectError  # not exported 
 
 from infergate.errors import InferGateError, Status
 from infergate.security.config import HMAC_ALGORITHMS, AuthConfig
-from infergate.security.keys import KeyStore
+from infergate.security.keys import KeyStore, VerificationKey
 
 __all__ = [
     "AlgorithmNotAllowed",
     "AuthError",
     "BadSignature",
     "Expired",
+    "KeyWithdrawn",
     "MalformedToken",
     "MissingClaim",
     "MissingToken",
@@ -105,6 +107,12 @@ class Expired(AuthError):
     reason = "expired"
 
 
+class KeyWithdrawn(AuthError):
+    """The key a stream's token was verified with has been withdrawn from the JWKS since the stream opened."""
+
+    reason = "key_withdrawn"
+
+
 class NotYetValid(AuthError):
     reason = "not_yet_valid"
 
@@ -142,6 +150,10 @@ class Principal:
     # When the token stops being valid (its exp plus the leeway; wall clock, as exp is): a stream
     # opened with it is refused its next request from then on (interceptor.py).
     valid_until: float = field(default=math.inf, compare=False)
+    # The key from the JWKS URL that verified the token (None: the secret or a configured key, which
+    # are never withdrawn): a stream opened with it is refused its next request once the key store's
+    # `fetched` no longer holds it (interceptor.py).
+    key: VerificationKey | None = field(default=None, compare=False, repr=False)
 
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("infergate_principal", default=None)
@@ -287,6 +299,11 @@ class TokenVerifier:
         self._cache: OrderedDict[str, tuple[Principal, float, int]] = OrderedDict()
         self.verified = 0  # full verifications (cache misses that succeeded)
 
+    @property
+    def keys(self) -> KeyStore:
+        """The key store it verifies with (a stream asks it whether its token's key is still held)."""
+        return self._keys
+
     def cached(self, token: str) -> Principal | None:
         """The principal of a token verified before, while that verification holds; else None."""
         cached = self._cache.get(token)
@@ -324,22 +341,26 @@ class TokenVerifier:
             raise AlgorithmNotAllowed(f"algorithm {str(alg)[:16]!r} is not allowed")
         if kid is not None and not isinstance(kid, str):
             raise MalformedToken("kid must be a string")
-        claims = self._decode(token, alg, await self._keys_for(alg, kid))
+        claims, key = self._decode(token, alg, await self._keys_for(alg, kid))
         expires = _expiry(claims)
-        return self._principal(claims, expires + self._config.leeway_seconds), expires
+        return self._principal(claims, expires + self._config.leeway_seconds, key), expires
 
-    async def _keys_for(self, alg: str, kid: str | None) -> list[Any]:
+    async def _keys_for(self, alg: str, kid: str | None) -> list[tuple[Any, VerificationKey | None]]:
+        """The keys to try, each with the key from the JWKS URL it is (None: one that is never withdrawn)."""
         if alg in HMAC_ALGORITHMS:
             assert self._keys.secret is not None  # config validation ties HS* to a secret
-            return [self._keys.secret]
+            return [(self._keys.secret, None)]
         keys = self._keys.candidates(alg, kid)
         if not keys and await self._keys.refresh():  # a rotated JWKS may hold it now
             keys = self._keys.candidates(alg, kid)
         if not keys:
             raise UnknownKey(f"no key with kid {kid[:64]!r} for {alg}" if kid else f"no key for {alg}")
-        return [k.key for k in keys]
+        fetched = self._keys.fetched
+        return [(k.key, k if k in fetched else None) for k in keys]
 
-    def _decode(self, token: str, alg: str, keys: list[Any]) -> dict[str, Any]:
+    def _decode(
+        self, token: str, alg: str, keys: list[tuple[Any, VerificationKey | None]]
+    ) -> tuple[dict[str, Any], VerificationKey | None]:
         config = self._config
         # Short keys are refused outright (InvalidKeyError), never merely warned about.
         options: dict[str, Any] = {
@@ -348,7 +369,7 @@ class TokenVerifier:
             "enforce_minimum_key_length": True,
         }
         error: AuthError | None = None
-        for key in keys:  # several only when the token names no kid
+        for key, source in keys:  # several only when the token names no kid
             try:
                 claims: dict[str, Any] = jwt.decode(
                     token,
@@ -359,7 +380,7 @@ class TokenVerifier:
                     leeway=config.leeway_seconds,
                     options=options,  # type: ignore[arg-type]
                 )
-                return claims
+                return claims, source
             except jwt.PyJWTError as exc:
                 error = _translate(exc)
                 if not isinstance(error, BadSignature):
@@ -367,7 +388,7 @@ class TokenVerifier:
         assert error is not None
         raise error
 
-    def _principal(self, claims: dict[str, Any], valid_until: float) -> Principal:
+    def _principal(self, claims: dict[str, Any], valid_until: float, key: VerificationKey | None) -> Principal:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise MissingClaim("token has no 'sub' claim")
@@ -377,6 +398,7 @@ class TokenVerifier:
             client_id=client if isinstance(client, str) else None,
             permissions=permissions_from_claims(claims, self._config.permissions_claim),
             valid_until=valid_until,
+            key=key,
         )
 
 

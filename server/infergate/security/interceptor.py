@@ -5,10 +5,13 @@ before its request is even deserialised. An accepted call runs with its
 principal as :func:`~infergate.security.auth.current_principal` (a context
 variable set here, in the call's own task), the method's permission
 (``METHOD_RULES``) is checked against the model each request message names,
-RepositoryIndex answers are filtered to the caller's models. Every refusal's
-short reason (``expired``, ``permission_denied``…) goes to ``on_refusal`` (the
-refusal counter). Admin writes (``Rule.audit``) are audited, allowed or refused,
-by :class:`~infergate.serving.admin_audit.AdminAudit`, which runs before this
+RepositoryIndex answers are filtered to the caller's models. A stream outlives
+the check of its token: its next request ends it when the token has expired
+(``expired``) or when a JWKS fetch has withdrawn the key that verified it
+(``key_withdrawn``). Every refusal's short reason (``expired``,
+``permission_denied``…) goes to ``on_refusal`` (the refusal counter). Admin
+writes (``Rule.audit``) are audited, allowed or refused, by
+:class:`~infergate.serving.admin_audit.AdminAudit`, which runs before this
 interceptor and whether or not auth is on.
 
 Nothing is built per call: each method's authorized and refusing handlers are
@@ -33,6 +36,7 @@ from infergate._proto import grpc_service_pb2 as pb
 from infergate.security.auth import (
     AuthError,
     Expired,
+    KeyWithdrawn,
     Principal,
     TokenVerifier,
     authorization,
@@ -42,6 +46,7 @@ from infergate.security.auth import (
     use_principal,
     visible_models,
 )
+from infergate.security.keys import KeyStore
 from infergate.serving.interceptors import (
     HandlerCache,
     MethodHandlerCache,
@@ -158,7 +163,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         # taking a header apart again costs a served call more than the cache look-up that follows.
         self._tokens: dict[str | bytes, str] = {}
         self._refusing = HandlerCache(_refusing)
-        self._authorized = MethodHandlerCache(lambda path: _Authorized(path, rule_for(path), self._on_refusal).wrap)
+        self._authorized = MethodHandlerCache(
+            lambda path: _Authorized(path, rule_for(path), self._on_refusal, verifier.keys).wrap
+        )
 
     def _match_exempt(self, method: str) -> bool:
         """Whether ``method`` matches an exempt pattern, remembered for its next calls."""
@@ -232,9 +239,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
 class _Authorized:
     """The checks of one method's authenticated calls: permission per request, index filter."""
 
-    def __init__(self, method: str, rule: Rule, on_refusal: OnRefusal | None = None) -> None:
+    def __init__(self, method: str, rule: Rule, on_refusal: OnRefusal | None, keys: KeyStore) -> None:
         self.method, self.rule = method, rule
         self.on_refusal = on_refusal
+        self.keys = keys  # a stream's token's key must stay in its `fetched` (see _checked)
         self._action = _short(method)
 
     def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -292,15 +300,23 @@ class _Authorized:
     async def _checked(
         self, principal: Principal, requests: AsyncIterator[Any], denied: list[AuthError]
     ) -> AsyncIterator[Any]:
-        """Pass requests on until one is not allowed, or the stream's token expired; then end the stream
-        and remember why (the token was verified when the stream opened: a stream lives longer)."""
+        """Pass requests on until one is not allowed, the stream's token expired, or the key that verified
+        it was withdrawn from the JWKS; then end the stream and remember why (the token was verified when
+        the stream opened: a stream lives longer). The key is looked up in the store's current set, an
+        identity look-up; a key that is never withdrawn (None) costs one comparison."""
+        keys, key = self.keys, principal.key
         async for request in requests:
             try:
                 if time.time() >= principal.valid_until:
                     raise Expired("token expired while its stream was open; open a new stream with a new token")
+                if key is not None and key not in keys.fetched:
+                    raise KeyWithdrawn(
+                        "the key that signed this stream's token was withdrawn from the key set;"
+                        " open a new stream with a new token"
+                    )
                 self.check(principal, request)
             except AuthError as error:
-                if self.on_refusal is not None and isinstance(error, Expired):
+                if self.on_refusal is not None and isinstance(error, Expired | KeyWithdrawn):  # check() counts its own
                     self.on_refusal(error.reason)
                 denied.append(error)
                 return

@@ -13,8 +13,10 @@ task the composition root starts (:meth:`KeyStore.start`) and stops
 (:meth:`KeyStore.aclose`), so a key withdrawn from the set stops verifying; and
 when a token names an unknown ``kid``, at most once per ``min_refresh_seconds``.
 :attr:`KeyStore.generation` moves when a fetch withdraws a key, which is how the
-verifier's token cache learns to forget. Nothing here ever puts key material in
-a message.
+verifier's token cache learns to forget; :attr:`KeyStore.fetched` holds the very
+key objects the URL gave, kept across fetches while a key stays in the set, which
+is how a stream learns that the key its token was verified with is gone. Nothing
+here ever puts key material in a message.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519Public
 _CURVES = {"ES256": "secp256r1", "ES384": "secp384r1"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a key is itself: hashed by identity (KeyStore.fetched)
 class VerificationKey:
     key: PublicKey
     kid: str | None = None
@@ -199,8 +201,15 @@ class JwksUrlSource:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _fingerprints(keys: list[VerificationKey]) -> frozenset[tuple[str | None, str | None, bytes]]:
-    return frozenset((k.kid, k.alg, k.key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)) for k in keys)
+Fingerprint = tuple[str | None, str | None, bytes]
+
+
+def _fingerprints(keys: list[VerificationKey]) -> dict[Fingerprint, VerificationKey]:
+    """Each key by what makes it that key (kid, alg, public key), in order; a repeated one counts once."""
+    fingerprints: dict[Fingerprint, VerificationKey] = {}
+    for k in keys:
+        fingerprints.setdefault((k.kid, k.alg, k.key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)), k)
+    return fingerprints
 
 
 class KeyStore:
@@ -209,8 +218,12 @@ class KeyStore:
     With a JWKS URL, :meth:`start` fetches it and starts the task that refetches it on
     schedule; :meth:`aclose` stops that task. ``generation`` grows by one whenever a
     fetch withdraws a key (one that was there is gone or changed): anything verified
-    with an older generation must be verified again. ``sleep`` waits between
-    scheduled fetches (tests pass one that a manual clock controls).
+    with an older generation must be verified again. ``fetched`` is the set of keys
+    the URL gave, as objects: a key that stays in the set keeps its object from one
+    fetch to the next, so a key verified from the URL (``Principal.key``) and not in
+    ``fetched`` any more was withdrawn, which costs a stream one set look-up to ask.
+    ``sleep`` waits between scheduled fetches (tests pass one that a manual clock
+    controls).
     """
 
     def __init__(
@@ -222,7 +235,8 @@ class KeyStore:
     ) -> None:
         self.secret = secret
         self._static = list(keys or [])
-        self._fetched: list[VerificationKey] = []
+        self._fetched: dict[Fingerprint, VerificationKey] = {}
+        self.fetched: frozenset[VerificationKey] = frozenset()
         self._jwks_url = jwks_url
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
@@ -234,7 +248,7 @@ class KeyStore:
 
         A token without a kid may be verified by any key that fits its algorithm.
         """
-        keys = [k for k in (*self._static, *self._fetched) if key_fits(alg, k)]
+        keys = [k for k in (*self._static, *self._fetched.values()) if key_fits(alg, k)]
         if kid is None:
             return keys
         return [k for k in keys if k.kid == kid] + [k for k in keys if k.kid is None]
@@ -276,8 +290,11 @@ class KeyStore:
     def _take(self, keys: list[VerificationKey] | None) -> bool:
         if keys is None:
             return False
-        withdrawn = _fingerprints(self._fetched) - _fingerprints(keys)
-        self._fetched = keys
+        held, taken = self._fetched, _fingerprints(keys)
+        withdrawn = held.keys() - taken.keys()
+        # A key still in the set keeps the object it had: a stream verified with it holds that one.
+        self._fetched = {fingerprint: held.get(fingerprint, key) for fingerprint, key in taken.items()}
+        self.fetched = frozenset(self._fetched.values())
         if withdrawn:
             self.generation += 1
             log.info("jwks.url: %d key(s) withdrawn from the key set", len(withdrawn))
