@@ -11,6 +11,8 @@ what the chart refuses rather than render something that cannot work.
 * ``modelConfigs`` keys are the server's model names as far as ConfigMap keys allow, except
   ``server`` (its ``server.yaml`` would be the server's config file).
 * ``extraArgs`` takes numbers, and refuses the shutdown flags the grace period is computed from.
+* A fraction given with ``--set`` (text to Helm) is rendered into the server config as the number it
+  spells, in every float field of the server config; the server takes no quoted number.
 * The image's ``docker run --read-only`` examples give the server a writable ``/tmp``.
 
 Rendered with the real helm binary (tests/chart.py).
@@ -19,13 +21,18 @@ Rendered with the real helm binary (tests/chart.py).
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from chart import CHART, CI_VALUES, FULL_VALUES, Manifests, container, one, refused, render, server_config_map
+from pydantic import BaseModel
 from tools import ROOT
+
+from infergate.config import ConfigError, ServerConfig, load_server_config
+from infergate.models.config import load_model_config
 
 TELEMETRY_VALUES = CHART / "ci" / "telemetry-values.yaml"
 LOGS_VALUES = CHART / "ci" / "logs-values.yaml"
@@ -281,3 +288,84 @@ def test_the_listen_address_is_a_value_for_ipv6_clusters() -> None:
     assert listening() == ("0.0.0.0", "0.0.0.0")
     assert listening("listenAddress=::") == ("::", "::")
     assert "listenAddress" in refused(None, "listenAddress=")
+
+
+# --------------------------------------------------------------------------- 7. numbers in the server config
+
+
+def float_fields(model: type[BaseModel], parent: tuple[str, ...] = ()) -> list[str]:
+    """The dotted paths of ``model``'s float fields, in nested models too (what --set may give as a fraction)."""
+    paths: list[str] = []
+    for name, field in model.model_fields.items():
+        kinds = [kind for kind in (typing.get_args(field.annotation) or [field.annotation]) if kind is not type(None)]
+        kinds = [typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind for kind in kinds]
+        if float in kinds:
+            paths.append(".".join((*parent, name)))
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                paths += float_fields(kind, (*parent, name))
+    return paths
+
+
+def dig(data: Any, path: str) -> Any:
+    for key in path.split("."):
+        data = data[key]
+    return data
+
+
+def test_every_float_of_the_server_config_given_with_set_renders_as_a_number() -> None:
+    """Helm's --set keeps a fraction as text ("0.5"); the server takes no quoted number, so the chart
+    renders it as the number it spells, in every float field the server config has."""
+    paths = float_fields(ServerConfig)
+    assert "telemetry.sample_ratio" in paths and "auth.jwks.refresh_seconds" in paths
+    manifests = render(None, *(f"serverConfig.{path}=0.5" for path in paths))
+    server = yaml.safe_load(server_config_map(manifests)["server.yaml"])
+    assert {path: dig(server, path) for path in paths} == dict.fromkeys(paths, 0.5)
+
+
+def test_the_rendered_numbers_load_and_text_that_is_no_number_stays_text_for_the_server_to_refuse(
+    tmp_path: Path,
+) -> None:
+    def server_file(*sets: str) -> Path:
+        path = tmp_path / "server.yaml"
+        path.write_text(server_config_map(render(None, *sets))["server.yaml"], encoding="utf-8")
+        return path
+
+    given = server_file(
+        "serverConfig.telemetry.sample_ratio=.25", "serverConfig.shutdown_grace_seconds=7.5",
+        "serverConfig.repository_poll_seconds=1e1", "serverConfig.connections.max_age_seconds=0300",
+    )  # fmt: skip
+    config = load_server_config(given, {})
+    assert (config.telemetry.sample_ratio, config.shutdown_grace_seconds, config.repository_poll_seconds) == (
+        0.25, 7.5, 10.0,
+    )  # fmt: skip
+    assert config.connections.max_age_seconds == 300.0
+    half = server_file("serverConfig.telemetry.sample_ratio=half")
+    with pytest.raises(ConfigError, match=r"telemetry\.sample_ratio: Input should be a valid number"):
+        load_server_config(half, {})
+    assert "Does not match pattern" in refused(None, "serverConfig.shutdown_grace_seconds=half")
+
+
+def test_the_grace_period_counts_a_shutdown_time_given_with_set_as_a_fraction() -> None:
+    manifests = render(None, "serverConfig.shutdown_grace_seconds=7.5")
+    sleep = int(container(manifests)["lifecycle"]["preStop"]["exec"]["command"][1])
+    grace = one(manifests, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace == sleep + 10 + 15  # ceil(shutdown_delay_seconds 2 + 7.5), and 15 s to exit
+
+
+def test_a_float_helm_writes_in_exponent_form_loads_as_a_float(tmp_path: Path) -> None:
+    """toYaml writes 0.00001 as 1e-05, which PyYAML alone would read as text."""
+    values = values_file(
+        tmp_path,
+        {
+            "serverConfig": {"telemetry": {"sample_ratio": 0.00001}},
+            "modelConfigs": {"mlp": {"routing": {"shadow": {"version": 2, "fraction": 0.00001}}}},
+        },
+    )
+    files = server_config_map(render(values))
+    assert "sample_ratio: 1e-05" in files["server.yaml"] and "fraction: 1e-05" in files["mlp.yaml"]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    assert load_server_config(tmp_path / "server.yaml", {}).telemetry.sample_ratio == 0.00001
+    routing = load_model_config(tmp_path / "mlp.yaml").routing
+    assert routing is not None and routing.shadow is not None and routing.shadow.fraction == 0.00001

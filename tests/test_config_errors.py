@@ -56,6 +56,27 @@ BAD_MODEL_CONFIGS = [
     pytest.param("max_batch_size: true\n", "max_batch_size: Input should be a valid integer", id="bool for an int"),
     pytest.param('max_batch_size: "8"\n', "max_batch_size: Input should be a valid integer", id="string for an int"),
     pytest.param("max_batch_size: 8.0\n", "max_batch_size: Input should be a valid integer", id="float for an int"),
+    # config.yaml is no protobuf JSON: where Triton's JSON may write int64 as a string, config.yaml may not
+    pytest.param(
+        'input: [{name: x, data_type: TYPE_FP32, dims: ["4"]}]\n',
+        "input.0.dims.0: Input should be a valid integer",
+        id="string in dims",
+    ),
+    pytest.param(
+        'version_policy: {specific: {versions: ["1"]}}\n',
+        "version_policy.specific.versions.0: Input should be a valid integer",
+        id="string version",
+    ),
+    pytest.param(
+        'dynamic_batching: {max_queue_delay_microseconds: "100"}\n',
+        "dynamic_batching.max_queue_delay_microseconds: Input should be a valid integer",
+        id="string delay",
+    ),
+    pytest.param(
+        _ensemble('  - {model_name: m, model_version: "-1", input_map: {x: x}, output_map: {y: y}}\n'),
+        "ensemble_scheduling.step.0.model_version: Input should be a valid integer",
+        id="string step version",
+    ),
     pytest.param(
         "dynamic_batching: {max_queue_size: yes}\n",
         "dynamic_batching.max_queue_size: Input should be a valid integer",
@@ -336,10 +357,14 @@ def test_check_reports_a_duplicate_key_with_file_field_and_lines(tmp_path: Path)
 
 def test_triton_json_and_config_pbtxt_may_write_integers_as_strings_and_nothing_else() -> None:
     from infergate.models.config import model_config_from_data
+    from infergate.models.overrides import config_from_json
 
     data = {"max_batch_size": "16", "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "4"]}]}
-    config = model_config_from_data(data, "override")  # protobuf's JSON writes int64 as strings
+    config = config_from_json("m", json.dumps(data))  # protobuf's JSON writes int64 as strings
     assert (config.max_batch_size, config.input[0].dims) == (16, [-1, 4])
+    # config.yaml's validation, which the JSON reaches once its integers are integers, takes no strings
+    with pytest.raises(ConfigError, match=r"override: max_batch_size: Input should be a valid integer"):
+        model_config_from_data(data, "override")
     for bad in ({"max_batch_size": True}, {"max_batch_size": "16.0"}, {"max_batch_size": 16.0}):
         with pytest.raises(ConfigError, match="override: max_batch_size: Input should be a valid integer"):
             model_config_from_data(bad, "override")
@@ -347,20 +372,36 @@ def test_triton_json_and_config_pbtxt_may_write_integers_as_strings_and_nothing_
         model_config_from_data({"metadata": {"owner": 7}}, "override")
 
 
-def test_a_server_file_may_quote_a_fractional_number_as_helms_set_writes_it(tmp_path: Path) -> None:
-    path = tmp_path / "server.yaml"
-    path.write_text('telemetry: {sample_ratio: "0.5"}\nshutdown_grace_seconds: "7.5"\n', encoding="utf-8")
-    config = load_server_config(path, {})
-    assert (config.telemetry.sample_ratio, config.shutdown_grace_seconds) == (0.5, 7.5)
-    for text, field, says in [
+@pytest.mark.parametrize(
+    ("text", "field", "says"),
+    [
+        ('telemetry: {sample_ratio: "0.5"}\n', "telemetry.sample_ratio", "Input should be a valid number"),
+        ('shutdown_grace_seconds: "7.5"\n', "shutdown_grace_seconds", "Input should be a valid number"),
+        ('telemetry: {sample_ratio: "1e-05"}\n', "telemetry.sample_ratio", "Input should be a valid number"),
         ("telemetry: {sample_ratio: true}\n", "telemetry.sample_ratio", "Input should be a valid number"),
-        ('telemetry: {sample_ratio: "half"}\n', "telemetry.sample_ratio", "Input should be a valid number"),
         ('workers: "2"\n', "workers", "Input should be a valid integer"),
-    ]:
-        path.write_text(text, encoding="utf-8")
-        with pytest.raises(ConfigError) as refused:
-            load_server_config(path, {})
-        assert f"{path}: {field}: {says}" in str(refused.value)
+    ],
+    ids=["0.5", "7.5", "1e-05", "true", "workers 2"],
+)
+def test_a_server_file_refuses_a_quoted_number(tmp_path: Path, text: str, field: str, says: str) -> None:
+    """The chart renders --set fractions as numbers (tests/test_chart_values.py): no quoted number is taken."""
+    path = tmp_path / "server.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_server_config(path, {})
+    assert f"{path}: {field}: {says}" in str(refused.value)
+
+
+def test_a_float_in_exponent_form_is_a_float_as_helm_writes_small_ones(tmp_path: Path) -> None:
+    """Helm's toYaml writes 0.00001 as 1e-05: a float in YAML 1.2, a string to PyYAML's YAML 1.1 rules."""
+    path = tmp_path / "server.yaml"
+    path.write_text("telemetry: {sample_ratio: 1e-05}\nshutdown_grace_seconds: 1.5e1\n", encoding="utf-8")
+    config = load_server_config(path, {})
+    assert (config.telemetry.sample_ratio, config.shutdown_grace_seconds) == (1e-05, 15.0)
+    path = tmp_path / "config.yaml"
+    path.write_text("routing: {shadow: {version: 2, fraction: 1e-05}}\n", encoding="utf-8")
+    routing = load_model_config(path).routing
+    assert routing is not None and routing.shadow is not None and routing.shadow.fraction == 1e-05
 
 
 def test_routing_weights_may_quote_their_version_numbers_as_helm_renders_map_keys(tmp_path: Path) -> None:

@@ -139,6 +139,32 @@ def test_max_batch_size_0_written_does_not_batch_and_left_out_takes_infergates_d
     assert left_out.max_batch_size is None
 
 
+def test_the_int64_fields_protobuf_s_json_writes_as_strings_read_as_integers(tmp_path: Path) -> None:
+    """A config.pbtxt reaches the config.yaml checks as protobuf's JSON, which writes int64 as strings."""
+    config = read_model_config(
+        write_model(
+            tmp_path,
+            """
+            max_batch_size: 8
+            input [ { name: "x", data_type: TYPE_FP32, dims: [ -1 ] } ]
+            output [ { name: "y", data_type: TYPE_FP32, dims: [ -1 ] } ]
+            version_policy { specific { versions: [ 1, 3 ] } }
+            dynamic_batching {
+              max_queue_delay_microseconds: 200
+              default_queue_policy { default_timeout_microseconds: 5000, max_queue_size: 64 }
+            }
+            model_warmup [ { name: "w", batch_size: 2, inputs { key: "x", value: {
+              data_type: TYPE_FP32, dims: [ 4 ], zero_data: true } } } ]
+            """,
+        )
+    )
+    assert (config.input[0].dims, config.output[0].dims) == ([-1], [-1])
+    assert config.version_policy.select([1, 2, 3]) == [1, 3]
+    batching = config.dynamic_batching
+    assert (batching.max_queue_delay_microseconds, batching.default_timeout_microseconds) == (200, 5000)
+    assert config.model_warmup[0].inputs["x"].dims == [4]
+
+
 @pytest.mark.parametrize(
     ("config", "said"),
     [

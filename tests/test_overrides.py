@@ -321,3 +321,122 @@ def test_staged_files_lay_out_the_model_directory(tmp_path: Path) -> None:
     stage_files(override, tmp_path / "simple")
     assert (tmp_path / "simple" / "1" / "model.onnx").read_bytes() == b"onnx"
     assert (tmp_path / "simple" / "labels.txt").read_text() == "a\n"
+
+
+# --------------------------------------------------------------------------- numbers protobuf's JSON writes as strings
+
+# Triton's JSON, as protobuf's JSON mapping writes it: every 64-bit integer a string, wherever it is
+# (MessageToJson of a ModelConfig, tritonclient's get_model_config(as_json=True), Triton's own overrides).
+SEQUENCE_TENSORS = '"input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["4"]}]'
+
+
+@pytest.mark.parametrize(
+    ("text", "read", "expected"),
+    [
+        pytest.param(
+            '{"input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "4"]}]}',
+            lambda c: c.input[0].dims, [-1, 4], id="input dims",
+        ),
+        pytest.param(
+            '{"output": [{"name": "y", "data_type": "TYPE_FP32", "dims": ["4"]}]}',
+            lambda c: c.output[0].dims, [4], id="output dims",
+        ),
+        pytest.param(
+            '{"version_policy": {"specific": {"versions": ["1", "3"]}}}',
+            lambda c: c.version_policy.specific.versions, [1, 3], id="specific versions",
+        ),
+        pytest.param(
+            '{"dynamic_batching": {"max_queue_delay_microseconds": "100", "priority_levels": "2",'
+            ' "default_priority_level": "1", "default_queue_policy": {"default_timeout_microseconds": "250"}}}',
+            lambda c: (
+                c.dynamic_batching.max_queue_delay_microseconds, c.dynamic_batching.priority_levels,
+                c.dynamic_batching.default_priority_level, c.dynamic_batching.default_timeout_microseconds,
+            ),
+            (100, 2, 1, 250), id="dynamic batching and its queue policy",
+        ),
+        pytest.param(
+            '{"max_batch_size": 8, ' + SEQUENCE_TENSORS + ', "model_warmup": [{"name": "w", "batch_size": 2,'
+            ' "inputs": {"x": {"data_type": "TYPE_FP32", "dims": ["4"], "zero_data": true}}}]}',
+            lambda c: c.model_warmup[0].inputs["x"].dims, [4], id="warm-up input dims, in a map",
+        ),
+        pytest.param(
+            '{"sequence_batching": {"max_sequence_idle_microseconds": "5000000", "oldest":'
+            ' {"max_queue_delay_microseconds": "100"}, "state": [{"input_name": "s_in", "output_name": "s_out",'
+            ' "data_type": "TYPE_FP32", "dims": ["-1"]}]}}',
+            lambda c: (
+                c.sequence_batching.max_sequence_idle_microseconds,
+                c.sequence_batching.oldest.max_queue_delay_microseconds, c.sequence_batching.state[0].dims,
+            ),
+            (5_000_000, 100, [-1]), id="sequence batching",
+        ),
+        pytest.param(
+            '{"platform": "ensemble", "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["4"]}],'
+            ' "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": ["4"]}], "ensemble_scheduling": {"step":'
+            ' [{"model_name": "m", "model_version": "-1", "input_map": {"x": "x"}, "output_map": {"y": "y"}}]}}',
+            lambda c: c.ensemble_scheduling.step[0].model_version, -1, id="ensemble step version",
+        ),
+    ],
+)  # fmt: skip
+def test_int64_fields_that_triton_s_json_writes_as_strings_load_wherever_they_are(
+    text: str, read: Any, expected: Any
+) -> None:
+    config = parse_load_parameters(MODEL, params({"config": text})).config
+    assert config is not None
+    assert read(config) == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        # infergate's own keys, which Triton's proto does not have: config.yaml's numbers, never strings
+        pytest.param(
+            {"dynamic_batching": {"max_queue_size": "8"}},
+            "dynamic_batching.max_queue_size: Input should be a valid integer",
+            id="infergate's max_queue_size (Triton's is in default_queue_policy)",
+        ),
+        pytest.param(
+            {"session_options": {"intra_op_num_threads": "2"}},
+            "session_options.intra_op_num_threads: Input should be a valid integer",
+            id="session options",
+        ),
+        pytest.param(
+            {"warmup": {"batch_sizes": ["4"]}}, "warmup.batch_sizes.0: Input should be a valid integer", id="warmup"
+        ),
+        pytest.param(
+            {"sequence_batching": {"max_backlog_sequences": "8"}},
+            "sequence_batching.max_backlog_sequences: Input should be a valid integer",
+            id="a sequence model's backlog",
+        ),
+        pytest.param(
+            {"instance_group": {"count": "2"}},
+            "instance_group.count: Value error, expected a number of instances from 1 to 64, or auto; got '2'",
+            id="config.yaml's instance_group, not Triton's list",
+        ),
+        pytest.param(
+            {"routing": {"weights": {"1": "90"}}}, "routing.weights.1: Input should be a valid number", id="weights"
+        ),
+        # in Triton's fields: only an integer written as one
+        pytest.param({"max_batch_size": "16.0"}, "max_batch_size: Input should be a valid integer", id="16.0"),
+        pytest.param({"max_batch_size": " 16"}, "max_batch_size: Input should be a valid integer", id="a space"),
+        pytest.param({"max_batch_size": True}, "max_batch_size: Input should be a valid integer", id="a bool"),
+        pytest.param(
+            {"input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["4.0"]}]},
+            "input.0.dims.0: Input should be a valid integer",
+            id="a fraction in dims",
+        ),
+        pytest.param(
+            {"input": [{"name": "x", "data_type": "TYPE_FP32", "dims": "4"}]},
+            "input.0.dims: Input should be a valid list",
+            id="a string for a list",
+        ),
+        pytest.param(
+            {"sequence_batching": {"direct": {"minimum_slot_utilization": "0.5"}}},
+            "sequence_batching.direct.minimum_slot_utilization: Input should be a valid number",
+            id="a float field",
+        ),
+    ],
+)
+def test_a_number_as_a_string_is_refused_outside_triton_s_integer_fields(config: dict[str, Any], says: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        parse_load_parameters(MODEL, params({"config": json.dumps(config)}))
+    assert f"failed to load 'simple': Invalid config override: {says}" in refused.value.message, refused.value.message

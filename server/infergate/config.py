@@ -20,7 +20,6 @@ from infergate.configfile import (
     error_loc,
     explain,
     is_cross_field,
-    model_validate,
     read_yaml,
     validate,
     where,
@@ -217,8 +216,7 @@ def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerCo
     The file is validated alone first, so that its errors name it; then with the
     overrides, whose errors name ``<command line>``. A check across fields that the
     file alone fails (``health_port`` is the default ``port``) may be settled by
-    a flag (``--port``). A float may be written as a string (``"0.5"``): Helm's ``--set`` writes
-    fractional numbers so into the server.yaml the chart renders.
+    a flag (``--port``).
     """
     if path is None:
         return validate(ServerConfig, _merged({}, overrides), COMMAND_LINE)
@@ -235,13 +233,13 @@ def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerCo
             )
     file_alone_valid = True
     try:
-        model_validate(ServerConfig, data, float_strings=True)
+        ServerConfig.model_validate(data)
     except ValidationError as exc:
         if not all(is_cross_field(item) for item in exc.errors()):
             raise explain(path, exc) from None
         file_alone_valid = False  # only checks across fields, which the flags may settle
     try:
-        return model_validate(ServerConfig, _merged(data, overrides), float_strings=True)
+        return ServerConfig.model_validate(_merged(data, overrides))
     except ValidationError as exc:
         flags = _set_paths(overrides)
         lines = []

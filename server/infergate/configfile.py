@@ -11,7 +11,6 @@ mode), and a key given twice in a mapping is refused by :func:`read_yaml`
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Hashable
 from pathlib import Path
@@ -29,7 +28,6 @@ __all__ = [
     "error_loc",
     "explain",
     "is_cross_field",
-    "model_validate",
     "read_yaml",
     "validate",
     "where",
@@ -108,6 +106,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_sequence(node, deep=deep)
 
 
+# A float in exponent form without a dot or without a sign (1e-05, 1.5e3) is a float in YAML 1.2 and in
+# Go's YAML, but a string to PyYAML's YAML 1.1 rules; Helm's toYaml writes a float below 1e-4 so
+# (sample_ratio: 0.00001 in values renders as 1e-05). A quoted "1e-05" stays a string.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -148,67 +156,16 @@ def explain(path: Path | str, error: ValidationError) -> ConfigError:
     return ConfigError("\n".join(f"{path}: {where(error_loc(item))}: {item['msg']}" for item in error.errors()))
 
 
-def validate(kind: type[M], data: Any, path: Path | str, *, int_strings: bool = False) -> M:
+def validate(kind: type[M], data: Any, path: Path | str) -> M:
     """``data`` (parsed YAML) as ``kind``; None means all defaults.
 
     ``path`` names the source in messages: a file, or e.g. a request parameter.
-    ``int_strings``: see :func:`model_validate`.
     """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
     try:
-        return model_validate(kind, data, int_strings=int_strings)
+        return kind.model_validate(data)
     except ValidationError as exc:
         raise explain(path, exc) from None
-
-
-def model_validate(kind: type[M], data: dict[str, Any], *, int_strings: bool = False, float_strings: bool = False) -> M:
-    """``kind.model_validate(data)``, where a number may also be written as a string, and nothing else is coerced:
-
-    ``int_strings``: an integer field takes ``"16"``, as protobuf's JSON writes int64 (Triton's JSON, a
-    config.pbtxt). ``float_strings``: a float field takes ``"0.5"``, as Helm's ``--set`` writes a
-    fractional number into the server config it renders. Raises ValidationError.
-    """
-    kinds = {"int_type": _INTEGER if int_strings else None, "float_type": _DECIMAL if float_strings else None}
-    for _ in range(_MAX_ROUNDS):
-        try:
-            return kind.model_validate(data)
-        except ValidationError as exc:
-            fixed = _numbers_from_strings(data, exc, kinds)
-            if fixed is None:
-                raise
-            data = fixed
-    return kind.model_validate(data)  # pragma: no cover - each round turns at least one string for good
-
-
-# Fixing strings can let validation reach further (a model validator) and find more; each round fixes some.
-_MAX_ROUNDS = 16
-_INTEGER = re.compile(r"^[+-]?[0-9]+$")
-_DECIMAL = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
-
-
-def _numbers_from_strings(
-    data: dict[str, Any], error: ValidationError, kinds: dict[str, re.Pattern[str] | None]
-) -> dict[str, Any] | None:
-    """A copy of ``data`` with the numbers written as strings that ``error`` refuses as numbers (of a kind in
-    ``kinds`` whose pattern they match) made numbers; None when there are none."""
-    fixed = copy.deepcopy(data)
-    changed = False
-    for item in error.errors():
-        pattern = kinds.get(item["type"])
-        if pattern is None or not isinstance(item["input"], str) or not pattern.match(item["input"]):
-            continue
-        parent: Any = None
-        key: Any = None
-        node: Any = fixed
-        for part in item["loc"]:  # a part that indexes nothing is a union member's tag: skipped
-            if isinstance(node, dict) and part in node:
-                parent, key, node = node, part, node[part]
-            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-                parent, key, node = node, part, node[part]
-        if parent is not None and node == item["input"] and isinstance(node, str):
-            parent[key] = int(node) if item["type"] == "int_type" else float(node)
-            changed = True
-    return fixed if changed else None

@@ -68,7 +68,30 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.metrics.enabled }}
 {{- $_ := set $owned "telemetry" (dict "metrics_host" .Values.listenAddress) }}
 {{- end }}
-{{- toYaml (merge $owned (deepCopy .Values.serverConfig)) }}
+{{- $config := deepCopy .Values.serverConfig }}
+{{- include "infergate.serverFloats" $config }}
+{{- toYaml (merge $owned $config) }}
+{{- end }}
+
+{{/* The server config's float fields (ServerConfig's; tests/test_chart_values.py keeps the list whole).
+     Helm's --set types integers, booleans and null but keeps a fraction as text: with
+     --set serverConfig.telemetry.sample_ratio=0.5 the value is the string "0.5", which toYaml writes
+     quoted and the server refuses (it coerces nothing). Here such a string, in one of these fields and
+     spelling a decimal number, becomes that number; anything else is left for the server to refuse.
+     Given the config (a copy: it is changed in place). */}}
+{{- define "infergate.serverFloats" -}}
+{{- $config := . }}
+{{- range $path := list "shutdown_grace_seconds" "shutdown_delay_seconds" "repository_poll_seconds" "telemetry.sample_ratio" "auth.leeway_seconds" "auth.jwks.refresh_seconds" "auth.jwks.min_refresh_seconds" "auth.jwks.fetch_timeout_seconds" "connections.max_age_seconds" "connections.max_age_grace_seconds" "connections.max_idle_seconds" "connections.keepalive_time_seconds" "connections.keepalive_timeout_seconds" }}
+{{- $keys := splitList "." $path }}
+{{- $parent := $config }}
+{{- range $key := initial $keys }}
+{{- $parent = and (kindIs "map" $parent) (get $parent $key) }}
+{{- end }}
+{{- $value := and (kindIs "map" $parent) (get $parent (last $keys)) }}
+{{- if and (kindIs "string" $value) (regexMatch "^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$" $value) }}
+{{- $_ := set $parent (last $keys) (float64 $value) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* What the server spends after SIGTERM: shutdown delay + drain (its defaults: 0 and 30 s). */}}

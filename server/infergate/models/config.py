@@ -636,16 +636,16 @@ def load_model_config(path: Path) -> ModelConfig:
     """Read and validate a model's config.yaml; a missing file means all defaults."""
     if not path.exists():
         return ModelConfig()
-    return model_config_from_data(read_yaml(path), path, int_strings=False)
+    return model_config_from_data(read_yaml(path), path)
 
 
-def model_config_from_data(data: Any, source: Path | str, *, int_strings: bool = True) -> ModelConfig:
+def model_config_from_data(data: Any, source: Path | str) -> ModelConfig:
     """Validate parsed config data exactly as config.yaml is; errors start with ``source``.
 
-    ``int_strings``: integers may be written as strings (``dims: ["4"]``), as protobuf's JSON writes
-    int64: Triton's JSON config and a config.pbtxt come this way. config.yaml takes real integers only.
+    Integers are integers: Triton's JSON and a config.pbtxt, which may write them as strings, come
+    here through ``overrides.from_triton_json``, which makes them integers first.
     """
-    config = validate(ModelConfig, data, source, int_strings=int_strings)
+    config = validate(ModelConfig, data, source)
     _check_preferred_sizes(config, source)
     _check_sequence_routing(config, source)
     _check_cuda_graphs(config, source)

@@ -22,8 +22,10 @@ Triton JSON                             config.yaml
 ``name``, ``platform``, ``backend``     must be the model's name / ``onnxruntime_onnx`` /
                                         ``onnxruntime``; then dropped (``platform: ensemble``
                                         stays, with no backend)
-``max_batch_size`` (also ``"16"``)      ``max_batch_size`` (as every number: Triton's JSON writes
-                                        int64 as strings, ``dims: ["4"]``, ``model_version: "-1"``)
+an integer of Triton's proto written as  the integer: protobuf's JSON writes int64 so (``dims: ["4"]``,
+a string (``"16"``, ``"-1"``)           ``model_version: "-1"``) and Triton's parser takes it for any
+                                        integer field (its example sends ``max_batch_size: "16"``);
+                                        config.yaml's own keys take integers only (``proto_json.py``)
 ``instance_group: [{count, kind}]``     ``instance_group: {count: <sum>}`` (``auto`` when no
                                         group gives one); KIND_GPU (one GPU: ``gpus: [n]`` or none)
                                         adds ``execution_providers: [cuda]``
@@ -64,6 +66,7 @@ from infergate.configfile import ConfigError
 from infergate.errors import InferGateError, InvalidArgument
 from infergate.models.config import PROVIDERS, ExecutionProvider, ModelConfig, SessionOptions, model_config_from_data
 from infergate.models.governance import metadata_from_parameters
+from infergate.models.proto_json import integers_from_strings
 
 __all__ = [
     "CONFIG_PARAMETER",
@@ -160,7 +163,7 @@ def config_from_json(model: str, text: str) -> ModelConfig:
 
 def from_triton_json(model: str, data: dict[str, Any]) -> dict[str, Any]:
     """Translate the parts of Triton's JSON that config.yaml writes differently (see the module table)."""
-    out = dict(data)
+    out = integers_from_strings(data)
     checks: list[tuple[str, str]] = [("name", model)]
     if out.get("platform") == _ENSEMBLE:  # kept: it is config.yaml's too; an ensemble has no backend
         if out.pop("backend", "") != "":
