@@ -356,6 +356,8 @@ class InferGateServer:
         3. Every inference call admitted before that is answered (within ``grace``).
         4. Then the port closes (unless ``close_port`` is False: see ``cli.py``), the
            batchers drain and the sessions close.
+        5. Telemetry flushes, for ``FLUSH_BUDGET_SECONDS`` at most; the audit trail's
+           ``server_stopped`` line is written last.
         """
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
@@ -388,7 +390,9 @@ class InferGateServer:
             self.shared_memory.close()  # after the batchers: no request reads a region any more
         if self._keys is not None:
             await self._keys.aclose()
-        await asyncio.to_thread(self.telemetry.shutdown)  # flushes spans still queued for export
+        # Flushes what is still queued for export; a collector that is down costs FLUSH_BUDGET_SECONDS at most
+        # (telemetry/flush.py: the flush's own threads, not this executor's, are what may be left running).
+        await asyncio.to_thread(self.telemetry.shutdown)
         self.audit.server_stopped()
         await self.audit.aclose()
         log.info("stopped")

@@ -13,6 +13,9 @@ nothing here touches OpenTelemetry's global providers. It hands out:
 * ``serve_triton_metrics(rows)``: Triton's ``nv_inference_*`` metrics on the
   Prometheus endpoint, read from the models' statistics (``triton.py``).
 
+``shutdown`` flushes what is still queued for export, within ``FLUSH_BUDGET_SECONDS``
+(``flush.py``): a collector that is down costs the stop that much, then is given up.
+
 See docs/observability.md for the metric names and the exporter variables.
 """
 
@@ -33,6 +36,7 @@ from infergate.config import TelemetryConfig
 from infergate.models.stats import RepositoryObserver
 from infergate.netaddr import host_port
 from infergate.telemetry.aggregate import Histograms
+from infergate.telemetry.flush import FLUSH_BUDGET_SECONDS, run_within
 from infergate.telemetry.hooks import RepositoryHooks
 from infergate.telemetry.interceptor import TelemetryInterceptor
 from infergate.telemetry.logs import configure_logging
@@ -42,6 +46,7 @@ from infergate.telemetry.providers import (
     build_resource,
     build_tracer_provider,
     check_trace_exporters,
+    otlp_destination,
     otlp_metrics_requested,
     sdk_disabled,
     traces_requested,
@@ -64,7 +69,11 @@ def check_exporters(config: TelemetryConfig) -> None:
 
 
 class Telemetry:
-    """The server's tracer, meter, interceptor, hooks and Prometheus endpoint; ``shutdown`` flushes them."""
+    """The server's tracer, meter, interceptor, hooks and Prometheus endpoint; ``shutdown`` flushes them.
+
+    ``collector``: where OTLP exports go (``otlp_destination``), named in the warning when the
+    flush at shutdown does not finish; None when nothing goes to OTLP.
+    """
 
     def __init__(
         self,
@@ -75,8 +84,10 @@ class Telemetry:
         histograms: Histograms | None = None,
         prometheus: CollectorRegistry | None = None,
         access_log: bool = False,
+        collector: str | None = None,
     ):
         self.config = config
+        self._collector = collector
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
         self._registry = prometheus
@@ -122,6 +133,7 @@ class Telemetry:
             histograms=histograms,
             prometheus=registry,
             access_log=access_log,
+            collector=otlp_destination(wants_traces, wants_metrics),
         )
 
     @property
@@ -165,14 +177,27 @@ class Telemetry:
         log.info("metrics on http://%s/metrics", host_port(self.config.metrics_host, self.metrics_port))
 
     def shutdown(self) -> None:
-        """Close the endpoint and flush spans and metrics (blocking: call from a thread)."""
+        """Close the endpoint and flush spans and metrics (blocking: call from a thread).
+
+        Returns within ``FLUSH_BUDGET_SECONDS`` (and the endpoint's close): what is not exported by
+        then is dropped, with one warning. Nothing is left on the caller's thread or executor.
+        """
         if self._http is not None:
             server, thread = self._http
             server.shutdown()
             server.server_close()
             thread.join()
             self._http = None
+        flushes: dict[str, Callable[[], object]] = {}
         if self._tracer_provider is not None:
-            self._tracer_provider.shutdown()
-        if self._meter_provider is not None:
-            self._meter_provider.shutdown()
+            flushes["spans"] = self._tracer_provider.shutdown  # takes no timeout (SDK 1.45): waited for below
+        if (meters := self._meter_provider) is not None:
+            flushes["metrics"] = lambda: meters.shutdown(timeout_millis=FLUSH_BUDGET_SECONDS * 1000)
+        if late := run_within(flushes, FLUSH_BUDGET_SECONDS):
+            why = f"is the collector at {self._collector} up?" if self._collector else "its exporter did not return"
+            log.warning(
+                "telemetry: %s not exported within %.1f s of shutdown (%s); dropped",
+                " and ".join(late),
+                FLUSH_BUDGET_SECONDS,
+                why,
+            )

@@ -56,6 +56,7 @@ __all__ = [
     "build_resource",
     "build_tracer_provider",
     "check_trace_exporters",
+    "otlp_destination",
     "otlp_metrics_requested",
     "sdk_disabled",
     "traces_requested",
@@ -87,6 +88,17 @@ def check_trace_exporters() -> list[str]:
         if name not in _TRACE_EXPORTERS:
             raise ConfigError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console or none)")
     return names
+
+
+def otlp_destination(traces: bool, metrics: bool) -> str | None:
+    """Where the OTLP exporters of ``traces`` and ``metrics`` send (for log lines: " or " between two
+    endpoints that differ); None when neither signal goes to OTLP."""
+    endpoints = []
+    if traces and "otlp" in check_trace_exporters():
+        endpoints.append(_endpoint("TRACES"))
+    if metrics and otlp_metrics_requested():
+        endpoints.append(_endpoint("METRICS"))
+    return " or ".join(dict.fromkeys(endpoints)) or None
 
 
 def build_resource() -> Resource:
@@ -181,6 +193,14 @@ def _names(variable: str, default: str) -> list[str]:
 def _protocol(signal: str) -> str:
     specific = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
     return (specific or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+
+
+def _endpoint(signal: str) -> str:
+    """The collector's address as the exporters read it (without the path the HTTP ones add)."""
+    specific = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if specific and specific.strip():
+        return specific.strip()
+    return "http://localhost:4318" if _protocol(signal) == "http/protobuf" else "http://localhost:4317"
 
 
 def _span_exporters() -> list[SpanExporter]:
