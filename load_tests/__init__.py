@@ -10,7 +10,10 @@ One module per concern:
 - ``mix``: a weighted mix of models.
 - ``generator``: one run (time- or count-limited), over one or several processes.
 - ``ceiling``: the transport-ceiling server (a fixed reply, nothing parsed).
-- ``compute``: the compute ceiling (in-process onnxruntime).
+- ``compute``: the compute ceiling (in-process onnxruntime), in one session or several at once.
+- ``layouts``: how infergate runs a model's sessions, asked of it, for the in-process baseline.
+- ``ratios``: paired ratios of interleaved A/B runs (geometric mean, 95% interval over rounds).
+- ``saved``: a saved A/B run's JSON reported again with today's statistics (``report``).
 - ``servers``: starting, probing and stopping server subprocesses.
 - ``procfs``: a server's process tree and listening sockets, read from /proc.
 - ``answers``: one request per model, compared with in-process onnxruntime.

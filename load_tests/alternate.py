@@ -18,10 +18,12 @@ closed-loop client (``matmul16`` b1 at 64 and at 1 in flight, ``mlp`` b8 at
 times with the order rotating (``interleave``). Alternating so closely lets
 drift on a shared machine hit the variants alike. Writes alternate.json and
 alternate.md: per scenario, each variant's figure in every slot, its mean, and
-its ratio to the first variant's averaged slot by slot (with twice its
-standard error). The figures are the load's (rate or latencies) and the
-server's CPU per answered request, read from /proc around each slot: what a
-change does to the work per request, beside what it does to the rate.
+its ratio to the first variant's, paired slot by slot (``ratios``: the
+geometric mean of the slots' ratios, ± the half-width of its 95% interval over
+rounds; one round gives no interval). The figures are the load's (rate or
+latencies) and the server's CPU per answered request, read from /proc around
+each slot: what a change does to the work per request, beside what it does to
+the rate.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import time
 from dataclasses import dataclass, field
 
 from .generator import LoadConfig
-from .interleave import Ratio, Variant, interleaved, measure, paired, pinning_note
+from .interleave import Variant, interleaved, measure, pinning_note
+from .ratios import Ratio, paired
 from .report import LoadResult, format_table
 from .suite import REPO_ROOT, environment
 
@@ -100,24 +103,28 @@ class AlternateReport:
     cpu_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # the server's CPU µs per request, alike
 
     def figures(self, scenario: Scenario, metric: str) -> dict[str, list[float]]:
-        """Each variant's ``metric`` (a :class:`LoadResult` field, or :data:`SERVER_CPU`) per slot."""
+        """Each variant's ``metric`` (a :class:`LoadResult` field, or :data:`SERVER_CPU`) per slot (none: a
+        run saved before the server's CPU was read)."""
         if metric == SERVER_CPU:
-            return self.cpu_us[scenario.name]
+            return self.cpu_us.get(scenario.name, {})
         runs = self.runs[scenario.name]
         return {variant: [getattr(r, metric) for r in results] for variant, results in runs.items()}
 
     def paired(self, scenario: Scenario, metric: str) -> dict[str, Ratio]:
-        """Each variant's ``metric`` ÷ the first variant's, slot by slot (see ``interleave``)."""
+        """Each variant's ``metric`` ÷ the first variant's, slot by slot (``ratios.paired``)."""
         figures = self.figures(scenario, metric)
-        return paired(figures, next(iter(figures)))
+        return paired(figures, next(iter(figures)), self.config.slices)
 
     def table(self) -> str:
         rows = []
         for scenario in self.config.scenarios:
             for metric in scenario.metrics:
                 unit, fmt = _UNITS[metric]
+                by_variant = self.figures(scenario, metric)
+                if not by_variant:
+                    continue
                 ratios = self.paired(scenario, metric)
-                for variant, figures in self.figures(scenario, metric).items():
+                for variant, figures in by_variant.items():
                     per_slot = " / ".join(fmt.format(f) for f in figures)
                     mean = fmt.format(statistics.fmean(figures))
                     rows.append([scenario.name, variant, unit, per_slot, mean, str(ratios[variant])])

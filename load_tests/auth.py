@@ -14,10 +14,11 @@ Variants (``--variants``, all three by default), each serving the demo repositor
 
 The token's scope is ``infer:* metadata``. Servers run side by side and are
 loaded in turn (``interleave``): the table gives throughput, the server's own
-CPU and the client's per answered request, and each ÷ off averaged slot by slot
-with twice its standard error, the interval the "within 3%" target is read
-from. On a machine whose cores the client shares, the client's CPU is
-throughput too: what it adds per request the server cannot serve.
+CPU and the client's per answered request, and each ÷ off paired slot by slot
+(``ratios``: the geometric mean of the slots' ratios, ± the half-width of its
+95% interval over rounds), the interval the "within 3%" target is read from.
+On a machine whose cores the client shares, the client's CPU is throughput
+too: what it adds per request the server cannot serve.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 
 from .costs import Step, step_costs
-from .interleave import OverheadRun, Ratio, SlotFigures, Variant, measured, paired
+from .interleave import OverheadRun, SlotFigures, Variant, measured
+from .ratios import Ratio
 from .report import LoadResult, format_table, parse_variants
 from .suite import REPO_ROOT, environment
 
@@ -72,7 +74,7 @@ class AuthOverheadReport(SlotFigures):
 
     def paired(self) -> tuple[dict[str, Ratio], dict[str, Ratio]]:
         """Throughput and server CPU per request, each ÷ off's, slot by slot."""
-        return self.paired_rates(), paired(self.cpu_us, "off")
+        return self.paired_rates(), self.ratios(self.cpu_us)
 
     def table(self) -> str:
         rates, cpu = self.paired()
@@ -210,7 +212,7 @@ def _write(report: AuthOverheadReport) -> None:
         **report.figures_json(),
         "paired_throughput_to_off": {v: vars(r) for v, r in rates.items()},
         "paired_server_cpu_to_off": {v: vars(r) for v, r in cpu.items()},
-        "paired_client_cpu_to_off": {v: vars(r) for v, r in paired(report.client_cpu_us, "off").items()},
+        "paired_client_cpu_to_off": {v: vars(r) for v, r in report.ratios(report.client_cpu_us).items()},
     }
     (report.config.out / "auth-overhead.json").write_text(json.dumps(data, indent=2, default=str))
     (report.config.out / "auth-overhead.md").write_text(report.table() + "\n")

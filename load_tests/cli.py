@@ -45,6 +45,7 @@ Load harness for infergate (Open Inference Protocol / KServe V2 gRPC).
   auth-overhead       infergate with JWT auth off vs on (one cached token), interleaved, same run
   soak      mixed load for N minutes while the server's memory and open files are sampled
   alternate infergate under different serve flags (--variant NAME=FLAGS) or checkouts, alternating, same run
+  report    a saved A/B run's JSON (alternate, *-overhead) reported again with today's statistics
 
 Everything runs on loopback. Run from the repository root: python -m load_tests ...
 """
@@ -174,7 +175,14 @@ def _add_compute(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="N",
         type=int,
         default=0,
-        help="onnxruntime intra-op threads (default 0: onnxruntime's choice)",
+        help="onnxruntime intra-op threads, per session (default 0: onnxruntime's choice)",
+    )
+    p.add_argument(
+        "--sessions",
+        metavar="N",
+        type=_positive_int,
+        default=1,
+        help="sessions run at once, each from a thread of its own, as a server's model instances (default 1)",
     )
     p.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write all figures here")
 
@@ -186,8 +194,9 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Write the demo repository to a temp dir, then, one after another: start the "
         "ceiling server and load it (matmul16 b1 at 1 and 64 in flight, mlp b1 at 64, mlp b8 at "
         "32); the same against infergate; in-process onnxruntime for mlp and matmul16 at batch "
-        "1, 8, 64. Prints and writes suite.json and suite.md with the target ratios. Servers are "
-        "always stopped. Takes about 8 x (warmup + duration) + 6 x compute-duration seconds. "
+        "1, 8, 64, as one session and as infergate served each (its sessions, each from a thread of "
+        "its own). Prints and writes suite.json and suite.md with the target ratios. Servers are "
+        "always stopped. Takes about 8 x (warmup + duration) + 12 x compute-duration seconds. "
         "With --peers, each peer (installed by scripts/install_peers.sh) is then started, checked "
         "and loaded the same way: 4 x (warmup + duration) more each, plus 10-40 s to start and stop.",
     )
@@ -253,7 +262,8 @@ def _add_suite(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="N",
         type=int,
         default=0,
-        help="onnxruntime intra-op threads for the in-process runs (default 0)",
+        help="onnxruntime intra-op threads for the in-process runs in one session (default 0); each model "
+        "is also run as infergate served it",
     )
     p.add_argument(
         "--model-repository",
@@ -537,6 +547,40 @@ def _add_alternate(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--out", type=pathlib.Path, default=None, metavar="DIR", help="default results/alternate-<time>")
 
 
+def _add_report(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "report",
+        help="a saved A/B run's JSON reported again with today's statistics",
+        description="Read the JSON an interleaved A/B command wrote (alternate, auth-overhead, telemetry-overhead, "
+        "drift-overhead), print that command's table as it prints it today, then every paired ratio: the geometric "
+        "mean of the per-slot ratios, ± half the width of its 95% interval over the rounds, and the ratio the file "
+        "recorded. Starts nothing.",
+    )
+    p.add_argument("file", type=pathlib.Path, metavar="FILE.json", help="the JSON the command wrote")
+    p.add_argument(
+        "--md", type=pathlib.Path, metavar="FILE", help="also write the table to FILE, as the command writes its .md"
+    )
+
+
+_RATIO_NOTE = (
+    "Ratios: the geometric mean of the per-slot ratios, ± half the width of its 95% Student t interval over the "
+    "rounds' means (rounds - 1 degrees of freedom; none with one round). Recorded: as the file holds it, with "
+    "the statistics it was written with."
+)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .saved import format_comparisons, read_saved_run
+
+    run = read_saved_run(args.file)
+    table = run.report.table()
+    print(f"{args.file} ({run.kind})\n\n{table}\n\n{_RATIO_NOTE}\n\n{format_comparisons(run.comparisons)}")
+    if args.md is not None:
+        args.md.write_text(table + "\n", encoding="utf-8")
+        print(f"\nwrote {args.md}")
+    return 0
+
+
 def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
     """``parse`` as an argparse ``type``: its ValueError becomes the option's error message."""
 
@@ -589,8 +633,8 @@ def _add_auth_overhead(commands: argparse._SubParsersAction[argparse.ArgumentPar
         description="Per round, start infergate on the demo models once per variant (off: no auth, no token; "
         "header: no auth, every call carrying the token anyway; jwt: JWT auth, every call carrying the same "
         "token), keep all up and load each in turn --slices times. Prints and writes each ÷ off, throughput "
-        "and server CPU per request, averaged slot by slot with twice its standard error, and the client's "
-        "CPU per request (auth-overhead.json, auth-overhead.md).",
+        "and server CPU per request, paired slot by slot (geometric mean, 95% interval over rounds), and the "
+        "client's CPU per request (auth-overhead.json, auth-overhead.md).",
     )
     _add_overhead_run(p, AuthOverheadConfig, "model to load")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="HS256", help="token signature (default HS256)")
@@ -680,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_to_add = (
         _add_ceiling, _add_compute, _add_suite, _add_shadow, _add_sequences, _add_overload,
         _add_telemetry_overhead, _add_drift_overhead, _add_soak,
-        _add_shm, _add_alternate, _add_auth_overhead,
+        _add_shm, _add_alternate, _add_auth_overhead, _add_report,
     )  # fmt: skip
     for add in commands_to_add:
         add(commands)
@@ -712,10 +756,11 @@ def _cmd_ceiling(args: argparse.Namespace) -> int:
 
 
 def _cmd_compute(args: argparse.Namespace) -> int:
-    from .compute import format_compute_table, run_compute
+    from .compute import Layout, format_compute_table, run_compute
     from .report import write_json
 
-    results = run_compute(args.model_file, args.batches, args.duration, args.intra_op_threads)
+    layout = Layout(args.sessions, args.intra_op_threads)
+    results = run_compute(args.model_file, args.batches, args.duration, layout=layout)
     print(format_compute_table(results))
     if args.json:
         write_json(args.json, results)
@@ -905,6 +950,7 @@ _COMMANDS = {
     "drift-overhead": _cmd_drift_overhead,
     "auth-overhead": _cmd_auth_overhead,
     "soak": _cmd_soak,
+    "report": _cmd_report,
 }
 
 

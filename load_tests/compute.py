@@ -1,9 +1,13 @@
 """The compute ceiling: onnxruntime ``session.run`` in-process, no server, no network.
 
-For each batch size it runs one session back to back on the same random inputs
+For each batch size it runs the model back to back on the same random inputs
 (after a short warm-up) for ``duration`` seconds and reports samples/s and the
 per-call latency. What a server reaches against this figure is the share of the
-model's own speed that survives the serving path.
+model's own speed that survives the serving path, so the figure must be the
+best the same compute can do: a :class:`Layout` says how the model runs, one
+session with onnxruntime's own threads, or several sessions of a few threads
+each, every one driven from a thread of its own (as infergate runs a model's
+instances).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import pathlib
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +27,32 @@ from .payloads import random_inputs
 from .report import format_table
 from .signature import ModelSignature, TensorSpec
 
-__all__ = ["ComputeResult", "feeds", "format_compute_table", "open_session", "run_compute", "session_signature"]
+__all__ = [
+    "ComputeResult",
+    "Layout",
+    "feeds",
+    "format_compute_table",
+    "measure_batch",
+    "open_session",
+    "run_compute",
+    "session_signature",
+]
 
 _WARMUP_CALLS = 5
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the model runs in-process: ``sessions`` sessions of ``threads`` intra-op threads each (0:
+    onnxruntime's own choice), every session driven back to back from a thread of its own."""
+
+    sessions: int = 1
+    threads: int = 0
+
+    def __str__(self) -> str:
+        sessions = f"{self.sessions} session{'s' if self.sessions > 1 else ''}"
+        threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "onnxruntime's threads"
+        return f"{sessions} x {threads}"
 
 
 @dataclass(frozen=True)
@@ -40,8 +68,13 @@ class ComputeResult:
     p50_ms: float
     p99_ms: float
     mean_ms: float
-    intra_op_threads: int
+    intra_op_threads: int  # per session
     provider: str = "CPUExecutionProvider"
+    sessions: int = 1  # run at the same time, each from a thread of its own
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.sessions, self.intra_op_threads)
 
 
 def open_session(model_file: pathlib.Path, intra_op_threads: int = 0, provider: str = "CPUExecutionProvider") -> Any:
@@ -82,20 +115,20 @@ def _feeds(signature: ModelSignature, batch: int, seed: int = 0) -> dict[str, An
 
 
 def measure_batch(
-    session: Any, signature: ModelSignature, batch: int, duration: float, threads: int, provider: str
+    sessions: Sequence[Any], signature: ModelSignature, batch: int, duration: float, threads: int, provider: str
 ) -> ComputeResult:
-    """Run ``session`` at ``batch`` for ``duration`` seconds after a few warm-up calls."""
+    """Run every one of ``sessions`` at ``batch``, all at once, each from a thread of its own, for ``duration``
+    seconds after a few warm-up calls each (``threads``: the intra-op threads each session was opened with)."""
     feeds = _feeds(signature, batch)
-    for _ in range(_WARMUP_CALLS):
-        session.run(None, feeds)
-    latencies: list[float] = []
-    clock = time.perf_counter
-    start = clock()
-    end = start + duration
-    while (before := clock()) < end:
-        session.run(None, feeds)
-        latencies.append(clock() - before)
-    seconds = clock() - start
+    for session in sessions:
+        for _ in range(_WARMUP_CALLS):
+            session.run(None, feeds)
+    with ThreadPoolExecutor(len(sessions), thread_name_prefix="compute") as pool:
+        start = time.perf_counter()
+        end = start + duration
+        per_session = list(pool.map(lambda session: _back_to_back(session, feeds, end), sessions))
+        seconds = time.perf_counter() - start
+    latencies = [latency for each in per_session for latency in each]
     values = np.asarray(latencies) * 1000.0
     p50, p99 = np.percentile(values, [50, 99])
     return ComputeResult(
@@ -110,28 +143,43 @@ def measure_batch(
         mean_ms=float(values.mean()),
         intra_op_threads=threads,
         provider=provider,
+        sessions=len(sessions),
     )
+
+
+def _back_to_back(session: Any, feeds: dict[str, Any], end: float) -> list[float]:
+    """Run ``session`` until ``end`` (``time.perf_counter``); each call's seconds."""
+    latencies: list[float] = []
+    clock = time.perf_counter
+    while (before := clock()) < end:
+        session.run(None, feeds)
+        latencies.append(clock() - before)
+    return latencies
 
 
 def run_compute(
     model_file: pathlib.Path,
     batches: Sequence[int],
     duration: float,
-    intra_op_threads: int = 0,
+    layout: Layout = Layout(),
     name: str | None = None,
     provider: str = "CPUExecutionProvider",
 ) -> list[ComputeResult]:
-    """Measure ``model_file`` at every batch size on ``provider``, one after another (numpy in and out)."""
+    """Measure ``model_file`` at every batch size on ``provider``, one after another (numpy in and out), in
+    ``layout`` (default: one session with onnxruntime's own threads)."""
     if duration <= 0 or not batches or min(batches) < 1:
         raise ValueError("need duration > 0 and batch sizes >= 1")
-    session = open_session(model_file, intra_op_threads, provider)
-    signature = session_signature(session, name or model_file.parent.parent.name)
-    return [measure_batch(session, signature, batch, duration, intra_op_threads, provider) for batch in batches]
+    if layout.sessions < 1 or layout.threads < 0:
+        raise ValueError(f"need at least one session and threads >= 0, got {layout!r}")
+    sessions = [open_session(model_file, layout.threads, provider) for _ in range(layout.sessions)]
+    signature = session_signature(sessions[0], name or model_file.parent.parent.name)
+    return [measure_batch(sessions, signature, batch, duration, layout.threads, provider) for batch in batches]
 
 
 _COLUMNS = (
     ("model", "<", lambda r: r.model),
     ("batch", ">", lambda r: str(r.batch)),
+    ("sessions", ">", lambda r: str(r.sessions)),
     ("threads", ">", lambda r: str(r.intra_op_threads or "default")),
     ("calls", ">", lambda r: str(r.calls)),
     ("samples/s", ">", lambda r: f"{r.samples_per_s:,.0f}"),

@@ -10,7 +10,7 @@ scores stay low and the monitor does its steady-state work). Every round
 starts a fresh server per variant, keeps them all up and loads each in turn,
 ``--slices`` times with the order rotating (``interleave``), so drift on a
 shared machine hits them alike; throughput (also paired slot by slot, with
-twice its standard error), latency and the server's CPU per request are
+its 95% interval over rounds: ``ratios``), latency and the server's CPU per request are
 reported side by side, with what the monitor has sampled and dropped so far
 (from DriftStatus; "-" where the server does not answer it).
 

@@ -64,7 +64,8 @@ class LoadConfig:
     """One run. ``timeout`` is the per-call deadline in seconds; ``rate`` (req/s) is for open loop.
 
     ``requests`` makes the run count-limited (``duration`` is then ignored);
-    ``inputs`` maps input names to ``.npy`` files; ``token`` is sent as a bearer token.
+    ``inputs`` maps input names to ``.npy`` files (their rows are then the batch the result reports, whatever
+    ``batch`` says); ``token`` is sent as a bearer token.
     ``deadline`` False sends calls without a gRPC deadline, as perf_analyzer does
     (``timeout`` still bounds the run); the ``sdk`` client always sends one.
     """
@@ -121,6 +122,7 @@ class _WorkerResult:
     cpu_span_s: float
     window_s: float
     response: str
+    batch: int  # rows per request: the .npy files' when they give the inputs, else the config's
 
 
 def split_concurrency(total: int, parts: int) -> list[int]:
@@ -169,7 +171,8 @@ async def _measure(send: Callable[[], Any], config: LoadConfig, share: _Share) -
             progress.cancel()
             sys.stderr.write("\n")
     cpu_s, span_s = await cpu
-    return _WorkerResult(tally.latencies, dict(tally.errors), tally.lags, cpu_s, span_s, window.end - window.start, "")
+    seconds = window.end - window.start
+    return _WorkerResult(tally.latencies, dict(tally.errors), tally.lags, cpu_s, span_s, seconds, "", config.batch)
 
 
 async def _wait_loops(loops: list[asyncio.Task[None]], config: LoadConfig, window: Window) -> None:
@@ -195,6 +198,7 @@ async def _worker(
     clients: list[Client] = []
     weights: list[float] = []
     summaries = []
+    batches: set[int] = set()
     connections = config.connections
     try:
         for name, weight in parse_mix(config.model):
@@ -202,6 +206,7 @@ async def _worker(
             arrays = load_inputs(signature, config.batch, dict(config.inputs), config.seed)
             timeout = config.timeout if config.deadline else None
             batch = next(iter(arrays.values())).shape[0] if signature.batched else config.batch
+            batches.add(batch)
             for _ in range(connections):  # each one its own connection when there are several
                 client = open_client(config.client, config.target, signature, arrays, timeout, metadata,
                                      own_connection=connections > 1)  # fmt: skip
@@ -212,10 +217,13 @@ async def _worker(
                 except (CallFailed, InvalidResponse) as exc:
                     raise GeneratorError(f"first ModelInfer of {name!r}: {exc}") from None
             summaries.append(summary)
+        if len(batches) > 1:  # samples/s is requests/s times one batch size
+            sizes = " and ".join(str(b) for b in sorted(batches))
+            raise GeneratorError(f"the models of {config.model!r} send batches of {sizes} rows: give them one size")
         on_ready()
         mix = Mix(clients, weights, config.seed + share.index)
         result = await _measure(mix.send, config, share)
-        result.response = "; ".join(summaries)
+        result.response, result.batch = "; ".join(summaries), batches.pop()
         return result
     finally:
         for client in clients:
@@ -287,7 +295,7 @@ def _merge(config: LoadConfig, workers: list[_WorkerResult]) -> LoadResult:
         target=config.target,
         model=config.model,
         client=config.client,
-        batch=config.batch,
+        batch=workers[0].batch,  # what the requests carried (an .npy input's rows), whatever --batch said
         concurrency=config.concurrency if config.mode == "closed" else 0,
         processes=config.processes,
         warmup_s=config.warmup,

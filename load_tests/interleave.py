@@ -12,17 +12,17 @@ fresh set of processes each round averages out what one process's luck
 (memory layout, hash seed) gives. A server not being loaded waits in epoll,
 using no CPU of its own meanwhile.
 
-:func:`paired` turns the per-slot figures into each variant's mean ratio to a
-base variant, with twice its standard error. On one machine the servers can
-have cores of their own (``server_cpus``): the client then takes no CPU from
-them, as when clients run elsewhere.
+``ratios.paired`` turns the per-slot figures into each variant's ratio to a
+base variant (the geometric mean of the slots' ratios) with a 95% interval
+taken across rounds, since the slots of one round share its processes. On one
+machine the servers can have cores of their own (``server_cpus``): the client
+then takes no CPU from them, as when clients run elsewhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import pathlib
 import statistics
@@ -34,12 +34,12 @@ from typing import TypeVar
 from .generator import LoadConfig, run_load
 from .pinning import cpu_list, generator_pinned, on_cpus
 from .procfs import tree_cpu_seconds
+from .ratios import Ratio, paired
 from .report import LoadResult
 from .servers import free_port, running_server
 
 __all__ = [
     "OverheadRun",
-    "Ratio",
     "Sample",
     "Slot",
     "SlotFigures",
@@ -47,7 +47,6 @@ __all__ = [
     "interleaved",
     "measure",
     "measured",
-    "paired",
     "pinning_note",
     "slot_order",
 ]
@@ -83,18 +82,6 @@ class Sample:
     result: LoadResult
     server_cpu_us: float
     client_cpu_us: float
-
-
-@dataclass(frozen=True)
-class Ratio:
-    """A variant's figure ÷ the base's, averaged over paired slots; ``margin`` is twice the standard error."""
-
-    mean: float
-    margin: float
-    pairs: int
-
-    def __str__(self) -> str:
-        return f"{self.mean:.3f}" if math.isnan(self.margin) else f"{self.mean:.3f} ± {self.margin:.3f}"
 
 
 V = TypeVar("V")
@@ -207,8 +194,9 @@ class OverheadRun:
 
 class SlotFigures:
     """A report's loads and the server's and client's CPU per request, per variant in slot order
-    (the report declares all three)."""
+    (the report declares all three, and its run's configuration)."""
 
+    config: OverheadRun
     runs: dict[str, list[LoadResult]]
     cpu_us: dict[str, list[float]]
     client_cpu_us: dict[str, list[float]]
@@ -236,7 +224,11 @@ class SlotFigures:
         """Each variant's throughput ÷ ``base``'s, slot by slot; empty when ``base`` did not run."""
         if base not in self.runs:
             return {}
-        return paired({v: [r.requests_per_s for r in runs] for v, runs in self.runs.items()}, base)
+        return self.ratios({v: [r.requests_per_s for r in runs] for v, runs in self.runs.items()}, base)
+
+    def ratios(self, figures: Mapping[str, Sequence[float]], base: str = "off") -> dict[str, Ratio]:
+        """Each variant's ``figures`` (one per slot, in slot order) ÷ ``base``'s (``ratios.paired``)."""
+        return paired(figures, base, self.config.slices)
 
 
 def measured(
@@ -258,19 +250,3 @@ def pinning_note(server_cpus: Iterable[int] | None) -> str:
     if server_cpus is None:
         return ""
     return f"\n\nServers pinned to cores {cpu_list(server_cpus)}; the client ran on the others."
-
-
-def paired(figures: Mapping[str, Sequence[float]], base: str) -> dict[str, Ratio]:
-    """Every variant's figure ÷ ``base``'s, slot by slot (the sequences are in slot order), averaged."""
-    reference = figures[base]
-    ratios = {}
-    for name, values in figures.items():
-        if len(values) != len(reference):
-            raise ValueError(f"{name} has {len(values)} figures and {base} {len(reference)}: not paired")
-        each = [v / r for v, r in zip(values, reference, strict=True) if r > 0]
-        if not each:
-            ratios[name] = Ratio(math.nan, math.nan, 0)
-            continue
-        margin = 2 * statistics.stdev(each) / math.sqrt(len(each)) if len(each) > 1 else math.nan
-        ratios[name] = Ratio(statistics.fmean(each), margin, len(each))
-    return ratios

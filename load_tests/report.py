@@ -27,6 +27,7 @@ __all__ = [
     "markdown_table",
     "parse_variants",
     "read_results",
+    "result_from_json",
     "summarize_load",
     "to_jsonable",
     "write_csv",
@@ -268,7 +269,8 @@ def write_csv(path: pathlib.Path, results: Sequence[LoadResult]) -> None:
             writer.writerow(["" if row[name] is None else row[name] for name in _FIELDS])
 
 
-def _result_from(item: dict[str, Any]) -> LoadResult:
+def result_from_json(item: dict[str, Any]) -> LoadResult:
+    """One run as a result file holds it (unknown keys ignored, null figures NaN)."""
     known: dict[str, Any] = {k: (math.nan if v is None else v) for k, v in item.items() if k in _FIELDS}
     return LoadResult(**known)
 
@@ -278,6 +280,6 @@ def read_results(path: pathlib.Path) -> list[LoadResult]:
     data = json.loads(path.read_text(encoding="utf-8"))
     items = data.get("runs", [data]) if isinstance(data, dict) else data
     try:
-        return [_result_from(item) for item in items]
+        return [result_from_json(item) for item in items]
     except TypeError as exc:
         raise ValueError(f"{path}: not a load_tests result file ({exc})") from None

@@ -4,8 +4,9 @@ Each round starts infergate once per variant on the same demo repository and
 loads each in turn with the same closed-loop client (matmul16, batch 1, 64 in
 flight by default: the overhead-bound case, where per-request costs show most),
 ``slices`` times with the order rotating (``interleave``), so drift on a shared
-machine hits them alike. The table's "paired ÷ off" averages the ratio to
-``off`` slot by slot, with twice its standard error.
+machine hits them alike. The table's "paired ÷ off" is the ratio to ``off``
+paired slot by slot (``ratios``: the geometric mean of the slots' ratios, ± the
+half-width of its 95% interval over rounds).
 
 Variants:
 

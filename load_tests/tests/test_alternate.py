@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from load_tests.alternate import AlternateConfig, Scenario, parse_checkout, parse_scenario, parse_variant
+from load_tests.cli import main
 from load_tests.suite import REPO_ROOT
 
 
@@ -51,6 +52,8 @@ def test_each_variant_serves_every_scenario_in_every_round(tmp_path: pathlib.Pat
             (cpu,) = report["server_cpu_us_per_request"][scenario.name][variant]
             assert cpu > 0, (scenario.name, variant)
     assert report["paired"]["matmul16_b1_c64"]["samples_per_s"]["asyncio"]["mean"] == 1.0  # the first is the base
+    assert main(["report", str(out / "alternate.json"), "--md", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == table  # re-reported as the command wrote it
 
 
 def test_a_scenario_is_model_batch_and_concurrency() -> None:

@@ -18,7 +18,7 @@ from load_tests.auth import (
     auth_steps,
     run_auth_overhead,
 )
-from load_tests.cli import build_parser
+from load_tests.cli import build_parser, main
 
 
 def test_every_variant_answers_every_slot_and_the_ratios_are_paired(tmp_path: pathlib.Path) -> None:
@@ -38,6 +38,8 @@ def test_every_variant_answers_every_slot_and_the_ratios_are_paired(tmp_path: pa
     assert report["paired_throughput_to_off"]["off"]["mean"] == 1.0
     table = (out / "auth-overhead.md").read_text()
     assert "paired ÷ off" in table and "client CPU µs/req" in table
+    assert main(["report", str(out / "auth-overhead.json"), "--md", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == table  # re-reported as the command wrote it
 
 
 def test_a_run_of_some_variants_runs_only_those(tmp_path: pathlib.Path) -> None:

@@ -1,26 +1,25 @@
 """Interleaved A/B runs: every variant's server up for every slot of its round, the order rotating, ratios paired.
 
 The servers are real (``infergate serve`` on the demo models, one with JWT auth
-on), and so are the loads and the calls that check auth is really on.
+on), and so are the loads and the calls that check auth is really on. The
+ratios' statistics are specified in test_ratios.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import sys
 
 import grpc
-import pytest
 
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.demo import write_demo_repository
 from load_tests.auth import auth_block
 from load_tests.generator import LoadConfig
-from load_tests.interleave import Ratio, Slot, Variant, interleaved, measure, paired, pinning_note, slot_order
+from load_tests.interleave import Slot, Variant, interleaved, measure, pinning_note, slot_order
 from load_tests.suite import REPO_ROOT
 
 
@@ -94,25 +93,6 @@ def test_pinned_servers_run_on_their_cores_and_the_client_on_the_others(tmp_path
     assert os.sched_getaffinity(0) == before, "the client's pinning ends with the slots"
     assert pinning_note(cores[:1]).strip() == f"Servers pinned to cores {cores[0]}; the client ran on the others."
     assert pinning_note(None) == ""
-
-
-def test_ratios_are_paired_slot_by_slot() -> None:
-    ratios = paired({"off": [100.0, 200.0, 50.0], "on": [90.0, 190.0, 45.0]}, "off")
-    assert ratios["off"] == Ratio(1.0, 0.0, 3)
-    on = ratios["on"]
-    each = [0.9, 0.95, 0.9]
-    assert on.pairs == 3 and on.mean == pytest.approx(sum(each) / 3)
-    spread = math.sqrt(sum((r - on.mean) ** 2 for r in each) / 2)
-    assert on.margin == pytest.approx(2 * spread / math.sqrt(3))
-    assert str(on) == f"{on.mean:.3f} ± {on.margin:.3f}"
-
-
-def test_a_single_pair_has_no_margin_and_unpaired_figures_are_refused() -> None:
-    (one,) = [paired({"a": [2.0], "b": [1.0]}, "a")["b"]]
-    assert one.mean == 0.5 and math.isnan(one.margin) and str(one) == "0.500"
-    with pytest.raises(ValueError, match="not paired"):
-        paired({"a": [1.0, 2.0], "b": [1.0]}, "a")
-    assert paired({"a": [0.0], "b": [1.0]}, "a")["b"].pairs == 0  # a slot where the base served nothing
 
 
 def test_every_variant_takes_every_place_in_the_slot_order() -> None:

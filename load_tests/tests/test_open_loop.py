@@ -20,7 +20,7 @@ import pytest
 from infergate.demo import build_matmul16
 from load_tests.cli import main
 from load_tests.compare import compare_table
-from load_tests.generator import LoadConfig, run_load
+from load_tests.generator import GeneratorError, LoadConfig, run_load
 from load_tests.loops import Tally, Window, closed_loop, open_loop
 from load_tests.mix import parse_mix
 from load_tests.report import read_results
@@ -30,13 +30,19 @@ from load_tests.suite import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def ceiling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A ceiling server with two models of the same signature, ``a`` and ``b``."""
+    """A ceiling server with two models of the same signature, ``a`` and ``b``, and ``z``, whose input is
+    named ``z`` (FP32 [batch, 16])."""
     import onnx
+    from onnx import TensorProto, helper
 
     folder = tmp_path_factory.mktemp("mix-ceiling")
-    for name in ("a", "b"):
+    for name in ("a", "b", "z"):
         (folder / "repo" / name / "1").mkdir(parents=True)
+    for name in ("a", "b"):
         onnx.save_model(build_matmul16(), str(folder / "repo" / name / "1" / "model.onnx"))
+    tensors = [helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", 16]) for t in ("z", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["z"], ["y"])], "z", tensors[:1], tensors[1:])
+    onnx.save_model(helper.make_model(graph), str(folder / "repo" / "z" / "1" / "model.onnx"))
     port = free_port()
     argv = [
         sys.executable,
@@ -93,10 +99,20 @@ def test_a_weighted_mix_sends_every_model(ceiling: str) -> None:
     assert result.response == "y FP32 [1,16]; y FP32 [1,16]"  # both models answered the first request
 
 
-def test_inputs_can_come_from_npy_files(ceiling: str, tmp_path: pathlib.Path) -> None:
+def test_inputs_can_come_from_npy_files_whose_rows_are_the_batch(ceiling: str, tmp_path: pathlib.Path) -> None:
     np.save(tmp_path / "x.npy", np.ones((3, 16), np.float32))
     config = LoadConfig(target=ceiling, model="a", inputs=(("x", str(tmp_path / "x.npy")),), duration=0.3, warmup=0)
-    assert run_load(config).response == "y FP32 [3,16]"
+    result = run_load(config)  # --batch left at 1: the file's three rows are what each request carries
+    assert result.response == "y FP32 [3,16]"
+    assert result.batch == 3 and result.samples_per_s == pytest.approx(3 * result.requests_per_s)
+
+
+def test_a_mix_whose_models_send_different_batches_is_refused(ceiling: str, tmp_path: pathlib.Path) -> None:
+    """samples/s is requests/s times the batch: with two batch sizes in one mix, it would be neither."""
+    np.save(tmp_path / "x.npy", np.ones((3, 16), np.float32))
+    config = LoadConfig(target=ceiling, model="a,z", inputs=(("x", str(tmp_path / "x.npy")),), duration=0.3, warmup=0)
+    with pytest.raises(GeneratorError, match=r"batches of 1 and 3 rows"):
+        run_load(config)
 
 
 async def test_open_loop_latency_counts_from_the_intended_send_time() -> None:

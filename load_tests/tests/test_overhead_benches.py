@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import pathlib
 
+from load_tests.cli import main
 from load_tests.drift import DriftOverheadConfig, run_drift_overhead
 from load_tests.telemetry import OverheadConfig, per_call_costs, per_call_steps, run_overhead
 
 
 def _check(out: pathlib.Path, report: str, variants: tuple[str, ...]) -> None:
     data = json.loads((out / report).read_text())
+    again = out / "again.md"
+    assert main(["report", str(out / report), "--md", str(again)]) == 0
+    assert again.read_text() == (out / report).with_suffix(".md").read_text()  # re-reported as the command wrote it
     for variant in variants:
         runs = data["runs"][variant]
         assert len(runs) == 2 and all(r["requests"] > 0 and not r["errors"] for r in runs), variant

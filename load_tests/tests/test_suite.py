@@ -11,6 +11,7 @@ import threading
 import time
 
 from infergate import threadnames
+from infergate.models.cpus import usable_cpus
 from load_tests.procfs import ROLES, cpu_by_role, thread_cpu
 from load_tests.suite import REPO_ROOT
 
@@ -59,3 +60,10 @@ def test_the_suite_runs_every_server_and_says_where_their_cpu_went(tmp_path: pat
     assert max(infergate, key=infergate.get) == "models", "mlp's batches run on threads named ort-mlp*"
     table = (out / "suite.md").read_text().split("## Where the CPU went", 1)[1]
     assert "server CPU µs per request" in table
+    # In-process onnxruntime also as infergate serves mlp (auto: two sessions sharing the CPUs, where there
+    # are two), each session driven from a thread of its own; the target names the best layout.
+    layouts = {(c["sessions"], c["intra_op_threads"]) for c in report["compute"] if c["model"] == "mlp"}
+    cpus = usable_cpus()
+    assert layouts == ({(1, 0), (2, cpus // 2)} if cpus >= 2 else {(1, 0)})
+    (target,) = [t for t in report["targets"] if t["key"] == "d"]
+    assert "best in-process" in target["description"] and "session" in target["description"]
