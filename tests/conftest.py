@@ -96,6 +96,14 @@ class ServerProcess:
             return text
         return text[: text.rfind("\n") + 1]
 
+    def logged(self, text: str, times: int = 1) -> str:
+        """The log once ``text`` is in it ``times`` times or more; fails if it never is. The server writes
+        its lines on a thread of its own (telemetry/logs.py): a line logged before an answer may reach
+        the file just after the answer reaches the test. Lines are written in the order logged, so
+        whatever one process logged before ``text`` is in the log too."""
+        wait_until(lambda: self.log().count(text) >= times, f"{text!r} {times} time(s) in the server's log")
+        return self.log()
+
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM, then wait for the drain; returns the exit code."""
         if self.process.poll() is None:

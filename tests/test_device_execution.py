@@ -255,7 +255,7 @@ async def test_concurrent_requests_are_batched_through_io_binding_and_answered_e
     async with aioclient.InferenceServerClient(server.url) as client:
         stats = (await client.get_inference_statistics("mlp")).model_stats[0]
     assert max(b.batch_size for b in stats.batch_stats) > 1, stats.batch_stats
-    assert "model mlp version 1: io binding on cpu" in server.log()
+    server.logged("model mlp version 1: io binding on cpu")
 
 
 async def test_a_request_that_fails_in_a_bound_batch_fails_alone(bound_server: tuple[ServerProcess, Path]) -> None:
@@ -289,7 +289,7 @@ async def test_a_model_asking_for_cuda_graphs_serves_where_cuda_is_missing(
         assert not isinstance(result, BaseException), result
         np.testing.assert_allclose(result.as_numpy("y"), reference.run(None, {"x": x})[0], rtol=1e-5)  # type: ignore[attr-defined]
     if HAS_CUDA:
-        assert "io binding on cuda:0 with CUDA graphs at batch 1, 4, 16" in server.log()
+        server.logged("io binding on cuda:0 with CUDA graphs at batch 1, 4, 16")
     else:
-        assert "providers ['cuda'] unavailable, using CPUExecutionProvider" in server.log()
-        assert "cuda_graph_batch_sizes ignored" in server.log()
+        server.logged("providers ['cuda'] unavailable, using CPUExecutionProvider")
+        server.logged("cuda_graph_batch_sizes ignored")

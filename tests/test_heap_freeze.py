@@ -28,7 +28,7 @@ def test_the_served_process_freezes_what_its_start_up_built_and_keeps_serving(
     demo_repository: Path, log_dir: Path
 ) -> None:
     with running_server(demo_repository, log_dir) as server:
-        found = FROZEN.search(server.log())  # before readiness: the server is ready once frozen
+        found = FROZEN.search(server.logged("start-up heap frozen"))  # before readiness: ready once frozen
         assert found is not None and int(found.group(1)) > 10_000  # modules, descriptors and models, not a handful
         client = grpcclient.InferenceServerClient(server.url)
         try:

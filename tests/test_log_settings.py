@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ServerProcess, embedded_server, running_server
+from conftest import ServerProcess, embedded_server, running_server, wait_until
 from tritonclient.utils import InferenceServerException
 
 from infergate._proto import grpc_service_pb2 as pb
@@ -84,16 +84,18 @@ def test_verbose_turns_the_access_log_on_and_off_on_a_server_started_without_it(
     server: ServerProcess, client: grpcclient.InferenceServerClient
 ) -> None:
     infer(client)
-    assert ACCESS not in server.log()
-
     answer = settings(client.update_log_settings({"log_verbose_level": 1}))
     assert answer == {**STARTED, "log_verbose_level": 1}
-    infer(client)  # its line is written before its answer is sent
-    assert server.log().count(ACCESS) == 1
+    # Lines are written in the order logged (by a thread of their own): once the change's line is in the
+    # log, so is any line the call before it wrote.
+    assert ACCESS not in server.logged(CHANGED)
+    infer(client)
+    assert server.logged(ACCESS).count(ACCESS) == 1
 
     client.update_log_settings({"log_verbose_level": 0})
     infer(client)
-    assert server.log().count(ACCESS) == 1, "an access line after verbose went back to 0"
+    client.update_log_settings({"log_verbose_level": 0})  # changes nothing; its line follows the call's
+    assert server.logged(CHANGED, 3).count(ACCESS) == 1, "an access line after verbose went back to 0"
 
 
 def test_a_caller_cannot_write_a_line_of_its_own_into_the_text_log(
@@ -109,8 +111,9 @@ def test_a_caller_cannot_write_a_line_of_its_own_into_the_text_log(
             client.infer(f"nobody\n{forged}", [x])
     finally:
         client.update_log_settings({"log_verbose_level": 0})
-    assert "nobody\\n" + forged in server.log()  # written, on the caller's line
-    assert not any(line.startswith(forged) for line in server.log().splitlines())
+    log = server.logged(CHANGED, 2)  # the line of the change back, after the call's
+    assert "nobody\\n" + forged in log  # written, on the caller's line
+    assert not any(line.startswith(forged) for line in log.splitlines())
 
 
 def test_log_info_off_hides_info_lines_until_it_is_on_again(
@@ -118,7 +121,7 @@ def test_log_info_off_hides_info_lines_until_it_is_on_again(
 ) -> None:
     assert settings(client.update_log_settings({"log_info": False}))["log_info"] is False
     assert settings(client.update_log_settings({"log_info": True}))["log_info"] is True
-    changes = [line for line in server.log().splitlines() if CHANGED in line]
+    changes = [line for line in server.logged(CHANGED).splitlines() if CHANGED in line]
     # The first change's own INFO line came after it took effect, so it was not written.
     assert len(changes) == 1 and "log_info=True" in changes[0], changes
 
@@ -134,16 +137,21 @@ def test_log_format_changes_the_lines_written_from_then_on(
     server: ServerProcess, client: grpcclient.InferenceServerClient, fmt: str, looks_right: Any
 ) -> None:
     assert settings(client.update_log_settings({"log_format": fmt}))["log_format"] == fmt
-    last = last_change(server)
+    last = last_change(server, 1)
     assert looks_right(last), last
     assert settings(client.update_log_settings({"log_format": "default"}))["log_format"] == "default"
-    last = last_change(server)
+    last = last_change(server, 2)
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[\d+\] INFO ", last), last
 
 
-def last_change(server: ServerProcess) -> str:
-    """The line the server wrote for the last change (the audit trail's line follows it)."""
-    return [line for line in server.log().splitlines() if CHANGED in line and "infergate.audit" not in line][-1]
+def last_change(server: ServerProcess, changes: int) -> str:
+    """The line the server wrote for its ``changes``-th change, once written (the audit trail's line follows it)."""
+    wait_until(lambda: len(change_lines(server)) >= changes, f"the line of change {changes}")
+    return change_lines(server)[changes - 1]
+
+
+def change_lines(server: ServerProcess) -> list[str]:
+    return [line for line in server.log().splitlines() if CHANGED in line and "infergate.audit" not in line]
 
 
 def _value(**kind: Any) -> pb.LogSettingsRequest.SettingValue:

@@ -69,7 +69,7 @@ def test_a_listed_fallback_serves_on_the_cpu(server: ServerProcess) -> None:
     assert client.is_model_ready("cuda_then_cpu")
     config = client.get_model_config("cuda_then_cpu").config
     assert config.instance_group[0].kind == 2  # KIND_CPU
-    assert "providers ['cuda'] unavailable, using CPUExecutionProvider" in server.log()
+    server.logged("providers ['cuda'] unavailable, using CPUExecutionProvider")
 
 
 def test_a_cpu_only_session_runs_without_the_python_wrapper_and_answers_the_same() -> None:

@@ -464,7 +464,7 @@ def test_with_auth_shared_memory_needs_its_own_permission(auth_server: ServerPro
             client.unregister_system_shared_memory(headers=allowed)
     events = [
         json.loads(line.split("infergate.audit: ", 1)[1])
-        for line in auth_server.log().splitlines()
+        for line in auth_server.logged('"method": "SystemSharedMemoryUnregister"').splitlines()
         if "infergate.audit" in line
     ]
     assert [(a["detail"]["method"], a["outcome"]) for a in events if a["event"] == "admin"] == [

@@ -63,12 +63,13 @@ def restore_logging() -> Iterator[None]:
 @pytest.mark.usefixtures("restore_logging")
 def test_text_lines_inside_a_span_end_with_its_ids() -> None:
     stream = io.StringIO()
-    configure_logging("info", "text", stream)
+    logs = configure_logging("info", "text", stream)
     tracer = TracerProvider().get_tracer("test")
     log = logging.getLogger("infergate.test")
     log.info("outside")
     with tracer.start_as_current_span("request") as span:
         log.info("inside")
+    logs.close()  # lines are written by a thread of their own: every one is written once it stops
     ids = span.get_span_context()
     outside, inside = stream.getvalue().splitlines()
     assert outside.endswith("INFO infergate.test: outside")

@@ -77,7 +77,7 @@ async def test_nothing_is_loaded_at_start_and_the_log_does_not_say_otherwise(
 ) -> None:
     index = await client.get_model_repository_index()
     assert len(index.models) == len(TRITON_EXAMPLE_MODELS) == 8
-    assert "0 model(s) ready; server ready" in server.log()
+    server.logged("0 model(s) ready; server ready")
     assert await client.is_server_ready()
 
 

@@ -204,8 +204,10 @@ def _serve(args: argparse.Namespace) -> int:
             )
         run_on_loop(_serve_async(config, logs, _worker_role(args)), config.event_loop)
     except ConfigError as exc:  # keys and certificates are read when the server is built
+        logs.close()  # the lines logged so far come first (a thread writes them), then why it stopped
         return _fail(str(exc), fmt, 2)
     except (OSError, RuntimeError) as exc:
+        logs.close()
         return _fail(str(exc), fmt, 1)
     return 0
 
@@ -325,7 +327,7 @@ def _exit_leaving_connections() -> NoReturn:
     simply ends, the kernel closes its connections and those calls fail with
     UNAVAILABLE, which clients retry (docs/deploy.md, tests/faults/).
     """
-    logging.shutdown()
+    logging.shutdown()  # writes the log lines still queued for the writer thread (telemetry/logs.py)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

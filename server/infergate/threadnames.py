@@ -8,8 +8,8 @@ pool threads onnxruntime starts for a session carry it too. An operator (and
 ``python -m load_tests suite``) can then tell the CPU that went to models
 from what went to the event loop and to gRPC. Its other threads carry their
 Python names: the drift monitors' and payload logs' workers, ``audit-writer``,
-``jwks_0`` (key fetches) and ``infergate-scrape_<n>`` (the supervisor's
-scrapes of its workers).
+``log-writer`` (the log lines: telemetry/logs.py), ``jwks_0`` (key fetches)
+and ``infergate-scrape_<n>`` (the supervisor's scrapes of its workers).
 
 Anywhere but Linux these do nothing.
 """

@@ -9,24 +9,40 @@ tensor contents.
 :func:`configure_logging` returns the :class:`LogControl` of what it set up,
 which Triton's LogSettings call (``serving/log_settings.py``) reads and
 changes while the server runs: which levels are written and in which format.
+
+Lines are written off the calling thread (mostly the event loop): a record is
+filtered and its message merged on the thread that logs it (the trace ids are
+that thread's context), then handed to the ``log-writer`` thread through a
+queue of :data:`QUEUED_LINES`, which formats and writes it. When the output
+does not keep up (stderr is a pipe whose reader stalled) a record that does not
+fit is dropped and counted, never waited for, and once the writer catches up it
+writes one line saying how many were dropped. ``logging.shutdown()`` (at exit)
+writes every line still queued first.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import queue
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 from opentelemetry import trace
 
+from infergate import threadnames
+
 __all__ = [
     "HEALTH",
     "LISTENING",
     "LOG_FORMATS",
     "METRICS",
+    "QUEUED_LINES",
     "JsonFormatter",
     "LogControl",
     "LogLevels",
@@ -43,6 +59,12 @@ LISTENING = "infergate listening on "
 METRICS = "infergate metrics on "
 HEALTH = "infergate health on "
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+# Lines waiting for the writer thread (~150 KB of access lines, on top of the pipe's 64 KiB): a burst
+# fits, a reader stalled for longer costs lines instead of freezing the server.
+QUEUED_LINES = 1024
+# How long a stop waits for an output that does not move before giving up on the lines still queued;
+# within the margins after the drain (see telemetry/flush.py).
+_STOP_TIMEOUT_S = 5.0
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is a field.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -104,8 +126,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key not in entry:
                 entry[key] = value if isinstance(value, str | int | float | bool) or value is None else str(value)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # formatted where the record was logged (_HandOff.prepare)
+            entry["exception"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -160,13 +184,131 @@ class _LevelSwitch(logging.Filter):
         return self.levels.writes(record.levelno)
 
 
-class LogControl:
-    """The handler :func:`configure_logging` installed: its levels and format, changeable at run time."""
+_TRACEBACKS = logging.Formatter()  # both formats write a traceback the default way
+_NOTICE_LOGGER = "infergate.logs"  # the logger the dropped-lines notice is written as
 
-    def __init__(self, handler: logging.Handler, levels: LogLevels, fmt: str):
-        self._handler = handler
+
+class _HandOff(logging.handlers.QueueHandler):
+    """The root logger's handler: filters run on the thread that logs (the trace ids are in its
+    context), then the record goes to the ``log-writer`` thread, or is dropped and counted when
+    :data:`QUEUED_LINES` wait already. Never blocks on the output."""
+
+    def __init__(self, writer: logging.Handler) -> None:
+        self.records: queue.Queue[logging.LogRecord | None] = queue.Queue(QUEUED_LINES)  # None: the stop
+        super().__init__(self.records)
+        self.dropped = 0  # records that did not fit, since the start
+        self._counting = threading.Lock()  # several threads log
+        self.listener = _Writer(self, writer)
+        self.listener.start()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """Merge the message with its arguments and format a traceback here, while they are as logged;
+        the writer thread does the rest (time, text or JSON), which is most of the cost.
+
+        Unlike the stdlib's, this does not copy the record (a cost per access line): a handler after
+        this one reads the same message and traceback."""
+        record.message = record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.records.put_nowait(record)
+        except queue.Full:  # the stdlib reports an error, on the very output that is behind
+            with self._counting:
+                self.dropped += 1
+
+    def close(self) -> None:
+        """Write the lines still queued, then stop the writer thread (``logging.shutdown()`` calls this)."""
+        self.listener.stop()
+        super().close()
+
+
+class _LineWriter(logging.StreamHandler[TextIO]):
+    """Writes the lines, on the writer thread alone: so it takes no lock, and ``logging.shutdown()``,
+    which takes every handler's lock and flushes it, never waits on a write the output holds up.
+    Its stream is line-buffered: each line is flushed as it is written."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        self.emit(record)  # no filters: those ran on the thread that logged (_HandOff)
+        return True
+
+    def flush(self) -> None:
+        pass
+
+
+def _own_stderr() -> TextIO:
+    """Standard error for the writer thread alone: its own buffer, and lock, on file descriptor 2, so a
+    write the output holds up never holds ``sys.stderr`` (which the exit flushes) too."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file: a test's capture
+        return sys.stderr
+    return open(fd, "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors, closefd=False)
+
+
+class _Writer(logging.handlers.QueueListener):
+    """The ``log-writer`` thread: formats and writes what :class:`_HandOff` queued. After lines were
+    dropped it says how many once it catches up (nothing queued), and while it does not, once
+    every :data:`QUEUED_LINES` lines written."""
+
+    def __init__(self, handoff: _HandOff, writer: logging.Handler) -> None:
+        super().__init__(handoff.records, writer)
+        self._records = handoff.records
+        self._handoff = handoff
+        self._reported = 0  # of handoff.dropped
+        self._written = 0
+
+    def start(self) -> None:
+        with threadnames.named("log-writer"):  # the name Linux shows, which a new thread takes from its creator
+            super().start()
+        assert self._thread is not None
+        self._thread.name = "log-writer"
+
+    def handle(self, record: logging.LogRecord) -> None:
+        super().handle(record)
+        self._written += 1
+        if self._handoff.dropped > self._reported and (self._records.empty() or self._written % QUEUED_LINES == 0):
+            self._report_drops()
+
+    def _report_drops(self) -> None:
+        dropped = self._handoff.dropped
+        message = f"{dropped - self._reported} log line(s) dropped: the log output did not keep up"
+        self._reported = dropped
+        notice = logging.LogRecord(_NOTICE_LOGGER, logging.WARNING, __file__, 0, message, None, None)
+        notice.trace_id = notice.span_id = ""
+        super().handle(notice)  # past the level switch: whatever is switched off, a loss is said
+
+    def stop(self) -> None:
+        """Write what is queued, then end the thread. An output that does not move for
+        ``_STOP_TIMEOUT_S`` is given up on, once: the thread is a daemon, it ends with the process."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        try:
+            self._records.put(None, timeout=_STOP_TIMEOUT_S)  # the stdlib's sentinel, whose put_nowait fails when full
+        except queue.Full:
+            return
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            return
+        if self._handoff.dropped > self._reported:  # dropped since the last notice (the queue was not empty)
+            self._report_drops()
+
+
+class LogControl:
+    """What :func:`configure_logging` installed: which records are written and how they look,
+    changeable at run time, and the writer thread's stop."""
+
+    def __init__(self, handoff: logging.Handler, writer: logging.Handler, levels: LogLevels, fmt: str):
+        """``handoff`` filters records on the thread that logs; ``writer`` formats them on the writer thread."""
+        self._handoff = handoff
+        self._writer = writer
         self._switch = _LevelSwitch(levels)
-        handler.addFilter(self._switch)
+        handoff.addFilter(self._switch)
         self._format = ""
         self.apply(levels, fmt)
 
@@ -180,26 +322,39 @@ class LogControl:
         return self._format
 
     def apply(self, levels: LogLevels, fmt: str) -> None:
+        """Levels apply to the records logged from now on; the format to the lines written from now on
+        (lines still queued too)."""
         if fmt not in LOG_FORMATS:
             raise ValueError(f"unknown log format {fmt!r}; known: {', '.join(LOG_FORMATS)}")
         if fmt != self._format:
-            self._handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(iso8601=fmt == "ISO8601"))
+            # One attribute, read once per line by the writer thread; its lock is not taken, since the
+            # writer holds it while blocked on an output that does not move.
+            self._writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(iso8601=fmt == "ISO8601"))
             self._format = fmt
         self._switch.levels = levels
         logging.getLogger().setLevel(levels.lowest())
 
+    def close(self) -> None:
+        """Write every line still queued and stop the writer thread, as ``logging.shutdown()`` does at exit;
+        records logged after this are not written."""
+        self._handoff.close()
+
 
 def configure_logging(level: str, fmt: Literal["text", "json"], stream: TextIO | None = None) -> LogControl:
-    """Send every logger's records to ``stream`` (stderr) in ``fmt``, with trace ids; call once at start.
+    """Send every logger's records to ``stream`` (stderr; line-buffered) in ``fmt``, with trace ids, from a
+    writer thread; call once at start. ``logging.shutdown()`` (or :meth:`LogControl.close`) writes what is still queued.
 
     Returns the control of what it set up, for changes while the process runs (LogSettings)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.addFilter(TraceContextFilter())
+    writer = _LineWriter(stream or _own_stderr())  # made first: logging.shutdown() closes it last
+    handoff = _HandOff(writer)
+    handoff.addFilter(TraceContextFilter())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
-    root.addHandler(handler)
-    return LogControl(handler, LogLevels.at(level), _CONFIG_FORMATS[fmt])
+        if isinstance(old, _HandOff):
+            old.close()  # an earlier call's: its writer thread writes what it holds and ends
+    root.addHandler(handoff)
+    return LogControl(handoff, writer, LogLevels.at(level), _CONFIG_FORMATS[fmt])
 
 
 def announcement(message: str, fmt: Literal["text", "json"], level: int = logging.INFO, **fields: object) -> str:
