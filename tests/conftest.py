@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import subprocess
 import sys
@@ -198,6 +199,22 @@ async def embedded_server(repository: Path) -> AsyncIterator[pb_grpc.GRPCInferen
             yield pb_grpc.GRPCInferenceServiceStub(channel)
     finally:
         await server.stop()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Undo what a test set up in this process's logging: ``configure_logging``, called directly or by
+    the CLI run in-process (``check``, ``batch``), installs a root handler whose writer thread writes to
+    the stream of that moment, often the test's captured stderr, which is closed once the test ends.
+    Each handler a test added is closed (its writer thread writes what it holds and ends)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

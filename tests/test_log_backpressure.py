@@ -97,16 +97,6 @@ class HeldOutput(io.StringIO):
         return super().write(text)
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("restore_logging")
 def test_past_the_queue_lines_are_dropped_and_counted_and_the_rest_written_at_the_stop() -> None:
     output = HeldOutput()
     logs = configure_logging("info", "text", output)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,16 +50,6 @@ def test_an_unknown_trace_exporter_is_refused(monkeypatch: pytest.MonkeyPatch) -
         Telemetry.from_config(TelemetryConfig(traces=True))
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("restore_logging")
 def test_text_lines_inside_a_span_end_with_its_ids() -> None:
     stream = io.StringIO()
     logs = configure_logging("info", "text", stream)
