@@ -343,6 +343,9 @@ def test_the_rendered_numbers_load_and_text_that_is_no_number_stays_text_for_the
     half = server_file("serverConfig.telemetry.sample_ratio=half")
     with pytest.raises(ConfigError, match=r"telemetry\.sample_ratio: Input should be a valid number"):
         load_server_config(half, {})
+    too_large = server_file("serverConfig.telemetry.sample_ratio=1e400")  # no float holds it: not made 0
+    with pytest.raises(ConfigError, match=r"telemetry\.sample_ratio: Input should be a valid number"):
+        load_server_config(too_large, {})
     assert "Does not match pattern" in refused(None, "serverConfig.shutdown_grace_seconds=half")
 
 

@@ -395,13 +395,27 @@ def test_a_server_file_refuses_a_quoted_number(tmp_path: Path, text: str, field:
 def test_a_float_in_exponent_form_is_a_float_as_helm_writes_small_ones(tmp_path: Path) -> None:
     """Helm's toYaml writes 0.00001 as 1e-05: a float in YAML 1.2, a string to PyYAML's YAML 1.1 rules."""
     path = tmp_path / "server.yaml"
-    path.write_text("telemetry: {sample_ratio: 1e-05}\nshutdown_grace_seconds: 1.5e1\n", encoding="utf-8")
+    path.write_text("telemetry: {sample_ratio: 1e-05}\nshutdown_grace_seconds: 1.5e+01\n", encoding="utf-8")
     config = load_server_config(path, {})
     assert (config.telemetry.sample_ratio, config.shutdown_grace_seconds) == (1e-05, 15.0)
     path = tmp_path / "config.yaml"
     path.write_text("routing: {shadow: {version: 2, fraction: 1e-05}}\n", encoding="utf-8")
     routing = load_model_config(path).routing
     assert routing is not None and routing.shadow is not None and routing.shadow.fraction == 1e-05
+
+
+def test_text_shaped_like_an_unsigned_exponent_stays_text(tmp_path: Path) -> None:
+    """Go writes every float with a signed exponent; 8e12345 (a short commit hash) or 1e3 in metadata is text."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "metadata: {source_run: 20241e5, tags: [v1, 1e3], labels: {git_commit: 8e12345}}\n", encoding="utf-8"
+    )
+    metadata = load_model_config(path).metadata
+    assert (metadata.source_run, metadata.tags, metadata.labels) == (
+        "20241e5",
+        ["v1", "1e3"],
+        {"git_commit": "8e12345"},
+    )
 
 
 def test_routing_weights_may_quote_their_version_numbers_as_helm_renders_map_keys(tmp_path: Path) -> None:

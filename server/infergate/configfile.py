@@ -106,12 +106,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_sequence(node, deep=deep)
 
 
-# A float in exponent form without a dot or without a sign (1e-05, 1.5e3) is a float in YAML 1.2 and in
-# Go's YAML, but a string to PyYAML's YAML 1.1 rules; Helm's toYaml writes a float below 1e-4 so
-# (sample_ratio: 0.00001 in values renders as 1e-05). A quoted "1e-05" stays a string.
+# A float in exponent form without a dot (1e-05) is a float in YAML 1.2 and in Go's YAML, but a string to
+# PyYAML's YAML 1.1 rules; Helm's toYaml writes a float below 1e-4 so (sample_ratio: 0.00001 in values
+# renders as 1e-05). Only with a signed exponent, as Go writes every float (1e-05, 1.5e+06): an unsigned
+# one stays text as before, such as a commit label 8e12345 or a tag 1e3 in metadata. A quoted "1e-05"
+# stays a string.
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+][0-9]+$"),
     list("-+.0123456789"),
 )
 

@@ -89,7 +89,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- $value := and (kindIs "map" $parent) (get $parent (last $keys)) }}
 {{- if and (kindIs "string" $value) (regexMatch "^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$" $value) }}
-{{- $_ := set $parent (last $keys) (float64 $value) }}
+{{- $number := float64 $value }}
+{{- /* float64 gives 0 for text it cannot hold (1e400): only a zero spelled so becomes 0 */}}
+{{- if or (ne $number 0.0) (regexMatch "^[+-]?(0+[.]?0*|[.]0+)([eE][+-]?[0-9]+)?$" $value) }}
+{{- $_ := set $parent (last $keys) $number }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
