@@ -26,7 +26,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import launch_server
 
-from infergate.telemetry.flush import run_within
+from infergate.telemetry import logs
+from infergate.telemetry.flush import FLUSH_BUDGET_SECONDS, run_within
+from infergate.workers import supervisor
+
+CHART_EXIT_MARGIN_S = 15  # helm/infergate/templates/_helpers.tpl: terminationGracePeriodSeconds adds it
 
 HANG_GUARD_S = 60.0  # did the stop finish at all; the exporters alone would wait 600 s
 
@@ -118,7 +122,9 @@ def test_a_collector_that_never_answers_costs_the_stop_its_flush_budget_and_the_
         code = server.terminate(timeout=HANG_GUARD_S)
     log = server.log()
     assert code == 0, log
-    assert _dropped(log, collector) == ["spans and metrics"], log
+    # The spans never come back (the SDK's span shutdown takes no timeout); the metrics' shutdown is given the
+    # same 5 s and ends at about the budget's end, late or just in time as the machine's load has it.
+    assert _dropped(log, collector) in (["spans"], ["spans and metrics"]), log
     assert _stopped_events(audit) == ["server_stopped"]
     assert json.loads(audit.read_text().splitlines()[-1])["event"] == "server_stopped"
 
@@ -156,3 +162,13 @@ def test_the_flush_gives_up_on_a_job_still_running_and_a_job_that_raised_is_done
     with caplog.at_level(logging.WARNING, logger="infergate.telemetry"):
         assert run_within({"metrics": fails, "spans": lambda: None}, HANG_GUARD_S) == []
     assert "telemetry: flushing metrics failed: a reader failed" in caplog.messages
+
+
+def test_the_stop_budgets_after_the_grace_fit_in_what_the_supervisor_and_the_chart_allow() -> None:
+    """A collector that is down and a log output that has stalled on the same day: a worker spends the
+    flush budget, then the log stop's, and must still exit before its supervisor's margin runs out (it
+    would be SIGKILLed: exit 1); the supervisor's own log stop comes on top of that margin, within the
+    15 s the chart adds to terminationGracePeriodSeconds. 2 s are kept for the rest of the exit."""
+    worker = FLUSH_BUDGET_SECONDS + logs.WRITER_STOP_SECONDS
+    assert worker + 2 <= supervisor.EXIT_MARGIN_S
+    assert supervisor.EXIT_MARGIN_S + logs.WRITER_STOP_SECONDS + 2 <= CHART_EXIT_MARGIN_S

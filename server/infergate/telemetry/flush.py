@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 # Plenty for a collector that answers (a flush is one or two exports of milliseconds each), and it fits in
 # the margins after the drain's grace: the chart's terminationGracePeriodSeconds leaves 15 s (helm/infergate
 # templates/_helpers.tpl) and the --workers supervisor SIGKILLs a worker 10 s after the grace
-# (workers/supervisor.py). 5 s of flush leaves the rest for the audit trail's last lines and the exit.
+# (workers/supervisor.py). 5 s of flush leaves the rest for the audit trail's last lines, the log lines still
+# queued (2 s at most for a stalled output: telemetry/logs.py) and the exit.
 FLUSH_BUDGET_SECONDS = 5.0
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "LOG_FORMATS",
     "METRICS",
     "QUEUED_LINES",
+    "WRITER_STOP_SECONDS",
     "JsonFormatter",
     "LogControl",
     "LogLevels",
@@ -62,9 +63,11 @@ TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 # Lines waiting for the writer thread (~150 KB of access lines, on top of the pipe's 64 KiB): a burst
 # fits, a reader stalled for longer costs lines instead of freezing the server.
 QUEUED_LINES = 1024
-# How long a stop waits for an output that does not move before giving up on the lines still queued;
-# within the margins after the drain (see telemetry/flush.py).
-_STOP_TIMEOUT_S = 5.0
+# How long a stop waits for an output that does not move before giving up on the lines still queued.
+# It comes after the telemetry flush (FLUSH_BUDGET_SECONDS, 5 s: telemetry/flush.py), and the two must fit,
+# with the exit, in the 10 s the --workers supervisor gives a worker after the grace, and for the
+# supervisor's own stop in the chart's 15 s: 5 + 2 leaves 3 s to spare.
+WRITER_STOP_SECONDS = 2.0
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is a field.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -283,13 +286,14 @@ class _Writer(logging.handlers.QueueListener):
 
     def stop(self) -> None:
         """Write what is queued, then end the thread. An output that does not move for
-        ``_STOP_TIMEOUT_S`` is given up on, once: the thread is a daemon, it ends with the process."""
+        ``WRITER_STOP_SECONDS`` is given up on, once: the thread is a daemon, it ends with the process."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
-        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        deadline = time.monotonic() + WRITER_STOP_SECONDS
         try:
-            self._records.put(None, timeout=_STOP_TIMEOUT_S)  # the stdlib's sentinel, whose put_nowait fails when full
+            # The stdlib's sentinel, put with a wait: its own put_nowait fails when the queue is full.
+            self._records.put(None, timeout=WRITER_STOP_SECONDS)
         except queue.Full:
             return
         thread.join(max(0.0, deadline - time.monotonic()))

@@ -56,6 +56,9 @@ RESTART_BACKOFF_MAX = 10.0  # seconds between restarts of a worker that keeps dy
 # longer line is dropped, not split, so lines of different workers never interleave.
 LINE_LIMIT = 1 << 20
 FORWARD_TIMEOUT = 5.0  # seconds an exited worker's pipe may take to reach EOF
+# Seconds a worker gets after the drain's grace to end before it is SIGKILLed: its telemetry flush
+# (telemetry/flush.py) and log lines still queued (telemetry/logs.py) have budgets that fit in it.
+EXIT_MARGIN_S = 10.0
 
 
 @dataclass
@@ -229,7 +232,7 @@ async def _stop(workers: list[_Worker], grace: float) -> bool:
             worker.forwarder = asyncio.create_task(_drain(process.stdout), name=f"worker {worker.index} stdout")
     clean = True
     try:
-        async with asyncio.timeout(grace + 10):
+        async with asyncio.timeout(grace + EXIT_MARGIN_S):
             await asyncio.gather(*(p.wait() for _, p in live))
     except TimeoutError:
         for _, process in live:
