@@ -3,11 +3,12 @@
 infergate runs a CPU model on ``instance_group.count`` sessions (``auto``: two
 for a model that is not tiny, where there are two CPUs), each with the
 configured ``intra_op_num_threads`` or, where the config leaves that to the
-server, the process's CPUs shared out among the sessions (one session keeps
-onnxruntime's own choice): ``infergate.models.runner``. ModelConfig answers
-the count infergate came to and the configured threads; the share is worked
-out here as the runner does it, for a server of one process (``--workers N``
-gives each of N processes an Nth of the CPUs).
+server, the models' CPUs shared out among the sessions (one session with every
+CPU keeps onnxruntime's own choice; under a CPU quota it gets the quota):
+``infergate.models.runner.intra_op_threads``. ModelConfig answers the count
+infergate came to and the configured threads; the threads are worked out here
+by the runner's own function, for a server of one process on this machine
+(``--workers N`` gives each of N processes an Nth of the CPUs: not covered).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import grpc
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate._proto import model_config_pb2 as mc
-from infergate.models.cpus import usable_cpus
+from infergate.models.cpus import model_cpus
+from infergate.models.runner import intra_op_threads
 
 from .compute import Layout
 
@@ -41,9 +43,7 @@ def served_layout(target: str, model: str, timeout: float = 10.0) -> Layout | No
         return None
     sessions = sum(group.count for group in groups)
     configured = config.parameters[_THREADS].string_value if _THREADS in config.parameters else ""
-    if configured:
-        return Layout(sessions, int(configured))
-    return Layout(sessions, max(1, usable_cpus() // sessions) if sessions > 1 else 0)
+    return Layout(sessions, intra_op_threads(int(configured or 0), sessions, True, model_cpus()))
 
 
 def served_layouts(target: str, models: Iterable[str]) -> dict[str, Layout]:

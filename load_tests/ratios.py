@@ -5,7 +5,9 @@ The figures come in slot order (``interleave``): round after round, each round
 paired sample the machine's drift hardly touches.
 
 **The estimate is the geometric mean of the per-slot ratios** (the mean of
-their logarithms, exponentiated). The plain mean of ratios is biased upward by
+their logarithms, exponentiated), each round weighted alike: the mean of the
+rounds' mean logs, which is the same thing when every slot paired (a slot
+that did not leaves its round fewer slots, not less weight). The plain mean of ratios is biased upward by
 about the square of the noise (two runs that scatter by 15% each come out 2.3%
 apart on average when nothing differs) and is not symmetric: ÷ base and
 base ÷ would not be reciprocals. On the log scale both go away.
@@ -37,14 +39,24 @@ _T_975 = (
     2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
     2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 )  # fmt: skip
-_NORMAL_975 = 1.96  # past 30 degrees of freedom: the normal quantile (t is at most 2% wider there)
+_NORMAL_975 = 1.959964  # the normal distribution's 0.975 quantile
 
 
 def t_quantile(df: int) -> float:
-    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (table; 1.96 past 30)."""
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom: the table to 30; past it
+    the Cornish-Fisher expansion around the normal quantile (within 1e-4 there; the normal quantile
+    alone would be 4% short at 31)."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be at least 1, got {df}")
-    return _T_975[df - 1] if df <= len(_T_975) else _NORMAL_975
+    if df <= len(_T_975):
+        return _T_975[df - 1]
+    z = _NORMAL_975
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
 
 
 @dataclass(frozen=True)

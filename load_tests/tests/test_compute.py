@@ -7,14 +7,18 @@ them; nothing here depends on how fast the machine is.
 from __future__ import annotations
 
 import pathlib
+import sys
 import threading
 
 import onnx
 import pytest
 
-from infergate.demo import build_matmul16
+from infergate.demo import build_matmul16, write_demo_repository
+from load_tests import layouts
 from load_tests.compute import Layout, measure_batch, run_compute
+from load_tests.servers import free_port, running_server
 from load_tests.signature import ModelSignature, TensorSpec
+from load_tests.suite import REPO_ROOT
 
 MATMUL = ModelSignature("matmul16", (TensorSpec("x", "FP32", (-1, 16)),), (TensorSpec("y", "FP32", (-1, 16)),))
 
@@ -63,3 +67,23 @@ def test_run_compute_opens_the_sessions_of_the_layout(tmp_path: pathlib.Path) ->
 )
 def test_a_layout_says_what_it_runs(layout: Layout, text: str) -> None:
     assert str(layout) == text
+
+
+def test_the_layout_asked_of_a_server_gives_one_session_the_models_cpus_as_the_runner_does(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One session with every CPU keeps onnxruntime's own thread count (0); under a CPU quota the runner
+    gives it the quota's CPUs, and so must the baseline (a default-threads session throttled to a quota
+    would be a weak baseline). The quota is the test's: the layout is worked out in this process."""
+    write_demo_repository(tmp_path / "models")
+    (tmp_path / "models" / "mlp" / "config.yaml").write_text("max_batch_size: 64\ninstance_group: {count: 1}\n")
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "infergate", "serve", "--model-repository", str(tmp_path / "models"),
+            "--port", str(port)]  # fmt: skip
+    with running_server("infergate", argv, target, tmp_path / "server.log", REPO_ROOT, models=("mlp",)):
+        monkeypatch.setattr(layouts, "model_cpus", lambda: None)
+        unlimited = layouts.served_layout(target, "mlp")
+        monkeypatch.setattr(layouts, "model_cpus", lambda: 3)
+        quota = layouts.served_layout(target, "mlp")
+    assert (unlimited, quota) == (Layout(1, 0), Layout(1, 3))

@@ -11,7 +11,8 @@ import threading
 import time
 
 from infergate import threadnames
-from infergate.models.cpus import usable_cpus
+from infergate.models.cpus import model_cpus, usable_cpus
+from infergate.models.runner import intra_op_threads
 from load_tests.procfs import ROLES, cpu_by_role, thread_cpu
 from load_tests.suite import REPO_ROOT
 
@@ -63,7 +64,7 @@ def test_the_suite_runs_every_server_and_says_where_their_cpu_went(tmp_path: pat
     # In-process onnxruntime also as infergate serves mlp (auto: two sessions sharing the CPUs, where there
     # are two), each session driven from a thread of its own; the target names the best layout.
     layouts = {(c["sessions"], c["intra_op_threads"]) for c in report["compute"] if c["model"] == "mlp"}
-    cpus = usable_cpus()
-    assert layouts == ({(1, 0), (2, cpus // 2)} if cpus >= 2 else {(1, 0)})
+    served = intra_op_threads(0, 2, True, model_cpus())  # the runner's share of the models' CPUs
+    assert layouts == ({(1, 0), (2, served)} if usable_cpus() >= 2 else {(1, 0)})
     (target,) = [t for t in report["targets"] if t["key"] == "d"]
     assert "best in-process" in target["description"] and "session" in target["description"]

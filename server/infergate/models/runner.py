@@ -49,7 +49,16 @@ from infergate.models.spec import ModelSpec, Tensors, spec_from_graph
 from infergate.models.stats import BatchTimings
 from infergate.models.warmup import WarmupRun, describe_feeds, valid_inputs, warmup_runs
 
-__all__ = ["AUTO_CPU_INSTANCES", "Instance", "ModelLoadError", "OnnxRunner", "collate", "split", "zero_inputs"]
+__all__ = [
+    "AUTO_CPU_INSTANCES",
+    "Instance",
+    "ModelLoadError",
+    "OnnxRunner",
+    "collate",
+    "intra_op_threads",
+    "split",
+    "zero_inputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +260,7 @@ def _cpu_instances(
     instance's threads, it becomes the first instance; otherwise it is freed before the others load
     (a large model's memory is not held twice over).
     """
-    threads = _intra_op_threads(config.session_options.intra_op_num_threads, AUTO_CPU_INSTANCES, True, cpus)
+    threads = intra_op_threads(config.session_options.intra_op_num_threads, AUTO_CPU_INSTANCES, True, cpus)
     kept = [s for s in probe if s.get_session_options().intra_op_num_threads == threads][:1]
     probe.clear()
     options.intra_op_num_threads = threads
@@ -263,7 +272,7 @@ def _cpu_instances(
     return sessions
 
 
-def _intra_op_threads(configured: int, instances: int, on_cpu: bool, cpus: int | None) -> int:
+def intra_op_threads(configured: int, instances: int, on_cpu: bool, cpus: int | None) -> int:
     """Each session's intra-op threads: as configured; unset (0) on the CPU, the models' CPUs (``cpus``,
     see cpus.py; None: every CPU the process may run on) shared out among the instances. One instance
     with every CPU keeps onnxruntime's own choice; several would fight over the cores with it."""
@@ -415,7 +424,7 @@ class OnnxRunner:
         )
         configured = config.session_options.intra_op_num_threads
         instances = AUTO_CPU_INSTANCES if may_grow else count
-        options.intra_op_num_threads = _intra_op_threads(configured, instances, on_cpu, cpus)
+        options.intra_op_num_threads = intra_op_threads(configured, instances, on_cpu, cpus)
         first, providers = _first_session(path, options, providers, config, name)
         sessions = [first, *_sessions(path, options, providers, count - 1)]
         actual = sessions[0].get_providers()[0]  # one of ``providers``: _first_session saw each come up
