@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +146,38 @@ def test_a_model_that_is_not_there_and_a_bad_directory_are_reported(good: Path, 
     assert _errors(_findings(done), "nope", "models") == [f"no model directory {good / 'nope'}"]
     missing = _check("--model-repository", str(tmp_path / "absent"))
     assert missing.returncode == 2 and "is not a directory" in missing.stderr
+
+
+def test_a_directory_no_request_can_name_is_an_error_the_server_skips(good: Path) -> None:
+    """A backslash in a directory's name: the server skips the directory (and serves the rest); the gate
+    says so, since the model the directory holds would never serve."""
+    odd = good / "a\\b"
+    odd.mkdir()
+    shutil.copytree(good / "scale" / "1", odd / "1")
+    done = _check("--model-repository", str(good), "--format", "json")
+    assert done.returncode == 1
+    said = f"{odd}: not a model name (a path separator in it): the server skips it"
+    assert _errors(_findings(done), "", "models") == [said]
+
+
+def test_what_the_server_opens_at_start_is_checked_too(good: Path, tmp_path: Path) -> None:
+    """An audit log the server cannot open, or a trace exporter it does not know, stops it at start."""
+    server = tmp_path / "server.yaml"
+    server.write_text(f"audit_log: {tmp_path}\n")
+    done = _check("--model-repository", str(good), "--config", str(server), "--format", "json")
+    assert done.returncode == 1
+    assert _errors(_findings(done), "", "server-config") == [f"{server}: audit_log: {tmp_path} is a directory"]
+    server.write_text(f"audit_log: {tmp_path / 'absent' / 'audit.log'}\n")
+    done = _check("--model-repository", str(good), "--config", str(server), "--format", "json")
+    assert (
+        "is not a directory (the server creates the file, not its folder)"
+        in _errors(_findings(done), "", "server-config")[0]
+    )
+    server.write_text("telemetry: {traces: true}\n")
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "zipkin"}
+    command = [sys.executable, "-m", "infergate", "check", "--model-repository", str(good), "--config", str(server)]
+    done = subprocess.run(
+        [*command, "--format", "json"], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    assert done.returncode == 1
+    assert "unknown exporter 'zipkin'" in _errors(_findings(done), "", "server-config")[0]

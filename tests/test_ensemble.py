@@ -687,6 +687,32 @@ async def test_check_fits_each_ensemble_against_the_step_models_it_loaded(reposi
     assert str(repository / "broken" / "config.yaml") in ensemble[("broken", "error")]
 
 
+def test_a_directory_no_request_can_name_is_skipped_and_the_rest_serve(tmp_path: Path) -> None:
+    """A backslash in a directory's name made the start-up load raise past every model: the server never
+    became ready and its ensembles never loaded. The directory is skipped, with a warning."""
+    root = tmp_path / "models"
+    write(root, "double", "max_batch_size: 8\n", build_scale_model(2.0))
+    write(root, "split", SPLIT)
+    write(root, "a\\b", "max_batch_size: 8\n", build_scale_model(2.0))
+    with running_server(root, tmp_path) as server, grpcclient.InferenceServerClient(server.url) as client:
+        assert client.is_server_ready() and client.is_model_ready("split")
+        assert {m["name"] for m in client.get_model_repository_index(as_json=True)["models"]} == {"double", "split"}
+        server.logged("directory 'a\\\\b' is not a model name (a path separator in it): skipped")
+
+
+def test_check_marks_an_ensemble_whose_step_model_has_unfit_routing_as_failed(tmp_path: Path) -> None:
+    """The server leaves a model whose routing names a version that did not load unavailable, and an ensemble
+    running it with it; the CI gate must not call that ensemble fit."""
+    root = tmp_path / "models"
+    write(root, "double", "max_batch_size: 8\nrouting: {weights: {1: 100, 3: 0}}\n", build_scale_model(2.0))
+    write(root, "split", SPLIT)
+    report = asyncio.run(check_repository(root))
+    routing = [f.message for f in report.findings if f.model == "double" and f.check == "routing"]
+    ensemble = [(f.level, f.message) for f in report.findings if f.model == "split" and f.check == "ensemble"]
+    assert routing and "version 3" in routing[0], routing
+    assert [level for level, _ in ensemble] == ["error"], ensemble
+
+
 # One step on ``double`` at model_version -1, whose routing splits its requests between two versions.
 SPLIT = ensemble("{model_name: double, model_version: -1, input_map: {x: INPUT}, output_map: {y: OUTPUT}}")
 

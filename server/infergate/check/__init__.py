@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from infergate.routing.config import Routing
 from infergate.routing.router import RoutingError, answering_versions, check_routing
 from infergate.security.keys import build_key_store
 from infergate.security.tls import server_credentials
+from infergate.telemetry import check_exporters
 
 __all__ = ["Finding", "Report", "check_repository"]
 
@@ -126,11 +128,14 @@ def _check_server_config(root: Path, path: Path | None, report: Report) -> Serve
     except ConfigError as exc:
         report.errors("server-config", str(exc))
         return None
-    try:  # what the server reads when it is built: key files, certificates
+    try:  # what the server reads or opens when it is built: key files, certificates, exporters, the audit log
         if config.auth.enabled:
             build_key_store(config.auth).close()
         if config.tls is not None:
             server_credentials(config.tls)
+        check_exporters(config.telemetry)
+        if config.audit_log is not None:
+            _check_appendable(config.audit_log)
     except ConfigError as exc:
         report.errors("server-config", f"{path}: {exc}")
         return config
@@ -138,8 +143,22 @@ def _check_server_config(root: Path, path: Path | None, report: Report) -> Serve
     return config
 
 
+def _check_appendable(path: Path) -> None:
+    """ConfigError unless the server could open ``path`` to append to it (without creating it here)."""
+    if path.is_dir():
+        raise ConfigError(f"audit_log: {path} is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(f"audit_log: {parent} is not a directory (the server creates the file, not its folder)")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise ConfigError(f"audit_log: {path if path.exists() else parent} is not writable")
+
+
 def _model_names(root: Path, wanted: list[str] | None, config: ServerConfig | None, report: Report) -> list[str]:
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in [n for n in found if not is_model_name(n)]:
+        report.add("models", "error", f"{root / name}: not a model name (a path separator in it): the server skips it")
+    found = [n for n in found if is_model_name(n)]
     missing = sorted(set(wanted or []) - set(found))
     if config is not None and config.model_control_mode == "explicit":
         missing_at_start = sorted(set(config.load_models) - set(found) - {"*"})
@@ -188,11 +207,13 @@ async def _check_model(
         return None
     if not loaded:
         report.add("routing", "error", f"{path}: routing: no version loaded to route to", name)
+        served.pop(name, None)  # the server leaves the model unavailable: no ensemble step may run it
         return None
     try:
         check_routing(config.routing, loaded)
     except RoutingError as exc:
         report.add("routing", "error", f"{path}: {exc}", name)
+        served.pop(name, None)
         return None
     report.add("routing", "ok", f"fits the versions that load ({_list(loaded)})", name)
     routes[name] = config.routing

@@ -103,12 +103,21 @@ class ModelRepository:
         self._calls_in_progress = calls_in_progress
         self._on_retired = on_retired
         self._model_cpus = model_cpus
+        self._skipped: set[str] = set()  # directories discover() warned of: not model names
 
     def discover(self) -> list[str]:
-        """Model directory names under root (hidden ones skipped); new ones get an entry."""
+        """Model directory names under root (hidden ones skipped); new ones get an entry.
+
+        A directory whose name no request could name (a backslash in it: ``is_model_name``) is skipped,
+        with a warning the first time it is seen: loading it would fail, and must not fail the others.
+        """
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
         names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for name in [n for n in names if not is_model_name(n) and n not in self._skipped]:
+            log.warning("model repository: directory %r is not a model name (a path separator in it): skipped", name)
+            self._skipped.add(name)
+        names = [n for n in names if is_model_name(n)]
         for name in names:
             if name not in self._entries:
                 self._entries[name] = self._new_entry(name)
