@@ -92,3 +92,9 @@ async def test_the_worker_thread_carries_the_accumulators_name_in_linux() -> Non
         await eventually(lambda: "drift mlp:1 of " in linux_names(), "a thread named 'drift mlp:1 of '")
     finally:
         await accumulator.aclose()
+
+
+def test_tensor_bytes_counts_the_length_of_each_text_element() -> None:
+    """A queued request keeps its text alive: the bound counts the text, not only the references to it."""
+    text = np.array([b"a" * 1000, b"b" * 3000, "c" * 500], dtype=object)
+    assert tensor_bytes({"t": text}) == text.nbytes + 4500

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -94,11 +95,15 @@ def test_ks_and_wasserstein_against_a_constant_reference(values: np.ndarray, exp
     assert drift.wasserstein(constant, 0.0, values) == expected
 
 
-def test_non_finite_live_values_are_left_out() -> None:
+def test_a_few_non_finite_live_values_barely_move_a_score() -> None:
     values = np.concatenate([live(0.0), [np.nan, np.inf, -np.inf]])
     for method in ("psi", "ks", "wasserstein"):
-        assert score(method, values) == pytest.approx(score(method, live(0.0)))
-        assert score(method, np.array([np.nan])) == 0.0
+        assert score(method, values) == pytest.approx(score(method, live(0.0)), abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["psi", "ks", "wasserstein"])
+def test_live_values_that_are_all_non_finite_score_far_above_the_default_threshold(method: str) -> None:
+    assert score(method, np.array([np.nan, np.inf, -np.inf] * 10)) > 1.0
 
 
 def test_categorical_psi_counts_unseen_categories_in_other() -> None:
@@ -205,3 +210,72 @@ def alone(method: str, feature: NumericFeature, values: np.ndarray) -> float:
     if method == "ks":
         return drift.ks(feature.quantiles, column)
     return drift.wasserstein(feature.quantiles, feature.std, column)
+
+
+def text_window(capacity: int = 100) -> DriftWindow:
+    """A window over two text features (a [batch, 2] BYTES input) profiled on cities and colours."""
+    model = spec(tensor("t", "BYTES", -1, 2))
+    sample = np.array([[b"paris", b"red"], [b"oslo", b"blue"], [b"paris", b"blue"]] * 50, dtype=object)
+    return DriftWindow(build_profile(model, {"t": sample}, {}, source="t"), capacity, batches=True)
+
+
+def test_the_window_keeps_no_text_only_the_category_of_each_value() -> None:
+    """Scores need only which category a value falls in: a request's text must not live on in the window."""
+    large = b"x" * (1 << 20) + b"unique"
+    small, big = text_window(), text_window()
+    small.add({"t": np.array([[b"paris", b"red"], [b"zzz", b"blue"]], dtype=object)}, {})
+    refs = sys.getrefcount(large)
+    big.add({"t": np.array([[b"paris", b"red"], [large, b"blue"]], dtype=object)}, {})
+    assert sys.getrefcount(large) == refs  # the request's array is gone, and nothing else holds the text
+    buffer = big.tensors[0]._buffer
+    assert buffer.dtype.kind == "i" and buffer.nbytes == small.tensors[0]._buffer.nbytes
+    assert [s.score for s in big.scores("psi", 0.2)] == [s.score for s in small.scores("psi", 0.2)]
+
+
+@pytest.mark.parametrize(
+    ("cities", "colours"),
+    [
+        (["paris", "oslo", "paris"], ["red", "blue", "blue"]),  # the reference's own shares
+        (["paris"] * 3, ["red"] * 3),  # one category only
+        (["oslo", "rome", "\xff"], ["green", "blue", "red"]),  # unseen ones count in "other"
+    ],
+)
+def test_text_features_score_as_categorical_psi_of_their_values(cities: list[str], colours: list[str]) -> None:
+    window = text_window()
+    rows = np.array([[c.encode(), k.encode()] for c, k in zip(cities * 10, colours * 10, strict=True)], dtype=object)
+    window.add({"t": rows}, {})
+    features = window.tensors[0].profile.features
+    expected = []
+    for feature, values in zip(features, (cities * 10, colours * 10), strict=True):
+        assert isinstance(feature, CategoricalFeature)
+        expected.append(drift.categorical_psi(feature.categories, feature.other, values))
+    assert [s.score for s in window.scores("psi", 0.2)] == pytest.approx(expected)
+    assert expected[0] > 0.2 or cities == ["paris", "oslo", "paris"]
+
+
+def mixed_window(missing_share: float) -> DriftWindow:
+    """A window over two normal features, the second one missing (NaN) in ``missing_share`` of the sample."""
+    rng = np.random.default_rng(5)
+    sample = rng.standard_normal((2000, 2))
+    sample[: int(2000 * missing_share), 1] = np.nan
+    profile = build_profile(spec(tensor("x", "FP32", -1, 2)), {"x": sample.astype(np.float32)}, {}, source="t")
+    return DriftWindow(profile, 1000, batches=True)
+
+
+@pytest.mark.parametrize("method", ["psi", "ks", "wasserstein"])
+def test_a_feature_that_turns_entirely_non_finite_alerts(method: str) -> None:
+    window = mixed_window(0.0)
+    rows = np.random.default_rng(6).standard_normal((1000, 2)).astype(np.float32)
+    rows[:, 1] = np.nan
+    rows[::2, 1] = np.inf
+    window.add({"x": rows}, {})
+    assert [s.alert for s in window.scores(method, 0.2)] == [False, True]
+
+
+@pytest.mark.parametrize("method", ["psi", "ks", "wasserstein"])
+def test_a_feature_missing_as_often_as_in_the_reference_does_not_alert(method: str) -> None:
+    window = mixed_window(0.3)
+    rows = np.random.default_rng(6).standard_normal((1000, 2)).astype(np.float32)
+    rows[:300, 1] = np.nan
+    window.add({"x": rows}, {})
+    assert [s.alert for s in window.scores(method, 0.2)] == [False, False]

@@ -46,8 +46,16 @@ QUEUE_BYTES = 64 * 1024 * 1024
 
 
 def tensor_bytes(*groups: Mapping[str, Any]) -> int:
-    """The bytes a request's arrays hold (a text element counts as its reference); O(number of tensors)."""
-    return sum(getattr(array, "nbytes", 0) for tensors in groups for array in tensors.values())
+    """The bytes a request's arrays hold: O(number of tensors), plus O(elements) for text tensors, whose
+    elements count their references and their length (a queued request keeps its text alive)."""
+    return sum(_array_bytes(array) for tensors in groups for array in tensors.values())
+
+
+def _array_bytes(array: Any) -> int:
+    size = int(getattr(array, "nbytes", 0))
+    if isinstance(array, np.ndarray) and array.dtype == object:
+        size += sum(len(v) for v in array.flat if isinstance(v, bytes | bytearray | str))
+    return size
 
 
 class _Stop:

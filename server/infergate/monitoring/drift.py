@@ -21,7 +21,11 @@ works for all three on the scales chosen here:
 The ``*_rows`` and ``*_sorted`` forms score many features at once: one sort
 of the window (a row per feature) serves all three methods, which is how a
 window of hundreds of features is scored in milliseconds.
-Non-finite live values are left out of numeric scores.
+Non-finite values (NaN, ±Inf) are "missing": PSI gives them a bin of their
+own (the reference's share is what its sample lacked), and a KS or
+Wasserstein score is at least the PSI of the split between finite and
+missing values (:func:`missing_psi_rows`), so a feature that turns all NaN
+scores high instead of 0.
 """
 
 from __future__ import annotations
@@ -39,9 +43,12 @@ __all__ = [
     "bin_counts",
     "bin_counts_rows",
     "categorical_psi",
+    "categorical_psi_codes",
+    "category_codes",
     "ks",
     "ks_rows",
     "ks_sorted",
+    "missing_psi_rows",
     "psi",
     "psi_from_counts",
     "psi_rows",
@@ -89,23 +96,37 @@ def bin_counts(edges: Values, values: Values) -> npt.NDArray[np.int64]:
     return np.bincount(index, minlength=len(edges) + 1).astype(np.int64)
 
 
-def psi(edges: Values, reference_counts: Values, values: Values) -> float:
-    """PSI of live ``values`` against the reference's bins (inner ``edges``) and their counts."""
+def psi(edges: Values, reference_counts: Values, values: Values, reference_missing: float = 0.0) -> float:
+    """PSI of live ``values`` against the reference's bins (inner ``edges``) and their counts, with one
+    more bin for non-finite values (``reference_missing``: the reference's count of them)."""
     finite = _finite(values)
-    if finite.size == 0:
-        return 0.0
-    return psi_from_counts(np.asarray(reference_counts, dtype=np.float64), bin_counts(edges, finite))
+    live = [*bin_counts(edges, finite).tolist(), np.asarray(values).size - finite.size]
+    return psi_from_counts([*np.asarray(reference_counts, dtype=np.float64).tolist(), reference_missing], live)
+
+
+def missing_psi_rows(reference_share: Values, missing: Values, total: int) -> FloatArray:
+    """PSI of the split between finite and non-finite values alone, row by row: the reference's share of
+    non-finite values [k] against ``missing`` [k] of ``total`` live values (0 without live values)."""
+    share = np.asarray(reference_share, dtype=np.float64)
+    gone = np.asarray(missing, dtype=np.float64)
+    return psi_rows(np.stack([1.0 - share, share], axis=1), np.stack([total - gone, gone], axis=1))
 
 
 def categorical_psi(reference: Mapping[str, int], other: int, live: Sequence[str]) -> float:
     """PSI over categories: the reference's named ones plus "other" (rare or unseen categories)."""
-    names = list(reference)
-    position = {name: i for i, name in enumerate(names)}
+    return categorical_psi_codes(reference, other, category_codes(reference, live))
+
+
+def category_codes(reference: Mapping[str, int], live: Sequence[str]) -> npt.NDArray[np.int64]:
+    """Each of ``live`` as the position of its category in ``reference``; ``len(reference)`` for "other"."""
+    position = {name: i for i, name in enumerate(reference)}
+    return np.array([position.get(key, len(position)) for key in live], dtype=np.int64)
+
+
+def categorical_psi_codes(reference: Mapping[str, int], other: int, codes: npt.NDArray[np.int64]) -> float:
+    """:func:`categorical_psi` of values already turned into :func:`category_codes`."""
     ref = np.array([*reference.values(), other], dtype=np.float64)
-    cur = np.zeros(len(names) + 1, dtype=np.float64)
-    for key in live:
-        cur[position.get(key, len(names))] += 1
-    return psi_from_counts(ref, cur)
+    return psi_from_counts(ref, np.bincount(codes, minlength=len(reference) + 1))
 
 
 # --- sorted rows: one sort serves all three methods -------------------------------------------
@@ -195,11 +216,14 @@ def ks_rows(
     return np.where(counts > 0, gaps.max(axis=1), 0.0)
 
 
-def ks(quantiles: Values, values: Values) -> float:
-    """KS distance between the reference (its quantiles on QUANTILE_GRID) and live ``values``."""
+def ks(quantiles: Values, values: Values, missing_share: float = 0.0) -> float:
+    """KS distance between the reference (its quantiles on QUANTILE_GRID) and live ``values``, at least
+    :func:`missing_psi_rows` (``missing_share``: the reference's share of non-finite values)."""
     q = np.asarray(quantiles, dtype=np.float64)
     below, at_or_below = reference_steps(q)
-    return ks_sorted(q, below, at_or_below, np.sort(_finite(values)))
+    finite = _finite(values)
+    missing = missing_psi_rows([missing_share], [np.asarray(values).size - finite.size], np.asarray(values).size)
+    return max(ks_sorted(q, below, at_or_below, np.sort(finite)), float(missing[0]))
 
 
 # --- Wasserstein -----------------------------------------------------------------------------
@@ -212,12 +236,15 @@ def wasserstein_rows(reference: FloatArray, scales: FloatArray, live: FloatArray
     return np.where(np.isnan(distance), 0.0, distance)
 
 
-def wasserstein(quantiles: Values, std: float, values: Values) -> float:
-    """Wasserstein-1 distance between the reference's and the live quantile functions, in reference sigmas."""
+def wasserstein(quantiles: Values, std: float, values: Values, missing_share: float = 0.0) -> float:
+    """Wasserstein-1 distance between the reference's and the live quantile functions, in reference sigmas,
+    at least :func:`missing_psi_rows` (``missing_share``: the reference's share of non-finite values)."""
     ref = np.asarray(quantiles, dtype=np.float64)
     rows, counts = sorted_rows(np.asarray(values, dtype=np.float64).reshape(-1, 1))
     live = quantiles_sorted(rows, counts)
-    return float(wasserstein_rows(ref[np.newaxis, :], np.array([scale(std, ref)]), live)[0])
+    distance = float(wasserstein_rows(ref[np.newaxis, :], np.array([scale(std, ref)]), live)[0])
+    missing = missing_psi_rows([missing_share], [rows.shape[1] - int(counts[0])], rows.shape[1])
+    return max(distance, float(missing[0]))
 
 
 def scale(std: float, quantiles: Values) -> float:
