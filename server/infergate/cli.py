@@ -185,7 +185,7 @@ def _serve(args: argparse.Namespace) -> int:
         _say(warning, fmt, logging.WARNING)
     try:
         if config.workers > 1:
-            from infergate.server import check_startable  # only serve needs the server module
+            from infergate.startable import check_startable  # only serve reads keys and certificates
 
             check_startable(config)  # once here, not once per worker
             telemetry = config.telemetry

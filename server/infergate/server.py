@@ -52,13 +52,13 @@ from infergate.serving.request import RequestLimits
 from infergate.serving.servicer import InferenceServicer, Readiness
 from infergate.serving.shared_memory import SystemSharedMemory
 from infergate.serving.trace_settings import LocalTraceSettings
-from infergate.telemetry import Telemetry, check_exporters
+from infergate.telemetry import Telemetry
 from infergate.telemetry.logs import HEALTH, LISTENING, METRICS, LogControl, LogLevels, announcement
 from infergate.telemetry.triton import TritonRow
 from infergate.workers.control import WorkerControl, WorkerRole
 from infergate.workers.scope import WorkerScopeInterceptor
 
-__all__ = ["SERVICE_NAME", "InferGateServer", "check_startable"]
+__all__ = ["SERVICE_NAME", "InferGateServer"]
 
 log = logging.getLogger(__name__)
 
@@ -396,18 +396,6 @@ class InferGateServer:
         self.audit.server_stopped()
         await self.audit.aclose()
         log.info("stopped")
-
-
-def check_startable(config: ServerConfig) -> None:
-    """Raise ConfigError for what ``InferGateServer(config)`` would refuse: keys, certificates, exporters.
-
-    For ``--workers``: the supervisor checks once, so a bad file is reported once, not by every worker.
-    """
-    if config.auth.enabled:
-        build_key_store(config.auth).close()
-    if config.tls is not None:
-        server_credentials(config.tls)
-    check_exporters(config.telemetry)
 
 
 async def run_until_signalled(

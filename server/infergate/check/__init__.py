@@ -36,12 +36,10 @@ from infergate.models.runner import ModelLoadError
 from infergate.models.spec import ModelSpec
 from infergate.models.version import ModelVersion, load_model_version
 from infergate.repository.catalog import version_clashes, version_dirs
-from infergate.repository.loader import is_model_name
+from infergate.repository.loader import is_model_name, model_directories
 from infergate.routing.config import Routing
 from infergate.routing.router import RoutingError, answering_versions, check_routing
-from infergate.security.keys import build_key_store
-from infergate.security.tls import server_credentials
-from infergate.telemetry import check_exporters
+from infergate.startable import check_startable
 
 __all__ = ["Finding", "Report", "check_repository"]
 
@@ -129,11 +127,7 @@ def _check_server_config(root: Path, path: Path | None, report: Report) -> Serve
         report.errors("server-config", str(exc))
         return None
     try:  # what the server reads or opens when it is built: key files, certificates, exporters, the audit log
-        if config.auth.enabled:
-            build_key_store(config.auth).close()
-        if config.tls is not None:
-            server_credentials(config.tls)
-        check_exporters(config.telemetry)
+        check_startable(config)
         if config.audit_log is not None:
             _check_appendable(config.audit_log)
     except ConfigError as exc:
@@ -155,10 +149,9 @@ def _check_appendable(path: Path) -> None:
 
 
 def _model_names(root: Path, wanted: list[str] | None, config: ServerConfig | None, report: Report) -> list[str]:
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for name in [n for n in found if not is_model_name(n)]:
+    found, unnamed = model_directories(root)
+    for name in unnamed:
         report.add("models", "error", f"{root / name}: not a model name (a path separator in it): the server skips it")
-    found = [n for n in found if is_model_name(n)]
     missing = sorted(set(wanted or []) - set(found))
     if config is not None and config.model_control_mode == "explicit":
         missing_at_start = sorted(set(config.load_models) - set(found) - {"*"})

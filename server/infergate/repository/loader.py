@@ -62,7 +62,7 @@ from infergate.routing.config import Routing
 from infergate.routing.router import Router, RoutingError
 from infergate.routing.shadow import ShadowStats
 
-__all__ = ["ModelRepository", "is_model_name"]
+__all__ = ["ModelRepository", "is_model_name", "model_directories"]
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,10 @@ class ModelRepository:
         """
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
-        names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for name in [n for n in names if not is_model_name(n) and n not in self._skipped]:
+        names, unnamed = model_directories(self.root)
+        for name in [n for n in unnamed if n not in self._skipped]:
             log.warning("model repository: directory %r is not a model name (a path separator in it): skipped", name)
             self._skipped.add(name)
-        names = [n for n in names if is_model_name(n)]
         for name in names:
             if name not in self._entries:
                 self._entries[name] = self._new_entry(name)
@@ -576,6 +575,13 @@ def _forget_staging(entry: ModelEntry, staged: Path) -> None:
 
 def _failed_to_load(name: str) -> str:
     return f"failed to load '{name}'"  # Triton's words: its clients look for them
+
+
+def model_directories(root: Path) -> tuple[list[str], list[str]]:
+    """The model directories under ``root`` (hidden ones left out), sorted: those a request can name, and
+    those it cannot (``is_model_name``), which the server skips. ``infergate check`` lists them the same way."""
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [n for n in names if is_model_name(n)], [n for n in names if not is_model_name(n)]
 
 
 def is_model_name(text: str) -> bool:
