@@ -143,7 +143,11 @@ def test_each_worker_gives_its_flush_the_same_budget_and_the_supervisor_never_ki
         code = server.terminate(timeout=HANG_GUARD_S)
     log = server.log()
     assert code == 0, log
-    assert len(_dropped(log, collector)) == 2, log  # each worker's metrics at least (each has some to push)
+    # The worker that served the calls has spans, which never come back: its warning is certain. A worker
+    # with metrics alone has them given the same 5 s, which end late or just in time as the machine's load
+    # has it (a CI run saw one worker's metrics end in time).
+    dropped = _dropped(log, collector)
+    assert 1 <= len(dropped) <= 2 and any(d.startswith("spans") for d in dropped), log
     assert _stopped_events(audit) == ["server_stopped", "server_stopped"]
 
 
