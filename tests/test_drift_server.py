@@ -7,6 +7,10 @@ the admin service answers DriftStatus from the served versions.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
+import json
 import os
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +23,7 @@ import tritonclient.grpc as grpcclient
 from conftest import ServerProcess, eventually, launch_server
 from monitoring_support import reference_rows, write_monitored_repository
 from prometheus_client.parser import text_string_to_metric_families
+from triton_models import stand_in, write_stand_in
 
 from infergate._proto import infergate_admin_pb2 as apb
 from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
@@ -32,7 +37,8 @@ SALT = "s" * 32
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[tuple[ServerProcess, str, Path]]:
     """One server for the module, one monitored copy of the classifier per test (drift state is per version),
-    plus ``logged`` with a payload log too; yields the server, its metrics URL and the payload file."""
+    plus ``logged`` with a payload log too, and ``echo`` (OUTPUT0 = INPUT0, BYTES) logging to ``echo.jsonl``
+    beside the payload file; yields the server, its metrics URL and the payload file."""
     root = tmp_path_factory.mktemp("drift-server")
     repository = root / "models"
     for name in ("reference", "shifted", "mixed"):
@@ -40,6 +46,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[
     payloads = root / "payloads.jsonl"
     logged = f"{DRIFT}\npayload_log: {{path: {payloads}, sample_fraction: 1.0, hash: [x]}}"
     write_monitored_repository(repository, logged, name="logged")
+    echo_log = f"payload_log: {{path: {root / 'echo.jsonl'}, sample_fraction: 1.0, hash: [INPUT0, OUTPUT0]}}"
+    echo = dataclasses.replace(
+        stand_in("simple_identity"), name="echo", config_yaml=f"max_batch_size: 8\nmonitoring:\n  {echo_log}\n"
+    )
+    write_stand_in(repository, echo)
     server = launch_server(repository, log_dir, "--metrics-port", "0", env={"INFERGATE_PAYLOAD_SALT": SALT})
     try:
         assert server.metrics_url is not None
@@ -146,3 +157,25 @@ async def test_the_payload_log_records_requests_without_metadata(server: tuple[S
     assert "do-not-log-this-token" not in text and "alice" not in text
     assert '"id":"r0"' in text and '"route":"default"' in text
     assert os.stat(payloads).st_mode & 0o077 == 0
+
+
+async def test_an_output_named_in_hash_is_hashed_too_so_an_echoed_input_is_not_written(
+    server: tuple[ServerProcess, str, Path],
+) -> None:
+    """A model may answer with its input (here every element): hashing the input alone would still write it."""
+    process, _, payloads = server
+    echoed = payloads.with_name("echo.jsonl")
+    client = grpcclient.InferenceServerClient(process.url)
+    try:
+        text = grpcclient.InferInput("INPUT0", [1, 2], "BYTES")
+        text.set_data_from_numpy(np.array([[b"alice@example.com", b"555-0100"]], dtype=object))
+        answer = client.infer("echo", [text], request_id="e1")
+    finally:
+        client.close()
+    assert answer.as_numpy("OUTPUT0").tolist() == [[b"alice@example.com", b"555-0100"]]
+    await eventually(lambda: echoed.exists() and echoed.read_text().endswith("\n"), "the echo record written")
+    assert "alice" not in echoed.read_text() and "555-0100" not in echoed.read_text()
+    (record,) = [json.loads(line) for line in echoed.read_text().splitlines()]
+    hashed = [[hmac.new(SALT.encode(), v, hashlib.sha256).hexdigest() for v in (b"alice@example.com", b"555-0100")]]
+    assert record["inputs"] == {"INPUT0": hashed}
+    assert record["outputs"] == {"OUTPUT0": hashed}

@@ -28,7 +28,12 @@ from infergate.monitoring.accumulator import Sampler
 from infergate.monitoring.config import PayloadLogConfig
 from infergate.monitoring.payload_log import REDACTED, TOO_LARGE, PayloadLog, open_payload_log
 
-MODEL = spec(tensor("amount", "FP32", -1, 1), tensor("user", "BYTES", -1, 1), tensor("ssn", "BYTES", -1, 1))
+MODEL = spec(
+    tensor("amount", "FP32", -1, 1),
+    tensor("user", "BYTES", -1, 1),
+    tensor("ssn", "BYTES", -1, 1),
+    outputs=(tensor("score", "FP32", -1, 1),),
+)
 SALT = "a-long-random-test-salt"
 DATATYPE_OF = {np.float32: "FP32", np.float64: "FP64", np.int64: "INT64"}
 GUARD_S = 120.0  # a hang guard for a busy machine, not a duration under test
@@ -93,6 +98,31 @@ async def test_redacted_inputs_are_never_written_and_hashed_ones_are_salted_hmac
     assert inputs["amount"] == [[12.5]]
 
 
+async def test_outputs_named_in_redact_or_hash_are_redacted_or_hashed_like_inputs(tmp_path: Path) -> None:
+    """An output can echo an input (a text model answering with its input): naming it is the only way to keep
+    the value out of the file. A name that is both an input and an output applies to both."""
+    path = tmp_path / "p.jsonl"
+    model = spec(
+        tensor("text", "BYTES", -1, 1),
+        tensor("ssn", "BYTES", -1, 1),
+        outputs=(tensor("text", "BYTES", -1, 1), tensor("echo", "BYTES", -1, 1), tensor("score", "FP32", -1, 1)),
+    )
+    log = open_payload_log(config(path, redact=["echo"], hash=["text"]), model, Path("c.yaml"))
+    log.start()
+    inputs = {"text": np.array([[b"alice"]], dtype=object), "ssn": np.array([[b"123-45-6789"]], dtype=object)}
+    outputs = {
+        "text": np.array([[b"alice"]], dtype=object),
+        "echo": np.array([[b"123-45-6789"]], dtype=object),
+        "score": np.array([[0.5]], np.float32),
+    }
+    log.offer(inputs, outputs)
+    await log.aclose()  # writes what is queued
+    (record,) = records(path)
+    alice = hmac.new(SALT.encode(), b"alice", hashlib.sha256).hexdigest()
+    assert record["inputs"] == {"text": [[alice]], "ssn": [["123-45-6789"]]}
+    assert record["outputs"] == {"text": [[alice]], "echo": REDACTED, "score": [[0.5]]}
+
+
 @pytest.mark.parametrize(
     ("value", "text"),
     [(np.float32(0.1), "0.1"), (np.float32(42), "42.0"), (np.int64(42), "42"), (np.float64(1e-7), "1e-07")],
@@ -152,10 +182,10 @@ async def test_a_record_that_cannot_be_written_is_dropped_alone_and_logged(
 
 async def test_a_record_over_the_size_limit_keeps_its_fields_but_not_its_values(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
-    log = open_payload_log(config(path, redact=["ssn"], max_bytes_per_record=400), MODEL, Path("c.yaml"))
+    log = open_payload_log(config(path, redact=["ssn", "score"], max_bytes_per_record=400), MODEL, Path("c.yaml"))
     log.start()
     try:
-        log.offer(request(user="x" * 1000), {}, request_id="big")
+        log.offer(request(user="x" * 1000), {"score": np.array([[0.5]], np.float32)}, request_id="big")
         log.offer(request(), {}, request_id="small")
         await eventually(lambda: log.writer.written == 2, "both records written")
     finally:
@@ -163,6 +193,7 @@ async def test_a_record_over_the_size_limit_keeps_its_fields_but_not_its_values(
     big, small = records(path)
     assert big["truncated"] is True and big["id"] == "big"
     assert big["inputs"] == {"amount": TOO_LARGE, "user": TOO_LARGE, "ssn": REDACTED}
+    assert big["outputs"] == {"score": REDACTED}
     assert "truncated" not in small
     assert all(len(line.encode()) <= 400 for line in path.read_text().splitlines())
 
@@ -271,7 +302,12 @@ async def test_versions_naming_one_path_share_one_writer_until_the_last_leaves(t
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"redact": ["nope"]}, r"c\.yaml: monitoring\.payload_log\.redact: model m has no input\(s\) \['nope'\]"),
+        (
+            {"redact": ["nope"]},
+            r"c\.yaml: monitoring\.payload_log\.redact: model m has no input or output named \['nope'\] "
+            r"\(inputs: amount, user, ssn; outputs: score\)",
+        ),
+        ({"hash": ["user", "nope"]}, r"payload_log\.hash: model m has no input or output named \['nope'\]"),
         ({"hash": ["user"], "salt_env": "UNSET_SALT"}, r"payload_log\.hash: hashing needs a salt: set .* UNSET_SALT"),
         ({"path": "/nonexistent-dir/p.jsonl"}, r"payload_log\.path: cannot open /nonexistent-dir/p\.jsonl"),
     ],
@@ -283,6 +319,6 @@ def test_a_payload_log_that_cannot_work_is_refused_at_load(
         open_payload_log(PayloadLogConfig.model_validate({"path": str(tmp_path / "p")} | fields), MODEL, Path("c.yaml"))
 
 
-def test_an_input_cannot_be_both_redacted_and_hashed() -> None:
-    with pytest.raises(ValueError, match=r"inputs \['user'\] are listed in both redact and hash"):
+def test_a_tensor_cannot_be_both_redacted_and_hashed() -> None:
+    with pytest.raises(ValueError, match=r"tensors \['user'\] are listed in both redact and hash"):
         PayloadLogConfig(path="p", redact=["user"], hash=["user"])

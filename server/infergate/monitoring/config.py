@@ -1,9 +1,9 @@
 """The ``monitoring:`` block of a model's config.yaml: drift monitoring and payload logging.
 
 Both parts are off unless their block is present. Checked for coherence here,
-at load of the config; whether the names it lists are the model's inputs, and
-whether the reference profile exists and fits, is checked when a version loads
-(:func:`infergate.monitoring.monitor.load_monitor`).
+at load of the config; whether the names it lists are the model's inputs or
+outputs, and whether the reference profile exists and fits, is checked when a
+version loads (:func:`infergate.monitoring.monitor.load_monitor`).
 
 ```yaml
 monitoring:
@@ -70,9 +70,10 @@ class PayloadLogConfig(Strict):
     # model (and models naming the same path) share one writer.
     path: Annotated[str, Field(min_length=1)]
     sample_fraction: Fraction = 0.01
-    # Inputs whose values are never written: replaced by "<redacted>".
+    # Inputs and outputs (by name; a name both an input and an output names both) whose values are never
+    # written: replaced by "<redacted>". An output that echoes an input is written unless it is named too.
     redact: list[TensorName] = []
-    # Inputs written as a keyed SHA-256 (HMAC) of each element, salted from ``salt_env``.
+    # Inputs and outputs written as a keyed SHA-256 (HMAC) of each element, salted from ``salt_env``.
     hash: list[TensorName] = []
     # The environment variable holding the salt (never the salt itself: configs end up in git).
     salt_env: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = DEFAULT_SALT_ENV
@@ -88,7 +89,7 @@ class PayloadLogConfig(Strict):
     def _disjoint(self) -> PayloadLogConfig:
         both = sorted(set(self.redact) & set(self.hash))
         if both:
-            raise ValueError(f"inputs {both} are listed in both redact and hash; choose one")
+            raise ValueError(f"tensors {both} are listed in both redact and hash; choose one")
         return self
 
 

@@ -251,8 +251,8 @@ def load_monitor(directory: Path, config: ModelConfig, spec: ModelSpec) -> Model
 
     Raises ModelLoadError naming the file and field when ``monitoring.drift``
     is set but the reference profile is missing or does not fit the model, or
-    when ``monitoring.payload_log`` names inputs the model lacks, needs a salt
-    that is not set, or cannot open its file.
+    when ``monitoring.payload_log`` names a tensor that is neither an input nor
+    an output of the model, needs a salt that is not set, or cannot open its file.
     """
     monitoring = config.monitoring
     if monitoring.drift is None and monitoring.payload_log is None:

@@ -12,10 +12,12 @@ One record per line::
      "trace_id": "0af7...", "route": "split", "inputs": {"amount": [[12.5]], "user_id": [["9f86d0..."]],
      "ssn": "<redacted>"}, "outputs": {"score": [[0.03]]}}
 
-* inputs listed in ``redact`` are replaced by ``"<redacted>"``;
-* inputs listed in ``hash`` become, element by element, the hex HMAC-SHA256 of the
-  element's text keyed with the salt from ``salt_env`` (the same value always gives
-  the same hash, so records can be joined without the value itself);
+* inputs and outputs listed in ``redact`` are replaced by ``"<redacted>"``;
+* inputs and outputs listed in ``hash`` become, element by element, the hex HMAC-SHA256
+  of the element's text keyed with the salt from ``salt_env`` (the same value always
+  gives the same hash, so records can be joined without the value itself);
+* a name is a tensor's, input or output: one that is both applies to both (an output
+  that echoes an input is only kept out of the file when it is named too);
 * a record whose JSON would exceed ``max_bytes_per_record`` (or ``max_file_bytes``,
   when smaller) keeps its fields but
   its tensors become ``"<omitted: record too large>"`` and it gets ``"truncated": true``;
@@ -71,7 +73,8 @@ Tensors = Mapping[str, npt.NDArray[Any]]
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """What a model's records may contain: redacted and hashed inputs, the salt, the size limit."""
+    """What a model's records may contain: redacted and hashed tensors (inputs and outputs), the salt, the size
+    limit."""
 
     redact: frozenset[str]
     hash: frozenset[str]
@@ -108,18 +111,19 @@ def format_record(record: PayloadRecord) -> str:
     # Counting elements first spares serialising a tensor that could never fit (two bytes each at least).
     elements = sum(a.size for a in (*record.inputs.values(), *record.outputs.values()))
     if elements * 2 <= policy.max_bytes:
-        entry["inputs"] = {name: _input_value(name, array, policy) for name, array in record.inputs.items()}
-        entry["outputs"] = {name: _values(array) for name, array in record.outputs.items()}
+        entry["inputs"] = {name: _value(name, array, policy) for name, array in record.inputs.items()}
+        entry["outputs"] = {name: _value(name, array, policy) for name, array in record.outputs.items()}
         line = json.dumps(entry, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         if len(line.encode("utf-8")) <= policy.max_bytes:
             return line + "\n"
     entry["inputs"] = {name: REDACTED if name in policy.redact else TOO_LARGE for name in record.inputs}
-    entry["outputs"] = dict.fromkeys(record.outputs, TOO_LARGE)
+    entry["outputs"] = {name: REDACTED if name in policy.redact else TOO_LARGE for name in record.outputs}
     entry["truncated"] = True
     return json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def _input_value(name: str, array: npt.NDArray[Any], policy: Policy) -> Any:
+def _value(name: str, array: npt.NDArray[Any], policy: Policy) -> Any:
+    """A tensor as written: redacted, hashed or as it is, by its name (inputs and outputs alike)."""
     if name in policy.redact:
         return REDACTED
     if name in policy.hash:
@@ -374,10 +378,13 @@ def open_payload_log(config: PayloadLogConfig, spec: ModelSpec, config_path: Pat
     """The payload log of one version (blocking: opens the file). Raises ConfigError naming file and field."""
     where = f"{config_path}: monitoring.payload_log"
     for field in ("redact", "hash"):
-        unknown = [name for name in getattr(config, field) if name not in spec.input_by_name]
+        unknown = [n for n in getattr(config, field) if n not in spec.input_by_name and n not in spec.output_by_name]
         if unknown:
-            inputs = ", ".join(spec.input_by_name)
-            raise ConfigError(f"{where}.{field}: model {spec.name} has no input(s) {unknown} (inputs: {inputs})")
+            inputs, outputs = ", ".join(spec.input_by_name), ", ".join(spec.output_by_name)
+            raise ConfigError(
+                f"{where}.{field}: model {spec.name} has no input or output named {unknown} "
+                f"(inputs: {inputs}; outputs: {outputs})"
+            )
     salt = os.environ.get(config.salt_env, "")
     if config.hash and not salt:
         raise ConfigError(
