@@ -61,18 +61,26 @@ def reference_rows(rows: int, seed: int, shift: dict[int, float] | None = None) 
     return x.astype(np.float32)
 
 
-def write_monitored_repository(root: Path, monitoring: str, *, profile: bool = True, name: str = "classifier") -> Path:
+def write_monitored_repository(
+    root: Path,
+    monitoring: str,
+    *,
+    profile: bool = True,
+    name: str = "classifier",
+    sample: npt.NDArray[np.float32] | None = None,
+) -> Path:
     """``root/<name>/1`` with the classifier, a config.yaml holding ``monitoring`` (YAML under
-    ``monitoring:``), and, with ``profile``, a reference profile written by ``infergate profile``'s code."""
+    ``monitoring:``), and, with ``profile``, a reference profile written by ``infergate profile``'s code
+    from ``sample`` (default: :func:`reference_rows` of the reference distribution)."""
     config = "max_batch_size: 64\nsession_options: {intra_op_num_threads: 1}\n"
     if monitoring:
         config += "monitoring:\n" + "".join(f"  {line}\n" for line in monitoring.strip().splitlines())
     save_model(build_classifier(), root, name, 1, config)
     if profile:
-        sample = root / f"{name}-sample.npy"
-        np.save(sample, reference_rows(REFERENCE_ROWS, seed=1))
-        profile_version(root, name, 1, sample, progress=False)
-        sample.unlink()
+        path = root / f"{name}-sample.npy"
+        np.save(path, reference_rows(REFERENCE_ROWS, seed=1) if sample is None else sample)
+        profile_version(root, name, 1, path, progress=False)
+        path.unlink()
     return root
 
 

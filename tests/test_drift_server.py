@@ -43,6 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[
     repository = root / "models"
     for name in ("reference", "shifted", "mixed"):
         write_monitored_repository(repository, DRIFT, name=name)
+    write_monitored_repository(repository, DRIFT, name="constant", sample=constant_reference())
     payloads = root / "payloads.jsonl"
     logged = f"{DRIFT}\npayload_log: {{path: {payloads}, sample_fraction: 1.0, hash: [x]}}"
     write_monitored_repository(repository, logged, name="logged")
@@ -57,6 +58,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[
         yield server, server.metrics_url, payloads
     finally:
         assert server.terminate() == 0, server.log()
+
+
+def constant_reference() -> np.ndarray:
+    """The reference sample with feature 2 (which moves no output) always 0."""
+    rows = reference_rows(4000, seed=1)
+    rows[:, 2] = 0.0
+    return rows
 
 
 def send(url: str, model: str, rows: np.ndarray, headers: dict[str, str] | None = None) -> None:
@@ -133,6 +141,19 @@ async def test_a_feature_shifted_by_two_sigma_goes_above_within_one_window_and_o
     assert shifted and shifted[0] > THRESHOLD
     assert [value for _, value in read["infergate_drift_alert"]] == [1.0]
     process.logged("model shifted version 1 entered drift alert")
+
+
+async def test_a_feature_constant_in_the_reference_goes_above_once_it_moves_up(
+    server: tuple[ServerProcess, str, Path],
+) -> None:
+    """The profile's top quantile bin is open-ended: values above the reference's one value must land in a
+    bin past its maximum, not in the bin that holds the whole reference (where PSI would stay 0)."""
+    process, _, _ = server
+    rows = reference_rows(WINDOW, seed=6)
+    rows[:, 2] = 0.5
+    send(process.url, "constant", rows)
+    model = await scored(process.url, "constant", WINDOW)
+    assert above(model) == ["input x[2]"] and model.alert
 
 
 async def test_a_changed_class_mix_is_detected_as_output_drift(server: tuple[ServerProcess, str, Path]) -> None:

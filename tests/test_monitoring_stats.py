@@ -17,8 +17,8 @@ from infergate.monitoring.window import DriftWindow
 
 REFERENCE = np.random.default_rng(7).standard_normal(20_000)
 QUANTILES = np.quantile(REFERENCE, drift.QUANTILE_GRID)
-EDGES = np.unique(np.quantile(REFERENCE, np.linspace(0, 1, 11)[1:-1]))
-COUNTS = drift.bin_counts(EDGES, REFERENCE)
+INNER = np.unique(np.quantile(REFERENCE, np.linspace(0, 1, 11)[1:-1]))
+EDGES, COUNTS = drift.outer_bins(INNER, drift.bin_counts(INNER, REFERENCE), REFERENCE.min(), REFERENCE.max())
 
 
 def live(shift: float, rows: int = 2000, seed: int = 11) -> np.ndarray:
@@ -70,6 +70,83 @@ def test_psi_refuses_histograms_over_different_bins() -> None:
 
 def test_a_value_on_a_bin_edge_falls_in_the_bin_above() -> None:
     assert drift.bin_counts([0.0, 1.0], np.array([-1.0, 0.0, 0.5, 1.0, 2.0])).tolist() == [1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([-1.5], [1, 0, 0, 0, 0]),  # below the reference's minimum
+        ([-1.0, -0.5], [0, 2, 0, 0, 0]),  # the minimum itself is in the reference's lowest bin
+        ([1.0, 2.0], [0, 0, 0, 2, 0]),  # and the maximum in its highest
+        ([np.nextafter(2.0, 3.0), 1e9], [0, 0, 0, 0, 2]),  # above the maximum
+    ],
+)
+def test_psi_adds_a_bin_of_one_count_below_the_reference_minimum_and_one_above_its_maximum(
+    values: list[float], expected: list[int]
+) -> None:
+    edges, counts = drift.outer_bins([0.0, 1.0], [1, 2, 2], -1.0, 2.0)
+    assert counts.tolist() == [1, 1, 2, 2, 1]
+    assert drift.bin_counts(edges, np.array(values)).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("edges", "low", "high", "expected"),
+    [
+        ([], 1.0, 1.0, [1.0, np.nextafter(1.0, 2.0)]),  # one bin (--bins 1) of a constant feature
+        ([0.0, 1.0], 0.5, 0.5, [0.0, 0.0, 1.0, np.nextafter(1.0, 2.0)]),  # min and max inside the edges
+        ([], 2.0, 1.0, [2.0, np.nextafter(2.0, 3.0)]),  # min above max
+    ],
+)
+def test_outer_bin_edges_never_decrease_whatever_minimum_and_maximum_a_profile_holds(
+    edges: list[float], low: float, high: float, expected: list[float]
+) -> None:
+    assert drift.outer_bins(edges, [1] * (len(edges) + 1), low, high)[0].tolist() == expected
+
+
+def constant_window(live: np.ndarray) -> DriftWindow:
+    """A window holding ``live`` of a feature that was always 1.0 in the reference."""
+    model = spec(tensor("x", "FP32", -1, 1))
+    profile = build_profile(model, {"x": np.ones((1000, 1), np.float32)}, {}, source="t")
+    window = DriftWindow(profile, len(live), batches=True)
+    window.add({"x": live.astype(np.float32).reshape(-1, 1)}, {})
+    return window
+
+
+@pytest.mark.parametrize("method", ["psi", "ks", "wasserstein"])
+@pytest.mark.parametrize("moved", [1.5, 0.5])
+def test_a_feature_constant_in_the_reference_alerts_when_it_moves_either_way(method: str, moved: float) -> None:
+    assert [s.alert for s in constant_window(np.full(500, 1.0)).scores(method, 0.2)] == [False]
+    assert [s.alert for s in constant_window(np.full(500, moved)).scores(method, 0.2)] == [True]
+
+
+def test_a_tenth_of_a_constant_feature_moving_up_alerts_on_psi() -> None:
+    (moved,) = constant_window(np.r_[np.full(450, 1.0), np.full(50, 2.0)]).scores("psi", 0.2)
+    outer = 1 / 1002  # the reference: 1,000 rows of 1.0 and one count in each outer bin
+    below = (drift.PSI_FLOOR - outer) * math.log(drift.PSI_FLOOR / outer)
+    beyond = (0.1 - outer) * math.log(0.1 / outer)
+    middle = (0.9 - 1000 / 1002) * math.log(0.9 / (1000 / 1002))
+    assert moved.score == pytest.approx(below + middle + beyond) and moved.alert
+
+
+def test_a_small_reference_sample_does_not_make_its_own_distribution_drift() -> None:
+    """About one live value in rows + 1 falls past each end of a sample's range by chance: the outer bins'
+    one count each keep a 150-row profile's own distribution under the alert threshold."""
+    model = spec(tensor("x", "FP32", -1, 1))
+    scores = []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        profile = build_profile(model, {"x": rng.standard_normal((150, 1)).astype(np.float32)}, {}, source="t")
+        window = DriftWindow(profile, 2000, batches=True)
+        window.add({"x": rng.standard_normal((2000, 1)).astype(np.float32)}, {})
+        scores += window.scores("psi", 0.2)
+    assert not [s.score for s in scores if s.alert]
+
+
+@pytest.mark.parametrize("far", [10.0, -10.0])
+def test_a_tenth_of_the_window_beyond_the_reference_range_alerts_on_psi(far: float) -> None:
+    values = live(0.0)
+    values[::10] = far
+    assert score("psi", values) > 0.5
 
 
 def test_wasserstein_is_measured_in_reference_sigmas() -> None:
@@ -206,7 +283,7 @@ def test_the_window_scores_many_features_as_each_would_score_alone() -> None:
 def alone(method: str, feature: NumericFeature, values: np.ndarray) -> float:
     column = values.astype(np.float64)
     if method == "psi":
-        return drift.psi(feature.edges, feature.counts, column)
+        return drift.psi(*drift.outer_bins(feature.edges, feature.counts, feature.min, feature.max), column)
     if method == "ks":
         return drift.ks(feature.quantiles, column)
     return drift.wasserstein(feature.quantiles, feature.std, column)

@@ -10,7 +10,12 @@ works for all three on the scales chosen here:
   over the reference's quantile bins, each share floored at :data:`PSI_FLOOR`
   so an empty bin costs a bounded amount. Rules of thumb: < 0.1 stable,
   0.1-0.25 moving, > 0.25 shifted. A one-sigma shift of a normal feature
-  scores about 1.
+  scores about 1. The outer quantile bins are open-ended, so
+  :func:`outer_bins` adds a bin below the reference's minimum and one above
+  its maximum, each holding one count (the chance that a new value falls past
+  n samples' range is 1/(n + 1)): values past the reference's range count as
+  new, not as more of its extreme bins (without them a feature constant in the reference
+  could never score when it moved up).
 * **KS**: the largest gap between the reference CDF and the live empirical
   CDF, looked at on both sides of each of the reference's 101 quantiles
   (so within about 0.01 of the exact statistic), in [0, 1].
@@ -49,6 +54,7 @@ __all__ = [
     "ks_rows",
     "ks_sorted",
     "missing_psi_rows",
+    "outer_bins",
     "psi",
     "psi_from_counts",
     "psi_rows",
@@ -87,6 +93,25 @@ def psi_rows(reference: Values, live: Values) -> FloatArray:
 def psi_from_counts(reference: Values, live: Values) -> float:
     """PSI of two histograms over the same bins (counts or shares; zero totals score 0)."""
     return float(psi_rows(reference, live)[0])
+
+
+def outer_bins(edges: Values, counts: Values, low: float, high: float) -> tuple[FloatArray, FloatArray]:
+    """The reference's bins (inner ``edges``, ``counts``) with a bin at each end for live values below its
+    minimum ``low`` or above its maximum ``high``: edges ``[low, *edges, the float after high]``, counts
+    ``[1, *counts, 1]``. A new value falls past the largest of n samples with probability 1/(n + 1), so
+    each outer bin holds one count: about that share, where an empty bin (the floor, 1e-4) would make a
+    small sample's chance outliers look like drift. ``low`` itself stays in the lowest reference bin and
+    ``high`` in the highest (a value on an edge goes to the bin above it). Outer edges that would fall
+    inside the inner ones (a profile whose minimum or maximum contradicts its edges) are moved out to
+    them, so edges never decrease.
+    """
+    inner = np.asarray(edges, dtype=np.float64)
+    bottom = float(np.min(inner, initial=low))
+    top = float(np.max(inner, initial=max(high, bottom)))
+    return (
+        np.concatenate([[bottom], inner, [np.nextafter(top, np.inf)]]),
+        np.concatenate([[1.0], np.asarray(counts, dtype=np.float64), [1.0]]),
+    )
 
 
 def bin_counts(edges: Values, values: Values) -> npt.NDArray[np.int64]:

@@ -8,7 +8,8 @@ Per tensor: the reduction that turns a row into features (features.py), and
 per feature either
 
 * numeric: count, mean, std, min, max, the inner edges of ``bins`` quantile
-  bins with the sample's count in each (PSI), and 101 quantiles (KS, Wasserstein); or
+  bins with the sample's count in each (PSI, which adds an empty bin below min
+  and one above max: drift.outer_bins), and 101 quantiles (KS, Wasserstein); or
 * categorical: the count of each category (at most :data:`MAX_CATEGORIES`;
   BYTES values seen fewer than :data:`MIN_TEXT_CATEGORY_COUNT` times are
   only counted in ``other``, so a profile does not keep rare free text such as names).

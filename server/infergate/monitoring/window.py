@@ -29,6 +29,7 @@ from infergate.monitoring.drift import (
     category_codes,
     ks_rows,
     missing_psi_rows,
+    outer_bins,
     psi_rows,
     quantiles_sorted,
     reference_steps,
@@ -61,15 +62,16 @@ class _NumericReference:
 
     def __init__(self, features: list[tuple[int, NumericFeature]], rows: int):
         self.columns = [j for j, _ in features]
-        width = max(len(f.counts) for _, f in features)
+        bins = [outer_bins(f.edges, f.counts, f.min, f.max) for _, f in features]
+        width = max(len(counts) for _, counts in bins)
         # Padded with empty bins, which cost nothing; the last column counts the sample's non-finite values.
         self.counts = np.zeros((len(features), width + 1))
         self.counts[:, -1] = [max(rows - f.count, 0) for _, f in features]
         self.missing_share = self.counts[:, -1] / rows
         self.edges = np.full((len(features), width - 1), np.inf)  # padded with +inf: nothing lands above
-        for row, (_, f) in enumerate(features):
-            self.counts[row, : len(f.counts)] = f.counts
-            self.edges[row, : len(f.edges)] = f.edges
+        for row, (edges, counts) in enumerate(bins):
+            self.counts[row, : len(counts)] = counts
+            self.edges[row, : len(edges)] = edges
         self.quantiles = np.array([f.quantiles for _, f in features], dtype=np.float64)  # [k, 101]
         below, at_or_below = reference_steps(self.quantiles.T)
         self.below, self.at_or_below = below.T, at_or_below.T
