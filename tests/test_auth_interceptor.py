@@ -141,6 +141,37 @@ async def test_a_stream_whose_key_is_withdrawn_ends_at_its_next_request_and_coun
         await store.aclose()
 
 
+async def test_a_key_withdrawn_and_published_again_is_a_new_key_to_a_stream_it_verified_before() -> None:
+    """Its stream sent nothing while the key was out of the set; it is refused all the same."""
+    key = ed25519_key()
+    published = {"keys": [jwk(key, "k1")]}
+    jwks = JwksConfig(url="https://keys.invalid/jwks.json", min_refresh_seconds=0)
+    store = KeyStore(None, [], JwksUrlSource(jwks, fetch=lambda: FetchedKeySet(json.dumps(published).encode())))
+    verifier = TokenVerifier(AuthConfig(enabled=True, algorithms=["EdDSA"], jwks=jwks), store)
+    server, port = await serve([], AuthInterceptor(verifier, []))
+    unnamed = list(bearer(token(key, "EdDSA", claims("admin"))).items())  # names no kid: any key with it will do
+    try:
+        assert await store.refresh()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(WHO_STREAM)(metadata=unnamed)
+            await call.write(b"")
+            assert await call.read() == b"alice"
+
+            published["keys"] = [jwk(ed25519_key(), "k2")]
+            assert await store.refresh()
+            published["keys"] = [jwk(key, "k1"), jwk(key, "k1-renamed")]
+            assert await store.refresh()
+            await call.write(b"")
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "withdrawn from the key set" in (ended.value.details() or "")
+            assert await channel.unary_unary(WHO)(b"", metadata=unnamed) == b"alice"  # a new call verifies afresh
+    finally:
+        await server.stop(None)
+        await store.aclose()
+
+
 async def test_unlisted_methods_are_admin_actions(channel: grpc.aio.Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await channel.unary_unary(WHO)(b"", metadata=metadata("infer:* metadata"))

@@ -360,8 +360,8 @@ def _jwks_server_config(key_set_server: KeySetServer, tmp_path: Path) -> Path:
     return config
 
 
-def _metadata(key: Any, kid: str) -> tuple[tuple[str, str], ...]:
-    """A token for ``kid`` that is valid for a day: only the key set can end its rights."""
+def _metadata(key: Any, kid: str | None) -> tuple[tuple[str, str], ...]:
+    """A token for ``kid`` (None: it names no kid) that is valid for a day: only the key set can end its rights."""
     return tuple(bearer(token(key, "EdDSA", claims("infer:*", exp=int(time.time()) + 86400), kid=kid)).items())
 
 
@@ -432,5 +432,51 @@ async def test_a_stream_whose_key_stays_in_the_key_set_keeps_working_after_a_fet
             await stream.done_writing()
             assert await stream.read() == grpc.aio.EOF
             assert await stream.code() == grpc.StatusCode.OK
+    finally:
+        assert server.terminate() == 0, server.log()
+
+
+async def _answered(stream: Any) -> bool:
+    """Does the stream answer one more request? (False: it ended UNAUTHENTICATED, ``key_withdrawn``.)"""
+    await stream.write(_infer_request())
+    try:
+        return bool((await stream.read()).error_message == "")
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+        assert "withdrawn from the key set" in (exc.details() or ""), exc
+        return False
+
+
+async def test_a_stream_whose_token_names_no_kid_lives_while_any_published_key_verifies_it(
+    key_set_server: KeySetServer, demo_repository: Path, tmp_path: Path
+) -> None:
+    """The issuer renames a key: for a while the set publishes it under both kids. A token that names no
+    kid may be verified by either entry, so its stream lives while one of them is published; a token that
+    names a kid keeps to that kid, as a new call with it would."""
+    key = ed25519_key()
+    key_set_server.document = {"keys": [jwk(key, "2026-a"), jwk(key, "2026-b")]}
+    server = launch_server(demo_repository, tmp_path, "--config", str(_jwks_server_config(key_set_server, tmp_path)))
+    unnamed, named_a, named_b = _metadata(key, None), _metadata(key, "2026-a"), _metadata(key, "2026-b")
+    try:
+        async with grpc.aio.insecure_channel(server.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            streams = {
+                metadata: stub.ModelStreamInfer(metadata=metadata, timeout=60)
+                for metadata in (unnamed, named_a, named_b)
+            }
+            for stream in streams.values():
+                assert await _answered(stream)
+
+            key_set_server.document = {"keys": [jwk(key, "2026-b")]}  # "2026-a" out, the key stays as "2026-b"
+            await eventually(lambda: _refused(stub, named_a), "a new call naming the withdrawn kid refused")
+            assert await _accepted(stub, unnamed)
+            assert await _answered(streams[unnamed])
+            assert await _answered(streams[named_b])
+            assert not await _answered(streams[named_a])  # its kid is gone, though its key is still published
+
+            key_set_server.document = {"keys": [jwk(ed25519_key(), "2027")]}  # the key itself withdrawn
+            await eventually(lambda: _refused(stub, unnamed), "a new call with the kid-less token refused")
+            assert not await _answered(streams[unnamed])
+            assert not await _answered(streams[named_b])
     finally:
         assert server.terminate() == 0, server.log()

@@ -42,7 +42,7 @@ from jwt.exceptions import InvalidJTIError, InvalidSubjectError  # not exported 
 
 from infergate.errors import InferGateError, Status
 from infergate.security.config import HMAC_ALGORITHMS, AuthConfig
-from infergate.security.keys import KeyStore, VerificationKey
+from infergate.security.keys import KeyHold, KeyStore, VerificationKey
 
 __all__ = [
     "AlgorithmNotAllowed",
@@ -150,10 +150,11 @@ class Principal:
     # When the token stops being valid (its exp plus the leeway; wall clock, as exp is): a stream
     # opened with it is refused its next request from then on (interceptor.py).
     valid_until: float = field(default=math.inf, compare=False)
-    # The key from the JWKS URL that verified the token (None: the secret or a configured key, which
-    # are never withdrawn): a stream opened with it is refused its next request once the key store's
-    # `fetched` no longer holds it (interceptor.py).
-    key: VerificationKey | None = field(default=None, compare=False, repr=False)
+    # What keeps the token valid when a key from the JWKS URL verified it (None: the secret or a
+    # configured key, which are never withdrawn): a stream opened with it is refused its next request
+    # once the key store's `holds` no longer has it, that is once no published key verifies the token
+    # as it was verified (for a token that names a kid, a key with that kid) (interceptor.py).
+    key: KeyHold | None = field(default=None, compare=False, repr=False)
 
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("infergate_principal", default=None)
@@ -341,12 +342,14 @@ class TokenVerifier:
             raise AlgorithmNotAllowed(f"algorithm {str(alg)[:16]!r} is not allowed")
         if kid is not None and not isinstance(kid, str):
             raise MalformedToken("kid must be a string")
+        # No await between finding the keys and asking for the hold: both see the same fetch.
         claims, key = self._decode(token, alg, await self._keys_for(alg, kid))
+        hold = None if key is None else self._keys.hold(key, alg, kid_named=kid is not None)
         expires = _expiry(claims)
-        return self._principal(claims, expires + self._config.leeway_seconds, key), expires
+        return self._principal(claims, expires + self._config.leeway_seconds, hold), expires
 
     async def _keys_for(self, alg: str, kid: str | None) -> list[tuple[Any, VerificationKey | None]]:
-        """The keys to try, each with the key from the JWKS URL it is (None: one that is never withdrawn)."""
+        """The keys to try, each with the public key it is (None: the secret)."""
         if alg in HMAC_ALGORITHMS:
             assert self._keys.secret is not None  # config validation ties HS* to a secret
             return [(self._keys.secret, None)]
@@ -355,8 +358,7 @@ class TokenVerifier:
             keys = self._keys.candidates(alg, kid)
         if not keys:
             raise UnknownKey(f"no key with kid {kid[:64]!r} for {alg}" if kid else f"no key for {alg}")
-        fetched = self._keys.fetched
-        return [(k.key, k if k in fetched else None) for k in keys]
+        return [(k.key, k) for k in keys]
 
     def _decode(
         self, token: str, alg: str, keys: list[tuple[Any, VerificationKey | None]]
@@ -388,7 +390,7 @@ class TokenVerifier:
         assert error is not None
         raise error
 
-    def _principal(self, claims: dict[str, Any], valid_until: float, key: VerificationKey | None) -> Principal:
+    def _principal(self, claims: dict[str, Any], valid_until: float, key: KeyHold | None) -> Principal:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise MissingClaim("token has no 'sub' claim")

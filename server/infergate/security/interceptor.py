@@ -242,7 +242,7 @@ class _Authorized:
     def __init__(self, method: str, rule: Rule, on_refusal: OnRefusal | None, keys: KeyStore) -> None:
         self.method, self.rule = method, rule
         self.on_refusal = on_refusal
-        self.keys = keys  # a stream's token's key must stay in its `fetched` (see _checked)
+        self.keys = keys  # a stream's token's key hold must stay in its `holds` (see _checked)
         self._action = _short(method)
 
     def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -300,16 +300,18 @@ class _Authorized:
     async def _checked(
         self, principal: Principal, requests: AsyncIterator[Any], denied: list[AuthError]
     ) -> AsyncIterator[Any]:
-        """Pass requests on until one is not allowed, the stream's token expired, or the key that verified
-        it was withdrawn from the JWKS; then end the stream and remember why (the token was verified when
-        the stream opened: a stream lives longer). The key is looked up in the store's current set, an
-        identity look-up; a key that is never withdrawn (None) costs one comparison."""
+        """Pass requests on until one is not allowed, the stream's token expired, or the JWKS no longer
+        publishes a key that verifies it as it was verified (any key with its public key for a token
+        without a kid; one with its kid too for a token that names one); then end the stream and remember
+        why (the token was verified when the stream opened: a stream lives longer). The token's key hold
+        is looked up in the store's current set, an identity look-up; a key that is never withdrawn
+        (None) costs one comparison."""
         keys, key = self.keys, principal.key
         async for request in requests:
             try:
                 if time.time() >= principal.valid_until:
                     raise Expired("token expired while its stream was open; open a new stream with a new token")
-                if key is not None and key not in keys.fetched:
+                if key is not None and key not in keys.holds:
                     raise KeyWithdrawn(
                         "the key that signed this stream's token was withdrawn from the key set;"
                         " open a new stream with a new token"

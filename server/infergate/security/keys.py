@@ -13,10 +13,10 @@ task the composition root starts (:meth:`KeyStore.start`) and stops
 (:meth:`KeyStore.aclose`), so a key withdrawn from the set stops verifying; and
 when a token names an unknown ``kid``, at most once per ``min_refresh_seconds``.
 :attr:`KeyStore.generation` moves when a fetch withdraws a key, which is how the
-verifier's token cache learns to forget; :attr:`KeyStore.fetched` holds the very
-key objects the URL gave, kept across fetches while a key stays in the set, which
-is how a stream learns that the key its token was verified with is gone. Nothing
-here ever puts key material in a message.
+verifier's token cache learns to forget; :attr:`KeyStore.holds` holds one
+:class:`KeyHold` per way the URL's keys verify tokens, kept across fetches while
+the set still verifies that way, which is how a stream learns that no published
+key verifies its token any more. Nothing here ever puts key material in a message.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from infergate import threadnames
 from infergate.config import ConfigError
-from infergate.security.config import HMAC_ALGORITHMS, AuthConfig, JwksConfig
+from infergate.security.config import ALGORITHMS, HMAC_ALGORITHMS, AuthConfig, JwksConfig
 from infergate.security.freshness import freshness_seconds
 
 __all__ = [
     "MIN_SECRET_BYTES",
     "FetchedKeySet",
     "JwksUrlSource",
+    "KeyHold",
     "KeyStore",
     "VerificationKey",
     "build_key_store",
@@ -64,7 +65,7 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519Public
 _CURVES = {"ES256": "secp256r1", "ES384": "secp384r1"}
 
 
-@dataclass(frozen=True, eq=False)  # a key is itself: hashed by identity (KeyStore.fetched)
+@dataclass(frozen=True, eq=False)  # a key is itself: hashed by identity
 class VerificationKey:
     key: PublicKey
     kid: str | None = None
@@ -212,16 +213,53 @@ def _fingerprints(keys: list[VerificationKey]) -> dict[Fingerprint, Verification
     return fingerprints
 
 
+@dataclass(frozen=True, eq=False)  # hashed by identity: KeyStore.holds keeps one while it stays true
+class KeyHold:
+    """Why a token verified by a key from the JWKS URL stays valid: the set holds a key with the same
+    public key that fits ``alg`` and, for a token that names a kid, has the kid of the key that verified
+    it. A token that names none (``kid_named`` False) may be verified by any such key, whatever its kid.
+    """
+
+    alg: str
+    kid_named: bool
+    kid: str | None = None
+
+
+# A KeyHold by value: the token's alg, the public key (DER), and the key's kid, or no third item for a
+# token that names no kid. Only the key store compares these, once per fetch.
+_HoldValue = tuple[str, bytes] | tuple[str, bytes, str | None]
+
+_PUBLIC_KEY_ALGORITHMS = tuple(a for a in ALGORITHMS if a not in HMAC_ALGORITHMS)
+
+
+def _hold_values(fingerprints: dict[Fingerprint, VerificationKey]) -> set[_HoldValue]:
+    """Every way the keys verify a token: per algorithm a key fits, with its kid and with any kid."""
+    values: set[_HoldValue] = set()
+    for (kid, _, der), key in fingerprints.items():
+        for alg in _PUBLIC_KEY_ALGORITHMS:
+            if key_fits(alg, key):
+                values.update(((alg, der), (alg, der, kid)))
+    return values
+
+
+def _hold(value: _HoldValue) -> KeyHold:
+    if len(value) == 2:
+        return KeyHold(value[0], kid_named=False)
+    return KeyHold(value[0], kid_named=True, kid=value[2])
+
+
 class KeyStore:
     """The keys a verifier may use, found by algorithm family and ``kid``.
 
     With a JWKS URL, :meth:`start` fetches it and starts the task that refetches it on
     schedule; :meth:`aclose` stops that task. ``generation`` grows by one whenever a
     fetch withdraws a key (one that was there is gone or changed): anything verified
-    with an older generation must be verified again. ``fetched`` is the set of keys
-    the URL gave, as objects: a key that stays in the set keeps its object from one
-    fetch to the next, so a key verified from the URL (``Principal.key``) and not in
-    ``fetched`` any more was withdrawn, which costs a stream one set look-up to ask.
+    with an older generation must be verified again. ``holds`` is the set of
+    :class:`KeyHold` objects the URL's keys make true: one that stays true keeps its
+    object from one fetch to the next, so a token verified from the URL whose hold
+    (:meth:`hold`, ``Principal.key``) is not in ``holds`` any more has no published key
+    left to verify it, which costs a stream one identity look-up to ask. A hold that
+    comes true again later is a new object: a stream that lost its key stays refused.
     ``sleep`` waits between scheduled fetches (tests pass one that a manual clock
     controls).
     """
@@ -236,7 +274,9 @@ class KeyStore:
         self.secret = secret
         self._static = list(keys or [])
         self._fetched: dict[Fingerprint, VerificationKey] = {}
-        self.fetched: frozenset[VerificationKey] = frozenset()
+        self._fingerprint_of: dict[VerificationKey, Fingerprint] = {}
+        self._holds: dict[_HoldValue, KeyHold] = {}
+        self.holds: frozenset[KeyHold] = frozenset()
         self._jwks_url = jwks_url
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
@@ -252,6 +292,15 @@ class KeyStore:
         if kid is None:
             return keys
         return [k for k in keys if k.kid == kid] + [k for k in keys if k.kid is None]
+
+    def hold(self, key: VerificationKey, alg: str, kid_named: bool) -> KeyHold | None:
+        """What keeps valid a token signed with ``alg`` that ``key`` verified, ``kid_named`` when it names
+        a kid; None for a key that is never withdrawn (the configured ones). ``key`` is a candidate just given."""
+        fingerprint = self._fingerprint_of.get(key)
+        if fingerprint is None:
+            return None
+        kid, _, der = fingerprint
+        return self._holds[(alg, der, kid) if kid_named else (alg, der)]
 
     async def start(self) -> None:
         """With a JWKS URL: fetch it once (a failure is logged, the schedule retries) and start refreshing it."""
@@ -290,11 +339,14 @@ class KeyStore:
     def _take(self, keys: list[VerificationKey] | None) -> bool:
         if keys is None:
             return False
-        held, taken = self._fetched, _fingerprints(keys)
-        withdrawn = held.keys() - taken.keys()
-        # A key still in the set keeps the object it had: a stream verified with it holds that one.
-        self._fetched = {fingerprint: held.get(fingerprint, key) for fingerprint, key in taken.items()}
-        self.fetched = frozenset(self._fetched.values())
+        taken = _fingerprints(keys)
+        withdrawn = self._fetched.keys() - taken.keys()
+        self._fetched = taken
+        self._fingerprint_of = {key: fingerprint for fingerprint, key in taken.items()}
+        # A hold still true keeps the object it had: a stream verified while it was true holds that one.
+        holds = self._holds
+        self._holds = {value: holds.get(value) or _hold(value) for value in _hold_values(taken)}
+        self.holds = frozenset(self._holds.values())
         if withdrawn:
             self.generation += 1
             log.info("jwks.url: %d key(s) withdrawn from the key set", len(withdrawn))
