@@ -121,19 +121,25 @@ class ServerProcess:
 
 
 def _wait_serving(url: str, process: subprocess.Popen[str], log_path: Path) -> None:
+    """Watch health until SERVING. A watch the server ends with UNAVAILABLE while it still runs (a
+    ``connections.max_age_seconds`` shorter than its start-up sends GOAWAY) is opened again."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
     with grpc.insecure_channel(url) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=STARTUP_TIMEOUT)
-        try:
-            for update in watch:
-                if update.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError as exc:
-            raise RuntimeError(
-                f"server never became SERVING ({exc.code()}); exit={process.poll()}\n{log_path.read_text()}"
-            ) from None
-        finally:
-            watch.cancel()
+        while True:
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=deadline - time.monotonic())
+            try:
+                for update in watch:
+                    if update.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as exc:
+                ended = exc.code() == grpc.StatusCode.UNAVAILABLE and process.poll() is None
+                if not ended or time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"server never became SERVING ({exc.code()}); exit={process.poll()}\n{log_path.read_text()}"
+                    ) from None
+            finally:
+                watch.cancel()
 
 
 def launch_server(
