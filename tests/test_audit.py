@@ -171,6 +171,18 @@ async def test_lines_are_appended_to_an_existing_file(tmp_path: Path) -> None:
     assert os.stat(path).st_mode & 0o777 == 0o640
 
 
+async def test_a_line_left_unfinished_in_the_file_is_cut_before_the_next_one(tmp_path: Path) -> None:
+    """A write cut short that could not be taken back (in another worker, say) leaves a line without its
+    end: the next writer removes it rather than gluing its own line to it."""
+    path = tmp_path / "audit.jsonl"
+    path.write_text('{"event": "load"}\n{"time": "2026-11-30T12:00:00.000+00:00", "eve')
+    audit = AuditLog(path)
+    audit.start()
+    audit.unloaded("fraud", source="api")
+    await audit.aclose()
+    assert [line["event"] for line in _lines(path)] == ["load", "unload"]
+
+
 async def test_without_a_file_events_go_to_the_audit_logger(caplog: pytest.LogCaptureFixture) -> None:
     audit = AuditLog()
     audit.start()

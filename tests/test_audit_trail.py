@@ -11,6 +11,7 @@ method but the admin writes alone.
 from __future__ import annotations
 
 import json
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,38 @@ def test_explicit_load_and_unload_without_auth_are_audited_as_anonymous(
     methods = [line["detail"]["method"] for line in events(audit, event="admin")]
     assert methods == ["RepositoryModelLoad", "RepositoryModelUnload"] + ["RepositoryModelLoad"] * 3
     assert max(len(line) for line in audit.read_text().splitlines()) < 1024  # a client's long name is cut
+
+
+def test_a_write_the_disk_cuts_short_is_taken_back_and_its_events_are_counted(
+    repository: Path, audit: Path, log_dir: Path
+) -> None:
+    """A disk that fills in the middle of a line (here the server's file-size limit, RLIMIT_FSIZE, a few
+    bytes past the trail's end: the write stops there, the next one fails with EFBIG) leaves no half line
+    for the next event to be glued to; the server log counts the events lost."""
+    stopped = json.dumps({"event": "server_stopped", "reason": "signal", "source": "runtime"})
+    audit.write_text(f"{stopped}\n" * 20_000)  # a long history: the server's own log stays below the limit
+    add_version(repository, "scale", 1)
+    with (
+        running_server(repository, log_dir, "--audit-log", str(audit), *EXPLICIT) as server,
+        tc.InferenceServerClient(server.url) as client,
+    ):
+        await_line(audit, event="server_started")
+        pid = server.process.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (audit.stat().st_size + 10, hard))
+        with pytest.raises(InferenceServerException):
+            client.load_model("nope")  # its admin event is cut after 10 bytes
+        server.logged("cannot write the audit log")
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))  # room again
+        client.load_model("scale")
+        await_line(audit, event="admin", outcome="OK")
+    assert audit.read_bytes().endswith(b"\n")
+    assert summary(audit, "outcome") == [  # every line parses; the refused load's admin event is lost
+        ("load", "scale", "1", "api", "ok"),
+        ("version_swapped_in", "scale", "1", "api", "ok"),
+        ("admin", "scale", "", "api", "OK"),
+    ]
+    assert "1 event(s) lost" in server.log()
 
 
 @pytest.fixture

@@ -32,17 +32,29 @@ Two promises, because call sites sit on the request path and in the repository:
   its ``stop`` raises on a full queue, and we want one ``os.write`` per burst of
   lines on an ``O_APPEND`` descriptor, so the processes of ``--workers N`` can
   share one file without tearing each other's lines.
+
+And the file holds whole lines only. A write the disk cuts short (full, over
+quota) would leave half a line for the next one to be glued to: it is taken
+back (``ftruncate`` to where the burst began), its events counted in
+:attr:`AuditLog.dropped` and logged once for the burst. The processes sharing
+the file write and take back under an exclusive ``flock``, so none cuts
+another's lines; and before each burst the writer cuts a last line left without
+its newline (one not taken back: the truncate failed, or a worker was killed
+mid-write), or, when that cannot be cut, ends it so it stays a line of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import queue
+import stat
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +72,7 @@ log = logging.getLogger(__name__)
 
 _STOP = None  # the writer thread's sentinel
 _CLOSE_TIMEOUT_S = 5.0  # how long closing waits for a stuck disk before giving up on it
+_TAIL_CHUNK = 65536  # read back this much at a time to find where the last whole line ends
 
 
 class AuditLog:
@@ -80,8 +93,8 @@ class AuditLog:
 
     @property
     def dropped(self) -> int:
-        """Lines dropped because the writer fell behind (a stuck disk)."""
-        return self._writer.dropped if self._writer is not None else 0
+        """Events not written: dropped because the writer fell behind (a stuck disk), or lost to a failed write."""
+        return self._writer.dropped + self._writer.lost if self._writer is not None else 0
 
     def start(self) -> None:
         """Open the file (creating it, mode 0640) and start the writer. Raises OSError when it cannot be opened."""
@@ -250,11 +263,14 @@ class _FileWriter:
 
     def __init__(self, path: Path, queue_size: int) -> None:
         self.path = path
-        self.dropped = 0
-        self._failed_writes = 0
+        self.dropped = 0  # by offer(), on the caller's thread
+        self.lost = 0  # by a failed write, on the writer thread (one counter per thread: no lost updates)
+        self._failed_bursts = 0  # since the last burst written
         self._queue: queue.Queue[str | None] = queue.Queue(queue_size)
         # O_APPEND: every write lands at the end, even with other processes (--workers) appending too.
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # Read as well: to find where the last whole line ends (see _end_on_a_whole_line).
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)  # not a pipe or /dev/null
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -275,21 +291,65 @@ class _FileWriter:
                     lines.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            # A name from the disk that is not UTF-8 reaches here as a lone surrogate: written as its JSON
-            # escape (which reads back as the same string), where a plain encode() would end this thread.
-            self._write("".join(line for line in lines if line is not _STOP).encode("utf-8", "backslashreplace"))
+            burst = [line for line in lines if line is not _STOP]
+            if burst:
+                # A name from the disk that is not UTF-8 reaches here as a lone surrogate: written as its JSON
+                # escape (which reads back as the same string), where a plain encode() would end this thread.
+                self._write("".join(burst).encode("utf-8", "backslashreplace"), len(burst))
             if lines[-1] is _STOP:
                 return
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _write(self, data: bytes, events: int) -> None:
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            if self._regular:
+                with _locked(self._fd):
+                    self._append_whole(data)
+            else:
+                _write_all(self._fd, data)
         except OSError as exc:
-            self._failed_writes += 1
-            if self._failed_writes == 1 or self._failed_writes % 1000 == 0:
-                log.error("cannot write the audit log %s: %s (%d failed write(s))", self.path, exc, self._failed_writes)
+            self.lost += events
+            self._failed_bursts += 1
+            if self._failed_bursts == 1 or self._failed_bursts % 1000 == 0:
+                log.error("cannot write the audit log %s: %s (%d event(s) lost so far)", self.path, exc, self.lost)
+            return
+        if self._failed_bursts:
+            log.warning("audit log %s written again (%d event(s) lost so far)", self.path, self.lost)
+            self._failed_bursts = 0
+
+    def _append_whole(self, data: bytes) -> None:
+        """Append ``data`` (whole lines) whole or not at all; the caller holds the file's lock.
+
+        A write the disk cuts short (full, over quota, past the file-size limit) is taken back, so the file
+        ends on a whole line; where it cannot be, the next burst cuts the tail (:meth:`_end_on_a_whole_line`).
+        """
+        self._end_on_a_whole_line()
+        view, written = memoryview(data), 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        except OSError:
+            if written:
+                with contextlib.suppress(OSError):  # not taken back: the next burst cuts it
+                    self._take_back(written)
+            raise
+
+    def _take_back(self, written: int) -> None:
+        """Remove the last ``written`` bytes this descriptor wrote, while they still end the file (after a
+        copytruncate, shrinking to a stale offset would grow the file)."""
+        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # O_APPEND: just past what was written
+        if os.fstat(self._fd).st_size == end:
+            os.ftruncate(self._fd, end - written)
+
+    def _end_on_a_whole_line(self) -> None:
+        """Cut a last line left without its newline (a write cut short and not taken back, by this process or
+        another: a worker killed mid-write); one that cannot be cut is ended, a line of its own."""
+        end = os.fstat(self._fd).st_size
+        if end == 0 or os.pread(self._fd, 1, end - 1) == b"\n":
+            return
+        try:
+            os.ftruncate(self._fd, _after_last_newline(self._fd, end))
+        except OSError:
+            _write_all(self._fd, b"\n")
 
     def close(self) -> None:
         """Flush the queue and close (blocking: call from a thread); gives up on a disk stuck for seconds."""
@@ -301,3 +361,30 @@ class _FileWriter:
         self._thread.join(_CLOSE_TIMEOUT_S)
         if not self._thread.is_alive():
             os.close(self._fd)
+
+
+@contextlib.contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    """Hold the file's exclusive lock: the writers of ``--workers N`` write and take back one at a time."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _after_last_newline(fd: int, end: int) -> int:
+    """The offset just past the last ``\\n`` before ``end``; 0 when there is none."""
+    while end > 0:
+        start = max(end - _TAIL_CHUNK, 0)
+        found = os.pread(fd, end - start, start).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        end = start
+    return 0
