@@ -107,6 +107,53 @@ def test_a_json_input_that_does_not_fit_its_datatype_exits_2_with_one_line(
     assert done.stderr.startswith(f"infergate-client: {message}") and done.stderr.count("\n") == 1, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("model", "value", "message"),
+    [
+        ("matmul16", "x=[[1e39" + ",0" * 15 + "]]", "--input x: [[1e39,0,"),
+        ("identity_all", "in_FP16=[[1, 70000]]", "--input in_FP16: [[1, 70000]] cannot be FP16: 70000 is out of range"),
+        (
+            "identity_all",
+            "in_FP32=[[-3.5e38]]",
+            "--input in_FP32: [[-3.5e38]] cannot be FP32: -3.5e+38 is out of range",
+        ),
+        ("identity_all", "in_FP64=[[1e400]]", "--input in_FP64: [[1e400]] cannot be FP64: 1e400 is out of range"),
+    ],
+)
+def test_a_finite_json_number_too_large_for_a_float_input_exits_2_naming_the_input(
+    demo_server: ServerProcess, model: str, value: str, message: str
+) -> None:
+    done = _run("--url", demo_server.url, "infer", model, "-i", value)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"infergate-client: {message}") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_infinities_and_nan_given_as_strings_and_the_largest_finite_values_are_sent(
+    demo_server: ServerProcess,
+) -> None:
+    done = _run(
+        "--url", demo_server.url, "infer", "multi_io", "-i", 'a=[["inf", "-inf", "nan", 3.4e38]]',
+        "-i", "b=[[0,0,0,0]]", "-i", "flag=[[true]]", "-i", 'text=[["a","b"]]', "-o", "sum",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)["sum"]
+    assert row[:3] == ["inf", "-inf", "nan"] and np.float32(row[3]) == np.float32(3.4e38)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://{address}", "server address 'http://{address}': drop the scheme: give HOST:PORT, as in '{address}'"),
+        ("127.0.0.1:notaport", "server address '127.0.0.1:notaport': port 'notaport' is not a number from 1 to 65535"),
+        ("not a url", "server address 'not a url': expected HOST:PORT"),
+    ],
+)
+def test_a_malformed_url_exits_2_naming_it(demo_server: ServerProcess, url: str, message: str) -> None:
+    done = _run("--url", url.format(address=demo_server.url), "health")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == f"infergate-client: {message.format(address=demo_server.url)}\n"
+
+
 def test_an_input_file_the_sdk_cannot_send_exits_2(demo_server: ServerProcess, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros((1, 16), np.complex64))
     done = _run("--url", demo_server.url, "infer", "matmul16", "-i", f"x=@{tmp_path / 'x.npy'}")

@@ -280,7 +280,7 @@ async def test_a_request_iterable_that_raises_ends_the_stream_with_its_own_error
     ("inputs", "parameters", "message", "cause"),
     [
         ({"x": np.zeros((1, 16), np.complex64)}, {}, "numpy dtype complex64 has no", TypeError),
-        ({}, {}, "needs at least one input", None),
+        ({}, {}, "needs at least one input", ValueError),
         ({"x": np.zeros((1, 16), np.float32)}, {"p": np.int64(3)}, "'p': int64 is not bool", TypeError),
     ],
 )

@@ -17,7 +17,16 @@ import grpc
 
 from ._calls import Call
 from .errors import ServerError
-from .options import Keepalive, RefreshingToken, RetryBudget, RetryPolicy, Tls, channel_options, resolve_target
+from .options import (
+    Keepalive,
+    RefreshingToken,
+    RetryBudget,
+    RetryPolicy,
+    Tls,
+    channel_options,
+    real_number,
+    resolve_target,
+)
 
 __all__ = ["DEFAULT_TIMEOUT_S", "ClientBase", "Metadata", "Token"]
 
@@ -26,9 +35,12 @@ Token = str | Callable[[], str]
 Metadata = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
-def _check_timeout(timeout: float) -> None:
-    if not 0 < timeout < math.inf:
-        raise ValueError(f"timeout {timeout!r}: must be a finite number of seconds > 0 (every call has a deadline)")
+def _check_timeout(timeout: object) -> float:
+    """``timeout`` in seconds: TypeError when it is not a number, ValueError unless finite and > 0."""
+    seconds = real_number("timeout", timeout, "a number of seconds")
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"timeout={timeout!r}: must be a finite number of seconds > 0 (every call has a deadline)")
+    return seconds
 
 
 def _pairs(metadata: Metadata | None) -> list[tuple[str, str]]:
@@ -54,8 +66,10 @@ class ClientBase:
     """Settings and decisions shared by both clients.
 
     ``url``: ``HOST:PORT``, a gRPC URI such as ``dns:///infergate-headless:8001``, or
-    several ``IP:PORT`` addresses (a list or comma-separated) to balance round-robin.
-    ``timeout``: the default deadline of each call in seconds, retries included.
+    several ``IP:PORT`` addresses (a list or comma-separated) to balance round-robin;
+    a malformed one raises ValueError naming it (see ``options.resolve_target``).
+    ``timeout``: the default deadline of each call in seconds, retries included; a
+    call's ``timeout=None`` keeps it. Not a number: TypeError; not finite and > 0: ValueError.
     ``token``: a bearer token, or a callable returning one (see ``RefreshingToken``).
     ``metadata``: headers sent with every call (``x-user-id``, ``traceparent``...); a key
     that a call's own ``metadata=`` sends replaces the client's for that call.
@@ -77,12 +91,11 @@ class ClientBase:
         channel_options: Sequence[tuple[str, str | int]] = (),
         health_check: bool = True,
     ) -> None:
-        _check_timeout(timeout)
+        self._timeout = _check_timeout(timeout)
         self.target = resolve_target(url)
         self._tls = tls
         self._token = token
         self._metadata = _pairs(metadata)
-        self._timeout = timeout
         self._retry = retry or RetryPolicy()
         self._budget = retry_budget or RetryBudget()
         self._options = _channel_options_for(keepalive or Keepalive(), channel_options, tls, health_check)
@@ -116,9 +129,8 @@ class ClientBase:
         return pairs
 
     def _deadline(self, timeout: float | None) -> float:
-        if timeout is not None:
-            _check_timeout(timeout)
-        return time.monotonic() + (self._timeout if timeout is None else timeout)
+        """When a call must be over: ``timeout`` seconds from now, or the client's timeout for None."""
+        return time.monotonic() + (self._timeout if timeout is None else _check_timeout(timeout))
 
     def _retry_delay(self, error: grpc.RpcError, attempt: int, deadline: float) -> float | None:
         """Seconds to wait before the next attempt, or None to give up and raise.

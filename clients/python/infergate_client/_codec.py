@@ -160,7 +160,8 @@ def build_infer_request(request: InferRequest) -> pb.ModelInferRequest:
     """
     where = f"infer({request.model!r})"
     if not request.inputs:
-        raise InvalidArgument(f"{where} needs at least one input")
+        empty = ValueError(f"{where} needs at least one input")
+        raise InvalidArgument(str(empty)) from empty
     try:
         version = "" if request.model_version is None else str(request.model_version)
         message = pb.ModelInferRequest(model_name=request.model, model_version=version, id=request.request_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -174,19 +175,39 @@ def parse_input(text: str, metadata: ModelMetadata) -> tuple[str, Array]:
             return name, np.load(value[1:], allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--input {name}: cannot read {value[1:]}: {exc}") from None
-    try:
-        data = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--input {name}: not JSON ({exc})") from None
     datatype = next((t.datatype for t in metadata.inputs if t.name == name), None)
     if datatype is None:
         raise UsageError(f"--input {name}: model {metadata.name!r} has no such input")
     try:
-        if datatype == "BYTES":
-            return name, np.array(data, dtype=object)
-        return name, np.array(data, dtype=DATATYPES[datatype])
-    except (ArithmeticError, TypeError, ValueError) as exc:  # 2**70 for INT64, "one" for FP32, ragged lists
+        return name, _as_datatype(json.loads(value, parse_float=_json_float), datatype)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--input {name}: not JSON ({exc})") from None
+    except (ArithmeticError, TypeError, ValueError) as exc:  # 2**70 for INT64, 1e39 or "one" for FP32, ragged
         raise UsageError(f"--input {name}: {value} cannot be {datatype}: {exc}") from None
+
+
+def _json_float(text: str) -> float:
+    """A JSON number with a fraction or exponent; OverflowError where ``float`` would read it as infinity."""
+    number = float(text)
+    if math.isinf(number):
+        raise OverflowError(f"{text} is out of range")
+    return number
+
+
+def _as_datatype(data: Any, datatype: str) -> Array:
+    """Parsed JSON as an array of ``datatype``. A finite number that a float datatype cannot hold
+    (1e39 for FP32, 70000 for FP16) raises OverflowError instead of becoming an infinity."""
+    dtype = DATATYPES[datatype]
+    if dtype.kind != "f":
+        return np.array(data, dtype=dtype)
+    wide = np.array(data, dtype=np.float64)  # "inf", "nan" and "-inf" strings read as themselves
+    with np.errstate(over="ignore"):
+        narrow = wide.astype(dtype)
+    overflow = np.isinf(narrow) & np.isfinite(wide)
+    if overflow.any():
+        first = wide[overflow][0]
+        raise OverflowError(f"{first:g} is out of range (largest finite {datatype} is {np.finfo(dtype).max:g})")
+    return narrow
 
 
 NON_FINITE: dict[str, Callable[[Array], Array]] = {"nan": np.isnan, "inf": np.isposinf, "-inf": np.isneginf}

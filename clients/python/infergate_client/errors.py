@@ -19,6 +19,11 @@
 ``code`` is the ``grpc.StatusCode`` (``None`` for ``InferenceFailed`` and for an
 ``InvalidArgument`` raised before sending), ``details`` the server's message (or
 the SDK's), and ``__cause__`` the original exception.
+
+Mistakes in the client's own arguments are not ``InferGateError``: they raise
+where the argument is given, ``TypeError`` for a value of the wrong type
+(``timeout="5"``) and ``ValueError`` for one that cannot be used (a malformed
+address, ``timeout=0``).
 """
 
 from __future__ import annotations

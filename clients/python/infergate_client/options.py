@@ -6,8 +6,9 @@ Everything here is plain data or a pure function, shared by ``Client`` and
 
 from __future__ import annotations
 
-import ipaddress
 import json
+import math
+import numbers
 import random
 import threading
 import time
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from ._targets import resolve_target
 
 __all__ = [
     "Keepalive",
@@ -26,6 +29,30 @@ __all__ = [
     "channel_options",
     "resolve_target",
 ]
+
+
+def real_number(name: str, value: object, expected: str = "a number") -> float:
+    """``value`` as a float; TypeError naming ``name`` when it is not a real number.
+
+    Every number the SDK takes goes through here or ``whole_number``: a wrong type
+    is a TypeError (text and bool are not numbers: ``timeout="5"`` is a mistake to
+    report, not to convert), a number out of range is then a ValueError.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r}: expected {expected}, not {type(value).__name__}")
+    return float(value)
+
+
+def whole_number(name: str, value: object) -> int:
+    """``value`` as an int; TypeError naming ``name`` when it is not an integer (2.0 is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r}: expected an int, not {type(value).__name__}")
+    return int(value)
+
+
+def _require(valid: bool, name: str, value: object, rule: str) -> None:
+    if not valid:
+        raise ValueError(f"{name}={value!r}: must be {rule}")
 
 
 def _read(value: bytes | str | Path | None) -> bytes | None:
@@ -69,6 +96,12 @@ class Keepalive:
     timeout_s: float = 20.0
     permit_without_calls: bool = False
 
+    def __post_init__(self) -> None:
+        for name in ("time_s", "timeout_s"):
+            value = getattr(self, name)
+            seconds = real_number(name, value, "a number of seconds")
+            _require(0 < seconds < math.inf, name, value, "a finite number of seconds > 0")
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -88,8 +121,14 @@ class RetryPolicy:
     on_retry: Callable[[int, grpc.RpcError], None] | None = None
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.initial_backoff_s < 0 or self.multiplier < 1 or not 0 <= self.jitter <= 1:
-            raise ValueError("max_attempts >= 1, initial_backoff_s >= 0, multiplier >= 1 and 0 <= jitter <= 1")
+        _require(whole_number("max_attempts", self.max_attempts) >= 1, "max_attempts", self.max_attempts, ">= 1")
+        for name in ("initial_backoff_s", "max_backoff_s"):
+            value = getattr(self, name)
+            seconds = real_number(name, value, "a number of seconds")
+            _require(0 <= seconds < math.inf, name, value, "a finite number of seconds >= 0")
+        multiplier = real_number("multiplier", self.multiplier)
+        _require(1 <= multiplier < math.inf, "multiplier", self.multiplier, "finite and >= 1")
+        _require(0 <= real_number("jitter", self.jitter) <= 1, "jitter", self.jitter, "from 0 to 1")
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """The pause after failed attempt ``attempt`` (1-based)."""
@@ -106,8 +145,8 @@ class RetryBudget:
     """
 
     def __init__(self, max_tokens: float = 10.0, token_ratio: float = 0.1) -> None:
-        if max_tokens <= 0 or token_ratio < 0:
-            raise ValueError("max_tokens must be > 0 and token_ratio >= 0")
+        _require(0 < real_number("max_tokens", max_tokens) < math.inf, "max_tokens", max_tokens, "finite and > 0")
+        _require(0 <= real_number("token_ratio", token_ratio) < math.inf, "token_ratio", token_ratio, "finite and >= 0")
         self.max_tokens = max_tokens
         self.token_ratio = token_ratio
         self._tokens = max_tokens
@@ -157,42 +196,6 @@ class RefreshingToken:
 
     def __call__(self) -> str:
         return self.refresh() if self.needs_refresh() else self._token
-
-
-def _ip_target(address: str) -> tuple[str, str]:
-    """('ipv4'|'ipv6', normalised address) for an ``IP:PORT`` or ``[IPv6]:PORT`` string."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{address!r}: expected HOST:PORT")
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        raise ValueError(
-            f"{address!r}: a list of addresses takes IP:PORT; use one 'dns:///{address}' target "
-            "to balance over the addresses a name resolves to"
-        ) from None
-    return ("ipv4", f"{ip}:{port}") if ip.version == 4 else ("ipv6", f"[{ip}]:{port}")
-
-
-def resolve_target(url: str | Sequence[str]) -> str:
-    """The gRPC target for ``url``.
-
-    One ``HOST:PORT`` or a gRPC URI (``dns:///name:port``, ``unix:path``...) is used
-    as it is. Several addresses (a list, or one string with commas) must be IP
-    literals and become one ``ipv4:`` or ``ipv6:`` target that the round-robin
-    policy spreads calls over.
-    """
-    addresses = [a.strip() for a in url.split(",")] if isinstance(url, str) else [a.strip() for a in url]
-    addresses = [a for a in addresses if a]
-    if not addresses:
-        raise ValueError("no server address given")
-    if len(addresses) == 1:
-        return addresses[0]
-    parsed = [_ip_target(a) for a in addresses]
-    families = {family for family, _ in parsed}
-    if len(families) != 1:
-        raise ValueError("a list of addresses must be all IPv4 or all IPv6")
-    return f"{families.pop()}:{','.join(address for _, address in parsed)}"
 
 
 _ROUND_ROBIN: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}

@@ -91,7 +91,7 @@ def test_the_request_carries_version_outputs_and_parameters() -> None:
 def test_a_request_needs_an_input() -> None:
     with pytest.raises(InvalidArgument, match="at least one input") as caught:
         build_infer_request(InferRequest("m", {}))
-    assert caught.value.code is None
+    assert caught.value.code is None and isinstance(caught.value.__cause__, ValueError)
 
 
 @pytest.mark.parametrize(

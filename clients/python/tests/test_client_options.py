@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+from collections.abc import Callable
+from fractions import Fraction
 
 import grpc
+import numpy as np
 import pytest
 
 from infergate_client import Client, errors
@@ -31,6 +35,20 @@ from infergate_client.options import (
         (["10.0.0.1:8001", " 10.0.0.2:8002"], "ipv4:10.0.0.1:8001,10.0.0.2:8002"),
         (["[::1]:8001", "[fe80::1]:8001"], "ipv6:[::1]:8001,[fe80::1]:8001"),
         (["10.0.0.1:8001"], "10.0.0.1:8001"),
+        ("localhost:8001", "localhost:8001"),
+        (
+            "infergate-0.infergate-headless.ml.svc.cluster.local.:8001",
+            "infergate-0.infergate-headless.ml.svc.cluster.local.:8001",
+        ),
+        ("[::1]:8001", "[::1]:8001"),
+        ("dns:///localhost", "dns:///localhost"),  # gRPC's dns scheme has a default port
+        ("dns://8.8.8.8:53/infergate.example:8001", "dns://8.8.8.8:53/infergate.example:8001"),
+        ("unix:/run/infergate.sock", "unix:/run/infergate.sock"),
+        ("unix:///run/infergate.sock", "unix:///run/infergate.sock"),
+        ("unix-abstract:infergate", "unix-abstract:infergate"),
+        ("ipv4:10.0.0.1:8001,10.0.0.2:8001", "ipv4:10.0.0.1:8001,10.0.0.2:8001"),
+        ("ipv6:[::1]:8001", "ipv6:[::1]:8001"),
+        ("vsock:3:8001", "vsock:3:8001"),
     ],
 )
 def test_urls_become_grpc_targets(url: str | list[str], target: str) -> None:
@@ -49,6 +67,51 @@ def test_urls_become_grpc_targets(url: str | list[str], target: str) -> None:
 def test_unusable_address_lists_are_refused_with_a_hint(url: str | list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         resolve_target(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "http://127.0.0.1:50301",
+            "'http://127.0.0.1:50301': drop the scheme: give HOST:PORT, as in '127.0.0.1:50301'",
+        ),
+        ("grpc://infergate:8001/", "'grpc://infergate:8001/': drop the scheme: give HOST:PORT, as in 'infergate:8001'"),
+        (
+            "https://infergate.example",
+            "'https://infergate.example': drop the scheme: give HOST:PORT, as in 'infergate.example:443'",
+        ),
+        ("not a url", "'not a url': expected HOST:PORT"),
+        ("127.0.0.1", "'127.0.0.1': expected HOST:PORT"),
+        (":8001", "':8001': expected HOST:PORT"),
+        ("host:notaport", "'host:notaport': port 'notaport' is not a number from 1 to 65535"),
+        ("127.0.0.1:0", "'127.0.0.1:0': port '0' is not a number from 1 to 65535"),
+        ("127.0.0.1:70000", "'127.0.0.1:70000': port '70000' is not a number from 1 to 65535"),
+        (":::", "':::': expected HOST:PORT, an IPv6 address in brackets"),
+        ("::1:8001", "'::1:8001': expected HOST:PORT, an IPv6 address in brackets"),
+        ("[::g]:8001", "'\\[::g\\]:8001': '::g' is not an IPv6 address"),
+        ("[::1:8001", "'\\[::1:8001': expected HOST:PORT"),
+        ("999.0.0.1:8001", "'999.0.0.1:8001': '999.0.0.1' is not an IPv4 address"),
+        ("-bad-.example:8001", "'-bad-.example:8001': '-bad-.example' is not a host name"),
+        ("dns:///", "'dns:///': expected HOST:PORT"),
+        ("dns://8.8.8.8", "'dns://8.8.8.8': expected dns://AUTHORITY/HOST:PORT"),
+        ("unix:", "'unix:': no socket path"),
+        ("ipv4:10.0.0.1", "'ipv4:10.0.0.1': expected HOST:PORT"),
+        ("ipv4:[::1]:8001", "'ipv4:\\[::1\\]:8001': '\\[::1\\]' is not an IPv4 address"),
+        ("vsock:3", "'vsock:3': expected vsock:CID:PORT"),
+        (["10.0.0.1:8001", "http://10.0.0.2:8001"], "'http://10.0.0.2:8001': drop the scheme"),
+        (["10.0.0.1:99999", "10.0.0.2:8001"], "'10.0.0.1:99999': port '99999'"),
+    ],
+)
+def test_a_malformed_address_is_refused_when_the_client_is_built_naming_it(url: str | list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=f"^server address {message}"):
+        Client(url)
+
+
+@pytest.mark.parametrize("url", [None, 8001, [b"10.0.0.1:8001", b"10.0.0.2:8001"]])
+def test_an_address_that_is_not_text_is_a_type_error(url: object) -> None:
+    with pytest.raises(TypeError, match="server address"):
+        Client(url)  # type: ignore[arg-type]
 
 
 def test_channels_balance_round_robin_over_healthy_servers_and_user_options_win() -> None:
@@ -145,3 +208,42 @@ def test_every_call_has_a_finite_deadline(timeout: float) -> None:
         Client("127.0.0.1:1", timeout=timeout)
     with Client("127.0.0.1:1") as client, pytest.raises(ValueError, match="finite"):
         client.is_server_live(timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", ["5", b"5", True, None, [5]])
+def test_a_client_timeout_that_is_not_a_number_is_a_type_error(timeout: object) -> None:
+    with pytest.raises(TypeError, match=f"^{re.escape(f'timeout={timeout!r}')}: expected a number of seconds"):
+        Client("127.0.0.1:1", timeout=timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", ["5", True])
+def test_a_call_timeout_that_is_not_a_number_is_a_type_error(timeout: object) -> None:
+    with Client("127.0.0.1:1") as client, pytest.raises(TypeError, match=f"^timeout={timeout!r}: expected"):
+        client.is_server_live(timeout=timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [5, 0.25, np.float32(2.5), Fraction(1, 2)])
+def test_any_real_number_of_seconds_is_a_timeout(timeout: object) -> None:
+    Client("127.0.0.1:1", timeout=timeout).close()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: RetryPolicy(max_attempts="5"), TypeError, "^max_attempts='5': expected an int"),
+        (lambda: RetryPolicy(max_attempts=2.5), TypeError, "^max_attempts=2.5: expected an int"),
+        (lambda: RetryPolicy(initial_backoff_s=None), TypeError, "^initial_backoff_s=None: expected a number"),
+        (lambda: RetryPolicy(jitter=math.nan), ValueError, "jitter"),
+        (lambda: RetryPolicy(max_backoff_s=-1), ValueError, "max_backoff_s"),
+        (lambda: RetryBudget(max_tokens="10"), TypeError, "^max_tokens='10': expected a number"),
+        (lambda: RetryBudget(token_ratio=math.nan), ValueError, "token_ratio"),
+        (lambda: Keepalive(time_s="60"), TypeError, "^time_s='60': expected a number"),
+        (lambda: Keepalive(timeout_s=0), ValueError, "timeout_s"),
+        (lambda: Keepalive(time_s=math.inf), ValueError, "time_s"),
+    ],
+)
+def test_options_refuse_a_wrong_type_with_type_error_and_a_wrong_value_with_value_error(
+    build: Callable[[], object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        build()
