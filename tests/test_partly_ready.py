@@ -148,3 +148,70 @@ async def test_a_call_to_a_model_that_failed_to_load_is_not_retried(partly_ready
         await client.close()
     assert retries == []
     assert budget.tokens == 4  # untouched: the next transient failure may still be retried
+
+
+def _serving(health: health_pb2_grpc.HealthStub, service: str) -> None:
+    """Wait until ``service`` reports SERVING (a Watch, no polling)."""
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=HANG_GUARD_S)
+    try:
+        assert any(u.status == health_pb2.HealthCheckResponse.SERVING for u in watch)
+    finally:
+        watch.cancel()
+
+
+def _whole_server(health: health_pb2_grpc.HealthStub) -> int:
+    return int(health.Check(health_pb2.HealthCheckRequest(service="")).status)
+
+
+@pytest.mark.parametrize("mend", ["load it once fixed", "unload it"])
+def test_in_explicit_mode_a_start_up_model_that_failed_keeps_the_server_not_ready_until_mended(
+    tmp_path: Path, log_dir: Path, mend: str
+) -> None:
+    """``--load-model`` of a broken model counts as a broken model does in the other modes (and in
+    Triton's strict readiness): the server serves the others, not ready, until the model is loaded
+    through RepositoryModelLoad or unloaded. A model no ``--load-model`` names never counts."""
+    for name in ("good", "idle"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        onnx.save_model(build_matmul16(), str(tmp_path / name / "1" / "model.onnx"))
+    (tmp_path / "corrupt" / "1").mkdir(parents=True)
+    (tmp_path / "corrupt" / "1" / "model.onnx").write_bytes(b"\x08\x07 not an onnx graph")
+    loads = ("--load-model", "good", "--load-model", "corrupt")
+    with (
+        running_server(tmp_path, log_dir, "--model-control-mode", "explicit", *loads, wait=False) as server,
+        grpc.insecure_channel(server.url) as channel,
+        Client(server.url, timeout=HANG_GUARD_S) as client,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        _serving(health, SERVICE_NAME)  # loading is over
+        assert _whole_server(health) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert client.is_server_ready() is False
+        assert client.infer("good", {"x": X})["y"].shape == (1, 16)
+        triton = grpcclient.InferenceServerClient(server.url)
+        try:
+            if mend == "unload it":
+                triton.unload_model("corrupt")
+            else:
+                onnx.save_model(build_matmul16(), str(tmp_path / "corrupt" / "1" / "model.onnx"))
+                triton.load_model("corrupt")
+                assert client.infer("corrupt", {"x": X})["y"].shape == (1, 16)
+        finally:
+            triton.close()
+        _serving(health, "")
+        assert client.is_server_ready() is True
+
+
+def test_in_explicit_mode_a_load_model_naming_no_model_directory_keeps_the_server_not_ready(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    (tmp_path / "good" / "1").mkdir(parents=True)
+    onnx.save_model(build_matmul16(), str(tmp_path / "good" / "1" / "model.onnx"))
+    loads = ("--load-model", "good", "--load-model", "goood")
+    with (
+        running_server(tmp_path, log_dir, "--model-control-mode", "explicit", *loads, wait=False) as server,
+        grpc.insecure_channel(server.url) as channel,
+        Client(server.url, timeout=HANG_GUARD_S) as client,
+    ):
+        _serving(health_pb2_grpc.HealthStub(channel), SERVICE_NAME)
+        assert _whole_server(health_pb2_grpc.HealthStub(channel)) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert client.infer("good", {"x": X})["y"].shape == (1, 16)
+    assert "NOT ready (strict readiness)" in server.log() and "goood" in server.log()

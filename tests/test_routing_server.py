@@ -6,6 +6,7 @@ version computed each answer.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,15 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
 
 from infergate._proto import infergate_admin_pb2 as apb
 from infergate._proto import infergate_admin_pb2_grpc as apb_grpc
-from tests.conftest import ServerProcess, running_server, wait_until
+from infergate.server import SERVICE_NAME
+from infergate_client import Client, RetryPolicy
+from infergate_client.errors import Unavailable
+from tests.conftest import WAIT_S, ServerProcess, running_server, wait_until
 from tests.models import build_slow_model
 from tests.test_model_control import add_version, write_config
 
@@ -77,14 +82,16 @@ def client(server: ServerProcess) -> Iterator[tc.InferenceServerClient]:
 
 
 def test_requests_are_split_by_weight_and_each_answer_says_how_it_was_routed(
-    client: tc.InferenceServerClient,
+    client: tc.InferenceServerClient, server: ServerProcess
 ) -> None:
     outcomes = Counter(infer(client) for _ in range(400))
     versions = Counter(version for version, _, _ in outcomes.elements())
     assert set(versions) == {"1", "2"}  # never the shadow
     assert min(versions.values()) > 100  # 50/50 within a wide binomial margin (sd = 10)
     assert {arm for _, arm, _ in outcomes} == {"split"}
-    assert all(shadowed for _, _, shadowed in outcomes)
+    shadow = routing_status(server).shadow  # every request is picked (fraction 1.0); a busy machine may drop a few
+    shadowed = sum(count for (_, _, copied), count in outcomes.items() if copied)
+    assert (shadowed, 400 - shadowed) == (shadow.sent, shadow.dropped)
 
 
 def test_a_request_naming_a_version_bypasses_the_split(client: tc.InferenceServerClient) -> None:
@@ -128,6 +135,30 @@ def test_the_shadow_is_compared_and_reported_but_never_answers(
     assert agreement.max_abs_diff == pytest.approx(2.0)  # 3x against 1x (and 1.0 against 2x)
     assert [arm.version for arm in status.arms] == ["1", "2"]
     assert status.sticky_header == "x-user-id"
+
+
+def test_an_answer_says_it_was_shadowed_only_when_its_copy_went_to_the_shadow(tmp_path: Path, log_dir: Path) -> None:
+    """Copies the shadow's busy-time budget (or its full queue) turns away are dropped: their answers
+    say ``infergate_shadowed: false``, and RoutingStatus counts them as dropped, the others as sent."""
+    root = tmp_path / "models"
+    root.mkdir()
+    add_version(root, "scale", 1)
+    add_version(root, "scale", 2, build_slow_model(50).SerializeToString())  # y = x, ~50 ms per batch
+    write_config(
+        root,
+        "scale",
+        "version_policy: {all: {}}\nrouting:\n  weights: {1: 1}\n"
+        "  shadow: {version: 2, fraction: 1.0, queue_size: 4, max_busy_fraction: 0.01}\n",
+    )
+    with running_server(root, log_dir) as server, tc.InferenceServerClient(server.url) as client:
+        answers: list[bool] = []
+        while all(answers):  # until the budget (0.5 s of shadow time, then 1% of wall time) drops a copy
+            version, arm, shadowed = infer(client)
+            assert (version, arm) == ("1", "split")
+            answers.append(shadowed)
+            assert len(answers) < 2000, "no shadow copy was ever dropped"
+        shadow = routing_status(server).shadow
+    assert (answers.count(True), answers.count(False)) == (shadow.sent, shadow.dropped)
 
 
 def test_a_shadow_that_always_fails_is_counted_and_never_seen_by_callers(
@@ -199,3 +230,43 @@ def test_a_canary_that_breaches_its_latency_limit_is_rolled_back(tmp_path: Path,
         after = {client.infer("scale", [x_input()]).get_response().model_version for _ in range(50)}
         assert after == {"1"}
         server.logged("rolled back")
+
+
+def test_in_poll_mode_a_model_whose_routing_never_fits_stays_unavailable_and_is_not_retried(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    """Its versions load, the routing block names one that does not exist: nothing of it is applied, and
+    every later poll leaves it UNAVAILABLE with the reason (never LOADING, which clients wait on)."""
+    root = tmp_path / "models"
+    root.mkdir()
+    for version in (2, 3):
+        add_version(root, "fraud", version)
+    write_config(root, "fraud", "version_policy: {all: {}}\nrouting: {weights: {2: 90, 7: 10}}\n")
+    poll = ("--model-control-mode", "poll", "--repository-poll-secs", "0.1")
+    with (
+        running_server(root, log_dir, *poll, wait=False) as server,  # not ready: fraud serves nothing
+        grpc.insecure_channel(server.url) as channel,
+        tc.InferenceServerClient(server.url) as client,
+    ):
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=WAIT_S
+        )
+        assert any(u.status == health_pb2.HealthCheckResponse.SERVING for u in watch)  # loading is over
+        watch.cancel()
+
+        def fraud() -> list[tuple[str, str]]:
+            return [(m.state, m.reason) for m in client.get_model_repository_index().models if m.name == "fraud"]
+
+        for later in ("late", "later"):  # each loads in a poll that began after the previous one had ended
+            add_version(root, later, 1)
+            wait_until(functools.partial(client.is_model_ready, later), f"{later} loaded by a poll")
+            [(state, reason)] = fraud()
+            assert state == "UNAVAILABLE", reason
+            assert "config.yaml: routing.weights.7: version 7 is not loaded (loaded: 2, 3)" in reason
+            assert not client.is_model_ready("fraud")
+
+        retries: list[int] = []
+        with Client(server.url, timeout=WAIT_S, retry=RetryPolicy(on_retry=lambda n, e: retries.append(n))) as sdk:
+            with pytest.raises(Unavailable, match=r"no available versions \(UNAVAILABLE\).*routing\.weights\.7"):
+                sdk.infer("fraud", {"x": np.ones((1, 4), np.float32)})
+        assert retries == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -157,7 +158,9 @@ class InferGateServer:
             metrics.watch_drift(DriftReadings(self.repository.catalog.served))
             metrics.watch_canaries(self._canaries)
         self.telemetry.serve_triton_metrics(self._triton_rows)
-        local = LocalModelControl(self.repository)
+        # Explicit mode, strict readiness: the start-up models that failed, until each loads or is unloaded.
+        self._awaited: set[str] | None = None
+        local = LocalModelControl(self.repository, self._model_control_applied)
         local_logs = LocalLogSettings(logs, self._log_levels_changed) if logs is not None else None
         sampler = self.telemetry.trace_sampler
         local_traces = LocalTraceSettings(sampler) if sampler is not None else None
@@ -259,7 +262,8 @@ class InferGateServer:
     async def load_models(self) -> bool:
         """Load the models; report SERVING when all loaded (or, not strict, when done).
 
-        Explicit mode loads only ``load_models`` ("*": all) and is ready without models.
+        Explicit mode loads only ``load_models`` ("*": all) and is ready without models; one of
+        them that does not serve (or has no directory) counts as a failed model does in the other modes.
         A worker of ``--workers N`` reports only once every worker listens (``WorkerControl.all_listen``).
         """
         await self.repository.load_all(self._startup_models(), source="startup")
@@ -268,8 +272,10 @@ class InferGateServer:
             return False  # the supervisor is gone: this worker is stopping
         if self._heap is not None:
             log.info("start-up heap frozen: %d objects the garbage collector will not walk again", self._heap.freeze())
-        failed = self.repository.catalog.not_ready() if self.config.model_control_mode != "explicit" else []
+        failed = self._not_serving_at_start()
         ready = not failed or not self.config.strict_readiness
+        if not ready and self.config.model_control_mode == "explicit":
+            self._awaited = set(failed)
         if self._worker_control is None or self._worker_control.all_listen.is_set():
             await self._report(ready, failed)
         else:  # this worker listens next; the others may not yet
@@ -295,7 +301,37 @@ class InferGateServer:
     async def _report_once_all_listen(self, ready: bool, failed: list[str]) -> None:
         assert self._worker_control is not None
         await self._worker_control.all_listen.wait()
+        if self._awaited is not None and not self._awaited:  # mended through model control meanwhile
+            ready, failed = True, []
         await self._report(ready, failed)
+
+    def _not_serving_at_start(self) -> list[str]:
+        """The start-up models that do not serve: every model in the repository, or in explicit mode the
+        ones ``load_models`` names (a name with no model directory among them: it was asked for)."""
+        catalog = self.repository.catalog
+        named = self._startup_models()
+        if named is None:
+            return catalog.not_ready()
+        serving = set(catalog.names()) - set(catalog.not_ready())
+        return [name for name in dict.fromkeys(named) if name not in serving]
+
+    async def _model_control_applied(self, name: str, op: Literal["load", "unload"]) -> None:
+        """Strict readiness in explicit mode: a server that started with a model it could not load becomes
+        ready once each such model serves (loaded through RepositoryModelLoad) or was unloaded, as Triton's
+        strict readiness counts every model except the unloaded ones. Only this way, as in poll mode: a
+        load that fails later never makes a ready server not ready."""
+        awaited = self._awaited
+        if awaited is None:
+            return
+        if op == "unload":
+            awaited.discard(name)
+        catalog = self.repository.catalog
+        awaited.difference_update(set(catalog.names()) - set(catalog.not_ready()))
+        if awaited or self.readiness.ready or self.readiness.draining:
+            return
+        if self._reporter is not None and not self._reporter.done():
+            return  # a worker whose first report waits for the other workers to listen: it reports ready
+        await self._report(True, [])
 
     def _canaries(self) -> list[tuple[str, int, float, str]]:
         """Each model's canary as the metrics report it (read on the scrape thread: lookups only)."""

@@ -191,7 +191,7 @@ class ModelRepository:
         directory = self._directory(name)
         entry = self._entries.setdefault(name, self._new_entry(name))
         async with entry.lock:
-            if not entry.versions:
+            if not entry.versions and source != "poll":  # a poll shows LOADING once it loads something (_apply)
                 entry.state = ModelState.LOADING
             config = await self._read_config(entry, directory, source)
             await self._apply(entry, directory, config, source)
@@ -278,6 +278,8 @@ class ModelRepository:
                 entry.failed.clear()
         to_load = [v for v in wanted if reload_all or entry.files.get(v) != on_disk[v]]
         to_load = [v for v in to_load if entry.failed.get(v, (None,))[0] != contents[v]]
+        if to_load and not entry.versions:
+            entry.state = ModelState.LOADING
         loaded, failures = await self._load_versions(entry, directories, config, to_load, contents, source)
         serving = {v: entry.versions[v] for v in wanted if v in entry.versions and v not in loaded}
         serving.update(loaded)

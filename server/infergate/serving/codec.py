@@ -394,7 +394,7 @@ def request_priority(request: pb.ModelInferRequest) -> int:
 
 def encode_response(result: InferenceResult) -> pb.ModelInferResponse:
     """Build the response: the requested outputs (all when none named), raw little-endian,
-    and the routing decision as the ``infergate_route``/``infergate_shadowed`` parameters.
+    and how the request was routed as the ``infergate_route``/``infergate_shadowed`` parameters.
 
     An output held as Python objects is BYTES whatever the model's type: a BYTES
     output, or the classification strings that replaced a score tensor.
@@ -407,7 +407,7 @@ def _encode(result: InferenceResult, targets: Mapping[str, OutputTarget] | None)
     (their ``raw_output_contents`` entries are empty)."""
     spec, outputs = result.spec, result.outputs
     response = pb.ModelInferResponse()
-    response.CopyFrom(_heading(spec.name, spec.version, result.decision.arm, result.decision.shadow is not None))
+    response.CopyFrom(_heading(spec.name, spec.version, result.decision.arm, result.shadowed))
     if result.id:
         response.id = result.id
     tensors, raw = response.outputs, response.raw_output_contents

@@ -8,12 +8,16 @@ which has the supervisor apply the call in every worker before it returns.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Literal, Protocol
 
 from infergate.models.overrides import LoadOverride
 from infergate.repository.loader import ModelRepository
 
-__all__ = ["LocalModelControl", "ModelControl"]
+__all__ = ["Applied", "LocalModelControl", "ModelControl"]
+
+# Told of each load or unload this process applied: the model's name and which it was.
+Applied = Callable[[str, Literal["load", "unload"]], Awaitable[None]]
 
 
 class ModelControl(Protocol):
@@ -33,13 +37,19 @@ class ModelControl(Protocol):
 
 
 class LocalModelControl:
-    """Model control over this process's repository."""
+    """Model control over this process's repository; ``applied`` is awaited after each load or
+    unload that succeeded (the composition root's readiness: ``server.py``)."""
 
-    def __init__(self, repository: ModelRepository):
+    def __init__(self, repository: ModelRepository, applied: Applied | None = None):
         self._repository = repository
+        self._applied = applied
 
     async def load(self, name: str, override: LoadOverride | None = None) -> None:
         await self._repository.load(name, override or LoadOverride())
+        if self._applied is not None:
+            await self._applied(name, "load")
 
     async def unload(self, name: str) -> None:
         await self._repository.unload(name)
+        if self._applied is not None:
+            await self._applied(name, "unload")

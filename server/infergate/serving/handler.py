@@ -96,8 +96,8 @@ class InferenceHandler:
             raise
         finally:
             _record(routed, error, started, expires)
-        self._answered(routed, decoded, outputs, request.id)
-        return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id)
+        shadowed = self._answered(routed, decoded, outputs, request.id)
+        return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id, shadowed)
 
     async def _decoded_on_thread(self, request: InferenceRequest, routed: Routed) -> tuple[Routed, DecodedRequest]:
         """``request`` decoded on a thread (``offload.py``), and the version it is for.
@@ -134,13 +134,15 @@ class InferenceHandler:
             return self._cached(self._cache, model, decoded, request, remaining, accrue)
         return self._run(model, decoded, request, remaining, accrue)
 
-    def _answered(self, routed: Routed, decoded: DecodedRequest, outputs: Tensors, request_id: str) -> None:
-        """Offer an answered request to its version's monitor, and mirror it when routing chose to."""
+    def _answered(self, routed: Routed, decoded: DecodedRequest, outputs: Tensors, request_id: str) -> bool:
+        """Offer an answered request to its version's monitor, and mirror it when routing chose to.
+        Returns whether a copy was queued for the shadow (not dropped: see ``ShadowQueue.offer``)."""
         model = routed.model
         if model.monitor is not None:
             model.monitor.record(decoded.inputs, outputs, request_id=request_id, route=routed.decision.arm)
         if routed.shadow is not None and model.sequences is None:
-            self._mirror(routed.shadow, decoded, outputs)
+            return self._mirror(routed.shadow, decoded, outputs)
+        return False
 
     async def _ensemble(
         self,
@@ -262,13 +264,14 @@ class InferenceHandler:
         level = model.priority_level(request.priority)
         return await model.infer(decoded.inputs, decoded.rows, decoded.group, deadline, server_side, level, accrue)
 
-    def _mirror(self, shadow: ShadowTarget, decoded: DecodedRequest, outputs: Tensors) -> None:
-        """Queue the same inputs for the shadow version; never waits, never fails the caller."""
+    def _mirror(self, shadow: ShadowTarget, decoded: DecodedRequest, outputs: Tensors) -> bool:
+        """Queue the same inputs for the shadow version; never waits, never fails the caller.
+        Returns whether the copy was queued (False: dropped, and counted as dropped)."""
         # The shadow runs after the answer: inputs read in place from shared memory must be copied first.
         inputs = detach_shared(decoded.inputs)
         call = functools.partial(_shadow_call, shadow.model, inputs, decoded.rows, decoded.group)
         job = ShadowJob(call, outputs, shadow.stats, shadow.spec.timeout_seconds, shadow.spec.max_busy_fraction)
-        self._shadows.offer(job, limit=shadow.spec.queue_size)
+        return self._shadows.offer(job, limit=shadow.spec.queue_size)
 
 
 async def _shadow_call(model: ModelVersion, inputs: Tensors, rows: int, group: Hashable) -> Tensors:

@@ -86,3 +86,4 @@ class InferenceResult:
     requested: tuple[str, ...]  # output names the caller asked for; empty: all
     decision: Decision
     id: str
+    shadowed: bool = False  # a copy was queued for the shadow version (routing chose to, and none dropped it)

@@ -114,7 +114,10 @@ class ServerMetrics:
         )
         self._shadow_errors = self._counter(meter, "infergate.shadow.errors", "{request}", "Shadow calls that failed")
         self._shadow_dropped = self._counter(
-            meter, "infergate.shadow.dropped", "{request}", "Shadow calls dropped (shadow queue full)"
+            meter,
+            "infergate.shadow.dropped",
+            "{request}",
+            "Shadow calls dropped: queue full, busy-time budget spent, or shadow paused",
         )
         self._request_duration = histograms.create(
             "infergate.request.duration", "s", "Time from receiving an RPC to answering it", SECONDS
