@@ -1,6 +1,6 @@
 """``infergate batch`` when things go wrong below it: input files that fail part-way through (the run must end
-with an error naming the file, never wait forever), and a process that dies while finishing (a resume must not
-undo an output already in place).
+with an error naming the file, never wait forever), a process that dies while finishing (a resume must not
+undo an output already in place), and paths the run cannot use (refused before anything is scored or created).
 
 The runs go through the real engine and the test model; the crash is a child process that exits the moment the
 output is renamed into place.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -234,3 +235,89 @@ def test_a_run_that_died_just_before_moving_its_output_into_place_finishes_on_re
     ids, y = _read(output)
     assert ids == list(range(ROWS))
     np.testing.assert_allclose(y, _x() * FACTOR, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- paths the run cannot use
+
+
+def _command(repository: Path, *args: str) -> tuple[int, str]:
+    """The real ``infergate batch`` in a child process: its exit code and stderr."""
+    command = [sys.executable, "-m", "infergate", "batch", "--model-repository", str(repository), "--model", "scale"]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    return done.returncode, done.stderr
+
+
+def test_a_summary_file_that_cannot_be_written_is_refused_before_the_run(repository: Path, tmp_path: Path) -> None:
+    source, output, summary = tmp_path / "in.npy", tmp_path / "out.jsonl", tmp_path / "missing" / "s.json"
+    np.save(source, _x())
+    code, stderr = _command(repository, "--input", str(source), "--output", str(output), "--summary", str(summary))
+    assert code == 2, stderr
+    assert f"infergate batch: --summary {summary}: no directory {summary.parent}" in stderr
+    assert "Traceback" not in stderr
+    assert not output.exists() and not output.with_name(output.name + ".partial").exists()
+
+
+def test_a_summary_that_fails_to_be_written_after_the_run_exits_1_with_the_output_in_place(
+    repository: Path, tmp_path: Path
+) -> None:
+    """/dev/full can be opened for writing, but every write to it fails (ENOSPC)."""
+    source, output = tmp_path / "in.npy", tmp_path / "out.jsonl"
+    np.save(source, _x())
+    code, stderr = _command(repository, "--input", str(source), "--output", str(output), "--summary", "/dev/full")
+    assert code == 1, stderr
+    assert f"infergate batch: {output} is complete, but the summary cannot be written to /dev/full: " in stderr
+    assert "Traceback" not in stderr
+    ids, y = _read(output)
+    assert ids == list(range(ROWS))
+    np.testing.assert_allclose(y, _x() * FACTOR, rtol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["a missing directory", "a directory", "under a file"])
+def test_an_errors_file_that_cannot_be_written_is_refused_before_the_staging_folder_exists(
+    repository: Path, tmp_path: Path, where: str
+) -> None:
+    source, output = tmp_path / "in.npy", tmp_path / "out.jsonl"
+    np.save(source, _x())
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("")
+    errors, message = {
+        "a missing directory": (tmp_path / "missing" / "e.jsonl", f"no directory {tmp_path / 'missing'}"),
+        "a directory": (tmp_path / "a-dir", "is a directory"),
+        "under a file": (tmp_path / "a-file" / "e.jsonl", f"{tmp_path / 'a-file'} is not a directory"),
+    }[where]
+    args = ["--input", str(source), "--output", str(output), "--on-error", "skip"]
+    code, stderr = _command(repository, *args, "--errors", str(errors))
+    assert code == 2, stderr
+    assert f"infergate batch: --errors {errors}: {message}" in stderr
+    assert not output.with_name(output.name + ".partial").exists()
+    assert _batch(repository, *args) == 0  # nothing left behind blocks the next run
+
+
+@pytest.mark.parametrize("spelling", ["the same path", "another path to it"])
+def test_an_output_that_is_the_input_file_is_refused_and_the_input_kept(
+    repository: Path, tmp_path: Path, spelling: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"x": [float(v) for v in row]}) + "\n" for row in _x()))
+    before = source.read_bytes()
+    (tmp_path / "sub").mkdir()
+    output = source if spelling == "the same path" else tmp_path / "sub" / ".." / "in.jsonl"
+    assert _batch(repository, "--input", str(source), "--output", str(output)) == 2
+    assert f"infergate batch: --output {output} is the input file" in capsys.readouterr().err
+    assert source.read_bytes() == before
+    assert not source.with_name("in.jsonl.partial").exists()
+
+
+@pytest.mark.parametrize("other", ["input", "output"])
+def test_an_errors_file_that_is_the_input_or_the_output_is_refused(
+    repository: Path, tmp_path: Path, other: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, output = tmp_path / "in.npy", tmp_path / "out.jsonl"
+    np.save(source, _x())
+    before = source.read_bytes()
+    errors = source if other == "input" else output
+    args = ["--input", str(source), "--output", str(output), "--on-error", "skip", "--errors", str(errors)]
+    assert _batch(repository, *args) == 2
+    assert f"infergate batch: --errors {errors} is the {other} file" in capsys.readouterr().err
+    assert source.read_bytes() == before
+    assert not output.exists()

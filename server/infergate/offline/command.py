@@ -2,8 +2,11 @@
 
 Exit codes: 0 done (bad rows skipped with ``--on-error skip`` included);
 1 the run failed (a bad row with ``--on-error stop``, a model that does not
-load, a server that cannot be reached); 2 a bad command line or an input that
-cannot feed the model; 130 stopped by Ctrl-C (``--resume`` continues).
+load, a server that cannot be reached), or the summary could not be written
+once the output was in place; 2 a bad command line, an input that cannot feed
+the model, a file the run would destroy or cannot write, or a resume refused
+(another run holds the output, the model changed); 130 stopped by Ctrl-C
+(``--resume`` continues).
 """
 
 from __future__ import annotations
@@ -74,14 +77,20 @@ def main(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     from infergate.configfile import ConfigError
     from infergate.models.runner import ModelLoadError
-    from infergate.offline.engine import BadRowError, RunSettings, run
+    from infergate.offline.engine import BadRowError, RunSettings, run, staging_of
+    from infergate.offline.lock import check_free
+    from infergate.offline.paths import PathError, check_paths
     from infergate.offline.readers import InputError
     from infergate.offline.state import ResumeError
 
     stop = asyncio.Event()
     _on_ctrl_c(stop)
     try:
+        check_paths(args.input, args.output, args.errors, args.summary)  # before the model loads
+        check_free(staging_of(args.output))
         executor = await _open(args)
+    except (PathError, ResumeError) as exc:
+        return _fail(exc, USAGE)
     except (InputError, ConfigError) as exc:
         return _fail(exc, USAGE)
     except ModelLoadError as exc:
@@ -99,7 +108,7 @@ async def _main(args: argparse.Namespace) -> int:
     )
     try:
         summary = await run(settings, executor, stop)
-    except (InputError, ResumeError) as exc:
+    except (InputError, ResumeError, PathError) as exc:
         return _fail(exc, USAGE)
     except BadRowError as exc:
         return _fail(f"{exc}; --on-error skip skips bad rows", FAILED)
@@ -112,8 +121,11 @@ async def _main(args: argparse.Namespace) -> int:
     finally:
         await executor.aclose()
     summary.peak_rss_mb = _peak_rss_mb()
-    _report(summary, args.summary)
-    return INTERRUPTED if summary.interrupted else OK
+    _report(summary)
+    if summary.interrupted:
+        _write_summary(summary, args.summary)
+        return INTERRUPTED
+    return OK if _write_summary(summary, args.summary) else FAILED
 
 
 def _peak_rss_mb() -> float | None:
@@ -163,7 +175,7 @@ def _fail(error: object, code: int) -> int:
     return code
 
 
-def _report(summary: Summary, path: Path | None) -> None:
+def _report(summary: Summary) -> None:
     bad = f", {summary.bad_rows:,} bad (see {summary.errors_file})" if summary.errors_file else ""
     for note in summary.notes:
         print(f"infergate batch: {note}", file=sys.stderr)
@@ -179,6 +191,18 @@ def _report(summary: Summary, path: Path | None) -> None:
             f"({summary.rows_per_second:,.0f} rows/s) -> {summary.output}",
             file=sys.stderr,
         )
-    if path is not None:
-        body = asdict(summary) | {"rows_per_second": summary.rows_per_second}
+
+
+def _write_summary(summary: Summary, path: Path | None) -> bool:
+    """Write ``--summary`` when given; False (said on stderr) when it cannot be written. Its path was checked
+    before the run, so what fails here is the writing itself (a full disk, a folder removed meanwhile)."""
+    if path is None:
+        return True
+    body = asdict(summary) | {"rows_per_second": summary.rows_per_second}
+    try:
         path.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        done = "" if summary.interrupted else f"{summary.output} is complete, but "
+        _fail(f"{done}the summary cannot be written to {path}: {exc}", FAILED)
+        return False
+    return True

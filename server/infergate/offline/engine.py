@@ -16,6 +16,10 @@ on are found; those become bad rows like the unreadable ones. With
 ``on_error="stop"`` the first chunk holding a bad row is not written and the
 run fails naming the row; with ``"skip"`` bad rows go to the errors file.
 
+Before anything is created the output and errors paths are checked (see
+:mod:`.paths`); the run then holds its staging folder with a lock (see
+:mod:`.lock`), so a second run on the same output is refused at once.
+
 ``stop`` (Ctrl-C) ends reading; the chunks already being scored are finished
 and written, so the state file names the last of them and ``--resume`` goes on
 from there.
@@ -41,12 +45,14 @@ import numpy.typing as npt
 
 from infergate.models.spec import Tensors
 from infergate.offline.executors import Executor
+from infergate.offline.lock import claim_staging
+from infergate.offline.paths import check_paths
 from infergate.offline.progress import Progress
 from infergate.offline.readers import Chunk, InputError, Reader, RowError, open_reader
 from infergate.offline.state import ResumeError, RunState, identity_of
 from infergate.offline.writers import ErrorsFile, Writer, open_writer, publish
 
-__all__ = ["WINDOW", "BadRowError", "RunSettings", "Summary", "run"]
+__all__ = ["WINDOW", "BadRowError", "RunSettings", "Summary", "run", "staging_of"]
 
 Array = npt.NDArray[Any]
 WINDOW = 3  # chunks read ahead of the writer
@@ -104,6 +110,7 @@ class _Scored:
 
 
 def staging_of(output: Path) -> Path:
+    """The folder a run on ``output`` stages its files in, and holds while it runs."""
     return output.with_name(output.name + ".partial")
 
 
@@ -113,26 +120,26 @@ def _errors_path(settings: RunSettings) -> Path | None:
     return settings.output.with_name(settings.output.name + ".errors.jsonl") if settings.on_error == "skip" else None
 
 
-def _prepare(settings: RunSettings, executor: Executor, summary: Summary) -> RunState:
-    """A fresh state (and staging folder), or the saved one when resuming. Raises ResumeError."""
+def _prepare(settings: RunSettings, executor: Executor, summary: Summary, created: bool) -> RunState:
+    """A fresh state in a staging folder this run ``created``, or the saved one when resuming. Raises ResumeError."""
     staging = staging_of(settings.output)
     fresh = RunState(
         input=str(settings.input.resolve()),
         input_identity=identity_of(settings.input),
         model=executor.spec.name,
         model_version=executor.version,
+        model_sha256=executor.digest,
         output_format=settings.output.suffix.lower(),
         chunk_rows=settings.chunk_rows,
         id_column=settings.id_column,
     )
-    if staging.exists() and not settings.resume:
-        raise ResumeError(f"{staging} holds an unfinished run: pass --resume to continue it, or delete it to restart")
-    if not staging.exists():
+    if created:
         if settings.resume:
             summary.notes.append("nothing to resume: starting from the first row")
-        staging.mkdir(parents=True)
         fresh.save(staging)
         return fresh
+    if not settings.resume:
+        raise ResumeError(f"{staging} holds an unfinished run: pass --resume to continue it, or delete it to restart")
     saved = RunState.load(staging)
     differences = saved.matches(fresh)
     if differences:
@@ -141,26 +148,46 @@ def _prepare(settings: RunSettings, executor: Executor, summary: Summary) -> Run
 
 
 async def run(settings: RunSettings, executor: Executor, stop: asyncio.Event) -> Summary:
-    """Score ``settings.input`` with ``executor`` into ``settings.output``. Raises InputError, ResumeError,
-    BadRowError, or what the executor raises when it cannot go on."""
-    summary = Summary(executor.spec.name, executor.version or "(server's choice)", str(settings.output))
+    """Score ``settings.input`` with ``executor`` into ``settings.output``. Raises PathError, InputError,
+    ResumeError (StagingInUse when another process runs on the same output), BadRowError, or what the
+    executor raises when it cannot go on."""
+    errors_path = _errors_path(settings)
+    check_paths(settings.input, settings.output, errors_path)  # before anything is created
     staging = staging_of(settings.output)
     reader = await asyncio.to_thread(
         open_reader, settings.input, executor.spec, settings.chunk_rows, settings.id_column
     )
     try:
         writer = open_writer(settings.output, staging, executor.spec, settings.id_column or "row_id")
-        state = _prepare(settings, executor, summary)
-    except BaseException:
+        with claim_staging(staging) as created:
+            return await _run_claimed(settings, executor, stop, reader, writer, errors_path, created)
+    finally:
         reader.close()
+
+
+async def _run_claimed(
+    settings: RunSettings,
+    executor: Executor,
+    stop: asyncio.Event,
+    reader: Reader,
+    writer: Writer,
+    errors_path: Path | None,
+    created: bool,
+) -> Summary:
+    """The run, once it holds the staging folder (which it ``created``, or found)."""
+    summary = Summary(executor.spec.name, executor.version or "(server's choice)", str(settings.output))
+    staging = staging_of(settings.output)
+    try:
+        state = _prepare(settings, executor, summary, created)
+        errors = None if errors_path is None or state.finished else ErrorsFile(errors_path, state.errors_size)
+    except BaseException:
+        if created:  # nothing of this run is in it yet
+            shutil.rmtree(staging)
         raise
     summary.resumed_from = state.next_row
-    errors_path = _errors_path(settings)
     if state.finished:  # a crash after the output was built: only its last steps are left
-        reader.close()
         await asyncio.to_thread(_complete_finished, writer, settings, errors_path, staging, state, summary)
         return summary
-    errors = ErrorsFile(errors_path, state.errors_size) if errors_path is not None else None
     progress = Progress(reader.total_rows, state.next_row)
     started = time.monotonic()
     finished = False
@@ -173,17 +200,21 @@ async def run(settings: RunSettings, executor: Executor, stop: asyncio.Event) ->
             finished = True
     finally:
         summary.seconds = time.monotonic() - started
-        summary.rows = state.next_row - summary.resumed_from
-        summary.rows_written, summary.bad_rows = state.rows_written, state.bad_rows
-        summary.errors_file = str(errors_path) if errors_path is not None and errors_path.exists() else None
+        _tally(summary, state, errors_path)
         progress.close()
-        reader.close()
         writer.close()
         if errors is not None:
             errors.close()
         if not finished and state.chunks == 0 and staging.exists():  # nothing worth resuming
             shutil.rmtree(staging)
     return summary
+
+
+def _tally(summary: Summary, state: RunState, errors_path: Path | None) -> None:
+    """Copy what the state records as done into the summary."""
+    summary.rows = state.next_row - summary.resumed_from
+    summary.rows_written, summary.bad_rows = state.rows_written, state.bad_rows
+    summary.errors_file = str(errors_path) if errors_path is not None and errors_path.exists() else None
 
 
 def _finish(
@@ -226,8 +257,7 @@ def _complete_finished(
 ) -> None:
     """Resuming a run whose output was already built: complete it without rewriting anything."""
     moved = _complete(writer.staged, settings, errors_path, staging)
-    summary.rows_written, summary.bad_rows = state.rows_written, state.bad_rows
-    summary.errors_file = str(errors_path) if errors_path is not None and errors_path.exists() else None
+    _tally(summary, state, errors_path)
     done = f"moved {settings.output} into place" if moved else f"{settings.output} is left as it was"
     summary.notes.append(f"the run was already complete: {done}")
 

@@ -37,6 +37,7 @@ _CLOSE_TIMEOUT_S = 30.0
 class Executor(Protocol):
     spec: ModelSpec
     version: str  # the version that computes the rows; "" when the server picks per request
+    digest: str | None  # its model file's sha256, as loading verified it; None when the server reports none
     batch_size: int  # rows per request
     in_flight: int  # requests to keep in flight so the model never waits for the next one
 
@@ -77,6 +78,7 @@ class LocalExecutor:
         self.model = model
         self.spec = model.spec
         self.version = str(model.version)
+        self.digest = model.metadata.sha256
         self.batch_size = batch_size
         # One request queued behind each busy instance, so an instance never waits for the loop;
         # never more than the model's queue holds beside the running ones (it would refuse them).
@@ -145,9 +147,12 @@ def _read_model(directory: Path) -> tuple[ModelConfig, list[int]]:
 class RemoteExecutor:
     """A remote server, through the SDK's asyncio client (see the module docstring)."""
 
-    def __init__(self, client: Any, spec: ModelSpec, version: str, batch_size: int, concurrency: int) -> None:
+    def __init__(
+        self, client: Any, spec: ModelSpec, version: str, digest: str | None, batch_size: int, concurrency: int
+    ) -> None:
         self._client = client
-        self.spec, self.version, self.batch_size, self.in_flight = spec, version, batch_size, concurrency
+        self.spec, self.version, self.digest = spec, version, digest
+        self.batch_size, self.in_flight = batch_size, concurrency
 
     @classmethod
     async def open(
@@ -192,7 +197,7 @@ class RemoteExecutor:
         )
         _need_batching(spec)
         rows = min(batch_size or spec.max_batch_size, spec.max_batch_size)
-        return cls(client, spec, wanted, rows, concurrency)
+        return cls(client, spec, wanted, _served_digest(config), rows, concurrency)
 
     async def infer(self, inputs: Tensors, rows: int) -> Tensors:
         result = await self._client.infer(self.spec.name, inputs, model_version=self.version or None)
@@ -209,3 +214,14 @@ class RemoteExecutor:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _served_digest(config: Any) -> str | None:
+    """The sha256 an infergate serves in the version's ModelConfig parameters (Triton serves none).
+
+    With no ``--version`` it is the digest of the version answering requests that name none, read once when
+    the run starts: a server that routes some requests elsewhere, or loads other bytes mid-run, goes unseen.
+    """
+    if "sha256" not in config.parameters:
+        return None
+    return str(config.parameters["sha256"].string_value) or None
