@@ -94,6 +94,9 @@ def test_errors_say_what_was_wrong_with_documented_exit_codes(
         ("[[1,2,3,99999999999999999999]]", "--input b: [[1,2,3,99999999999999999999]] cannot be INT64:"),
         ('[["one",2,3,4]]', '--input b: [["one",2,3,4]] cannot be INT64:'),
         ("[[1,2],[3]]", "--input b: [[1,2],[3]] cannot be INT64:"),
+        ("[[1.5,2,3,4]]", "--input b: [[1.5,2,3,4]] cannot be INT64: 1.5 is not a whole number"),
+        ("[[1e30,2,3,4]]", "--input b: [[1e30,2,3,4]] cannot be INT64: 1e+30 is out of range"),
+        ("[[true,2,3,4]]", "--input b: [[true,2,3,4]] cannot be INT64: True is not a whole number"),
     ],
 )
 def test_a_json_input_that_does_not_fit_its_datatype_exits_2_with_one_line(
@@ -102,6 +105,22 @@ def test_a_json_input_that_does_not_fit_its_datatype_exits_2_with_one_line(
     done = _run(
         "--url", demo_server.url, "infer", "multi_io", "-i", "a=[[1,2,3,4]]", "-i", f"b={value}",
         "-i", "flag=[[true]]", "-i", 'text=[["a","b"]]',
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"infergate-client: {message}") and done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[[5]]", "--input flag: [[5]] cannot be BOOL: 5 is not true, false, 0 or 1"),
+        ('[["false"]]', "--input flag: [[\"false\"]] cannot be BOOL: 'false' is not true, false, 0 or 1"),
+    ],
+)
+def test_a_json_bool_input_takes_true_false_0_or_1_only(demo_server: ServerProcess, value: str, message: str) -> None:
+    done = _run(
+        "--url", demo_server.url, "infer", "multi_io", "-i", "a=[[1,2,3,4]]", "-i", "b=[[1,2,3,4]]",
+        "-i", f"flag={value}", "-i", 'text=[["a","b"]]',
     )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.startswith(f"infergate-client: {message}") and done.stderr.count("\n") == 1, done.stderr

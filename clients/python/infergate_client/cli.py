@@ -198,6 +198,8 @@ def _as_datatype(data: Any, datatype: str) -> Array:
     """Parsed JSON as an array of ``datatype``. A finite number that a float datatype cannot hold
     (1e39 for FP32, 70000 for FP16) raises OverflowError instead of becoming an infinity."""
     dtype = DATATYPES[datatype]
+    if dtype.kind in "iub":
+        _check_leaves(data, dtype)
     if dtype.kind != "f":
         return np.array(data, dtype=dtype)
     wide = np.array(data, dtype=np.float64)  # "inf", "nan" and "-inf" strings read as themselves
@@ -208,6 +210,25 @@ def _as_datatype(data: Any, datatype: str) -> Array:
         first = wide[overflow][0]
         raise OverflowError(f"{first:g} is out of range (largest finite {datatype} is {np.finfo(dtype).max:g})")
     return narrow
+
+
+def _check_leaves(data: Any, dtype: np.dtype[Any]) -> None:
+    """Refuse what numpy would cast silently: 1.5 or true for an integer (1), 5 or "false" for a BOOL (True).
+    Integers take whole numbers (2.0 too) in range, and text numpy reads as one; BOOL takes true, false, 0, 1.
+    """
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, list):
+            pending.extend(value)
+        elif dtype.kind == "b":
+            if not (isinstance(value, bool) or (type(value) is int and value in (0, 1))):
+                raise ValueError(f"{value!r} is not true, false, 0 or 1")
+        elif isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{value!r} is not a whole number")
+        elif isinstance(value, (int, float)) and not np.iinfo(dtype).min <= value <= np.iinfo(dtype).max:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise OverflowError(f"{shown} is out of range")
 
 
 NON_FINITE: dict[str, Callable[[Array], Array]] = {"nan": np.isnan, "inf": np.isposinf, "-inf": np.isneginf}
