@@ -31,7 +31,7 @@ from infergate.errors import FailedPrecondition
 from infergate.models.config import PROVIDERS, ModelConfig
 from infergate.models.config_files import config_file, read_model_config
 from infergate.models.ensemble import SequenceTurns, StepModel, check_steps, load_ensemble_version, load_order
-from infergate.models.governance import ChecksumMismatch, MetadataError, resolve_metadata
+from infergate.models.governance import IntegrityError, MetadataError, resolve_metadata
 from infergate.models.runner import ModelLoadError
 from infergate.models.spec import ModelSpec
 from infergate.models.version import ModelVersion, load_model_version
@@ -240,7 +240,7 @@ async def _check_version(
     try:
         given = (await asyncio.to_thread(resolve_metadata, version_dir, config)).sha256 is not None
         model = await asyncio.to_thread(load_model_version, version_dir, name, version, config)
-    except ChecksumMismatch as exc:
+    except IntegrityError as exc:
         report.add("checksum", "error", str(exc), name, version)
         return False
     except MetadataError as exc:
@@ -277,7 +277,7 @@ def _explain(exc: BaseException) -> str:
 
 def _report_loaded(model: ModelVersion, config: ModelConfig, given: bool, report: Report) -> None:
     name, version = model.name, model.version
-    digest = model.metadata.sha256 or ""
+    digest = ", ".join((model.metadata.sha256 or "").splitlines())  # several files: sha256sum's lines
     report.add("checksum", "ok", f"sha256 {digest} ({'verified' if given else 'computed; none given'})", name, version)
     used = model.runner.providers[0]
     wanted = PROVIDERS[config.execution_providers[0].name]

@@ -6,6 +6,8 @@ Keys follow Triton's model configuration names wherever the concept exists.
 
 from __future__ import annotations
 
+import posixpath
+import re
 from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
@@ -442,17 +444,38 @@ def _iso_date(value: Any) -> Any:
     return value.isoformat() if isinstance(value, date) else value
 
 
-def _digest(value: Any) -> Any:
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_SHA256SUM_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")  # text mode's two spaces, or binary mode's " *"
+
+
+def _digests(value: Any) -> Any:
+    """``sha256``: one digest (of the model file), or ``sha256sum``'s lines ``DIGEST  FILE``, one per file the
+    version loads (governance.py); kept as lower-case digests, and lines with two spaces and plain names."""
     if isinstance(value, int | float):  # an all-digit digest unquoted in YAML
         raise ValueError("YAML read the digest as a number: put it in quotes")
-    return value.lower() if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    if _SHA256.fullmatch(text := value.strip()):
+        return text.lower()
+    lines: dict[str, str] = {}
+    for line in filter(None, (line.strip() for line in text.splitlines())):
+        match = _SHA256SUM_LINE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"expected a SHA-256 digest (64 hex digits), or sha256sum's lines; got {line!r}")
+        name = posixpath.normpath(match[2])
+        if name.startswith("/") or name.split("/")[0] == "..":
+            raise ValueError(f"{match[2]!r}: name a file of the version's directory, relative to it")
+        if name in lines:
+            raise ValueError(f"{name!r} is listed twice")
+        lines[name] = match[1].lower()
+    return "\n".join(f"{digest}  {name}" for name, digest in lines.items())
 
 
 Text = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
 class Metadata(Strict):
-    """Governance: who made the model, from what, under which terms, and its file's digest.
+    """Governance: who made the model, from what, under which terms, and its files' digests.
 
     The ``metadata:`` block of config.yaml applies to every version; a version's
     ``metadata.yaml`` overrides it field by field (see infergate.models.governance).
@@ -467,8 +490,9 @@ class Metadata(Strict):
     # Served joined with commas, so a tag cannot hold one.
     tags: list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^,]+$")]] = []
     created: Annotated[Text, BeforeValidator(_iso_date)] | None = None
-    # Of the version's model file; checked at load (a mismatch: the version does not load).
-    sha256: Annotated[str, BeforeValidator(_digest), Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    # Of the version's model file, or sha256sum's lines, one per file it loads (its external data too);
+    # checked at load (a mismatch: the version does not load).
+    sha256: Annotated[str, BeforeValidator(_digests), Field(min_length=1)] | None = None
     labels: dict[Annotated[str, Field(min_length=1, max_length=256)], Annotated[str, Field(max_length=4096)]] = {}
 
 

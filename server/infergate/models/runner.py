@@ -52,6 +52,7 @@ from infergate.models.warmup import WarmupRun, describe_feeds, valid_inputs, war
 __all__ = [
     "AUTO_CPU_INSTANCES",
     "Instance",
+    "ModelFile",
     "ModelLoadError",
     "OnnxRunner",
     "collate",
@@ -82,6 +83,31 @@ _OPT_LEVELS = {
 
 class ModelLoadError(Exception):
     """A model version could not be loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model as onnxruntime opens it: ``path``, the file as named (for messages; its directory is the
+    version's); ``source``, what each session reads: that path, the ``/proc/self/fd/N`` of a descriptor open
+    on it, or its bytes; ``external_folder``, where each session reads the external data files the graph
+    names, when not beside ``source`` (governance.py: the directory the files were hashed in)."""
+
+    path: Path
+    source: str | bytes
+    external_folder: str | None = None
+
+    def prepare(self, options: ort.SessionOptions) -> None:
+        """Set what opening ``source`` takes on the options every session of the model is opened with."""
+        if self.external_folder is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             self.external_folder)  # fmt: skip
+        if self.path.suffix == ".ort":  # onnxruntime tells its own format by the name's suffix, which /proc/… has not
+            options.add_session_config_entry("session.load_model_format", "ORT")
+
+    def failure(self, exc: BaseException) -> str:
+        """onnxruntime's reason for refusing the model, naming the file as named."""
+        reason = _first_line(exc)
+        return reason.replace(self.source, str(self.path)) if isinstance(self.source, str) else reason
 
 
 def collate(payloads: Sequence[Tensors]) -> Tensors:
@@ -180,7 +206,7 @@ def _run_warmup(run_batch: Callable[[Tensors], object], runs: Sequence[WarmupRun
 Providers = list[tuple[str, dict[str, str]]]  # onnxruntime's names and their options, in order
 
 
-def _new_session(model: Path | bytes, options: ort.SessionOptions, providers: Providers) -> ort.InferenceSession:
+def _new_session(model: str | bytes, options: ort.SessionOptions, providers: Providers) -> ort.InferenceSession:
     """An onnxruntime session without its Python wrapper's provider fallback.
 
     That fallback, on by default, re-creates a session whose provider raised at creation on the CPU (or
@@ -188,21 +214,22 @@ def _new_session(model: Path | bytes, options: ort.SessionOptions, providers: Pr
     EPFail in ``run`` it re-creates the C session on them, under every IO binding made from the old one.
     Off, the error reaches the load (:func:`_first_session`) or the batch.
     """
-    model_arg = str(model) if isinstance(model, Path) else model
-    session = ort.InferenceSession(model_arg, sess_options=options, providers=providers, enable_fallback=0)
+    session = ort.InferenceSession(model, sess_options=options, providers=providers, enable_fallback=0)
     session.disable_fallback()  # the run-time half (enable_fallback=0 sets it too, in the versions that read it)
     return session
 
 
-def _sessions(path: Path, options: ort.SessionOptions, providers: Providers, count: int) -> list[ort.InferenceSession]:
+def _sessions(
+    model: ModelFile, options: ort.SessionOptions, providers: Providers, count: int
+) -> list[ort.InferenceSession]:
     try:
-        return [_new_session(path, options, providers) for _ in range(count)]
+        return [_new_session(model.source, options, providers) for _ in range(count)]
     except Exception as exc:  # onnxruntime raises several unrelated types
-        raise ModelLoadError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"onnxruntime cannot load {model.path}: {model.failure(exc)}") from exc
 
 
 def _first_session(
-    path: Path, options: ort.SessionOptions, providers: Providers, config: ModelConfig, name: str
+    model: ModelFile, options: ort.SessionOptions, providers: Providers, config: ModelConfig, name: str
 ) -> tuple[ort.InferenceSession, Providers]:
     """The first session and the providers it came up with: a configured one that did not come up
     (it raised, or onnxruntime left it out of the session) fails the load, naming its field
@@ -211,12 +238,12 @@ def _first_session(
     remaining = list(providers)
     while True:
         try:
-            session = _new_session(path, options, remaining)
+            session = _new_session(model.source, options, remaining)
         except Exception as exc:  # onnxruntime raises several unrelated types
             failed = next((p for p, _ in remaining if p != "CPUExecutionProvider"), None)
-            if failed is None or not _opens_on_cpu(path, options):  # the model's fault, not a provider's
-                raise ModelLoadError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
-            reason = _first_line(exc)
+            if failed is None or not _opens_on_cpu(model, options):  # the model's fault, not a provider's
+                raise ModelLoadError(f"onnxruntime cannot load {model.path}: {model.failure(exc)}") from exc
+            reason = model.failure(exc)
         else:
             came_up = session.get_providers()
             failed = next((p for p, _ in remaining if p not in came_up), None)
@@ -233,9 +260,9 @@ def _first_session(
                     remaining[0][0] if remaining else "CPUExecutionProvider")  # fmt: skip
 
 
-def _opens_on_cpu(path: Path, options: ort.SessionOptions) -> bool:
+def _opens_on_cpu(model: ModelFile, options: ort.SessionOptions) -> bool:
     try:
-        _new_session(path, options, [("CPUExecutionProvider", {})])
+        _new_session(model.source, options, [("CPUExecutionProvider", {})])
     except Exception:
         return False
     return True
@@ -246,7 +273,7 @@ def _config_index(config: ModelConfig, ort_name: str) -> int:
 
 
 def _cpu_instances(
-    path: Path,
+    model: ModelFile,
     options: ort.SessionOptions,
     providers: list[tuple[str, dict[str, str]]],
     spec: ModelSpec,
@@ -264,8 +291,8 @@ def _cpu_instances(
     kept = [s for s in probe if s.get_session_options().intra_op_num_threads == threads][:1]
     probe.clear()
     options.intra_op_num_threads = threads
-    added = _sessions(path, options, providers, AUTO_CPU_INSTANCES - len(kept))
-    _warm_up(added, spec, config, path.parent.parent)
+    added = _sessions(model, options, providers, AUTO_CPU_INSTANCES - len(kept))
+    _warm_up(added, spec, config, model.path.parent.parent)
     sessions = kept + added
     log.info("model %s version %d: %d instances, %d intra-op thread(s) each (instance_group.count auto)",
              spec.name, spec.version, AUTO_CPU_INSTANCES, threads)  # fmt: skip
@@ -378,8 +405,13 @@ class OnnxRunner:
         self._unbatched = False  # an output was found not to follow the batch (see _one_by_one)
 
     @classmethod
-    def load(cls, path: Path, config: ModelConfig, name: str, version: int, cpus: int | None = None) -> OnnxRunner:
+    def load(
+        cls, model: Path | ModelFile, config: ModelConfig, name: str, version: int, cpus: int | None = None
+    ) -> OnnxRunner:
         """Create the sessions (blocking: call from a thread) and warm them up.
+
+        ``model``: a file's path, which every session opens by name, or what ``governance.open_verified``
+        hashed, which every session reads through what it holds open (the file, its directory).
 
         ``cpus``: how many CPUs the sessions' threads share when the config leaves their number to the
         server (``intra_op_num_threads`` 0); None: :func:`~infergate.models.cpus.model_cpus` of this
@@ -388,12 +420,14 @@ class OnnxRunner:
         """
         if cpus is None:
             cpus = model_cpus()
+        if isinstance(model, Path):
+            model = ModelFile(model, str(model))
         providers = _providers(config, name)
         # A model whose first provider is a CUDA device loads in turn with the others there (device_gate.py).
         on_device = providers[0][0] in DEVICE_OF_PROVIDER
         with threadnames.named(f"ort-{name}"), CUDA_GATE.loading() if on_device else contextlib.nullcontext():
             try:
-                return cls._load(path, config, name, version, providers, cpus)
+                return cls._load(model, config, name, version, providers, cpus)
             except BaseException as exc:
                 # The failed load's sessions live on in the traceback's frames: destroy them now, in turn.
                 traceback.clear_frames(exc.__traceback__)
@@ -402,7 +436,7 @@ class OnnxRunner:
     @classmethod
     def _load(
         cls,
-        path: Path,
+        model: ModelFile,
         config: ModelConfig,
         name: str,
         version: int,
@@ -410,6 +444,7 @@ class OnnxRunner:
         cpus: int | None,
     ) -> OnnxRunner:
         options = _session_options(config)
+        model.prepare(options)
         requested = None if config.instance_group.count == "auto" else config.instance_group.count
         on_cpu = providers[0][0] == "CPUExecutionProvider"
         count = requested or 1  # auto: one session first; a CPU model that proves not tiny gets more (below)
@@ -425,8 +460,8 @@ class OnnxRunner:
         configured = config.session_options.intra_op_num_threads
         instances = AUTO_CPU_INSTANCES if may_grow else count
         options.intra_op_num_threads = intra_op_threads(configured, instances, on_cpu, cpus)
-        first, providers = _first_session(path, options, providers, config, name)
-        sessions = [first, *_sessions(path, options, providers, count - 1)]
+        first, providers = _first_session(model, options, providers, config, name)
+        sessions = [first, *_sessions(model, options, providers, count - 1)]
         actual = sessions[0].get_providers()[0]  # one of ``providers``: _first_session saw each come up
         unbatched: dict[str, str] = {}
         try:
@@ -451,7 +486,7 @@ class OnnxRunner:
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
         # The repository keeps a version's files in <model>/<version>/, so <model>/warmup/ is two levels up.
-        model_dir = path.parent.parent
+        model_dir = model.path.parent.parent
         if plan is None:
             # Before any thread starts: a failure leaves nothing behind.
             _warm_up(sessions, spec, config, model_dir)
@@ -468,8 +503,8 @@ class OnnxRunner:
             if chosen and threads != 1:
                 if _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=True) <= limit_us:
                     options.intra_op_num_threads = threads = 1
-                    sessions = _sessions(path, options, providers, 1)
-                    _warm_up(sessions, spec, config, path.parent.parent)
+                    sessions = _sessions(model, options, providers, 1)
+                    _warm_up(sessions, spec, config, model_dir)
             measured = threads == 1 or not chosen
             cost_us = _batch_cost_us(sessions[0], spec, limit_us, thread_cpu=threads == 1) if measured else math.inf
             if cost_us <= limit_us:
@@ -481,7 +516,7 @@ class OnnxRunner:
             log.info("model %s version %d: batches run on a thread (largest batch over %d µs)", name, version,
                      limit_us)  # fmt: skip
         if may_grow and actual == "CPUExecutionProvider" and plan is None:
-            sessions = _cpu_instances(path, options, providers, spec, config, probe=sessions, cpus=cpus)
+            sessions = _cpu_instances(model, options, providers, spec, config, probe=sessions, cpus=cpus)
         return cls(sessions, spec, bound)
 
     @property

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from infergate.heap import in_thread
 from infergate.models.batcher import Batch, BatchPolicy, Done, DynamicBatcher
 from infergate.models.config import Metadata, ModelConfig
-from infergate.models.governance import verify_version
+from infergate.models.governance import open_verified
 from infergate.models.labels import output_labels
 from infergate.models.paths import named_file
 from infergate.models.runner import BatchOutcome, ModelLoadError, OnnxRunner
@@ -249,8 +249,15 @@ def load_model_version(
         raise ModelLoadError(str(exc)) from None
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
-    metadata = verify_version(path, config)  # before onnxruntime reads a file that is not the one named
-    runner = OnnxRunner.load(path, config, name, version, cpus)
+    # Hashed and checked before onnxruntime reads them, and what every session reads (governance.py).
+    with open_verified(path, config) as verified:
+        runner = OnnxRunner.load(verified.model, config, name, version, cpus)
+        try:
+            verified.confirm_unchanged()
+        except ModelLoadError:
+            runner.close()
+            raise
+    metadata = verified.metadata
     try:
         monitor = load_monitor(directory, config, runner.spec)  # refuses monitoring.drift without a profile
         model = _assemble(runner, config, directory.parent, monitor)
