@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from models import build_gather_model, save_model
+from test_governance import save_external_model, swap_weights
 
 from infergate.audit import AuditLog
 from infergate.errors import FailedPrecondition
@@ -125,6 +126,29 @@ async def test_a_poll_skips_an_unchanged_failed_version_and_tries_it_again_once_
     write_metadata(model_file.parent, file_sha256(model_file))
     await repository.rescan()
     assert served(repository, "m") == [1]
+
+
+async def test_a_poll_reloads_a_serving_version_whose_external_weights_alone_changed(
+    root: Path, open_repository: RepositoryFactory
+) -> None:
+    """Its model file (the graph) is untouched: a version is every file in its directory, as in Triton."""
+    save_external_model(root / "m" / "1")
+    (root / "m" / "config.yaml").write_text("max_batch_size: 8\n")
+    repository = open_repository()
+    await repository.load_all()
+
+    def serving() -> Any:
+        [model] = repository.catalog.models("m")[0].versions.values()
+        return model
+
+    first = serving()
+    await repository.rescan()  # nothing changed: the same version object serves
+    assert serving() is first
+
+    swap_weights(root / "m" / "1")
+    await repository.rescan()
+    assert serving() is not first
+    assert serving().metadata.sha256 != first.metadata.sha256  # the weights file's digest is part of it
 
 
 async def test_a_poll_tries_a_failed_version_again_once_the_labels_file_it_needs_appears(

@@ -259,7 +259,7 @@ class ModelRepository:
         if config.is_ensemble and self._explicit and source != "poll":
             await self._load_step_models(entry.name, config, source)
         directories = await self._version_directories(entry, directory, source)
-        on_disk, contents = await asyncio.to_thread(_scan, directory, directories, config.default_model_filename)
+        on_disk, contents = await asyncio.to_thread(_scan, directory, directories)
         # Nothing changed since it was refused: a poll refuses it again, unloaded; a load request tries again.
         if source == "poll" and entry.rejected == (config, contents):
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
@@ -594,38 +594,21 @@ def is_model_name(text: str) -> bool:
     return "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
 
 
-def _scan(
-    directory: Path, directories: dict[int, Path], filename: str
-) -> tuple[dict[int, Fingerprint], dict[int, Fingerprint]]:
-    """The versions' files, read in one trip off the event loop: :func:`_fingerprints` and :func:`_contents`."""
-    return _fingerprints(directories, filename), _contents(directory, directories)
+def _scan(directory: Path, directories: dict[int, Path]) -> tuple[dict[int, Fingerprint], dict[int, Fingerprint]]:
+    """The versions' files, read in one trip off the event loop.
 
-
-def _fingerprints(directories: dict[int, Path], filename: str) -> dict[int, Fingerprint]:
-    """Each version's model file identity, which decides whether a serving version reloads; a missing
-    file counts (its load will say so)."""
-    out: dict[int, Fingerprint] = {}
-    for version, path in directories.items():
-        try:
-            stat = (path / filename).stat()
-            out[version] = (stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            out[version] = (0, -1)
-    return out
-
-
-def _contents(directory: Path, directories: dict[int, Path]) -> dict[int, Fingerprint]:
-    """Each version's files as a load reads them, which decides whether a poll tries a failed version again.
-
-    Covers every file of the version directory (the model file, metadata.yaml, external weights,
-    a drift profile) and the model directory's own files that every version reads (labels, warmup/,
-    initial_state/): fixing any of them is worth a new attempt. Not the config file: what it says is
-    compared field by field (a change of routing alone tries nothing again). Each is a digest of the
-    files' names, modification times and sizes, and their total size.
+    First, what decides whether a serving version reloads: every file of its directory (the model file,
+    its external weights, metadata.yaml, a drift profile), as Triton's poll reloads a model any of whose
+    files changed. Then what decides whether a poll tries a failed version again: those files and the
+    model directory's own files that every version reads (labels, warmup/, initial_state/): fixing any
+    of them is worth a new attempt. Not the config file: what it says is compared field by field (a
+    change of routing alone tries nothing again). Each is a digest of the files' names, modification
+    times and sizes, and their total size.
     """
     configs = {directory / CONFIG_YAML, directory / CONFIG_PBTXT}
     shared = _file_stats(directory, skip=configs | set(directories.values()))
-    return {version: _digest(shared + _file_stats(path, skip=set())) for version, path in directories.items()}
+    own = {version: _file_stats(path, skip=set()) for version, path in directories.items()}
+    return {v: _digest(stats) for v, stats in own.items()}, {v: _digest(shared + stats) for v, stats in own.items()}
 
 
 _FileStat = tuple[str, int, int]  # path, mtime_ns, size (-1: could not be read)
