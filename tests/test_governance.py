@@ -456,6 +456,10 @@ def test_a_served_model_with_external_weights_serves_its_pinned_files_and_refuse
         np.testing.assert_array_equal(client.infer("ext", [x]).as_numpy("y"), FACTORS[np.newaxis])
         config = client.get_model_config("ext", "1").config
         assert config.parameters["sha256"].string_value == pinned.strip()
+        listed = subprocess.run([str(CLI), "--url", server.url, "models", "--long"], capture_output=True,
+                                text=True, timeout=60, check=True).stdout  # fmt: skip
+        model_line, weights_line = pinned.strip().splitlines()  # one under the other, under the key
+        assert f"    sha256: {model_line}\n            {weights_line}\n" in listed, listed
 
         staging = root / ".ext-2"  # version 2: the same files and pin, other weights
         shutil.copytree(root / "ext" / "1", staging)

@@ -142,7 +142,8 @@ def _cmd_models(client: Client, args: argparse.Namespace) -> int:
         print(f"{name}\t{version or '-'}\t{state or '-'}")
         if args.long:
             for key, value in _details(client, name, version, state, reason):
-                print(f"    {key}: {value}")
+                # A value of several lines (a sha256 pin of several files) stays under its key.
+                print(f"    {key}: " + ("\n" + " " * (len(key) + 6)).join(value.splitlines()))
     return OK
 
 
