@@ -151,6 +151,30 @@ async def test_a_poll_reloads_a_serving_version_whose_external_weights_alone_cha
     assert serving().metadata.sha256 != first.metadata.sha256  # the weights file's digest is part of it
 
 
+async def test_a_poll_reloads_a_serving_version_when_a_file_of_its_model_directory_changes_not_a_hidden_one(
+    root: Path, open_repository: RepositoryFactory
+) -> None:
+    """The labels (like warmup/ and initial_state/) are read by every version's load, as in Triton's poll;
+    a version staged under a hidden name before its ``mv`` (docs/routing.md) is not read by any."""
+    save_model(build_gather_model(), root, "m", 1, "output:\n  - {name: y, label_filename: labels.txt}\n")
+    (root / "m" / "labels.txt").write_text("".join(f"class {i}\n" for i in range(10)))
+    repository = open_repository()
+    await repository.load_all()
+
+    def serving() -> Any:
+        [model] = repository.catalog.models("m")[0].versions.values()
+        return model
+
+    first = serving()
+    shutil.copytree(root / "m" / "1", root / "m" / ".staging")
+    await repository.rescan()
+    assert serving() is first
+
+    (root / "m" / "labels.txt").write_text("".join(f"label {i}\n" for i in range(10)))
+    await repository.rescan()
+    assert serving() is not first
+
+
 async def test_a_poll_tries_a_failed_version_again_once_the_labels_file_it_needs_appears(
     root: Path, open_repository: RepositoryFactory
 ) -> None:

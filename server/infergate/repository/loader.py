@@ -259,9 +259,9 @@ class ModelRepository:
         if config.is_ensemble and self._explicit and source != "poll":
             await self._load_step_models(entry.name, config, source)
         directories = await self._version_directories(entry, directory, source)
-        on_disk, contents = await asyncio.to_thread(_scan, directory, directories)
+        on_disk = await asyncio.to_thread(_scan, directory, directories)
         # Nothing changed since it was refused: a poll refuses it again, unloaded; a load request tries again.
-        if source == "poll" and entry.rejected == (config, contents):
+        if source == "poll" and entry.rejected == (config, on_disk):
             raise FailedPrecondition(f"{_failed_to_load(entry.name)}: {entry.reason}")
         entry.failed = {v: f for v, f in entry.failed.items() if v in on_disk}
         wanted = config.version_policy.select(list(on_disk))
@@ -277,10 +277,10 @@ class ModelRepository:
             if steps_seen != entry.steps_seen:
                 entry.failed.clear()
         to_load = [v for v in wanted if reload_all or entry.files.get(v) != on_disk[v]]
-        to_load = [v for v in to_load if entry.failed.get(v, (None,))[0] != contents[v]]
+        to_load = [v for v in to_load if entry.failed.get(v, (None,))[0] != on_disk[v]]
         if to_load and not entry.versions:
             entry.state = ModelState.LOADING
-        loaded, failures = await self._load_versions(entry, directories, config, to_load, contents, source)
+        loaded, failures = await self._load_versions(entry, directories, config, to_load, on_disk, source)
         serving = {v: entry.versions[v] for v in wanted if v in entry.versions and v not in loaded}
         serving.update(loaded)
         if failures or any(v in entry.failed for v in wanted):  # keep the good versions that would have gone
@@ -292,7 +292,7 @@ class ModelRepository:
                 self._audit.load_failed(entry.name, None, none, source=source)
         router, routing_error = self._router(entry, config, serving, directory) if serving else (None, "")
         if serving and router is None:  # no routing fits what would serve: apply nothing
-            self._reject(entry, loaded, (config, contents), [*failures, routing_error], source)
+            self._reject(entry, loaded, (config, on_disk), [*failures, routing_error], source)
         if routing_error and not self._repeated(entry, routing_error, source):
             self._audit.routing_rejected(entry.name, f"{routing_error}; the previous routing stays", source=source)
         self._switch(entry, serving, router, config, on_disk, source)
@@ -594,37 +594,35 @@ def is_model_name(text: str) -> bool:
     return "/" not in text and "\\" not in text and "\x00" not in text and not text.startswith(".")
 
 
-def _scan(directory: Path, directories: dict[int, Path]) -> tuple[dict[int, Fingerprint], dict[int, Fingerprint]]:
-    """The versions' files, read in one trip off the event loop.
-
-    First, what decides whether a serving version reloads: every file of its directory (the model file,
-    its external weights, metadata.yaml, a drift profile), as Triton's poll reloads a model any of whose
-    files changed. Then what decides whether a poll tries a failed version again: those files and the
-    model directory's own files that every version reads (labels, warmup/, initial_state/): fixing any
-    of them is worth a new attempt. Not the config file: what it says is compared field by field (a
-    change of routing alone tries nothing again). Each is a digest of the files' names, modification
-    times and sizes, and their total size.
+def _scan(directory: Path, directories: dict[int, Path]) -> dict[int, Fingerprint]:
+    """Each version's files as a load reads them, read off the event loop in one trip: every file of its
+    directory (the model file, external weights, metadata.yaml, a drift profile) and the model directory's
+    own files that every version reads (labels, warmup/, initial_state/). A change to any of them reloads
+    a serving version, as Triton's poll reloads a model any of whose files changed, and is worth a new
+    attempt at a version that failed. Not the config file: what it says is compared field by field (a
+    change of routing alone reloads nothing). Each is a digest of the files' names, modification times
+    and sizes, and their total size.
     """
     configs = {directory / CONFIG_YAML, directory / CONFIG_PBTXT}
     shared = _file_stats(directory, skip=configs | set(directories.values()))
-    own = {version: _file_stats(path, skip=set()) for version, path in directories.items()}
-    return {v: _digest(stats) for v, stats in own.items()}, {v: _digest(shared + stats) for v, stats in own.items()}
+    return {version: _digest(shared + _file_stats(path, skip=set())) for version, path in directories.items()}
 
 
 _FileStat = tuple[str, int, int]  # path, mtime_ns, size (-1: could not be read)
 
 
 def _file_stats(top: Path, skip: set[Path]) -> list[_FileStat]:
-    """Every file under ``top``, recursively, except the files and directories in ``skip``.
+    """Every file under ``top``, recursively, except the files and directories in ``skip`` and hidden ones
+    (a version staged as ``.staging`` before its ``mv``, an editor's swap file): no load reads them.
 
     Symbolic links to files count as their targets; links to directories are not followed (a loop).
     """
     stats: list[_FileStat] = []
     for folder, subdirs, files in os.walk(top):
-        subdirs[:] = sorted(d for d in subdirs if Path(folder, d) not in skip)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and Path(folder, d) not in skip)
         for name in sorted(files):
             path = os.path.join(folder, name)
-            if Path(path) in skip:
+            if name.startswith(".") or Path(path) in skip:
                 continue
             try:
                 stat = os.stat(path)
