@@ -29,14 +29,43 @@ from infergate.models.version import ModelVersion, load_model_version
 VALUES = [11, 7, 5, 3, 2, 0, 1]  # what Triton's example clients send after their first value
 
 
+@dataclass
+class Timer:
+    when: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class Clock:
-    """A monotonic clock the test moves by hand."""
+    """A monotonic clock the test moves by hand, with the timers the scheduler sets on it."""
 
     def __init__(self) -> None:
         self.now = 100.0
+        self.timers: list[Timer] = []
 
     def __call__(self) -> float:
         return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        self.timers.append(Timer(self.now + delay, callback))
+        return self.timers[-1]
+
+    def advance(self, seconds: float) -> None:
+        """Move on by ``seconds``, firing each timer passed on the way at its own time, earliest first."""
+        end = self.now + seconds
+        for _ in range(100):
+            due = [t for t in self.timers if not t.cancelled and t.when <= end]
+            if not due:
+                self.now = end
+                return
+            timer = min(due, key=lambda t: t.when)
+            self.timers.remove(timer)
+            self.now = max(self.now, timer.when)
+            timer.callback()
+        raise AssertionError("a timer keeps setting itself again without time passing")
 
 
 @dataclass
@@ -87,6 +116,7 @@ async def load(tmp_path: Path) -> AsyncIterator[Load]:
             instances=version.runner.instance_count,
             initial_states=load_initial_states(config.sequence_batching, directory),
             clock=asyncio.get_running_loop().time if loop_clock else clock,
+            call_later=None if loop_clock else clock.call_later,
         )
         loaded.append(Loaded(version, scheduler, clock))
         return loaded[-1]
@@ -259,9 +289,26 @@ async def test_idle_sequences_are_freed_without_further_requests(load: Load) -> 
     await eventually(lambda: model.scheduler.active == 0, "the idle timer frees the sequence")
 
 
+async def test_each_sequence_is_freed_when_its_own_idle_limit_passes(load: Load) -> None:
+    model = await load(IMPLICIT, TWO_SLOTS)  # max_sequence_idle_microseconds: 5000000
+    await model.send("a", 1, start=True)
+    model.clock.advance(0.5)
+    await model.send("b", 2, start=True)
+    waiting = [asyncio.ensure_future(model.send(s, 3, start=True)) for s in ("c", "d")]
+    await eventually(lambda: model.scheduler.backlog == 2, "c and d wait for a slot")
+    model.clock.advance(4.6)  # a has been idle for 5.1 s
+    assert model.scheduler.backlog == 1, "a was freed and c took its slot"
+    model.clock.advance(0.5)  # b has been idle for 5.1 s
+    assert model.scheduler.backlog == 0, "b was freed and d took its slot"
+    assert await asyncio.gather(*waiting) == [3, 3]
+    with pytest.raises(InvalidArgument, match="and was freed"):
+        await model.send("b", 1)
+
+
 # --------------------------------------------------------------------------- slots and backlog
 
 ONE_SLOT = stand_in(IMPLICIT).config_yaml.replace("max_batch_size: 8", "max_batch_size: 1")
+TWO_SLOTS = stand_in(IMPLICIT).config_yaml.replace("max_batch_size: 8", "max_batch_size: 2")
 
 
 async def test_a_start_waits_for_a_free_slot_and_gets_the_one_an_ending_sequence_frees(load: Load) -> None:
@@ -319,6 +366,39 @@ async def test_closing_refuses_the_starts_still_waiting_for_a_slot(load: Load) -
     model.scheduler.close()
     with pytest.raises(Unavailable, match="is unloading"):
         await waiting
+
+
+async def test_draining_refuses_the_starts_waiting_for_a_slot_and_every_new_start(load: Load) -> None:
+    model = await load(IMPLICIT, ONE_SLOT)
+    await model.send("a", 1, start=True)
+    waiting = asyncio.ensure_future(model.send("b", 1, start=True))
+    await eventually(lambda: model.scheduler.backlog == 1, "b waits")
+    model.scheduler.drain()
+    with pytest.raises(Unavailable) as refused:
+        await waiting
+    assert refused.value.message == (
+        f"the server is shutting down: model {IMPLICIT} starts no new sequences; "
+        "retry the whole sequence, from its start request, on another replica"
+    )
+    with pytest.raises(Unavailable, match="the server is shutting down"):
+        await model.send("c", 1, start=True)
+    with pytest.raises(Unavailable, match="the server is shutting down"):
+        await model.send("a", 1, start=True)  # a restart starts a sequence too
+    assert model.scheduler.backlog == 0
+
+
+async def test_a_draining_scheduler_serves_its_live_sequences_and_is_finished_once_they_end(load: Load) -> None:
+    model = await load(IMPLICIT, TWO_SLOTS)
+    await model.send("a", 1, start=True)
+    await model.send("b", 10, start=True)
+    model.scheduler.drain()
+    finished = asyncio.ensure_future(model.scheduler.finished())
+    assert await model.send("a", 2) == 3
+    assert await model.send("a", 3, end=True) == 6
+    assert not finished.done(), "b still holds its slot"
+    model.clock.advance(5.1)  # b goes idle
+    await eventually(finished.done, "finished once the last live sequence was freed")
+    assert model.scheduler.active == 0
 
 
 async def test_a_version_owns_its_scheduler_and_closing_the_version_drops_its_sequences(load: Load) -> None:

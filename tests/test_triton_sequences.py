@@ -16,6 +16,7 @@ import queue
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -23,6 +24,9 @@ import tritonclient.grpc.aio as aioclient
 from conftest import ServerProcess, running_server
 from triton_models import running_sum, stand_in, write_stand_in, write_triton_repository
 from tritonclient.utils import InferenceServerException
+
+from infergate._proto import grpc_service_pb2 as pb
+from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 
 VALUES = [0, 11, 7, 5, 3, 2, 0, 1]  # what Triton's sequence examples send
 IMPLICIT = "simple_sequence_implicit"
@@ -187,6 +191,20 @@ async def test_four_sequences_interleaved_on_one_aio_stream_each_get_their_runni
             break
     for seq, values in inputs.items():
         assert [got[f"{seq}/{step}"] for step in range(20)] == running_sum(values), seq
+
+
+def test_a_negative_id_is_the_unsigned_id_it_wraps_to_as_in_triton(
+    server: ServerProcess, client: grpcclient.InferenceServerClient
+) -> None:
+    # tritonclient sends an integer id as int64; a raw uint64 of the same 64 bits continues its sequence.
+    assert client.infer(IMPLICIT, one_value(3), sequence_id=-5, sequence_start=True).as_numpy("OUTPUT")[0, 0] == 3
+    request = pb.ModelInferRequest(model_name=IMPLICIT, raw_input_contents=[np.int32(4).tobytes()])
+    request.inputs.add(name="INPUT", datatype="INT32", shape=[1, 1])
+    request.parameters["sequence_id"].uint64_param = 2**64 - 5
+    with grpc.insecure_channel(server.url) as channel:
+        answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert np.frombuffer(answer.raw_output_contents[0], dtype=np.int32).tolist() == [7]
+    assert client.infer(IMPLICIT, one_value(1), sequence_id=-5, sequence_end=True).as_numpy("OUTPUT")[0, 0] == 8
 
 
 def test_a_non_start_request_of_an_unknown_sequence_is_refused_in_triton_s_words(

@@ -3,9 +3,10 @@
 Start: bind the port (liveness answers at once), load the models in
 background threads, then report SERVING; in poll mode a task owned here
 rescans the repository every ``repository_poll_seconds``. Stop (SIGTERM,
-Ctrl-C): health goes NOT_SERVING, polling stops, the port stops accepting,
-queued and running requests finish within the grace period, shadow calls are
-dropped, then batchers drain and sessions close — in that order.
+Ctrl-C): health goes NOT_SERVING, polling stops, stateful models start no
+new sequences, the live ones may finish, the port stops accepting, queued and
+running requests finish within the grace period, shadow calls are dropped,
+then batchers drain and sessions close — in that order.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from infergate.eventloop import describe as describe_loop
 from infergate.heap import FrozenHeap
 from infergate.models.cpus import model_cpus, usable_cpus
 from infergate.models.response_cache import ResponseCache
+from infergate.models.sequence import SequenceScheduler
+from infergate.models.version import ModelVersion
 from infergate.monitoring.metrics import DriftReadings
 from infergate.netaddr import host_port
 from infergate.repository.loader import ModelRepository
@@ -65,6 +68,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server
+# The part of the grace that live sequences may take to end; the rest stays for the calls admitted last.
+SEQUENCES_SHARE = 0.5
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -385,19 +390,26 @@ class InferGateServer:
         """Drain and stop, losing no call the server took on.
 
         1. Health says NOT_SERVING, so clients that watch it send new calls elsewhere;
-           for ``shutdown_delay_seconds`` the server keeps serving as before.
-        2. Admission closes: every new inference call is answered UNAVAILABLE at once
+           for ``shutdown_delay_seconds`` the server keeps serving as before. Stateful
+           models start no new sequences: a start, and one waiting for a slot, is
+           answered UNAVAILABLE at once (``SequenceScheduler.drain``).
+        2. While sequences are live, the server keeps serving, for ``SEQUENCES_SHARE``
+           of ``grace`` at most, so that they can end.
+        3. Admission closes: every new inference call is answered UNAVAILABLE at once
            (which clients retry), never left to be cut off; open streams answer
            what they read and end with UNAVAILABLE.
-        3. Every inference call admitted before that is answered (within ``grace``).
-        4. Then the port closes (unless ``close_port`` is False: see ``cli.py``), the
+        4. Every inference call admitted before that is answered (within ``grace``).
+        5. Then the port closes (unless ``close_port`` is False: see ``cli.py``), the
            batchers drain and the sessions close.
-        5. Telemetry flushes, for ``FLUSH_BUDGET_SECONDS`` at most; the audit trail's
+        6. Telemetry flushes, for ``FLUSH_BUDGET_SECONDS`` at most; the audit trail's
            ``server_stopped`` line is written last.
         """
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         log.info("draining (grace %.1fs)", grace)
         self.readiness.draining = True
+        sequences = self._sequence_schedulers()
+        for scheduler in sequences:
+            scheduler.drain()
         await self._health.enter_graceful_shutdown()
         if self._worker_control is not None:
             await self._worker_control.aclose()  # leave model control before the supervisor notices
@@ -410,9 +422,10 @@ class InferGateServer:
             await asyncio.sleep(self.config.shutdown_delay_seconds)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        await _let_sequences_end(sequences, grace * SEQUENCES_SHARE)
         self.admission.close()
         try:
-            async with asyncio.timeout(grace):
+            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
                 await self.admission.drained()
         except TimeoutError:
             log.warning("%d inference call(s) still running after %.1fs", self.admission.in_progress, grace)
@@ -432,6 +445,29 @@ class InferGateServer:
         self.audit.server_stopped()
         await self.audit.aclose()
         log.info("stopped")
+
+    def _sequence_schedulers(self) -> list[SequenceScheduler]:
+        """The sequences of every version served now (an ensemble's stateful steps are versions too)."""
+        served = self.repository.catalog.served()
+        return [v.sequences for v in served if isinstance(v, ModelVersion) and v.sequences is not None]
+
+
+async def _let_sequences_end(schedulers: list[SequenceScheduler], limit: float) -> None:
+    """Keep serving until every live sequence has ended or gone idle, for ``limit`` seconds at most.
+
+    Their next requests come on connections the server holds open, from clients that keep a
+    sequence on one server (they must); Triton too serves its in-flight sequences while it stops.
+    """
+    live = sum(s.active for s in schedulers)
+    if not live:
+        return
+    log.info("%d sequence(s) live: serving on until they end (%.1fs at most); none starts", live, limit)
+    try:
+        async with asyncio.timeout(limit):
+            await asyncio.gather(*(s.finished() for s in schedulers))
+    except TimeoutError:
+        left = sum(s.active for s in schedulers)
+        log.warning("%d sequence(s) still live after %.1fs: their next requests are refused", left, limit)
 
 
 async def run_until_signalled(

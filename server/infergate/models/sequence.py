@@ -32,6 +32,9 @@ Where the request path uses this module:
 * request: the codec reads ``sequence_params(request.parameters)``; the handler
   (``serving/handler.py``) awaits ``version.sequences.infer(...)``, or, for a
   model without ``sequence_batching``, calls ``refuse_sequence(name, params)``.
+* shutdown (``server.py``): on SIGTERM the server calls ``drain()`` (no sequence
+  starts any more) and awaits ``finished()`` (the live ones ended or went idle)
+  before it stops taking calls.
 * unload: ``ModelVersion.aclose`` calls ``scheduler.close()`` after the batcher drained.
 """
 
@@ -82,6 +85,15 @@ _FLAG_TYPES = {"int32_false_true": "INT32", "fp32_false_true": "FP32", "bool_fal
 _REMEMBERED_EXPIRIES = 4096
 
 
+class Timer(Protocol):
+    """What ``call_later`` returns: ``asyncio.TimerHandle``, or a test's fake."""
+
+    def cancel(self) -> None: ...
+
+
+CallLater = Callable[[float, Callable[[], None]], Timer]
+
+
 class Run(Protocol):
     """``ModelVersion.infer``: queue full inputs (controls and state included) and return all outputs."""
 
@@ -117,7 +129,9 @@ def sequence_params(parameters: Mapping[str, Any]) -> SequenceParams | None:
     """The ``sequence_id``/``sequence_start``/``sequence_end`` request parameters, or None if none is set.
 
     ``parameters`` maps names to ``InferParameter`` messages. Wrong value types are
-    refused with Triton's messages.
+    refused with Triton's messages. A negative int64 id is the uint64 it wraps to (-5 is
+    2**64 - 5), as in Triton: a client that can send only int64 (tritonclient) reaches
+    every uint64 id that way.
     """
     if not any(key in parameters for key in ("sequence_id", "sequence_start", "sequence_end")):
         return None
@@ -131,7 +145,7 @@ def sequence_params(parameters: Mapping[str, Any]) -> SequenceParams | None:
             )
         correlation_id = getattr(param, kind)
         if isinstance(correlation_id, int) and correlation_id < 0:
-            raise InvalidArgument(f"parameter 'sequence_id' is {correlation_id}; a correlation id is not negative")
+            correlation_id += 2**64  # Triton reads an int64 id as the uint64 of the same bits
     return SequenceParams(correlation_id, _flag(parameters, "sequence_start"), _flag(parameters, "sequence_end"))
 
 
@@ -298,7 +312,8 @@ class SequenceScheduler:
 
     ``run`` is the version's ``infer`` (batcher → runner); ``initial_states`` come
     from :func:`load_initial_states`; ``clock`` (seconds, monotonic) times idleness
-    and may be replaced in tests.
+    and ``call_later`` (the running loop's unless given) wakes the idle timer; tests
+    replace both with a clock they move.
     """
 
     def __init__(
@@ -310,11 +325,13 @@ class SequenceScheduler:
         instances: int = 1,
         initial_states: Mapping[str, npt.NDArray[Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        call_later: CallLater | None = None,
     ) -> None:
         self._spec = spec
         self._config = config
         self._run = run
         self._clock = clock
+        self._call_later = call_later
         slots = max(1, spec.max_batch_size)
         if config.oldest is not None and config.oldest.max_candidate_sequences > 0:
             slots = config.oldest.max_candidate_sequences
@@ -323,7 +340,9 @@ class SequenceScheduler:
         self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
         self._table: collections.OrderedDict[CorrelationId, _Sequence] = collections.OrderedDict()
         self._expired: collections.OrderedDict[CorrelationId, None] = collections.OrderedDict()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
+        self._vacated = asyncio.Event()  # a slot went back to the free list
+        self._draining = False
         self._closed = False
         self._initial = dict(load_initial_states(config, None) if initial_states is None else initial_states)
         self._states = [(s.input_name, s.output_name) for s in config.state]
@@ -392,7 +411,7 @@ class SequenceScheduler:
         limit = self._config.idle_seconds
         idle = []
         for key, seq in self._table.items():  # least recently seen first
-            if now - seq.last_seen <= limit:
+            if now < seq.last_seen + limit:  # the expiry the idle timer is set for
                 break
             if seq.pending == 0:
                 idle.append(key)
@@ -403,6 +422,22 @@ class SequenceScheduler:
                 self._expired.popitem(last=False)
         return len(idle)
 
+    def drain(self) -> None:
+        """The server is shutting down: refuse the starts waiting for a slot, and every start from now on.
+
+        Sequences already started go on until they end or go idle (:meth:`finished`), as Triton
+        serves its in-flight sequences while it stops. A start would only hold the drain (waiting
+        for a slot) or be cut off before its end: refused at once, it can go to another replica.
+        """
+        self._draining = True
+        self._refuse_waiters(Unavailable(self._shutting_down()))
+
+    async def finished(self) -> None:
+        """Return once no sequence holds a slot (after :meth:`drain`: once each live one ended or went idle)."""
+        while self.active and not self._closed:
+            self._vacated.clear()
+            await self._vacated.wait()
+
     def close(self) -> None:
         """Stop the idle timer, refuse the starts still waiting for a slot, drop every sequence.
 
@@ -412,14 +447,18 @@ class SequenceScheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(Unavailable(f"model {self._spec.name} is unloading"))
+        self._refuse_waiters(Unavailable(f"model {self._spec.name} is unloading"))
         for seq in self._table.values():
             seq.slot = None
             seq.state = {}
         self._table.clear()
+        self._vacated.set()
+
+    def _refuse_waiters(self, error: Unavailable) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
 
     # ----------------------------------------------------------------- one request
 
@@ -435,6 +474,8 @@ class SequenceScheduler:
         if self._closed:
             raise Unavailable(f"model {self._spec.name} is unloading: its sequences were dropped; start them again")
         if params.start:
+            if self._draining:
+                raise Unavailable(self._shutting_down())
             if seq.slot is None:
                 seq.slot = await self._acquire(deadline if watch else None)
             seq.state = dict(self._initial)  # a conflicting restart also starts over
@@ -468,6 +509,12 @@ class SequenceScheduler:
                 f"sequence batching control '{tensor}' data-type is '{sent}', but model '{name}' "
                 f"expects '{datatype.name}'"
             )
+
+    def _shutting_down(self) -> str:
+        return (
+            f"the server is shutting down: model {self._spec.name} starts no new sequences; "
+            "retry the whole sequence, from its start request, on another replica"
+        )
 
     def _needs_start(self, key: CorrelationId) -> str:
         message = (
@@ -549,6 +596,7 @@ class SequenceScheduler:
                 waiter.set_result(slot)
                 return
         heapq.heappush(self._free, slot)
+        self._vacated.set()
 
     def _end(self, seq: _Sequence) -> None:
         if seq.slot is not None:
@@ -562,11 +610,18 @@ class SequenceScheduler:
             self._table.move_to_end(seq.key)
 
     def _arm_timer(self) -> None:
-        """Sweep again once the least recently seen sequence may have gone idle."""
-        if self._timer is not None or not self._table:
+        """Sweep again when the least recently seen sequence without a request in progress goes idle
+        (Triton's reaper wakes then too). A timer already set is never later than that: every
+        sequence seen since was seen later."""
+        if self._timer is not None:
             return
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._config.idle_seconds, self._on_timer)
+        limit = self._config.idle_seconds
+        # A sequence with a request in progress is seen again when it ends (and the timer set then).
+        expiry = next((s.last_seen + limit for s in self._table.values() if s.pending == 0), None)
+        if expiry is None:
+            return
+        call_later = self._call_later or asyncio.get_running_loop().call_later
+        self._timer = call_later(max(expiry - self._clock(), 0.0), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
