@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import queue
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -262,6 +263,29 @@ def test_a_sequence_id_on_a_model_without_sequence_batching_is_refused(
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "model 'simple' does not use sequence batching" in str(refused.value.message())
     assert client.infer("simple", inputs).as_numpy("OUTPUT0")[0, 0] == 2
+
+
+# --------------------------------------------------------------------------- --workers N
+
+
+def test_with_several_workers_a_stateful_model_is_refused_at_load_and_the_others_serve(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    # Each worker would keep its own sequences, and the kernel gives a client's connections to either.
+    write_triton_repository(tmp_path, ["simple", IMPLICIT])
+    with (
+        running_server(tmp_path, log_dir, "--workers", "2", "--strict-readiness=false") as server,
+        grpcclient.InferenceServerClient(server.url) as client,
+    ):
+        index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+        assert index[IMPLICIT]["state"] == "UNAVAILABLE"
+        assert index[IMPLICIT]["reason"] == (
+            f"model '{IMPLICIT}' uses sequence_batching and this server runs 2 worker processes: "
+            "sequence state lives in one process; serve stateful models with --workers 1 (a separate deployment)"
+        )
+        assert not client.is_model_ready(IMPLICIT)
+        assert client.is_model_ready("simple")
+    assert server.logged(f"model {IMPLICIT} version 1 failed to load", times=2), "refused by each worker"
 
 
 # --------------------------------------------------------------------------- routing

@@ -146,6 +146,7 @@ class InferGateServer:
             calls_in_progress=self.admission.calls_in_progress,  # batches gather only while calls may arrive
             on_retired=self._heap.retired if self._heap is not None else None,  # frozen versions need a collection
             model_cpus=_worker_cpus(worker),
+            workers=worker.count if worker is not None else 1,  # stateful models need one process
         )
         self.readiness = Readiness()
         self.shadows = ShadowQueue(

@@ -235,14 +235,22 @@ def _accrue(tags: list[object], enqueued: list[float], started: float, timings: 
 
 
 def load_model_version(
-    directory: Path, name: str, version: int, config: ModelConfig, cpus: int | None = None
+    directory: Path, name: str, version: int, config: ModelConfig, cpus: int | None = None, workers: int = 1
 ) -> ModelVersion:
     """Load ``directory/<default_model_filename>`` (blocking: call from a thread).
 
     The model directory (``directory``'s parent) holds the files the config
     names: labels files and initial state. ``cpus``: the CPUs its sessions
-    share (``OnnxRunner.load``). Raises ModelLoadError saying what does not fit.
+    share (``OnnxRunner.load``). ``workers``: the server's processes (``--workers``);
+    a stateful model is refused when there are several, since the kernel may hand a
+    sequence's connections to workers that do not hold its state. Raises ModelLoadError
+    saying what does not fit.
     """
+    if config.sequence_batching is not None and workers > 1:
+        raise ModelLoadError(
+            f"model '{name}' uses sequence_batching and this server runs {workers} worker processes: "
+            "sequence state lives in one process; serve stateful models with --workers 1 (a separate deployment)"
+        )
     try:
         path = named_file(directory, config.default_model_filename, "default_model_filename")
     except ValueError as exc:

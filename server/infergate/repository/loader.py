@@ -86,11 +86,13 @@ class ModelRepository:
         calls_in_progress: Callable[[], int] | None = None,
         on_retired: Callable[[], None] | None = None,
         model_cpus: int | None = None,
+        workers: int = 1,
     ):
         """``audit``: where lifecycle events go (default: an :class:`AuditLog` writing to the server log);
         ``calls_in_progress``: the server's admission count, which every version's batcher reads;
         ``on_retired``: called on the event loop each time a retired version has closed;
-        ``model_cpus``: the CPUs each version's sessions share (None: this process's, models/cpus.py)."""
+        ``model_cpus``: the CPUs each version's sessions share (None: this process's, models/cpus.py);
+        ``workers``: the server's processes (``--workers``), which stateful models refuse when several."""
         self.root = root
         self._observer = observer  # telemetry: load events and each version's observer
         self._audit = audit if audit is not None else AuditLog()
@@ -103,6 +105,7 @@ class ModelRepository:
         self._calls_in_progress = calls_in_progress
         self._on_retired = on_retired
         self._model_cpus = model_cpus
+        self._workers = workers
         self._skipped: set[str] = set()  # directories discover() warned of: not model names
 
     def discover(self) -> list[str]:
@@ -364,7 +367,13 @@ class ModelRepository:
                     return ensemble
                 # not asyncio.to_thread: the pool would hold the version a moment (heap.py)
                 return await in_thread(
-                    load_model_version, directories[version], entry.name, version, config, self._model_cpus
+                    load_model_version,
+                    directories[version],
+                    entry.name,
+                    version,
+                    config,
+                    self._model_cpus,
+                    self._workers,
                 )
             except (ModelLoadError, FileNotFoundError) as exc:
                 return str(exc)
