@@ -7,6 +7,7 @@ fault, so an operator can fix it without reading the code.
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +326,28 @@ def test_the_health_port_must_be_one_a_probe_can_reach_and_not_the_serving_port(
         load_server_config(None, settings)
     assert "health_port" in str(refused.value)
     assert load_server_config(None, {"port": 0, "health_port": 0}).health_port == 0  # two free ports: fine
+
+
+@pytest.mark.parametrize("past_the_room", [-700, 0, 1, 3000])
+def test_max_regions_leaves_room_under_the_open_file_limit_for_connections(tmp_path: Path, past_the_room: int) -> None:
+    """Each region holds an open file; 256 of the process's open-file limit stay for connections and
+    the server's own files (here under a limit lowered to 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = min(soft, 1024)
+    max_regions = limit - 256 + past_the_room
+    path = write(tmp_path, f"shared_memory: {{system: {{enabled: true, max_regions: {max_regions}}}}}\n", "s.yaml")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        if past_the_room <= 0:
+            assert load_server_config(path, {}).shared_memory.system.max_regions == max_regions
+            return
+        with pytest.raises(ConfigError) as refused:
+            load_server_config(path, {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    message = str(refused.value)
+    assert message.startswith(f"{path}: shared_memory.system.max_regions: ")
+    assert f"open-file limit of {limit} (RLIMIT_NOFILE" in message
 
 
 def test_shared_memory_is_refused_with_several_workers(tmp_path: Path) -> None:

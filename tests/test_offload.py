@@ -87,6 +87,24 @@ async def test_a_million_bytes_elements_read_from_shared_memory_are_decoded_off_
     await assert_loop_kept_turning(identity, request)
 
 
+async def test_a_large_input_in_shared_memory_is_copied_off_the_event_loop(
+    identity: pb_grpc.GRPCInferenceServiceStub, make_file: MakeFile
+) -> None:
+    """The server copies an input out of its region into memory of its own; 64 MiB of it is copied on a thread."""
+    count = 16 * 1024 * 1024
+    key = make_file(bytes(4 * count))
+    await identity.SystemSharedMemoryRegister(
+        pb.SystemSharedMemoryRegisterRequest(name="floats", key=key, offset=0, byte_size=4 * count)
+    )
+    request = pb.ModelInferRequest(
+        model_name="identity_all", inputs=[Tensor(name="in_FP32", datatype="FP32", shape=[1, count])]
+    )
+    parameters = request.inputs[0].parameters
+    parameters["shared_memory_region"].string_param = "floats"
+    parameters["shared_memory_byte_size"].int64_param = 4 * count
+    await assert_loop_kept_turning(identity, request)
+
+
 async def assert_loop_kept_turning(identity: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest) -> None:
     """``request`` (refused once decoded, for its missing inputs) leaves the loop turning while it decodes.
 

@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 import tritonclient.utils.shared_memory as shm
-from conftest import ServerProcess, eventually, launch_server, running_server
+from conftest import ServerProcess, eventually, launch_server, running_server, wait_until
 from models import build_slow_model, save_model
 from security import SECRET, claims, token
 from triton_models import write_triton_repository
@@ -250,8 +250,8 @@ def _request(inputs: list[pb.ModelInferRequest.InferInputTensor], **kwargs: Any)
     return pb.ModelInferRequest(model_name="matmul16", inputs=inputs, **kwargs)
 
 
-def _x(**params: Any) -> pb.ModelInferRequest.InferInputTensor:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[2, 16])
+def _x(shape: tuple[int, ...] = (2, 16), **params: Any) -> pb.ModelInferRequest.InferInputTensor:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=shape)
     for key, value in params.items():
         field = "string_param" if isinstance(value, str) else "int64_param"
         setattr(tensor.parameters[key], field, value)
@@ -369,16 +369,20 @@ def test_contents_beside_a_region_are_refused_in_tritons_words(stub: pb_grpc.GRP
 # --------------------------------------------------------------------------- lifetime
 
 
-def _maps(server: ServerProcess, handle: Any) -> bool:
-    """Does the server process map the file of this region now?"""
+def _holds(server: ServerProcess, handle: Any) -> bool:
+    """Does the server process map the file of this region, or hold a descriptor of it, now?"""
     target = "/dev/shm/" + handle._shm_key.lstrip("/")
-    return target in Path(f"/proc/{server.process.pid}/maps").read_text()
+    if target in Path(f"/proc/{server.process.pid}/maps").read_text():
+        return True
+    descriptors = Path(f"/proc/{server.process.pid}/fd")
+    return any(os.readlink(fd).startswith(target) for fd in descriptors.iterdir() if fd.is_symlink())
 
 
 async def test_a_region_unregistered_while_its_request_waits_is_still_read_and_written(
     server: ServerProcess, client: grpcclient.InferenceServerClient
 ) -> None:
-    """The request keeps the memory it was given; the server unmaps it when the request is answered.
+    """The request was given its input when it arrived, and keeps the file of its output region open until
+    it is answered.
 
     It waits in the queue of ``held`` until seven more requests fill its batch: nothing here depends on
     how long a model runs (an earlier version raced a one-second model on a busy machine)."""
@@ -395,14 +399,104 @@ async def test_a_region_unregistered_while_its_request_waits_is_still_read_and_w
             assert not client.get_system_shared_memory_status().regions
             with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'held_in'"):
                 await aio.infer("held", inputs)
-            assert _maps(server, r["held_in"]) and _maps(server, r["held_out"])  # held by the queued request
+            assert not _holds(server, r["held_in"])  # read when the request came
+            assert _holds(server, r["held_out"])  # held by the queued request
             assert not waiting.done()
             fillers = [aioclient.InferInput("x", [1, 4], "FP32").set_data_from_numpy(np.zeros((1, 4), np.float32))]
             await asyncio.gather(*(aio.infer("held", fillers) for _ in range(7)))  # the batch of 8 runs
             result = await waiting
         np.testing.assert_array_equal(shm.get_contents_as_numpy(r["held_out"], np.float32, [1, 4]), x)
         assert result.get_output("y").parameters["shared_memory_region"].string_param == "held_out"
-        await eventually(lambda: not _maps(server, r["held_in"]) and not _maps(server, r["held_out"]), "unmapped")
+        await eventually(lambda: not _holds(server, r["held_out"]), "the output region's file closed")
+
+
+@pytest.mark.parametrize("shrunk", ["input", "output"])
+async def test_a_file_shrunk_while_its_request_waits_does_not_bring_the_server_down(
+    server: ServerProcess, client: grpcclient.InferenceServerClient, shrunk: str
+) -> None:
+    """A client may shrink its file at any time: reading or writing a mapping past the end of its file
+    would end the server (SIGBUS). The server reads an input out of its region when the request arrives,
+    into memory of its own, so the request is answered from the bytes it came with; an output region
+    whose file no longer covers it is refused when the answer would be written."""
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    with regions(client, shrink_in=16, shrink_out=16) as r:
+        shm.set_shared_memory_region(r["shrink_in"], [x])
+        async with aioclient.InferenceServerClient(server.url) as aio:
+            inputs = [aioclient.InferInput("x", [1, 4], "FP32").set_shared_memory("shrink_in", 16)]
+            outputs = [aioclient.InferRequestedOutput("y")]
+            outputs[0].set_shared_memory("shrink_out", 16)
+            waiting = asyncio.create_task(aio.infer("held", inputs, outputs=outputs))
+            await eventually(lambda: server.queued("held") == 1, "the shm request queued")
+            os.truncate("/dev/shm/" + r[f"shrink_{'in' if shrunk == 'input' else 'out'}"]._shm_key.lstrip("/"), 0)
+            fillers = [aioclient.InferInput("x", [1, 4], "FP32").set_data_from_numpy(np.zeros((1, 4), np.float32))]
+            await asyncio.gather(*(aio.infer("held", fillers) for _ in range(7)))  # the batch of 8 runs
+            if shrunk == "input":
+                await waiting
+                np.testing.assert_array_equal(shm.get_contents_as_numpy(r["shrink_out"], np.float32, [1, 4]), x)
+            else:
+                with pytest.raises(InferenceServerException, match="shrank to 0 bytes since it was registered"):
+                    await waiting
+            # A request that comes after the file shrank is refused, and the server serves on.
+            with pytest.raises(InferenceServerException, match="shrank to 0 bytes since it was registered"):
+                await aio.infer("held", inputs, outputs=outputs, client_timeout=30)
+        result = client.infer("matmul16", [wire_input("x", np.ones((1, 16), np.float32), "FP32")])
+        assert result.as_numpy("y").shape == (1, 16)
+
+
+def _stream_error(url: str, request: pb.ModelInferRequest) -> str:
+    with grpc.insecure_channel(url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        (answer,) = list(stub.ModelStreamInfer(iter([request]), timeout=30))
+    return str(answer.error_message)
+
+
+SCORES = {"shared_memory_region": "scores", "shared_memory_byte_size": 128}
+FAILING = [
+    pytest.param(
+        "unary",
+        _request([_x(**IN)], outputs=[_y(shared_memory_region="scores", shared_memory_byte_size=64)]),
+        "should be at least 128 bytes",
+        id="output region too small",
+    ),
+    pytest.param(
+        "unary",
+        _request([_x(shared_memory_region="frames", shared_memory_byte_size=64)], outputs=[_y(**SCORES)]),
+        "input byte size mismatch",
+        id="input byte size mismatch",
+    ),
+    pytest.param("unary", _request([_x(shape=(2, 15), **IN)], outputs=[_y(**SCORES)]), "shape [2, 15]", id="bad shape"),
+    pytest.param(
+        "stream",
+        _request([_x(shape=(2, 15), **IN)], outputs=[_y(**SCORES)]),
+        "shape [2, 15]",
+        id="bad shape, streamed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("via", "request_", "fragment"), FAILING)
+def test_a_failed_request_lets_go_of_its_regions_when_they_are_unregistered(
+    server: ServerProcess,
+    client: grpcclient.InferenceServerClient,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    via: str,
+    request_: pb.ModelInferRequest,
+    fragment: str,
+) -> None:
+    """Nothing of a region outlives its registration and the requests that used it, failed ones included:
+    a client that destroys its file then gets its memory back."""
+    with regions(client, frames=192, scores=128) as r:
+        shm.set_shared_memory_region(r["frames"], [np.ones((2, 16), dtype=np.float32)])
+        if via == "unary":
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request_, timeout=30)
+            error: Any = caught.value
+            details = str(error.details())
+        else:
+            details = _stream_error(server.url, request_)
+        assert fragment in details, details
+        client.unregister_system_shared_memory()
+        wait_until(lambda: not _holds(server, r["frames"]) and not _holds(server, r["scores"]), "regions let go")
 
 
 # --------------------------------------------------------------------------- switched off, and auth
@@ -425,6 +519,16 @@ def test_a_server_without_the_switch_says_how_to_turn_it_on(demo_server: ServerP
         client.unregister_cuda_shared_memory()
         status, message = refusal(lambda: client.register_cuda_shared_memory("r", b"aGFuZGxl", 0, 8))
         assert status == "StatusCode.UNIMPLEMENTED" and "cuda_shared_memory extension is not implemented" in message
+
+
+def test_cuda_shared_memory_is_refused_naming_the_extensions_the_server_has(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    extensions = client.get_server_metadata().extensions
+    assert "system_shared_memory" in extensions and "logging" in extensions
+    status, message = refusal(lambda: client.register_cuda_shared_memory("r", b"aGFuZGxl", 0, 8))
+    assert status == "StatusCode.UNIMPLEMENTED"
+    assert message.endswith(f"(ServerMetadata lists the extensions it implements: {', '.join(extensions)})")
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,17 @@
-"""The system shared-memory registry on its own: what may be opened, the bounds, and the lifetime of a mapping.
+"""The system shared-memory registry on its own: what may be opened, the bounds, and how long a file is held.
 
 Real POSIX shared-memory files under /dev/shm (unique names per test, removed
-afterwards) and this process's own /proc/self/maps to see what is mapped.
+afterwards), and this process's own /proc/self/fd and /proc/self/maps to see
+what it holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +19,22 @@ import pytest
 from conftest import MakeFile
 
 from infergate._proto import grpc_service_pb2 as pb
-from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
+from infergate.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from infergate.models.datatypes import DATATYPES
-from infergate.serving.shared_memory import SHM_ROOT, RegionStatus, SystemSharedMemory, detach_shared, shm_path
+from infergate.serving.shared_memory import SHM_ROOT, RegionStatus, SystemSharedMemory, shm_path
 from infergate.serving.shm_tensors import OutputTarget, TensorRegion, write_output
+
+
+def held(key: str) -> bool:
+    """Does this process hold a descriptor of the file of ``key`` now?"""
+    target = str(SHM_ROOT / key.lstrip("/"))
+    return any(os.readlink(fd).startswith(target) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink())
 
 
 def mapped(key: str) -> bool:
     """Does this process map the file of ``key`` now?"""
     target = str(SHM_ROOT / key.lstrip("/"))
-    return any(line.rstrip().endswith(target) for line in Path("/proc/self/maps").read_text().splitlines())
+    return target in Path("/proc/self/maps").read_text()
 
 
 @pytest.mark.parametrize(("key", "name"), [("/frames", "frames"), ("frames", "frames"), ("//frames", "frames")])
@@ -38,54 +48,53 @@ def test_a_key_that_could_reach_anything_else_is_refused(key: str) -> None:
         shm_path(key)
 
 
-def test_a_registered_region_reads_in_place_at_any_offset(make_file: MakeFile) -> None:
+def test_a_registered_region_is_read_into_memory_of_its_own_at_any_offset(make_file: MakeFile) -> None:
     data = np.arange(3000, dtype=np.float32)
     key = make_file(data.tobytes())
     registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
-    # 5000 is not a multiple of the page size: the mapping starts on the page below.
     registry.register("r", key, 5000, 4000)
-    view = registry.get("r").view(8, 40, writable=False, what="input 'x'")
-    array = view.array(np.dtype(np.float32), (2, 5))
-    np.testing.assert_array_equal(array.reshape(-1), data[(5000 + 8) // 4 :][:10])
-    assert not array.flags.writeable
+    copied = registry.get("r").slice(8, 40, "input 'x'").read()
+    np.testing.assert_array_equal(copied.view(np.float32), data[(5000 + 8) // 4 :][:10])
+    assert not copied.flags.writeable
+    os.truncate(SHM_ROOT / key.lstrip("/"), 0)  # the client's file changes: the copy does not
+    np.testing.assert_array_equal(copied.view(np.float32), data[(5000 + 8) // 4 :][:10])
     assert registry.status() == [RegionStatus("r", key, 5000, 4000)]
+    assert not mapped(key)  # never mapped: touching a mapping past its file's end is SIGBUS
     registry.close()
 
 
-def test_writes_through_a_writable_view_reach_the_file(make_file: MakeFile) -> None:
+def test_writes_reach_the_file(make_file: MakeFile) -> None:
     key = make_file(bytes(64))
     registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
-    registry.register("out", key, 0, 64)
-    view = registry.get("out").view(16, 16, writable=True, what="output 'y'")
-    view.memory[:] = b"0123456789abcdef"
-    del view
+    registry.register("out", key, 8, 40)
+    registry.get("out").slice(8, 16, "output 'y'").write(memoryview(b"0123456789abcdef"))
     registry.close()
     assert (SHM_ROOT / key.lstrip("/")).read_bytes()[16:32] == b"0123456789abcdef"
 
 
-def test_unregistering_keeps_the_memory_a_queued_request_holds_until_it_lets_go(make_file: MakeFile) -> None:
-    data = np.arange(16, dtype=np.float32)
-    key = make_file(data.tobytes())
+def test_unregistering_keeps_the_file_a_queued_request_holds_until_it_lets_go(make_file: MakeFile) -> None:
+    key = make_file(bytes(64))
     registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
-    registry.register("in", key, 0, 64)
-    held = registry.get("in").view(0, 64, writable=False, what="input 'x'").array(np.dtype(np.float32), (16,))
-    registry.unregister("in")
+    registry.register("out", key, 0, 64)
+    target = registry.get("out").slice(0, 16, "output 'y'")
+    registry.unregister("out")
     assert registry.status() == []
-    with pytest.raises(NotFound, match="Unable to find shared memory region: 'in'"):
-        registry.get("in")
-    np.testing.assert_array_equal(held, data)  # still mapped: the request reads what it was given
-    assert mapped(key)
-    del held
-    assert not mapped(key)  # the last view unmapped it
+    with pytest.raises(NotFound, match="Unable to find shared memory region: 'out'"):
+        registry.get("out")
+    assert held(key)
+    target.write(memoryview(b"written after it"))  # the request writes where it was told to
+    del target
+    assert not held(key)  # the last slice closed it
+    assert (SHM_ROOT / key.lstrip("/")).read_bytes()[:16] == b"written after it"
 
 
-def test_unregistering_an_unused_region_unmaps_it_at_once(make_file: MakeFile) -> None:
+def test_unregistering_an_unused_region_closes_its_file_at_once(make_file: MakeFile) -> None:
     key = make_file(bytes(64))
     registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
     registry.register("r", key, 0, 64)
-    assert mapped(key)
+    assert held(key)
     registry.unregister()
-    assert not mapped(key)
+    assert not held(key)
     registry.unregister("never-registered")  # as in Triton: nothing to do is not an error
 
 
@@ -103,6 +112,51 @@ def test_the_name_and_the_key_may_be_registered_again_after_unregistering(make_f
     registry.close()
 
 
+@pytest.mark.parametrize("spelling", ["{name}", "//{name}", "a hard link"])
+def test_a_file_is_registered_once_whatever_key_names_it(make_file: MakeFile, spelling: str) -> None:
+    key = make_file(bytes(64))
+    registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
+    registry.register("r", key, 0, 64)
+    name = key.lstrip("/")
+    if spelling == "a hard link":
+        other = f"infergate-test-link-{uuid.uuid4().hex}"
+        os.link(SHM_ROOT / name, SHM_ROOT / other)
+        again = "/" + other
+    else:
+        again = spelling.format(name=name)
+    try:
+        with pytest.raises(InvalidArgument, match=f'registering an active shared memory key, "{again}"'):
+            registry.register("other", again, 0, 32)
+    finally:
+        if spelling == "a hard link":
+            (SHM_ROOT / again.lstrip("/")).unlink()
+    assert [r.name for r in registry.status()] == ["r"]
+    registry.close()
+
+
+@contextlib.contextmanager
+def open_files_limit(extra: int) -> Iterator[None]:
+    """Lower this process's open-file limit (RLIMIT_NOFILE's soft limit) to ``extra`` more than it has open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_running_out_of_descriptors_is_the_servers_exhaustion_not_a_bad_argument(make_file: MakeFile) -> None:
+    keys = [make_file(bytes(64)) for _ in range(8)]
+    registry = SystemSharedMemory(max_regions=8, max_bytes=1 << 20)
+    with open_files_limit(2), pytest.raises(ResourceExhausted) as refused:
+        for i, key in enumerate(keys):
+            registry.register(f"r{i}", key, 0, 64)
+    assert "failed to register shared memory region" in refused.value.message
+    assert "Too many open files" in refused.value.message
+    assert 0 < len(registry.status()) < 8
+    registry.close()
+
+
 @pytest.mark.parametrize(
     ("offset", "byte_size", "message"),
     [
@@ -116,7 +170,7 @@ def test_a_view_must_lie_inside_its_region(make_file: MakeFile, offset: int, byt
     registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
     registry.register("r", key, 0, 64)
     with pytest.raises(InvalidArgument, match=message):
-        registry.get("r").view(offset, byte_size, writable=False, what="input 'x'")
+        registry.get("r").slice(offset, byte_size, "input 'x'")
     registry.close()
 
 
@@ -124,9 +178,10 @@ def test_a_file_that_shrank_after_registration_is_refused_not_read(make_file: Ma
     key = make_file(bytes(8192))
     registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
     registry.register("r", key, 0, 8192)
-    os.truncate(SHM_ROOT / key.lstrip("/"), 100)  # reading past the end of a mapped file is SIGBUS
-    with pytest.raises(InvalidArgument, match="shrank to 100 bytes since it was registered"):
-        registry.get("r").view(4096, 16, writable=False, what="input 'x'")
+    taken = registry.get("r").slice(4096, 16, "input 'x'")
+    os.truncate(SHM_ROOT / key.lstrip("/"), 4100)
+    with pytest.raises(InvalidArgument, match=r"region 'r': the file of key '.*' shrank to 4100 bytes since it was"):
+        taken.read()
     registry.close()
 
 
@@ -135,12 +190,12 @@ def test_an_output_region_whose_file_shrank_while_the_model_ran_is_refused_not_w
     registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
     registry.register("r", key, 0, 8192)
     where = TensorRegion("r", 4096, 4096)
-    target = OutputTarget(where, registry.get("r").view(4096, 4096, writable=True, what="output 'y'"))
-    os.truncate(SHM_ROOT / key.lstrip("/"), 0)  # after the request was decoded; writing now would be SIGBUS
+    target = OutputTarget(where, registry.get("r").slice(4096, 4096, "output 'y'"))
+    os.truncate(SHM_ROOT / key.lstrip("/"), 0)  # after the request was decoded
     tensor = pb.ModelInferResponse().outputs.add(name="y")
     with pytest.raises(InvalidArgument, match="shrank to 0 bytes since it was registered"):
         write_output(target, tensor, np.ones(1024, dtype=np.float32), DATATYPES["FP32"])
-    del target
+    assert os.stat(SHM_ROOT / key.lstrip("/")).st_size == 0  # not grown back
     registry.close()
 
 
@@ -184,19 +239,4 @@ def test_the_number_of_regions_and_their_bytes_are_bounded(make_file: MakeFile) 
     registry.register("b", make_file(bytes(64)), 0, 40)
     with pytest.raises(FailedPrecondition, match="max_regions"):
         registry.register("c", make_file(bytes(64)), 0, 1)
-    registry.close()
-
-
-def test_detach_copies_only_what_lives_in_shared_memory(make_file: MakeFile) -> None:
-    key = make_file(np.arange(4, dtype=np.float32).tobytes())
-    registry = SystemSharedMemory(max_regions=4, max_bytes=1 << 20)
-    registry.register("r", key, 0, 16)
-    shared = registry.get("r").view(0, 16, writable=False, what="input 'x'").array(np.dtype(np.float32), (1, 4))
-    own = np.ones((1, 4), dtype=np.float32)
-    detached = detach_shared({"x": shared, "z": own})
-    assert detached["z"] is own
-    assert detached["x"] is not shared and detached["x"].flags.owndata
-    np.testing.assert_array_equal(detached["x"], shared)
-    plain = {"z": own}
-    assert detach_shared(plain) is plain
     registry.close()

@@ -7,6 +7,7 @@ field path. Each model's own ``config.yaml`` is :mod:`infergate.models.config`.
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -63,13 +64,36 @@ class SystemSharedMemoryConfig(Strict):
     """Triton's system shared-memory extension (serving/shared_memory.py, docs/security.md).
 
     Off by default: when on, any caller that may reach the port can make the
-    server map, read and write files under /dev/shm by name (Triton's own
+    server open, read and write files under /dev/shm by name (Triton's own
     ``--allow-client-shm`` is off by default too).
+
+    Each registered region holds an open file: ``max_regions`` must leave
+    :data:`FILES_FOR_THE_REST` of the process's open-file limit (RLIMIT_NOFILE's
+    soft limit, ``ulimit -n``) to connections and the server's own files, or
+    registrations would take the descriptors new connections need.
     """
 
     enabled: bool = False
     max_regions: Annotated[int, Field(ge=1, le=4096)] = 64  # registered at once
-    max_bytes: Annotated[int, Field(ge=1)] = 1 << 30  # mapped at once, all regions together
+    max_bytes: Annotated[int, Field(ge=1)] = 1 << 30  # registered at once, all regions together
+
+    @model_validator(mode="after")
+    def _regions_within_the_open_file_limit(self) -> SystemSharedMemoryConfig:
+        limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if not self.enabled or limit == resource.RLIM_INFINITY or self.max_regions + FILES_FOR_THE_REST <= limit:
+            return self
+        room = limit - FILES_FOR_THE_REST
+        lower = f", or lower max_regions to {room}" if room >= 1 else ""
+        raise FieldError(
+            "max_regions",
+            f"{self.max_regions} regions hold an open file each, and {FILES_FOR_THE_REST} more stay for "
+            f"connections and the server's own files: that passes this process's open-file limit of {limit} "
+            f"(RLIMIT_NOFILE; raise it with ulimit -n or systemd's LimitNOFILE{lower})",
+        )
+
+
+# Open files kept for everything but shared-memory regions: connections, models, logs, the runtime's own.
+FILES_FOR_THE_REST = 256
 
 
 Seconds = Annotated[float, Field(ge=0.001, le=7 * 86_400)]  # gRPC takes whole milliseconds in a C int

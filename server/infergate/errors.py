@@ -13,6 +13,7 @@ that turns these errors into gRPC status codes.
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
     ├── Cancelled                  CANCELLED
     ├── Unimplemented              UNIMPLEMENTED
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED (the server ran out of something, e.g. open files)
     ├── ModelExecutionError        INTERNAL (the cause is logged, not sent)
     └── auth.AuthError             (auth.py: UNAUTHENTICATED or PERMISSION_DENIED, one subclass per reason)
 """
@@ -30,6 +31,7 @@ __all__ = [
     "ModelExecutionError",
     "NotFound",
     "QueueFull",
+    "ResourceExhausted",
     "Status",
     "Unavailable",
     "Unimplemented",
@@ -49,6 +51,7 @@ class Status(Enum):
     INTERNAL = "INTERNAL"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 
 
 class InferGateError(Exception):
@@ -87,6 +90,12 @@ class Cancelled(InferGateError):
 
 class Unimplemented(InferGateError):
     status = Status.UNIMPLEMENTED
+
+
+class ResourceExhausted(InferGateError):
+    """The server ran out of a resource of its process (open files), not of anything the caller controls."""
+
+    status = Status.RESOURCE_EXHAUSTED
 
 
 class ModelExecutionError(InferGateError):

@@ -6,12 +6,13 @@ for it, and the tensors (:func:`decode_request`) for the version that serves
 it, with the parameters that shape the answer (``sequence_id``/``sequence_start``/
 ``sequence_end``, each requested output's ``classification``). Inputs come from
 ``raw_input_contents`` (read in place with ``np.frombuffer``), typed
-``contents``, or a system shared-memory region (read in place too; see
-``shm_tensors.py``); every refusal is an InvalidArgument whose message names
-the model and the tensor, in Triton's words where its clients match on them
-(then infergate's detail follows). :func:`encode_response` answers with
-``raw_output_contents``, or writes an output into the region the request
-named for it, and says how the request was routed.
+``contents``, or a system shared-memory region (copied into the server's
+memory once its size is checked; see ``shm_tensors.py``); every refusal is
+an InvalidArgument whose message names the model and the tensor, in Triton's
+words where its clients match on them (then infergate's detail follows).
+:func:`encode_response` answers with ``raw_output_contents``, or writes an
+output into the region the request named for it, and says how the request
+was routed.
 
 A request that names shared memory is read by :class:`SharedMemoryWireRequest`
 (:func:`wire_request` picks the class); every other request takes the plain
@@ -41,11 +42,14 @@ from infergate.models.datatypes import (
 from infergate.models.sequence import sequence_params
 from infergate.models.spec import ModelSpec, Tensors, TensorSpec
 from infergate.serving.classification import check_classifiable, classification_counts
+from infergate.serving.offload import COPY_BYTES_PER_ELEMENT
 from infergate.serving.request import DecodedRequest, InferenceResult, RequestLimits
+from infergate.serving.shared_memory import RegionSlice
 from infergate.serving.shm_tensors import (
-    Buffer,
     OutputTarget,
     SharedMemoryAccess,
+    Source,
+    input_bytes,
     input_sources,
     names_shared_memory,
     output_targets,
@@ -119,10 +123,12 @@ class WireRequest:
 class SharedMemoryWireRequest(WireRequest):
     """A ModelInferRequest that names system shared memory for an input or an output.
 
-    :meth:`attach` takes views of the regions its inputs are read from (in place)
-    and of those its outputs go to (``targets``, which :func:`encode_answer`
-    fills). The registry belongs to the event loop (it is not locked): attach
-    there; :meth:`decode` then reads the views anywhere, a thread included.
+    :meth:`attach` takes slices of the regions its inputs are read from and of
+    those its outputs go to (``targets``, which :func:`encode_answer` fills).
+    The registry belongs to the event loop (it is not locked): attach there;
+    :meth:`decode` then copies the inputs out of their regions anywhere, a
+    thread included (``decode_elements`` counts the copy: a large one runs on
+    a thread, where it leaves the event loop free).
     """
 
     __slots__ = ("_access", "_sources", "targets")
@@ -130,24 +136,28 @@ class SharedMemoryWireRequest(WireRequest):
     def __init__(self, message: pb.ModelInferRequest, metadata: Metadata, access: SharedMemoryAccess):
         super().__init__(message, metadata)
         self._access = access
-        self._sources: Sequence[Buffer | None] | None = None
+        self._sources: Sequence[Source | None] | None = None
         self.targets: Mapping[str, OutputTarget] = {}
 
+    def decode_elements(self, spec: ModelSpec) -> int:
+        return super().decode_elements(spec) + input_bytes(self.message) // COPY_BYTES_PER_ELEMENT
+
     def attach(self, spec: ModelSpec, limits: RequestLimits) -> None:
-        check_input_count(self.message, spec, limits.max_inputs)  # before a view is taken for each
+        check_input_count(self.message, spec, limits.max_inputs)  # before a slice is taken for each
         self._sources = input_sources(self.message, spec.name, self._access)
         self.targets = output_targets(self.message.outputs, spec.name, self._access)
 
     def decode(self, spec: ModelSpec, limits: RequestLimits) -> DecodedRequest:
         if self._sources is None:
             self.attach(spec, limits)
+        sources, self._sources = self._sources, None  # read once: the regions need not stay open for the inputs
         return decode_request(
             self.message,
             spec,
             limits.max_elements,
             max_rows=limits.max_rows,
             max_inputs=limits.max_inputs,
-            sources=self._sources,
+            sources=sources,
         )
 
 
@@ -172,7 +182,7 @@ def decode_request(
     *,
     max_rows: int | None = None,
     max_inputs: int | None = None,
-    sources: Sequence[Buffer | None] | None = None,
+    sources: Sequence[Source | None] | None = None,
 ) -> DecodedRequest:
     """Validate ``request`` against ``spec`` and decode its tensors.
 
@@ -317,16 +327,19 @@ def _pretty(shape: tuple[int, ...]) -> str:
 
 
 def _from_raw(
-    data: Buffer, datatype: Datatype, shape: tuple[int, ...], count: int, spec: ModelSpec, name: str
+    data: Source, datatype: Datatype, shape: tuple[int, ...], count: int, spec: ModelSpec, name: str
 ) -> npt.NDArray[Any]:
     if datatype.name == BYTES:
-        return decode_bytes_tensor(data, count, f"input '{name}' for model '{spec.name}'").reshape(shape)
+        raw = data.read().data if isinstance(data, RegionSlice) else data
+        return decode_bytes_tensor(raw, count, f"input '{name}' for model '{spec.name}'").reshape(shape)
     expected = count * datatype.itemsize
     if len(data) != expected:
         raise InvalidArgument(
             f"input byte size mismatch for input '{name}' for model '{spec.name}'. Expected {expected}, "
             f"got {len(data)} (shape {list(shape)} of {datatype.name})"
         )
+    if isinstance(data, RegionSlice):  # copied only now that its size is known to be right
+        return data.read().view(datatype.numpy).reshape(shape)
     return np.frombuffer(data, dtype=datatype.numpy).reshape(shape)
 
 

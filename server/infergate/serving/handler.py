@@ -7,7 +7,7 @@ here and knows no gRPC:
 
 1. **route**: the catalog picks the version (and resolves the shadow copy's target);
 2. **decode**: the request's tensors, checked against that version's spec (on a thread when they hold
-   many BYTES elements: ``offload.py``);
+   many BYTES elements, or many bytes to copy out of shared memory: ``offload.py``);
 3. **infer**: the version's batcher queues them and its runner executes the batch
    (a stateful model's requests go through its sequence scheduler, which adds
    the control and state inputs); outputs asked for as classes become top-k strings.
@@ -47,7 +47,6 @@ from infergate.routing.shadow import ShadowJob, ShadowQueue
 from infergate.serving.classification import classify_outputs
 from infergate.serving.offload import ELEMENTS_ON_LOOP, class_strings
 from infergate.serving.request import DecodedRequest, InferenceRequest, InferenceResult, RequestLimits
-from infergate.serving.shared_memory import detach_shared
 
 __all__ = ["InferenceHandler"]
 
@@ -81,7 +80,7 @@ class InferenceHandler:
         model = routed.model
         try:
             spec = model.spec
-            if not spec.bytes_inputs or request.decode_elements(spec) <= ELEMENTS_ON_LOOP:
+            if request.decode_elements(spec) <= ELEMENTS_ON_LOOP:
                 decoded = request.decode(spec, self._limits)
             else:
                 routed, decoded = await self._decoded_on_thread(request, routed)
@@ -96,6 +95,9 @@ class InferenceHandler:
             raise
         finally:
             _record(routed, error, started, expires)
+            # The error's traceback holds this frame: a reference back to the error would make a cycle, and keep
+            # the request (its shared-memory regions' descriptors) until the garbage collector happened by.
+            error = None
         shadowed = self._answered(routed, decoded, outputs, request.id)
         return InferenceResult(model.spec, answer, decoded.outputs, routed.decision, request.id, shadowed)
 
@@ -217,6 +219,7 @@ class InferenceHandler:
             raise
         finally:
             _record(routed, error, started, expires)
+            error = None  # no cycle through the traceback (see infer)
         self._answered(routed, decoded, outputs, request.id)
         return outputs
 
@@ -267,9 +270,7 @@ class InferenceHandler:
     def _mirror(self, shadow: ShadowTarget, decoded: DecodedRequest, outputs: Tensors) -> bool:
         """Queue the same inputs for the shadow version; never waits, never fails the caller.
         Returns whether the copy was queued (False: dropped, and counted as dropped)."""
-        # The shadow runs after the answer: inputs read in place from shared memory must be copied first.
-        inputs = detach_shared(decoded.inputs)
-        call = functools.partial(_shadow_call, shadow.model, inputs, decoded.rows, decoded.group)
+        call = functools.partial(_shadow_call, shadow.model, decoded.inputs, decoded.rows, decoded.group)
         job = ShadowJob(call, outputs, shadow.stats, shadow.spec.timeout_seconds, shadow.spec.max_busy_fraction)
         return self._shadows.offer(job, limit=shadow.spec.queue_size)
 

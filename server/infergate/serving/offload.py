@@ -8,6 +8,12 @@ Past :data:`ELEMENTS_ON_LOOP` elements that work runs on a thread instead: the
 interpreter still runs one thread at a time, but the event loop takes it back
 every switch interval (5 ms) and keeps answering the others. Below it, the work
 stays on the loop, where a thread hop would cost more than the work.
+
+Inputs in system shared memory are copied out of their regions as the request
+is decoded (``shared_memory.py``). The copy is weighed in elements too, one per
+:data:`COPY_BYTES_PER_ELEMENT` bytes: past 1 MiB (about 0.15 ms of copying on
+the development VM, the price of the thread hop) it runs on a thread. There the
+loop gets the interpreter back at once: the copy runs without it.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from collections.abc import Mapping
 
 from infergate.models.spec import ModelSpec, Tensors
 
-__all__ = ["ELEMENTS_ON_LOOP", "class_strings", "object_elements"]
+__all__ = ["COPY_BYTES_PER_ELEMENT", "ELEMENTS_ON_LOOP", "class_strings", "object_elements"]
 
 # About 10-20 ms of per-element work on the development VM.
 ELEMENTS_ON_LOOP = 16_384
+COPY_BYTES_PER_ELEMENT = 64  # so that ELEMENTS_ON_LOOP elements weigh 1 MiB copied out of shared memory
 
 
 def object_elements(outputs: Tensors) -> int:

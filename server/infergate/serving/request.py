@@ -69,8 +69,9 @@ class InferenceRequest(Protocol):
         against ``spec``; raises InvalidArgument naming model and tensor."""
 
     def decode_elements(self, spec: ModelSpec) -> int:
-        """How many elements :meth:`decode` will convert one by one (BYTES): past
-        ``offload.ELEMENTS_ON_LOOP`` it runs on a thread, after :meth:`attach`."""
+        """How many elements :meth:`decode` will convert one by one (BYTES), bytes it copies out of shared
+        memory counted in (``offload.py``): past ``offload.ELEMENTS_ON_LOOP`` it runs on a thread, after
+        :meth:`attach`."""
 
     def attach(self, spec: ModelSpec, limits: RequestLimits) -> None:
         """Take hold, on the event loop, of what the request reads outside its message (shared-memory

@@ -23,7 +23,7 @@ from infergate.errors import FailedPrecondition, InferGateError, InvalidArgument
 from infergate.heap import in_thread
 from infergate.models.overrides import parse_load_parameters
 from infergate.repository.loader import ModelRepository
-from infergate.serving.codec import encode_answer, wire_request
+from infergate.serving.codec import WireRequest, encode_answer, wire_request
 from infergate.serving.control import LocalModelControl, ModelControl
 from infergate.serving.handler import InferenceHandler
 from infergate.serving.log_settings import (
@@ -34,6 +34,7 @@ from infergate.serving.log_settings import (
 )
 from infergate.serving.offload import ELEMENTS_ON_LOOP, object_elements
 from infergate.serving.protocol import model_config_message, model_metadata_message, model_statistics_message
+from infergate.serving.request import InferenceResult
 from infergate.serving.shared_memory import SystemSharedMemory
 from infergate.serving.shm_tensors import SharedMemoryAccess
 from infergate.serving.status import abort_with, guarded, status_of
@@ -166,6 +167,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        wire: WireRequest | None = None
+        result: InferenceResult | None = None
         try:
             wire = wire_request(request, context.invocation_metadata, self._shm_access)
             result = await self._handler.infer(wire, context.time_remaining())
@@ -173,7 +176,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return encode_answer(result, wire)
             return await in_thread(encode_answer, result, wire)  # see offload.py
         except Exception as exc:
-            await abort_with(context, exc, "ModelInfer")
+            code, message = status_of(exc, "ModelInfer")
+        # gRPC keeps the abort's exception, whose traceback holds this frame, in a cycle with the call's
+        # context until the garbage collector runs. So the abort comes after the except block (it does not
+        # chain the error and its frames) and this frame lets go of the request first: the files of its
+        # shared-memory regions close as soon as they are unregistered.
+        wire = result = None
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -302,7 +312,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.CudaSharedMemoryRegisterResponse:
-        raise _not_implemented("CudaSharedMemoryRegister")
+        raise _not_implemented("CudaSharedMemoryRegister", self._extensions)
 
     @guarded
     async def TraceSetting(
@@ -377,8 +387,9 @@ def _unload_dependents(request: pb.RepositoryModelUnloadRequest) -> bool:
     return given.bool_param
 
 
-def _not_implemented(method: str) -> Unimplemented:
+def _not_implemented(method: str, extensions: tuple[str, ...]) -> Unimplemented:
+    """``extensions``: this server's, as ServerMetadata lists them."""
     return Unimplemented(
         f"{method}: the {NOT_IMPLEMENTED[method]} extension is not implemented in infergate {__version__} "
-        f"(ServerMetadata lists the extensions it implements: {', '.join(EXTENSIONS)})"
+        f"(ServerMetadata lists the extensions it implements: {', '.join(extensions)})"
     )

@@ -1,4 +1,4 @@
-"""System shared memory: the regions clients registered, mapped read/write from ``/dev/shm``.
+"""System shared memory: the regions clients registered, read and written through their files in ``/dev/shm``.
 
 Triton's system shared-memory extension lets a client on the same host pass
 tensors through a POSIX shared-memory object instead of the request: it
@@ -13,20 +13,23 @@ on the event loop only, so it takes no lock.
 * **What may be opened.** A key names one file directly under ``/dev/shm``
   (``/name`` or ``name``; no other slash, not ``.`` or ``..``). It is opened
   read/write without following a symbolic link and must be a regular file that
-  covers the region. Nothing else on the host can be reached through it.
-* **Bounds.** At most ``max_regions`` regions and ``max_bytes`` mapped bytes in all.
-* **Lifetime.** A request that names a region takes a :class:`RegionView` of it
-  (the inputs it reads in place, the outputs it will write). Unregistering
-  takes the region out of the registry at once: later requests naming it get
-  NOT_FOUND and its name and key may be registered again. The mapping itself
-  is closed only when no view of it is left, so requests that were already
-  queued finish with the memory they were given; an unmap can never pull the
-  memory from under a running batch (Python refuses to close an ``mmap``
-  with live buffer exports, and the last view to go unmaps it).
-* **A file that shrinks.** Every view first checks that the file still covers
-  the region; reading a mapping past the end of its file would kill the
-  process (SIGBUS). The check cannot stop a process that shrinks the file on
-  purpose while a batch reads it: docs/security.md says who may use this.
+  covers the region. Nothing else on the host can be reached through it. One
+  file is registered once, whatever key names it (``/k``, ``k``, a hard link).
+* **Bounds.** At most ``max_regions`` regions and ``max_bytes`` registered bytes
+  in all. Each region holds one open file descriptor; running out of them is
+  RESOURCE_EXHAUSTED (config.py keeps ``max_regions`` under the open-file limit).
+* **No mapping.** The server never maps a client's file: the client may shrink
+  it at any time, and touching a mapping past the end of its file ends the
+  process (SIGBUS). Inputs are read with ``preadv`` into the server's own
+  memory when the request is decoded (a file that no longer holds them is
+  INVALID_ARGUMENT); outputs are written with ``pwrite``, which cannot fault.
+* **Lifetime.** A request that names a region takes a :class:`RegionSlice` of
+  it (the inputs it reads, the outputs it will write). Unregistering takes the
+  region out of the registry at once: later requests naming it get NOT_FOUND
+  and its name and key may be registered again. The descriptor is closed when
+  no slice of the region is left, so requests that were already queued write
+  their outputs where they were told to; a closed descriptor's number, reused
+  for another file, can never be written through.
 
 Errors use Triton's words where its clients match on them, then infergate's detail.
 """
@@ -34,31 +37,30 @@ Errors use Triton's words where its clients match on them, then infergate's deta
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from infergate.errors import FailedPrecondition, InvalidArgument, NotFound
+from infergate.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 __all__ = [
     "SHM_ROOT",
     "Region",
+    "RegionSlice",
     "RegionStatus",
-    "RegionView",
     "SystemSharedMemory",
-    "detach_shared",
     "shm_path",
 ]
 
 SHM_ROOT = Path("/dev/shm")
 _NAME_MAX = 255  # one path component (NAME_MAX)
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,17 +88,14 @@ def shm_path(key: str, root: Path = SHM_ROOT) -> Path:
 
 
 class Region:
-    """One registered region: ``byte_size`` bytes at ``offset`` of the file ``key`` names, mapped read/write."""
+    """One registered region: ``byte_size`` bytes at ``offset`` of the file ``key`` names, held open read/write.
+
+    ``identity`` is the file's (device, inode): the same file under another key has the same one.
+    """
 
     def __init__(self, name: str, key: str, offset: int, byte_size: int, root: Path = SHM_ROOT):
         self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
-        path = shm_path(key, root)
-        try:
-            # O_NOFOLLOW: /dev/shm is writable by everyone, a symbolic link there must not lead elsewhere.
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-            raise InvalidArgument(f"Unable to open shared memory region: '{key}' ({reason})") from None
+        fd = _open(name, key, shm_path(key, root))
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -106,25 +105,22 @@ class Region:
                     f"failed to register shared memory region '{name}': invalid args (offset {offset} + "
                     f"byte_size {byte_size} runs past the end of '{key}', which holds {info.st_size} bytes)"
                 )
-            # mmap offsets must be multiples of the allocation granularity: map from the one below.
-            self._start = offset % mmap.ALLOCATIONGRANULARITY
-            base = offset - self._start
-            try:
-                self._map = mmap.mmap(fd, self._start + byte_size, mmap.MAP_SHARED, offset=base)
-            except OSError as exc:
-                raise InvalidArgument(f"failed to register shared memory region '{name}': {exc.strerror}") from None
-        finally:
-            os.close(fd)  # the mapping holds its own descriptor
+        except BaseException:
+            os.close(fd)
+            raise
+        self.identity = (info.st_dev, info.st_ino)
+        self._fd = fd
+        # Closed when the region is gone: unregistered, and no request holds a slice of it.
+        self._closer = weakref.finalize(self, os.close, fd)
 
     @property
     def status(self) -> RegionStatus:
         return RegionStatus(self.name, self.key, self.offset, self.byte_size)
 
-    def view(self, offset: int, byte_size: int, *, writable: bool, what: str) -> RegionView:
+    def slice(self, offset: int, byte_size: int, what: str) -> RegionSlice:
         """``byte_size`` bytes at ``offset`` into the region, for ``what`` (e.g. "input 'x' for model 'm'").
 
-        Raises InvalidArgument when they do not lie inside the region, or when
-        the file no longer covers it.
+        Raises InvalidArgument when they do not lie inside the region.
         """
         if offset < 0 or offset >= max(self.byte_size, 1):
             raise InvalidArgument(
@@ -136,70 +132,80 @@ class Region:
                 f"shared memory region '{self.name}' holds {self.byte_size} bytes: {byte_size} bytes at offset "
                 f"{offset} for {what} run past its end"
             )
-        self._check_file()
-        begin = self._start + offset
-        memory = memoryview(self._map)[begin : begin + byte_size]
-        return RegionView(self, memory if writable else memory.toreadonly())
+        return RegionSlice(self, offset, byte_size)
 
-    def _check_file(self) -> None:
-        size = self._map.size()  # fstat of the mapping's own descriptor: the file's size now
-        if self.offset + self.byte_size > size:
-            raise InvalidArgument(
-                f"shared memory region '{self.name}': the file of key '{self.key}' shrank to {size} bytes "
-                f"since it was registered ({self.offset + self.byte_size} needed)"
-            )
+    def read(self, offset: int, byte_size: int) -> npt.NDArray[np.uint8]:
+        """A copy of ``byte_size`` bytes at ``offset`` into the region, in memory of the server's own
+        (read-only). InvalidArgument when the file no longer holds them."""
+        data = np.empty(byte_size, dtype=np.uint8)
+        memory, done, position = data.data, 0, self.offset + offset
+        while done < byte_size:
+            count = os.preadv(self._fd, [memory[done:]], position + done)
+            if count == 0:
+                raise self._shrank()
+            done += count
+        data.flags.writeable = False
+        return data
 
-    def close(self) -> bool:
-        """Unmap now if no view is left; otherwise the last view unmaps it. True if unmapped now."""
+    def write(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset`` into the region. A file shrunk below the region since it was registered
+        is refused (InvalidArgument); ``pwrite`` would grow it back, never fault."""
+        if os.fstat(self._fd).st_size < self.offset + self.byte_size:
+            raise self._shrank()
+        done, position = 0, self.offset + offset
         try:
-            self._map.close()
-        except BufferError:  # views still exported: the mapping goes when they do
-            return False
-        return True
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], position + done)
+        except OSError as exc:  # e.g. ENOSPC: the file has holes and /dev/shm is full
+            raise ResourceExhausted(
+                f"shared memory region '{self.name}': writing to its file failed: {exc.strerror}"
+            ) from None
+
+    def _shrank(self) -> InvalidArgument:
+        size = os.fstat(self._fd).st_size
+        return InvalidArgument(
+            f"shared memory region '{self.name}': the file of key '{self.key}' shrank to {size} bytes "
+            f"since it was registered ({self.offset + self.byte_size} needed)"
+        )
 
 
-class RegionView:
-    """Part of a region that one request reads or writes; keeps the mapping alive while it exists."""
-
-    __slots__ = ("memory", "region")
-
-    def __init__(self, region: Region, memory: memoryview):
-        self.region = region
-        self.memory = memory
-
-    def check(self) -> None:
-        """Raise InvalidArgument when the region's file no longer covers it: touching the view then would
-        end the process with SIGBUS. For a write that comes long after the view was taken (an output,
-        written once the model ran)."""
-        self.region._check_file()
-
-    def array(self, dtype: np.dtype[Any], shape: tuple[int, ...]) -> npt.NDArray[Any]:
-        """The bytes as an array, in place (no copy); read-only unless the view is writable."""
-        return np.frombuffer(self.memory, dtype=dtype).reshape(shape)
+def _open(name: str, key: str, path: Path) -> int:
+    try:
+        # O_NOFOLLOW: /dev/shm is writable by everyone, a symbolic link there must not lead elsewhere.
+        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in _OUT_OF_DESCRIPTORS:  # the server's limit, not the caller's mistake
+            raise ResourceExhausted(
+                f"failed to register shared memory region '{name}': {exc.strerror} (each region holds an open "
+                "file; the server is at its open-file limit: unregister regions, or raise the limit, "
+                "docs/security.md)"
+            ) from None
+        reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise InvalidArgument(f"Unable to open shared memory region: '{key}' ({reason})") from None
 
 
-def detach_shared(tensors: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-    """The same tensors, with those read in place from shared memory copied out of it.
+@dataclass(frozen=True, slots=True)
+class RegionSlice:
+    """Part of a region that one request reads or writes; keeps the region's descriptor open while it exists."""
 
-    Inputs read from a region are views of the client's memory, which the
-    client may overwrite as soon as it has its answer. Anything that keeps
-    inputs past the answer (a shadow copy, the drift monitor, the payload
-    log) must hold a copy: call this before handing them over.
-    """
-    if not any(_in_shared_memory(a) for a in tensors.values()):
-        return tensors
-    return {name: array.copy() if _in_shared_memory(array) else array for name, array in tensors.items()}
+    region: Region
+    offset: int
+    byte_size: int
 
+    def __len__(self) -> int:
+        return self.byte_size
 
-def _in_shared_memory(array: npt.NDArray[Any]) -> bool:
-    base: object = array
-    while isinstance(base, np.ndarray):
-        base = base.base
-    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+    def read(self) -> npt.NDArray[np.uint8]:
+        """The bytes, copied (see :meth:`Region.read`)."""
+        return self.region.read(self.offset, self.byte_size)
+
+    def write(self, data: memoryview) -> None:
+        """Write ``data`` (at most ``byte_size`` bytes) at the start of the slice (see :meth:`Region.write`)."""
+        self.region.write(self.offset, data)
 
 
 class SystemSharedMemory:
-    """The registered regions, bounded in number and in mapped bytes (see the module docstring)."""
+    """The registered regions, bounded in number and in bytes (see the module docstring)."""
 
     def __init__(self, max_regions: int, max_bytes: int, root: Path = SHM_ROOT):
         self.max_regions = max_regions
@@ -208,20 +214,15 @@ class SystemSharedMemory:
         self._regions: dict[str, Region] = {}
 
     @property
-    def mapped_bytes(self) -> int:
+    def registered_bytes(self) -> int:
         return sum(r.byte_size for r in self._regions.values())
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        """Map ``byte_size`` bytes at ``offset`` of ``key`` as region ``name``."""
+        """Register ``byte_size`` bytes at ``offset`` of the file ``key`` names as region ``name``."""
         if not name:
             raise InvalidArgument("failed to register shared memory region: the name is empty")
         if name in self._regions:
             raise InvalidArgument(f"shared memory region '{name}' already in manager")
-        if any(r.key == key for r in self._regions.values()):
-            raise InvalidArgument(
-                f'registering an active shared memory key, "{key}", under a different name is not currently '
-                f"supported (unregister the region that uses it first)"
-            )
         if byte_size == 0:
             raise InvalidArgument(f"failed to register shared memory region '{name}': invalid args (byte_size 0)")
         if len(self._regions) >= self.max_regions:
@@ -229,13 +230,21 @@ class SystemSharedMemory:
                 f"failed to register shared memory region '{name}': {len(self._regions)} regions are registered, "
                 f"the server's limit (shared_memory.system.max_regions); unregister one first"
             )
-        if self.mapped_bytes + byte_size > self.max_bytes:
+        if self.registered_bytes + byte_size > self.max_bytes:
             raise FailedPrecondition(
                 f"failed to register shared memory region '{name}': {byte_size} more bytes would pass the "
-                f"server's limit of {self.max_bytes} mapped bytes (shared_memory.system.max_bytes); "
-                f"{self.mapped_bytes} are registered"
+                f"server's limit of {self.max_bytes} registered bytes (shared_memory.system.max_bytes); "
+                f"{self.registered_bytes} are registered"
             )
-        self._regions[name] = Region(name, key, offset, byte_size, self._root)
+        region = Region(name, key, offset, byte_size, self._root)
+        for other in self._regions.values():
+            if other.identity == region.identity:
+                region._closer()  # nothing else holds it
+                raise InvalidArgument(
+                    f'registering an active shared memory key, "{key}", under a different name is not currently '
+                    f"supported (region '{other.name}' uses that file, as key \"{other.key}\"; unregister it first)"
+                )
+        self._regions[name] = region
 
     def get(self, name: str) -> Region:
         region = self._regions.get(name)
@@ -256,9 +265,7 @@ class SystemSharedMemory:
         """Unregister ``name`` (empty: every region). An unknown name is not an error, as in Triton."""
         names: Iterable[str] = list(self._regions) if not name else [name]
         for each in names:
-            region = self._regions.pop(each, None)
-            if region is not None:
-                region.close()
+            self._regions.pop(each, None)
 
     def close(self) -> None:
         """Unregister every region (at server stop)."""

@@ -9,13 +9,15 @@ SystemSharedMemoryRegister in its parameters (Triton's shared-memory extension):
 
 An input read from a region has no ``contents`` and takes no entry of
 ``raw_input_contents`` (which then holds the other inputs' data, in order).
-Its bytes are read in place: :func:`input_sources` hands the codec a
-read-only view of the mapping, which ``np.frombuffer`` turns into the array
-the batcher and onnxruntime see. An output written to a region comes back
-with the same parameters (``shared_memory_byte_size`` being the bytes
-written), an empty ``raw_output_contents`` entry (positions stay aligned with
-``outputs``, as in Triton) and nothing else; :func:`output_targets` resolves
-the regions before the model runs, :func:`write_output` fills them after.
+:func:`input_sources` hands the codec a :class:`RegionSlice` for it, whose
+bytes the codec copies into the server's memory as it decodes the request
+(once its size is checked): the client may change or shrink its file as soon
+as the request is in, and what the batcher and onnxruntime see never moves.
+An output written to a region comes back with the same parameters
+(``shared_memory_byte_size`` being the bytes written), an empty
+``raw_output_contents`` entry (positions stay aligned with ``outputs``, as in
+Triton) and nothing else; :func:`output_targets` resolves the regions before
+the model runs, :func:`write_output` writes them after.
 
 With auth on, a request that names a region also needs the ``shared_memory``
 permission (besides ``infer:<model>``): a region is the memory of whichever
@@ -36,7 +38,7 @@ from infergate._proto import grpc_service_pb2 as pb
 from infergate.errors import InvalidArgument, Unimplemented
 from infergate.models.datatypes import BYTES, Datatype, encode_bytes_tensor
 from infergate.security.auth import current_principal, require
-from infergate.serving.shared_memory import RegionView, SystemSharedMemory
+from infergate.serving.shared_memory import RegionSlice, SystemSharedMemory
 
 __all__ = [
     "BYTE_SIZE",
@@ -45,7 +47,9 @@ __all__ = [
     "SHARED_MEMORY_PERMISSION",
     "OutputTarget",
     "SharedMemoryAccess",
+    "Source",
     "TensorRegion",
+    "input_bytes",
     "input_sources",
     "names_shared_memory",
     "output_targets",
@@ -58,6 +62,7 @@ BYTE_SIZE = "shared_memory_byte_size"
 SHARED_MEMORY_PERMISSION = "shared_memory"
 
 Buffer = bytes | memoryview
+Source = Buffer | RegionSlice  # an input's bytes, or where in a region to read them
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +124,7 @@ class SharedMemoryAccess:
     def __init__(self, registry: SystemSharedMemory | None):
         self.registry = registry
 
-    def view(self, where: TensorRegion, *, writable: bool, what: str) -> RegionView:
+    def slice(self, where: TensorRegion, what: str) -> RegionSlice:
         """The bytes ``where`` names, for ``what`` ("input 'x' for model 'm'")."""
         if self.registry is None:
             raise Unimplemented(
@@ -130,15 +135,25 @@ class SharedMemoryAccess:
         principal = current_principal()
         if principal is not None:  # auth on: a region holds another client's memory
             require(principal, SHARED_MEMORY_PERMISSION, None, f"ModelInfer with shared memory ({what})")
-        return self.registry.get(where.name).view(where.offset, where.byte_size, writable=writable, what=what)
+        return self.registry.get(where.name).slice(where.offset, where.byte_size, what)
 
 
-def input_sources(request: pb.ModelInferRequest, model: str, access: SharedMemoryAccess) -> list[Buffer | None]:
-    """Per input, in order: its bytes (a read-only view of a region, or its raw contents), or None
-    when it comes as typed ``contents``. Checks that raw contents, typed contents and regions
+def input_bytes(request: pb.ModelInferRequest) -> int:
+    """How many bytes the request's inputs name in regions (read from the parameters: nothing is looked up)."""
+    total = 0
+    for tensor in request.inputs:
+        where = tensor_region(tensor)
+        if where is not None:
+            total += where.byte_size
+    return total
+
+
+def input_sources(request: pb.ModelInferRequest, model: str, access: SharedMemoryAccess) -> list[Source | None]:
+    """Per input, in order: its bytes (its raw contents, or the slice of a region to read them from),
+    or None when it comes as typed ``contents``. Checks that raw contents, typed contents and regions
     are not mixed up for any one input, and that every raw entry belongs to an input."""
     raw = request.raw_input_contents
-    sources: list[Buffer | None] = []
+    sources: list[Source | None] = []
     taken = 0
     for tensor in request.inputs:
         where = tensor_region(tensor)
@@ -149,7 +164,7 @@ def input_sources(request: pb.ModelInferRequest, model: str, access: SharedMemor
                     f"for model '{model}'"
                 )
             what = f"input '{tensor.name}' for model '{model}'"
-            sources.append(access.view(where, writable=False, what=what).memory)
+            sources.append(access.slice(where, what))
         elif tensor.HasField("contents"):
             if raw:
                 raise InvalidArgument(
@@ -174,10 +189,10 @@ def input_sources(request: pb.ModelInferRequest, model: str, access: SharedMemor
 
 @dataclass(frozen=True, slots=True)
 class OutputTarget:
-    """Where one requested output goes: a writable view of its region, and the parameters that named it."""
+    """Where one requested output goes: the slice of its region, and the parameters that named it."""
 
     where: TensorRegion
-    view: RegionView
+    slice: RegionSlice
 
 
 def output_targets(
@@ -193,7 +208,7 @@ def output_targets(
         if "classification" in output.parameters:
             raise InvalidArgument("output can't set both 'shared_memory_region' and 'classification'")
         what = f"output '{output.name}' for model '{model}'"
-        targets[output.name] = OutputTarget(where, access.view(where, writable=True, what=what))
+        targets[output.name] = OutputTarget(where, access.slice(where, what))
     return targets
 
 
@@ -204,17 +219,15 @@ def write_output(
     when the bytes the request set aside cannot hold it."""
     data = encode_bytes_tensor(array) if datatype.name == BYTES else None
     size = len(data) if data is not None else array.size * datatype.itemsize
-    memory = target.view.memory
-    if size > len(memory):
+    room = len(target.slice)
+    if size > room:
         raise InvalidArgument(
-            f"shared memory size specified with the request for output '{tensor.name}' ({len(memory)} bytes) "
+            f"shared memory size specified with the request for output '{tensor.name}' ({room} bytes) "
             f"should be at least {size} bytes to hold the results"
         )
-    target.view.check()  # the file may have shrunk while the request waited and ran
-    if data is not None:
-        memory[:size] = data
-    else:
-        np.copyto(np.frombuffer(memory, dtype=datatype.numpy, count=array.size).reshape(array.shape), array)
+    if data is None:
+        array = np.ascontiguousarray(array, dtype=datatype.numpy)  # no copy when it already is
+    target.slice.write(memoryview(data) if data is not None else array.data.cast("B"))
     params = tensor.parameters
     params[REGION].string_param = target.where.name
     params[BYTE_SIZE].int64_param = size
