@@ -129,7 +129,7 @@ def test_a_request_the_model_refuses_is_refused_though_its_inputs_are_cached(ser
     ("max_bytes", "hits"),
     [
         (1 << 20, 1),  # A, B, A: the second A is a hit
-        (40, 0),  # room for one answer (16 bytes of y, 16 of key): B pushes A out
+        (1000, 0),  # room for one answer (some 600 bytes with its key and slot): B pushes A out
         (0, 0),  # off for every model
     ],
 )
@@ -214,7 +214,9 @@ def test_the_digest_tells_apart_names_types_shapes_and_values() -> None:
 
 
 def test_the_cache_keeps_read_only_copies_and_drops_the_least_recently_used_first() -> None:
-    cache = ResponseCache(max_bytes=2 * (16 + 16))  # two answers of 16 bytes with 16-byte keys
+    probe = ResponseCache(max_bytes=1 << 20)
+    probe.put(("v", b"p" * 16), {"y": np.zeros((1, 4), np.float32)})
+    cache = ResponseCache(max_bytes=2 * probe.bytes)  # room for two answers of one row
     batch = np.arange(8, dtype=np.float32).reshape(2, 4)
     cache.put(("v", b"a" * 16), {"y": batch[:1]})
     cache.put(("v", b"b" * 16), {"y": batch[1:]})
@@ -225,7 +227,7 @@ def test_the_cache_keeps_read_only_copies_and_drops_the_least_recently_used_firs
     cache.put(("v", b"c" * 16), {"y": batch[:1]})
     assert cache.get(("v", b"b" * 16)) is None and cache.get(("v", b"a" * 16)) is not None
     assert len(cache) == 2 and cache.bytes <= cache.max_bytes
-    cache.put(("v", b"d" * 16), {"y": np.zeros(64, np.float32)})  # larger than the whole cache: not kept
+    cache.put(("v", b"d" * 16), {"y": np.zeros(1024, np.float32)})  # larger than the whole cache: not kept
     assert cache.get(("v", b"d" * 16)) is None and len(cache) == 2
 
 
@@ -246,3 +248,32 @@ def test_text_answers_count_against_max_bytes_with_the_memory_their_strings_take
         tracemalloc.stop()
     assert 0 < len(cache) < 60 and cache.bytes <= bound
     assert held <= bound * 1.1, f"the cache holds {held:,} bytes for a bound of {bound:,}"
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        {"y": np.ones((1, 1), np.float32)},  # 4 bytes of answer
+        {"y": np.ones((1, 16), np.float32)},  # matmul16's 64
+        {"y": np.ones((1, 256), np.float32), "z": np.ones(3, np.int64)},
+    ],
+)
+def test_small_answers_count_against_max_bytes_with_the_memory_each_entry_takes(
+    outputs: dict[str, np.ndarray],
+) -> None:
+    """An entry holds its key, a digest, a dict, each array's header and the cache's own slot for
+    it: some 500 bytes besides the answer. Counted by the answer alone, a cache of small answers
+    would hold ten times its bound."""
+    bound = 1 << 20
+    tracemalloc.start()
+    try:
+        cache = ResponseCache(max_bytes=bound)
+        token = object()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(4000):  # unique requests: more than fit, so the oldest make room
+            cache.put((token, i.to_bytes(16)), outputs)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0 < len(cache) < 4000 and cache.bytes <= bound
+    assert 0.8 * cache.bytes <= held <= 1.2 * cache.bytes, f"{held:,} bytes held, {cache.bytes:,} counted"

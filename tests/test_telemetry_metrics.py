@@ -136,13 +136,20 @@ async def test_model_names_a_caller_invents_add_no_series_without_end(observed: 
 
     metrics = observed.server.telemetry.metrics
     assert metrics is not None
-    for i in range(MAX_MODEL_LABELS + 50):  # version strings a caller made up, for a model that exists
+    sources = [_Depth() for _ in range(MAX_MODEL_LABELS + 50)]
+    for i, source in enumerate(sources):  # a repository that served more versions than labels allow
+        metrics.watch_queue("mlp", i, source)
         metrics.request_started("ModelInfer")
-        metrics.request_finished("ModelInfer", "mlp", f"v{i}", 3, 0.001)
+        metrics.request_finished("ModelInfer", "mlp", str(i), 0, 0.001)
     points = observed.points("infergate.request.duration")
     labels = {(p.attributes["model"], p.attributes["model_version"]) for p in points}
     assert len(labels) <= MAX_MODEL_LABELS + 2 and (OTHER_MODELS, "") in labels  # + no model, + the rest
     assert sum(p.count for p in _where(points, model=OTHER_MODELS)) >= 50  # counted all the same
+
+
+class _Depth:
+    def queue_depth(self) -> int:
+        return 0
 
 
 async def test_auth_refusals_and_shadow_comparisons_have_recorders(observed: Observed) -> None:
@@ -168,3 +175,50 @@ async def test_auth_refusals_and_shadow_comparisons_have_recorders(observed: Obs
     assert diff.count == 2 and diff.max == 0.5 and diff.sum == pytest.approx(0.5 + 1e-7)  # the sum stays finite
     assert _one(observed.points("infergate.shadow.errors"), model="mlp").value == 1
     assert _one(observed.points("infergate.shadow.dropped"), model="mlp").value == 1
+
+
+async def test_names_that_are_no_served_model_or_version_label_no_new_series(repository: Path) -> None:
+    async with observed_server(repository, {"shared_memory": {"system": {"enabled": True}}}) as observed:
+        await _call_with_names_the_server_lacks(observed)
+
+
+async def _call_with_names_the_server_lacks(observed: Observed) -> None:
+    def series() -> int:
+        return len(observed.points("infergate.request.duration")) + len(observed.points("infergate.requests"))
+
+    def counted() -> int:
+        return sum(p.count for p in observed.points("infergate.request.duration"))
+
+    async def calls(client: aioclient.InferenceServerClient, name: str, version: str) -> None:
+        assert not await client.is_model_ready(name)  # answered OK
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            await client.get_model_metadata(name)
+        await client.unregister_system_shared_memory(name)  # a region name, no model's
+        with pytest.raises(InferenceServerException):
+            await client.register_system_shared_memory(name, f"/no-such-key-{name}", 8)
+        for bad in (f"v{version}", str(1000 + len(version))):  # not a number; a version matmul16 lacks
+            with pytest.raises(InferenceServerException):
+                await client.infer("matmul16", _x(), model_version=bad)
+
+    async with aioclient.InferenceServerClient(observed.url) as client:
+        await client.infer("matmul16", _x())
+        assert await client.is_model_ready("matmul16")
+        await calls(client, "first-name", "first")  # each method and status has its series now
+        await eventually(lambda: counted() == 8, "the first calls counted")
+        before = series()
+        for i in range(30):
+            await calls(client, f"name-{i}", str(i))
+        await eventually(lambda: counted() == 8 + 30 * 6, "every call counted")
+    assert series() == before
+
+    points = observed.points("infergate.request.duration")
+    labels = {(p.attributes["rpc.method"], p.attributes["model"], p.attributes["model_version"]) for p in points}
+    assert labels == {
+        ("ModelInfer", "matmul16", "1"),  # answered: the model and version that answered
+        ("ModelReady", "matmul16", ""),
+        ("ModelInfer", "matmul16", ""),  # a version it lacks, or not a number: the model alone
+        ("ModelReady", "", ""),
+        ("ModelMetadata", "", ""),
+        ("SystemSharedMemoryUnregister", "", ""),
+        ("SystemSharedMemoryRegister", "", ""),
+    }

@@ -12,6 +12,13 @@ model, copied out of the batch it came from and made read-only; the outputs a
 request asks for, and their classification, are picked per request as for
 any answer.
 
+An entry counts against ``max_bytes`` with what it holds in memory, not its
+answer's bytes alone: its digest, the dict of its outputs, each array's header
+(and a text answer's strings), and a fixed ``ENTRY_OVERHEAD`` for the key and
+entry tuples and the LRU's own slot. For a small answer that is most of it:
+matmul16's 64 bytes take some 660 (``tests/test_response_cache.py`` checks the
+count against what tracemalloc measures).
+
 Hand-written, not a library: an LRU over ``OrderedDict`` is a few lines, and
 the cost that matters is the digest (onnxruntime's outputs must be copied
 anyway, to be kept apart from their batch).
@@ -31,9 +38,12 @@ import numpy.typing as npt
 from infergate.models.datatypes import encode_bytes_tensor
 from infergate.models.spec import Tensors
 
-__all__ = ["ResponseCache", "request_digest"]
+__all__ = ["ENTRY_OVERHEAD", "ResponseCache", "request_digest"]
 
 Key = tuple[Hashable, bytes]
+# Per entry, besides its digest, dict and arrays: the key and entry tuples, the size kept with it, and
+# the OrderedDict's node and hash-table slot (75 to 105 bytes as the table fills; 96 measured on average).
+ENTRY_OVERHEAD = 2 * sys.getsizeof((None, None)) + sys.getsizeof(1 << 20) + 96
 
 
 def request_digest(inputs: Tensors) -> bytes:
@@ -70,7 +80,7 @@ class ResponseCache:
     def put(self, key: Key, outputs: Tensors) -> None:
         """Keep a read-only copy of ``outputs``; one larger than the whole cache is not kept."""
         kept = {name: _frozen_copy(array) for name, array in outputs.items()}
-        size = len(key[1]) + sum(_size(array) for array in kept.values())
+        size = ENTRY_OVERHEAD + sys.getsizeof(key[1]) + sys.getsizeof(kept) + sum(map(_size, kept.values()))
         if size > self.max_bytes:
             return
         previous = self._entries.pop(key, None)
@@ -90,8 +100,10 @@ def _frozen_copy(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 
 def _size(array: npt.NDArray[Any]) -> int:
-    """The memory an answer's tensor holds; for text, its strings' as well as their references (a short
-    string takes some 50 bytes besides its characters)."""
+    """The memory a kept tensor holds: its header, shape and data (``getsizeof`` counts the data of
+    an array that owns it, as a copy does); for text, its strings too (a short string takes some 50
+    bytes besides its characters)."""
+    size = sys.getsizeof(array)
     if array.dtype == object:
-        return array.nbytes + sum(sys.getsizeof(element) for element in array.flat)
-    return array.nbytes
+        size += sum(sys.getsizeof(element) for element in array.flat)
+    return size

@@ -88,8 +88,11 @@ class TelemetryInterceptor(SelectingInterceptor):
 def _naming_fields(message: type) -> tuple[str | None, str | None]:
     """The fields of a request message type that name a model and a version (ModelInfer's
     ``model_name``/``model_version``, the other calls' ``name``/``version``), read once per type:
-    asking a message for a field it lacks costs an exception each time."""
+    asking a message for a field it lacks costs an exception each time. The shared-memory calls'
+    ``name`` is a region's, which names no model."""
     descriptor = getattr(message, "DESCRIPTOR", None)
+    if "SharedMemory" in str(getattr(descriptor, "name", "")):
+        return None, None
     fields = getattr(descriptor, "fields_by_name", None) or {}
 
     def first(*names: str) -> str | None:
@@ -150,10 +153,9 @@ class _Call:
                     self._span.set_attribute("infergate.client.id", caller.client_id)
 
     def saw_response(self, response: Any) -> None:
-        if not self.version:
-            version = getattr(response, "model_version", "")
-            if version and isinstance(version, str):
-                self.version = version  # the version that answered, when the request named none
+        version = getattr(response, "model_version", "")
+        if version and isinstance(version, str):
+            self.version = version  # the version that answered ("1" when the request named "01", or none)
         if self._span is None or not self._span.is_recording():
             return
         parameters = getattr(response, "parameters", None)

@@ -13,7 +13,8 @@ A model version's own series live as long as it serves: :meth:`ServerMetrics.for
 drops its queue-depth gauge and its queue, compute and batch-size histograms
 when it leaves service, and the gauge holds its source only weakly, so a missed
 ``forget`` can never keep a retired version in memory. The request counts and
-durations are per RPC, labelled with what the call named, and stay.
+durations are per RPC, labelled with the model and version the call named when
+the server has them, and stay.
 """
 
 from __future__ import annotations
@@ -74,8 +75,6 @@ class QueueSource(Protocol):
 
 MAX_MODEL_LABELS = 1024  # model and version pairs that label request metrics; the rest share OTHER_MODELS
 OTHER_MODELS = "_other"
-# NOT_FOUND, PERMISSION_DENIED, UNAUTHENTICATED: the call's model name is not one the server serves to it.
-_UNSERVED_NAME = frozenset({5, 7, 16})
 
 
 class ServerMetrics:
@@ -91,6 +90,7 @@ class ServerMetrics:
         self._lock = threading.Lock()  # the depth table is read from the reader's thread
         self._active: dict[str, int] = {}
         self._labelled: set[tuple[str, str]] = set()  # model and version labels in use (see request_finished)
+        self._served: dict[str, set[str]] = {}  # versions of each model that ever served, or tried to load
         self._streams_paused = 0
         self._drift: DriftSource | None = None
         self._loads = self._counter(meter, "infergate.model.loads", "{load}", "Model loads, by model and outcome")
@@ -199,15 +199,19 @@ class ServerMetrics:
     def request_finished(self, method: str, model: str, version: str, status: int, seconds: float) -> None:
         """One answered RPC; ``model``/``version`` are empty for calls that name none.
 
-        The names come from the caller: a call for a model the server does not serve, or may not
-        show this caller, is labelled with none, and past ``MAX_MODEL_LABELS`` model and version
-        pairs the rest are labelled ``OTHER_MODELS`` (a caller inventing names would otherwise add
-        series without end: a bad version string, a call refused before it was routed).
+        The names come from the caller, so only names the server has become labels, whatever the
+        status: a model that loaded (or tried to) since the server started, and a version of it
+        that served. Another model name is labelled with none, another version (not a number, one
+        the model lacks) with the model alone. Past ``MAX_MODEL_LABELS`` model and version pairs
+        the rest are labelled ``OTHER_MODELS`` (a repository adding versions without end).
         """
         self._active[method] -= 1
-        if status in _UNSERVED_NAME:
+        versions = self._served.get(model)
+        if versions is None:
             model = version = ""
-        elif (model, version) not in self._labelled:
+        elif version not in versions:
+            version = ""  # not a number, or a version it lacks: the model still names one the server has
+        if (model, version) not in self._labelled:
             if len(self._labelled) < MAX_MODEL_LABELS:
                 self._labelled.add((model, version))
             else:
@@ -229,13 +233,17 @@ class ServerMetrics:
         self._cache_lookups.add((("model", model), ("result", "hit" if hit else "miss")))
 
     def record_model_load(self, model: str, ok: bool) -> None:
+        """A version of ``model`` loaded or failed to; either way ``model`` may label the calls that name it."""
+        self._served.setdefault(model, set())
         self._loads.add((("model", model), ("outcome", "success" if ok else "failure")))
 
     def watch_queue(self, model: str, version: int, source: QueueSource) -> None:
         """Report ``source.queue_depth()`` as this version's queue depth until :meth:`forget`, or until
         ``source`` is collected: it is held by a weak reference only. Watching a version again (a
-        reload replacing it) replaces the source.
+        reload replacing it) replaces the source. From now on, and after it leaves, calls that name
+        this version are labelled with it (see :meth:`request_finished`).
         """
+        self._served.setdefault(model, set()).add(str(version))  # its calls' label, now and after it leaves
         with self._lock:
             self._depths[(model, version)] = weakref.ref(source)
 
