@@ -78,6 +78,12 @@ def served(repository: ModelRepository, name: str) -> list[int]:
     return [model.version for model in repository.catalog.models(name)[0].versions.values()]
 
 
+def the_version(repository: ModelRepository, name: str) -> Any:
+    """The one version of ``name`` that serves (its object: a reload makes a new one)."""
+    [model] = repository.catalog.models(name)[0].versions.values()
+    return model
+
+
 # --------------------------------------------------------------------------- a version that failed, tried again
 
 
@@ -137,18 +143,15 @@ async def test_a_poll_reloads_a_serving_version_whose_external_weights_alone_cha
     repository = open_repository()
     await repository.load_all()
 
-    def serving() -> Any:
-        [model] = repository.catalog.models("m")[0].versions.values()
-        return model
-
-    first = serving()
+    first = the_version(repository, "m")
     await repository.rescan()  # nothing changed: the same version object serves
-    assert serving() is first
+    assert the_version(repository, "m") is first
 
     swap_weights(root / "m" / "1")
     await repository.rescan()
-    assert serving() is not first
-    assert serving().metadata.sha256 != first.metadata.sha256  # the weights file's digest is part of it
+    reloaded = the_version(repository, "m")
+    assert reloaded is not first
+    assert reloaded.metadata.sha256 != first.metadata.sha256  # the weights file's digest is part of it
 
 
 async def test_a_poll_reloads_a_serving_version_when_a_file_of_its_model_directory_changes_not_a_hidden_one(
@@ -161,18 +164,14 @@ async def test_a_poll_reloads_a_serving_version_when_a_file_of_its_model_directo
     repository = open_repository()
     await repository.load_all()
 
-    def serving() -> Any:
-        [model] = repository.catalog.models("m")[0].versions.values()
-        return model
-
-    first = serving()
+    first = the_version(repository, "m")
     shutil.copytree(root / "m" / "1", root / "m" / ".staging")
     await repository.rescan()
-    assert serving() is first
+    assert the_version(repository, "m") is first
 
     (root / "m" / "labels.txt").write_text("".join(f"label {i}\n" for i in range(10)))
     await repository.rescan()
-    assert serving() is not first
+    assert the_version(repository, "m") is not first
 
 
 async def test_a_poll_tries_a_failed_version_again_once_the_labels_file_it_needs_appears(
