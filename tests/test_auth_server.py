@@ -406,3 +406,20 @@ def test_the_sdk_carries_static_and_refreshed_tokens(auth_server: AuthServer) ->
         with pytest.raises(PermissionDenied) as denied:
             client.infer("matmul16", x)
     assert "infer" in denied.value.details
+
+
+def test_streams_without_a_token_are_unauthenticated_whatever_they_send_after_the_refusal(
+    auth_server: AuthServer,
+) -> None:
+    """A valid request then bytes that do not parse: the refusal does not read them. (A grpc.aio client
+    sometimes reports INTERNAL here instead of the status the server sent, when its own write lands after
+    the server ended the call: grpc/grpc#36066. The synchronous client reports what the server sent.)"""
+    junk = b"\x0a\x05abc"  # field 1, five bytes long, with only three to read
+    with grpc.insecure_channel(auth_server.server.url) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        codes = set()
+        for _ in range(100):
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stream(iter([infer_request().SerializeToString(), junk]), timeout=HANG_GUARD_S))
+            codes.add(caught.value.code())
+    assert codes == {grpc.StatusCode.UNAUTHENTICATED}

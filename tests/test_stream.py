@@ -37,7 +37,7 @@ from tritonclient.utils import InferenceServerException
 from infergate._proto import grpc_service_pb2 as pb
 from infergate._proto import grpc_service_pb2_grpc as pb_grpc
 from infergate.demo import build_matmul16
-from infergate.errors import Unavailable
+from infergate.errors import InvalidArgument, Unavailable
 from infergate.serving.stream import answer_concurrently
 from load_tests.models import make_model
 
@@ -95,6 +95,29 @@ async def test_answers_come_in_request_order_and_an_unfinished_first_one_holds_b
     gate.set()
     assert await first == "R1"
     assert [response async for response in stream] == ["R2", "R3", "R4", "R5", "R6"]
+
+
+async def test_requests_that_fail_end_the_stream_with_their_error_after_every_answer_to_what_was_read() -> None:
+    """A request that does not parse raises in the requests while r2 still runs (it waits for that raise):
+    r2 is answered before the error, which the stream's consumer (the one that writes answers) gets
+    to end the call with."""
+    gate = asyncio.Event()
+
+    async def requests() -> AsyncIterator[str]:
+        yield "r1"
+        yield "r2"
+        gate.set()
+        raise InvalidArgument("r3 does not parse")
+
+    async def answer(request: str) -> str:
+        if request == "r2":
+            await gate.wait()
+        return request.upper()
+
+    stream = answer_concurrently(requests(), answer, window=3)
+    assert [await anext(stream), await anext(stream)] == ["R1", "R2"]
+    with pytest.raises(InvalidArgument, match="r3 does not parse"):
+        await anext(stream)
 
 
 async def test_a_stream_closed_while_its_first_answer_runs_cancels_every_answer_it_started() -> None:

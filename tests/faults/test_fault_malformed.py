@@ -7,7 +7,9 @@ parser meets them; without the guard, gRPC answers UNKNOWN with a Python class n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -72,3 +74,49 @@ def test_random_bytes_as_a_model_infer_body_are_refused_and_the_server_keeps_ser
     x.set_data_from_numpy(np.ones((1, 16), np.float32))
     assert client.infer("matmul16", [x]).as_numpy("y").shape == (1, 16)
     client.close()
+
+
+def matmul16_request() -> bytes:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 16])
+    x = np.ones((1, 16), np.float32)
+    return pb.ModelInferRequest(
+        model_name="matmul16", inputs=[tensor], raw_input_contents=[x.tobytes()]
+    ).SerializeToString()
+
+
+async def valid_then_junk(stream: Any, wait_for_the_answer: bool) -> grpc.aio.AioRpcError:
+    """One stream: a valid request, then bytes that do not parse (once the answer is read, or at once);
+    the error the stream ends with, once the valid request's answer came."""
+    answered = asyncio.Event()
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield matmul16_request()
+        if wait_for_the_answer:
+            await answered.wait()
+        yield TRUNCATED
+
+    answers = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for answer in stream(requests(), timeout=60):  # a hang guard: a stream left open fails the test
+            answers.append(pb.ModelStreamInferResponse.FromString(answer))
+            answered.set()
+    assert [a.error_message for a in answers] == [""]
+    return caught.value
+
+
+@pytest.mark.parametrize("wait_for_the_answer", [True, False], ids=["after-the-answer", "right-behind"])
+async def test_junk_behind_a_valid_request_ends_every_stream_with_its_answer_then_invalid_argument_and_no_traceback(
+    demo_server: ServerProcess, wait_for_the_answer: bool
+) -> None:
+    logged_before = len(demo_server.log())
+    async with grpc.aio.insecure_channel(demo_server.url) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        errors = await asyncio.gather(*(valid_then_junk(stream, wait_for_the_answer) for _ in range(50)))
+    assert {(e.code(), (e.details() or "").split(" (")[0]) for e in errors} == {
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "ModelStreamInfer: the request is not a valid inference.ModelInferRequest message",
+        )
+    }
+    log = demo_server.log()[logged_before:]
+    assert "Traceback" not in log and "UsageError" not in log and "ERROR" not in log

@@ -237,6 +237,10 @@ class _Malformed:
         self.error = error
 
 
+class _MalformedRequest(InvalidArgument):
+    """A streamed request that does not parse: ends the stream, from the call's own task."""
+
+
 def _tolerant(deserialize: Deserializer) -> Deserializer:
     def parse(data: bytes) -> Any:
         try:
@@ -287,19 +291,25 @@ def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.Rpc
     message = getattr(getattr(handler.request_deserializer, "__self__", None), "DESCRIPTOR", None)
     expected = f"a valid {message.full_name} message" if message is not None else "a valid request message"
 
-    def refusal(malformed: _Malformed) -> InvalidArgument:
-        return InvalidArgument(f"{method}: the request is not {expected} ({malformed.error})")
+    def refusal(malformed: _Malformed) -> _MalformedRequest:
+        return _MalformedRequest(f"{method}: the request is not {expected} ({malformed.error})")
 
-    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        # Raises rather than aborts: whoever reads a stream's requests may be a task of the servicer's own
+        # (stream.py's reader) while the call's task writes an answer, and only the call's task may end the
+        # call. The refusal reaches it through the servicer (which ends the call with it) or through here.
         async for request in requests:
             if isinstance(request, _Malformed):
-                await abort_with(context, refusal(request), method)
+                raise refusal(request)
             yield request
 
     def unary(inner: UnaryBehaviour) -> UnaryBehaviour:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if handler.request_streaming:
-                return await inner(checked(request, context), context)
+                try:
+                    return await inner(checked(request), context)
+                except _MalformedRequest as malformed:
+                    await abort_with(context, malformed, method)
             if isinstance(request, _Malformed):
                 await abort_with(context, refusal(request), method)
             return await inner(request, context)
@@ -309,11 +319,14 @@ def _refusing_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.Rpc
     def stream(inner: StreamBehaviour) -> StreamBehaviour:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if handler.request_streaming:
-                request = checked(request, context)
+                request = checked(request)
             elif isinstance(request, _Malformed):
                 await abort_with(context, refusal(request), method)
-            async for response in inner(request, context):
-                yield response
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except _MalformedRequest as malformed:
+                await abort_with(context, malformed, method)
 
         return guarded
 

@@ -60,7 +60,9 @@ async def answer_concurrently(
     """Yield ``answer(request)`` for every request, in the requests' order; ``answer`` must turn
     failures into answers.
 
-    Raises Unavailable after the last answer when ``closing`` stopped the reading.
+    Raises Unavailable after the last answer when ``closing`` stopped the reading, and an error
+    ``requests`` raised (a request that does not parse) after the answers to the requests read before it:
+    the caller, which writes the answers, ends the call with it (this module never touches the call).
     The reader task is cancelled and awaited on every way out (the stream ends,
     the client cancels, the server stops), and it cancels and awaits every answer
     it started, so nothing the call started outlives it.
@@ -94,6 +96,7 @@ async def _read(
     reading: _Reading,
 ) -> bool:
     """Read and start answering until the requests end; True if ``closing`` cut the reading short.
+    An error reading the requests is raised once every answer already started is done.
 
     Returns (and puts the end in ``answers``) once every answer it started is done: it owns them,
     and cancels them when it is cancelled."""
@@ -123,6 +126,10 @@ async def _read(
             reading.on, closed = False, True
             for request in waiting:  # read, so answered too: one over the window, once
                 start(request)
+        except Exception:  # the requests failed (one did not parse): answer those read, then fail after them
+            reading.on = False
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         await asyncio.gather(*tasks, return_exceptions=True)  # a failure (a bug) is raised in its place in the order
         return closed
     finally:
