@@ -115,13 +115,18 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def verify_checksum(path: Path, expected: str | None) -> str:
+def verify_checksum(path: Path, expected: str | None, fd: int | None = None) -> str:
     """The file's SHA-256; raises :class:`ChecksumMismatch` when ``expected`` is given and differs.
 
-    Raises :class:`ModelLoadError` when the file cannot be read.
+    ``fd``: the file held open, read from its start instead of opening ``path`` again (``path``
+    then only names it in messages). Raises :class:`ModelLoadError` when the file cannot be read.
     """
     try:
-        actual = file_sha256(path)
+        if fd is None:
+            actual = file_sha256(path)
+        else:
+            with open(fd, "rb", closefd=False) as reader:
+                actual = hashlib.file_digest(reader, "sha256").hexdigest()
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror}") from None
     if expected is not None and actual != expected:
@@ -218,15 +223,7 @@ def _open(files: contextlib.ExitStack, path: Path, directory_fd: int | None, nam
 
 def _hash(file: _Opened, pins: Mapping[str, str] | None) -> str:
     """The open file's hex SHA-256, read from its start; raises :class:`ChecksumMismatch` against its pin."""
-    try:
-        with open(file.fd, "rb", closefd=False) as reader:
-            actual = hashlib.file_digest(reader, "sha256").hexdigest()
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {file.path}: {exc.strerror}") from None
-    expected = pins.get(file.name) if pins else None
-    if expected is not None and expected != actual:
-        raise ChecksumMismatch(file.path, expected, actual)
-    return actual
+    return verify_checksum(file.path, pins.get(file.name) if pins else None, file.fd)
 
 
 def _descriptor_path(fd: int) -> str | None:
