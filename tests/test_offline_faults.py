@@ -132,19 +132,24 @@ async def test_an_input_that_fails_part_way_ends_the_run_naming_the_file(
     assert not output.exists()
 
 
+def finish(process: subprocess.Popen[str], guard_s: float = HANG_GUARD_S) -> tuple[int, str]:
+    """Wait for ``process`` to end (killed past ``guard_s``, a hang guard); its exit code and stderr."""
+    try:
+        _, stderr = process.communicate(timeout=guard_s)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, stderr
+
+
 def test_the_command_exits_with_the_error_when_the_input_fails(tmp_path: Path, repository: Path) -> None:
     source, output = tmp_path / "in.csv", tmp_path / "out.jsonl"
     message = _csv_bad_utf8_in_first_block(source)
     command = [sys.executable, "-m", "infergate", "batch", "--model-repository", str(repository), "--model", "scale"]
     command += ["--input", str(source), "--output", str(output)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = process.communicate(timeout=HANG_GUARD_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 2, stderr
+    code, stderr = finish(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    assert code == 2, stderr
     assert f"infergate batch: {message}" in stderr
 
 

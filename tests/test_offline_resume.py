@@ -30,6 +30,7 @@ from tests.conftest import ServerProcess, eventually, running_server
 from tests.models import build_slow_model, save_model
 from tests.test_model_control import add_version
 from tests.test_offline import _read
+from tests.test_offline_faults import finish
 
 Array = npt.NDArray[Any]
 ROWS = 100  # 10 chunks of 10 rows, 20 requests of 5 rows to the slow model
@@ -58,13 +59,7 @@ def _spawn(repository: Path, source: Path, output: Path, *args: str) -> subproce
 
 def _finish(process: subprocess.Popen[str]) -> tuple[int, str]:
     """Wait for ``process`` to end; its exit code and stderr."""
-    try:
-        _, stderr = process.communicate(timeout=HANG_GUARD_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    return process.returncode, stderr
+    return finish(process, HANG_GUARD_S)
 
 
 def _state(output: Path) -> dict[str, Any]:
